@@ -1,0 +1,49 @@
+# Membrane build. `make test` and `make demo` install what they need (see scripts/setup.sh).
+CLANG    ?= clang
+BPFTOOL  ?= bpftool
+BUILD    := build
+OBJDIR   := src/membrane/bpfobj
+VMLINUX  := $(BUILD)/vmlinux.h
+BPF_SRCS := $(wildcard bpf/*.bpf.c)
+BPF_OBJS := $(patsubst bpf/%.bpf.c,$(OBJDIR)/%.bpf.o,$(BPF_SRCS))
+BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_x86 \
+              -I/usr/include/x86_64-linux-gnu -Ibpf -Ibpf/include -I$(BUILD)
+VENV     := .venv
+PY       := $(VENV)/bin/python
+
+.PHONY: all setup bpf test test-unit demo bench lint clean
+all: setup bpf
+
+setup:
+	@bash scripts/setup.sh
+
+bpf: $(BPF_OBJS)
+
+$(VMLINUX):
+	@mkdir -p $(BUILD)
+	$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
+
+$(OBJDIR)/%.bpf.o: bpf/%.bpf.c $(VMLINUX)
+	@mkdir -p $(OBJDIR)
+	$(CLANG) $(BPF_CFLAGS) -MD -MF $(BUILD)/$*.d -c $< -o $@
+
+-include $(wildcard $(BUILD)/*.d)
+
+test: setup bpf
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+test-unit: setup bpf
+	$(VENV)/bin/pytest -q tests/unit
+
+demo: setup bpf
+	$(PY) -m membrane.demo
+
+bench: setup bpf
+	$(PY) -m bench.run_all
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+clean:
+	rm -rf $(BUILD) $(OBJDIR)

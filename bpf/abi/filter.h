@@ -1,0 +1,85 @@
+/* Shared by C and Python: maps and events of `membrane filter`.
+ *
+ * Maps of filter_xdp.bpf.o (XDP; drop-dst and drop-proto), per device:
+ *   drop_dst_v4 / drop_dst_v6  LPM trie: lpm_v4_key / lpm_v6_key -> __u32 rule id
+ *   drop_proto                 array[256] indexed by IP protocol -> __u32 rule id (0 = none)
+ * Maps of filter_tc.bpf.o (tc; allow-only), per device and direction:
+ *   allow_guard                guard_key (protocol, port) -> __u32 rule id
+ *   allow_flows                flow_key -> __u32 rule id
+ * Both objects:
+ *   rule_stats   per-CPU array [rule id] -> counter (packets and bytes the rule matched)
+ *   filter_stats per-CPU array [enum filter_stat] -> counter
+ *   events, events_lost        shared ring buffer of filter_event (see lib/events.h)
+ * Rule ids start at 1; 0 means "no rule". Ports are in host byte order; addresses in
+ * network byte order; IPv4 addresses fill the first 4 bytes of the 16-byte fields.
+ */
+#ifndef MEMBRANE_ABI_FILTER_H
+#define MEMBRANE_ABI_FILTER_H
+
+#include "abi/events.h"
+
+#define FILTER_MAX_RULES 65536
+
+enum filter_stat {
+	FILTER_STAT_SEEN = 0,     /* packets the program ran on */
+	FILTER_STAT_PASSED = 1,
+	FILTER_STAT_DROPPED = 2,
+	FILTER_STAT_UNPARSED = 3, /* passed because headers were truncated or too deep */
+	FILTER_STAT_MAX = 4,
+};
+
+enum filter_event_type {
+	FILTER_EVENT_DROP = 1,
+};
+
+enum filter_hook {
+	FILTER_HOOK_XDP = 1,
+	FILTER_HOOK_TC_INGRESS = 2,
+	FILTER_HOOK_TC_EGRESS = 3,
+};
+
+struct filter_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct lpm_v4_key {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct lpm_v6_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct guard_key {
+	__u8 protocol;   /* IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP */
+	__u8 pad;
+	__u16 port;      /* destination port */
+};
+
+struct flow_key {
+	__u8 src[16];
+	__u8 dst[16];
+	__u16 port;      /* destination port */
+	__u8 protocol;
+	__u8 family;     /* 4 or 6 */
+};
+
+struct filter_event {
+	struct event_header hdr;
+	__u32 ifindex;
+	__u32 rule_id;
+	__u32 pkt_len;
+	__u8 hook;       /* enum filter_hook */
+	__u8 family;     /* 4 or 6 */
+	__u8 protocol;
+	__u8 pad;
+	__u16 sport;
+	__u16 dport;
+	__u8 src[16];
+	__u8 dst[16];
+};
+
+#endif

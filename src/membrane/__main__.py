@@ -1,0 +1,3 @@
+from membrane.cli.main import main
+
+main()

@@ -1,0 +1,294 @@
+"""Attaching programs to hooks. Every attach returns a link that can be pinned (to outlive
+this process), updated in place (atomic program swap) and detached.
+
+tcx and XDP use kernel bpf_links (BPF_LINK_CREATE); clsact tc is the fallback for kernels
+without tcx and persists by itself (no link to pin).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as E
+import os
+from dataclasses import dataclass
+
+from membrane.bpf import _libbpf as L
+from membrane.bpf.errors import AttachError, BpfError, captured_log
+from membrane.bpf.maps import obj_get
+from membrane.bpf.object import Program
+
+# enum bpf_attach_type values used here
+BPF_CGROUP_INET_INGRESS, BPF_CGROUP_INET_EGRESS = 0, 1
+BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT = 10, 11
+BPF_CGROUP_UDP4_SENDMSG = 14
+BPF_XDP = 37
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
+
+XDP_MODES = {"native": L.XDP_FLAGS_DRV_MODE, "generic": L.XDP_FLAGS_SKB_MODE}
+
+
+class LinkInfo(ctypes.Structure):
+    """The head of struct bpf_link_info plus the largest union member we read."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("u", ctypes.c_uint64 * 8),
+    ]
+
+
+# link types whose union starts with an ifindex (xdp: ifindex; tcx: ifindex, attach_type)
+LINK_TYPE_XDP, LINK_TYPE_TCX, LINK_TYPE_NETKIT = 6, 11, 13
+
+
+class Link:
+    """A kernel bpf_link, by fd. `close()` only drops our fd (a pinned link keeps working);
+    `detach()` ends the attachment for everyone."""
+
+    def __init__(self, fd: int, kind: str, libbpf_link: int | None = None) -> None:
+        self.fd = fd
+        self.kind = kind
+        self._libbpf_link = libbpf_link
+        self.pin_path: str | None = None
+
+    @classmethod
+    def from_pin(cls, path: str, kind: str = "pinned") -> Link:
+        link = cls(obj_get(path), kind)
+        link.pin_path = path
+        return link
+
+    def info(self) -> LinkInfo:
+        info = LinkInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        ret = L.lib.bpf_obj_get_info_by_fd(self.fd, ctypes.byref(info), ctypes.byref(size))
+        if ret:
+            raise BpfError("bpf_obj_get_info_by_fd(link)", L.errno_of(ret))
+        return info
+
+    @property
+    def ifindex(self) -> int:
+        """Interface of an XDP or tcx link; 0 once the device is gone (link is defunct)."""
+        return self.info().u[0] & 0xFFFFFFFF
+
+    def pin(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        ret = L.lib.bpf_obj_pin(self.fd, path.encode())
+        if ret:
+            raise BpfError(f"pin {self.kind} link at {path}", L.errno_of(ret))
+        self.pin_path = path
+
+    def unpin(self) -> None:
+        if self.pin_path:
+            try:
+                os.unlink(self.pin_path)
+            except FileNotFoundError:
+                pass
+            self.pin_path = None
+
+    def update(self, program: Program) -> None:
+        """Atomically replace the attached program; traffic never sees no program."""
+        ret = L.lib.bpf_link_update(self.fd, program.fd, None)
+        if ret:
+            raise BpfError(f"update {self.kind} link", L.errno_of(ret))
+
+    def detach(self) -> None:
+        """Detach in the kernel, remove our pin and close the fd."""
+        ret = L.lib.bpf_link_detach(self.fd)
+        if ret and L.errno_of(ret) not in (E.ENOLINK, E.EINVAL):
+            raise BpfError(f"detach {self.kind} link", L.errno_of(ret))
+        self.unpin()
+        self.close()
+
+    def close(self) -> None:
+        if self._libbpf_link:
+            L.lib.bpf_link__disconnect(self._libbpf_link)
+            L.lib.bpf_link__destroy(self._libbpf_link)  # closes the fd, keeps the attachment
+            self._libbpf_link = None
+        elif self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> Link:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _link_create(prog: Program, target_fd: int, attach_type: int, flags: int = 0) -> int:
+    opts = L.LinkCreateOpts(sz=ctypes.sizeof(L.LinkCreateOpts), flags=flags)
+    fd = L.lib.bpf_link_create(prog.fd, target_fd, attach_type, ctypes.byref(opts))
+    return fd
+
+
+def _from_libbpf(ptr: int | None, kind: str, what: str) -> Link:
+    if not ptr:
+        raise AttachError(f"attach {what}", ctypes.get_errno() or E.EINVAL)
+    return Link(L.lib.bpf_link__fd(ptr), kind, libbpf_link=ptr)
+
+
+# ---- networking ------------------------------------------------------------------------
+def attach_xdp(prog: Program, ifindex: int, mode: str = "auto") -> tuple[Link, str]:
+    """Attach XDP as a bpf_link. mode: native, generic or auto (native, else generic).
+    Returns the link and the mode that took."""
+    modes = ["native", "generic"] if mode == "auto" else [mode]
+    err = E.EINVAL
+    for m in modes:
+        fd = _link_create(prog, ifindex, BPF_XDP, XDP_MODES[m])
+        if fd >= 0:
+            return Link(fd, f"xdp-{m}"), m
+        err = L.errno_of(fd)
+        if err in (E.EBUSY, E.EEXIST, E.ENODEV):
+            break
+    raise AttachError(f"attach XDP ({mode}) to ifindex {ifindex}", err)
+
+
+@dataclass
+class ClsactAttachment:
+    """tc clsact fallback for kernels without tcx. Persists without pins."""
+
+    ifindex: int
+    direction: str
+    handle: int
+    priority: int
+    kind: str = "clsact"
+    pin_path: str | None = None
+
+    def _hook(self) -> L.TcHook:
+        point = L.BPF_TC_INGRESS if self.direction == "ingress" else L.BPF_TC_EGRESS
+        return L.TcHook(sz=ctypes.sizeof(L.TcHook), ifindex=self.ifindex, attach_point=point)
+
+    def update(self, program: Program) -> None:
+        opts = L.TcOpts(sz=ctypes.sizeof(L.TcOpts), prog_fd=program.fd, flags=1,  # REPLACE
+                        handle=self.handle, priority=self.priority)
+        ret = L.lib.bpf_tc_attach(ctypes.byref(self._hook()), ctypes.byref(opts))
+        if ret:
+            raise BpfError("replace clsact program", L.errno_of(ret))
+
+    def detach(self) -> None:
+        opts = L.TcOpts(sz=ctypes.sizeof(L.TcOpts), handle=self.handle, priority=self.priority)
+        ret = L.lib.bpf_tc_detach(ctypes.byref(self._hook()), ctypes.byref(opts))
+        if ret and L.errno_of(ret) != E.ENOENT:
+            raise BpfError("detach clsact program", L.errno_of(ret))
+
+    def pin(self, path: str) -> None:
+        """Nothing to pin: clsact filters live as long as the device."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def attach_tc(prog: Program, ifindex: int, direction: str = "ingress",
+              prefer_tcx: bool = True) -> Link | ClsactAttachment:
+    """Attach a tc program: tcx when the kernel has it, clsact otherwise."""
+    if direction not in ("ingress", "egress"):
+        raise ValueError(f"direction must be ingress or egress, not {direction!r}")
+    if prefer_tcx:
+        attach_type = BPF_TCX_INGRESS if direction == "ingress" else BPF_TCX_EGRESS
+        fd = _link_create(prog, ifindex, attach_type)
+        if fd >= 0:
+            return Link(fd, f"tcx-{direction}")
+        err = L.errno_of(fd)
+        if err not in (E.EINVAL, E.EOPNOTSUPP, E.ENOTSUP):
+            raise AttachError(f"attach tcx {direction} to ifindex {ifindex}", err)
+    hook = L.TcHook(sz=ctypes.sizeof(L.TcHook), ifindex=ifindex,
+                    attach_point=L.BPF_TC_INGRESS if direction == "ingress" else L.BPF_TC_EGRESS)
+    ret = L.lib.bpf_tc_hook_create(ctypes.byref(hook))
+    if ret and L.errno_of(ret) != E.EEXIST:
+        raise AttachError(f"create clsact on ifindex {ifindex}", L.errno_of(ret))
+    opts = L.TcOpts(sz=ctypes.sizeof(L.TcOpts), prog_fd=prog.fd)
+    ret = L.lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
+    if ret:
+        raise AttachError(f"attach clsact {direction} to ifindex {ifindex}", L.errno_of(ret))
+    return ClsactAttachment(ifindex, direction, opts.handle, opts.priority)
+
+
+def attach_cgroup(prog: Program, cgroup_path: str, attach_type: int) -> Link:
+    """Attach to a cgroup v2 directory (e.g. BPF_CGROUP_INET4_CONNECT)."""
+    dfd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = _link_create(prog, dfd, attach_type)
+    finally:
+        os.close(dfd)
+    if fd < 0:
+        raise AttachError(f"attach cgroup program to {cgroup_path}", L.errno_of(fd))
+    return Link(fd, "cgroup")
+
+
+# ---- tracing ---------------------------------------------------------------------------
+def attach_tracepoint(prog: Program, category: str, name: str) -> Link:
+    with captured_log():
+        ptr = L.lib.bpf_program__attach_tracepoint(prog.ptr, category.encode(), name.encode())
+    return _from_libbpf(ptr, "tracepoint", f"tracepoint {category}:{name}")
+
+
+def attach_raw_tracepoint(prog: Program, name: str) -> Link:
+    with captured_log():
+        ptr = L.lib.bpf_program__attach_raw_tracepoint(prog.ptr, name.encode())
+    return _from_libbpf(ptr, "raw_tp", f"raw tracepoint {name}")
+
+
+def attach_auto(prog: Program) -> Link:
+    """Attach by section name (tp_btf/..., fentry/..., lsm/..., iter/...)."""
+    with captured_log():
+        ptr = L.lib.bpf_program__attach(prog.ptr)
+    return _from_libbpf(ptr, prog.section.split("/")[0], f"program {prog.name} ({prog.section})")
+
+
+def attach_uprobe(prog: Program, binary: str, func: str | None = None, offset: int = 0,
+                  pid: int = -1, retprobe: bool = False) -> Link:
+    """Attach a uprobe by symbol name (resolved by libbpf) or by file offset."""
+    opts = L.UprobeOpts(sz=ctypes.sizeof(L.UprobeOpts), retprobe=retprobe,
+                        func_name=func.encode() if func else None)
+    with captured_log():
+        ptr = L.lib.bpf_program__attach_uprobe_opts(prog.ptr, pid, binary.encode(), offset,
+                                                    ctypes.byref(opts))
+    target = f"{binary}:{func or hex(offset)}"
+    return _from_libbpf(ptr, "uretprobe" if retprobe else "uprobe", f"uprobe {target}")
+
+
+# ---- perf events -----------------------------------------------------------------------
+PERF_TYPE_HARDWARE, PERF_TYPE_SOFTWARE = 0, 1
+PERF_COUNT_SW_CPU_CLOCK = 0
+_PERF_FLAG_FREQ = 1 << 10  # attr.freq bit in the flags word
+_NR_PERF_EVENT_OPEN = 298  # x86_64
+
+
+class PerfEventAttr(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("size", ctypes.c_uint32),
+        ("config", ctypes.c_uint64),
+        ("sample_period_or_freq", ctypes.c_uint64),
+        ("sample_type", ctypes.c_uint64),
+        ("read_format", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+        ("rest", ctypes.c_uint8 * 64),
+    ]
+
+
+def open_perf_event(cpu: int, *, type_: int = PERF_TYPE_SOFTWARE,
+                    config: int = PERF_COUNT_SW_CPU_CLOCK, freq: int = 0, period: int = 0,
+                    pid: int = -1) -> int:
+    """perf_event_open(2) for sampling; returns the event fd."""
+    attr = PerfEventAttr(type=type_, size=ctypes.sizeof(PerfEventAttr), config=config)
+    if freq:
+        attr.sample_period_or_freq = freq
+        attr.flags = _PERF_FLAG_FREQ
+    else:
+        attr.sample_period_or_freq = period or 1
+    fd = L.libc.syscall(_NR_PERF_EVENT_OPEN, ctypes.byref(attr), pid, cpu, -1, 8)  # CLOEXEC
+    if fd < 0:
+        raise AttachError(f"perf_event_open on cpu {cpu}", ctypes.get_errno())
+    return fd
+
+
+def attach_perf_event(prog: Program, perf_fd: int) -> Link:
+    with captured_log():
+        ptr = L.lib.bpf_program__attach_perf_event(prog.ptr, perf_fd)
+    return _from_libbpf(ptr, "perf_event", f"perf event fd {perf_fd}")

@@ -1,0 +1,42 @@
+"""Entry point of the `membrane` command: `membrane <noun> <verb>`."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from membrane.errors import UserError
+
+app = typer.Typer(
+    name="membrane",
+    help="eBPF networking, security and observability for Linux containers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _register() -> None:
+    from membrane.cli import filter as filter_cli
+    from membrane.cli import probe as probe_cli
+
+    app.add_typer(filter_cli.app, name="filter")
+    app.command("probe")(probe_cli.probe)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one error line on stderr and exit."""
+    print(f"membrane: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main() -> None:
+    _register()
+    try:
+        app()
+    except UserError as err:
+        fail(str(err), err.exit_code)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
