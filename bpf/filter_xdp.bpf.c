@@ -1,0 +1,102 @@
+// SPDX-License-Identifier: GPL-2.0
+/* `membrane filter drop-dst` and `drop-proto`: one XDP program per device.
+ *
+ * Load-time constants switch each filter on, so a device pays only for the filters it
+ * has; adding the other filter reloads the program (maps are pinned and reused) and
+ * swaps it in with bpf_link_update. Packets whose headers cannot be read far enough for
+ * a rule are passed and counted as unparsed: a filter never drops what no rule names.
+ */
+#include "include/common.h"
+#include "lib/filter.h"
+
+const volatile bool enable_drop_dst = false;
+const volatile bool enable_drop_proto = false;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, FILTER_MAX_RULES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v4_key);
+	__type(value, __u32);
+} drop_dst_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, FILTER_MAX_RULES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v6_key);
+	__type(value, __u32);
+} drop_dst_v6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} drop_proto SEC(".maps");
+
+static __always_inline __u32 match_dst(const struct pkt *p)
+{
+	__u32 *rule;
+
+	if (p->family == 4) {
+		struct lpm_v4_key key = { .prefixlen = 32 };
+
+		__builtin_memcpy(key.addr, p->dst, 4);
+		rule = bpf_map_lookup_elem(&drop_dst_v4, &key);
+	} else {
+		struct lpm_v6_key key = { .prefixlen = 128 };
+
+		__builtin_memcpy(key.addr, p->dst, 16);
+		rule = bpf_map_lookup_elem(&drop_dst_v6, &key);
+	}
+	return rule ? *rule : 0;
+}
+
+static __always_inline __u32 match_proto(const struct pkt *p)
+{
+	__u32 index = p->protocol;
+	__u32 *rule = bpf_map_lookup_elem(&drop_proto, &index);
+
+	return rule ? *rule : 0;
+}
+
+SEC("xdp")
+int filter_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 len = data_end - data;
+	struct pkt p = {};
+	__u32 rule = 0;
+	int res;
+
+	res = parse_packet(data, data_end, &p);
+	if (res == PARSE_NOT_IP) {
+		count_stat(FILTER_STAT_PASSED, len);
+		return XDP_PASS;
+	}
+	if (res == PARSE_TRUNCATED)
+		goto unparsed;
+	if (enable_drop_dst)
+		rule = match_dst(&p);
+	if (!rule && enable_drop_proto) {
+		if (res == PARSE_ADDRS)
+			goto unparsed;
+		rule = match_proto(&p);
+	}
+	if (rule) {
+		count_rule(rule, len);
+		count_stat(FILTER_STAT_DROPPED, len);
+		report_drop(&p, ctx->ingress_ifindex, FILTER_HOOK_XDP, rule, len);
+		return XDP_DROP;
+	}
+	count_stat(FILTER_STAT_PASSED, len);
+	return XDP_PASS;
+unparsed:
+	count_stat(FILTER_STAT_UNPARSED, len);
+	count_stat(FILTER_STAT_PASSED, len);
+	return XDP_PASS;
+}
+
+char LICENSE[] SEC("license") = "GPL";
