@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(clang llvm libbpf-dev bpftool libelf-dev make iproute2 iptables nftables
-              iperf3 procps python3-venv)
+              iperf3 procps iputils-ping python3-venv)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

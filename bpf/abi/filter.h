@@ -9,6 +9,7 @@
  * Both objects:
  *   rule_stats   per-CPU array [rule id] -> counter (packets and bytes the rule matched)
  *   filter_stats per-CPU array [enum filter_stat] -> counter
+ *   filter_meta  array[1] of filter_meta: what the manager attached (not read by the program)
  *   events, events_lost        shared ring buffer of filter_event (see lib/events.h)
  * Rule ids start at 1; 0 means "no rule". Ports are in host byte order; addresses in
  * network byte order; IPv4 addresses fill the first 4 bytes of the 16-byte fields.
@@ -67,8 +68,26 @@ struct flow_key {
 	__u8 family;     /* 4 or 6 */
 };
 
+enum filter_feature {
+	FILTER_FEATURE_DROP_DST = 1,
+	FILTER_FEATURE_DROP_PROTO = 2,
+	FILTER_FEATURE_ALLOW_ONLY = 4,
+};
+
+struct filter_meta {
+	__u32 instance;  /* unique per attachment; events carry it */
+	__u32 ifindex;   /* at attach time */
+	__u32 features;  /* enum filter_feature bits the loaded program has enabled */
+	__u8 hook;       /* enum filter_hook */
+	__u8 xdp_mode;   /* 1 native, 2 generic (XDP only) */
+	__u8 pad[2];
+	__u32 tc_handle; /* clsact fallback only (tcx links are pinned instead) */
+	__u32 tc_priority;
+};
+
 struct filter_event {
 	struct event_header hdr;
+	__u32 instance;  /* filter_meta.instance of the program that dropped */
 	__u32 ifindex;
 	__u32 rule_id;
 	__u32 pkt_len;

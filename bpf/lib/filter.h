@@ -12,9 +12,17 @@
 #include "lib/parse.h"
 
 const volatile bool emit_events = true;
+const volatile __u32 instance = 0;
 
 EVENTS_RINGBUF();
 ABI_EXPORT(filter_event);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct filter_meta);
+} filter_meta SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -51,6 +59,7 @@ static __always_inline void report_drop(const struct pkt *p, __u32 ifindex, __u8
 	if (!emit_events)
 		return;
 	fill_event_header(&ev.hdr, FILTER_EVENT_DROP);
+	ev.instance = instance;
 	ev.ifindex = ifindex;
 	ev.rule_id = rule_id;
 	ev.pkt_len = len;

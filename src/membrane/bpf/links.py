@@ -7,6 +7,7 @@ without tcx and persists by itself (no link to pin).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno as E
 import os
@@ -81,10 +82,8 @@ class Link:
 
     def unpin(self) -> None:
         if self.pin_path:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.pin_path)
-            except FileNotFoundError:
-                pass
             self.pin_path = None
 
     def update(self, program: Program) -> None:

@@ -130,9 +130,8 @@ class Map:
 
     # ---- conversions --------------------------------------------------------------------
     def _encode(self, obj: Any, size: int, what: str) -> ctypes.Array:
-        if isinstance(obj, bytes | bytearray | memoryview):
-            raw = bytes(obj)
-        elif isinstance(obj, ctypes.Structure | ctypes.Union | ctypes.Array | ctypes._SimpleCData):
+        if isinstance(obj, bytes | bytearray | memoryview | ctypes.Structure | ctypes.Union
+                      | ctypes.Array | ctypes._SimpleCData):
             raw = bytes(obj)
         elif isinstance(obj, int):
             raw = obj.to_bytes(size, "little", signed=obj < 0)

@@ -1,0 +1,259 @@
+"""`membrane filter`: packet filters from the seed documents, as a pinned, live tool."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+
+from membrane.cli.output import check_choice, print_json, print_table
+from membrane.errors import UserError
+from membrane.filter.manager import HOOKS, XDP_MODE_NAMES, Attachment, FilterManager
+from membrane.filter.rules import (
+    AllowedFlow,
+    parse_cidrs,
+    parse_protocol,
+    read_cidr_file,
+)
+
+app = typer.Typer(
+    help="Packet filters in XDP and tc: drop by destination, drop by protocol, allow only a "
+    "given flow to a port. Filters stay in force after the command exits.",
+    no_args_is_help=True,
+)
+
+NETNS = typer.Option(None, "--netns", help="Network namespace of the device (/run/netns/NAME).")
+DEV = typer.Option(..., "--dev", "-d", help="Network device to filter on.")
+MODE = typer.Option("auto", "--mode", help="XDP mode: auto (native, else generic), native, "
+                                           "generic.")
+OUTPUT = typer.Option("table", "-o", "--output", help="table or json.")
+
+
+def _mode(value: str) -> str:
+    return check_choice(value, ("auto", "native", "generic"), "--mode")
+
+
+def _summary(mgr: FilterManager, att: Attachment) -> None:
+    rules = mgr.rules(att, with_stats=False)
+    mode = f" {XDP_MODE_NAMES.get(att.meta.xdp_mode, '')}" if att.hook == "xdp" else ""
+    where = f" (netns {att.netns})" if att.netns else ""
+    kinds: dict[str, int] = {}
+    for rule in rules:
+        kinds[rule.kind] = kinds.get(rule.kind, 0) + 1
+    text = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "no rules"
+    typer.echo(f"{att.device}{where}: {att.hook}{mode} filter with {text}")
+
+
+@app.command("drop-dst", epilog="Examples:\n\n  membrane filter drop-dst --dev eth0 192.168.0.1\n\n"
+                                "  membrane filter drop-dst --dev eth0 --add 2001:db8::/32\n\n"
+                                "  membrane filter drop-dst --dev eth0 --remove 192.168.0.1")
+def drop_dst(
+    cidrs: list[str] = typer.Argument(None, help="Prefixes to drop (IPv4 or IPv6).",
+                                      show_default=False),
+    dev: str = DEV,
+    add: list[str] = typer.Option([], "--add", help="Add a prefix to the deny list."),
+    remove: list[str] = typer.Option([], "--remove", help="Remove a prefix from the list."),
+    from_file: str = typer.Option(None, "--from-file", help="Read prefixes, one per line."),
+    netns: str = NETNS,
+    mode: str = MODE,
+) -> None:
+    """Drop packets whose destination is in a deny list of prefixes (XDP, longest match)."""
+    mode = _mode(mode)
+    to_add = list(cidrs or []) + list(add)
+    if from_file:
+        to_add += read_cidr_file(from_file, "--from-file")
+    nets_add = parse_cidrs(to_add, "CIDR") if to_add else []
+    nets_remove = parse_cidrs(list(remove), "--remove") if remove else []
+    if not nets_add and not nets_remove:
+        raise UserError("CIDR", "give at least one prefix to drop (or --remove PREFIX)")
+    if overlap := set(nets_add) & set(nets_remove):
+        raise UserError("--remove", f"{sorted(map(str, overlap))[0]} is both added and removed")
+    mgr = FilterManager()
+    if nets_remove:
+        mgr.remove_drop_dst(netns, dev, nets_remove)
+    att = mgr.add_drop_dst(netns, dev, nets_add, mode) if nets_add \
+        else mgr.find(netns, dev, "xdp")
+    if att:
+        _summary(mgr, att)
+
+
+@app.command("drop-proto", epilog="Examples:\n\n  membrane filter drop-proto --dev eth0 tcp\n\n"
+                                  "  membrane filter drop-proto --dev eth0 --remove tcp")
+def drop_proto(
+    protocols: list[str] = typer.Argument(None, help="tcp, udp, icmp, icmpv6, sctp, ... or a "
+                                                     "protocol number.", show_default=False),
+    dev: str = DEV,
+    remove: list[str] = typer.Option([], "--remove", help="Stop dropping this protocol."),
+    netns: str = NETNS,
+    mode: str = MODE,
+) -> None:
+    """Drop every packet of the given IP protocols (XDP)."""
+    mode = _mode(mode)
+    add = [parse_protocol(p, f"PROTOCOL[{i}]") for i, p in enumerate(protocols or [])]
+    rem = [parse_protocol(p, "--remove") for p in remove]
+    if not add and not rem:
+        raise UserError("PROTOCOL", "give at least one protocol to drop (or --remove PROTO)")
+    mgr = FilterManager()
+    if rem:
+        mgr.remove_drop_proto(netns, dev, rem)
+    att = mgr.add_drop_proto(netns, dev, add, mode) if add else mgr.find(netns, dev, "xdp")
+    if att:
+        _summary(mgr, att)
+
+
+@app.command("allow-only", epilog="Example (only 198.18.0.1 may reach 198.18.0.2 on TCP 80):"
+                                  "\n\n  membrane filter allow-only --dev eth0 --src 198.18.0.1 "
+                                  "--dst 198.18.0.2 --dport 80")
+def allow_only(
+    dev: str = DEV,
+    src: str = typer.Option(..., "--src", help="Source address of the allowed flow."),
+    dst: str = typer.Option(..., "--dst", help="Destination address of the allowed flow."),
+    dport: str = typer.Option(..., "--dport", help="Destination port (1-65535)."),
+    proto: str = typer.Option("tcp", "--proto", help="tcp, udp or sctp."),
+    direction: str = typer.Option("ingress", "--direction", help="ingress or egress."),
+    remove: bool = typer.Option(False, "--remove", help="Remove this allowed flow."),
+    netns: str = NETNS,
+) -> None:
+    """Among packets to a port, let only the given flow through (tc); other traffic to the
+    port is dropped, everything else passes. Repeat to allow more flows."""
+    direction = check_choice(direction, ("ingress", "egress"), "--direction")
+    flow = AllowedFlow.parse(src, dst, dport, proto)
+    mgr = FilterManager()
+    if remove:
+        mgr.remove_allow_flow(netns, dev, flow, direction)
+        att = mgr.find(netns, dev, f"tc-{direction}")
+    else:
+        att = mgr.add_allow_flow(netns, dev, flow, direction)
+    if att:
+        _summary(mgr, att)
+
+
+def _selected(mgr: FilterManager, netns: str | None, dev: str | None) -> list[Attachment]:
+    return mgr.attachments(netns=netns, device=dev)
+
+
+def _attachment_dict(mgr: FilterManager, att: Attachment, with_stats: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "device": att.device,
+        "netns": att.netns,
+        "hook": att.hook,
+        "state": mgr.link_state(att),
+        "ifindex": att.meta.ifindex,
+        "instance": att.meta.instance,
+    }
+    if att.hook == "xdp":
+        out["mode"] = XDP_MODE_NAMES.get(att.meta.xdp_mode)
+    rules = mgr.rules(att, with_stats=with_stats)
+    out["rules"] = [
+        {"id": r.id, "kind": r.kind, "rule": r.text,
+         **({"packets": r.packets, "bytes": r.bytes} if with_stats else {})}
+        for r in rules
+    ]
+    if with_stats:
+        out["totals"] = mgr.totals(att)
+    return out
+
+
+@app.command("list")
+def list_filters(
+    dev: str = typer.Option(None, "--dev", "-d", help="Only this device."),
+    netns: str = NETNS,
+    output: str = OUTPUT,
+) -> None:
+    """What is attached where, with its rules."""
+    output = check_choice(output, ("table", "json"), "--output")
+    mgr = FilterManager()
+    data = [_attachment_dict(mgr, a, with_stats=False) for a in _selected(mgr, netns, dev)]
+    if output == "json":
+        print_json(data)
+        return
+    rows = []
+    for a in data:
+        hook = a["hook"] + (f" ({a['mode']})" if a.get("mode") else "")
+        where = a["netns"] or "-"
+        if not a["rules"]:
+            rows.append([a["device"], where, hook, a["state"], "", "", "(no rules)"])
+        for r in a["rules"]:
+            rows.append([a["device"], where, hook, a["state"], str(r["id"]), r["kind"],
+                         r["rule"]])
+    print_table(["DEVICE", "NETNS", "HOOK", "STATE", "ID", "KIND", "RULE"], rows,
+                empty="no filters attached")
+
+
+@app.command("stats")
+def stats(
+    dev: str = typer.Option(None, "--dev", "-d", help="Only this device."),
+    netns: str = NETNS,
+    output: str = OUTPUT,
+) -> None:
+    """Packets and bytes per rule (summed over CPUs), and per filter."""
+    output = check_choice(output, ("table", "json"), "--output")
+    mgr = FilterManager()
+    data = [_attachment_dict(mgr, a, with_stats=True) for a in _selected(mgr, netns, dev)]
+    if output == "json":
+        print_json(data)
+        return
+    rows = []
+    for a in data:
+        for r in a["rules"]:
+            rows.append([a["device"], a["hook"], str(r["id"]), r["kind"], r["rule"],
+                         str(r["packets"]), str(r["bytes"])])
+        t = a["totals"]
+        rows.append([a["device"], a["hook"], "", "total", f"passed {t['passed']['packets']}, "
+                     f"dropped {t['dropped']['packets']}, unparsed {t['unparsed']['packets']}",
+                     str(t["seen"]["packets"]), str(t["seen"]["bytes"])])
+    print_table(["DEVICE", "HOOK", "ID", "KIND", "RULE", "PACKETS", "BYTES"], rows,
+                empty="no filters attached")
+
+
+@app.command("events", epilog="Example:\n\n  membrane filter events --follow -o json")
+def events(
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new drops until "
+                                                             "Ctrl-C."),
+    output: str = typer.Option("table", "-o", "--output", help="table or json (one object per "
+                                                               "line)."),
+) -> None:
+    """Drop events: time, device, source, destination, protocol, ports, rule."""
+    from membrane.filter.events import FilterEvents
+
+    output = check_choice(output, ("table", "json"), "--output")
+    mgr = FilterManager()
+    with FilterEvents(mgr) as stream:
+        header_done = False
+        for batch in stream.batches(follow=follow):
+            for ev in batch:
+                if output == "json":
+                    typer.echo(json.dumps(ev))
+                    continue
+                if not header_done:
+                    typer.echo(FilterEvents.TABLE_HEADER)
+                    header_done = True
+                typer.echo(FilterEvents.table_line(ev))
+        if stream.lost:
+            typer.echo(f"lost events: {stream.lost} (ring buffer was full)", err=True)
+
+
+@app.command("detach", epilog="Examples:\n\n  membrane filter detach --dev eth0\n\n"
+                              "  membrane filter detach --all")
+def detach(
+    dev: str = typer.Option(None, "--dev", "-d", help="Device whose filters to remove."),
+    hook: str = typer.Option(None, "--hook", help="Only this hook: xdp, tc-ingress, tc-egress."),
+    all_: bool = typer.Option(False, "--all", help="Remove every filter on every device."),
+    netns: str = NETNS,
+) -> None:
+    """Remove filters: every pin and link goes, traffic flows unfiltered."""
+    if hook is not None:
+        hook = check_choice(hook, HOOKS, "--hook")
+    if not dev and not all_:
+        raise UserError("--dev", "name a device (or use --all)")
+    mgr = FilterManager()
+    targets = mgr.attachments() if all_ and not dev else mgr.attachments(netns=netns, device=dev)
+    targets = [a for a in targets if hook is None or a.hook == hook]
+    if dev and not targets:
+        where = f" in netns {netns}" if netns else ""
+        raise UserError("--dev", f"{dev}{where} has no {hook or 'filter'} attached")
+    for att in targets:
+        mgr.detach(att)
+        typer.echo(f"detached {att.hook} filter from {att.device}"
+                   + (f" (netns {att.netns})" if att.netns else ""))

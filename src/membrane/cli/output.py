@@ -1,0 +1,36 @@
+"""Output conventions shared by every command: tables for people, JSON for machines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from membrane.errors import UserError
+
+
+def check_choice(value: str, choices: Sequence[str], field: str) -> str:
+    if value not in choices:
+        raise UserError(field, f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def print_table(columns: list[str], rows: list[list[str]], empty: str = "") -> None:
+    if not rows and empty:
+        print(empty)
+        return
+    table = Table(box=None, show_edge=False, pad_edge=False, header_style="bold")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(Console().width, 120)).print(table)

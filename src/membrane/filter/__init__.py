@@ -1,0 +1,1 @@
+"""`membrane filter`: the seed documents' packet filters (XDP and tc), pinned and live."""

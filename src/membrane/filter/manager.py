@@ -1,0 +1,506 @@
+"""Attaches, changes and removes `membrane filter` programs; all state lives in bpffs.
+
+Layout under /sys/fs/bpf/membrane/filter/:
+    events, events_lost                 ring buffer shared by every filter program
+    <scope>/<device>/<hook>/            one attachment: `link` plus its maps
+where scope is `host` or `netns-<name>` and hook is xdp, tc-ingress or tc-egress. bpffs
+refuses names containing a dot, so names are stored with `.` as `%2e` (eth0.100).
+
+Nothing lives only in this process: a second CLI run reopens the pins, and filters keep
+enforcing after it exits. A new attachment is built in a staging directory and renamed
+into place only once it is attached, so a failure leaves nothing half-attached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno as E
+import ipaddress
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from membrane.bpf import AttachError, BpfError, BpfObject, Link, Map
+from membrane.bpf.fs import ensure_bpffs
+from membrane.bpf.links import ClsactAttachment, attach_tc, attach_xdp
+from membrane.bpf.maps import possible_cpus
+from membrane.errors import NotPermitted, UserError
+from membrane.filter.rules import (
+    AllowedFlow,
+    IPNetwork,
+    address_bytes,
+    protocol_name,
+)
+
+FILTER_ROOT = "filter"
+HOOKS = ("xdp", "tc-ingress", "tc-egress")
+HOOK_IDS = {"xdp": 1, "tc-ingress": 2, "tc-egress": 3}
+XDP_MODE_IDS = {"native": 1, "generic": 2}
+XDP_MODE_NAMES = {v: k for k, v in XDP_MODE_IDS.items()}
+FEATURE_DROP_DST, FEATURE_DROP_PROTO, FEATURE_ALLOW_ONLY = 1, 2, 4
+_SHARED_MAPS = ("events", "events_lost")
+_STAT_NAMES = ("seen", "passed", "dropped", "unparsed")
+
+
+def _encode(name: str) -> str:
+    return name.replace("%", "%25").replace(".", "%2e")
+
+
+def _decode(name: str) -> str:
+    return name.replace("%2e", ".").replace("%25", "%")
+
+
+@dataclass
+class Rule:
+    id: int
+    kind: str  # drop-dst, drop-proto, allow-only, guard
+    text: str
+    packets: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class Attachment:
+    """One filter program on one device and hook, read back from its pins."""
+
+    scope: str
+    device: str
+    hook: str
+    path: Path
+    meta: Any = None
+    rules: list[Rule] = field(default_factory=list)
+
+    @property
+    def netns(self) -> str | None:
+        return self.scope.removeprefix("netns-") if self.scope != "host" else None
+
+    @property
+    def features(self) -> int:
+        return self.meta.features
+
+    def map(self, name: str) -> Map:
+        return Map.from_pin(str(self.path / name))
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise NotPermitted("", "membrane filter needs root (CAP_BPF, CAP_NET_ADMIN and "
+                               "CAP_SYS_ADMIN to load programs, attach them and pin them)")
+
+
+@contextlib.contextmanager
+def in_netns(netns: str | None) -> Iterator[None]:
+    """Run the block in network namespace `netns` (None: where we are)."""
+    if netns is None:
+        yield
+        return
+    if not os.path.exists(f"/run/netns/{netns}"):
+        raise UserError("--netns", f"no network namespace named {netns!r} (see `ip netns list`)")
+    from membrane.netns import inside
+
+    with inside(netns):
+        yield
+
+
+def device_index(device: str) -> int:
+    try:
+        return socket.if_nametoindex(device)
+    except OSError:
+        raise UserError("--dev", f"no network device named {device!r}") from None
+
+
+def _counter_sum(values: list[Any]) -> tuple[int, int]:
+    return sum(v.packets for v in values), sum(v.bytes for v in values)
+
+
+class FilterManager:
+    def __init__(self, pin_root: str | None = None) -> None:
+        require_root()
+        base = pin_root or ensure_bpffs()
+        self.root = Path(base) / FILTER_ROOT
+
+    # ---- finding attachments -----------------------------------------------------------
+    @staticmethod
+    def scope_of(netns: str | None) -> str:
+        return f"netns-{_encode(netns)}" if netns else "host"
+
+    def attachment_path(self, netns: str | None, device: str, hook: str) -> Path:
+        return self.root / self.scope_of(netns) / _encode(device) / hook
+
+    def load_attachment(self, path: Path) -> Attachment:
+        scope, device, hook = path.parts[-3:]
+        att = Attachment(_decode(scope), _decode(device), hook, path)
+        with att.map("filter_meta") as meta:
+            att.meta = meta.lookup(0)
+        return att
+
+    def attachments(self, netns: str | None = None, device: str | None = None
+                    ) -> list[Attachment]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in sorted(self.root.glob("*/*/*")):
+            scope = path.parts[-3]
+            if not path.is_dir() or not (scope == "host" or scope.startswith("netns-")):
+                continue
+            if netns is not None and scope != self.scope_of(netns):
+                continue
+            if device is not None and path.parts[-2] != _encode(device):
+                continue
+            found.append(self.load_attachment(path))
+        return found
+
+    def find(self, netns: str | None, device: str, hook: str) -> Attachment | None:
+        path = self.attachment_path(netns, device, hook)
+        return self.load_attachment(path) if (path / "filter_meta").exists() else None
+
+    # ---- loading and attaching ---------------------------------------------------------
+    def _next_instance(self) -> int:
+        used = [a.meta.instance for a in self.attachments()]
+        return max(used, default=0) + 1
+
+    def _open(self, hook: str, features: int, instance: int, pin_dir: Path) -> BpfObject:
+        """Load the program for `hook`, reusing the maps pinned in `pin_dir`."""
+        if hook == "xdp":
+            obj = BpfObject.open("filter_xdp")
+            obj.set_config(enable_drop_dst=bool(features & FEATURE_DROP_DST),
+                           enable_drop_proto=bool(features & FEATURE_DROP_PROTO),
+                           instance=instance)
+        else:
+            obj = BpfObject.open("filter_tc")
+            obj.set_config(enable_allow_only=True, hook=HOOK_IDS[hook], instance=instance)
+        obj.pin_maps(str(pin_dir), names=[n for n in obj.map_names() if n not in _SHARED_MAPS])
+        for name in _SHARED_MAPS:
+            obj.pin_map(name, str(self.root / name))
+        return obj.load()
+
+    def _attach_new(self, netns: str | None, device: str, hook: str, features: int,
+                    fill: Any, xdp_mode: str) -> Attachment:
+        """Build a new attachment in staging, fill its rules, attach, then publish it."""
+        final = self.attachment_path(netns, device, hook)
+        staging = self.root / f"staging-{os.getpid()}-{_encode(device)}-{hook}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        link: Link | ClsactAttachment | None = None
+        try:
+            with in_netns(netns):
+                ifindex = device_index(device)
+                obj = self._open(hook, features, self._next_instance(), staging)
+                with obj:
+                    att = Attachment(self.scope_of(netns), device, hook, staging)
+                    meta = obj.map("filter_meta").value_type(
+                        instance=obj.get_config("instance"), ifindex=ifindex,
+                        features=features, hook=HOOK_IDS[hook])
+                    fill(att)
+                    prog = obj.program("filter_xdp" if hook == "xdp" else "filter_tc")
+                    if hook == "xdp":
+                        link, mode = attach_xdp(prog, ifindex, xdp_mode)
+                        meta.xdp_mode = XDP_MODE_IDS[mode]
+                    else:
+                        link = attach_tc(prog, ifindex, hook.removeprefix("tc-"))
+                        if isinstance(link, ClsactAttachment):
+                            meta.tc_handle, meta.tc_priority = link.handle, link.priority
+                    obj.map("filter_meta").update(0, meta)
+                    link.pin(str(staging / "link"))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staging, final)
+        except AttachError as err:
+            self._undo(link, staging)
+            raise UserError("--dev", _attach_problem(device, hook, err)) from None
+        except BaseException:
+            self._undo(link, staging)
+            raise
+        finally:
+            if link is not None:
+                link.close()
+        return self.load_attachment(final)
+
+    def _ensure(self, netns: str | None, device: str, hook: str, feature: int, fill: Any,
+                xdp_mode: str = "auto") -> Attachment:
+        """Add rules with `fill`, attaching the program (or enabling `feature` in it) first
+        when needed. Rules are written before the program that reads them goes live."""
+        att = self.find(netns, device, hook)
+        if att is None:
+            return self._attach_new(netns, device, hook, feature, fill, xdp_mode)
+        if hook == "xdp" and xdp_mode != "auto" and XDP_MODE_IDS[xdp_mode] != att.meta.xdp_mode:
+            raise UserError("--mode", f"{device} already has the filter in "
+                                      f"{XDP_MODE_NAMES[att.meta.xdp_mode]} mode; detach it "
+                                      "first to change modes")
+        fill(att)
+        if not att.features & feature:
+            self._reload(att, att.features | feature)
+        return att
+
+    def _reload(self, att: Attachment, features: int) -> None:
+        """Swap in a program with more features enabled; maps are reused, the link is
+        updated atomically, so traffic always sees one complete program."""
+        with in_netns(att.netns), self._open(att.hook, features, att.meta.instance,
+                                             att.path) as obj:
+            prog = obj.program("filter_xdp" if att.hook == "xdp" else "filter_tc")
+            if (att.path / "link").exists():
+                with Link.from_pin(str(att.path / "link")) as link:
+                    link.update(prog)
+            else:
+                ClsactAttachment(att.meta.ifindex, att.hook.removeprefix("tc-"),
+                                 att.meta.tc_handle, att.meta.tc_priority).update(prog)
+            att.meta.features = features
+            with att.map("filter_meta") as meta:
+                meta.update(0, att.meta)
+
+    # ---- rule ids ----------------------------------------------------------------------
+    @staticmethod
+    def _used_rule_ids(att: Attachment) -> set[int]:
+        names = ("drop_dst_v4", "drop_dst_v6", "drop_proto") if att.hook == "xdp" \
+            else ("allow_guard", "allow_flows")
+        used: set[int] = set()
+        for name in names:
+            with att.map(name) as m:
+                used.update(v for _, v in m.items() if v)
+        return used
+
+    @staticmethod
+    def _id_allocator(att: Attachment, used: set[int]) -> Iterator[int]:
+        with att.map("rule_stats") as stats:
+            limit = stats.max_entries
+        for rule_id in range(1, limit):
+            if rule_id not in used:
+                yield rule_id
+        raise UserError("", f"{att.device} {att.hook}: the filter is full "
+                            f"({limit - 1} rules)")
+
+    @staticmethod
+    def _reset_stats(att: Attachment, ids: list[int]) -> None:
+        """Zero the counters of freed rule ids so a reused id starts from nothing."""
+        if not ids:
+            return
+        with att.map("rule_stats") as stats:
+            zero = stats.value_type()
+            stats.update_batch((i, [zero] * possible_cpus()) for i in ids)
+
+    # ---- drop-dst ----------------------------------------------------------------------
+    @staticmethod
+    def _lpm_key(m: Map, net: IPNetwork) -> Any:
+        key = m.key_type()
+        key.prefixlen = net.prefixlen
+        ctypes.memmove(key.addr, net.network_address.packed, len(net.network_address.packed))
+        return key
+
+    def add_drop_dst(self, netns: str | None, device: str, nets: list[IPNetwork],
+                     xdp_mode: str = "auto") -> Attachment:
+        def fill(att: Attachment) -> None:
+            existing = {r.text for r in self._dst_rules(att)}
+            new = [n for n in nets if str(n) not in existing]
+            ids = self._id_allocator(att, self._used_rule_ids(att))
+            for version, name in ((4, "drop_dst_v4"), (6, "drop_dst_v6")):
+                todo = [n for n in new if n.version == version]
+                if not todo:
+                    continue
+                with att.map(name) as m:
+                    if len(m) + len(todo) > m.max_entries:
+                        raise UserError("CIDR", f"{device}: the IPv{version} deny list would "
+                                                f"exceed its {m.max_entries} prefixes")
+                    m.update_batch((self._lpm_key(m, n), next(ids)) for n in todo)
+
+        return self._ensure(netns, device, "xdp", FEATURE_DROP_DST, fill, xdp_mode)
+
+    def remove_drop_dst(self, netns: str | None, device: str, nets: list[IPNetwork]) -> int:
+        att = self._require(netns, device, "xdp")
+        freed = []
+        for net in nets:
+            with att.map("drop_dst_v4" if net.version == 4 else "drop_dst_v6") as m:
+                key = self._lpm_key(m, net)
+                rule_id = m.lookup(key)
+                if rule_id is None:
+                    raise UserError("--remove", f"{net} is not in the deny list of {device}")
+        for net in nets:
+            with att.map("drop_dst_v4" if net.version == 4 else "drop_dst_v6") as m:
+                key = self._lpm_key(m, net)
+                freed.append(m.lookup(key))
+                m.delete(key)
+        self._reset_stats(att, freed)
+        return len(freed)
+
+    def _dst_rules(self, att: Attachment) -> list[Rule]:
+        rules = []
+        for name, size in (("drop_dst_v4", 4), ("drop_dst_v6", 16)):
+            with att.map(name) as m:
+                for key, rule_id in m.items():
+                    addr = ipaddress.ip_address(bytes(key.addr)[:size])
+                    net = ipaddress.ip_network(f"{addr}/{key.prefixlen}")
+                    rules.append(Rule(rule_id, "drop-dst", str(net)))
+        return rules
+
+    # ---- drop-proto --------------------------------------------------------------------
+    def add_drop_proto(self, netns: str | None, device: str, protocols: list[int],
+                       xdp_mode: str = "auto") -> Attachment:
+        def fill(att: Attachment) -> None:
+            with att.map("drop_proto") as m:
+                todo = [p for p in protocols if not m.lookup(p)]
+                ids = self._id_allocator(att, self._used_rule_ids(att))
+                for proto in todo:
+                    m.update(proto, next(ids))
+
+        return self._ensure(netns, device, "xdp", FEATURE_DROP_PROTO, fill, xdp_mode)
+
+    def remove_drop_proto(self, netns: str | None, device: str, protocols: list[int]) -> int:
+        att = self._require(netns, device, "xdp")
+        with att.map("drop_proto") as m:
+            for proto in protocols:
+                if not m.lookup(proto):
+                    raise UserError("--remove", f"{protocol_name(proto)} is not dropped on "
+                                                f"{device}")
+            freed = [m.lookup(p) for p in protocols]
+            for proto in protocols:
+                m.update(proto, 0)
+        self._reset_stats(att, freed)
+        return len(freed)
+
+    # ---- allow-only --------------------------------------------------------------------
+    @staticmethod
+    def _flow_key(m: Map, flow: AllowedFlow) -> Any:
+        key = m.key_type()
+        ctypes.memmove(key.src, address_bytes(flow.src), 16)
+        ctypes.memmove(key.dst, address_bytes(flow.dst), 16)
+        key.port, key.protocol, key.family = flow.port, flow.protocol, flow.src.version
+        return key
+
+    @staticmethod
+    def _guard_key(m: Map, protocol: int, port: int) -> Any:
+        return m.key_type(protocol=protocol, port=port)
+
+    def add_allow_flow(self, netns: str | None, device: str, flow: AllowedFlow,
+                       direction: str = "ingress") -> Attachment:
+        def fill(att: Attachment) -> None:
+            ids = self._id_allocator(att, self._used_rule_ids(att))
+            # The flow goes in before its guard, so enabling the guard never drops it.
+            with att.map("allow_flows") as flows:
+                key = self._flow_key(flows, flow)
+                if flows.lookup(key) is None:
+                    flows.update(key, next(ids))
+            with att.map("allow_guard") as guards:
+                key = self._guard_key(guards, flow.protocol, flow.port)
+                if guards.lookup(key) is None:
+                    guards.update(key, next(ids))
+
+        return self._ensure(netns, device, f"tc-{direction}", FEATURE_ALLOW_ONLY, fill)
+
+    def remove_allow_flow(self, netns: str | None, device: str, flow: AllowedFlow,
+                          direction: str = "ingress") -> None:
+        att = self._require(netns, device, f"tc-{direction}")
+        freed = []
+        with att.map("allow_flows") as flows:
+            key = self._flow_key(flows, flow)
+            rule_id = flows.lookup(key)
+            if rule_id is None:
+                raise UserError("--remove", f"{flow} is not a rule on {device}")
+            others = [k for k, _ in flows.items()
+                      if (k.port, k.protocol) == (flow.port, flow.protocol)
+                      and bytes(k) != bytes(key)]
+            # With no allowed flow left the guard goes first: the port is then unguarded
+            # rather than closed to the one flow the user still meant to allow.
+            if not others:
+                with att.map("allow_guard") as guards:
+                    gkey = self._guard_key(guards, flow.protocol, flow.port)
+                    freed.append(guards.lookup(gkey))
+                    guards.delete(gkey)
+            flows.delete(key)
+            freed.append(rule_id)
+        self._reset_stats(att, [f for f in freed if f])
+
+    def _tc_rules(self, att: Attachment) -> list[Rule]:
+        rules = []
+        with att.map("allow_guard") as guards:
+            for key, rule_id in guards.items():
+                rules.append(Rule(rule_id, "guard", f"drop other {protocol_name(key.protocol)}"
+                                                    f"/{key.port}"))
+        with att.map("allow_flows") as flows:
+            for key, rule_id in flows.items():
+                size = 4 if key.family == 4 else 16
+                flow = AllowedFlow(ipaddress.ip_address(bytes(key.src)[:size]),
+                                   ipaddress.ip_address(bytes(key.dst)[:size]),
+                                   key.port, key.protocol)
+                rules.append(Rule(rule_id, "allow-only", str(flow)))
+        return rules
+
+    # ---- reading -----------------------------------------------------------------------
+    def _require(self, netns: str | None, device: str, hook: str) -> Attachment:
+        att = self.find(netns, device, hook)
+        if att is None:
+            where = f" in netns {netns}" if netns else ""
+            raise UserError("--dev", f"{device}{where} has no {hook} filter attached")
+        return att
+
+    def rules(self, att: Attachment, with_stats: bool = True) -> list[Rule]:
+        if att.hook == "xdp":
+            rules = self._dst_rules(att)
+            with att.map("drop_proto") as m:
+                rules += [Rule(v, "drop-proto", protocol_name(p)) for p, v in m.items() if v]
+        else:
+            rules = self._tc_rules(att)
+        if with_stats and rules:
+            with att.map("rule_stats") as stats:
+                for rule in rules:
+                    rule.packets, rule.bytes = _counter_sum(stats.lookup(rule.id))
+        return sorted(rules, key=lambda r: r.id)
+
+    def totals(self, att: Attachment) -> dict[str, dict[str, int]]:
+        with att.map("filter_stats") as stats:
+            out = {}
+            for index, name in enumerate(_STAT_NAMES[1:], start=1):
+                packets, size = _counter_sum(stats.lookup(index))
+                out[name] = {"packets": packets, "bytes": size}
+        out["seen"] = {k: out["passed"][k] + out["dropped"][k] for k in ("packets", "bytes")}
+        return out
+
+    def link_state(self, att: Attachment) -> str:
+        """attached, or defunct when the device went away under the filter."""
+        if not (att.path / "link").exists():
+            return "attached (clsact)"
+        with Link.from_pin(str(att.path / "link")) as link:
+            return "attached" if link.ifindex else "defunct (device gone)"
+
+    # ---- detaching ---------------------------------------------------------------------
+    def detach(self, att: Attachment) -> None:
+        with contextlib.suppress(FileNotFoundError), \
+                Link.from_pin(str(att.path / "link")) as link:
+            link.detach()
+        if not (att.path / "link").exists() and att.hook != "xdp" and att.meta.tc_handle:
+            with contextlib.suppress(BpfError), in_netns(att.netns):
+                ClsactAttachment(att.meta.ifindex, att.hook.removeprefix("tc-"),
+                                 att.meta.tc_handle, att.meta.tc_priority).detach()
+        shutil.rmtree(att.path, ignore_errors=True)
+        for parent in (att.path.parent, att.path.parent.parent):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        self._remove_shared_if_unused()
+
+    def _undo(self, link: Link | ClsactAttachment | None, staging: Path) -> None:
+        """Take back a half-made attachment."""
+        if link is not None:
+            with contextlib.suppress(BpfError):
+                link.detach()
+        shutil.rmtree(staging, ignore_errors=True)
+        self._remove_shared_if_unused()
+
+    def _remove_shared_if_unused(self) -> None:
+        if not self.attachments():
+            for name in _SHARED_MAPS:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.root / name)
+            with contextlib.suppress(OSError):
+                self.root.rmdir()
+
+
+def _attach_problem(device: str, hook: str, err: AttachError) -> str:
+    if err.errno in (E.EBUSY, E.EEXIST):
+        return (f"{device} already has a {hook} program that membrane did not attach; "
+                "remove it first")
+    if err.errno in (E.EOPNOTSUPP, E.ENOTSUP, E.EINVAL):
+        return f"cannot attach {hook} to {device}: the kernel or driver does not support it " \
+               f"({os.strerror(err.errno)}); see `membrane probe`"
+    return f"cannot attach {hook} to {device}: {os.strerror(err.errno)}"
