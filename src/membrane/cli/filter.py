@@ -231,7 +231,8 @@ def events(
                     header_done = True
                 typer.echo(FilterEvents.table_line(ev))
         if stream.lost:
-            typer.echo(f"lost events: {stream.lost} (ring buffer was full)", err=True)
+            typer.echo(f"{stream.lost} events lost since the first filter was attached "
+                       "(the ring buffer was full; read it with --follow to keep up)", err=True)
 
 
 @app.command("detach", epilog="Examples:\n\n  membrane filter detach --dev eth0\n\n"

@@ -40,7 +40,6 @@ class FilterEvents:
             raise UserError("", "no filters are attached, so there are no events") from None
         dtype = Btf.from_file(object_path("filter_xdp")).dtype("filter_event")
         self._ring = RingBuffer(self._ring_map, dtype=dtype, lost_map=self._lost_map)
-        self._lost_at_start = self._ring.lost
         self._by_instance: dict[int, tuple[Attachment, dict[int, str]]] = {}
 
     def __enter__(self) -> FilterEvents:
@@ -53,7 +52,7 @@ class FilterEvents:
 
     @property
     def lost(self) -> int:
-        """Events the kernel could not queue since the ring was last drained."""
+        """Events the kernel could not queue since the ring buffer was created."""
         return self._ring.lost
 
     def _describe(self, instance: int) -> tuple[Attachment | None, dict[int, str]]:
