@@ -73,9 +73,9 @@ int filter_tc(struct __sk_buff *skb)
 	return TC_ACT_SHOT;
 
 unparsed_or_pass:
-	/* A later fragment or a protocol without ports is simply not ours to judge. */
-	if (res == PARSE_TRUNCATED || res == PARSE_ADDRS ||
-	    (res == PARSE_L3 && proto_has_ports(p.protocol) && p.fragment != PKT_LATER_FRAGMENT))
+	/* A later fragment (whether or not its protocol is known) or a protocol without
+	 * ports is simply not ours to judge. */
+	if (p.fragment != PKT_LATER_FRAGMENT && (res != PARSE_L3 || proto_has_ports(p.protocol)))
 		count_stat(FILTER_STAT_UNPARSED, skb->len);
 pass:
 	count_stat(FILTER_STAT_PASSED, skb->len);

@@ -22,7 +22,7 @@
 #define FILTER_MAX_RULES 65536
 
 enum filter_stat {
-	FILTER_STAT_SEEN = 0,     /* packets the program ran on */
+	FILTER_STAT_SEEN = 0,     /* not counted in the kernel: seen = passed + dropped */
 	FILTER_STAT_PASSED = 1,
 	FILTER_STAT_DROPPED = 2,
 	FILTER_STAT_UNPARSED = 3, /* passed because headers were truncated or too deep */

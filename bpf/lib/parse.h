@@ -25,7 +25,8 @@ enum parse_result {
 	PARSE_L3 = 1,        /* addresses and protocol known; no ports (ICMP, non-first
 			      * fragment, other protocols, or L4 header cut short) */
 	PARSE_ADDRS = 2,     /* addresses known, protocol not (IPv6 header chain too long or
-			      * cut short) */
+			      * cut short, or a later fragment whose fragmentable part
+			      * begins with an extension header) */
 	PARSE_NOT_IP = 3,    /* neither IPv4 nor IPv6 */
 	PARSE_TRUNCATED = 4, /* Ethernet or IP header cut short or malformed, or more VLAN
 			      * tags than we walk */
@@ -110,6 +111,13 @@ struct ipv6_frag_hdr_ {
 	__be32 identification;
 };
 
+/* The headers parse_ipv6() walks through. */
+static __always_inline int ipv6_is_exthdr(__u8 next)
+{
+	return next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS ||
+	       next == IPPROTO_AH || next == IPPROTO_FRAGMENT;
+}
+
 static __always_inline int parse_ipv6(void *cursor, void *data_end, struct pkt *p)
 {
 	struct ipv6hdr *ip6 = cursor;
@@ -125,8 +133,10 @@ static __always_inline int parse_ipv6(void *cursor, void *data_end, struct pkt *
 	next = ip6->nexthdr;
 	cursor = ip6 + 1;
 
+	/* One turn per extension header, and one more to reach the upper layer after
+	 * the last of PARSE_MAX_EXTHDRS headers. */
 #pragma unroll
-	for (int i = 0; i < PARSE_MAX_EXTHDRS; i++) {
+	for (int i = 0; i <= PARSE_MAX_EXTHDRS; i++) {
 		struct ipv6_opt_hdr_ *opt = cursor;
 
 		switch (next) {
@@ -155,6 +165,10 @@ static __always_inline int parse_ipv6(void *cursor, void *data_end, struct pkt *
 			else if (bpf_ntohs(fh->frag_off) & 1)
 				p->fragment = PKT_FIRST_FRAGMENT;
 			cursor = fh + 1;
+			/* A later fragment carries payload, not headers: `next` is the upper
+			 * layer unless the fragmentable part began with an extension header. */
+			if (p->fragment == PKT_LATER_FRAGMENT && ipv6_is_exthdr(next))
+				return PARSE_ADDRS;
 			break;
 		}
 		default:

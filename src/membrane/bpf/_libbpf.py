@@ -168,6 +168,7 @@ for _name, _res, _args in [
     ("bpf_link_create", c_int, [c_int, c_int, c_int, _P]),
     ("bpf_link_update", c_int, [c_int, c_int, _P]),
     ("bpf_link_detach", c_int, [c_int]),
+    ("bpf_iter_create", c_int, [c_int]),
     # maps
     ("bpf_map__name", c_char_p, [_P]),
     ("bpf_map__fd", c_int, [_P]),
@@ -177,6 +178,7 @@ for _name, _res, _args in [
     ("bpf_map__max_entries", c_uint32, [_P]),
     ("bpf_map__set_max_entries", c_int, [_P, c_uint32]),
     ("bpf_map__set_pin_path", c_int, [_P, c_char_p]),
+    ("bpf_map__set_autocreate", c_int, [_P, c_bool]),
     ("bpf_map__pin_path", c_char_p, [_P]),
     ("bpf_map__is_internal", c_bool, [_P]),
     ("bpf_map__initial_value", _P, [_P, POINTER(c_size_t)]),

@@ -93,17 +93,27 @@ class Link:
             raise BpfError(f"update {self.kind} link", L.errno_of(ret))
 
     def detach(self) -> None:
-        """Detach in the kernel, remove our pin and close the fd."""
+        """Detach in the kernel, remove our pin and close the fd. Tracing links
+        (tracepoint, uprobe, perf_event, raw_tp) refuse BPF_LINK_DETACH with EOPNOTSUPP:
+        they end when their last fd and pin are gone, which the unpin and close do."""
         ret = L.lib.bpf_link_detach(self.fd)
-        if ret and L.errno_of(ret) not in (E.ENOLINK, E.EINVAL):
+        if ret and L.errno_of(ret) not in (E.ENOLINK, E.EINVAL, E.EOPNOTSUPP):
             raise BpfError(f"detach {self.kind} link", L.errno_of(ret))
         self.unpin()
         self.close()
 
     def close(self) -> None:
+        """Drop our handle. A pinned link stays attached; an unpinned one ends here, as
+        it would when the kernel sees its last fd close."""
         if self._libbpf_link:
-            L.lib.bpf_link__disconnect(self._libbpf_link)
-            L.lib.bpf_link__destroy(self._libbpf_link)  # closes the fd, keeps the attachment
+            if self.pin_path:
+                # A disconnected libbpf link is freed without closing anything, so close
+                # the link fd ourselves. libbpf 1.1 offers no way to close the perf event
+                # fd of a tracing link without disabling the event: that one fd stays open
+                # until the process exits (the pinned link holds its own reference).
+                L.lib.bpf_link__disconnect(self._libbpf_link)
+                os.close(self.fd)
+            L.lib.bpf_link__destroy(self._libbpf_link)
             self._libbpf_link = None
         elif self.fd >= 0:
             os.close(self.fd)

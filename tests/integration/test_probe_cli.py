@@ -1,0 +1,68 @@
+"""`membrane probe` as a user runs it: JSON for machines, a table for people, one-line
+errors with exit code 2 for bad options and missing privileges."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+NOBODY = 65534
+
+
+def membrane(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "membrane", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("membrane: error: ")
+    for word in words:
+        assert word in lines[0]
+
+
+def test_json_lists_every_feature_truthfully() -> None:
+    done = membrane("probe", "-o", "json")
+    assert done.returncode == 0, done.stderr
+    features = json.loads(done.stdout)
+    assert isinstance(features, list) and features
+    for f in features:
+        assert set(f) == {"name", "category", "supported", "detail"}
+        assert isinstance(f["supported"], bool) and f["detail"]
+    supported = {f["name"]: f["supported"] for f in features}
+    for name in ("kprobe", "fentry", "fexit", "lsm"):
+        assert supported[name] is False
+    for name in ("xdp_native", "xdp_generic", "tcx", "tracepoint", "uprobe", "perf_event"):
+        assert supported[name] is True
+
+
+def test_table_for_people() -> None:
+    done = membrane("probe")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.strip()}
+    assert rows["FEATURE"][:4] == ["FEATURE", "CATEGORY", "SUPPORTED", "DETAIL"]
+    assert rows["fentry"][1:4] == ["tracing", "no", "load"]
+    assert rows["tracepoint"][1:3] == ["tracing", "yes"]
+
+
+def test_bad_output_format_is_one_line_and_exit_2() -> None:
+    assert_one_line_error(membrane("probe", "-o", "yaml"), "--output", "yaml")
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_without_privileges_names_what_is_missing() -> None:
+    as_nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+    assert_one_line_error(membrane("probe", prefix=as_nobody), "CAP_BPF", "CAP_SYS_ADMIN")
