@@ -60,9 +60,11 @@ def main() -> None:
         deadline = time.monotonic() + 10
         while not tcp_ok(client.ns, server.ip) and time.monotonic() < deadline:
             time.sleep(0.05)
-        topo.callback(subprocess.run, [sys.executable, "-m", "membrane", "filter", "detach",
-                                       "--all"], capture_output=True, check=False)
         ns, dev = server.ns, "eth0"
+        # Only the demo's own device: other filters on this machine are not ours to remove.
+        topo.callback(subprocess.run, [sys.executable, "-m", "membrane", "filter", "detach",
+                                       "--netns", ns, "--dev", dev],
+                      capture_output=True, check=False)
 
         say(f"Topology: {client.ns} ({client.ip}, {second_client}) --veth--> "
             f"{server.ns} ({server.ip}, {second_server}), HTTP on port {PORT}")
