@@ -77,7 +77,7 @@ def main() -> None:
         show(f"ping {server.ip}", ping(client.ns, server.ip))
         show(f"ping {second_server}", ping(client.ns, second_server))
         membrane("filter", "stats", "--netns", ns)
-        membrane("filter", "events")
+        membrane("filter", "events", "--netns", ns)
 
         say("Seed 001: drop all TCP (XDP), added live to the same program")
         membrane("filter", "drop-proto", "--netns", ns, "--dev", dev, "tcp")

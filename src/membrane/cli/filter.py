@@ -14,6 +14,7 @@ from membrane.filter.rules import (
     AllowedFlow,
     parse_cidrs,
     parse_protocol,
+    protocol_name,
     read_cidr_file,
 )
 
@@ -60,22 +61,27 @@ def drop_dst(
 ) -> None:
     """Drop packets whose destination is in a deny list of prefixes (XDP, longest match)."""
     mode = _mode(mode)
-    to_add = list(cidrs or []) + list(add)
+    nets_add = parse_cidrs(list(cidrs or []), "CIDR") + parse_cidrs(list(add), "--add")
     if from_file:
-        to_add += read_cidr_file(from_file, "--from-file")
-    nets_add = parse_cidrs(to_add, "CIDR") if to_add else []
-    nets_remove = parse_cidrs(list(remove), "--remove") if remove else []
+        nets_add += parse_cidrs(read_cidr_file(from_file, "--from-file"), "--from-file")
+    nets_add = list(dict.fromkeys(nets_add))
+    nets_remove = parse_cidrs(list(remove), "--remove")
     if not nets_add and not nets_remove:
         raise UserError("CIDR", "give at least one prefix to drop (or --remove PREFIX)")
     if overlap := set(nets_add) & set(nets_remove):
         raise UserError("--remove", f"{sorted(map(str, overlap))[0]} is both added and removed")
     mgr = FilterManager()
-    if nets_remove:
-        mgr.remove_drop_dst(netns, dev, nets_remove)
-    att = mgr.add_drop_dst(netns, dev, nets_add, mode) if nets_add \
-        else mgr.find(netns, dev, "xdp")
-    if att:
-        _summary(mgr, att)
+    with mgr.locked():
+        # Check the removals, add, then remove: a refused command changes nothing, and every
+        # intermediate list drops at least what the old and the new list drop.
+        if nets_remove:
+            mgr.remove_drop_dst(netns, dev, nets_remove, check_only=True)
+        att = (mgr.add_drop_dst(netns, dev, nets_add, mode) if nets_add
+               else mgr.find(netns, dev, "xdp"))
+        if nets_remove:
+            mgr.remove_drop_dst(netns, dev, nets_remove)
+        if att:
+            _summary(mgr, att)
 
 
 @app.command("drop-proto", epilog="Examples:\n\n  membrane filter drop-proto --dev eth0 tcp\n\n"
@@ -94,12 +100,19 @@ def drop_proto(
     rem = [parse_protocol(p, "--remove") for p in remove]
     if not add and not rem:
         raise UserError("PROTOCOL", "give at least one protocol to drop (or --remove PROTO)")
+    if overlap := set(add) & set(rem):
+        raise UserError("--remove", f"{protocol_name(min(overlap))} is both dropped and "
+                                    "removed")
     mgr = FilterManager()
-    if rem:
-        mgr.remove_drop_proto(netns, dev, rem)
-    att = mgr.add_drop_proto(netns, dev, add, mode) if add else mgr.find(netns, dev, "xdp")
-    if att:
-        _summary(mgr, att)
+    with mgr.locked():
+        # As in drop-dst: check, add, then remove.
+        if rem:
+            mgr.remove_drop_proto(netns, dev, rem, check_only=True)
+        att = mgr.add_drop_proto(netns, dev, add, mode) if add else mgr.find(netns, dev, "xdp")
+        if rem:
+            mgr.remove_drop_proto(netns, dev, rem)
+        if att:
+            _summary(mgr, att)
 
 
 @app.command("allow-only", epilog="Example (only 198.18.0.1 may reach 198.18.0.2 on TCP 80):"
@@ -120,13 +133,14 @@ def allow_only(
     direction = check_choice(direction, ("ingress", "egress"), "--direction")
     flow = AllowedFlow.parse(src, dst, dport, proto)
     mgr = FilterManager()
-    if remove:
-        mgr.remove_allow_flow(netns, dev, flow, direction)
-        att = mgr.find(netns, dev, f"tc-{direction}")
-    else:
-        att = mgr.add_allow_flow(netns, dev, flow, direction)
-    if att:
-        _summary(mgr, att)
+    with mgr.locked():
+        if remove:
+            mgr.remove_allow_flow(netns, dev, flow, direction)
+            att = mgr.find(netns, dev, f"tc-{direction}")
+        else:
+            att = mgr.add_allow_flow(netns, dev, flow, direction)
+        if att:
+            _summary(mgr, att)
 
 
 def _selected(mgr: FilterManager, netns: str | None, dev: str | None) -> list[Attachment]:
@@ -213,8 +227,13 @@ def events(
                                                              "Ctrl-C."),
     output: str = typer.Option("table", "-o", "--output", help="table or json (one object per "
                                                                "line)."),
+    dev: str = typer.Option(None, "--dev", "-d", help="Only drops on this device."),
+    netns: str = NETNS,
 ) -> None:
-    """Drop events: time, device, source, destination, protocol, ports, rule."""
+    """Drop events: time, device, source, destination, protocol, ports, rule.
+
+    The ring buffer has one reader: events are consumed as they are shown (also those that
+    --dev/--netns leave out), and a second reader at the same time sees the rest."""
     from membrane.filter.events import FilterEvents
 
     output = check_choice(output, ("table", "json"), "--output")
@@ -223,6 +242,8 @@ def events(
         header_done = False
         for batch in stream.batches(follow=follow):
             for ev in batch:
+                if (dev and ev["device"] != dev) or (netns and ev["netns"] != netns):
+                    continue
                 if output == "json":
                     typer.echo(json.dumps(ev))
                     continue
@@ -249,12 +270,14 @@ def detach(
     if not dev and not all_:
         raise UserError("--dev", "name a device (or use --all)")
     mgr = FilterManager()
-    targets = mgr.attachments() if all_ and not dev else mgr.attachments(netns=netns, device=dev)
-    targets = [a for a in targets if hook is None or a.hook == hook]
-    if dev and not targets:
-        where = f" in netns {netns}" if netns else ""
-        raise UserError("--dev", f"{dev}{where} has no {hook or 'filter'} attached")
-    for att in targets:
-        mgr.detach(att)
-        typer.echo(f"detached {att.hook} filter from {att.device}"
-                   + (f" (netns {att.netns})" if att.netns else ""))
+    with mgr.locked():
+        targets = mgr.attachments() if all_ and not dev \
+            else mgr.attachments(netns=netns, device=dev)
+        targets = [a for a in targets if hook is None or a.hook == hook]
+        if dev and not targets:
+            where = f" in netns {netns}" if netns else ""
+            raise UserError("--dev", f"{dev}{where} has no {hook or 'filter'} attached")
+        for att in targets:
+            mgr.detach(att)
+            typer.echo(f"detached {att.hook} filter from {att.device}"
+                       + (f" (netns {att.netns})" if att.netns else ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from typer._click import exceptions as click_exceptions
 
 from membrane.errors import UserError
 
@@ -35,8 +36,18 @@ def fail(message: str, code: int = 2) -> None:
 def main() -> None:
     _register()
     try:
-        app()
+        code = app(standalone_mode=False)
     except UserError as err:
         fail(str(err), err.exit_code)
+    except click_exceptions.NoArgsIsHelpError as err:
+        print(err.ctx.get_help() if err.ctx else err.format_message())
+        raise SystemExit(0) from None
+    except click_exceptions.UsageError as err:
+        # click prints usage text and a box; our convention is one line naming the problem
+        fail(err.format_message().replace("\n", " "), 2)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except BrokenPipeError:  # e.g. `membrane filter events -f | head`
+        sys.stderr.close()
+        raise SystemExit(0) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno as E
+import fcntl
 import ipaddress
 import os
 import shutil
@@ -38,6 +39,7 @@ from membrane.filter.rules import (
 )
 
 FILTER_ROOT = "filter"
+LOCK_FILE = "/run/lock/membrane-filter.lock"
 HOOKS = ("xdp", "tc-ingress", "tc-egress")
 HOOK_IDS = {"xdp": 1, "tc-ingress": 2, "tc-egress": 3}
 XDP_MODE_IDS = {"native": 1, "generic": 2}
@@ -123,6 +125,15 @@ class FilterManager:
         require_root()
         base = pin_root or ensure_bpffs()
         self.root = Path(base) / FILTER_ROOT
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialise changes: two commands at once would otherwise pick the same rule ids
+        or instance numbers, or race on the staging directory."""
+        os.makedirs(os.path.dirname(LOCK_FILE), exist_ok=True)
+        with open(LOCK_FILE, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     # ---- finding attachments -----------------------------------------------------------
     @staticmethod
@@ -295,20 +306,24 @@ class FilterManager:
         def fill(att: Attachment) -> None:
             existing = {r.text for r in self._dst_rules(att)}
             new = [n for n in nets if str(n) not in existing]
-            ids = self._id_allocator(att, self._used_rule_ids(att))
-            for version, name in ((4, "drop_dst_v4"), (6, "drop_dst_v6")):
-                todo = [n for n in new if n.version == version]
-                if not todo:
-                    continue
+            by_map = {name: [n for n in new if n.version == version]
+                      for version, name in ((4, "drop_dst_v4"), (6, "drop_dst_v6"))}
+            for name, todo in by_map.items():  # check both families before writing either
                 with att.map(name) as m:
-                    if len(m) + len(todo) > m.max_entries:
-                        raise UserError("CIDR", f"{device}: the IPv{version} deny list would "
-                                                f"exceed its {m.max_entries} prefixes")
-                    m.update_batch((self._lpm_key(m, n), next(ids)) for n in todo)
+                    if todo and len(m) + len(todo) > m.max_entries:
+                        raise UserError("CIDR", f"{device}: the deny list would exceed its "
+                                                f"{m.max_entries} {name[-2:]} prefixes")
+            ids = self._id_allocator(att, self._used_rule_ids(att))
+            for name, todo in by_map.items():
+                if todo:
+                    with att.map(name) as m:
+                        m.update_batch((self._lpm_key(m, n), next(ids)) for n in todo)
 
         return self._ensure(netns, device, "xdp", FEATURE_DROP_DST, fill, xdp_mode)
 
-    def remove_drop_dst(self, netns: str | None, device: str, nets: list[IPNetwork]) -> int:
+    def remove_drop_dst(self, netns: str | None, device: str, nets: list[IPNetwork],
+                        check_only: bool = False) -> int:
+        """Remove prefixes; with `check_only`, only raise if one of them cannot be."""
         att = self._require(netns, device, "xdp")
         freed = []
         for net in nets:
@@ -317,6 +332,8 @@ class FilterManager:
                 rule_id = m.lookup(key)
                 if rule_id is None:
                     raise UserError("--remove", f"{net} is not in the deny list of {device}")
+        if check_only:
+            return 0
         for net in nets:
             with att.map("drop_dst_v4" if net.version == 4 else "drop_dst_v6") as m:
                 key = self._lpm_key(m, net)
@@ -347,13 +364,17 @@ class FilterManager:
 
         return self._ensure(netns, device, "xdp", FEATURE_DROP_PROTO, fill, xdp_mode)
 
-    def remove_drop_proto(self, netns: str | None, device: str, protocols: list[int]) -> int:
+    def remove_drop_proto(self, netns: str | None, device: str, protocols: list[int],
+                          check_only: bool = False) -> int:
+        """Stop dropping protocols; with `check_only`, only raise if one is not dropped."""
         att = self._require(netns, device, "xdp")
         with att.map("drop_proto") as m:
             for proto in protocols:
                 if not m.lookup(proto):
                     raise UserError("--remove", f"{protocol_name(proto)} is not dropped on "
                                                 f"{device}")
+            if check_only:
+                return 0
             freed = [m.lookup(p) for p in protocols]
             for proto in protocols:
                 m.update(proto, 0)
@@ -470,7 +491,8 @@ class FilterManager:
                 Link.from_pin(str(att.path / "link")) as link:
             link.detach()
         if not (att.path / "link").exists() and att.hook != "xdp" and att.meta.tc_handle:
-            with contextlib.suppress(BpfError), in_netns(att.netns):
+            # a namespace deleted under the filter took the device (and the filter) along
+            with contextlib.suppress(BpfError, UserError), in_netns(att.netns):
                 ClsactAttachment(att.meta.ifindex, att.hook.removeprefix("tc-"),
                                  att.meta.tc_handle, att.meta.tc_priority).detach()
         shutil.rmtree(att.path, ignore_errors=True)
@@ -498,7 +520,7 @@ class FilterManager:
 
 def _attach_problem(device: str, hook: str, err: AttachError) -> str:
     if err.errno in (E.EBUSY, E.EEXIST):
-        return (f"{device} already has a {hook} program that membrane did not attach; "
+        return (f"{device} already has an {hook} program that membrane did not attach; "
                 "remove it first")
     if err.errno in (E.EOPNOTSUPP, E.ENOTSUP, E.EINVAL):
         return f"cannot attach {hook} to {device}: the kernel or driver does not support it " \

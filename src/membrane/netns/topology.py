@@ -25,16 +25,17 @@ from typing import Any, NamedTuple
 from membrane.netns import links, namespace, process
 from membrane.netns.probe import wait_ping
 
-# Test subnets come from the pod range 198.18.0.0/16: a /24 per pair, starting at a random
-# one so that concurrent runs rarely reuse a subnet (namespaces isolate them anyway).
-_SUBNETS = itertools.cycle(
-    IPv4Network(f"198.18.{n}.0/24") for n in [*range(random.randrange(1, 255), 255), *range(1, 255)]
-)
+# Test subnets come from the pod range 198.18.0.0/16: a /24 per pair, 198.18.1.0 to
+# 198.18.254.0 in turn from a random start, so that concurrent runs rarely use the same one
+# at the same time (their namespaces keep them apart anyway).
+_FIRST_SUBNET = random.randrange(254)
+_handed_out = itertools.count()
 
 
 def next_subnet() -> IPv4Network:
-    """A /24 from 198.18.0.0/16 not handed out recently by this process."""
-    return next(_SUBNETS)
+    """A /24 of 198.18.0.0/16 that this process has not handed out in its last 253 calls."""
+    n = (_FIRST_SUBNET + next(_handed_out)) % 254 + 1
+    return IPv4Network(f"198.18.{n}.0/24")
 
 
 @dataclass(frozen=True)
