@@ -514,8 +514,9 @@ class FilterManager:
             for name in _SHARED_MAPS:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.root / name)
-            with contextlib.suppress(OSError):
-                self.root.rmdir()
+            for directory in (self.root, self.root.parent):  # the latter only when empty
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
 
 
 def _attach_problem(device: str, hook: str, err: AttachError) -> str:
