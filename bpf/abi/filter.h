@@ -2,6 +2,9 @@
  *
  * Maps of filter_xdp.bpf.o (XDP; drop-dst and drop-proto), per device:
  *   drop_dst_v4 / drop_dst_v6  LPM trie: lpm_v4_key / lpm_v6_key -> __u32 rule id
+ *   drop_dst_v4_summary        array[65536] indexed by the top 16 bits of an IPv4 address ->
+ *                              dst_summary: bit n set when some drop_dst_v4 prefix covers
+ *                              part of the /24 <index>.<n>.0/24; a clear bit skips the trie
  *   drop_proto                 array[256] indexed by IP protocol -> __u32 rule id (0 = none)
  * Maps of filter_tc.bpf.o (tc; allow-only), per device and direction:
  *   allow_guard                guard_key (protocol, port) -> __u32 rule id
@@ -47,6 +50,12 @@ struct filter_counter {
 struct lpm_v4_key {
 	__u32 prefixlen;
 	__u8 addr[4];
+};
+
+#define DST_SUMMARY_ENTRIES 65536
+
+struct dst_summary {
+	__u64 bits[4];   /* 256 bits: one per /24 inside the entry's /16 */
 };
 
 struct lpm_v6_key {

@@ -18,6 +18,8 @@ from typing import Any
 from membrane.bpf import BpfObject, Map, test_run
 from membrane.bpf.maps import possible_cpus
 from membrane.bpf.ringbuf import RingBuffer
+from membrane.filter.keys import DropDstTables, flow_key, guard_key
+from membrane.filter.rules import AllowedFlow
 
 XDP_VERDICTS = {2: "pass", 1: "drop"}  # XDP_PASS, XDP_DROP
 TC_VERDICTS = {-1: "pass", 2: "drop"}  # TC_ACT_UNSPEC, TC_ACT_SHOT
@@ -71,45 +73,31 @@ class FilterProgram:
     def watch(self, *rule_ids: int) -> None:
         self.watched.update(rule_ids)
 
-    def dst_key(self, network: str | ipaddress.IPv4Network | ipaddress.IPv6Network) -> Any:
-        net = ipaddress.ip_network(network)
-        key = self.map(f"drop_dst_v{net.version}").key_type()
-        key.prefixlen = net.prefixlen
-        key.addr[:] = net.network_address.packed
-        return key
+    def dst_tables(self) -> DropDstTables:
+        return DropDstTables(self.map("drop_dst_v4"), self.map("drop_dst_v6"),
+                             self.map("drop_dst_v4_summary"))
 
     def add_dst(
         self, network: str | ipaddress.IPv4Network | ipaddress.IPv6Network, rule: int
     ) -> None:
-        net = ipaddress.ip_network(network)
-        self.map(f"drop_dst_v{net.version}").update(self.dst_key(net), rule)
+        self.dst_tables().add([(ipaddress.ip_network(network), rule)])
         self.watch(rule)
 
     def remove_dst(self, network: str | ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
-        net = ipaddress.ip_network(network)
-        assert self.map(f"drop_dst_v{net.version}").delete(self.dst_key(net))
+        assert self.dst_tables().remove([ipaddress.ip_network(network)])
 
     def add_proto(self, protocol: int, rule: int) -> None:
         self.map("drop_proto").update(protocol, rule)
         self.watch(rule)
 
-    def guard_key(self, protocol: int, port: int) -> Any:
-        key = self.map("allow_guard").key_type()
-        key.protocol, key.port = protocol, port
-        return key
-
     def add_guard(self, protocol: int, port: int, rule: int) -> None:
-        self.map("allow_guard").update(self.guard_key(protocol, port), rule)
+        guards = self.map("allow_guard")
+        guards.update(guard_key(guards, protocol, port), rule)
         self.watch(rule)
 
     def flow_key(self, src: str, dst: str, protocol: int, port: int) -> Any:
-        s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
-        assert s.version == d.version
-        key = self.map("allow_flows").key_type()
-        key.src[: len(s.packed)] = s.packed
-        key.dst[: len(d.packed)] = d.packed
-        key.port, key.protocol, key.family = port, protocol, s.version
-        return key
+        flow = AllowedFlow(ipaddress.ip_address(src), ipaddress.ip_address(dst), port, protocol)
+        return flow_key(self.map("allow_flows"), flow)
 
     def add_flow(self, src: str, dst: str, protocol: int, port: int, rule: int) -> None:
         self.map("allow_flows").update(self.flow_key(src, dst, protocol, port), rule)

@@ -109,6 +109,9 @@ def test_drop_dst_drops_ping_tcp_udp_to_the_prefix_only(net: Net) -> None:
 
     out = membrane(*on_server(net, "drop-dst", f"{net.a}/32")).stdout
     assert "1 drop-dst" in out
+    # auto mode on a veth is generic: native XDP there would turn off the peer's TSO
+    assert "xdp generic" in out
+    assert [a["mode"] for a in membrane_json("list", "--netns", net.server)] == ["generic"]
 
     expect({**{f: "drop" for f in to_a}, **{f: "pass" for f in to_b}})
     # one echo request, one SYN (the 0.2 s wait is shorter than the first retransmit),

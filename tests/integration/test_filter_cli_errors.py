@@ -175,9 +175,9 @@ CASES = {
     ),
     "bad --mode": (["drop-dst", *S, "--mode", "turbo", "{b}"], "--mode", "'turbo'"),
     "other --mode than attached, with --remove": (
-        ["drop-dst", *S, "--mode", "generic", "--remove", "{a}/32", "{b}"],
+        ["drop-dst", *S, "--mode", "native", "--remove", "{a}/32", "{b}"],
         "--mode",
-        "native mode",
+        "generic mode",
     ),
     # protocols
     "unknown protocol": (["drop-proto", *S, "udp", "tcpp"], "PROTOCOL[1]", "'tcpp'"),

@@ -129,9 +129,12 @@ class Map:
         return f"Map({self.name!r}, type={self.type}, max_entries={self.max_entries})"
 
     # ---- conversions --------------------------------------------------------------------
-    def _encode(self, obj: Any, size: int, what: str) -> ctypes.Array:
-        if isinstance(obj, bytes | bytearray | memoryview | ctypes.Structure | ctypes.Union
-                      | ctypes.Array | ctypes._SimpleCData):
+    def _raw(self, obj: Any, size: int, what: str) -> bytes:
+        """`obj` (bytes, a ctypes value or an int) as exactly `size` bytes."""
+        if isinstance(obj, bytes):
+            raw = obj
+        elif isinstance(obj, bytearray | memoryview | ctypes.Structure | ctypes.Union
+                        | ctypes.Array | ctypes._SimpleCData):
             raw = bytes(obj)
         elif isinstance(obj, int):
             raw = obj.to_bytes(size, "little", signed=obj < 0)
@@ -139,19 +142,22 @@ class Map:
             raise TypeError(f"{self.name}: cannot use {type(obj).__name__} as map {what}")
         if len(raw) != size:
             raise ValueError(f"{self.name}: {what} is {len(raw)} bytes, map wants {size}")
-        return ctypes.create_string_buffer(raw, size)
+        return raw
 
-    def _encode_value(self, value: Any) -> ctypes.Array:
+    def _raw_value(self, value: Any) -> bytes:
         if not self.percpu:
-            return self._encode(value, self.value_size, "value")
+            return self._raw(value, self.value_size, "value")
         values = value if isinstance(value, list | tuple) else [value] * possible_cpus()
         if len(values) != possible_cpus():
             raise ValueError(f"{self.name}: need one value per possible CPU ({possible_cpus()})")
-        buf = ctypes.create_string_buffer(self._value_buf_size)
-        for cpu, v in enumerate(values):
-            raw = bytes(self._encode(v, self.value_size, "value"))
-            ctypes.memmove(ctypes.addressof(buf) + cpu * self._stride, raw, len(raw))
-        return buf
+        pad = bytes(self._stride - self.value_size)
+        return b"".join(self._raw(v, self.value_size, "value") + pad for v in values)
+
+    def _encode(self, obj: Any, size: int, what: str) -> ctypes.Array:
+        return ctypes.create_string_buffer(self._raw(obj, size, what), size)
+
+    def _encode_value(self, value: Any) -> ctypes.Array:
+        return ctypes.create_string_buffer(self._raw_value(value), self._value_buf_size)
 
     @staticmethod
     def _decode(raw: bytes, ctype: Any) -> Any:
@@ -242,8 +248,8 @@ class Map:
         pairs = list(pairs)
         if not pairs:
             return 0
-        keys = b"".join(bytes(self._encode(k, self.key_size, "key")) for k, _ in pairs)
-        vals = b"".join(bytes(self._encode_value(v)) for _, v in pairs)
+        keys = b"".join(self._raw(k, self.key_size, "key") for k, _ in pairs)
+        vals = b"".join(self._raw_value(v) for _, v in pairs)
         count = ctypes.c_uint32(len(pairs))
         opts = L.MapBatchOpts(sz=ctypes.sizeof(L.MapBatchOpts), elem_flags=flags)
         ret = L.lib.bpf_map_update_batch(self.fd, keys, vals, ctypes.byref(count),

@@ -26,8 +26,9 @@ app = typer.Typer(
 
 NETNS = typer.Option(None, "--netns", help="Network namespace of the device (/run/netns/NAME).")
 DEV = typer.Option(..., "--dev", "-d", help="Network device to filter on.")
-MODE = typer.Option("auto", "--mode", help="XDP mode: auto (native, else generic), native, "
-                                           "generic.")
+MODE = typer.Option("auto", "--mode", help="XDP mode: auto (generic on veth, where native "
+                                           "XDP disables TSO; else native if the driver has "
+                                           "it), native, generic.")
 OUTPUT = typer.Option("table", "-o", "--output", help="table or json.")
 
 

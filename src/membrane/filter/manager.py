@@ -14,7 +14,6 @@ into place only once it is attached, so a failure leaves nothing half-attached.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno as E
 import fcntl
 import ipaddress
@@ -31,12 +30,13 @@ from membrane.bpf.fs import ensure_bpffs
 from membrane.bpf.links import ClsactAttachment, attach_tc, attach_xdp
 from membrane.bpf.maps import possible_cpus
 from membrane.errors import NotPermitted, UserError
+from membrane.filter.keys import DropDstTables, flow_key, guard_key
 from membrane.filter.rules import (
     AllowedFlow,
     IPNetwork,
-    address_bytes,
     protocol_name,
 )
+from membrane.netns.links import kind_here
 
 FILTER_ROOT = "filter"
 LOCK_FILE = "/run/lock/membrane-filter.lock"
@@ -210,7 +210,7 @@ class FilterManager:
                     fill(att)
                     prog = obj.program("filter_xdp" if hook == "xdp" else "filter_tc")
                     if hook == "xdp":
-                        link, mode = attach_xdp(prog, ifindex, xdp_mode)
+                        link, mode = attach_xdp(prog, ifindex, _xdp_mode_for(ifindex, xdp_mode))
                         meta.xdp_mode = XDP_MODE_IDS[mode]
                     else:
                         link = attach_tc(prog, ifindex, hook.removeprefix("tc-"))
@@ -295,29 +295,26 @@ class FilterManager:
 
     # ---- drop-dst ----------------------------------------------------------------------
     @staticmethod
-    def _lpm_key(m: Map, net: IPNetwork) -> Any:
-        key = m.key_type()
-        key.prefixlen = net.prefixlen
-        ctypes.memmove(key.addr, net.network_address.packed, len(net.network_address.packed))
-        return key
+    @contextlib.contextmanager
+    def _dst_tables(att: Attachment) -> Iterator[DropDstTables]:
+        with att.map("drop_dst_v4") as v4, att.map("drop_dst_v6") as v6, \
+                att.map("drop_dst_v4_summary") as summary:
+            yield DropDstTables(v4, v6, summary)
 
     def add_drop_dst(self, netns: str | None, device: str, nets: list[IPNetwork],
                      xdp_mode: str = "auto") -> Attachment:
         def fill(att: Attachment) -> None:
-            existing = {r.text for r in self._dst_rules(att)}
-            new = [n for n in nets if str(n) not in existing]
-            by_map = {name: [n for n in new if n.version == version]
-                      for version, name in ((4, "drop_dst_v4"), (6, "drop_dst_v6"))}
-            for name, todo in by_map.items():  # check both families before writing either
-                with att.map(name) as m:
-                    if todo and len(m) + len(todo) > m.max_entries:
+            with self._dst_tables(att) as tables:
+                existing = {n for n, _ in tables.items()}
+                new = [n for n in nets if n not in existing]
+                for version in (4, 6):  # check both families before writing either
+                    table = tables.v4 if version == 4 else tables.v6
+                    count = sum(1 for n in new if n.version == version)
+                    if count and len(table) + count > table.max_entries:
                         raise UserError("CIDR", f"{device}: the deny list would exceed its "
-                                                f"{m.max_entries} {name[-2:]} prefixes")
-            ids = self._id_allocator(att, self._used_rule_ids(att))
-            for name, todo in by_map.items():
-                if todo:
-                    with att.map(name) as m:
-                        m.update_batch((self._lpm_key(m, n), next(ids)) for n in todo)
+                                                f"{table.max_entries} IPv{version} prefixes")
+                ids = self._id_allocator(att, self._used_rule_ids(att))
+                tables.add((n, next(ids)) for n in new)
 
         return self._ensure(netns, device, "xdp", FEATURE_DROP_DST, fill, xdp_mode)
 
@@ -325,32 +322,19 @@ class FilterManager:
                         check_only: bool = False) -> int:
         """Remove prefixes; with `check_only`, only raise if one of them cannot be."""
         att = self._require(netns, device, "xdp")
-        freed = []
-        for net in nets:
-            with att.map("drop_dst_v4" if net.version == 4 else "drop_dst_v6") as m:
-                key = self._lpm_key(m, net)
-                rule_id = m.lookup(key)
-                if rule_id is None:
+        with self._dst_tables(att) as tables:
+            for net in nets:
+                if tables.lookup(net) is None:
                     raise UserError("--remove", f"{net} is not in the deny list of {device}")
-        if check_only:
-            return 0
-        for net in nets:
-            with att.map("drop_dst_v4" if net.version == 4 else "drop_dst_v6") as m:
-                key = self._lpm_key(m, net)
-                freed.append(m.lookup(key))
-                m.delete(key)
+            if check_only:
+                return 0
+            freed = tables.remove(nets)
         self._reset_stats(att, freed)
         return len(freed)
 
     def _dst_rules(self, att: Attachment) -> list[Rule]:
-        rules = []
-        for name, size in (("drop_dst_v4", 4), ("drop_dst_v6", 16)):
-            with att.map(name) as m:
-                for key, rule_id in m.items():
-                    addr = ipaddress.ip_address(bytes(key.addr)[:size])
-                    net = ipaddress.ip_network(f"{addr}/{key.prefixlen}")
-                    rules.append(Rule(rule_id, "drop-dst", str(net)))
-        return rules
+        with self._dst_tables(att) as tables:
+            return [Rule(rule_id, "drop-dst", str(net)) for net, rule_id in tables.items()]
 
     # ---- drop-proto --------------------------------------------------------------------
     def add_drop_proto(self, netns: str | None, device: str, protocols: list[int],
@@ -382,29 +366,17 @@ class FilterManager:
         return len(freed)
 
     # ---- allow-only --------------------------------------------------------------------
-    @staticmethod
-    def _flow_key(m: Map, flow: AllowedFlow) -> Any:
-        key = m.key_type()
-        ctypes.memmove(key.src, address_bytes(flow.src), 16)
-        ctypes.memmove(key.dst, address_bytes(flow.dst), 16)
-        key.port, key.protocol, key.family = flow.port, flow.protocol, flow.src.version
-        return key
-
-    @staticmethod
-    def _guard_key(m: Map, protocol: int, port: int) -> Any:
-        return m.key_type(protocol=protocol, port=port)
-
     def add_allow_flow(self, netns: str | None, device: str, flow: AllowedFlow,
                        direction: str = "ingress") -> Attachment:
         def fill(att: Attachment) -> None:
             ids = self._id_allocator(att, self._used_rule_ids(att))
             # The flow goes in before its guard, so enabling the guard never drops it.
             with att.map("allow_flows") as flows:
-                key = self._flow_key(flows, flow)
+                key = flow_key(flows, flow)
                 if flows.lookup(key) is None:
                     flows.update(key, next(ids))
             with att.map("allow_guard") as guards:
-                key = self._guard_key(guards, flow.protocol, flow.port)
+                key = guard_key(guards, flow.protocol, flow.port)
                 if guards.lookup(key) is None:
                     guards.update(key, next(ids))
 
@@ -415,7 +387,7 @@ class FilterManager:
         att = self._require(netns, device, f"tc-{direction}")
         freed = []
         with att.map("allow_flows") as flows:
-            key = self._flow_key(flows, flow)
+            key = flow_key(flows, flow)
             rule_id = flows.lookup(key)
             if rule_id is None:
                 raise UserError("--remove", f"{flow} is not a rule on {device}")
@@ -426,7 +398,7 @@ class FilterManager:
             # rather than closed to the one flow the user still meant to allow.
             if not others:
                 with att.map("allow_guard") as guards:
-                    gkey = self._guard_key(guards, flow.protocol, flow.port)
+                    gkey = guard_key(guards, flow.protocol, flow.port)
                     freed.append(guards.lookup(gkey))
                     guards.delete(gkey)
             flows.delete(key)
@@ -517,6 +489,14 @@ class FilterManager:
             for directory in (self.root, self.root.parent):  # the latter only when empty
                 with contextlib.suppress(OSError):
                     directory.rmdir()
+
+
+def _xdp_mode_for(ifindex: int, requested: str) -> str:
+    """`auto` means native, except on veth: native XDP there turns off TSO on the peer and
+    costs about 70 % of TCP throughput (bench/RESULTS.md), while generic costs a few %."""
+    if requested != "auto":
+        return requested
+    return "generic" if kind_here(ifindex) == "veth" else "auto"
 
 
 def _attach_problem(device: str, hook: str, err: AttachError) -> str:

@@ -76,3 +76,12 @@ def add_route(
         if dev is not None:
             spec["oif"] = _index(ipr, ns, dev)
         ipr.route("add", **spec)
+
+
+def kind_here(ifindex: int) -> str:
+    """The link kind (veth, vxlan, ...; "" for plain NICs) of a device in the namespace the
+    calling thread is in: callers that already entered one use this."""
+    with IPRoute() as ipr:
+        links = ipr.get_links(ifindex)
+    info = links[0].get_attr("IFLA_LINKINFO") if links else None
+    return (info.get_attr("IFLA_INFO_KIND") or "") if info else ""

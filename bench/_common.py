@@ -1,0 +1,120 @@
+"""What the benchmarks share: the 10,000-prefix rule set, the test packets, map keys built
+from the objects' BTF, the machine description and the output convention."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import sys
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from membrane.bpf import BpfObject
+from membrane.filter.keys import DropDstTables
+
+# Every address a benchmark uses, as traffic or as a rule, lies in the test range.
+TEST_RANGE = IPv4Network("198.18.0.0/15")
+RULES = 10_000
+XDP_PASS, XDP_DROP = 2, 1
+TC_ACT_UNSPEC, TC_ACT_SHOT = 0xFFFFFFFF, 2  # the retval test runs report (-1 as __u32)
+
+
+def drop_prefixes(count: int, avoid: IPv4Network, seed: int = 7) -> list[IPv4Network]:
+    """`count` distinct prefixes inside 198.18.0.0/15 that never cover `avoid` (where the
+    measured traffic goes): 70 % /32, 20 % /24, 10 % /28, like a blocklist of hosts and a
+    few networks. They crowd the whole range, so a lookup for an address in `avoid` walks
+    a deep trie and misses late, instead of leaving the trie at its first node."""
+    rng = random.Random(seed)
+    found: set[IPv4Network] = set()
+    while len(found) < count:
+        prefixlen = rng.choices((32, 24, 28), weights=(7, 2, 1))[0]
+        address = TEST_RANGE.network_address + rng.randrange(TEST_RANGE.num_addresses)
+        net = IPv4Network((address, prefixlen), strict=False)
+        if not net.overlaps(avoid):
+            found.add(net)
+    return sorted(found)
+
+
+def fill_drop_dst(obj: BpfObject, prefixes: Sequence[IPv4Network]) -> None:
+    """The filter's drop-dst tables := prefixes with rule ids 1..n, written the way the
+    manager writes them (trie and summary)."""
+    tables = DropDstTables(obj.map("drop_dst_v4"), obj.map("drop_dst_v6"),
+                           obj.map("drop_dst_v4_summary"))
+    written = tables.add((net, i) for i, net in enumerate(prefixes, 1))
+    if written != len(prefixes) or len(obj.map("drop_dst_v4")) != len(prefixes):
+        raise RuntimeError(f"drop_dst_v4 took {written} of {len(prefixes)} prefixes")
+
+
+def packet(
+    src: str | IPv4Address,
+    dst: str | IPv4Address,
+    *,
+    proto: str = "tcp",
+    sport: int = 40000,
+    dport: int = 5201,
+    payload: int = 64,
+) -> bytes:
+    """An Ethernet/IPv4 packet with a `payload`-byte payload (TCP ACK with timestamps, the
+    shape of a bulk-transfer segment, or UDP)."""
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+
+    l4: Any
+    if proto == "tcp":
+        l4 = TCP(
+            sport=sport,
+            dport=dport,
+            flags="A",
+            seq=1,
+            ack=1,
+            options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 1))],
+        )
+    else:
+        l4 = UDP(sport=sport, dport=dport)
+    frame = (
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+        / IP(src=str(src), dst=str(dst), ttl=64)
+        / l4
+        / (b"\xa5" * payload)
+    )
+    return bytes(frame)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        # others' work on a shared machine moves every absolute number: say how busy it was
+        "loadavg_1m_at_start": os.getloadavg()[0],
+    }
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so `with Topology()` and `finally` clean up as they do
+    on Ctrl-C (the default SIGTERM action would leave namespaces behind)."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
+def emit(result: dict[str, Any], summary: Sequence[str]) -> None:
+    """The convention of every benchmark: JSON on stdout, a short summary on stderr."""
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    for line in summary:
+        print(line, file=sys.stderr)
