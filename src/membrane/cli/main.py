@@ -22,8 +22,10 @@ app = typer.Typer(
 def _register() -> None:
     from membrane.cli import filter as filter_cli
     from membrane.cli import probe as probe_cli
+    from membrane.cli import trace as trace_cli
 
     app.add_typer(filter_cli.app, name="filter")
+    app.add_typer(trace_cli.app, name="trace")
     app.command("probe")(probe_cli.probe)
 
 

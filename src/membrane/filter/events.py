@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from membrane.bpf import Map
 from membrane.bpf.btf import Btf
+from membrane.bpf.ktime import ktime_to_iso
 from membrane.bpf.object import object_path
 from membrane.bpf.ringbuf import RingBuffer
 from membrane.errors import UserError
@@ -18,11 +17,6 @@ from membrane.filter.rules import protocol_name
 
 _HOOK_NAMES = {1: "xdp", 2: "tc-ingress", 3: "tc-egress"}
 _POLL_MS = 200
-
-
-def monotonic_to_wall(ts_ns: int) -> float:
-    """bpf_ktime_get_ns() is CLOCK_MONOTONIC; convert it to Unix time."""
-    return time.time() - (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - ts_ns) / 1e9
 
 
 class FilterEvents:
@@ -67,8 +61,7 @@ class FilterEvents:
         att, rules = self._describe(int(rec["instance"]))
         rule_id = int(rec["rule_id"])
         return {
-            "time": datetime.fromtimestamp(monotonic_to_wall(int(rec["hdr"]["ts_ns"])),
-                                           UTC).isoformat(timespec="microseconds"),
+            "time": ktime_to_iso(int(rec["hdr"]["ts_ns"])),
             "device": att.device if att else f"ifindex {int(rec['ifindex'])}",
             "netns": att.netns if att else None,
             "hook": _HOOK_NAMES.get(int(rec["hook"]), str(int(rec["hook"]))),

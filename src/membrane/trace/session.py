@@ -1,0 +1,140 @@
+"""One run of a trace tool: load its object with the common filters, attach every program,
+deliver events and interval ticks until the duration ends or Ctrl-C, then report losses."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from membrane.bpf import AttachError, BpfObject, LoadError, Map
+from membrane.bpf.fs import ensure_tracefs
+from membrane.bpf.links import Link, attach_auto
+from membrane.bpf.probe import missing_capabilities
+from membrane.bpf.ringbuf import RingBuffer
+from membrane.errors import NotPermitted, UserError
+from membrane.trace.options import TraceOptions
+
+_POLL_MS = 100
+_NEEDED_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN")
+
+
+def require_privileges() -> None:
+    missing = missing_capabilities(_NEEDED_CAPS)
+    if missing:
+        raise NotPermitted("", f"tracing needs root ({', '.join(missing)} missing) to load "
+                               "and attach BPF programs")
+
+
+class TraceSession:
+    """Context manager around a loaded tool object and its links."""
+
+    def __init__(self, obj_name: str, opts: TraceOptions, config: dict[str, Any] | None = None,
+                 map_sizes: dict[str, int] | None = None, attach: bool = True) -> None:
+        require_privileges()
+        ensure_tracefs()
+        self.opts = opts
+        self.links: list[Link] = []
+        self._stack = contextlib.ExitStack()
+        self.obj = self._stack.enter_context(BpfObject.open(obj_name))
+        try:
+            self.obj.set_config(**opts.bpf_config(), **(config or {}))
+            for name, size in (map_sizes or {}).items():
+                self.obj.set_max_entries(name, size)
+            self.obj.load()
+        except LoadError as err:
+            self.close()
+            raise UserError("", f"the kernel refused {obj_name}: {_first_line(err.log)}; "
+                                "see `membrane probe`") from None
+        if attach:
+            for prog in self.obj.programs.values():
+                self.attach(lambda p=prog: attach_auto(p))
+
+    def attach(self, make_link: Callable[[], Link]) -> Link:
+        try:
+            link = make_link()
+        except AttachError as err:
+            self.close()
+            raise UserError("", f"cannot attach: {err}; see `membrane probe`") from None
+        self.links.append(link)
+        return link
+
+    def __enter__(self) -> TraceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for link in reversed(self.links):
+            link.close()  # unpinned: closing the last fd detaches
+        self.links.clear()
+        self._stack.close()
+
+    def map(self, name: str) -> Map:
+        return self.obj.map(name)
+
+    def ring(self, struct: str) -> RingBuffer:
+        """The object's `events` ring buffer, decoding records as `struct`."""
+        ring = RingBuffer(self.map("events"), dtype=self.obj.btf.dtype(struct),
+                          lost_map=self.map("events_lost"))
+        self._stack.callback(ring.close)
+        return ring
+
+    def run(self, ring: RingBuffer | None = None,
+            on_events: Callable[[np.ndarray], None] | None = None,
+            interval: float | None = None,
+            on_interval: Callable[[], None] | None = None) -> float:
+        """Deliver events (and interval ticks) until --duration or Ctrl-C/SIGTERM.
+        Returns the seconds traced."""
+        start = time.monotonic()
+        end = start + self.opts.duration if self.opts.duration else None
+        next_tick = start + interval if interval else None
+        with _stop_on_sigterm():
+            try:
+                while True:
+                    now = time.monotonic()
+                    if end is not None and now >= end:
+                        break
+                    wait = min(t - now for t in (end, next_tick, now + _POLL_MS / 1000)
+                               if t is not None)
+                    if ring is not None:
+                        batch = ring.poll(max(int(wait * 1000), 0))
+                        if on_events is not None and len(batch):
+                            on_events(batch)
+                    else:
+                        time.sleep(max(wait, 0))
+                    if next_tick is not None and time.monotonic() >= next_tick:
+                        next_tick += interval  # type: ignore[operator]
+                        if on_interval is not None:
+                            on_interval()
+            except KeyboardInterrupt:
+                pass
+            if ring is not None and on_events is not None:
+                batch = ring.drain()  # what arrived before the stop is still reported
+                if len(batch):
+                    on_events(batch)
+        return time.monotonic() - start
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM ends a trace like Ctrl-C does: with its summary."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _first_line(log: str) -> str:
+    lines = [line for line in log.splitlines() if line.strip()]
+    return lines[-1] if lines else "no reason given"
