@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +21,7 @@ from membrane.errors import NotPermitted, UserError
 from membrane.trace.options import TraceOptions
 
 _POLL_MS = 100
+READY_LINE = "Tracing... Hit Ctrl-C to end."
 _NEEDED_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN")
 
 
@@ -93,6 +95,8 @@ class TraceSession:
         Returns the seconds traced."""
         start = time.monotonic()
         end = start + self.opts.duration if self.opts.duration else None
+        # Programs are attached by now: say so (people and tests wait for this line).
+        print(READY_LINE, file=sys.stderr, flush=True)
         next_tick = start + interval if interval else None
         with _stop_on_sigterm():
             try:
