@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+import numpy as np
+
 
 def ktime_to_unix(ts_ns: int) -> float:
     """Unix time of a bpf_ktime_get_ns() value."""
@@ -13,3 +15,11 @@ def ktime_to_unix(ts_ns: int) -> float:
 
 def ktime_to_iso(ts_ns: int) -> str:
     return datetime.fromtimestamp(ktime_to_unix(ts_ns), UTC).isoformat(timespec="microseconds")
+
+
+def ktimes_to_iso(ts_ns: np.ndarray) -> list[str]:
+    """ktime_to_iso for a batch, with one clock reading: a datetime per event cost more
+    (about 2 us) than decoding the rest of an event."""
+    offset = time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    us = ((ts_ns.astype(np.int64) + offset) // 1000).astype("datetime64[us]")
+    return [s + "+00:00" for s in np.datetime_as_string(us, unit="us").tolist()]

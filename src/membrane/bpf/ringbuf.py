@@ -2,8 +2,8 @@
 
 libbpf's `ring_buffer__poll` calls back into Python once per record, which tops out near
 1 M events/s. Here the ring is mmap'ed directly and every run of equally sized records is
-turned into a numpy structured array with one strided copy, so the per-event cost is a
-few numpy element copies instead of a Python call.
+turned into a numpy structured array with one memcpy, so the per-event cost is a share of
+that copy instead of a Python call.
 
 Kernel layout (kernel/bpf/ringbuf.c): the consumer position lives on a page we may write
 (offset 0); the producer position page and the data area follow at offset `pagesize`,
@@ -165,10 +165,13 @@ class RingBuffer:
         if length < self.dtype.itemsize:
             self.malformed += count
             return np.empty(0, dtype=self.dtype)
-        view = np.ndarray(
-            (count,), dtype=self.dtype, buffer=self._data, offset=data_at, strides=(stride,)
+        # One memcpy of the whole run (headers and padding included), then a strided view
+        # of that copy: copying through the structured dtype goes field by field and cost
+        # 3-5x more per record (94 against 20-29 ns for 328-byte records).
+        block = self._data[data_at - HEADER_SIZE : data_at - HEADER_SIZE + count * stride].copy()
+        return np.ndarray(
+            (count,), dtype=self.dtype, buffer=block, offset=HEADER_SIZE, strides=(stride,)
         )
-        return view.copy()
 
     def _join(self, chunks: list[Batch]) -> Batch:
         if self.dtype is None:

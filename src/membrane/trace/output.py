@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,25 +15,29 @@ class Column:
     title: str
     width: int  # 0: the rest of the line
     right: bool = False
+    fmt: Callable[[Any], str] | None = None  # table text of a value (JSON keeps the value)
 
 
 class Printer:
-    """Prints records as table rows (header first) or as JSON lines; counts them."""
+    """Prints records as table rows (header first) or as JSON lines; counts them.
+
+    A tool following a busy workload prints hundreds of thousands of events a second, so
+    a batch goes out in one write, and `write_columns` takes it column by column (key -> one
+    value per event) straight from numpy: a dict per event, padded cell by cell, cost
+    three times as much (trace open: 5.5 against 1.8 us per event, bench/trace_open.py).
+    """
 
     def __init__(self, columns: Sequence[Column], output: str) -> None:
         self.columns = columns
         self.json = output == "json"
         self.count = 0
         self._header_done = False
+        # One %-format for the whole row: faster than str.format or padding cell by cell.
+        self._row = " ".join(("%%%ds" if c.right else "%%-%ds") % c.width if c.width else "%s"
+                             for c in columns)
 
     def _line(self, values: Sequence[str]) -> str:
-        cells = []
-        for col, value in zip(self.columns, values, strict=True):
-            if not col.width:
-                cells.append(value)
-            else:
-                cells.append(value.rjust(col.width) if col.right else value.ljust(col.width))
-        return " ".join(cells).rstrip()
+        return (self._row % tuple(values)).rstrip()
 
     def header(self) -> None:
         if not self.json and not self._header_done:
@@ -41,12 +45,35 @@ class Printer:
             self._header_done = True
 
     def record(self, record: dict[str, Any]) -> None:
-        self.count += 1
+        self.records([record])
+
+    def records(self, records: Sequence[dict[str, Any]]) -> None:
         if self.json:
-            sys.stdout.write(json.dumps(record) + "\n")
+            self._write_json(records)
+        else:
+            self.write_columns({c.key: [r.get(c.key) for r in records] for c in self.columns})
+
+    def write_columns(self, fields: Mapping[str, Sequence[Any]]) -> None:
+        """Events given as columns of equal length; a column missing from `fields` prints
+        as "-"."""
+        count = len(next(iter(fields.values()), ()))
+        if not count:
+            return
+        if self.json:
+            keys = list(fields)
+            self._write_json([dict(zip(keys, row, strict=True))
+                              for row in zip(*fields.values(), strict=True)])
             return
         self.header()
-        sys.stdout.write(self._line([_cell(record.get(c.key)) for c in self.columns]) + "\n")
+        cells = [_cells(fields.get(c.key, [None] * count), c.fmt) for c in self.columns]
+        row = self._row
+        sys.stdout.write("".join([(row % values).rstrip() + "\n"
+                                  for values in zip(*cells, strict=True)]))
+        self.count += count
+
+    def _write_json(self, records: Sequence[dict[str, Any]]) -> None:
+        sys.stdout.write("".join([json.dumps(r) + "\n" for r in records]))
+        self.count += len(records)
 
     def flush(self) -> None:
         sys.stdout.flush()
@@ -61,9 +88,18 @@ class Printer:
         print(f"\n{text}", file=sys.stderr)
 
 
-def _cell(value: Any) -> str:
+def _cells(values: Sequence[Any], fmt: Callable[[Any], str] | None) -> list[str]:
+    """A column's table text; without `fmt`, strings pass through without a call."""
+    if fmt is not None:
+        return ["-" if v is None else fmt(v) for v in values]
+    return ["-" if v is None else v if type(v) is str else _cell(v) for v in values]
+
+
+def _cell(value: Any, fmt: Callable[[Any], str] | None = None) -> str:
     if value is None:
         return "-"
+    if fmt is not None:
+        return fmt(value)
     if isinstance(value, list):
         return " ".join(map(str, value))
     return str(value)

@@ -71,10 +71,15 @@ class TraceSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
+    def detach(self) -> None:
+        """Stop the programs but keep the object and its maps: a tool that aggregates in
+        maps reads them after this, so nothing changes between its reads."""
         for link in reversed(self.links):
             link.close()  # unpinned: closing the last fd detaches
         self.links.clear()
+
+    def close(self) -> None:
+        self.detach()
         self._stack.close()
 
     def map(self, name: str) -> Map:
@@ -95,11 +100,12 @@ class TraceSession:
         Returns the seconds traced."""
         start = time.monotonic()
         end = start + self.opts.duration if self.opts.duration else None
-        # Programs are attached by now: say so (people and tests wait for this line).
-        print(READY_LINE, file=sys.stderr, flush=True)
         next_tick = start + interval if interval else None
         with _stop_on_sigterm():
             try:
+                # Programs are attached by now: say so (people and tests wait for this
+                # line). Inside the try: a Ctrl-C right after it must still end cleanly.
+                print(READY_LINE, file=sys.stderr, flush=True)
                 while True:
                     now = time.monotonic()
                     if end is not None and now >= end:
