@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-
-from membrane.trace.session import READY_LINE
+from trace_support import (
+    assert_user_error,
+    run_trace,
+    start_tracer,
+    stop_tracer,
+    stop_tracer_text,
+)
 
 pytestmark = pytest.mark.root
-TRACE = [sys.executable, "-m", "membrane", "trace", "open"]
 OPEN_FIELDS = {"time", "pid", "tid", "uid", "comm", "ret", "fd", "error", "flags",
                "flags_text", "syscall", "path"}
 
@@ -43,24 +46,6 @@ WORKLOAD = textwrap.dedent("""
 """)
 
 
-def start_tracer(*args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([*TRACE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    assert proc.stderr is not None
-    line = proc.stderr.readline()  # blocks until attached (or the tool failed)
-    if READY_LINE not in line:
-        proc.kill()
-        raise AssertionError(f"tracer did not start: {line}{proc.stderr.read()}")
-    return proc
-
-
-def stop_tracer(proc: subprocess.Popen[str]) -> tuple[list[dict], str]:
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err
-    return [json.loads(line) for line in out.splitlines() if line.strip()], err
-
-
 def run_workload(comm: str, missing: Path, paths: list[Path]) -> int:
     proc = subprocess.Popen([sys.executable, "-c", WORKLOAD, comm, str(missing),
                              *map(str, paths)], stdin=subprocess.PIPE, text=True)
@@ -80,12 +65,10 @@ def files(tmp_path: Path) -> list[Path]:
 def test_sees_exactly_the_workloads_opens(files: list[Path], tmp_path: Path) -> None:
     comm = f"mbt-{secrets.token_hex(3)}"
     missing = tmp_path / "does-not-exist"
-    tracer = start_tracer("--comm", comm, "-o", "json")
+    tracer = start_tracer("open", "--comm", comm, "-o", "json")
     pid = run_workload(comm, missing, files)
-    lines, _ = stop_tracer(tracer)
+    records, summary = stop_tracer(tracer)
 
-    summary = lines[-1]["summary"]
-    records = lines[:-1]
     assert summary["lost"] == 0 and summary["events"] == len(records)
     assert all(set(r) == OPEN_FIELDS for r in records)
     assert {r["comm"] for r in records} == {comm}  # the kernel filter let nothing else in
@@ -111,13 +94,12 @@ def test_pid_filter_and_failed_only(files: list[Path], tmp_path: Path) -> None:
     waiting = subprocess.Popen([sys.executable, "-c", WORKLOAD, comm, str(missing),
                                 *map(str, files[:5])], stdin=subprocess.PIPE, text=True)
     try:
-        tracer = start_tracer("--pid", str(waiting.pid), "--failed", "-o", "json")
+        tracer = start_tracer("open", "--pid", str(waiting.pid), "--failed", "-o", "json")
         run_workload(comm, missing, files[5:10])  # same comm, other pid: filtered out
         waiting.communicate("go\n", timeout=30)
     finally:
         waiting.kill()
-    lines, _ = stop_tracer(tracer)
-    records = lines[:-1]
+    records, _ = stop_tracer(tracer)
     assert [(r["pid"], r["path"], r["error"]) for r in records
             if r["path"].startswith(str(tmp_path))] == [(waiting.pid, str(missing), "ENOENT")]
     assert all(r["ret"] < 0 for r in records)
@@ -125,10 +107,9 @@ def test_pid_filter_and_failed_only(files: list[Path], tmp_path: Path) -> None:
 
 def test_table_output_has_bcc_columns(files: list[Path], tmp_path: Path) -> None:
     comm = f"mbt-{secrets.token_hex(3)}"
-    tracer = start_tracer("--comm", comm)
+    tracer = start_tracer("open", "--comm", comm)
     run_workload(comm, tmp_path / "missing", files[:3])
-    tracer.send_signal(signal.SIGINT)
-    out, err = tracer.communicate(timeout=20)
+    out, err = stop_tracer_text(tracer)
     lines = out.splitlines()
     assert lines[0].split() == ["PID", "COMM", "FD", "ERR", "FLAGS", "PATH"]
     assert any(line.endswith(str(files[0])) and comm in line for line in lines[1:])
@@ -136,8 +117,7 @@ def test_table_output_has_bcc_columns(files: list[Path], tmp_path: Path) -> None
 
 
 def test_duration_stops_by_itself() -> None:
-    result = subprocess.run([*TRACE, "--duration", "0.5", "--comm", "nothing-here", "-o", "json"],
-                            capture_output=True, text=True, timeout=30, check=False)
+    result = run_trace("open", "--duration", "0.5", "--comm", "nothing-here", "-o", "json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.splitlines()[-1])["summary"]
     assert summary["events"] == 0 and summary["lost"] == 0 and summary["seconds"] >= 0.5
@@ -155,20 +135,11 @@ def test_duration_stops_by_itself() -> None:
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str) -> None:
-    result = subprocess.run([*TRACE, *args], capture_output=True, text=True, timeout=30,
-                            check=False)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("membrane: error:") and field in lines[0]
-    assert "Traceback" not in result.stderr
+    assert_user_error(run_trace("open", *args), field)
 
 
 def test_unknown_tool_and_not_root() -> None:
-    unknown = subprocess.run([sys.executable, "-m", "membrane", "trace", "nosuch"],
-                             capture_output=True, text=True, timeout=30, check=False)
-    assert unknown.returncode == 2 and "nosuch" in unknown.stderr
-    nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                             *TRACE, "-d", "1"], capture_output=True, text=True, timeout=30,
-                            check=False)
-    assert nobody.returncode == 2
-    assert nobody.stderr.count("\n") == 1 and "root" in nobody.stderr
+    assert_user_error(run_trace("nosuch"), "nosuch")
+    nobody = run_trace("open", "-d", "1", prefix=("setpriv", "--reuid=65534", "--regid=65534",
+                                                  "--clear-groups"))
+    assert_user_error(nobody, "root")
