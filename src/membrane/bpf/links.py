@@ -301,3 +301,14 @@ def attach_perf_event(prog: Program, perf_fd: int) -> Link:
     with captured_log():
         ptr = L.lib.bpf_program__attach_perf_event(prog.ptr, perf_fd)
     return _from_libbpf(ptr, "perf_event", f"perf event fd {perf_fd}")
+
+
+def attach_cpu_sampler(prog: Program, cpu: int, freq: int) -> Link:
+    """Run `prog` `freq` times a second on `cpu` (a software cpu-clock event, which works
+    where hardware counters do not). The link owns the event and closes it."""
+    fd = open_perf_event(cpu, freq=freq)
+    try:
+        return attach_perf_event(prog, fd)
+    except AttachError:
+        os.close(fd)
+        raise

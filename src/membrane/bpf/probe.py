@@ -37,13 +37,12 @@ from membrane.bpf.links import (
     Link,
     attach_auto,
     attach_cgroup,
-    attach_perf_event,
+    attach_cpu_sampler,
     attach_raw_tracepoint,
     attach_tc,
     attach_tracepoint,
     attach_uprobe,
     attach_xdp,
-    open_perf_event,
 )
 from membrane.bpf.maps import LPM_TRIE, LRU_HASH, PERCPU_ARRAY, RINGBUF, STACK_TRACE
 from membrane.bpf.object import BpfObject, Program
@@ -237,13 +236,7 @@ def _uprobe(prog: Program, cleanup: contextlib.ExitStack, _: None) -> str:
 
 
 def _perf_event(prog: Program, cleanup: contextlib.ExitStack, _: None) -> str:
-    fd = open_perf_event(cpu=0, freq=1)
-    try:
-        link = attach_perf_event(prog, fd)  # on success the link owns (and closes) fd
-    except AttachError:
-        os.close(fd)
-        raise
-    _keep(cleanup, link)
+    _keep(cleanup, attach_cpu_sampler(prog, cpu=0, freq=1))
     return "attached to a software cpu-clock event"
 
 
