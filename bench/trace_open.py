@@ -1,0 +1,385 @@
+"""`membrane trace open` against a bpftrace opensnoop one-liner: what tracing every open
+costs the traced program, and whether every event arrives.
+
+The workload is a small C program (compiled here with gcc) that opens and closes files in
+a tight loop and times its own loop. Each round runs it alone, under our tool and under
+bpftrace (order rotated per round), both tracers filtered to the workload's pid and
+writing one line per event into a file on the same filesystem.
+
+    python -m bench.trace_open [--events 300000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench._common import emit, exit_on_sigterm, machine, median
+from bench._trace import (
+    Workload,
+    bpf_run_time,
+    bpf_run_time_stats,
+    compile_workload,
+    cpu_ticks,
+    kill,
+    start_membrane,
+    stop,
+    ticks_to_ns,
+)
+
+TARGET_COST_RATIO = 0.60  # ours <= 60 % of bpftrace's added cost per event
+FILES = 1000  # distinct paths the workload cycles through
+QUIET_S = 1.0  # a tracer is done when it has been idle this long (see wait_quiet)
+
+# argv: N DIR: open and close DIR/f<i % FILES> N times.
+OPEN_LOOP_C = r"""
+#include <fcntl.h>
+#include <unistd.h>
+
+static long long work(int argc, char **argv)
+{
+    long n = atol(argv[1]);
+    char path[4096];
+
+    for (long i = 0; i < n; i++) {
+        snprintf(path, sizeof(path), "%s/f%ld", argv[2], i % FILES);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            return -1;
+        close(fd);
+    }
+    return n;
+}
+"""
+
+# opensnoop.bt's shape: stash the path pointer at entry, print at exit.
+# BEGIN runs once every probe is attached ("Attaching N probes..." comes before that).
+BPFTRACE_READY = "bpftrace ready"
+BPFTRACE_SCRIPT = r"""
+BEGIN { printf("%(ready)s\n"); }
+tracepoint:syscalls:sys_enter_openat /pid == %(pid)s/ { @filename[tid] = args->filename; }
+tracepoint:syscalls:sys_exit_openat /@filename[tid]/ {
+  printf("%%-7d %%-16s %%4d %%s\n", pid, comm, args->ret, str(@filename[tid]));
+  delete(@filename[tid]);
+}
+"""
+
+
+@dataclass
+class Run:
+    """One workload run: its own timing, and what the tracer (if any) made of it."""
+
+    wall_ns: int
+    cpu_ns: int
+    tracer_cpu_ns: int = 0
+    delivered: int = 0
+    lost: int = 0
+    lag_s: float = 0.0  # from the workload's end until the tracer's last output
+    bpf_ns: int = 0  # with --bpf-stats: run time of the tracer's BPF programs
+    bpf_runs: int = 0
+
+
+@dataclass
+class Variant:
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+
+def ensure_bpftrace() -> str:
+    """bpftrace from Debian's archive: install it if missing (update the lists only if the
+    plain install fails, as on a fresh machine)."""
+    found = shutil.which("bpftrace")
+    if found:
+        return found
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "bpftrace"]
+    if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(install, env=env, stdout=subprocess.DEVNULL, check=True)
+    found = shutil.which("bpftrace")
+    if not found:
+        raise SystemExit("bpftrace is not installed and could not be installed")
+    return found
+
+
+def build_workload(work: Path) -> tuple[Path, Path]:
+    binary = compile_workload(work, "open_loop", OPEN_LOOP_C, f"-DFILES={FILES}")
+    files = work / "files"
+    files.mkdir()
+    for i in range(FILES):
+        (files / f"f{i}").touch()
+    return binary, files
+
+
+def wait_quiet(out: Path, proc: subprocess.Popen[Any]) -> float:
+    """Wait until the tracer has been idle for QUIET_S: its output did not grow and it
+    used no CPU (a tracer starved on a busy machine is not done). Return when the output
+    last grew (monotonic). Reading only sizes and counters keeps us off its CPU."""
+    size, ticks = -1, -1
+    last_growth = last_change = time.monotonic()
+    while time.monotonic() - last_change < QUIET_S and proc.poll() is None:
+        now_size, now_ticks = out.stat().st_size, cpu_ticks(proc.pid)
+        if now_size != size:
+            last_growth = time.monotonic()
+        if (now_size, now_ticks) != (size, ticks):
+            size, ticks, last_change = now_size, now_ticks, time.monotonic()
+        time.sleep(0.05)
+    return last_growth
+
+
+def run_once(
+    variant: str,
+    binary: Path,
+    files: Path,
+    events: int,
+    work: Path,
+    bpftrace: str,
+    bpf_stats: bool = False,
+) -> Run:
+    workload = Workload([str(binary), str(events), str(files)])
+    out = work / f"{variant}.out"
+    tracer: subprocess.Popen[str] | None = None
+    try:
+        with open(out, "w") as sink:
+            if variant == "alone":
+                wall_ns, cpu_ns, _ = workload.run()
+                return Run(wall_ns, cpu_ns)
+            if variant.startswith("membrane"):
+                json_out = ["-o", "json"] if variant == "membrane-json" else []
+                tracer = start_membrane(["open", "--pid", str(workload.pid), *json_out], sink)
+            else:
+                script = BPFTRACE_SCRIPT % {"pid": workload.pid, "ready": BPFTRACE_READY}
+                tracer = subprocess.Popen(
+                    [bpftrace, "-e", script], stdout=sink, stderr=subprocess.PIPE, text=True
+                )
+                wait_attached_file(tracer, out)
+            ticks = cpu_ticks(tracer.pid)
+            bpf_before = bpf_run_time(tracer.pid) if bpf_stats else (0, 0)
+            wall_ns, cpu_ns, _ = workload.run()
+            run = Run(wall_ns, cpu_ns)
+            workload_end = time.monotonic()
+            last = wait_quiet(out, tracer)
+            run.tracer_cpu_ns = ticks_to_ns(cpu_ticks(tracer.pid) - ticks)
+            run.lag_s = round(max(last - workload_end, 0.0), 3)
+            if bpf_stats:
+                ns, runs = bpf_run_time(tracer.pid)
+                run.bpf_ns, run.bpf_runs = ns - bpf_before[0], runs - bpf_before[1]
+            # ours ends on SIGTERM like on Ctrl-C; bpftrace wants SIGINT
+            err = stop(
+                tracer, signal.SIGTERM if variant.startswith("membrane") else signal.SIGINT, variant
+            )
+        run.delivered, run.lost = count_output(variant, out, err, str(files))
+        return run
+    finally:
+        kill(tracer)
+        workload.kill()
+        out.unlink(missing_ok=True)
+
+
+def wait_attached_file(proc: subprocess.Popen[str], out: Path) -> None:
+    """Wait for the script's BEGIN line in bpftrace's output."""
+    while BPFTRACE_READY.encode() not in out.read_bytes():
+        if proc.poll() is not None:
+            assert proc.stderr is not None
+            raise SystemExit(f"bpftrace did not start: {proc.stderr.read()}")
+        time.sleep(0.02)
+
+
+def count_output(variant: str, out: Path, err: str, files: str) -> tuple[int, int]:
+    """Events delivered (output lines for the workload's files) and events the tracer
+    says it lost."""
+    text = out.read_text()
+    if variant == "membrane-json":
+        delivered = text.count(f'"path": "{files}/f')
+        summary = re.search(r'"lost": (\d+)', text)
+    else:
+        delivered = text.count(f" {files}/f")
+        summary = re.search(r"lost: (\d+)", err)
+    if variant == "bpftrace":
+        lost = sum(int(n) for n in re.findall(r"Lost (\d+) events", text + err))
+    else:
+        if summary is None:
+            raise SystemExit(f"{variant}: no summary with lost events in its output")
+        lost = int(summary.group(1))
+    return delivered, lost
+
+
+def summarize(variants: dict[str, Variant], events: int) -> dict[str, Any]:
+    alone = variants["alone"].runs
+    result: dict[str, Any] = {}
+    for name, v in variants.items():
+        r: dict[str, Any] = {
+            "workload_wall_s": round(median([x.wall_ns for x in v.runs]) / 1e9, 3),
+            "workload_cpu_s": round(median([x.cpu_ns for x in v.runs]) / 1e9, 3),
+            "rounds_wall_s": [round(x.wall_ns / 1e9, 3) for x in v.runs],
+        }
+        if name != "alone":
+            # per round against the workload alone in the same round, then the median
+            r["added_ns_per_event"] = round(
+                median(
+                    [(x.wall_ns - a.wall_ns) / events for x, a in zip(v.runs, alone, strict=True)]
+                )
+            )
+            r["added_workload_cpu_ns_per_event"] = round(
+                median([(x.cpu_ns - a.cpu_ns) / events for x, a in zip(v.runs, alone, strict=True)])
+            )
+            r["tracer_cpu_ns_per_event"] = round(median([x.tracer_cpu_ns / events for x in v.runs]))
+            r["delivered"] = [x.delivered for x in v.runs]
+            r["lost_reported"] = [x.lost for x in v.runs]
+            r["missing"] = [events - x.delivered for x in v.runs]
+            r["lag_s"] = [x.lag_s for x in v.runs]
+            if any(x.bpf_runs for x in v.runs):
+                r["bpf_ns_per_event"] = round(median([x.bpf_ns / events for x in v.runs]))
+                r["bpf_ns_per_run"] = round(median([x.bpf_ns / max(x.bpf_runs, 1) for x in v.runs]))
+        result[name] = r
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=300_000, help="open+close pairs per run")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (each runs every variant)")
+    parser.add_argument(
+        "--variants",
+        default="alone,membrane,membrane-json,bpftrace",
+        help="comma list of alone, membrane, membrane-json, bpftrace",
+    )
+    parser.add_argument(
+        "--bpf-stats",
+        action="store_true",
+        help="also measure the tracers' BPF program run time (kernel stats; "
+        "adds two clock reads per program run to both tracers)",
+    )
+    args = parser.parse_args()
+    if args.events < 300_000:
+        parser.error("--events must be at least 300,000 (shorter runs measure startup noise)")
+    chosen = args.variants.split(",")
+    known = ("alone", "membrane", "membrane-json", "bpftrace")
+    if unknown := [v for v in chosen if v not in known]:
+        parser.error(f"--variants: unknown {', '.join(unknown)} (have: {', '.join(known)})")
+    if "alone" not in chosen:
+        parser.error("--variants must include alone (the baseline)")
+    exit_on_sigterm()
+    host = machine()
+    bpftrace = ensure_bpftrace()
+    bpftrace_version = subprocess.run(
+        [bpftrace, "--version"], capture_output=True, text=True
+    ).stdout.strip()
+    variants = {name: Variant(name) for name in chosen}
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mbench-open-")))
+        if args.bpf_stats:
+            stack.enter_context(bpf_run_time_stats())
+        binary, files = build_workload(work)
+        run_once("alone", binary, files, 20_000, work, bpftrace)  # warm the dentry cache
+        for i in range(args.rounds):
+            order = chosen[i % len(chosen) :] + chosen[: i % len(chosen)]
+            for name in order:
+                variants[name].runs.append(
+                    run_once(name, binary, files, args.events, work, bpftrace, args.bpf_stats)
+                )
+                print(f"round {i + 1} {name}: {variants[name].runs[-1]}", file=sys.stderr)
+    host["loadavg_1m_at_end"] = os.getloadavg()[0]
+    results = summarize(variants, args.events)
+    targets = []
+    if "membrane" in results and "bpftrace" in results:
+        ours, theirs = variants["membrane"].runs, variants["bpftrace"].runs
+        alone = variants["alone"].runs
+        ratio = round(
+            median(
+                [
+                    (o.wall_ns - a.wall_ns) / (t.wall_ns - a.wall_ns)
+                    for o, t, a in zip(ours, theirs, alone, strict=True)
+                ]
+            ),
+            3,
+        )
+        results["membrane"]["ratio_to_bpftrace"] = ratio
+        # the same from cpu time alone (the workload's added cpu + the tracer's): what the
+        # machine pays, whatever the scheduler did with the wall time
+        results["membrane"]["cpu_ratio_to_bpftrace"] = round(
+            median(
+                [
+                    (o.cpu_ns - a.cpu_ns + o.tracer_cpu_ns)
+                    / (t.cpu_ns - a.cpu_ns + t.tracer_cpu_ns)
+                    for o, t, a in zip(ours, theirs, alone, strict=True)
+                ]
+            ),
+            3,
+        )
+        missing = max(results["membrane"]["missing"])
+        lost = max(results["membrane"]["lost_reported"])
+        targets = [
+            {
+                "name": "membrane trace open: zero lost events",
+                "value": max(missing, lost),
+                "limit": 0,
+                "met": missing == 0 and lost == 0,
+            },
+            {
+                "name": f"added cost per event <= {TARGET_COST_RATIO:.0%} of bpftrace's",
+                "value": ratio,
+                "limit": TARGET_COST_RATIO,
+                "met": ratio <= TARGET_COST_RATIO,
+            },
+        ]
+    out = {
+        "bench": "trace_open",
+        "machine": host,
+        "method": {
+            "events": args.events,
+            "rounds": args.rounds,
+            "workload": f"C loop: open(O_RDONLY|O_CLOEXEC)+close over {FILES} files, timed "
+            "by itself (CLOCK_MONOTONIC; cpu = its own user+sys)",
+            "filter": "both tracers: the workload's pid",
+            "sink": "a file in the same temporary directory for both",
+            "bpftrace": bpftrace_version,
+            "bpftrace_script": (BPFTRACE_SCRIPT % {"pid": "PID", "ready": BPFTRACE_READY}).strip(),
+            "added_ns_per_event": "median over rounds of (workload wall under the tracer - "
+            "alone, same round) / events",
+            "tracer_cpu_ns_per_event": "the tracer process's utime+stime from the start of "
+            "the workload until its output stopped growing, / events",
+            "delivered": "output lines naming the workload's files",
+            "lag_s": "from the workload's end until the tracer's output stopped growing",
+            "ratio_to_bpftrace": "median over rounds of ours/bpftrace added wall per event",
+            "cpu_ratio_to_bpftrace": "median over rounds of ours/bpftrace (added workload cpu "
+            "+ tracer cpu)",
+            "bpf_stats": args.bpf_stats,
+            "bpf_ns_per_event": "with --bpf-stats: run time of the tracer's programs (all "
+            "their runs, also for other processes' opens) / events",
+        },
+        "variants": results,
+        "targets": targets,
+    }
+    summary = [
+        f"{'variant':14} {'wall s':>7} {'added ns/ev':>11} {'+cpu ns/ev':>10} "
+        f"{'tracer cpu ns/ev':>16} {'missing':>7} {'lost':>6} {'lag s':>6}"
+    ]
+    for name, r in results.items():
+        if name == "alone":
+            summary.append(f"{name:14} {r['workload_wall_s']:7.3f}")
+            continue
+        summary.append(
+            f"{name:14} {r['workload_wall_s']:7.3f} {r['added_ns_per_event']:11} "
+            f"{r['added_workload_cpu_ns_per_event']:10} {r['tracer_cpu_ns_per_event']:16} "
+            f"{max(r['missing']):7} {max(r['lost_reported']):6} {max(r['lag_s']):6.2f}"
+        )
+    summary.append("(missing, lost: worst round; +cpu: the workload's own added cpu time)")
+    for t in targets:
+        summary.append(f"target: {t['name']}: {t['value']} -> {'met' if t['met'] else 'MISSED'}")
+    emit(out, summary)
+
+
+if __name__ == "__main__":
+    main()
