@@ -101,29 +101,25 @@ class TraceSession:
         start = time.monotonic()
         end = start + self.opts.duration if self.opts.duration else None
         next_tick = start + interval if interval else None
-        with _stop_on_sigterm():
-            try:
-                # Programs are attached by now: say so (people and tests wait for this
-                # line). Inside the try: a Ctrl-C right after it must still end cleanly.
-                print(READY_LINE, file=sys.stderr, flush=True)
-                while True:
-                    now = time.monotonic()
-                    if end is not None and now >= end:
-                        break
-                    wait = min(t - now for t in (end, next_tick, now + _POLL_MS / 1000)
-                               if t is not None)
-                    if ring is not None:
-                        batch = ring.poll(max(int(wait * 1000), 0))
-                        if on_events is not None and len(batch):
-                            on_events(batch)
-                    else:
-                        time.sleep(max(wait, 0))
-                    if next_tick is not None and time.monotonic() >= next_tick:
-                        next_tick += interval  # type: ignore[operator]
-                        if on_interval is not None:
-                            on_interval()
-            except KeyboardInterrupt:
-                pass
+        with _stop_signals() as stopped:
+            # Programs are attached by now: say so (people and tests wait for this line).
+            print(READY_LINE, file=sys.stderr, flush=True)
+            while not stopped():
+                now = time.monotonic()
+                if end is not None and now >= end:
+                    break
+                wait = min(t - now for t in (end, next_tick, now + _POLL_MS / 1000)
+                           if t is not None)
+                if ring is not None:
+                    batch = ring.poll(max(int(wait * 1000), 0))
+                    if on_events is not None and len(batch):
+                        on_events(batch)
+                else:
+                    time.sleep(max(wait, 0))
+                if next_tick is not None and time.monotonic() >= next_tick:
+                    next_tick += interval  # type: ignore[operator]
+                    if on_interval is not None:
+                        on_interval()
             if ring is not None and on_events is not None:
                 batch = ring.drain()  # what arrived before the stop is still reported
                 if len(batch):
@@ -132,17 +128,30 @@ class TraceSession:
 
 
 @contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[None]:
-    """SIGTERM ends a trace like Ctrl-C does: with its summary."""
+def _stop_signals() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C (SIGINT) and SIGTERM end a trace with its summary. They only set a flag that
+    the loop checks between polls (at most _POLL_MS apart): a KeyboardInterrupt raised
+    wherever the signal lands could cut a callback short, and lose a batch decoded but not
+    printed or counts taken out of a map but not reported. A second one interrupts at once
+    (output blocked on a full pipe). A SIGINT that was ignored when we started (a
+    background job of a shell) stays ignored."""
+    stopped = False
 
     def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        nonlocal stopped
+        if stopped:
+            raise KeyboardInterrupt
+        stopped = True
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    signals = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signals.append(signal.SIGINT)
+    previous = {signum: signal.signal(signum, handler) for signum in signals}
     try:
-        yield
+        yield lambda: stopped
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _first_line(log: str) -> str:

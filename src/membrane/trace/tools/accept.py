@@ -1,0 +1,80 @@
+"""`membrane trace accept`: tcpaccept. One line per passive TCP open, as the process that
+accepts it sees it: who accepted, on which local address and port, from which peer."""
+
+from __future__ import annotations
+
+import numpy as np
+import typer
+
+from membrane.bpf.ktime import ktimes_to_iso
+from membrane.trace.options import COMM, DURATION, OUTPUT, PID, UID, TraceOptions
+from membrane.trace.output import Column, Printer
+from membrane.trace.session import TraceSession
+from membrane.trace.tcp import (
+    IP_COLUMN,
+    TASK_COLUMNS,
+    address_columns,
+    endpoint_fields,
+    task_fields,
+)
+from membrane.trace.tools import Tool
+
+COLUMNS_TIME = [Column("time", "TIME", 15)]
+COLUMNS = [*TASK_COLUMNS, IP_COLUMN, *address_columns("raddr", "rport", "R"),
+           *address_columns("laddr", "lport", "L")]
+
+
+def fields(batch: np.ndarray, times: bool = True) -> dict[str, list[object]]:
+    """Decoded events, column by column; the keys are a stable JSON contract. "time" only
+    with `times` (the table shows it only with -T)."""
+    out: dict[str, list[object]] = {}
+    if times:
+        out["time"] = list(ktimes_to_iso(batch["hdr"]["ts_ns"]))
+    out.update(task_fields(batch["task"]))
+    out.update(endpoint_fields(batch["tuple"]))
+    return out
+
+
+def command(
+    pid: int = PID,
+    comm: str = COMM,
+    uid: int = UID,
+    duration: float = DURATION,
+    output: str = OUTPUT,
+    timestamp: bool = typer.Option(False, "--timestamp", "-T", help="Show a time column."),
+) -> None:
+    """Trace TCP accepts (passive opens, IPv4 and IPv6): pid, command, remote and
+    local address and port. Sockets of every network namespace are seen.
+
+    An accept is reported when accept()/accept4() returns the connection
+    to a process; connections nobody accepts, and accepts through
+    io_uring, are not reported.
+
+    Examples:
+
+      membrane trace accept                  # every accepted connection
+
+      membrane trace accept -c nginx         # connections nginx accepts
+
+      membrane trace accept -o json          # as JSON lines
+    """
+    opts = TraceOptions.parse(pid, comm, uid, duration, output)
+    printer = Printer((COLUMNS_TIME if timestamp else []) + COLUMNS, opts.output)
+    with TraceSession("trace_tcp_accept", opts) as session:
+        ring = session.ring("tcp_open_event")
+        printer.header()
+
+        def show(batch: np.ndarray) -> None:
+            printer.write_columns(fields(batch, times=timestamp or printer.json))
+            printer.flush()
+
+        seconds = session.run(ring, show)
+        printer.summary(events=printer.count, lost=ring.lost, seconds=round(seconds, 3))
+
+
+TOOL = Tool(
+    name="accept",
+    summary="tcpaccept: every accepted TCP connection with pid, comm, addresses and ports",
+    requires=("tracepoint",),
+    command=command,
+)
