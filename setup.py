@@ -21,8 +21,10 @@ class BuildPy(build_py):
         if HEADER.exists():
             write_table(HEADER, out)
         else:
-            self.warn(f"{HEADER} missing (linux-libc-dev): the wheel carries no syscall "
-                      "table; syscall tools will need the header where it is installed")
+            self.warn(
+                f"{HEADER} missing (linux-libc-dev): the wheel carries no syscall "
+                "table; syscall tools will need the header where it is installed"
+            )
 
 
 setup(cmdclass={"build_py": BuildPy})

@@ -43,8 +43,9 @@ def drop_prefixes(count: int, avoid: IPv4Network, seed: int = 7) -> list[IPv4Net
 def fill_drop_dst(obj: BpfObject, prefixes: Sequence[IPv4Network]) -> None:
     """The filter's drop-dst tables := prefixes with rule ids 1..n, written the way the
     manager writes them (trie and summary)."""
-    tables = DropDstTables(obj.map("drop_dst_v4"), obj.map("drop_dst_v6"),
-                           obj.map("drop_dst_v4_summary"))
+    tables = DropDstTables(
+        obj.map("drop_dst_v4"), obj.map("drop_dst_v6"), obj.map("drop_dst_v4_summary")
+    )
     written = tables.add((net, i) for i, net in enumerate(prefixes, 1))
     if written != len(prefixes) or len(obj.map("drop_dst_v4")) != len(prefixes):
         raise RuntimeError(f"drop_dst_v4 took {written} of {len(prefixes)} prefixes")

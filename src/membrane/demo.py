@@ -26,17 +26,22 @@ def say(text: str) -> None:
 def membrane(*args: str) -> None:
     """Run the real CLI the way a user would, echoing the command line."""
     print(f"{DIM}${RESET} membrane {' '.join(args)}")
-    out = subprocess.run([sys.executable, "-m", "membrane", *args], text=True,
-                         capture_output=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "membrane", *args], text=True, capture_output=True, check=False
+    )
     sys.stdout.write(out.stdout + out.stderr)
     if out.returncode:
         raise SystemExit(f"demo: `membrane {' '.join(args)}` failed ({out.returncode})")
 
 
 def tcp_ok(ns: str, dst: str, src: str | None = None) -> bool:
-    with inside(ns), contextlib.suppress(OSError), \
-            socket.create_connection((dst, PORT), timeout=0.5,
-                                     source_address=(src, 0) if src else None):
+    with (
+        inside(ns),
+        contextlib.suppress(OSError),
+        socket.create_connection(
+            (dst, PORT), timeout=0.5, source_address=(src, 0) if src else None
+        ),
+    ):
         return True
     return False
 
@@ -55,19 +60,23 @@ def main() -> None:
         second_client = str(net.network_address + 4)
         add_address(server.ns, "eth0", f"{second_server}/{net.prefixlen}")
         add_address(client.ns, "eth0", f"{second_client}/{net.prefixlen}")
-        topo.popen(server.ns, [sys.executable, "-m", "http.server", str(PORT),
-                               "--bind", "0.0.0.0"])
+        topo.popen(server.ns, [sys.executable, "-m", "http.server", str(PORT), "--bind", "0.0.0.0"])
         deadline = time.monotonic() + 10
         while not tcp_ok(client.ns, server.ip) and time.monotonic() < deadline:
             time.sleep(0.05)
         ns, dev = server.ns, "eth0"
         # Only the demo's own device: other filters on this machine are not ours to remove.
-        topo.callback(subprocess.run, [sys.executable, "-m", "membrane", "filter", "detach",
-                                       "--netns", ns, "--dev", dev],
-                      capture_output=True, check=False)
+        topo.callback(
+            subprocess.run,
+            [sys.executable, "-m", "membrane", "filter", "detach", "--netns", ns, "--dev", dev],
+            capture_output=True,
+            check=False,
+        )
 
-        say(f"Topology: {client.ns} ({client.ip}, {second_client}) --veth--> "
-            f"{server.ns} ({server.ip}, {second_server}), HTTP on port {PORT}")
+        say(
+            f"Topology: {client.ns} ({client.ip}, {second_client}) --veth--> "
+            f"{server.ns} ({server.ip}, {second_server}), HTTP on port {PORT}"
+        )
         show(f"ping {server.ip}", ping(client.ns, server.ip))
         show(f"ping {second_server}", ping(client.ns, second_server))
         show(f"TCP {client.ip} -> {server.ip}:{PORT}", tcp_ok(client.ns, server.ip))
@@ -87,11 +96,25 @@ def main() -> None:
         show(f"TCP {client.ip} -> {server.ip}:{PORT}", tcp_ok(client.ns, server.ip))
 
         say(f"Seed 002: only {client.ip} may reach {server.ip}:{PORT} (tc)")
-        membrane("filter", "allow-only", "--netns", ns, "--dev", dev, "--src", client.ip,
-                 "--dst", server.ip, "--dport", str(PORT))
+        membrane(
+            "filter",
+            "allow-only",
+            "--netns",
+            ns,
+            "--dev",
+            dev,
+            "--src",
+            client.ip,
+            "--dst",
+            server.ip,
+            "--dport",
+            str(PORT),
+        )
         show(f"TCP {client.ip} -> {server.ip}:{PORT}", tcp_ok(client.ns, server.ip))
-        show(f"TCP {second_client} -> {server.ip}:{PORT}",
-             tcp_ok(client.ns, server.ip, src=second_client))
+        show(
+            f"TCP {second_client} -> {server.ip}:{PORT}",
+            tcp_ok(client.ns, server.ip, src=second_client),
+        )
         show(f"ping {second_client} -> {server.ip}", ping(client.ns, server.ip))
 
         say("What is attached, and where (the filters outlive this command)")
@@ -100,8 +123,10 @@ def main() -> None:
         say("Detach: every pin and link goes, traffic flows again")
         membrane("filter", "detach", "--netns", ns, "--dev", dev)
         show(f"ping {second_server}", ping(client.ns, second_server))
-        show(f"TCP {second_client} -> {server.ip}:{PORT}",
-             tcp_ok(client.ns, server.ip, src=second_client))
+        show(
+            f"TCP {second_client} -> {server.ip}:{PORT}",
+            tcp_ok(client.ns, server.ip, src=second_client),
+        )
     say("Demo topology removed.")
 
 

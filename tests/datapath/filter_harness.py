@@ -74,8 +74,9 @@ class FilterProgram:
         self.watched.update(rule_ids)
 
     def dst_tables(self) -> DropDstTables:
-        return DropDstTables(self.map("drop_dst_v4"), self.map("drop_dst_v6"),
-                             self.map("drop_dst_v4_summary"))
+        return DropDstTables(
+            self.map("drop_dst_v4"), self.map("drop_dst_v6"), self.map("drop_dst_v4_summary")
+        )
 
     def add_dst(
         self, network: str | ipaddress.IPv4Network | ipaddress.IPv6Network, rule: int

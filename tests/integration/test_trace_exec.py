@@ -26,8 +26,21 @@ from trace_support import (
 
 pytestmark = pytest.mark.root
 
-EXEC_FIELDS = {"time", "pid", "tid", "ppid", "uid", "comm", "ret", "error", "syscall", "path",
-               "argv", "argv_truncated", "args"}
+EXEC_FIELDS = {
+    "time",
+    "pid",
+    "tid",
+    "ppid",
+    "uid",
+    "comm",
+    "ret",
+    "error",
+    "syscall",
+    "path",
+    "argv",
+    "argv_truncated",
+    "args",
+}
 TRUE = "/bin/true"
 NOBODY = 65534
 
@@ -78,10 +91,12 @@ def test_sees_exactly_the_workloads_execs(tmp_path: Path) -> None:
     ours = with_token(records, token)
     me = os.getpid()
 
-    execs_of_true = [r for r in ours if r["argv"][0] == TRUE and r["argv"][2].isdigit()
-                     and len(r["argv"]) == 3]
-    assert [(r["pid"], r["tid"], r["argv"]) for r in execs_of_true] == \
-        [(pid, pid, [TRUE, token, str(i)]) for i, pid in enumerate(trues)]
+    execs_of_true = [
+        r for r in ours if r["argv"][0] == TRUE and r["argv"][2].isdigit() and len(r["argv"]) == 3
+    ]
+    assert [(r["pid"], r["tid"], r["argv"]) for r in execs_of_true] == [
+        (pid, pid, [TRUE, token, str(i)]) for i, pid in enumerate(trues)
+    ]
     for r in execs_of_true:
         assert (r["ppid"], r["uid"], r["comm"], r["ret"], r["error"]) == (me, 0, "true", 0, None)
         assert (r["path"], r["syscall"], r["argv_truncated"]) == (TRUE, "execve", False)
@@ -89,8 +104,12 @@ def test_sees_exactly_the_workloads_execs(tmp_path: Path) -> None:
 
     # The failed exec: the caller's name, -ENOENT, and argv as it was passed.
     (failed,) = [r for r in ours if r["ret"] < 0]
-    assert (failed["pid"], failed["ppid"], failed["error"], failed["ret"]) == \
-        (failing, me, "ENOENT", -2)
+    assert (failed["pid"], failed["ppid"], failed["error"], failed["ret"]) == (
+        failing,
+        me,
+        "ENOENT",
+        -2,
+    )
     assert failed["argv"] == [missing, token, "fails"] and failed["path"] == missing
     assert failed["comm"] == Path(sys.executable).name[:15]
 
@@ -126,8 +145,9 @@ def test_pid_filter_keeps_only_that_process(tmp_path: Path) -> None:
         shell.kill()
     records, summary = stop_tracer(tracer)
     # The shell's child (another pid) and the test's own exec are not reported.
-    assert [(r["pid"], r["argv"], r["comm"]) for r in records] == \
-        [(shell.pid, [TRUE, token, "self"], "true")]
+    assert [(r["pid"], r["argv"], r["comm"]) for r in records] == [
+        (shell.pid, [TRUE, token, "self"], "true")
+    ]
     assert summary["events"] == 1
 
 
@@ -140,13 +160,23 @@ def test_comm_and_uid_filters_select_the_caller(tmp_path: Path) -> None:
     as_nobody = start_tracer("exec", "--uid", str(NOBODY), "-o", "json")
     run([str(shell), "-c", f"{TRUE} {token} one; {TRUE} {token} two"])
     run(["/bin/sh", "-c", f"{TRUE} {token} three; {TRUE} {token} four"])
-    run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         TRUE, token, "nobody"])
+    run(
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            TRUE,
+            token,
+            "nobody",
+        ]
+    )
     named, _ = stop_tracer(by_comm)
     nobodys, _ = stop_tracer(as_nobody)
     assert [r["argv"][2] for r in named] == ["one", "two"]
-    assert [(r["argv"], r["uid"]) for r in with_token(nobodys, token)] == \
-        [([TRUE, token, "nobody"], NOBODY)]
+    assert [(r["argv"], r["uid"]) for r in with_token(nobodys, token)] == [
+        ([TRUE, token, "nobody"], NOBODY)
+    ]
     assert all(r["uid"] == NOBODY for r in nobodys)
 
 
@@ -156,8 +186,9 @@ def test_failed_only() -> None:
     run([TRUE, token, "works"])
     failing = run([sys.executable, "-c", EXEC_PATH, "/nonexistent/x", token, "fails"])
     records, _ = stop_tracer(tracer)
-    assert [(r["pid"], r["argv"][-1], r["error"]) for r in with_token(records, token)] == \
-        [(failing, "fails", "ENOENT")]
+    assert [(r["pid"], r["argv"][-1], r["error"]) for r in with_token(records, token)] == [
+        (failing, "fails", "ENOENT")
+    ]
     assert all(r["ret"] < 0 for r in records)
 
 

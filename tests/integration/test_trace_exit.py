@@ -30,8 +30,22 @@ from trace_support import (
 
 pytestmark = pytest.mark.root
 
-EXIT_FIELDS = {"time", "pid", "tid", "ppid", "uid", "comm", "status", "exit_code", "signal",
-               "signal_name", "core_dumped", "exit", "lifetime_s", "ends_process"}
+EXIT_FIELDS = {
+    "time",
+    "pid",
+    "tid",
+    "ppid",
+    "uid",
+    "comm",
+    "status",
+    "exit_code",
+    "signal",
+    "signal_name",
+    "core_dumped",
+    "exit",
+    "lifetime_s",
+    "ends_process",
+}
 NOBODY = 65534
 
 # Names itself, starts two threads that end on their own (after which only the main thread
@@ -113,8 +127,7 @@ def test_exit_codes_signals_and_lifetimes(named: Named, tmp_path: Path) -> None:
     killed = named.start("/bin/sleep", "60")
     termed = named.start("/bin/sleep", "60")
     quit_ = named.start("/bin/sleep", "60", cwd=tmp_path, preexec_fn=allow_core_dumps)
-    for proc, sig in ((killed, signal.SIGKILL), (termed, signal.SIGTERM),
-                      (quit_, signal.SIGQUIT)):
+    for proc, sig in ((killed, signal.SIGKILL), (termed, signal.SIGTERM), (quit_, signal.SIGQUIT)):
         named.wait_exec(proc)
         proc.send_signal(sig)
     for proc in named.procs:
@@ -127,14 +140,23 @@ def test_exit_codes_signals_and_lifetimes(named: Named, tmp_path: Path) -> None:
     seen = by_pid(records)
     assert set(seen) == {p.pid for p in named.procs}
     for r in records:
-        assert (r["comm"], r["ppid"], r["uid"], r["tid"], r["ends_process"]) == \
-            (named.name, os.getpid(), 0, r["pid"], True)
+        assert (r["comm"], r["ppid"], r["uid"], r["tid"], r["ends_process"]) == (
+            named.name,
+            os.getpid(),
+            0,
+            r["pid"],
+            True,
+        )
         assert 0 < r["lifetime_s"] <= elapsed
 
     exits = {pid: (r["exit_code"], r["signal"], r["signal_name"]) for pid, r in seen.items()}
-    assert exits == {code0.pid: (0, None, None), code3.pid: (3, None, None),
-                     killed.pid: (None, 9, "SIGKILL"), termed.pid: (None, 15, "SIGTERM"),
-                     quit_.pid: (None, 3, "SIGQUIT")}
+    assert exits == {
+        code0.pid: (0, None, None),
+        code3.pid: (3, None, None),
+        killed.pid: (None, 9, "SIGKILL"),
+        termed.pid: (None, 15, "SIGTERM"),
+        quit_.pid: (None, 3, "SIGQUIT"),
+    }
     assert seen[code0.pid]["lifetime_s"] >= 0.3
     assert (seen[code3.pid]["status"], seen[code3.pid]["exit"]) == (3 << 8, "code 3")
     assert seen[killed.pid]["exit"] == "signal 9 (SIGKILL)"
@@ -148,8 +170,9 @@ def test_exit_codes_signals_and_lifetimes(named: Named, tmp_path: Path) -> None:
 def test_whole_process_by_default_threads_on_request(named: Named) -> None:
     processes = start_tracer("exit", "--comm", named.name, "-o", "json")
     threads = start_tracer("exit", "--comm", named.name, "--per-thread", "-o", "json")
-    proc = subprocess.Popen([sys.executable, "-c", THREADS, named.name], stdin=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", THREADS, named.name], stdin=subprocess.PIPE, text=True
+    )
     named.procs.append(proc)
     proc.communicate("go\n", timeout=30)
     assert proc.returncode == 7
@@ -157,8 +180,12 @@ def test_whole_process_by_default_threads_on_request(named: Named) -> None:
     each, _ = stop_tracer(threads)
 
     (process,) = whole  # the process once, however many threads it had
-    assert (process["pid"], process["exit_code"], process["comm"], process["ends_process"]) \
-        == (proc.pid, 7, named.name, True)
+    assert (process["pid"], process["exit_code"], process["comm"], process["ends_process"]) == (
+        proc.pid,
+        7,
+        named.name,
+        True,
+    )
     assert process["tid"] in {r["tid"] for r in each[2:]}  # the thread that went last
 
     assert len(each) == 4 and {r["pid"] for r in each} == {proc.pid}
@@ -183,8 +210,9 @@ def test_pid_filter_and_failed_only(named: Named) -> None:
     only_waiting, _ = stop_tracer(by_pid_)
     failures, _ = stop_tracer(failed)
     assert [(r["pid"], r["exit_code"]) for r in only_waiting] == [(waiting.pid, 4)]
-    assert sorted((r["pid"], r["exit_code"]) for r in failures) == \
-        sorted([(other.pid, 5), (waiting.pid, 4)])
+    assert sorted((r["pid"], r["exit_code"]) for r in failures) == sorted(
+        [(other.pid, 5), (waiting.pid, 4)]
+    )
 
 
 def test_table_has_bcc_columns(named: Named) -> None:

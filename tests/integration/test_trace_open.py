@@ -20,8 +20,20 @@ from trace_support import (
 )
 
 pytestmark = pytest.mark.root
-OPEN_FIELDS = {"time", "pid", "tid", "uid", "comm", "ret", "fd", "error", "flags",
-               "flags_text", "syscall", "path"}
+OPEN_FIELDS = {
+    "time",
+    "pid",
+    "tid",
+    "uid",
+    "comm",
+    "ret",
+    "fd",
+    "error",
+    "flags",
+    "flags_text",
+    "syscall",
+    "path",
+}
 
 # The workload names itself (prctl PR_SET_NAME) so --comm can select it, waits for a line
 # on stdin (so the tracer is attached first), opens every path given, tries one missing
@@ -47,8 +59,11 @@ WORKLOAD = textwrap.dedent("""
 
 
 def run_workload(comm: str, missing: Path, paths: list[Path]) -> int:
-    proc = subprocess.Popen([sys.executable, "-c", WORKLOAD, comm, str(missing),
-                             *map(str, paths)], stdin=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKLOAD, comm, str(missing), *map(str, paths)],
+        stdin=subprocess.PIPE,
+        text=True,
+    )
     proc.communicate("go\n", timeout=30)
     assert proc.returncode == 0
     return proc.pid
@@ -91,8 +106,11 @@ def test_sees_exactly_the_workloads_opens(files: list[Path], tmp_path: Path) -> 
 def test_pid_filter_and_failed_only(files: list[Path], tmp_path: Path) -> None:
     comm = f"mbt-{secrets.token_hex(3)}"
     missing = tmp_path / "missing"
-    waiting = subprocess.Popen([sys.executable, "-c", WORKLOAD, comm, str(missing),
-                                *map(str, files[:5])], stdin=subprocess.PIPE, text=True)
+    waiting = subprocess.Popen(
+        [sys.executable, "-c", WORKLOAD, comm, str(missing), *map(str, files[:5])],
+        stdin=subprocess.PIPE,
+        text=True,
+    )
     try:
         tracer = start_tracer("open", "--pid", str(waiting.pid), "--failed", "-o", "json")
         run_workload(comm, missing, files[5:10])  # same comm, other pid: filtered out
@@ -100,8 +118,9 @@ def test_pid_filter_and_failed_only(files: list[Path], tmp_path: Path) -> None:
     finally:
         waiting.kill()
     records, _ = stop_tracer(tracer)
-    assert [(r["pid"], r["path"], r["error"]) for r in records
-            if r["path"].startswith(str(tmp_path))] == [(waiting.pid, str(missing), "ENOENT")]
+    assert [
+        (r["pid"], r["path"], r["error"]) for r in records if r["path"].startswith(str(tmp_path))
+    ] == [(waiting.pid, str(missing), "ENOENT")]
     assert all(r["ret"] < 0 for r in records)
 
 
@@ -140,6 +159,7 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str) -> None:
 
 def test_unknown_tool_and_not_root() -> None:
     assert_user_error(run_trace("nosuch"), "nosuch")
-    nobody = run_trace("open", "-d", "1", prefix=("setpriv", "--reuid=65534", "--regid=65534",
-                                                  "--clear-groups"))
+    nobody = run_trace(
+        "open", "-d", "1", prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    )
     assert_user_error(nobody, "root")

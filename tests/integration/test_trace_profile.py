@@ -18,12 +18,30 @@ from trace_support import assert_user_error, run_trace, start_tracer, stop_trace
 from membrane.trace.tools.profile import max_sample_rate
 
 pytestmark = pytest.mark.root
-STACK_FIELDS = {"pid", "comm", "samples", "kernel_stack", "user_stack", "kernel_stack_error",
-                "user_stack_error"}
-SUMMARY_FIELDS = {"samples", "stacks", "lost", "lost_process_events",
-                  "kernel_stack_eexist", "kernel_stack_efault",
-                  "kernel_stack_other", "user_stack_eexist", "user_stack_efault",
-                  "user_stack_other", "hz", "cpus", "seconds"}
+STACK_FIELDS = {
+    "pid",
+    "comm",
+    "samples",
+    "kernel_stack",
+    "user_stack",
+    "kernel_stack_error",
+    "user_stack_error",
+}
+SUMMARY_FIELDS = {
+    "samples",
+    "stacks",
+    "lost",
+    "lost_process_events",
+    "kernel_stack_eexist",
+    "kernel_stack_efault",
+    "kernel_stack_other",
+    "user_stack_eexist",
+    "user_stack_efault",
+    "user_stack_other",
+    "hz",
+    "cpus",
+    "seconds",
+}
 BUSY_MS = 700
 
 # Starts on a line from stdin (so the profiler is attached first), spins in
@@ -74,15 +92,21 @@ def busy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("profile")
     (tmp / "busy.c").write_text(WORKLOAD)
     binary = tmp / f"mbp-{secrets.token_hex(4)}"
-    subprocess.run(["clang", "-O0", "-fno-omit-frame-pointer", "-o", str(binary),
-                    str(tmp / "busy.c")], check=True)
+    subprocess.run(
+        ["clang", "-O0", "-fno-omit-frame-pointer", "-o", str(binary), str(tmp / "busy.c")],
+        check=True,
+    )
     return binary
 
 
 class Workload:
     def __init__(self, binary: Path, stay: bool) -> None:
-        self.proc = subprocess.Popen([str(binary), str(BUSY_MS), "stay" if stay else "exit"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [str(binary), str(BUSY_MS), "stay" if stay else "exit"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.pid = self.proc.pid
 
     def run(self) -> None:
@@ -112,11 +136,23 @@ def workloads(busy: Path) -> Iterator[list[Workload]]:
         w.end()
 
 
-def test_busy_loop_samples_land_in_its_function(busy: Path, workloads: list[Workload],
-                                                tmp_path: Path) -> None:
+def test_busy_loop_samples_land_in_its_function(
+    busy: Path, workloads: list[Workload], tmp_path: Path
+) -> None:
     folded_path, svg_path = tmp_path / "cpu.folded", tmp_path / "cpu.svg"
-    profiler = start_tracer("profile", "--comm", busy.name, "-F", "99", "-o", "json",
-                            "--folded", str(folded_path), "--svg", str(svg_path))
+    profiler = start_tracer(
+        "profile",
+        "--comm",
+        busy.name,
+        "-F",
+        "99",
+        "-o",
+        "json",
+        "--folded",
+        str(folded_path),
+        "--svg",
+        str(svg_path),
+    )
     try:
         workloads.append(w := Workload(busy, stay=True))
         w.run()
@@ -134,8 +170,9 @@ def test_busy_loop_samples_land_in_its_function(busy: Path, workloads: list[Work
     assert sum(s["samples"] for s in stacks) == summary["samples"]
     assert {(s["pid"], s["comm"]) for s in stacks} == {(w.pid, busy.name)}  # the filter
 
-    in_loop = sum(s["samples"] for s in stacks
-                  if s["user_stack"][:2] == ["membrane_busy_loop", "main"])
+    in_loop = sum(
+        s["samples"] for s in stacks if s["user_stack"][:2] == ["membrane_busy_loop", "main"]
+    )
     assert in_loop >= 0.9 * summary["samples"], stacks
 
     folded = {}
@@ -166,8 +203,9 @@ def test_pid_filter_keeps_other_processes_out(busy: Path, workloads: list[Worklo
     assert sum(s["samples"] for s in stacks) == summary["samples"] >= 10
 
 
-def test_text_output_of_a_process_that_already_exited(busy: Path,
-                                                      workloads: list[Workload]) -> None:
+def test_text_output_of_a_process_that_already_exited(
+    busy: Path, workloads: list[Workload]
+) -> None:
     """Symbols come from mappings read while the process ran, not at the end."""
     profiler = start_tracer("profile", "--comm", busy.name, "-F", "99")
     try:
@@ -196,11 +234,14 @@ EXEC_WRAPPER = textwrap.dedent("""
 
 
 def test_each_program_of_a_process_that_execs_keeps_its_own_symbols(busy: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", EXEC_WRAPPER, str(busy), str(BUSY_MS)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EXEC_WRAPPER, str(busy), str(BUSY_MS)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        profiler = start_tracer("profile", "--pid", str(proc.pid), "-F", "99", "-U",
-                                "-o", "json")
+        profiler = start_tracer("profile", "--pid", str(proc.pid), "-F", "99", "-U", "-o", "json")
         try:
             assert proc.stdin and proc.stdout
             proc.stdin.write("go\ngo\n")  # one for the wrapper, one for the busy loop
@@ -247,6 +288,7 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str) -> None:
 
 
 def test_not_root_is_exit_2() -> None:
-    nobody = run_trace("profile", "-d", "1", prefix=("setpriv", "--reuid=65534",
-                                                     "--regid=65534", "--clear-groups"))
+    nobody = run_trace(
+        "profile", "-d", "1", prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    )
     assert_user_error(nobody, "root")

@@ -27,8 +27,18 @@ from trace_support import (
 from membrane.trace.syscall_table import table
 
 pytestmark = pytest.mark.root
-SYSCALLS_FIELDS = {"time", "seconds", "pid", "comm", "syscall", "nr", "count", "errors",
-                   "total_ns", "avg_ns"}
+SYSCALLS_FIELDS = {
+    "time",
+    "seconds",
+    "pid",
+    "comm",
+    "syscall",
+    "nr",
+    "count",
+    "errors",
+    "total_ns",
+    "avg_ns",
+}
 LATENCY_FIELDS = {"time", "seconds", "syscall", "nr", "unit", "count", "buckets"}
 NAP_NS = 2_000_000  # each nanosleep of the workload: at least 2 ms
 
@@ -66,9 +76,10 @@ class Workload:
     def __init__(self, comm: str, *batches: tuple[int, int, int]) -> None:
         nrs = ",".join(str(table().number(n)) for n in ("getppid", "close", "nanosleep"))
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", WORKLOAD, comm, nrs, *(",".join(map(str, b))
-                                                         for b in batches)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            [sys.executable, "-c", WORKLOAD, comm, nrs, *(",".join(map(str, b)) for b in batches)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         self.pid = self.proc.pid
         assert self._line() == b"ready\n"
 
@@ -113,8 +124,7 @@ def test_counts_exactly_the_workloads_calls_and_errors(workloads: list[Workload]
     traced = Workload(comm_name(), (300, 20, 3))
     other = Workload(comm_name(), (50, 7, 0))  # the same syscalls, kept out by --pid
     workloads += [traced, other]
-    tracer = start_tracer("syscalls", "--pid", str(traced.pid), "-i", "0", "-T", "0",
-                          "-o", "json")
+    tracer = start_tracer("syscalls", "--pid", str(traced.pid), "-i", "0", "-T", "0", "-o", "json")
     traced.go()
     other.go()
     rows, summary = stop_tracer(tracer)
@@ -168,8 +178,9 @@ def test_per_process_rows_and_comm_filter(workloads: list[Workload]) -> None:
     first, second = Workload(comm, (11, 2, 0)), Workload(comm, (17, 0, 0))
     stranger = Workload(comm_name(), (5, 0, 0))  # another name: --comm keeps it out
     workloads += [first, second, stranger]
-    tracer = start_tracer("syscalls", "--comm", comm, "--per-process", "-i", "0", "-T", "0",
-                          "-o", "json")
+    tracer = start_tracer(
+        "syscalls", "--comm", comm, "--per-process", "-i", "0", "-T", "0", "-o", "json"
+    )
     for w in (first, second, stranger):
         w.go()
     rows, summary = stop_tracer(tracer)
@@ -177,16 +188,16 @@ def test_per_process_rows_and_comm_filter(workloads: list[Workload]) -> None:
     assert {(r["pid"], r["comm"]) for r in rows} == {(first.pid, comm), (second.pid, comm)}
     getppid = {r["pid"]: r["count"] for r in rows if r["syscall"] == "getppid"}
     assert getppid == {first.pid: 11, second.pid: 17}
-    assert [(r["pid"], r["errors"]) for r in rows if r["syscall"] == "close"] == \
-        [(first.pid, 2)]
+    assert [(r["pid"], r["errors"]) for r in rows if r["syscall"] == "close"] == [(first.pid, 2)]
     assert summary["lost"] == 0
 
 
 def test_a_process_is_named_by_its_last_exec(workloads: list[Workload]) -> None:
     shell = subprocess.Popen(["sh", "-c", "read go; exec /bin/true"], stdin=subprocess.PIPE)
     try:
-        tracer = start_tracer("syscalls", "-p", str(shell.pid), "-P", "-i", "0", "-T", "0",
-                              "-o", "json")
+        tracer = start_tracer(
+            "syscalls", "-p", str(shell.pid), "-P", "-i", "0", "-T", "0", "-o", "json"
+        )
         shell.communicate(b"go\n", timeout=10)
     finally:
         shell.kill()
@@ -198,10 +209,10 @@ def test_a_process_is_named_by_its_last_exec(workloads: list[Workload]) -> None:
 def test_top_and_sort(workloads: list[Workload]) -> None:
     traced = Workload(comm_name(), (200, 0, 3))
     workloads.append(traced)
-    by_count = start_tracer("syscalls", "-p", str(traced.pid), "-i", "0", "-T", "1",
-                            "-o", "json")
-    by_time = start_tracer("syscalls", "-p", str(traced.pid), "-i", "0", "-T", "1",
-                           "--sort", "time", "-o", "json")
+    by_count = start_tracer("syscalls", "-p", str(traced.pid), "-i", "0", "-T", "1", "-o", "json")
+    by_time = start_tracer(
+        "syscalls", "-p", str(traced.pid), "-i", "0", "-T", "1", "--sort", "time", "-o", "json"
+    )
     traced.go()
     count_rows, count_summary = stop_tracer(by_count)
     time_rows, _ = stop_tracer(by_time)
@@ -231,16 +242,29 @@ def test_latency_histograms_hold_every_call(workloads: list[Workload]) -> None:
     traced = Workload(comm_name(), (150, 9, 4))
     other = Workload(comm_name(), (60, 0, 2))
     workloads += [traced, other]
-    tracer = start_tracer("latency", "getppid", "close", "nanosleep", "--pid",
-                          str(traced.pid), "-i", "0", "-o", "json")
+    tracer = start_tracer(
+        "latency",
+        "getppid",
+        "close",
+        "nanosleep",
+        "--pid",
+        str(traced.pid),
+        "-i",
+        "0",
+        "-o",
+        "json",
+    )
     traced.go()
     other.go()
     rows, summary = stop_tracer(tracer)
 
     assert all(set(r) == LATENCY_FIELDS for r in rows)
     seen = by_syscall(rows)
-    assert {name: r["count"] for name, r in seen.items()} == \
-        {"getppid": 150, "close": 9, "nanosleep": 4}
+    assert {name: r["count"] for name, r in seen.items()} == {
+        "getppid": 150,
+        "close": 9,
+        "nanosleep": 4,
+    }
     for r in rows:
         assert r["unit"] == "usecs"
         assert sum(b["count"] for b in r["buckets"]) == r["count"]
@@ -275,13 +299,15 @@ THREADED = textwrap.dedent(f"""
 def test_latency_is_timed_per_thread() -> None:
     """Four threads sleep at the same time: each call is timed from its own thread's entry
     (a start time per process would pair one thread's exit with another's entry)."""
-    proc = subprocess.Popen([sys.executable, "-c", THREADED, str(table().number("nanosleep")),
-                             "5"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", THREADED, str(table().number("nanosleep")), "5"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     try:
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline() == b"ready\n"
-        tracer = start_tracer("latency", "nanosleep", "-p", str(proc.pid), "-i", "0",
-                              "-o", "json")
+        tracer = start_tracer("latency", "nanosleep", "-p", str(proc.pid), "-i", "0", "-o", "json")
         proc.stdin.write(b"g")
         proc.stdin.flush()
         assert proc.stdout.readline() == b"done\n"
@@ -296,8 +322,7 @@ def test_latency_is_timed_per_thread() -> None:
 def test_latency_table_is_bccs_histogram(workloads: list[Workload]) -> None:
     traced = Workload(comm_name(), (77, 0, 1))
     workloads.append(traced)
-    tracer = start_tracer("latency", "getppid", "nanosleep", "-p", str(traced.pid), "-i", "0",
-                          "-m")
+    tracer = start_tracer("latency", "getppid", "nanosleep", "-p", str(traced.pid), "-i", "0", "-m")
     traced.go()
     out, err = stop_tracer_text(tracer)
     sections = out.split("\nsyscall = ")[1:]
@@ -338,6 +363,7 @@ def test_bad_input_is_one_line_and_exit_2(tool: str, args: list[str], words: lis
 
 @pytest.mark.parametrize("args", [["syscalls"], ["latency", "read"]])
 def test_not_root_is_refused(args: list[str]) -> None:
-    result = run_trace(*args, "-d", "1", prefix=("setpriv", "--reuid=65534", "--regid=65534",
-                                                 "--clear-groups"))
+    result = run_trace(
+        *args, "-d", "1", prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    )
     assert_user_error(result, "root")

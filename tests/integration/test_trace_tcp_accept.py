@@ -10,8 +10,7 @@ from trace_tcp_support import add_ipv6, as_thread, exchange, start_server, token
 from membrane.netns import Pair, Topology
 
 pytestmark = pytest.mark.root
-ACCEPT_FIELDS = {"time", "pid", "tid", "uid", "comm", "ip", "laddr", "lport", "raddr",
-                 "rport"}
+ACCEPT_FIELDS = {"time", "pid", "tid", "uid", "comm", "ip", "laddr", "lport", "raddr", "rport"}
 
 
 def test_ipv4_accepts_exactly_once_each(topology: Topology, pair: Pair) -> None:
@@ -19,16 +18,20 @@ def test_ipv4_accepts_exactly_once_each(topology: Topology, pair: Pair) -> None:
     tracer = start_tracer("accept", "--comm", server.comm, "-o", "json")
     # The client runs in this process: its pid must not show up as the accepting one,
     # although its connect drives the server's handshake.
-    ports, _ = as_thread(token(), lambda: [
-        exchange(pair.client.ns, server.host, server.port, send=1) for _ in range(3)])
+    ports, _ = as_thread(
+        token(),
+        lambda: [exchange(pair.client.ns, server.host, server.port, send=1) for _ in range(3)],
+    )
     records, summary = stop_tracer(tracer)
 
     assert summary["lost"] == 0 and summary["events"] == len(records) == 3
     assert all(set(r) == ACCEPT_FIELDS for r in records)
-    assert {(r["pid"], r["tid"], r["uid"], r["comm"]) for r in records} == \
-        {(server.pid, server.pid, 0, server.comm)}
-    assert [(r["ip"], r["laddr"], r["lport"], r["raddr"], r["rport"]) for r in records] == \
-        [(4, server.host, server.port, pair.client.ip, port) for port in ports]
+    assert {(r["pid"], r["tid"], r["uid"], r["comm"]) for r in records} == {
+        (server.pid, server.pid, 0, server.comm)
+    }
+    assert [(r["ip"], r["laddr"], r["lport"], r["raddr"], r["rport"]) for r in records] == [
+        (4, server.host, server.port, pair.client.ip, port) for port in ports
+    ]
 
 
 def test_ipv6_accept(topology: Topology, pair: Pair) -> None:
@@ -37,8 +40,9 @@ def test_ipv6_accept(topology: Topology, pair: Pair) -> None:
     tracer = start_tracer("accept", "--pid", str(server.pid), "-o", "json")
     sport, _ = as_thread(token(), lambda: exchange(pair.client.ns, server_ip, server.port))
     records, _ = stop_tracer(tracer)
-    assert [(r["pid"], r["ip"], r["laddr"], r["lport"], r["raddr"], r["rport"])
-            for r in records] == [(server.pid, 6, server_ip, server.port, client_ip, sport)]
+    assert [
+        (r["pid"], r["ip"], r["laddr"], r["lport"], r["raddr"], r["rport"]) for r in records
+    ] == [(server.pid, 6, server_ip, server.port, client_ip, sport)]
 
 
 def test_filters_keep_other_servers_out(topology: Topology, pair: Pair) -> None:
@@ -47,8 +51,9 @@ def test_filters_keep_other_servers_out(topology: Topology, pair: Pair) -> None:
     second = start_server(topology, pair.server.ns, pair.server.ip)
     by_pid = start_tracer("accept", "--pid", str(first.pid), "-o", "json")
     by_comm = start_tracer("accept", "--comm", second.comm, "-o", "json")
-    as_thread(token(), lambda: [exchange(pair.client.ns, s.host, s.port)
-                                for s in (first, second, first)])
+    as_thread(
+        token(), lambda: [exchange(pair.client.ns, s.host, s.port) for s in (first, second, first)]
+    )
     pid_records, _ = stop_tracer(by_pid)
     comm_records, _ = stop_tracer(by_comm)
     assert [(r["pid"], r["lport"]) for r in pid_records] == [(first.pid, first.port)] * 2
@@ -62,6 +67,15 @@ def test_table_has_bcc_columns(topology: Topology, pair: Pair) -> None:
     out, err = stop_tracer_text(tracer)
     header, *rows = out.splitlines()
     assert header.split() == ["PID", "COMM", "IP", "RADDR", "RPORT", "LADDR", "LPORT"]
-    assert [row.split() for row in rows] == [[str(server.pid), server.comm, "4", pair.client.ip,
-                                              str(sport), server.host, str(server.port)]]
+    assert [row.split() for row in rows] == [
+        [
+            str(server.pid),
+            server.comm,
+            "4",
+            pair.client.ip,
+            str(sport),
+            server.host,
+            str(server.port),
+        ]
+    ]
     assert "events: 1, lost: 0" in err

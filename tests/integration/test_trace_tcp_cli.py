@@ -12,20 +12,26 @@ NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
 
 @pytest.mark.parametrize("tool", TOOLS)
-@pytest.mark.parametrize(("args", "field"), [
-    (["--pid", "999999999"], "--pid"),
-    (["-o", "yaml"], "--output"),
-])
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--pid", "999999999"], "--pid"),
+        (["-o", "yaml"], "--output"),
+    ],
+)
 def test_bad_common_options(tool: str, args: list[str], field: str) -> None:
     assert_user_error(run_trace(tool, *args), field)
 
 
-@pytest.mark.parametrize(("args", "field"), [
-    (["--by", "src"], "--by"),
-    (["--interval", "-1"], "--interval"),
-    (["--interval", "nan"], "--interval"),
-    (["--interval", "ten"], "--interval"),
-])
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--by", "src"], "--by"),
+        (["--interval", "-1"], "--interval"),
+        (["--interval", "nan"], "--interval"),
+        (["--interval", "ten"], "--interval"),
+    ],
+)
 def test_bad_tcp_count_options(args: list[str], field: str) -> None:
     assert_user_error(run_trace("tcp-count", *args), field)
 

@@ -25,8 +25,7 @@ from trace_tcp_support import (
 from membrane.netns import Pair, Topology, inside
 
 pytestmark = pytest.mark.root
-CONNECT_FIELDS = {"time", "pid", "tid", "uid", "comm", "ip", "saddr", "sport", "daddr",
-                  "dport"}
+CONNECT_FIELDS = {"time", "pid", "tid", "uid", "comm", "ip", "saddr", "sport", "daddr", "dport"}
 
 
 def test_ipv4_connects_exactly_once_each(topology: Topology, pair: Pair) -> None:
@@ -43,8 +42,9 @@ def test_ipv4_connects_exactly_once_each(topology: Topology, pair: Pair) -> None
 
     assert summary["lost"] == 0 and summary["events"] == len(records)
     assert all(set(r) == CONNECT_FIELDS for r in records)
-    assert [(r["pid"], r["tid"], r["uid"], r["comm"], r["ip"]) for r in records] == \
-        [(os.getpid(), tid, os.getuid(), comm, 4)] * 4
+    assert [(r["pid"], r["tid"], r["uid"], r["comm"], r["ip"]) for r in records] == [
+        (os.getpid(), tid, os.getuid(), comm, 4)
+    ] * 4
     assert [(r["saddr"], r["sport"], r["daddr"], r["dport"]) for r in records] == [
         (pair.client.ip, ports[0], server.host, server.port),
         (pair.client.ip, ports[1], server.host, server.port),
@@ -60,8 +60,9 @@ def test_ipv6_connect(topology: Topology, pair: Pair) -> None:
     tracer = start_tracer("connect", "--comm", comm, "-o", "json")
     sport, _ = as_thread(comm, lambda: exchange(pair.client.ns, server_ip, server.port))
     records, summary = stop_tracer(tracer)
-    assert [(r["comm"], r["ip"], r["saddr"], r["sport"], r["daddr"], r["dport"])
-            for r in records] == [(comm, 6, client_ip, sport, server_ip, server.port)]
+    assert [
+        (r["comm"], r["ip"], r["saddr"], r["sport"], r["daddr"], r["dport"]) for r in records
+    ] == [(comm, 6, client_ip, sport, server_ip, server.port)]
     assert summary["lost"] == 0
 
 
@@ -79,14 +80,16 @@ def test_pid_filter_keeps_other_processes_out(topology: Topology, pair: Pair) ->
     server = start_server(topology, pair.server.ns, pair.server.ip)
     comm = token()  # both workloads share it: only the pid tells them apart
     tracer = start_tracer("connect", "--pid", str(os.getpid()), "-o", "json")
-    other = topology.popen(pair.client.ns, [sys.executable, "-c", OTHER_CLIENT, comm,
-                                            server.host, str(server.port)])
+    other = topology.popen(
+        pair.client.ns, [sys.executable, "-c", OTHER_CLIENT, comm, server.host, str(server.port)]
+    )
     assert other.wait(timeout=30) == 0
     sport, _ = as_thread(comm, lambda: exchange(pair.client.ns, server.host, server.port))
     records, _ = stop_tracer(tracer)
     assert {r["pid"] for r in records} == {os.getpid()}
-    assert [(r["sport"], r["dport"]) for r in records if r["comm"] == comm] == \
-        [(sport, server.port)]
+    assert [(r["sport"], r["dport"]) for r in records if r["comm"] == comm] == [
+        (sport, server.port)
+    ]
 
 
 def test_table_has_bcc_columns(topology: Topology, pair: Pair) -> None:
@@ -101,7 +104,6 @@ def test_table_has_bcc_columns(topology: Topology, pair: Pair) -> None:
         [str(os.getpid()), comm, "4", pair.client.ip, str(sport), server.host, str(server.port)]
     ]
     assert "events: 1, lost: 0" in err
-
 
 
 def test_nonblocking_connect_is_reported_before_any_answer(pair: Pair) -> None:
@@ -146,5 +148,6 @@ def test_fast_open_connect_without_connect_syscall(topology: Topology, pair: Pai
 
     sport, _ = as_thread(comm, workload)
     records, _ = stop_tracer(tracer)
-    assert [(r["sport"], r["daddr"], r["dport"]) for r in records] == \
-        [(sport, server.host, server.port)]
+    assert [(r["sport"], r["daddr"], r["dport"]) for r in records] == [
+        (sport, server.host, server.port)
+    ]

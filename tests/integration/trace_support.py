@@ -17,8 +17,9 @@ TRACE = [sys.executable, "-m", "membrane", "trace"]
 
 def start_tracer(tool: str, *args: str) -> subprocess.Popen[str]:
     """The tool, attached: returns once it said so (or fails with what it said instead)."""
-    proc = subprocess.Popen([*TRACE, tool, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*TRACE, tool, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stderr is not None
     line = proc.stderr.readline()  # blocks until attached (or the tool failed)
     if READY_LINE not in line:
@@ -44,11 +45,13 @@ def stop_tracer(proc: subprocess.Popen[str]) -> tuple[list[dict[str, Any]], dict
     return lines[:-1], lines[-1]["summary"]
 
 
-def run_trace(tool: str, *args: str, prefix: tuple[str, ...] = ()
-              ) -> subprocess.CompletedProcess[str]:
+def run_trace(
+    tool: str, *args: str, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     """One run to completion (for bad input: it must end by itself)."""
-    return subprocess.run([*prefix, *TRACE, tool, *args], capture_output=True, text=True,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [*prefix, *TRACE, tool, *args], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def assert_user_error(result: subprocess.CompletedProcess[str], *words: str) -> None:

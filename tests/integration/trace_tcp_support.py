@@ -71,8 +71,9 @@ def start_server(topology: Topology, ns: str, host: str, reply: int = 0) -> Serv
     """The SERVER script in `ns`, listening on host:port when this returns; the
     topology stops it."""
     comm, listen_port = token(), port()
-    proc = topology.popen(ns, [sys.executable, "-c", SERVER, comm, host, str(listen_port),
-                               str(reply)])
+    proc = topology.popen(
+        ns, [sys.executable, "-c", SERVER, comm, host, str(listen_port), str(reply)]
+    )
     wait_listening(ns, listen_port)
     return Server(proc, comm, host, listen_port)
 

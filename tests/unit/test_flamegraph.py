@@ -41,8 +41,11 @@ def frames_by_title(svg: str) -> dict[str, tuple[float, float, int]]:
 
 def test_fold_merges_equal_paths_and_parses_back() -> None:
     folded = parse_folded(FOLDED)
-    assert folded == {("app", "main", "work", "spin"): 8, ("app", "main", "idle"): 4,
-                      ("tool", "main"): 4}
+    assert folded == {
+        ("app", "main", "work", "spin"): 8,
+        ("app", "main", "idle"): 4,
+        ("tool", "main"): 4,
+    }
     assert parse_folded("\n".join(folded_lines(folded))) == folded
     assert folded_lines(fold([(["a;b", "c\nd"], 2), (["empty"], 0)])) == ["a:b;c d 2"]
 

@@ -21,8 +21,10 @@ void membrane_symbol_a(void) { helper_static(); sink += 2; }
 int main(void) { membrane_symbol_a(); return 0; }
 """
 
-needs_cc = pytest.mark.skipif(not (shutil.which("clang") and shutil.which("nm")),
-                              reason="needs clang and binutils (scripts/setup.sh installs them)")
+needs_cc = pytest.mark.skipif(
+    not (shutil.which("clang") and shutil.which("nm")),
+    reason="needs clang and binutils (scripts/setup.sh installs them)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +36,16 @@ def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def nm_functions(path: Path) -> dict[str, int]:
-    out = subprocess.run(["nm", "--defined-only", str(path)], capture_output=True, text=True,
-                         check=True).stdout
-    return {name: int(addr, 16) for addr, kind, name in
-            (line.split() for line in out.splitlines() if len(line.split()) == 3)
-            if kind in "tT"}
+    out = subprocess.run(
+        ["nm", "--defined-only", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    return {
+        name: int(addr, 16)
+        for addr, kind, name in (
+            line.split() for line in out.splitlines() if len(line.split()) == 3
+        )
+        if kind in "tT"
+    }
 
 
 @needs_cc
@@ -64,9 +71,15 @@ def test_stripped_file_still_has_its_dynamic_symbols(program: Path, tmp_path: Pa
 
 
 def test_lookup_prefers_global_short_names_and_respects_sizes() -> None:
-    table = SymbolTable.build([(0x1000, 0x10, "__libc_malloc", 0), (0x1000, 0x10, "malloc", 0),
-                               (0x1000, 0x10, "local_alias", 2), (0x2000, 0, "sizeless", 0),
-                               (0x3000, 8, "last", 0)])
+    table = SymbolTable.build(
+        [
+            (0x1000, 0x10, "__libc_malloc", 0),
+            (0x1000, 0x10, "malloc", 0),
+            (0x1000, 0x10, "local_alias", 2),
+            (0x2000, 0, "sizeless", 0),
+            (0x3000, 8, "last", 0),
+        ]
+    )
     addrs = np.array([0xFFF, 0x1000, 0x100F, 0x1010, 0x2FFF, 0x3007, 0x3008], dtype=np.uint64)
     assert table.lookup(addrs) == [None, "malloc", "malloc", None, "sizeless", "last", None]
     assert SymbolTable.build([]).lookup(addrs[:1]) == [None]
@@ -97,11 +110,15 @@ def test_images_of_one_pid_are_kept_apart() -> None:
 
 @pytest.mark.skipif(not shutil.which("c++filt"), reason="needs binutils' c++filt")
 def test_demangle_cxx_and_rust_names_only() -> None:
-    names = ["_ZNSt6vectorIiSaIiEE9push_backERKi", "main", "_RNvNtCs1234_3std2rt10lang_start",
-             "_Znot_really_mangled"]
+    names = [
+        "_ZNSt6vectorIiSaIiEE9push_backERKi",
+        "main",
+        "_RNvNtCs1234_3std2rt10lang_start",
+        "_Znot_really_mangled",
+    ]
     assert demangle(names) == {
         "_ZNSt6vectorIiSaIiEE9push_backERKi": "std::vector<int, std::allocator<int> >"
-                                              "::push_back(int const&)",
+        "::push_back(int const&)",
         "_RNvNtCs1234_3std2rt10lang_start": "std[3c1c0]::rt::lang_start",
     }
     assert demangle(["main", "malloc"]) == {}

@@ -47,8 +47,11 @@ def test_histogram_prints_exactly_like_bcc() -> None:
 
 def test_buckets_have_bccs_bounds_and_stop_at_the_last_count() -> None:
     rows = buckets(slots_of([5, 0, 7]))
-    assert rows == [{"low": 0, "high": 1, "count": 5}, {"low": 2, "high": 3, "count": 0},
-                    {"low": 4, "high": 7, "count": 7}]
+    assert rows == [
+        {"low": 0, "high": 1, "count": 5},
+        {"low": 2, "high": 3, "count": 0},
+        {"low": 4, "high": 7, "count": 7},
+    ]
     assert buckets([0] * 64) == [] and log2_lines([0] * 64, "usecs") == []
 
 
@@ -71,14 +74,20 @@ def test_syscall_table_from_the_uapi_header(tmp_path: Path) -> None:
 
 def test_syscall_names_and_numbers() -> None:
     t = SyscallTable({"read": 0, "getppid": 110})
-    assert (t.name(110), t.name(999), t.number("getppid"), t.number("463")) == \
-        ("getppid", "999", 110, 463)
+    assert (t.name(110), t.name(999), t.number("getppid"), t.number("463")) == (
+        "getppid",
+        "999",
+        110,
+        463,
+    )
     with pytest.raises(UserError, match="'nosuch' is not an x86_64 syscall"):
         t.number("nosuch")
 
 
-@pytest.mark.skipif(not Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h").exists(),
-                    reason="no UAPI header on this machine")
+@pytest.mark.skipif(
+    not Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h").exists(),
+    reason="no UAPI header on this machine",
+)
 def test_the_real_table_knows_the_abi() -> None:
     t = table()
     assert (t.number("read"), t.number("getppid"), t.number("execve")) == (0, 110, 59)
@@ -95,8 +104,10 @@ class FakeMap:
         return fields
 
     def lookup_batch(self) -> list[tuple[Any, Any]]:
-        return [(SimpleNamespace(pid=k[0], nr=k[1]) if isinstance(k, tuple) else k, v)
-                for k, v in self.entries.items()]
+        return [
+            (SimpleNamespace(pid=k[0], nr=k[1]) if isinstance(k, tuple) else k, v)
+            for k, v in self.entries.items()
+        ]
 
     def delete(self, key: Any) -> bool:
         return self.entries.pop(key, None) is not None
@@ -110,20 +121,24 @@ def test_reports_are_differences_and_the_dead_are_dropped_after_their_last_repor
     dead = _exited_pid()
     alive = os.getpid()
     counters, comms = FakeMap(), FakeMap()
-    counters.entries = {(alive, 110): per_cpu((3, 0, 300), (2, 1, 200)),
-                        (dead, 3): per_cpu((1, 1, 50), (0, 0, 0))}
+    counters.entries = {
+        (alive, 110): per_cpu((3, 0, 300), (2, 1, 200)),
+        (dead, 3): per_cpu((1, 1, 50), (0, 0, 0)),
+    }
     comms.entries = {alive: SimpleNamespace(comm=b"me\0"), dead: SimpleNamespace(comm=b"gone")}
-    reporter = Reporter(counters, comms, SyscallTable({"getppid": 110, "close": 3}),
-                        per_process=True)
+    reporter = Reporter(
+        counters, comms, SyscallTable({"getppid": 110, "close": 3}), per_process=True
+    )
 
     _, first = reporter.rows()
-    assert sorted((r["pid"], r["comm"], r["syscall"], r["count"], r["errors"], r["total_ns"])
-                  for r in first) == sorted([(alive, "me", "getppid", 5, 1, 500),
-                                             (dead, "gone", "close", 1, 1, 50)])
+    assert sorted(
+        (r["pid"], r["comm"], r["syscall"], r["count"], r["errors"], r["total_ns"]) for r in first
+    ) == sorted([(alive, "me", "getppid", 5, 1, 500), (dead, "gone", "close", 1, 1, 50)])
     counters.entries[(alive, 110)] = per_cpu((6, 0, 600), (3, 1, 300))
     _, second = reporter.rows()
-    assert [(r["syscall"], r["count"], r["errors"], r["avg_ns"]) for r in second] == \
-        [("getppid", 4, 0, 100)]
+    assert [(r["syscall"], r["count"], r["errors"], r["avg_ns"]) for r in second] == [
+        ("getppid", 4, 0, 100)
+    ]
     assert set(counters.entries) == {(alive, 110)} and set(comms.entries) == {alive}
     assert reporter.calls == 10
 

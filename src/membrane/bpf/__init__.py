@@ -7,5 +7,15 @@ from membrane.bpf.maps import Map
 from membrane.bpf.object import BpfObject, Program
 from membrane.bpf.testrun import TestRunResult, test_run
 
-__all__ = ["AttachError", "BpfError", "BpfObject", "Btf", "Link", "LoadError", "Map",
-           "Program", "TestRunResult", "test_run"]
+__all__ = [
+    "AttachError",
+    "BpfError",
+    "BpfObject",
+    "Btf",
+    "Link",
+    "LoadError",
+    "Map",
+    "Program",
+    "TestRunResult",
+    "test_run",
+]

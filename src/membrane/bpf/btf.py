@@ -208,8 +208,9 @@ class Btf:
             attrs["_anonymous_"] = anonymous
         cls = type(t.name or f"anon_{t.id}", (base,), attrs)
         if ctypes.sizeof(cls) != t.size_or_type:
-            raise BpfError(f"struct {t.name}: built {ctypes.sizeof(cls)} bytes, BTF says "
-                           f"{t.size_or_type}")
+            raise BpfError(
+                f"struct {t.name}: built {ctypes.sizeof(cls)} bytes, BTF says {t.size_or_type}"
+            )
         return cls
 
     def dtype(self, name: str) -> np.dtype:
@@ -218,11 +219,16 @@ class Btf:
 
 
 _INT_CTYPES = {
-    (1, False): ctypes.c_uint8, (1, True): ctypes.c_int8,
-    (2, False): ctypes.c_uint16, (2, True): ctypes.c_int16,
-    (4, False): ctypes.c_uint32, (4, True): ctypes.c_int32,
-    (8, False): ctypes.c_uint64, (8, True): ctypes.c_int64,
-    (16, False): ctypes.c_uint8 * 16, (16, True): ctypes.c_uint8 * 16,
+    (1, False): ctypes.c_uint8,
+    (1, True): ctypes.c_int8,
+    (2, False): ctypes.c_uint16,
+    (2, True): ctypes.c_int16,
+    (4, False): ctypes.c_uint32,
+    (4, True): ctypes.c_int32,
+    (8, False): ctypes.c_uint64,
+    (8, True): ctypes.c_int64,
+    (16, False): ctypes.c_uint8 * 16,
+    (16, True): ctypes.c_uint8 * 16,
 }
 
 
@@ -244,8 +250,14 @@ def _ctype_to_dtype(ctype: Any) -> np.dtype:
             names.append(fname)
             formats.append(sub)
             offsets.append(field.offset)
-        return np.dtype({"names": names, "formats": formats, "offsets": offsets,
-                         "itemsize": ctypes.sizeof(ctype)})
+        return np.dtype(
+            {
+                "names": names,
+                "formats": formats,
+                "offsets": offsets,
+                "itemsize": ctypes.sizeof(ctype),
+            }
+        )
     if isinstance(ctype, type) and issubclass(ctype, ctypes.Array):
         if ctype._type_ is ctypes.c_char:
             return np.dtype(f"S{ctype._length_}")

@@ -173,8 +173,13 @@ class ClsactAttachment:
         return L.TcHook(sz=ctypes.sizeof(L.TcHook), ifindex=self.ifindex, attach_point=point)
 
     def update(self, program: Program) -> None:
-        opts = L.TcOpts(sz=ctypes.sizeof(L.TcOpts), prog_fd=program.fd, flags=1,  # REPLACE
-                        handle=self.handle, priority=self.priority)
+        opts = L.TcOpts(
+            sz=ctypes.sizeof(L.TcOpts),
+            prog_fd=program.fd,
+            flags=1,  # REPLACE
+            handle=self.handle,
+            priority=self.priority,
+        )
         ret = L.lib.bpf_tc_attach(ctypes.byref(self._hook()), ctypes.byref(opts))
         if ret:
             raise BpfError("replace clsact program", L.errno_of(ret))
@@ -192,8 +197,9 @@ class ClsactAttachment:
         """Nothing to release."""
 
 
-def attach_tc(prog: Program, ifindex: int, direction: str = "ingress",
-              prefer_tcx: bool = True) -> Link | ClsactAttachment:
+def attach_tc(
+    prog: Program, ifindex: int, direction: str = "ingress", prefer_tcx: bool = True
+) -> Link | ClsactAttachment:
     """Attach a tc program: tcx when the kernel has it, clsact otherwise."""
     if direction not in ("ingress", "egress"):
         raise ValueError(f"direction must be ingress or egress, not {direction!r}")
@@ -205,8 +211,11 @@ def attach_tc(prog: Program, ifindex: int, direction: str = "ingress",
         err = L.errno_of(fd)
         if err not in (E.EINVAL, E.EOPNOTSUPP, E.ENOTSUP):
             raise AttachError(f"attach tcx {direction} to ifindex {ifindex}", err)
-    hook = L.TcHook(sz=ctypes.sizeof(L.TcHook), ifindex=ifindex,
-                    attach_point=L.BPF_TC_INGRESS if direction == "ingress" else L.BPF_TC_EGRESS)
+    hook = L.TcHook(
+        sz=ctypes.sizeof(L.TcHook),
+        ifindex=ifindex,
+        attach_point=L.BPF_TC_INGRESS if direction == "ingress" else L.BPF_TC_EGRESS,
+    )
     ret = L.lib.bpf_tc_hook_create(ctypes.byref(hook))
     if ret and L.errno_of(ret) != E.EEXIST:
         raise AttachError(f"create clsact on ifindex {ifindex}", L.errno_of(ret))
@@ -249,14 +258,22 @@ def attach_auto(prog: Program) -> Link:
     return _from_libbpf(ptr, prog.section.split("/")[0], f"program {prog.name} ({prog.section})")
 
 
-def attach_uprobe(prog: Program, binary: str, func: str | None = None, offset: int = 0,
-                  pid: int = -1, retprobe: bool = False) -> Link:
+def attach_uprobe(
+    prog: Program,
+    binary: str,
+    func: str | None = None,
+    offset: int = 0,
+    pid: int = -1,
+    retprobe: bool = False,
+) -> Link:
     """Attach a uprobe by symbol name (resolved by libbpf) or by file offset."""
-    opts = L.UprobeOpts(sz=ctypes.sizeof(L.UprobeOpts), retprobe=retprobe,
-                        func_name=func.encode() if func else None)
+    opts = L.UprobeOpts(
+        sz=ctypes.sizeof(L.UprobeOpts), retprobe=retprobe, func_name=func.encode() if func else None
+    )
     with captured_log():
-        ptr = L.lib.bpf_program__attach_uprobe_opts(prog.ptr, pid, binary.encode(), offset,
-                                                    ctypes.byref(opts))
+        ptr = L.lib.bpf_program__attach_uprobe_opts(
+            prog.ptr, pid, binary.encode(), offset, ctypes.byref(opts)
+        )
     target = f"{binary}:{func or hex(offset)}"
     return _from_libbpf(ptr, "uretprobe" if retprobe else "uprobe", f"uprobe {target}")
 
@@ -281,9 +298,15 @@ class PerfEventAttr(ctypes.Structure):
     ]
 
 
-def open_perf_event(cpu: int, *, type_: int = PERF_TYPE_SOFTWARE,
-                    config: int = PERF_COUNT_SW_CPU_CLOCK, freq: int = 0, period: int = 0,
-                    pid: int = -1) -> int:
+def open_perf_event(
+    cpu: int,
+    *,
+    type_: int = PERF_TYPE_SOFTWARE,
+    config: int = PERF_COUNT_SW_CPU_CLOCK,
+    freq: int = 0,
+    period: int = 0,
+    pid: int = -1,
+) -> int:
     """perf_event_open(2) for sampling; returns the event fd."""
     attr = PerfEventAttr(type=type_, size=ctypes.sizeof(PerfEventAttr), config=config)
     if freq:

@@ -133,8 +133,15 @@ class Map:
         """`obj` (bytes, a ctypes value or an int) as exactly `size` bytes."""
         if isinstance(obj, bytes):
             raw = obj
-        elif isinstance(obj, bytearray | memoryview | ctypes.Structure | ctypes.Union
-                        | ctypes.Array | ctypes._SimpleCData):
+        elif isinstance(
+            obj,
+            bytearray
+            | memoryview
+            | ctypes.Structure
+            | ctypes.Union
+            | ctypes.Array
+            | ctypes._SimpleCData,
+        ):
             raw = bytes(obj)
         elif isinstance(obj, int):
             raw = obj.to_bytes(size, "little", signed=obj < 0)
@@ -173,8 +180,9 @@ class Map:
         if not self.percpu:
             return self._decode(raw[: self.value_size], self.value_type)
         return [
-            self._decode(raw[i * self._stride : i * self._stride + self.value_size],
-                         self.value_type)
+            self._decode(
+                raw[i * self._stride : i * self._stride + self.value_size], self.value_type
+            )
             for i in range(possible_cpus())
         ]
 
@@ -252,8 +260,9 @@ class Map:
         vals = b"".join(self._raw_value(v) for _, v in pairs)
         count = ctypes.c_uint32(len(pairs))
         opts = L.MapBatchOpts(sz=ctypes.sizeof(L.MapBatchOpts), elem_flags=flags)
-        ret = L.lib.bpf_map_update_batch(self.fd, keys, vals, ctypes.byref(count),
-                                         ctypes.byref(opts))
+        ret = L.lib.bpf_map_update_batch(
+            self.fd, keys, vals, ctypes.byref(count), ctypes.byref(opts)
+        )
         if ret == 0:
             return len(pairs)
         err = L.errno_of(ret)
@@ -277,8 +286,9 @@ class Map:
         opts = L.MapBatchOpts(sz=ctypes.sizeof(L.MapBatchOpts))
         while True:
             count = ctypes.c_uint32(chunk)
-            ret = L.lib.bpf_map_lookup_batch(self.fd, token_in, token_out, keys, vals,
-                                             ctypes.byref(count), ctypes.byref(opts))
+            ret = L.lib.bpf_map_lookup_batch(
+                self.fd, token_in, token_out, keys, vals, ctypes.byref(count), ctypes.byref(opts)
+            )
             err = L.errno_of(ret) if ret else 0
             if err and err != E.ENOENT:
                 if err in _NO_BATCH and not out:

@@ -156,12 +156,17 @@ class BpfObject:
         variables = self.btf.datasec_vars(".rodata")
         for name, value in values.items():
             if name not in variables:
-                raise KeyError(f"{self.path.name} has no load-time constant {name!r} "
-                               f"(it has: {', '.join(sorted(variables)) or 'none'})")
+                raise KeyError(
+                    f"{self.path.name} has no load-time constant {name!r} "
+                    f"(it has: {', '.join(sorted(variables)) or 'none'})"
+                )
             info = variables[name]
             ctype = self.btf.ctype(self.btf.type(info.type_id).size_or_type)
-            raw = bytes(value) if isinstance(value, bytes | ctypes.Structure | ctypes.Array) \
+            raw = (
+                bytes(value)
+                if isinstance(value, bytes | ctypes.Structure | ctypes.Array)
                 else bytes(ctype(value))
+            )
             if len(raw) != info.size:
                 raise ValueError(f"{name}: {len(raw)} bytes given, the variable has {info.size}")
             ctypes.memmove(base + info.offset, raw, info.size)

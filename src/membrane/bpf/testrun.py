@@ -18,8 +18,15 @@ class TestRunResult:
     ctx: bytes = b""
 
 
-def test_run(prog: Program, data: bytes, *, repeat: int = 1, ctx: bytes | None = None,
-             ctx_out_size: int = 0, data_out_size: int | None = None) -> TestRunResult:
+def test_run(
+    prog: Program,
+    data: bytes,
+    *,
+    repeat: int = 1,
+    ctx: bytes | None = None,
+    ctx_out_size: int = 0,
+    data_out_size: int | None = None,
+) -> TestRunResult:
     """Run `prog` on `data` `repeat` times. For tc programs pass `ctx` as a __sk_buff."""
     size_out = data_out_size or len(data) + 256
     data_in = ctypes.create_string_buffer(data, len(data))

@@ -26,9 +26,13 @@ app = typer.Typer(
 
 NETNS = typer.Option(None, "--netns", help="Network namespace of the device (/run/netns/NAME).")
 DEV = typer.Option(..., "--dev", "-d", help="Network device to filter on.")
-MODE = typer.Option("auto", "--mode", help="XDP mode: auto (generic on veth, where native "
-                                           "XDP disables TSO; else native if the driver has "
-                                           "it), native, generic.")
+MODE = typer.Option(
+    "auto",
+    "--mode",
+    help="XDP mode: auto (generic on veth, where native "
+    "XDP disables TSO; else native if the driver has "
+    "it), native, generic.",
+)
 OUTPUT = typer.Option("table", "-o", "--output", help="table or json.")
 
 
@@ -47,12 +51,16 @@ def _summary(mgr: FilterManager, att: Attachment) -> None:
     typer.echo(f"{att.device}{where}: {att.hook}{mode} filter with {text}")
 
 
-@app.command("drop-dst", epilog="Examples:\n\n  membrane filter drop-dst --dev eth0 192.168.0.1\n\n"
-                                "  membrane filter drop-dst --dev eth0 --add 2001:db8::/32\n\n"
-                                "  membrane filter drop-dst --dev eth0 --remove 192.168.0.1")
+@app.command(
+    "drop-dst",
+    epilog="Examples:\n\n  membrane filter drop-dst --dev eth0 192.168.0.1\n\n"
+    "  membrane filter drop-dst --dev eth0 --add 2001:db8::/32\n\n"
+    "  membrane filter drop-dst --dev eth0 --remove 192.168.0.1",
+)
 def drop_dst(
-    cidrs: list[str] = typer.Argument(None, help="Prefixes to drop (IPv4 or IPv6).",
-                                      show_default=False),
+    cidrs: list[str] = typer.Argument(
+        None, help="Prefixes to drop (IPv4 or IPv6).", show_default=False
+    ),
     dev: str = DEV,
     add: list[str] = typer.Option([], "--add", help="Add a prefix to the deny list."),
     remove: list[str] = typer.Option([], "--remove", help="Remove a prefix from the list."),
@@ -77,19 +85,26 @@ def drop_dst(
         # intermediate list drops at least what the old and the new list drop.
         if nets_remove:
             mgr.remove_drop_dst(netns, dev, nets_remove, check_only=True)
-        att = (mgr.add_drop_dst(netns, dev, nets_add, mode) if nets_add
-               else mgr.find(netns, dev, "xdp"))
+        att = (
+            mgr.add_drop_dst(netns, dev, nets_add, mode)
+            if nets_add
+            else mgr.find(netns, dev, "xdp")
+        )
         if nets_remove:
             mgr.remove_drop_dst(netns, dev, nets_remove)
         if att:
             _summary(mgr, att)
 
 
-@app.command("drop-proto", epilog="Examples:\n\n  membrane filter drop-proto --dev eth0 tcp\n\n"
-                                  "  membrane filter drop-proto --dev eth0 --remove tcp")
+@app.command(
+    "drop-proto",
+    epilog="Examples:\n\n  membrane filter drop-proto --dev eth0 tcp\n\n"
+    "  membrane filter drop-proto --dev eth0 --remove tcp",
+)
 def drop_proto(
-    protocols: list[str] = typer.Argument(None, help="tcp, udp, icmp, icmpv6, sctp, ... or a "
-                                                     "protocol number.", show_default=False),
+    protocols: list[str] = typer.Argument(
+        None, help="tcp, udp, icmp, icmpv6, sctp, ... or a protocol number.", show_default=False
+    ),
     dev: str = DEV,
     remove: list[str] = typer.Option([], "--remove", help="Stop dropping this protocol."),
     netns: str = NETNS,
@@ -102,8 +117,7 @@ def drop_proto(
     if not add and not rem:
         raise UserError("PROTOCOL", "give at least one protocol to drop (or --remove PROTO)")
     if overlap := set(add) & set(rem):
-        raise UserError("--remove", f"{protocol_name(min(overlap))} is both dropped and "
-                                    "removed")
+        raise UserError("--remove", f"{protocol_name(min(overlap))} is both dropped and removed")
     mgr = FilterManager()
     with mgr.locked():
         # As in drop-dst: check, add, then remove.
@@ -116,9 +130,12 @@ def drop_proto(
             _summary(mgr, att)
 
 
-@app.command("allow-only", epilog="Example (only 198.18.0.1 may reach 198.18.0.2 on TCP 80):"
-                                  "\n\n  membrane filter allow-only --dev eth0 --src 198.18.0.1 "
-                                  "--dst 198.18.0.2 --dport 80")
+@app.command(
+    "allow-only",
+    epilog="Example (only 198.18.0.1 may reach 198.18.0.2 on TCP 80):"
+    "\n\n  membrane filter allow-only --dev eth0 --src 198.18.0.1 "
+    "--dst 198.18.0.2 --dport 80",
+)
 def allow_only(
     dev: str = DEV,
     src: str = typer.Option(..., "--src", help="Source address of the allowed flow."),
@@ -161,8 +178,12 @@ def _attachment_dict(mgr: FilterManager, att: Attachment, with_stats: bool) -> d
         out["mode"] = XDP_MODE_NAMES.get(att.meta.xdp_mode)
     rules = mgr.rules(att, with_stats=with_stats)
     out["rules"] = [
-        {"id": r.id, "kind": r.kind, "rule": r.text,
-         **({"packets": r.packets, "bytes": r.bytes} if with_stats else {})}
+        {
+            "id": r.id,
+            "kind": r.kind,
+            "rule": r.text,
+            **({"packets": r.packets, "bytes": r.bytes} if with_stats else {}),
+        }
         for r in rules
     ]
     if with_stats:
@@ -190,10 +211,12 @@ def list_filters(
         if not a["rules"]:
             rows.append([a["device"], where, hook, a["state"], "", "", "(no rules)"])
         for r in a["rules"]:
-            rows.append([a["device"], where, hook, a["state"], str(r["id"]), r["kind"],
-                         r["rule"]])
-    print_table(["DEVICE", "NETNS", "HOOK", "STATE", "ID", "KIND", "RULE"], rows,
-                empty="no filters attached")
+            rows.append([a["device"], where, hook, a["state"], str(r["id"]), r["kind"], r["rule"]])
+    print_table(
+        ["DEVICE", "NETNS", "HOOK", "STATE", "ID", "KIND", "RULE"],
+        rows,
+        empty="no filters attached",
+    )
 
 
 @app.command("stats")
@@ -212,22 +235,45 @@ def stats(
     rows = []
     for a in data:
         for r in a["rules"]:
-            rows.append([a["device"], a["hook"], str(r["id"]), r["kind"], r["rule"],
-                         str(r["packets"]), str(r["bytes"])])
+            rows.append(
+                [
+                    a["device"],
+                    a["hook"],
+                    str(r["id"]),
+                    r["kind"],
+                    r["rule"],
+                    str(r["packets"]),
+                    str(r["bytes"]),
+                ]
+            )
         t = a["totals"]
-        rows.append([a["device"], a["hook"], "", "total", f"passed {t['passed']['packets']}, "
-                     f"dropped {t['dropped']['packets']}, unparsed {t['unparsed']['packets']}",
-                     str(t["seen"]["packets"]), str(t["seen"]["bytes"])])
-    print_table(["DEVICE", "HOOK", "ID", "KIND", "RULE", "PACKETS", "BYTES"], rows,
-                empty="no filters attached")
+        rows.append(
+            [
+                a["device"],
+                a["hook"],
+                "",
+                "total",
+                f"passed {t['passed']['packets']}, "
+                f"dropped {t['dropped']['packets']}, unparsed {t['unparsed']['packets']}",
+                str(t["seen"]["packets"]),
+                str(t["seen"]["bytes"]),
+            ]
+        )
+    print_table(
+        ["DEVICE", "HOOK", "ID", "KIND", "RULE", "PACKETS", "BYTES"],
+        rows,
+        empty="no filters attached",
+    )
 
 
 @app.command("events", epilog="Example:\n\n  membrane filter events --follow -o json")
 def events(
-    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new drops until "
-                                                             "Ctrl-C."),
-    output: str = typer.Option("table", "-o", "--output", help="table or json (one object per "
-                                                               "line)."),
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="Keep printing new drops until Ctrl-C."
+    ),
+    output: str = typer.Option(
+        "table", "-o", "--output", help="table or json (one object per line)."
+    ),
     dev: str = typer.Option(None, "--dev", "-d", help="Only drops on this device."),
     netns: str = NETNS,
 ) -> None:
@@ -253,12 +299,17 @@ def events(
                     header_done = True
                 typer.echo(FilterEvents.table_line(ev))
         if stream.lost:
-            typer.echo(f"{stream.lost} events lost since the first filter was attached "
-                       "(the ring buffer was full; read it with --follow to keep up)", err=True)
+            typer.echo(
+                f"{stream.lost} events lost since the first filter was attached "
+                "(the ring buffer was full; read it with --follow to keep up)",
+                err=True,
+            )
 
 
-@app.command("detach", epilog="Examples:\n\n  membrane filter detach --dev eth0\n\n"
-                              "  membrane filter detach --all")
+@app.command(
+    "detach",
+    epilog="Examples:\n\n  membrane filter detach --dev eth0\n\n  membrane filter detach --all",
+)
 def detach(
     dev: str = typer.Option(None, "--dev", "-d", help="Device whose filters to remove."),
     hook: str = typer.Option(None, "--hook", help="Only this hook: xdp, tc-ingress, tc-egress."),
@@ -272,13 +323,16 @@ def detach(
         raise UserError("--dev", "name a device (or use --all)")
     mgr = FilterManager()
     with mgr.locked():
-        targets = mgr.attachments() if all_ and not dev \
-            else mgr.attachments(netns=netns, device=dev)
+        targets = (
+            mgr.attachments() if all_ and not dev else mgr.attachments(netns=netns, device=dev)
+        )
         targets = [a for a in targets if hook is None or a.hook == hook]
         if dev and not targets:
             where = f" in netns {netns}" if netns else ""
             raise UserError("--dev", f"{dev}{where} has no {hook or 'filter'} attached")
         for att in targets:
             mgr.detach(att)
-            typer.echo(f"detached {att.hook} filter from {att.device}"
-                       + (f" (netns {att.netns})" if att.netns else ""))
+            typer.echo(
+                f"detached {att.hook} filter from {att.device}"
+                + (f" (netns {att.netns})" if att.netns else "")
+            )

@@ -18,8 +18,9 @@ app = typer.Typer(
 @app.callback()
 def trace(
     ctx: typer.Context,
-    list_tools: bool = typer.Option(False, "--list", help="List the tools and whether this "
-                                                          "kernel supports each."),
+    list_tools: bool = typer.Option(
+        False, "--list", help="List the tools and whether this kernel supports each."
+    ),
     output: str = typer.Option("table", "-o", "--output", help="With --list: table or json."),
 ) -> None:
     if not list_tools:
@@ -32,14 +33,28 @@ def trace(
     rows = []
     for tool in discover():
         missing = [f for f in tool.requires if not supports(f)]
-        rows.append({"tool": tool.name, "supported": not missing, "missing": missing,
-                     "summary": tool.summary})
+        rows.append(
+            {
+                "tool": tool.name,
+                "supported": not missing,
+                "missing": missing,
+                "summary": tool.summary,
+            }
+        )
     if output == "json":
         print_json(rows)
     else:
-        print_table(["TOOL", "SUPPORTED", "WHAT IT DOES"],
-                    [[r["tool"], "yes" if r["supported"] else f"no ({', '.join(r['missing'])})",
-                      r["summary"]] for r in rows])
+        print_table(
+            ["TOOL", "SUPPORTED", "WHAT IT DOES"],
+            [
+                [
+                    r["tool"],
+                    "yes" if r["supported"] else f"no ({', '.join(r['missing'])})",
+                    r["summary"],
+                ]
+                for r in rows
+            ],
+        )
     raise typer.Exit(0)
 
 

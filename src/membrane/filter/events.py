@@ -22,8 +22,10 @@ _POLL_MS = 200
 class FilterEvents:
     """Context manager yielding batches of decoded drop events."""
 
-    TABLE_HEADER = (f"{'TIME':<15} {'DEVICE':<24} {'HOOK':<10} {'PROTO':<6} "
-                    f"{'SOURCE':<24} {'DESTINATION':<24} RULE")
+    TABLE_HEADER = (
+        f"{'TIME':<15} {'DEVICE':<24} {'HOOK':<10} {'PROTO':<6} "
+        f"{'SOURCE':<24} {'DESTINATION':<24} RULE"
+    )
 
     def __init__(self, mgr: FilterManager) -> None:
         self.mgr = mgr
@@ -95,6 +97,8 @@ class FilterEvents:
             return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
         device = ev["device"] + (f"@{ev['netns']}" if ev["netns"] else "")
-        return (f"{ev['time'][11:26]:<15} {device:<24} {ev['hook']:<10} {ev['protocol']:<6} "
-                f"{endpoint(ev['src'], ev['sport']):<24} {endpoint(ev['dst'], ev['dport']):<24} "
-                f"{ev['rule']}")
+        return (
+            f"{ev['time'][11:26]:<15} {device:<24} {ev['hook']:<10} {ev['protocol']:<6} "
+            f"{endpoint(ev['src'], ev['sport']):<24} {endpoint(ev['dst'], ev['dport']):<24} "
+            f"{ev['rule']}"
+        )

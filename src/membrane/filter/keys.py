@@ -93,8 +93,7 @@ class DropDstTables:
         masks = summary_masks(n for n, _ in rules)
         full = _summary_value(_FULL)
         self.summary.update_batch(  # a fully covered /16 needs no read of what was there
-            (i, full if mask == _FULL
-             else _summary_value(mask | _mask_of(self.summary.lookup(i))))
+            (i, full if mask == _FULL else _summary_value(mask | _mask_of(self.summary.lookup(i))))
             for i, mask in masks.items()
         )
         return len(rules)
@@ -116,9 +115,7 @@ class DropDstTables:
         touched = set(summary_masks(nets))
         if touched:
             remaining = summary_masks((n for n, _ in self.items(version=4)), only=touched)
-            self.summary.update_batch(
-                (i, _summary_value(remaining.get(i, 0))) for i in touched
-            )
+            self.summary.update_batch((i, _summary_value(remaining.get(i, 0))) for i in touched)
         return freed
 
     def items(self, version: int | None = None) -> list[tuple[IPNetwork, int]]:

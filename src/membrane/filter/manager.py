@@ -91,8 +91,11 @@ class Attachment:
 
 def require_root() -> None:
     if os.geteuid() != 0:
-        raise NotPermitted("", "membrane filter needs root (CAP_BPF, CAP_NET_ADMIN and "
-                               "CAP_SYS_ADMIN to load programs, attach them and pin them)")
+        raise NotPermitted(
+            "",
+            "membrane filter needs root (CAP_BPF, CAP_NET_ADMIN and "
+            "CAP_SYS_ADMIN to load programs, attach them and pin them)",
+        )
 
 
 @contextlib.contextmanager
@@ -150,8 +153,7 @@ class FilterManager:
             att.meta = meta.lookup(0)
         return att
 
-    def attachments(self, netns: str | None = None, device: str | None = None
-                    ) -> list[Attachment]:
+    def attachments(self, netns: str | None = None, device: str | None = None) -> list[Attachment]:
         if not self.root.is_dir():
             return []
         found = []
@@ -179,9 +181,11 @@ class FilterManager:
         """Load the program for `hook`, reusing the maps pinned in `pin_dir`."""
         if hook == "xdp":
             obj = BpfObject.open("filter_xdp")
-            obj.set_config(enable_drop_dst=bool(features & FEATURE_DROP_DST),
-                           enable_drop_proto=bool(features & FEATURE_DROP_PROTO),
-                           instance=instance)
+            obj.set_config(
+                enable_drop_dst=bool(features & FEATURE_DROP_DST),
+                enable_drop_proto=bool(features & FEATURE_DROP_PROTO),
+                instance=instance,
+            )
         else:
             obj = BpfObject.open("filter_tc")
             obj.set_config(enable_allow_only=True, hook=HOOK_IDS[hook], instance=instance)
@@ -190,8 +194,9 @@ class FilterManager:
             obj.pin_map(name, str(self.root / name))
         return obj.load()
 
-    def _attach_new(self, netns: str | None, device: str, hook: str, features: int,
-                    fill: Any, xdp_mode: str) -> Attachment:
+    def _attach_new(
+        self, netns: str | None, device: str, hook: str, features: int, fill: Any, xdp_mode: str
+    ) -> Attachment:
         """Build a new attachment in staging, fill its rules, attach, then publish it."""
         final = self.attachment_path(netns, device, hook)
         staging = self.root / f"staging-{os.getpid()}-{_encode(device)}-{hook}"
@@ -205,8 +210,11 @@ class FilterManager:
                 with obj:
                     att = Attachment(self.scope_of(netns), device, hook, staging)
                     meta = obj.map("filter_meta").value_type(
-                        instance=obj.get_config("instance"), ifindex=ifindex,
-                        features=features, hook=HOOK_IDS[hook])
+                        instance=obj.get_config("instance"),
+                        ifindex=ifindex,
+                        features=features,
+                        hook=HOOK_IDS[hook],
+                    )
                     fill(att)
                     prog = obj.program("filter_xdp" if hook == "xdp" else "filter_tc")
                     if hook == "xdp":
@@ -231,17 +239,27 @@ class FilterManager:
                 link.close()
         return self.load_attachment(final)
 
-    def _ensure(self, netns: str | None, device: str, hook: str, feature: int, fill: Any,
-                xdp_mode: str = "auto") -> Attachment:
+    def _ensure(
+        self,
+        netns: str | None,
+        device: str,
+        hook: str,
+        feature: int,
+        fill: Any,
+        xdp_mode: str = "auto",
+    ) -> Attachment:
         """Add rules with `fill`, attaching the program (or enabling `feature` in it) first
         when needed. Rules are written before the program that reads them goes live."""
         att = self.find(netns, device, hook)
         if att is None:
             return self._attach_new(netns, device, hook, feature, fill, xdp_mode)
         if hook == "xdp" and xdp_mode != "auto" and XDP_MODE_IDS[xdp_mode] != att.meta.xdp_mode:
-            raise UserError("--mode", f"{device} already has the filter in "
-                                      f"{XDP_MODE_NAMES[att.meta.xdp_mode]} mode; detach it "
-                                      "first to change modes")
+            raise UserError(
+                "--mode",
+                f"{device} already has the filter in "
+                f"{XDP_MODE_NAMES[att.meta.xdp_mode]} mode; detach it "
+                "first to change modes",
+            )
         fill(att)
         if not att.features & feature:
             self._reload(att, att.features | feature)
@@ -250,15 +268,21 @@ class FilterManager:
     def _reload(self, att: Attachment, features: int) -> None:
         """Swap in a program with more features enabled; maps are reused, the link is
         updated atomically, so traffic always sees one complete program."""
-        with in_netns(att.netns), self._open(att.hook, features, att.meta.instance,
-                                             att.path) as obj:
+        with (
+            in_netns(att.netns),
+            self._open(att.hook, features, att.meta.instance, att.path) as obj,
+        ):
             prog = obj.program("filter_xdp" if att.hook == "xdp" else "filter_tc")
             if (att.path / "link").exists():
                 with Link.from_pin(str(att.path / "link")) as link:
                     link.update(prog)
             else:
-                ClsactAttachment(att.meta.ifindex, att.hook.removeprefix("tc-"),
-                                 att.meta.tc_handle, att.meta.tc_priority).update(prog)
+                ClsactAttachment(
+                    att.meta.ifindex,
+                    att.hook.removeprefix("tc-"),
+                    att.meta.tc_handle,
+                    att.meta.tc_priority,
+                ).update(prog)
             att.meta.features = features
             with att.map("filter_meta") as meta:
                 meta.update(0, att.meta)
@@ -266,8 +290,11 @@ class FilterManager:
     # ---- rule ids ----------------------------------------------------------------------
     @staticmethod
     def _used_rule_ids(att: Attachment) -> set[int]:
-        names = ("drop_dst_v4", "drop_dst_v6", "drop_proto") if att.hook == "xdp" \
+        names = (
+            ("drop_dst_v4", "drop_dst_v6", "drop_proto")
+            if att.hook == "xdp"
             else ("allow_guard", "allow_flows")
+        )
         used: set[int] = set()
         for name in names:
             with att.map(name) as m:
@@ -281,8 +308,7 @@ class FilterManager:
         for rule_id in range(1, limit):
             if rule_id not in used:
                 yield rule_id
-        raise UserError("", f"{att.device} {att.hook}: the filter is full "
-                            f"({limit - 1} rules)")
+        raise UserError("", f"{att.device} {att.hook}: the filter is full ({limit - 1} rules)")
 
     @staticmethod
     def _reset_stats(att: Attachment, ids: list[int]) -> None:
@@ -297,12 +323,16 @@ class FilterManager:
     @staticmethod
     @contextlib.contextmanager
     def _dst_tables(att: Attachment) -> Iterator[DropDstTables]:
-        with att.map("drop_dst_v4") as v4, att.map("drop_dst_v6") as v6, \
-                att.map("drop_dst_v4_summary") as summary:
+        with (
+            att.map("drop_dst_v4") as v4,
+            att.map("drop_dst_v6") as v6,
+            att.map("drop_dst_v4_summary") as summary,
+        ):
             yield DropDstTables(v4, v6, summary)
 
-    def add_drop_dst(self, netns: str | None, device: str, nets: list[IPNetwork],
-                     xdp_mode: str = "auto") -> Attachment:
+    def add_drop_dst(
+        self, netns: str | None, device: str, nets: list[IPNetwork], xdp_mode: str = "auto"
+    ) -> Attachment:
         def fill(att: Attachment) -> None:
             with self._dst_tables(att) as tables:
                 existing = {n for n, _ in tables.items()}
@@ -311,15 +341,19 @@ class FilterManager:
                     table = tables.v4 if version == 4 else tables.v6
                     count = sum(1 for n in new if n.version == version)
                     if count and len(table) + count > table.max_entries:
-                        raise UserError("CIDR", f"{device}: the deny list would exceed its "
-                                                f"{table.max_entries} IPv{version} prefixes")
+                        raise UserError(
+                            "CIDR",
+                            f"{device}: the deny list would exceed its "
+                            f"{table.max_entries} IPv{version} prefixes",
+                        )
                 ids = self._id_allocator(att, self._used_rule_ids(att))
                 tables.add((n, next(ids)) for n in new)
 
         return self._ensure(netns, device, "xdp", FEATURE_DROP_DST, fill, xdp_mode)
 
-    def remove_drop_dst(self, netns: str | None, device: str, nets: list[IPNetwork],
-                        check_only: bool = False) -> int:
+    def remove_drop_dst(
+        self, netns: str | None, device: str, nets: list[IPNetwork], check_only: bool = False
+    ) -> int:
         """Remove prefixes; with `check_only`, only raise if one of them cannot be."""
         att = self._require(netns, device, "xdp")
         with self._dst_tables(att) as tables:
@@ -337,8 +371,9 @@ class FilterManager:
             return [Rule(rule_id, "drop-dst", str(net)) for net, rule_id in tables.items()]
 
     # ---- drop-proto --------------------------------------------------------------------
-    def add_drop_proto(self, netns: str | None, device: str, protocols: list[int],
-                       xdp_mode: str = "auto") -> Attachment:
+    def add_drop_proto(
+        self, netns: str | None, device: str, protocols: list[int], xdp_mode: str = "auto"
+    ) -> Attachment:
         def fill(att: Attachment) -> None:
             with att.map("drop_proto") as m:
                 todo = [p for p in protocols if not m.lookup(p)]
@@ -348,15 +383,17 @@ class FilterManager:
 
         return self._ensure(netns, device, "xdp", FEATURE_DROP_PROTO, fill, xdp_mode)
 
-    def remove_drop_proto(self, netns: str | None, device: str, protocols: list[int],
-                          check_only: bool = False) -> int:
+    def remove_drop_proto(
+        self, netns: str | None, device: str, protocols: list[int], check_only: bool = False
+    ) -> int:
         """Stop dropping protocols; with `check_only`, only raise if one is not dropped."""
         att = self._require(netns, device, "xdp")
         with att.map("drop_proto") as m:
             for proto in protocols:
                 if not m.lookup(proto):
-                    raise UserError("--remove", f"{protocol_name(proto)} is not dropped on "
-                                                f"{device}")
+                    raise UserError(
+                        "--remove", f"{protocol_name(proto)} is not dropped on {device}"
+                    )
             if check_only:
                 return 0
             freed = [m.lookup(p) for p in protocols]
@@ -366,8 +403,9 @@ class FilterManager:
         return len(freed)
 
     # ---- allow-only --------------------------------------------------------------------
-    def add_allow_flow(self, netns: str | None, device: str, flow: AllowedFlow,
-                       direction: str = "ingress") -> Attachment:
+    def add_allow_flow(
+        self, netns: str | None, device: str, flow: AllowedFlow, direction: str = "ingress"
+    ) -> Attachment:
         def fill(att: Attachment) -> None:
             ids = self._id_allocator(att, self._used_rule_ids(att))
             # The flow goes in before its guard, so enabling the guard never drops it.
@@ -382,8 +420,9 @@ class FilterManager:
 
         return self._ensure(netns, device, f"tc-{direction}", FEATURE_ALLOW_ONLY, fill)
 
-    def remove_allow_flow(self, netns: str | None, device: str, flow: AllowedFlow,
-                          direction: str = "ingress") -> None:
+    def remove_allow_flow(
+        self, netns: str | None, device: str, flow: AllowedFlow, direction: str = "ingress"
+    ) -> None:
         att = self._require(netns, device, f"tc-{direction}")
         freed = []
         with att.map("allow_flows") as flows:
@@ -391,9 +430,11 @@ class FilterManager:
             rule_id = flows.lookup(key)
             if rule_id is None:
                 raise UserError("--remove", f"{flow} is not a rule on {device}")
-            others = [k for k, _ in flows.items()
-                      if (k.port, k.protocol) == (flow.port, flow.protocol)
-                      and bytes(k) != bytes(key)]
+            others = [
+                k
+                for k, _ in flows.items()
+                if (k.port, k.protocol) == (flow.port, flow.protocol) and bytes(k) != bytes(key)
+            ]
             # With no allowed flow left the guard goes first: the port is then unguarded
             # rather than closed to the one flow the user still meant to allow.
             if not others:
@@ -409,14 +450,18 @@ class FilterManager:
         rules = []
         with att.map("allow_guard") as guards:
             for key, rule_id in guards.items():
-                rules.append(Rule(rule_id, "guard", f"drop other {protocol_name(key.protocol)}"
-                                                    f"/{key.port}"))
+                rules.append(
+                    Rule(rule_id, "guard", f"drop other {protocol_name(key.protocol)}/{key.port}")
+                )
         with att.map("allow_flows") as flows:
             for key, rule_id in flows.items():
                 size = 4 if key.family == 4 else 16
-                flow = AllowedFlow(ipaddress.ip_address(bytes(key.src)[:size]),
-                                   ipaddress.ip_address(bytes(key.dst)[:size]),
-                                   key.port, key.protocol)
+                flow = AllowedFlow(
+                    ipaddress.ip_address(bytes(key.src)[:size]),
+                    ipaddress.ip_address(bytes(key.dst)[:size]),
+                    key.port,
+                    key.protocol,
+                )
                 rules.append(Rule(rule_id, "allow-only", str(flow)))
         return rules
 
@@ -459,14 +504,17 @@ class FilterManager:
 
     # ---- detaching ---------------------------------------------------------------------
     def detach(self, att: Attachment) -> None:
-        with contextlib.suppress(FileNotFoundError), \
-                Link.from_pin(str(att.path / "link")) as link:
+        with contextlib.suppress(FileNotFoundError), Link.from_pin(str(att.path / "link")) as link:
             link.detach()
         if not (att.path / "link").exists() and att.hook != "xdp" and att.meta.tc_handle:
             # a namespace deleted under the filter took the device (and the filter) along
             with contextlib.suppress(BpfError, UserError), in_netns(att.netns):
-                ClsactAttachment(att.meta.ifindex, att.hook.removeprefix("tc-"),
-                                 att.meta.tc_handle, att.meta.tc_priority).detach()
+                ClsactAttachment(
+                    att.meta.ifindex,
+                    att.hook.removeprefix("tc-"),
+                    att.meta.tc_handle,
+                    att.meta.tc_priority,
+                ).detach()
         shutil.rmtree(att.path, ignore_errors=True)
         for parent in (att.path.parent, att.path.parent.parent):
             with contextlib.suppress(OSError):
@@ -501,9 +549,12 @@ def _xdp_mode_for(ifindex: int, requested: str) -> str:
 
 def _attach_problem(device: str, hook: str, err: AttachError) -> str:
     if err.errno in (E.EBUSY, E.EEXIST):
-        return (f"{device} already has an {hook} program that membrane did not attach; "
-                "remove it first")
+        return (
+            f"{device} already has an {hook} program that membrane did not attach; remove it first"
+        )
     if err.errno in (E.EOPNOTSUPP, E.ENOTSUP, E.EINVAL):
-        return f"cannot attach {hook} to {device}: the kernel or driver does not support it " \
-               f"({os.strerror(err.errno)}); see `membrane probe`"
+        return (
+            f"cannot attach {hook} to {device}: the kernel or driver does not support it "
+            f"({os.strerror(err.errno)}); see `membrane probe`"
+        )
     return f"cannot attach {hook} to {device}: {os.strerror(err.errno)}"

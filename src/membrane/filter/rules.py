@@ -38,8 +38,9 @@ def parse_cidr(text: str, field: str) -> IPNetwork:
     try:
         net = ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
-        raise UserError(field, f"{text!r} is not an IPv4 or IPv6 prefix "
-                               "(e.g. 198.18.0.0/16 or 2001:db8::/32)") from None
+        raise UserError(
+            field, f"{text!r} is not an IPv4 or IPv6 prefix (e.g. 198.18.0.0/16 or 2001:db8::/32)"
+        ) from None
     if "/" in text and net.network_address != ipaddress.ip_interface(text.strip()).ip:
         raise UserError(field, f"{text!r} has host bits set; did you mean {net}?")
     return net
@@ -69,8 +70,11 @@ def parse_protocol(text: str, field: str) -> int:
         return PROTOCOLS[name]
     if name.isdigit() and 0 <= int(name) <= 255:
         return int(name)
-    raise UserError(field, f"unknown protocol {text!r} (use one of "
-                           f"{', '.join(sorted(set(PROTOCOLS) - {'icmp6'}))} or a number 0-255)")
+    raise UserError(
+        field,
+        f"unknown protocol {text!r} (use one of "
+        f"{', '.join(sorted(set(PROTOCOLS) - {'icmp6'}))} or a number 0-255)",
+    )
 
 
 def protocol_name(number: int) -> str:
@@ -110,8 +114,10 @@ class AllowedFlow:
             raise UserError("--dst", f"{d} is IPv{d.version} but --src {s} is IPv{s.version}")
         proto = parse_protocol(protocol, "--proto")
         if protocol_name(proto) not in PORT_PROTOCOLS:
-            raise UserError("--proto", f"{protocol!r} has no ports; allow-only needs "
-                                       f"{', '.join(PORT_PROTOCOLS)}")
+            raise UserError(
+                "--proto",
+                f"{protocol!r} has no ports; allow-only needs {', '.join(PORT_PROTOCOLS)}",
+            )
         return cls(s, d, parse_port(port, "--dport"), proto)
 
     def __str__(self) -> str:

@@ -95,8 +95,12 @@ def layout(folded: Mapping[tuple[str, ...], int]) -> list[Frame]:
     return frames
 
 
-def render_svg(folded: Mapping[tuple[str, ...], int], title: str = "Flame Graph",
-               subtitle: str = "", width: int = _WIDTH) -> str:
+def render_svg(
+    folded: Mapping[tuple[str, ...], int],
+    title: str = "Flame Graph",
+    subtitle: str = "",
+    width: int = _WIDTH,
+) -> str:
     """A self-contained SVG document of the flame graph."""
     frames = layout(folded)
     total = frames[0].samples
@@ -109,15 +113,15 @@ def render_svg(folded: Mapping[tuple[str, ...], int], title: str = "Flame Graph"
         f'height="{height}" viewBox="0 0 {width} {height}" '
         f'font-family="Verdana, sans-serif" font-size="{_FONT_SIZE}">',
         f'<rect x="0" y="0" width="{width}" height="{height}" fill="#f8f8f0"/>',
-        f'<text x="{width / 2}" y="20" font-size="16" text-anchor="middle">'
-        f"{escape(title)}</text>",
+        f'<text x="{width / 2}" y="20" font-size="16" text-anchor="middle">{escape(title)}</text>',
     ]
     if subtitle:
-        out.append(f'<text x="{width / 2}" y="38" text-anchor="middle" fill="#555">'
-                   f"{escape(subtitle)}</text>")
+        out.append(
+            f'<text x="{width / 2}" y="38" text-anchor="middle" fill="#555">'
+            f"{escape(subtitle)}</text>"
+        )
     if not total:
-        out.append(f'<text x="{width / 2}" y="{_TOP + 12}" text-anchor="middle">'
-                   "no samples</text>")
+        out.append(f'<text x="{width / 2}" y="{_TOP + 12}" text-anchor="middle">no samples</text>')
     for frame in frames if total else ():
         w = frame.samples * scale
         if w < _MIN_WIDTH:
@@ -129,13 +133,14 @@ def render_svg(folded: Mapping[tuple[str, ...], int], title: str = "Flame Graph"
         name = frame.name.removesuffix(KERNEL_SUFFIX)
         where = " [kernel]" if name != frame.name else ""
         tip = f"{name}{where} ({frame.samples} sample{plural}, {share:.2f}%)"
-        out.append(f"<g><title>{escape(tip)}</title>"
-                   f'<rect x="{x:.2f}" y="{y}" width="{w:.2f}" height="{_FRAME_HEIGHT - 1}" '
-                   f'rx="2" ry="2" fill={quoteattr(_colour(frame))}/>')
+        out.append(
+            f"<g><title>{escape(tip)}</title>"
+            f'<rect x="{x:.2f}" y="{y}" width="{w:.2f}" height="{_FRAME_HEIGHT - 1}" '
+            f'rx="2" ry="2" fill={quoteattr(_colour(frame))}/>'
+        )
         label = _label(name, w)
         if label:
-            out.append(f'<text x="{x + 3:.2f}" y="{y + _FRAME_HEIGHT - 4}">'
-                       f"{escape(label)}</text>")
+            out.append(f'<text x="{x + 3:.2f}" y="{y + _FRAME_HEIGHT - 4}">{escape(label)}</text>')
         out.append("</g>")
     out.append("</svg>")
     return "\n".join(out) + "\n"
@@ -146,7 +151,7 @@ def _label(name: str, width: float) -> str:
     fits = int((width - 6) / _CHAR_WIDTH)
     if fits >= len(name):
         return name
-    return name[:fits - 2] + ".." if fits >= 3 else ""
+    return name[: fits - 2] + ".." if fits >= 3 else ""
 
 
 def _colour(frame: Frame) -> str:

@@ -11,8 +11,9 @@ import typer
 
 from membrane.errors import UserError
 
-INTERVAL = typer.Option(1.0, "--interval", "-i",
-                        help="Report every this many seconds; 0: only once, at the end.")
+INTERVAL = typer.Option(
+    1.0, "--interval", "-i", help="Report every this many seconds; 0: only once, at the end."
+)
 _MIN_INTERVAL = 0.01
 
 
@@ -21,8 +22,9 @@ def check_interval(interval: float) -> float | None:
     if not math.isfinite(interval) or interval < 0:
         raise UserError("--interval", f"{interval} is not a number of seconds >= 0")
     if 0 < interval < _MIN_INTERVAL:
-        raise UserError("--interval", f"{interval}: at most {1 / _MIN_INTERVAL:.0f} reports "
-                                      "a second")
+        raise UserError(
+            "--interval", f"{interval}: at most {1 / _MIN_INTERVAL:.0f} reports a second"
+        )
     return interval or None
 
 
@@ -37,5 +39,8 @@ class Stamp:
         """(iso time, seconds since the previous report, [HH:MM:SS])."""
         now = time.monotonic()
         seconds, self._last = round(now - self._last, 3), now
-        return (datetime.now(UTC).isoformat(timespec="microseconds"), seconds,
-                time.strftime("[%H:%M:%S]"))
+        return (
+            datetime.now(UTC).isoformat(timespec="microseconds"),
+            seconds,
+            time.strftime("[%H:%M:%S]"),
+        )

@@ -28,8 +28,9 @@ class TraceOptions:
     output: str = "table"
 
     @classmethod
-    def parse(cls, pid: int | None, comm: str | None, uid: int | None,
-              duration: float | None, output: str) -> TraceOptions:
+    def parse(
+        cls, pid: int | None, comm: str | None, uid: int | None, duration: float | None, output: str
+    ) -> TraceOptions:
         output = check_choice(output, ("table", "json"), "--output")
         if pid is not None:
             if pid <= 0:

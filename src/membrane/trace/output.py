@@ -34,8 +34,9 @@ class Printer:
         self.count = 0
         self._header_done = False
         # One %-format for the whole row: faster than str.format or padding cell by cell.
-        self._row = " ".join(("%%%ds" if c.right else "%%-%ds") % c.width if c.width else "%s"
-                             for c in columns)
+        self._row = " ".join(
+            ("%%%ds" if c.right else "%%-%ds") % c.width if c.width else "%s" for c in columns
+        )
 
     def _line(self, values: Sequence[str]) -> str:
         return (self._row % tuple(values)).rstrip()
@@ -63,17 +64,23 @@ class Printer:
         if self.json:
             # json.dumps per event cost 4-5 us; the same text from column-wise encoding
             # (strings through json's own C escaper) and one %-template per line, ~1.5 us.
-            row = "{" + ", ".join(json.dumps(k).replace("%", "%%") + ": %s"
-                                  for k in fields) + "}\n"
-            sys.stdout.write("".join([row % values for values in zip(
-                *map(_json_texts, fields.values()), strict=True)]))
+            row = "{" + ", ".join(json.dumps(k).replace("%", "%%") + ": %s" for k in fields) + "}\n"
+            sys.stdout.write(
+                "".join(
+                    [
+                        row % values
+                        for values in zip(*map(_json_texts, fields.values()), strict=True)
+                    ]
+                )
+            )
             self.count += count
             return
         self.header()
         cells = [_cells(fields.get(c.key, [None] * count), c.fmt) for c in self.columns]
         row = self._row
-        sys.stdout.write("".join([(row % values).rstrip() + "\n"
-                                  for values in zip(*cells, strict=True)]))
+        sys.stdout.write(
+            "".join([(row % values).rstrip() + "\n" for values in zip(*cells, strict=True)])
+        )
         self.count += count
 
     def _write_json(self, records: Sequence[dict[str, Any]]) -> None:

@@ -28,15 +28,22 @@ _NEEDED_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN")
 def require_privileges() -> None:
     missing = missing_capabilities(_NEEDED_CAPS)
     if missing:
-        raise NotPermitted("", f"tracing needs root ({', '.join(missing)} missing) to load "
-                               "and attach BPF programs")
+        raise NotPermitted(
+            "", f"tracing needs root ({', '.join(missing)} missing) to load and attach BPF programs"
+        )
 
 
 class TraceSession:
     """Context manager around a loaded tool object and its links."""
 
-    def __init__(self, obj_name: str, opts: TraceOptions, config: dict[str, Any] | None = None,
-                 map_sizes: dict[str, int] | None = None, attach: bool = True) -> None:
+    def __init__(
+        self,
+        obj_name: str,
+        opts: TraceOptions,
+        config: dict[str, Any] | None = None,
+        map_sizes: dict[str, int] | None = None,
+        attach: bool = True,
+    ) -> None:
         require_privileges()
         ensure_tracefs()
         self.opts = opts
@@ -50,8 +57,9 @@ class TraceSession:
             self.obj.load()
         except LoadError as err:
             self.close()
-            raise UserError("", f"the kernel refused {obj_name}: {_first_line(err.log)}; "
-                                "see `membrane probe`") from None
+            raise UserError(
+                "", f"the kernel refused {obj_name}: {_first_line(err.log)}; see `membrane probe`"
+            ) from None
         if attach:
             for prog in self.obj.programs.values():
                 self.attach(lambda p=prog: attach_auto(p))
@@ -87,15 +95,19 @@ class TraceSession:
 
     def ring(self, struct: str) -> RingBuffer:
         """The object's `events` ring buffer, decoding records as `struct`."""
-        ring = RingBuffer(self.map("events"), dtype=self.obj.btf.dtype(struct),
-                          lost_map=self.map("events_lost"))
+        ring = RingBuffer(
+            self.map("events"), dtype=self.obj.btf.dtype(struct), lost_map=self.map("events_lost")
+        )
         self._stack.callback(ring.close)
         return ring
 
-    def run(self, ring: RingBuffer | None = None,
-            on_events: Callable[[np.ndarray], None] | None = None,
-            interval: float | None = None,
-            on_interval: Callable[[], None] | None = None) -> float:
+    def run(
+        self,
+        ring: RingBuffer | None = None,
+        on_events: Callable[[np.ndarray], None] | None = None,
+        interval: float | None = None,
+        on_interval: Callable[[], None] | None = None,
+    ) -> float:
         """Deliver events (and interval ticks) until --duration or Ctrl-C/SIGTERM.
         Returns the seconds traced."""
         start = time.monotonic()
@@ -108,8 +120,9 @@ class TraceSession:
                 now = time.monotonic()
                 if end is not None and now >= end:
                     break
-                wait = min(t - now for t in (end, next_tick, now + _POLL_MS / 1000)
-                           if t is not None)
+                wait = min(
+                    t - now for t in (end, next_tick, now + _POLL_MS / 1000) if t is not None
+                )
                 if ring is not None:
                     batch = ring.poll(max(int(wait * 1000), 0))
                     if on_events is not None and len(batch):

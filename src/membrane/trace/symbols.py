@@ -34,8 +34,16 @@ _PT_LOAD = 1
 _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 _STB_LOCAL, _STB_GLOBAL, _STB_WEAK = 0, 1, 2
 _NT_GNU_BUILD_ID = 3
-_SYM_DTYPE = np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"),
-                       ("value", "<u8"), ("size", "<u8")])
+_SYM_DTYPE = np.dtype(
+    [
+        ("name", "<u4"),
+        ("info", "u1"),
+        ("other", "u1"),
+        ("shndx", "<u2"),
+        ("value", "<u8"),
+        ("size", "<u8"),
+    ]
+)
 _DEBUG_DIR = "/usr/lib/debug/.build-id"
 _LAST_SYMBOL_SPAN = 4096  # kallsyms gives no sizes: the last symbol gets this much
 _NO_STARTS = np.zeros(0, dtype=np.uint64)
@@ -80,8 +88,10 @@ class SymbolTable:
         idx = np.searchsorted(self.starts, addrs, side="right") - 1
         safe = np.maximum(idx, 0)
         inside = (idx >= 0) & (addrs < self.ends[safe])
-        return [self.names[i] if ok else None
-                for i, ok in zip(safe.tolist(), inside.tolist(), strict=True)]
+        return [
+            self.names[i] if ok else None
+            for i, ok in zip(safe.tolist(), inside.tolist(), strict=True)
+        ]
 
 
 @dataclass(frozen=True)
@@ -108,11 +118,14 @@ def _read_elf(fd: int) -> tuple[list[tuple[int, int, str, int]], tuple, bytes | 
     """Functions, PT_LOAD segments and GNU build id of the ELF file open as `fd`; None when
     it is not a 64-bit little-endian ELF file."""
     head = os.pread(fd, _EHDR.size, 0)
-    if len(head) < _EHDR.size or head[:4] != _ELF_MAGIC or head[4] != _ELFCLASS64 \
-            or head[5] != _ELFDATA2LSB:
+    if (
+        len(head) < _EHDR.size
+        or head[:4] != _ELF_MAGIC
+        or head[4] != _ELFCLASS64
+        or head[5] != _ELFDATA2LSB
+    ):
         return None
-    (_, _, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum,
-     _) = _EHDR.unpack(head)
+    (_, _, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, _) = _EHDR.unpack(head)
     segments = []
     raw = os.pread(fd, phentsize * phnum, phoff)
     for i in range(phnum):
@@ -126,22 +139,33 @@ def _read_elf(fd: int) -> tuple[list[tuple[int, int, str, int]], tuple, bytes | 
     for _, sh_type, _, _, sh_offset, sh_size, sh_link, _, _, sh_entsize in sections:
         if sh_type == _SHT_NOTE and build_id is None:
             build_id = _build_id(os.pread(fd, sh_size, sh_offset))
-        if sh_type not in (_SHT_SYMTAB, _SHT_DYNSYM) or sh_entsize != _SYM_DTYPE.itemsize \
-                or sh_link >= len(sections):
+        if (
+            sh_type not in (_SHT_SYMTAB, _SHT_DYNSYM)
+            or sh_entsize != _SYM_DTYPE.itemsize
+            or sh_link >= len(sections)
+        ):
             continue
-        syms = np.frombuffer(os.pread(fd, sh_size, sh_offset), dtype=_SYM_DTYPE,
-                             count=sh_size // sh_entsize)
+        syms = np.frombuffer(
+            os.pread(fd, sh_size, sh_offset), dtype=_SYM_DTYPE, count=sh_size // sh_entsize
+        )
         kind = syms["info"] & 0xF
-        syms = syms[((kind == _STT_FUNC) | (kind == _STT_GNU_IFUNC)) & (syms["value"] != 0)
-                    & (syms["shndx"] != 0)]
+        syms = syms[
+            ((kind == _STT_FUNC) | (kind == _STT_GNU_IFUNC))
+            & (syms["value"] != 0)
+            & (syms["shndx"] != 0)
+        ]
         _, _, _, _, str_offset, str_size, *_ = sections[sh_link]
         strings = os.pread(fd, str_size, str_offset)
         prefs = _binding_preference(syms["info"])
-        for name_off, value, size, pref in zip(syms["name"].tolist(), syms["value"].tolist(),
-                                               syms["size"].tolist(), prefs.tolist(),
-                                               strict=True):
+        for name_off, value, size, pref in zip(
+            syms["name"].tolist(),
+            syms["value"].tolist(),
+            syms["size"].tolist(),
+            prefs.tolist(),
+            strict=True,
+        ):
             end = strings.find(b"\0", name_off)
-            name = strings[name_off:end if end >= 0 else None].decode(errors="replace")
+            name = strings[name_off : end if end >= 0 else None].decode(errors="replace")
             if name:
                 functions.append((value, size, name, pref))
     return functions, tuple(segments), build_id
@@ -152,8 +176,8 @@ def _build_id(notes: bytes) -> bytes | None:
     while pos + 12 <= len(notes):
         namesz, descsz, ntype = struct.unpack_from("<III", notes, pos)
         name_end = pos + 12 + (namesz + 3) // 4 * 4
-        if ntype == _NT_GNU_BUILD_ID and notes[pos + 12:pos + 12 + namesz] == b"GNU\0":
-            return notes[name_end:name_end + descsz]
+        if ntype == _NT_GNU_BUILD_ID and notes[pos + 12 : pos + 12 + namesz] == b"GNU\0":
+            return notes[name_end : name_end + descsz]
         pos = name_end + (descsz + 3) // 4 * 4
     return None
 
@@ -178,9 +202,12 @@ def load_elf(path: str, with_debug_file: bool = True) -> ElfFile | None:
         hexid = build_id.hex()
         debug = os.path.join(_DEBUG_DIR, hexid[:2], hexid[2:] + ".debug")
         if os.path.exists(debug) and (extra := load_elf(debug, False)) is not None:
-            functions += [(int(s), int(e - s), n, 0) for s, e, n in
-                          zip(extra.symbols.starts, extra.symbols.ends, extra.symbols.names,
-                              strict=True)]
+            functions += [
+                (int(s), int(e - s), n, 0)
+                for s, e, n in zip(
+                    extra.symbols.starts, extra.symbols.ends, extra.symbols.names, strict=True
+                )
+            ]
     return ElfFile(SymbolTable.build(functions), segments)
 
 
@@ -201,7 +228,7 @@ class Mapping:
     start: int
     end: int
     offset: int
-    name: str       # the path in /proc/PID/maps, or [vdso] and the like
+    name: str  # the path in /proc/PID/maps, or [vdso] and the like
     elf: ElfFile | None
 
 
@@ -269,13 +296,17 @@ class Symbolizer:
         starts = np.array([m.start for m in mappings], dtype=np.uint64)
         return _Image(exe, starts, mappings)
 
-    def _file(self, pid: int, start: int, end: int, path: str, dev: str,
-              inode: int) -> ElfFile | None:
+    def _file(
+        self, pid: int, start: int, end: int, path: str, dev: str, inode: int
+    ) -> ElfFile | None:
         key = (dev, inode)
         if key not in self._files:
             elf = None
-            for candidate in (f"/proc/{pid}/map_files/{start:x}-{end:x}",
-                              f"/proc/{pid}/root{path}", path):
+            for candidate in (
+                f"/proc/{pid}/map_files/{start:x}-{end:x}",
+                f"/proc/{pid}/root{path}",
+                path,
+            ):
                 elf = load_elf(candidate)
                 if elf is not None:
                     break
@@ -292,8 +323,9 @@ class Symbolizer:
             # function (a call at the very end of it): look up the byte before.
             target = addr - 1 if depth else addr
             i = int(np.searchsorted(starts, np.uint64(target), side="right")) - 1
-            names.append(_in_mapping(mappings[i], target) if i >= 0 and
-                         target < mappings[i].end else UNKNOWN)
+            names.append(
+                _in_mapping(mappings[i], target) if i >= 0 and target < mappings[i].end else UNKNOWN
+            )
         return names
 
     @staticmethod
@@ -328,8 +360,14 @@ def demangle(names: Iterable[str]) -> dict[str, str]:
     if not mangled or tool is None:
         return {}
     try:
-        out = subprocess.run([tool], input="\n".join(mangled) + "\n", capture_output=True,
-                             text=True, timeout=30, check=True).stdout.splitlines()
+        out = subprocess.run(
+            [tool],
+            input="\n".join(mangled) + "\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return {}
     if len(out) != len(mangled):

@@ -56,8 +56,9 @@ def write_table(header: Path, out: Path) -> int:
     numbers = parse_header(header.read_text())
     if not numbers:
         raise ValueError(f"{header}: no __NR_ definitions")
-    out.write_text("".join(f"{nr}\t{name}\n" for name, nr in sorted(numbers.items(),
-                                                                        key=lambda x: x[1])))
+    out.write_text(
+        "".join(f"{nr}\t{name}\n" for name, nr in sorted(numbers.items(), key=lambda x: x[1]))
+    )
     return len(numbers)
 
 
@@ -69,5 +70,8 @@ def table() -> SyscallTable:
     if GENERATED.exists():
         rows = (line.split("\t") for line in GENERATED.read_text().splitlines() if line)
         return SyscallTable({name: int(nr) for nr, name in rows})
-    raise UserError("", f"no syscall table: install linux-libc-dev (for {HEADER}) or "
-                        "reinstall membrane from a wheel built with it")
+    raise UserError(
+        "",
+        f"no syscall table: install linux-libc-dev (for {HEADER}) or "
+        "reinstall membrane from a wheel built with it",
+    )

@@ -19,8 +19,7 @@ IP_COLUMN = Column("ip", "IP", 2, right=True)
 
 def address_columns(addr: str, port: str, prefix: str) -> list[Column]:
     """An address and a port column, e.g. ("raddr", "rport", "R"): RADDR RPORT."""
-    return [Column(addr, f"{prefix}ADDR", ADDR_WIDTH),
-            Column(port, f"{prefix}PORT", 5, right=True)]
+    return [Column(addr, f"{prefix}ADDR", ADDR_WIDTH), Column(port, f"{prefix}PORT", 5, right=True)]
 
 
 def task_fields(task: np.ndarray) -> dict[str, list[object]]:
@@ -32,13 +31,18 @@ def task_fields(task: np.ndarray) -> dict[str, list[object]]:
         "pid": [p or None for p in pids],
         "tid": [t if p else None for p, t in zip(pids, task["tid"].tolist(), strict=True)],
         "uid": [u if p else None for p, u in zip(pids, task["uid"].tolist(), strict=True)],
-        "comm": [(comms.get(c) or comms.setdefault(c, text(c))) if p else None
-                 for p, c in zip(pids, task["comm"].tolist(), strict=True)],
+        "comm": [
+            (comms.get(c) or comms.setdefault(c, text(c))) if p else None
+            for p, c in zip(pids, task["comm"].tolist(), strict=True)
+        ],
     }
 
 
-def endpoint_fields(tuples: np.ndarray, local: tuple[str, str] = ("laddr", "lport"),
-                    remote: tuple[str, str] = ("raddr", "rport")) -> dict[str, list[object]]:
+def endpoint_fields(
+    tuples: np.ndarray,
+    local: tuple[str, str] = ("laddr", "lport"),
+    remote: tuple[str, str] = ("raddr", "rport"),
+) -> dict[str, list[object]]:
     """ip (4 or 6) and the local and remote address and port of each `struct tcp_tuple`,
     under the given (address, port) keys."""
     six = [f == AF_INET6 for f in tuples["family"].tolist()]
@@ -56,10 +60,9 @@ def _addresses(raw: np.ndarray, six: list[bool]) -> list[str]:
     seen: dict[bytes, str] = {}
     out = []
     for i, v6 in enumerate(six):
-        addr = data[16 * i:16 * i + (16 if v6 else 4)]
+        addr = data[16 * i : 16 * i + (16 if v6 else 4)]
         text_ = seen.get(addr)
         if text_ is None:
-            text_ = seen[addr] = socket.inet_ntop(socket.AF_INET6 if v6 else socket.AF_INET,
-                                                  addr)
+            text_ = seen[addr] = socket.inet_ntop(socket.AF_INET6 if v6 else socket.AF_INET, addr)
         out.append(text_)
     return out

@@ -20,8 +20,12 @@ from membrane.trace.tcp import (
 from membrane.trace.tools import Tool
 
 COLUMNS_TIME = [Column("time", "TIME", 15)]
-COLUMNS = [*TASK_COLUMNS, IP_COLUMN, *address_columns("raddr", "rport", "R"),
-           *address_columns("laddr", "lport", "L")]
+COLUMNS = [
+    *TASK_COLUMNS,
+    IP_COLUMN,
+    *address_columns("raddr", "rport", "R"),
+    *address_columns("laddr", "lport", "L"),
+]
 
 
 def fields(batch: np.ndarray, times: bool = True) -> dict[str, list[object]]:

@@ -20,8 +20,12 @@ from membrane.trace.tcp import (
 from membrane.trace.tools import Tool
 
 COLUMNS_TIME = [Column("time", "TIME", 15)]
-COLUMNS = [*TASK_COLUMNS, IP_COLUMN, *address_columns("saddr", "sport", "S"),
-           *address_columns("daddr", "dport", "D")]
+COLUMNS = [
+    *TASK_COLUMNS,
+    IP_COLUMN,
+    *address_columns("saddr", "sport", "S"),
+    *address_columns("daddr", "dport", "D"),
+]
 
 
 def fields(batch: np.ndarray, times: bool = True) -> dict[str, list[object]]:
@@ -31,8 +35,7 @@ def fields(batch: np.ndarray, times: bool = True) -> dict[str, list[object]]:
     if times:
         out["time"] = list(ktimes_to_iso(batch["hdr"]["ts_ns"]))
     out.update(task_fields(batch["task"]))
-    out.update(endpoint_fields(batch["tuple"], local=("saddr", "sport"),
-                               remote=("daddr", "dport")))
+    out.update(endpoint_fields(batch["tuple"], local=("saddr", "sport"), remote=("daddr", "dport")))
     return out
 
 

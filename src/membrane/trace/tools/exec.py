@@ -35,28 +35,39 @@ def records(batch: np.ndarray, times: bool = True) -> list[dict[str, object]]:
     stamps = ktimes_to_iso(batch["hdr"]["ts_ns"]) if times else [None] * len(batch)
     out = []
     for ts, pid, tid, uid, comm, ppid, ret, argc, flags, syscall, path, argv in zip(
-            stamps, task["pid"].tolist(), task["tid"].tolist(),
-            task["uid"].tolist(), task["comm"].tolist(), batch["ppid"].tolist(),
-            batch["ret"].tolist(), batch["argc"].tolist(), batch["flags"].tolist(),
-            batch["syscall"].tolist(), batch["path"].tolist(), batch["argv"].tolist(),
-            strict=True):
+        stamps,
+        task["pid"].tolist(),
+        task["tid"].tolist(),
+        task["uid"].tolist(),
+        task["comm"].tolist(),
+        batch["ppid"].tolist(),
+        batch["ret"].tolist(),
+        batch["argc"].tolist(),
+        batch["flags"].tolist(),
+        batch["syscall"].tolist(),
+        batch["path"].tolist(),
+        batch["argv"].tolist(),
+        strict=True,
+    ):
         args = [text(a) for a in argv[:argc]]
         truncated = bool(flags & (_ARGS_MORE | _ARG_CUT | _ARG_FAULT))
-        out.append({
-            "time": ts,
-            "pid": pid,
-            "tid": tid,
-            "ppid": ppid,
-            "uid": uid,
-            "comm": text(comm),
-            "ret": ret,
-            "error": errno.errorcode.get(-ret, str(-ret)) if ret < 0 else None,
-            "syscall": _SYSCALLS[syscall] if syscall < len(_SYSCALLS) else str(syscall),
-            "path": text(path),
-            "argv": args,
-            "argv_truncated": truncated,
-            "args": " ".join(args) + (" ..." if truncated else ""),
-        })
+        out.append(
+            {
+                "time": ts,
+                "pid": pid,
+                "tid": tid,
+                "ppid": ppid,
+                "uid": uid,
+                "comm": text(comm),
+                "ret": ret,
+                "error": errno.errorcode.get(-ret, str(-ret)) if ret < 0 else None,
+                "syscall": _SYSCALLS[syscall] if syscall < len(_SYSCALLS) else str(syscall),
+                "path": text(path),
+                "argv": args,
+                "argv_truncated": truncated,
+                "args": " ".join(args) + (" ..." if truncated else ""),
+            }
+        )
     return out
 
 
@@ -89,8 +100,9 @@ def command(
     """
     opts = TraceOptions.parse(pid, comm, uid, duration, output)
     printer = Printer((COLUMNS_TIME if timestamp else []) + COLUMNS, opts.output)
-    with TraceSession("trace_exec", opts, config={"failed_only": failed},
-                      map_sizes={"events": _RING_BYTES}) as session:
+    with TraceSession(
+        "trace_exec", opts, config={"failed_only": failed}, map_sizes={"events": _RING_BYTES}
+    ) as session:
         ring = session.ring("exec_event")
         printer.header()
 

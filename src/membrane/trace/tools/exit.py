@@ -47,30 +47,42 @@ def records(batch: np.ndarray, times: bool = True) -> list[dict[str, object]]:
     stamps = ktimes_to_iso(batch["hdr"]["ts_ns"]) if times else [None] * len(batch)
     out = []
     for ts, pid, tid, uid, comm, ppid, status, lifetime, ends in zip(
-            stamps, task["pid"].tolist(), task["tid"].tolist(),
-            task["uid"].tolist(), task["comm"].tolist(), batch["ppid"].tolist(),
-            batch["status"].tolist(), batch["lifetime_ns"].tolist(),
-            batch["ends_process"].tolist(), strict=True):
+        stamps,
+        task["pid"].tolist(),
+        task["tid"].tolist(),
+        task["uid"].tolist(),
+        task["comm"].tolist(),
+        batch["ppid"].tolist(),
+        batch["status"].tolist(),
+        batch["lifetime_ns"].tolist(),
+        batch["ends_process"].tolist(),
+        strict=True,
+    ):
         code, sig, core = decode_status(status)
         name = signal_name(sig) if sig else None
-        how = f"code {code}" if sig is None else \
-            f"signal {sig} ({name})" + (", core dumped" if core else "")
-        out.append({
-            "time": ts,
-            "pid": pid,
-            "tid": tid,
-            "ppid": ppid,
-            "uid": uid,
-            "comm": text(comm),
-            "status": status,
-            "exit_code": code,
-            "signal": sig,
-            "signal_name": name,
-            "core_dumped": core,
-            "exit": how,
-            "lifetime_s": round(lifetime / 1e9, 6),
-            "ends_process": bool(ends),
-        })
+        how = (
+            f"code {code}"
+            if sig is None
+            else f"signal {sig} ({name})" + (", core dumped" if core else "")
+        )
+        out.append(
+            {
+                "time": ts,
+                "pid": pid,
+                "tid": tid,
+                "ppid": ppid,
+                "uid": uid,
+                "comm": text(comm),
+                "status": status,
+                "exit_code": code,
+                "signal": sig,
+                "signal_name": name,
+                "core_dumped": core,
+                "exit": how,
+                "lifetime_s": round(lifetime / 1e9, 6),
+                "ends_process": bool(ends),
+            }
+        )
     return out
 
 
@@ -80,12 +92,16 @@ def command(
     uid: int = UID,
     duration: float = DURATION,
     output: str = OUTPUT,
-    failed: bool = typer.Option(False, "--failed", "-x",
-                                help="Only processes that failed: non-zero exit code or "
-                                     "killed by a signal."),
+    failed: bool = typer.Option(
+        False,
+        "--failed",
+        "-x",
+        help="Only processes that failed: non-zero exit code or killed by a signal.",
+    ),
     timestamp: bool = typer.Option(False, "--timestamp", "-T", help="Show a time column."),
-    per_thread: bool = typer.Option(False, "--per-thread",
-                                    help="One line per thread that exits, not per process."),
+    per_thread: bool = typer.Option(
+        False, "--per-thread", help="One line per thread that exits, not per process."
+    ),
 ) -> None:
     """Trace process exits: command, pid, parent, age, exit code or killing signal.
 
@@ -106,8 +122,9 @@ def command(
     """
     opts = TraceOptions.parse(pid, comm, uid, duration, output)
     printer = Printer((COLUMNS_TIME if timestamp else []) + COLUMNS, opts.output)
-    with TraceSession("trace_exit", opts,
-                      config={"failed_only": failed, "per_thread": per_thread}) as session:
+    with TraceSession(
+        "trace_exit", opts, config={"failed_only": failed, "per_thread": per_thread}
+    ) as session:
         ring = session.ring("exit_event")
         printer.header()
 

@@ -34,21 +34,25 @@ def chosen(names: list[str]) -> dict[int, str]:
 
 def read_hists(hists: Map) -> dict[int, np.ndarray]:
     """nr -> its histogram slots summed over CPUs. They only grow; reports subtract."""
-    return {nr: np.sum([np.frombuffer(bytes(h), dtype=np.uint64) for h in per_cpu], axis=0)
-            for nr, per_cpu in hists.lookup_batch()}
+    return {
+        nr: np.sum([np.frombuffer(bytes(h), dtype=np.uint64) for h in per_cpu], axis=0)
+        for nr, per_cpu in hists.lookup_batch()
+    }
 
 
 def command(
-    syscalls: list[str] = typer.Argument(..., metavar="SYSCALL...",
-                                         help="Syscall names (or numbers), e.g. read write."),
+    syscalls: list[str] = typer.Argument(
+        ..., metavar="SYSCALL...", help="Syscall names (or numbers), e.g. read write."
+    ),
     pid: int = PID,
     comm: str = COMM,
     uid: int = UID,
     duration: float = DURATION,
     output: str = OUTPUT,
     interval: float = INTERVAL,
-    milliseconds: bool = typer.Option(False, "--milliseconds", "-m",
-                                      help="Histogram in milliseconds (default: usecs)."),
+    milliseconds: bool = typer.Option(
+        False, "--milliseconds", "-m", help="Histogram in milliseconds (default: usecs)."
+    ),
 ) -> None:
     """Latency histograms of syscalls: how long each call took, log2 buckets per syscall.
 
@@ -72,8 +76,12 @@ def command(
     for nr in wanted:
         mask[nr] = 1
 
-    with TraceSession("trace_latency", opts, config={"wanted": bytes(mask), "unit_ns": unit_ns},
-                      map_sizes={"hists": len(wanted)}) as session:
+    with TraceSession(
+        "trace_latency",
+        opts,
+        config={"wanted": bytes(mask), "unit_ns": unit_ns},
+        map_sizes={"hists": len(wanted)},
+    ) as session:
         hists = session.map("hists")
         previous: dict[int, np.ndarray] = {}
         stamp = Stamp()
@@ -95,9 +103,17 @@ def command(
                 count = int(slots.sum())
                 calls += count
                 if printer.json:
-                    printer.record({"time": when, "seconds": seconds, "syscall": wanted[nr],
-                                    "nr": nr, "unit": unit, "count": count,
-                                    "buckets": buckets(slots.tolist())})
+                    printer.record(
+                        {
+                            "time": when,
+                            "seconds": seconds,
+                            "syscall": wanted[nr],
+                            "nr": nr,
+                            "unit": unit,
+                            "count": count,
+                            "buckets": buckets(slots.tolist()),
+                        }
+                    )
                 else:
                     print(f"\nsyscall = {wanted[nr]}")
                     print("\n".join(log2_lines(slots.tolist(), unit)))

@@ -16,12 +16,31 @@ from membrane.trace.output import Column, Printer, text
 from membrane.trace.session import TraceSession
 from membrane.trace.tools import Tool
 
-_FLAG_NAMES = [(getattr(os, n), n) for n in (
-    "O_WRONLY", "O_RDWR", "O_CREAT", "O_EXCL", "O_NOCTTY", "O_TRUNC", "O_APPEND", "O_NONBLOCK",
-    "O_DSYNC", "O_DIRECT", "O_LARGEFILE", "O_DIRECTORY", "O_NOFOLLOW", "O_NOATIME",
-    "O_CLOEXEC", "O_PATH", "O_TMPFILE") if hasattr(os, n)]
+_FLAG_NAMES = [
+    (getattr(os, n), n)
+    for n in (
+        "O_WRONLY",
+        "O_RDWR",
+        "O_CREAT",
+        "O_EXCL",
+        "O_NOCTTY",
+        "O_TRUNC",
+        "O_APPEND",
+        "O_NONBLOCK",
+        "O_DSYNC",
+        "O_DIRECT",
+        "O_LARGEFILE",
+        "O_DIRECTORY",
+        "O_NOFOLLOW",
+        "O_NOATIME",
+        "O_CLOEXEC",
+        "O_PATH",
+        "O_TMPFILE",
+    )
+    if hasattr(os, n)
+]
 _FLAG_NAMES = [(v, n) for v, n in _FLAG_NAMES if n != "O_TMPFILE"]  # O_TMPFILE includes
-_SYSCALLS = ("openat", "openat2")                                   # O_DIRECTORY's bit
+_SYSCALLS = ("openat", "openat2")  # O_DIRECTORY's bit
 # ~25,000 events of 336 bytes, ~100 ms of a tight open loop: what the ring must hold while
 # the consumer waits for a CPU. With 1 MiB a loaded 2-CPU machine lost 3 % of 300,000
 # opens (bench/trace_open.py).
@@ -80,8 +99,7 @@ def fields(batch: np.ndarray, times: bool = True) -> dict[str, list[object]]:
         error=[None if r >= 0 else _ERRORS.get(r, str(-r)) for r in rets],
         flags=flags,
         flags_text=list(map(flags_text, flags)),
-        syscall=[_SYSCALLS[s] if s < len(_SYSCALLS) else str(s)
-                 for s in batch["syscall"].tolist()],
+        syscall=[_SYSCALLS[s] if s < len(_SYSCALLS) else str(s) for s in batch["syscall"].tolist()],
         path=list(map(text, batch["path"].tolist())),
     )
     return out

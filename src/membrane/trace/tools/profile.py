@@ -26,8 +26,14 @@ from membrane.trace.tools import Tool
 NO_STACK = -1  # PROFILE_NO_STACK in bpf/abi/trace_profile.h
 _MAX_SAMPLE_RATE = "/proc/sys/kernel/perf_event_max_sample_rate"
 _STACK_STORAGE_MAX = 1 << 20  # each stack slot costs ~1 KiB of kernel memory
-_ERROR_FIELDS = ("kernel_stack_eexist", "kernel_stack_efault", "kernel_stack_other",
-                 "user_stack_eexist", "user_stack_efault", "user_stack_other")
+_ERROR_FIELDS = (
+    "kernel_stack_eexist",
+    "kernel_stack_efault",
+    "kernel_stack_other",
+    "user_stack_eexist",
+    "user_stack_efault",
+    "user_stack_other",
+)
 
 
 @dataclass(frozen=True)
@@ -44,16 +50,25 @@ class Stack:
 
     def record(self) -> dict[str, Any]:
         """The JSON form; field names are a stable contract."""
-        return {"pid": self.pid, "comm": self.comm, "samples": self.samples,
-                "kernel_stack": self.kernel, "user_stack": self.user,
-                "kernel_stack_error": self.kernel_error, "user_stack_error": self.user_error}
+        return {
+            "pid": self.pid,
+            "comm": self.comm,
+            "samples": self.samples,
+            "kernel_stack": self.kernel,
+            "user_stack": self.user,
+            "kernel_stack_error": self.kernel_error,
+            "user_stack_error": self.user_error,
+        }
 
     def folded_frames(self) -> list[str]:
         """Root first: the command, the user frames, then the kernel frames marked _[k]."""
         user = ["[missing user stack]"] if self.user_error else self.user
         kernel = ["[missing kernel stack]"] if self.kernel_error else self.kernel
-        return [self.comm, *reversed(user),
-                *(f + flamegraph.KERNEL_SUFFIX for f in reversed(kernel))]
+        return [
+            self.comm,
+            *reversed(user),
+            *(f + flamegraph.KERNEL_SUFFIX for f in reversed(kernel)),
+        ]
 
     def text(self) -> str:
         """bcc profile's layout: kernel frames, `--`, user frames, `- comm (pid)`, count."""
@@ -114,12 +129,14 @@ def _remember_processes(batch: np.ndarray, symbolizer: Symbolizer) -> None:
         symbolizer.snapshot(pid, exec_id)
 
 
-def collect(session: TraceSession, symbolizer: Symbolizer,
-            kernel_stacks: bool) -> tuple[list[Stack], dict[str, int]]:
+def collect(
+    session: TraceSession, symbolizer: Symbolizer, kernel_stacks: bool
+) -> tuple[list[Stack], dict[str, int]]:
     """The counted stacks, symbolized, and the kernel's totals (call after detach)."""
     per_cpu = session.map("stats").lookup(0)
-    totals = {name: sum(getattr(s, name) for s in per_cpu)
-              for name in ("samples", "lost", *_ERROR_FIELDS)}
+    totals = {
+        name: sum(getattr(s, name) for s in per_cpu) for name in ("samples", "lost", *_ERROR_FIELDS)
+    }
     entries = session.map("counts").lookup_batch()
     latest: dict[int, int] = {}  # pid -> the last program it was seen running (exec_id)
     for key, _ in entries:
@@ -152,10 +169,18 @@ def collect(session: TraceSession, symbolizer: Symbolizer,
         ident = (pid, text(key.comm), kernel, user, *errors)
         merged[ident] = merged.get(ident, 0) + count
     readable = demangle(name for _, _, _, user, *_ in merged for name in user)
-    stacks = [Stack(pid=pid, comm=comm, samples=count, kernel=list(kernel),
-                    user=[readable.get(name, name) for name in user],
-                    kernel_error=kernel_error, user_error=user_error)
-              for (pid, comm, kernel, user, kernel_error, user_error), count in merged.items()]
+    stacks = [
+        Stack(
+            pid=pid,
+            comm=comm,
+            samples=count,
+            kernel=list(kernel),
+            user=[readable.get(name, name) for name in user],
+            kernel_error=kernel_error,
+            user_error=user_error,
+        )
+        for (pid, comm, kernel, user, kernel_error, user_error), count in merged.items()
+    ]
     stacks.sort(key=lambda s: (-s.samples, s.pid, s.comm))
     return stacks, totals
 
@@ -177,22 +202,34 @@ def command(
     duration: float = DURATION,
     output: str = OUTPUT,
     frequency: int = typer.Option(49, "--frequency", "-F", help="Samples per second per CPU."),
-    user_only: bool = typer.Option(False, "--user-stacks-only", "-U",
-                                   help="Only user stacks (no kernel frames)."),
-    kernel_only: bool = typer.Option(False, "--kernel-stacks-only", "-K",
-                                     help="Only kernel stacks (no user frames)."),
-    idle: bool = typer.Option(False, "--include-idle", "-I",
-                              help="Count the idle task too (the CPUs' idle time)."),
-    folded: str = typer.Option(None, "--folded", metavar="FILE",
-                               help="Write folded stacks (comm;frame;...;leaf count) to "
-                                    "FILE; '-' prints them instead of the stacks."),
-    svg: str = typer.Option(None, "--svg", metavar="FILE",
-                            help="Write an SVG flame graph to FILE."),
-    top: int = typer.Option(0, "--top", "-n", help="Show only the N hottest stacks "
-                                                   "(0: all; files always get all)."),
-    stack_storage: int = typer.Option(16384, "--stack-storage-size",
-                                      help="Distinct stacks the kernel can keep; raise it "
-                                           "when the summary reports eexist errors."),
+    user_only: bool = typer.Option(
+        False, "--user-stacks-only", "-U", help="Only user stacks (no kernel frames)."
+    ),
+    kernel_only: bool = typer.Option(
+        False, "--kernel-stacks-only", "-K", help="Only kernel stacks (no user frames)."
+    ),
+    idle: bool = typer.Option(
+        False, "--include-idle", "-I", help="Count the idle task too (the CPUs' idle time)."
+    ),
+    folded: str = typer.Option(
+        None,
+        "--folded",
+        metavar="FILE",
+        help="Write folded stacks (comm;frame;...;leaf count) to "
+        "FILE; '-' prints them instead of the stacks.",
+    ),
+    svg: str = typer.Option(
+        None, "--svg", metavar="FILE", help="Write an SVG flame graph to FILE."
+    ),
+    top: int = typer.Option(
+        0, "--top", "-n", help="Show only the N hottest stacks (0: all; files always get all)."
+    ),
+    stack_storage: int = typer.Option(
+        16384,
+        "--stack-storage-size",
+        help="Distinct stacks the kernel can keep; raise it "
+        "when the summary reports eexist errors.",
+    ),
 ) -> None:
     """Profile CPU usage: sample kernel and user stacks on every CPU at -F Hz, count them in
     the kernel, and print the stacks with their sample counts at the end (hottest last,
@@ -212,15 +249,19 @@ def command(
     opts = TraceOptions.parse(pid, comm, uid, duration, output)
     limit = max_sample_rate()
     if not 0 < frequency <= limit:
-        raise UserError("--frequency", f"{frequency} Hz: the sampling frequency must be 1 to "
-                                       f"{limit} (kernel.perf_event_max_sample_rate)")
+        raise UserError(
+            "--frequency",
+            f"{frequency} Hz: the sampling frequency must be 1 to "
+            f"{limit} (kernel.perf_event_max_sample_rate)",
+        )
     if user_only and kernel_only:
         raise UserError("--user-stacks-only", "cannot be combined with --kernel-stacks-only")
     if top < 0:
         raise UserError("--top", f"{top} is not a number of stacks")
     if not 0 < stack_storage <= _STACK_STORAGE_MAX:
-        raise UserError("--stack-storage-size", f"{stack_storage}: must be 1 to "
-                                                f"{_STACK_STORAGE_MAX}")
+        raise UserError(
+            "--stack-storage-size", f"{stack_storage}: must be 1 to {_STACK_STORAGE_MAX}"
+        )
     if folded == "-" and opts.output == "json":
         raise UserError("--folded", "'-' (stdout) cannot be combined with -o json")
     if svg == "-":
@@ -229,9 +270,12 @@ def command(
     _check_output_file(svg, "--svg")
 
     printer = Printer([], opts.output)
-    config = {"include_idle": idle, "kernel_stacks": not user_only,
-              "user_stacks": not kernel_only,
-              "events_wakeup_bytes": 1}  # wake for every new process: its mappings may go
+    config = {
+        "include_idle": idle,
+        "kernel_stacks": not user_only,
+        "user_stacks": not kernel_only,
+        "events_wakeup_bytes": 1,
+    }  # wake for every new process: its mappings may go
     sizes = {"stacks": stack_storage, "counts": stack_storage}
     cpus = online_cpus()
     symbolizer = Symbolizer()
@@ -257,14 +301,22 @@ def command(
         _write(folded, "".join(f"{line}\n" for line in lines), "--folded")
     if svg:
         where = f"pid {pid}" if pid else f"comm {comm}" if comm else "all processes"
-        subtitle = (f"{totals['samples']} samples at {frequency} Hz on {len(cpus)} CPUs "
-                    f"over {seconds:.1f} s, {where}")
+        subtitle = (
+            f"{totals['samples']} samples at {frequency} Hz on {len(cpus)} CPUs "
+            f"over {seconds:.1f} s, {where}"
+        )
         _write(svg, flamegraph.render_svg(folded_stacks, "CPU profile", subtitle), "--svg")
     printer.flush()
-    printer.summary(samples=totals["samples"], stacks=len(stacks), lost=totals["lost"],
-                    lost_process_events=lost_process_events,
-                    **{name: totals[name] for name in _ERROR_FIELDS},
-                    hz=frequency, cpus=len(cpus), seconds=round(seconds, 3))
+    printer.summary(
+        samples=totals["samples"],
+        stacks=len(stacks),
+        lost=totals["lost"],
+        lost_process_events=lost_process_events,
+        **{name: totals[name] for name in _ERROR_FIELDS},
+        hz=frequency,
+        cpus=len(cpus),
+        seconds=round(seconds, 3),
+    )
 
 
 TOOL = Tool(

@@ -35,9 +35,11 @@ class Totals:
 def read_totals(counters: Map) -> dict[tuple[int, int], Totals]:
     """(pid, nr) -> the counters summed over CPUs."""
     return {
-        (key.pid, key.nr): Totals(sum(v.count for v in per_cpu),
-                                  sum(v.errors for v in per_cpu),
-                                  sum(v.total_ns for v in per_cpu))
+        (key.pid, key.nr): Totals(
+            sum(v.count for v in per_cpu),
+            sum(v.errors for v in per_cpu),
+            sum(v.total_ns for v in per_cpu),
+        )
         for key, per_cpu in counters.lookup_batch()
     }
 
@@ -49,8 +51,9 @@ class Reporter:
     read: clearing the map between reports instead would lose the calls counted between
     the read and the clear."""
 
-    def __init__(self, counters: Map, comms: Map, syscalls: SyscallTable,
-                 per_process: bool) -> None:
+    def __init__(
+        self, counters: Map, comms: Map, syscalls: SyscallTable, per_process: bool
+    ) -> None:
         self.counters = counters
         self.comms = comms
         self.syscalls = syscalls
@@ -66,8 +69,9 @@ class Reporter:
         # reported one last time, then deleted, so the map does not fill up with the dead.
         gone = {pid for pid, _ in self.previous if pid and not os.path.exists(f"/proc/{pid}")}
         current = read_totals(self.counters)
-        names = {pid: text(c.comm) for pid, c in self.comms.lookup_batch()} \
-            if self.per_process else {}
+        names = (
+            {pid: text(c.comm) for pid, c in self.comms.lookup_batch()} if self.per_process else {}
+        )
         when, seconds, clock = self.stamp.next()
         rows = []
         for (pid, nr), now in current.items():
@@ -76,18 +80,20 @@ class Reporter:
             if count <= 0:
                 continue
             total_ns = now.total_ns - before.total_ns
-            rows.append({
-                "time": when,
-                "seconds": seconds,
-                "pid": pid if self.per_process else None,
-                "comm": names.get(pid, "") if self.per_process else None,
-                "syscall": self.syscalls.name(nr),
-                "nr": nr,
-                "count": count,
-                "errors": now.errors - before.errors,
-                "total_ns": total_ns,
-                "avg_ns": total_ns // count,
-            })
+            rows.append(
+                {
+                    "time": when,
+                    "seconds": seconds,
+                    "pid": pid if self.per_process else None,
+                    "comm": names.get(pid, "") if self.per_process else None,
+                    "syscall": self.syscalls.name(nr),
+                    "nr": nr,
+                    "count": count,
+                    "errors": now.errors - before.errors,
+                    "total_ns": total_ns,
+                    "avg_ns": total_ns // count,
+                }
+            )
             self.calls += count
         for key in [key for key in current if key[0] in gone]:
             self.counters.delete(self.counters.key_type(*key))
@@ -104,8 +110,7 @@ def columns(per_process: bool, milliseconds: bool) -> list[Column]:
     def latency(ns: int) -> str:
         return f"{ns / scale:.{digits}f}"
 
-    who = [Column("pid", "PID", 7, right=True), Column("comm", "COMM", 16)] \
-        if per_process else []
+    who = [Column("pid", "PID", 7, right=True), Column("comm", "COMM", 16)] if per_process else []
     return [
         *who,
         Column("syscall", "SYSCALL", 22),
@@ -123,13 +128,16 @@ def command(
     duration: float = DURATION,
     output: str = OUTPUT,
     interval: float = INTERVAL,
-    per_process: bool = typer.Option(False, "--per-process", "-P",
-                                     help="One row per process and syscall."),
+    per_process: bool = typer.Option(
+        False, "--per-process", "-P", help="One row per process and syscall."
+    ),
     top: int = typer.Option(10, "--top", "-T", help="Rows per report; 0: all."),
-    sort: str = typer.Option("count", "--sort", "-s",
-                             help="Order rows by count or by time (total latency)."),
-    milliseconds: bool = typer.Option(False, "--milliseconds", "-m",
-                                      help="Times in ms in the table (JSON is always ns)."),
+    sort: str = typer.Option(
+        "count", "--sort", "-s", help="Order rows by count or by time (total latency)."
+    ),
+    milliseconds: bool = typer.Option(
+        False, "--milliseconds", "-m", help="Times in ms in the table (JSON is always ns)."
+    ),
 ) -> None:
     """Count syscalls: calls, errors, total and average latency per syscall (syscount).
 
@@ -148,20 +156,22 @@ def command(
     """
     opts = TraceOptions.parse(pid, comm, uid, duration, output)
     every = check_interval(interval)
-    order = "count" if check_choice(sort, ("count", "time"), "--sort") == "count" \
-        else "total_ns"
+    order = "count" if check_choice(sort, ("count", "time"), "--sort") == "count" else "total_ns"
     if top < 0:
         raise UserError("--top", f"{top} is not a number of rows >= 0")
     syscalls = table()
     cols = columns(per_process, milliseconds)
     rows_printed = reports = 0
 
-    sizes = {"syscalls": _ENTRIES_PER_PROCESS, "comms": _ENTRIES_PER_PROCESS} \
-        if per_process else {"syscalls": _ENTRIES, "comms": 1}
-    with TraceSession("trace_syscalls", opts, config={"per_process": per_process},
-                      map_sizes=sizes) as session:
-        reporter = Reporter(session.map("syscalls"), session.map("comms"), syscalls,
-                            per_process)
+    sizes = (
+        {"syscalls": _ENTRIES_PER_PROCESS, "comms": _ENTRIES_PER_PROCESS}
+        if per_process
+        else {"syscalls": _ENTRIES, "comms": 1}
+    )
+    with TraceSession(
+        "trace_syscalls", opts, config={"per_process": per_process}, map_sizes=sizes
+    ) as session:
+        reporter = Reporter(session.map("syscalls"), session.map("comms"), syscalls, per_process)
 
         def report(last: bool = False) -> None:
             nonlocal rows_printed, reports
@@ -184,8 +194,9 @@ def command(
         session.detach()  # the last report sees every call that returned before the stop
         report(last=True)
         lost = sum(session.map("uncounted").lookup(0))
-        Printer(cols, opts.output).summary(rows=rows_printed, calls=reporter.calls,
-                                           lost=lost, seconds=round(seconds, 3))
+        Printer(cols, opts.output).summary(
+            rows=rows_printed, calls=reporter.calls, lost=lost, seconds=round(seconds, 3)
+        )
 
 
 TOOL = Tool(

@@ -65,9 +65,13 @@ def command(
     duration: float = DURATION,
     output: str = OUTPUT,
     interval: float = INTERVAL,
-    by: str = typer.Option("dst", "--by", "-b",
-                           help="Count per dst (destination address and port) or per "
-                                "tuple (source and destination address and port)."),
+    by: str = typer.Option(
+        "dst",
+        "--by",
+        "-b",
+        help="Count per dst (destination address and port) or per "
+        "tuple (source and destination address and port).",
+    ),
 ) -> None:
     """Count TCP connects per destination (or per 4-tuple) in the kernel, and
     report each interval's counts, busiest first. Intervals without
@@ -87,13 +91,20 @@ def command(
     opts = TraceOptions.parse(pid, comm, uid, duration, output)
     tuple_keys = check_choice(by, _KEYS, "--by") == "tuple"
     every = check_interval(interval)
-    cols = [IP_COLUMN, *(address_columns("saddr", "sport", "S") if tuple_keys else []),
-            *address_columns("daddr", "dport", "D"), Column("count", "COUNT", 7, right=True)]
+    cols = [
+        IP_COLUMN,
+        *(address_columns("saddr", "sport", "S") if tuple_keys else []),
+        *address_columns("daddr", "dport", "D"),
+        Column("count", "COUNT", 7, right=True),
+    ]
     total = 0
 
-    with TraceSession("trace_tcp_connect", opts,
-                      config={"count_mode": True, "count_by_tuple": tuple_keys},
-                      map_sizes={"events": _SMALLEST_RING}) as session:
+    with TraceSession(
+        "trace_tcp_connect",
+        opts,
+        config={"count_mode": True, "count_by_tuple": tuple_keys},
+        map_sizes={"events": _SMALLEST_RING},
+    ) as session:
         counts = IntervalCounts(session.map("counts"), session.map("count_slot"))
         tuple_dtype = session.obj.btf.dtype("tcp_tuple")
         stamp = Stamp()
@@ -105,16 +116,25 @@ def command(
             if not taken:
                 return
             keys = sorted(taken, key=lambda k: (-taken[k], k))
-            ends = endpoint_fields(np.frombuffer(b"".join(keys), dtype=tuple_dtype),
-                                   local=("saddr", "sport"), remote=("daddr", "dport"))
+            ends = endpoint_fields(
+                np.frombuffer(b"".join(keys), dtype=tuple_dtype),
+                local=("saddr", "sport"),
+                remote=("daddr", "dport"),
+            )
             if not tuple_keys:
                 del ends["saddr"], ends["sport"]
             printer = Printer(cols, opts.output)  # bcc repeats the header in every report
             if not printer.json:
                 print(clock)
                 printer.header()
-            printer.write_columns({"time": [when] * len(keys), "seconds": [seconds] * len(keys),
-                                   **ends, "count": [taken[k] for k in keys]})
+            printer.write_columns(
+                {
+                    "time": [when] * len(keys),
+                    "seconds": [seconds] * len(keys),
+                    **ends,
+                    "count": [taken[k] for k in keys],
+                }
+            )
             if not printer.json:
                 print()
             printer.flush()
@@ -124,8 +144,7 @@ def command(
         session.detach()  # nothing counts any more: the last report has the rest
         report()
         lost = int(sum(session.map("events_lost").lookup(0)))
-        Printer(cols, opts.output).summary(connections=total, lost=lost,
-                                           seconds=round(seconds, 3))
+        Printer(cols, opts.output).summary(connections=total, lost=lost, seconds=round(seconds, 3))
 
 
 TOOL = Tool(

@@ -24,7 +24,8 @@ _ROLES = {2: "client", 3: "server"}
 
 COLUMNS_TIME = [Column("time", "TIME", 15)]
 COLUMNS = [
-    *TASK_COLUMNS, IP_COLUMN,
+    *TASK_COLUMNS,
+    IP_COLUMN,
     *address_columns("laddr", "lport", "L"),
     *address_columns("raddr", "rport", "R"),
     Column("tx_bytes", "TX_BYTES", 10, right=True),
