@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from filter_support import (
 )
 
 from membrane import netns
-from membrane.bpf.object import object_path
+from membrane.bpf import BpfObject
+from membrane.bpf import _libbpf as L
 from membrane.netns import Topology
 
 pytestmark = pytest.mark.root
@@ -113,6 +115,17 @@ def topology_in_force() -> Iterator[InForce]:
             detach_in(topo.namespaces)
 
 
+def _attach_foreign_xdp(ns: str, dev: str) -> None:
+    """Any XDP program membrane did not attach: a plain netlink attachment (what `ip link
+    set xdp` makes), which outlives the object we loaded it from."""
+    with netns.inside(ns), BpfObject.open("selftest") as obj:
+        obj.load()
+        ret = L.lib.bpf_xdp_attach(
+            socket.if_nametoindex(dev), obj.program("selftest_xdp").fd, L.XDP_FLAGS_SKB_MODE, None
+        )
+        assert ret == 0, f"bpf_xdp_attach: {ret}"
+
+
 def _build(topo: Topology) -> InForce:
     pair = topo.pair()
     c, s = pair.client, pair.server
@@ -121,8 +134,7 @@ def _build(topo: Topology) -> InForce:
     netns.add_address(c.ns, "eth0", f"{other_src}/24")
     echo_server(topo, s.ns, [a, b], tcp=[PORT])
     topo.veth(c.ns, s.ns, names=("ext0", "ext1"))
-    foreign_obj = str(object_path("selftest"))  # any XDP program membrane did not attach
-    netns.run(s.ns, ["ip", "link", "set", "ext1", "xdpgeneric", "obj", foreign_obj, "sec", "xdp"])
+    _attach_foreign_xdp(s.ns, "ext1")
     foreign = xdp_prog_id(s.ns, "ext1")
     assert foreign is not None
     return InForce(c.ns, s.ns, c.ip, other_src, a, b, foreign)

@@ -7,7 +7,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from membrane.bpf.probe import missing_capabilities
 from membrane.bpf.ringbuf import RingBuffer
 from membrane.errors import NotPermitted, UserError
 from membrane.trace.options import TraceOptions
+from membrane.trace.output import Column, Printer
 
 _POLL_MS = 100
 READY_LINE = "Tracing... Hit Ctrl-C to end."
@@ -170,3 +171,39 @@ def _stop_signals() -> Iterator[Callable[[], bool]]:
 def _first_line(log: str) -> str:
     lines = [line for line in log.splitlines() if line.strip()]
     return lines[-1] if lines else "no reason given"
+
+
+def stream_events(
+    obj_name: str,
+    struct: str,
+    opts: TraceOptions,
+    columns: Sequence[Column],
+    decode: Callable[..., Any],
+    *,
+    timestamps: bool,
+    keep: Callable[[np.ndarray], np.ndarray] | None = None,
+    config: dict[str, Any] | None = None,
+    map_sizes: dict[str, int] | None = None,
+) -> None:
+    """The whole run of a tool that prints one line per event (open, exec, connect, ...).
+
+    `decode(batch, times=...)` turns a batch into records (a list of dicts) or columns (a
+    dict of lists, the faster form); `keep(batch)` optionally selects rows first. The run
+    ends with the summary line: events shown, events lost, seconds."""
+    printer = Printer(columns, opts.output)
+    with TraceSession(obj_name, opts, config=config, map_sizes=map_sizes) as session:
+        ring = session.ring(struct)
+        printer.header()
+
+        def show(batch: np.ndarray) -> None:
+            if keep is not None:
+                batch = batch[keep(batch)]
+            decoded = decode(batch, times=timestamps or printer.json)
+            if isinstance(decoded, dict):
+                printer.write_columns(decoded)
+            else:
+                printer.records(decoded)
+            printer.flush()
+
+        seconds = session.run(ring, show)
+        printer.summary(events=printer.count, lost=ring.lost, seconds=round(seconds, 3))

@@ -10,8 +10,8 @@ import typer
 
 from membrane.bpf.ktime import ktimes_to_iso
 from membrane.trace.options import COMM, DURATION, OUTPUT, PID, UID, TraceOptions
-from membrane.trace.output import Column, Printer, text
-from membrane.trace.session import TraceSession
+from membrane.trace.output import Column, text
+from membrane.trace.session import stream_events
 from membrane.trace.tools import Tool
 
 _SYSCALLS = ("execve", "execveat")
@@ -99,19 +99,16 @@ def command(
       membrane trace exec -u 1000 -o json   # user 1000's execs as JSON lines
     """
     opts = TraceOptions.parse(pid, comm, uid, duration, output)
-    printer = Printer((COLUMNS_TIME if timestamp else []) + COLUMNS, opts.output)
-    with TraceSession(
-        "trace_exec", opts, config={"failed_only": failed}, map_sizes={"events": _RING_BYTES}
-    ) as session:
-        ring = session.ring("exec_event")
-        printer.header()
-
-        def show(batch: np.ndarray) -> None:
-            printer.records(records(batch, times=timestamp or printer.json))
-            printer.flush()
-
-        seconds = session.run(ring, show)
-        printer.summary(events=printer.count, lost=ring.lost, seconds=round(seconds, 3))
+    stream_events(
+        "trace_exec",
+        "exec_event",
+        opts,
+        (COLUMNS_TIME if timestamp else []) + COLUMNS,
+        records,
+        timestamps=timestamp,
+        config={"failed_only": failed},
+        map_sizes={"events": _RING_BYTES},
+    )
 
 
 TOOL = Tool(

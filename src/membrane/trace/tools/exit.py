@@ -10,8 +10,8 @@ import typer
 
 from membrane.bpf.ktime import ktimes_to_iso
 from membrane.trace.options import COMM, DURATION, OUTPUT, PID, UID, TraceOptions
-from membrane.trace.output import Column, Printer, text
-from membrane.trace.session import TraceSession
+from membrane.trace.output import Column, text
+from membrane.trace.session import stream_events
 from membrane.trace.tools import Tool
 
 COLUMNS_TIME = [Column("time", "TIME", 32)]
@@ -121,19 +121,15 @@ def command(
       membrane trace exit -p 1234 --per-thread  # each thread of 1234 as it ends
     """
     opts = TraceOptions.parse(pid, comm, uid, duration, output)
-    printer = Printer((COLUMNS_TIME if timestamp else []) + COLUMNS, opts.output)
-    with TraceSession(
-        "trace_exit", opts, config={"failed_only": failed, "per_thread": per_thread}
-    ) as session:
-        ring = session.ring("exit_event")
-        printer.header()
-
-        def show(batch: np.ndarray) -> None:
-            printer.records(records(batch, times=timestamp or printer.json))
-            printer.flush()
-
-        seconds = session.run(ring, show)
-        printer.summary(events=printer.count, lost=ring.lost, seconds=round(seconds, 3))
+    stream_events(
+        "trace_exit",
+        "exit_event",
+        opts,
+        (COLUMNS_TIME if timestamp else []) + COLUMNS,
+        records,
+        timestamps=timestamp,
+        config={"failed_only": failed, "per_thread": per_thread},
+    )
 
 
 TOOL = Tool(

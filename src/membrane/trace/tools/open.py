@@ -12,8 +12,8 @@ import typer
 
 from membrane.bpf.ktime import ktimes_to_iso
 from membrane.trace.options import COMM, DURATION, OUTPUT, PID, UID, TraceOptions
-from membrane.trace.output import Column, Printer, text
-from membrane.trace.session import TraceSession
+from membrane.trace.output import Column, text
+from membrane.trace.session import stream_events
 from membrane.trace.tools import Tool
 
 _FLAG_NAMES = [
@@ -125,19 +125,16 @@ def command(
       membrane trace open -c nginx -o json # nginx's opens as JSON lines
     """
     opts = TraceOptions.parse(pid, comm, uid, duration, output)
-    printer = Printer((COLUMNS_TIME if timestamp else []) + COLUMNS, opts.output)
-    with TraceSession("trace_open", opts, map_sizes={"events": _RING_BYTES}) as session:
-        ring = session.ring("open_event")
-        printer.header()
-
-        def show(batch: np.ndarray) -> None:
-            if failed:
-                batch = batch[batch["ret"] < 0]
-            printer.write_columns(fields(batch, times=timestamp or printer.json))
-            printer.flush()
-
-        seconds = session.run(ring, show)
-        printer.summary(events=printer.count, lost=ring.lost, seconds=round(seconds, 3))
+    stream_events(
+        "trace_open",
+        "open_event",
+        opts,
+        (COLUMNS_TIME if timestamp else []) + COLUMNS,
+        fields,
+        timestamps=timestamp,
+        keep=(lambda b: b["ret"] < 0) if failed else None,
+        map_sizes={"events": _RING_BYTES},
+    )
 
 
 TOOL = Tool(

@@ -8,8 +8,8 @@ import typer
 
 from membrane.bpf.ktime import ktimes_to_iso
 from membrane.trace.options import COMM, DURATION, OUTPUT, PID, UID, TraceOptions
-from membrane.trace.output import Column, Printer
-from membrane.trace.session import TraceSession
+from membrane.trace.output import Column
+from membrane.trace.session import stream_events
 from membrane.trace.tcp import (
     IP_COLUMN,
     TASK_COLUMNS,
@@ -82,17 +82,14 @@ def command(
       membrane trace tcplife -o json -d 60   # a minute of closes as JSON lines
     """
     opts = TraceOptions.parse(pid, comm, uid, duration, output)
-    printer = Printer((COLUMNS_TIME if timestamp else []) + COLUMNS, opts.output)
-    with TraceSession("trace_tcp_life", opts) as session:
-        ring = session.ring("tcp_life_event")
-        printer.header()
-
-        def show(batch: np.ndarray) -> None:
-            printer.write_columns(fields(batch, times=timestamp or printer.json))
-            printer.flush()
-
-        seconds = session.run(ring, show)
-        printer.summary(events=printer.count, lost=ring.lost, seconds=round(seconds, 3))
+    stream_events(
+        "trace_tcp_life",
+        "tcp_life_event",
+        opts,
+        (COLUMNS_TIME if timestamp else []) + COLUMNS,
+        fields,
+        timestamps=timestamp,
+    )
 
 
 TOOL = Tool(
