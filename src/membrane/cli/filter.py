@@ -161,8 +161,17 @@ def allow_only(
             _summary(mgr, att)
 
 
-def _selected(mgr: FilterManager, netns: str | None, dev: str | None) -> list[Attachment]:
-    return mgr.attachments(netns=netns, device=dev)
+def _collect(
+    netns: str | None, dev: str | None, output: str, with_stats: bool
+) -> list[dict[str, Any]] | None:
+    """The selected attachments as dicts; printed as JSON (and None returned) for -o json."""
+    output = check_choice(output, ("table", "json"), "--output")
+    mgr = FilterManager()
+    data = [_attachment_dict(mgr, a, with_stats) for a in mgr.attachments(netns=netns, device=dev)]
+    if output == "json":
+        print_json(data)
+        return None
+    return data
 
 
 def _attachment_dict(mgr: FilterManager, att: Attachment, with_stats: bool) -> dict[str, Any]:
@@ -198,11 +207,8 @@ def list_filters(
     output: str = OUTPUT,
 ) -> None:
     """What is attached where, with its rules."""
-    output = check_choice(output, ("table", "json"), "--output")
-    mgr = FilterManager()
-    data = [_attachment_dict(mgr, a, with_stats=False) for a in _selected(mgr, netns, dev)]
-    if output == "json":
-        print_json(data)
+    data = _collect(netns, dev, output, with_stats=False)
+    if data is None:
         return
     rows = []
     for a in data:
@@ -226,11 +232,8 @@ def stats(
     output: str = OUTPUT,
 ) -> None:
     """Packets and bytes per rule (summed over CPUs), and per filter."""
-    output = check_choice(output, ("table", "json"), "--output")
-    mgr = FilterManager()
-    data = [_attachment_dict(mgr, a, with_stats=True) for a in _selected(mgr, netns, dev)]
-    if output == "json":
-        print_json(data)
+    data = _collect(netns, dev, output, with_stats=True)
+    if data is None:
         return
     rows = []
     for a in data:

@@ -17,6 +17,7 @@ COMM = typer.Option(None, "--comm", "-c", help="Only processes with this command
 UID = typer.Option(None, "--uid", "-u", help="Only this user id.")
 DURATION = typer.Option(None, "--duration", "-d", help="Stop after this many seconds.")
 OUTPUT = typer.Option("table", "-o", "--output", help="table or json (one object per line).")
+TIMESTAMP = typer.Option(False, "--timestamp", "-T", help="Show a time column.")
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,9 @@ accepts it sees it: who accepted, on which local address and port, from which pe
 from __future__ import annotations
 
 import numpy as np
-import typer
 
 from membrane.bpf.ktime import ktimes_to_iso
-from membrane.trace.options import COMM, DURATION, OUTPUT, PID, UID, TraceOptions
+from membrane.trace.options import COMM, DURATION, OUTPUT, PID, TIMESTAMP, UID, TraceOptions
 from membrane.trace.output import Column
 from membrane.trace.session import stream_events
 from membrane.trace.tcp import (
@@ -45,7 +44,7 @@ def command(
     uid: int = UID,
     duration: float = DURATION,
     output: str = OUTPUT,
-    timestamp: bool = typer.Option(False, "--timestamp", "-T", help="Show a time column."),
+    timestamp: bool = TIMESTAMP,
 ) -> None:
     """Trace TCP accepts (passive opens, IPv4 and IPv6): pid, command, remote and
     local address and port. Sockets of every network namespace are seen.

@@ -4,10 +4,9 @@ IPv6: who connected, from which address and port to which."""
 from __future__ import annotations
 
 import numpy as np
-import typer
 
 from membrane.bpf.ktime import ktimes_to_iso
-from membrane.trace.options import COMM, DURATION, OUTPUT, PID, UID, TraceOptions
+from membrane.trace.options import COMM, DURATION, OUTPUT, PID, TIMESTAMP, UID, TraceOptions
 from membrane.trace.output import Column
 from membrane.trace.session import stream_events
 from membrane.trace.tcp import (
@@ -45,7 +44,7 @@ def command(
     uid: int = UID,
     duration: float = DURATION,
     output: str = OUTPUT,
-    timestamp: bool = typer.Option(False, "--timestamp", "-T", help="Show a time column."),
+    timestamp: bool = TIMESTAMP,
 ) -> None:
     """Trace TCP connects (active opens, IPv4 and IPv6): pid, command, source and
     destination address and port. Sockets of every network namespace are

@@ -9,7 +9,7 @@ import numpy as np
 import typer
 
 from membrane.bpf.ktime import ktimes_to_iso
-from membrane.trace.options import COMM, DURATION, OUTPUT, PID, UID, TraceOptions
+from membrane.trace.options import COMM, DURATION, OUTPUT, PID, TIMESTAMP, UID, TraceOptions
 from membrane.trace.output import Column, text
 from membrane.trace.session import stream_events
 from membrane.trace.tools import Tool
@@ -78,7 +78,7 @@ def command(
     duration: float = DURATION,
     output: str = OUTPUT,
     failed: bool = typer.Option(False, "--failed", "-x", help="Only execs that failed."),
-    timestamp: bool = typer.Option(False, "--timestamp", "-T", help="Show a time column."),
+    timestamp: bool = TIMESTAMP,
 ) -> None:
     """Trace exec() calls (execve, execveat): command, pid, parent, result, argv.
 

@@ -9,7 +9,7 @@ import numpy as np
 import typer
 
 from membrane.bpf.ktime import ktimes_to_iso
-from membrane.trace.options import COMM, DURATION, OUTPUT, PID, UID, TraceOptions
+from membrane.trace.options import COMM, DURATION, OUTPUT, PID, TIMESTAMP, UID, TraceOptions
 from membrane.trace.output import Column, text
 from membrane.trace.session import stream_events
 from membrane.trace.tools import Tool
@@ -98,7 +98,7 @@ def command(
         "-x",
         help="Only processes that failed: non-zero exit code or killed by a signal.",
     ),
-    timestamp: bool = typer.Option(False, "--timestamp", "-T", help="Show a time column."),
+    timestamp: bool = TIMESTAMP,
     per_thread: bool = typer.Option(
         False, "--per-thread", help="One line per thread that exits, not per process."
     ),

@@ -11,7 +11,7 @@ import numpy as np
 import typer
 
 from membrane.bpf.ktime import ktimes_to_iso
-from membrane.trace.options import COMM, DURATION, OUTPUT, PID, UID, TraceOptions
+from membrane.trace.options import COMM, DURATION, OUTPUT, PID, TIMESTAMP, UID, TraceOptions
 from membrane.trace.output import Column, text
 from membrane.trace.session import stream_events
 from membrane.trace.tools import Tool
@@ -112,7 +112,7 @@ def command(
     duration: float = DURATION,
     output: str = OUTPUT,
     failed: bool = typer.Option(False, "--failed", "-x", help="Only opens that failed."),
-    timestamp: bool = typer.Option(False, "--timestamp", "-T", help="Show a time column."),
+    timestamp: bool = TIMESTAMP,
 ) -> None:
     """Trace open() calls (openat, openat2): pid, command, fd or error, flags, path.
 

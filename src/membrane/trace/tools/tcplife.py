@@ -4,10 +4,9 @@ bytes sent and received, and how long it lived."""
 from __future__ import annotations
 
 import numpy as np
-import typer
 
 from membrane.bpf.ktime import ktimes_to_iso
-from membrane.trace.options import COMM, DURATION, OUTPUT, PID, UID, TraceOptions
+from membrane.trace.options import COMM, DURATION, OUTPUT, PID, TIMESTAMP, UID, TraceOptions
 from membrane.trace.output import Column
 from membrane.trace.session import stream_events
 from membrane.trace.tcp import (
@@ -58,7 +57,7 @@ def command(
     uid: int = UID,
     duration: float = DURATION,
     output: str = OUTPUT,
-    timestamp: bool = typer.Option(False, "--timestamp", "-T", help="Show a time column."),
+    timestamp: bool = TIMESTAMP,
 ) -> None:
     """Trace TCP connections as they close: pid, command, local and remote
     address and port, bytes sent (acknowledged by the peer) and received,
