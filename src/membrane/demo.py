@@ -1,4 +1,5 @@
-"""`make demo`: the seed documents' packet filters on a namespace topology made for the demo.
+"""`make demo`: the agent with pods and the seed's policy (demo_agent), then the seed
+documents' packet filters on a namespace topology made for the demo.
 
 Builds a client and a server namespace joined by a veth (198.18.0.0/15 only), shows traffic
 passing, then runs each filter as a person would type it, and removes everything at the end.
@@ -52,6 +53,13 @@ def show(label: str, ok: bool) -> None:
 
 
 def main() -> None:
+    from membrane import demo_agent
+
+    demo_agent.main()
+    filter_demo()
+
+
+def filter_demo() -> None:
     with Topology(prefix="demo") as topo:
         pair = topo.pair()
         client, server = pair.client, pair.server

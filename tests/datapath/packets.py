@@ -197,8 +197,23 @@ def later_fragment(
     return ether(vlans) / ip / Raw(data)
 
 
-def arp(vlans: Sequence[tuple[int, int]] = ()) -> Packet:
-    return ether(vlans) / ARP(op=1, psrc=SRC4, pdst="198.18.0.2", hwsrc=MAC_SRC)
+def arp(
+    vlans: Sequence[tuple[int, int]] = (), *, psrc: str = SRC4, pdst: str = "198.18.0.2"
+) -> Packet:
+    return ether(vlans) / ARP(op=1, psrc=psrc, pdst=pdst, hwsrc=MAC_SRC)
+
+
+def tcp_segment(
+    src: str, dst: str, sport: int = 40000, dport: int = 443, flags: str = "S"
+) -> Packet:
+    """An IPv4 TCP segment with `flags` (scapy letters: S, SA, A, F, R, ...)."""
+    return ether() / ipv4_header(dst, TCP_, src=src) / TCP(sport=sport, dport=dport, flags=flags)
+
+
+def icmp_message(src: str, dst: str, *, type_: int = 8, code: int = 0, ident: int = 1) -> Packet:
+    """An IPv4 ICMP message (default: echo request) with `ident` as the echo id."""
+    icmp = ICMP(type=type_, code=code, id=ident, seq=1)
+    return ether() / ipv4_header(dst, ICMP_, src=src) / icmp / Raw(b"x" * 8)
 
 
 def offset_of(frame: Packet, layer: type[Packet]) -> int:

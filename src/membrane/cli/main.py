@@ -20,10 +20,20 @@ app = typer.Typer(
 
 
 def _register() -> None:
+    from membrane.cli import agent as agent_cli
+    from membrane.cli import endpoint as endpoint_cli
     from membrane.cli import filter as filter_cli
+    from membrane.cli import namespace as namespace_cli
+    from membrane.cli import observe as observe_cli
+    from membrane.cli import policy as policy_cli
     from membrane.cli import probe as probe_cli
     from membrane.cli import trace as trace_cli
 
+    app.add_typer(agent_cli.app, name="agent")
+    app.add_typer(endpoint_cli.app, name="endpoint")
+    app.add_typer(namespace_cli.app, name="namespace")
+    app.add_typer(policy_cli.app, name="policy")
+    app.command("observe", epilog=observe_cli.EPILOG)(observe_cli.observe)
     app.add_typer(filter_cli.app, name="filter")
     app.add_typer(trace_cli.app, name="trace")
     app.command("probe")(probe_cli.probe)

@@ -10,6 +10,7 @@ from ipaddress import IPv4Interface, IPv4Network, ip_interface, ip_network
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from membrane.netns.namespace import inside, path
 
@@ -21,6 +22,16 @@ def _index(ipr: IPRoute, ns: str, dev: str) -> int:
     if not found:
         raise LookupError(f"no device {dev!r} in network namespace {ns}")
     return found[0]
+
+
+def find_link(ipr: IPRoute, dev: str) -> ifinfmsg | None:
+    """`dev` in the namespace `ipr` was opened in, or None: for callers holding a socket."""
+    try:
+        return ipr.link("get", ifname=dev)[0]
+    except NetlinkError as e:
+        if e.code == _ENODEV:
+            return None
+        raise
 
 
 def add_veth(ns: str, dev: str, peer_ns: str, peer_dev: str) -> None:

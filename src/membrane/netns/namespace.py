@@ -8,6 +8,8 @@ a whole-process switch would pull every other thread (event loops, the agent) al
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -18,6 +20,10 @@ from pyroute2 import netns as _netns
 
 RUN_DIR = "/run/netns"
 _THREAD_NS = "/proc/thread-self/ns/net"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_CLONE_NEWNET = 0x40000000
+_MS_BIND, _MS_REC, _MS_SHARED = 0x1000, 0x4000, 1 << 20
 
 
 def path(ns: str) -> str:
@@ -44,7 +50,7 @@ def create(ns: str) -> str:
     Returns the name."""
     if exists(ns):
         raise FileExistsError(f"network namespace {ns} already exists")
-    _netns.create(path(ns))
+    _bind_new_namespace(path(ns))
     try:
         with inside(ns), IPRoute() as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
@@ -52,6 +58,54 @@ def create(ns: str) -> str:
         delete(ns)
         raise
     return ns
+
+
+def _bind_new_namespace(file: str) -> None:
+    """What `ip netns add` does, without forking (pyroute2's create forks a child: ~6 ms
+    against ~0.6 ms here): unshare a new network namespace on this thread only, bind-mount
+    it at `file`, and return the thread to where it was."""
+    _share_run_dir(os.path.dirname(file))
+    os.close(os.open(file, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    try:
+        own = os.open(_THREAD_NS, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _check(_libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+            try:
+                # thread-self, not self: /proc/self is the thread-group leader's namespace
+                _check(
+                    _libc.mount(_THREAD_NS.encode(), file.encode(), b"none", _MS_BIND, None),
+                    f"bind-mount the new network namespace at {file}",
+                )
+            finally:
+                _netns.setns(own, flags=0)
+        finally:
+            os.close(own)
+    except BaseException:
+        os.unlink(file)
+        raise
+
+
+def _share_run_dir(run_dir: str) -> None:
+    """Make the namespace directory a shared mount point, as iproute2 does, so that a later
+    unmount of a namespace reaches the mount namespaces that copied it (else the namespace
+    lives on there, and so do its devices)."""
+    os.makedirs(run_dir, exist_ok=True)
+    if _libc.mount(b"", run_dir.encode(), b"none", _MS_SHARED | _MS_REC, None) == 0:
+        return
+    _check(
+        _libc.mount(run_dir.encode(), run_dir.encode(), b"none", _MS_BIND | _MS_REC, None),
+        f"bind-mount {run_dir} onto itself",
+    )
+    _check(
+        _libc.mount(b"", run_dir.encode(), b"none", _MS_SHARED | _MS_REC, None),
+        f"make {run_dir} a shared mount",
+    )
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        code = ctypes.get_errno() or errno.EIO
+        raise OSError(code, f"{what}: {os.strerror(code)}")
 
 
 def delete(ns: str) -> None:

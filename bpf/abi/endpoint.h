@@ -1,0 +1,200 @@
+/* Shared by C and Python: the endpoint datapath's maps and flow events.
+ *
+ * One set of node maps (pinned once per agent under its bpffs directory) serves every
+ * endpoint program: ipcache, endpoint state, policy, conntrack, fragments, drop counters,
+ * events. Each endpoint loads its own copy of endpoint.bpf.o with load-time constants
+ * (ep_id, ep_ipv4) and reuses the pinned node maps.
+ *
+ * Directions are the pod's: INGRESS is traffic to the pod (the program on the node-side
+ * veth's tc egress), EGRESS is traffic from the pod (tc ingress of the node-side veth).
+ */
+#ifndef MEMBRANE_ABI_ENDPOINT_H
+#define MEMBRANE_ABI_ENDPOINT_H
+
+#include "abi/events.h"
+
+enum ep_direction {
+	EP_DIR_INGRESS = 0,
+	EP_DIR_EGRESS = 1,
+};
+
+/* Reserved identities, numbered as Cilium numbers them. Endpoint identities start at
+ * IDENTITY_FIRST_ENDPOINT, identities of policy CIDRs at IDENTITY_FIRST_CIDR. */
+enum reserved_identity {
+	IDENTITY_ANY = 0, /* in policy keys only: any peer */
+	IDENTITY_HOST = 1,
+	IDENTITY_WORLD = 2,
+	IDENTITY_UNMANAGED = 3,
+	IDENTITY_HEALTH = 4,
+	IDENTITY_INIT = 5,
+	IDENTITY_REMOTE_NODE = 6,
+	IDENTITY_FIRST_ENDPOINT = 256,
+	IDENTITY_FIRST_CIDR = 16777217, /* (1 << 24) + 1 */
+};
+
+/* ipcache: IPv4 prefix -> identity (LPM trie). 0.0.0.0/0 -> IDENTITY_WORLD is always
+ * present; a miss also means world. */
+struct ipcache_key {
+	__u32 prefixlen; /* 0..32 */
+	__u32 addr;      /* network byte order */
+};
+
+struct ipcache_value {
+	__u32 identity;
+	__u16 ep_id; /* endpoint on this node, or 0 */
+	__u16 flags;
+};
+
+/* Per-endpoint dynamic state (hash, key __u32 ep_id). Replaced whole by one map update,
+ * so the datapath never sees half of a change.
+ *
+ * Policy entries carry a generation (0 or 1). Outside a policy switch gen[0] == gen[1].
+ * During a switch the agent first writes the new generation, then sets gen = {old, new}
+ * on every affected endpoint (a packet must pass both: at least as strict as either),
+ * then gen = {new, new}, then deletes the old generation's entries. */
+struct endpoint_state {
+	__u32 identity;   /* the endpoint's own identity (for events) */
+	__u32 policy_rev; /* bumped on every policy change; conntrack caches verdicts per rev */
+	__u8 gen[2];      /* policy generations that must both allow */
+	__u8 enforce[2];  /* per generation: bit (1 << dir) set = default deny in dir */
+	__u16 flags;
+	__u32 pad;
+};
+
+/* Policy (LPM trie). Data after prefixlen is matched as a bit string:
+ *   ep_id, gen, dir, identity  always matched in full        (64 bits)
+ *   pad, proto                 matched unless the entry is for all protocols (+16)
+ *   dport (network order)      matched for the entry's port prefix (+0..16)
+ * so prefixlen = 64 (every protocol and port), 80 (every port of proto), 80 + n (ports
+ * whose top n bits equal dport's). A port range becomes a few prefix entries. The datapath
+ * looks up the peer's identity and IDENTITY_ANY: a deny from either wins; else an allow
+ * from either allows; else the direction's enforce bit decides. The compiler makes every
+ * longest match correct by turning allows covered by a broader deny into denies. */
+struct policy_key {
+	__u32 prefixlen;
+	__u16 ep_id;
+	__u8 gen;
+	__u8 dir;
+	__u32 identity;
+	__u8 pad;
+	__u8 proto; /* IPPROTO_*, ICMP types go in dport */
+	__u16 dport; /* network byte order; for ICMP: the type */
+};
+
+#define POLICY_KEY_FIXED_BITS 64
+#define POLICY_KEY_PROTO_BITS 80
+#define POLICY_KEY_FULL_BITS 96
+
+struct policy_value {
+	__u32 rule_id; /* the agent's rule table; 0 = none */
+	__u8 deny;
+	__u8 pad[3];
+};
+
+/* Conntrack (LRU hash). The key is the tuple of the packet that opened the connection, as
+ * seen by the endpoint's program in direction dir. A reply is found by looking up the
+ * reversed tuple with the other direction. ICMP echo carries the echo id as one port: an
+ * echo request as dport (sport 0), an echo reply as sport (dport 0), so a reply reversed
+ * is its request, and a request in the other direction is never mistaken for a reply.
+ * Ports are host order. */
+struct ct_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 dir;
+	__u16 ep_id;
+};
+
+enum ct_flags {
+	CT_SEEN_REPLY = 1,
+	CT_CLOSING = 2, /* FIN or RST seen */
+};
+
+struct ct_entry {
+	__u64 expires_ns;  /* bpf_ktime_get_ns() after which the entry is dead */
+	__u64 created_ns;
+	__u32 policy_rev;  /* endpoint_state.policy_rev when the verdict was last checked */
+	__u32 rule_id;     /* the rule that allowed it */
+	__u32 peer_identity;
+	__u8 tcp_flags_orig;  /* TCP flags seen in the original direction (OR) */
+	__u8 tcp_flags_reply; /* and in the reply direction */
+	__u8 flags;           /* enum ct_flags */
+	__u8 pad;
+	__u64 packets_orig;
+	__u64 packets_reply;
+};
+
+/* IPv4 fragments: the first fragment's ports, for the later ones (LRU hash). */
+struct frag_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 id;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct frag_ports {
+	__u16 sport;
+	__u16 dport;
+};
+
+/* Drop reasons: Hubble's names and numbers where Hubble has them. */
+enum drop_reason {
+	DROP_NONE = 0,
+	DROP_INVALID_SOURCE_IP = 132,
+	DROP_POLICY_DENIED = 133, /* no rule allows it (default deny) */
+	DROP_INVALID_PACKET = 134,
+	DROP_CT_TRUNCATED_OR_INVALID_HEADER = 135,
+	DROP_UNSUPPORTED_L3_PROTOCOL = 139,
+	DROP_FRAG_NOT_FOUND = 155, /* a later fragment whose first one we did not see */
+	DROP_NO_ENDPOINT_STATE = 160,
+	DROP_POLICY_DENY = 181, /* a deny rule matched */
+};
+
+/* Drop counters (per-CPU hash). */
+struct drop_key {
+	__u16 ep_id;
+	__u8 dir;
+	__u8 pad;
+	__u32 reason;
+};
+
+struct drop_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+enum flow_event_type {
+	FLOW_EVENT_POLICY_VERDICT = 1, /* the first packet of a new connection, allowed */
+	FLOW_EVENT_DROP = 2,
+};
+
+enum flow_match {
+	FLOW_MATCH_NONE = 0,    /* no policy in this direction: allowed by default */
+	FLOW_MATCH_RULE = 1,    /* a policy entry decided (rule_id says which) */
+	FLOW_MATCH_DEFAULT = 2, /* default deny: the endpoint is selected, no rule allows */
+	FLOW_MATCH_REPLY = 3,   /* reply of a tracked connection */
+	FLOW_MATCH_ESTABLISHED = 4,
+};
+
+struct flow_event {
+	struct event_header h; /* type: enum flow_event_type */
+	__u32 saddr;           /* network byte order */
+	__u32 daddr;
+	__u16 sport;           /* host order; ICMP: type in sport, code in dport */
+	__u16 dport;
+	__u8 proto;
+	__u8 dir;              /* enum ep_direction */
+	__u8 tcp_flags;
+	__u8 match;            /* enum flow_match */
+	__u16 ep_id;
+	__u16 drop_reason;     /* enum drop_reason; 0 when forwarded */
+	__u32 peer_identity;
+	__u32 rule_id;
+	__u32 policy_rev;
+	__u32 len;             /* skb->len */
+};
+
+#endif

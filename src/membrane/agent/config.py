@@ -1,0 +1,74 @@
+"""The agent's settings (`membrane agent run` options) and the paths derived from them."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from membrane.bpf.fs import PIN_ROOT
+from membrane.errors import UserError
+
+DEFAULT_STATE_DIR = "/var/lib/membrane"
+DEFAULT_POD_CIDR = "198.18.0.0/16"
+DEFAULT_NODE_IP = "198.19.0.1"
+_NETNS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path
+    api_socket: str
+    node_netns: str | None
+    pod_cidr: IPv4Network
+    node_ip: IPv4Address
+    netns_prefix: str = ""
+    cluster: str = "default"
+
+    @property
+    def node_name(self) -> str:
+        return self.node_netns or "host"
+
+    @property
+    def bpf_dir(self) -> str:
+        """Pinned maps and links of this node's datapath."""
+        return os.path.join(PIN_ROOT, "agent", self.node_name.replace(".", "%2e"))
+
+    def pod_netns(self, namespace: str, name: str) -> str:
+        return f"{self.netns_prefix}{namespace}-{name}"
+
+
+def make_config(
+    state_dir: str,
+    api_socket: str,
+    node_netns: str | None,
+    pod_cidr: str,
+    node_ip: str = DEFAULT_NODE_IP,
+    netns_prefix: str = "",
+) -> AgentConfig:
+    try:
+        cidr = IPv4Network(pod_cidr)
+    except ValueError as err:
+        raise UserError("pod-cidr", f"{pod_cidr!r} is not an IPv4 CIDR ({err})") from None
+    if cidr.prefixlen > 30:
+        raise UserError("pod-cidr", f"{pod_cidr} is too small for pods (use /30 or larger)")
+    try:
+        node = IPv4Address(node_ip)
+    except ValueError:
+        raise UserError("node-ip", f"{node_ip!r} is not an IPv4 address") from None
+    if node in cidr:
+        raise UserError("node-ip", f"{node} lies inside the pod CIDR {cidr}")
+    if node_netns is not None and not _NETNS_NAME.match(node_netns):
+        raise UserError("node-netns", f"{node_netns!r} is not a usable namespace name")
+    if netns_prefix and not _NETNS_NAME.match(netns_prefix):
+        raise UserError("netns-prefix", f"{netns_prefix!r} is not a usable name prefix")
+    return AgentConfig(
+        state_dir=Path(state_dir),
+        api_socket=api_socket,
+        node_netns=node_netns,
+        pod_cidr=cidr,
+        node_ip=node,
+        netns_prefix=netns_prefix,
+    )

@@ -1,0 +1,119 @@
+"""Reads the datapath's flow events on a thread of its own and turns them into records.
+
+The reader sees the agent only through `AgentResolver`, which reads dictionaries the
+agent replaces whole (never mutates), so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from membrane.bpf.btf import Btf
+from membrane.bpf.ktime import ktime_to_unix
+from membrane.bpf.object import object_path
+from membrane.bpf.ringbuf import RingBuffer
+from membrane.observe.record import (
+    EndpointView,
+    RuleView,
+    UnsupportedEvent,
+    flow_events,
+    flow_record,
+)
+
+if TYPE_CHECKING:
+    from membrane.agent.core import Agent
+    from membrane.agent.state import EndpointRecord
+
+log = logging.getLogger("membrane.agent")
+POLL_MS = 100
+
+
+class AgentResolver:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def _view(self, ep: EndpointRecord | None) -> EndpointView | None:
+        if ep is None:
+            return None
+        return EndpointView(
+            id=ep.id,
+            namespace=ep.namespace,
+            name=ep.name,
+            ipv4=ep.ipv4,
+            identity=ep.identity,
+            labels=self.identity_labels(ep.identity),
+        )
+
+    def endpoint_by_id(self, ep_id: int) -> EndpointView | None:
+        return self._view(self.agent.state.endpoints.get(ep_id))
+
+    def endpoint_by_ip(self, ip: str) -> EndpointView | None:
+        return self._view(self.agent.endpoints_by_ip.get(ip))
+
+    def identity_labels(self, identity: int) -> list[str]:
+        return sorted(str(lb) for lb in self.agent.identity_labels.get(identity, ()))
+
+    def rule(self, rule_id: int) -> RuleView | None:
+        ref = self.agent.rules.get(rule_id) if rule_id else None
+        if ref is None:
+            return None
+        l3, l4 = self.agent.rule_shapes.get(rule_id, (True, True))
+        return RuleView(
+            kind=ref.kind,
+            namespace=ref.namespace,
+            name=ref.name,
+            direction=ref.direction,
+            deny=ref.deny,
+            index=ref.index,
+            description=ref.describe(),
+            l3=l3,
+            l4=l4,
+        )
+
+    def ktime_to_wall(self, ts_ns: int) -> float:
+        return ktime_to_unix(ts_ns)
+
+
+class FlowReader:
+    def __init__(self, agent: Agent, deliver: Callable[[list[dict[str, Any]]], Any]) -> None:
+        assert agent.maps is not None
+        self.agent = agent
+        self.deliver = deliver
+        self.resolver = AgentResolver(agent)
+        dtype = Btf.from_file(object_path("endpoint")).dtype("flow_event")
+        self._ring = RingBuffer(agent.maps.events, dtype=dtype, lost_map=agent.maps.events_lost)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="flows", daemon=True)
+        self.unsupported = 0
+
+    @property
+    def lost(self) -> int:
+        return self._ring.lost
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._ring.close()
+
+    def _run(self) -> None:
+        node = self.agent.config.node_name
+        while not self._stop.is_set():
+            try:
+                batch = self._ring.poll(POLL_MS)
+                if not len(batch):
+                    continue
+                records = []
+                for event in flow_events(batch):
+                    try:
+                        records.append(flow_record(event, self.resolver, node))
+                    except UnsupportedEvent:
+                        self.unsupported += 1
+                self.deliver(records)
+            except Exception:
+                log.exception("flow reader failed; going on")

@@ -1,0 +1,69 @@
+"""Identity numbers: one per distinct endpoint label set, one per policy CIDR prefix.
+
+Numbers are handed out once and remembered (the agent persists `to_json()`), so a
+restarted agent gives every endpoint the number it had: the datapath's pinned policy and
+ipcache entries, and the identities in flow records, stay valid across restarts.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network
+from typing import Any
+
+FIRST_ENDPOINT_IDENTITY = 256
+FIRST_CIDR_IDENTITY = (1 << 24) + 1
+
+
+def labels_key(labels: frozenset[Any]) -> str:
+    """A canonical text for a label set (order-free)."""
+    return "\n".join(sorted(str(label) for label in labels))
+
+
+class IdentityAllocator:
+    def __init__(self) -> None:
+        self._by_labels: dict[str, int] = {}
+        self._by_prefix: dict[str, int] = {}
+        self._next_endpoint = FIRST_ENDPOINT_IDENTITY
+        self._next_cidr = FIRST_CIDR_IDENTITY
+
+    def for_labels(self, labels: frozenset[Any]) -> int:
+        key = labels_key(labels)
+        ident = self._by_labels.get(key)
+        if ident is None:
+            ident = self._next_endpoint
+            self._next_endpoint += 1
+            self._by_labels[key] = ident
+        return ident
+
+    def for_prefix(self, prefix: IPv4Network) -> int:
+        key = str(prefix)
+        ident = self._by_prefix.get(key)
+        if ident is None:
+            ident = self._next_cidr
+            self._next_cidr += 1
+            self._by_prefix[key] = ident
+        return ident
+
+    def retain(self, label_keys: set[str], prefixes: set[IPv4Network]) -> None:
+        """Forget identities no longer in use, so their numbers' meaning cannot go stale.
+        Numbers are never reused (the counters only grow)."""
+        self._by_labels = {k: v for k, v in self._by_labels.items() if k in label_keys}
+        keep = {str(p) for p in prefixes}
+        self._by_prefix = {k: v for k, v in self._by_prefix.items() if k in keep}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "endpoint": self._by_labels,
+            "cidr": self._by_prefix,
+            "next_endpoint": self._next_endpoint,
+            "next_cidr": self._next_cidr,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> IdentityAllocator:
+        alloc = cls()
+        alloc._by_labels = dict(data.get("endpoint", {}))
+        alloc._by_prefix = dict(data.get("cidr", {}))
+        alloc._next_endpoint = data.get("next_endpoint", FIRST_ENDPOINT_IDENTITY)
+        alloc._next_cidr = data.get("next_cidr", FIRST_CIDR_IDENTITY)
+        return alloc

@@ -1,0 +1,53 @@
+"""`membrane agent reset`: remove everything an agent made on its node, with the agent
+stopped: every pod namespace and veth it recorded, its pinned datapath (links and maps),
+its state, and the node namespace when it lives in one. The opposite of adoption."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from ipaddress import IPv4Address
+
+from membrane import netns
+from membrane.agent.config import AgentConfig
+from membrane.agent.state import StateFile
+from membrane.datapath.endpoint_prog import detach_endpoint
+from membrane.endpoint.node import NodeInfo
+from membrane.endpoint.plumbing import delete_pod
+from membrane.errors import UserError
+
+
+def reset_node(config: AgentConfig) -> dict[str, int]:
+    lock_path = config.state_dir / "agent.lock"
+    lock = None
+    if lock_path.exists():
+        lock = os.open(lock_path, os.O_RDWR)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise UserError(
+                "state-dir", "an agent is running with this state; stop it first"
+            ) from None
+    try:
+        state = StateFile(config.state_dir).load()
+        node = NodeInfo(config.node_netns, IPv4Address(config.node_ip))
+        pods = 0
+        for ep in state.endpoints.values():
+            detach_endpoint(config.bpf_dir, ep.id)
+            if config.node_netns is None or netns.exists(config.node_netns):
+                delete_pod(node, ep.netns, ep.host_ifname)
+            elif netns.exists(ep.netns):
+                netns.delete(ep.netns)
+            pods += 1
+        shutil.rmtree(config.bpf_dir, ignore_errors=True)
+        if config.node_netns and netns.exists(config.node_netns):
+            netns.delete(config.node_netns)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(StateFile(config.state_dir).path)
+        return {"endpoints": pods}
+    finally:
+        if lock is not None:
+            os.close(lock)

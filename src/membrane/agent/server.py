@@ -1,0 +1,301 @@
+"""`membrane agent run`: the asyncio daemon serving the REST API on a unix socket.
+
+Changes run one at a time on a single worker thread (the Agent is single-threaded by
+design); flows are read from the ring buffer on their own thread and handed to the event
+loop. SIGTERM/SIGINT stop the API and the readers and leave the datapath enforcing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from membrane.agent.config import AgentConfig
+from membrane.agent.core import Agent, NotFound
+from membrane.agent.flows import FlowReader
+from membrane.api.models import (
+    EndpointCreate,
+    NamespaceLabels,
+    PolicyImport,
+    TraceRequest,
+    check_namespace,
+    parse_body,
+)
+from membrane.api.openapi import openapi_document
+from membrane.errors import UserError
+from membrane.observe.store import FlowFilter, FlowStore
+
+log = logging.getLogger("membrane.agent")
+CT_GC_INTERVAL = 30.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, field: str, problem: str) -> web.Response:
+    return web.json_response({"error": {"field": field, "problem": problem}}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except NotFound as err:
+        return _error(404, err.field, err.problem)
+    except UserError as err:
+        return _error(400, err.field, err.problem)
+    except web.HTTPException:
+        raise
+    except Exception as err:  # a bug or a kernel failure: log it whole, answer one line
+        log.exception("request failed", extra={"fields": {"path": request.path}})
+        return _error(500, "agent", f"{type(err).__name__}: {err}")
+
+
+class AgentServer:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.agent = Agent(config)
+        self.flows = FlowStore()
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent")
+        self._reader: FlowReader | None = None
+        self._stopping = asyncio.Event()
+
+    async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    # ---- routes --------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[errors_middleware], client_max_size=64 << 20)
+        r = app.router
+        r.add_get("/v1/healthz", self.healthz)
+        r.add_get("/v1/openapi.json", self.openapi)
+        r.add_get("/v1/endpoints", self.list_endpoints)
+        r.add_post("/v1/endpoints", self.add_endpoint)
+        r.add_get("/v1/endpoints/{namespace}/{name}", self.get_endpoint)
+        r.add_delete("/v1/endpoints/{namespace}/{name}", self.delete_endpoint)
+        r.add_get("/v1/namespaces", self.list_namespaces)
+        r.add_put("/v1/namespaces/{namespace}/labels", self.label_namespace)
+        r.add_get("/v1/identities", self.list_identities)
+        r.add_get("/v1/policies", self.list_policies)
+        r.add_post("/v1/policies", self.import_policies)
+        r.add_delete("/v1/policies", self.delete_policies)
+        r.add_post("/v1/policy/trace", self.trace)
+        r.add_get("/v1/flows", self.get_flows)
+        return app
+
+    async def _json(self, request: web.Request) -> Any:
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError("body", f"is not JSON ({err})") from None
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        a = self.agent
+        return web.json_response(
+            {
+                "status": "ok",
+                "node": self.config.node_name,
+                "endpoints": len(a.state.endpoints),
+                "policies": len(a.state.policies),
+                "policy_revision": a.state.policy_revision,
+                "flows_lost": self._reader.lost if self._reader else 0,
+            }
+        )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
+
+    async def list_endpoints(self, request: web.Request) -> web.Response:
+        a = self.agent
+        return web.json_response({"endpoints": [a.endpoint_view(e) for e in a.list_endpoints()]})
+
+    async def add_endpoint(self, request: web.Request) -> web.Response:
+        req = parse_body(EndpointCreate, await self._json(request))
+        ep = await self.run_sync(self.agent.add_endpoint, req)
+        return web.json_response(self.agent.endpoint_view(ep), status=201)
+
+    async def get_endpoint(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        ep = self.agent.find_endpoint(m["namespace"], m["name"])
+        return web.json_response(self.agent.endpoint_view(ep))
+
+    async def delete_endpoint(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        ep = await self.run_sync(self.agent.delete_endpoint, m["namespace"], m["name"])
+        return web.json_response(self.agent.endpoint_view(ep))
+
+    async def list_namespaces(self, request: web.Request) -> web.Response:
+        spaces = self.agent.list_namespaces()
+        return web.json_response(
+            {"namespaces": [{"name": n, "labels": lb} for n, lb in spaces.items()]}
+        )
+
+    async def label_namespace(self, request: web.Request) -> web.Response:
+        ns = request.match_info["namespace"]
+        try:
+            check_namespace(ns)
+        except ValueError as err:
+            raise UserError("namespace", str(err)) from None
+        req = parse_body(NamespaceLabels, await self._json(request))
+        labels = await self.run_sync(self.agent.label_namespace, ns, req)
+        return web.json_response({"name": ns, "labels": labels})
+
+    async def list_identities(self, request: web.Request) -> web.Response:
+        labels = self.agent.identity_labels
+        return web.json_response(
+            {
+                "identities": [
+                    {"id": i, "labels": sorted(str(lb) for lb in labels[i])} for i in sorted(labels)
+                ]
+            }
+        )
+
+    async def list_policies(self, request: web.Request) -> web.Response:
+        q = request.query
+        items = [
+            p
+            for p in self.agent.list_policies()
+            if q.get("namespace") in (None, p["namespace"])
+            and q.get("name") in (None, p["name"])
+            and q.get("kind") in (None, p["kind"])
+        ]
+        return web.json_response({"revision": self.agent.state.policy_revision, "policies": items})
+
+    async def import_policies(self, request: web.Request) -> web.Response:
+        req = parse_body(PolicyImport, await self._json(request))
+        result = await self.run_sync(self.agent.import_policies, req.yaml)
+        return web.json_response(result)
+
+    async def delete_policies(self, request: web.Request) -> web.Response:
+        q = request.query
+        everything = q.get("all") in ("1", "true")
+        if not everything and "name" not in q:
+            raise UserError("name", "give NS/NAME (or NAME for a clusterwide policy) or --all")
+        result = await self.run_sync(
+            self.agent.delete_policies, q.get("namespace"), q.get("name"), q.get("kind"), everything
+        )
+        return web.json_response(result)
+
+    async def trace(self, request: web.Request) -> web.Response:
+        req = parse_body(TraceRequest, await self._json(request))
+        return web.json_response(await self.run_sync(self.agent.trace, req))
+
+    async def get_flows(self, request: web.Request) -> web.StreamResponse:
+        q = dict(request.query)
+        try:
+            last = int(q.pop("last", "20"))
+        except ValueError:
+            raise UserError("last", "must be a whole number") from None
+        follow = q.pop("follow", "0") in ("1", "true")
+        flt = FlowFilter.from_params(q)
+        if not follow:
+            return web.json_response({"flows": self.flows.last(last, flt)})
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        sub = self.flows.subscribe(flt, last=last)
+        try:
+            async for item in sub:
+                await resp.write(json.dumps(item).encode() + b"\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.flows.unsubscribe(sub)
+        return resp
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def _gc_loop(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), CT_GC_INTERVAL)
+            if self._stopping.is_set():
+                return
+            try:
+                removed = await self.run_sync(self.agent.gc_conntrack)
+                if removed:
+                    log.info("conntrack gc", extra={"fields": {"removed": removed}})
+            except Exception:
+                log.exception("conntrack gc failed")
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.run_sync(self.agent.start)
+        self._reader = FlowReader(
+            self.agent, lambda records: loop.call_soon_threadsafe(self.flows.extend, records)
+        )
+        self._reader.start()
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        sock = _listen(self.config.api_socket)
+        site = web.SockSite(runner, sock)
+        await site.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        gc_task = asyncio.create_task(self._gc_loop())
+        log.info("api listening", extra={"fields": {"socket": self.config.api_socket}})
+        print("membrane agent ready", flush=True)
+        await self._stopping.wait()
+        log.info("stopping; the datapath keeps enforcing")
+        gc_task.cancel()
+        self.flows.close()
+        await runner.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.api_socket)
+        self._reader.stop()
+        await self.run_sync(self.agent.stop)
+        self._worker.shutdown()
+
+
+def _listen(path: str) -> socket.socket:
+    """A unix socket only root can use (mode 0600). A stale socket file from an agent that
+    died is replaced; a live one means another agent serves it."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+        else:
+            raise UserError("api-socket", f"another agent is serving {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _lock_state_dir(config: AgentConfig) -> int:
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(config.state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError("state-dir", f"another agent is running with {config.state_dir}") from None
+    return fd
+
+
+def run_agent(config: AgentConfig) -> None:
+    lock = _lock_state_dir(config)
+    try:
+        asyncio.run(AgentServer(config).serve())
+    finally:
+        os.close(lock)

@@ -1,0 +1,76 @@
+"""`membrane agent`: run the node agent."""
+
+from __future__ import annotations
+
+import typer
+
+from membrane.agent.config import DEFAULT_NODE_IP, DEFAULT_POD_CIDR, DEFAULT_STATE_DIR, make_config
+from membrane.api.client import DEFAULT_SOCKET, SOCKET_ENV
+
+app = typer.Typer(
+    help="The node agent: endpoints, identities, policy, flows.", no_args_is_help=True
+)
+
+
+@app.command(
+    "run",
+    epilog="Example:\n\n  membrane agent run --node-netns membrane-node "
+    "--state-dir /var/lib/membrane",
+)
+def run(
+    state_dir: str = typer.Option(
+        DEFAULT_STATE_DIR, "--state-dir", help="Where the agent keeps what it must remember."
+    ),
+    api_socket: str = typer.Option(
+        DEFAULT_SOCKET,
+        "--api-socket",
+        envvar=SOCKET_ENV,
+        help="Unix socket of the REST API (mode 0600).",
+    ),
+    node_netns: str = typer.Option(
+        None,
+        "--node-netns",
+        help="Keep the node's host side in this network namespace (created if missing); "
+        "default: the root namespace.",
+    ),
+    pod_cidr: str = typer.Option(DEFAULT_POD_CIDR, "--pod-cidr", help="Addresses for pods."),
+    node_ip: str = typer.Option(
+        DEFAULT_NODE_IP,
+        "--node-ip",
+        help="The node's address: the pods' gateway and the host entity.",
+    ),
+    netns_prefix: str = typer.Option(
+        "", "--netns-prefix", help="Prefix of pod namespace names (NS-NAME by default)."
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+) -> None:
+    """Run the agent in the foreground (structured logs on stderr). SIGTERM stops it and
+    leaves the datapath enforcing; a restarted agent adopts what it finds."""
+    from membrane.agent.logs import setup_logging
+    from membrane.agent.server import run_agent
+    from membrane.cli.output import check_choice
+
+    check_choice(log_level, ("debug", "info", "warning", "error"), "--log-level")
+    config = make_config(state_dir, api_socket, node_netns, pod_cidr, node_ip, netns_prefix)
+    setup_logging(log_level)
+    run_agent(config)
+
+
+@app.command("reset")
+def reset(
+    state_dir: str = typer.Option(DEFAULT_STATE_DIR, "--state-dir"),
+    node_netns: str = typer.Option(None, "--node-netns"),
+    pod_cidr: str = typer.Option(DEFAULT_POD_CIDR, "--pod-cidr"),
+    node_ip: str = typer.Option(DEFAULT_NODE_IP, "--node-ip"),
+    yes: bool = typer.Option(False, "--yes", help="Really remove everything."),
+) -> None:
+    """Remove every pod, the pinned datapath and the state of a stopped agent (and its node
+    namespace). Enforcement ends: this is the way to uninstall."""
+    from membrane.agent.reset import reset_node
+    from membrane.errors import UserError
+
+    if not yes:
+        raise UserError("--yes", "reset removes every pod and the datapath; add --yes")
+    config = make_config(state_dir, DEFAULT_SOCKET, node_netns, pod_cidr, node_ip)
+    removed = reset_node(config)
+    typer.echo(f"removed {removed['endpoints']} endpoints, the datapath and the state")

@@ -1,0 +1,78 @@
+"""`membrane observe`: recent and live flows from the agent, like `hubble observe`."""
+
+from __future__ import annotations
+
+import typer
+
+from membrane.cli.output import check_choice
+from membrane.errors import UserError
+from membrane.observe.format import FORMATS, FlowPrinter
+from membrane.observe.store import FlowFilter
+
+FLOWS_PATH = "/v1/flows"
+EPILOG = (
+    "Examples:\n\n  membrane observe --last 50\n\n"
+    "  membrane observe -f --verdict DROPPED\n\n"
+    "  membrane observe -f --pod shop/db --port 5432 -o json"
+)
+
+
+def observe(
+    last: int = typer.Option(20, "--last", help="Show the last N recorded flows."),
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="Then keep printing new flows until Ctrl-C."
+    ),
+    output: str = typer.Option(
+        "compact", "-o", "--output", help="compact (one line per flow), json or table."
+    ),
+    namespace: str = typer.Option(
+        None, "--namespace", "-n", help="Only flows with either side in this namespace."
+    ),
+    pod: str = typer.Option(
+        None,
+        "--pod",
+        help="Only flows with this pod on either side: NAMESPACE/POD (POD alone: in "
+        "namespace default).",
+    ),
+    verdict: str = typer.Option(None, "--verdict", help="FORWARDED or DROPPED."),
+    protocol: str = typer.Option(None, "--protocol", help="tcp, udp, sctp or icmp."),
+    port: str = typer.Option(None, "--port", help="Only flows from or to this port."),
+    api_socket: str = typer.Option(
+        None,
+        "--api-socket",
+        envvar="MEMBRANE_API_SOCKET",
+        help="The agent's API socket (default: /run/membrane/membrane.sock).",
+    ),
+) -> None:
+    """Flows the endpoints' datapath saw: each new connection's policy verdict and every
+    drop, with both sides' pods and identities and the rule that decided."""
+    output = check_choice(output, FORMATS, "--output")
+    if last < 0:
+        raise UserError("--last", f"{last} is negative (give 0 to show only new flows)")
+    options = {
+        "namespace": namespace,
+        "pod": pod,
+        "verdict": verdict,
+        "protocol": protocol,
+        "port": port,
+    }
+    # Checked here too, so that a bad option names the option, not a query parameter.
+    flow_filter = FlowFilter.from_params(
+        {k: v for k, v in options.items() if v is not None}, option_prefix="--"
+    )
+    params = {"last": str(last), "follow": "1" if follow else "0", **flow_filter.to_params()}
+
+    from membrane.api.client import ApiClient
+
+    client = ApiClient.connect(api_socket)
+    printer = FlowPrinter(output, follow)
+    if follow:
+        try:
+            for item in client.stream(FLOWS_PATH, params):
+                printer.item(item)
+        except KeyboardInterrupt:  # the way a follow ends: quietly
+            pass
+    else:
+        for item in client.get(FLOWS_PATH, params)["flows"]:
+            printer.item(item)
+    printer.close()

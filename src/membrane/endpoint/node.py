@@ -1,0 +1,108 @@
+"""The node side of the pod network: the namespace that routes between pods, the node and
+the outside world.
+
+Pods use the node IP as their gateway. It lives on a device of its own, `membrane_host`,
+rather than on any pod's veth, so that it exists before the first pod and does not depend
+on any one pod; it is also the address the "host" identity stands for. `membrane_host` is
+one end of a veth pair (the other is `membrane_net`), as Cilium's cilium_host/cilium_net:
+a dummy device would do, but our kernels are built without CONFIG_DUMMY.
+"""
+
+from __future__ import annotations
+
+import errno
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from socket import AF_INET
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
+
+from membrane import netns
+
+HOST_DEVICE = "membrane_host"
+HOST_PEER = "membrane_net"
+DEFAULT_NODE_IP = IPv4Address("198.19.0.1")
+
+# Forward between pods and the outside; no reverse-path filter, which drops packets that
+# arrive on another device than the route back to their source uses (asymmetric paths are
+# normal once the datapath redirects packets).
+_NODE_SYSCTLS = {
+    "net.ipv4.ip_forward": 1,
+    "net.ipv4.conf.all.rp_filter": 0,
+    "net.ipv4.conf.default.rp_filter": 0,
+}
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Where the node side lives (a named namespace, or None for the namespace we run in:
+    a real node) and the node IP pods route through."""
+
+    node_netns: str | None
+    node_ip: IPv4Address
+
+    def inside(self) -> AbstractContextManager[None]:
+        """Run the body with this thread in the node namespace (sockets opened there stay
+        there)."""
+        return nullcontext() if self.node_netns is None else netns.inside(self.node_netns)
+
+    def host_addresses(self) -> list[IPv4Address]:
+        """Every IPv4 address of the node namespace: what the ipcache maps to the host
+        identity."""
+        with self.inside(), IPRoute() as ipr:
+            found = {IPv4Address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=AF_INET)}
+        return sorted(found)
+
+
+def setup_node(node_netns: str | None, node_ip: IPv4Address = DEFAULT_NODE_IP) -> NodeInfo:
+    """Prepare the node side; safe to call again on a prepared node (an agent restart):
+    it only adds what is missing and never removes or re-creates anything."""
+    if node_netns is not None and not netns.exists(node_netns):
+        netns.create(node_netns)
+    node = NodeInfo(node_netns, IPv4Address(node_ip))
+    with node.inside(), IPRoute() as ipr:
+        _ensure_up(ipr, ipr.link("get", ifname="lo")[0])
+        _ensure_host_device(ipr, node.node_ip)
+        for key, value in _NODE_SYSCTLS.items():
+            netns.write_sysctl(key, value)
+    return node
+
+
+def delete_node_link(node: NodeInfo, ifname: str) -> bool:
+    """Delete device `ifname` of the node namespace (a veth takes its peer along); False
+    when it was already gone, so cleanup paths can always call this."""
+    with node.inside(), IPRoute() as ipr:
+        link = netns.find_link(ipr, ifname)
+        if link is None:
+            return False
+        try:
+            ipr.link("del", index=link["index"])
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise
+            return False
+    return True
+
+
+def _ensure_up(ipr: IPRoute, link: ifinfmsg) -> None:
+    if not link["flags"] & IFF_UP:
+        ipr.link("set", index=link["index"], state="up")
+
+
+def _ensure_host_device(ipr: IPRoute, node_ip: IPv4Address) -> None:
+    host = netns.find_link(ipr, HOST_DEVICE)
+    if host is None:
+        ipr.link("add", ifname=HOST_DEVICE, kind="veth", peer={"ifname": HOST_PEER})
+        netns.disable_ipv6(HOST_DEVICE, HOST_PEER)  # while down: never gets an address
+        host = ipr.link("get", ifname=HOST_DEVICE)[0]
+    peer = netns.find_link(ipr, HOST_PEER)
+    if peer is None or peer["index"] != host.get_attr("IFLA_LINK"):
+        raise RuntimeError(f"{HOST_DEVICE} exists but is not a veth paired with {HOST_PEER}")
+    present = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=host["index"], family=AF_INET)}
+    if str(node_ip) not in present:
+        ipr.addr("add", index=host["index"], address=str(node_ip), prefixlen=32)
+    _ensure_up(ipr, host)
+    _ensure_up(ipr, peer)

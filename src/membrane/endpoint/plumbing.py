@@ -1,0 +1,213 @@
+"""A pod's network plumbing: its namespace, the veth pair to the node, addresses and routes.
+
+Layout (what Cilium does in its veth mode): the pod has `eth0` with its address as a /32
+and routes everything via the node IP; the node has a /32 route per pod out of the pod's
+host-side veth and forwards between pods. No bridge, no shared subnet, so every packet
+between pods crosses the node-side veth, where the datapath's tc programs sit.
+
+Speed matters (an endpoint add, BPF included, should take < 150 ms): no processes are
+forked, each namespace gets one netlink socket, the veth is born with its peer already
+in the pod (IFLA_NET_NS_FD), and sysctls are written through /proc/sys after setns().
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from socket import AF_INET
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK
+
+from membrane import netns
+from membrane.endpoint.node import NodeInfo, delete_node_link
+from membrane.netns import disable_ipv6, find_link
+
+POD_IFNAME = "eth0"
+_IFNAME = re.compile(r"[A-Za-z0-9_-]{1,15}")  # IFNAMSIZ - 1, and safe in /proc/sys paths
+_SCOPE_LINK = 253
+_NUD_PERMANENT = 0x80
+
+
+@dataclass(frozen=True)
+class PodLink:
+    """What the agent records about a pod's plumbing (and checks after a restart)."""
+
+    netns: str
+    host_ifname: str
+    host_ifindex: int  # in the node namespace
+    pod_mac: str
+    host_mac: str
+    ipv4: IPv4Address
+
+
+class _NotIntact(Exception):
+    """A piece of a pod's plumbing is missing; the message says which."""
+
+
+def create_pod(node: NodeInfo, netns_name: str, host_ifname: str, ipv4: IPv4Address) -> PodLink:
+    """Create namespace `netns_name` (under /run/netns) with `eth0` holding `ipv4`, joined
+    to the node by `host_ifname`. On failure everything created so far is removed again;
+    an existing namespace or device of the same name raises FileExistsError untouched."""
+    if not _IFNAME.fullmatch(host_ifname):
+        raise ValueError(f"invalid host interface name {host_ifname!r}: 1-15 of [A-Za-z0-9_-]")
+    ipv4 = IPv4Address(ipv4)
+    pod_mac, host_mac = _random_mac(), _random_mac()
+    netns.create(netns_name)
+    veth_made = False
+    try:
+        with netns.inside(netns_name):
+            # Before eth0 exists, so it is born without IPv6 (no link-local, no DAD, no RS).
+            disable_ipv6("all", "default")
+            pod_ipr = IPRoute()
+        with pod_ipr, node.inside(), IPRoute() as node_ipr:
+            try:
+                node_ipr.link(
+                    "add",
+                    ifname=host_ifname,
+                    kind="veth",
+                    address=host_mac,
+                    peer={
+                        "ifname": POD_IFNAME,
+                        "address": pod_mac,
+                        "net_ns_fd": netns.path(netns_name),
+                    },
+                )
+            except NetlinkError as e:
+                if e.code == errno.EEXIST:
+                    raise FileExistsError(f"device {host_ifname} already exists") from None
+                raise
+            veth_made = True
+            host_ifindex = socket.if_nametoindex(host_ifname)
+            disable_ipv6(host_ifname)  # while still down: it never gets an IPv6 address
+            _plumb_node_side(node_ipr, node, host_ifindex, ipv4)
+            _plumb_pod_side(pod_ipr, node, ipv4, host_mac)
+    except BaseException:
+        if veth_made:
+            delete_node_link(node, host_ifname)
+        netns.delete(netns_name)
+        raise
+    return PodLink(netns_name, host_ifname, host_ifindex, pod_mac, host_mac, ipv4)
+
+
+def _plumb_node_side(ipr: IPRoute, node: NodeInfo, host_ifindex: int, ipv4: IPv4Address) -> None:
+    ipr.link("set", index=host_ifindex, state="up")  # routes need the device up
+    try:
+        ipr.route(
+            "add", dst=f"{ipv4}/32", oif=host_ifindex, prefsrc=str(node.node_ip), scope=_SCOPE_LINK
+        )
+    except NetlinkError as e:
+        if e.code == errno.EEXIST:
+            raise FileExistsError(f"the node already routes {ipv4} (another pod's?)") from None
+        raise
+
+
+def _plumb_pod_side(ipr: IPRoute, node: NodeInfo, ipv4: IPv4Address, host_mac: str) -> None:
+    eth0 = ipr.link_lookup(ifname=POD_IFNAME)[0]
+    ipr.link("set", index=eth0, state="up")
+    ipr.addr("add", index=eth0, address=str(ipv4), prefixlen=32)
+    gateway = str(node.node_ip)
+    ipr.route("add", dst=f"{gateway}/32", oif=eth0, scope=_SCOPE_LINK)
+    ipr.route("add", dst="0.0.0.0/0", gateway=gateway, oif=eth0, flags=RTNH_F_ONLINK)
+    # The node IP lives on membrane_host, not on the veth: whether the node answers ARP for
+    # it on the veth depends on the node's arp_ignore/arp_filter. A permanent entry makes
+    # the pod independent of both (and spares the first packet an ARP round trip).
+    ipr.neigh("add", dst=gateway, lladdr=host_mac, ifindex=eth0, state=_NUD_PERMANENT)
+
+
+def delete_pod(node: NodeInfo, netns_name: str, host_ifname: str) -> None:
+    """Remove the pod's veth pair (and with it its routes) and its namespace. Pieces that
+    are already gone are skipped, so this also clears a half-created or half-deleted pod."""
+    delete_node_link(node, host_ifname)
+    netns.delete(netns_name)
+
+
+def inspect_pod(
+    node: NodeInfo, netns_name: str, host_ifname: str, ipv4: IPv4Address | None = None
+) -> PodLink | None:
+    """The pod's plumbing as it is now, or None when a piece is missing: the namespace, the
+    host veth, its peer eth0, a /32 address on it (`ipv4`, if given), the node's route to
+    that address out of the host veth. What a restarted agent checks before adopting a pod;
+    `pod_problem` says what is missing."""
+    try:
+        return _inspect(node, netns_name, host_ifname, ipv4)
+    except _NotIntact:
+        return None
+
+
+def pod_problem(
+    node: NodeInfo, netns_name: str, host_ifname: str, ipv4: IPv4Address | None = None
+) -> str | None:
+    """Why `inspect_pod` finds no intact pod (for the log), or None when it does."""
+    try:
+        _inspect(node, netns_name, host_ifname, ipv4)
+    except _NotIntact as e:
+        return str(e)
+    return None
+
+
+def pod_exists(node: NodeInfo, recorded: PodLink) -> bool:
+    """Whether the recorded pod is intact and still the same (same host ifindex and MACs:
+    not deleted and re-created behind the recorder's back)."""
+    return inspect_pod(node, recorded.netns, recorded.host_ifname, recorded.ipv4) == recorded
+
+
+def _inspect(
+    node: NodeInfo, netns_name: str, host_ifname: str, ipv4: IPv4Address | None
+) -> PodLink:
+    if not netns.exists(netns_name):
+        raise _NotIntact(f"network namespace {netns_name} is gone")
+    with node.inside(), IPRoute() as node_ipr:
+        host = find_link(node_ipr, host_ifname)
+        if host is None:
+            raise _NotIntact(f"host veth {host_ifname} is gone")
+        try:
+            with netns.inside(netns_name), IPRoute() as pod_ipr:
+                eth0 = find_link(pod_ipr, POD_IFNAME)
+                addrs = pod_ipr.get_addr(index=eth0["index"], family=AF_INET) if eth0 else []
+        except OSError as e:  # a stale file under /run/netns that is no namespace any more
+            raise _NotIntact(f"network namespace {netns_name} cannot be entered: {e}") from None
+        if eth0 is None or not _peers(eth0, host):
+            raise _NotIntact(f"{POD_IFNAME} in {netns_name} is not the peer of {host_ifname}")
+        pod_ips = [IPv4Address(a.get_attr("IFA_ADDRESS")) for a in addrs if a["prefixlen"] == 32]
+        if ipv4 is not None:
+            pod_ips = [ip for ip in pod_ips if ip == IPv4Address(ipv4)]
+        if not pod_ips:
+            raise _NotIntact(f"{POD_IFNAME} in {netns_name} lacks {ipv4 or 'a /32 address'}")
+        if not _routes_via(node_ipr, pod_ips[0], host["index"]):
+            raise _NotIntact(f"the node does not route {pod_ips[0]} out of {host_ifname}")
+    return PodLink(
+        netns_name,
+        host_ifname,
+        host["index"],
+        eth0.get_attr("IFLA_ADDRESS"),
+        host.get_attr("IFLA_ADDRESS"),
+        pod_ips[0],
+    )
+
+
+def _peers(a: ifinfmsg, b: ifinfmsg) -> bool:
+    """Whether two veth ends (in different namespaces) are each other's peer."""
+    return a.get_attr("IFLA_LINK") == b["index"] and b.get_attr("IFLA_LINK") == a["index"]
+
+
+def _routes_via(ipr: IPRoute, dst: IPv4Address, ifindex: int) -> bool:
+    try:
+        (route,) = ipr.route("get", dst=str(dst))
+    except NetlinkError:  # unreachable: no route at all
+        return False
+    return route.get_attr("RTA_OIF") == ifindex
+
+
+def _random_mac() -> str:
+    """A locally administered unicast MAC, as the kernel would pick; choosing it here saves
+    reading it back."""
+    octets = bytearray(os.urandom(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)

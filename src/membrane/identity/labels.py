@@ -1,0 +1,119 @@
+"""Security labels, and the label sets of endpoint, reserved and CIDR identities.
+
+The label model is Cilium's (DESIGN.md section 1): policies copied from the Kubernetes and
+Cilium docs select peers by these labels, so an endpoint must carry exactly the labels
+Cilium would give the same pod.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+
+from membrane.errors import UserError
+
+SOURCE_K8S = "k8s"
+SOURCE_RESERVED = "reserved"
+SOURCE_CIDR = "cidr"
+SOURCE_ANY = "any"  # selectors only: a key that matches labels of every source
+SOURCES = frozenset({SOURCE_K8S, SOURCE_RESERVED, SOURCE_CIDR, SOURCE_ANY})
+
+POD_NAMESPACE_KEY = "io.kubernetes.pod.namespace"
+CLUSTER_KEY = "io.cilium.k8s.policy.cluster"
+SERVICE_ACCOUNT_KEY = "io.cilium.k8s.policy.serviceaccount"
+NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
+NAMESPACE_NAME_KEY = "kubernetes.io/metadata.name"  # every namespace has it
+
+# Identity numbers, as bpf/abi/endpoint.h (enum reserved_identity) numbers them.
+IDENTITY_ANY = 0  # policy keys only: any peer
+IDENTITY_HOST = 1
+IDENTITY_WORLD = 2
+IDENTITY_UNMANAGED = 3
+IDENTITY_HEALTH = 4
+IDENTITY_INIT = 5
+IDENTITY_REMOTE_NODE = 6
+IDENTITY_FIRST_ENDPOINT = 256
+IDENTITY_FIRST_CIDR = (1 << 24) + 1
+
+RESERVED_NAMES: dict[int, str] = {
+    IDENTITY_HOST: "host",
+    IDENTITY_WORLD: "world",
+    IDENTITY_UNMANAGED: "unmanaged",
+    IDENTITY_HEALTH: "health",
+    IDENTITY_INIT: "init",
+    IDENTITY_REMOTE_NODE: "remote-node",
+}
+
+
+@dataclass(frozen=True, order=True)
+class Label:
+    """One security label. Reserved and CIDR labels have an empty value
+    (`reserved:host`, `cidr:10.0.0.0/8`)."""
+
+    source: str
+    key: str
+    value: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Label:
+        """`k8s:app=web`, `app=web` (source any), `reserved:host`."""
+        source, sep, rest = text.partition(":")
+        if not sep or source not in SOURCES:
+            source, rest = SOURCE_ANY, text
+        key, _, value = rest.partition("=")
+        if not key:
+            raise UserError("label", f"{text!r} has no key")
+        return cls(source, key, value)
+
+    def __str__(self) -> str:
+        text = f"{self.source}:{self.key}"
+        return f"{text}={self.value}" if self.value else text
+
+
+def reserved_label(name: str) -> Label:
+    return Label(SOURCE_RESERVED, name)
+
+
+WORLD_LABEL = reserved_label("world")
+
+RESERVED_LABELS: dict[int, frozenset[Label]] = {
+    ident: frozenset({reserved_label(name)}) for ident, name in RESERVED_NAMES.items()
+}
+
+
+def endpoint_labels(
+    namespace: str,
+    pod_labels: Mapping[str, str],
+    namespace_labels: Mapping[str, str],
+    cluster: str = "default",
+    service_account: str | None = None,
+) -> frozenset[Label]:
+    """The identity labels of a pod: its own labels, its namespace, cluster and service
+    account, and its namespace's labels (so namespace selectors become label selectors)."""
+    labels = {Label(SOURCE_K8S, key, value) for key, value in pod_labels.items()}
+    labels.add(Label(SOURCE_K8S, POD_NAMESPACE_KEY, namespace))
+    labels.add(Label(SOURCE_K8S, CLUSTER_KEY, cluster))
+    if service_account:
+        labels.add(Label(SOURCE_K8S, SERVICE_ACCOUNT_KEY, service_account))
+    ns_labels = {NAMESPACE_NAME_KEY: namespace, **namespace_labels}
+    for key, value in ns_labels.items():
+        labels.add(Label(SOURCE_K8S, NAMESPACE_LABELS_PREFIX + key, value))
+    return frozenset(labels)
+
+
+def cidr_label(prefix: IPv4Network) -> Label:
+    return Label(SOURCE_CIDR, str(prefix))
+
+
+def cidr_identity_labels(
+    prefix: IPv4Network, all_policy_prefixes: Iterable[IPv4Network]
+) -> frozenset[Label]:
+    """Labels of the identity of a policy prefix: `reserved:world` and `cidr:Q` for every
+    policy prefix Q containing it. The ipcache's longest-prefix lookup returns the most
+    specific prefix, so a selector for a broader Q must still match that prefix's identity.
+    0.0.0.0/0 gets no `cidr:` label: the world identity stands for it."""
+    containing = {q for q in all_policy_prefixes if q.prefixlen > 0 and prefix.subnet_of(q)}
+    if prefix.prefixlen > 0:
+        containing.add(prefix)
+    return frozenset({WORLD_LABEL, *(cidr_label(q) for q in containing)})

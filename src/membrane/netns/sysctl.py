@@ -1,0 +1,40 @@
+"""Network sysctls of the namespace the calling thread is in.
+
+The kernel resolves /proc/sys/net against the network namespace of the task that opens the
+file, so after `inside(ns)` these read and write `ns`'s values: no `sysctl` or `ip netns
+exec` process to fork, and no /sys remount.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _file(key: str) -> str:
+    """The /proc/sys file of a dotted key such as net.ipv4.conf.all.rp_filter. Device
+    names containing dots (VLANs) are not supported: sysctl writes those with "/", and we
+    never create them."""
+    return "/proc/sys/" + key.replace(".", "/")
+
+
+def read_sysctl(key: str) -> str:
+    with open(_file(key)) as f:
+        return f.read().strip()
+
+
+def write_sysctl(key: str, value: str | int) -> None:
+    """Set `key` unless it already has `value`: a re-run (an agent restart) then writes
+    nothing, and nothing watching for changes sees one."""
+    if read_sysctl(key) != str(value):
+        with open(_file(key), "w") as f:
+            f.write(str(value))
+
+
+def disable_ipv6(*devices: str) -> None:
+    """Turn IPv6 off on `devices` ("all" and "default" included): no link-local address,
+    DAD or router solicitations. Set it before a device comes up and it never gets any.
+    A kernel without IPv6 has nothing to turn off."""
+    if not os.path.isdir("/proc/sys/net/ipv6"):
+        return
+    for dev in devices:
+        write_sysctl(f"net.ipv6.conf.{dev}.disable_ipv6", 1)

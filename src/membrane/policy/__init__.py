@@ -1,0 +1,28 @@
+"""Network policy: parsing and validation of NetworkPolicy, CiliumNetworkPolicy and
+CiliumClusterwideNetworkPolicy documents, the compiler to datapath policy entries, and an
+independent reference evaluator that explains verdicts."""
+
+from membrane.policy.compile import compile_policies, policy_cidrs
+from membrane.policy.entries import EndpointPolicy, PolicyEntry, lookup
+from membrane.policy.model import Policy
+from membrane.policy.parse import parse_documents
+from membrane.policy.reference import Decision, evaluate, explain
+from membrane.policy.ruletable import RuleRef, RuleTable
+from membrane.policy.universe import EndpointInfo, Universe
+
+__all__ = [
+    "Decision",
+    "EndpointInfo",
+    "EndpointPolicy",
+    "Policy",
+    "PolicyEntry",
+    "RuleRef",
+    "RuleTable",
+    "Universe",
+    "compile_policies",
+    "evaluate",
+    "explain",
+    "lookup",
+    "parse_documents",
+    "policy_cidrs",
+]

@@ -1,0 +1,26 @@
+"""Port ranges as the datapath's policy keys hold them: prefixes of the 16-bit port."""
+
+from __future__ import annotations
+
+PORT_BITS = 16
+
+
+def port_mask(bits: int) -> int:
+    """The mask of the top `bits` bits of a port."""
+    return (0xFFFF << (PORT_BITS - bits)) & 0xFFFF
+
+
+def port_blocks(first: int, last: int) -> list[tuple[int, int]]:
+    """The fewest (port, bits) prefixes covering exactly first..last, in order.
+    Example: 80..83 -> [(80, 14)]; 0..65535 -> [(0, 0)]."""
+    if not 0 <= first <= last <= 0xFFFF:
+        raise ValueError(f"bad port range {first}..{last}")
+    blocks = []
+    while first <= last:
+        # The largest aligned power-of-two block starting at `first` that stays in range.
+        size = first & -first if first else 1 << PORT_BITS
+        while first + size > last:
+            size >>= 1
+        blocks.append((first, PORT_BITS + 1 - size.bit_length()))
+        first += size
+    return blocks

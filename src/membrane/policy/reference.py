@@ -1,0 +1,359 @@
+"""The policy semantics evaluated directly on the documents, one flow at a time.
+
+This is the second, independent reading of the semantics that `rules.py` and `compile.py`
+implement: it works on the parsed documents (which policies select the endpoint, which
+rules match the peer and the port), decides CIDR peers by prefix containment rather than
+by CIDR labels, entities by identity number rather than by reserved labels, and never
+builds policy entries. Property tests compare it with the compiled datapath entries.
+`policy trace` uses it to explain a verdict, since it knows every rule that matched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+
+from membrane.identity.labels import (
+    IDENTITY_FIRST_CIDR,
+    IDENTITY_FIRST_ENDPOINT,
+    IDENTITY_HEALTH,
+    IDENTITY_HOST,
+    IDENTITY_INIT,
+    IDENTITY_REMOTE_NODE,
+    IDENTITY_UNMANAGED,
+    IDENTITY_WORLD,
+    NAMESPACE_LABELS_PREFIX,
+    POD_NAMESPACE_KEY,
+    SOURCE_K8S,
+    Label,
+)
+from membrane.policy.model import (
+    KIND_CNP,
+    CiliumPeerRule,
+    CiliumSelector,
+    K8sPeer,
+    K8sPortSpec,
+    Policy,
+    PortProtocol,
+)
+from membrane.policy.ruletable import RuleRef
+from membrane.policy.universe import EndpointInfo, Universe
+from membrane.policy.validate import ANY_PROTOCOL, IPPROTO_ICMP, PROTOCOL_NUMBERS
+
+_ENTITY_IDENTITY = {
+    "host": IDENTITY_HOST,
+    "remote-node": IDENTITY_REMOTE_NODE,
+    "health": IDENTITY_HEALTH,
+    "init": IDENTITY_INIT,
+    "unmanaged": IDENTITY_UNMANAGED,
+}
+_CLUSTER_RESERVED = set(_ENTITY_IDENTITY.values())
+
+
+@dataclass
+class Decision:
+    allowed: bool
+    enforced: bool  # the endpoint is in default deny in this direction
+    deciding: RuleRef | None  # the rule that decided; None when the default did
+    allowed_by: list[RuleRef]  # every matching allow rule
+    denied_by: list[RuleRef]  # every matching deny rule
+    selected_by: list[str]  # every policy selecting the endpoint (any direction)
+    enforced_by: list[str] = field(default_factory=list)  # those making it default deny here
+    direction: str = "ingress"
+
+
+@dataclass(frozen=True)
+class _Flow:
+    """One connection attempt, from the endpoint's point of view."""
+
+    universe: Universe
+    endpoint: EndpointInfo
+    direction: str
+    peer_identity: int
+    peer_labels: frozenset[Label]
+    proto: int
+    port: int
+
+    def peer_namespace(self) -> str | None:
+        """The peer pod's namespace; None when the peer is not a pod."""
+        for label in self.peer_labels:
+            if label.source == SOURCE_K8S and label.key == POD_NAMESPACE_KEY:
+                return label.value
+        return None
+
+    def peer_namespace_labels(self) -> frozenset[Label]:
+        """The labels of the peer pod's namespace, as the namespace itself carries them."""
+        cut = len(NAMESPACE_LABELS_PREFIX)
+        return frozenset(
+            Label(SOURCE_K8S, label.key[cut:], label.value)
+            for label in self.peer_labels
+            if label.source == SOURCE_K8S and label.key.startswith(NAMESPACE_LABELS_PREFIX)
+        )
+
+    def peer_in_cidr(self, cidr: IPv4Network, excepts: Sequence[IPv4Network]) -> bool:
+        """World is what no policy prefix covers, so only 0.0.0.0/0 contains it."""
+        if self.peer_identity == IDENTITY_WORLD:
+            return cidr.prefixlen == 0
+        prefix = self.universe.cidr_identities.get(self.peer_identity)
+        if prefix is None:
+            return False
+        return prefix.subnet_of(cidr) and not any(prefix.subnet_of(e) for e in excepts)
+
+    def named_port_is_ours(self, name: str, any_peer: bool) -> bool:
+        """Whether the flow's port is the named port: the endpoint's own on ingress, the
+        peer's on egress (any endpoint's, for a rule matching any peer)."""
+        if self.direction == "ingress":
+            owners = [self.endpoint]
+        elif any_peer:
+            owners = list(self.universe.endpoints.values())
+        else:
+            owners = [
+                e for e in self.universe.endpoints.values() if e.identity == self.peer_identity
+            ]
+        return any(o.named_ports.get(name) == (self.port, self.proto) for o in owners)
+
+    def port_matches(self, port: int | str | None, end_port: int | None, any_peer: bool) -> bool:
+        if not port:
+            return True
+        if isinstance(port, str):
+            return self.named_port_is_ours(port, any_peer)
+        return port <= self.port <= (end_port or port)
+
+
+@dataclass
+class _Findings:
+    selected_by: list[str] = field(default_factory=list)
+    enforced_by: list[str] = field(default_factory=list)
+    allowed_by: list[RuleRef] = field(default_factory=list)
+    denied_by: list[RuleRef] = field(default_factory=list)
+
+    def note(self, names: list[str], policy: Policy) -> None:
+        if policy.describe() not in names:
+            names.append(policy.describe())
+
+
+def evaluate(
+    policies: Sequence[Policy],
+    universe: Universe,
+    *,
+    endpoint: EndpointInfo,
+    direction: str,
+    peer_identity: int,
+    proto: int,
+    port: int,
+) -> Decision:
+    """The verdict for a connection of `endpoint` with a peer of `peer_identity`
+    (`direction` "ingress": the peer connects to the endpoint's `port`; "egress": the
+    endpoint connects to the peer's `port`)."""
+    if direction not in ("ingress", "egress"):
+        raise ValueError(f"direction must be ingress or egress, not {direction!r}")
+    flow = _Flow(
+        universe,
+        endpoint,
+        direction,
+        peer_identity,
+        universe.identities.get(peer_identity, frozenset()),
+        proto,
+        port,
+    )
+    found = _Findings()
+    for policy in policies:
+        if policy.k8s_spec is not None:
+            _k8s_policy(policy, flow, found)
+        else:
+            _cilium_policy(policy, flow, found)
+    enforced = bool(found.enforced_by)
+    if found.denied_by:
+        allowed, deciding = False, found.denied_by[0]
+    elif found.allowed_by:
+        allowed, deciding = True, found.allowed_by[0]
+    else:
+        allowed, deciding = not enforced, None
+    return Decision(
+        allowed,
+        enforced,
+        deciding,
+        found.allowed_by,
+        found.denied_by,
+        found.selected_by,
+        found.enforced_by,
+        direction,
+    )
+
+
+# ---- NetworkPolicy -------------------------------------------------------------------------
+
+
+def _k8s_policy(policy: Policy, flow: _Flow, found: _Findings) -> None:
+    spec = policy.k8s_spec
+    assert spec is not None
+    if flow.endpoint.namespace != policy.namespace:
+        return
+    if spec.pod_selector and not spec.pod_selector.to_selector().matches(flow.endpoint.labels):
+        return
+    found.note(found.selected_by, policy)
+    if flow.direction.capitalize() not in spec.effective_types():
+        return  # the policy does not isolate this direction, and its rules here are inert
+    found.note(found.enforced_by, policy)
+    rules = spec.ingress if flow.direction == "ingress" else spec.egress
+    for i, rule in enumerate(rules or ()):
+        peers = rule.peers
+        if peers and not any(_k8s_peer_matches(p, policy, flow) for p in peers):
+            continue
+        if rule.ports and not any(_k8s_port_matches(p, flow, not peers) for p in rule.ports):
+            continue
+        found.allowed_by.append(
+            RuleRef(policy.kind, policy.namespace, policy.name, flow.direction, False, i)
+        )
+
+
+def _k8s_peer_matches(peer: K8sPeer, policy: Policy, flow: _Flow) -> bool:
+    if peer.ip_block is not None:
+        return flow.peer_in_cidr(peer.ip_block.cidr, peer.ip_block.except_ or ())
+    peer_namespace = flow.peer_namespace()
+    if peer_namespace is None:
+        return False  # pod and namespace selectors select pods only
+    if peer.namespace_selector is None:
+        namespace_ok = peer_namespace == policy.namespace
+    else:
+        namespace_ok = peer.namespace_selector.to_selector().matches(flow.peer_namespace_labels())
+    pod_ok = peer.pod_selector is None or peer.pod_selector.to_selector().matches(flow.peer_labels)
+    return namespace_ok and pod_ok
+
+
+def _k8s_port_matches(spec: K8sPortSpec, flow: _Flow, any_peer: bool) -> bool:
+    if flow.proto != PROTOCOL_NUMBERS[spec.protocol or "TCP"]:
+        return False
+    return flow.port_matches(spec.port, spec.end_port, any_peer)
+
+
+# ---- CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy ----------------------------------
+
+
+def _cilium_policy(policy: Policy, flow: _Flow, found: _Findings) -> None:
+    if policy.kind == KIND_CNP and flow.endpoint.namespace != policy.namespace:
+        return
+    for spec_index, spec in policy.cilium_specs:
+        if not spec.endpoint_selector.to_selector().matches(flow.endpoint.labels):
+            continue
+        found.note(found.selected_by, policy)
+        if spec.default_deny(flow.direction):
+            found.note(found.enforced_by, policy)
+        for deny, section in zip((False, True), spec.sections(flow.direction), strict=True):
+            for i, rule in enumerate(section):
+                if _cilium_rule_matches(rule, policy, flow):
+                    ref = RuleRef(
+                        policy.kind,
+                        policy.namespace,
+                        policy.name,
+                        flow.direction,
+                        deny,
+                        i,
+                        spec_index,
+                    )
+                    (found.denied_by if deny else found.allowed_by).append(ref)
+
+
+def _cilium_rule_matches(rule: CiliumPeerRule, policy: Policy, flow: _Flow) -> bool:
+    if rule.has_peers():
+        any_peer = _matches_any_peer(rule, policy)
+        if not any_peer and not _cilium_peer_matches(rule, policy, flow):
+            return False
+    elif rule.has_l4():
+        any_peer = True  # only ports: every peer on those ports
+    else:
+        return False  # an empty rule allows (or denies) nothing
+    if not rule.has_l4():
+        return True
+    for port_rule in rule.to_ports or ():
+        if not port_rule.ports or any(
+            _cilium_port_matches(p, flow, any_peer) for p in port_rule.ports
+        ):
+            return True
+    return flow.proto == IPPROTO_ICMP and any(
+        f.icmp_type == flow.port for icmp in rule.icmps or () for f in icmp.fields
+    )
+
+
+def _scoped(selector: CiliumSelector, policy: Policy) -> bool:
+    """A namespaced policy sees only its own namespace, unless the selector says otherwise."""
+    return policy.kind == KIND_CNP and not selector.escapes_namespace()
+
+
+def _matches_any_peer(rule: CiliumPeerRule, policy: Policy) -> bool:
+    """Entity `all`, or an endpoint selector without any condition (`{}` in a clusterwide
+    policy): Cilium treats both as a wildcard over every identity, known or not."""
+    if "all" in rule.peer_entities:
+        return True
+    return any(
+        not _scoped(s, policy) and not s.to_selector().requirements() for s in rule.peer_endpoints
+    )
+
+
+def _cilium_peer_matches(rule: CiliumPeerRule, policy: Policy, flow: _Flow) -> bool:
+    known = flow.peer_identity in flow.universe.identities
+    for selector in rule.peer_endpoints:
+        if _scoped(selector, policy) and flow.peer_namespace() != policy.namespace:
+            continue
+        if known and selector.to_selector().matches(flow.peer_labels):
+            return True
+    if any(flow.peer_in_cidr(cidr, ()) for cidr in rule.peer_cidrs):
+        return True
+    if any(flow.peer_in_cidr(s.cidr, s.except_ or ()) for s in rule.peer_cidr_sets):
+        return True
+    return any(_entity_matches(entity, flow) for entity in rule.peer_entities)
+
+
+def _entity_matches(entity: str, flow: _Flow) -> bool:
+    """By identity number. Identities the node does not know are matched by `all` only."""
+    identity = flow.peer_identity
+    known = identity in flow.universe.identities
+    if entity in ("world", "world-ipv4"):
+        return identity == IDENTITY_WORLD or (known and identity >= IDENTITY_FIRST_CIDR)
+    if entity == "cluster":
+        endpoint = IDENTITY_FIRST_ENDPOINT <= identity < IDENTITY_FIRST_CIDR
+        return identity in _CLUSTER_RESERVED or (known and endpoint)
+    if entity == "all":
+        return True
+    return identity == _ENTITY_IDENTITY[entity]
+
+
+def _cilium_port_matches(spec: PortProtocol, flow: _Flow, any_peer: bool) -> bool:
+    protocol = spec.protocol or ANY_PROTOCOL
+    if protocol == ANY_PROTOCOL:
+        protocol_ok = flow.proto in (PROTOCOL_NUMBERS[p] for p in ("TCP", "UDP", "SCTP"))
+    else:
+        protocol_ok = flow.proto == PROTOCOL_NUMBERS[protocol]
+    return protocol_ok and flow.port_matches(spec.port, spec.end_port, any_peer)
+
+
+# ---- explaining -----------------------------------------------------------------------------
+
+
+def explain(decision: Decision) -> list[str]:
+    """The decision as lines for people, most general first, the verdict last."""
+    lines = []
+    if decision.selected_by:
+        lines.append(f"selected by {', '.join(decision.selected_by)}")
+    else:
+        lines.append("no policy selects the endpoint")
+    if decision.enforced:
+        lines.append(
+            f"{decision.direction} is default deny (set by {', '.join(decision.enforced_by)})"
+        )
+    else:
+        lines.append(f"{decision.direction} is not default deny: what no rule denies is allowed")
+    lines += [f"denied by {ref.describe()}" for ref in decision.denied_by]
+    lines += [f"allowed by {ref.describe()}" for ref in decision.allowed_by]
+    if decision.denied_by:
+        lines.append(
+            f"DENIED by {decision.denied_by[0].describe()} (deny rules win over allow rules)"
+        )
+    elif decision.allowed_by:
+        lines.append(f"ALLOWED by {decision.allowed_by[0].describe()}")
+    elif decision.enforced:
+        lines.append("DENIED: no rule allows it (default deny)")
+    else:
+        lines.append(f"ALLOWED: no policy restricts {decision.direction}")
+    return lines

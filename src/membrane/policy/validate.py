@@ -1,0 +1,175 @@
+"""Syntax checks for the values inside policy documents.
+
+Each check raises ValueError with one short sentence; pydantic attaches the field path and
+the parser turns it into a UserError. Checks follow what the Kubernetes API server and
+Cilium's CRD validation accept, so a document that works there works here.
+"""
+
+from __future__ import annotations
+
+import re
+from ipaddress import IPv4Network, ip_network
+
+from membrane.identity.labels import SOURCE_ANY, SOURCE_RESERVED, SOURCES
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_QUALIFIED_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_CILIUM_KEY = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?")
+_PORT_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
+
+PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+IPPROTO_ICMP = 1
+ANY_PROTOCOL = "ANY"  # Cilium: TCP, UDP and SCTP
+
+
+def check_namespace(value: str) -> str:
+    if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid namespace name (lowercase letters, digits and '-', "
+            "at most 63 characters)"
+        )
+    return value
+
+
+def check_name(value: str) -> str:
+    if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid name (lowercase letters, digits, '-' and '.', "
+            "at most 253 characters)"
+        )
+    return value
+
+
+def check_k8s_label_key(key: str) -> None:
+    """A Kubernetes qualified name: [prefix/]name."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
+        raise ValueError(f"label key {key!r} has an invalid prefix (must be a DNS subdomain)")
+    if len(name) > 63 or not _QUALIFIED_NAME.fullmatch(name):
+        raise ValueError(
+            f"label key {key!r} is invalid (letters, digits, '-', '_' and '.', starting and "
+            "ending with a letter or digit, at most 63 characters, optional DNS prefix and '/')"
+        )
+
+
+def check_cilium_label_key(key: str) -> None:
+    """Cilium keys may carry a source (`k8s:app`); the rest is checked loosely, since
+    Cilium's own keys (`io.cilium.k8s.namespace.labels.<key>`) outgrow qualified names."""
+    source, sep, rest = key.partition(":")
+    if sep:
+        if source not in SOURCES:
+            raise ValueError(
+                f"label key {key!r} has unknown source {source!r} (use k8s, reserved, cidr or "
+                f"{SOURCE_ANY})"
+            )
+        key = rest
+    if len(key) > 317 or not _CILIUM_KEY.fullmatch(key):
+        raise ValueError(f"label key {key!r} is invalid")
+    if source == SOURCE_RESERVED and "/" in key:
+        raise ValueError(f"reserved label {key!r} is invalid")
+
+
+def check_label_value(value: str) -> None:
+    if value and (len(value) > 63 or not _QUALIFIED_NAME.fullmatch(value)):
+        raise ValueError(
+            f"label value {value!r} is invalid (letters, digits, '-', '_' and '.', starting and "
+            "ending with a letter or digit, at most 63 characters)"
+        )
+
+
+def parse_cidr(value: object) -> IPv4Network:
+    """An IPv4 prefix; host bits are cleared (as Kubernetes and Cilium accept them)."""
+    if not isinstance(value, str):
+        raise ValueError("must be a CIDR string such as 10.0.0.0/8")
+    try:
+        net = ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a valid CIDR (such as 10.0.0.0/8)") from None
+    if not isinstance(net, IPv4Network):
+        raise ValueError(f"{value!r}: IPv6 is not supported")
+    return net
+
+
+def parse_port(value: object, *, allow_zero: bool) -> int | str:
+    """A port number (int or digits) or a port name (IANA service name syntax)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("must be a port number or a port name")
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int):
+        low = 0 if allow_zero else 1
+        if not low <= value <= 65535:
+            raise ValueError(f"port {value} is out of range ({low}..65535)")
+        return value
+    if (
+        len(value) > 15
+        or not _PORT_NAME.fullmatch(value)
+        or "--" in value
+        or not re.search("[a-z]", value)
+    ):
+        raise ValueError(
+            f"{value!r} is neither a port number nor a valid port name (at most 15 lowercase "
+            "letters, digits and '-', with at least one letter)"
+        )
+    return value
+
+
+def check_end_port(end_port: int, port: int | str | None) -> int:
+    if not 1 <= end_port <= 65535:
+        raise ValueError(f"endPort {end_port} is out of range (1..65535)")
+    if isinstance(port, str):
+        raise ValueError("cannot be used with a named port")
+    if not port:
+        raise ValueError("needs a port (the first port of the range)")
+    if end_port < port:
+        raise ValueError(f"endPort {end_port} is below port {port}")
+    return end_port
+
+
+def check_protocol(value: str, *, allow_any: bool) -> str:
+    allowed = [*PROTOCOL_NUMBERS, ANY_PROTOCOL] if allow_any else list(PROTOCOL_NUMBERS)
+    if value not in allowed:
+        raise ValueError(
+            f"unknown protocol {value!r} (use {', '.join(allowed[:-1])} or {allowed[-1]})"
+        )
+    return value
+
+
+# ICMPv4 type names Cilium accepts besides numbers (IANA names).
+ICMP_TYPE_NAMES = {
+    "EchoReply": 0,
+    "DestinationUnreachable": 3,
+    "Redirect": 5,
+    "Echo": 8,
+    "EchoRequest": 8,
+    "RouterAdvertisement": 9,
+    "RouterSelection": 10,
+    "TimeExceeded": 11,
+    "ParameterProblem": 12,
+    "Timestamp": 13,
+    "TimestampReply": 14,
+    "Photuris": 40,
+    "ExtendedEchoRequest": 42,
+    "ExtendedEchoReply": 43,
+}
+
+
+def parse_icmp_type(value: object) -> int:
+    if isinstance(value, str) and value in ICMP_TYPE_NAMES:
+        return ICMP_TYPE_NAMES[value]
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not an ICMP type (0..255 or a name such as EchoRequest)")
+    if not 0 <= value <= 255:
+        raise ValueError(f"ICMP type {value} is out of range (0..255)")
+    return value
+
+
+def check_icmp_family(value: str) -> str:
+    if value == "IPv6":
+        raise ValueError("IPv6 is not supported")
+    if value != "IPv4":
+        raise ValueError(f"unknown family {value!r} (use IPv4)")
+    return value

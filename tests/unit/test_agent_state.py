@@ -1,0 +1,61 @@
+"""The agent's remembered state: identities keep their numbers across a restart."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from membrane.agent.identities import (
+    FIRST_CIDR_IDENTITY,
+    FIRST_ENDPOINT_IDENTITY,
+    IdentityAllocator,
+)
+from membrane.agent.state import AgentState, EndpointRecord, PortSpec, StateFile, StoredPolicy
+
+
+def test_equal_label_sets_share_an_identity_and_numbers_survive_a_reload() -> None:
+    alloc = IdentityAllocator()
+    web = alloc.for_labels(frozenset({"k8s:app=web", "k8s:io.kubernetes.pod.namespace=x"}))
+    db = alloc.for_labels(frozenset({"k8s:app=db"}))
+    assert web == FIRST_ENDPOINT_IDENTITY and db == web + 1
+    assert alloc.for_labels(frozenset({"k8s:io.kubernetes.pod.namespace=x", "k8s:app=web"})) == web
+    cidr = alloc.for_prefix(IPv4Network("198.19.2.0/24"))
+    assert cidr == FIRST_CIDR_IDENTITY
+
+    again = IdentityAllocator.from_json(alloc.to_json())
+    assert again.for_labels(frozenset({"k8s:app=db"})) == db
+    assert again.for_prefix(IPv4Network("198.19.2.0/24")) == cidr
+
+
+def test_released_numbers_are_never_handed_out_again() -> None:
+    alloc = IdentityAllocator()
+    first = alloc.for_labels(frozenset({"k8s:a=1"}))
+    alloc.retain(set(), set())
+    assert alloc.for_labels(frozenset({"k8s:a=1"})) != first
+
+
+def test_state_file_round_trip(tmp_path: Path) -> None:
+    state = AgentState(
+        endpoints={
+            3: EndpointRecord(
+                id=3,
+                namespace="x",
+                name="a",
+                netns="x-a",
+                host_ifname="mbr3",
+                ipv4="198.18.0.2",
+                labels={"pod": "a"},
+                ports=[PortSpec("http", 80, "TCP")],
+                identity=256,
+            )
+        },
+        namespaces={"x": {"ns": "x"}},
+        policies=[StoredPolicy("NetworkPolicy", "x", "p", {"kind": "NetworkPolicy"})],
+        policy_revision=4,
+        next_endpoint_id=4,
+    )
+    files = StateFile(tmp_path / "state")
+    files.save(state)
+    loaded = files.load()
+    assert loaded == state
+    assert StateFile(tmp_path / "missing").load() == AgentState()

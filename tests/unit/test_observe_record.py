@@ -1,0 +1,255 @@
+"""Flow events become Hubble-shaped flow records: sides, verdicts, drop reasons, L4, the
+deciding rule; numpy rows decode like dicts; our constants agree with the C headers."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from observe_support import ALLOW_DB, DB, DENY_WORLD, WEB, FakeResolver, event, world_drop
+
+from membrane.observe import record as rec
+from membrane.observe.record import FlowEvent, UnsupportedEvent, flow_events, flow_record
+
+ABI = Path(__file__).resolve().parents[2] / "bpf" / "abi"
+
+
+def build(ev: dict, resolver: FakeResolver | None = None) -> dict:
+    return flow_record(ev, resolver or FakeResolver(), "node-1")
+
+
+def test_allowed_ingress_flow_names_both_pods_and_the_rule() -> None:
+    r = build(event())
+    # RFC 3339 in UTC with nanoseconds; a float of unix time carries them to ~0.2 us
+    assert re.fullmatch(r"2024-11-21T10:00:01\.1234567\d\dZ", r["time"]), r["time"]
+    assert r["verdict"] == "FORWARDED"
+    assert "drop_reason" not in r and "drop_reason_desc" not in r
+    assert r["IP"] == {"source": WEB.ipv4, "destination": DB.ipv4, "ipVersion": "IPv4"}
+    assert r["l4"] == {
+        "TCP": {"source_port": 43512, "destination_port": 5432, "flags": {"SYN": True}}
+    }
+    # ingress: the peer sent it, the local endpoint (ep_id) received it
+    assert r["source"] == {
+        "ID": WEB.id,
+        "identity": WEB.identity,
+        "namespace": "shop",
+        "labels": WEB.labels,
+        "pod_name": "web",
+    }
+    assert r["destination"]["ID"] == DB.id and r["destination"]["pod_name"] == "db"
+    assert r["traffic_direction"] == "INGRESS"
+    assert r["Type"] == "L3_L4" and r["node_name"] == "node-1"
+    assert r["event_type"] == {"type": 5, "sub_type": 0}
+    assert r["policy_match_type"] == rec.POLICY_MATCH_L3_L4
+    assert r["is_reply"] is False
+    assert r["Summary"] == "TCP Flags: SYN"
+    assert r["policy"] == {
+        "rule_id": 7,
+        "kind": "CiliumNetworkPolicy",
+        "namespace": "shop",
+        "name": "db-from-web",
+        "rule": 0,
+        "deny": False,
+        "description": ALLOW_DB.description,
+    }
+
+
+def test_egress_puts_the_local_endpoint_on_the_source_side() -> None:
+    r = build(event(dir=1, ep_id=WEB.id, peer_identity=DB.identity))
+    assert r["traffic_direction"] == "EGRESS"
+    assert (r["source"]["pod_name"], r["destination"]["pod_name"]) == ("web", "db")
+    assert r["destination"]["identity"] == DB.identity
+
+
+def test_default_deny_drop_from_world() -> None:
+    r = build(world_drop())
+    assert r["verdict"] == "DROPPED"
+    assert (r["drop_reason"], r["drop_reason_desc"]) == (133, "POLICY_DENIED")
+    assert r["event_type"] == {"type": 1, "sub_type": 133}
+    assert r["source"] == {"identity": 2, "labels": ["reserved:world"]}
+    assert r["destination"]["pod_name"] == "db"
+    assert r["policy"] is None and r["policy_match_type"] == rec.POLICY_MATCH_NONE
+
+
+def test_deny_rule_drop_names_the_rule() -> None:
+    r = build(world_drop(drop_reason=181, match=1, rule_id=9))
+    assert r["drop_reason_desc"] == "POLICY_DENY"
+    assert r["policy"]["name"] == "no-world" and r["policy"]["namespace"] is None
+    assert r["policy"]["deny"] is True
+    assert r["policy"]["description"] == DENY_WORLD.description
+    assert r["policy_match_type"] == rec.POLICY_MATCH_L3_ONLY
+
+
+@pytest.mark.parametrize(
+    ("l3", "l4", "match_type"),
+    [(True, True, 2), (True, False, 1), (False, True, 3), (False, False, 4)],
+)
+def test_policy_match_type_follows_the_rule_shape(l3: bool, l4: bool, match_type: int) -> None:
+    rule = rec.RuleView(**{**ALLOW_DB.__dict__, "l3": l3, "l4": l4})
+    assert build(event(), FakeResolver(rules={7: rule}))["policy_match_type"] == match_type
+
+
+def test_a_rule_removed_since_is_still_named_by_its_id() -> None:
+    r = build(event(), FakeResolver(rules={}))
+    assert r["policy"]["rule_id"] == 7 and r["policy"]["name"] is None
+    assert r["policy_match_type"] == rec.POLICY_MATCH_NONE
+
+
+def test_no_policy_in_the_direction_means_no_policy() -> None:
+    r = build(event(match=0, rule_id=0))
+    assert r["policy"] is None and r["verdict"] == "FORWARDED"
+
+
+def test_unknown_drop_reason_keeps_its_number() -> None:
+    r = build(world_drop(drop_reason=199))
+    assert (r["drop_reason"], r["drop_reason_desc"]) == (199, "DROP_REASON_UNKNOWN")
+
+
+def test_peers_off_this_node_come_from_their_identity() -> None:
+    remote = ["k8s:app=api", "k8s:io.kubernetes.pod.namespace=payments"]
+    resolver = FakeResolver(identities={300: remote, 1: ["reserved:host"]})
+    r = build(event(saddr="198.18.7.7", peer_identity=300), resolver)
+    assert r["source"] == {"identity": 300, "labels": remote, "namespace": "payments"}
+    host = build(event(saddr="198.19.0.1", peer_identity=1), resolver)
+    assert host["source"] == {"identity": 1, "labels": ["reserved:host"]}
+
+
+def test_a_deleted_local_endpoint_keeps_its_id() -> None:
+    r = build(event(), FakeResolver(endpoints=[WEB]))
+    assert r["destination"] == {"ID": DB.id, "identity": 0, "labels": []}
+
+
+@pytest.mark.parametrize(
+    ("fields", "l4", "summary"),
+    [
+        ({"proto": 17}, {"UDP": {"source_port": 43512, "destination_port": 5432}}, "UDP"),
+        ({"proto": 132}, {"SCTP": {"source_port": 43512, "destination_port": 5432}}, "SCTP"),
+        (
+            {"proto": 1, "sport": 8, "dport": 0},
+            {"ICMPv4": {"type": 8, "code": 0}},
+            "ICMPv4 EchoRequest",
+        ),
+        (
+            {"proto": 1, "sport": 3, "dport": 3},
+            {"ICMPv4": {"type": 3, "code": 3}},
+            "ICMPv4 DestinationUnreachable code 3",
+        ),
+        ({"proto": 47, "sport": 0, "dport": 0}, None, "IPv4 protocol 47"),
+        (
+            {"tcp_flags": 0x12},
+            {
+                "TCP": {
+                    "source_port": 43512,
+                    "destination_port": 5432,
+                    "flags": {"SYN": True, "ACK": True},
+                }
+            },
+            "TCP Flags: SYN, ACK",
+        ),
+    ],
+)
+def test_layer4_and_summary(fields: dict, l4: dict | None, summary: str) -> None:
+    r = build(event(**fields))
+    assert r.get("l4") == l4
+    assert r["Summary"] == summary
+
+
+def test_reply_match_sets_is_reply() -> None:
+    assert build(world_drop(match=3))["is_reply"] is True
+
+
+@pytest.mark.parametrize("h", [{"version": 2}, {"type": 9}])
+def test_events_we_cannot_read_are_refused(h: dict) -> None:
+    with pytest.raises(UnsupportedEvent):
+        build(event(h=h))
+
+
+# ---- numpy rows, with the layout clang gives the C struct --------------------------------
+@pytest.fixture(scope="module")
+def flow_event_dtype(tmp_path_factory: pytest.TempPathFactory) -> np.dtype:
+    """struct flow_event's dtype from BTF: of the endpoint object when it is built, else
+    of a scrap object compiled from the ABI header (the same source)."""
+    from membrane.bpf.btf import Btf
+    from membrane.bpf.object import objects_dir
+
+    obj = objects_dir() / "endpoint.bpf.o"
+    if not obj.exists():
+        clang = shutil.which("clang")
+        if clang is None:
+            pytest.skip("neither endpoint.bpf.o nor clang to build the ABI's BTF")
+        src = tmp_path_factory.mktemp("abi") / "flow_event.bpf.c"
+        src.write_text(
+            '#include <linux/types.h>\n#include "abi/endpoint.h"\nABI_EXPORT(flow_event);\n'
+        )
+        obj = src.with_suffix(".o")
+        includes = ["-I/usr/include/x86_64-linux-gnu", f"-I{ABI.parent}"]
+        cmd = [clang, "-O2", "-g", "-target", "bpf", *includes, "-c", str(src), "-o", str(obj)]
+        subprocess.run(cmd, check=True)
+    return Btf.from_file(obj).dtype("flow_event")
+
+
+def _row(dtype: np.dtype, ev: dict) -> np.void:
+    arr = np.zeros(1, dtype=dtype)
+    for name, value in ev.items():
+        if name == "h":
+            for hname, hvalue in value.items():
+                arr[0]["h"][hname] = hvalue
+        else:
+            arr[0][name] = value
+    return arr[0]
+
+
+def test_numpy_rows_decode_like_dicts(flow_event_dtype: np.dtype) -> None:
+    dicts = [event(), world_drop(), event(proto=1, sport=0, dport=0, tcp_flags=0)]
+    batch = np.array([_row(flow_event_dtype, d) for d in dicts], dtype=flow_event_dtype)
+    assert flow_events(batch) == [FlowEvent.decode(d) for d in dicts]
+    assert FlowEvent.decode(batch[1]) == FlowEvent.decode(dicts[1])
+    assert build(batch[0]) == build(dicts[0])
+    assert FlowEvent.decode(batch[0]).saddr == WEB.ipv4
+
+
+def test_addresses_are_read_in_network_order(flow_event_dtype: np.dtype) -> None:
+    """The kernel writes saddr as it is on the wire; the raw bytes must read back as the
+    same dotted address, whatever this host's byte order."""
+    raw = bytearray(flow_event_dtype.itemsize)
+    offset = flow_event_dtype.fields["saddr"][1]
+    raw[offset : offset + 4] = bytes([198, 18, 0, 10])
+    row = np.frombuffer(bytes(raw), dtype=flow_event_dtype)[0]
+    assert FlowEvent.decode(row).saddr == "198.18.0.10"
+
+
+# ---- our copies of the C side's numbers -------------------------------------------------
+def _c_enum_values(header: str) -> dict[str, int]:
+    text = (ABI / header).read_text()
+    return {m[1]: int(m[2]) for m in re.finditer(r"^\s*([A-Z][A-Z0-9_]*) = (\d+),", text, re.M)}
+
+
+def test_constants_match_the_abi_headers() -> None:
+    c = _c_enum_values("endpoint.h")
+    for name in (
+        "FLOW_EVENT_POLICY_VERDICT",
+        "FLOW_EVENT_DROP",
+        "EP_DIR_INGRESS",
+        "EP_DIR_EGRESS",
+        "FLOW_MATCH_RULE",
+        "FLOW_MATCH_REPLY",
+        "DROP_POLICY_DENY",
+    ):
+        assert getattr(rec, name) == c[name], name
+    assert c["IDENTITY_FIRST_ENDPOINT"] == rec.IDENTITY_FIRST_ENDPOINT
+    reserved = {
+        c[f"IDENTITY_{n.upper().replace('-', '_')}"]: n for n in rec.RESERVED_IDENTITIES.values()
+    }
+    assert reserved == rec.RESERVED_IDENTITIES
+    version = re.search(r"MEMBRANE_EVENT_VERSION (\d+)", (ABI / "events.h").read_text())
+    assert version and int(version[1]) == rec.EVENT_VERSION
+
+
+def test_every_drop_reason_of_the_datapath_has_a_name() -> None:
+    c = _c_enum_values("endpoint.h")
+    numbers = {v for k, v in c.items() if k.startswith("DROP_") and k != "DROP_NONE"}
+    assert numbers == set(rec.DROP_REASONS)
