@@ -34,7 +34,8 @@ from membrane.api.models import (
     parse_body,
 )
 from membrane.api.openapi import openapi_document
-from membrane.errors import UserError
+from membrane.bpf.probe import missing_capabilities
+from membrane.errors import NotPermitted, UserError
 from membrane.observe.store import FlowFilter, FlowStore
 
 log = logging.getLogger("membrane.agent")
@@ -293,7 +294,18 @@ def _lock_state_dir(config: AgentConfig) -> int:
     return fd
 
 
+def require_privileges() -> None:
+    missing = missing_capabilities(("CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_BPF"))
+    if missing:
+        raise NotPermitted(
+            "",
+            f"the agent needs root ({', '.join(missing)} missing): it creates namespaces "
+            "and veths and loads BPF programs; `membrane probe` shows what this kernel allows",
+        )
+
+
 def run_agent(config: AgentConfig) -> None:
+    require_privileges()
     lock = _lock_state_dir(config)
     try:
         asyncio.run(AgentServer(config).serve())
