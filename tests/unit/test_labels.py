@@ -16,7 +16,7 @@ from membrane.identity.labels import (
     cidr_identity_labels,
     endpoint_labels,
 )
-from membrane.identity.selector import LabelSelector, Requirement, split_key
+from membrane.identity.selector import LabelIndex, LabelSelector, Requirement, split_key
 
 ENDPOINT_H = Path(__file__).resolve().parents[2] / "bpf" / "abi" / "endpoint.h"
 
@@ -174,3 +174,41 @@ def test_namespace_labels_are_selectable() -> None:
     sel = LabelSelector({"k8s:io.cilium.k8s.namespace.labels.team": "a"})
     assert sel.matches(WEB)
     assert not sel.matches(endpoint_labels("prod", {"app": "web"}, {"team": "b"}))
+
+
+def test_label_index_selects_like_matching_every_set() -> None:
+    sets = {
+        1: RESERVED_LABELS[1],
+        2: RESERVED_LABELS[2],
+        10: WEB,
+        11: endpoint_labels("prod", {"app": "db"}, {"team": "a"}),
+        12: endpoint_labels("dev", {"app": "web"}, {}),
+    }
+    index = LabelIndex(sets)
+    selectors = [
+        LabelSelector(),
+        LabelSelector({"app": "web"}),
+        LabelSelector({"k8s:app": "web", "k8s:io.kubernetes.pod.namespace": "dev"}),
+        LabelSelector({"reserved:host": ""}),
+        LabelSelector({}, [Requirement("app", "NotIn", ("web",))]),
+        LabelSelector({}, [Requirement("app", "Exists"), Requirement("tier", "DoesNotExist")]),
+        LabelSelector({}, [Requirement("app", "In", ("db", "web"))]),
+        LabelSelector({"reserved:app": "web"}),
+        LabelSelector({"app": "nothing"}),
+    ]
+    for selector in selectors:
+        expected = {n for n, labels in sets.items() if selector.matches(labels)}
+        assert index.select(selector) == expected, selector
+
+
+def test_batch_cidr_labels_equal_one_by_one() -> None:
+    from ipaddress import IPv4Network
+
+    from membrane.identity.labels import cidr_identities_labels, cidr_identity_labels
+
+    prefixes = {
+        IPv4Network(p)
+        for p in ("198.19.0.0/16", "198.19.2.0/24", "198.19.2.10/32", "198.18.0.0/15", "10.0.0.0/8")
+    }
+    batch = cidr_identities_labels(prefixes)
+    assert batch == {p: cidr_identity_labels(p, prefixes) for p in prefixes}

@@ -37,7 +37,7 @@ from membrane.endpoint.ipam import Ipam
 from membrane.endpoint.node import NodeInfo, setup_node
 from membrane.endpoint.plumbing import create_pod, delete_pod, inspect_pod
 from membrane.errors import UserError
-from membrane.identity.labels import RESERVED_LABELS, cidr_identity_labels, endpoint_labels
+from membrane.identity.labels import RESERVED_LABELS, cidr_identities_labels, endpoint_labels
 from membrane.policy import (
     EndpointInfo,
     Policy,
@@ -361,10 +361,10 @@ class Agent:
                 named_ports={p.name: (p.port, PROTO_NUMBERS[p.protocol]) for p in ep.ports},
             )
         cidr_identities: dict[int, IPv4Network] = {}
-        for prefix in prefixes:
+        for prefix, labels in cidr_identities_labels(prefixes).items():
             ident = self.identities.for_prefix(prefix)
             cidr_identities[ident] = prefix
-            identities[ident] = cidr_identity_labels(prefix, prefixes)
+            identities[ident] = labels
         for ident, labels in extra_labels.items():
             identities.setdefault(ident, labels)
         universe = Universe(

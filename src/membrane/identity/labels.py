@@ -113,7 +113,35 @@ def cidr_identity_labels(
     policy prefix Q containing it. The ipcache's longest-prefix lookup returns the most
     specific prefix, so a selector for a broader Q must still match that prefix's identity.
     0.0.0.0/0 gets no `cidr:` label: the world identity stands for it."""
-    containing = {q for q in all_policy_prefixes if q.prefixlen > 0 and prefix.subnet_of(q)}
+    known = (
+        all_policy_prefixes
+        if isinstance(all_policy_prefixes, set | frozenset)
+        else set(all_policy_prefixes)
+    )
+    # One membership test per wider prefix length, not a scan of every policy prefix:
+    # an agent with 10,000 CIDR rules asks this 10,000 times.
+    containing = {
+        q for plen in range(1, prefix.prefixlen) if (q := prefix.supernet(new_prefix=plen)) in known
+    }
     if prefix.prefixlen > 0:
         containing.add(prefix)
     return frozenset({WORLD_LABEL, *(cidr_label(q) for q in containing)})
+
+
+def cidr_identities_labels(
+    prefixes: Iterable[IPv4Network],
+) -> dict[IPv4Network, frozenset[Label]]:
+    """`cidr_identity_labels` for every prefix of a policy set at once, in integer
+    arithmetic: the agent recomputes all of them on every change (10,000 in ~0.1 s)."""
+    by_key = {(int(p.network_address), p.prefixlen): p for p in prefixes}
+    label_of = {p: cidr_label(p) for p in by_key.values() if p.prefixlen > 0}
+    masks = [(0xFFFFFFFF << (32 - n)) & 0xFFFFFFFF for n in range(33)]
+    out: dict[IPv4Network, frozenset[Label]] = {}
+    for (addr, plen), prefix in by_key.items():
+        labels = {WORLD_LABEL}
+        for n in range(1, plen + 1):
+            wider = by_key.get((addr & masks[n], n))
+            if wider is not None:
+                labels.add(label_of[wider])
+        out[prefix] = frozenset(labels)
+    return out

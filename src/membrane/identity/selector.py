@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import NamedTuple
 
 from membrane.identity.labels import SOURCE_ANY, SOURCES, Label
@@ -38,19 +39,27 @@ class LabelSelector:
     match_labels: Mapping[str, str] = field(default_factory=dict)
     match_expressions: Sequence[Requirement] = ()
 
+    _requirements: tuple[Requirement, ...] = field(init=False, repr=False, compare=False)
+    _checks: tuple[_Check, ...] = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
-        # Callers pass plain dicts, lists and list values; keep immutable copies.
+        # Callers pass plain dicts, lists and list values; keep immutable copies, and the
+        # requirements ready for matching (the compiler matches them against every identity).
         object.__setattr__(self, "match_labels", dict(self.match_labels))
         exprs = tuple(Requirement(k, op, tuple(vals)) for k, op, vals in self.match_expressions)
         object.__setattr__(self, "match_expressions", exprs)
+        pairs = sorted(self.match_labels.items())
+        reqs = tuple(Requirement(k, IN, (v,)) for k, v in pairs) + exprs
+        object.__setattr__(self, "_requirements", reqs)
+        checks = tuple(_Check(*split_key(r.key), r.operator, frozenset(r.values)) for r in reqs)
+        object.__setattr__(self, "_checks", checks)
 
     def __hash__(self) -> int:
-        return hash((tuple(sorted(self.match_labels.items())), self.match_expressions))
+        return hash(self._requirements)
 
-    def requirements(self) -> list[Requirement]:
+    def requirements(self) -> tuple[Requirement, ...]:
         """matchLabels as `In` requirements, then matchExpressions."""
-        pairs = sorted(self.match_labels.items())
-        return [Requirement(k, IN, (v,)) for k, v in pairs] + list(self.match_expressions)
+        return self._requirements
 
     def with_requirements(self, *extra: Requirement) -> LabelSelector:
         return LabelSelector(self.match_labels, (*self.match_expressions, *extra))
@@ -68,27 +77,67 @@ class LabelSelector:
         return any(split_key(req.key)[0] == source for req in self.requirements())
 
     def matches(self, labels: Iterable[Label]) -> bool:
-        labels = tuple(labels)
-        return all(_holds(req, labels) for req in self.requirements())
-
-    def __str__(self) -> str:
-        parts = [f"{k}={v}" for k, v in sorted(self.match_labels.items())]
-        for key, op, values in self.match_expressions:
-            parts.append(f"{key} {op} ({','.join(values)})" if values else f"{op} {key}")
-        return "{" + ", ".join(parts) + "}"
+        by_key = _by_key(labels if isinstance(labels, frozenset) else frozenset(labels))
+        return all(check.holds(by_key.get(check.key, ())) for check in self._checks)
 
 
-def _holds(req: Requirement, labels: tuple[Label, ...]) -> bool:
-    source, key = split_key(req.key)
-    values = [
-        label.value for label in labels if label.key == key and source in (SOURCE_ANY, label.source)
-    ]
-    if req.operator == IN:
-        return any(v in req.values for v in values)
-    if req.operator == NOT_IN:  # as in Kubernetes: true when the key is absent
-        return not any(v in req.values for v in values)
-    if req.operator == EXISTS:
-        return bool(values)
-    if req.operator == DOES_NOT_EXIST:
-        return not values
-    raise ValueError(f"unknown selector operator {req.operator!r}")
+class _Check(NamedTuple):
+    """A requirement with its key split, ready to test."""
+
+    source: str
+    key: str
+    operator: str
+    values: frozenset[str]
+
+    def holds(self, same_key: tuple[Label, ...]) -> bool:
+        """`same_key`: the labels with this key, of any source."""
+        present = [label.value for label in same_key if self.source in (SOURCE_ANY, label.source)]
+        if self.operator == IN:
+            return any(v in self.values for v in present)
+        if self.operator == NOT_IN:  # as in Kubernetes: true when the key is absent
+            return not any(v in self.values for v in present)
+        if self.operator == EXISTS:
+            return bool(present)
+        if self.operator == DOES_NOT_EXIST:
+            return not present
+        raise ValueError(f"unknown selector operator {self.operator!r}")
+
+
+@lru_cache(maxsize=65536)
+def _by_key(labels: frozenset[Label]) -> dict[str, tuple[Label, ...]]:
+    """Labels by key; cached, since the same identities are matched by every selector."""
+    index: dict[str, list[Label]] = {}
+    for label in labels:
+        index.setdefault(label.key, []).append(label)
+    return {key: tuple(group) for key, group in index.items()}
+
+
+class LabelIndex:
+    """Numbered label sets (identities, endpoints), indexed so that a selector finds its
+    matches without testing every set: the compiler selects among thousands of identities
+    for thousands of rules. Candidates come from the selector's In and Exists requirements
+    (any source), then each candidate is matched in full."""
+
+    def __init__(self, label_sets: Mapping[int, frozenset[Label]]) -> None:
+        self._sets = label_sets
+        self._by_pair: dict[tuple[str, str], set[int]] = {}
+        self._by_key: dict[str, set[int]] = {}
+        for number, labels in label_sets.items():
+            for label in labels:
+                self._by_pair.setdefault((label.key, label.value), set()).add(number)
+                self._by_key.setdefault(label.key, set()).add(number)
+
+    def select(self, selector: LabelSelector) -> set[int]:
+        candidates: set[int] | None = None
+        for check in selector._checks:
+            if check.operator == IN:
+                found = set().union(*(self._by_pair.get((check.key, v), ()) for v in check.values))
+            elif check.operator == EXISTS:
+                found = self._by_key.get(check.key, set())
+            else:
+                continue
+            candidates = found if candidates is None else candidates & found
+            if not candidates:
+                return set()
+        pool = self._sets if candidates is None else candidates
+        return {n for n in pool if selector.matches(self._sets[n])}

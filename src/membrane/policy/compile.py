@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from ipaddress import IPv4Network
 
 from membrane.identity.labels import IDENTITY_ANY
+from membrane.identity.selector import LabelIndex
 from membrane.policy.entries import (
     DIRECTIONS,
     EP_DIR_EGRESS,
@@ -44,6 +45,7 @@ __all__ = [
     "policy_cidrs",
 ]
 
+_MASKS = tuple(port_mask(bits) for bits in range(17))
 _Key = tuple[int, int, int, int, int]  # direction, identity, proto, port, port_bits
 _Verdict = tuple[bool, int]  # deny, rule_id
 
@@ -60,88 +62,81 @@ def compile_policies(
 ) -> dict[int, EndpointPolicy]:
     """The policy of every endpoint in the universe, by ep_id."""
     subjects = [s for p in policies for s in policy_subjects(p)]
-    peer_cache: dict[RuleRef, tuple[int, ...]] = {}
-    return {
-        ep_id: _compile_endpoint(ep, subjects, universe, rules, peer_cache)
-        for ep_id, ep in universe.endpoints.items()
-    }
+    endpoints = LabelIndex({ep_id: ep.labels for ep_id, ep in universe.endpoints.items()})
+    selecting: dict[int, list[int]] = {ep_id: [] for ep_id in universe.endpoints}
+    for number, subject in enumerate(subjects):
+        for ep_id in endpoints.select(subject.selector):
+            selecting[ep_id].append(number)
+    compilation = _Compilation(universe, rules)
+    # Endpoints selected by the same specs, with the same named ports, get the same policy
+    # (replicas of one workload): compile it once.
+    done: dict[tuple, EndpointPolicy] = {}
+    result = {}
+    for ep_id, ep in universe.endpoints.items():
+        key = (tuple(selecting[ep_id]), tuple(sorted(ep.named_ports.items())))
+        if key not in done:
+            done[key] = compilation.endpoint(ep, [subjects[n] for n in selecting[ep_id]])
+        result[ep_id] = done[key]
+    return result
 
 
-def _compile_endpoint(
-    ep: EndpointInfo,
-    subjects: list[Subject],
-    universe: Universe,
-    rules: RuleTable,
-    peer_cache: dict[RuleRef, tuple[int, ...]],
-) -> EndpointPolicy:
-    enforce = {EP_DIR_INGRESS: False, EP_DIR_EGRESS: False}
-    table: dict[_Key, _Verdict] = {}
-    for subject in subjects:
-        if not subject.selector.matches(ep.labels):
-            continue
-        enforce[EP_DIR_INGRESS] |= subject.enforce_ingress
-        enforce[EP_DIR_EGRESS] |= subject.enforce_egress
-        for rule in subject.rules:
-            rule_id = rules.id_for(rule.ref)
-            if rule.ref not in peer_cache:
-                peer_cache[rule.ref] = _peer_identities(rule, universe)
-            direction = DIRECTIONS[rule.ref.direction]
-            for identity in peer_cache[rule.ref]:
-                for proto, port, bits in _port_keys(rule, ep, identity, universe):
-                    _add(table, (direction, identity, proto, port, bits), rule.ref.deny, rule_id)
-    entries = frozenset(
-        PolicyEntry(*key, deny, rule_id)
-        for key, (deny, rule_id) in table.items()
-        if not _shadowed(key, deny, table)
-    )
-    return EndpointPolicy(enforce[EP_DIR_INGRESS], enforce[EP_DIR_EGRESS], entries)
+class _Compilation:
+    """What one compile shares between endpoints: every rule's peer identities (found
+    once, not once per endpoint) and the endpoints holding each identity's named ports."""
 
+    def __init__(self, universe: Universe, rules: RuleTable) -> None:
+        self.rules = rules
+        self.identities = LabelIndex(universe.identities)
+        self.peers_of: dict[RuleRef, tuple[int, ...]] = {}
+        self.port_owners: dict[int, list[EndpointInfo]] = {IDENTITY_ANY: []}
+        for ep in universe.endpoints.values():
+            self.port_owners.setdefault(ep.identity, []).append(ep)
+            self.port_owners[IDENTITY_ANY].append(ep)  # an any-peer rule: every endpoint
 
-def _peer_identities(rule: FlatRule, universe: Universe) -> tuple[int, ...]:
-    if rule.any_peer:
-        return (IDENTITY_ANY,)
-    return tuple(
-        sorted(
-            identity
-            for identity, labels in universe.identities.items()
-            if any(selector.matches(labels) for selector in rule.peers)
+    def endpoint(self, ep: EndpointInfo, subjects: list[Subject]) -> EndpointPolicy:
+        enforce = {EP_DIR_INGRESS: False, EP_DIR_EGRESS: False}
+        table: dict[_Key, _Verdict] = {}
+        for subject in subjects:
+            enforce[EP_DIR_INGRESS] |= subject.enforce_ingress
+            enforce[EP_DIR_EGRESS] |= subject.enforce_egress
+            for rule in subject.rules:
+                rule_id = self.rules.id_for(rule.ref)
+                direction = DIRECTIONS[rule.ref.direction]
+                for identity in self.peers(rule):
+                    for proto, port, bits in self.port_keys(rule, ep, identity):
+                        key = (direction, identity, proto, port, bits)
+                        _add(table, key, rule.ref.deny, rule_id)
+        return EndpointPolicy(
+            enforce[EP_DIR_INGRESS], enforce[EP_DIR_EGRESS], _minimal_entries(table)
         )
-    )
 
+    def peers(self, rule: FlatRule) -> tuple[int, ...]:
+        if rule.ref not in self.peers_of:
+            if rule.any_peer:
+                found: set[int] = {IDENTITY_ANY}
+            else:
+                found = set().union(*(self.identities.select(s) for s in rule.peers))
+            self.peers_of[rule.ref] = tuple(sorted(found))
+        return self.peers_of[rule.ref]
 
-def _port_keys(
-    rule: FlatRule, ep: EndpointInfo, identity: int, universe: Universe
-) -> Iterator[tuple[int, int, int]]:
-    """(proto, port, port_bits) prefixes of the rule's ports for one peer identity."""
-    if rule.ports is None:
-        yield (0, 0, 0)
-        return
-    for match in rule.ports:
-        if isinstance(match, PortRange):
-            for port, bits in port_blocks(match.first, match.last):
-                yield (match.proto, port, bits)
-            continue
-        for port in _named_port_numbers(rule, ep, identity, universe, match.name, match.proto):
-            yield (match.proto, port, 16)
-
-
-def _named_port_numbers(
-    rule: FlatRule, ep: EndpointInfo, identity: int, universe: Universe, name: str, proto: int
-) -> set[int]:
-    """Ingress: the subject's own port of that name. Egress: the port of that name on the
-    peer's endpoints (every endpoint, for a rule matching any peer)."""
-    if rule.ref.direction == "ingress":
-        owners: Iterable[EndpointInfo] = [ep]
-    elif identity == IDENTITY_ANY:
-        owners = universe.endpoints.values()
-    else:
-        owners = [e for e in universe.endpoints.values() if e.identity == identity]
-    ports = set()
-    for owner in owners:
-        found = owner.named_ports.get(name)
-        if found is not None and found[1] == proto:
-            ports.add(found[0])
-    return ports
+    def port_keys(
+        self, rule: FlatRule, ep: EndpointInfo, identity: int
+    ) -> Iterator[tuple[int, int, int]]:
+        """(proto, port, port_bits) prefixes of the rule's ports for one peer identity."""
+        if rule.ports is None:
+            yield (0, 0, 0)
+            return
+        for match in rule.ports:
+            if isinstance(match, PortRange):
+                for port, bits in port_blocks(match.first, match.last):
+                    yield (match.proto, port, bits)
+                continue
+            # Named ports: the subject's own on ingress, the peer's on egress.
+            owners = [ep] if rule.ref.direction == "ingress" else self.port_owners.get(identity, [])
+            for owner in owners:
+                found = owner.named_ports.get(match.name)
+                if found is not None and found[1] == match.proto:
+                    yield (match.proto, found[0], 16)
 
 
 def _add(table: dict[_Key, _Verdict], key: _Key, deny: bool, rule_id: int) -> None:
@@ -151,21 +146,30 @@ def _add(table: dict[_Key, _Verdict], key: _Key, deny: bool, rule_id: int) -> No
         table[key] = (deny, rule_id)
 
 
-def _broader(key: _Key) -> Iterator[_Key]:
-    """The keys of the same identity whose prefix strictly contains `key`'s."""
-    direction, identity, proto, port, bits = key
-    if proto == 0:
-        return
-    yield (direction, identity, 0, 0, 0)
-    for shorter in range(bits):
-        yield (direction, identity, proto, port & port_mask(shorter), shorter)
+def _minimal_entries(table: dict[_Key, _Verdict]) -> frozenset[PolicyEntry]:
+    """The entries that decide something: a key lying inside a broader key of the same
+    identity is dropped when that broader key is a deny (it decides every packet there) or
+    when both are allows. Only prefix lengths that occur are tried as broader keys."""
+    lengths: dict[tuple[int, int, int], set[int]] = {}
+    for direction, identity, proto, _, bits in table:
+        lengths.setdefault((direction, identity, proto), set()).add(bits)
+    ordered = {group: sorted(found) for group, found in lengths.items()}
+    kept = []
+    for key, (deny, rule_id) in table.items():
+        direction, identity, proto, port, bits = key
+        if proto:
+            broader = [(direction, identity, 0, 0, 0)]
+            for shorter in ordered[(direction, identity, proto)]:
+                if shorter >= bits:
+                    break
+                broader.append((direction, identity, proto, port & _MASKS[shorter], shorter))
+            if any(_overrides(table.get(other), deny) for other in broader):
+                continue
+        kept.append(PolicyEntry(*key, deny, rule_id))
+    return frozenset(kept)
 
 
-def _shadowed(key: _Key, deny: bool, table: dict[_Key, _Verdict]) -> bool:
-    """Whether a broader entry of the same identity already decides every packet this one
-    would: a broader deny always does; a broader allow does for an allow."""
-    for broader in _broader(key):
-        verdict = table.get(broader)
-        if verdict is not None and (verdict[0] or not deny):
-            return True
-    return False
+def _overrides(broader: _Verdict | None, deny: bool) -> bool:
+    """Whether a broader entry decides every packet of a narrower one: a deny always does,
+    an allow does for an allow."""
+    return broader is not None and (broader[0] or not deny)

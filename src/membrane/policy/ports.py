@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 PORT_BITS = 16
 
 
@@ -10,17 +12,18 @@ def port_mask(bits: int) -> int:
     return (0xFFFF << (PORT_BITS - bits)) & 0xFFFF
 
 
-def port_blocks(first: int, last: int) -> list[tuple[int, int]]:
+@lru_cache(maxsize=65536)
+def port_blocks(first: int, last: int) -> tuple[tuple[int, int], ...]:
     """The fewest (port, bits) prefixes covering exactly first..last, in order.
     Example: 80..83 -> [(80, 14)]; 0..65535 -> [(0, 0)]."""
     if not 0 <= first <= last <= 0xFFFF:
         raise ValueError(f"bad port range {first}..{last}")
-    blocks = []
+    blocks: list[tuple[int, int]] = []
     while first <= last:
         # The largest aligned power-of-two block starting at `first` that stays in range.
         size = first & -first if first else 1 << PORT_BITS
-        while first + size > last:
+        while first + size - 1 > last:
             size >>= 1
         blocks.append((first, PORT_BITS + 1 - size.bit_length()))
         first += size
-    return blocks
+    return tuple(blocks)

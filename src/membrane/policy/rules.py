@@ -25,6 +25,7 @@ The Kubernetes and Cilium semantics live here, translated into Cilium's label mo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
@@ -101,7 +102,7 @@ def _reserved(name: str) -> LabelSelector:
     return LabelSelector({f"{SOURCE_RESERVED}:{name}": ""})
 
 
-def cidr_selector(cidr: IPv4Network, excepts: list[IPv4Network] | tuple = ()) -> LabelSelector:
+def cidr_selector(cidr: IPv4Network, excepts: Sequence[IPv4Network] = ()) -> LabelSelector:
     """CIDR identities inside `cidr` and not inside an except (see cidr_identity_labels)."""
     base = (
         _reserved("world") if cidr.prefixlen == 0 else LabelSelector({f"{SOURCE_CIDR}:{cidr}": ""})

@@ -38,11 +38,13 @@ class RuleTable:
     def __init__(self) -> None:
         self._ids: dict[RuleRef, int] = {}
         self._refs: dict[int, RuleRef] = {}
+        self._next = 1
 
     def id_for(self, ref: RuleRef) -> int:
         rule_id = self._ids.get(ref)
         if rule_id is None:
-            rule_id = max(self._refs, default=0) + 1
+            rule_id = self._next
+            self._next += 1
             self._ids[ref] = rule_id
             self._refs[rule_id] = ref
         return rule_id
@@ -65,4 +67,5 @@ class RuleTable:
             ref = RuleRef(**fields)
             table._ids[ref] = rule_id
             table._refs[rule_id] = ref
+            table._next = max(table._next, rule_id + 1)
         return table
