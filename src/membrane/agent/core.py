@@ -39,6 +39,7 @@ from membrane.endpoint.plumbing import create_pod, delete_pod, inspect_pod
 from membrane.errors import UserError
 from membrane.identity.labels import RESERVED_LABELS, cidr_identities_labels, endpoint_labels
 from membrane.policy import (
+    CompileCache,
     EndpointInfo,
     Policy,
     RuleTable,
@@ -81,7 +82,9 @@ class Agent:
         self.state = AgentState()
         self.identities = IdentityAllocator()
         self.rules = RuleTable()
-        self.policies: list[Policy] = []
+        self.parsed: dict[tuple, Policy] = {}
+        self._compile_cache = CompileCache()
+        self._cidr_labels: tuple[frozenset, list] = (frozenset(), [])
         self.node: NodeInfo | None = None
         self.maps: NodeMaps | None = None
         self.writer: PolicyWriter | None = None
@@ -97,7 +100,7 @@ class Agent:
         self.state = self.state_file.load()
         self.identities = IdentityAllocator.from_json(self.state.identities)
         self.rules = RuleTable.from_json(self.state.rules) if self.state.rules else RuleTable()
-        self.policies = self._parse_stored(self.state.policies)
+        self.parsed = self._parse_stored(self.state.policies)
         self.node = setup_node(self.config.node_netns, self.config.node_ip)
         self.maps = NodeMaps.open(self.config.bpf_dir)
         self.writer = PolicyWriter(self.maps)
@@ -268,22 +271,25 @@ class Agent:
         return self.namespace_labels(namespace)
 
     # ---- policies ------------------------------------------------------------------------
-    def _parse_stored(self, stored: list[StoredPolicy]) -> list[Policy]:
+    def _parse_stored(self, stored: list[StoredPolicy]) -> dict[tuple, Policy]:
         if not stored:
-            return []
-        return parse_documents(yaml.safe_dump_all([p.document for p in stored]))
+            return {}
+        parsed = parse_documents(yaml.dump_all([p.document for p in stored], Dumper=_Dumper))
+        return {p.key: p for p in parsed}
 
     def import_policies(self, text: str) -> dict[str, Any]:
         parsed = parse_documents(text)  # raises UserError before anything changes
         if not parsed:
             raise UserError("file", "holds no policy documents")
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-        by_key = {p.key: p for p in self.state.policies}
+        documents = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
+        stored = {p.key: p for p in self.state.policies}
+        policies = dict(self.parsed)
         for policy, document in zip(parsed, documents, strict=True):
-            by_key[(policy.kind, policy.namespace, policy.name)] = StoredPolicy(
-                policy.kind, policy.namespace, policy.name, document
-            )
-        return self._replace_policies(list(by_key.values()), [_policy_ref(p) for p in parsed])
+            stored[policy.key] = StoredPolicy(policy.kind, policy.namespace, policy.name, document)
+            policies[policy.key] = policy
+        return self._replace_policies(
+            list(stored.values()), policies, [_policy_ref(p) for p in parsed]
+        )
 
     def delete_policies(
         self, namespace: str | None, name: str | None, kind: str | None, everything: bool
@@ -300,21 +306,28 @@ class Agent:
                 where = f"{namespace}/{name}" if namespace else str(name)
                 raise NotFound("policy", f"{where} does not exist")
         keep = [p for p in self.state.policies if p not in gone]
-        return self._replace_policies(keep, [_stored_ref(p) for p in gone])
+        policies = {k: v for k, v in self.parsed.items() if k in {p.key for p in keep}}
+        return self._replace_policies(keep, policies, [_stored_ref(p) for p in gone])
+
+    @property
+    def policies(self) -> list[Policy]:
+        return [self.parsed[k] for k in sorted(self.parsed, key=_policy_order)]
 
     def _replace_policies(
-        self, stored: list[StoredPolicy], changed: list[dict[str, Any]]
+        self,
+        stored: list[StoredPolicy],
+        policies: dict[tuple, Policy],
+        changed: list[dict[str, Any]],
     ) -> dict[str, Any]:
         started = time.perf_counter()
-        stored.sort(key=lambda p: (p.kind, p.namespace or "", p.name))
-        policies = self._parse_stored(stored)
-        old = (self.state.policies, self.policies)
-        self.state.policies, self.policies = stored, policies
+        stored.sort(key=lambda p: _policy_order(p.key))
+        old = (self.state.policies, self.parsed)
+        self.state.policies, self.parsed = stored, policies
         self.state.policy_revision += 1
         try:
             self._sync_datapath()
         except BaseException:
-            self.state.policies, self.policies = old
+            self.state.policies, self.parsed = old
             raise
         elapsed = time.perf_counter() - started
         log.info(
@@ -361,8 +374,14 @@ class Agent:
                 named_ports={p.name: (p.port, PROTO_NUMBERS[p.protocol]) for p in ep.ports},
             )
         cidr_identities: dict[int, IPv4Network] = {}
-        for prefix, labels in cidr_identities_labels(prefixes).items():
-            ident = self.identities.for_prefix(prefix)
+        key = frozenset(prefixes)
+        if self._cidr_labels[0] != key:
+            labels_of = cidr_identities_labels(key)
+            self._cidr_labels = (
+                key,
+                [(self.identities.for_prefix(p), p, labels) for p, labels in labels_of.items()],
+            )
+        for ident, prefix, labels in self._cidr_labels[1]:
             cidr_identities[ident] = prefix
             identities[ident] = labels
         for ident, labels in extra_labels.items():
@@ -408,7 +427,7 @@ class Agent:
 
     def _apply_policy(self, universe: Universe) -> None:
         assert self.writer is not None
-        compiled = compile_policies(self.policies, universe, self.rules)
+        compiled = compile_policies(self.policies, universe, self.rules, self._compile_cache)
         self.writer.apply(
             compiled, {ep_id: info.identity for ep_id, info in universe.endpoints.items()}
         )
@@ -511,6 +530,15 @@ class Agent:
             "verdict": "ALLOWED" if allowed else "DENIED",
             "steps": steps,
         }
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def _policy_order(key: tuple) -> tuple[str, str, str]:
+    kind, namespace, name = key
+    return (kind, namespace or "", name)
 
 
 def _policy_ref(p: Policy) -> dict[str, Any]:

@@ -84,7 +84,12 @@ class Verdict(NamedTuple):
 Entries = dict[Slot, Verdict]
 
 
+_DIRECTIONS = {0: Direction.INGRESS, 1: Direction.EGRESS}
+
+
 def direction_of(value: Any) -> Direction:
+    if type(value) is int and value in _DIRECTIONS:
+        return _DIRECTIONS[value]  # the common case, without an Enum call per entry
     if isinstance(value, Enum) and not isinstance(value, int | str):
         value = value.value
     if isinstance(value, str):
@@ -159,6 +164,9 @@ class PolicyWriter:
     def __init__(self, maps: NodeMaps) -> None:
         self.maps = maps
         self._written: dict[tuple[int, int], Entries] | None = None
+        # ep_id -> (policy object, identity) last installed: the agent hands back the very
+        # same object for an endpoint whose policy did not change, which then costs nothing.
+        self._installed: dict[int, tuple[Any, int]] = {}
 
     # ---- what the policy map holds ---------------------------------------------------
     def written(self) -> dict[tuple[int, int], Entries]:
@@ -180,6 +188,15 @@ class PolicyWriter:
     def refresh(self) -> None:
         """Forget the cached keys (if something else wrote the policy map)."""
         self._written = None
+        self._installed.clear()
+
+    def _is_installed(self, ep_id: int, policy: Any, identities: Mapping[int, int]) -> bool:
+        installed = self._installed.get(ep_id)
+        return (
+            installed is not None
+            and installed[0] is policy
+            and installed[1] == identities.get(ep_id)
+        )
 
     def _write(self, ep_id: int, gen: int, entries: Entries) -> None:
         """Make generation `gen` of `ep_id` hold exactly `entries`."""
@@ -217,6 +234,7 @@ class PolicyWriter:
         datapath does not know yet; an identity change alone is written as it is).
         Every entry is checked before anything is written, and applying what is already
         installed changes nothing."""
+        changes = {ep: p for ep, p in changes.items() if not self._is_installed(ep, p, identities)}
         compiled = {ep: (compile_entries(p.entries), enforce_bits(p)) for ep, p in changes.items()}
         states = {ep: self.maps.endpoints.lookup(ep) for ep in changes}
         unknown = sorted(ep for ep, st in states.items() if st is None and ep not in identities)
@@ -245,6 +263,8 @@ class PolicyWriter:
         self._update_identities({ep: i for ep, i in identities.items() if ep not in changes})
         if switches:
             self._switch(switches)
+        for ep_id, policy in changes.items():
+            self._installed[ep_id] = (policy, identities.get(ep_id))
 
     def _settle(self, ep_id: int, state: Any, live: int, identity: int) -> None:
         """Nothing to switch: write a changed identity, and clear what an interrupted
@@ -303,6 +323,7 @@ class PolicyWriter:
         NO_ENDPOINT_STATE), then its policy entries and its conntrack entries, so a later
         endpoint with the same id starts clean."""
         self.maps.endpoints.delete(ep_id)
+        self._installed.pop(ep_id, None)
         for gen in (0, 1):
             self._write(ep_id, gen, {})
         flush_endpoint(self.maps, ep_id)

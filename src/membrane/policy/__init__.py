@@ -2,7 +2,7 @@
 CiliumClusterwideNetworkPolicy documents, the compiler to datapath policy entries, and an
 independent reference evaluator that explains verdicts."""
 
-from membrane.policy.compile import compile_policies, policy_cidrs
+from membrane.policy.compile import CompileCache, compile_policies, policy_cidrs
 from membrane.policy.entries import EndpointPolicy, PolicyEntry, lookup
 from membrane.policy.model import Policy
 from membrane.policy.parse import parse_documents
@@ -11,6 +11,7 @@ from membrane.policy.ruletable import RuleRef, RuleTable
 from membrane.policy.universe import EndpointInfo, Universe
 
 __all__ = [
+    "CompileCache",
     "Decision",
     "EndpointInfo",
     "EndpointPolicy",

@@ -34,6 +34,7 @@ from membrane.policy.universe import EndpointInfo, Universe
 __all__ = [
     "EP_DIR_EGRESS",
     "EP_DIR_INGRESS",
+    "CompileCache",
     "EndpointInfo",
     "EndpointPolicy",
     "PolicyEntry",
@@ -57,26 +58,75 @@ def policy_cidrs(policies: Iterable[Policy]) -> set[IPv4Network]:
     return {prefix for p in policies for prefix in p.prefixes() if prefix.prefixlen > 0}
 
 
+class CompileCache:
+    """What a long-lived caller (the agent) may keep between compiles: each policy's
+    subjects, and each endpoint's result while the universe stays the same. A one-rule
+    change then recompiles only the endpoints that rule's policy selects. Subjects are
+    known by serial numbers, never reused (an object id may be, once freed)."""
+
+    def __init__(self) -> None:
+        self._subjects: dict[int, tuple[Policy, list[tuple[int, Subject]]]] = {}
+        self._serial = 0
+        self.results: dict[tuple, EndpointPolicy] = {}
+        self._universe_key: int | None = None
+
+    def subjects_of(self, policy: Policy) -> list[tuple[int, Subject]]:
+        cached = self._subjects.get(id(policy))
+        if cached is None or cached[0] is not policy:
+            numbered = []
+            for subject in policy_subjects(policy):
+                self._serial += 1
+                numbered.append((self._serial, subject))
+            cached = (policy, numbered)
+            self._subjects[id(policy)] = cached
+        return cached[1]
+
+    def start(self, policies: list[Policy], universe: Universe) -> None:
+        live = {id(p) for p in policies}
+        self._subjects = {k: v for k, v in self._subjects.items() if k in live}
+        key = hash(
+            (
+                frozenset(universe.identities.items()),
+                tuple(
+                    (ep.ep_id, ep.identity, tuple(sorted(ep.named_ports.items())))
+                    for ep in universe.endpoints.values()
+                ),
+            )
+        )
+        if key != self._universe_key:
+            self.results.clear()
+            self._universe_key = key
+
+
 def compile_policies(
-    policies: Iterable[Policy], universe: Universe, rules: RuleTable
+    policies: Iterable[Policy],
+    universe: Universe,
+    rules: RuleTable,
+    cache: CompileCache | None = None,
 ) -> dict[int, EndpointPolicy]:
     """The policy of every endpoint in the universe, by ep_id."""
-    subjects = [s for p in policies for s in policy_subjects(p)]
+    policies = list(policies)
+    cache = cache or CompileCache()
+    cache.start(policies, universe)
+    numbered = [n for p in policies for n in cache.subjects_of(p)]
     endpoints = LabelIndex({ep_id: ep.labels for ep_id, ep in universe.endpoints.items()})
-    selecting: dict[int, list[int]] = {ep_id: [] for ep_id in universe.endpoints}
-    for number, subject in enumerate(subjects):
+    selecting: dict[int, list[tuple[int, Subject]]] = {ep_id: [] for ep_id in universe.endpoints}
+    for serial, subject in numbered:
         for ep_id in endpoints.select(subject.selector):
-            selecting[ep_id].append(number)
-    compilation = _Compilation(universe, rules)
-    # Endpoints selected by the same specs, with the same named ports, get the same policy
-    # (replicas of one workload): compile it once.
-    done: dict[tuple, EndpointPolicy] = {}
-    result = {}
+            selecting[ep_id].append((serial, subject))
+    compilation: _Compilation | None = None
+    result: dict[int, EndpointPolicy] = {}
+    results: dict[tuple, EndpointPolicy] = {}
     for ep_id, ep in universe.endpoints.items():
-        key = (tuple(selecting[ep_id]), tuple(sorted(ep.named_ports.items())))
-        if key not in done:
-            done[key] = compilation.endpoint(ep, [subjects[n] for n in selecting[ep_id]])
-        result[ep_id] = done[key]
+        # Endpoints selected by the same specs, with the same named ports, get the same
+        # policy (replicas of one workload): compile it once.
+        key = (tuple(n for n, _ in selecting[ep_id]), tuple(sorted(ep.named_ports.items())))
+        found = results.get(key) or cache.results.get(key)
+        if found is None:
+            compilation = compilation or _Compilation(universe, rules)
+            found = compilation.endpoint(ep, [subject for _, subject in selecting[ep_id]])
+        results[key] = result[ep_id] = found
+    cache.results = results
     return result
 
 
