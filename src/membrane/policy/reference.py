@@ -282,19 +282,22 @@ def _scoped(selector: CiliumSelector, policy: Policy) -> bool:
 
 
 def _matches_any_peer(rule: CiliumPeerRule, policy: Policy) -> bool:
-    """Entity `all`, or an endpoint selector without any condition (`{}` in a clusterwide
-    policy): Cilium treats both as a wildcard over every identity, known or not."""
-    if "all" in rule.peer_entities:
-        return True
-    return any(
-        not _scoped(s, policy) and not s.to_selector().requirements() for s in rule.peer_endpoints
-    )
+    """Entity `all`: a wildcard over every identity, known or not."""
+    return "all" in rule.peer_entities
+
+
+def _pods_only(selector: CiliumSelector, policy: Policy) -> bool:
+    """A clusterwide policy's selector that names neither a namespace nor reserved labels
+    selects pods of every namespace, never the host or world: `{}` there is every pod."""
+    return policy.kind != KIND_CNP and not selector.escapes_namespace()
 
 
 def _cilium_peer_matches(rule: CiliumPeerRule, policy: Policy, flow: _Flow) -> bool:
     known = flow.peer_identity in flow.universe.identities
     for selector in rule.peer_endpoints:
         if _scoped(selector, policy) and flow.peer_namespace() != policy.namespace:
+            continue
+        if _pods_only(selector, policy) and flow.peer_namespace() is None:
             continue
         if known and selector.to_selector().matches(flow.peer_labels):
             return True

@@ -14,8 +14,8 @@ The Kubernetes and Cilium semantics live here, translated into Cilium's label mo
   never cluster endpoints or the host, whose addresses the ipcache maps to their own
   identities. This is Cilium's reading of ipBlock; Kubernetes leaves it open.
 - CiliumNetworkPolicy peer selectors are scoped to the policy's namespace unless they name
-  `io.kubernetes.pod.namespace` or select reserved labels; clusterwide policies are never
-  scoped, so `fromEndpoints: [{}]` there is a wildcard: every peer, as entity `all`.
+  `io.kubernetes.pod.namespace` or select reserved labels; a clusterwide policy's are
+  limited to pods of any namespace, so `fromEndpoints: [{}]` there means every pod.
 - Cilium peer fields in one rule are alternatives. A rule with ports but no peer field
   applies to every peer; a rule with neither (`ingress: [{}]`) allows nothing but, as any
   rule in the section, still puts its endpoints into default deny (the Cilium docs' way of
@@ -224,10 +224,11 @@ def _cilium_rule(ref: RuleRef, rule: CiliumPeerRule, scope: str | None) -> FlatR
     peers: list[LabelSelector] = []
     for endpoint_selector in rule.peer_endpoints:
         selector = endpoint_selector.to_selector()
-        if scope is not None and not endpoint_selector.escapes_namespace():
-            selector = selector.with_requirements(_namespace_is(scope))
-        if not selector.requirements():
-            return FlatRule(ref, True, (), ports)  # `{}` unscoped: Cilium's wildcard peer
+        if not endpoint_selector.escapes_namespace():
+            # Namespaced: that namespace's pods. Clusterwide: pods of any namespace, as in
+            # Cilium, so `{}` there is every pod, never the host or world.
+            scoped = _namespace_is(scope) if scope is not None else _is_endpoint()
+            selector = selector.with_requirements(scoped)
         peers.append(selector)
     peers += [cidr_selector(cidr) for cidr in rule.peer_cidrs]
     peers += [cidr_selector(s.cidr, s.except_ or ()) for s in rule.peer_cidr_sets]

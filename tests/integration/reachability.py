@@ -1,0 +1,256 @@
+"""Reachability truth tables, the way the Kubernetes network-policy e2e tests state them: an
+expected matrix of (source, destination, port, protocol) → allowed, built with a few
+wildcard helpers, compared against real traffic, and shown as tables when they disagree.
+
+Probing runs in this process: each probe's socket is opened inside the source's network
+namespace (`netns.inside` moves only the calling thread, and a socket stays in the
+namespace it was born in), then every probe of a matrix runs at once on one asyncio loop.
+A probe is a TCP connect plus an echo round trip, or a UDP datagram and its echo; silence
+for PROBE_TIMEOUT is a drop. Each failed probe is retried once, so a lost first packet is
+not mistaken for a policy drop; a whole 9x9x4 table takes about a second (drops dominate:
+two timeouts).
+
+Peers are named "NS/NAME" for pods and freely for others ("host", "world", "world-2");
+patterns use shell wildcards ("x/*", "*/a", "*").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import itertools
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from membrane import netns
+
+PROBE_TIMEOUT = 0.6  # an echo over two veths takes well under a millisecond
+ATTEMPTS = 2
+DEFAULT_PORTS: tuple[tuple[int, str], ...] = ((80, "TCP"), (81, "TCP"), (80, "UDP"), (81, "UDP"))
+
+Case = tuple[str, str, int, str]  # source, destination, port, protocol ("ICMP": port unused)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Something that sends and answers probes: a namespace, the address others reach it
+    at, and whether its probes must leave from that address (an extra address of the
+    outside host) rather than the one the kernel would pick."""
+
+    key: str
+    netns: str
+    ip: str
+    bind: bool = False
+
+
+# ---- probing ---------------------------------------------------------------------------
+def _socket(peer: Peer, proto: str) -> socket.socket:
+    kind = socket.SOCK_STREAM if proto == "TCP" else socket.SOCK_DGRAM
+    with netns.inside(peer.netns):
+        sock = socket.socket(socket.AF_INET, kind)
+    sock.setblocking(False)
+    if peer.bind:
+        sock.bind((peer.ip, 0))
+    return sock
+
+
+async def _attempt(src: Peer, dst: Peer, port: int, proto: str, timeout: float) -> str:
+    """One probe: "ok", "timeout", "refused" or the error's name."""
+    loop = asyncio.get_running_loop()
+    payload = os.urandom(16).hex().encode()
+    sock = _socket(src, proto)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, (dst.ip, port))
+            await loop.sock_sendall(sock, payload)
+            got = b""
+            while len(got) < len(payload):
+                chunk = await loop.sock_recv(sock, 4096)
+                if not chunk:
+                    return "closed"
+                got += chunk
+            return "ok" if got == payload else "garbled"
+    except TimeoutError:
+        return "timeout"
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError as err:
+        return type(err).__name__ if not err.errno else os.strerror(err.errno)
+    finally:
+        sock.close()
+
+
+async def _probe(src: Peer, dst: Peer, port: int, proto: str, timeout: float) -> str:
+    outcome = "timeout"
+    for _ in range(ATTEMPTS):
+        outcome = await _attempt(src, dst, port, proto, timeout)
+        if outcome == "ok":
+            break
+    return outcome
+
+
+def _ping(src: Peer, dst: Peer, timeout: float) -> str:
+    for _ in range(ATTEMPTS):
+        if netns.ping(src.netns, dst.ip, timeout=timeout):
+            return "ok"
+    return "timeout"
+
+
+def probe(
+    peers: dict[str, Peer], cases: Iterable[Case], timeout: float = PROBE_TIMEOUT
+) -> dict[Case, str]:
+    """Run every case at once; the outcome of each ("ok" means it got through)."""
+    cases = list(cases)
+    stream = [c for c in cases if c[3] != "ICMP"]
+    icmp = [c for c in cases if c[3] == "ICMP"]
+
+    async def run_all() -> list[str]:
+        return await asyncio.gather(
+            *(_probe(peers[s], peers[d], port, proto, timeout) for s, d, port, proto in stream)
+        )
+
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(icmp)))) as pool:
+        pings = [pool.submit(_ping, peers[s], peers[d], timeout) for s, d, _, _ in icmp]
+        outcomes = dict(zip(stream, asyncio.run(run_all()) if stream else [], strict=True))
+        outcomes.update(zip(icmp, (p.result() for p in pings), strict=True))
+    return outcomes
+
+
+# ---- the expected matrix ---------------------------------------------------------------
+@dataclass
+class Reachability:
+    """Expected verdicts for every (source, destination, port, protocol). A peer talking to
+    itself never leaves its namespace, so those cells are always expected allowed (and are
+    probed, as a check of the harness)."""
+
+    sources: Sequence[str]
+    destinations: Sequence[str]
+    ports: Sequence[tuple[int, str]] = DEFAULT_PORTS
+    default: bool = True
+    expected: dict[Case, bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.expect_all(self.default)
+
+    def cases(self) -> list[Case]:
+        return [
+            (s, d, port, proto)
+            for (port, proto), s, d in itertools.product(
+                self.ports, self.sources, self.destinations
+            )
+        ]
+
+    def expect_all(self, allowed: bool) -> Reachability:
+        for case in self.cases():
+            self.expected[case] = allowed
+        return self
+
+    def expect(
+        self,
+        from_: str = "*",
+        to: str = "*",
+        port: int | None = None,
+        proto: str | None = None,
+        allowed: bool = True,
+    ) -> Reachability:
+        """Set every matching cell; later calls override earlier ones."""
+        for case in self.cases():
+            s, d, p, pr = case
+            if (
+                fnmatch.fnmatchcase(s, from_)
+                and fnmatch.fnmatchcase(d, to)
+                and port in (None, p)
+                and proto in (None, pr)
+            ):
+                self.expected[case] = allowed
+        return self
+
+    def allow(self, from_: str = "*", to: str = "*", **kw: object) -> Reachability:
+        return self.expect(from_, to, allowed=True, **kw)  # type: ignore[arg-type]
+
+    def deny(self, from_: str = "*", to: str = "*", **kw: object) -> Reachability:
+        return self.expect(from_, to, allowed=False, **kw)  # type: ignore[arg-type]
+
+    def want(self, case: Case) -> bool:
+        return True if case[0] == case[1] else self.expected[case]
+
+
+def compare(reach: Reachability, observed: dict[Case, str]) -> list[Case]:
+    return [c for c in reach.cases() if reach.want(c) != (observed[c] == "ok")]
+
+
+def render(reach: Reachability, observed: dict[Case, str], wrong: list[Case]) -> str:
+    """Per port/protocol, expected | observed | comparison side by side ('+' allowed, '-'
+    denied; '.' as expected, 'X' wrong), then every wrong cell with what happened."""
+    bad = set(wrong)
+    width = max(len(k) for k in [*reach.sources, *reach.destinations]) + 1
+    label = width + 2
+    lines = [f"{len(wrong)} of {len(reach.cases())} cells wrong"]
+    for port, proto in reach.ports:
+        title = f"{port}/{proto}" if proto != "ICMP" else "ICMP"
+        head = "".join(f"{d:>{width}}" for d in reach.destinations)
+        lines.append("")
+        lines.append(
+            f"{title:<{label}}{'expected':>{len(head)}} | {'observed':>{len(head)}} | comparison"
+        )
+        lines.append(f"{'':<{label}}{head} | {head} | {head}")
+        for s in reach.sources:
+            cells = [(s, d, port, proto) for d in reach.destinations]
+            exp = "".join(f"{'+' if reach.want(c) else '-':>{width}}" for c in cells)
+            obs = "".join(f"{'+' if observed[c] == 'ok' else '-':>{width}}" for c in cells)
+            cmp_ = "".join(f"{'X' if c in bad else '.':>{width}}" for c in cells)
+            lines.append(f"{s:<{label}}{exp} | {obs} | {cmp_}")
+    lines.append("")
+    for s, d, port, proto in wrong:
+        want = "allowed" if reach.want((s, d, port, proto)) else "denied"
+        lines.append(
+            f"  {s} -> {d} {port}/{proto}: expected {want}, got {observed[(s, d, port, proto)]}"
+        )
+    return "\n".join(lines)
+
+
+def check(peers: dict[str, Peer], reach: Reachability, timeout: float = PROBE_TIMEOUT) -> None:
+    """Probe the whole matrix; on any disagreement fail with the truth tables."""
+    observed = probe(peers, reach.cases(), timeout)
+    wrong = compare(reach, observed)
+    if wrong:
+        table = render(reach, observed, wrong)
+        raise AssertionError(f"reachability is not what the policy says\n{table}")
+
+
+# ---- long-lived connections ------------------------------------------------------------
+class Connection:
+    """An established TCP connection from `src` to an echo server, to see what a policy
+    change does to traffic that is already flowing."""
+
+    def __init__(self, src: Peer, dst: Peer, port: int, timeout: float = 3.0) -> None:
+        self.sock = _socket(src, "TCP")
+        self.sock.setblocking(True)
+        self.sock.settimeout(timeout)
+        self.sock.connect((dst.ip, port))
+
+    def echo(self, timeout: float = PROBE_TIMEOUT) -> bool:
+        """Send a message; True when its echo comes back within `timeout`. A message that
+        does not come back stays in flight (TCP retransmits it), so later calls first
+        drain what is owed."""
+        payload = os.urandom(8).hex().encode()
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.sendall(payload)
+            got = b""
+            while not got.endswith(payload):
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return False
+                got += chunk
+        except (TimeoutError, OSError):
+            return False
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()

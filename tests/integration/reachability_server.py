@@ -1,0 +1,75 @@
+"""The server every pod (and the node and the outside host) runs in the policy tests: TCP and
+UDP echo on each port given on the command line, on every address of its namespace.
+
+Started with `membrane.netns.popen` inside a namespace; prints "ready" on stdout once every
+socket is bound, so the harness waits for that line instead of sleeping. Stdlib only, one
+asyncio loop: a pod costs one small process.
+
+    python reachability_server.py 80 81 82
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import sys
+
+IP_PKTINFO = 8  # linux/in.h; the socket module does not export it
+
+
+def _udp_socket(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    sock.bind(("0.0.0.0", port))
+    sock.setblocking(False)
+    return sock
+
+
+def _udp_echo(sock: socket.socket) -> None:
+    """Answer every queued datagram from the address it was sent to: a host with several
+    addresses (the node, the outside host) would otherwise answer from the one its route
+    prefers, and the prober's connected socket would ignore that answer."""
+    while True:
+        try:
+            data, ancillary, _, peer = sock.recvmsg(65535, socket.CMSG_SPACE(12))
+        except BlockingIOError:
+            return
+        control = []
+        for level, kind, value in ancillary:
+            if (level, kind) == (socket.IPPROTO_IP, IP_PKTINFO):
+                _, _, dst = struct.unpack("=I4s4s", value[:12])
+                control = [(level, kind, struct.pack("=I4s4s", 0, dst, bytes(4)))]
+        with contextlib.suppress(OSError):
+            sock.sendmsg([data], control, 0, peer)
+
+
+async def _tcp_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+async def main(ports: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    servers = []
+    for port in ports:
+        servers.append(
+            await asyncio.start_server(_tcp_echo, "0.0.0.0", port, reuse_address=True, backlog=512)
+        )
+        udp = _udp_socket(port)
+        loop.add_reader(udp.fileno(), _udp_echo, udp)
+        servers.append(udp)
+    print("ready", flush=True)
+    await asyncio.Event().wait()  # until SIGTERM
+
+
+if __name__ == "__main__":
+    asyncio.run(main([int(p) for p in sys.argv[1:]]))

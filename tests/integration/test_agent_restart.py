@@ -1,0 +1,158 @@
+"""The datapath outlives the agent: with the agent killed (-9) or stopped (SIGTERM), an
+allowed TCP stream keeps flowing, a denied path stays denied and new allowed connections
+still work; a restarted agent with the same options adopts everything (same endpoint ids,
+identities and addresses, no duplicates; same policies), the stream never notices, and
+the adopted state is live (later changes take effect)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from agent_support import Cluster, cluster_fixture, net_fixture, wait_for
+from reachability import Connection, Peer, Reachability
+
+pytestmark = pytest.mark.root
+
+cluster = cluster_fixture(namespaces=("x", "y"), pod_names=("a", "b"))
+net = net_fixture()
+
+PODS = ["x/a", "x/b", "y/a", "y/b"]
+Y_A_FROM_X_A_ONLY = """
+    apiVersion: networking.k8s.io/v1
+    kind: NetworkPolicy
+    metadata: {name: a-from-x-a, namespace: y}
+    spec:
+      podSelector: {matchLabels: {pod: a}}
+      ingress:
+      - from:
+        - namespaceSelector: {matchLabels: {ns: x}}
+          podSelector: {matchLabels: {pod: a}}
+"""
+MAX_STALL = 2.0  # seconds without an echo that count as the stream breaking
+
+
+class Stream:
+    """A TCP connection carrying echo round trips back to back on a thread of its own."""
+
+    def __init__(self, src: Peer, dst: Peer, port: int) -> None:
+        self.conn = Connection(src, dst, port)
+        self.rounds = 0
+        self.max_gap = 0.0
+        self.failure: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.is_set():
+            if not self.conn.echo(timeout=MAX_STALL * 2):
+                self.failure = f"an echo did not come back after {self.rounds} rounds"
+                return
+            now = time.monotonic()
+            self.max_gap, last = max(self.max_gap, now - last), now
+            self.rounds += 1
+            self._stop.wait(0.002)  # pace it: a few hundred round trips a second
+
+    def flowing(self, more: int = 20) -> None:
+        """Wait until `more` further round trips have completed."""
+        target = self.rounds + more
+        wait_for(f"{more} more round trips", lambda: self.rounds >= target or self.failure)
+        assert self.failure is None, self.failure
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.conn.close()
+
+
+@pytest.fixture
+def stream(net: Cluster) -> Iterator[Stream]:
+    """x/a -> y/a:80, allowed by the policy in force (imported first)."""
+    net.import_policy(Y_A_FROM_X_A_ONLY)
+    s = Stream(net.peers["x/a"], net.peers["y/a"], 80)
+    try:
+        s.flowing()
+        yield s
+        assert s.failure is None, s.failure
+        assert s.max_gap < MAX_STALL, f"the stream stalled for {s.max_gap:.2f} s"
+    finally:
+        s.close()
+
+
+def expected(net: Cluster) -> Reachability:
+    return net.reach(sources=PODS, destinations=PODS).deny(to="y/a").allow("x/a", "y/a")
+
+
+def snapshot(net: Cluster) -> list[tuple[str, int, int, str]]:
+    eps = net.agent.endpoints()
+    return sorted((f"{e['namespace']}/{e['name']}", e["id"], e["identity"], e["ipv4"]) for e in eps)
+
+
+def agent_is_down(net: Cluster) -> None:
+    result = net.agent.cli("endpoint", "list", check=False)
+    assert result.returncode == 1, f"the agent still answers: {result}"
+
+
+def test_kill9_datapath_keeps_enforcing_and_restart_adopts(net: Cluster, stream: Stream) -> None:
+    endpoints, policies = snapshot(net), net.agent.policies()
+    assert len({ep[0] for ep in endpoints}) == len(endpoints) == 4
+    net.check(expected(net))
+
+    net.agent.kill9()
+    agent_is_down(net)
+    stream.flowing()
+    net.check(expected(net))  # new connections: x/a still allowed, the others still denied
+    stream.flowing()
+
+    net.agent.start()
+    assert snapshot(net) == endpoints, "the restarted agent renumbered or duplicated endpoints"
+    assert net.agent.policies() == policies
+    stream.flowing()
+    net.check(expected(net))
+
+    # What was adopted is live: a change after the restart takes effect at once.
+    net.cli("policy", "delete", "--all")
+    net.check(net.reach(sources=PODS, destinations=PODS))
+    stream.flowing()
+
+
+def test_sigterm_stop_and_start(net: Cluster, stream: Stream) -> None:
+    endpoints = snapshot(net)
+    assert net.agent.stop() == 0, f"exit code after SIGTERM:\n{net.agent.log_tail()}"
+    agent_is_down(net)
+    net.check(expected(net))
+    stream.flowing()
+
+    net.agent.start()
+    assert snapshot(net) == endpoints
+    net.check(expected(net))
+    stream.flowing()
+
+
+def test_pods_added_after_a_restart_get_fresh_ids_and_addresses(net: Cluster) -> None:
+    net.agent.kill9()
+    net.agent.start()
+    before = snapshot(net)
+    new = net.add_pod("x", "late", {"pod": "a"})
+    after = snapshot(net)
+    assert len(after) == len(before) + 1
+    assert len({e[1] for e in after}) == len(after), f"endpoint ids repeat: {after}"
+    assert len({e[3] for e in after}) == len(after), f"addresses repeat: {after}"
+    assert new.info["identity"] == dict((e[0], e[2]) for e in after)["x/a"]
+    net.import_policy(Y_A_FROM_X_A_ONLY)
+    reach = net.reach(sources=[*PODS, "x/late"], destinations=["y/a", "x/late"])
+    net.check(reach.deny(to="y/a").allow("x/a", "y/a").allow("x/late", "y/a"))
+
+
+def test_restart_twice_in_a_row_changes_nothing(net: Cluster) -> None:
+    net.import_policy(Y_A_FROM_X_A_ONLY)
+    endpoints, policies = snapshot(net), net.agent.policies()
+    for _ in range(2):
+        net.agent.restart()
+        assert snapshot(net) == endpoints
+        assert net.agent.policies() == policies
+    net.check(expected(net))
