@@ -210,9 +210,17 @@ class Agent:
             # Attached before it has state: the program drops everything until then.
             self._attach(ep, link.host_ifindex)
         except BaseException:
-            self.ipam.release(ip)
-            detach_endpoint(self.config.bpf_dir, ep_id)
-            delete_pod(self.node, netns, ep.host_ifname)
+            # Undo every step even if one of the undos fails: a leftover veth would make
+            # every later add with this id fail.
+            for undo in (
+                lambda: detach_endpoint(self.config.bpf_dir, ep_id),
+                lambda: delete_pod(self.node, netns, ep.host_ifname),
+                lambda: self.ipam.release(ip),
+            ):
+                try:
+                    undo()
+                except Exception:
+                    log.exception("cleanup after a failed endpoint add failed")
             raise
         self.state.endpoints[ep_id] = ep
         self.state.next_endpoint_id = ep_id % MAX_ENDPOINT_ID + 1
