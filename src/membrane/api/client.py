@@ -54,7 +54,7 @@ def path_of(*parts: str) -> str:
 
 
 class ApiClient:
-    def __init__(self, path: str, timeout: float | None = 120.0) -> None:
+    def __init__(self, path: str, timeout: float | None = 600.0) -> None:
         self.path = path
         self.timeout = timeout
 
