@@ -5,7 +5,7 @@ independent reference evaluator that explains verdicts."""
 from membrane.policy.compile import CompileCache, compile_policies, policy_cidrs
 from membrane.policy.entries import EndpointPolicy, PolicyEntry, lookup
 from membrane.policy.model import Policy
-from membrane.policy.parse import parse_documents
+from membrane.policy.parse import parse_documents, parse_with_documents
 from membrane.policy.reference import Decision, evaluate, explain
 from membrane.policy.ruletable import RuleRef, RuleTable
 from membrane.policy.universe import EndpointInfo, Universe
@@ -25,5 +25,6 @@ __all__ = [
     "explain",
     "lookup",
     "parse_documents",
+    "parse_with_documents",
     "policy_cidrs",
 ]
