@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -41,6 +41,7 @@ from membrane.identity.labels import RESERVED_LABELS, cidr_identities_labels, en
 from membrane.policy import (
     CompileCache,
     EndpointInfo,
+    EndpointPolicy,
     Policy,
     RuleTable,
     Universe,
@@ -93,7 +94,8 @@ class Agent:
         # Snapshots for readers on other threads (flows): replaced, never mutated.
         self.identity_labels: dict[int, frozenset[Any]] = dict(RESERVED_LABELS)
         self.endpoints_by_ip: dict[str, EndpointRecord] = {}
-        self.rule_shapes: dict[int, tuple[bool, bool]] = {}  # rule id -> (names peers, ports)
+        self._compiled: dict[int, EndpointPolicy] = {}
+        self._rule_shapes: dict[int, tuple[bool, bool]] | None = None
 
     # ---- start and stop ------------------------------------------------------------------
     def start(self) -> None:
@@ -246,8 +248,7 @@ class Agent:
         del self.state.endpoints[ep.id]
         self._sync_datapath()  # its address leaves the ipcache, peers' policies forget it
         detach_endpoint(self.config.bpf_dir, ep.id)
-        self.writer.remove_endpoint(ep.id)
-        conntrack.flush_endpoint(self.maps, ep.id)
+        self.writer.remove_endpoint(ep.id)  # state, policy entries and conntrack
         delete_pod(self.node, ep.netns, ep.host_ifname)
         self.ipam.release(IPv4Address(ep.ipv4))
         self._save()
@@ -361,9 +362,8 @@ class Agent:
         return [{**_stored_ref(p), "document": p.document} for p in self.state.policies]
 
     # ---- the datapath --------------------------------------------------------------------
-    def _universe(self, extra_labels: dict[int, frozenset[Any]]) -> tuple[Universe, dict]:
-        """Identities, endpoints and CIDR identities as they are now, plus `extra_labels`
-        (identities on their way out, still referenced by the ipcache)."""
+    def _universe(self) -> tuple[Universe, dict[IPv4Network, int]]:
+        """Identities, endpoints and CIDR identities as they are now."""
         prefixes = policy_cidrs(self.policies)
         identities: dict[int, frozenset[Any]] = dict(RESERVED_LABELS)
         endpoints: dict[int, EndpointInfo] = {}
@@ -395,8 +395,6 @@ class Agent:
         for ident, prefix, labels in self._cidr_labels[1]:
             cidr_identities[ident] = prefix
             identities[ident] = labels
-        for ident, labels in extra_labels.items():
-            identities.setdefault(ident, labels)
         universe = Universe(
             identities=identities, endpoints=endpoints, cidr_identities=cidr_identities
         )
@@ -419,15 +417,18 @@ class Agent:
 
     def _sync_datapath(self) -> None:
         assert self.maps is not None and self.writer is not None
-        outgoing = dict(self.identity_labels)
-        universe, cidr_ids = self._universe(outgoing)
-        wanted = self._universe({})[0].identities
-        stale = set(universe.identities) - set(wanted)
-        self._apply_policy(universe)
+        universe, cidr_ids = self._universe()
+        # Identities on their way out keep their entries until no address maps to them.
+        outgoing = {
+            i: labels for i, labels in self.identity_labels.items() if i not in universe.identities
+        }
+        if outgoing:
+            self._apply_policy(replace(universe, identities={**outgoing, **universe.identities}))
+        else:
+            self._apply_policy(universe)
         sync_ipcache(self.maps, self._desired_ipcache(cidr_ids))
         self.endpoints_by_ip = {ep.ipv4: ep for ep in self.state.endpoints.values()}
-        if stale:
-            universe, _ = self._universe({})
+        if outgoing:
             self._apply_policy(universe)
         self.identity_labels = dict(universe.identities)
         self.identities.retain(
@@ -444,12 +445,22 @@ class Agent:
         )
         self._compiled = compiled
         self._universe_now = universe
-        shapes: dict[int, tuple[bool, bool]] = {}
-        for policy in compiled.values():
-            for e in policy.entries:
-                l3, l4 = shapes.get(e.rule_id, (False, False))
-                shapes[e.rule_id] = (l3 or e.identity != 0, l4 or e.proto != 0)
-        self.rule_shapes = shapes
+        self._rule_shapes = None
+
+    @property
+    def rule_shapes(self) -> dict[int, tuple[bool, bool]]:
+        """rule id -> (its entries name peers, they name protocols or ports), for flow
+        records. Computed when a flow first asks, not on every policy change; endpoints
+        with the same policy share one object, so each is read once."""
+        if self._rule_shapes is None:
+            shapes: dict[int, tuple[bool, bool]] = {}
+            unique = {id(p): p for p in self._compiled.values()}
+            for policy in unique.values():
+                for e in policy.entries:
+                    l3, l4 = shapes.get(e.rule_id, (False, False))
+                    shapes[e.rule_id] = (l3 or e.identity != 0, l4 or e.proto != 0)
+            self._rule_shapes = shapes
+        return self._rule_shapes
 
     def gc_conntrack(self) -> int:
         assert self.maps is not None

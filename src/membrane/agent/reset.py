@@ -43,6 +43,8 @@ def reset_node(config: AgentConfig) -> dict[str, int]:
                 netns.delete(ep.netns)
             pods += 1
         shutil.rmtree(config.bpf_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the agents' directory and our root, if empty
+            os.removedirs(os.path.dirname(config.bpf_dir))
         if config.node_netns and netns.exists(config.node_netns):
             netns.delete(config.node_netns)
         with contextlib.suppress(FileNotFoundError):

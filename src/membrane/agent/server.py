@@ -30,13 +30,13 @@ from membrane.api.models import (
     NamespaceLabels,
     PolicyImport,
     TraceRequest,
-    check_namespace,
     parse_body,
 )
 from membrane.api.openapi import openapi_document
 from membrane.bpf.probe import missing_capabilities
 from membrane.errors import NotPermitted, UserError
 from membrane.observe.store import FlowFilter, FlowStore
+from membrane.policy import validate
 
 log = logging.getLogger("membrane.agent")
 CT_GC_INTERVAL = 30.0
@@ -145,7 +145,7 @@ class AgentServer:
     async def label_namespace(self, request: web.Request) -> web.Response:
         ns = request.match_info["namespace"]
         try:
-            check_namespace(ns)
+            validate.check_namespace(ns)
         except ValueError as err:
             raise UserError("namespace", str(err)) from None
         req = parse_body(NamespaceLabels, await self._json(request))

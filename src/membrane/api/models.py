@@ -3,53 +3,18 @@ in the OpenAPI document, so the two cannot drift apart."""
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from membrane.errors import UserError
-
-# Kubernetes object names: namespaces are DNS labels, pods DNS subdomains.
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?)$")
-PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")
-PROTOCOLS = ("TCP", "UDP", "SCTP")
-
-
-def check_namespace(value: str) -> str:
-    if not DNS_LABEL.match(value):
-        raise ValueError(f"{value!r} is not a valid namespace name (lowercase DNS label)")
-    return value
-
-
-def check_pod_name(value: str) -> str:
-    if not DNS_SUBDOMAIN.match(value) or ".." in value:
-        raise ValueError(f"{value!r} is not a valid pod name (lowercase DNS subdomain)")
-    return value
-
-
-def check_label_key(key: str) -> str:
-    prefix, _, name = key.rpartition("/")
-    if prefix and (len(prefix) > 253 or not DNS_SUBDOMAIN.match(prefix)):
-        raise ValueError(f"label key {key!r} has an invalid prefix")
-    if not _LABEL_NAME.match(name):
-        raise ValueError(f"label key {key!r} is not valid (alphanumerics, '-', '_', '.')")
-    return key
-
-
-def check_label_value(key: str, value: str) -> str:
-    if not _LABEL_VALUE.match(value):
-        raise ValueError(f"label {key}={value!r}: the value is not valid (≤ 63 characters)")
-    return value
+from membrane.policy import validate
 
 
 def check_labels(labels: dict[str, str]) -> dict[str, str]:
     for key, value in labels.items():
-        check_label_key(key)
-        check_label_value(key, value)
+        validate.check_k8s_label_key(key)
+        validate.check_label_value(value)
     return labels
 
 
@@ -65,9 +30,7 @@ class PortModel(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not PORT_NAME.match(v):
-            raise ValueError(f"{v!r} is not a valid port name (≤ 15 lowercase characters)")
-        return v
+        return validate.check_port_name(v)
 
 
 class EndpointCreate(_Strict):
@@ -79,12 +42,12 @@ class EndpointCreate(_Strict):
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, v: str) -> str:
-        return check_namespace(v)
+        return validate.check_namespace(v)
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return check_pod_name(v)
+        return validate.check_name(v, "pod name")
 
     @field_validator("labels")
     @classmethod
@@ -110,9 +73,9 @@ class NamespaceLabels(_Strict):
     @classmethod
     def _labels(cls, v: dict[str, str | None]) -> dict[str, str | None]:
         for key, value in v.items():
-            check_label_key(key)
+            validate.check_k8s_label_key(key)
             if value is not None:
-                check_label_value(key, value)
+                validate.check_label_value(value)
         return v
 
 

@@ -32,10 +32,10 @@ def check_namespace(value: str) -> str:
     return value
 
 
-def check_name(value: str) -> str:
+def check_name(value: str, what: str = "name") -> str:
     if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
         raise ValueError(
-            f"{value!r} is not a valid name (lowercase letters, digits, '-' and '.', "
+            f"{value!r} is not a valid {what} (lowercase letters, digits, '-' and '.', "
             "at most 253 characters)"
         )
     return value
@@ -102,6 +102,11 @@ def parse_port(value: object, *, allow_zero: bool) -> int | str:
         if not low <= value <= 65535:
             raise ValueError(f"port {value} is out of range ({low}..65535)")
         return value
+    return check_port_name(value, "is neither a port number nor a valid port name")
+
+
+def check_port_name(value: str, problem: str = "is not a valid port name") -> str:
+    """IANA service name syntax, as container port names use it."""
     if (
         len(value) > 15
         or not _PORT_NAME.fullmatch(value)
@@ -109,8 +114,8 @@ def parse_port(value: object, *, allow_zero: bool) -> int | str:
         or not re.search("[a-z]", value)
     ):
         raise ValueError(
-            f"{value!r} is neither a port number nor a valid port name (at most 15 lowercase "
-            "letters, digits and '-', with at least one letter)"
+            f"{value!r} {problem} (at most 15 lowercase letters, digits and '-', with at "
+            "least one letter)"
         )
     return value
 
