@@ -309,6 +309,8 @@ class Agent:
             netns.delete(self.node_netns)
         if self.bpf_dir.exists():
             shutil.rmtree(self.bpf_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # /sys/fs/bpf/membrane/agent and up, once empty
+            os.removedirs(self.bpf_dir.parent)
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
