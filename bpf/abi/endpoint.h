@@ -48,10 +48,11 @@ struct ipcache_value {
 /* Per-endpoint dynamic state (hash, key __u32 ep_id). Replaced whole by one map update,
  * so the datapath never sees half of a change.
  *
- * Policy entries carry a generation (0 or 1). Outside a policy switch gen[0] == gen[1].
- * During a switch the agent first writes the new generation, then sets gen = {old, new}
- * on every affected endpoint (a packet must pass both: at least as strict as either),
- * then gen = {new, new}, then deletes the old generation's entries. */
+ * Policy entries carry a generation (0 or 1); a packet must pass both gen[0] and gen[1]
+ * (at least as strict as either). The agent changes policy in place in the live
+ * generation (gen[0] == gen[1]), tightening key changes before loosening ones (see
+ * membrane/datapath/policy.py); two different generations are what a switch of an older
+ * agent ({old, new}) leaves, which the agent finishes. */
 struct endpoint_state {
 	__u32 identity;   /* the endpoint's own identity (for events) */
 	__u32 policy_rev; /* bumped on every policy change; conntrack caches verdicts per rev */

@@ -1,7 +1,8 @@
-"""The PolicyWriter and the generation protocol: a switch writes the new generation beside
-the live one, requires both, then the new one, then deletes the old; while both are
-required only traffic that both policies allow passes. The writer reads everything it
-needs from the maps, so a restarted writer (or one that died mid-switch) carries on."""
+"""The PolicyWriter and the policy generations: a change is written in place into the live
+generation (tightening first, loosening second; tests/unit/test_policy_writer_phases.py
+checks every moment in between); the datapath still enforces two generations at once, which
+is where an older writer's half-done switch leaves an endpoint, and the writer finishes it.
+The writer reads everything it needs from the maps, so a restarted writer carries on."""
 
 from __future__ import annotations
 
@@ -64,15 +65,25 @@ def test_first_policy_is_generation_zero(dp: EndpointDatapath) -> None:
     assert verdicts(dp) == {80: "pass", 81: "pass", 82: "drop"}
 
 
-def test_switch_moves_to_the_other_generation(dp: EndpointDatapath) -> None:
+def test_a_change_is_written_in_place(dp: EndpointDatapath) -> None:
     dp.set_policy(OLD, egress=True)
     before = dp.state()
+    live = before.gen[0]
     dp.set_policy(NEW, egress=True)
     after = dp.state()
-    new = 1 - before.gen[0]
-    assert list(after.gen) == [new, new]
-    assert after.policy_rev == before.policy_rev + 2
-    assert policy_keys(dp) == {(EP_ID, new, 81), (EP_ID, new, 82)}
+    assert list(after.gen) == [live, live]
+    assert after.policy_rev == before.policy_rev + 1
+    assert policy_keys(dp) == {(EP_ID, live, 81), (EP_ID, live, 82)}
+    assert verdicts(dp) == {80: "drop", 81: "pass", 82: "pass"}
+
+
+def test_a_change_writes_only_the_keys_that_change(dp: EndpointDatapath) -> None:
+    dp.set_policy(OLD, egress=True)
+    kept = policy_key(dp.maps, EP_ID, dp.state().gen[0], slot_of(OLD[1]))
+    # A marker behind the writer's back: it survives only if the writer leaves the key alone.
+    dp.maps.policy.update(kept, policy_value(dp.maps, Verdict(77, False)))
+    dp.set_policy([OLD[1], NEW[1]], egress=True)
+    assert dp.maps.policy.lookup(kept).rule_id == 77
     assert verdicts(dp) == {80: "drop", 81: "pass", 82: "pass"}
 
 
@@ -85,7 +96,7 @@ def test_applying_the_same_policy_changes_nothing(dp: EndpointDatapath) -> None:
     assert policy_keys(dp) == keys
 
 
-def test_enforcement_change_alone_switches(dp: EndpointDatapath) -> None:
+def test_enforcement_change_alone_is_a_change(dp: EndpointDatapath) -> None:
     dp.set_policy(OLD, egress=True)
     dp.set_policy(OLD, egress=False)
     state = dp.state()
@@ -162,7 +173,7 @@ def test_stale_entries_in_the_idle_generation_are_removed(dp: EndpointDatapath) 
         policy_key(dp.maps, EP_ID, idle, stale), policy_value(dp.maps, Verdict(9, False))
     )
     PolicyWriter(dp.maps).apply({EP_ID: EndpointPolicy(False, True, NEW)}, {EP_ID: EP_IDENTITY})
-    assert policy_keys(dp) == {(EP_ID, idle, 81), (EP_ID, idle, 82)}
+    assert policy_keys(dp) == {(EP_ID, 1 - idle, 81), (EP_ID, 1 - idle, 82)}
 
 
 def test_leftovers_of_an_interrupted_cleanup_go_on_the_next_apply(dp: EndpointDatapath) -> None:

@@ -1,13 +1,26 @@
-"""Policy into the datapath: compiled entries become `policy` LPM keys, and endpoint
-policies are switched with the generation protocol of bpf/abi/endpoint.h.
+"""Policy into the datapath: compiled entries become `policy` LPM keys of the endpoint's
+live generation, changed in place and in two phases so that no moment lets traffic pass that
+neither the old nor the new policy allows.
 
-A switch never has a moment where traffic passes that neither the old nor the new policy
-allows: the new generation is written beside the live one, then every affected endpoint
-requires both ({old, new}), then only the new one ({new, new}), and only then is the old
-generation deleted. Which generation is live is always read from the `endpoints` map,
-and the writer learns which entries exist by reading the `policy` map, so a restarted
-agent (or one that died halfway through a switch) picks up exactly where the maps are.
-One writer per node maps: it caches the policy map's keys after its first read.
+Why two phases are enough: the datapath looks up the peer's identity and IDENTITY_ANY, each
+a longest-prefix match, and a deny from either wins over an allow from either, which wins
+over the direction's default. Ordering a single lookup's result deny < no entry < allow,
+the verdict only grows with it. So every single key change either can only tighten
+(removing an allow, adding a deny, allow -> deny, turning default deny on) or can only
+loosen (the opposite ones; a changed rule id alone changes no verdict), whatever else the
+map holds. The writer applies every tightening change of every endpoint first, then every
+loosening one: before the turn each moment allows a subset of the old policy, after it a
+subset of the new, and a packet crossing two endpoints of the node sees both in the same
+phase. Then each changed endpoint's policy_rev is bumped, so connections the new policy
+denies are checked again (conntrack caches verdicts per revision). The cost is the size of
+the change, not the size of the policy.
+
+The datapath also enforces two generations at once ({old, new} in endpoint_state: a packet
+must pass both); an earlier writer switched policies that way. A switch it left half done is
+finished here by writing in place into the generation it was moving to, then dropping the
+old one. The writer learns what exists by reading the maps, so a restarted agent (or one
+that died halfway) picks up exactly where the maps are. One writer per node maps: it caches
+the policy map's keys after its first read.
 """
 
 from __future__ import annotations
@@ -145,17 +158,39 @@ def policy_value(maps: NodeMaps, verdict: Verdict) -> Any:
     return maps.policy.value_type(rule_id=verdict.rule_id, deny=int(verdict.deny))
 
 
+Op = tuple[Slot, Verdict | None]  # None: delete the key
+
+
+def split_changes(current: Entries, wanted: Entries) -> tuple[list[Op], list[Op]]:
+    """The key changes from `current` to `wanted`, as (tightening, loosening): each
+    tightening change can only deny more, each loosening one only allow more (see the
+    module docstring)."""
+    tighten: list[Op] = []
+    loosen: list[Op] = []
+    for slot, was in current.items():
+        if slot not in wanted:
+            (loosen if was.deny else tighten).append((slot, None))
+    for slot, verdict in wanted.items():
+        was = current.get(slot)
+        if was == verdict:
+            continue
+        denies_more = verdict.deny and (was is None or not was.deny)
+        (tighten if denies_more else loosen).append((slot, verdict))
+    return tighten, loosen
+
+
 @dataclass
-class _Switch:
-    """One endpoint's policy switch in progress."""
+class _Change:
+    """One endpoint's policy change in progress."""
 
     ep_id: int
-    state: Any  # endpoint_state as read before the switch
-    old: int
-    new: int
+    state: Any  # endpoint_state as read before the change
+    gen: int  # the generation written in place
     entries: Entries
     enforce: int
     identity: int
+    tighten: list[Op]
+    loosen: list[Op]
 
 
 class PolicyWriter:
@@ -198,20 +233,32 @@ class PolicyWriter:
             and installed[1] == identities.get(ep_id)
         )
 
-    def _write(self, ep_id: int, gen: int, entries: Entries) -> None:
-        """Make generation `gen` of `ep_id` hold exactly `entries`."""
-        current = self.written().get((ep_id, gen), {})
-        changed = [(s, v) for s, v in entries.items() if current.get(s) != v]
+    def _put(self, ep_id: int, gen: int, ops: Sequence[Op]) -> None:
+        """Apply key changes to generation `gen` of `ep_id`, in the map and in the cache."""
+        if not ops:
+            return
         self.maps.policy.update_batch(
-            (policy_key(self.maps, ep_id, gen, s), policy_value(self.maps, v)) for s, v in changed
+            (policy_key(self.maps, ep_id, gen, s), policy_value(self.maps, v))
+            for s, v in ops
+            if v is not None
         )
         self.maps.policy.delete_batch(
-            policy_key(self.maps, ep_id, gen, s) for s in current if s not in entries
+            policy_key(self.maps, ep_id, gen, s) for s, v in ops if v is None
         )
-        if entries:
-            self.written()[(ep_id, gen)] = dict(entries)
-        else:
-            self.written().pop((ep_id, gen), None)
+        group = self.written().setdefault((ep_id, gen), {})
+        for slot, verdict in ops:
+            if verdict is None:
+                group.pop(slot, None)
+            else:
+                group[slot] = verdict
+        if not group:
+            del self.written()[(ep_id, gen)]
+
+    def _write(self, ep_id: int, gen: int, entries: Entries) -> None:
+        """Make generation `gen` of `ep_id` hold exactly `entries` (order of no matter:
+        for generations no endpoint state points at)."""
+        tighten, loosen = split_changes(self.written().get((ep_id, gen), {}), entries)
+        self._put(ep_id, gen, tighten + loosen)
 
     # ---- endpoint state --------------------------------------------------------------
     def _state(
@@ -242,27 +289,27 @@ class PolicyWriter:
             raise ValueError(
                 f"endpoints {unknown} are new to the datapath: their identity is needed"
             )
-        switches: list[_Switch] = []
+        changing: list[_Change] = []
         for ep_id, (entries, enforce) in compiled.items():
             state = states[ep_id]
             if state is None:
                 self._create(ep_id, entries, enforce, int(identities[ep_id]))
                 continue
             identity = int(identities.get(ep_id, state.identity))
-            old = int(state.gen[0]) & 1
+            gen = int(state.gen[1]) & 1  # mid-switch (an older writer died there): its target
             unchanged = (
-                int(state.gen[1]) & 1 == old
-                and int(state.enforce[old]) == enforce
-                and self.written().get((ep_id, old), {}) == entries
+                int(state.gen[0]) & 1 == gen
+                and int(state.enforce[gen]) == enforce
+                and self.written().get((ep_id, gen), {}) == entries
             )
             if unchanged:
-                self._settle(ep_id, state, old, identity)
+                self._settle(ep_id, state, gen, identity)
                 continue
-            # Mid-switch (an agent died there) the switch resumes towards gen[1].
-            switches.append(_Switch(ep_id, state, old, 1 - old, entries, enforce, identity))
+            tighten, loosen = split_changes(self.written().get((ep_id, gen), {}), entries)
+            changing.append(_Change(ep_id, state, gen, entries, enforce, identity, tighten, loosen))
         self._update_identities({ep: i for ep, i in identities.items() if ep not in changes})
-        if switches:
-            self._switch(switches)
+        if changing:
+            self._change(changing)
         for ep_id, policy in changes.items():
             self._installed[ep_id] = (policy, identities.get(ep_id))
 
@@ -283,31 +330,36 @@ class PolicyWriter:
         rev = secrets.randbits(32) or 1
         self._set_states([(ep_id, self._state(identity, rev, (0, 0), (enforce, enforce)))])
 
-    def _switch(self, switches: list[_Switch]) -> None:
-        for s in switches:
-            self._write(s.ep_id, s.new, s.entries)
-        # Both generations must allow; established connections are checked again too.
-        both = []
-        for s in switches:
-            enforce = [0, 0]
-            enforce[s.old], enforce[s.new] = int(s.state.enforce[s.old]), s.enforce
-            rev = (int(s.state.policy_rev) + 1) & 0xFFFFFFFF
-            both.append((s.ep_id, self._state(s.identity, rev, (s.old, s.new), tuple(enforce))))
-        self._set_states(both)
+    def _change(self, changes: list[_Change]) -> None:
+        """Every endpoint's tightening first, then every endpoint's loosening; the final
+        state bumps the revision (conntrack checks established connections again)."""
+        tightened = []
+        for c in changes:
+            self._put(c.ep_id, c.gen, c.tighten)
+            enforce = [int(c.state.enforce[0]), int(c.state.enforce[1])]
+            if enforce[c.gen] | c.enforce != enforce[c.gen]:
+                enforce[c.gen] |= c.enforce
+                gens = (int(c.state.gen[0]) & 1, c.gen)
+                tightened.append(
+                    (c.ep_id, self._state(c.identity, c.state.policy_rev, gens, tuple(enforce)))
+                )
+        self._set_states(tightened)
+        for c in changes:
+            self._put(c.ep_id, c.gen, c.loosen)
         self._set_states(
             (
-                s.ep_id,
+                c.ep_id,
                 self._state(
-                    s.identity,
-                    (int(s.state.policy_rev) + 2) & 0xFFFFFFFF,
-                    (s.new, s.new),
-                    (s.enforce, s.enforce),
+                    c.identity,
+                    (int(c.state.policy_rev) + 1) & 0xFFFFFFFF,
+                    (c.gen, c.gen),
+                    (c.enforce, c.enforce),
                 ),
             )
-            for s in switches
+            for c in changes
         )
-        for s in switches:
-            self._write(s.ep_id, s.old, {})
+        for c in changes:
+            self._write(c.ep_id, 1 - c.gen, {})  # what a half-done switch left behind
 
     def _update_identities(self, identities: Mapping[int, int]) -> None:
         updates = []
