@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from ipaddress import IPv4Network
 from pathlib import Path
 
@@ -59,3 +60,48 @@ def test_state_file_round_trip(tmp_path: Path) -> None:
     loaded = files.load()
     assert loaded == state
     assert StateFile(tmp_path / "missing").load() == AgentState()
+
+
+def test_a_policy_file_is_written_once(tmp_path: Path) -> None:
+    files = StateFile(tmp_path)
+    kept = StoredPolicy("NetworkPolicy", "x", "p", {"kind": "A"})
+    state = AgentState(policies=[kept])
+    files.save(state)
+    [first] = tmp_path.glob("policy-*.json")
+    inode = first.stat().st_ino
+    state.next_endpoint_id = 9  # an endpoint change
+    files.save(state)
+    state.policies = [kept, StoredPolicy("NetworkPolicy", "x", "q", {"kind": "B"})]
+    state.policy_revision += 1
+    files.save(state)
+    assert first.stat().st_ino == inode
+    assert len(list(tmp_path.glob("policy-*.json"))) == 2
+    state.policies = state.policies[1:]
+    files.save(state)
+    assert not first.exists()
+    assert StateFile(tmp_path).load() == state
+    StateFile(tmp_path).remove()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rules_are_appended_and_survive_a_torn_line(tmp_path: Path) -> None:
+    files = StateFile(tmp_path)
+    rule = {"id": 1, "kind": "NetworkPolicy", "namespace": "x", "name": "p"}
+    files.save(AgentState(), [rule])
+    files.save(AgentState(), [{**rule, "id": 2}])
+    with open(tmp_path / "rules.jsonl", "a") as f:
+        f.write('{"id": 3, "ki')  # the agent died while appending
+    loaded = StateFile(tmp_path)
+    assert [r["id"] for r in loaded.load().rules["rules"]] == [1, 2]
+    assert loaded.rules_saved == 2
+
+
+def test_a_state_file_holding_its_policies_still_loads(tmp_path: Path) -> None:
+    state = AgentState(
+        policies=[StoredPolicy("NetworkPolicy", "x", "p", {"kind": "A"})],
+        rules={"rules": [{"id": 1, "kind": "NetworkPolicy"}]},
+    )
+    (tmp_path / "state.json").write_text(json.dumps(state.to_json()))
+    files = StateFile(tmp_path)
+    assert files.load() == state
+    assert files.rules_saved == 0  # the journal does not hold them yet

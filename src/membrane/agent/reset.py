@@ -47,8 +47,7 @@ def reset_node(config: AgentConfig) -> dict[str, int]:
             os.removedirs(os.path.dirname(config.bpf_dir))
         if config.node_netns and netns.exists(config.node_netns):
             netns.delete(config.node_netns)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(StateFile(config.state_dir).path)
+        StateFile(config.state_dir).remove()
         return {"endpoints": pods}
     finally:
         if lock is not None:

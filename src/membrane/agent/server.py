@@ -225,8 +225,9 @@ class AgentServer:
                 removed = await self.run_sync(self.agent.gc_conntrack)
                 if removed:
                     log.info("conntrack gc", extra={"fields": {"removed": removed}})
+                await self.run_sync(self.agent.collect_garbage)
             except Exception:
-                log.exception("conntrack gc failed")
+                log.exception("housekeeping failed")
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()

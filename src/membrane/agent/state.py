@@ -3,13 +3,21 @@
 The kernel holds the enforcing state (pinned maps and links); this file holds what the
 kernel cannot tell us back: names, labels, policies as the user wrote them, and the
 numbers we handed out (endpoint ids, identities, rule ids), so that a restarted agent
-adopts everything without renumbering. It is replaced atomically (write, fsync, rename).
+adopts everything without renumbering.
+
+The files change at different rates, so each is written only when it changes: one file per
+policy (`policy-<n>.json`, the document as written, written once), the rule table as a
+journal (`rules.jsonl`: rule ids only grow, so new rules are appended), and `state.json`
+(endpoints, namespaces, identities, counters, and the names of the policy files in force),
+replaced on every change (write, fsync, rename). Replacing state.json is the moment a change
+becomes durable: a crash before it leaves the previous state.json and the files it names.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,12 +83,18 @@ class AgentState:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            **self.node_json(),
+            "policies": [asdict(p) for p in self.policies],
+            "rules": self.rules,
+        }
+
+    def node_json(self) -> dict[str, Any]:
+        """Everything but the policies and rules (kept in files of their own)."""
+        return {
             "version": STATE_VERSION,
             "endpoints": [asdict(ep) for ep in self.endpoints.values()],
             "namespaces": self.namespaces,
-            "policies": [asdict(p) for p in self.policies],
             "identities": self.identities,
-            "rules": self.rules,
             "policy_revision": self.policy_revision,
             "next_endpoint_id": self.next_endpoint_id,
         }
@@ -105,19 +119,83 @@ class StateFile:
     def __init__(self, state_dir: str | Path) -> None:
         self.dir = Path(state_dir)
         self.path = self.dir / "state.json"
+        self.rules_path = self.dir / "rules.jsonl"
+        self.rules_saved = 0  # how many rules (ids 1..n) the journal holds
+        # id(StoredPolicy) -> (that policy, its file): a policy is never changed in place.
+        self._policy_files: dict[int, tuple[StoredPolicy, str]] = {}
+        self._next_file = 1
 
     def load(self) -> AgentState:
         try:
-            raw = self.path.read_text()
+            data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return AgentState()
-        return AgentState.from_json(json.loads(raw))
+        names = data.pop("policy_files", None)
+        if names is not None:  # else an older state.json that held everything itself
+            data["policies"] = [json.loads((self.dir / n).read_text()) for n in names]
+            rules = self._read_rules()
+            data["rules"] = {"rules": rules} if rules else {}
+        state = AgentState.from_json(data)
+        if names is not None:
+            self._policy_files = {id(p): (p, n) for p, n in zip(state.policies, names, strict=True)}
+            self._next_file = 1 + max((_file_number(n) for n in names), default=0)
+            self.rules_saved = len(state.rules.get("rules", ()))
+        return state
 
-    def save(self, state: AgentState) -> None:
+    def _read_rules(self) -> list[dict[str, Any]]:
+        try:
+            lines = self.rules_path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        rules = []
+        for line in lines:
+            try:
+                rules.append(json.loads(line))
+            except ValueError:
+                break  # a line torn by a crash: nothing after it was acknowledged
+        return rules
+
+    def save(self, state: AgentState, new_rules: Sequence[dict[str, Any]] = ()) -> None:
+        """Write what changed; `new_rules` are the rules numbered since the last save."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state.to_json(), f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        if new_rules:
+            with open(self.rules_path, "a") as f:
+                f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in new_rules))
+                f.flush()
+                os.fsync(f.fileno())
+            self.rules_saved += len(new_rules)
+        files, wrote = [], False
+        for policy in state.policies:
+            known = self._policy_files.get(id(policy))
+            if known is None or known[0] is not policy:
+                name = f"policy-{self._next_file}.json"
+                self._next_file += 1
+                _write_atomically(self.dir / name, asdict(policy))
+                known, wrote = (policy, name), True
+            files.append(known)
+        removed = len(files) != len(self._policy_files)
+        self._policy_files = {id(p): (p, n) for p, n in files}
+        _write_atomically(self.path, {**state.node_json(), "policy_files": [n for _, n in files]})
+        if wrote or removed:
+            keep = {n for _, n in files}
+            for path in self.dir.glob("policy-*.json"):
+                if path.name not in keep:
+                    path.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """Forget everything (agent reset)."""
+        for path in [self.path, self.rules_path, *self.dir.glob("policy-*.json")]:
+            path.unlink(missing_ok=True)
+
+
+def _file_number(name: str) -> int:
+    return int(name.removeprefix("policy-").removesuffix(".json"))
+
+
+def _write_atomically(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

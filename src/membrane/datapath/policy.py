@@ -282,7 +282,12 @@ class PolicyWriter:
         Every entry is checked before anything is written, and applying what is already
         installed changes nothing."""
         changes = {ep: p for ep, p in changes.items() if not self._is_installed(ep, p, identities)}
-        compiled = {ep: (compile_entries(p.entries), enforce_bits(p)) for ep, p in changes.items()}
+        by_object: dict[int, tuple[Entries, int]] = {}  # endpoints often share one policy
+        compiled = {
+            ep: by_object.get(id(p))
+            or by_object.setdefault(id(p), (compile_entries(p.entries), enforce_bits(p)))
+            for ep, p in changes.items()
+        }
         states = {ep: self.maps.endpoints.lookup(ep) for ep in changes}
         unknown = sorted(ep for ep, st in states.items() if st is None and ep not in identities)
         if unknown:

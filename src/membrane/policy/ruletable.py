@@ -56,7 +56,11 @@ class RuleTable:
         return len(self._refs)
 
     def to_json(self) -> dict[str, Any]:
-        return {"rules": [{"id": i, **asdict(ref)} for i, ref in sorted(self._refs.items())]}
+        return {"rules": self.since(0)}
+
+    def since(self, count: int) -> list[dict[str, Any]]:
+        """The rules numbered after the first `count` (ids are handed out in order)."""
+        return [{"id": i, **asdict(self._refs[i])} for i in range(count + 1, self._next)]
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RuleTable:
