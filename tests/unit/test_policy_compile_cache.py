@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from membrane.identity.labels import RESERVED_LABELS, endpoint_labels
 from membrane.policy import (
     CompileCache,
@@ -58,3 +63,70 @@ def test_cached_compiles_match_fresh_ones() -> None:
         cached = compile_policies(policies, universe, rules, cache)
         fresh = compile_policies(policies, universe, RuleTable.from_json(rules.to_json()))
         assert cached == fresh
+
+
+EXPRESSIONS = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: expr-{name}, namespace: x}}
+spec:
+  endpointSelector: {{matchLabels: {{app: {app}}}}}
+  ingress:
+  - fromEndpoints: [{{matchExpressions: [{{key: app, operator: {op}, values: [{peer}]}}]}}]
+  - fromEndpoints: [{{matchExpressions: [{{key: tier, operator: Exists}}]}}]
+    toPorts: [{{ports: [{{port: "81", protocol: TCP}}]}}]
+  egressDeny:
+  - toEndpoints: [{{matchExpressions: [{{key: tier, operator: DoesNotExist}}]}}]
+    toPorts: [{{ports: [{{port: "82", protocol: UDP}}]}}]
+"""
+
+APPS = ["web", "db", "cache"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.dictionaries(  # the endpoints of one step: ep_id -> (app, tier or None)
+                st.integers(1, 6),
+                st.tuples(st.sampled_from(APPS), st.sampled_from([None, "a", "b"])),
+                max_size=6,
+            ),
+            st.lists(st.integers(0, 5), max_size=4, unique=True),  # the policies in force
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_cached_compiles_follow_identity_changes(steps: list[Any]) -> None:
+    """Identities come, go and change labels between compiles; the cache updates each
+    rule's peers from those changes alone, and must still give the fresh answer."""
+    pool = [
+        parse_documents(POLICY.format(name="web", app="web", peer="db", port=80)),
+        parse_documents(POLICY.format(name="db", app="db", peer="web", port=5432)),
+        parse_documents(POLICY.format(name="c", app="cache", peer="cache", port=6379)),
+        parse_documents(EXPRESSIONS.format(name="in", app="web", op="In", peer="cache")),
+        parse_documents(EXPRESSIONS.format(name="notin", app="db", op="NotIn", peer="web")),
+        parse_documents(EXPRESSIONS.format(name="c", app="cache", op="NotIn", peer="db")),
+    ]
+    cache, rules = CompileCache(), RuleTable()
+    for endpoints, chosen in steps:
+        policies = [p for i in chosen for p in pool[i]]
+        universe = _labelled_universe(endpoints)
+        cached = compile_policies(policies, universe, rules, cache)
+        fresh = compile_policies(policies, universe, RuleTable.from_json(rules.to_json()))
+        assert cached == fresh
+
+
+def _labelled_universe(endpoints: dict[int, tuple[str, str | None]]) -> Universe:
+    """Identities numbered by label set (as the agent's allocator does), so an endpoint
+    changing labels moves to another identity and a label set leaving frees its number."""
+    identities = dict(RESERVED_LABELS)
+    infos = {}
+    for ep_id, (app, tier) in sorted(endpoints.items()):
+        pod = {"app": app, **({"tier": tier} if tier else {})}
+        labels = endpoint_labels("x", pod, {"kubernetes.io/metadata.name": "x"})
+        identity = 256 + APPS.index(app) * 3 + [None, "a", "b"].index(tier)
+        identities[identity] = labels
+        infos[ep_id] = EndpointInfo(ep_id, "x", f"p{ep_id}", identity, labels, {})
+    return Universe(identities=identities, endpoints=infos, cidr_identities={})

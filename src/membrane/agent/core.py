@@ -16,7 +16,6 @@ lets through traffic that neither the old nor the new state allows:
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -25,13 +24,14 @@ from typing import Any
 
 import yaml
 
+from membrane.agent import memory
 from membrane.agent.config import AgentConfig
 from membrane.agent.identities import IdentityAllocator, labels_key
 from membrane.agent.state import AgentState, EndpointRecord, PortSpec, StateFile, StoredPolicy
 from membrane.api.models import EndpointCreate, NamespaceLabels, TraceRequest
 from membrane.datapath import conntrack
 from membrane.datapath.endpoint_prog import attach_endpoint, detach_endpoint, is_attached
-from membrane.datapath.ipcache import sync_ipcache
+from membrane.datapath.ipcache import IpcacheWriter
 from membrane.datapath.nodemaps import NodeMaps
 from membrane.datapath.policy import PolicyWriter
 from membrane.endpoint.ipam import Ipam
@@ -87,19 +87,21 @@ class Agent:
         self.rules = RuleTable()
         self.parsed: dict[tuple, Policy] = {}
         self._compile_cache = CompileCache()
-        self._cidr_labels: tuple[frozenset, list] = (frozenset(), [])
+        # The policies' prefixes -> (their identities' labels, identity -> prefix, and back)
+        self._cidr: tuple[frozenset, dict, dict, dict] = (frozenset(), {}, {}, {})
         self.node: NodeInfo | None = None
         self.maps: NodeMaps | None = None
         self.writer: PolicyWriter | None = None
+        self.ipcache: IpcacheWriter | None = None
         self.ipam = Ipam(config.pod_cidr, set())
         # Snapshots for readers on other threads (flows): replaced, never mutated.
         self.identity_labels: dict[int, frozenset[Any]] = dict(RESERVED_LABELS)
         self.endpoints_by_ip: dict[str, EndpointRecord] = {}
         self._compiled: dict[int, EndpointPolicy] = {}
         self._rule_shapes: dict[int, tuple[bool, bool]] | None = None
-        self._frozen_since_collect = False
 
     # ---- start and stop ------------------------------------------------------------------
+    @memory.one_change
     def start(self) -> None:
         """Create or adopt the node, its maps and every recorded endpoint."""
         self.state = self.state_file.load()
@@ -109,6 +111,7 @@ class Agent:
         self.node = setup_node(self.config.node_netns, self.config.node_ip)
         self.maps = NodeMaps.open(self.config.bpf_dir)
         self.writer = PolicyWriter(self.maps)
+        self.ipcache = IpcacheWriter(self.maps)
         self.ipam.restore({IPv4Address(ep.ipv4): ep.key for ep in self.state.endpoints.values()})
         adopted = 0
         for ep in list(self.state.endpoints.values()):
@@ -186,6 +189,7 @@ class Agent:
     def list_endpoints(self) -> list[EndpointRecord]:
         return sorted(self.state.endpoints.values(), key=lambda e: (e.namespace, e.name))
 
+    @memory.one_change
     def add_endpoint(self, req: EndpointCreate) -> EndpointRecord:
         assert self.node is not None
         if any(
@@ -243,6 +247,7 @@ class Agent:
             candidate = candidate % MAX_ENDPOINT_ID + 1
         raise UserError("endpoint", f"this node has the maximum of {MAX_ENDPOINT_ID} endpoints")
 
+    @memory.one_change
     def delete_endpoint(self, namespace: str, name: str) -> EndpointRecord:
         assert self.node is not None and self.writer is not None and self.maps is not None
         ep = self.find_endpoint(namespace, name)
@@ -266,6 +271,7 @@ class Agent:
         names = set(self.state.namespaces) | {e.namespace for e in self.state.endpoints.values()}
         return {ns: self.namespace_labels(ns) for ns in sorted(names)}
 
+    @memory.one_change
     def label_namespace(self, namespace: str, req: NamespaceLabels) -> dict[str, str]:
         if "kubernetes.io/metadata.name" in req.labels:
             raise UserError(
@@ -288,6 +294,7 @@ class Agent:
         parsed = parse_documents(yaml.dump_all([p.document for p in stored], Dumper=_Dumper))
         return {p.key: p for p in parsed}
 
+    @memory.one_change
     def import_policies(self, text: str) -> dict[str, Any]:
         started = time.perf_counter()
         parsed = parse_with_documents(text)  # raises UserError before anything changes
@@ -302,6 +309,7 @@ class Agent:
             list(stored.values()), policies, [_policy_ref(p) for p, _ in parsed], started
         )
 
+    @memory.one_change
     def delete_policies(
         self, namespace: str | None, name: str | None, kind: str | None, everything: bool
     ) -> dict[str, Any]:
@@ -385,21 +393,22 @@ class Agent:
                 labels=labels,
                 named_ports={p.name: (p.port, PROTO_NUMBERS[p.protocol]) for p in ep.ports},
             )
-        cidr_identities: dict[int, IPv4Network] = {}
         key = frozenset(prefixes)
-        if self._cidr_labels[0] != key:
+        if self._cidr[0] != key:  # only a policy change can change the prefixes
             labels_of = cidr_identities_labels(key)
-            self._cidr_labels = (
+            ids = {p: self.identities.for_prefix(p) for p in labels_of}
+            self._cidr = (
                 key,
-                [(self.identities.for_prefix(p), p, labels) for p, labels in labels_of.items()],
+                {ids[p]: labels for p, labels in labels_of.items()},
+                {i: p for p, i in ids.items()},
+                ids,
             )
-        for ident, prefix, labels in self._cidr_labels[1]:
-            cidr_identities[ident] = prefix
-            identities[ident] = labels
+        _, cidr_labels, cidr_identities, cidr_ids = self._cidr
+        identities.update(cidr_labels)
         universe = Universe(
-            identities=identities, endpoints=endpoints, cidr_identities=cidr_identities
+            identities=identities, endpoints=endpoints, cidr_identities=dict(cidr_identities)
         )
-        return universe, {p: i for i, p in cidr_identities.items()}
+        return universe, cidr_ids
 
     def _desired_ipcache(
         self, cidr_ids: dict[IPv4Network, int]
@@ -417,7 +426,7 @@ class Agent:
         return desired
 
     def _sync_datapath(self) -> None:
-        assert self.maps is not None and self.writer is not None
+        assert self.writer is not None and self.ipcache is not None
         universe, cidr_ids = self._universe()
         # Identities on their way out keep their entries until no address maps to them.
         outgoing = {
@@ -427,17 +436,16 @@ class Agent:
             self._apply_policy(replace(universe, identities={**outgoing, **universe.identities}))
         else:
             self._apply_policy(universe)
-        sync_ipcache(self.maps, self._desired_ipcache(cidr_ids))
+        self.ipcache.sync(self._desired_ipcache(cidr_ids))
         self.endpoints_by_ip = {ep.ipv4: ep for ep in self.state.endpoints.values()}
         if outgoing:
             self._apply_policy(universe)
         self.identity_labels = dict(universe.identities)
         self.identities.retain(
             {labels_key(universe.identities[e.identity]) for e in universe.endpoints.values()},
-            set(cidr_ids),
+            cidr_ids.keys(),
         )
         self._save()
-        self._freeze_survivors()
 
     def _apply_policy(self, universe: Universe) -> None:
         assert self.writer is not None
@@ -468,23 +476,8 @@ class Agent:
         assert self.maps is not None
         return conntrack.gc_expired(self.maps)
 
-    # ---- Python's memory -------------------------------------------------------------------
-    # The agent's state is large and long-lived (parsed policies, identities, compiled
-    # entries: millions of objects with 10,000 rules). Python's collector walks all of it
-    # on every full collection, 0.2-0.4 s at random moments inside changes. So what survives
-    # a change is frozen (out of the collector's sight; refcounting still frees it), and the
-    # periodic housekeeping looks at everything once, between changes.
-    def _freeze_survivors(self) -> None:
-        gc.freeze()
-        self._frozen_since_collect = True
-
     def collect_garbage(self) -> None:
-        """Between changes (the worker thread): collect cycles among frozen objects too."""
-        if self._frozen_since_collect:
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
-            self._frozen_since_collect = False
+        memory.collect_between_changes()
 
     # ---- explaining verdicts -------------------------------------------------------------
     def _peer(self, spec: str, field: str) -> Peer:

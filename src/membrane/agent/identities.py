@@ -7,6 +7,7 @@ ipcache entries, and the identities in flow records, stay valid across restarts.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from ipaddress import IPv4Network
 from typing import Any
 
@@ -44,12 +45,15 @@ class IdentityAllocator:
             self._by_prefix[key] = ident
         return ident
 
-    def retain(self, label_keys: set[str], prefixes: set[IPv4Network]) -> None:
+    def retain(self, label_keys: set[str], prefixes: Collection[IPv4Network]) -> None:
         """Forget identities no longer in use, so their numbers' meaning cannot go stale.
         Numbers are never reused (the counters only grow)."""
         self._by_labels = {k: v for k, v in self._by_labels.items() if k in label_keys}
-        keep = {str(p) for p in prefixes}
-        self._by_prefix = {k: v for k, v in self._by_prefix.items() if k in keep}
+        # Every prefix in `prefixes` was given a number (for_prefix) and none was forgotten
+        # since: the same count means the same set, and nothing to forget.
+        if len(prefixes) != len(self._by_prefix):
+            keep = {str(p) for p in prefixes}
+            self._by_prefix = {k: v for k, v in self._by_prefix.items() if k in keep}
 
     def to_json(self) -> dict[str, Any]:
         return {

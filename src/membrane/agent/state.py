@@ -70,6 +70,11 @@ class StoredPolicy:
     def key(self) -> tuple[str, str | None, str]:
         return (self.kind, self.namespace, self.name)
 
+    def to_json(self) -> dict[str, Any]:
+        # Not asdict(): that deep-copies the document, 10,000 rules of it.
+        return {"kind": self.kind, "namespace": self.namespace, "name": self.name,
+                "document": self.document}  # fmt: skip
+
 
 @dataclass
 class AgentState:
@@ -84,7 +89,7 @@ class AgentState:
     def to_json(self) -> dict[str, Any]:
         return {
             **self.node_json(),
-            "policies": [asdict(p) for p in self.policies],
+            "policies": [p.to_json() for p in self.policies],
             "rules": self.rules,
         }
 
@@ -170,7 +175,7 @@ class StateFile:
             if known is None or known[0] is not policy:
                 name = f"policy-{self._next_file}.json"
                 self._next_file += 1
-                _write_atomically(self.dir / name, asdict(policy))
+                _write_atomically(self.dir / name, policy.to_json())
                 known, wrote = (policy, name), True
             files.append(known)
         removed = len(files) != len(self._policy_files)
@@ -195,7 +200,7 @@ def _file_number(name: str) -> int:
 def _write_atomically(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
-        json.dump(data, f, separators=(",", ":"))
+        f.write(json.dumps(data, separators=(",", ":")))  # dumps: the C encoder; dump is not
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -44,27 +44,48 @@ def _raw(net: IPv4Network) -> tuple[int, int]:
     return (net.prefixlen, int.from_bytes(net.network_address.packed, "little"))
 
 
+class IpcacheWriter:
+    """Keeps the ipcache equal to what the agent wants, writing only what differs. It reads
+    the map once and then remembers what it wrote (one writer per node maps), so a sync
+    costs the size of the change, not of the map."""
+
+    def __init__(self, maps: NodeMaps) -> None:
+        self.maps = maps
+        self._have: dict[tuple[int, int], tuple[int, int]] | None = None
+
+    def sync(self, desired: Mapping[IPv4Network, tuple[int, int]]) -> IpcacheSync:
+        """Make the ipcache hold exactly `desired` (prefix -> (identity, ep_id)) plus
+        0.0.0.0/0 -> world. Additions and changes go first and removals last, so an
+        address never falls back to a shorter prefix (or to world) while its own entry is
+        being replaced."""
+        want = {_raw(net): (int(i), int(e)) for net, (i, e) in desired.items()}
+        world = (int(Identity.WORLD), 0)
+        if want.setdefault(_raw(WORLD_PREFIX), world) != world:
+            raise ValueError(f"{WORLD_PREFIX} must map to the world identity, not {desired}")
+        if self._have is None:
+            self._have = {
+                # flags we never write: an entry carrying some is rewritten
+                (int(k.prefixlen), int(k.addr)): (int(v.identity), int(v.ep_id))
+                if not int(v.flags)
+                else (-1, -1)
+                for k, v in self.maps.ipcache.lookup_batch()
+            }
+        have = self._have
+        key_type, value_type = self.maps.ipcache.key_type, self.maps.ipcache.value_type
+        changed = [(key, value) for key, value in want.items() if have.get(key) != value]
+        stale = [key for key in have if key not in want]
+        self.maps.ipcache.update_batch(
+            (key_type(prefixlen=plen, addr=addr), value_type(identity=ident, ep_id=ep))
+            for (plen, addr), (ident, ep) in changed
+        )
+        self.maps.ipcache.delete_batch(key_type(prefixlen=plen, addr=addr) for plen, addr in stale)
+        added = sum(1 for key, _ in changed if key not in have)
+        have.update(changed)
+        for key in stale:
+            del have[key]
+        return IpcacheSync(added=added, updated=len(changed) - added, removed=len(stale))
+
+
 def sync_ipcache(maps: NodeMaps, desired: Mapping[IPv4Network, tuple[int, int]]) -> IpcacheSync:
-    """Make the ipcache hold exactly `desired` (prefix -> (identity, ep_id)) plus
-    0.0.0.0/0 -> world, writing only what differs. Additions and changes go first and
-    removals last, so an address never falls back to a shorter prefix (or to world) while
-    its own entry is being replaced."""
-    want = {_raw(net): (int(i), int(e)) for net, (i, e) in desired.items()}
-    world = (int(Identity.WORLD), 0)
-    if want.setdefault(_raw(WORLD_PREFIX), world) != world:
-        raise ValueError(f"{WORLD_PREFIX} must map to the world identity, not {desired}")
-    have = {
-        (int(k.prefixlen), int(k.addr)): (int(v.identity), int(v.ep_id), int(v.flags))
-        for k, v in maps.ipcache.lookup_batch()
-    }
-    key_type, value_type = maps.ipcache.key_type, maps.ipcache.value_type
-    writes = [
-        (key_type(prefixlen=plen, addr=addr), value_type(identity=identity, ep_id=ep_id))
-        for (plen, addr), (identity, ep_id) in want.items()
-        if have.get((plen, addr)) != (identity, ep_id, 0)
-    ]
-    stale = [key_type(prefixlen=plen, addr=addr) for plen, addr in have if (plen, addr) not in want]
-    maps.ipcache.update_batch(writes)
-    maps.ipcache.delete_batch(stale)
-    added = sum(1 for key in want if key not in have)
-    return IpcacheSync(added=added, updated=len(writes) - added, removed=len(stale))
+    """One sync by a fresh writer (reads the map first)."""
+    return IpcacheWriter(maps).sync(desired)

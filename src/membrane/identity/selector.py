@@ -119,13 +119,23 @@ class LabelIndex:
     (any source), then each candidate is matched in full."""
 
     def __init__(self, label_sets: Mapping[int, frozenset[Label]]) -> None:
-        self._sets = label_sets
+        self._sets: dict[int, frozenset[Label]] = {}
         self._by_pair: dict[tuple[str, str], set[int]] = {}
         self._by_key: dict[str, set[int]] = {}
         for number, labels in label_sets.items():
-            for label in labels:
-                self._by_pair.setdefault((label.key, label.value), set()).add(number)
-                self._by_key.setdefault(label.key, set()).add(number)
+            self.add(number, labels)
+
+    def add(self, number: int, labels: frozenset[Label]) -> None:
+        self.remove(number)
+        self._sets[number] = labels
+        for label in labels:
+            self._by_pair.setdefault((label.key, label.value), set()).add(number)
+            self._by_key.setdefault(label.key, set()).add(number)
+
+    def remove(self, number: int) -> None:
+        for label in self._sets.pop(number, ()):
+            self._by_pair[(label.key, label.value)].discard(number)
+            self._by_key[label.key].discard(number)
 
     def select(self, selector: LabelSelector) -> set[int]:
         candidates: set[int] | None = None
@@ -141,3 +151,45 @@ class LabelIndex:
                 return set()
         pool = self._sets if candidates is None else candidates
         return {n for n in pool if selector.matches(self._sets[n])}
+
+
+class SelectorIndex:
+    """The reverse of LabelIndex: numbered groups of selectors (a rule's peers), indexed so
+    that a label set finds the groups that may match it without testing every group. Each
+    selector is filed under one of its In or Exists requirements (a label set lacking that
+    label cannot match it); selectors without one are candidates for every label set."""
+
+    def __init__(self) -> None:
+        self._by_pair: dict[tuple[str, str], set[int]] = {}
+        self._by_key: dict[str, set[int]] = {}
+        self._everywhere: set[int] = set()
+        self._filed: dict[int, list[set[int]]] = {}
+
+    def add(self, number: int, selectors: Iterable[LabelSelector]) -> None:
+        self.remove(number)
+        filed = []
+        for selector in selectors:
+            narrowest = next((c for c in selector._checks if c.operator in (IN, EXISTS)), None)
+            if narrowest is None:
+                places = [self._everywhere]
+            elif narrowest.operator == EXISTS:
+                places = [self._by_key.setdefault(narrowest.key, set())]
+            else:
+                places = [self._by_pair.setdefault((narrowest.key, v), set())
+                          for v in narrowest.values]  # fmt: skip
+            for place in places:
+                place.add(number)
+            filed += places
+        self._filed[number] = filed
+
+    def remove(self, number: int) -> None:
+        for place in self._filed.pop(number, ()):
+            place.discard(number)
+
+    def candidates(self, labels: Iterable[Label]) -> set[int]:
+        """Every group with a selector that may match `labels` (a superset)."""
+        found = set(self._everywhere)
+        for label in labels:
+            found |= self._by_pair.get((label.key, label.value), set())
+            found |= self._by_key.get(label.key, set())
+        return found

@@ -12,11 +12,11 @@ consults both and lets a deny win.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from ipaddress import IPv4Network
 
 from membrane.identity.labels import IDENTITY_ANY
-from membrane.identity.selector import LabelIndex
+from membrane.identity.selector import LabelIndex, SelectorIndex
 from membrane.policy.entries import (
     DIRECTIONS,
     EP_DIR_EGRESS,
@@ -59,16 +59,26 @@ def policy_cidrs(policies: Iterable[Policy]) -> set[IPv4Network]:
 
 
 class CompileCache:
-    """What a long-lived caller (the agent) may keep between compiles: each policy's
-    subjects, and each endpoint's result while the universe stays the same. A one-rule
-    change then recompiles only the endpoints that rule's policy selects. Subjects are
-    known by serial numbers, never reused (an object id may be, once freed)."""
+    """What a long-lived caller (the agent) keeps between compiles, so that a change costs
+    what it changes:
+
+    - each policy's subjects, known by serial numbers never reused (an object id may be);
+    - each rule's peer identities, updated for the identities that changed (an index of
+      the rules' selectors finds the rules that may match one), not searched again;
+    - each endpoint's result, by the subjects selecting it and its named ports, dropped
+      when a rule of one of those subjects gets other peers (or when the named ports that
+      egress rules resolve against change)."""
 
     def __init__(self) -> None:
         self._subjects: dict[int, tuple[Policy, list[tuple[int, Subject]]]] = {}
         self._serial = 0
         self.results: dict[tuple, EndpointPolicy] = {}
-        self._universe_key: int | None = None
+        self.identities = LabelIndex({})
+        self._labels: dict[int, frozenset] = {}  # the identities `identities` holds
+        # id(rule) -> (rule, its subject's serial, peer identities, the same sorted)
+        self._peers: dict[int, tuple[FlatRule, int, set[int], tuple[int, ...]]] = {}
+        self._rule_selectors = SelectorIndex()
+        self._port_owners: tuple | None = None
 
     def subjects_of(self, policy: Policy) -> list[tuple[int, Subject]]:
         cached = self._subjects.get(id(policy))
@@ -83,19 +93,66 @@ class CompileCache:
 
     def start(self, policies: list[Policy], universe: Universe) -> None:
         live = {id(p) for p in policies}
-        self._subjects = {k: v for k, v in self._subjects.items() if k in live}
-        key = hash(
-            (
-                frozenset(universe.identities.items()),
-                tuple(
-                    (ep.ep_id, ep.identity, tuple(sorted(ep.named_ports.items())))
-                    for ep in universe.endpoints.values()
-                ),
-            )
+        for key in [k for k in self._subjects if k not in live]:
+            for _, subject in self._subjects.pop(key)[1]:
+                for rule in subject.rules:
+                    self._forget(rule)
+        dirty = self._update_identities(universe.identities)
+        port_owners = tuple(
+            (ep.ep_id, ep.identity, tuple(sorted(ep.named_ports.items())))
+            for ep in universe.endpoints.values()
+            if ep.named_ports
         )
-        if key != self._universe_key:
+        if port_owners != self._port_owners:
+            self._port_owners = port_owners
             self.results.clear()
-            self._universe_key = key
+        elif dirty:
+            self.results = {k: v for k, v in self.results.items() if dirty.isdisjoint(k[0])}
+
+    def _update_identities(self, identities: Mapping[int, frozenset]) -> set[int]:
+        """Bring the identity index and every cached rule's peers up to date; returns the
+        serials of the subjects whose rules got other peers."""
+        old = self._labels
+        if old == identities:
+            return set()
+        changed = [i for i in old.keys() | identities.keys() if old.get(i) != identities.get(i)]
+        dirty: set[int] = set()
+        for ident in changed:
+            labels = identities.get(ident)
+            if labels is None:
+                self.identities.remove(ident)
+            else:
+                self.identities.add(ident, labels)
+            affected = self._rule_selectors.candidates(old.get(ident, ()))
+            affected |= self._rule_selectors.candidates(labels or ())
+            for rule_key in affected:
+                rule, serial, members, _ = self._peers[rule_key]
+                matches = labels is not None and any(s.matches(labels) for s in rule.peers)
+                if matches != (ident in members):
+                    (members.add if matches else members.discard)(ident)
+                    self._peers[rule_key] = (rule, serial, members, tuple(sorted(members)))
+                    dirty.add(serial)
+        self._labels = dict(identities)
+        return dirty
+
+    def peers(self, rule: FlatRule, serial: int) -> tuple[int, ...]:
+        """The identities a rule's peers select (IDENTITY_ANY alone for any peer)."""
+        cached = self._peers.get(id(rule))
+        if cached is None or cached[0] is not rule:
+            if rule.any_peer:
+                found: set[int] = {IDENTITY_ANY}
+            else:
+                found = set().union(*(self.identities.select(s) for s in rule.peers))
+                self._rule_selectors.add(id(rule), rule.peers)
+            cached = (rule, serial, found, tuple(sorted(found)))
+            self._peers[id(rule)] = cached
+        return cached[3]
+
+    def _forget(self, rule: FlatRule) -> None:
+        cached = self._peers.get(id(rule))
+        if cached is not None and cached[0] is rule:
+            del self._peers[id(rule)]
+            self._rule_selectors.remove(id(rule))
 
 
 def compile_policies(
@@ -123,51 +180,41 @@ def compile_policies(
         key = (tuple(n for n, _ in selecting[ep_id]), tuple(sorted(ep.named_ports.items())))
         found = results.get(key) or cache.results.get(key)
         if found is None:
-            compilation = compilation or _Compilation(universe, rules)
-            found = compilation.endpoint(ep, [subject for _, subject in selecting[ep_id]])
+            compilation = compilation or _Compilation(universe, rules, cache)
+            found = compilation.endpoint(ep, selecting[ep_id])
         results[key] = result[ep_id] = found
     cache.results = results
     return result
 
 
 class _Compilation:
-    """What one compile shares between endpoints: every rule's peer identities (found
-    once, not once per endpoint) and the endpoints holding each identity's named ports."""
+    """What one compile shares between endpoints: the endpoints holding each identity's
+    named ports (rules' peers come from the cache)."""
 
-    def __init__(self, universe: Universe, rules: RuleTable) -> None:
+    def __init__(self, universe: Universe, rules: RuleTable, cache: CompileCache) -> None:
         self.rules = rules
-        self.identities = LabelIndex(universe.identities)
-        self.peers_of: dict[RuleRef, tuple[int, ...]] = {}
+        self.cache = cache
         self.port_owners: dict[int, list[EndpointInfo]] = {IDENTITY_ANY: []}
         for ep in universe.endpoints.values():
             self.port_owners.setdefault(ep.identity, []).append(ep)
             self.port_owners[IDENTITY_ANY].append(ep)  # an any-peer rule: every endpoint
 
-    def endpoint(self, ep: EndpointInfo, subjects: list[Subject]) -> EndpointPolicy:
+    def endpoint(self, ep: EndpointInfo, subjects: list[tuple[int, Subject]]) -> EndpointPolicy:
         enforce = {EP_DIR_INGRESS: False, EP_DIR_EGRESS: False}
         table: dict[_Key, _Verdict] = {}
-        for subject in subjects:
+        for serial, subject in subjects:
             enforce[EP_DIR_INGRESS] |= subject.enforce_ingress
             enforce[EP_DIR_EGRESS] |= subject.enforce_egress
             for rule in subject.rules:
                 rule_id = self.rules.id_for(rule.ref)
                 direction = DIRECTIONS[rule.ref.direction]
-                for identity in self.peers(rule):
+                for identity in self.cache.peers(rule, serial):
                     for proto, port, bits in self.port_keys(rule, ep, identity):
                         key = (direction, identity, proto, port, bits)
                         _add(table, key, rule.ref.deny, rule_id)
         return EndpointPolicy(
             enforce[EP_DIR_INGRESS], enforce[EP_DIR_EGRESS], _minimal_entries(table)
         )
-
-    def peers(self, rule: FlatRule) -> tuple[int, ...]:
-        if rule.ref not in self.peers_of:
-            if rule.any_peer:
-                found: set[int] = {IDENTITY_ANY}
-            else:
-                found = set().union(*(self.identities.select(s) for s in rule.peers))
-            self.peers_of[rule.ref] = tuple(sorted(found))
-        return self.peers_of[rule.ref]
 
     def port_keys(
         self, rule: FlatRule, ep: EndpointInfo, identity: int

@@ -7,7 +7,7 @@ restarts (the agent persists the table), so flows recorded before a restart stay
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -24,12 +24,18 @@ class RuleRef:
     index: int
     spec_index: int | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in _REF_FIELDS}  # asdict() is 10x slower
+
     def describe(self) -> str:
         where = f"{self.namespace}/{self.name}" if self.namespace else self.name
         section = f"{self.direction}{'Deny' if self.deny else ''}[{self.index}]"
         if self.spec_index is not None:
             section = f"specs[{self.spec_index}].{section}"
         return f"{self.kind} {where} {section}"
+
+
+_REF_FIELDS = tuple(f.name for f in fields(RuleRef))
 
 
 class RuleTable:
@@ -60,7 +66,7 @@ class RuleTable:
 
     def since(self, count: int) -> list[dict[str, Any]]:
         """The rules numbered after the first `count` (ids are handed out in order)."""
-        return [{"id": i, **asdict(self._refs[i])} for i in range(count + 1, self._next)]
+        return [{"id": i, **self._refs[i].to_json()} for i in range(count + 1, self._next)]
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RuleTable:

@@ -1,0 +1,45 @@
+"""The agent's changes run with Python's collector paused; survivors are frozen, and the
+housekeeping collection still frees cycles made during a change."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+from membrane.agent import memory
+
+
+class Node:
+    def __init__(self) -> None:
+        self.other: Node | None = None
+
+
+def test_a_change_pauses_the_collector_and_freezes_survivors() -> None:
+    seen = {}
+
+    @memory.one_change
+    def change() -> Node:
+        seen["enabled"] = gc.isenabled()
+        return Node()
+
+    frozen = gc.get_freeze_count()
+    kept = change()
+    assert seen == {"enabled": False}
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > frozen
+    assert kept is not None
+
+
+def test_cycles_made_during_a_change_are_collected_between_changes() -> None:
+    @memory.one_change
+    def change() -> weakref.ref[Node]:
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle: only the collector frees it
+        return weakref.ref(a)
+
+    ref = change()
+    gc.collect()
+    assert ref() is not None  # frozen: out of the collector's sight
+    assert memory.collect_between_changes()
+    assert ref() is None
+    assert not memory.collect_between_changes()  # nothing frozen since
