@@ -57,6 +57,7 @@ from membrane.api.client import ApiClient
 from membrane.bpf import Map
 from membrane.bpf.links import Link
 from membrane.datapath.abi import NODE_MAPS
+from membrane.datapath.endpoint_prog import detach_all_endpoints
 from membrane.endpoint.node import NodeInfo
 from membrane.endpoint.world import add_external_host
 
@@ -167,15 +168,6 @@ class BenchAgent:
             [MEMBRANE, *args], capture_output=True, text=True, env=env, timeout=300, check=True
         )
 
-    def detach_links(self) -> None:
-        """Detach the endpoint programs one by one first: left to the pins' removal, every
-        link is released by a kernel worker of its own, and a node's worth of them (1,000
-        for 500 endpoints) queue up behind the RTNL lock for seconds, stalling every other
-        netlink user on the machine (see RESULTS.md)."""
-        for pin in (self.bpf_dir / "endpoint_links").glob("*/*"):
-            with contextlib.suppress(OSError), Link.from_pin(str(pin), kind="tcx") as link:
-                link.detach()
-
     def destroy(self) -> None:
         """Stop the agent (by its pid) and remove its namespaces, pins and state."""
         if self.proc is not None and self.proc.poll() is None:
@@ -187,7 +179,7 @@ class BenchAgent:
                 self.proc.wait()
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
-        self.detach_links()
+        detach_all_endpoints(str(self.bpf_dir))  # one by one: see RESULTS.md, teardown
         for name in netns.names():
             if name.startswith(self.prefix):
                 with contextlib.suppress(OSError):

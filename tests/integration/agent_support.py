@@ -42,6 +42,7 @@ import pytest
 from reachability import DEFAULT_PORTS, Peer, Reachability, check
 
 from membrane import netns
+from membrane.datapath.endpoint_prog import detach_all_endpoints
 
 REPO = Path(__file__).resolve().parents[2]
 MEMBRANE = str(REPO / ".venv" / "bin" / "membrane")
@@ -301,6 +302,7 @@ class Agent:
     def destroy(self) -> None:
         """Remove everything this agent made, whether or not it is still running."""
         self._kill()
+        detach_all_endpoints(str(self.bpf_dir))
         for name in netns.names():
             if name.startswith(self.prefix):
                 with contextlib.suppress(OSError):

@@ -6,6 +6,7 @@ the adopted state is live (later changes take effect)."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -155,4 +156,19 @@ def test_restart_twice_in_a_row_changes_nothing(net: Cluster) -> None:
         net.agent.restart()
         assert snapshot(net) == endpoints
         assert net.agent.policies() == policies
+    net.check(expected(net))
+
+
+def test_a_restart_completes_an_endpoint_whose_plumbing_is_missing(net: Cluster) -> None:
+    """What an agent killed in the middle of `endpoint add` leaves: the endpoint recorded
+    (it is recorded first) but its veth gone. The restarted agent rebuilds it in place."""
+    net.import_policy(Y_A_FROM_X_A_ONLY)
+    endpoints = snapshot(net)
+    broken = next(e for e in net.agent.endpoints() if e["namespace"] == "x" and e["name"] == "b")
+    net.agent.kill9()
+    subprocess.run(
+        ["ip", "-n", net.agent.node_netns, "link", "del", broken["host_ifname"]], check=True
+    )
+    net.agent.start()
+    assert snapshot(net) == endpoints
     net.check(expected(net))

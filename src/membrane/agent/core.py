@@ -30,12 +30,17 @@ from membrane.agent.identities import IdentityAllocator, labels_key
 from membrane.agent.state import AgentState, EndpointRecord, PortSpec, StateFile, StoredPolicy
 from membrane.api.models import EndpointCreate, NamespaceLabels, TraceRequest
 from membrane.datapath import conntrack
-from membrane.datapath.endpoint_prog import attach_endpoint, detach_endpoint, is_attached
+from membrane.datapath.endpoint_prog import (
+    attach_endpoint,
+    detach_endpoint,
+    is_attached,
+    pinned_endpoint_ids,
+)
 from membrane.datapath.ipcache import IpcacheWriter
 from membrane.datapath.nodemaps import NodeMaps
 from membrane.datapath.policy import PolicyWriter
 from membrane.endpoint.ipam import Ipam
-from membrane.endpoint.node import NodeInfo, setup_node
+from membrane.endpoint.node import NodeInfo, delete_node_link, setup_node
 from membrane.endpoint.plumbing import create_pod, delete_pod, inspect_pod
 from membrane.errors import UserError
 from membrane.identity.labels import RESERVED_LABELS, cidr_identities_labels, endpoint_labels
@@ -117,6 +122,7 @@ class Agent:
         for ep in list(self.state.endpoints.values()):
             if self._adopt_endpoint(ep):
                 adopted += 1
+        self._detach_unknown_endpoints()
         self._sync_datapath()
         log.info(
             "agent started",
@@ -138,11 +144,24 @@ class Agent:
             if not is_attached(self.config.bpf_dir, ep.id):
                 self._attach(ep)
             return True
-        log.warning("endpoint was broken; re-creating it", extra={"fields": {"endpoint": ep.key}})
-        delete_pod(self.node, ep.netns, ep.host_ifname)
-        link = create_pod(self.node, ep.netns, ep.host_ifname, IPv4Address(ep.ipv4))
+        log.warning("endpoint was broken; re-plumbing it", extra={"fields": {"endpoint": ep.key}})
+        # The pod's namespace stays (its processes are the workload); the veth is rebuilt.
+        delete_node_link(self.node, ep.host_ifname)
+        link = create_pod(
+            self.node, ep.netns, ep.host_ifname, IPv4Address(ep.ipv4), reuse_netns=True
+        )
         self._attach(ep, link.host_ifindex)
         return False
+
+    def _detach_unknown_endpoints(self) -> None:
+        """Programs and datapath state of endpoint ids the state does not know (leftovers
+        of an agent that died mid-delete): detach and forget them."""
+        assert self.writer is not None
+        for ep_id in pinned_endpoint_ids(self.config.bpf_dir):
+            if ep_id not in self.state.endpoints:
+                log.warning("detaching an unknown endpoint", extra={"fields": {"id": ep_id}})
+                detach_endpoint(self.config.bpf_dir, ep_id)
+                self.writer.remove_endpoint(ep_id)
 
     def _attach(self, ep: EndpointRecord, ifindex: int | None = None) -> None:
         assert self.node is not None
@@ -213,11 +232,17 @@ class Agent:
             ports=[PortSpec(p.name, p.port, p.protocol) for p in req.ports],
             created=time.time(),
         )
+        # Recorded first: an agent killed halfway through leaves an endpoint its restart
+        # completes (see _adopt_endpoint), never a pod nobody knows about.
+        self.state.endpoints[ep_id] = ep
+        self.state.next_endpoint_id = ep_id % MAX_ENDPOINT_ID + 1
+        self._save()
         try:
             link = create_pod(self.node, netns, ep.host_ifname, ip)
             # Attached before it has state: the program drops everything until then.
             self._attach(ep, link.host_ifindex)
         except BaseException:
+            del self.state.endpoints[ep_id]
             # Undo every step even if one of the undos fails: a leftover veth would make
             # every later add with this id fail.
             for undo in (
@@ -229,9 +254,8 @@ class Agent:
                     undo()
                 except Exception:
                     log.exception("cleanup after a failed endpoint add failed")
+            self._save()
             raise
-        self.state.endpoints[ep_id] = ep
-        self.state.next_endpoint_id = ep_id % MAX_ENDPOINT_ID + 1
         self._sync_datapath()
         log.info(
             "endpoint added",

@@ -13,7 +13,7 @@ from ipaddress import IPv4Address
 from membrane import netns
 from membrane.agent.config import AgentConfig
 from membrane.agent.state import StateFile
-from membrane.datapath.endpoint_prog import detach_endpoint
+from membrane.datapath.endpoint_prog import detach_all_endpoints, detach_endpoint
 from membrane.endpoint.node import NodeInfo
 from membrane.endpoint.plumbing import delete_pod
 from membrane.errors import UserError
@@ -42,6 +42,7 @@ def reset_node(config: AgentConfig) -> dict[str, int]:
             elif netns.exists(ep.netns):
                 netns.delete(ep.netns)
             pods += 1
+        detach_all_endpoints(config.bpf_dir)  # links of endpoints the state never recorded
         shutil.rmtree(config.bpf_dir, ignore_errors=True)
         with contextlib.suppress(OSError):  # the agents' directory and our root, if empty
             os.removedirs(os.path.dirname(config.bpf_dir))

@@ -51,15 +51,26 @@ class _NotIntact(Exception):
     """A piece of a pod's plumbing is missing; the message says which."""
 
 
-def create_pod(node: NodeInfo, netns_name: str, host_ifname: str, ipv4: IPv4Address) -> PodLink:
+def create_pod(
+    node: NodeInfo,
+    netns_name: str,
+    host_ifname: str,
+    ipv4: IPv4Address,
+    *,
+    reuse_netns: bool = False,
+) -> PodLink:
     """Create namespace `netns_name` (under /run/netns) with `eth0` holding `ipv4`, joined
     to the node by `host_ifname`. On failure everything created so far is removed again;
-    an existing namespace or device of the same name raises FileExistsError untouched."""
+    an existing namespace or device of the same name raises FileExistsError untouched.
+    `reuse_netns`: plumb a namespace that exists already (its processes keep running), and
+    create it only if it does not."""
     if not _IFNAME.fullmatch(host_ifname):
         raise ValueError(f"invalid host interface name {host_ifname!r}: 1-15 of [A-Za-z0-9_-]")
     ipv4 = IPv4Address(ipv4)
     pod_mac, host_mac = _random_mac(), _random_mac()
-    netns.create(netns_name)
+    made_netns = not (reuse_netns and netns.exists(netns_name))
+    if made_netns:
+        netns.create(netns_name)
     veth_made = False
     try:
         with netns.inside(netns_name):
@@ -91,7 +102,8 @@ def create_pod(node: NodeInfo, netns_name: str, host_ifname: str, ipv4: IPv4Addr
     except BaseException:
         if veth_made:
             delete_node_link(node, host_ifname)
-        netns.delete(netns_name)
+        if made_netns:
+            netns.delete(netns_name)
         raise
     return PodLink(netns_name, host_ifname, host_ifindex, pod_mac, host_mac, ipv4)
 
