@@ -6,7 +6,9 @@ on each full collection, and a big change allocates enough to trigger many of th
 a 10,000-rule import, and 0.2-0.4 s at random moments inside small changes. So a change runs
 with the collector paused, what survives it is frozen (out of the collector's sight;
 reference counting still frees it), and the agent's housekeeping collects everything, cycles
-among frozen objects included, between changes. The collector is process-wide, so is this.
+among frozen objects included, once changes have paused for a few seconds (a full collection
+takes a while, and a change arriving meanwhile would wait for it). The collector is
+process-wide, so is this.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import gc
 import threading
+import time
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -23,6 +26,8 @@ R = TypeVar("R")
 _lock = threading.Lock()
 _depth = 0  # changes in progress (nested calls count once)
 _frozen_since_collect = False
+_last_change_ended = 0.0
+IDLE_BEFORE_COLLECT_S = 5.0
 
 
 def _enter() -> None:
@@ -34,12 +39,13 @@ def _enter() -> None:
 
 
 def _leave() -> None:
-    global _depth, _frozen_since_collect
+    global _depth, _frozen_since_collect, _last_change_ended
     with _lock:
         _depth -= 1
         if _depth == 0:
             gc.freeze()
             _frozen_since_collect = True
+            _last_change_ended = time.monotonic()
             gc.enable()
 
 
@@ -57,12 +63,14 @@ def one_change(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def collect_between_changes() -> bool:
+def collect_between_changes(idle_s: float = IDLE_BEFORE_COLLECT_S) -> bool:
     """A full collection of everything, frozen objects included, unless nothing was frozen
-    since the last one. Returns whether it collected."""
+    since the last one or the last change ended less than `idle_s` ago. Returns whether it
+    collected."""
     global _frozen_since_collect
     with _lock:
-        if _depth or not _frozen_since_collect:
+        idle = time.monotonic() - _last_change_ended >= idle_s
+        if _depth or not _frozen_since_collect or not idle:
             return False
         gc.unfreeze()
         gc.collect()
