@@ -30,14 +30,20 @@ def test_a_change_pauses_the_collector_and_freezes_survivors() -> None:
     assert kept is not None
 
 
-def test_cycles_made_during_a_change_are_collected_between_changes() -> None:
-    @memory.one_change
-    def change() -> weakref.ref[Node]:
-        a, b = Node(), Node()
-        a.other, b.other = b, a  # a cycle: only the collector frees it
-        return weakref.ref(a)
+@memory.one_change
+def _make_a_cycle() -> weakref.ref[Node]:
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a cycle: only the collector frees it
+    return weakref.ref(a)
 
-    ref = change()
+
+def test_a_small_change_collects_its_own_cycles() -> None:
+    assert _make_a_cycle()() is None
+
+
+def test_a_big_change_leaves_its_cycles_to_the_housekeeping(monkeypatch) -> None:
+    monkeypatch.setattr(memory, "SMALL_CHANGE_OBJECTS", -1)  # every change counts as big
+    ref = _make_a_cycle()
     gc.collect()
     assert ref() is not None  # frozen: out of the collector's sight
     assert not memory.collect_between_changes()  # changes have not paused long enough

@@ -28,6 +28,7 @@ _depth = 0  # changes in progress (nested calls count once)
 _frozen_since_collect = False
 _last_change_ended = 0.0
 IDLE_BEFORE_COLLECT_S = 5.0
+SMALL_CHANGE_OBJECTS = 200_000
 
 
 def _enter() -> None:
@@ -43,6 +44,12 @@ def _leave() -> None:
     with _lock:
         _depth -= 1
         if _depth == 0:
+            # With the collector paused, everything the change allocated is still in the
+            # youngest generation: collecting it alone costs the change's size, not the
+            # agent's, and keeps its cycles from being frozen. A big change (a large
+            # import) leaves that to the housekeeping.
+            if gc.get_count()[0] <= SMALL_CHANGE_OBJECTS:
+                gc.collect(0)
             gc.freeze()
             _frozen_since_collect = True
             _last_change_ended = time.monotonic()
