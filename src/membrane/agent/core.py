@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -83,6 +83,15 @@ class Peer:
         return self.endpoint.key if self.endpoint else f"{self.ip} (identity {self.identity})"
 
 
+class _CidrIdentities(NamedTuple):
+    """The policies' prefixes and their identities, kept until the prefixes change."""
+
+    prefixes: frozenset[IPv4Network]
+    labels: dict[int, frozenset[Any]]  # identity -> labels
+    prefix_of: dict[int, IPv4Network]
+    identity_of: dict[IPv4Network, int]
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -92,8 +101,7 @@ class Agent:
         self.rules = RuleTable()
         self.parsed: dict[tuple, Policy] = {}
         self._compile_cache = CompileCache()
-        # The policies' prefixes -> (their identities' labels, identity -> prefix, and back)
-        self._cidr: tuple[frozenset, dict, dict, dict] = (frozenset(), {}, {}, {})
+        self._cidr = _CidrIdentities(frozenset(), {}, {}, {})
         self.node: NodeInfo | None = None
         self.maps: NodeMaps | None = None
         self.writer: PolicyWriter | None = None
@@ -418,21 +426,22 @@ class Agent:
                 named_ports={p.name: (p.port, PROTO_NUMBERS[p.protocol]) for p in ep.ports},
             )
         key = frozenset(prefixes)
-        if self._cidr[0] != key:  # only a policy change can change the prefixes
+        if self._cidr.prefixes != key:  # only a policy change can change the prefixes
             labels_of = cidr_identities_labels(key)
             ids = {p: self.identities.for_prefix(p) for p in labels_of}
-            self._cidr = (
+            self._cidr = _CidrIdentities(
                 key,
                 {ids[p]: labels for p, labels in labels_of.items()},
                 {i: p for p, i in ids.items()},
                 ids,
             )
-        _, cidr_labels, cidr_identities, cidr_ids = self._cidr
-        identities.update(cidr_labels)
+        identities.update(self._cidr.labels)
         universe = Universe(
-            identities=identities, endpoints=endpoints, cidr_identities=dict(cidr_identities)
+            identities=identities,
+            endpoints=endpoints,
+            cidr_identities=dict(self._cidr.prefix_of),
         )
-        return universe, cidr_ids
+        return universe, self._cidr.identity_of
 
     def _desired_ipcache(
         self, cidr_ids: dict[IPv4Network, int]
@@ -499,9 +508,6 @@ class Agent:
     def gc_conntrack(self) -> int:
         assert self.maps is not None
         return conntrack.gc_expired(self.maps)
-
-    def collect_garbage(self) -> None:
-        memory.collect_between_changes()
 
     # ---- explaining verdicts -------------------------------------------------------------
     def _peer(self, spec: str, field: str) -> Peer:

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from membrane.agent import memory
 from membrane.agent.config import AgentConfig
 from membrane.agent.core import Agent, NotFound
 from membrane.agent.flows import FlowReader
@@ -225,7 +226,7 @@ class AgentServer:
                 removed = await self.run_sync(self.agent.gc_conntrack)
                 if removed:
                     log.info("conntrack gc", extra={"fields": {"removed": removed}})
-                await self.run_sync(self.agent.collect_garbage)
+                await self.run_sync(memory.collect_between_changes)
             except Exception:
                 log.exception("housekeeping failed")
 

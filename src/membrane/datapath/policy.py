@@ -186,7 +186,6 @@ class _Change:
     ep_id: int
     state: Any  # endpoint_state as read before the change
     gen: int  # the generation written in place
-    entries: Entries
     enforce: int
     identity: int
     tighten: list[Op]
@@ -255,8 +254,8 @@ class PolicyWriter:
             del self.written()[(ep_id, gen)]
 
     def _write(self, ep_id: int, gen: int, entries: Entries) -> None:
-        """Make generation `gen` of `ep_id` hold exactly `entries` (order of no matter:
-        for generations no endpoint state points at)."""
+        """Make generation `gen` of `ep_id` hold exactly `entries`, in any order: only for
+        generations no endpoint state points at."""
         tighten, loosen = split_changes(self.written().get((ep_id, gen), {}), entries)
         self._put(ep_id, gen, tighten + loosen)
 
@@ -283,11 +282,10 @@ class PolicyWriter:
         installed changes nothing."""
         changes = {ep: p for ep, p in changes.items() if not self._is_installed(ep, p, identities)}
         by_object: dict[int, tuple[Entries, int]] = {}  # endpoints often share one policy
-        compiled = {
-            ep: by_object.get(id(p))
-            or by_object.setdefault(id(p), (compile_entries(p.entries), enforce_bits(p)))
-            for ep, p in changes.items()
-        }
+        for p in changes.values():
+            if id(p) not in by_object:
+                by_object[id(p)] = (compile_entries(p.entries), enforce_bits(p))
+        compiled = {ep: by_object[id(p)] for ep, p in changes.items()}
         states = {ep: self.maps.endpoints.lookup(ep) for ep in changes}
         unknown = sorted(ep for ep, st in states.items() if st is None and ep not in identities)
         if unknown:
@@ -311,7 +309,7 @@ class PolicyWriter:
                 self._settle(ep_id, state, gen, identity)
                 continue
             tighten, loosen = split_changes(self.written().get((ep_id, gen), {}), entries)
-            changing.append(_Change(ep_id, state, gen, entries, enforce, identity, tighten, loosen))
+            changing.append(_Change(ep_id, state, gen, enforce, identity, tighten, loosen))
         self._update_identities({ep: i for ep, i in identities.items() if ep not in changes})
         if changing:
             self._change(changing)
