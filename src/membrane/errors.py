@@ -17,3 +17,7 @@ class UserError(Exception):
 
 class NotPermitted(UserError):
     """The caller lacks a privilege or the kernel lacks a feature the command needs."""
+
+
+class NotFound(UserError):
+    """A named object does not exist (HTTP 404 from the agent's API)."""
