@@ -8,53 +8,16 @@ The machine's own networking is never touched.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import subprocess
 import sys
 import time
 
-from membrane.netns import Topology, add_address, inside, ping
-
-BOLD, DIM, GREEN, RED, RESET = "\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m"
-PORT = 80
-
-
-def say(text: str) -> None:
-    print(f"\n{BOLD}{text}{RESET}")
-
-
-def membrane(*args: str) -> None:
-    """Run the real CLI the way a user would, echoing the command line."""
-    print(f"{DIM}${RESET} membrane {' '.join(args)}")
-    out = subprocess.run(
-        [sys.executable, "-m", "membrane", *args], text=True, capture_output=True, check=False
-    )
-    sys.stdout.write(out.stdout + out.stderr)
-    if out.returncode:
-        raise SystemExit(f"demo: `membrane {' '.join(args)}` failed ({out.returncode})")
-
-
-def tcp_ok(ns: str, dst: str, src: str | None = None) -> bool:
-    with (
-        inside(ns),
-        contextlib.suppress(OSError),
-        socket.create_connection(
-            (dst, PORT), timeout=0.5, source_address=(src, 0) if src else None
-        ),
-    ):
-        return True
-    return False
-
-
-def show(label: str, ok: bool) -> None:
-    mark = f"{GREEN}passes{RESET}" if ok else f"{RED}dropped{RESET}"
-    print(f"  {label:<44} {mark}")
+from membrane import demo_agent
+from membrane.demo_common import PORT, membrane, say, show, tcp_ok
+from membrane.netns import Topology, add_address, ping
 
 
 def main() -> None:
-    from membrane import demo_agent
-
     demo_agent.main()
     filter_demo()
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from membrane.demo import BOLD, DIM, PORT, RESET, membrane, say, show, tcp_ok
+from membrane.demo_common import BOLD, DIM, PORT, RESET, membrane, say, show, tcp_ok
 from membrane.netns import popen, stop
 
 NODE = "membrane-demo"

@@ -48,7 +48,7 @@ def run(
     leaves the datapath enforcing; a restarted agent adopts what it finds."""
     from membrane.agent.logs import setup_logging
     from membrane.agent.server import run_agent
-    from membrane.cli.output import check_choice
+    from membrane.choices import check_choice
 
     check_choice(log_level, ("debug", "info", "warning", "error"), "--log-level")
     config = make_config(state_dir, api_socket, node_netns, pod_cidr, node_ip, netns_prefix)

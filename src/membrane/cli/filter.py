@@ -7,7 +7,8 @@ from typing import Any
 
 import typer
 
-from membrane.cli.output import check_choice, print_json, print_table
+from membrane.choices import check_choice
+from membrane.cli.output import print_json, print_table
 from membrane.errors import UserError
 from membrane.filter.manager import HOOKS, XDP_MODE_NAMES, Attachment, FilterManager
 from membrane.filter.rules import (

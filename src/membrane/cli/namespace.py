@@ -5,8 +5,9 @@ from __future__ import annotations
 import typer
 
 from membrane.api.client import ApiClient, path_of
+from membrane.choices import check_choice
 from membrane.cli.api_options import API_SOCKET, OUTPUT, parse_key_values
-from membrane.cli.output import check_choice, print_json, print_table
+from membrane.cli.output import print_json, print_table
 from membrane.errors import UserError
 
 app = typer.Typer(help="Namespaces and their labels.", no_args_is_help=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from membrane.cli.output import check_choice
+from membrane.choices import check_choice
 from membrane.errors import UserError
 from membrane.observe.format import FORMATS, FlowPrinter
 from membrane.observe.store import FlowFilter

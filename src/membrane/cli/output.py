@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-
-from membrane.errors import UserError
-
-
-def check_choice(value: str, choices: Sequence[str], field: str) -> str:
-    if value not in choices:
-        raise UserError(field, f"{value!r} is not one of {', '.join(choices)}")
-    return value
 
 
 def print_json(data: Any) -> None:

@@ -9,8 +9,9 @@ import typer
 import yaml
 
 from membrane.api.client import ApiClient
+from membrane.choices import check_choice
 from membrane.cli.api_options import API_SOCKET, OUTPUT
-from membrane.cli.output import check_choice, print_json, print_table
+from membrane.cli.output import print_json, print_table
 from membrane.errors import UserError
 
 app = typer.Typer(help="Network policies: import, list, delete, explain.", no_args_is_help=True)

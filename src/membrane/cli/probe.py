@@ -6,7 +6,8 @@ from dataclasses import asdict
 
 import typer
 
-from membrane.cli.output import check_choice, print_json, print_table
+from membrane.choices import check_choice
+from membrane.cli.output import print_json, print_table
 from membrane.errors import NotPermitted
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from membrane.cli.output import check_choice, print_json, print_table
+from membrane.choices import check_choice
+from membrane.cli.output import print_json, print_table
 from membrane.trace.tools import discover
 
 app = typer.Typer(

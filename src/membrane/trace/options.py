@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import typer
 
-from membrane.cli.output import check_choice
+from membrane.choices import check_choice
 from membrane.errors import UserError
 
 COMM_MAX = 15  # the kernel keeps 16 bytes with the NUL

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import typer
 
 from membrane.bpf import Map
-from membrane.cli.output import check_choice
+from membrane.choices import check_choice
 from membrane.errors import UserError
 from membrane.trace.interval import INTERVAL, Stamp, check_interval
 from membrane.trace.options import COMM, DURATION, OUTPUT, PID, UID, TraceOptions

@@ -7,7 +7,7 @@ import numpy as np
 import typer
 
 from membrane.bpf import Map
-from membrane.cli.output import check_choice
+from membrane.choices import check_choice
 from membrane.trace.interval import INTERVAL, Stamp, check_interval
 from membrane.trace.options import COMM, DURATION, OUTPUT, PID, UID, TraceOptions
 from membrane.trace.output import Column, Printer
