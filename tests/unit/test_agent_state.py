@@ -46,7 +46,7 @@ def test_state_file_round_trip(tmp_path: Path) -> None:
                 host_ifname="mbr3",
                 ipv4="198.18.0.2",
                 labels={"pod": "a"},
-                ports=[PortSpec("http", 80, "TCP")],
+                ports=(PortSpec("http", 80, "TCP"),),
                 identity=256,
             )
         },

@@ -1,7 +1,7 @@
 """Reads the datapath's flow events on a thread of its own and turns them into records.
 
-The reader sees the agent only through `AgentResolver`, which reads dictionaries the
-agent replaces whole (never mutates), so it needs no lock.
+The reader sees the agent only through `AgentResolver`, which answers each batch from one
+published snapshot (membrane.agent.snapshot), so it needs no lock.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from membrane.observe.record import (
 )
 
 if TYPE_CHECKING:
-    from membrane.agent.core import Agent
+    from membrane.agent.agent import Agent
+    from membrane.agent.snapshot import Snapshot
     from membrane.agent.state import EndpointRecord
 
 log = logging.getLogger("membrane.agent")
@@ -32,8 +33,10 @@ POLL_MS = 100
 
 
 class AgentResolver:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    """Names for the numbers in flow events, from one snapshot."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
 
     def _view(self, ep: EndpointRecord | None) -> EndpointView | None:
         if ep is None:
@@ -48,19 +51,19 @@ class AgentResolver:
         )
 
     def endpoint_by_id(self, ep_id: int) -> EndpointView | None:
-        return self._view(self.agent.state.endpoints.get(ep_id))
+        return self._view(self.snapshot.endpoints.get(ep_id))
 
     def endpoint_by_ip(self, ip: str) -> EndpointView | None:
-        return self._view(self.agent.endpoints_by_ip.get(ip))
+        return self._view(self.snapshot.endpoints_by_ip.get(ip))
 
     def identity_labels(self, identity: int) -> list[str]:
-        return sorted(str(lb) for lb in self.agent.identity_labels.get(identity, ()))
+        return sorted(str(lb) for lb in self.snapshot.identity_labels.get(identity, ()))
 
     def rule(self, rule_id: int) -> RuleView | None:
-        ref = self.agent.rules.get(rule_id) if rule_id else None
+        ref = self.snapshot.rules.get(rule_id) if rule_id else None
         if ref is None:
             return None
-        l3, l4 = self.agent.rule_shapes.get(rule_id, (True, True))
+        l3, l4 = self.snapshot.rule_shapes.get(rule_id, (True, True))
         return RuleView(
             kind=ref.kind,
             namespace=ref.namespace,
@@ -79,10 +82,8 @@ class AgentResolver:
 
 class FlowReader:
     def __init__(self, agent: Agent, deliver: Callable[[list[dict[str, Any]]], Any]) -> None:
-        assert agent.maps is not None
         self.agent = agent
         self.deliver = deliver
-        self.resolver = AgentResolver(agent)
         dtype = Btf.from_file(object_path("endpoint")).dtype("flow_event")
         self._ring = RingBuffer(agent.maps.events, dtype=dtype, lost_map=agent.maps.events_lost)
         self._stop = threading.Event()
@@ -109,9 +110,10 @@ class FlowReader:
                 if not len(batch):
                     continue
                 records = []
+                resolver = AgentResolver(self.agent.snapshot)
                 for event in flow_events(batch):
                     try:
-                        records.append(flow_record(event, self.resolver, node))
+                        records.append(flow_record(event, resolver, node))
                     except UnsupportedEvent:
                         self.unsupported += 1
                 self.deliver(records)

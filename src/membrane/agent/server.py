@@ -23,9 +23,11 @@ from typing import Any
 from aiohttp import web
 
 from membrane.agent import memory
+from membrane.agent.agent import Agent
 from membrane.agent.config import AgentConfig
-from membrane.agent.core import Agent, NotFound
+from membrane.agent.explain import trace
 from membrane.agent.flows import FlowReader
+from membrane.api import views
 from membrane.api.models import (
     EndpointCreate,
     NamespaceLabels,
@@ -35,7 +37,7 @@ from membrane.api.models import (
 )
 from membrane.api.openapi import openapi_document
 from membrane.bpf.probe import missing_capabilities
-from membrane.errors import NotPermitted, UserError
+from membrane.errors import NotFound, NotPermitted, UserError
 from membrane.observe.store import FlowFilter, FlowStore
 from membrane.policy import validate
 
@@ -65,13 +67,22 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 class AgentServer:
+    """Routes and lifecycle. Changes go to the agent on the worker thread; every read
+    answers from the agent's current snapshot, without waiting for changes."""
+
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.agent = Agent(config)
+        self._agent: Agent | None = None
         self.flows = FlowStore()
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent")
         self._reader: FlowReader | None = None
         self._stopping = asyncio.Event()
+
+    @property
+    def agent(self) -> Agent:
+        if self._agent is None:
+            raise RuntimeError("the agent has not started")
+        return self._agent
 
     async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -103,45 +114,35 @@ class AgentServer:
             raise UserError("body", f"is not JSON ({err})") from None
 
     async def healthz(self, request: web.Request) -> web.Response:
-        a = self.agent
-        return web.json_response(
-            {
-                "status": "ok",
-                "node": self.config.node_name,
-                "endpoints": len(a.state.endpoints),
-                "policies": len(a.state.policies),
-                "policy_revision": a.state.policy_revision,
-                "flows_lost": self._reader.lost if self._reader else 0,
-            }
-        )
+        lost = self._reader.lost if self._reader else 0
+        return web.json_response(views.health_view(self.agent.snapshot, lost))
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document())
 
     async def list_endpoints(self, request: web.Request) -> web.Response:
-        a = self.agent
-        return web.json_response({"endpoints": [a.endpoint_view(e) for e in a.list_endpoints()]})
+        return web.json_response(views.endpoints_view(self.agent.snapshot))
 
     async def add_endpoint(self, request: web.Request) -> web.Response:
         req = parse_body(EndpointCreate, await self._json(request))
         ep = await self.run_sync(self.agent.add_endpoint, req)
-        return web.json_response(self.agent.endpoint_view(ep), status=201)
+        return web.json_response(views.endpoint_view(ep, self.agent.snapshot), status=201)
 
     async def get_endpoint(self, request: web.Request) -> web.Response:
         m = request.match_info
-        ep = self.agent.find_endpoint(m["namespace"], m["name"])
-        return web.json_response(self.agent.endpoint_view(ep))
+        snapshot = self.agent.snapshot
+        ep = snapshot.endpoint(m["namespace"], m["name"])
+        if ep is None:
+            raise NotFound("endpoint", f"{m['namespace']}/{m['name']} does not exist")
+        return web.json_response(views.endpoint_view(ep, snapshot))
 
     async def delete_endpoint(self, request: web.Request) -> web.Response:
         m = request.match_info
         ep = await self.run_sync(self.agent.delete_endpoint, m["namespace"], m["name"])
-        return web.json_response(self.agent.endpoint_view(ep))
+        return web.json_response(views.endpoint_view(ep, self.agent.snapshot))
 
     async def list_namespaces(self, request: web.Request) -> web.Response:
-        spaces = self.agent.list_namespaces()
-        return web.json_response(
-            {"namespaces": [{"name": n, "labels": lb} for n, lb in spaces.items()]}
-        )
+        return web.json_response(views.namespaces_view(self.agent.snapshot))
 
     async def label_namespace(self, request: web.Request) -> web.Response:
         ns = request.match_info["namespace"]
@@ -154,25 +155,10 @@ class AgentServer:
         return web.json_response({"name": ns, "labels": labels})
 
     async def list_identities(self, request: web.Request) -> web.Response:
-        labels = self.agent.identity_labels
-        return web.json_response(
-            {
-                "identities": [
-                    {"id": i, "labels": sorted(str(lb) for lb in labels[i])} for i in sorted(labels)
-                ]
-            }
-        )
+        return web.json_response(views.identities_view(self.agent.snapshot))
 
     async def list_policies(self, request: web.Request) -> web.Response:
-        q = request.query
-        items = [
-            p
-            for p in self.agent.list_policies()
-            if q.get("namespace") in (None, p["namespace"])
-            and q.get("name") in (None, p["name"])
-            and q.get("kind") in (None, p["kind"])
-        ]
-        return web.json_response({"revision": self.agent.state.policy_revision, "policies": items})
+        return web.json_response(views.policies_view(self.agent.snapshot, request.query))
 
     async def import_policies(self, request: web.Request) -> web.Response:
         req = parse_body(PolicyImport, await self._json(request))
@@ -191,7 +177,12 @@ class AgentServer:
 
     async def trace(self, request: web.Request) -> web.Response:
         req = parse_body(TraceRequest, await self._json(request))
-        return web.json_response(await self.run_sync(self.agent.trace, req))
+        # A snapshot's read: off the event loop (the evaluator walks every rule), beside
+        # changes rather than behind them.
+        result = await asyncio.get_running_loop().run_in_executor(
+            None, trace, self.agent.snapshot, req
+        )
+        return web.json_response(result)
 
     async def get_flows(self, request: web.Request) -> web.StreamResponse:
         q = dict(request.query)
@@ -232,7 +223,7 @@ class AgentServer:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        await self.run_sync(self.agent.start)
+        self._agent = await self.run_sync(Agent.start, self.config)
         self._reader = FlowReader(
             self.agent, lambda records: loop.call_soon_threadsafe(self.flows.extend, records)
         )

@@ -25,7 +25,7 @@ from typing import Any
 STATE_VERSION = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class PortSpec:
     name: str
     port: int
@@ -35,8 +35,11 @@ class PortSpec:
         return f"{self.name}={self.port}/{self.protocol}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class EndpointRecord:
+    """One endpoint as the agent records it. Immutable: a change replaces the record, so a
+    published snapshot can hand it to readers on other threads as it is."""
+
     id: int
     namespace: str
     name: str
@@ -44,9 +47,10 @@ class EndpointRecord:
     host_ifname: str
     ipv4: str
     labels: dict[str, str]
-    ports: list[PortSpec] = field(default_factory=list)
+    ports: tuple[PortSpec, ...] = ()
     identity: int = 0
     created: float = 0.0
+    attach_mode: str = ""  # "tcx" or "clsact": how its programs are attached
 
     @property
     def key(self) -> str:
@@ -59,7 +63,7 @@ class EndpointRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EndpointRecord:
         data = dict(data)
-        data["ports"] = [PortSpec(**p) for p in data.get("ports", [])]
+        data["ports"] = tuple(PortSpec(**p) for p in data.get("ports", []))
         return cls(**data)
 
 
@@ -73,6 +77,10 @@ class StoredPolicy:
     @property
     def key(self) -> tuple[str, str | None, str]:
         return (self.kind, self.namespace, self.name)
+
+    def ref(self) -> dict[str, Any]:
+        """How responses and logs name it."""
+        return {"kind": self.kind, "namespace": self.namespace, "name": self.name}
 
     def to_json(self) -> dict[str, Any]:
         # Not asdict(): that deep-copies the document, 10,000 rules of it.

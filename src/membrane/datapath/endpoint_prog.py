@@ -31,6 +31,8 @@ from membrane.datapath.abi import (
 from membrane.datapath.nodemaps import pinned_sizes
 from membrane.netns.namespace import inside
 
+ATTACH_TCX, ATTACH_CLSACT = "tcx", "clsact"
+
 # tc direction on the node-side veth -> program
 HOOKS = {"ingress": PROG_FROM_CONTAINER, "egress": PROG_TO_CONTAINER}
 
@@ -88,11 +90,13 @@ def attach_endpoint(
     ifindex: int,
     node_netns: str | None = None,
     **config: int,
-) -> None:
+) -> str:
     """Load the endpoint's programs and attach them to `ifindex` (the node-side veth, an
     index in `node_netns` when given), or swap them into the links already pinned for
-    this endpoint on that device."""
+    this endpoint on that device. Returns how they are attached: "tcx" (pinned links) or
+    "clsact" (the fallback on kernels without tcx)."""
     directory = links_dir(pin_dir, ep_id)
+    modes = set()
     with load_endpoint(pin_dir, ep_id, ipv4, **config) as obj, _netns(node_netns):
         for direction, prog_name in HOOKS.items():
             prog = obj.program(prog_name)
@@ -101,12 +105,15 @@ def attach_endpoint(
             if link is not None and link.ifindex == ifindex:
                 link.update(prog)
                 link.close()
+                modes.add(ATTACH_TCX)
                 continue
             if link is not None:
                 link.detach()  # another device, or its device is gone (defunct link)
             attachment = attach_tc(prog, ifindex, direction)
             attachment.pin(path)
+            modes.add(ATTACH_TCX if attachment.kind.startswith("tcx") else ATTACH_CLSACT)
             attachment.close()
+    return ATTACH_CLSACT if ATTACH_CLSACT in modes else ATTACH_TCX
 
 
 def detach_endpoint(pin_dir: str, ep_id: int) -> bool:

@@ -44,6 +44,14 @@ def _raw(net: IPv4Network) -> tuple[int, int]:
     return (net.prefixlen, int.from_bytes(net.network_address.packed, "little"))
 
 
+RawKey = tuple[int, int]  # (prefixlen, addr as the map stores it)
+RawValue = tuple[int, int]  # (identity, ep_id)
+
+
+def raw_key(net: IPv4Network) -> RawKey:
+    return _raw(net)
+
+
 class IpcacheWriter:
     """Keeps the ipcache equal to what the agent wants, writing only what differs. It reads
     the map once and then remembers what it wrote (one writer per node maps), so a sync
@@ -51,7 +59,10 @@ class IpcacheWriter:
 
     def __init__(self, maps: NodeMaps) -> None:
         self.maps = maps
-        self._have: dict[tuple[int, int], tuple[int, int]] | None = None
+        self._have: dict[RawKey, RawValue] | None = None
+        # sync_layers: the last base layer written and the overlay written over it
+        self._base: Mapping[RawKey, RawValue] | None = None
+        self._overlay: dict[RawKey, RawValue] = {}
 
     def sync(self, desired: Mapping[IPv4Network, tuple[int, int]]) -> IpcacheSync:
         """Make the ipcache hold exactly `desired` (prefix -> (identity, ep_id)) plus
@@ -59,9 +70,41 @@ class IpcacheWriter:
         address never falls back to a shorter prefix (or to world) while its own entry is
         being replaced."""
         want = {_raw(net): (int(i), int(e)) for net, (i, e) in desired.items()}
+        self._base = None
+        return self._sync_raw(want)
+
+    def sync_layers(
+        self, base: Mapping[RawKey, RawValue], overlay: Mapping[RawKey, RawValue]
+    ) -> IpcacheSync:
+        """Like `sync` of `base` with `overlay` written over it, in map key form. `base` is
+        large and rarely changes (the policies' CIDR prefixes), `overlay` is small and
+        changes often (the node's and the endpoints' addresses): while the caller passes
+        the same `base` object as last time, only the overlay is compared, so the cost
+        follows the endpoints, not the prefixes. `base` must not change after it is passed."""
+        if self._base is not base or self._have is None:
+            want = {**base, **overlay}
+            self._base = None
+            result = self._sync_raw(want)
+            self._base, self._overlay = base, dict(overlay)
+            return result
+        old = self._overlay
+        changed = [(k, v) for k, v in overlay.items() if old.get(k) != v]
+        uncovered = [k for k in old if k not in overlay]  # back to the base value, or gone
+        changed += [(k, base[k]) for k in uncovered if k in base]
+        stale = [k for k in uncovered if k not in base]
+        self._overlay = dict(overlay)
+        return self._write(changed, stale)
+
+    def _sync_raw(self, want: dict[RawKey, RawValue]) -> IpcacheSync:
         world = (int(Identity.WORLD), 0)
         if want.setdefault(_raw(WORLD_PREFIX), world) != world:
-            raise ValueError(f"{WORLD_PREFIX} must map to the world identity, not {desired}")
+            raise ValueError(f"{WORLD_PREFIX} must map to the world identity")
+        have = self._read()
+        changed = list(want.items() - have.items())
+        stale = list(have.keys() - want.keys())
+        return self._write(changed, stale)
+
+    def _read(self) -> dict[RawKey, RawValue]:
         if self._have is None:
             self._have = {
                 # flags we never write: an entry carrying some is rewritten
@@ -70,10 +113,11 @@ class IpcacheWriter:
                 else (-1, -1)
                 for k, v in self.maps.ipcache.lookup_batch()
             }
-        have = self._have
+        return self._have
+
+    def _write(self, changed: list[tuple[RawKey, RawValue]], stale: list[RawKey]) -> IpcacheSync:
+        have = self._read()
         key_type, value_type = self.maps.ipcache.key_type, self.maps.ipcache.value_type
-        changed = [(key, value) for key, value in want.items() if have.get(key) != value]
-        stale = [key for key in have if key not in want]
         self.maps.ipcache.update_batch(
             (key_type(prefixlen=plen, addr=addr), value_type(identity=ident, ep_id=ep))
             for (plen, addr), (ident, ep) in changed
@@ -82,7 +126,7 @@ class IpcacheWriter:
         added = sum(1 for key, _ in changed if key not in have)
         have.update(changed)
         for key in stale:
-            del have[key]
+            have.pop(key, None)
         return IpcacheSync(added=added, updated=len(changed) - added, removed=len(stale))
 
 

@@ -61,6 +61,10 @@ class RuleTable:
     def __len__(self) -> int:
         return len(self._refs)
 
+    def refs(self) -> dict[int, RuleRef]:
+        """A copy of id -> rule, for readers on other threads."""
+        return dict(self._refs)
+
     def to_json(self) -> dict[str, Any]:
         return {"rules": self.since(0)}
 

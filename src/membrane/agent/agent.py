@@ -1,0 +1,233 @@
+"""The node agent: its parts composed, and every change to the node as one method.
+
+Changes run on one worker thread (the server serialises them), so the parts need no locks.
+Each change ends by publishing a new `Snapshot` (membrane.agent.snapshot) with a single
+assignment; readers on any thread use only `agent.snapshot`.
+
+    endpoints   EndpointLifecycle   add / adopt / delete, plumbing and program attachment
+    namespaces  NamespaceStore      namespace labels
+    policies    PolicyStore         policies as written and parsed, the rule table
+    datapath    DatapathReconciler  identities -> ipcache -> policy, in a safe order
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from membrane.agent import memory
+from membrane.agent.config import AgentConfig
+from membrane.agent.endpoints import EndpointLifecycle
+from membrane.agent.identities import IdentityAllocator
+from membrane.agent.namespaces import NamespaceStore
+from membrane.agent.policies import PolicyChange, PolicyStore
+from membrane.agent.reconcile import DatapathReconciler, Reconciled
+from membrane.agent.snapshot import Snapshot
+from membrane.agent.state import AgentState, EndpointRecord, StateFile
+from membrane.api.models import EndpointCreate, NamespaceLabels
+from membrane.datapath.nodemaps import NodeMaps
+from membrane.endpoint.node import NodeInfo, setup_node
+from membrane.errors import NotFound
+from membrane.policy import RuleTable
+
+log = logging.getLogger("membrane.agent")
+
+
+@dataclass
+class Agent:
+    """A started agent (build it with `Agent.start`): every part exists."""
+
+    config: AgentConfig
+    state_file: StateFile
+    state: AgentState
+    identities: IdentityAllocator
+    rules: RuleTable
+    node: NodeInfo
+    maps: NodeMaps
+    endpoints: EndpointLifecycle
+    namespaces: NamespaceStore
+    policies: PolicyStore
+    datapath: DatapathReconciler
+    snapshot: Snapshot  # replaced at the end of every change; read by other threads
+
+    # ---- start and stop ------------------------------------------------------------------
+    @classmethod
+    @memory.one_change
+    def start(cls, config: AgentConfig) -> Agent:
+        """Create or adopt the node, its maps and every recorded endpoint, and enforce the
+        recorded policies."""
+        state_file = StateFile(config.state_dir)
+        state = state_file.load()
+        identities = IdentityAllocator.from_json(state.identities)
+        rules = RuleTable.from_json(state.rules) if state.rules else RuleTable()
+        policies = PolicyStore(state.policies, rules)
+        namespaces = NamespaceStore(state.namespaces)
+        node = setup_node(config.node_netns, config.node_ip)
+        maps = NodeMaps.open(config.bpf_dir)
+        endpoints = EndpointLifecycle(config, state, node)
+        datapath = DatapathReconciler(config, node, maps, identities, rules)
+        adopted = endpoints.adopt_all()
+        for ep_id in endpoints.unknown_ids():
+            log.warning("detaching an unknown endpoint", extra={"fields": {"id": ep_id}})
+            endpoints.detach(ep_id)
+            datapath.remove_endpoint(ep_id)
+        done = datapath.sync(state.endpoints, namespaces, policies.current.parsed)
+        agent = cls(
+            config=config,
+            state_file=state_file,
+            state=state,
+            identities=identities,
+            rules=rules,
+            node=node,
+            maps=maps,
+            endpoints=endpoints,
+            namespaces=namespaces,
+            policies=policies,
+            datapath=datapath,
+            snapshot=_snapshot(config, state, namespaces, policies, rules, done, None),
+        )
+        agent._save()
+        log.info(
+            "agent started",
+            extra={
+                "fields": {
+                    "node": config.node_name,
+                    "endpoints": len(state.endpoints),
+                    "adopted": adopted,
+                    "policies": len(state.policies),
+                    "bpf_dir": config.bpf_dir,
+                }
+            },
+        )
+        return agent
+
+    def stop(self) -> None:
+        """Leave everything enforcing; only our own handles go."""
+        self._save()
+        self.maps.close()
+
+    # ---- endpoints -----------------------------------------------------------------------
+    @memory.one_change
+    def add_endpoint(self, req: EndpointCreate) -> EndpointRecord:
+        ep = self.endpoints.create(req, self._save)
+        self._reconcile()
+        log.info(
+            "endpoint added", extra={"fields": {"endpoint": ep.key, "id": ep.id, "ipv4": ep.ipv4}}
+        )
+        return self.state.endpoints[ep.id]
+
+    @memory.one_change
+    def delete_endpoint(self, namespace: str, name: str) -> EndpointRecord:
+        ep = self.snapshot.endpoint(namespace, name)
+        if ep is None:
+            raise NotFound("endpoint", f"{namespace}/{name} does not exist")
+        self.endpoints.forget(ep)
+        self._reconcile()  # its address leaves the ipcache, peers' policies forget it
+        self.endpoints.detach(ep.id)
+        self.datapath.remove_endpoint(ep.id)  # state, policy entries and conntrack
+        self.endpoints.unplumb(ep)
+        self._save()
+        log.info("endpoint deleted", extra={"fields": {"endpoint": ep.key, "id": ep.id}})
+        return ep
+
+    # ---- namespaces ----------------------------------------------------------------------
+    @memory.one_change
+    def label_namespace(self, namespace: str, req: NamespaceLabels) -> dict[str, str]:
+        before = self.namespaces.stored(namespace)
+        self.namespaces.change(namespace, req.labels)
+        try:
+            self._reconcile()
+        except BaseException:
+            self.namespaces.restore(namespace, before)
+            raise
+        return self.namespaces.labels(namespace)
+
+    # ---- policies ------------------------------------------------------------------------
+    @memory.one_change
+    def import_policies(self, text: str) -> dict[str, Any]:
+        started = time.perf_counter()  # parsing is part of the time to enforce
+        return self._enforce(self.policies.stage_import(text), started)
+
+    @memory.one_change
+    def delete_policies(
+        self, namespace: str | None, name: str | None, kind: str | None, everything: bool
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        return self._enforce(self.policies.stage_delete(namespace, name, kind, everything), started)
+
+    def _enforce(self, change: PolicyChange, started: float) -> dict[str, Any]:
+        old = self.policies.current
+        self.policies.current = change.policies
+        self.state.policies = list(change.policies.stored)
+        self.state.policy_revision += 1
+        try:
+            self._reconcile()
+        except BaseException:
+            self.policies.current = old
+            self.state.policies = list(old.stored)
+            self.state.policy_revision -= 1
+            raise
+        elapsed = time.perf_counter() - started
+        revision = self.state.policy_revision
+        log.info(
+            "policy revision enforced",
+            extra={
+                "fields": {
+                    "revision": revision,
+                    "changed": change.changed,
+                    "seconds": round(elapsed, 4),
+                }
+            },
+        )
+        return {"revision": revision, "policies": change.changed, "enforced_in_seconds": elapsed}
+
+    # ---- housekeeping --------------------------------------------------------------------
+    def gc_conntrack(self) -> int:
+        return self.datapath.gc_conntrack()
+
+    # ---- every change ends here ----------------------------------------------------------
+    def _reconcile(self) -> None:
+        """Bring the datapath to the records, save them, publish the new snapshot."""
+        done = self.datapath.sync(
+            self.state.endpoints, self.namespaces, self.policies.current.parsed
+        )
+        self._save()
+        self.snapshot = _snapshot(
+            self.config, self.state, self.namespaces, self.policies, self.rules, done, self.snapshot
+        )
+
+    def _save(self) -> None:
+        self.state.identities = self.identities.to_json()
+        self.state_file.save(self.state, self.rules.since(self.state_file.rules_saved))
+
+
+def _snapshot(
+    config: AgentConfig,
+    state: AgentState,
+    namespaces: NamespaceStore,
+    policies: PolicyStore,
+    rules: RuleTable,
+    done: Reconciled,
+    previous: Snapshot | None,
+) -> Snapshot:
+    endpoints = dict(state.endpoints)
+    # Rules are only ever added: the same count is the same table, shared, not copied.
+    same_rules = previous is not None and len(previous.rules) == len(rules)
+    return Snapshot(
+        node_name=config.node_name,
+        node_ip=config.node_ip,
+        host_addresses=done.host_addresses,
+        endpoints=endpoints,
+        endpoints_by_key={ep.key: ep for ep in endpoints.values()},
+        endpoints_by_ip={ep.ipv4: ep for ep in endpoints.values()},
+        namespaces=namespaces.all_labels(ep.namespace for ep in endpoints.values()),
+        identity_labels=done.universe.identities,
+        policy_revision=state.policy_revision,
+        stored_policies=policies.current.stored,
+        policies=policies.current.parsed,
+        rules=previous.rules if same_rules and previous else rules.refs(),
+        universe=done.universe,
+        compiled=done.compiled,
+    )

@@ -1,0 +1,166 @@
+"""Endpoint lifecycle: numbering, addresses, plumbing (namespace, veth, routes) and the
+attachment of the endpoint's programs; adoption of recorded endpoints after a restart.
+
+Policy and identities are not this module's: after a lifecycle step the agent reconciles
+the datapath (membrane.agent.reconcile).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from ipaddress import IPv4Address
+
+from membrane.agent.config import AgentConfig
+from membrane.agent.state import AgentState, EndpointRecord, PortSpec
+from membrane.api.models import EndpointCreate
+from membrane.datapath.endpoint_prog import (
+    ATTACH_TCX,
+    attach_endpoint,
+    detach_endpoint,
+    is_attached,
+    pinned_endpoint_ids,
+)
+from membrane.endpoint.ipam import Ipam
+from membrane.endpoint.node import NodeInfo, delete_node_link
+from membrane.endpoint.plumbing import create_pod, delete_pod, inspect_pod
+from membrane.errors import UserError
+
+log = logging.getLogger("membrane.agent")
+
+MAX_ENDPOINT_ID = 0xFFFF
+MAX_NETNS_NAME = 200
+
+
+class EndpointLifecycle:
+    """Creates, adopts and removes endpoints; owns `state.endpoints` and the ids."""
+
+    def __init__(self, config: AgentConfig, state: AgentState, node: NodeInfo) -> None:
+        self.config = config
+        self.state = state
+        self.node = node
+        self.ipam = Ipam(config.pod_cidr, set())
+        self.ipam.restore({IPv4Address(ep.ipv4): ep.key for ep in state.endpoints.values()})
+
+    # ---- after a restart -----------------------------------------------------------------
+    def adopt_all(self) -> int:
+        """Keep every recorded endpoint; returns how many were whole."""
+        return sum(1 for ep in list(self.state.endpoints.values()) if self._adopt(ep))
+
+    def _adopt(self, ep: EndpointRecord) -> bool:
+        """Re-create what is missing, never disturb what works."""
+        if inspect_pod(self.node, ep.netns, ep.host_ifname, IPv4Address(ep.ipv4)):
+            if not is_attached(self.config.bpf_dir, ep.id):
+                self._attach(ep)
+            elif not ep.attach_mode:  # recorded by an agent that did not note it
+                self.state.endpoints[ep.id] = replace(ep, attach_mode=ATTACH_TCX)
+            return True
+        log.warning("endpoint was broken; re-plumbing it", extra={"fields": {"endpoint": ep.key}})
+        # The pod's namespace stays (its processes are the workload); the veth is rebuilt.
+        delete_node_link(self.node, ep.host_ifname)
+        link = create_pod(
+            self.node, ep.netns, ep.host_ifname, IPv4Address(ep.ipv4), reuse_netns=True
+        )
+        self._attach(ep, link.host_ifindex)
+        return False
+
+    def unknown_ids(self) -> list[int]:
+        """Endpoint ids with pinned programs that the state does not know (leftovers of an
+        agent that died mid-delete)."""
+        return [
+            i for i in pinned_endpoint_ids(self.config.bpf_dir) if i not in self.state.endpoints
+        ]
+
+    def detach(self, ep_id: int) -> None:
+        detach_endpoint(self.config.bpf_dir, ep_id)
+
+    # ---- add and delete ------------------------------------------------------------------
+    def create(self, req: EndpointCreate, save: Callable[[], None]) -> EndpointRecord:
+        """A new endpoint, recorded (and saved) first, then plumbed and attached: an agent
+        killed halfway leaves an endpoint its restart completes, never a pod nobody knows.
+        Its programs drop everything until the datapath has its state."""
+        key = f"{req.namespace}/{req.name}"
+        if any(
+            e.namespace == req.namespace and e.name == req.name
+            for e in self.state.endpoints.values()
+        ):
+            raise UserError("endpoint", f"{key} already exists")
+        netns = self.config.pod_netns(req.namespace, req.name)
+        if len(netns) > MAX_NETNS_NAME:
+            raise UserError("name", f"{key} is too long for a namespace")
+        ep_id = self._free_id()
+        ip = self.ipam.allocate(key)
+        ep = EndpointRecord(
+            id=ep_id,
+            namespace=req.namespace,
+            name=req.name,
+            netns=netns,
+            host_ifname=f"mbr{ep_id}",
+            ipv4=str(ip),
+            labels=dict(req.labels),
+            ports=tuple(PortSpec(p.name, p.port, p.protocol) for p in req.ports),
+            created=time.time(),
+        )
+        self.state.endpoints[ep_id] = ep
+        self.state.next_endpoint_id = ep_id % MAX_ENDPOINT_ID + 1
+        save()
+        try:
+            link = create_pod(self.node, netns, ep.host_ifname, ip)
+            ep = self._attach(ep, link.host_ifindex)
+        except BaseException:
+            del self.state.endpoints[ep_id]
+            # Undo every step even if one of the undos fails: a leftover veth would make
+            # every later add with this id fail.
+            for undo in (
+                lambda: detach_endpoint(self.config.bpf_dir, ep_id),
+                lambda: delete_pod(self.node, netns, ep.host_ifname),
+                lambda: self.ipam.release(ip),
+            ):
+                try:
+                    undo()
+                except Exception:
+                    log.exception("cleanup after a failed endpoint add failed")
+            save()
+            raise
+        return ep
+
+    def forget(self, ep: EndpointRecord) -> None:
+        """Drop the record (its address leaves the ipcache at the next reconcile)."""
+        del self.state.endpoints[ep.id]
+
+    def unplumb(self, ep: EndpointRecord) -> None:
+        """Remove a forgotten endpoint's veth, namespace and address (after `detach`)."""
+        delete_pod(self.node, ep.netns, ep.host_ifname)
+        self.ipam.release(IPv4Address(ep.ipv4))
+
+    def _free_id(self) -> int:
+        candidate = self.state.next_endpoint_id
+        for _ in range(MAX_ENDPOINT_ID):
+            if candidate not in self.state.endpoints:
+                return candidate
+            candidate = candidate % MAX_ENDPOINT_ID + 1
+        raise UserError("endpoint", f"this node has the maximum of {MAX_ENDPOINT_ID} endpoints")
+
+    def _attach(self, ep: EndpointRecord, ifindex: int | None = None) -> EndpointRecord:
+        """Attach (or swap in) the endpoint's programs; records and logs the mode."""
+        if ifindex is None:
+            info = inspect_pod(self.node, ep.netns, ep.host_ifname, IPv4Address(ep.ipv4))
+            if info is None:
+                raise RuntimeError(f"endpoint {ep.key} has no veth to attach to")
+            ifindex = info.host_ifindex
+        mode = attach_endpoint(
+            self.config.bpf_dir, ep.id, IPv4Address(ep.ipv4), ifindex, self.config.node_netns
+        )
+        if mode != ATTACH_TCX:
+            # clsact filters cannot be pinned: a restarted agent re-attaches them.
+            log.warning(
+                "endpoint attached with the clsact fallback (no tcx in this kernel)",
+                extra={"fields": {"endpoint": ep.key, "attach_mode": mode}},
+            )
+        log.info("endpoint attached", extra={"fields": {"endpoint": ep.key, "attach_mode": mode}})
+        if ep.attach_mode != mode:
+            ep = replace(ep, attach_mode=mode)
+            self.state.endpoints[ep.id] = ep
+        return ep

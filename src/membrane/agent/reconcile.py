@@ -1,0 +1,231 @@
+"""From the agent's records to the datapath: identities, the ipcache and every endpoint's
+policy, written in an order that never lets through traffic that neither the old nor the
+new state allows:
+
+  1. policy for the union of the old and the new identities (entries for an identity
+     exist before any address maps to it),
+  2. the ipcache (addresses move to their new identities),
+  3. policy without the identities nothing maps to any more.
+
+A sync costs what changed: endpoints' labels are recomputed only for changed records, the
+policies' CIDR identities only when the policies change, and the ipcache's CIDR part is
+compared only when it changed (the endpoints' addresses are an overlay on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network
+from typing import NamedTuple
+
+from membrane.agent.config import AgentConfig
+from membrane.agent.identities import IdentityAllocator, labels_key
+from membrane.agent.namespaces import NamespaceStore
+from membrane.agent.state import EndpointRecord
+from membrane.datapath import conntrack
+from membrane.datapath.ipcache import WORLD_PREFIX, IpcacheWriter, RawKey, RawValue, raw_key
+from membrane.datapath.nodemaps import NodeMaps
+from membrane.datapath.policy import PolicyWriter
+from membrane.endpoint.node import NodeInfo
+from membrane.identity.labels import (
+    IDENTITY_HOST,
+    IDENTITY_WORLD,
+    RESERVED_LABELS,
+    Label,
+    cidr_identities_labels,
+    endpoint_labels,
+)
+from membrane.policy import (
+    CompileCache,
+    EndpointInfo,
+    EndpointPolicy,
+    Policy,
+    RuleTable,
+    Universe,
+    compile_policies,
+    policy_cidrs,
+)
+from membrane.policy.validate import PROTOCOL_NUMBERS
+
+
+class _CidrIdentities(NamedTuple):
+    """The policies' prefixes and their identities, kept until the prefixes change."""
+
+    prefixes: frozenset[IPv4Network]
+    labels: dict[int, frozenset[Label]]  # identity -> labels
+    prefix_of: dict[int, IPv4Network]
+    ipcache: dict[RawKey, RawValue]  # the ipcache's CIDR part, world included
+
+
+_NO_CIDRS = _CidrIdentities(frozenset(), {}, {}, {raw_key(WORLD_PREFIX): (IDENTITY_WORLD, 0)})
+
+
+class _EndpointIdentity(NamedTuple):
+    """An endpoint's identity labels, kept while its record and namespace labels stay."""
+
+    record: EndpointRecord
+    namespace_labels: dict[str, str]
+    info: EndpointInfo
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What the datapath enforces after a sync."""
+
+    universe: Universe
+    compiled: Mapping[int, EndpointPolicy]  # endpoint id -> policy
+    host_addresses: tuple[IPv4Address, ...]  # what the ipcache maps to the host identity
+
+
+class DatapathReconciler:
+    """The one writer of identities, ipcache and policy for a node's maps."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        node: NodeInfo,
+        maps: NodeMaps,
+        identities: IdentityAllocator,
+        rules: RuleTable,
+    ) -> None:
+        self.config = config
+        self.node = node
+        self.maps = maps
+        self.identities = identities
+        self.rules = rules
+        self.writer = PolicyWriter(maps)
+        self.ipcache = IpcacheWriter(maps)
+        self._compile_cache = CompileCache()
+        self._cidr = _NO_CIDRS
+        self._cidr_policies: tuple[Policy, ...] | None = None  # what `_cidr` was made from
+        self._endpoint_identities: dict[int, _EndpointIdentity] = {}
+        self._enforced_identities: Mapping[int, frozenset[Label]] = dict(RESERVED_LABELS)
+
+    def sync(
+        self,
+        endpoints: dict[int, EndpointRecord],
+        namespaces: NamespaceStore,
+        policies: tuple[Policy, ...],
+    ) -> Reconciled:
+        """Bring the datapath to `endpoints` under `policies`. Endpoint records whose
+        identity changed are replaced in `endpoints`."""
+        universe = self._universe(endpoints, namespaces, policies)
+        # Identities on their way out keep their entries until no address maps to them.
+        outgoing = self._enforced_identities.keys() - universe.identities.keys()
+        if outgoing:
+            kept = {i: self._enforced_identities[i] for i in outgoing}
+            self._apply_policy(
+                policies, replace(universe, identities={**kept, **universe.identities})
+            )
+        else:
+            compiled = self._apply_policy(policies, universe)
+        hosts = tuple(self.node.host_addresses())
+        self.ipcache.sync_layers(self._cidr.ipcache, self._address_overlay(hosts, endpoints))
+        if outgoing:
+            compiled = self._apply_policy(policies, universe)
+        self._enforced_identities = universe.identities
+        self.identities.retain(
+            {labels_key(info.labels) for info in universe.endpoints.values()},
+            self._cidr.prefixes,
+        )
+        return Reconciled(universe, compiled, hosts)
+
+    def remove_endpoint(self, ep_id: int) -> None:
+        """Its policy entries, state and conntrack entries (after its programs are gone)."""
+        self.writer.remove_endpoint(ep_id)
+        self._endpoint_identities.pop(ep_id, None)
+
+    def gc_conntrack(self) -> int:
+        return conntrack.gc_expired(self.maps)
+
+    # ---- parts of a sync -----------------------------------------------------------------
+    def _universe(
+        self,
+        endpoints: dict[int, EndpointRecord],
+        namespaces: NamespaceStore,
+        policies: tuple[Policy, ...],
+    ) -> Universe:
+        """Identities, endpoints and CIDR identities as they are now."""
+        if policies is not self._cidr_policies:  # only a policy change changes the prefixes
+            self._cidr_policies = policies
+            prefixes = frozenset(policy_cidrs(policies))
+            if prefixes != self._cidr.prefixes:
+                self._cidr = self._cidr_identities(prefixes)
+        identities: dict[int, frozenset[Label]] = dict(RESERVED_LABELS)
+        infos: dict[int, EndpointInfo] = {}
+        for ep_id, ep in list(endpoints.items()):
+            info = self._endpoint_info(ep, namespaces.labels(ep.namespace))
+            if ep.identity != info.identity:
+                endpoints[ep_id] = replace(ep, identity=info.identity)
+            identities[info.identity] = info.labels
+            infos[ep_id] = info
+        for gone in self._endpoint_identities.keys() - endpoints.keys():
+            del self._endpoint_identities[gone]
+        identities.update(self._cidr.labels)
+        return Universe(
+            identities=identities, endpoints=infos, cidr_identities=self._cidr.prefix_of
+        )
+
+    def _endpoint_info(self, ep: EndpointRecord, ns_labels: dict[str, str]) -> EndpointInfo:
+        known = self._endpoint_identities.get(ep.id)
+        # The record's identity is ours to change (a replaced record with equal fields
+        # otherwise) so compare what the labels come from.
+        if (
+            known is not None
+            and known.namespace_labels == ns_labels
+            and _same_inputs(known.record, ep)
+        ):
+            return known.info
+        labels = endpoint_labels(ep.namespace, ep.labels, ns_labels, cluster=self.config.cluster)
+        info = EndpointInfo(
+            ep_id=ep.id,
+            namespace=ep.namespace,
+            name=ep.name,
+            identity=self.identities.for_labels(labels),
+            labels=labels,
+            named_ports={p.name: (p.port, PROTOCOL_NUMBERS[p.protocol]) for p in ep.ports},
+        )
+        self._endpoint_identities[ep.id] = _EndpointIdentity(ep, ns_labels, info)
+        return info
+
+    def _cidr_identities(self, prefixes: frozenset[IPv4Network]) -> _CidrIdentities:
+        labels_of = cidr_identities_labels(prefixes)
+        ids = {p: self.identities.for_prefix(p) for p in labels_of}
+        ipcache = dict(_NO_CIDRS.ipcache)
+        ipcache.update((raw_key(p), (i, 0)) for p, i in ids.items())
+        return _CidrIdentities(
+            prefixes,
+            {ids[p]: labels for p, labels in labels_of.items()},
+            {i: p for p, i in ids.items()},
+            ipcache,
+        )
+
+    @staticmethod
+    def _address_overlay(
+        hosts: tuple[IPv4Address, ...], endpoints: Mapping[int, EndpointRecord]
+    ) -> dict[RawKey, RawValue]:
+        """The node's and the endpoints' addresses (/32s over any CIDR prefix)."""
+        overlay: dict[RawKey, RawValue] = {}
+        for addr in hosts:
+            overlay[_host_key(addr)] = (IDENTITY_HOST, 0)
+        for ep in endpoints.values():
+            overlay[_host_key(IPv4Address(ep.ipv4))] = (ep.identity, ep.id)
+        return overlay
+
+    def _apply_policy(
+        self, policies: tuple[Policy, ...], universe: Universe
+    ) -> Mapping[int, EndpointPolicy]:
+        compiled = compile_policies(policies, universe, self.rules, self._compile_cache)
+        self.writer.apply(
+            compiled, {ep_id: info.identity for ep_id, info in universe.endpoints.items()}
+        )
+        return compiled
+
+
+def _same_inputs(a: EndpointRecord, b: EndpointRecord) -> bool:
+    return a is b or (a.namespace == b.namespace and a.labels == b.labels and a.ports == b.ports)
+
+
+def _host_key(addr: IPv4Address) -> RawKey:
+    return (32, int.from_bytes(addr.packed, "little"))

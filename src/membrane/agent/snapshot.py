@@ -1,0 +1,68 @@
+"""What readers see: the agent's state at the end of one change, published whole.
+
+Only the worker thread changes the agent. At the end of every change it builds one
+`Snapshot` and publishes it with a single assignment; API handlers, the flow reader and
+metrics read `agent.snapshot` once and use only that object, so each read sees one
+consistent state (never an endpoint whose identity has no labels yet, never a half-applied
+policy). Nothing in a snapshot is changed after it is published: records are frozen and
+every mapping is built for the snapshot (or shared with an older one when unchanged).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from membrane.agent.state import EndpointRecord, StoredPolicy
+from membrane.identity.labels import IDENTITY_HOST, IDENTITY_WORLD, Label
+from membrane.policy import EndpointPolicy, Policy, RuleRef, Universe
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    node_name: str
+    node_ip: IPv4Address
+    host_addresses: tuple[IPv4Address, ...]
+    endpoints: Mapping[int, EndpointRecord]  # by endpoint id
+    endpoints_by_key: Mapping[str, EndpointRecord]  # "namespace/name"
+    endpoints_by_ip: Mapping[str, EndpointRecord]
+    namespaces: Mapping[str, Mapping[str, str]]  # every known namespace -> its labels
+    identity_labels: Mapping[int, frozenset[Label]]
+    policy_revision: int
+    stored_policies: tuple[StoredPolicy, ...]  # as the user wrote them, in policy order
+    policies: tuple[Policy, ...]  # parsed, in the same order
+    rules: Mapping[int, RuleRef]  # rule id -> rule
+    universe: Universe
+    compiled: Mapping[int, EndpointPolicy]  # endpoint id -> its policy as enforced
+
+    def endpoint(self, namespace: str, name: str) -> EndpointRecord | None:
+        return self.endpoints_by_key.get(f"{namespace}/{name}")
+
+    def identity_of_ip(self, ip: IPv4Address) -> int:
+        """The ipcache's answer for an address: its longest matching prefix."""
+        ep = self.endpoints_by_ip.get(str(ip))
+        if ep is not None:
+            return ep.identity
+        if ip in self.host_addresses:
+            return IDENTITY_HOST
+        best: tuple[int, int] = (-1, IDENTITY_WORLD)
+        for identity, prefix in self.universe.cidr_identities.items():
+            if ip in prefix and prefix.prefixlen > best[0]:
+                best = (prefix.prefixlen, identity)
+        return best[1]
+
+    @functools.cached_property
+    def rule_shapes(self) -> Mapping[int, tuple[bool, bool]]:
+        """rule id -> (its entries name peers, they name protocols or ports), for flow
+        records. Computed when a flow first asks, not on every change; endpoints with the
+        same policy share one object, so each is read once. Two threads computing it at
+        once get equal answers from the same immutable input."""
+        shapes: dict[int, tuple[bool, bool]] = {}
+        unique = {id(p): p for p in self.compiled.values()}
+        for policy in unique.values():
+            for e in policy.entries:
+                l3, l4 = shapes.get(e.rule_id, (False, False))
+                shapes[e.rule_id] = (l3 or e.identity != 0, l4 or e.proto != 0)
+        return shapes
