@@ -111,7 +111,7 @@ def reader(agent: Agent, stop: threading.Event, failures: list[str], reads: list
         except AssertionError as err:
             failures.append(f"read {count}: {err}")
             return
-        except Exception as err:  # noqa: BLE001 - any other failure is inconsistency too
+        except Exception as err:  # any other failure is an inconsistency too
             if "snap/client0 does not exist" not in str(err):
                 failures.append(f"read {count}: {type(err).__name__}: {err}")
                 return
