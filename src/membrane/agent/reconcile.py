@@ -99,6 +99,7 @@ class DatapathReconciler:
         self._compile_cache = CompileCache()
         self._cidr = _NO_CIDRS
         self._cidr_policies: tuple[Policy, ...] | None = None  # what `_cidr` was made from
+        self._prefixes_of: dict[int, tuple[Policy, frozenset[IPv4Network]]] = {}
         self._endpoint_identities: dict[int, _EndpointIdentity] = {}
         self._enforced_identities: Mapping[int, frozenset[Label]] = dict(RESERVED_LABELS)
 
@@ -149,7 +150,7 @@ class DatapathReconciler:
         """Identities, endpoints and CIDR identities as they are now."""
         if policies is not self._cidr_policies:  # only a policy change changes the prefixes
             self._cidr_policies = policies
-            prefixes = frozenset(policy_cidrs(policies))
+            prefixes = self._policy_prefixes(policies)
             if prefixes != self._cidr.prefixes:
                 self._cidr = self._cidr_identities(prefixes)
         identities: dict[int, frozenset[Label]] = dict(RESERVED_LABELS)
@@ -166,6 +167,18 @@ class DatapathReconciler:
         return Universe(
             identities=identities, endpoints=infos, cidr_identities=self._cidr.prefix_of
         )
+
+    def _policy_prefixes(self, policies: tuple[Policy, ...]) -> frozenset[IPv4Network]:
+        """Every policy's CIDR prefixes, each policy's computed once (policies are
+        immutable; a changed one is a new object)."""
+        known: dict[int, tuple[Policy, frozenset[IPv4Network]]] = {}
+        for policy in policies:
+            found = self._prefixes_of.get(id(policy))
+            if found is None or found[0] is not policy:
+                found = (policy, frozenset(policy_cidrs((policy,))))
+            known[id(policy)] = found
+        self._prefixes_of = known
+        return frozenset().union(*(prefixes for _, prefixes in known.values()))
 
     def _endpoint_info(self, ep: EndpointRecord, ns_labels: dict[str, str]) -> EndpointInfo:
         known = self._endpoint_identities.get(ep.id)
