@@ -42,6 +42,12 @@ _ENDPOINT = {
         "identity_labels": {"type": "array", "items": {"type": "string"}},
         "ports": {"type": "array", "items": {"type": "string"}, "description": "NAME=PORT/PROTO"},
         "host_ifname": {"type": "string"},
+        "attach_mode": {
+            "type": "string",
+            "enum": ["tcx", "clsact"],
+            "description": "how its programs are attached: tcx links (pinned, adopted after "
+            "a restart) or the clsact fallback of kernels without tcx",
+        },
         "created": {"type": "number"},
     },
 }
