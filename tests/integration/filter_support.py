@@ -19,23 +19,23 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from membrane import netns
 from membrane.netns import Topology
+from membrane.testing import cli
+from membrane.testing.waiting import wait_for
 
 MEMBRANE = [sys.executable, "-m", "membrane"]
 FILTER_ROOT = Path("/sys/fs/bpf/membrane/filter")
 PASS_TIMEOUT = 3.0  # an echo over a veth takes microseconds; this is only a safety margin
 DROP_TIMEOUT = 0.2  # silence for this long counts as dropped
 CLI_TIMEOUT = 60
-
-T = TypeVar("T")
 
 
 # ---- the CLI ---------------------------------------------------------------------------
@@ -62,29 +62,9 @@ def membrane_json(*args: str) -> Any:
 def user_error(*args: str, argv: list[str] | None = None) -> str:
     """Run a command that must be refused as bad input; returns its one stderr line."""
     cmd = argv or [*MEMBRANE, "filter", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=CLI_TIMEOUT, check=False)
-    shown = f"{' '.join(cmd)}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    assert result.returncode == 2, f"exit code {result.returncode}, not 2: {shown}"
-    assert "Traceback" not in result.stderr, shown
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"stderr is not exactly one line: {shown}"
-    assert lines[0].startswith("membrane: error: "), shown
-    assert result.stdout == "", f"a refused command printed on stdout: {shown}"
-    return lines[0]
-
-
-def wait_for(what: str, probe: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:
-    """Poll `probe` until it returns something true; that value is returned."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout:g} s waiting for {what}; last seen: {value!r}"
-            )
-        time.sleep(interval)
+    return cli.user_error(
+        subprocess.run(cmd, capture_output=True, text=True, timeout=CLI_TIMEOUT, check=False)
+    )
 
 
 def attachment(data: list[dict[str, Any]], ns: str, dev: str, hook: str) -> dict[str, Any]:

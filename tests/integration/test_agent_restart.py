@@ -12,8 +12,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from agent_support import Cluster, cluster_fixture, net_fixture, wait_for
-from reachability import Connection, Peer, Reachability
+from agent_support import cluster_fixture, net_fixture
+
+from membrane.testing.cluster import Cluster
+from membrane.testing.reachability import Connection, Peer, Reachability
+from membrane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.root
 

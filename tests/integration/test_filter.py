@@ -41,12 +41,12 @@ from filter_support import (
     rules_of,
     send_udp,
     v6,
-    wait_for,
     xdp_prog_id,
 )
 
 from membrane import netns
 from membrane.netns import Pair, Topology
+from membrane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.root
 

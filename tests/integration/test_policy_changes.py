@@ -6,10 +6,12 @@ new deny on their next packet, and `policy trace` / `observe` say which rule dec
 from __future__ import annotations
 
 import pytest
-from agent_support import Cluster, net_fixture, shared_cluster_fixture, wait_for
-from reachability import Connection
+from agent_support import net_fixture, shared_cluster_fixture
 
 from membrane import netns
+from membrane.testing.cluster import Cluster
+from membrane.testing.reachability import Connection
+from membrane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.root
 

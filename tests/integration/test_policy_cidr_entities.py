@@ -14,8 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from agent_support import Cluster, net_fixture, shared_cluster_fixture
-from reachability import Reachability
+from agent_support import net_fixture, shared_cluster_fixture
+
+from membrane.testing.cluster import Cluster
+from membrane.testing.reachability import Reachability
 
 pytestmark = pytest.mark.root
 

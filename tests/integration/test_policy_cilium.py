@@ -11,7 +11,9 @@ toPorts protocol ANY; icmps.
 from __future__ import annotations
 
 import pytest
-from agent_support import Cluster, net_fixture, shared_cluster_fixture
+from agent_support import net_fixture, shared_cluster_fixture
+
+from membrane.testing.cluster import Cluster
 
 pytestmark = pytest.mark.root
 

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from agent_support import Cluster, cluster_fixture, user_error
+from agent_support import cluster_fixture
+
+from membrane.testing.cli import user_error
+from membrane.testing.cluster import Cluster
 
 pytestmark = pytest.mark.root
 

@@ -8,11 +8,21 @@ import os
 import time
 
 import pytest
-from agent_support import agent_unusable_reason, running_cluster, start_server
-from reachability import Connection, Peer, Reachability, check, compare, probe, render
 
 from membrane import netns
 from membrane.netns import Topology
+from membrane.testing.agent import agent_unusable_reason
+from membrane.testing.cluster import running_cluster
+from membrane.testing.pods import start_echo_server
+from membrane.testing.reachability import (
+    Connection,
+    Peer,
+    Reachability,
+    check,
+    compare,
+    probe,
+    render,
+)
 
 pytestmark = pytest.mark.root
 
@@ -27,7 +37,7 @@ def peers(topology: Topology) -> dict[str, Peer]:
     netns.run(b.ns, ["ip", "route", "add", "blackhole", f"{a.ip}/32", "table", "7"])
     netns.run(b.ns, ["ip", "rule", "add", "from", silent, "table", "7"])
     for ns in (a.ns, b.ns):
-        server = start_server(ns, (80, 81))
+        server = start_echo_server(ns, (80, 81))
         topology.callback(netns.stop, server)
     return {
         "a": Peer("a", a.ns, a.ip),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,13 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trace_support import (
-    assert_user_error,
-    run_trace,
-    start_tracer,
-    stop_tracer,
-    stop_tracer_text,
-)
+from trace_support import run_trace, start_tracer, stop_tracer, stop_tracer_text
+
+from membrane.testing.cli import user_error
 
 pytestmark = pytest.mark.root
 
@@ -209,23 +204,7 @@ def test_table_has_bcc_columns(tmp_path: Path) -> None:
     assert len(rows) == 2 and "events: 2, lost: 0" in err
 
 
-@pytest.mark.parametrize(
-    ("args", "field"),
-    [
-        (["--pid", "0"], "--pid"),
-        (["--pid", "999999999"], "--pid"),
-        (["--comm", "a-name-longer-than-fifteen"], "--comm"),
-        (["--uid", "-1"], "--uid"),
-        (["--duration", "0"], "--duration"),
-        (["-o", "yaml"], "--output"),
-        (["--per-thread"], "--per-thread"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str) -> None:
-    assert_user_error(run_trace("exec", *args), field)
-
-
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
-def test_not_root_is_one_line_and_exit_2() -> None:
-    as_nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
-    assert_user_error(run_trace("exec", "-d", "1", prefix=as_nobody), "root", "CAP_BPF")
+def test_per_thread_is_not_an_exec_option() -> None:
+    """`exit`'s option is not one of exec's. (The options every tool shares are checked in
+    test_trace_options.py.)"""
+    user_error(run_trace("exec", "--per-thread"), "--per-thread")

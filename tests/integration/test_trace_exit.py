@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import resource
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,13 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trace_support import (
-    assert_user_error,
-    run_trace,
-    start_tracer,
-    stop_tracer,
-    stop_tracer_text,
-)
+from trace_support import run_trace, start_tracer, stop_tracer, stop_tracer_text
+
+from membrane.testing.cli import user_error
 
 pytestmark = pytest.mark.root
 
@@ -46,7 +41,6 @@ EXIT_FIELDS = {
     "lifetime_s",
     "ends_process",
 }
-NOBODY = 65534
 
 # Names itself, starts two threads that end on their own (after which only the main thread
 # is left in /proc/self/task), one that waits for ever, reads "go", then exit_group(7)
@@ -228,23 +222,7 @@ def test_table_has_bcc_columns(named: Named) -> None:
     assert cells[6:] == ["code", "2"] and float(cells[5]) < 30
 
 
-@pytest.mark.parametrize(
-    ("args", "field"),
-    [
-        (["--pid", "-3"], "--pid"),
-        (["--pid", "999999999"], "--pid"),
-        (["--comm", ""], "--comm"),
-        (["--uid", "4294967295"], "--uid"),
-        (["--duration", "-1"], "--duration"),
-        (["-o", "csv"], "--output"),
-        (["--per-thread", "yes"], "yes"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str) -> None:
-    assert_user_error(run_trace("exit", *args), field)
-
-
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
-def test_not_root_is_one_line_and_exit_2() -> None:
-    as_nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
-    assert_user_error(run_trace("exit", "-d", "1", prefix=as_nobody), "root", "CAP_BPF")
+def test_per_thread_takes_no_value() -> None:
+    """A flag, not an option with a value. (The options every tool shares are checked in
+    test_trace_options.py.)"""
+    user_error(run_trace("exit", "--per-thread", "yes"), "yes")

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from trace_support import assert_user_error, run_trace, start_tracer, stop_tracer, stop_tracer_text
+from trace_support import run_trace, start_tracer, stop_tracer, stop_tracer_text
 
+from membrane.testing.cli import user_error
 from membrane.trace.tools.profile import max_sample_rate
 
 pytestmark = pytest.mark.root
@@ -280,15 +281,8 @@ def test_folded_to_stdout_and_duration() -> None:
         (["--stack-storage-size", "0"], "--stack-storage-size"),
         (["--svg", "/nonexistent-dir/cpu.svg"], "--svg"),
         (["--folded", "-", "-o", "json"], "--folded"),
-        (["--pid", "0"], "--pid"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str) -> None:
-    assert_user_error(run_trace("profile", *args), field)
-
-
-def test_not_root_is_exit_2() -> None:
-    nobody = run_trace(
-        "profile", "-d", "1", prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
-    )
-    assert_user_error(nobody, "root")
+    """(The options every tool shares are checked in test_trace_options.py.)"""
+    user_error(run_trace("profile", *args), field)

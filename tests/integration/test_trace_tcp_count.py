@@ -8,11 +8,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from trace_support import (
-    start_tracer,
-    stop_tracer,
-    stop_tracer_text,
-)
+from trace_support import run_trace, start_tracer, stop_tracer, stop_tracer_text
 from trace_tcp_support import (
     JsonLines,
     add_ipv6,
@@ -24,6 +20,7 @@ from trace_tcp_support import (
 )
 
 from membrane.netns import Pair, Topology
+from membrane.testing.cli import user_error
 
 pytestmark = pytest.mark.root
 DST_FIELDS = {"time", "seconds", "ip", "daddr", "dport", "count"}
@@ -110,3 +107,17 @@ def test_pid_filter_and_table(topology: Topology, pair: Pair) -> None:
         ["4", server.host, str(server.port), "2"]
     ]
     assert "lost: 0" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--by", "src"], "--by"),
+        (["--interval", "-1"], "--interval"),
+        (["--interval", "nan"], "--interval"),
+        (["--interval", "ten"], "--interval"),
+    ],
+)
+def test_bad_tcp_count_options(args: list[str], field: str) -> None:
+    """(The options every tool shares are checked in test_trace_options.py.)"""
+    user_error(run_trace("tcp-count", *args), field)

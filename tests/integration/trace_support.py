@@ -52,14 +52,3 @@ def run_trace(
     return subprocess.run(
         [*prefix, *TRACE, tool, *args], capture_output=True, text=True, timeout=60, check=False
     )
-
-
-def assert_user_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
-    """Refused the way DESIGN.md says: exit 2, one stderr line naming the problem."""
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("membrane: error:"), lines[0]
-    assert "Traceback" not in result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]

@@ -3,9 +3,8 @@ expected matrix of (source, destination, port, protocol) → allowed, built with
 wildcard helpers, compared against real traffic, and shown as tables when they disagree.
 
 Probing runs in this process: each probe's socket is opened inside the source's network
-namespace (`netns.inside` moves only the calling thread, and a socket stays in the
-namespace it was born in), then every probe of a matrix runs at once on one asyncio loop.
-A probe is a TCP connect plus an echo round trip, or a UDP datagram and its echo; silence
+namespace (`traffic.socket_in`), then every probe of a matrix runs at once on one asyncio
+loop. A probe is a TCP connect plus an echo round trip, or a UDP datagram and its echo; silence
 for PROBE_TIMEOUT is a drop. Each failed probe is retried once, so a lost first packet is
 not mistaken for a policy drop; a whole 9x9x4 table takes about a second (drops dominate:
 two timeouts).
@@ -27,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from membrane import netns
+from membrane.testing.traffic import socket_in
 
 PROBE_TIMEOUT = 0.6  # an echo over two veths takes well under a millisecond
 ATTEMPTS = 2
@@ -49,9 +49,7 @@ class Peer:
 
 # ---- probing ---------------------------------------------------------------------------
 def _socket(peer: Peer, proto: str) -> socket.socket:
-    kind = socket.SOCK_STREAM if proto == "TCP" else socket.SOCK_DGRAM
-    with netns.inside(peer.netns):
-        sock = socket.socket(socket.AF_INET, kind)
+    sock = socket_in(peer.netns, socket.SOCK_STREAM if proto == "TCP" else socket.SOCK_DGRAM)
     sock.setblocking(False)
     if peer.bind:
         sock.bind((peer.ip, 0))

@@ -1,11 +1,12 @@
 """The server every pod (and the node and the outside host) runs in the policy tests: TCP and
 UDP echo on each port given on the command line, on every address of its namespace.
 
-Started with `membrane.netns.popen` inside a namespace; prints "ready" on stdout once every
-socket is bound, so the harness waits for that line instead of sleeping. Stdlib only, one
-asyncio loop: a pod costs one small process.
+Started by path with `membrane.netns.popen` inside a namespace (`pods.start_echo_server`);
+prints "ready" on stdout once every socket is bound, so the harness waits for that line
+instead of sleeping. Stdlib only and no package import, one asyncio loop: a pod costs one
+small process.
 
-    python reachability_server.py 80 81 82
+    python echo_server.py 80 81 82
 """
 
 from __future__ import annotations
