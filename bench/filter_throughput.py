@@ -22,7 +22,6 @@ Every scenario is compared with `none` of the same round; the ratios' medians ar
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -42,8 +41,8 @@ from membrane import netns
 from membrane.bpf import BpfObject, Link, Program
 from membrane.bpf.links import attach_xdp
 from membrane.netns import Pair, Topology
+from membrane.testing.traffic import iperf
 
-IPERF_PORT = 5201
 FILTER_STAT_PASSED = 1  # enum filter_stat, bpf/abi/filter.h
 TARGET_VS_NONE = 0.95
 TARGET_VS_IPTABLES = 5.0
@@ -67,22 +66,6 @@ class Scenario:
     tcp_bps: list[float] = field(default_factory=list)
     udp_pps: list[float] = field(default_factory=list)
     detail: dict[str, object] = field(default_factory=dict)
-
-
-def iperf(topo: Topology, pair: Pair, duration: float, udp: bool) -> float:
-    """One iperf3 test against a fresh one-shot server; receiver bits/s (TCP) or packets/s
-    (UDP, 64-byte payloads)."""
-    server = topo.popen(pair.server.ns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)])
-    netns.wait_listening(pair.server.ns, IPERF_PORT)
-    argv = ["iperf3", "-c", pair.server.ip, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J"]
-    if udp:
-        argv += ["-u", "-l", "64", "-b", "0"]
-    result = netns.run(pair.client.ns, argv, timeout=duration + 60)
-    netns.stop(server)
-    received = json.loads(result.stdout)["end"]["sum_received"]
-    if udp:
-        return (received["packets"] - received["lost_packets"]) / received["seconds"]
-    return received["bits_per_second"]
 
 
 def iptables_rules(prefixes: list[IPv4Network]) -> str:
@@ -240,12 +223,13 @@ def main() -> None:
         prefixes = drop_prefixes(RULES, avoid=pair.server.address.network)
         filters = ServerFilters(topo, pair, prefixes)
         scenarios = {name: s for name, s in filters.scenarios().items() if name in chosen}
+        path = (pair.client.ns, pair.server.ns, pair.server.ip)  # client, server, server address
         for _ in range(args.rounds):
             for s in scenarios.values():
                 s.setup()
                 try:
-                    s.tcp_bps.append(iperf(topo, pair, args.duration, udp=False))
-                    s.udp_pps.append(iperf(topo, pair, args.duration, udp=True))
+                    s.tcp_bps.append(iperf(*path, args.duration, udp=False))
+                    s.udp_pps.append(iperf(*path, args.duration, udp=True))
                 finally:
                     s.teardown()
     for s in scenarios.values():

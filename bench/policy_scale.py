@@ -35,22 +35,15 @@ one each round); ratios are taken per round against `none` of that round, then t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
-import select
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -58,16 +51,14 @@ import yaml
 from bench._common import RULES, emit, exit_on_sigterm, machine, median
 from membrane import netns
 from membrane.api.client import ApiClient
-from membrane.bpf.fs import PIN_ROOT
 from membrane.datapath import NodeMaps
+from membrane.testing.agent import NODE_IP, POD_CIDR, AgentProcess, running_agent
+from membrane.testing.pods import Pod, add_pod
+from membrane.testing.traffic import IPERF_PORT, connect, iperf, listen
 
-IPERF_PORT = 5201
-NODE_IP = IPv4Address("198.19.0.1")
-POD_CIDR = IPv4Network("198.18.0.0/16")
 CIDR_RANGE = IPv4Network("198.19.0.0/16")  # the policy's prefixes; pods are in POD_CIDR
 NODE_NET = IPv4Network("198.19.0.0/24")  # kept clear: the node's address lives here
 NAMESPACE = "bench"
-READY_LINE = "membrane agent ready"
 NFT_TABLE = "membrane_bench"
 TARGET_VS_NONE = 0.95
 TARGET_VS_NFT = 10.0
@@ -108,139 +99,18 @@ def policy_document(prefixes: list[IPv4Network]) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-# ---- the agent ---------------------------------------------------------------------------
-def membrane_binary() -> str:
-    beside = Path(sys.executable).with_name("membrane")
-    found = str(beside) if beside.exists() else shutil.which("membrane")
-    if not found:
-        raise SystemExit("the `membrane` command is not installed (pip install -e .)")
-    return found
-
-
-class Agent:
-    """`membrane agent run` with a node namespace, state directory, socket and pod prefix
-    of its own; `destroy` removes all of it, whatever state it is in."""
-
-    def __init__(self, workdir: Path) -> None:
-        tag = f"mps{os.getpid() % 100000}"
-        self.node_netns, self.prefix = f"{tag}n", f"{tag}-"
-        self.workdir = workdir
-        self.socket = str(workdir / "api.sock")
-        self.log_path = workdir / "agent.log"
-        self.bpf_dir = Path(PIN_ROOT) / "agent" / self.node_netns
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self, timeout: float = 60.0) -> None:
-        argv = [
-            membrane_binary(), "agent", "run",
-            "--state-dir", str(self.workdir / "state"),
-            "--api-socket", self.socket,
-            "--node-netns", self.node_netns,
-            "--netns-prefix", self.prefix,
-            "--pod-cidr", str(POD_CIDR),
-            "--node-ip", str(NODE_IP),
-            "--log-level", "warning",
-        ]  # fmt: skip
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                start_new_session=True,
-            )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        seen = ""
-        while READY_LINE not in seen:
-            left = deadline - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None:
-                raise RuntimeError(f"the agent did not start: {seen!r}\n{self.log_tail()}")
-            if select.select([self.proc.stdout], [], [], min(left, 0.5))[0]:
-                seen += self.proc.stdout.readline()
-
-    def api(self, timeout: float | None = 120.0) -> ApiClient:
-        return ApiClient(self.socket, timeout=timeout)
-
-    def check_alive(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            raise RuntimeError(f"the agent died\n{self.log_tail()}")
-
-    def cpu_s(self) -> float:
-        """The agent's CPU time so far (user + system)."""
-        assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def rss_mib(self) -> float:
-        assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-        return 0.0
-
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return "(no log)"
-
-    def destroy(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-        for name in netns.names():
-            if name.startswith(self.prefix):
-                with contextlib.suppress(OSError):
-                    netns.delete(name)
-        with contextlib.suppress(OSError):
-            netns.delete(self.node_netns)
-        shutil.rmtree(self.bpf_dir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def running_agent() -> Iterator[Agent]:
-    workdir = Path(tempfile.mkdtemp(prefix="membrane-policy-scale-"))
-    agent = Agent(workdir)
-    try:
-        agent.start()
-        yield agent
-    finally:
-        try:
-            agent.destroy()
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class Pod:
-    name: str
-    ip: str
-    netns: str
-    ep_id: int
-
-
-def add_pod(api: ApiClient, name: str, labels: dict[str, str]) -> Pod:
-    ep = api.post("/v1/endpoints", {"namespace": NAMESPACE, "name": name, "labels": labels})
-    return Pod(name, ep["ipv4"], ep["netns"], int(ep["id"]))
-
-
-def add_peers(api: ApiClient, wanted: int, budget_s: float) -> tuple[list[Pod], dict[str, Any]]:
+# ---- pods --------------------------------------------------------------------------------
+def add_peers(client: ApiClient, wanted: int, budget_s: float) -> tuple[list[Pod], dict[str, Any]]:
     """Up to `wanted` peers with distinct labels (so distinct identities), one request
     each, stopping when `budget_s` is spent; the peers and how long their adds took."""
     pods: list[Pod] = []
     took: list[float] = []
     started = time.monotonic()
     while len(took) < wanted and time.monotonic() - started < budget_s:
-        t = time.perf_counter()
-        pods.append(add_pod(api, f"peer-{len(took)}", {"role": "peer", "peer": str(len(took))}))
-        took.append(time.perf_counter() - t)
+        labels = {"role": "peer", "peer": str(len(took))}
+        pod, seconds = add_pod(client, NAMESPACE, f"peer-{len(took)}", labels)
+        pods.append(pod)
+        took.append(seconds)
         if len(took) % 100 == 0:
             print(f"  {len(took)} peers, last add {took[-1] * 1e3:.0f} ms", file=sys.stderr)
     tenth = max(1, len(took) // 10)
@@ -255,7 +125,7 @@ def add_peers(api: ApiClient, wanted: int, budget_s: float) -> tuple[list[Pod], 
 
 
 # ---- checks ------------------------------------------------------------------------------
-def policy_entries(agent: Agent, ep_id: int) -> int:
+def policy_entries(agent: AgentProcess, ep_id: int) -> int:
     """Entries the agent's pinned policy map holds for endpoint `ep_id` (both
     generations; outside a policy switch only one has entries)."""
     with NodeMaps.open(str(agent.bpf_dir)) as maps:
@@ -265,19 +135,14 @@ def policy_entries(agent: Agent, ep_id: int) -> int:
 def connects(client: Pod, server: Pod, port: int, timeout: float = 1.0) -> bool:
     """Whether a TCP connection from `client` to `server`:`port` is accepted (a listener
     of our own in the server's namespace)."""
-    with netns.inside(server.netns):
-        listener = socket.create_server((server.ip, port))
-    with netns.inside(client.netns):
-        conn = socket.socket()
-    with listener, conn:
-        conn.settimeout(timeout)
-        return conn.connect_ex((server.ip, port)) == 0
+    with listen(server.netns, server.ip, port):
+        return connect(client.netns, server.ip, port, timeout)
 
 
 class BpfPolicy:
     """The policy, imported through the agent's API and deleted again, timed each time."""
 
-    def __init__(self, agent: Agent, server: Pod, document: str, entries: int) -> None:
+    def __init__(self, agent: AgentProcess, server: Pod, document: str, entries: int) -> None:
         self.agent, self.server, self.document, self.entries = agent, server, document, entries
         self.import_s: list[float] = []
         self.enforced_s: list[float] = []  # what the agent reports (enforced_in_seconds)
@@ -285,13 +150,13 @@ class BpfPolicy:
 
     def apply(self) -> None:
         t = time.perf_counter()
-        answer = self.agent.api(timeout=None).post("/v1/policies", {"yaml": self.document})
+        answer = self.agent.client(timeout=None).post("/v1/policies", {"yaml": self.document})
         self.import_s.append(time.perf_counter() - t)
         self.enforced_s.append(float(answer["enforced_in_seconds"]))
 
     def remove(self) -> None:
         t = time.perf_counter()
-        self.agent.api(timeout=None).delete("/v1/policies", {"all": "1"})
+        self.agent.client(timeout=None).delete("/v1/policies", {"all": "1"})
         self.delete_s.append(time.perf_counter() - t)
 
     def check(self, client: Pod, stranger: Pod) -> dict[str, bool]:
@@ -299,7 +164,7 @@ class BpfPolicy:
         the stranger refused; delete: the entries are gone, the stranger is admitted."""
         self.apply()
         try:
-            held = policy_entries(self.agent, self.server.ep_id)
+            held = policy_entries(self.agent, self.server.id)
             seen = {
                 "client -> server": connects(client, self.server, IPERF_PORT),
                 "stranger -> server": connects(stranger, self.server, IPERF_PORT),
@@ -307,7 +172,7 @@ class BpfPolicy:
         finally:
             self.remove()
         seen["stranger -> server, policy deleted"] = connects(stranger, self.server, IPERF_PORT)
-        left = policy_entries(self.agent, self.server.ep_id)
+        left = policy_entries(self.agent, self.server.id)
         if (held, left) != (self.entries, 0):
             raise RuntimeError(
                 f"server policy entries: {held} (expected {self.entries}), {left} after delete"
@@ -382,24 +247,6 @@ class Scenario:
     tcp_bps: list[float] = field(default_factory=list)
     udp_pps: list[float] = field(default_factory=list)
     agent_cpu_s: list[float] = field(default_factory=list)  # while its tests ran
-
-
-def iperf(client: Pod, server: Pod, duration: float, udp: bool) -> float:
-    """One iperf3 test against a fresh one-shot server; receiver bits/s (TCP) or packets/s
-    (UDP, 64-byte payloads)."""
-    proc = netns.popen(server.netns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)])
-    try:
-        netns.wait_listening(server.netns, IPERF_PORT)
-        argv = ["iperf3", "-c", server.ip, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J"]
-        if udp:
-            argv += ["-u", "-l", "64", "-b", "0"]
-        result = netns.run(client.netns, argv, timeout=duration + 60)
-    finally:
-        netns.stop(proc)
-    received = json.loads(result.stdout)["end"]["sum_received"]
-    if udp:
-        return (received["packets"] - received["lost_packets"]) / received["seconds"]
-    return received["bits_per_second"]
 
 
 def ratio(values: list[float], base: list[float]) -> float:
@@ -487,15 +334,16 @@ def main() -> None:
     host = machine()
     started = time.monotonic()
     prefixes = policy_prefixes(args.cidrs)
-    if any(p.overlaps(POD_CIDR) or NODE_IP in p for p in prefixes):
+    if any(p.overlaps(IPv4Network(POD_CIDR)) or IPv4Address(NODE_IP) in p for p in prefixes):
         raise RuntimeError("a policy prefix covers a pod or the node")
 
-    with running_agent() as agent:
+    tag = f"mps{os.getpid() % 100000}"
+    with running_agent(tag, log_level="warning", memory_limit=None) as agent:
         print(f"agent: node netns {agent.node_netns}, pods {agent.prefix}*", file=sys.stderr)
-        api = agent.api()
-        client = add_pod(api, "client", {"app": "iperf-client"})
-        server = add_pod(api, "server", {"app": "iperf-server"})
-        stranger = add_pod(api, "stranger", {"app": "stranger"})
+        api = agent.client(timeout=120.0)
+        client = add_pod(api, NAMESPACE, "client", {"app": "iperf-client"})[0]
+        server = add_pod(api, NAMESPACE, "server", {"app": "iperf-server"})[0]
+        stranger = add_pod(api, NAMESPACE, "stranger", {"app": "stranger"})[0]
         peer_pods, peers = add_peers(api, args.peers, args.peer_budget)
         agent.check_alive()
         print(f"{peers['created']} peers in {peers['seconds']} s; checking", file=sys.stderr)
@@ -520,19 +368,20 @@ def main() -> None:
         }
         scenarios = {name: all_scenarios[name] for name in SCENARIOS if name in chosen}
         order = list(scenarios.values())
+        path = (client.netns, server.netns, server.ip)  # client, server, server address
         for rnd in range(args.rounds):
             for s in order[rnd % len(order) :] + order[: rnd % len(order)]:
                 s.setup()
                 try:
                     cpu = agent.cpu_s()
-                    s.tcp_bps.append(iperf(client, server, args.duration, udp=False))
-                    s.udp_pps.append(iperf(client, server, args.duration, udp=True))
+                    s.tcp_bps.append(iperf(*path, args.duration, udp=False))
+                    s.udp_pps.append(iperf(*path, args.duration, udp=True))
                     s.agent_cpu_s.append(round(agent.cpu_s() - cpu, 2))
                 finally:
                     s.teardown()
             agent.check_alive()
             print(f"  round {rnd + 1}/{args.rounds} done", file=sys.stderr)
-        rss = agent.rss_mib()
+        rss = round(agent.memory_kib()["rss_kib"] / 1024, 1)
 
     rows = summarize(scenarios)
     out = {
