@@ -6,10 +6,9 @@ import typer
 
 from membrane.agent.config import DEFAULT_NODE_IP, DEFAULT_POD_CIDR, DEFAULT_STATE_DIR, make_config
 from membrane.api.client import DEFAULT_SOCKET, SOCKET_ENV
+from membrane.cli.commands import typer_app
 
-app = typer.Typer(
-    help="The node agent: endpoints, identities, policy, flows.", no_args_is_help=True
-)
+app = typer_app("agent", no_args_is_help=True)
 
 
 @app.command(

@@ -9,10 +9,11 @@ import typer
 from membrane.api.client import ApiClient, path_of
 from membrane.choices import check_choice
 from membrane.cli.api_options import API_SOCKET, OUTPUT, parse_key_values, split_ns_name
+from membrane.cli.commands import typer_app
 from membrane.cli.output import print_json, print_table
 from membrane.errors import UserError
 
-app = typer.Typer(help="Endpoints (pods): network namespaces with labels.", no_args_is_help=True)
+app = typer_app("endpoint", no_args_is_help=True)
 
 
 def _ports(items: list[str]) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from membrane.choices import check_choice
+from membrane.cli.commands import typer_app
 from membrane.cli.output import print_json, print_table
 from membrane.errors import UserError
 from membrane.filter.manager import HOOKS, XDP_MODE_NAMES, Attachment, FilterManager
@@ -19,11 +20,7 @@ from membrane.filter.rules import (
     read_cidr_file,
 )
 
-app = typer.Typer(
-    help="Packet filters in XDP and tc: drop by destination, drop by protocol, allow only a "
-    "given flow to a port. Filters stay in force after the command exits.",
-    no_args_is_help=True,
-)
+app = typer_app("filter", no_args_is_help=True)
 
 NETNS = typer.Option(None, "--netns", help="Network namespace of the device (/run/netns/NAME).")
 DEV = typer.Option(..., "--dev", "-d", help="Network device to filter on.")

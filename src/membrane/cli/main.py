@@ -1,16 +1,20 @@
-"""Entry point of the `membrane` command: `membrane <noun> <verb>`."""
+"""Entry point of the `membrane` command: `membrane <noun> <verb>`.
+
+Start-up is kept short because every command is its own process (a CNI plugin pays it per
+container): the subcommands load lazily (lazy.py) and each one imports only what it uses."""
 
 from __future__ import annotations
 
 import sys
 
 import typer
-from typer._click import exceptions as click_exceptions
 
+from membrane.cli.lazy import LazyGroup
 from membrane.errors import UserError
 
 app = typer.Typer(
     name="membrane",
+    cls=LazyGroup,
     help="eBPF networking, security and observability for Linux containers.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -19,24 +23,35 @@ app = typer.Typer(
 )
 
 
-def _register() -> None:
-    from membrane.cli import agent as agent_cli
-    from membrane.cli import endpoint as endpoint_cli
-    from membrane.cli import filter as filter_cli
-    from membrane.cli import namespace as namespace_cli
-    from membrane.cli import observe as observe_cli
-    from membrane.cli import policy as policy_cli
-    from membrane.cli import probe as probe_cli
-    from membrane.cli import trace as trace_cli
+def installed_version() -> str:
+    # Imported here: importlib.metadata costs ~25 ms, which only --version should pay.
+    from importlib.metadata import PackageNotFoundError, version
 
-    app.add_typer(agent_cli.app, name="agent")
-    app.add_typer(endpoint_cli.app, name="endpoint")
-    app.add_typer(namespace_cli.app, name="namespace")
-    app.add_typer(policy_cli.app, name="policy")
-    app.command("observe", epilog=observe_cli.EPILOG)(observe_cli.observe)
-    app.add_typer(filter_cli.app, name="filter")
-    app.add_typer(trace_cli.app, name="trace")
-    app.command("probe")(probe_cli.probe)
+    try:
+        return version("membrane")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from membrane import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"membrane {installed_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the version and exit.",
+    ),
+) -> None:
+    pass
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -46,17 +61,19 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def main() -> None:
-    _register()
     try:
         code = app(standalone_mode=False)
     except UserError as err:
         fail(str(err), err.exit_code)
-    except click_exceptions.NoArgsIsHelpError as err:
-        print(err.ctx.get_help() if err.ctx else err.format_message())
-        raise SystemExit(0) from None
-    except click_exceptions.UsageError as err:
+    except typer.TyperException as err:
+        # click's errors: typer (>= 0.28) vendors click, with this public base class
+        if type(err).__name__ == "NoArgsIsHelpError":  # told apart as typer itself does
+            # the help; typer's rich formatting has printed it already and left this empty
+            if help_text := err.format_message():
+                print(help_text)
+            raise SystemExit(0) from None
         # click prints usage text and a box; our convention is one line naming the problem
-        fail(err.format_message().replace("\n", " "), 2)
+        fail(err.format_message().replace("\n", " "), err.exit_code)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except BrokenPipeError:  # e.g. `membrane filter events -f | head`

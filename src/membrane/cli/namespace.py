@@ -7,10 +7,11 @@ import typer
 from membrane.api.client import ApiClient, path_of
 from membrane.choices import check_choice
 from membrane.cli.api_options import API_SOCKET, OUTPUT, parse_key_values
+from membrane.cli.commands import typer_app
 from membrane.cli.output import print_json, print_table
 from membrane.errors import UserError
 
-app = typer.Typer(help="Namespaces and their labels.", no_args_is_help=True)
+app = typer_app("namespace", no_args_is_help=True)
 
 
 @app.command("label", epilog="Example:\n\n  membrane namespace label prod team=payments env-")

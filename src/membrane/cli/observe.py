@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from membrane.choices import check_choice
+from membrane.cli.commands import help_of, typer_app
 from membrane.errors import UserError
 from membrane.observe.format import FORMATS, FlowPrinter
 from membrane.observe.store import FlowFilter
@@ -44,8 +45,6 @@ def observe(
         help="The agent's API socket (default: /run/membrane/membrane.sock).",
     ),
 ) -> None:
-    """Flows the endpoints' datapath saw: each new connection's policy verdict and every
-    drop, with both sides' pods and identities and the rule that decided."""
     output = check_choice(output, FORMATS, "--output")
     if last < 0:
         raise UserError("--last", f"{last} is negative (give 0 to show only new flows)")
@@ -76,3 +75,7 @@ def observe(
         for item in client.get(FLOWS_PATH, params)["flows"]:
             printer.item(item)
     printer.close()
+
+
+app = typer_app("observe")
+app.command("observe", help=help_of("observe"), epilog=EPILOG)(observe)

@@ -6,9 +6,6 @@ import json
 import sys
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2)
@@ -19,6 +16,10 @@ def print_table(columns: list[str], rows: list[list[str]], empty: str = "") -> N
     if not rows and empty:
         print(empty)
         return
+    # rich costs ~25 ms to import: only commands that print a table pay it
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(box=None, show_edge=False, pad_edge=False, header_style="bold")
     for col in columns:
         table.add_column(col, overflow="fold")

@@ -6,15 +6,15 @@ import sys
 from typing import Any
 
 import typer
-import yaml
 
 from membrane.api.client import ApiClient
 from membrane.choices import check_choice
 from membrane.cli.api_options import API_SOCKET, OUTPUT
+from membrane.cli.commands import typer_app
 from membrane.cli.output import print_json, print_table
 from membrane.errors import UserError
 
-app = typer.Typer(help="Network policies: import, list, delete, explain.", no_args_is_help=True)
+app = typer_app("policy", no_args_is_help=True)
 KIND = typer.Option(
     None, "--kind", help="NetworkPolicy, CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy."
 )
@@ -106,6 +106,8 @@ def get(
     if output == "json":
         print_json(docs[0] if len(docs) == 1 else docs)
     else:
+        import yaml  # only this command prints YAML
+
         typer.echo(yaml.safe_dump_all(docs, sort_keys=False).rstrip())
 
 

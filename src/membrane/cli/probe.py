@@ -7,6 +7,7 @@ from dataclasses import asdict
 import typer
 
 from membrane.choices import check_choice
+from membrane.cli.commands import help_of, typer_app
 from membrane.cli.output import print_json, print_table
 from membrane.errors import NotPermitted
 
@@ -14,8 +15,6 @@ from membrane.errors import NotPermitted
 def probe(
     output: str = typer.Option("table", "-o", "--output", help="table or json."),
 ) -> None:
-    """Load and attach a tiny program for each hook, map type and helper Membrane uses,
-    and report which ones this kernel allows (and why not, when it refuses)."""
     check_choice(output, ("table", "json"), "--output")
     # Imported here so that `membrane --help` works without libbpf.
     from membrane.bpf.probe import missing_capabilities, probe_features
@@ -34,3 +33,7 @@ def probe(
         ["FEATURE", "CATEGORY", "SUPPORTED", "DETAIL"],
         [[f.name, f.category, "yes" if f.supported else "no", f.detail] for f in features],
     )
+
+
+app = typer_app("probe")
+app.command("probe", help=help_of("probe"))(probe)

@@ -5,15 +5,11 @@ from __future__ import annotations
 import typer
 
 from membrane.choices import check_choice
+from membrane.cli.commands import typer_app
 from membrane.cli.output import print_json, print_table
 from membrane.trace.tools import discover
 
-app = typer.Typer(
-    help="Tracing tools (bcc/bpftrace-class) on stable kernel hooks: tracepoints, raw "
-    "tracepoints, uprobes and perf events. Filters run in the kernel; Ctrl-C stops with a "
-    "summary; lost events are always reported.",
-    invoke_without_command=True,
-)
+app = typer_app("trace", invoke_without_command=True)
 
 
 @app.callback()
