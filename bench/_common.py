@@ -3,6 +3,7 @@ from the objects' BTF, the machine description and the output convention."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -24,20 +25,59 @@ XDP_PASS, XDP_DROP = 2, 1
 TC_ACT_UNSPEC, TC_ACT_SHOT = 0xFFFFFFFF, 2  # the retval test runs report (-1 as __u32)
 
 
+def random_prefixes(
+    count: int,
+    within: IPv4Network,
+    avoid: IPv4Network,
+    lengths: Sequence[tuple[int, int]],
+    seed: int,
+) -> list[IPv4Network]:
+    """`count` distinct prefixes inside `within`, none overlapping `avoid`, their lengths
+    drawn with the given (prefix length, weight) pairs: random, but the same every run."""
+    rng = random.Random(seed)
+    sizes, weights = [n for n, _ in lengths], [w for _, w in lengths]
+    found: set[IPv4Network] = set()
+    while len(found) < count:
+        prefixlen = rng.choices(sizes, weights=weights)[0]
+        address = within.network_address + rng.randrange(within.num_addresses)
+        net = IPv4Network((address, prefixlen), strict=False)
+        if not net.overlaps(avoid):
+            found.add(net)
+    return sorted(found)
+
+
 def drop_prefixes(count: int, avoid: IPv4Network, seed: int = 7) -> list[IPv4Network]:
     """`count` distinct prefixes inside 198.18.0.0/15 that never cover `avoid` (where the
     measured traffic goes): 70 % /32, 20 % /24, 10 % /28, like a blocklist of hosts and a
     few networks. They crowd the whole range, so a lookup for an address in `avoid` walks
     a deep trie and misses late, instead of leaving the trie at its first node."""
-    rng = random.Random(seed)
-    found: set[IPv4Network] = set()
-    while len(found) < count:
-        prefixlen = rng.choices((32, 24, 28), weights=(7, 2, 1))[0]
-        address = TEST_RANGE.network_address + rng.randrange(TEST_RANGE.num_addresses)
-        net = IPv4Network((address, prefixlen), strict=False)
-        if not net.overlaps(avoid):
-            found.add(net)
-    return sorted(found)
+    return random_prefixes(count, TEST_RANGE, avoid, ((32, 7), (24, 2), (28, 1)), seed)
+
+
+def scenario_arguments(
+    doc: str | None, scenarios: Sequence[str], duration: float, rounds: int
+) -> argparse.ArgumentParser:
+    """The command line of a throughput benchmark: seconds per test, rounds over all
+    scenarios and which of them; more options may be added before parsing."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=duration, help="seconds per iperf3 test")
+    parser.add_argument("--rounds", type=int, default=rounds, help="rounds over all scenarios")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(scenarios),
+        help=f"comma-separated subset of {','.join(scenarios)}",
+    )
+    return parser
+
+
+def chosen_scenarios(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, scenarios: Sequence[str]
+) -> list[str]:
+    """The scenarios `--scenarios` names (an unknown one is a usage error)."""
+    chosen = [s for s in args.scenarios.split(",") if s]
+    if unknown := set(chosen) - set(scenarios):
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    return chosen
 
 
 def fill_drop_dst(obj: BpfObject, prefixes: Sequence[IPv4Network]) -> None:

@@ -21,7 +21,6 @@ Every scenario is compared with `none` of the same round; the ratios' medians ar
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -30,12 +29,14 @@ from ipaddress import IPv4Network
 
 from bench._common import (
     RULES,
+    chosen_scenarios,
     drop_prefixes,
     emit,
     exit_on_sigterm,
     fill_drop_dst,
     machine,
     median,
+    scenario_arguments,
 )
 from membrane import netns
 from membrane.bpf import BpfObject, Link, Program
@@ -201,18 +202,9 @@ def _targets(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per iperf3 test")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds over all scenarios")
-    parser.add_argument(
-        "--scenarios",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)}",
-    )
+    parser = scenario_arguments(__doc__, SCENARIOS, duration=5.0, rounds=5)
     args = parser.parse_args()
-    chosen = [s for s in args.scenarios.split(",") if s]
-    if unknown := set(chosen) - set(SCENARIOS):
-        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    chosen = chosen_scenarios(parser, args, SCENARIOS)
     exit_on_sigterm()
     host = machine()
 

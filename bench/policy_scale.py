@@ -34,10 +34,8 @@ one each round); ratios are taken per round against `none` of that round, then t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import random
 import shutil
 import sys
 import time
@@ -48,7 +46,16 @@ from typing import Any
 
 import yaml
 
-from bench._common import RULES, emit, exit_on_sigterm, machine, median
+from bench._common import (
+    RULES,
+    chosen_scenarios,
+    emit,
+    exit_on_sigterm,
+    machine,
+    median,
+    random_prefixes,
+    scenario_arguments,
+)
 from membrane import netns
 from membrane.api.client import ApiClient
 from membrane.datapath import NodeMaps
@@ -68,15 +75,7 @@ SCENARIOS = ("none", "policy", "nft", "nft-set")
 def policy_prefixes(count: int, seed: int = 7) -> list[IPv4Network]:
     """`count` distinct prefixes inside 198.19.0.0/16 that stay clear of the node's /24:
     mostly /32 (hosts), some /28 and /24 (networks, as many as fit), random but fixed."""
-    rng = random.Random(seed)
-    found: set[IPv4Network] = set()
-    while len(found) < count:
-        prefixlen = rng.choices((32, 28, 24), weights=(7, 2, 1))[0]
-        address = CIDR_RANGE.network_address + rng.randrange(CIDR_RANGE.num_addresses)
-        net = IPv4Network((address, prefixlen), strict=False)
-        if not net.overlaps(NODE_NET):
-            found.add(net)
-    return sorted(found)
+    return random_prefixes(count, CIDR_RANGE, NODE_NET, ((32, 7), (28, 2), (24, 1)), seed)
 
 
 def policy_document(prefixes: list[IPv4Network]) -> str:
@@ -312,23 +311,14 @@ def check_tools() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=4.0, help="seconds per iperf3 test")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds over all scenarios")
+    parser = scenario_arguments(__doc__, SCENARIOS, duration=4.0, rounds=4)
     parser.add_argument("--peers", type=int, default=1000, help="peer identities wanted")
     parser.add_argument(
         "--peer-budget", type=float, default=300.0, help="stop adding peers after S seconds"
     )
     parser.add_argument("--cidrs", type=int, default=RULES, help="CIDR prefixes in the policy")
-    parser.add_argument(
-        "--scenarios",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)}",
-    )
     args = parser.parse_args()
-    chosen = [s for s in args.scenarios.split(",") if s]
-    if unknown := set(chosen) - set(SCENARIOS):
-        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    chosen = chosen_scenarios(parser, args, SCENARIOS)
     check_tools()
     exit_on_sigterm()
     host = machine()
