@@ -7,8 +7,8 @@ import typer
 from membrane.choices import check_choice
 from membrane.cli.commands import help_of, typer_app
 from membrane.errors import UserError
+from membrane.observe.flowfilter import FlowFilter
 from membrane.observe.format import FORMATS, FlowPrinter
-from membrane.observe.store import FlowFilter
 
 FLOWS_PATH = "/v1/flows"
 EPILOG = (
