@@ -7,12 +7,8 @@ import contextlib
 import ctypes
 import os
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
-
-from membrane.trace.session import READY_LINE
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -91,25 +87,6 @@ class Workload:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-def start_membrane(args: Sequence[str], sink: IO[str]) -> subprocess.Popen[str]:
-    """`membrane trace ARGS` with stdout into `sink`, once it says it is attached."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "membrane", "trace", *args],
-        stdout=sink,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    seen = []
-    while READY_LINE not in (line := proc.stderr.readline()):
-        seen.append(line)
-        if not line:
-            proc.kill()
-            proc.wait()
-            raise SystemExit(f"membrane trace {' '.join(args)} did not start: {''.join(seen)}")
-    return proc
 
 
 def stop(proc: subprocess.Popen[str], signum: int, name: str) -> str:

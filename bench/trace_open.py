@@ -33,10 +33,10 @@ from bench._trace import (
     compile_workload,
     cpu_ticks,
     kill,
-    start_membrane,
     stop,
     ticks_to_ns,
 )
+from membrane.testing.tracer import start_tracer
 
 TARGET_COST_RATIO = 0.60  # ours <= 60 % of bpftrace's added cost per event
 FILES = 1000  # distinct paths the workload cycles through
@@ -157,7 +157,7 @@ def run_once(
                 return Run(wall_ns, cpu_ns)
             if variant.startswith("membrane"):
                 json_out = ["-o", "json"] if variant == "membrane-json" else []
-                tracer = start_membrane(["open", "--pid", str(workload.pid), *json_out], sink)
+                tracer = start_tracer("open", "--pid", str(workload.pid), *json_out, stdout=sink)
             else:
                 script = BPFTRACE_SCRIPT % {"pid": workload.pid, "ready": BPFTRACE_READY}
                 tracer = subprocess.Popen(

@@ -32,10 +32,10 @@ from bench._trace import (
     compile_workload,
     cpu_ticks,
     kill,
-    start_membrane,
     stop,
     ticks_to_ns,
 )
+from membrane.testing.tracer import start_tracer
 
 TARGET_SLOWDOWN = 0.02  # < 2 % slower under the profiler
 VARIANTS = ("alone", "profile-pid", "profile-all")
@@ -111,7 +111,9 @@ def run_once(
                 wall_ns, cpu_ns, _ = workload.run()
                 return Run(wall_ns, cpu_ns)
             only = ["--pid", str(workload.pid)] if variant == "profile-pid" else []
-            profiler = start_membrane(["profile", "-F", str(frequency), "-o", "json", *only], sink)
+            profiler = start_tracer(
+                "profile", "-F", str(frequency), "-o", "json", *only, stdout=sink
+            )
             ticks = cpu_ticks(profiler.pid)
             bpf_before = bpf_run_time(profiler.pid) if bpf_stats else (0, 0)
             wall_ns, cpu_ns, _ = workload.run()

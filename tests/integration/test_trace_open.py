@@ -11,7 +11,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from trace_support import run_trace, start_tracer, stop_tracer, stop_tracer_text
+from trace_support import run_trace, stop_tracer
+
+from membrane.testing.tracer import start_tracer, stop_tracer_text
 
 pytestmark = pytest.mark.root
 OPEN_FIELDS = {

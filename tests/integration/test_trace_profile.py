@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from trace_support import run_trace, start_tracer, stop_tracer, stop_tracer_text
+from trace_support import run_trace, stop_tracer
 
 from membrane.testing.cli import user_error
+from membrane.testing.tracer import start_tracer, stop_tracer_text
 from membrane.trace.tools.profile import max_sample_rate
 
 pytestmark = pytest.mark.root

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from trace_support import run_trace, start_tracer, stop_tracer, stop_tracer_text
+from trace_support import run_trace, stop_tracer
 
 from membrane.testing.cli import user_error
+from membrane.testing.tracer import start_tracer, stop_tracer_text
 from membrane.trace.syscall_table import table
 
 pytestmark = pytest.mark.root

@@ -4,10 +4,11 @@ that process (not whoever ran the softirq of the handshake) and both ends right.
 from __future__ import annotations
 
 import pytest
-from trace_support import start_tracer, stop_tracer, stop_tracer_text
+from trace_support import stop_tracer
 from trace_tcp_support import add_ipv6, as_thread, exchange, start_server, token
 
 from membrane.netns import Pair, Topology
+from membrane.testing.tracer import start_tracer, stop_tracer_text
 
 pytestmark = pytest.mark.root
 ACCEPT_FIELDS = {"time", "pid", "tid", "uid", "comm", "ip", "laddr", "lport", "raddr", "rport"}

@@ -11,7 +11,7 @@ import textwrap
 from typing import Any
 
 import pytest
-from trace_support import start_tracer, stop_tracer, stop_tracer_text
+from trace_support import stop_tracer
 from trace_tcp_support import (
     JsonLines,
     add_ipv6,
@@ -23,6 +23,7 @@ from trace_tcp_support import (
 )
 
 from membrane.netns import Pair, Topology, inside
+from membrane.testing.tracer import start_tracer, stop_tracer_text
 
 pytestmark = pytest.mark.root
 CONNECT_FIELDS = {"time", "pid", "tid", "uid", "comm", "ip", "saddr", "sport", "daddr", "dport"}

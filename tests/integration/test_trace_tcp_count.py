@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from trace_support import run_trace, start_tracer, stop_tracer, stop_tracer_text
+from trace_support import run_trace, stop_tracer
 from trace_tcp_support import (
     JsonLines,
     add_ipv6,
@@ -21,6 +21,7 @@ from trace_tcp_support import (
 
 from membrane.netns import Pair, Topology
 from membrane.testing.cli import user_error
+from membrane.testing.tracer import start_tracer, stop_tracer_text
 
 pytestmark = pytest.mark.root
 DST_FIELDS = {"time", "seconds", "ip", "daddr", "dport", "count"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from trace_support import start_tracer, stop_tracer, stop_tracer_text
+from trace_support import stop_tracer
 from trace_tcp_support import (
     add_ipv6,
     as_thread,
@@ -19,6 +19,7 @@ from trace_tcp_support import (
 )
 
 from membrane.netns import Pair, Topology
+from membrane.testing.tracer import start_tracer, stop_tracer_text
 
 pytestmark = pytest.mark.root
 LIFE_FIELDS = {
