@@ -1,5 +1,6 @@
 """Support for tests and benchmarks that run Membrane for real: the agent as a subprocess,
-pods and an outside host around it, reachability truth tables, traffic generators.
+pods and an outside host around it, reachability truth tables, traffic generators, the
+trace tools as processes.
 
 Plain modules without pytest (the fixtures stay in tests/integration), importable from
 `pytest` and from `python -m bench.<name>` alike:
@@ -10,6 +11,7 @@ Plain modules without pytest (the fixtures stay in tests/integration), importabl
     reachability  expected matrices of who may reach whom, probed and shown as tables
     traffic       sockets inside namespaces, first-SYN connect probes, listeners, iperf3
     echo_server   the stdlib-only TCP/UDP echo server every pod runs (a script)
+    tracer        `membrane trace TOOL` started (once attached) and stopped as a user does
     cli           judging a refused `membrane` command (exit 2, one line)
     waiting       polling for a condition instead of sleeping
 """
