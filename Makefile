@@ -6,10 +6,12 @@ OBJDIR   := src/membrane/bpfobj
 VMLINUX  := $(BUILD)/vmlinux.h
 BPF_SRCS := $(wildcard bpf/*.bpf.c)
 BPF_OBJS := $(patsubst bpf/%.bpf.c,$(OBJDIR)/%.bpf.o,$(BPF_SRCS))
+ABI_PY   := src/membrane/abi.py
 BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_x86 \
               -I/usr/include/x86_64-linux-gnu -Ibpf -Ibpf/include -I$(BUILD)
 VENV     := .venv
 PY       := $(VENV)/bin/python
+PYTHON   ?= python3
 
 .PHONY: all setup bpf test test-unit demo bench lint clean
 all: setup bpf
@@ -17,7 +19,7 @@ all: setup bpf
 setup:
 	@bash scripts/setup.sh
 
-bpf: $(BPF_OBJS)
+bpf: $(BPF_OBJS) $(ABI_PY)
 
 $(VMLINUX):
 	@mkdir -p $(BUILD)
@@ -26,6 +28,10 @@ $(VMLINUX):
 $(OBJDIR)/%.bpf.o: bpf/%.bpf.c $(VMLINUX)
 	@mkdir -p $(OBJDIR)
 	$(CLANG) $(BPF_CFLAGS) -MD -MF $(BUILD)/$*.d -c $< -o $@
+
+# The enums of bpf/abi/*.h as Python (membrane.abi), from the objects' BTF.
+$(ABI_PY): scripts/gen_abi.py $(BPF_OBJS)
+	$(PYTHON) scripts/gen_abi.py $(BPF_OBJS) > $@.tmp && mv $@.tmp $@
 
 -include $(wildcard $(BUILD)/*.d)
 
@@ -46,4 +52,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests bench
 
 clean:
-	rm -rf $(BUILD) $(OBJDIR)
+	rm -rf $(BUILD) $(OBJDIR) $(ABI_PY)

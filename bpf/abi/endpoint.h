@@ -11,12 +11,24 @@
 #ifndef MEMBRANE_ABI_ENDPOINT_H
 #define MEMBRANE_ABI_ENDPOINT_H
 
+#include <linux/in.h>
 #include "abi/events.h"
 
 enum ep_direction {
 	EP_DIR_INGRESS = 0,
 	EP_DIR_EGRESS = 1,
 };
+ABI_EXPORT_ENUM(ep_direction);
+
+/* The layer-4 protocols the endpoint datapath reads ports (or the ICMP type) of, and
+ * policies name. */
+enum ip_proto {
+	IP_PROTO_ICMP = IPPROTO_ICMP,
+	IP_PROTO_TCP = IPPROTO_TCP,
+	IP_PROTO_UDP = IPPROTO_UDP,
+	IP_PROTO_SCTP = IPPROTO_SCTP,
+};
+ABI_EXPORT_ENUM(ip_proto);
 
 /* Reserved identities, numbered as Cilium numbers them. Endpoint identities start at
  * IDENTITY_FIRST_ENDPOINT, identities of policy CIDRs at IDENTITY_FIRST_CIDR. */
@@ -31,6 +43,7 @@ enum reserved_identity {
 	IDENTITY_FIRST_ENDPOINT = 256,
 	IDENTITY_FIRST_CIDR = 16777217, /* (1 << 24) + 1 */
 };
+ABI_EXPORT_ENUM(reserved_identity);
 
 /* ipcache: IPv4 prefix -> identity (LPM trie). 0.0.0.0/0 -> IDENTITY_WORLD is always
  * present; a miss also means world. */
@@ -82,9 +95,12 @@ struct policy_key {
 	__u16 dport; /* network byte order; for ICMP: the type */
 };
 
-#define POLICY_KEY_FIXED_BITS 64
-#define POLICY_KEY_PROTO_BITS 80
-#define POLICY_KEY_FULL_BITS 96
+enum policy_key_bits {
+	POLICY_KEY_FIXED_BITS = 64, /* ep_id, gen, dir, identity */
+	POLICY_KEY_PROTO_BITS = 80, /* ... pad, proto */
+	POLICY_KEY_FULL_BITS = 96,  /* ... dport */
+};
+ABI_EXPORT_ENUM(policy_key_bits);
 
 struct policy_value {
 	__u32 rule_id; /* the agent's rule table; 0 = none */
@@ -112,6 +128,7 @@ enum ct_flags {
 	CT_SEEN_REPLY = 1,
 	CT_CLOSING = 2, /* FIN or RST seen */
 };
+ABI_EXPORT_ENUM(ct_flags);
 
 struct ct_entry {
 	__u64 expires_ns;  /* bpf_ktime_get_ns() after which the entry is dead */
@@ -153,6 +170,7 @@ enum drop_reason {
 	DROP_NO_ENDPOINT_STATE = 160,
 	DROP_POLICY_DENY = 181, /* a deny rule matched */
 };
+ABI_EXPORT_ENUM(drop_reason);
 
 /* Drop counters (per-CPU hash). */
 struct drop_key {
@@ -171,6 +189,7 @@ enum flow_event_type {
 	FLOW_EVENT_POLICY_VERDICT = 1, /* the first packet of a new connection, allowed */
 	FLOW_EVENT_DROP = 2,
 };
+ABI_EXPORT_ENUM(flow_event_type);
 
 enum flow_match {
 	FLOW_MATCH_NONE = 0,    /* no policy in this direction: allowed by default */
@@ -179,6 +198,7 @@ enum flow_match {
 	FLOW_MATCH_REPLY = 3,   /* reply of a tracked connection */
 	FLOW_MATCH_ESTABLISHED = 4,
 };
+ABI_EXPORT_ENUM(flow_match);
 
 struct flow_event {
 	struct event_header h; /* type: enum flow_event_type */

@@ -3,12 +3,12 @@
 #ifndef MEMBRANE_ABI_EVENTS_H
 #define MEMBRANE_ABI_EVENTS_H
 
-#define MEMBRANE_EVENT_VERSION 1
+#include "abi/export.h"
 
-/* clang emits BTF only for types reachable from globals, functions and maps. An object
- * that shares a struct with Python names it here, so the struct is in its BTF:
- *   ABI_EXPORT(filter_event);                                            */
-#define ABI_EXPORT(tag) struct tag *__abi_##tag __attribute__((used))
+enum event_abi {
+	MEMBRANE_EVENT_VERSION = 1, /* event_header.version of this layout */
+};
+ABI_EXPORT_ENUM(event_abi);
 
 struct event_header {
 	__u64 ts_ns;     /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */

@@ -31,16 +31,26 @@ enum filter_stat {
 	FILTER_STAT_UNPARSED = 3, /* passed because headers were truncated or too deep */
 	FILTER_STAT_MAX = 4,
 };
+ABI_EXPORT_ENUM(filter_stat);
 
 enum filter_event_type {
 	FILTER_EVENT_DROP = 1,
 };
+ABI_EXPORT_ENUM(filter_event_type);
 
 enum filter_hook {
 	FILTER_HOOK_XDP = 1,
 	FILTER_HOOK_TC_INGRESS = 2,
 	FILTER_HOOK_TC_EGRESS = 3,
 };
+ABI_EXPORT_ENUM(filter_hook);
+
+/* filter_meta.xdp_mode: how the XDP program was attached. */
+enum filter_xdp_mode {
+	FILTER_XDP_MODE_NATIVE = 1,
+	FILTER_XDP_MODE_GENERIC = 2,
+};
+ABI_EXPORT_ENUM(filter_xdp_mode);
 
 struct filter_counter {
 	__u64 packets;
@@ -82,13 +92,14 @@ enum filter_feature {
 	FILTER_FEATURE_DROP_PROTO = 2,
 	FILTER_FEATURE_ALLOW_ONLY = 4,
 };
+ABI_EXPORT_ENUM(filter_feature);
 
 struct filter_meta {
 	__u32 instance;  /* unique per attachment; events carry it */
 	__u32 ifindex;   /* at attach time */
 	__u32 features;  /* enum filter_feature bits the loaded program has enabled */
 	__u8 hook;       /* enum filter_hook */
-	__u8 xdp_mode;   /* 1 native, 2 generic (XDP only) */
+	__u8 xdp_mode;   /* enum filter_xdp_mode (XDP only) */
 	__u8 pad[2];
 	__u32 tc_handle; /* clsact fallback only (tcx links are pinned instead) */
 	__u32 tc_priority;

@@ -15,6 +15,7 @@ enum trace_event_type {
 	TRACE_EVENT_ACCEPT = 5,
 	TRACE_EVENT_TCPLIFE = 6,
 };
+ABI_EXPORT_ENUM(trace_event_type);
 
 /* What every process-context event carries. */
 struct trace_task {

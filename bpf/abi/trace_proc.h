@@ -14,6 +14,7 @@ enum exec_flags {
 	EXEC_ARG_CUT = 2,    /* at least one argument was longer than EXEC_ARG_LEN - 1 */
 	EXEC_ARG_FAULT = 4,  /* an argument could not be read (not resident, bad pointer) */
 };
+ABI_EXPORT_ENUM(exec_flags);
 
 struct exec_event {
 	struct event_header hdr;

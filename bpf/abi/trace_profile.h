@@ -11,12 +11,17 @@
 #include "abi/events.h"
 
 #define PROFILE_COMM_LEN 16
-/* event_header.type of profile_process_event; the profile object has no other events. */
-#define PROFILE_EVENT_PROCESS 1
-/* A stack id that was not taken because no such stack exists for the sample: no kernel
- * stack for a sample in user mode, no user stack for a kernel thread, or a stack kind
- * left out by -U/-K. Real failures keep bpf_get_stackid's -errno (-EEXIST, -EFAULT, ...). */
-#define PROFILE_NO_STACK (-1)
+
+enum profile_abi {
+	/* event_header.type of profile_process_event; the object has no other events. */
+	PROFILE_EVENT_PROCESS = 1,
+	/* A stack id that was not taken because no such stack exists for the sample: no
+	 * kernel stack for a sample in user mode, no user stack for a kernel thread, or a
+	 * stack kind left out by -U/-K. Real failures keep bpf_get_stackid's -errno
+	 * (-EEXIST, -EFAULT, ...). */
+	PROFILE_NO_STACK = -1,
+};
+ABI_EXPORT_ENUM(profile_abi);
 
 /* A program image: a process between two execs. Its user addresses mean the same thing
  * throughout; exec_id is the task's self_exec_id, which every exec increments. */

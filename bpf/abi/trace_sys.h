@@ -7,9 +7,15 @@
 #ifndef MEMBRANE_ABI_TRACE_SYS_H
 #define MEMBRANE_ABI_TRACE_SYS_H
 
+#include "abi/export.h"
+
 #define SYS_COMM_LEN 16
 #define SYS_HIST_SLOTS 64  /* log2 slots: slot i holds values in [2^(i-1), 2^i - 1] */
-#define SYS_NR_MAX 1024    /* syscall numbers the latency tool can select (x86_64 < 512) */
+
+enum sys_abi {
+	SYS_NR_MAX = 1024, /* syscall numbers the latency tool can select (x86_64 < 512) */
+};
+ABI_EXPORT_ENUM(sys_abi);
 
 /* `syscalls`: one counter set per syscall, or per (process, syscall) with --per-process. */
 struct sys_key {

@@ -245,7 +245,7 @@ def test_constants_match_the_abi_headers() -> None:
         c[f"IDENTITY_{n.upper().replace('-', '_')}"]: n for n in rec.RESERVED_IDENTITIES.values()
     }
     assert reserved == rec.RESERVED_IDENTITIES
-    version = re.search(r"MEMBRANE_EVENT_VERSION (\d+)", (ABI / "events.h").read_text())
+    version = re.search(r"MEMBRANE_EVENT_VERSION = (\d+)", (ABI / "events.h").read_text())
     assert version and int(version[1]) == rec.EVENT_VERSION
 
 

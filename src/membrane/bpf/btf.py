@@ -22,6 +22,7 @@ INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = 
 FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(12, 20)
 _MODIFIERS = {TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG}
 _INT_SIGNED, _INT_CHAR, _INT_BOOL = 1, 2, 4
+ABI_ENUM_PREFIX = "__abi_enum_"  # ABI_EXPORT_ENUM(tag) declares `enum tag *__abi_enum_tag`
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,46 @@ class Btf:
                 return info
         raise KeyError(f"{variable} is not in {section}")
 
+    def enum(self, name: str) -> dict[str, int]:
+        """Enumerators of `enum name`. A 32-bit enum's values are read as C ints: clang 14
+        records no signedness, and ABI enums fit a signed 32-bit int (bpf/abi/export.h)."""
+        try:
+            type_id = self.find(name, ENUM)
+        except KeyError:
+            type_id = self.find(name, ENUM64)
+        return self._enumerators(type_id)
+
+    def _enumerators(self, type_id: int) -> dict[str, int]:
+        t = self.type(type_id)
+        names: list[int] = []
+        values: list[int] = []
+        if t.kind == ENUM:
+            words = self._trailing(type_id, 2 * t.vlen)
+            names, values = list(words[0::2]), [_int32(v) for v in words[1::2]]
+        elif t.kind == ENUM64:
+            words = self._trailing(type_id, 3 * t.vlen)
+            names = list(words[0::3])
+            values = [lo | hi << 32 for lo, hi in zip(words[1::3], words[2::3], strict=True)]
+            if t.kflag:
+                values = [v - (1 << 64) if v >= 1 << 63 else v for v in values]
+        else:
+            raise BpfError(f"BTF type {t.name or t.id} is not an enum")
+        return {
+            (L.lib.btf__name_by_offset(self._h, n) or b"").decode(): v
+            for n, v in zip(names, values, strict=True)
+        }
+
+    def exported_enums(self) -> dict[str, dict[str, int]]:
+        """tag -> enumerators of every enum the object exports with ABI_EXPORT_ENUM
+        (bpf/abi/export.h): each is the target of a global `__abi_enum_<tag>` pointer."""
+        out = {}
+        for var, info in self.datasec_vars(".bss").items():
+            if var.startswith(ABI_ENUM_PREFIX):
+                pointer = self.type(self.type(info.type_id).size_or_type)
+                enum = self.resolve(pointer.size_or_type)
+                out[enum.name] = self._enumerators(enum.id)
+        return out
+
     def datasec_vars(self, section: str) -> dict[str, SecInfo]:
         try:
             sec_id = self.find(section, DATASEC)
@@ -230,6 +271,10 @@ _INT_CTYPES = {
     (16, False): ctypes.c_uint8 * 16,
     (16, True): ctypes.c_uint8 * 16,
 }
+
+
+def _int32(value: int) -> int:
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def _ctype_to_dtype(ctype: Any) -> np.dtype:
