@@ -4,7 +4,7 @@ flow events it emitted and how the drop counters moved.
 
     with EndpointDatapath.temporary() as dp:
         dp.set_ipcache({"198.18.0.20/32": PEER_ID})
-        dp.set_policy([allow("egress", PEER_ID, port=80)], egress=True)
+        dp.set_policy([allow(Direction.EGRESS, PEER_ID, port=80)], egress=True)
         out = dp.egress(tcp_segment(EP_IP, "198.18.0.20", dport=80))
         assert out.verdict == "pass"
 """
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Any
 
+from membrane.abi import Direction, DropReason
 from membrane.bpf import BpfObject, test_run
 from membrane.bpf.fs import PIN_ROOT, ensure_bpffs
 from membrane.bpf.ringbuf import RingBuffer
 from membrane.datapath import (
     CtEntry,
-    DropReason,
     EndpointPolicy,
     NodeMaps,
     PolicyWriter,
@@ -36,6 +36,7 @@ from membrane.datapath import (
     sync_ipcache,
 )
 from membrane.datapath.abi import PROG_FROM_CONTAINER, PROG_TO_CONTAINER
+from membrane.datapath.policy_entries import PolicyEntry
 
 EP_ID = 7
 EP_IP = "198.18.0.10"
@@ -54,25 +55,27 @@ def temporary_pin_dir() -> Iterator[str]:
         shutil.rmtree(pin_dir, ignore_errors=True)
 
 
-@dataclass(frozen=True)
-class Entry:
-    """A compiled policy entry, shaped like membrane.policy.compile.PolicyEntry."""
-
-    direction: str
-    identity: int
-    proto: int = 6
-    port: int = 0
-    port_bits: int = 16
-    deny: bool = False
-    rule_id: int = 1
-
-
-def allow(direction: str, identity: int, **kw: Any) -> Entry:
-    return Entry(direction, identity, **kw)
+def policy_entry(
+    direction: Direction,
+    identity: int,
+    *,
+    proto: int = 6,
+    port: int = 0,
+    port_bits: int = 16,
+    deny: bool = False,
+    rule_id: int = 1,
+) -> PolicyEntry:
+    """A policy entry with what most tests want unless they say otherwise: TCP, one port
+    (port_bits 16), an allow of rule 1."""
+    return PolicyEntry(direction, identity, proto, port, port_bits, deny, rule_id)
 
 
-def deny(direction: str, identity: int, **kw: Any) -> Entry:
-    return Entry(direction, identity, deny=True, **kw)
+def allow(direction: Direction, identity: int, **kw: Any) -> PolicyEntry:
+    return policy_entry(direction, identity, **kw)
+
+
+def deny(direction: Direction, identity: int, **kw: Any) -> PolicyEntry:
+    return policy_entry(direction, identity, deny=True, **kw)
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ class EndpointDatapath:
 
     def set_policy(
         self,
-        entries: Sequence[Entry] = (),
+        entries: Sequence[PolicyEntry] = (),
         *,
         ingress: bool = False,
         egress: bool = False,

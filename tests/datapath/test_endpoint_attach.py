@@ -8,8 +8,9 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from endpoint_harness import Entry, temporary_pin_dir
+from endpoint_harness import policy_entry, temporary_pin_dir
 
+from membrane.abi import Direction, Identity, IpProto
 from membrane.bpf import Link
 from membrane.datapath import (
     EndpointPolicy,
@@ -21,6 +22,7 @@ from membrane.datapath import (
     sync_ipcache,
 )
 from membrane.datapath.endpoint_prog import links_dir
+from membrane.datapath.policy_entries import PolicyEntry
 from membrane.netns import Pair, delete_link, next_subnet, ping
 
 pytestmark = pytest.mark.root
@@ -43,7 +45,7 @@ def attach(maps: NodeMaps, pair: Pair) -> None:
     attach_endpoint(maps.pin_dir, EP_ID, pod.ip, node.ifindex(), node_netns=node.ns)
 
 
-def set_policy(maps: NodeMaps, egress: bool, entries: list[Entry] | None = None) -> None:
+def set_policy(maps: NodeMaps, egress: bool, entries: list[PolicyEntry] | None = None) -> None:
     PolicyWriter(maps).apply(
         {EP_ID: EndpointPolicy(False, egress, entries or [])}, {EP_ID: POD_IDENTITY}
     )
@@ -68,7 +70,8 @@ def test_attach_enforce_and_detach(maps: NodeMaps, pair: Pair) -> None:
 
     set_policy(maps, egress=True)  # default deny from the pod
     assert not ping(pod.ns, node.ip, timeout=0.3)
-    set_policy(maps, egress=True, entries=[Entry("egress", 2, proto=1, port=8)])  # echo to world
+    echo_to_world = policy_entry(Direction.EGRESS, Identity.WORLD, proto=IpProto.ICMP, port=8)
+    set_policy(maps, egress=True, entries=[echo_to_world])
     assert ping(pod.ns, node.ip)
 
     assert detach_endpoint(maps.pin_dir, EP_ID)

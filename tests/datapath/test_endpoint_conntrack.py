@@ -32,7 +32,7 @@ pytestmark = pytest.mark.root
 
 PEER = "198.18.0.20"
 PEER_ID = 1001
-EGRESS, INGRESS = int(Direction.EGRESS), int(Direction.INGRESS)
+EGRESS, INGRESS = Direction.EGRESS, Direction.INGRESS
 SEC = 1_000_000_000
 TICK = 20_000_000  # conntrack's coarse clock may lag the monotonic one by a tick
 
@@ -42,9 +42,7 @@ def dp() -> Iterator[EndpointDatapath]:
     with EndpointDatapath.temporary() as datapath:
         datapath.set_ipcache({f"{PEER}/32": PEER_ID})
         # egress to the peer's port 80 only; ingress denied by default
-        datapath.set_policy(
-            [allow("egress", PEER_ID, port=80, rule_id=4)], ingress=True, egress=True
-        )
+        datapath.set_policy([allow(EGRESS, PEER_ID, port=80, rule_id=4)], ingress=True, egress=True)
         yield datapath
 
 
@@ -100,7 +98,7 @@ def test_policy_change_rechecks_established_connections(dp: EndpointDatapath) ->
     assert_dropped(dp.egress(out_("A")), DropReason.POLICY_DENIED, EGRESS)  # every packet
     assert_passed(dp.ingress(back("A")), new_flow=False)  # replies still pass
 
-    dp.set_policy([allow("egress", PEER_ID, port=80, rule_id=8)], ingress=True, egress=True)
+    dp.set_policy([allow(EGRESS, PEER_ID, port=80, rule_id=8)], ingress=True, egress=True)
     assert_passed(dp.egress(out_("A")), new_flow=False)
     (e,) = dp.ct()
     assert (e.policy_rev, e.rule_id) == (dp.state().policy_rev, 8)
@@ -142,7 +140,7 @@ def test_a_syn_is_never_a_reply(dp: EndpointDatapath) -> None:
 
 
 def test_expiry_is_refreshed_at_most_once_a_second(dp: EndpointDatapath) -> None:
-    dp.set_policy([allow("egress", PEER_ID, port=53, proto=17)], egress=True)
+    dp.set_policy([allow(EGRESS, PEER_ID, port=53, proto=17)], egress=True)
     udp = packet(PEER, "udp", src=EP_IP, sport=5353, dport=53)
     dp.egress(udp)
     (first,) = dp.ct()
@@ -157,7 +155,7 @@ def test_expiry_is_refreshed_at_most_once_a_second(dp: EndpointDatapath) -> None
 
 
 def test_icmp_echo_replies_match_their_request(dp: EndpointDatapath) -> None:
-    dp.set_policy([allow("egress", PEER_ID, proto=1, port=8)], ingress=True, egress=True)
+    dp.set_policy([allow(EGRESS, PEER_ID, proto=1, port=8)], ingress=True, egress=True)
     assert_passed(dp.egress(icmp_message(EP_IP, PEER, type_=8, ident=77)), new_flow=True)
     (e,) = dp.ct()
     assert (e.proto, e.sport, e.dport) == (1, 0, 77)
@@ -170,7 +168,7 @@ def test_icmp_echo_replies_match_their_request(dp: EndpointDatapath) -> None:
 
 
 def test_other_icmp_is_checked_every_time(dp: EndpointDatapath) -> None:
-    dp.set_policy([allow("egress", PEER_ID, proto=1, port=13)], egress=True)
+    dp.set_policy([allow(EGRESS, PEER_ID, proto=1, port=13)], egress=True)
     for _ in range(2):
         assert_passed(dp.egress(icmp_message(EP_IP, PEER, type_=13)), new_flow=True)
     assert dp.ct() == []

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.root
 
 PEER = "198.18.0.20"
 PEER_ID = 1001
-EGRESS, INGRESS = int(Direction.EGRESS), int(Direction.INGRESS)
+EGRESS, INGRESS = Direction.EGRESS, Direction.INGRESS
 
 
 @pytest.fixture
@@ -34,8 +34,8 @@ def dp() -> Iterator[EndpointDatapath]:
         datapath.set_ipcache({f"{PEER}/32": PEER_ID})
         datapath.set_policy(
             [
-                allow("egress", PEER_ID, port=80, rule_id=21),
-                deny("egress", PEER_ID, port=23, rule_id=22),
+                allow(EGRESS, PEER_ID, port=80, rule_id=21),
+                deny(EGRESS, PEER_ID, port=23, rule_id=22),
             ],
             ingress=True,
             egress=True,

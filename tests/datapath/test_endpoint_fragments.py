@@ -20,7 +20,7 @@ pytestmark = pytest.mark.root
 PEER = "198.18.0.20"
 PEER_ID = 1001
 FRAG_ID = 4242  # the IP id packets.py gives every fragment
-EGRESS, INGRESS = int(Direction.EGRESS), int(Direction.INGRESS)
+EGRESS, INGRESS = Direction.EGRESS, Direction.INGRESS
 
 
 @pytest.fixture
@@ -29,11 +29,11 @@ def dp() -> Iterator[EndpointDatapath]:
         datapath.set_ipcache({f"{PEER}/32": PEER_ID})
         datapath.set_policy(
             [
-                allow("egress", PEER_ID, port=443),
-                allow("egress", PEER_ID, proto=17, port=443),
-                allow("egress", PEER_ID, proto=1, port=8),
-                allow("egress", PEER_ID, proto=47, port_bits=0),
-                allow("ingress", PEER_ID, port=443),
+                allow(EGRESS, PEER_ID, port=443),
+                allow(EGRESS, PEER_ID, proto=17, port=443),
+                allow(EGRESS, PEER_ID, proto=1, port=8),
+                allow(EGRESS, PEER_ID, proto=47, port_bits=0),
+                allow(INGRESS, PEER_ID, port=443),
             ],
             ingress=True,
             egress=True,

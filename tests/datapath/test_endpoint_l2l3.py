@@ -18,7 +18,7 @@ from membrane.datapath import Direction, DropReason
 pytestmark = pytest.mark.root
 
 PEER = "198.18.0.20"
-EGRESS, INGRESS = int(Direction.EGRESS), int(Direction.INGRESS)
+EGRESS, INGRESS = Direction.EGRESS, Direction.INGRESS
 BOTH = [pytest.param("egress", id="egress"), pytest.param("ingress", id="ingress")]
 
 

@@ -1,7 +1,7 @@
 """Policy verdicts of endpoint.bpf.o for new flows: entries keyed by (direction, peer
 identity, protocol, port prefix), deny over allow, default deny per direction, and peer
-identities from the ipcache's longest prefix. A reference model checks the datapath on
-random policies."""
+identities from the ipcache's longest prefix. On random policies the datapath must decide
+as membrane.datapath.policy_entries.lookup, the Python model of it, says."""
 
 from __future__ import annotations
 
@@ -13,17 +13,18 @@ from endpoint_harness import (
     EP_ID,
     EP_IP,
     EndpointDatapath,
-    Entry,
     allow,
     assert_dropped,
     assert_passed,
     deny,
+    policy_entry,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from packets import icmp_message, packet, tcp_segment
 
-from membrane.datapath import Direction, DropReason, FlowMatch, Identity
+from membrane.abi import Direction, DropReason, FlowMatch, Identity, IpProto
+from membrane.datapath.policy_entries import EndpointPolicy, PolicyEntry, lookup
 
 pytestmark = pytest.mark.root
 
@@ -32,8 +33,9 @@ PEER_ID = 1001
 OTHER = "198.18.0.21"
 OTHER_ID = 1002
 WORLD_IP = "198.19.200.1"  # in no ipcache prefix but 0.0.0.0/0
-EGRESS, INGRESS = int(Direction.EGRESS), int(Direction.INGRESS)
-TCP, UDP, ICMP, GRE = 6, 17, 1, 47
+EGRESS, INGRESS = Direction.EGRESS, Direction.INGRESS
+TCP, UDP, ICMP = IpProto.TCP, IpProto.UDP, IpProto.ICMP
+GRE = 47  # a protocol without ports, unknown to the datapath's enum
 
 
 @pytest.fixture
@@ -86,7 +88,7 @@ def test_no_endpoint_state_fails_closed(dp: EndpointDatapath) -> None:
 
 # ---- entries -------------------------------------------------------------------------
 def test_allow_hit_and_miss(dp: EndpointDatapath) -> None:
-    dp.set_policy([allow("egress", PEER_ID, port=80, rule_id=11)], egress=True)
+    dp.set_policy([allow(EGRESS, PEER_ID, port=80, rule_id=11)], egress=True)
     out = dp.egress(to_peer(80))
     assert_passed(out, new_flow=True)
     assert (int(out.event["match"]), int(out.event["rule_id"])) == (FlowMatch.RULE, 11)
@@ -98,13 +100,13 @@ def test_allow_hit_and_miss(dp: EndpointDatapath) -> None:
 
 
 def test_ingress_entries_match_the_source(dp: EndpointDatapath) -> None:
-    dp.set_policy([allow("ingress", PEER_ID, port=8080, rule_id=3)], ingress=True)
+    dp.set_policy([allow(INGRESS, PEER_ID, port=8080, rule_id=3)], ingress=True)
     assert_passed(dp.ingress(from_peer(8080)), new_flow=True)
     assert_dropped(dp.ingress(from_peer(8080, src=OTHER)), DropReason.POLICY_DENIED, INGRESS)
 
 
 def test_any_identity_entry_allows_every_peer(dp: EndpointDatapath) -> None:
-    dp.set_policy([allow("egress", Identity.ANY, port=53, proto=UDP)], egress=True)
+    dp.set_policy([allow(EGRESS, Identity.ANY, port=53, proto=UDP)], egress=True)
     for dst in (PEER, OTHER, WORLD_IP):
         assert_passed(dp.egress(to_peer(53, dst=dst, proto="udp")), new_flow=True)
 
@@ -118,7 +120,7 @@ def test_any_identity_entry_allows_every_peer(dp: EndpointDatapath) -> None:
 )
 def test_deny_wins_over_allow(dp: EndpointDatapath, allowed: int, denied: int) -> None:
     dp.set_policy(
-        [allow("egress", allowed, port=80, rule_id=1), deny("egress", denied, port=80, rule_id=2)]
+        [allow(EGRESS, allowed, port=80, rule_id=1), deny(EGRESS, denied, port=80, rule_id=2)]
     )
     out = dp.egress(to_peer(80))
     assert_dropped(out, DropReason.POLICY_DENY, EGRESS)
@@ -128,8 +130,8 @@ def test_deny_wins_over_allow(dp: EndpointDatapath, allowed: int, denied: int) -
 def test_broad_deny_for_any_beats_a_specific_allow(dp: EndpointDatapath) -> None:
     dp.set_policy(
         [
-            allow("egress", PEER_ID, port=443, rule_id=1),
-            deny("egress", Identity.ANY, proto=TCP, port=0, port_bits=0, rule_id=9),
+            allow(EGRESS, PEER_ID, port=443, rule_id=1),
+            deny(EGRESS, Identity.ANY, proto=TCP, port=0, port_bits=0, rule_id=9),
         ]
     )
     assert_dropped(dp.egress(to_peer(443)), DropReason.POLICY_DENY, EGRESS)
@@ -140,8 +142,8 @@ def test_port_range_as_prefixes(dp: EndpointDatapath) -> None:
     # 1000-1023 is 1000/13 (1000-1007) and 1008/12 (1008-1023)
     dp.set_policy(
         [
-            allow("egress", PEER_ID, port=1000, port_bits=13),
-            allow("egress", PEER_ID, port=1008, port_bits=12),
+            allow(EGRESS, PEER_ID, port=1000, port_bits=13),
+            allow(EGRESS, PEER_ID, port=1008, port_bits=12),
         ],
         egress=True,
     )
@@ -152,18 +154,18 @@ def test_port_range_as_prefixes(dp: EndpointDatapath) -> None:
 
 
 def test_protocol_wide_entries(dp: EndpointDatapath) -> None:
-    dp.set_policy([allow("egress", PEER_ID, proto=UDP, port_bits=0)], egress=True)
+    dp.set_policy([allow(EGRESS, PEER_ID, proto=UDP, port_bits=0)], egress=True)
     for port in (1, 53, 65535):
         assert_passed(dp.egress(to_peer(port, proto="udp")), new_flow=True)
     assert_dropped(dp.egress(to_peer(53)), DropReason.POLICY_DENIED, EGRESS)
 
-    dp.set_policy([allow("egress", PEER_ID, proto=0, port_bits=0)], egress=True)
+    dp.set_policy([allow(EGRESS, PEER_ID, proto=0, port_bits=0)], egress=True)
     for proto in ("tcp", "udp", "sctp", "icmp", "gre"):
         assert_passed(dp.egress(to_peer(7, proto=proto)), new_flow=True)
 
 
 def test_icmp_type_is_the_port(dp: EndpointDatapath) -> None:
-    dp.set_policy([allow("egress", PEER_ID, proto=ICMP, port=8)], egress=True)
+    dp.set_policy([allow(EGRESS, PEER_ID, proto=ICMP, port=8)], egress=True)
     out = dp.egress(icmp_message(EP_IP, PEER, type_=8, ident=5))
     assert_passed(out, new_flow=True)
     assert (int(out.event["sport"]), int(out.event["dport"])) == (8, 0)  # type, code
@@ -175,7 +177,7 @@ def test_icmp_type_is_the_port(dp: EndpointDatapath) -> None:
 # ---- peer identities -----------------------------------------------------------------
 def test_peer_identity_is_the_longest_prefix(dp: EndpointDatapath) -> None:
     dp.set_ipcache({"198.18.0.0/16": 300, "198.18.0.20/32": 400, "198.18.0.16/28": 500})
-    dp.set_policy([allow("egress", 400, port=80)], egress=True)
+    dp.set_policy([allow(EGRESS, 400, port=80)], egress=True)
     assert int(dp.egress(to_peer(80, dst="198.18.0.20")).event["peer_identity"]) == 400
     cases = {"198.18.0.21": 500, "198.18.1.1": 300, WORLD_IP: int(Identity.WORLD)}
     for dst, identity in cases.items():
@@ -187,7 +189,7 @@ def test_peer_identity_is_the_longest_prefix(dp: EndpointDatapath) -> None:
 def test_cidr_except_has_its_own_identity(dp: EndpointDatapath) -> None:
     cidr, except_ = Identity.FIRST_CIDR, Identity.FIRST_CIDR + 1
     dp.set_ipcache({"198.19.0.0/16": cidr, "198.19.7.0/24": except_})
-    dp.set_policy([allow("egress", cidr, port=443)], egress=True)
+    dp.set_policy([allow(EGRESS, cidr, port=443)], egress=True)
     assert_passed(dp.egress(to_peer(443, dst="198.19.8.1")), new_flow=True)
     out = dp.egress(to_peer(443, dst="198.19.7.1"))
     assert_dropped(out, DropReason.POLICY_DENIED, EGRESS)
@@ -195,7 +197,7 @@ def test_cidr_except_has_its_own_identity(dp: EndpointDatapath) -> None:
 
 
 def test_world_identity_for_unknown_addresses(dp: EndpointDatapath) -> None:
-    dp.set_policy([allow("ingress", Identity.WORLD, port=80)], ingress=True)
+    dp.set_policy([allow(INGRESS, Identity.WORLD, port=80)], ingress=True)
     assert_passed(dp.ingress(from_peer(80, src=WORLD_IP)), new_flow=True)
     assert_dropped(dp.ingress(from_peer(80)), DropReason.POLICY_DENIED, INGRESS)
 
@@ -205,45 +207,24 @@ IDENTITIES = [PEER_ID, PEER_ID, OTHER_ID, int(Identity.ANY), int(Identity.ANY)]
 PEERS = {PEER: PEER_ID, OTHER: OTHER_ID, WORLD_IP: int(Identity.WORLD)}
 
 
-def _covers(entry: Entry, proto: int, port: int) -> int | None:
-    """The prefix length with which `entry` matches (proto, port), or None."""
-    if entry.proto == 0:
-        return 64
-    if entry.proto != proto:
-        return None
-    shift = 16 - entry.port_bits
-    return 80 + entry.port_bits if entry.port >> shift == port >> shift else None
-
-
-def _longest(entries: list[Entry], identity: int, proto: int, port: int) -> Entry | None:
-    hits = [(_covers(e, proto, port), e) for e in entries if e.identity == identity]
-    hits = [(length, e) for length, e in hits if length is not None]
-    return max(hits, key=lambda h: h[0])[1] if hits else None
-
-
-def model(entries: list[Entry], enforce: bool, peer: int, proto: int, port: int) -> tuple:
-    """(reason, rule_id) the datapath should report: a deny from the peer's or the any
-    lookup wins, else an allow from either, else the default."""
-    by_peer = _longest(entries, peer, proto, port)
-    by_any = _longest(entries, int(Identity.ANY), proto, port)
-    for hit in (by_peer, by_any):
-        if hit is not None and hit.deny:
-            return DropReason.POLICY_DENY, hit.rule_id
-    for hit in (by_peer, by_any):
-        if hit is not None:
-            return DropReason.NONE, hit.rule_id
-    return (DropReason.POLICY_DENIED if enforce else DropReason.NONE), 0
+def model(entries: list[PolicyEntry], enforce: bool, peer: int, proto: int, port: int) -> tuple:
+    """(reason, rule_id) the datapath should report, from the lookup's (allowed, rule_id):
+    a denying rule is POLICY_DENY, no rule and default deny POLICY_DENIED."""
+    allowed, rule_id = lookup(EndpointPolicy(False, enforce, entries), EGRESS, peer, proto, port)
+    if allowed:
+        return DropReason.NONE, rule_id
+    return (DropReason.POLICY_DENY if rule_id else DropReason.POLICY_DENIED), rule_id
 
 
 @st.composite
-def entries_strategy(draw: st.DrawFn) -> list[Entry]:
-    out: dict[tuple, Entry] = {}
+def entries_strategy(draw: st.DrawFn) -> list[PolicyEntry]:
+    out: dict[tuple, PolicyEntry] = {}
     for rule_id in range(1, draw(st.integers(0, 8)) + 1):
         proto = draw(st.sampled_from([0, TCP, UDP]))
         bits = 0 if proto == 0 else draw(st.sampled_from([0, 4, 12, 14, 16]))
         port = draw(st.sampled_from([0, 80, 443, 1024, 8080])) >> (16 - bits) << (16 - bits)
-        entry = Entry(
-            "egress",
+        entry = policy_entry(
+            EGRESS,
             draw(st.sampled_from(IDENTITIES)),
             proto=proto,
             port=port if bits else 0,
@@ -272,7 +253,7 @@ def shared_dp() -> Iterator[EndpointDatapath]:
 )
 def test_verdicts_match_the_reference_model(
     shared_dp: EndpointDatapath,
-    entries: list[Entry],
+    entries: list[PolicyEntry],
     enforce: bool,
     dst: str,
     proto: int,

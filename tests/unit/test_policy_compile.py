@@ -8,13 +8,8 @@ from ipaddress import IPv4Network
 
 import pytest
 
+from membrane.abi import Direction, Identity, IpProto
 from membrane.identity.labels import (
-    IDENTITY_ANY,
-    IDENTITY_FIRST_CIDR,
-    IDENTITY_FIRST_ENDPOINT,
-    IDENTITY_HOST,
-    IDENTITY_REMOTE_NODE,
-    IDENTITY_WORLD,
     RESERVED_LABELS,
     cidr_identity_labels,
     endpoint_labels,
@@ -35,8 +30,8 @@ from membrane.policy import (
 )
 from membrane.policy.ports import port_blocks
 
-TCP, UDP, SCTP, ICMP = 6, 17, 132, 1
-INGRESS, EGRESS = 0, 1
+TCP, UDP, SCTP, ICMP = IpProto.TCP, IpProto.UDP, IpProto.SCTP, IpProto.ICMP
+INGRESS, EGRESS = Direction.INGRESS, Direction.EGRESS
 NAMESPACES = {"prod": {"team": "a", "env": "prod"}, "dev": {"team": "b"}, "ops": {}}
 PODS = {  # ns/name -> (labels, named ports)
     "prod/web": ({"app": "web"}, {"http": (8080, TCP), "dns": (5353, UDP)}),
@@ -94,18 +89,18 @@ def scene(text: str, extra_cidrs: tuple[str, ...] = ()) -> Scene:
     for ep_id, (key, (pod_labels, ports)) in enumerate(PODS.items(), start=1):
         ns = key.split("/")[0]
         labels = endpoint_labels(ns, pod_labels, NAMESPACES[ns])
-        ident = by_labels.setdefault(labels, IDENTITY_FIRST_ENDPOINT + len(by_labels))
+        ident = by_labels.setdefault(labels, Identity.FIRST_ENDPOINT + len(by_labels))
         identities[ident] = labels
         ids[key] = ident
         eps[key] = EndpointInfo(ep_id, ns, key.split("/")[1], ident, labels, ports)
     cidr_ids = {}
     all_prefixes = sorted(prefixes | {IPv4Network(c) for c in extra_cidrs})
     for n, prefix in enumerate(all_prefixes):
-        ident = IDENTITY_FIRST_CIDR + n
+        ident = Identity.FIRST_CIDR + n
         cidr_ids[ident] = prefix
         identities[ident] = cidr_identity_labels(prefix, prefixes)
         ids[str(prefix)] = ident
-    ids.update(world=IDENTITY_WORLD, host=IDENTITY_HOST)
+    ids.update(world=Identity.WORLD, host=Identity.HOST)
     universe = Universe(identities, {e.ep_id: e for e in eps.values()}, cidr_ids)
     rules = RuleTable()
     return Scene(universe, policies, compile_policies(policies, universe, rules), rules, ids, eps)
@@ -174,7 +169,7 @@ def policy_of(*entries: tuple, ingress: bool = True) -> EndpointPolicy:
 
 
 def test_lookup_longest_prefix_within_an_identity() -> None:
-    pol = policy_of((0, 300, 0, 0, 0, False, 1), (0, 300, TCP, 80, 16, True, 2))
+    pol = policy_of((INGRESS, 300, 0, 0, 0, False, 1), (INGRESS, 300, TCP, 80, 16, True, 2))
     assert lookup(pol, INGRESS, 300, TCP, 80) == (False, 2)
     assert lookup(pol, INGRESS, 300, TCP, 81) == (True, 1)
     assert lookup(pol, INGRESS, 300, UDP, 80) == (True, 1)
@@ -182,19 +177,23 @@ def test_lookup_longest_prefix_within_an_identity() -> None:
 
 
 def test_lookup_deny_from_any_peer_beats_allow_of_the_identity() -> None:
-    pol = policy_of((0, 300, TCP, 80, 16, False, 1), (0, IDENTITY_ANY, TCP, 0, 0, True, 2))
+    pol = policy_of(
+        (INGRESS, 300, TCP, 80, 16, False, 1), (INGRESS, Identity.ANY, TCP, 0, 0, True, 2)
+    )
     assert lookup(pol, INGRESS, 300, TCP, 80) == (False, 2)
 
 
 def test_lookup_prefers_the_identity_allow_and_falls_back_to_default() -> None:
-    pol = policy_of((0, 300, TCP, 80, 16, False, 1), (0, IDENTITY_ANY, 0, 0, 0, False, 2))
+    pol = policy_of(
+        (INGRESS, 300, TCP, 80, 16, False, 1), (INGRESS, Identity.ANY, 0, 0, 0, False, 2)
+    )
     assert lookup(pol, INGRESS, 300, TCP, 80) == (True, 1)
     assert lookup(pol, INGRESS, 999, UDP, 1) == (True, 2)
     assert lookup(pol, EGRESS, 300, TCP, 80) == (True, 0)  # egress not enforced
 
 
 def test_lookup_port_prefix() -> None:
-    pol = policy_of((0, 300, TCP, 8000, 12, False, 1))
+    pol = policy_of((INGRESS, 300, TCP, 8000, 12, False, 1))
     assert [lookup(pol, INGRESS, 300, TCP, p)[0] for p in (7999, 8000, 8015, 8016)] == [
         False,
         True,
@@ -443,11 +442,11 @@ def test_cilium_icmp() -> None:
     ("entity", "allowed", "denied"),
     [
         ("world", ["world", "10.0.0.0/8"], ["host", "prod/fe", "dev/fe"]),
-        ("host", ["host"], ["world", "prod/fe", IDENTITY_REMOTE_NODE]),
-        ("remote-node", [IDENTITY_REMOTE_NODE], ["host", "world"]),
+        ("host", ["host"], ["world", "prod/fe", Identity.REMOTE_NODE]),
+        ("remote-node", [Identity.REMOTE_NODE], ["host", "world"]),
         (
             "cluster",
-            ["host", "prod/fe", "dev/fe", IDENTITY_REMOTE_NODE, 4, 5, 3],
+            ["host", "prod/fe", "dev/fe", Identity.REMOTE_NODE, 4, 5, 3],
             ["world", "10.0.0.0/8"],
         ),
         ("all", ["host", "prod/fe", "world", "10.0.0.0/8", 12345], []),
@@ -559,8 +558,8 @@ def test_entries_inside_broader_allows_are_dropped() -> None:
     s = scene(text)
     entries = s.compiled[s.eps["prod/web"].ep_id].entries
     assert {(e.identity, e.proto, e.port_bits) for e in entries} == {
-        (IDENTITY_ANY, TCP, 0),  # TCP/80 lies inside it
-        (IDENTITY_WORLD, 0, 0),
+        (Identity.ANY, TCP, 0),  # TCP/80 lies inside it
+        (Identity.WORLD, 0, 0),
     }
     assert s.verdict("prod/web", INGRESS, "prod/fe", TCP, 80)
     assert s.verdict("prod/web", INGRESS, "world", UDP, 1)
@@ -652,7 +651,7 @@ def test_explain_names_the_deciding_rule() -> None:
         s.universe,
         endpoint=s.eps["prod/web"],
         direction="ingress",
-        peer_identity=IDENTITY_WORLD,
+        peer_identity=Identity.WORLD,
         proto=TCP,
         port=80,
     )
@@ -682,7 +681,7 @@ def test_explain_default_deny_and_no_policy() -> None:
         s.universe,
         endpoint=s.eps["dev/fe"],
         direction="egress",
-        peer_identity=IDENTITY_WORLD,
+        peer_identity=Identity.WORLD,
         proto=UDP,
         port=53,
     )

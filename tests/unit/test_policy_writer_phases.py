@@ -8,12 +8,12 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from membrane.datapath.abi import POLICY_KEY_PROTO_BITS
+from membrane.abi import POLICY_KEY_PROTO_BITS, Direction
 from membrane.datapath.policy import Entries, Op, compile_entries, split_changes
-from membrane.policy import lookup
-from membrane.policy.entries import EndpointPolicy, PolicyEntry
+from membrane.datapath.policy_entries import EndpointPolicy, PolicyEntry, lookup
 
-IDENTITIES = [0, 300, 301]  # IDENTITY_ANY and two peers
+IDENTITIES = [0, 300, 301]  # Identity.ANY and two peers
+EGRESS = Direction.EGRESS
 PORTS = [(0, 0), (80, 16), (81, 16), (80, 15), (64, 12), (0, 8), (0, 1)]
 QUERIES = [
     (ident, proto, port)
@@ -31,7 +31,7 @@ def entries(draw: st.DrawFn) -> list[PolicyEntry]:
         port, bits = (0, 0) if proto == 0 else draw(st.sampled_from(PORTS))
         out.append(
             PolicyEntry(
-                direction=1,
+                direction=EGRESS,
                 identity=draw(st.sampled_from(IDENTITIES)),
                 proto=proto,
                 port=port,
@@ -49,7 +49,7 @@ def as_policy(slots: Entries, enforce: bool) -> EndpointPolicy:
         enforce_egress=enforce,
         entries=frozenset(
             PolicyEntry(
-                direction=s.direction,
+                direction=Direction(s.direction),
                 identity=s.identity,
                 proto=s.proto,
                 port=s.port,
@@ -64,7 +64,7 @@ def as_policy(slots: Entries, enforce: bool) -> EndpointPolicy:
 
 def allowed(slots: Entries, enforce: bool) -> set[tuple[int, int, int]]:
     policy = as_policy(slots, enforce)
-    return {q for q in QUERIES if lookup(policy, 1, *q)[0]}
+    return {q for q in QUERIES if lookup(policy, EGRESS, *q)[0]}
 
 
 def applied(slots: Entries, op: Op) -> Entries:
@@ -113,4 +113,4 @@ def test_a_rule_id_change_alone_is_not_a_tightening() -> None:
 
 
 def entries_of(deny: bool, rule_id: int) -> list[PolicyEntry]:
-    return [PolicyEntry(1, 300, 6, 80, 16, deny, rule_id)]
+    return [PolicyEntry(EGRESS, 300, 6, 80, 16, deny, rule_id)]

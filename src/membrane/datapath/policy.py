@@ -29,50 +29,17 @@ import secrets
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
-from membrane.datapath.abi import (
-    POLICY_KEY_FIXED_BITS,
-    POLICY_KEY_PROTO_BITS,
-    Direction,
-)
+from membrane.abi import POLICY_KEY_FIXED_BITS, POLICY_KEY_PROTO_BITS, Direction
 from membrane.datapath.conntrack import flush_endpoint
 from membrane.datapath.nodemaps import NodeMaps
+from membrane.datapath.policy_entries import PORT_MASKS, EndpointPolicy, PolicyEntry
+
+_DIRECTIONS = frozenset(Direction)
 
 
-class PolicyEntryLike(Protocol):
-    """What the compiler (membrane.policy.compile.PolicyEntry) hands over. proto 0 means
-    every protocol (then port_bits must be 0); port_bits is the length of the port prefix
-    (16: exactly `port`, 0: every port). ICMP rules carry the ICMP type as the port."""
-
-    direction: Any  # Direction, 0/1, "ingress"/"egress" or an enum of those
-    identity: int
-    proto: int
-    port: int
-    port_bits: int
-    deny: bool
-    rule_id: int
-
-
-class EndpointPolicyLike(Protocol):
-    """One endpoint's policy as the compiler hands it over (membrane.policy.entries)."""
-
-    enforce_ingress: bool
-    enforce_egress: bool
-    entries: Iterable[PolicyEntryLike]
-
-
-@dataclass(frozen=True)
-class EndpointPolicy:
-    """Everything the datapath needs to enforce one endpoint's policy."""
-
-    enforce_ingress: bool  # default deny for traffic to the endpoint
-    enforce_egress: bool
-    entries: Sequence[PolicyEntryLike] = ()
-
-
-def enforce_bits(policy: EndpointPolicyLike) -> int:
+def enforce_bits(policy: EndpointPolicy) -> int:
     """endpoint_state.enforce: bit (1 << dir) set = default deny in that direction."""
     return (int(policy.enforce_ingress) << Direction.INGRESS) | (
         int(policy.enforce_egress) << Direction.EGRESS
@@ -97,28 +64,13 @@ class Verdict(NamedTuple):
 Entries = dict[Slot, Verdict]
 
 
-_DIRECTIONS = {0: Direction.INGRESS, 1: Direction.EGRESS}
-
-
-def direction_of(value: Any) -> Direction:
-    if type(value) is int and value in _DIRECTIONS:
-        return _DIRECTIONS[value]  # the common case, without an Enum call per entry
-    if isinstance(value, Enum) and not isinstance(value, int | str):
-        value = value.value
-    if isinstance(value, str):
-        try:
-            return Direction[value.upper()]
-        except KeyError:
-            raise ValueError(f"direction must be ingress or egress, not {value!r}") from None
-    return Direction(int(value))
-
-
-def slot_of(entry: PolicyEntryLike) -> Slot:
+def slot_of(entry: PolicyEntry) -> Slot:
     """The LPM key an entry occupies: every protocol (64 bits), every port of a protocol
     (80), or a port prefix (80 + port_bits). Port bits below the prefix are cleared, so
     equal prefixes give equal keys."""
-    direction = direction_of(entry.direction)
-    proto, port, bits = int(entry.proto), int(entry.port), int(entry.port_bits)
+    direction, proto, port, bits = entry.direction, entry.proto, entry.port, entry.port_bits
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction {direction!r} is neither ingress nor egress")
     if not 0 <= proto <= 255:
         raise ValueError(f"protocol {proto} is not an IP protocol number")
     if not 0 <= port <= 0xFFFF or not 0 <= bits <= 16:
@@ -126,17 +78,17 @@ def slot_of(entry: PolicyEntryLike) -> Slot:
     if proto == 0:
         if bits:
             raise ValueError("an entry for every protocol cannot name a port")
-        return Slot(POLICY_KEY_FIXED_BITS, direction, int(entry.identity), 0, 0)
-    mask = (0xFFFF << (16 - bits)) & 0xFFFF
-    return Slot(POLICY_KEY_PROTO_BITS + bits, direction, int(entry.identity), proto, port & mask)
+        return Slot(POLICY_KEY_FIXED_BITS, direction, entry.identity, 0, 0)
+    mask = PORT_MASKS[bits]
+    return Slot(POLICY_KEY_PROTO_BITS + bits, direction, entry.identity, proto, port & mask)
 
 
-def compile_entries(entries: Iterable[PolicyEntryLike]) -> Entries:
+def compile_entries(entries: Iterable[PolicyEntry]) -> Entries:
     """Slots and verdicts of an endpoint's entries. Two entries on one slot: a deny wins,
     else the first rule is kept."""
     out: Entries = {}
     for entry in entries:
-        slot, verdict = slot_of(entry), Verdict(int(entry.rule_id), bool(entry.deny))
+        slot, verdict = slot_of(entry), Verdict(entry.rule_id, entry.deny)
         if slot not in out or (verdict.deny and not out[slot].deny):
             out[slot] = verdict
     return out
@@ -200,7 +152,7 @@ class PolicyWriter:
         self._written: dict[tuple[int, int], Entries] | None = None
         # ep_id -> (policy object, identity) last installed: the agent hands back the very
         # same object for an endpoint whose policy did not change, which then costs nothing.
-        self._installed: dict[int, tuple[Any, int]] = {}
+        self._installed: dict[int, tuple[EndpointPolicy, int | None]] = {}
 
     # ---- what the policy map holds ---------------------------------------------------
     def written(self) -> dict[tuple[int, int], Entries]:
@@ -224,7 +176,9 @@ class PolicyWriter:
         self._written = None
         self._installed.clear()
 
-    def _is_installed(self, ep_id: int, policy: Any, identities: Mapping[int, int]) -> bool:
+    def _is_installed(
+        self, ep_id: int, policy: EndpointPolicy, identities: Mapping[int, int]
+    ) -> bool:
         installed = self._installed.get(ep_id)
         return (
             installed is not None
@@ -272,9 +226,7 @@ class PolicyWriter:
         self.maps.endpoints.update_batch(states)
 
     # ---- the protocol ----------------------------------------------------------------
-    def apply(
-        self, changes: Mapping[int, EndpointPolicyLike], identities: Mapping[int, int]
-    ) -> None:
+    def apply(self, changes: Mapping[int, EndpointPolicy], identities: Mapping[int, int]) -> None:
         """Install the policies of the endpoints in `changes` (ep_id -> policy);
         `identities` gives each endpoint's own identity (required for endpoints the
         datapath does not know yet; an identity change alone is written as it is).

@@ -2,8 +2,8 @@
 CiliumClusterwideNetworkPolicy documents, the compiler to datapath policy entries, and an
 independent reference evaluator that explains verdicts."""
 
+from membrane.datapath.policy_entries import EndpointPolicy, PolicyEntry, lookup
 from membrane.policy.compile import CompileCache, compile_policies, policy_cidrs
-from membrane.policy.entries import EndpointPolicy, PolicyEntry, lookup
 from membrane.policy.model import Policy
 from membrane.policy.parse import parse_documents, parse_with_documents
 from membrane.policy.reference import Decision, evaluate, explain

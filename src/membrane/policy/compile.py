@@ -2,12 +2,12 @@
 
 Every rule of every policy selecting an endpoint becomes entries (peer identity, protocol,
 port prefix) -> allow/deny. The entries are then made such that the datapath's
-longest-prefix lookup (`entries.lookup`) gives the rules' meaning: within one identity the
-longest match must be a deny wherever any deny of that identity applies, so an allow lying
-inside a broader deny is dropped (the deny is then the longest match there). Allows inside
-broader allows, and denies inside broader denies, add nothing and are dropped too. Denies
-of one identity against allows of another (or of "any peer") need nothing: the lookup
-consults both and lets a deny win.
+longest-prefix lookup (membrane.datapath.policy_entries.lookup) gives the rules' meaning:
+within one identity the longest match must be a deny wherever any deny of that identity
+applies, so an allow lying inside a broader deny is dropped (the deny is then the longest
+match there). Allows inside broader allows, and denies inside broader denies, add nothing
+and are dropped too. Denies of one identity against allows of another (or of "any peer")
+need nothing: the lookup consults both and lets a deny win.
 """
 
 from __future__ import annotations
@@ -15,40 +15,28 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from ipaddress import IPv4Network
 
-from membrane.identity.labels import IDENTITY_ANY
+from membrane.abi import Direction, Identity
+from membrane.datapath.policy_entries import PORT_MASKS, EndpointPolicy, PolicyEntry
 from membrane.identity.selector import LabelIndex, SelectorIndex
-from membrane.policy.entries import (
-    DIRECTIONS,
-    EP_DIR_EGRESS,
-    EP_DIR_INGRESS,
-    EndpointPolicy,
-    PolicyEntry,
-    lookup,
-)
 from membrane.policy.model import Policy
-from membrane.policy.ports import port_blocks, port_mask
+from membrane.policy.ports import port_blocks
 from membrane.policy.rules import FlatRule, PortRange, Subject, policy_subjects
 from membrane.policy.ruletable import RuleRef, RuleTable
 from membrane.policy.universe import EndpointInfo, Universe
 
 __all__ = [
-    "EP_DIR_EGRESS",
-    "EP_DIR_INGRESS",
     "CompileCache",
     "EndpointInfo",
-    "EndpointPolicy",
-    "PolicyEntry",
     "RuleRef",
     "RuleTable",
     "Universe",
     "compile_policies",
-    "lookup",
     "policy_cidrs",
 ]
 
-_MASKS = tuple(port_mask(bits) for bits in range(17))
-_Key = tuple[int, int, int, int, int]  # direction, identity, proto, port, port_bits
+_Key = tuple[Direction, int, int, int, int]  # direction, identity, proto, port, port_bits
 _Verdict = tuple[bool, int]  # deny, rule_id
+_ANY_PEER = Identity.ANY  # bound once: used per rule and per endpoint
 
 
 def policy_cidrs(policies: Iterable[Policy]) -> set[IPv4Network]:
@@ -136,11 +124,11 @@ class CompileCache:
         return dirty
 
     def peers(self, rule: FlatRule, serial: int) -> tuple[int, ...]:
-        """The identities a rule's peers select (IDENTITY_ANY alone for any peer)."""
+        """The identities a rule's peers select (Identity.ANY alone for any peer)."""
         cached = self._peers.get(id(rule))
         if cached is None or cached[0] is not rule:
             if rule.any_peer:
-                found: set[int] = {IDENTITY_ANY}
+                found: set[int] = {_ANY_PEER}
             else:
                 found = set().union(*(self.identities.select(s) for s in rule.peers))
                 self._rule_selectors.add(id(rule), rule.peers)
@@ -194,27 +182,25 @@ class _Compilation:
     def __init__(self, universe: Universe, rules: RuleTable, cache: CompileCache) -> None:
         self.rules = rules
         self.cache = cache
-        self.port_owners: dict[int, list[EndpointInfo]] = {IDENTITY_ANY: []}
+        self.port_owners: dict[int, list[EndpointInfo]] = {_ANY_PEER: []}
         for ep in universe.endpoints.values():
             self.port_owners.setdefault(ep.identity, []).append(ep)
-            self.port_owners[IDENTITY_ANY].append(ep)  # an any-peer rule: every endpoint
+            self.port_owners[_ANY_PEER].append(ep)  # an any-peer rule: every endpoint
 
     def endpoint(self, ep: EndpointInfo, subjects: list[tuple[int, Subject]]) -> EndpointPolicy:
-        enforce = {EP_DIR_INGRESS: False, EP_DIR_EGRESS: False}
+        enforce_ingress = enforce_egress = False
         table: dict[_Key, _Verdict] = {}
         for serial, subject in subjects:
-            enforce[EP_DIR_INGRESS] |= subject.enforce_ingress
-            enforce[EP_DIR_EGRESS] |= subject.enforce_egress
+            enforce_ingress |= subject.enforce_ingress
+            enforce_egress |= subject.enforce_egress
             for rule in subject.rules:
                 rule_id = self.rules.id_for(rule.ref)
-                direction = DIRECTIONS[rule.ref.direction]
+                direction = Direction[rule.ref.direction.upper()]
                 for identity in self.cache.peers(rule, serial):
                     for proto, port, bits in self.port_keys(rule, ep, identity):
                         key = (direction, identity, proto, port, bits)
                         _add(table, key, rule.ref.deny, rule_id)
-        return EndpointPolicy(
-            enforce[EP_DIR_INGRESS], enforce[EP_DIR_EGRESS], _minimal_entries(table)
-        )
+        return EndpointPolicy(enforce_ingress, enforce_egress, _minimal_entries(table))
 
     def port_keys(
         self, rule: FlatRule, ep: EndpointInfo, identity: int
@@ -259,7 +245,7 @@ def _minimal_entries(table: dict[_Key, _Verdict]) -> frozenset[PolicyEntry]:
             for shorter in ordered[(direction, identity, proto)]:
                 if shorter >= bits:
                     break
-                broader.append((direction, identity, proto, port & _MASKS[shorter], shorter))
+                broader.append((direction, identity, proto, port & PORT_MASKS[shorter], shorter))
             if any(_overrides(table.get(other), deny) for other in broader):
                 continue
         kept.append(PolicyEntry(*key, deny, rule_id))

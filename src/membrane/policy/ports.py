@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-PORT_BITS = 16
-
-
-def port_mask(bits: int) -> int:
-    """The mask of the top `bits` bits of a port."""
-    return (0xFFFF << (PORT_BITS - bits)) & 0xFFFF
+from membrane.datapath.policy_entries import PORT_BITS
 
 
 @lru_cache(maxsize=65536)
