@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from membrane.abi import MEMBRANE_EVENT_VERSION, FilterEventType, FilterStat
 from membrane.bpf import BpfObject, Map, test_run
 from membrane.bpf.maps import possible_cpus
 from membrane.bpf.ringbuf import RingBuffer
@@ -23,9 +24,11 @@ from membrane.filter.rules import AllowedFlow
 
 XDP_VERDICTS = {2: "pass", 1: "drop"}  # XDP_PASS, XDP_DROP
 TC_VERDICTS = {-1: "pass", 2: "drop"}  # TC_ACT_UNSPEC, TC_ACT_SHOT
-STATS = {"passed": 1, "dropped": 2, "unparsed": 3}  # enum filter_stat
-HOOK_XDP, HOOK_TC_INGRESS, HOOK_TC_EGRESS = 1, 2, 3
-EVENT_VERSION, EVENT_DROP = 1, 1
+STATS = {
+    "passed": FilterStat.PASSED,
+    "dropped": FilterStat.DROPPED,
+    "unparsed": FilterStat.UNPARSED,
+}
 INSTANCE = 0x4D42  # load-time constant `instance`, which events carry
 ZERO = (0, 0)
 
@@ -211,8 +214,8 @@ def assert_drop_event(
         "dst": bytes(ev["dst"]),
     }
     expected = {
-        "version": EVENT_VERSION,
-        "type": EVENT_DROP,
+        "version": MEMBRANE_EVENT_VERSION,
+        "type": FilterEventType.DROP,
         "ts_in_run": True,
         "cpu_possible": True,
         "instance": INSTANCE,

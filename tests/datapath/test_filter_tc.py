@@ -13,8 +13,6 @@ from collections.abc import Iterator
 
 import pytest
 from filter_harness import (
-    HOOK_TC_EGRESS,
-    HOOK_TC_INGRESS,
     FilterProgram,
     assert_drop_event,
     assert_dropped,
@@ -41,6 +39,8 @@ from packets import (
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import IPv6ExtHdrRouting
 from scapy.packet import Raw
+
+from membrane.abi import FilterHook
 
 pytestmark = pytest.mark.root
 
@@ -314,7 +314,7 @@ def test_drop_emits_event(
     assert_drop_event(
         out,
         rule=rule,
-        hook=HOOK_TC_INGRESS,
+        hook=FilterHook.TC_INGRESS,
         src=OTHER[family],
         dst=SERVER[family],
         protocol=PROTO_NUMBERS[proto],
@@ -324,7 +324,7 @@ def test_drop_emits_event(
 
 
 def test_egress_program_names_its_hook_and_can_be_quiet() -> None:
-    f = load(hook=HOOK_TC_EGRESS)
+    f = load(hook=FilterHook.TC_EGRESS)
     quiet = load(emit_events=False)
     try:
         out = f.run(packet(SERVER[4], "tcp", src=OTHER[4], sport=5555))
@@ -332,7 +332,7 @@ def test_egress_program_names_its_hook_and_can_be_quiet() -> None:
         assert_drop_event(
             out,
             rule=10,
-            hook=HOOK_TC_EGRESS,
+            hook=FilterHook.TC_EGRESS,
             src=OTHER[4],
             dst=SERVER[4],
             protocol=TCP_,

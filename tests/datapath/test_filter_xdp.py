@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import pytest
 from filter_harness import (
-    HOOK_XDP,
     FilterProgram,
     assert_drop_event,
     assert_dropped,
@@ -41,6 +40,8 @@ from packets import (
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrRouting
 from scapy.packet import Raw
+
+from membrane.abi import FilterHook
 
 pytestmark = pytest.mark.root
 
@@ -437,7 +438,7 @@ def test_drop_emits_event(
     assert_drop_event(
         out,
         rule=rule,
-        hook=HOOK_XDP,
+        hook=FilterHook.XDP,
         src=src,
         dst=dst,
         protocol=number,
@@ -449,7 +450,9 @@ def test_drop_emits_event(
 def test_drop_event_of_later_fragment_has_no_ports(xdp: FilterProgram) -> None:
     out = xdp.run(later_fragment(DST_IN_24, "udp"))
     assert_dropped(out, 2)
-    assert_drop_event(out, rule=2, hook=HOOK_XDP, src="198.18.0.1", dst=DST_IN_24, protocol=UDP_)
+    assert_drop_event(
+        out, rule=2, hook=FilterHook.XDP, src="198.18.0.1", dst=DST_IN_24, protocol=UDP_
+    )
 
 
 def test_no_events_when_disabled() -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import re
 from ipaddress import IPv4Network
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +15,6 @@ from membrane.identity.labels import (
     endpoint_labels,
 )
 from membrane.identity.selector import LabelIndex, LabelSelector, Requirement, split_key
-
-ENDPOINT_H = Path(__file__).resolve().parents[2] / "bpf" / "abi" / "endpoint.h"
 
 
 def L(text: str) -> Label:
@@ -41,22 +37,6 @@ def test_label_str_round_trips() -> None:
 def test_label_without_key_is_a_user_error() -> None:
     with pytest.raises(UserError):
         Label.parse("k8s:=x")
-
-
-def test_reserved_identities_match_the_abi_header() -> None:
-    """The numbers are shared with the datapath: a mismatch would misroute verdicts."""
-    enum = dict(re.findall(r"IDENTITY_(\w+) = (\d+)", ENDPOINT_H.read_text()))
-    assert {k: int(v) for k, v in enum.items()} == {
-        "ANY": lbl.IDENTITY_ANY,
-        "HOST": lbl.IDENTITY_HOST,
-        "WORLD": lbl.IDENTITY_WORLD,
-        "UNMANAGED": lbl.IDENTITY_UNMANAGED,
-        "HEALTH": lbl.IDENTITY_HEALTH,
-        "INIT": lbl.IDENTITY_INIT,
-        "REMOTE_NODE": lbl.IDENTITY_REMOTE_NODE,
-        "FIRST_ENDPOINT": lbl.IDENTITY_FIRST_ENDPOINT,
-        "FIRST_CIDR": lbl.IDENTITY_FIRST_CIDR,
-    }
 
 
 def test_reserved_labels() -> None:

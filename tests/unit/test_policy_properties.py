@@ -17,10 +17,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from membrane.abi import Direction, Identity
 from membrane.identity.labels import (
-    IDENTITY_FIRST_CIDR,
-    IDENTITY_FIRST_ENDPOINT,
-    IDENTITY_WORLD,
     RESERVED_LABELS,
     cidr_identity_labels,
     endpoint_labels,
@@ -298,7 +296,7 @@ def build_universe(spec: dict[str, Any], policies: list) -> Universe:
     by_labels: dict[frozenset, int] = {}
     for ep_id, p in enumerate(spec["pods"], start=1):
         labels = endpoint_labels(p["namespace"], p["labels"], spec["namespaces"][p["namespace"]])
-        identity = by_labels.setdefault(labels, IDENTITY_FIRST_ENDPOINT + len(by_labels))
+        identity = by_labels.setdefault(labels, Identity.FIRST_ENDPOINT + len(by_labels))
         identities[identity] = labels
         endpoints[ep_id] = EndpointInfo(
             ep_id, p["namespace"], f"pod{ep_id}", identity, labels, dict(p["ports"])
@@ -306,8 +304,8 @@ def build_universe(spec: dict[str, Any], policies: list) -> Universe:
     cidr_identities = {}
     all_prefixes = sorted(prefixes | {IPv4Network(c) for c in spec["extra_cidrs"]})
     for n, prefix in enumerate(all_prefixes):
-        cidr_identities[IDENTITY_FIRST_CIDR + n] = prefix
-        identities[IDENTITY_FIRST_CIDR + n] = cidr_identity_labels(prefix, prefixes)
+        cidr_identities[Identity.FIRST_CIDR + n] = prefix
+        identities[Identity.FIRST_CIDR + n] = cidr_identity_labels(prefix, prefixes)
     return Universe(identities, endpoints, cidr_identities)
 
 
@@ -335,7 +333,7 @@ def grid_flows(universe: Universe) -> list[tuple[int, int, int, int, int]]:
     return [
         (ep_id, direction, peer, proto, port)
         for ep_id in universe.endpoints
-        for direction in (0, 1)
+        for direction in Direction
         for peer in peers
         for proto, port in GRID
     ]
@@ -346,7 +344,7 @@ def boundary_flows(universe: Universe, compiled: dict) -> list[tuple[int, int, i
     outside) for every protocol, for its own identity (or a few, for an any-peer entry):
     where a wrong entry would show."""
     endpoint_ids = sorted(e.identity for e in universe.endpoints.values())
-    any_peers = [IDENTITY_WORLD, endpoint_ids[0], 99999]
+    any_peers = [Identity.WORLD, endpoint_ids[0], 99999]
     flows = []
     for ep_id, policy in compiled.items():
         for e in policy.entries:

@@ -11,8 +11,11 @@ from collections.abc import Collection
 from ipaddress import IPv4Network
 from typing import Any
 
-FIRST_ENDPOINT_IDENTITY = 256
-FIRST_CIDR_IDENTITY = (1 << 24) + 1
+from membrane.abi import Identity
+
+# Where numbering starts; plain ints, since they are persisted and counted up.
+FIRST_ENDPOINT_IDENTITY = int(Identity.FIRST_ENDPOINT)
+FIRST_CIDR_IDENTITY = int(Identity.FIRST_CIDR)
 
 
 def labels_key(labels: frozenset[Any]) -> str:

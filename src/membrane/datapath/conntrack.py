@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
-from membrane.datapath.abi import CtFlag, Direction
+from membrane.abi import CtFlag, Direction
 from membrane.datapath.nodemaps import NodeMaps
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from membrane.datapath.abi import Identity
+from membrane.abi import Identity
 from membrane.datapath.nodemaps import NodeMaps
 
 WORLD_PREFIX = IPv4Network("0.0.0.0/0")

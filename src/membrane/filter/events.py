@@ -12,10 +12,10 @@ from membrane.bpf.ktime import ktime_to_iso
 from membrane.bpf.object import object_path
 from membrane.bpf.ringbuf import RingBuffer
 from membrane.errors import UserError
-from membrane.filter.manager import Attachment, FilterManager
+from membrane.filter.manager import HOOK_IDS, Attachment, FilterManager
 from membrane.filter.rules import protocol_name
 
-_HOOK_NAMES = {1: "xdp", 2: "tc-ingress", 3: "tc-egress"}
+_HOOK_NAMES = {number: name for name, number in HOOK_IDS.items()}
 _POLL_MS = 200
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from membrane.abi import FilterFeature, FilterHook, FilterStat, FilterXdpMode
 from membrane.bpf import AttachError, BpfError, BpfObject, Link, Map
 from membrane.bpf.fs import ensure_bpffs
 from membrane.bpf.links import ClsactAttachment, attach_tc, attach_xdp
@@ -40,13 +41,22 @@ from membrane.netns.links import kind_here
 
 FILTER_ROOT = "filter"
 LOCK_FILE = "/run/lock/membrane-filter.lock"
-HOOKS = ("xdp", "tc-ingress", "tc-egress")
-HOOK_IDS = {"xdp": 1, "tc-ingress": 2, "tc-egress": 3}
-XDP_MODE_IDS = {"native": 1, "generic": 2}
+# Hooks and XDP modes as users name them, and their numbers in bpf/abi/filter.h.
+HOOK_IDS = {
+    "xdp": FilterHook.XDP,
+    "tc-ingress": FilterHook.TC_INGRESS,
+    "tc-egress": FilterHook.TC_EGRESS,
+}
+HOOKS = tuple(HOOK_IDS)
+XDP_MODE_IDS = {"native": FilterXdpMode.NATIVE, "generic": FilterXdpMode.GENERIC}
 XDP_MODE_NAMES = {v: k for k, v in XDP_MODE_IDS.items()}
-FEATURE_DROP_DST, FEATURE_DROP_PROTO, FEATURE_ALLOW_ONLY = 1, 2, 4
 _SHARED_MAPS = ("events", "events_lost")
-_STAT_NAMES = ("seen", "passed", "dropped", "unparsed")
+# The counters the programs keep (seen is their sum), by their names in `filter stats`.
+_COUNTED = {
+    FilterStat.PASSED: "passed",
+    FilterStat.DROPPED: "dropped",
+    FilterStat.UNPARSED: "unparsed",
+}
 
 
 def _encode(name: str) -> str:
@@ -182,8 +192,8 @@ class FilterManager:
         if hook == "xdp":
             obj = BpfObject.open("filter_xdp")
             obj.set_config(
-                enable_drop_dst=bool(features & FEATURE_DROP_DST),
-                enable_drop_proto=bool(features & FEATURE_DROP_PROTO),
+                enable_drop_dst=bool(features & FilterFeature.DROP_DST),
+                enable_drop_proto=bool(features & FilterFeature.DROP_PROTO),
                 instance=instance,
             )
         else:
@@ -349,7 +359,7 @@ class FilterManager:
                 ids = self._id_allocator(att, self._used_rule_ids(att))
                 tables.add((n, next(ids)) for n in new)
 
-        return self._ensure(netns, device, "xdp", FEATURE_DROP_DST, fill, xdp_mode)
+        return self._ensure(netns, device, "xdp", FilterFeature.DROP_DST, fill, xdp_mode)
 
     def remove_drop_dst(
         self, netns: str | None, device: str, nets: list[IPNetwork], check_only: bool = False
@@ -381,7 +391,7 @@ class FilterManager:
                 for proto in todo:
                     m.update(proto, next(ids))
 
-        return self._ensure(netns, device, "xdp", FEATURE_DROP_PROTO, fill, xdp_mode)
+        return self._ensure(netns, device, "xdp", FilterFeature.DROP_PROTO, fill, xdp_mode)
 
     def remove_drop_proto(
         self, netns: str | None, device: str, protocols: list[int], check_only: bool = False
@@ -418,7 +428,7 @@ class FilterManager:
                 if guards.lookup(key) is None:
                     guards.update(key, next(ids))
 
-        return self._ensure(netns, device, f"tc-{direction}", FEATURE_ALLOW_ONLY, fill)
+        return self._ensure(netns, device, f"tc-{direction}", FilterFeature.ALLOW_ONLY, fill)
 
     def remove_allow_flow(
         self, netns: str | None, device: str, flow: AllowedFlow, direction: str = "ingress"
@@ -489,8 +499,8 @@ class FilterManager:
     def totals(self, att: Attachment) -> dict[str, dict[str, int]]:
         with att.map("filter_stats") as stats:
             out = {}
-            for index, name in enumerate(_STAT_NAMES[1:], start=1):
-                packets, size = _counter_sum(stats.lookup(index))
+            for stat, name in _COUNTED.items():
+                packets, size = _counter_sum(stats.lookup(stat))
                 out[name] = {"packets": packets, "bytes": size}
         out["seen"] = {k: out["passed"][k] + out["dropped"][k] for k in ("packets", "bytes")}
         return out

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
+from membrane.abi import Identity
 from membrane.errors import UserError
 
 SOURCE_K8S = "k8s"
@@ -25,24 +26,18 @@ SERVICE_ACCOUNT_KEY = "io.cilium.k8s.policy.serviceaccount"
 NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
 NAMESPACE_NAME_KEY = "kubernetes.io/metadata.name"  # every namespace has it
 
-# Identity numbers, as bpf/abi/endpoint.h (enum reserved_identity) numbers them.
-IDENTITY_ANY = 0  # policy keys only: any peer
-IDENTITY_HOST = 1
-IDENTITY_WORLD = 2
-IDENTITY_UNMANAGED = 3
-IDENTITY_HEALTH = 4
-IDENTITY_INIT = 5
-IDENTITY_REMOTE_NODE = 6
-IDENTITY_FIRST_ENDPOINT = 256
-IDENTITY_FIRST_CIDR = (1 << 24) + 1
+# The agent's modules being split beside this change still import these two; their home
+# is membrane.abi.Identity. Remove once nothing imports them from here.
+IDENTITY_HOST, IDENTITY_WORLD = Identity.HOST, Identity.WORLD
 
+# Cilium's names of the reserved identities (the labels `reserved:<name>`).
 RESERVED_NAMES: dict[int, str] = {
-    IDENTITY_HOST: "host",
-    IDENTITY_WORLD: "world",
-    IDENTITY_UNMANAGED: "unmanaged",
-    IDENTITY_HEALTH: "health",
-    IDENTITY_INIT: "init",
-    IDENTITY_REMOTE_NODE: "remote-node",
+    Identity.HOST: "host",
+    Identity.WORLD: "world",
+    Identity.UNMANAGED: "unmanaged",
+    Identity.HEALTH: "health",
+    Identity.INIT: "init",
+    Identity.REMOTE_NODE: "remote-node",
 }
 
 

@@ -17,12 +17,8 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from membrane.observe.record import (
-    DROP_TEXTS,
-    IDENTITY_FIRST_ENDPOINT,
-    POLICY_MATCH_NAMES,
-    POLICY_MATCH_NONE,
-)
+from membrane.abi import Identity
+from membrane.observe.record import DROP_TEXTS, POLICY_MATCH_NAMES, POLICY_MATCH_NONE
 
 FORMATS = ("compact", "json", "table")
 TABLE_COLUMNS = ["TIME", "SOURCE", "DESTINATION", "DIRECTION", "VERDICT", "SUMMARY", "DECISION"]
@@ -56,7 +52,7 @@ def endpoint_text(record: Record, side: str) -> str:
         (lb.removeprefix("reserved:") for lb in ep.get("labels", ()) if lb.startswith("reserved:")),
         None,
     )
-    if identity < IDENTITY_FIRST_ENDPOINT and reserved:
+    if identity < Identity.FIRST_ENDPOINT and reserved:
         return f"{text} ({reserved})"
     return f"{text} (ID:{identity})"
 

@@ -20,25 +20,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
-# ---- numbers of the C side (bpf/abi/events.h, bpf/abi/endpoint.h) ----------------------
-EVENT_VERSION = 1  # MEMBRANE_EVENT_VERSION
-FLOW_EVENT_POLICY_VERDICT = 1
-FLOW_EVENT_DROP = 2
-EP_DIR_INGRESS = 0
-EP_DIR_EGRESS = 1
-FLOW_MATCH_RULE = 1
-FLOW_MATCH_REPLY = 3
-DROP_POLICY_DENY = 181
-IDENTITY_FIRST_ENDPOINT = 256
-RESERVED_IDENTITIES = {
-    1: "host",
-    2: "world",
-    3: "unmanaged",
-    4: "health",
-    5: "init",
-    6: "remote-node",
-}
-IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP = 1, 6, 17, 132
+from membrane.abi import (
+    MEMBRANE_EVENT_VERSION,
+    Direction,
+    DropReason,
+    FlowEventType,
+    FlowMatch,
+    IpProto,
+)
+from membrane.identity.labels import RESERVED_NAMES
+
+# ---- numbers of the C side (membrane.abi), bound once: compared for every event ----------
+_VERDICT, _DROP = FlowEventType.POLICY_VERDICT, FlowEventType.DROP
+_EGRESS, _MATCH_RULE, _MATCH_REPLY = Direction.EGRESS, FlowMatch.RULE, FlowMatch.REPLY
+_TCP, _UDP, _SCTP, _ICMP = IpProto.TCP, IpProto.UDP, IpProto.SCTP, IpProto.ICMP
 
 # ---- numbers of Hubble's flow API (cilium api/v1/flow, pkg/monitor/api) -------------------
 MESSAGE_TYPE_DROP = 1
@@ -73,8 +68,8 @@ ICMP_TYPES = {
 
 
 @dataclass(frozen=True)
-class DropReason:
-    number: int  # enum drop_reason in bpf/abi/endpoint.h
+class DropDescription:
+    number: DropReason
     desc: str  # Hubble's DropReason name for what the datapath means: `drop_reason_desc`
     text: str  # for people
 
@@ -84,20 +79,30 @@ class DropReason:
 DROP_REASONS = {
     r.number: r
     for r in (
-        DropReason(132, "INVALID_SOURCE_IP", "Invalid source IP"),
-        DropReason(133, "POLICY_DENIED", "Policy denied (no rule allows it)"),
-        DropReason(134, "INVALID_PACKET_DROPPED", "Invalid packet"),
-        DropReason(135, "CT_TRUNCATED_OR_INVALID_HEADER", "Truncated or invalid header"),
-        DropReason(139, "UNSUPPORTED_L3_PROTOCOL", "Unsupported L3 protocol"),
-        DropReason(
-            155, "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND", "Fragment without its first fragment"
+        DropDescription(DropReason.INVALID_SOURCE_IP, "INVALID_SOURCE_IP", "Invalid source IP"),
+        DropDescription(
+            DropReason.POLICY_DENIED, "POLICY_DENIED", "Policy denied (no rule allows it)"
         ),
-        DropReason(
-            160,
+        DropDescription(DropReason.INVALID_PACKET, "INVALID_PACKET_DROPPED", "Invalid packet"),
+        DropDescription(
+            DropReason.CT_TRUNCATED_OR_INVALID_HEADER,
+            "CT_TRUNCATED_OR_INVALID_HEADER",
+            "Truncated or invalid header",
+        ),
+        DropDescription(
+            DropReason.UNSUPPORTED_L3_PROTOCOL, "UNSUPPORTED_L3_PROTOCOL", "Unsupported L3 protocol"
+        ),
+        DropDescription(
+            DropReason.FRAG_NOT_FOUND,
+            "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND",
+            "Fragment without its first fragment",
+        ),
+        DropDescription(
+            DropReason.NO_ENDPOINT_STATE,
             "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION",
             "No endpoint state (the agent has not configured this endpoint)",
         ),
-        DropReason(181, "POLICY_DENY", "Policy denied by a deny rule"),
+        DropDescription(DropReason.POLICY_DENY, "POLICY_DENY", "Policy denied by a deny rule"),
     )
 }
 DROP_TEXTS = {r.desc: r.text for r in DROP_REASONS.values()}
@@ -131,7 +136,7 @@ class RuleView:
     index: int  # position of the rule in the policy's ingress/egress(Deny) list
     description: str
     # Hubble's policy_match_type comes from the matched entry's shape: do the rule's
-    # entries name peer identities (not IDENTITY_ANY), and protocols or ports?
+    # entries name peer identities (not Identity.ANY), and protocols or ports?
     l3: bool
     l4: bool
 
@@ -229,12 +234,14 @@ def flow_record(
     """The Hubble-shaped flow record of one event. Raises UnsupportedEvent for events of
     another layout version or type (count them; they are not flows we can describe)."""
     ev = event if isinstance(event, FlowEvent) else FlowEvent.decode(event)
-    if ev.version != EVENT_VERSION:
-        raise UnsupportedEvent(f"flow event version {ev.version}, expected {EVENT_VERSION}")
-    if ev.type not in (FLOW_EVENT_POLICY_VERDICT, FLOW_EVENT_DROP):
+    if ev.version != MEMBRANE_EVENT_VERSION:
+        raise UnsupportedEvent(
+            f"flow event version {ev.version}, expected {MEMBRANE_EVENT_VERSION}"
+        )
+    if ev.type != _VERDICT and ev.type != _DROP:
         raise UnsupportedEvent(f"flow event type {ev.type}")
-    dropped = ev.type == FLOW_EVENT_DROP
-    egress = ev.dir == EP_DIR_EGRESS
+    dropped = ev.type == _DROP
+    egress = ev.dir == _EGRESS
     local = _local_endpoint(ev, resolver)
     peer = _peer_endpoint(ev.daddr if egress else ev.saddr, ev.peer_identity, resolver)
     rule = resolver.rule(ev.rule_id) if ev.rule_id else None
@@ -258,7 +265,7 @@ def flow_record(
     if dropped:
         reason = DROP_REASONS.get(ev.drop_reason)
         record["drop_reason_desc"] = reason.desc if reason else UNKNOWN_DROP_DESC
-    record["is_reply"] = ev.match == FLOW_MATCH_REPLY
+    record["is_reply"] = ev.match == _MATCH_REPLY
     record["Summary"] = _summary(ev)
     record["policy"] = _policy(ev, rule)
     return record
@@ -295,8 +302,8 @@ def _peer_endpoint(ip: str, identity: int, resolver: Resolver) -> dict[str, Any]
     if ep is not None:
         return _endpoint(ep, identity)
     labels = resolver.identity_labels(identity)
-    if not labels and identity in RESERVED_IDENTITIES:
-        labels = [f"reserved:{RESERVED_IDENTITIES[identity]}"]
+    if not labels and identity in RESERVED_NAMES:
+        labels = [f"reserved:{RESERVED_NAMES[identity]}"]
     peer: dict[str, Any] = {"identity": identity, "labels": list(labels)}
     if namespace := _namespace_of(labels):
         peer["namespace"] = namespace
@@ -314,34 +321,34 @@ def _namespace_of(labels: list[str]) -> str | None:
 
 def _layer4(ev: FlowEvent) -> dict[str, Any] | None:
     ports = {"source_port": ev.sport, "destination_port": ev.dport}
-    if ev.proto == IPPROTO_TCP:
+    if ev.proto == _TCP:
         flags = {name: True for name, bit in TCP_FLAGS if ev.tcp_flags & bit}
         return {"TCP": {**ports, "flags": flags}}
-    if ev.proto == IPPROTO_UDP:
+    if ev.proto == _UDP:
         return {"UDP": ports}
-    if ev.proto == IPPROTO_SCTP:
+    if ev.proto == _SCTP:
         return {"SCTP": ports}
-    if ev.proto == IPPROTO_ICMP:  # the datapath puts type and code in the port fields
+    if ev.proto == _ICMP:  # the datapath puts type and code in the port fields
         return {"ICMPv4": {"type": ev.sport, "code": ev.dport}}
     return None
 
 
 def _summary(ev: FlowEvent) -> str:
-    if ev.proto == IPPROTO_TCP:
+    if ev.proto == _TCP:
         flags = [name for name, bit in TCP_FLAGS if ev.tcp_flags & bit]
         return f"TCP Flags: {', '.join(flags)}" if flags else "TCP"
-    if ev.proto == IPPROTO_UDP:
+    if ev.proto == _UDP:
         return "UDP"
-    if ev.proto == IPPROTO_SCTP:
+    if ev.proto == _SCTP:
         return "SCTP"
-    if ev.proto == IPPROTO_ICMP:
+    if ev.proto == _ICMP:
         name = ICMP_TYPES.get(ev.sport, f"type {ev.sport}")
         return f"ICMPv4 {name}" + (f" code {ev.dport}" if ev.dport else "")
     return f"IPv4 protocol {ev.proto}"
 
 
 def _policy_match_type(ev: FlowEvent, rule: RuleView | None) -> int:
-    if ev.match != FLOW_MATCH_RULE or rule is None:
+    if ev.match != _MATCH_RULE or rule is None:
         return POLICY_MATCH_NONE
     return {
         (True, True): POLICY_MATCH_L3_L4,
@@ -354,7 +361,7 @@ def _policy_match_type(ev: FlowEvent, rule: RuleView | None) -> int:
 def _policy(ev: FlowEvent, rule: RuleView | None) -> dict[str, Any] | None:
     """The rule that decided, or None when none did (no policy in this direction, or
     default deny: the endpoint is selected and no rule allows the flow)."""
-    if ev.match != FLOW_MATCH_RULE or not ev.rule_id:
+    if ev.match != _MATCH_RULE or not ev.rule_id:
         return None
     if rule is None:  # the policy was removed after the packet passed
         return {
@@ -363,7 +370,7 @@ def _policy(ev: FlowEvent, rule: RuleView | None) -> dict[str, Any] | None:
             "namespace": None,
             "name": None,
             "rule": None,
-            "deny": ev.drop_reason == DROP_POLICY_DENY,
+            "deny": ev.drop_reason == DropReason.POLICY_DENY,
             "description": None,
         }
     return {

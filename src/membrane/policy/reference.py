@@ -14,15 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
+from membrane.abi import Identity, IpProto
 from membrane.identity.labels import (
-    IDENTITY_FIRST_CIDR,
-    IDENTITY_FIRST_ENDPOINT,
-    IDENTITY_HEALTH,
-    IDENTITY_HOST,
-    IDENTITY_INIT,
-    IDENTITY_REMOTE_NODE,
-    IDENTITY_UNMANAGED,
-    IDENTITY_WORLD,
     NAMESPACE_LABELS_PREFIX,
     POD_NAMESPACE_KEY,
     SOURCE_K8S,
@@ -39,14 +32,14 @@ from membrane.policy.model import (
 )
 from membrane.policy.ruletable import RuleRef
 from membrane.policy.universe import EndpointInfo, Universe
-from membrane.policy.validate import ANY_PROTOCOL, IPPROTO_ICMP, PROTOCOL_NUMBERS
+from membrane.policy.validate import ANY_PROTOCOL, PROTOCOL_NUMBERS
 
 _ENTITY_IDENTITY = {
-    "host": IDENTITY_HOST,
-    "remote-node": IDENTITY_REMOTE_NODE,
-    "health": IDENTITY_HEALTH,
-    "init": IDENTITY_INIT,
-    "unmanaged": IDENTITY_UNMANAGED,
+    "host": Identity.HOST,
+    "remote-node": Identity.REMOTE_NODE,
+    "health": Identity.HEALTH,
+    "init": Identity.INIT,
+    "unmanaged": Identity.UNMANAGED,
 }
 _CLUSTER_RESERVED = set(_ENTITY_IDENTITY.values())
 
@@ -93,7 +86,7 @@ class _Flow:
 
     def peer_in_cidr(self, cidr: IPv4Network, excepts: Sequence[IPv4Network]) -> bool:
         """World is what no policy prefix covers, so only 0.0.0.0/0 contains it."""
-        if self.peer_identity == IDENTITY_WORLD:
+        if self.peer_identity == Identity.WORLD:
             return cidr.prefixlen == 0
         prefix = self.universe.cidr_identities.get(self.peer_identity)
         if prefix is None:
@@ -271,7 +264,7 @@ def _cilium_rule_matches(rule: CiliumPeerRule, policy: Policy, flow: _Flow) -> b
             _cilium_port_matches(p, flow, any_peer) for p in port_rule.ports
         ):
             return True
-    return flow.proto == IPPROTO_ICMP and any(
+    return flow.proto == IpProto.ICMP and any(
         f.icmp_type == flow.port for icmp in rule.icmps or () for f in icmp.fields
     )
 
@@ -313,9 +306,9 @@ def _entity_matches(entity: str, flow: _Flow) -> bool:
     identity = flow.peer_identity
     known = identity in flow.universe.identities
     if entity in ("world", "world-ipv4"):
-        return identity == IDENTITY_WORLD or (known and identity >= IDENTITY_FIRST_CIDR)
+        return identity == Identity.WORLD or (known and identity >= Identity.FIRST_CIDR)
     if entity == "cluster":
-        endpoint = IDENTITY_FIRST_ENDPOINT <= identity < IDENTITY_FIRST_CIDR
+        endpoint = Identity.FIRST_ENDPOINT <= identity < Identity.FIRST_CIDR
         return identity in _CLUSTER_RESERVED or (known and endpoint)
     if entity == "all":
         return True

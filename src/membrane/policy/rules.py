@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
+from membrane.abi import IpProto
 from membrane.identity.labels import (
     CLUSTER_KEY,
     NAMESPACE_LABELS_PREFIX,
@@ -47,10 +48,10 @@ from membrane.policy.model import (
     PortProtocol,
 )
 from membrane.policy.ruletable import RuleRef
-from membrane.policy.validate import ANY_PROTOCOL, IPPROTO_ICMP, PROTOCOL_NUMBERS
+from membrane.policy.validate import ANY_PROTOCOL, PROTOCOL_NUMBERS
 
 ALL_PORTS = (0, 0xFFFF)
-ANY_PROTOCOLS = (6, 17, 132)  # what Cilium's ANY expands to: TCP, UDP, SCTP
+ANY_PROTOCOLS = tuple(PROTOCOL_NUMBERS.values())  # Cilium's ANY: TCP, UDP and SCTP
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,7 @@ def _cilium_ports(rule: CiliumPeerRule) -> tuple[PortMatch, ...] | None:
         for spec in port_rule.ports:
             matches += _cilium_port(spec)
     for icmp in rule.icmps or ():
-        matches += [PortRange(IPPROTO_ICMP, f.icmp_type, f.icmp_type) for f in icmp.fields]
+        matches += [PortRange(IpProto.ICMP, f.icmp_type, f.icmp_type) for f in icmp.fields]
     return tuple(matches)
 
 

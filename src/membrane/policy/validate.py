@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from ipaddress import IPv4Network, ip_network
 
+from membrane.abi import IpProto
 from membrane.identity.labels import SOURCE_ANY, SOURCE_RESERVED, SOURCES
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -18,9 +19,12 @@ _QUALIFIED_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _CILIUM_KEY = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?")
 _PORT_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 
-PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
-IPPROTO_ICMP = 1
+# The protocols a policy's port may name, by the name it uses.
+PROTOCOL_NUMBERS = {p.name: p for p in (IpProto.TCP, IpProto.UDP, IpProto.SCTP)}
 ANY_PROTOCOL = "ANY"  # Cilium: TCP, UDP and SCTP
+# The agent's modules being split beside this change still import it; its home is
+# membrane.abi.IpProto. Remove once nothing imports it from here.
+IPPROTO_ICMP = IpProto.ICMP
 
 
 def check_namespace(value: str) -> str:

@@ -8,6 +8,7 @@ import errno
 import numpy as np
 import typer
 
+from membrane.abi import ExecFlag
 from membrane.bpf.ktime import ktimes_to_iso
 from membrane.trace.options import COMM, DURATION, OUTPUT, PID, TIMESTAMP, UID, TraceOptions
 from membrane.trace.output import Column, text
@@ -15,7 +16,7 @@ from membrane.trace.session import stream_events
 from membrane.trace.tools import Tool
 
 _SYSCALLS = ("execve", "execveat")
-_ARGS_MORE, _ARG_CUT, _ARG_FAULT = 1, 2, 4  # enum exec_flags in bpf/abi/trace_proc.h
+_TRUNCATED = ExecFlag.ARGS_MORE | ExecFlag.ARG_CUT | ExecFlag.ARG_FAULT
 _RING_BYTES = 4 << 20  # ~1400 events of 2.9 KB: an exec storm between two polls fits
 
 COLUMNS_TIME = [Column("time", "TIME", 32)]
@@ -50,7 +51,7 @@ def records(batch: np.ndarray, times: bool = True) -> list[dict[str, object]]:
         strict=True,
     ):
         args = [text(a) for a in argv[:argc]]
-        truncated = bool(flags & (_ARGS_MORE | _ARG_CUT | _ARG_FAULT))
+        truncated = bool(flags & _TRUNCATED)
         out.append(
             {
                 "time": ts,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import typer
 
+from membrane.abi import SYS_NR_MAX
 from membrane.bpf import Map
 from membrane.errors import UserError
 from membrane.trace.histogram import buckets, log2_lines
@@ -16,8 +17,6 @@ from membrane.trace.session import TraceSession
 from membrane.trace.syscall_table import table
 from membrane.trace.tools import Tool
 
-NR_MAX = 1024  # SYS_NR_MAX of bpf/abi/trace_sys.h: the size of the `wanted` constant
-
 
 def chosen(names: list[str]) -> dict[int, str]:
     """nr -> name of the syscalls asked for, in the order given; UserError naming the
@@ -26,8 +25,8 @@ def chosen(names: list[str]) -> dict[int, str]:
     out: dict[int, str] = {}
     for name in names:
         nr = syscalls.number(name)
-        if not 0 <= nr < NR_MAX:
-            raise UserError("SYSCALL", f"{nr} is not a syscall number (0 to {NR_MAX - 1})")
+        if not 0 <= nr < SYS_NR_MAX:  # the size of the program's `wanted` constant
+            raise UserError("SYSCALL", f"{nr} is not a syscall number (0 to {SYS_NR_MAX - 1})")
         out.setdefault(nr, syscalls.name(nr))
     return out
 
@@ -72,7 +71,7 @@ def command(
     wanted = chosen(syscalls)
     unit, unit_ns = ("msecs", 1_000_000) if milliseconds else ("usecs", 1000)
     printer = Printer([], opts.output)
-    mask = bytearray(NR_MAX)
+    mask = bytearray(SYS_NR_MAX)
     for nr in wanted:
         mask[nr] = 1
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import typer
 
+from membrane.abi import PROFILE_NO_STACK
 from membrane.bpf.links import attach_cpu_sampler
 from membrane.errors import UserError
 from membrane.trace import flamegraph
@@ -23,7 +24,6 @@ from membrane.trace.session import TraceSession
 from membrane.trace.symbols import Symbolizer, demangle
 from membrane.trace.tools import Tool
 
-NO_STACK = -1  # PROFILE_NO_STACK in bpf/abi/trace_profile.h
 _MAX_SAMPLE_RATE = "/proc/sys/kernel/perf_event_max_sample_rate"
 _STACK_STORAGE_MAX = 1 << 20  # each stack slot costs ~1 KiB of kernel memory
 _ERROR_FIELDS = (
@@ -117,7 +117,7 @@ def _check_output_file(path: str | None, field: str) -> None:
 
 
 def _errno_name(stack_id: int) -> str | None:
-    if stack_id >= 0 or stack_id == NO_STACK:
+    if stack_id >= 0 or stack_id == PROFILE_NO_STACK:
         return None
     return errno.errorcode.get(-stack_id, str(-stack_id))
 
