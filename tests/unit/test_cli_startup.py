@@ -69,6 +69,7 @@ def test_version_comes_from_the_package_metadata() -> None:
         ("namespace", "list"),
         ("policy", "list"),
         ("policy", "import", "-"),
+        ("observe", "--last", "5"),
     ],
 )
 def test_a_client_command_imports_only_what_it_uses(args: tuple[str, ...]) -> None:

@@ -16,9 +16,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Protocol
 
 from membrane.abi import (
     MEMBRANE_EVENT_VERSION,
@@ -29,6 +27,9 @@ from membrane.abi import (
     IpProto,
 )
 from membrane.identity.labels import RESERVED_NAMES
+
+if TYPE_CHECKING:  # the agent's ring-buffer rows; `membrane observe` never has any
+    import numpy as np
 
 # ---- numbers of the C side (membrane.abi), bound once: compared for every event ----------
 _VERDICT, _DROP = FlowEventType.POLICY_VERDICT, FlowEventType.DROP
@@ -178,7 +179,7 @@ class FlowEvent:
         """From a row of a RingBuffer batch, or a dict shaped like the struct (the header
         under "h"). Addresses are the struct's u32 as read on this host (network byte
         order in memory) or, in a dict, dotted text."""
-        fields = _record_fields(rec.item(), rec.dtype) if isinstance(rec, np.void) else rec
+        fields = rec if isinstance(rec, Mapping) else _record_fields(rec.item(), rec.dtype)
         h = fields["h"]
         return cls(
             ts_ns=int(h["ts_ns"]),
