@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -88,17 +89,23 @@ def bulk_peers(count: int) -> list[IPv4Address]:
 # ---- timing ----------------------------------------------------------------------------
 @dataclass
 class Timing:
-    """Milliseconds of each run."""
+    """Milliseconds of each run: wall time, and for CLI runs the process's CPU time too."""
 
     runs: list[float]
+    cpu: list[float] | None = None
 
     def summary(self) -> dict[str, float]:
-        return {
+        out = {
             "median_ms": round(median(self.runs), 1),
             "min_ms": round(min(self.runs), 1),
             "max_ms": round(max(self.runs), 1),
             "runs": len(self.runs),
         }
+        if self.cpu:
+            # user + system of the `membrane` process: what other load on the machine
+            # moves less than the wall time
+            out["cpu_median_ms"] = round(median(self.cpu), 1)
+        return out
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -114,11 +121,13 @@ class Cli:
         self.argv = [membrane_command()]  # the console script, as users run it
         self.env = dict(os.environ)
         self.last_code = 0
+        self.last_cpu_ms = 0.0
         if socket_path:
             self.env["MEMBRANE_API_SOCKET"] = socket_path
 
     def run(self, *args: str, check: bool = True) -> float:
         """Milliseconds from start to exit; `self.last_code` keeps the exit code."""
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         out = subprocess.run(
             [*self.argv, *args],
@@ -129,6 +138,9 @@ class Cli:
             check=False,
         )
         took = (time.perf_counter() - started) * 1000
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the agent is not reaped yet
+        cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        self.last_cpu_ms = cpu * 1000
         self.last_code = out.returncode
         if check and out.returncode != 0:
             raise RuntimeError(
@@ -139,23 +151,26 @@ class Cli:
 
 def alternate(
     runs: int,
+    process: Cli,
     cli: Callable[[int], float],
     in_process: Callable[[int], float] | None = None,
     warmup: bool = True,
 ) -> tuple[Timing, Timing | None]:
     """CLI run, in-process run, CLI run, ...; each callable gets the run number (-1 for
-    the warm-up) and returns its own milliseconds."""
+    the warm-up) and returns its own milliseconds; `cli` runs one command of `process`."""
     if warmup:
         cli(-1)
         if in_process:
             in_process(-1)
     a: list[float] = []
+    cpu: list[float] = []
     b: list[float] = []
     for i in range(runs):
         a.append(cli(i))
+        cpu.append(process.last_cpu_ms)
         if in_process:
             b.append(in_process(i))
-    return Timing(a), (Timing(b) if in_process else None)
+    return Timing(a, cpu), (Timing(b) if in_process else None)
 
 
 def compared(cli: Timing, api: Timing | None, target_ms: float | None) -> dict[str, Any]:
@@ -176,7 +191,7 @@ def startup(runs: int) -> dict[str, Any]:
     out = {}
     for args, target in ((("--version",), STARTUP_TARGET_MS), (("--help",), None)):
         # not checked: an older membrane without --version is still timed (exit code 2)
-        timing, _ = alternate(runs, lambda _i, args=args: cli.run(*args, check=False))
+        timing, _ = alternate(runs, cli, lambda _i, args=args: cli.run(*args, check=False))
         out[f"membrane {' '.join(args)}"] = entry = compared(timing, None, target)
         if cli.last_code != 0:
             entry["exit_code"] = cli.last_code
@@ -198,7 +213,9 @@ def client_commands(agent: AgentProcess, runs: int) -> dict[str, Any]:
     ]
     out = {}
     for args, call in cases:
-        a, b = alternate(runs, lambda _i, args=args: cli.run(*args), lambda _i, c=call: timed(c))
+        a, b = alternate(
+            runs, cli, lambda _i, args=args: cli.run(*args), lambda _i, c=call: timed(c)
+        )
         out[f"membrane {' '.join(args)}"] = compared(a, b, STARTUP_TARGET_MS)
     return out
 
@@ -228,7 +245,7 @@ def with_bulk_policy(
         delete_policy("bulk")
         return timed(lambda: api.post("/v1/policies", {"yaml": bulk_text}))
 
-    a, b = alternate(bulk_runs, bulk_cli, bulk_api, warmup=False)
+    a, b = alternate(bulk_runs, cli, bulk_cli, bulk_api, warmup=False)
     out[f"policy import ({BULK_RULES:,} rules)"] = compared(a, b, BULK_TARGET_MS)
     listed = api.get("/v1/policies")["policies"]
     if not any(p["name"] == "bulk" for p in listed):
@@ -254,7 +271,7 @@ def with_bulk_policy(
             time.sleep(SETTLE_S)
             return took
 
-        a, b = alternate(runs, add_cli, add_api)
+        a, b = alternate(runs, cli, add_cli, add_api)
         out[f"endpoint add ({label})"] = compared(a, b, ADD_TARGET_MS)
 
     # A one-rule policy for the same pods, a new CIDR peer each run; deleted again, untimed.
@@ -278,7 +295,7 @@ def with_bulk_policy(
         delete_policy("one")
         return took
 
-    a, b = alternate(runs, one_cli, one_api)
+    a, b = alternate(runs, cli, one_cli, one_api)
     out["policy import (1 rule)"] = compared(a, b, ONE_RULE_TARGET_MS)
     out["policy import (1 rule)"]["agent_enforced_median_ms"] = round(median(agent_ms), 1)
     return out
@@ -300,7 +317,11 @@ def targets_of(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    lines = ["cli_latency (whole process, median ms; in-process = API client call)"]
+    lines = [
+        "cli_latency (median ms: whole process wall, its cpu; in-process = API client call)",
+        f"  load average at start {result['machine']['loadavg_1m_at_start']:.2f}, "
+        f"at end {result['loadavg_1m_at_end']:.2f}",
+    ]
     for title in ("startup", "client_commands", "with_10000_rules"):
         lines.append(f"  {title}")
         for name, r in result[title].items():
@@ -308,7 +329,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             verdict = ""
             if "target_ms" in r:
                 verdict = f"  < {r['target_ms']:.0f}: {'met' if r['met'] else 'NOT MET'}"
-            lines.append(f"    {name:<40} cli {r['cli']['median_ms']:7.1f}{api}{verdict}")
+            cli = f"cli {r['cli']['median_ms']:7.1f} (cpu {r['cli']['cpu_median_ms']:6.1f})"
+            lines.append(f"    {name:<36} {cli}{api}{verdict}")
     met = sum(t["met"] for t in result["targets"])
     lines.append(f"  targets met: {met}/{len(result['targets'])}")
     return lines
@@ -336,6 +358,7 @@ def main() -> None:
         workdir = Path(agent.state_dir).parent
         result["with_10000_rules"] = with_bulk_policy(agent, workdir, args.runs, args.bulk_runs)
     sections = {k: result[k] for k in ("startup", "client_commands", "with_10000_rules")}
+    result["loadavg_1m_at_end"] = os.getloadavg()[0]  # others' work moves every number
     result["targets"] = targets_of(sections)
     result["all_met"] = all(t["met"] for t in result["targets"])
     emit(result, summary_lines(result))
