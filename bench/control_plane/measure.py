@@ -10,6 +10,7 @@ import json
 import select
 import signal
 import subprocess
+import sysconfig
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,7 @@ from membrane.datapath.abi import NODE_MAPS
 from membrane.testing.agent import AgentProcess
 
 REPO = Path(__file__).resolve().parents[2]
-PY_SPY = str(REPO / ".venv" / "bin" / "py-spy")
+PY_SPY = str(Path(sysconfig.get_path("scripts")) / "py-spy")  # this interpreter's environment
 
 
 # ---- BPF state -------------------------------------------------------------------------

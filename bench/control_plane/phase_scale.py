@@ -111,7 +111,7 @@ def phase_scale(count: int, reps: int, run_tests: bool, profile: Profiler) -> di
         if run_tests:
             t0 = time.perf_counter()
             result = subprocess.run(
-                [str(REPO / ".venv" / "bin" / "pytest"), "-q", "-p", "no:cacheprovider",
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                  "tests/integration/test_endpoint_plumbing.py"],
                 cwd=REPO, capture_output=True, text=True, timeout=600,
             )  # fmt: skip

@@ -35,6 +35,7 @@ from membrane import netns
 from membrane.bpf import BpfObject
 from membrane.bpf import _libbpf as L
 from membrane.netns import Topology
+from membrane.testing.cli import WITHOUT_CAPABILITIES
 
 pytestmark = pytest.mark.root
 
@@ -221,11 +222,16 @@ def test_bad_input_is_refused_and_changes_nothing(in_force: InForce, case: str) 
     in_force.assert_unchanged()
 
 
+# Fails until membrane.filter.manager.require_root asks missing_capabilities() instead of
+# comparing the uid with 0: without capabilities, uid 0 passes that check and the command
+# crashes (a traceback: the BTF of a pinned map cannot be read). Strict: the mark must go
+# with that fix.
+@pytest.mark.xfail(strict=True, reason="filter.manager.require_root checks the uid, not caps")
 @pytest.mark.parametrize("args", [["list"], ["drop-dst", *S, "{b}"]], ids=["list", "drop-dst"])
 def test_not_root_is_told_what_it_lacks(in_force: InForce, args: list[str]) -> None:
     if not shutil.which("setpriv"):
         pytest.skip("setpriv (util-linux) is not installed")
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    line = user_error(argv=[*nobody, *MEMBRANE, "filter", *in_force.fill(args)])
+    argv = [*WITHOUT_CAPABILITIES, *MEMBRANE, "filter", *in_force.fill(args)]
+    line = user_error(argv=argv)
     assert "needs root" in line and "CAP_BPF" in line, line
     in_force.assert_unchanged()

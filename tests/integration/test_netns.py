@@ -17,6 +17,7 @@ import pytest
 
 from membrane import netns
 from membrane.netns import Pair, Topology
+from membrane.testing.signals import with_default_signals
 
 pytestmark = pytest.mark.root
 
@@ -191,8 +192,9 @@ with Topology() as topo:
 
 
 def test_ctrl_c_cleans_up() -> None:
+    # SIGINT at its default (KeyboardInterrupt) even when this run inherited it ignored
     script = subprocess.Popen(
-        [sys.executable, "-c", CTRL_C_SCRIPT],
+        with_default_signals([sys.executable, "-c", CTRL_C_SCRIPT]),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -207,6 +209,33 @@ def test_ctrl_c_cleans_up() -> None:
     assert "KeyboardInterrupt" in err
     assert not netns.exists(client) and not netns.exists(server)
     assert not _alive(int(pid))
+
+
+STUBBORN = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_stop_kills_a_program_in_our_own_process_group() -> None:
+    """`stop` is also the cleanup for programs started without a session of their own:
+    signalling a group such a program does not lead reaches nobody, and waiting for it
+    then never ends. It must be killed by its PID, and we (its group) must survive."""
+    proc = subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        assert os.getpgid(proc.pid) == os.getpgid(0) != proc.pid
+        started = time.monotonic()
+        netns.stop(proc, grace=0.5)
+        assert time.monotonic() - started < 10
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_wait_listening_sees_a_server_only_in_its_namespace(topology: Topology, pair: Pair) -> None:

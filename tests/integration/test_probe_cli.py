@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.root
+from membrane.testing.cli import WITHOUT_CAPABILITIES
 
-NOBODY = 65534
+pytestmark = pytest.mark.root
 
 
 def membrane(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
@@ -64,5 +64,5 @@ def test_bad_output_format_is_one_line_and_exit_2() -> None:
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 def test_without_privileges_names_what_is_missing() -> None:
-    as_nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
-    assert_one_line_error(membrane("probe", prefix=as_nobody), "CAP_BPF", "CAP_SYS_ADMIN")
+    done = membrane("probe", prefix=WITHOUT_CAPABILITIES)
+    assert_one_line_error(done, "CAP_BPF", "CAP_SYS_ADMIN")

@@ -1,6 +1,7 @@
 """The reachability harness itself, on plain namespaces without the agent: it must call a
 path that works "allowed", a silently dropped path "denied" (in well under the time of one
-policy test), a refused port not "allowed", and show a wrong cell in its tables."""
+policy test), a refused port neither "allowed" nor "denied" (a dead server is no policy
+drop), and show a wrong cell in its tables."""
 
 from __future__ import annotations
 
@@ -93,6 +94,26 @@ def test_a_wrong_cell_is_shown_in_the_tables(peers: dict[str, Peer]) -> None:
     assert "a -> b-silent 80/TCP: expected allowed, got timeout" in text
     with pytest.raises(AssertionError, match="1 of 2 cells wrong"):
         check(peers, reach)
+
+
+def test_a_missing_server_is_an_error_not_a_denial(peers: dict[str, Peer]) -> None:
+    """Nothing listens on port 82 of b: b answers the probes with a TCP RST and an ICMP
+    port unreachable. That is no policy drop, and a table expecting a denial must fail."""
+    reach = Reachability(["a"], ["b"], ports=[(82, "TCP"), (82, "UDP")], default=False)
+    observed = probe(peers, reach.cases())
+    assert observed == {c: "refused" for c in reach.cases()}
+    assert compare(reach, observed) == reach.cases()
+    text = render(reach, observed, reach.cases())
+    assert "a -> b 82/TCP: expected denied, got refused (an error, not a policy drop" in text
+    assert [line.split("|")[1].split() for line in text.splitlines() if line.startswith("a ")] == [
+        ["!"],
+        ["!"],
+    ]
+    with pytest.raises(AssertionError, match="2 of 2 cells wrong"):
+        check(peers, reach)
+    # the same cells silently dropped are denials
+    silent = Reachability(["a"], ["b-silent"], ports=[(80, "TCP"), (80, "UDP")], default=False)
+    check(peers, silent)
 
 
 def test_connection_sees_a_later_drop(peers: dict[str, Peer]) -> None:

@@ -22,6 +22,7 @@ import pytest
 from trace_support import run_trace, stop_tracer
 
 from membrane.testing.cli import user_error
+from membrane.testing.signals import with_default_signals
 from membrane.testing.tracer import start_tracer, stop_tracer_text
 
 pytestmark = pytest.mark.root
@@ -78,7 +79,10 @@ class Named:
         return str(link)
 
     def start(self, program: str, *args: str, **popen: Any) -> subprocess.Popen[str]:
-        proc = subprocess.Popen([self.path(program), *args], text=True, **popen)
+        """Run `program` under our name, with SIGINT and SIGQUIT at their default action
+        (the test run may have inherited them ignored, e.g. under nohup)."""
+        argv = with_default_signals([self.path(program), *args])
+        proc = subprocess.Popen(argv, text=True, **popen)
         self.procs.append(proc)
         return proc
 

@@ -15,13 +15,12 @@ import pytest
 import typer.models
 from trace_support import run_trace
 
-from membrane.testing.cli import user_error
+from membrane.testing.cli import WITHOUT_CAPABILITIES, user_error
 from membrane.trace import options
 from membrane.trace.tools import Tool, discover
 
 pytestmark = pytest.mark.root
 
-NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 TOOLS = discover()
 
 # What a tool with required arguments needs to get as far as its options.
@@ -104,4 +103,4 @@ def test_unknown_tool() -> None:
 
 @pytest.mark.parametrize("tool", **by_name(TOOLS))
 def test_not_root_is_one_line_and_exit_2(tool: Tool) -> None:
-    user_error(run_trace(*argv(tool, "-d", "1"), prefix=NOBODY), "root", "CAP_BPF")
+    user_error(run_trace(*argv(tool, "-d", "1"), prefix=WITHOUT_CAPABILITIES), "root", "CAP_BPF")

@@ -63,18 +63,35 @@ def popen(ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
 
 
 def stop(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
-    """SIGTERM the process group `popen` gave the program (its id is the program's PID, so
-    helpers a shell started go too), SIGKILL it after `grace` seconds, and reap it."""
+    """SIGTERM the program, SIGKILL it after `grace` seconds, and reap it. When it leads a
+    process group of its own (`popen` gives it one, so helpers a shell started go too) the
+    whole group is signalled; otherwise only the program itself, by its PID: a child that
+    shares our group must not take us (or the test run) with it."""
     if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        leads_group = _leads_group(proc.pid)
+        _signal(proc, signal.SIGTERM, leads_group)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
         # Still ours: the group id stays allocated while any member lives, even once the
         # leader is reaped, so this reaches only what the program left behind.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _signal(proc, signal.SIGKILL, leads_group)
         proc.wait()
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
+
+
+def _leads_group(pid: int) -> bool:
+    """Whether `pid` (a child not reaped yet, so the PID is still its) leads its group."""
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def _signal(proc: subprocess.Popen[Any], signum: int, group: bool) -> None:
+    if group:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)  # a no-op once reaped: never a recycled PID

@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import textwrap
 import time
@@ -47,22 +48,29 @@ MEMORY_LIMIT = 2 << 30  # address space; an agent normally uses < 0.4 GiB
 
 
 def membrane_command() -> str:
-    """The `membrane` entry point of this interpreter's environment (else the one on PATH)."""
-    beside = Path(sys.executable).with_name("membrane")
-    found = str(beside) if beside.exists() else shutil.which("membrane")
-    if not found:
-        raise RuntimeError("the `membrane` command is not installed (pip install -e .)")
-    return found
+    """The `membrane` console script of the interpreter running us: its environment's
+    scripts directory (a virtualenv's bin/, wherever the checkout is), or the user scheme's
+    for a `pip install --user`. Never another `membrane` found on PATH, which would test
+    some other installation. Raises when there is none: a broken install is a failure,
+    not a reason to skip."""
+    schemes = (sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user"))
+    places = [Path(sysconfig.get_path("scripts", scheme)) for scheme in schemes]
+    for place in places:
+        script = place / "membrane"
+        if os.access(script, os.X_OK):
+            return str(script)
+    raise RuntimeError(
+        f"the `membrane` command is not installed beside {sys.executable} (looked in "
+        f"{', '.join(map(str, places))}): run `pip install -e .` in this environment"
+    )
 
 
 def agent_unusable_reason() -> str | None:
-    """Why an agent cannot be started here (a skip reason), or None."""
+    """Why an agent cannot be started here (a skip reason: not root), or None. A missing
+    `membrane` command is no such reason: membrane_command() raises, and the test fails."""
+    membrane_command()
     if os.geteuid() != 0:
         return "needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF): run the suite as root"
-    try:
-        membrane_command()
-    except RuntimeError as err:
-        return str(err)
     return None
 
 

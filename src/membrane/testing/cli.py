@@ -1,10 +1,17 @@
 """Judging a `membrane` command refused as bad input, the way DESIGN.md says it must be:
 exit code 2, exactly one stderr line `membrane: error: ...` naming the problem, no
-traceback, nothing on stdout."""
+traceback, nothing on stdout; and running one without privileges."""
 
 from __future__ import annotations
 
 import subprocess
+
+# Prefix a command to run it without any capability, still as uid 0: the inheritable and
+# bounding sets emptied, so the exec grants root nothing. `membrane` says what it lacks
+# from its missing capabilities (membrane.bpf.probe.missing_capabilities), so this is what
+# an unprivileged user sees, while the checkout stays readable: switching to `nobody`
+# instead fails with "No module named membrane" in a clone under /root (mode 0700).
+WITHOUT_CAPABILITIES = ("setpriv", "--inh-caps=-all", "--bounding-set=-all", "--")
 
 
 def user_error(result: subprocess.CompletedProcess[str], *words: str) -> str:

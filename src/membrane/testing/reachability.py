@@ -9,6 +9,11 @@ for PROBE_TIMEOUT is a drop. Each failed probe is retried once, so a lost first 
 not mistaken for a policy drop; a whole 9x9x4 table takes about a second (drops dominate:
 two timeouts).
 
+A policy drops in silence, so only silence counts as "denied". A refusal (a TCP RST, an
+ICMP port unreachable) is an answer from the destination: the path let the probe through
+and nothing listened there, a dead or missing server, which no table may pass off as a
+denial. Such cells are errors, shown as '!' in the tables.
+
 Peers are named "NS/NAME" for pods and freely for others ("host", "world", "world-2");
 patterns use shell wildcards ("x/*", "*/a", "*").
 """
@@ -177,13 +182,26 @@ class Reachability:
         return True if case[0] == case[1] else self.expected[case]
 
 
+DROPPED = "timeout"  # the one outcome a policy drop produces
+
+
+def agrees(allowed: bool, outcome: str) -> bool:
+    """Whether a probe's outcome is what an allowed (or denied) cell must show."""
+    return outcome == "ok" if allowed else outcome == DROPPED
+
+
 def compare(reach: Reachability, observed: dict[Case, str]) -> list[Case]:
-    return [c for c in reach.cases() if reach.want(c) != (observed[c] == "ok")]
+    return [c for c in reach.cases() if not agrees(reach.want(c), observed[c])]
+
+
+def _mark(outcome: str) -> str:
+    return {"ok": "+", DROPPED: "-"}.get(outcome, "!")
 
 
 def render(reach: Reachability, observed: dict[Case, str], wrong: list[Case]) -> str:
     """Per port/protocol, expected | observed | comparison side by side ('+' allowed, '-'
-    denied; '.' as expected, 'X' wrong), then every wrong cell with what happened."""
+    denied, '!' an error such as a refusal; '.' as expected, 'X' wrong), then every wrong
+    cell with what happened."""
     bad = set(wrong)
     width = max(len(k) for k in [*reach.sources, *reach.destinations]) + 1
     label = width + 2
@@ -199,15 +217,15 @@ def render(reach: Reachability, observed: dict[Case, str], wrong: list[Case]) ->
         for s in reach.sources:
             cells = [(s, d, port, proto) for d in reach.destinations]
             exp = "".join(f"{'+' if reach.want(c) else '-':>{width}}" for c in cells)
-            obs = "".join(f"{'+' if observed[c] == 'ok' else '-':>{width}}" for c in cells)
+            obs = "".join(f"{_mark(observed[c]):>{width}}" for c in cells)
             cmp_ = "".join(f"{'X' if c in bad else '.':>{width}}" for c in cells)
             lines.append(f"{s:<{label}}{exp} | {obs} | {cmp_}")
     lines.append("")
     for s, d, port, proto in wrong:
         want = "allowed" if reach.want((s, d, port, proto)) else "denied"
-        lines.append(
-            f"  {s} -> {d} {port}/{proto}: expected {want}, got {observed[(s, d, port, proto)]}"
-        )
+        got = observed[(s, d, port, proto)]
+        why = "" if got in ("ok", DROPPED) else " (an error, not a policy drop: is a server there?)"
+        lines.append(f"  {s} -> {d} {port}/{proto}: expected {want}, got {got}{why}")
     return "\n".join(lines)
 
 
