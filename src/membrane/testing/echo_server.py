@@ -47,15 +47,19 @@ def _udp_echo(sock: socket.socket) -> None:
             sock.sendmsg([data], control, 0, peer)
 
 
-async def _tcp_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
+class _TcpEcho(asyncio.Protocol):
+    """Echo what arrives, close when the peer does. A protocol rather than streams: no
+    task per connection, so one process keeps up with thousands of connections a second
+    (bench/conn_rate.py opens that many)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
 
 
 async def main(ports: list[int]) -> None:
@@ -63,7 +67,7 @@ async def main(ports: list[int]) -> None:
     servers = []
     for port in ports:
         servers.append(
-            await asyncio.start_server(_tcp_echo, "0.0.0.0", port, reuse_address=True, backlog=512)
+            await loop.create_server(_TcpEcho, "0.0.0.0", port, reuse_address=True, backlog=4096)
         )
         udp = _udp_socket(port)
         loop.add_reader(udp.fileno(), _udp_echo, udp)

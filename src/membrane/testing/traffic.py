@@ -1,5 +1,6 @@
 """Traffic generators between namespaces: sockets born inside a namespace, listeners the
-kernel answers for, one-SYN connect probes, and iperf3 throughput runs.
+kernel answers for, one-SYN connect probes, iperf3 throughput runs, and many short
+connections at once (new connections per second).
 
 A socket stays in the namespace it was created in, and `netns.inside` moves only the
 calling thread, so many probes from many namespaces can run at once in one process."""
@@ -8,11 +9,17 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
 
 from membrane import netns
 
 IPERF_PORT = 5201
+CHURN_CLIENT = str(Path(__file__).with_name("connection_churn.py"))
 
 
 def socket_in(ns: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
@@ -82,3 +89,60 @@ def iperf(
     if udp:
         return (received["packets"] - received["lost_packets"]) / received["seconds"]
     return received["bits_per_second"]
+
+
+@dataclass
+class ConnectionRate:
+    per_s: float  # connections completed per second, all client processes together
+    connections: int
+    failed: dict[str, int]  # failures by kind (ECONNREFUSED, timeout, ...)
+
+
+def connection_rate(
+    client_ns: str,
+    server_ip: str,
+    port: int,
+    seconds: float,
+    processes: int = 4,
+    inflight: int = 64,
+) -> ConnectionRate:
+    """New TCP connections per second from `client_ns` to an echo server: `processes`
+    clients (connection_churn.py) keep `inflight` connections under way between them, each
+    one connect, a 64-byte message and its echo, close; all start together and run for
+    `seconds`. The client namespace lets closed connections' ports be reused (tcp_tw_reuse,
+    the whole port range): at thousands a second, TIME_WAIT would otherwise exhaust them."""
+    with netns.inside(client_ns):
+        netns.write_sysctl("net.ipv4.tcp_tw_reuse", 1)
+        netns.write_sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+    share, extra = divmod(inflight, processes)
+    with ExitStack() as stack:
+        clients = []
+        for i in range(processes):
+            argv = [sys.executable, CHURN_CLIENT, server_ip, str(port), str(share + (i < extra))]
+            proc = netns.popen(client_ns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            stack.callback(netns.stop, proc)
+            clients.append(proc)
+        for proc in clients:
+            assert proc.stdout is not None
+            if (said := proc.stdout.readline()).strip() != "ready":
+                raise RuntimeError(f"connection client did not start (said {said!r})")
+        for proc in clients:
+            assert proc.stdin is not None
+            proc.stdin.write(f"go {seconds}\n")
+            proc.stdin.flush()
+        results = []
+        for proc in clients:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"connection client {proc.pid} ended without a result")
+            results.append(json.loads(line))
+    failed: dict[str, int] = {}
+    for r in results:
+        for kind, n in r["failed"].items():
+            failed[kind] = failed.get(kind, 0) + n
+    return ConnectionRate(
+        per_s=sum(r["connections"] / r["seconds"] for r in results),
+        connections=sum(r["connections"] for r in results),
+        failed=failed,
+    )
