@@ -44,12 +44,14 @@ from typing import Any
 
 from bench._common import RULES, TC_ACT_UNSPEC, drop_prefixes, emit, exit_on_sigterm, machine
 from bench._common import median as _median
+from membrane.abi import Direction, IpProto
 from membrane.bpf import BpfObject, Program, test_run
 from membrane.bpf.fs import PIN_ROOT, ensure_bpffs
 from membrane.bpf.ringbuf import RingBuffer
 from membrane.datapath import EndpointPolicy, Identity, NodeMaps, PolicyWriter, load_endpoint
 from membrane.datapath.abi import PROG_FROM_CONTAINER, PROG_TO_CONTAINER
 from membrane.datapath.ipcache import sync_ipcache
+from membrane.datapath.policy_entries import PolicyEntry
 
 TC_ACT_OK = 0
 PODS = 1_000
@@ -63,23 +65,10 @@ CIDR_IDENTITY = int(Identity.FIRST_CIDR)
 PORT = 5201
 HOT_NEW_FLOW_REPEAT = 10_000  # flow events per test run; the 1 MiB ring holds ~14,500
 NEW_FLOW_SPORT = 41000
-TCP = 6
+TCP = IpProto.TCP
 SYN, ACK, SYNACK, SYNFIN = "S", "A", "SA", "SF"
 RULE_CIDR, RULE_PODS = 1, 2
 TARGET_ESTABLISHED_RATIO = 10.0
-
-
-@dataclass(frozen=True)
-class Allow:
-    """A compiled policy entry (the shape PolicyWriter takes): allow TCP/5201."""
-
-    direction: str
-    identity: int
-    rule_id: int
-    proto: int = TCP
-    port: int = PORT
-    port_bits: int = 16
-    deny: bool = False
 
 
 def segment(
@@ -126,7 +115,11 @@ def fill(maps: NodeMaps, prefixes: Sequence[IPv4Network]) -> int:
     sync_ipcache(maps, ipcache)
     peers = [(CIDR_IDENTITY + i, RULE_CIDR) for i in range(len(prefixes))]
     peers += [(ident, RULE_PODS) for ident in PEER_IDENTITIES]
-    entries = [Allow(d, ident, rule) for d in ("ingress", "egress") for ident, rule in peers]
+    entries = [
+        PolicyEntry(d, ident, TCP, PORT, 16, False, rule)
+        for d in Direction
+        for ident, rule in peers
+    ]
     PolicyWriter(maps).apply({EP_ID: EndpointPolicy(True, True, entries)}, {EP_ID: EP_IDENTITY})
     held = len(maps.policy)
     if held != len(entries):

@@ -39,12 +39,12 @@ from bench._common import (
     scenario_arguments,
 )
 from membrane import netns
+from membrane.abi import FilterStat
 from membrane.bpf import BpfObject, Link, Program
 from membrane.bpf.links import attach_xdp
 from membrane.netns import Pair, Topology
 from membrane.testing.traffic import iperf
 
-FILTER_STAT_PASSED = 1  # enum filter_stat, bpf/abi/filter.h
 TARGET_VS_NONE = 0.95
 TARGET_VS_IPTABLES = 5.0
 SCENARIOS = (
@@ -127,7 +127,7 @@ class ServerFilters:
 
     def passed_packets(self) -> int:
         """Packets filter_xdp has let through so far, over all CPUs."""
-        per_cpu = self.filter.map("filter_stats").lookup(FILTER_STAT_PASSED)
+        per_cpu = self.filter.map("filter_stats").lookup(FilterStat.PASSED)
         return sum(c.packets for c in per_cpu)
 
     def _iptables_on(self) -> None:

@@ -222,11 +222,6 @@ def test_bad_input_is_refused_and_changes_nothing(in_force: InForce, case: str) 
     in_force.assert_unchanged()
 
 
-# Fails until membrane.filter.manager.require_root asks missing_capabilities() instead of
-# comparing the uid with 0: without capabilities, uid 0 passes that check and the command
-# crashes (a traceback: the BTF of a pinned map cannot be read). Strict: the mark must go
-# with that fix.
-@pytest.mark.xfail(strict=True, reason="filter.manager.require_root checks the uid, not caps")
 @pytest.mark.parametrize("args", [["list"], ["drop-dst", *S, "{b}"]], ids=["list", "drop-dst"])
 def test_not_root_is_told_what_it_lacks(in_force: InForce, args: list[str]) -> None:
     if not shutil.which("setpriv"):

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
+from membrane.abi import Direction, Identity, IpProto
 from membrane.agent.snapshot import Snapshot
 from membrane.agent.state import EndpointRecord
 from membrane.api.models import TraceRequest
 from membrane.errors import NotFound, UserError
-from membrane.identity.labels import IDENTITY_HOST, IDENTITY_WORLD
 from membrane.policy import evaluate, explain, lookup
-from membrane.policy.validate import IPPROTO_ICMP, PROTOCOL_NUMBERS
 
 
 @dataclass(frozen=True)
@@ -41,9 +40,9 @@ def find_peer(snapshot: Snapshot, spec: str, field: str) -> Peer:
             raise NotFound("endpoint", f"{ns}/{name} does not exist")
         return Peer(ep.ipv4, ep.identity, ep)
     if spec == "host":
-        return Peer(str(snapshot.node_ip), IDENTITY_HOST, None)
+        return Peer(str(snapshot.node_ip), int(Identity.HOST), None)
     if spec == "world":
-        return Peer("0.0.0.0", IDENTITY_WORLD, None)
+        return Peer("0.0.0.0", int(Identity.WORLD), None)
     try:
         ip = IPv4Address(spec)
     except ValueError:
@@ -58,7 +57,7 @@ def trace(snapshot: Snapshot, req: TraceRequest) -> dict[str, Any]:
     src, dst = find_peer(snapshot, req.src, "src"), find_peer(snapshot, req.dst, "dst")
     if not src.endpoint and not dst.endpoint:
         raise UserError("dst", "at least one side must be an endpoint of this node")
-    proto = PROTOCOL_NUMBERS.get(req.protocol, IPPROTO_ICMP)
+    proto = int(IpProto[req.protocol])
     steps: list[dict[str, Any]] = []
     allowed = True
     for direction, local, peer in (("egress", src, dst), ("ingress", dst, src)):
@@ -75,7 +74,7 @@ def trace(snapshot: Snapshot, req: TraceRequest) -> dict[str, Any]:
         )
         dp_allowed, rule_id = lookup(
             snapshot.compiled[local.endpoint.id],
-            0 if direction == "ingress" else 1,
+            Direction[direction.upper()],
             peer.identity,
             proto,
             req.dport,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import NamedTuple
 
+from membrane.abi import Identity, IpProto
 from membrane.agent.config import AgentConfig
 from membrane.agent.identities import IdentityAllocator, labels_key
 from membrane.agent.namespaces import NamespaceStore
@@ -29,8 +30,6 @@ from membrane.datapath.nodemaps import NodeMaps
 from membrane.datapath.policy import PolicyWriter
 from membrane.endpoint.node import NodeInfo
 from membrane.identity.labels import (
-    IDENTITY_HOST,
-    IDENTITY_WORLD,
     RESERVED_LABELS,
     Label,
     cidr_identities_labels,
@@ -46,7 +45,6 @@ from membrane.policy import (
     compile_policies,
     policy_cidrs,
 )
-from membrane.policy.validate import PROTOCOL_NUMBERS
 
 
 class _CidrIdentities(NamedTuple):
@@ -58,7 +56,7 @@ class _CidrIdentities(NamedTuple):
     ipcache: dict[RawKey, RawValue]  # the ipcache's CIDR part, world included
 
 
-_NO_CIDRS = _CidrIdentities(frozenset(), {}, {}, {raw_key(WORLD_PREFIX): (IDENTITY_WORLD, 0)})
+_NO_CIDRS = _CidrIdentities(frozenset(), {}, {}, {raw_key(WORLD_PREFIX): (int(Identity.WORLD), 0)})
 
 
 class _EndpointIdentity(NamedTuple):
@@ -197,7 +195,7 @@ class DatapathReconciler:
             name=ep.name,
             identity=self.identities.for_labels(labels),
             labels=labels,
-            named_ports={p.name: (p.port, PROTOCOL_NUMBERS[p.protocol]) for p in ep.ports},
+            named_ports={p.name: (p.port, int(IpProto[p.protocol])) for p in ep.ports},
         )
         self._endpoint_identities[ep.id] = _EndpointIdentity(ep, ns_labels, info)
         return info
@@ -221,7 +219,7 @@ class DatapathReconciler:
         """The node's and the endpoints' addresses (/32s over any CIDR prefix)."""
         overlay: dict[RawKey, RawValue] = {}
         for addr in hosts:
-            overlay[_host_key(addr)] = (IDENTITY_HOST, 0)
+            overlay[_host_key(addr)] = (int(Identity.HOST), 0)
         for ep in endpoints.values():
             overlay[_host_key(IPv4Address(ep.ipv4))] = (ep.identity, ep.id)
         return overlay

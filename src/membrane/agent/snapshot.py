@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from membrane.abi import Identity
 from membrane.agent.state import EndpointRecord, StoredPolicy
-from membrane.identity.labels import IDENTITY_HOST, IDENTITY_WORLD, Label
+from membrane.identity.labels import Label
 from membrane.policy import EndpointPolicy, Policy, RuleRef, Universe
 
 
@@ -46,8 +47,8 @@ class Snapshot:
         if ep is not None:
             return ep.identity
         if ip in self.host_addresses:
-            return IDENTITY_HOST
-        best: tuple[int, int] = (-1, IDENTITY_WORLD)
+            return int(Identity.HOST)
+        best: tuple[int, int] = (-1, int(Identity.WORLD))
         for identity, prefix in self.universe.cidr_identities.items():
             if ip in prefix and prefix.prefixlen > best[0]:
                 best = (prefix.prefixlen, identity)

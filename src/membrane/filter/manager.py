@@ -100,11 +100,15 @@ class Attachment:
 
 
 def require_root() -> None:
-    if os.geteuid() != 0:
+    """Refuse early, naming what is missing: the capabilities decide, not the uid (uid 0
+    without them gets nowhere either)."""
+    from membrane.bpf.probe import missing_capabilities
+
+    if missing := missing_capabilities(("CAP_BPF", "CAP_NET_ADMIN", "CAP_SYS_ADMIN")):
         raise NotPermitted(
             "",
-            "membrane filter needs root (CAP_BPF, CAP_NET_ADMIN and "
-            "CAP_SYS_ADMIN to load programs, attach them and pin them)",
+            f"membrane filter needs root ({', '.join(missing)} missing) to load programs, "
+            "attach them and pin them",
         )
 
 

@@ -26,10 +26,6 @@ SERVICE_ACCOUNT_KEY = "io.cilium.k8s.policy.serviceaccount"
 NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
 NAMESPACE_NAME_KEY = "kubernetes.io/metadata.name"  # every namespace has it
 
-# The agent's modules being split beside this change still import these two; their home
-# is membrane.abi.Identity. Remove once nothing imports them from here.
-IDENTITY_HOST, IDENTITY_WORLD = Identity.HOST, Identity.WORLD
-
 # Cilium's names of the reserved identities (the labels `reserved:<name>`).
 RESERVED_NAMES: dict[int, str] = {
     Identity.HOST: "host",

@@ -22,9 +22,6 @@ _PORT_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 # The protocols a policy's port may name, by the name it uses.
 PROTOCOL_NUMBERS = {p.name: p for p in (IpProto.TCP, IpProto.UDP, IpProto.SCTP)}
 ANY_PROTOCOL = "ANY"  # Cilium: TCP, UDP and SCTP
-# The agent's modules being split beside this change still import it; its home is
-# membrane.abi.IpProto. Remove once nothing imports it from here.
-IPPROTO_ICMP = IpProto.ICMP
 
 
 def check_namespace(value: str) -> str:
