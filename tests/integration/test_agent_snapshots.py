@@ -26,6 +26,7 @@ from membrane.agent.reset import reset_node
 from membrane.agent.snapshot import Snapshot
 from membrane.api import views
 from membrane.api.models import EndpointCreate, NamespaceLabels, TraceRequest
+from membrane.bpf.probe import supports
 
 pytestmark = pytest.mark.root
 
@@ -154,5 +155,9 @@ def test_every_read_sees_one_whole_state_during_a_stream_of_changes(agent: Agent
     assert len(reads) == READERS and min(reads) > 0
     final = agent.snapshot
     check_consistent(final)
+    # How the programs are attached is recorded and shown, as the kernel allows it.
+    expected_mode = "tcx" if supports("tcx") else "clsact"
+    assert {ep.attach_mode for ep in final.endpoints.values()} == {expected_mode}
+    assert views.endpoints_view(final)["endpoints"][0]["attach_mode"] == expected_mode
     assert final.namespaces["snap"]["round"] == "5"
     assert {ep.name for ep in final.endpoints.values()} >= {"web5", "client5"}

@@ -98,8 +98,17 @@ def get(
     if output == "json":
         print_json(ep)
         return
-    for key in ("id", "namespace", "name", "ipv4", "identity", "netns", "host_ifname"):
-        typer.echo(f"{key + ':':<16}{ep[key]}")
+    for key in (
+        "id",
+        "namespace",
+        "name",
+        "ipv4",
+        "identity",
+        "netns",
+        "host_ifname",
+        "attach_mode",
+    ):
+        typer.echo(f"{key + ':':<16}{ep.get(key, '')}")
     typer.echo(f"{'labels:':<16}{', '.join(f'{k}={v}' for k, v in sorted(ep['labels'].items()))}")
     typer.echo(f"{'ports:':<16}{', '.join(ep['ports'])}")
     typer.echo(f"{'identity labels:':<16}")
