@@ -11,9 +11,9 @@ Measured (median of --runs runs each, after one unmeasured warm-up):
   10,000 rules     one CiliumNetworkPolicy of 10,000 `fromCIDR` /32 rules: its import
                    (deleted again between runs, --bulk-runs each way), then with it in
                    force `endpoint add` of a pod no policy selects and of a pod it selects
-                   (each deleted again, untimed, and half a second left for the kernel to
-                   free its namespace) and the import of a one-rule policy (a
-                   new CIDR peer for the same pods; deleted again, untimed)
+                   (each deleted again, untimed) and the import of a one-rule policy (a
+                   new CIDR peer for the same pods; deleted again, untimed). After every
+                   untimed delete, half a second for the kernel and the agent to settle.
 
 The agent runs as a user starts it (`membrane agent run`, its node side in a network
 namespace of its own, its own state directory, API socket and pod-namespace prefix; the
@@ -53,7 +53,8 @@ BULK_RULES = 10_000
 PORT = 8080
 NS = "bench"
 # After an untimed delete: the kernel frees a pod's namespace and links in workers of its
-# own for a while after the call returns, which would land in the next run's time.
+# own, and the agent tidies up, for a while after the call returns; that would land in the
+# next run's time.
 SETTLE_S = 0.5
 
 # Targets in milliseconds (issue 15, item 7); they live here, not in the tests.
@@ -231,6 +232,7 @@ def with_bulk_policy(
 
     def delete_policy(name: str) -> None:
         api.delete("/v1/policies", {"namespace": NS, "name": name})
+        time.sleep(SETTLE_S)
 
     out: dict[str, Any] = {}
 
