@@ -20,19 +20,19 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import NamedTuple
 
 from membrane.abi import Identity, IpProto
+from membrane.agent.cidr import NO_CIDRS
 from membrane.agent.config import AgentConfig
 from membrane.agent.identities import IdentityAllocator, labels_key
 from membrane.agent.namespaces import NamespaceStore
 from membrane.agent.state import EndpointRecord
 from membrane.datapath import conntrack
-from membrane.datapath.ipcache import WORLD_PREFIX, IpcacheWriter, RawKey, RawValue, raw_key
+from membrane.datapath.ipcache import IpcacheWriter, RawKey, RawValue
 from membrane.datapath.nodemaps import NodeMaps
 from membrane.datapath.policy import PolicyWriter
 from membrane.endpoint.node import NodeInfo
 from membrane.identity.labels import (
     RESERVED_LABELS,
     Label,
-    cidr_identities_labels,
     endpoint_labels,
 )
 from membrane.policy import (
@@ -45,18 +45,6 @@ from membrane.policy import (
     compile_policies,
     policy_cidrs,
 )
-
-
-class _CidrIdentities(NamedTuple):
-    """The policies' prefixes and their identities, kept until the prefixes change."""
-
-    prefixes: frozenset[IPv4Network]
-    labels: dict[int, frozenset[Label]]  # identity -> labels
-    prefix_of: dict[int, IPv4Network]
-    ipcache: dict[RawKey, RawValue]  # the ipcache's CIDR part, world included
-
-
-_NO_CIDRS = _CidrIdentities(frozenset(), {}, {}, {raw_key(WORLD_PREFIX): (int(Identity.WORLD), 0)})
 
 
 class _EndpointIdentity(NamedTuple):
@@ -95,7 +83,7 @@ class DatapathReconciler:
         self.writer = PolicyWriter(maps)
         self.ipcache = IpcacheWriter(maps)
         self._compile_cache = CompileCache()
-        self._cidr = _NO_CIDRS
+        self._cidr = NO_CIDRS
         self._cidr_policies: tuple[Policy, ...] | None = None  # what `_cidr` was made from
         self._prefixes_of: dict[int, tuple[Policy, frozenset[IPv4Network]]] = {}
         self._endpoint_identities: dict[int, _EndpointIdentity] = {}
@@ -150,7 +138,7 @@ class DatapathReconciler:
             self._cidr_policies = policies
             prefixes = self._policy_prefixes(policies)
             if prefixes != self._cidr.prefixes:
-                self._cidr = self._cidr_identities(prefixes)
+                self._cidr = self._cidr.updated(prefixes, self.identities)
         identities: dict[int, frozenset[Label]] = dict(RESERVED_LABELS)
         infos: dict[int, EndpointInfo] = {}
         for ep_id, ep in list(endpoints.items()):
@@ -199,18 +187,6 @@ class DatapathReconciler:
         )
         self._endpoint_identities[ep.id] = _EndpointIdentity(ep, ns_labels, info)
         return info
-
-    def _cidr_identities(self, prefixes: frozenset[IPv4Network]) -> _CidrIdentities:
-        labels_of = cidr_identities_labels(prefixes)
-        ids = {p: self.identities.for_prefix(p) for p in labels_of}
-        ipcache = dict(_NO_CIDRS.ipcache)
-        ipcache.update((raw_key(p), (i, 0)) for p, i in ids.items())
-        return _CidrIdentities(
-            prefixes,
-            {ids[p]: labels for p, labels in labels_of.items()},
-            {i: p for p, i in ids.items()},
-            ipcache,
-        )
 
     @staticmethod
     def _address_overlay(
