@@ -7,16 +7,13 @@ the adopted state is live (later changes take effect)."""
 from __future__ import annotations
 
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 from agent_support import cluster_fixture, net_fixture
 
 from membrane.testing.cluster import Cluster
-from membrane.testing.reachability import Connection, Peer, Reachability
-from membrane.testing.waiting import wait_for
+from membrane.testing.reachability import MAX_STALL, Reachability, Stream
 
 pytestmark = pytest.mark.root
 
@@ -35,42 +32,6 @@ Y_A_FROM_X_A_ONLY = """
         - namespaceSelector: {matchLabels: {ns: x}}
           podSelector: {matchLabels: {pod: a}}
 """
-MAX_STALL = 2.0  # seconds without an echo that count as the stream breaking
-
-
-class Stream:
-    """A TCP connection carrying echo round trips back to back on a thread of its own."""
-
-    def __init__(self, src: Peer, dst: Peer, port: int) -> None:
-        self.conn = Connection(src, dst, port)
-        self.rounds = 0
-        self.max_gap = 0.0
-        self.failure: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        last = time.monotonic()
-        while not self._stop.is_set():
-            if not self.conn.echo(timeout=MAX_STALL * 2):
-                self.failure = f"an echo did not come back after {self.rounds} rounds"
-                return
-            now = time.monotonic()
-            self.max_gap, last = max(self.max_gap, now - last), now
-            self.rounds += 1
-            self._stop.wait(0.002)  # pace it: a few hundred round trips a second
-
-    def flowing(self, more: int = 20) -> None:
-        """Wait until `more` further round trips have completed."""
-        target = self.rounds + more
-        wait_for(f"{more} more round trips", lambda: self.rounds >= target or self.failure)
-        assert self.failure is None, self.failure
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self.conn.close()
 
 
 @pytest.fixture

@@ -108,7 +108,14 @@ class DatapathReconciler:
         else:
             compiled = self._apply_policy(policies, universe)
         hosts = tuple(self.node.host_addresses())
-        self.ipcache.sync_layers(self._cidr.ipcache, self._address_overlay(hosts, endpoints))
+        moved = self.ipcache.sync_layers(
+            self._cidr.ipcache, self._address_overlay(hosts, endpoints)
+        )
+        if moved.added or moved.updated or moved.removed:
+            # Peers may have other identities now: established connections are checked
+            # again (a policy revision bumped before this write does not cover packets
+            # verified against the old ipcache in between).
+            self.writer.revalidate(universe.endpoints)
         if outgoing:
             compiled = self._apply_policy(policies, universe)
         self._enforced_identities = universe.identities

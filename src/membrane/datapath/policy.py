@@ -325,6 +325,19 @@ class PolicyWriter:
                 updates.append((ep_id, state))
         self._set_states(updates)
 
+    def revalidate(self, ep_ids: Iterable[int]) -> None:
+        """Make the endpoints check their established connections again (bump policy_rev):
+        after the ipcache moved addresses to other identities, a cached verdict may be for
+        a peer identity that no longer applies. Called after the ipcache write, so a packet
+        verified before it is checked once more."""
+        updates = []
+        for ep_id in ep_ids:
+            state = self.maps.endpoints.lookup(ep_id)
+            if state is not None:
+                state.policy_rev = (int(state.policy_rev) + 1) & 0xFFFFFFFF
+                updates.append((ep_id, state))
+        self._set_states(updates)
+
     def remove_endpoint(self, ep_id: int) -> None:
         """Forget an endpoint: its state first (its traffic then drops as
         NO_ENDPOINT_STATE), then its policy entries and its conntrack entries, so a later

@@ -26,12 +26,15 @@ import fnmatch
 import itertools
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from membrane import netns
 from membrane.testing.traffic import socket_in
+from membrane.testing.waiting import wait_for
 
 PROBE_TIMEOUT = 0.6  # an echo over two veths takes well under a millisecond
 ATTEMPTS = 2
@@ -270,3 +273,54 @@ class Connection:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+MAX_STALL = 2.0  # seconds without an echo that count as the stream breaking
+
+
+class Stream:
+    """A TCP connection carrying echo round trips back to back on a thread of its own."""
+
+    def __init__(self, src: Peer, dst: Peer, port: int) -> None:
+        self.conn = Connection(src, dst, port)
+        self.rounds = 0
+        self.max_gap = 0.0
+        self.failure: str | None = None
+        self._last = time.monotonic()  # when the last round trip completed
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.is_set():
+            if not self.conn.echo(timeout=MAX_STALL * 2):
+                self.failure = f"an echo did not come back after {self.rounds} rounds"
+                return
+            now = time.monotonic()
+            self.max_gap, last = max(self.max_gap, now - last), now
+            self._last = now
+            self.rounds += 1
+            self._stop.wait(0.002)  # pace it: a few hundred round trips a second
+
+    def flowing(self, more: int = 20) -> None:
+        """Wait until `more` further round trips have completed."""
+        target = self.rounds + more
+        wait_for(f"{more} more round trips", lambda: self.rounds >= target or self.failure)
+        assert self.failure is None, self.failure
+
+    def cut(self, within: float = 5.0) -> None:
+        """Wait until the stream stops carrying echoes (a deny took effect), at most
+        `within` seconds; then no round trip completes for another second."""
+        wait_for("the stream to stop", lambda: self.failure or self.stalled(0.5), within)
+        rounds = self.rounds
+        time.sleep(1.0)
+        assert self.rounds == rounds, "round trips still complete after the deny"
+
+    def stalled(self, seconds: float) -> bool:
+        return time.monotonic() - self._last > seconds
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.conn.close()

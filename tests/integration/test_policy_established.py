@@ -1,0 +1,90 @@
+"""A deny reaches connections that are already flowing, whatever moved the peer into the
+denied identity. The datapath caches a verdict per connection; it is checked again on the
+first packet after any change that can alter it: a policy change of the endpoint (its
+revision) and an ipcache write that moves addresses to other identities (the writer bumps
+every endpoint's revision after the ipcache write, so a packet verified against the old
+ipcache in between is checked once more). Each case runs a TCP stream of echo round trips
+and expects it cut within seconds of the change, on real traffic."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from agent_support import net_fixture, shared_cluster_fixture
+
+from membrane.testing.cluster import Cluster
+from membrane.testing.pods import EXTERNAL_IP
+from membrane.testing.reachability import Stream
+
+pytestmark = pytest.mark.root
+
+cluster = shared_cluster_fixture()
+net = net_fixture()
+
+X_A_EGRESS_ANYWHERE = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: anywhere, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {pod: a}}
+  egress:
+  - toEntities: [all]
+"""
+X_A_DENY_WORLD_HOST = f"""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: deny-host, namespace: x}}
+spec:
+  endpointSelector: {{matchLabels: {{pod: a}}}}
+  egressDeny:
+  - toCIDR: [{EXTERNAL_IP}/32]
+"""
+Y_A_DENY_QUARANTINED = """
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: quarantine}
+spec:
+  endpointSelector:
+    matchLabels: {k8s:io.kubernetes.pod.namespace: y, pod: a}
+  ingress:
+  - fromEntities: [cluster]
+  ingressDeny:
+  - fromEndpoints:
+    - matchLabels: {io.cilium.k8s.namespace.labels.quarantine: "yes"}
+"""
+
+
+@pytest.fixture
+def streams() -> Iterator[list[Stream]]:
+    opened: list[Stream] = []
+    yield opened
+    for s in opened:
+        s.close()
+
+
+def test_a_cidr_deny_cuts_an_established_stream_to_a_world_address(
+    net: Cluster, streams: list[Stream]
+) -> None:
+    """The deny gives the peer address a new CIDR identity: only the ipcache moves it."""
+    net.import_policy(X_A_EGRESS_ANYWHERE)
+    stream = Stream(net.peers["x/a"], net.peers["world"], 80)
+    streams.append(stream)
+    stream.flowing(50)
+    net.import_policy(X_A_DENY_WORLD_HOST)
+    stream.cut()
+
+
+def test_a_namespace_label_moving_a_pod_into_a_denied_identity_cuts_its_stream(
+    net: Cluster, streams: list[Stream]
+) -> None:
+    net.import_policy(Y_A_DENY_QUARANTINED)
+    stream = Stream(net.peers["x/a"], net.peers["y/a"], 80)
+    streams.append(stream)
+    other = Stream(net.peers["z/a"], net.peers["y/a"], 80)  # not quarantined: keeps flowing
+    streams.append(other)
+    stream.flowing(50)
+    other.flowing(20)
+    net.label_namespace("x", "quarantine=yes")
+    stream.cut()
+    other.flowing(50)
