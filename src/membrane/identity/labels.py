@@ -146,9 +146,7 @@ def _prefix_key(p: IPv4Network) -> tuple[tuple[int, int], IPv4Network]:
     return ((int(p.network_address), p.prefixlen), p)
 
 
-def prefixes_within(
-    prefixes: Iterable[IPv4Network], outer: IPv4Network
-) -> list[IPv4Network]:
+def prefixes_within(prefixes: Iterable[IPv4Network], outer: IPv4Network) -> list[IPv4Network]:
     """The prefixes strictly inside `outer` (their labels name it)."""
     if outer.prefixlen == 32:
         return []
