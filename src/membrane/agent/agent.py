@@ -6,7 +6,7 @@ assignment; readers on any thread use only `agent.snapshot`.
 
     endpoints   EndpointLifecycle   add / adopt / delete, plumbing and program attachment
     namespaces  NamespaceStore      namespace labels
-    policies    PolicyStore         policies as written and parsed, the rule table
+    policies    PolicyStore         policies as written and parsed
     datapath    DatapathReconciler  identities -> ipcache -> policy, in a safe order
 """
 
@@ -62,7 +62,7 @@ class Agent:
         state = state_file.load()
         identities = IdentityAllocator.from_json(state.identities)
         rules = RuleTable.from_json(state.rules) if state.rules else RuleTable()
-        policies = PolicyStore(state.policies, rules)
+        policies = PolicyStore(state.policies)
         namespaces = NamespaceStore(state.namespaces)
         node = setup_node(config.node_netns, config.node_ip)
         maps = NodeMaps.open(config.bpf_dir)

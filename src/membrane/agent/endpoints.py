@@ -153,13 +153,12 @@ class EndpointLifecycle:
         mode = attach_endpoint(
             self.config.bpf_dir, ep.id, IPv4Address(ep.ipv4), ifindex, self.config.node_netns
         )
-        if mode != ATTACH_TCX:
-            # clsact filters cannot be pinned: a restarted agent re-attaches them.
-            log.warning(
-                "endpoint attached with the clsact fallback (no tcx in this kernel)",
-                extra={"fields": {"endpoint": ep.key, "attach_mode": mode}},
-            )
-        log.info("endpoint attached", extra={"fields": {"endpoint": ep.key, "attach_mode": mode}})
+        # clsact (no tcx in this kernel) cannot be pinned: a restarted agent re-attaches it.
+        log.log(
+            logging.INFO if mode == ATTACH_TCX else logging.WARNING,
+            "endpoint attached",
+            extra={"fields": {"endpoint": ep.key, "attach_mode": mode}},
+        )
         if ep.attach_mode != mode:
             ep = replace(ep, attach_mode=mode)
             self.state.endpoints[ep.id] = ep

@@ -1,8 +1,8 @@
 """The policies in force: as the user wrote them (kept for restarts and `policy get`), as
-parsed (what the compiler reads), and the rule table that numbers their rules.
+parsed (what the compiler reads).
 
-A change is staged as a new pair of (stored, parsed) and only becomes the store's when the
-datapath enforces it; `restore` puts the old pair back when it could not be enforced.
+A change is staged as a new PolicySet and only becomes `current` once the datapath enforces
+it; the agent puts the old set back when it could not be enforced.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import yaml
 
 from membrane.agent.state import StoredPolicy
 from membrane.errors import NotFound, UserError
-from membrane.policy import Policy, RuleTable, parse_documents, parse_with_documents
+from membrane.policy import Policy, parse_documents, parse_with_documents
 
 PolicyKey = tuple[str, str | None, str]  # kind, namespace, name
 
@@ -44,8 +44,7 @@ class PolicyChange:
 
 
 class PolicyStore:
-    def __init__(self, stored: list[StoredPolicy], rules: RuleTable) -> None:
-        self.rules = rules
+    def __init__(self, stored: list[StoredPolicy]) -> None:
         self.current = _policy_set({p.key: p for p in stored}, _parse_stored(stored))
 
     def stage_import(self, text: str) -> PolicyChange:

@@ -26,7 +26,7 @@ from membrane.agent.identities import IdentityAllocator, labels_key
 from membrane.agent.namespaces import NamespaceStore
 from membrane.agent.state import EndpointRecord
 from membrane.datapath import conntrack
-from membrane.datapath.ipcache import IpcacheWriter, RawKey, RawValue
+from membrane.datapath.ipcache import IpcacheWriter, RawKey, RawValue, host_key
 from membrane.datapath.nodemaps import NodeMaps
 from membrane.datapath.policy import PolicyWriter
 from membrane.endpoint.node import NodeInfo
@@ -202,9 +202,9 @@ class DatapathReconciler:
         """The node's and the endpoints' addresses (/32s over any CIDR prefix)."""
         overlay: dict[RawKey, RawValue] = {}
         for addr in hosts:
-            overlay[_host_key(addr)] = (int(Identity.HOST), 0)
+            overlay[host_key(addr)] = (int(Identity.HOST), 0)
         for ep in endpoints.values():
-            overlay[_host_key(IPv4Address(ep.ipv4))] = (ep.identity, ep.id)
+            overlay[host_key(IPv4Address(ep.ipv4))] = (ep.identity, ep.id)
         return overlay
 
     def _apply_policy(
@@ -219,7 +219,3 @@ class DatapathReconciler:
 
 def _same_inputs(a: EndpointRecord, b: EndpointRecord) -> bool:
     return a is b or (a.namespace == b.namespace and a.labels == b.labels and a.ports == b.ports)
-
-
-def _host_key(addr: IPv4Address) -> RawKey:
-    return (32, int.from_bytes(addr.packed, "little"))
