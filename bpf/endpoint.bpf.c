@@ -21,14 +21,22 @@
  *                    fragment, so a tiny first fragment cannot hide the flags.
  *   ICMP echo        request: ct ports (0, id); reply: (id, 0), so the reversed tuple
  *                    of a reply is its request and a request is never taken for a reply.
+ *   ICMP errors      destination unreachable (incl. fragmentation needed), time exceeded
+ *                    and parameter problem quote the IP header and 8 bytes of L4 of the
+ *                    packet they answer. When that packet belongs to a tracked connection
+ *                    of this endpoint, the error passes as a reply would (path-MTU
+ *                    discovery works under default deny) and is reported as a verdict
+ *                    with FLOW_MATCH_RELATED. Otherwise it is checked like other ICMP.
  *   other ICMP       not tracked: every packet is checked by policy (port = ICMP type)
- *                    and an allowed one is reported as a new flow. Errors relating to a
- *                    tracked connection (e.g. destination unreachable) therefore need a
- *                    policy allowing their type.
+ *                    and an allowed one is reported as a new flow.
  *   other protocols  tracked with ports 0; policy entries for the whole protocol match.
- * IPv4 fragments: the first fragment records its L4 key in `frags` under (saddr, daddr,
- * id, proto); a later fragment takes it from there (or is dropped as FRAG_NOT_FOUND), and
- * so gets exactly its first fragment's conntrack and policy treatment.
+ * IPv4 fragments: a first fragment that passed records its L4 key under (saddr, daddr, id,
+ * proto) in this endpoint's map for its direction (frags_ingress, frags_egress); a later
+ * fragment takes it from there (or is dropped as FRAG_NOT_FOUND), and so gets exactly its
+ * first fragment's conntrack and policy treatment. Recording only after the verdict means
+ * a denied first fragment changes nothing; a map per endpoint and direction means a flood
+ * of first fragments can only evict records of the endpoint and direction it is aimed at
+ * (and needs a policy letting it in there).
  */
 #include "include/common.h"
 #include <linux/pkt_cls.h>
@@ -44,18 +52,26 @@ const volatile __be32 ep_ipv4 = 0;
 
 /* Ethernet + IPv4 with options + TCP header. */
 #define PULL_BYTES 96
-#define FRAGS_MAX_ENTRIES 8192
+/* Per endpoint and direction: datagrams whose first fragment passed and whose later ones
+ * may still come. Legitimate traffic needs few at a time (a record is used within
+ * microseconds of its writing); ~45 KiB of kernel memory per map, two per endpoint. */
+#define FRAGS_MAX_ENTRIES 512
 #define DROPS_MAX_ENTRIES 16384
 
 #define ICMP_ECHOREPLY_ 0
+#define ICMP_DEST_UNREACH_ 3
 #define ICMP_ECHO_ 8
+#define ICMP_TIME_EXCEEDED_ 11
+#define ICMP_PARAMETERPROB_ 12
 
-struct {
+struct frags_map {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, FRAGS_MAX_ENTRIES);
 	__type(key, struct frag_key);
 	__type(value, struct frag_ports);
-} frags SEC(".maps");
+};
+struct frags_map frags_ingress SEC(".maps");
+struct frags_map frags_egress SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -85,6 +101,10 @@ struct flow {
 	__u8 tracked;     /* conntrack applies */
 	__u8 has_addrs;   /* saddr/daddr are set */
 	__u8 peer_known;  /* peer_identity is set */
+	__u8 first_fragment; /* record frag_l4 under ip_id once the packet passes */
+	__u16 ip_id;
+	__u16 l4_off;     /* from the start of the frame */
+	struct frag_ports frag_l4;
 };
 
 struct arp_ipv4 {
@@ -202,6 +222,32 @@ static __always_inline void flow_set_recorded(struct flow *f, const struct frag_
 		flow_set_ports(f, fp->sport, fp->dport);
 }
 
+static __always_inline void *frags_of(__u8 dir)
+{
+	return dir == EP_DIR_EGRESS ? (void *)&frags_egress : (void *)&frags_ingress;
+}
+
+static __always_inline void frag_key_of(const struct flow *f, struct frag_key *fk)
+{
+	fk->saddr = f->saddr;
+	fk->daddr = f->daddr;
+	fk->id = f->ip_id;
+	fk->proto = f->proto;
+}
+
+/* The packet passes. A first fragment records its L4 key now, after the verdict, so that
+ * a denied one neither creates nor overwrites a record. */
+static __always_inline int pass(const struct flow *f, __u8 dir)
+{
+	struct frag_key fk = {};
+
+	if (f->first_fragment) {
+		frag_key_of(f, &fk);
+		bpf_map_update_elem(frags_of(dir), &fk, &f->frag_l4, BPF_ANY);
+	}
+	return TC_ACT_OK;
+}
+
 /* Fill the L4 part of `f` from the headers (or, for a later fragment, from its first
  * fragment). Returns a drop reason, DROP_NONE when the packet can be judged. */
 static __always_inline __u32 load_l4(void *data, void *data_end, const struct pkt *p,
@@ -216,17 +262,16 @@ static __always_inline __u32 load_l4(void *data, void *data_end, const struct pk
 	if ((void *)(ip + 1) > data_end)
 		return DROP_INVALID_PACKET;
 	l4 = (void *)ip + ip->ihl * 4;
-	fk.saddr = f->saddr;
-	fk.daddr = f->daddr;
-	fk.id = ip->id;
-	fk.proto = f->proto;
+	f->l4_off = sizeof(struct ethhdr) + ip->ihl * 4;
+	f->ip_id = ip->id;
 
 	if (p->fragment == PKT_LATER_FRAGMENT) {
 		if (!proto_has_ports(f->proto) && f->proto != IPPROTO_ICMP) {
 			flow_set_ports(f, 0, 0);
 			return DROP_NONE;
 		}
-		recorded = bpf_map_lookup_elem(&frags, &fk);
+		frag_key_of(f, &fk);
+		recorded = bpf_map_lookup_elem(frags_of(f->dir), &fk);
 		if (!recorded)
 			return DROP_FRAG_NOT_FOUND;
 		flow_set_recorded(f, recorded);
@@ -264,9 +309,61 @@ static __always_inline __u32 load_l4(void *data, void *data_end, const struct pk
 		return DROP_NONE;
 	}
 	flow_set_recorded(f, &fp);
-	if (p->fragment == PKT_FIRST_FRAGMENT)
-		bpf_map_update_elem(&frags, &fk, &fp, BPF_ANY);
+	f->first_fragment = p->fragment == PKT_FIRST_FRAGMENT;
+	f->frag_l4 = fp;
 	return DROP_NONE;
+}
+
+static __always_inline int icmp_is_error(__u16 type)
+{
+	return type == ICMP_DEST_UNREACH_ || type == ICMP_TIME_EXCEEDED_ ||
+	       type == ICMP_PARAMETERPROB_;
+}
+
+/* Whether the ICMP error in `f` (a whole datagram) speaks of a connection conntrack
+ * tracks for this endpoint; if so, *entry is that connection's. The error quotes the
+ * packet it answers (IP header, then at least 8 bytes of L4), which went the other way:
+ * looked up as a packet of direction !dir, it is either the connection's original
+ * direction or its reply. Read with bpf_skb_load_bytes: the quote may lie beyond the
+ * linear part, and the packet pointers stay valid. */
+static __always_inline int icmp_error_related(struct __sk_buff *skb, const struct flow *f,
+					      __u64 now, struct ct_entry **entry)
+{
+	struct ct_key key = { .ep_id = ep_id, .dir = !f->dir };
+	__u32 off = f->l4_off + 8; /* the ICMP header */
+	struct iphdr quoted;
+	__u8 l4[8];
+
+	if (bpf_skb_load_bytes(skb, off, &quoted, sizeof(quoted)) < 0)
+		return 0;
+	/* Errors are only sent about offset-0 fragments, and back to the quoted sender. */
+	if (quoted.version != 4 || quoted.ihl < 5 || quoted.frag_off & bpf_htons(0x1fff) ||
+	    quoted.saddr != f->daddr)
+		return 0;
+	if (bpf_skb_load_bytes(skb, off + quoted.ihl * 4, l4, sizeof(l4)) < 0)
+		return 0;
+	key.saddr = quoted.saddr;
+	key.daddr = quoted.daddr;
+	key.proto = quoted.protocol;
+	switch (quoted.protocol) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP:
+		key.sport = (__u16)l4[0] << 8 | l4[1];
+		key.dport = (__u16)l4[2] << 8 | l4[3];
+		break;
+	case IPPROTO_ICMP: /* echo ids as flow_set_icmp tracks them; no errors about errors */
+		if (l4[0] == ICMP_ECHO_)
+			key.dport = (__u16)l4[4] << 8 | l4[5];
+		else if (l4[0] == ICMP_ECHOREPLY_)
+			key.sport = (__u16)l4[4] << 8 | l4[5];
+		else
+			return 0;
+		break;
+	default: /* tracked with ports 0 */
+		break;
+	}
+	return ct_lookup(&key, now, 0, entry) != CT_NEW;
 }
 
 /* ARP from the pod must speak for the pod's own address; ARP to the pod passes. */
@@ -329,6 +426,15 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		return drop(&f, DROP_NO_ENDPOINT_STATE, FLOW_MATCH_NONE, 0);
 	f.policy_rev = st->policy_rev;
 
+	if (f.proto == IPPROTO_ICMP && p.fragment == PKT_NOT_FRAGMENT && icmp_is_error(f.sport)) {
+		now = ct_now();
+		if (icmp_error_related(skb, &f, now, &e)) {
+			report(&f, FLOW_EVENT_POLICY_VERDICT, DROP_NONE, FLOW_MATCH_RELATED,
+			       e->rule_id);
+			return TC_ACT_OK;
+		}
+	}
+
 	if (f.tracked) {
 		key.saddr = f.saddr;
 		key.daddr = f.daddr;
@@ -341,7 +447,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		switch (ct_lookup(&key, now, f.tcp_flags, &e)) {
 		case CT_REPLY:
 			ct_account(e, &key, 1, f.tcp_flags, now);
-			return TC_ACT_OK;
+			return pass(&f, dir);
 		case CT_ESTABLISHED:
 			if (e->policy_rev != f.policy_rev) {
 				/* The policy changed since this connection's verdict. */
@@ -352,7 +458,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 				e->peer_identity = f.peer_identity;
 			}
 			ct_account(e, &key, 0, f.tcp_flags, now);
-			return TC_ACT_OK;
+			return pass(&f, dir);
 		default:
 			break;
 		}
@@ -363,7 +469,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	if (f.tracked)
 		ct_create(&key, f.tcp_flags, now, f.policy_rev, v.rule_id, f.peer_identity);
 	report(&f, FLOW_EVENT_POLICY_VERDICT, DROP_NONE, v.match, v.rule_id);
-	return TC_ACT_OK;
+	return pass(&f, dir);
 }
 
 SEC("tc")

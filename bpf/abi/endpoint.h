@@ -144,7 +144,10 @@ struct ct_entry {
 	__u64 packets_reply;
 };
 
-/* IPv4 fragments: the first fragment's ports, for the later ones (LRU hash). */
+/* IPv4 fragments: the first fragment's ports, for the later ones. Each endpoint program
+ * has an LRU hash of its own per direction (frags_ingress, frags_egress; not node maps,
+ * not pinned: records live microseconds, and the maps go with the programs), so traffic
+ * of one endpoint or direction can never evict or overwrite another's records. */
 struct frag_key {
 	__u32 saddr;
 	__u32 daddr;
@@ -186,7 +189,8 @@ struct drop_value {
 };
 
 enum flow_event_type {
-	FLOW_EVENT_POLICY_VERDICT = 1, /* the first packet of a new connection, allowed */
+	FLOW_EVENT_POLICY_VERDICT = 1, /* a new connection's first packet, or a related ICMP
+					* error (match FLOW_MATCH_RELATED), allowed */
 	FLOW_EVENT_DROP = 2,
 };
 ABI_EXPORT_ENUM(flow_event_type);
@@ -197,6 +201,7 @@ enum flow_match {
 	FLOW_MATCH_DEFAULT = 2, /* default deny: the endpoint is selected, no rule allows */
 	FLOW_MATCH_REPLY = 3,   /* reply of a tracked connection */
 	FLOW_MATCH_ESTABLISHED = 4,
+	FLOW_MATCH_RELATED = 5, /* ICMP error about a tracked connection: passes as a reply */
 };
 ABI_EXPORT_ENUM(flow_match);
 

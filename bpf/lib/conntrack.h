@@ -14,6 +14,9 @@
  * never a reply, and on a closing entry it is a new connection reusing the tuple: both
  * need a verdict of their own.
  *
+ * An ICMP error relates to a connection when ct_lookup (tcp_flags 0) of the packet it
+ * quotes, as a packet of the other direction, finds it either way (endpoint.bpf.c).
+ *
  * Cost: lookups only on the hot path; an entry is inserted only after a miss (an insert
  * on every packet cost 188 ns). Established packets bump a counter in place and write
  * expires_ns at most once per CT_REFRESH_NS, or when the state (and so the timeout)

@@ -35,7 +35,12 @@ from membrane.datapath import (
     load_endpoint,
     sync_ipcache,
 )
-from membrane.datapath.abi import PROG_FROM_CONTAINER, PROG_TO_CONTAINER
+from membrane.datapath.abi import (
+    FRAGS_EGRESS,
+    FRAGS_INGRESS,
+    PROG_FROM_CONTAINER,
+    PROG_TO_CONTAINER,
+)
 from membrane.datapath.policy_entries import PolicyEntry
 
 EP_ID = 7
@@ -191,6 +196,11 @@ class EndpointDatapath:
             started_ns=started,
             ended_ns=ended,
         )
+
+    def frags(self, direction: Direction, ep_id: int = EP_ID) -> Any:
+        """The endpoint's fragment records of `direction` (a map of its own object)."""
+        name = FRAGS_EGRESS if direction == Direction.EGRESS else FRAGS_INGRESS
+        return self.objects[ep_id].map(name)
 
     # ---- conntrack -------------------------------------------------------------------
     def ct(self) -> list[CtEntry]:

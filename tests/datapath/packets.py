@@ -219,3 +219,13 @@ def icmp_message(src: str, dst: str, *, type_: int = 8, code: int = 0, ident: in
 def offset_of(frame: Packet, layer: type[Packet]) -> int:
     """Where `layer` starts in the encoded frame."""
     return len(bytes(frame)) - len(bytes(frame[layer]))
+
+
+def icmp_error(src: str, dst: str, quoted: Packet, *, type_: int = 3, code: int = 4) -> Packet:
+    """An IPv4 ICMP error from `src` to `dst` quoting `quoted` (a frame as the other
+    builders make them) as routers do: its IP header and the first 8 bytes after it.
+    Default: destination unreachable, fragmentation needed (next-hop MTU 1280)."""
+    ip = IP(bytes(quoted[IP]))  # encoded, so ihl is known
+    quote = bytes(ip)[: ip.ihl * 4 + 8]
+    icmp = ICMP(type=type_, code=code, nexthopmtu=1280 if (type_, code) == (3, 4) else 0)
+    return ether() / ipv4_header(dst, ICMP_, src=src) / icmp / Raw(quote)

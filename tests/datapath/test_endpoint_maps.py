@@ -13,7 +13,7 @@ from endpoint_harness import EP_IP, temporary_pin_dir
 from membrane.bpf import BpfError
 from membrane.bpf.maps import HASH, LPM_TRIE, LRU_HASH, PERCPU_HASH, RINGBUF
 from membrane.datapath import Identity, NodeMaps, load_endpoint, sync_ipcache
-from membrane.datapath.abi import NODE_MAPS
+from membrane.datapath.abi import FRAGS_EGRESS, FRAGS_INGRESS, NODE_MAPS
 from membrane.datapath.ipcache import read_ipcache
 
 pytestmark = pytest.mark.root
@@ -38,7 +38,7 @@ def test_created_as_declared(pin_dir: str) -> None:
         assert kinds["ipcache"] == (LPM_TRIE, BPF_F_NO_PREALLOC)
         assert kinds["policy"] == (LPM_TRIE, BPF_F_NO_PREALLOC)
         assert kinds["endpoints"][0] == HASH
-        assert kinds["ct"][0] == LRU_HASH and kinds["frags"][0] == LRU_HASH
+        assert kinds["ct"][0] == LRU_HASH
         assert kinds["drops"][0] == PERCPU_HASH and kinds["events"][0] == RINGBUF
         assert maps.sizes()["ct"] == 4096
         assert maps.sizes()["policy"] == 1 << 20
@@ -57,15 +57,15 @@ def test_adopted_after_a_restart(pin_dir: str) -> None:
 def test_a_missing_map_is_created_beside_the_adopted_ones(pin_dir: str) -> None:
     with NodeMaps.open(pin_dir, sizes={"ct": 4096}) as first:
         before = ids(first)
-    os.unlink(os.path.join(pin_dir, "frags"))
+    os.unlink(os.path.join(pin_dir, "drops"))
     with NodeMaps.open(pin_dir) as second:
         after = ids(second)
-        assert after["frags"] != before["frags"]
-        assert {n: i for n, i in after.items() if n != "frags"} == {
-            n: i for n, i in before.items() if n != "frags"
+        assert after["drops"] != before["drops"]
+        assert {n: i for n, i in after.items() if n != "drops"} == {
+            n: i for n, i in before.items() if n != "drops"
         }
         assert second.sizes()["ct"] == 4096
-        assert second.frags.key_type.__name__ == "frag_key"  # typed by its own BTF
+        assert second.drops.key_type.__name__ == "drop_key"  # typed by its own BTF
 
 
 def test_unknown_map_sizes_are_refused(pin_dir: str) -> None:
@@ -80,6 +80,19 @@ def test_endpoint_programs_share_resized_maps(pin_dir: str) -> None:
     ):
         assert obj.map("ct").id == maps.ct.id
         assert obj.map("policy").id == maps.policy.id
+
+
+def test_fragment_records_are_per_endpoint_and_direction(pin_dir: str) -> None:
+    """No endpoint or direction shares them, so none can evict another's records."""
+    with (
+        NodeMaps.open(pin_dir),
+        load_endpoint(pin_dir, 7, EP_IP) as first,
+        load_endpoint(pin_dir, 8, "198.18.0.11") as second,
+    ):
+        frag_maps = [o.map(n) for o in (first, second) for n in (FRAGS_INGRESS, FRAGS_EGRESS)]
+        assert len({m.id for m in frag_maps}) == 4
+        assert {m.type for m in frag_maps} == {LRU_HASH}
+        assert sorted(os.listdir(pin_dir)) == sorted(NODE_MAPS)  # none of them pinned
 
 
 def test_endpoint_programs_need_the_node_maps(pin_dir: str) -> None:

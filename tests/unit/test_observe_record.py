@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from observe_support import ALLOW_DB, DB, DENY_WORLD, WEB, FakeResolver, event, world_drop
 
-from membrane.abi import DropReason
+from membrane.abi import DropReason, FlowMatch
 from membrane.observe import record as rec
 from membrane.observe.record import FlowEvent, UnsupportedEvent, flow_events, flow_record
 
@@ -161,6 +161,14 @@ def test_layer4_and_summary(fields: dict, l4: dict | None, summary: str) -> None
 
 def test_reply_match_sets_is_reply() -> None:
     assert build(world_drop(match=3))["is_reply"] is True
+
+
+def test_related_icmp_error_says_so() -> None:
+    r = build(event(proto=1, sport=3, dport=4, match=FlowMatch.RELATED))
+    assert r["verdict"] == "FORWARDED" and r["trace_reason"] == "RELATED"
+    assert r["Summary"] == "ICMPv4 DestinationUnreachable code 4"
+    assert r["policy"] is None and r["is_reply"] is False
+    assert "trace_reason" not in build(event())
 
 
 @pytest.mark.parametrize("h", [{"version": 2}, {"type": 9}])

@@ -61,7 +61,6 @@ class NodeMaps:
     endpoints: Map
     policy: Map
     ct: Map
-    frags: Map
     drops: Map
     events: Map
     events_lost: Map

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the agent's ring-buffer rows; `membrane observe` never has 
 # ---- numbers of the C side (membrane.abi), bound once: compared for every event ----------
 _VERDICT, _DROP = FlowEventType.POLICY_VERDICT, FlowEventType.DROP
 _EGRESS, _MATCH_RULE, _MATCH_REPLY = Direction.EGRESS, FlowMatch.RULE, FlowMatch.REPLY
+_MATCH_RELATED = FlowMatch.RELATED
 _TCP, _UDP, _SCTP, _ICMP = IpProto.TCP, IpProto.UDP, IpProto.SCTP, IpProto.ICMP
 
 # ---- numbers of Hubble's flow API (cilium api/v1/flow, pkg/monitor/api) -------------------
@@ -267,6 +268,8 @@ def flow_record(
         reason = DROP_REASONS.get(ev.drop_reason)
         record["drop_reason_desc"] = reason.desc if reason else UNKNOWN_DROP_DESC
     record["is_reply"] = ev.match == _MATCH_REPLY
+    if ev.match == _MATCH_RELATED:  # an ICMP error about a tracked connection
+        record["trace_reason"] = "RELATED"  # Hubble's name (flow.TraceReason)
     record["Summary"] = _summary(ev)
     record["policy"] = _policy(ev, rule)
     return record
