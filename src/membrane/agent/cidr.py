@@ -13,7 +13,13 @@ from typing import NamedTuple
 from membrane.abi import Identity
 from membrane.agent.identities import IdentityAllocator
 from membrane.datapath.ipcache import WORLD_PREFIX, RawKey, RawValue, raw_key
-from membrane.identity.labels import Label, cidr_identities_labels, prefixes_within
+from membrane.identity.labels import (
+    Label,
+    PrefixIndex,
+    cidr_identities_labels,
+    prefix_index,
+    prefixes_within,
+)
 
 INCREMENTAL_LIMIT = 64  # prefixes added or removed at once; more: relabel them all
 
@@ -25,6 +31,7 @@ class CidrIdentities(NamedTuple):
     labels: dict[int, frozenset[Label]]  # identity -> labels
     prefix_of: dict[int, IPv4Network]  # identity -> prefix
     ipcache: dict[RawKey, RawValue]  # the ipcache's CIDR part, world included
+    index: PrefixIndex  # `prefixes` for the labelling
 
     def updated(
         self, prefixes: frozenset[IPv4Network], identities: IdentityAllocator
@@ -37,7 +44,12 @@ class CidrIdentities(NamedTuple):
         if len(added) + len(removed) > INCREMENTAL_LIMIT or not self.prefixes:
             relabel = None  # all of them
             labels, prefix_of, ipcache = {}, {}, dict(NO_CIDRS.ipcache)
+            index = prefix_index(prefixes)
         else:
+            index = dict(self.index)
+            index.update(prefix_index(added))
+            for gone in prefix_index(removed):
+                del index[gone]
             inside = {q for p in added | removed for q in prefixes_within(prefixes, p)}
             relabel = added | inside
             labels, prefix_of = dict(self.labels), dict(self.prefix_of)
@@ -45,12 +57,14 @@ class CidrIdentities(NamedTuple):
             for prefix in removed:  # still numbered: the allocator forgets after the sync
                 ident = identities.for_prefix(prefix)
                 del labels[ident], prefix_of[ident], ipcache[raw_key(prefix)]
-        for prefix, prefix_labels in cidr_identities_labels(prefixes, relabel).items():
+        for prefix, prefix_labels in cidr_identities_labels(index, relabel).items():
             ident = identities.for_prefix(prefix)
             labels[ident] = prefix_labels
             prefix_of[ident] = prefix
             ipcache[raw_key(prefix)] = (ident, 0)
-        return CidrIdentities(prefixes, labels, prefix_of, ipcache)
+        return CidrIdentities(prefixes, labels, prefix_of, ipcache, index)
 
 
-NO_CIDRS = CidrIdentities(frozenset(), {}, {}, {raw_key(WORLD_PREFIX): (int(Identity.WORLD), 0)})
+NO_CIDRS = CidrIdentities(
+    frozenset(), {}, {}, {raw_key(WORLD_PREFIX): (int(Identity.WORLD), 0)}, {}
+)

@@ -256,7 +256,7 @@ class Btf:
 
     def dtype(self, name: str) -> np.dtype:
         """A numpy structured dtype for struct `name` (for bulk decoding of events)."""
-        return _ctype_to_dtype(self.struct(name))
+        return ctype_dtype(self.struct(name))
 
 
 _INT_CTYPES = {
@@ -277,14 +277,15 @@ def _int32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def _ctype_to_dtype(ctype: Any) -> np.dtype:
+def ctype_dtype(ctype: Any) -> np.dtype:
+    """The numpy structured dtype laid out like a ctypes type (padding left out)."""
     if isinstance(ctype, type) and issubclass(ctype, ctypes.Structure | ctypes.Union):
         names, formats, offsets = [], [], []
         for fname, ftype in ctype._fields_:
             if fname.startswith("_pad"):
                 continue
             field = getattr(ctype, fname)
-            sub = _ctype_to_dtype(ftype)
+            sub = ctype_dtype(ftype)
             if fname in getattr(ctype, "_anonymous_", ()) and sub.names:
                 for sname in sub.names:
                     sdt, soff = sub.fields[sname][:2]
@@ -306,7 +307,7 @@ def _ctype_to_dtype(ctype: Any) -> np.dtype:
     if isinstance(ctype, type) and issubclass(ctype, ctypes.Array):
         if ctype._type_ is ctypes.c_char:
             return np.dtype(f"S{ctype._length_}")
-        return np.dtype((_ctype_to_dtype(ctype._type_), (ctype._length_,)))
+        return np.dtype((ctype_dtype(ctype._type_), (ctype._length_,)))
     return np.dtype(ctype)
 
 

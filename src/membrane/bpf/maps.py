@@ -258,23 +258,66 @@ class Map:
             return 0
         keys = b"".join(self._raw(k, self.key_size, "key") for k, _ in pairs)
         vals = b"".join(self._raw_value(v) for _, v in pairs)
-        count = ctypes.c_uint32(len(pairs))
+        return self.update_batch_raw(keys, vals, flags)
+
+    def update_batch_raw(self, keys: bytes, values: bytes, flags: int = L.BPF_ANY) -> int:
+        """`update_batch` of keys and values already laid out as the map stores them,
+        back to back (for callers that encode thousands at once)."""
+        n = len(keys) // self.key_size
+        if len(keys) != n * self.key_size or len(values) != n * self._value_buf_size:
+            raise ValueError(f"{self.name}: {n} keys need {n * self._value_buf_size} value bytes")
+        if not n:
+            return 0
+        count = ctypes.c_uint32(n)
         opts = L.MapBatchOpts(sz=ctypes.sizeof(L.MapBatchOpts), elem_flags=flags)
         ret = L.lib.bpf_map_update_batch(
-            self.fd, keys, vals, ctypes.byref(count), ctypes.byref(opts)
+            self.fd, keys, values, ctypes.byref(count), ctypes.byref(opts)
         )
         if ret == 0:
-            return len(pairs)
+            return n
         err = L.errno_of(ret)
         if err not in _NO_BATCH or count.value:
             raise BpfError(f"batch update of map {self.name}", err)
-        for k, v in pairs:
-            self.update(k, v, flags)
-        return len(pairs)
+        size, vsize = self.key_size, self._value_buf_size
+        for i in range(n):
+            key, value = keys[i * size : (i + 1) * size], values[i * vsize : (i + 1) * vsize]
+            ret = L.lib.bpf_map_update_elem(self.fd, key, value, flags)
+            if ret:
+                raise BpfError(f"update of map {self.name}", L.errno_of(ret))
+        return n
 
     def delete_batch(self, keys: Iterable[Any]) -> int:
         """Delete many keys; returns how many existed."""
-        return sum(1 for k in list(keys) if self.delete(k))
+        return self.delete_batch_raw(b"".join(self._raw(k, self.key_size, "key") for k in keys))
+
+    def delete_batch_raw(self, keys: bytes) -> int:
+        """`delete_batch` of keys laid out as the map stores them; returns how many
+        existed. One syscall for all of them where the map type has batch operations (the
+        kernel stops at a missing key: the rest go again after it)."""
+        size = self.key_size
+        if len(keys) % size:
+            raise ValueError(f"{self.name}: keys are not a multiple of {size} bytes")
+        deleted, start, n = 0, 0, len(keys) // size
+        opts = L.MapBatchOpts(sz=ctypes.sizeof(L.MapBatchOpts))
+        while start < n:
+            count = ctypes.c_uint32(n - start)
+            ret = L.lib.bpf_map_delete_batch(
+                self.fd, keys[start * size :], ctypes.byref(count), ctypes.byref(opts)
+            )
+            deleted += count.value
+            start += count.value
+            if ret == 0:
+                break
+            err = L.errno_of(ret)
+            if err == E.ENOENT:
+                start += 1  # the key at `start` was not there
+                continue
+            if err in _NO_BATCH and not count.value:
+                return deleted + sum(
+                    1 for i in range(start, n) if self.delete(keys[i * size : (i + 1) * size])
+                )
+            raise BpfError(f"batch delete from map {self.name}", err)
+        return deleted
 
     def lookup_batch(self, chunk: int = 4096) -> list[tuple[Any, Any]]:
         """Read the whole map with BPF_MAP_LOOKUP_BATCH (iteration where unsupported)."""

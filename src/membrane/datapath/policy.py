@@ -25,13 +25,17 @@ the policy map's keys after its first read.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from membrane.abi import POLICY_KEY_FIXED_BITS, POLICY_KEY_PROTO_BITS, Direction
+from membrane.bpf.btf import ctype_dtype
 from membrane.datapath.conntrack import flush_endpoint
 from membrane.datapath.nodemaps import NodeMaps
 from membrane.datapath.policy_entries import PORT_MASKS, EndpointPolicy, PolicyEntry
@@ -94,6 +98,58 @@ def compile_entries(entries: Iterable[PolicyEntry]) -> Entries:
     return out
 
 
+def updated_entries(base: Entries, old: EndpointPolicy, new: EndpointPolicy) -> Entries | None:
+    """`compile_entries(new.entries)` from `base` (which is `compile_entries(old.entries)`)
+    and only the entries that differ, or None when that is not cheaper or cannot be exact
+    (two entries on one slot, which only a full compile resolves)."""
+    old_entries, new_entries = frozenset(old.entries), frozenset(new.entries)
+    if len(base) != len(old_entries):
+        return None
+    removed, added = old_entries - new_entries, new_entries - old_entries
+    if len(removed) + len(added) > len(new_entries) // 4:
+        return None
+    out = dict(base)
+    for entry in removed:
+        del out[slot_of(entry)]
+    for entry in added:
+        slot = slot_of(entry)
+        if slot in out:
+            return None
+        out[slot] = Verdict(entry.rule_id, entry.deny)
+    return out
+
+
+class PolicyCodec:
+    """Many policy keys and values at once, laid out as the map stores them (a numpy
+    array per batch: building a ctypes key per slot costs more than the syscall)."""
+
+    def __init__(self, maps: NodeMaps) -> None:
+        self.key_dtype = ctype_dtype(maps.policy.key_type)
+        self.value_dtype = ctype_dtype(maps.policy.value_type)
+
+    def keys(self, ep_id: int, gen: int, slots: Sequence[Slot]) -> bytes:
+        keys = np.zeros(len(slots), self.key_dtype)
+        if slots:
+            prefixlen, direction, identity, proto, port = _columns(slots, len(Slot._fields))
+            keys["prefixlen"], keys["ep_id"], keys["gen"] = prefixlen, ep_id, gen
+            keys["dir"], keys["identity"], keys["proto"] = direction, identity, proto
+            keys["dport"] = ((port & 0xFF) << 8) | (port >> 8)  # network byte order
+        return keys.tobytes()
+
+    def values(self, verdicts: Sequence[Verdict]) -> bytes:
+        values = np.zeros(len(verdicts), self.value_dtype)
+        if verdicts:
+            rule_id, deny = _columns(verdicts, len(Verdict._fields))
+            values["rule_id"], values["deny"] = rule_id, deny
+        return values.tobytes()
+
+
+def _columns(rows: Sequence[tuple[int, ...]], width: int) -> np.ndarray:
+    """Equal-length tuples as columns (fromiter: several times faster than np.array)."""
+    flat = np.fromiter(itertools.chain.from_iterable(rows), np.int64, count=width * len(rows))
+    return flat.reshape(-1, width).T
+
+
 def policy_key(maps: NodeMaps, ep_id: int, gen: int, slot: Slot) -> Any:
     return maps.policy.key_type(
         prefixlen=slot.prefixlen,
@@ -149,10 +205,14 @@ class PolicyWriter:
 
     def __init__(self, maps: NodeMaps) -> None:
         self.maps = maps
+        self.codec = PolicyCodec(maps)
         self._written: dict[tuple[int, int], Entries] | None = None
         # ep_id -> (policy object, identity) last installed: the agent hands back the very
         # same object for an endpoint whose policy did not change, which then costs nothing.
         self._installed: dict[int, tuple[EndpointPolicy, int | None]] = {}
+        # id(policy) -> (policy, its slots) for the installed policies: a new policy is
+        # converted from the one it replaces by what differs.
+        self._entries: dict[int, tuple[EndpointPolicy, Entries]] = {}
 
     # ---- what the policy map holds ---------------------------------------------------
     def written(self) -> dict[tuple[int, int], Entries]:
@@ -175,6 +235,7 @@ class PolicyWriter:
         """Forget the cached keys (if something else wrote the policy map)."""
         self._written = None
         self._installed.clear()
+        self._entries.clear()
 
     def _is_installed(
         self, ep_id: int, policy: EndpointPolicy, identities: Mapping[int, int]
@@ -190,14 +251,15 @@ class PolicyWriter:
         """Apply key changes to generation `gen` of `ep_id`, in the map and in the cache."""
         if not ops:
             return
-        self.maps.policy.update_batch(
-            (policy_key(self.maps, ep_id, gen, s), policy_value(self.maps, v))
-            for s, v in ops
-            if v is not None
-        )
-        self.maps.policy.delete_batch(
-            policy_key(self.maps, ep_id, gen, s) for s, v in ops if v is None
-        )
+        writes = [(slot, verdict) for slot, verdict in ops if verdict is not None]
+        if writes:
+            slots, verdicts = zip(*writes, strict=True)
+            self.maps.policy.update_batch_raw(
+                self.codec.keys(ep_id, gen, slots), self.codec.values(verdicts)
+            )
+        deletes = [slot for slot, verdict in ops if verdict is None]
+        if deletes:
+            self.maps.policy.delete_batch_raw(self.codec.keys(ep_id, gen, deletes))
         group = self.written().setdefault((ep_id, gen), {})
         for slot, verdict in ops:
             if verdict is None:
@@ -233,11 +295,7 @@ class PolicyWriter:
         Every entry is checked before anything is written, and applying what is already
         installed changes nothing."""
         changes = {ep: p for ep, p in changes.items() if not self._is_installed(ep, p, identities)}
-        by_object: dict[int, tuple[Entries, int]] = {}  # endpoints often share one policy
-        for p in changes.values():
-            if id(p) not in by_object:
-                by_object[id(p)] = (compile_entries(p.entries), enforce_bits(p))
-        compiled = {ep: by_object[id(p)] for ep, p in changes.items()}
+        compiled = {ep: (self._entries_of(ep, p), enforce_bits(p)) for ep, p in changes.items()}
         states = {ep: self.maps.endpoints.lookup(ep) for ep in changes}
         unknown = sorted(ep for ep, st in states.items() if st is None and ep not in identities)
         if unknown:
@@ -267,6 +325,26 @@ class PolicyWriter:
             self._change(changing)
         for ep_id, policy in changes.items():
             self._installed[ep_id] = (policy, identities.get(ep_id))
+        installed = {id(policy) for policy, _ in self._installed.values()}
+        for key in self._entries.keys() - installed:
+            del self._entries[key]
+
+    def _entries_of(self, ep_id: int, policy: EndpointPolicy) -> Entries:
+        """The policy's slots: known when another endpoint has it (replicas share one
+        object), else derived from what this endpoint had, else compiled."""
+        known = self._entries.get(id(policy))
+        if known is not None and known[0] is policy:
+            return known[1]
+        entries = None
+        previous = self._installed.get(ep_id)
+        if previous is not None:
+            base = self._entries.get(id(previous[0]))
+            if base is not None and base[0] is previous[0]:
+                entries = updated_entries(base[1], previous[0], policy)
+        if entries is None:
+            entries = compile_entries(policy.entries)
+        self._entries[id(policy)] = (policy, entries)
+        return entries
 
     def _settle(self, ep_id: int, state: Any, live: int, identity: int) -> None:
         """Nothing to switch: write a changed identity, and clear what an interrupted

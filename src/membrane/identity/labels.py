@@ -119,12 +119,20 @@ def cidr_identity_labels(
     return frozenset({WORLD_LABEL, *(cidr_label(q) for q in containing)})
 
 
+PrefixIndex = dict[tuple[int, int], IPv4Network]  # (address, length) -> prefix
+
+
+def prefix_index(prefixes: Iterable[IPv4Network]) -> PrefixIndex:
+    return dict(_prefix_key(p) for p in prefixes)
+
+
 def cidr_identities_labels(
-    prefixes: Iterable[IPv4Network], only: Iterable[IPv4Network] | None = None
+    prefixes: Iterable[IPv4Network] | PrefixIndex, only: Iterable[IPv4Network] | None = None
 ) -> dict[IPv4Network, frozenset[Label]]:
     """`cidr_identity_labels` for every prefix of a policy set at once (or for the prefixes
-    in `only`, against the whole set), in integer arithmetic: 10,000 in ~0.1 s."""
-    by_key = {(int(p.network_address), p.prefixlen): p for p in prefixes}
+    in `only`, against the whole set), in integer arithmetic: 10,000 in ~0.1 s. A caller
+    asking often about a few prefixes passes the set's `prefix_index`."""
+    by_key = prefixes if isinstance(prefixes, dict) else prefix_index(prefixes)
     label_of: dict[IPv4Network, Label] = {}
     masks = [(0xFFFFFFFF << (32 - n)) & 0xFFFFFFFF for n in range(33)]
     out: dict[IPv4Network, frozenset[Label]] = {}
