@@ -105,3 +105,30 @@ def test_a_state_file_holding_its_policies_still_loads(tmp_path: Path) -> None:
     files = StateFile(tmp_path)
     assert files.load() == state
     assert files.rules_saved == 0  # the journal does not hold them yet
+
+
+def test_cidr_identities_are_rewritten_only_when_they_change(tmp_path: Path) -> None:
+    files = StateFile(tmp_path)
+    cidr = {f"198.19.{i // 256}.{i % 256}/32": 16_777_216 + i for i in range(1000)}
+    state = AgentState(identities={"endpoint": {}, "cidr": cidr, "next_cidr": 16_778_216})
+    files.save(state)
+    inode = files.cidr_path.stat().st_ino
+    assert "198.19.0.1/32" not in files.path.read_text()  # not in state.json
+    state.next_endpoint_id = 7  # an endpoint change
+    files.save(state)
+    assert files.cidr_path.stat().st_ino == inode
+    cidr["198.19.200.1/32"] = 16_778_216
+    state.identities["next_cidr"] = 16_778_217
+    files.save(state)
+    assert files.cidr_path.stat().st_ino != inode
+    assert StateFile(tmp_path).load() == state
+
+
+def test_cidr_numbers_written_before_a_crash_are_never_handed_out_again(tmp_path: Path) -> None:
+    files = StateFile(tmp_path)
+    state = AgentState(identities={"cidr": {"198.19.0.1/32": 100}, "next_cidr": 101})
+    files.save(state)
+    # The agent numbered a new prefix, wrote the CIDR file, and died before state.json.
+    files.cidr_path.write_text('{"198.19.0.1/32": 100, "198.19.0.2/32": 101}')
+    loaded = StateFile(tmp_path).load()
+    assert loaded.identities["next_cidr"] == 102

@@ -7,10 +7,12 @@ adopts everything without renumbering.
 
 The files change at different rates, so each is written only when it changes: one file per
 policy (`policy-<n>.json`, the document as written, written once), the rule table as a
-journal (`rules.jsonl`: rule ids only grow, so new rules are appended), and `state.json`
-(endpoints, namespaces, identities, counters, and the names of the policy files in force),
-replaced on every change (write, fsync, rename). Replacing state.json is the moment a change
-becomes durable: a crash before it leaves the previous state.json and the files it names.
+journal (`rules.jsonl`: rule ids only grow, so new rules are appended), the CIDR identities
+(`cidr-identities.json`: tens of thousands with large CIDR policies, rewritten only when they
+change), and `state.json` (endpoints, namespaces, endpoint identities, counters, and the
+names of the policy files in force), replaced on every change (write, fsync, rename).
+Replacing state.json is the moment a change becomes durable: a crash before it leaves the
+previous state.json and the files it names.
 """
 
 from __future__ import annotations
@@ -137,6 +139,8 @@ class StateFile:
         self.dir = Path(state_dir)
         self.path = self.dir / "state.json"
         self.rules_path = self.dir / "rules.jsonl"
+        self.cidr_path = self.dir / "cidr-identities.json"
+        self._cidr_saved: dict[str, int] | None = None  # what cidr_path holds
         self.rules_saved = 0  # how many rules (ids 1..n) the journal holds
         # id(StoredPolicy) -> (that policy, its file): a policy is never changed in place.
         self._policy_files: dict[int, tuple[StoredPolicy, str]] = {}
@@ -148,6 +152,16 @@ class StateFile:
         except FileNotFoundError:
             return AgentState()
         names = data.pop("policy_files", None)
+        identities = data.get("identities", {})
+        if "cidr" not in identities and self.cidr_path.exists():
+            cidr = json.loads(self.cidr_path.read_text())
+            identities["cidr"] = cidr
+            self._cidr_saved = dict(cidr)
+            # Written before state.json: after a crash in between it may hold numbers that
+            # state.json's counter has not passed yet. Never hand those out twice.
+            top = max(cidr.values(), default=None)
+            if top is not None and identities.get("next_cidr", 0) <= top:
+                identities["next_cidr"] = top + 1
         if names is not None:  # else an older state.json that held everything itself
             data["policies"] = [json.loads((self.dir / n).read_text()) for n in names]
             rules = self._read_rules()
@@ -192,7 +206,14 @@ class StateFile:
             files.append(known)
         removed = len(files) != len(self._policy_files)
         self._policy_files = {id(p): (p, n) for p, n in files}
-        _write_atomically(self.path, {**state.node_json(), "policy_files": [n for _, n in files]})
+        node = state.node_json()
+        identities = dict(node["identities"])
+        cidr = identities.pop("cidr", None)
+        if cidr is not None and cidr != self._cidr_saved:  # compared in C: 10,000 in ~0.2 ms
+            _write_atomically(self.cidr_path, cidr)
+            self._cidr_saved = dict(cidr)
+        node["identities"] = identities
+        _write_atomically(self.path, {**node, "policy_files": [n for _, n in files]})
         if wrote or removed:
             keep = {n for _, n in files}
             for path in self.dir.glob("policy-*.json"):
@@ -201,7 +222,7 @@ class StateFile:
 
     def remove(self) -> None:
         """Forget everything (agent reset)."""
-        for path in [self.path, self.rules_path, *self.dir.glob("policy-*.json")]:
+        for path in [self.path, self.rules_path, self.cidr_path, *self.dir.glob("policy-*.json")]:
             path.unlink(missing_ok=True)
 
 

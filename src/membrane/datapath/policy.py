@@ -272,7 +272,11 @@ class PolicyWriter:
     def _write(self, ep_id: int, gen: int, entries: Entries) -> None:
         """Make generation `gen` of `ep_id` hold exactly `entries`, in any order: only for
         generations no endpoint state points at."""
-        tighten, loosen = split_changes(self.written().get((ep_id, gen), {}), entries)
+        current = self.written().get((ep_id, gen))
+        if not current:  # every slot is new (a new endpoint): nothing to compare
+            self._put(ep_id, gen, list(entries.items()))
+            return
+        tighten, loosen = split_changes(current, entries)
         self._put(ep_id, gen, tighten + loosen)
 
     # ---- endpoint state --------------------------------------------------------------
