@@ -22,7 +22,7 @@ from membrane.testing.cluster import Cluster, running_cluster
 
 def cluster_fixture(**options: Any) -> Any:
     """A module-scoped `cluster` fixture: one agent and its pods for the whole module
-    (options: namespaces, pod_names)."""
+    (options: namespaces, pod_names, allow_localhost)."""
 
     @pytest.fixture(scope="module")
     def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
@@ -38,27 +38,31 @@ def cluster_fixture(**options: Any) -> Any:
 _shared: dict[str, Cluster] = {}
 
 
-def shared_cluster_fixture() -> Any:
+def shared_cluster_fixture(allow_localhost: str | None = None) -> Any:
     """A `cluster` fixture that hands every module the same standard cluster (x, y, z with
     a, b, c), built by the first module that asks and torn down at the end of the session
     (tests/integration/conftest.py calls `destroy_shared_clusters`): one start-up instead
-    of one per module. Modules whose tests stop the agent use `cluster_fixture()`."""
+    of one per module (one per `allow_localhost`, the agent's --allow-localhost). Modules
+    whose tests stop the agent use `cluster_fixture()`."""
+    key = f"standard-{allow_localhost or 'default'}"
+    suffix = {None: "s", "policy": "p", "always": "l"}[allow_localhost]
 
     @pytest.fixture(scope="module")
     def cluster(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
         reason = agent_unusable_reason()
         if reason:
             pytest.skip(reason)
-        if "standard" not in _shared:
+        if key not in _shared:
             workdir = tmp_path_factory.mktemp("agent")
-            c = Cluster(AgentProcess(workdir, f"mbt{os.getpid() % 100000}s"))
+            tag = f"mbt{os.getpid() % 100000}{suffix}"
+            c = Cluster(AgentProcess(workdir, tag, allow_localhost=allow_localhost))
             try:
                 c.setup()
             except BaseException:
                 c.destroy()
                 raise
-            _shared["standard"] = c
-        return _shared["standard"]
+            _shared[key] = c
+        return _shared[key]
 
     return cluster
 

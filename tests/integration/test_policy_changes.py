@@ -1,6 +1,7 @@
 """Policy over time: namespace and pod changes re-evaluate policy, deletes and replacements
 take effect, replies of allowed connections always pass, established connections meet a
 new deny on their next packet, and `policy trace` / `observe` say which rule decided.
+The node ("host") is one of the peers policy applies to (`--allow-localhost=policy`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from membrane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.root
 
-cluster = shared_cluster_fixture()
+cluster = shared_cluster_fixture(allow_localhost="policy")
 net = net_fixture()
 
 PODS = [f"{ns}/{p}" for ns in "xyz" for p in "abc"]

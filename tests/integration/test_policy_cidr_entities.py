@@ -6,6 +6,9 @@ the outside host on its link address 198.19.1.2, "world-2" and "world-3" the sam
 sending from its extra addresses 198.19.2.10 and 198.19.3.10. CIDR rules follow Cilium: they
 match only addresses that are neither pods nor the node, even when the prefix covers them.
 
+The agent runs with `--allow-localhost=policy`: these cases are about policy applied to
+the node (by default the node passes default deny: test_policy_allow_localhost.py).
+
 Every policy selects x/a only; x/b is the unaffected control.
 """
 
@@ -21,7 +24,7 @@ from membrane.testing.reachability import Reachability
 
 pytestmark = pytest.mark.root
 
-cluster = shared_cluster_fixture()
+cluster = shared_cluster_fixture(allow_localhost="policy")
 net = net_fixture()
 
 WORLD = ["world", "world-2", "world-3"]

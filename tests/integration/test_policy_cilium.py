@@ -1,6 +1,7 @@
 """CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy semantics on real traffic.
 
-Same cluster as test_policy_k8s (x, y, z; pods a, b, c; c pods also team=red). What is
+Same cluster as test_policy_k8s (x, y, z; pods a, b, c; c pods also team=red; the host is
+subject to policy, `--allow-localhost=policy`). What is
 Cilium's own: a CNP's selectors are scoped to its namespace unless they name
 io.kubernetes.pod.namespace, a CCNP's are not (but still match pods only); deny rules win
 over every allow, from any policy kind; a policy with only deny rules still puts the
@@ -17,7 +18,7 @@ from membrane.testing.cluster import Cluster
 
 pytestmark = pytest.mark.root
 
-cluster = shared_cluster_fixture()
+cluster = shared_cluster_fixture(allow_localhost="policy")
 net = net_fixture()
 
 PODS = [f"{ns}/{p}" for ns in "xyz" for p in "abc"]

@@ -4,7 +4,8 @@ first packet after any change that can alter it: a policy change of the endpoint
 revision) and an ipcache write that moves addresses to other identities (the writer bumps
 every endpoint's revision after the ipcache write, so a packet verified against the old
 ipcache in between is checked once more). Each case runs a TCP stream of echo round trips
-and expects it cut within seconds of the change, on real traffic."""
+and expects it cut within seconds of the change, on real traffic. (The cluster is the
+policy-test one, `--allow-localhost=policy`; the deny of the host holds in either mode.)"""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from membrane.testing.reachability import Stream
 
 pytestmark = pytest.mark.root
 
-cluster = shared_cluster_fixture()
+cluster = shared_cluster_fixture(allow_localhost="policy")
 net = net_fixture()
 
 X_A_EGRESS_ANYWHERE = """

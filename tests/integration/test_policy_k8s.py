@@ -3,9 +3,12 @@
 The cluster (agent_support.Cluster): namespaces x, y, z labelled ns=NS, pods a, b, c in each
 labelled pod=NAME (c pods also team=red), every pod serving TCP and UDP echo on 80-82 with
 named ports serve-80-tcp, serve-81-tcp, serve-80-udp, serve-81-udp; "host" is the node
-(198.19.0.1), "world" an outside host. Each case imports its policy, states the expected
-table with allow/deny patterns over the default "everything allowed", and probes it all.
-A pod talking to itself never leaves its namespace, so those cells are always allowed.
+(198.19.0.1), "world" an outside host. The agent runs with `--allow-localhost=policy`, so
+that the host is a peer policy applies to, like world (by default the node passes default
+deny, as Kubernetes says: test_policy_allow_localhost.py). Each case imports its policy,
+states the expected table with allow/deny patterns over the default "everything allowed",
+and probes it all. A pod talking to itself never leaves its namespace, so those cells are
+always allowed.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from membrane.testing.cluster import Cluster
 
 pytestmark = pytest.mark.root
 
-cluster = shared_cluster_fixture()
+cluster = shared_cluster_fixture(allow_localhost="policy")  # see above
 net = net_fixture()
 
 PODS = [f"{ns}/{p}" for ns in "xyz" for p in "abc"]

@@ -10,9 +10,18 @@ from collections.abc import Iterator
 import pytest
 from observe_support import FakeResolver, event, world_drop
 
-from membrane.observe.format import FlowPrinter, compact, decision, endpoint_text, json_line
-from membrane.observe.record import flow_record
+from membrane.observe.format import (
+    AGENT_OPTION,
+    FlowPrinter,
+    compact,
+    decision,
+    endpoint_text,
+    json_line,
+)
+from membrane.observe.record import RuleView, flow_record
 from membrane.observe.store import lost_events
+from membrane.policy.ruletable import AGENT_OPTION as RULE_TABLE_AGENT_OPTION
+from membrane.policy.ruletable import allow_localhost_rule
 
 RESOLVER = FakeResolver()
 
@@ -68,6 +77,29 @@ def test_decisions(ev: dict, text: str) -> None:
 def test_a_removed_policy_is_named_by_its_rule_id() -> None:
     r = flow_record(event(), FakeResolver(rules={}), "n1")
     assert decision(r) == "allowed by rule 7 (its policy was removed since)"
+
+
+def test_the_node_let_through_by_allow_localhost_says_so() -> None:
+    """`--allow-localhost=always`: the agent's own rule, named as such (no policy)."""
+    assert AGENT_OPTION == RULE_TABLE_AGENT_OPTION
+    ref = allow_localhost_rule("ingress")
+    view = RuleView(
+        kind=ref.kind,
+        namespace=ref.namespace,
+        name=ref.name,
+        direction=ref.direction,
+        deny=ref.deny,
+        index=ref.index,
+        description=ref.describe(),
+        l3=True,
+        l4=False,
+    )
+    node = event(saddr="198.19.0.1", peer_identity=1, rule_id=3)
+    r = flow_record(node, FakeResolver(rules={3: view}), "n1")
+    assert endpoint_text(r, "source") == "198.19.0.1:43512 (host)"
+    assert decision(r) == (
+        "allowed by allow-localhost ingress (agent option --allow-localhost=always) (L3-Only)"
+    )
 
 
 def test_endpoints_without_ports_or_pods() -> None:

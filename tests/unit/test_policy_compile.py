@@ -15,6 +15,8 @@ from membrane.identity.labels import (
     endpoint_labels,
 )
 from membrane.policy import (
+    AllowLocalhost,
+    CompileCache,
     EndpointInfo,
     EndpointPolicy,
     PolicyEntry,
@@ -29,6 +31,7 @@ from membrane.policy import (
     policy_cidrs,
 )
 from membrane.policy.ports import port_blocks
+from membrane.policy.ruletable import allow_localhost_rule
 
 TCP, UDP, SCTP, ICMP = IpProto.TCP, IpProto.UDP, IpProto.SCTP, IpProto.ICMP
 INGRESS, EGRESS = Direction.INGRESS, Direction.EGRESS
@@ -79,7 +82,14 @@ class Scene:
         return allowed
 
 
-def scene(text: str, extra_cidrs: tuple[str, ...] = ()) -> Scene:
+def scene(
+    text: str,
+    extra_cidrs: tuple[str, ...] = (),
+    allow_localhost: AllowLocalhost = AllowLocalhost.POLICY,
+) -> Scene:
+    """By default here the host is a peer like any other (`--allow-localhost=policy`): most
+    cases are about the entries policies make; the agent's allow for the node is tested at
+    the end."""
     policies = parse_documents(text)
     prefixes = policy_cidrs(policies)
     identities = dict(RESERVED_LABELS)
@@ -101,7 +111,7 @@ def scene(text: str, extra_cidrs: tuple[str, ...] = ()) -> Scene:
         identities[ident] = cidr_identity_labels(prefix, prefixes)
         ids[str(prefix)] = ident
     ids.update(world=Identity.WORLD, host=Identity.HOST)
-    universe = Universe(identities, {e.ep_id: e for e in eps.values()}, cidr_ids)
+    universe = Universe(identities, {e.ep_id: e for e in eps.values()}, cidr_ids, allow_localhost)
     rules = RuleTable()
     return Scene(universe, policies, compile_policies(policies, universe, rules), rules, ids, eps)
 
@@ -687,3 +697,116 @@ def test_explain_default_deny_and_no_policy() -> None:
     )
     assert decision.allowed and decision.deciding is None and not decision.selected_by
     assert explain(decision)[0] == "no policy selects the endpoint"
+
+
+# ---- the node: --allow-localhost ----------------------------------------------------------------
+
+ALWAYS, POLICY = AllowLocalhost.ALWAYS, AllowLocalhost.POLICY
+DENY_ALL_WEB = k8s(WEB_SELECTOR + "  policyTypes: [Ingress, Egress]")
+
+
+def always(text: str) -> Scene:
+    return scene(text, allow_localhost=ALWAYS)
+
+
+def deciding_rule(s: Scene, ep: str, direction: int, peer: str, proto: int, port: int) -> RuleRef:
+    _, rule_id = lookup(s.compiled[s.eps[ep].ep_id], direction, s.ids[peer], proto, port)
+    ref = s.rules.get(rule_id)
+    assert ref is not None
+    return ref
+
+
+def test_the_node_passes_policy_by_default() -> None:
+    """Kubernetes: traffic to and from the node where a pod runs is always allowed."""
+    assert Universe({}, {}, {}).allow_localhost == ALWAYS
+    s = always(DENY_ALL_WEB)
+    for proto, port in ((TCP, 80), (UDP, 53), (SCTP, 9), (ICMP, 8)):
+        assert s.verdict("prod/web", INGRESS, "host", proto, port)
+        assert s.verdict("prod/web", EGRESS, "host", proto, port)
+    assert not s.verdict("prod/web", INGRESS, "prod/fe", TCP, 80)  # default deny for the rest
+    assert not s.verdict("prod/web", EGRESS, "world", TCP, 80)
+    assert deciding_rule(s, "prod/web", INGRESS, "host", TCP, 80) == allow_localhost_rule("ingress")
+    assert deciding_rule(s, "prod/web", EGRESS, "host", UDP, 53) == allow_localhost_rule("egress")
+    # One entry per direction in default deny: the host, every protocol and port.
+    web = s.compiled[s.eps["prod/web"].ep_id].entries
+    assert {(e.direction, e.identity, e.proto, e.port_bits, e.deny) for e in web} == {
+        (INGRESS, Identity.HOST, 0, 0, False),
+        (EGRESS, Identity.HOST, 0, 0, False),
+    }
+
+
+def test_the_node_is_subject_to_policy_when_asked() -> None:
+    s = scene(DENY_ALL_WEB, allow_localhost=POLICY)
+    assert not s.verdict("prod/web", INGRESS, "host", TCP, 80)
+    assert not s.verdict("prod/web", EGRESS, "host", TCP, 80)
+    assert not s.compiled[s.eps["prod/web"].ep_id].entries
+
+
+def test_only_directions_in_default_deny_get_the_node_entry() -> None:
+    s = always(k8s(WEB_SELECTOR + "  policyTypes: [Ingress]"))
+    web = s.compiled[s.eps["prod/web"].ep_id]
+    assert {e.direction for e in web.entries} == {INGRESS}
+    assert not s.compiled[s.eps["prod/fe"].ep_id].entries  # selected by nothing
+    assert s.verdict("prod/web", EGRESS, "host", TCP, 80)  # no policy in this direction
+    assert s.verdict("prod/fe", INGRESS, "host", TCP, 80)
+
+
+@pytest.mark.parametrize(
+    ("deny", "denied", "allowed"),
+    [
+        ("[{fromEntities: [host]}]", [(TCP, 80), (UDP, 81), (ICMP, 8)], []),
+        ("[{fromEntities: [all]}]", [(TCP, 80), (UDP, 81)], []),
+        ("[{toPorts: [{ports: [{port: '80', protocol: TCP}]}]}]", [(TCP, 80)], [(TCP, 81)]),
+        (
+            "[{fromEntities: [host], toPorts: [{ports: [{port: '80'}]}]}]",
+            [(TCP, 80), (UDP, 80)],
+            [(TCP, 81), (ICMP, 8)],
+        ),
+        ("[{fromCIDR: [0.0.0.0/0]}]", [], [(TCP, 80)]),  # CIDRs never match the node
+    ],
+)
+def test_deny_rules_still_apply_to_the_node(
+    deny: str, denied: list[tuple[int, int]], allowed: list[tuple[int, int]]
+) -> None:
+    """As in Cilium: allow-localhost is an allow, and a deny wins over every allow."""
+    s = always(cnp(CNP_WEB + "  ingress: [{}]\n  ingressDeny: " + deny))
+    for proto, port in denied:
+        assert not s.verdict("prod/web", INGRESS, "host", proto, port)
+    for proto, port in allowed:
+        assert s.verdict("prod/web", INGRESS, "host", proto, port)
+
+
+def test_a_policy_allowing_the_node_adds_nothing_to_the_node_entry() -> None:
+    s = always(
+        cnp(CNP_WEB + "  ingress: [{fromEntities: [host], toPorts: [{ports: [{port: '80'}]}]}]")
+    )
+    assert s.verdict("prod/web", INGRESS, "host", TCP, 81)  # beyond what the policy allows
+    host_entries = [e for e in s.compiled[s.eps["prod/web"].ep_id].entries if e.identity == 1]
+    assert [(e.proto, e.port_bits, e.deny) for e in host_entries] == [(0, 0, False)]
+    assert deciding_rule(s, "prod/web", INGRESS, "host", TCP, 80) == allow_localhost_rule("ingress")
+
+
+def test_explain_names_allow_localhost() -> None:
+    s = always(DENY_ALL_WEB)
+    decision = evaluate(
+        s.policies,
+        s.universe,
+        endpoint=s.eps["prod/web"],
+        direction="ingress",
+        peer_identity=Identity.HOST,
+        proto=TCP,
+        port=80,
+    )
+    assert decision.allowed and decision.enforced
+    assert decision.deciding == allow_localhost_rule("ingress")
+    assert explain(decision)[-1] == (
+        "ALLOWED by allow-localhost ingress (agent option --allow-localhost=always)"
+    )
+
+
+def test_a_cache_compiling_for_the_other_mode_compiles_again() -> None:
+    policy, always_ = scene(DENY_ALL_WEB, allow_localhost=POLICY), always(DENY_ALL_WEB)
+    cache, web = CompileCache(), policy.eps["prod/web"].ep_id
+    for universe, entries in ((always_.universe, 2), (policy.universe, 0), (always_.universe, 2)):
+        compiled = compile_policies(policy.policies, universe, policy.rules, cache)
+        assert len(compiled[web].entries) == entries

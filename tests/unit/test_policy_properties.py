@@ -3,7 +3,8 @@ evaluator reads the policies.
 
 Hypothesis builds small nodes (namespaces with labels, pods with labels and named ports,
 CIDR identities) and random policies of every kind and feature as the YAML users write,
-so the parser takes part too. For random flows, `lookup` over the compiled entries must
+so the parser takes part too, with the node exempt from default deny or not
+(`--allow-localhost`). For random flows, `lookup` over the compiled entries must
 give the reference's verdict, name one of the rules the reference found deciding, and
 agree on default deny.
 """
@@ -24,6 +25,7 @@ from membrane.identity.labels import (
     endpoint_labels,
 )
 from membrane.policy import (
+    AllowLocalhost,
     EndpointInfo,
     RuleTable,
     Universe,
@@ -289,7 +291,9 @@ def policy_documents(draw: st.DrawFn) -> list[dict[str, Any]]:
 # ---- the property ----------------------------------------------------------------------------
 
 
-def build_universe(spec: dict[str, Any], policies: list) -> Universe:
+def build_universe(
+    spec: dict[str, Any], policies: list, allow_localhost: AllowLocalhost
+) -> Universe:
     prefixes = policy_cidrs(policies)
     identities = dict(RESERVED_LABELS)
     endpoints: dict[int, EndpointInfo] = {}
@@ -306,7 +310,7 @@ def build_universe(spec: dict[str, Any], policies: list) -> Universe:
     for n, prefix in enumerate(all_prefixes):
         cidr_identities[Identity.FIRST_CIDR + n] = prefix
         identities[Identity.FIRST_CIDR + n] = cidr_identity_labels(prefix, prefixes)
-    return Universe(identities, endpoints, cidr_identities)
+    return Universe(identities, endpoints, cidr_identities, allow_localhost)
 
 
 @st.composite
@@ -314,7 +318,7 @@ def scenario(draw: st.DrawFn) -> tuple[Universe, list, list[tuple[int, int, int,
     spec = draw(node)
     documents = draw(policy_documents())
     policies = parse_documents(yaml.safe_dump_all(documents))
-    universe = build_universe(spec, policies)
+    universe = build_universe(spec, policies, draw(st.sampled_from(list(AllowLocalhost))))
     peers = [*sorted(universe.identities), 99999]  # plus an identity nobody knows
     flow = st.tuples(
         st.sampled_from(sorted(universe.endpoints)),

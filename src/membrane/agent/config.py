@@ -7,13 +7,18 @@ import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from membrane.bpf.fs import PIN_ROOT
 from membrane.errors import UserError
 
+if TYPE_CHECKING:  # the policy package is heavy; client commands import this module
+    from membrane.policy.universe import AllowLocalhost
+
 DEFAULT_STATE_DIR = "/var/lib/membrane"
 DEFAULT_POD_CIDR = "198.18.0.0/16"
 DEFAULT_NODE_IP = "198.19.0.1"
+DEFAULT_ALLOW_LOCALHOST = "always"
 _NETNS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 
 
@@ -26,6 +31,7 @@ class AgentConfig:
     node_ip: IPv4Address
     netns_prefix: str = ""
     cluster: str = "default"
+    allow_localhost: AllowLocalhost | str = DEFAULT_ALLOW_LOCALHOST  # make_config: the enum
 
     @property
     def node_name(self) -> str:
@@ -47,7 +53,10 @@ def make_config(
     pod_cidr: str,
     node_ip: str = DEFAULT_NODE_IP,
     netns_prefix: str = "",
+    allow_localhost: str = DEFAULT_ALLOW_LOCALHOST,
 ) -> AgentConfig:
+    from membrane.policy.universe import AllowLocalhost
+
     try:
         cidr = IPv4Network(pod_cidr)
     except ValueError as err:
@@ -64,6 +73,9 @@ def make_config(
         raise UserError("node-netns", f"{node_netns!r} is not a usable namespace name")
     if netns_prefix and not _NETNS_NAME.match(netns_prefix):
         raise UserError("netns-prefix", f"{netns_prefix!r} is not a usable name prefix")
+    modes = [str(mode) for mode in AllowLocalhost]
+    if allow_localhost not in modes:
+        raise UserError("allow-localhost", f"{allow_localhost!r} is not one of {', '.join(modes)}")
     return AgentConfig(
         state_dir=Path(state_dir),
         api_socket=api_socket,
@@ -71,4 +83,5 @@ def make_config(
         pod_cidr=cidr,
         node_ip=node,
         netns_prefix=netns_prefix,
+        allow_localhost=AllowLocalhost(allow_localhost),
     )

@@ -158,7 +158,10 @@ class DatapathReconciler:
             del self._endpoint_identities[gone]
         identities.update(self._cidr.labels)
         return Universe(
-            identities=identities, endpoints=infos, cidr_identities=self._cidr.prefix_of
+            identities=identities,
+            endpoints=infos,
+            cidr_identities=self._cidr.prefix_of,
+            allow_localhost=self.config.allow_localhost,
         )
 
     def _policy_prefixes(self, policies: tuple[Policy, ...]) -> frozenset[IPv4Network]:

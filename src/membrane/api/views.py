@@ -67,5 +67,6 @@ def health_view(snapshot: Snapshot, flows_lost: int) -> dict[str, Any]:
         "endpoints": len(snapshot.endpoints),
         "policies": len(snapshot.stored_policies),
         "policy_revision": snapshot.policy_revision,
+        "allow_localhost": str(snapshot.universe.allow_localhost),
         "flows_lost": flows_lost,
     }

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from membrane.agent.config import DEFAULT_NODE_IP, DEFAULT_POD_CIDR, DEFAULT_STATE_DIR, make_config
+from membrane.agent.config import (
+    DEFAULT_ALLOW_LOCALHOST,
+    DEFAULT_NODE_IP,
+    DEFAULT_POD_CIDR,
+    DEFAULT_STATE_DIR,
+    make_config,
+)
 from membrane.api.client import DEFAULT_SOCKET, SOCKET_ENV
+from membrane.cli.api_options import API_SOCKET, OUTPUT
 from membrane.cli.commands import typer_app
 
 app = typer_app("agent", no_args_is_help=True)
@@ -41,6 +48,13 @@ def run(
     netns_prefix: str = typer.Option(
         "", "--netns-prefix", help="Prefix of pod namespace names (NS-NAME by default)."
     ),
+    allow_localhost: str = typer.Option(
+        DEFAULT_ALLOW_LOCALHOST,
+        "--allow-localhost",
+        help="always: the node and its pods reach each other whatever default deny says "
+        "(Kubernetes' rule; deny rules still apply); policy: the node is a peer like any "
+        "other.",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run the agent in the foreground (structured logs on stderr). SIGTERM stops it and
@@ -50,7 +64,9 @@ def run(
     from membrane.choices import check_choice
 
     check_choice(log_level, ("debug", "info", "warning", "error"), "--log-level")
-    config = make_config(state_dir, api_socket, node_netns, pod_cidr, node_ip, netns_prefix)
+    config = make_config(
+        state_dir, api_socket, node_netns, pod_cidr, node_ip, netns_prefix, allow_localhost
+    )
     setup_logging(log_level)
     run_agent(config)
 
@@ -73,3 +89,20 @@ def reset(
     config = make_config(state_dir, DEFAULT_SOCKET, node_netns, pod_cidr, node_ip)
     removed = reset_node(config)
     typer.echo(f"removed {removed['endpoints']} endpoints, the datapath and the state")
+
+
+@app.command("status")
+def status(output: str = OUTPUT, api_socket: str = API_SOCKET) -> None:
+    """The running agent: node, endpoints, policies, and whether the node passes its pods'
+    policy (--allow-localhost)."""
+    from membrane.api.client import ApiClient
+    from membrane.choices import check_choice
+    from membrane.cli.output import print_json
+
+    check_choice(output, ("table", "json"), "--output")
+    health = ApiClient.connect(api_socket).get("/v1/healthz")
+    if output == "json":
+        print_json(health)
+        return
+    for key, value in health.items():
+        typer.echo(f"{key.replace('_', '-') + ':':<17}{value}")

@@ -26,6 +26,9 @@ TABLE_COLUMNS = ["TIME", "SOURCE", "DESTINATION", "DIRECTION", "VERDICT", "SUMMA
 # timestamp, two "namespace/pod:port (ID:n)", and the rest.
 FOLLOW_WIDTHS = (19, 32, 32, 9, 9, 20, 0)
 PORTED = ("TCP", "UDP", "SCTP")
+# The kind of the agent's own rules (membrane.policy.ruletable.AGENT_OPTION; importing the
+# policy package would cost `membrane observe` its quick start; a unit test keeps them equal).
+AGENT_OPTION = "AgentOption"
 
 Record = dict[str, Any]
 
@@ -66,6 +69,8 @@ def _port(record: Record, side: str) -> int | None:
 
 
 def policy_text(policy: Record) -> str:
+    if policy.get("kind") == AGENT_OPTION:  # no policy to name: the agent's own allow
+        return policy["description"]
     if policy.get("name") is None:
         return f"rule {policy.get('rule_id')} (its policy was removed since)"
     name = f"{policy['namespace']}/{policy['name']}" if policy.get("namespace") else policy["name"]

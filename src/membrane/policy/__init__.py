@@ -8,9 +8,10 @@ from membrane.policy.model import Policy
 from membrane.policy.parse import parse_documents, parse_with_documents
 from membrane.policy.reference import Decision, evaluate, explain
 from membrane.policy.ruletable import RuleRef, RuleTable
-from membrane.policy.universe import EndpointInfo, Universe
+from membrane.policy.universe import AllowLocalhost, EndpointInfo, Universe
 
 __all__ = [
+    "AllowLocalhost",
     "CompileCache",
     "Decision",
     "EndpointInfo",

@@ -8,6 +8,11 @@ applies, so an allow lying inside a broader deny is dropped (the deny is then th
 match there). Allows inside broader allows, and denies inside broader denies, add nothing
 and are dropped too. Denies of one identity against allows of another (or of "any peer")
 need nothing: the lookup consults both and lets a deny win.
+
+With `--allow-localhost=always` (Universe.allow_localhost) every endpoint in default deny in a
+direction gets one more allow there: the host identity, every protocol and port. Denies of
+the host (an entity `host` or `all`, a deny of any peer on some ports) still win, as in
+Cilium, where the allow-localhost entry never replaces a deny.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from membrane.identity.selector import LabelIndex, SelectorIndex
 from membrane.policy.model import Policy
 from membrane.policy.ports import port_blocks
 from membrane.policy.rules import FlatRule, PortRange, Subject, policy_subjects
-from membrane.policy.ruletable import RuleRef, RuleTable
-from membrane.policy.universe import EndpointInfo, Universe
+from membrane.policy.ruletable import RuleRef, RuleTable, allow_localhost_rule
+from membrane.policy.universe import AllowLocalhost, EndpointInfo, Universe
 
 __all__ = [
     "CompileCache",
@@ -37,6 +42,7 @@ __all__ = [
 _Key = tuple[Direction, int, int, int, int]  # direction, identity, proto, port, port_bits
 _Verdict = tuple[bool, int]  # deny, rule_id
 _ANY_PEER = Identity.ANY  # bound once: used per rule and per endpoint
+_HOST = Identity.HOST
 
 
 def policy_cidrs(policies: Iterable[Policy]) -> set[IPv4Network]:
@@ -67,6 +73,7 @@ class CompileCache:
         self._peers: dict[int, tuple[FlatRule, int, set[int], tuple[int, ...]]] = {}
         self._rule_selectors = SelectorIndex()
         self._port_owners: tuple | None = None
+        self._allow_localhost: AllowLocalhost | None = None
 
     def subjects_of(self, policy: Policy) -> list[tuple[int, Subject]]:
         cached = self._subjects.get(id(policy))
@@ -91,8 +98,8 @@ class CompileCache:
             for ep in universe.endpoints.values()
             if ep.named_ports
         )
-        if port_owners != self._port_owners:
-            self._port_owners = port_owners
+        if (port_owners, universe.allow_localhost) != (self._port_owners, self._allow_localhost):
+            self._port_owners, self._allow_localhost = port_owners, universe.allow_localhost
             self.results.clear()
         elif dirty:
             self.results = {k: v for k, v in self.results.items() if dirty.isdisjoint(k[0])}
@@ -182,6 +189,7 @@ class _Compilation:
     def __init__(self, universe: Universe, rules: RuleTable, cache: CompileCache) -> None:
         self.rules = rules
         self.cache = cache
+        self.allow_localhost = universe.allow_localhost == AllowLocalhost.ALWAYS
         self.port_owners: dict[int, list[EndpointInfo]] = {_ANY_PEER: []}
         for ep in universe.endpoints.values():
             self.port_owners.setdefault(ep.identity, []).append(ep)
@@ -200,7 +208,24 @@ class _Compilation:
                     for proto, port, bits in self.port_keys(rule, ep, identity):
                         key = (direction, identity, proto, port, bits)
                         _add(table, key, rule.ref.deny, rule_id)
+        if self.allow_localhost:
+            for direction, enforced in (
+                (Direction.INGRESS, enforce_ingress),
+                (Direction.EGRESS, enforce_egress),
+            ):
+                if enforced:
+                    self.allow_host(table, direction)
         return EndpointPolicy(enforce_ingress, enforce_egress, _minimal_entries(table))
+
+    def allow_host(self, table: dict[_Key, _Verdict], direction: Direction) -> None:
+        """The host on every protocol and port, unless a deny holds that key. It takes the
+        key from a policy's allow of the host, so flows name allow-localhost as what let
+        the node through."""
+        key = (direction, _HOST, 0, 0, 0)
+        old = table.get(key)
+        if old is None or not old[0]:
+            rule = allow_localhost_rule(direction.name.lower())
+            table[key] = (False, self.rules.id_for(rule))
 
     def port_keys(
         self, rule: FlatRule, ep: EndpointInfo, identity: int

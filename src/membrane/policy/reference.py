@@ -30,8 +30,8 @@ from membrane.policy.model import (
     Policy,
     PortProtocol,
 )
-from membrane.policy.ruletable import RuleRef
-from membrane.policy.universe import EndpointInfo, Universe
+from membrane.policy.ruletable import RuleRef, allow_localhost_rule
+from membrane.policy.universe import AllowLocalhost, EndpointInfo, Universe
 from membrane.policy.validate import ANY_PROTOCOL, PROTOCOL_NUMBERS
 
 _ENTITY_IDENTITY = {
@@ -157,6 +157,13 @@ def evaluate(
         else:
             _cilium_policy(policy, flow, found)
     enforced = bool(found.enforced_by)
+    if (
+        enforced
+        and peer_identity == Identity.HOST
+        and universe.allow_localhost == AllowLocalhost.ALWAYS
+    ):
+        # The agent lets the node through default deny; deny rules still win over it.
+        found.allowed_by.insert(0, allow_localhost_rule(direction))
     if found.denied_by:
         allowed, deciding = False, found.denied_by[0]
     elif found.allowed_by:

@@ -28,6 +28,8 @@ class RuleRef:
         return {f: getattr(self, f) for f in _REF_FIELDS}  # asdict() is 10x slower
 
     def describe(self) -> str:
+        if self.kind == AGENT_OPTION:
+            return f"{self.name} {self.direction} (agent option --{self.name}=always)"
         where = f"{self.namespace}/{self.name}" if self.namespace else self.name
         section = f"{self.direction}{'Deny' if self.deny else ''}[{self.index}]"
         if self.spec_index is not None:
@@ -36,6 +38,15 @@ class RuleRef:
 
 
 _REF_FIELDS = tuple(f.name for f in fields(RuleRef))
+
+# Rules no policy wrote: the agent's own, numbered like policy rules so that the datapath
+# reports them and flows and `policy trace` name them.
+AGENT_OPTION = "AgentOption"
+
+
+def allow_localhost_rule(direction: str) -> RuleRef:
+    """The allow that `--allow-localhost=always` gives the host in `direction`."""
+    return RuleRef(AGENT_OPTION, None, "allow-localhost", direction, False, 0)
 
 
 class RuleTable:

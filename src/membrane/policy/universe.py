@@ -1,12 +1,23 @@
-"""What the compiler and the reference evaluator know about the node: its endpoints and
-every identity a peer can have."""
+"""What the compiler and the reference evaluator know about the node: its endpoints, every
+identity a peer can have, and whether the node itself passes policy."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from ipaddress import IPv4Network
 
 from membrane.identity.labels import Label
+
+
+class AllowLocalhost(StrEnum):
+    """Whether the node's own traffic with its pods is subject to their policy
+    (`membrane agent run --allow-localhost`)."""
+
+    # Kubernetes: traffic to and from the node where a pod runs is always allowed (kubelet
+    # probes). Default deny never applies to the host; deny rules still do, as in Cilium.
+    ALWAYS = "always"
+    POLICY = "policy"  # the host is a peer like any other
 
 
 @dataclass(frozen=True)
@@ -29,3 +40,4 @@ class Universe:
     identities: dict[int, frozenset[Label]]
     endpoints: dict[int, EndpointInfo]  # by ep_id
     cidr_identities: dict[int, IPv4Network]  # identity -> prefix
+    allow_localhost: AllowLocalhost = AllowLocalhost.ALWAYS

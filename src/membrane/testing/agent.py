@@ -83,7 +83,9 @@ def _limit_memory(limit: int) -> None:
 class AgentProcess:
     """One `membrane agent run` with its own node namespace and everything else.
 
-    `log_level` is the agent's; `memory_limit` caps its address space (None: no cap)."""
+    `log_level` is the agent's; `memory_limit` caps its address space (None: no cap);
+    `allow_localhost` its `--allow-localhost` (None: the agent's default). Change it and
+    restart to run the same agent in another mode."""
 
     def __init__(
         self,
@@ -91,6 +93,7 @@ class AgentProcess:
         tag: str,
         log_level: str = "debug",
         memory_limit: int | None = MEMORY_LIMIT,
+        allow_localhost: str | None = None,
     ) -> None:
         self.tag = tag
         self.node_netns = f"{tag}n"
@@ -102,12 +105,15 @@ class AgentProcess:
         self.bpf_dir = AGENTS_PIN_ROOT / self.node_netns
         self.log_level = log_level
         self.memory_limit = memory_limit
+        self.allow_localhost = allow_localhost
         self.proc: subprocess.Popen[str] | None = None
         self.expect_down = False  # we stopped it on purpose (kill9/stop)
         self.env = {**os.environ, SOCKET_ENV: self.socket}
         self.node = NodeInfo(self.node_netns, IPv4Address(NODE_IP))
 
     def argv(self) -> list[str]:
+        mode = self.allow_localhost
+        options = [] if mode is None else ["--allow-localhost", mode]
         return [
             membrane_command(), "agent", "run",
             "--state-dir", str(self.state_dir),
@@ -117,6 +123,7 @@ class AgentProcess:
             "--node-ip", NODE_IP,
             "--netns-prefix", self.prefix,
             "--log-level", self.log_level,
+            *options,
         ]  # fmt: skip
 
     # ---- life cycle --------------------------------------------------------------------

@@ -183,12 +183,14 @@ def running_cluster(
     namespaces: tuple[str, ...] = ("x", "y", "z"),
     pod_names: tuple[str, ...] = ("a", "b", "c"),
     tag: str | None = None,
+    allow_localhost: str | None = None,
 ) -> Iterator[Cluster]:
     """A fresh agent with the standard pods, torn down however the body ends (also when
-    setting it up fails half-way)."""
+    setting it up fails half-way). `allow_localhost`: the agent's --allow-localhost."""
     own = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="membrane-agent-"))
-    cluster = Cluster(AgentProcess(workdir, tag or unique_tag()), namespaces, pod_names)
+    agent = AgentProcess(workdir, tag or unique_tag(), allow_localhost=allow_localhost)
+    cluster = Cluster(agent, namespaces, pod_names)
     try:
         cluster.setup()
         yield cluster
