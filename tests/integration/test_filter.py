@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import queue
+import shutil
 import subprocess
 import threading
 import time
@@ -40,12 +41,15 @@ from filter_support import (
     rule_stat,
     rules_of,
     send_udp,
+    user_error,
     v6,
     xdp_prog_id,
 )
 
 from membrane import netns
+from membrane.filter.manager import CLSACT_SLOT as FILTER_SLOT
 from membrane.netns import Pair, Topology
+from membrane.testing.tc import clsact_filters
 from membrane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.root
@@ -371,6 +375,35 @@ def test_detach_restores_traffic_and_removes_pins_and_links(net: Net) -> None:
     assert not FILTER_ROOT.exists()
     assert not set(links.values()) & kernel_link_ids()
     expect({to_a: "pass", server_guarded: "pass", client_guarded: "pass"})
+
+
+def test_clsact_filter_is_found_replaced_never_doubled_and_detached(net: Net) -> None:
+    """--attach clsact (the fallback of kernels without tcx): the filter sits in a fixed
+    slot, so a second attach with its pins lost replaces it instead of adding another, and
+    detach removes it. `tc` itself counts the filters."""
+    allowed = Flow("tcp", net.client, net.a, TCP_PORT, src=net.src)
+    other_src = Flow("tcp", net.client, net.a, TCP_PORT, src=net.other_src)
+    flow = ["--src", net.src, "--dst", net.a, "--dport", str(TCP_PORT)]
+    membrane(*on_server(net, "allow-only", *flow, "--attach", "clsact"))
+    slots = [
+        (f["pref"], f["options"]["handle"]) for f in clsact_filters(net.server, "eth0", "ingress")
+    ]
+    assert slots == [(FILTER_SLOT.priority, hex(FILTER_SLOT.handle))]
+    assert attachment(membrane_json("list"), net.server, "eth0", "tc-ingress")["state"] == (
+        "attached (clsact)"
+    )
+    expect({allowed: "pass", other_src: "drop"})
+    line = user_error(*on_server(net, "allow-only", *flow, "--attach", "tcx"))
+    assert "--attach" in line and "clsact" in line
+
+    shutil.rmtree(attachment_dir(net.server, "eth0", "tc-ingress"))  # its pins lost
+    membrane(*on_server(net, "allow-only", *flow, "--attach", "clsact"))
+    assert len(clsact_filters(net.server, "eth0", "ingress")) == 1
+    expect({allowed: "pass", other_src: "drop"})
+
+    membrane("detach", "--netns", net.server, "--dev", "eth0")
+    assert clsact_filters(net.server, "eth0", "ingress") == []
+    expect({allowed: "pass", other_src: "pass"})
 
 
 def test_detach_after_the_namespace_was_deleted(topology: Topology, pair: Pair) -> None:

@@ -202,6 +202,11 @@ CASES = {
     # allow-only
     "port out of range": ([*ALLOW, "--dport", "65536"], "--dport", "65536 is out of range"),
     "port not a number": ([*ALLOW, "--dport", "http"], "--dport", "'http' is not a port"),
+    "unknown attach mode": (
+        [*ALLOW, "--dport", "80", "--attach", "tc"],
+        "--attach",
+        "'tc' is not one of",
+    ),
     "address families differ": (
         ["allow-only", *S, "--src", "{src}", "--dst", "2001:db8::2", "--dport", "80"],
         "--dst",

@@ -32,6 +32,7 @@ class AgentConfig:
     netns_prefix: str = ""
     cluster: str = "default"
     allow_localhost: AllowLocalhost | str = DEFAULT_ALLOW_LOCALHOST  # make_config: the enum
+    attach: str = "auto"  # endpoint programs: auto (tcx where the kernel has it), tcx, clsact
 
     @property
     def node_name(self) -> str:
@@ -54,6 +55,7 @@ def make_config(
     node_ip: str = DEFAULT_NODE_IP,
     netns_prefix: str = "",
     allow_localhost: str = DEFAULT_ALLOW_LOCALHOST,
+    attach: str = "auto",
 ) -> AgentConfig:
     from membrane.policy.universe import AllowLocalhost
 
@@ -76,6 +78,10 @@ def make_config(
     modes = [str(mode) for mode in AllowLocalhost]
     if allow_localhost not in modes:
         raise UserError("allow-localhost", f"{allow_localhost!r} is not one of {', '.join(modes)}")
+    from membrane.bpf.links import TC_MODES
+
+    if attach not in TC_MODES:
+        raise UserError("attach", f"{attach!r} is not one of {', '.join(TC_MODES)}")
     return AgentConfig(
         state_dir=Path(state_dir),
         api_socket=api_socket,
@@ -84,4 +90,5 @@ def make_config(
         node_ip=node,
         netns_prefix=netns_prefix,
         allow_localhost=AllowLocalhost(allow_localhost),
+        attach=attach,
     )

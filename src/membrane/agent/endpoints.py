@@ -19,6 +19,7 @@ from membrane.api.models import EndpointCreate
 from membrane.datapath.endpoint_prog import (
     ATTACH_TCX,
     attach_endpoint,
+    attach_mode,
     detach_endpoint,
     is_attached,
     pinned_endpoint_ids,
@@ -32,6 +33,16 @@ log = logging.getLogger("membrane.agent")
 
 MAX_ENDPOINT_ID = 0xFFFF
 MAX_NETNS_NAME = 200
+
+
+def require_attach_mode(mode: str) -> None:
+    """Refuse --attach=tcx on a kernel without tcx before anything is changed."""
+    from membrane.bpf.probe import supports
+
+    if mode == ATTACH_TCX and not supports("tcx"):
+        raise UserError(
+            "attach", "this kernel has no tcx (Linux 6.6 or later): use --attach=auto or clsact"
+        )
 
 
 class EndpointLifecycle:
@@ -50,12 +61,15 @@ class EndpointLifecycle:
         return sum(1 for ep in list(self.state.endpoints.values()) if self._adopt(ep))
 
     def _adopt(self, ep: EndpointRecord) -> bool:
-        """Re-create what is missing, never disturb what works."""
+        """Re-create what is missing, never disturb what works. Programs attached in
+        another mode than the one asked for are replaced (the new attachment first)."""
         if inspect_pod(self.node, ep.netns, ep.host_ifname, IPv4Address(ep.ipv4)):
-            if not is_attached(self.config.bpf_dir, ep.id):
+            mode = attach_mode(self.config.bpf_dir, ep.id)
+            wanted = self.config.attach in ("auto", mode)
+            if not (wanted and is_attached(self.config.bpf_dir, ep.id)):
                 self._attach(ep)
-            elif not ep.attach_mode:  # recorded by an agent that did not note it
-                self.state.endpoints[ep.id] = replace(ep, attach_mode=ATTACH_TCX)
+            elif ep.attach_mode != mode:  # recorded by an agent that did not note it
+                self.state.endpoints[ep.id] = replace(ep, attach_mode=mode or ATTACH_TCX)
             return True
         log.warning("endpoint was broken; re-plumbing it", extra={"fields": {"endpoint": ep.key}})
         # The pod's namespace stays (its processes are the workload); the veth is rebuilt.
@@ -151,9 +165,13 @@ class EndpointLifecycle:
                 raise RuntimeError(f"endpoint {ep.key} has no veth to attach to")
             ifindex = info.host_ifindex
         mode = attach_endpoint(
-            self.config.bpf_dir, ep.id, IPv4Address(ep.ipv4), ifindex, self.config.node_netns
+            self.config.bpf_dir,
+            ep.id,
+            IPv4Address(ep.ipv4),
+            ifindex,
+            self.config.node_netns,
+            self.config.attach,
         )
-        # clsact (no tcx in this kernel) cannot be pinned: a restarted agent re-attaches it.
         log.log(
             logging.INFO if mode == ATTACH_TCX else logging.WARNING,
             "endpoint attached",

@@ -25,6 +25,7 @@ from aiohttp import web
 from membrane.agent import memory
 from membrane.agent.agent import Agent
 from membrane.agent.config import AgentConfig
+from membrane.agent.endpoints import require_attach_mode
 from membrane.agent.explain import trace
 from membrane.agent.flows import FlowReader
 from membrane.api import views
@@ -299,6 +300,7 @@ def require_privileges() -> None:
 
 def run_agent(config: AgentConfig) -> None:
     require_privileges()
+    require_attach_mode(config.attach)
     lock = _lock_state_dir(config)
     try:
         asyncio.run(AgentServer(config).serve())

@@ -157,6 +157,22 @@ def attach_xdp(prog: Program, ifindex: int, mode: str = "auto") -> tuple[Link, s
     raise AttachError(f"attach XDP ({mode}) to ifindex {ifindex}", err)
 
 
+BPF_TC_F_REPLACE = 1
+# How attach_tc may attach: tcx when the kernel has it (else clsact), or only one of them.
+TC_MODES = ("auto", "tcx", "clsact")
+
+
+@dataclass(frozen=True)
+class TcSlot:
+    """Where a clsact filter sits on its hook: a priority and a handle chosen by its owner.
+    A fixed slot is what lets a later process find the filter again (bpf_tc_query), swap
+    its program atomically (BPF_TC_F_REPLACE on the same slot) and remove it; a filter
+    in a kernel-chosen slot is lost once the process that attached it forgets it."""
+
+    priority: int
+    handle: int
+
+
 @dataclass
 class ClsactAttachment:
     """tc clsact fallback for kernels without tcx. Persists without pins."""
@@ -168,15 +184,19 @@ class ClsactAttachment:
     kind: str = "clsact"
     pin_path: str | None = None
 
+    @property
+    def slot(self) -> TcSlot:
+        return TcSlot(self.priority, self.handle)
+
     def _hook(self) -> L.TcHook:
-        point = L.BPF_TC_INGRESS if self.direction == "ingress" else L.BPF_TC_EGRESS
-        return L.TcHook(sz=ctypes.sizeof(L.TcHook), ifindex=self.ifindex, attach_point=point)
+        return _tc_hook(self.ifindex, self.direction)
 
     def update(self, program: Program) -> None:
+        """Swap the program in the same slot: the kernel replaces the filter in place."""
         opts = L.TcOpts(
             sz=ctypes.sizeof(L.TcOpts),
             prog_fd=program.fd,
-            flags=1,  # REPLACE
+            flags=BPF_TC_F_REPLACE,
             handle=self.handle,
             priority=self.priority,
         )
@@ -184,10 +204,21 @@ class ClsactAttachment:
         if ret:
             raise BpfError("replace clsact program", L.errno_of(ret))
 
+    def program_id(self) -> int | None:
+        """Id of the program in this slot, or None when the slot (or device) is empty."""
+        opts = L.TcOpts(sz=ctypes.sizeof(L.TcOpts), handle=self.handle, priority=self.priority)
+        ret = L.lib.bpf_tc_query(ctypes.byref(self._hook()), ctypes.byref(opts))
+        if ret:
+            if L.errno_of(ret) in (E.ENOENT, E.EINVAL, E.ENODEV):
+                return None
+            raise BpfError("query clsact program", L.errno_of(ret))
+        return opts.prog_id
+
     def detach(self) -> None:
+        """Remove the filter in this slot; nothing to do when it (or its device) is gone."""
         opts = L.TcOpts(sz=ctypes.sizeof(L.TcOpts), handle=self.handle, priority=self.priority)
         ret = L.lib.bpf_tc_detach(ctypes.byref(self._hook()), ctypes.byref(opts))
-        if ret and L.errno_of(ret) != E.ENOENT:
+        if ret and L.errno_of(ret) not in (E.ENOENT, E.ENODEV):
             raise BpfError("detach clsact program", L.errno_of(ret))
 
     def pin(self, path: str) -> None:
@@ -197,29 +228,41 @@ class ClsactAttachment:
         """Nothing to release."""
 
 
+def _tc_hook(ifindex: int, direction: str) -> L.TcHook:
+    point = L.BPF_TC_INGRESS if direction == "ingress" else L.BPF_TC_EGRESS
+    return L.TcHook(sz=ctypes.sizeof(L.TcHook), ifindex=ifindex, attach_point=point)
+
+
 def attach_tc(
-    prog: Program, ifindex: int, direction: str = "ingress", prefer_tcx: bool = True
+    prog: Program,
+    ifindex: int,
+    direction: str = "ingress",
+    mode: str = "auto",
+    slot: TcSlot | None = None,
 ) -> Link | ClsactAttachment:
-    """Attach a tc program: tcx when the kernel has it, clsact otherwise."""
+    """Attach a tc program. mode: auto (tcx when the kernel has it, clsact otherwise),
+    tcx or clsact. On clsact, `slot` places the filter where its owner can find it again;
+    a filter already in that slot is replaced atomically (never a second one beside it).
+    Without a slot the kernel picks one."""
     if direction not in ("ingress", "egress"):
         raise ValueError(f"direction must be ingress or egress, not {direction!r}")
-    if prefer_tcx:
+    if mode not in TC_MODES:
+        raise ValueError(f"mode must be one of {', '.join(TC_MODES)}, not {mode!r}")
+    if mode != "clsact":
         attach_type = BPF_TCX_INGRESS if direction == "ingress" else BPF_TCX_EGRESS
         fd = _link_create(prog, ifindex, attach_type)
         if fd >= 0:
             return Link(fd, f"tcx-{direction}")
         err = L.errno_of(fd)
-        if err not in (E.EINVAL, E.EOPNOTSUPP, E.ENOTSUP):
+        if mode == "tcx" or err not in (E.EINVAL, E.EOPNOTSUPP, E.ENOTSUP):
             raise AttachError(f"attach tcx {direction} to ifindex {ifindex}", err)
-    hook = L.TcHook(
-        sz=ctypes.sizeof(L.TcHook),
-        ifindex=ifindex,
-        attach_point=L.BPF_TC_INGRESS if direction == "ingress" else L.BPF_TC_EGRESS,
-    )
+    hook = _tc_hook(ifindex, direction)
     ret = L.lib.bpf_tc_hook_create(ctypes.byref(hook))
     if ret and L.errno_of(ret) != E.EEXIST:
         raise AttachError(f"create clsact on ifindex {ifindex}", L.errno_of(ret))
     opts = L.TcOpts(sz=ctypes.sizeof(L.TcOpts), prog_fd=prog.fd)
+    if slot is not None:
+        opts.handle, opts.priority, opts.flags = slot.handle, slot.priority, BPF_TC_F_REPLACE
     ret = L.lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
     if ret:
         raise AttachError(f"attach clsact {direction} to ifindex {ifindex}", L.errno_of(ret))

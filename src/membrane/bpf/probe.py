@@ -194,15 +194,12 @@ def _xdp(mode: str) -> Attach:
 
 
 def _tcx(prog: Program, cleanup: contextlib.ExitStack, ifindex: int) -> str:
-    attachment = attach_tc(prog, ifindex, "ingress", prefer_tcx=True)
-    cleanup.callback(attachment.detach)
-    if not isinstance(attachment, Link):
-        raise AttachError("the kernel refused tcx (only the clsact fallback attached)")
+    cleanup.callback(attach_tc(prog, ifindex, "ingress", mode="tcx").detach)  # never clsact
     return "attached to a veth's ingress as a tcx link"
 
 
 def _clsact(prog: Program, cleanup: contextlib.ExitStack, ifindex: int) -> str:
-    cleanup.callback(attach_tc(prog, ifindex, "ingress", prefer_tcx=False).detach)
+    cleanup.callback(attach_tc(prog, ifindex, "ingress", mode="clsact").detach)
     return "attached to a veth's ingress through a clsact qdisc"
 
 

@@ -55,6 +55,13 @@ def run(
         "(Kubernetes' rule; deny rules still apply); policy: the node is a peer like any "
         "other.",
     ),
+    attach: str = typer.Option(
+        "auto",
+        "--attach",
+        help="How endpoint programs attach: auto (tcx where the kernel has it, kernel >= 6.6; "
+        "else tc clsact; what is attached already keeps its mode), tcx or clsact (attachments "
+        "in the other mode are replaced).",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run the agent in the foreground (structured logs on stderr). SIGTERM stops it and
@@ -65,7 +72,7 @@ def run(
 
     check_choice(log_level, ("debug", "info", "warning", "error"), "--log-level")
     config = make_config(
-        state_dir, api_socket, node_netns, pod_cidr, node_ip, netns_prefix, allow_localhost
+        state_dir, api_socket, node_netns, pod_cidr, node_ip, netns_prefix, allow_localhost, attach
     )
     setup_logging(log_level)
     run_agent(config)

@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 
+from membrane.bpf.links import TC_MODES
 from membrane.choices import check_choice
 from membrane.cli.commands import typer_app
 from membrane.cli.output import print_json, print_table
@@ -142,11 +143,18 @@ def allow_only(
     proto: str = typer.Option("tcp", "--proto", help="tcp, udp or sctp."),
     direction: str = typer.Option("ingress", "--direction", help="ingress or egress."),
     remove: bool = typer.Option(False, "--remove", help="Remove this allowed flow."),
+    attach: str = typer.Option(
+        "auto",
+        "--attach",
+        help="How the filter attaches: auto (tcx where the kernel has it, kernel >= 6.6; "
+        "else tc clsact), tcx or clsact.",
+    ),
     netns: str = NETNS,
 ) -> None:
     """Among packets to a port, let only the given flow through (tc); other traffic to the
     port is dropped, everything else passes. Repeat to allow more flows."""
     direction = check_choice(direction, ("ingress", "egress"), "--direction")
+    attach = check_choice(attach, TC_MODES, "--attach")
     flow = AllowedFlow.parse(src, dst, dport, proto)
     mgr = FilterManager()
     with mgr.locked():
@@ -154,7 +162,7 @@ def allow_only(
             mgr.remove_allow_flow(netns, dev, flow, direction)
             att = mgr.find(netns, dev, f"tc-{direction}")
         else:
-            att = mgr.add_allow_flow(netns, dev, flow, direction)
+            att = mgr.add_allow_flow(netns, dev, flow, direction, attach)
         if att:
             _summary(mgr, att)
 

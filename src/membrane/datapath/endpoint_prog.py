@@ -1,16 +1,24 @@
 """Endpoint programs: load endpoint.bpf.o for one endpoint and attach it to the node side of
 its veth.
 
-    from_container  tcx ingress of the node-side veth (the pod's egress)
-    to_container    tcx egress of the node-side veth  (the pod's ingress)
+    from_container  tc ingress of the node-side veth (the pod's egress)
+    to_container    tc egress of the node-side veth  (the pod's ingress)
 
-The links are pinned under <pin_dir>/endpoint_links/<ep_id>/{ingress,egress} (not
-<pin_dir>/endpoints/: that is the pinned `endpoints` map), so the programs keep enforcing
-while the agent is away. Attaching again (an agent restart, an upgrade, a
-changed address) keeps the pinned links and swaps the freshly loaded programs into them
-in place (bpf_link_update): at no moment does the device run without a program. Needs
-tcx (kernel >= 6.6) for the pins; on the clsact fallback the filters live with the
-device but cannot be adopted after a restart.
+Each direction's attachment is recorded at <pin_dir>/endpoint_links/<ep_id>/{ingress,egress}
+(not <pin_dir>/endpoints/: that is the pinned `endpoints` map), so the programs keep
+enforcing while the agent is away and a restarted agent, an upgrade or `agent reset` finds
+them again:
+
+- tcx (kernel >= 6.6): the pinned bpf_link. Attaching again swaps the freshly loaded
+  program into it in place (bpf_link_update).
+- clsact (older kernels, or forced): a filter in a fixed slot, CLSACT_SLOT (priority 1,
+  handle 0x4d42) on both hooks of the device. bpffs holds no plain files, so the record is
+  a symlink whose target names the device: "clsact:<ifindex>:<node netns>". Attaching
+  again replaces the filter in that slot atomically (BPF_TC_F_REPLACE); it is never added
+  beside the old one.
+
+At no moment does the device run without a program: a new attachment (another device, or
+another mode) is made before the old one is removed.
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from membrane.bpf import BpfError, BpfObject, Link
-from membrane.bpf.links import attach_tc
+from membrane.bpf import BpfError, BpfObject, Link, Program
+from membrane.bpf.links import TC_MODES, ClsactAttachment, TcSlot, attach_tc
+from membrane.bpf.proginfo import program_info, program_info_by_id
 from membrane.datapath.abi import (
     ENDPOINT_OBJECT,
     NODE_MAPS,
@@ -29,9 +39,13 @@ from membrane.datapath.abi import (
     PROG_TO_CONTAINER,
 )
 from membrane.datapath.nodemaps import pinned_sizes
+from membrane.netns.namespace import exists as netns_exists
 from membrane.netns.namespace import inside
 
 ATTACH_TCX, ATTACH_CLSACT = "tcx", "clsact"
+# The clsact slot of endpoint programs, on both hooks of the node-side veth.
+CLSACT_SLOT = TcSlot(priority=1, handle=0x4D42)
+_CLSACT_RECORD = "clsact"
 
 # tc direction on the node-side veth -> program
 HOOKS = {"ingress": PROG_FROM_CONTAINER, "egress": PROG_TO_CONTAINER}
@@ -76,11 +90,94 @@ def _netns(ns: str | None) -> Iterator[None]:
             yield
 
 
-def _pinned(path: str) -> Link | None:
+@dataclass(frozen=True)
+class ClsactRecord:
+    """Where an endpoint's clsact filter is: the device and the namespace it lives in."""
+
+    ifindex: int
+    netns: str | None
+
+    def text(self) -> str:
+        return f"{_CLSACT_RECORD}:{self.ifindex}:{self.netns or ''}"
+
+    @classmethod
+    def parse(cls, text: str) -> ClsactRecord | None:
+        kind, _, rest = text.partition(":")
+        ifindex, _, ns = rest.partition(":")
+        if kind != _CLSACT_RECORD or not ifindex.isdigit():
+            return None
+        return cls(int(ifindex), ns or None)
+
+    def attachment(self, direction: str) -> ClsactAttachment:
+        return ClsactAttachment(self.ifindex, direction, CLSACT_SLOT.handle, CLSACT_SLOT.priority)
+
+    def reachable(self) -> bool:
+        return self.netns is None or netns_exists(self.netns)
+
+    def program_id(self, direction: str) -> int | None:
+        """The program in our slot on the device, or None when there is none."""
+        if not self.reachable():
+            return None
+        with _netns(self.netns):
+            return self.attachment(direction).program_id()
+
+    def detach(self, direction: str) -> None:
+        """Remove our filter; a device or namespace that is gone took it along."""
+        if self.reachable():
+            with _netns(self.netns):
+                self.attachment(direction).detach()
+
+
+Attached = Link | ClsactRecord
+
+
+def _recorded(path: str) -> Attached | None:
+    """This direction's attachment as recorded at `path`: a pinned tcx link, the record of
+    a clsact filter, or None."""
+    if os.path.islink(path):
+        return ClsactRecord.parse(os.readlink(path))
     try:
         return Link.from_pin(path, kind="tcx")
     except FileNotFoundError:
         return None
+
+
+def _forget(path: str, old: Attached, direction: str) -> None:
+    """End an attachment and its record."""
+    if isinstance(old, Link):
+        old.detach()  # also unpins `path`
+        return
+    old.detach(direction)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _attach_direction(
+    prog: Program, path: str, direction: str, ifindex: int, node_netns: str | None, mode: str
+) -> str:
+    """Swap `prog` in where this direction is attached already (same device, a mode that
+    `mode` allows), else attach anew and then remove the old attachment. Returns the mode."""
+    old = _recorded(path)
+    if isinstance(old, Link) and old.ifindex == ifindex and mode != ATTACH_CLSACT:
+        old.update(prog)
+        old.close()
+        return ATTACH_TCX
+    new = attach_tc(prog, ifindex, direction, mode, slot=CLSACT_SLOT)
+    record = ClsactRecord(ifindex, node_netns)
+    staged = f"{path}-new"  # the new record, published once the old one is gone
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(staged)
+    if isinstance(new, Link):
+        new.pin(staged)
+        new.close()
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.symlink(record.text(), staged)
+    replaced_in_place = isinstance(new, ClsactAttachment) and old == record  # same slot
+    if old is not None and not replaced_in_place:
+        _forget(path, old, direction)
+    os.replace(staged, path)
+    return ATTACH_TCX if isinstance(new, Link) else ATTACH_CLSACT
 
 
 def attach_endpoint(
@@ -89,49 +186,59 @@ def attach_endpoint(
     ipv4: IPv4Address | str,
     ifindex: int,
     node_netns: str | None = None,
+    mode: str = "auto",
     **config: int,
 ) -> str:
     """Load the endpoint's programs and attach them to `ifindex` (the node-side veth, an
-    index in `node_netns` when given), or swap them into the links already pinned for
-    this endpoint on that device. Returns how they are attached: "tcx" (pinned links) or
-    "clsact" (the fallback on kernels without tcx)."""
+    index in `node_netns` when given), or swap them into the attachments already recorded
+    for this endpoint on that device. `mode`: auto (tcx where the kernel has it, else
+    clsact; an existing attachment keeps its mode), tcx or clsact (an attachment in the
+    other mode is replaced). Returns how they are attached: "tcx" or "clsact"."""
+    if mode not in TC_MODES:
+        raise ValueError(f"attach mode must be one of {', '.join(TC_MODES)}, not {mode!r}")
     directory = links_dir(pin_dir, ep_id)
+    os.makedirs(directory, exist_ok=True)
     modes = set()
     with load_endpoint(pin_dir, ep_id, ipv4, **config) as obj, _netns(node_netns):
         for direction, prog_name in HOOKS.items():
-            prog = obj.program(prog_name)
             path = os.path.join(directory, direction)
-            link = _pinned(path)
-            if link is not None and link.ifindex == ifindex:
-                link.update(prog)
-                link.close()
-                modes.add(ATTACH_TCX)
-                continue
-            if link is not None:
-                link.detach()  # another device, or its device is gone (defunct link)
-            attachment = attach_tc(prog, ifindex, direction)
-            attachment.pin(path)
-            modes.add(ATTACH_TCX if attachment.kind.startswith("tcx") else ATTACH_CLSACT)
-            attachment.close()
+            want = mode
+            if mode == "auto" and isinstance(_peek(path), ClsactRecord):
+                want = ATTACH_CLSACT  # adopted as it is
+            modes.add(
+                _attach_direction(
+                    obj.program(prog_name), path, direction, ifindex, node_netns, want
+                )
+            )
     return ATTACH_CLSACT if ATTACH_CLSACT in modes else ATTACH_TCX
 
 
+def _peek(path: str) -> Attached | None:
+    found = _recorded(path)
+    if isinstance(found, Link):
+        found.close()
+    return found
+
+
 def detach_endpoint(pin_dir: str, ep_id: int) -> bool:
-    """Detach and unpin the endpoint's programs; False when none were pinned."""
+    """Detach the endpoint's programs and remove their records; False when there were none."""
     directory = links_dir(pin_dir, ep_id)
     found = False
     for direction in HOOKS:
-        link = _pinned(os.path.join(directory, direction))
-        if link is not None:
-            link.detach()
+        path = os.path.join(directory, direction)
+        old = _recorded(path)
+        if old is not None:
+            _forget(path, old, direction)
             found = True
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{path}-new")  # left by an agent that died while attaching
     with contextlib.suppress(FileNotFoundError, OSError):
         os.rmdir(directory)
     return found
 
 
 def detach_all_endpoints(pin_dir: str) -> int:
-    """Detach every endpoint's programs pinned under `pin_dir`, one by one; returns how
+    """Detach every endpoint's programs recorded under `pin_dir`, one by one; returns how
     many endpoints had some. Removing the pins instead leaves each link to a kernel worker
     of its own, and a node's worth of them (1,000 for 500 endpoints) queue up behind the
     RTNL lock for seconds, stalling every netlink user on the machine."""
@@ -147,13 +254,58 @@ def pinned_endpoint_ids(pin_dir: str) -> list[int]:
     return sorted(int(name) for name in names if name.isdigit())
 
 
-def is_attached(pin_dir: str, ep_id: int) -> bool:
-    """Both programs are pinned and attached to a device that still exists."""
+def attached_programs(pin_dir: str, ep_id: int) -> dict[str, int]:
+    """direction -> id of the program attached there now (directions without one left
+    out: not recorded, a defunct link, or a clsact slot that is empty)."""
+    found = {}
     for direction in HOOKS:
-        link = _pinned(os.path.join(links_dir(pin_dir, ep_id), direction))
-        if link is None:
+        old = _recorded(os.path.join(links_dir(pin_dir, ep_id), direction))
+        if isinstance(old, Link):
+            with old:
+                info = old.info()
+                prog_id = info.prog_id if old.ifindex else None
+        elif old is not None:
+            prog_id = old.program_id(direction)
+        else:
+            prog_id = None
+        if prog_id:
+            found[direction] = prog_id
+    return found
+
+
+def attach_mode(pin_dir: str, ep_id: int) -> str | None:
+    """How the endpoint's programs are recorded: "tcx", "clsact", or None (not at all, or
+    a mix an interrupted mode switch left)."""
+    kinds = {type(_peek(os.path.join(links_dir(pin_dir, ep_id), d))) for d in HOOKS}
+    if kinds == {Link}:
+        return ATTACH_TCX
+    if kinds == {ClsactRecord}:
+        return ATTACH_CLSACT
+    return None
+
+
+def is_attached(pin_dir: str, ep_id: int) -> bool:
+    """Both programs are attached (to a device that still exists), and they are ours."""
+    programs = attached_programs(pin_dir, ep_id)
+    for direction, prog_name in HOOKS.items():
+        info = program_info_by_id(programs[direction]) if direction in programs else None
+        if info is None or info.name != prog_name[:15]:  # the kernel keeps 15 characters
             return False
-        with link:
-            if link.ifindex == 0:
-                return False
     return True
+
+
+def build_tags(pin_dir: str) -> dict[str, str]:
+    """direction -> tag of the program this build would attach (the same for every
+    endpoint: the tag leaves map references and load-time constants out)."""
+    with load_endpoint(pin_dir, 1, "0.0.0.0") as obj:
+        return {d: program_info(obj.program(name).fd).tag for d, name in HOOKS.items()}
+
+
+def attached_tags(pin_dir: str, ep_id: int) -> dict[str, str]:
+    """direction -> tag of the program attached there now."""
+    tags = {}
+    for direction, prog_id in attached_programs(pin_dir, ep_id).items():
+        info = program_info_by_id(prog_id)
+        if info is not None:
+            tags[direction] = info.tag
+    return tags

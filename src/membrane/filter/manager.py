@@ -28,7 +28,7 @@ from typing import Any
 from membrane.abi import FilterFeature, FilterHook, FilterStat, FilterXdpMode
 from membrane.bpf import AttachError, BpfError, BpfObject, Link, Map
 from membrane.bpf.fs import ensure_bpffs
-from membrane.bpf.links import ClsactAttachment, attach_tc, attach_xdp
+from membrane.bpf.links import ClsactAttachment, TcSlot, attach_tc, attach_xdp
 from membrane.bpf.maps import possible_cpus
 from membrane.errors import NotPermitted, UserError
 from membrane.filter.keys import DropDstTables, flow_key, guard_key
@@ -51,6 +51,10 @@ HOOKS = tuple(HOOK_IDS)
 XDP_MODE_IDS = {"native": FilterXdpMode.NATIVE, "generic": FilterXdpMode.GENERIC}
 XDP_MODE_NAMES = {v: k for k, v in XDP_MODE_IDS.items()}
 _SHARED_MAPS = ("events", "events_lost")
+# The clsact slot of filter programs (tc hooks, where the kernel has no tcx or --attach
+# clsact asks for it): fixed, so a filter is found and replaced in place, never added twice.
+# Endpoint programs of the agent use priority 1; a filter comes after them.
+CLSACT_SLOT = TcSlot(priority=2, handle=0x4D46)
 # The counters the programs keep (seen is their sum), by their names in `filter stats`.
 _COUNTED = {
     FilterStat.PASSED: "passed",
@@ -209,7 +213,14 @@ class FilterManager:
         return obj.load()
 
     def _attach_new(
-        self, netns: str | None, device: str, hook: str, features: int, fill: Any, xdp_mode: str
+        self,
+        netns: str | None,
+        device: str,
+        hook: str,
+        features: int,
+        fill: Any,
+        xdp_mode: str,
+        tc_mode: str = "auto",
     ) -> Attachment:
         """Build a new attachment in staging, fill its rules, attach, then publish it."""
         final = self.attachment_path(netns, device, hook)
@@ -235,7 +246,8 @@ class FilterManager:
                         link, mode = attach_xdp(prog, ifindex, _xdp_mode_for(ifindex, xdp_mode))
                         meta.xdp_mode = XDP_MODE_IDS[mode]
                     else:
-                        link = attach_tc(prog, ifindex, hook.removeprefix("tc-"))
+                        direction = hook.removeprefix("tc-")
+                        link = attach_tc(prog, ifindex, direction, tc_mode, slot=CLSACT_SLOT)
                         if isinstance(link, ClsactAttachment):
                             meta.tc_handle, meta.tc_priority = link.handle, link.priority
                     obj.map("filter_meta").update(0, meta)
@@ -261,12 +273,19 @@ class FilterManager:
         feature: int,
         fill: Any,
         xdp_mode: str = "auto",
+        tc_mode: str = "auto",
     ) -> Attachment:
         """Add rules with `fill`, attaching the program (or enabling `feature` in it) first
         when needed. Rules are written before the program that reads them goes live."""
         att = self.find(netns, device, hook)
         if att is None:
-            return self._attach_new(netns, device, hook, feature, fill, xdp_mode)
+            return self._attach_new(netns, device, hook, feature, fill, xdp_mode, tc_mode)
+        if hook != "xdp" and tc_mode != "auto" and tc_mode != self.tc_mode(att):
+            raise UserError(
+                "--attach",
+                f"{device} already has the {hook} filter attached with {self.tc_mode(att)}; "
+                "detach it first to change how it attaches",
+            )
         if hook == "xdp" and xdp_mode != "auto" and XDP_MODE_IDS[xdp_mode] != att.meta.xdp_mode:
             raise UserError(
                 "--mode",
@@ -291,12 +310,7 @@ class FilterManager:
                 with Link.from_pin(str(att.path / "link")) as link:
                     link.update(prog)
             else:
-                ClsactAttachment(
-                    att.meta.ifindex,
-                    att.hook.removeprefix("tc-"),
-                    att.meta.tc_handle,
-                    att.meta.tc_priority,
-                ).update(prog)
+                self._clsact(att).update(prog)
             att.meta.features = features
             with att.map("filter_meta") as meta:
                 meta.update(0, att.meta)
@@ -418,8 +432,15 @@ class FilterManager:
 
     # ---- allow-only --------------------------------------------------------------------
     def add_allow_flow(
-        self, netns: str | None, device: str, flow: AllowedFlow, direction: str = "ingress"
+        self,
+        netns: str | None,
+        device: str,
+        flow: AllowedFlow,
+        direction: str = "ingress",
+        tc_mode: str = "auto",
     ) -> Attachment:
+        """Allow `flow` (the filter attaches on first use: tc_mode auto, tcx or clsact)."""
+
         def fill(att: Attachment) -> None:
             ids = self._id_allocator(att, self._used_rule_ids(att))
             # The flow goes in before its guard, so enabling the guard never drops it.
@@ -432,7 +453,9 @@ class FilterManager:
                 if guards.lookup(key) is None:
                     guards.update(key, next(ids))
 
-        return self._ensure(netns, device, f"tc-{direction}", FilterFeature.ALLOW_ONLY, fill)
+        return self._ensure(
+            netns, device, f"tc-{direction}", FilterFeature.ALLOW_ONLY, fill, tc_mode=tc_mode
+        )
 
     def remove_allow_flow(
         self, netns: str | None, device: str, flow: AllowedFlow, direction: str = "ingress"
@@ -509,10 +532,27 @@ class FilterManager:
         out["seen"] = {k: out["passed"][k] + out["dropped"][k] for k in ("packets", "bytes")}
         return out
 
+    @staticmethod
+    def _clsact(att: Attachment) -> ClsactAttachment:
+        direction = att.hook.removeprefix("tc-")
+        return ClsactAttachment(
+            att.meta.ifindex, direction, att.meta.tc_handle, att.meta.tc_priority
+        )
+
+    @staticmethod
+    def tc_mode(att: Attachment) -> str:
+        """How a tc filter is attached: tcx (a pinned link) or clsact."""
+        return "tcx" if (att.path / "link").exists() else "clsact"
+
     def link_state(self, att: Attachment) -> str:
-        """attached, or defunct when the device went away under the filter."""
+        """attached, or defunct when the device (or the clsact filter) went away."""
         if not (att.path / "link").exists():
-            return "attached (clsact)"
+            try:
+                with in_netns(att.netns):
+                    present = self._clsact(att).program_id() is not None
+            except UserError:  # its namespace is gone, and the device with it
+                present = False
+            return "attached (clsact)" if present else "defunct (clsact filter gone)"
         with Link.from_pin(str(att.path / "link")) as link:
             return "attached" if link.ifindex else "defunct (device gone)"
 
@@ -523,12 +563,7 @@ class FilterManager:
         if not (att.path / "link").exists() and att.hook != "xdp" and att.meta.tc_handle:
             # a namespace deleted under the filter took the device (and the filter) along
             with contextlib.suppress(BpfError, UserError), in_netns(att.netns):
-                ClsactAttachment(
-                    att.meta.ifindex,
-                    att.hook.removeprefix("tc-"),
-                    att.meta.tc_handle,
-                    att.meta.tc_priority,
-                ).detach()
+                self._clsact(att).detach()
         shutil.rmtree(att.path, ignore_errors=True)
         for parent in (att.path.parent, att.path.parent.parent):
             with contextlib.suppress(OSError):

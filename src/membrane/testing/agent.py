@@ -85,7 +85,8 @@ class AgentProcess:
 
     `log_level` is the agent's; `memory_limit` caps its address space (None: no cap);
     `allow_localhost` its `--allow-localhost` (None: the agent's default). Change it and
-    restart to run the same agent in another mode."""
+    restart to run the same agent in another mode; `attach` its --attach (auto, tcx or
+    clsact; None: the default)."""
 
     def __init__(
         self,
@@ -94,6 +95,7 @@ class AgentProcess:
         log_level: str = "debug",
         memory_limit: int | None = MEMORY_LIMIT,
         allow_localhost: str | None = None,
+        attach: str | None = None,
     ) -> None:
         self.tag = tag
         self.node_netns = f"{tag}n"
@@ -106,6 +108,7 @@ class AgentProcess:
         self.log_level = log_level
         self.memory_limit = memory_limit
         self.allow_localhost = allow_localhost
+        self.attach = attach  # --attach (None: the agent's default, auto)
         self.proc: subprocess.Popen[str] | None = None
         self.expect_down = False  # we stopped it on purpose (kill9/stop)
         self.env = {**os.environ, SOCKET_ENV: self.socket}
@@ -114,6 +117,8 @@ class AgentProcess:
     def argv(self) -> list[str]:
         mode = self.allow_localhost
         options = [] if mode is None else ["--allow-localhost", mode]
+        if self.attach is not None:
+            options += ["--attach", self.attach]
         return [
             membrane_command(), "agent", "run",
             "--state-dir", str(self.state_dir),

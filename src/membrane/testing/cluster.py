@@ -184,12 +184,15 @@ def running_cluster(
     pod_names: tuple[str, ...] = ("a", "b", "c"),
     tag: str | None = None,
     allow_localhost: str | None = None,
+    attach: str | None = None,
 ) -> Iterator[Cluster]:
     """A fresh agent with the standard pods, torn down however the body ends (also when
-    setting it up fails half-way). `allow_localhost`: the agent's --allow-localhost."""
+    setting it up fails half-way). `allow_localhost`, `attach`: the agent's options."""
     own = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="membrane-agent-"))
-    agent = AgentProcess(workdir, tag or unique_tag(), allow_localhost=allow_localhost)
+    agent = AgentProcess(
+        workdir, tag or unique_tag(), allow_localhost=allow_localhost, attach=attach
+    )
     cluster = Cluster(agent, namespaces, pod_names)
     try:
         cluster.setup()
