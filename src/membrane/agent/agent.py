@@ -28,6 +28,7 @@ from membrane.agent.snapshot import Snapshot
 from membrane.agent.state import AgentState, EndpointRecord, StateFile
 from membrane.api.models import EndpointCreate, NamespaceLabels
 from membrane.datapath.nodemaps import NodeMaps
+from membrane.datapath.upgrade import NodeMapMigration
 from membrane.endpoint.node import NodeInfo, setup_node
 from membrane.errors import NotFound
 from membrane.policy import RuleTable
@@ -65,10 +66,14 @@ class Agent:
         policies = PolicyStore(state.policies)
         namespaces = NamespaceStore(state.namespaces)
         node = setup_node(config.node_netns, config.node_ip)
+        # A new build meets the old one's pins: maps whose layout changed are migrated
+        # first, adoption swaps every endpoint's program, then the old maps go.
+        migration = NodeMapMigration.start(config.bpf_dir)
         maps = NodeMaps.open(config.bpf_dir)
         endpoints = EndpointLifecycle(config, state, node)
         datapath = DatapathReconciler(config, node, maps, identities, rules)
         adopted = endpoints.adopt_all()
+        migration.finish()
         for ep_id in endpoints.unknown_ids():
             log.warning("detaching an unknown endpoint", extra={"fields": {"id": ep_id}})
             endpoints.detach(ep_id)

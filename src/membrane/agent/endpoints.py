@@ -20,10 +20,13 @@ from membrane.datapath.endpoint_prog import (
     ATTACH_TCX,
     attach_endpoint,
     attach_mode,
+    build_tags,
     detach_endpoint,
     is_attached,
     pinned_endpoint_ids,
+    runs_build,
 )
+from membrane.datapath.upgrade import pinned_map_ids
 from membrane.endpoint.ipam import Ipam
 from membrane.endpoint.node import NodeInfo, delete_node_link
 from membrane.endpoint.plumbing import create_pod, delete_pod, inspect_pod
@@ -54,20 +57,34 @@ class EndpointLifecycle:
         self.node = node
         self.ipam = Ipam(config.pod_cidr, set())
         self.ipam.restore({IPv4Address(ep.ipv4): ep.key for ep in state.endpoints.values()})
+        self._build: tuple[dict[str, str], set[int]] | None = None  # tags, node map ids
 
     # ---- after a restart -----------------------------------------------------------------
     def adopt_all(self) -> int:
         """Keep every recorded endpoint; returns how many were whole."""
         return sum(1 for ep in list(self.state.endpoints.values()) if self._adopt(ep))
 
+    def _runs_this_build(self, ep: EndpointRecord) -> bool:
+        if self._build is None:  # the same for every endpoint: found out once
+            self._build = (
+                build_tags(self.config.bpf_dir),
+                set(pinned_map_ids(self.config.bpf_dir).values()),
+            )
+        return runs_build(self.config.bpf_dir, ep.id, *self._build)
+
     def _adopt(self, ep: EndpointRecord) -> bool:
         """Re-create what is missing, never disturb what works. Programs attached in
-        another mode than the one asked for are replaced (the new attachment first)."""
+        another mode than the one asked for are replaced (the new attachment first), and
+        so are programs of another build (an upgrade) or that use node maps a migration
+        replaced: the new program is swapped in place."""
         if inspect_pod(self.node, ep.netns, ep.host_ifname, IPv4Address(ep.ipv4)):
             mode = attach_mode(self.config.bpf_dir, ep.id)
             wanted = self.config.attach in ("auto", mode)
             if not (wanted and is_attached(self.config.bpf_dir, ep.id)):
                 self._attach(ep)
+            elif not self._runs_this_build(ep):
+                log.info("endpoint datapath upgraded", extra={"fields": {"endpoint": ep.key}})
+                self._attach(ep)  # swapped in place: the new program replaces the old
             elif ep.attach_mode != mode:  # recorded by an agent that did not note it
                 self.state.endpoints[ep.id] = replace(ep, attach_mode=mode or ATTACH_TCX)
             return True

@@ -176,6 +176,7 @@ for _name, _res, _args in [
     ("bpf_map__key_size", c_uint32, [_P]),
     ("bpf_map__value_size", c_uint32, [_P]),
     ("bpf_map__max_entries", c_uint32, [_P]),
+    ("bpf_map__map_flags", c_uint32, [_P]),
     ("bpf_map__set_max_entries", c_int, [_P, c_uint32]),
     ("bpf_map__set_pin_path", c_int, [_P, c_char_p]),
     ("bpf_map__set_autocreate", c_int, [_P, c_bool]),

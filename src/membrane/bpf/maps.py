@@ -61,6 +61,18 @@ def map_info(fd: int) -> MapInfo:
     return info
 
 
+def map_name(map_id: int) -> str | None:
+    """The name of the map with this id (as the kernel keeps it, 15 characters), or None
+    when it is gone."""
+    fd = L.lib.bpf_map_get_fd_by_id(map_id)
+    if fd < 0:
+        return None
+    try:
+        return map_info(fd).name.decode()
+    finally:
+        os.close(fd)
+
+
 def obj_get(path: str) -> int:
     """Open a pinned BPF object; raises FileNotFoundError when nothing is pinned there."""
     fd = L.lib.bpf_obj_get(path.encode())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,16 @@ class Program:
 
     def __repr__(self) -> str:
         return f"Program({self.name!r}, section={self.section!r})"
+
+
+@dataclass(frozen=True)
+class MapDeclaration:
+    type: int
+    flags: int
+    key_size: int
+    value_size: int
+    key_type: Any
+    value_type: Any
 
 
 class BpfObject:
@@ -184,6 +195,26 @@ class BpfObject:
         ret = L.lib.bpf_map__set_max_entries(self._map_ptr(map_name), entries)
         if ret:
             raise BpfError(f"set max_entries of {map_name}", L.errno_of(ret))
+
+    def set_autocreate(self, map_name: str, create: bool) -> None:
+        """Whether load() creates this map (an object loaded only for some of its maps)."""
+        ret = L.lib.bpf_map__set_autocreate(self._map_ptr(map_name), create)
+        if ret:
+            raise BpfError(f"set autocreate of {map_name}", L.errno_of(ret))
+
+    def map_declaration(self, name: str) -> MapDeclaration:
+        """The map as the object declares it (before load: what load would create)."""
+        ptr = self._map_ptr(name)
+        key_id = L.lib.bpf_map__btf_key_type_id(ptr)
+        value_id = L.lib.bpf_map__btf_value_type_id(ptr)
+        return MapDeclaration(
+            type=L.lib.bpf_map__type(ptr),
+            flags=L.lib.bpf_map__map_flags(ptr),
+            key_size=L.lib.bpf_map__key_size(ptr),
+            value_size=L.lib.bpf_map__value_size(ptr),
+            key_type=self.btf.ctype(key_id) if key_id else None,
+            value_type=self.btf.ctype(value_id) if value_id else None,
+        )
 
     def pin_maps(self, directory: str, names: list[str] | None = None) -> None:
         """Pin maps under `directory` at load; maps already pinned there are reused, so a

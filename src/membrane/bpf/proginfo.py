@@ -1,7 +1,8 @@
-"""What the kernel tells about a loaded program (struct bpf_prog_info): its id, name and
-tag. The tag is a hash of the program's instructions with map references blanked, so two
-loads of one build share it whatever their maps and load-time constants, and a different
-build has another: it says whether an attached program is the one we would load now."""
+"""What the kernel tells about a loaded program (struct bpf_prog_info): its id, name, tag
+and the maps it uses. The tag is a hash of the program's instructions with map references
+blanked, so two loads of one build share it whatever their maps and load-time constants,
+and a different build has another: it says whether an attached program is the one we
+would load now."""
 
 from __future__ import annotations
 
@@ -37,15 +38,23 @@ class ProgramInfo:
     id: int
     name: str
     tag: str  # hex, as bpftool prints it
+    map_ids: tuple[int, ...]
 
 
-def program_info(fd: int) -> ProgramInfo:
-    info = _ProgInfo()
+def _info(fd: int, info: _ProgInfo) -> None:
     size = ctypes.c_uint32(ctypes.sizeof(info))
     ret = L.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
     if ret:
         raise BpfError("bpf_obj_get_info_by_fd(program)", L.errno_of(ret))
-    return ProgramInfo(info.id, info.name.decode(), bytes(info.tag).hex())
+
+
+def program_info(fd: int) -> ProgramInfo:
+    info = _ProgInfo()
+    _info(fd, info)  # tells how many maps there are
+    ids = (ctypes.c_uint32 * info.nr_map_ids)()
+    info = _ProgInfo(nr_map_ids=len(ids), map_ids=ctypes.addressof(ids))
+    _info(fd, info)
+    return ProgramInfo(info.id, info.name.decode(), bytes(info.tag).hex(), tuple(ids))
 
 
 def program_info_by_id(prog_id: int) -> ProgramInfo | None:

@@ -65,7 +65,8 @@ def run(
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run the agent in the foreground (structured logs on stderr). SIGTERM stops it and
-    leaves the datapath enforcing; a restarted agent adopts what it finds."""
+    leaves the datapath enforcing; a restarted agent adopts what it finds, and a new build
+    swaps its programs in without dropping connections (node maps migrated if needed)."""
     from membrane.agent.logs import setup_logging
     from membrane.agent.server import run_agent
     from membrane.choices import check_choice

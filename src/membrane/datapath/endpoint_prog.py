@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from membrane.bpf import BpfError, BpfObject, Link, Program
 from membrane.bpf.links import TC_MODES, ClsactAttachment, TcSlot, attach_tc
+from membrane.bpf.maps import map_name
 from membrane.bpf.proginfo import program_info, program_info_by_id
 from membrane.datapath.abi import (
     ENDPOINT_OBJECT,
@@ -301,11 +302,15 @@ def build_tags(pin_dir: str) -> dict[str, str]:
         return {d: program_info(obj.program(name).fd).tag for d, name in HOOKS.items()}
 
 
-def attached_tags(pin_dir: str, ep_id: int) -> dict[str, str]:
-    """direction -> tag of the program attached there now."""
-    tags = {}
-    for direction, prog_id in attached_programs(pin_dir, ep_id).items():
-        info = program_info_by_id(prog_id)
-        if info is not None:
-            tags[direction] = info.tag
-    return tags
+def runs_build(pin_dir: str, ep_id: int, tags: Mapping[str, str], node_maps: set[int]) -> bool:
+    """The endpoint's programs are those of the build with these `tags` (build_tags) and
+    use the node maps pinned now (`node_maps`: their ids), not ones a migration replaced."""
+    programs = attached_programs(pin_dir, ep_id)
+    for direction in HOOKS:
+        info = program_info_by_id(programs[direction]) if direction in programs else None
+        if info is None or info.tag != tags[direction]:
+            return False
+        for map_id in set(info.map_ids) - node_maps:
+            if map_name(map_id) in NODE_MAPS:
+                return False  # a node map that is no longer pinned: the old layout
+    return True
