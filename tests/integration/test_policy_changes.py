@@ -6,10 +6,16 @@ The node ("host") is one of the peers policy applies to (`--allow-localhost=poli
 
 from __future__ import annotations
 
+import json
+import select
+import signal
+import subprocess
+
 import pytest
 from agent_support import net_fixture, shared_cluster_fixture
 
 from membrane import netns
+from membrane.testing.agent import membrane_command
 from membrane.testing.cluster import Cluster
 from membrane.testing.reachability import Connection
 from membrane.testing.waiting import wait_for
@@ -281,3 +287,42 @@ def test_observe_shows_drops_with_reason_and_policy(net: Cluster) -> None:
 
     passed = wait_for("a flow z/a -> z/b", lambda: _flows_for(net, "z/a", "z/b", "FORWARDED"))
     assert passed[0]["destination"]["identity"] == identity(net, "z/b"), passed
+
+
+def test_observe_follow_streams_flows_as_they_happen(net: Cluster) -> None:
+    """`observe -f` prints flows that happen after it started (the agent streams them,
+    chunked, over one long response) and ends quietly on Ctrl-C."""
+    follower = subprocess.Popen(
+        [membrane_command(), "observe", "-f", "--last", "0", "-o", "json", "--pod", "z/b"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=net.agent.env,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        seen: list[dict] = []
+
+        def streamed_flow() -> bool:
+            net.check(net.reach(sources=["z/a"], destinations=["z/b"], ports=[(80, "TCP")]))
+            while select.select([follower.stdout], [], [], 0.5)[0]:
+                line = follower.stdout.readline()  # type: ignore[union-attr]
+                if not line:
+                    break
+                seen.append(json.loads(line))
+            return any(
+                f.get("source", {}).get("pod_name") == "a"
+                and f.get("destination", {}).get("pod_name") == "b"
+                for f in seen
+            )
+
+        wait_for("a flow z/a -> z/b on the follow stream", streamed_flow, timeout=30)
+        follower.send_signal(signal.SIGINT)
+        _, err = follower.communicate(timeout=10)
+        assert follower.returncode == 0, err
+        assert err == "", err
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
