@@ -6,18 +6,26 @@ afterwards deletes every policy, restores namespace labels and removes pods the 
     from agent_support import cluster_fixture, net_fixture
     cluster = cluster_fixture()
     net = net_fixture()
+
+`in_process_agent` runs the agent inside the test process instead, for tests that reach
+into its parts (inject a failure into a map write).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from membrane.testing.agent import AgentProcess, agent_unusable_reason
+from membrane.testing.agent import NODE_IP, POD_CIDR, AgentProcess, agent_unusable_reason
 from membrane.testing.cluster import Cluster, running_cluster
+
+if TYPE_CHECKING:
+    from membrane.agent.agent import Agent
 
 
 def cluster_fixture(**options: Any) -> Any:
@@ -54,7 +62,8 @@ def shared_cluster_fixture(allow_localhost: str | None = None) -> Any:
             pytest.skip(reason)
         if key not in _shared:
             workdir = tmp_path_factory.mktemp("agent")
-            tag = f"mbt{os.getpid() % 100000}{suffix}"
+            # "mbs": unique_tag("t") names the other clusters mbt<pid><a-z>
+            tag = f"mbs{os.getpid() % 100000}{suffix}"
             c = Cluster(AgentProcess(workdir, tag, allow_localhost=allow_localhost))
             try:
                 c.setup()
@@ -82,3 +91,34 @@ def net_fixture() -> Any:
         cluster.reset()
 
     return net
+
+
+@contextlib.contextmanager
+def in_process_agent(workdir: Path, tag: str, **options: Any) -> Iterator[Agent]:
+    """The real agent in this process (its methods called as the server's worker calls
+    them), named like an AgentProcess with `tag`, whose `destroy` removes all it made by
+    name however the body ends; `options` go to make_config."""
+    reason = agent_unusable_reason()
+    if reason:
+        pytest.skip(reason)
+    from membrane.agent.agent import Agent
+    from membrane.agent.config import make_config
+
+    names = AgentProcess(workdir, tag)
+    config = make_config(
+        str(names.state_dir),
+        names.socket,
+        names.node_netns,
+        POD_CIDR,
+        NODE_IP,
+        names.prefix,
+        **options,
+    )
+    agent = None
+    try:
+        agent = Agent.start(config)
+        yield agent
+    finally:
+        if agent is not None:
+            agent.stop()
+        names.destroy()

@@ -2,7 +2,9 @@
 
 Changes run on one worker thread (the server serialises them), so the parts need no locks.
 Each change ends by publishing a new `Snapshot` (membrane.agent.snapshot) with a single
-assignment; readers on any thread use only `agent.snapshot`.
+assignment; readers on any thread use only `agent.snapshot`. A change whose datapath sync
+fails (a map too small, refused before any write, or a write that failed) is undone: the
+records go back, the datapath is synced to them again, then the error is reported.
 
     endpoints   EndpointLifecycle   add / adopt / delete, plumbing and program attachment
     namespaces  NamespaceStore      namespace labels
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +30,12 @@ from membrane.agent.reconcile import DatapathReconciler, Reconciled
 from membrane.agent.snapshot import Snapshot
 from membrane.agent.state import AgentState, EndpointRecord, StateFile
 from membrane.api.models import EndpointCreate, NamespaceLabels
-from membrane.datapath.nodemaps import NodeMaps
+from membrane.datapath.nodemaps import NodeMapFull, NodeMaps
 from membrane.datapath.upgrade import NodeMapMigration
 from membrane.endpoint.node import NodeInfo, setup_node
-from membrane.errors import NotFound
+from membrane.errors import NotFound, UserError
 from membrane.policy import RuleTable
+from membrane.policy.rules import policy_subjects
 
 log = logging.getLogger("membrane.agent")
 
@@ -69,7 +73,7 @@ class Agent:
         # A new build meets the old one's pins: maps whose layout changed are migrated
         # first, adoption swaps every endpoint's program, then the old maps go.
         migration = NodeMapMigration.start(config.bpf_dir)
-        maps = NodeMaps.open(config.bpf_dir)
+        maps = NodeMaps.open(config.bpf_dir, {"policy": config.policy_map_max})
         endpoints = EndpointLifecycle(config, state, node)
         datapath = DatapathReconciler(config, node, maps, identities, rules)
         adopted = endpoints.adopt_all()
@@ -117,7 +121,14 @@ class Agent:
     @memory.one_change
     def add_endpoint(self, req: EndpointCreate) -> EndpointRecord:
         ep = self.endpoints.create(req, self._save)
-        self._reconcile()
+        try:
+            self._reconcile(lambda: self.endpoints.forget(ep))
+        except BaseException as err:
+            # Plumbed and attached, but never in force: undone completely.
+            self._remove(ep)
+            if isinstance(err, NodeMapFull):
+                raise self._endpoint_refused(ep, err) from None
+            raise
         log.info(
             "endpoint added", extra={"fields": {"endpoint": ep.key, "id": ep.id, "ipv4": ep.ipv4}}
         )
@@ -128,12 +139,11 @@ class Agent:
         ep = self.snapshot.endpoint(namespace, name)
         if ep is None:
             raise NotFound("endpoint", f"{namespace}/{name} does not exist")
+        record = self.state.endpoints[ep.id]
         self.endpoints.forget(ep)
-        self._reconcile()  # its address leaves the ipcache, peers' policies forget it
-        self.endpoints.detach(ep.id)
-        self.datapath.remove_endpoint(ep.id)  # state, policy entries and conntrack
-        self.endpoints.unplumb(ep)
-        self._save()
+        # Its address leaves the ipcache, peers' policies forget it.
+        self._reconcile(lambda: self.state.endpoints.__setitem__(ep.id, record))
+        self._remove(ep)
         log.info("endpoint deleted", extra={"fields": {"endpoint": ep.key, "id": ep.id}})
         return ep
 
@@ -142,11 +152,7 @@ class Agent:
     def label_namespace(self, namespace: str, req: NamespaceLabels) -> dict[str, str]:
         before = self.namespaces.stored(namespace)
         self.namespaces.change(namespace, req.labels)
-        try:
-            self._reconcile()
-        except BaseException:
-            self.namespaces.restore(namespace, before)
-            raise
+        self._reconcile(lambda: self.namespaces.restore(namespace, before))
         return self.namespaces.labels(namespace)
 
     # ---- policies ------------------------------------------------------------------------
@@ -167,13 +173,17 @@ class Agent:
         self.policies.current = change.policies
         self.state.policies = list(change.policies.stored)
         self.state.policy_revision += 1
-        try:
-            self._reconcile()
-        except BaseException:
+
+        def undo() -> None:
             self.policies.current = old
             self.state.policies = list(old.stored)
             self.state.policy_revision -= 1
-            raise
+
+        try:
+            self._reconcile(undo)
+        except NodeMapFull as full:
+            names = ", ".join(_policy_name(ref["namespace"], ref["name"]) for ref in change.changed)
+            raise UserError(f"policy {names}", full.shortfall()) from None
         elapsed = time.perf_counter() - started
         revision = self.state.policy_revision
         log.info(
@@ -193,19 +203,55 @@ class Agent:
         return self.datapath.gc_conntrack()
 
     # ---- every change ends here ----------------------------------------------------------
-    def _reconcile(self) -> None:
-        """Bring the datapath to the records, save them, publish the new snapshot."""
-        done = self.datapath.sync(
-            self.state.endpoints, self.namespaces, self.policies.current.parsed
-        )
+    def _reconcile(self, undo: Callable[[], None]) -> None:
+        """Bring the datapath to the records, save them, publish the new snapshot. If the
+        sync fails, `undo` puts the records back as they were before the change and the
+        datapath is synced to them again (the kernel enforces what it did), then the error
+        goes on; nothing is saved."""
+        try:
+            done = self._sync()
+        except BaseException:
+            undo()
+            try:
+                self._sync()
+            except Exception:
+                log.exception("the datapath could not be brought back to the recorded state")
+            raise
         self._save()
         self.snapshot = _snapshot(
             self.config, self.state, self.namespaces, self.policies, self.rules, done, self.snapshot
         )
 
+    def _sync(self) -> Reconciled:
+        return self.datapath.sync(
+            self.state.endpoints, self.namespaces, self.policies.current.parsed
+        )
+
+    def _remove(self, ep: EndpointRecord) -> None:
+        """Take down a forgotten endpoint (no longer in the ipcache or peers' policies)."""
+        self.endpoints.detach(ep.id)
+        self.datapath.remove_endpoint(ep.id)  # state, policy entries and conntrack
+        self.endpoints.unplumb(ep)
+        self._save()
+
+    def _endpoint_refused(self, ep: EndpointRecord, full: NodeMapFull) -> UserError:
+        """An endpoint the maps have no room for, named with the policies selecting it."""
+        labels = self.datapath.labels_of(ep, self.namespaces)
+        selecting = [
+            _policy_name(p.namespace, p.name)
+            for p in self.policies.current.parsed
+            if any(subject.selector.matches(labels) for subject in policy_subjects(p))
+        ]
+        policies = f" (policies selecting it: {', '.join(selecting)})" if selecting else ""
+        return UserError(f"endpoint {ep.key}{policies}", full.shortfall())
+
     def _save(self) -> None:
         self.state.identities = self.identities.to_json()
         self.state_file.save(self.state, self.rules.since(self.state_file.rules_saved))
+
+
+def _policy_name(namespace: str | None, name: str) -> str:
+    return f"{namespace}/{name}" if namespace else name
 
 
 def _snapshot(

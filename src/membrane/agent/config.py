@@ -19,6 +19,8 @@ DEFAULT_STATE_DIR = "/var/lib/membrane"
 DEFAULT_POD_CIDR = "198.18.0.0/16"
 DEFAULT_NODE_IP = "198.19.0.1"
 DEFAULT_ALLOW_LOCALHOST = "always"
+DEFAULT_POLICY_MAP_MAX = 1 << 20  # POLICY_MAX_ENTRIES in bpf/lib/policy.h
+MAX_MAP_ENTRIES = 0xFFFFFFFF  # the kernel's max_entries is 32 bits
 _NETNS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 
 
@@ -33,6 +35,7 @@ class AgentConfig:
     cluster: str = "default"
     allow_localhost: AllowLocalhost | str = DEFAULT_ALLOW_LOCALHOST  # make_config: the enum
     attach: str = "auto"  # endpoint programs: auto (tcx where the kernel has it), tcx, clsact
+    policy_map_max: int = DEFAULT_POLICY_MAP_MAX  # entries; for a policy map created now
 
     @property
     def node_name(self) -> str:
@@ -56,6 +59,7 @@ def make_config(
     netns_prefix: str = "",
     allow_localhost: str = DEFAULT_ALLOW_LOCALHOST,
     attach: str = "auto",
+    policy_map_max: int | str = DEFAULT_POLICY_MAP_MAX,
 ) -> AgentConfig:
     from membrane.policy.universe import AllowLocalhost
 
@@ -82,6 +86,12 @@ def make_config(
 
     if attach not in TC_MODES:
         raise UserError("attach", f"{attach!r} is not one of {', '.join(TC_MODES)}")
+    try:
+        map_max = int(policy_map_max)
+    except ValueError:
+        raise UserError("policy-map-max", f"{policy_map_max!r} is not a whole number") from None
+    if not 1 <= map_max <= MAX_MAP_ENTRIES:
+        raise UserError("policy-map-max", f"{map_max} is not between 1 and {MAX_MAP_ENTRIES}")
     return AgentConfig(
         state_dir=Path(state_dir),
         api_socket=api_socket,
@@ -91,4 +101,5 @@ def make_config(
         netns_prefix=netns_prefix,
         allow_localhost=AllowLocalhost(allow_localhost),
         attach=attach,
+        policy_map_max=map_max,
     )

@@ -58,6 +58,20 @@ class IdentityAllocator:
             keep = {str(p) for p in prefixes}
             self._by_prefix = {k: v for k, v in self._by_prefix.items() if k in keep}
 
+    def checkpoint(self) -> tuple[int, int]:
+        """Where numbering stands; `rollback` forgets what was handed out since."""
+        return (self._next_endpoint, self._next_cidr)
+
+    def rollback(self, mark: tuple[int, int], reuse: bool) -> None:
+        """Forget the identities handed out since `mark` (numbers only grow, so they are
+        those at or above it), for a change that failed. `reuse`: their numbers may be
+        handed out again, only when no map ever held them."""
+        next_endpoint, next_cidr = mark
+        self._by_labels = {k: v for k, v in self._by_labels.items() if v < next_endpoint}
+        self._by_prefix = {k: v for k, v in self._by_prefix.items() if v < next_cidr}
+        if reuse:
+            self._next_endpoint, self._next_cidr = mark
+
     def to_json(self) -> dict[str, Any]:
         return {
             "endpoint": self._by_labels,

@@ -10,6 +10,14 @@ new state allows:
 A sync costs what changed: endpoints' labels are recomputed only for changed records, the
 policies' CIDR identities only when the policies change, and the ipcache's CIDR part is
 compared only when it changed (the endpoints' addresses are an overlay on it).
+
+A sync is all or nothing. Before the first write it counts the most entries the policy map
+and the ipcache will hold on the way (`PolicyWriter.peak`, `IpcacheWriter.peak`) and
+refuses with `NodeMapFull` if a map is too small. A write that fails anyway leaves the
+caller to put its records back and sync again: this object then forgets what the failed
+sync cached (CIDR and endpoint identities, numbers handed out) and re-reads the maps, and
+treats the identities the failed sync may have written as outgoing, so the way back keeps
+the same safe order.
 """
 
 from __future__ import annotations
@@ -20,14 +28,14 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import NamedTuple
 
 from membrane.abi import Identity, IpProto
-from membrane.agent.cidr import NO_CIDRS
+from membrane.agent.cidr import NO_CIDRS, CidrIdentities
 from membrane.agent.config import AgentConfig
 from membrane.agent.identities import IdentityAllocator, labels_key
 from membrane.agent.namespaces import NamespaceStore
 from membrane.agent.state import EndpointRecord
 from membrane.datapath import conntrack
 from membrane.datapath.ipcache import IpcacheWriter, RawKey, RawValue, host_key
-from membrane.datapath.nodemaps import NodeMaps
+from membrane.datapath.nodemaps import NodeMapFull, NodeMaps
 from membrane.datapath.policy import PolicyWriter
 from membrane.endpoint.node import NodeInfo
 from membrane.identity.labels import (
@@ -53,6 +61,16 @@ class _EndpointIdentity(NamedTuple):
     record: EndpointRecord
     namespace_labels: dict[str, str]
     info: EndpointInfo
+
+
+class _Checkpoint(NamedTuple):
+    """What a sync changes in the reconciler before it writes (see `DatapathReconciler.sync`)."""
+
+    cidr: CidrIdentities
+    cidr_policies: tuple[Policy, ...] | None
+    prefixes_of: dict[int, tuple[Policy, frozenset[IPv4Network]]]
+    enforced: Mapping[int, frozenset[Label]]
+    numbering: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -88,6 +106,8 @@ class DatapathReconciler:
         self._prefixes_of: dict[int, tuple[Policy, frozenset[IPv4Network]]] = {}
         self._endpoint_identities: dict[int, _EndpointIdentity] = {}
         self._enforced_identities: Mapping[int, frozenset[Label]] = dict(RESERVED_LABELS)
+        # The identities a sync in progress writes (a failed one may have left them).
+        self._writing: Mapping[int, frozenset[Label]] = {}
 
     def sync(
         self,
@@ -96,28 +116,54 @@ class DatapathReconciler:
         policies: tuple[Policy, ...],
     ) -> Reconciled:
         """Bring the datapath to `endpoints` under `policies`. Endpoint records whose
-        identity changed are replaced in `endpoints`."""
+        identity changed are replaced in `endpoints`. Raises NodeMapFull, having written
+        nothing, when a map is too small for the change. On any failure this object is as
+        before the call (caches, identity numbers), and after a failed write it re-reads
+        the maps: syncing the previous records then restores what the kernel enforced."""
+        saved = _Checkpoint(
+            self._cidr,
+            self._cidr_policies,
+            self._prefixes_of,
+            self._enforced_identities,
+            self.identities.checkpoint(),
+        )
+        self._writing = {}
+        try:
+            return self._sync(endpoints, namespaces, policies)
+        except BaseException as err:
+            self._rollback(saved, wrote=not isinstance(err, NodeMapFull))
+            raise
+
+    def _sync(
+        self,
+        endpoints: dict[int, EndpointRecord],
+        namespaces: NamespaceStore,
+        policies: tuple[Policy, ...],
+    ) -> Reconciled:
         universe = self._universe(endpoints, namespaces, policies)
+        identities = {ep_id: info.identity for ep_id, info in universe.endpoints.items()}
         # Identities on their way out keep their entries until no address maps to them.
         outgoing = self._enforced_identities.keys() - universe.identities.keys()
+        steps: list[Mapping[int, EndpointPolicy]] = []
         if outgoing:
             kept = {i: self._enforced_identities[i] for i in outgoing}
-            self._apply_policy(
-                policies, replace(universe, identities={**kept, **universe.identities})
-            )
-        else:
-            compiled = self._apply_policy(policies, universe)
+            union = replace(universe, identities={**kept, **universe.identities})
+            steps.append(self._compile(policies, union))
+        compiled = self._compile(policies, universe)
+        steps.append(compiled)
         hosts = tuple(self.node.host_addresses())
-        moved = self.ipcache.sync_layers(
-            self._cidr.ipcache, self._address_overlay(hosts, endpoints)
-        )
+        overlay = self._address_overlay(hosts, endpoints)
+        self._check_capacity([(step, identities) for step in steps], overlay)
+        self._writing = universe.identities
+        self.writer.apply(steps[0], identities)
+        moved = self.ipcache.sync_layers(self._cidr.ipcache, overlay)
         if moved.added or moved.updated or moved.removed:
             # Peers may have other identities now: established connections are checked
             # again (a policy revision bumped before this write does not cover packets
             # verified against the old ipcache in between).
             self.writer.revalidate(universe.endpoints)
         if outgoing:
-            compiled = self._apply_policy(policies, universe)
+            self.writer.apply(compiled, identities)
         self._enforced_identities = universe.identities
         self.identities.retain(
             {labels_key(info.labels) for info in universe.endpoints.values()},
@@ -125,10 +171,43 @@ class DatapathReconciler:
         )
         return Reconciled(universe, compiled, hosts)
 
+    def _check_capacity(
+        self,
+        steps: list[tuple[Mapping[int, EndpointPolicy], Mapping[int, int]]],
+        overlay: Mapping[RawKey, RawValue],
+    ) -> None:
+        """Refuse, before anything is written, a sync that would overflow a map."""
+        size = self.maps.policy.max_entries
+        needed = self.writer.peak(steps)
+        if needed > size:
+            raise NodeMapFull("policy", needed, size, "membrane agent run --policy-map-max")
+        size = self.maps.ipcache.max_entries
+        needed = self.ipcache.peak(self._cidr.ipcache, overlay)
+        if needed > size:
+            raise NodeMapFull("ipcache", needed, size, "the policies' CIDR prefixes and pods")
+
+    def _rollback(self, saved: _Checkpoint, wrote: bool) -> None:
+        """Forget what a failed sync cached; after a failed write, re-read the maps."""
+        self._cidr, self._cidr_policies = saved.cidr, saved.cidr_policies
+        self._prefixes_of = saved.prefixes_of
+        self._endpoint_identities.clear()  # recomputed: their numbers may be forgotten
+        # Numbers a map may have held are never handed out again.
+        self.identities.rollback(saved.numbering, reuse=not wrote)
+        self._enforced_identities = {**self._writing, **saved.enforced}
+        if wrote:
+            self.writer.refresh()
+            self.ipcache.refresh()
+
     def remove_endpoint(self, ep_id: int) -> None:
         """Its policy entries, state and conntrack entries (after its programs are gone)."""
         self.writer.remove_endpoint(ep_id)
         self._endpoint_identities.pop(ep_id, None)
+
+    def labels_of(self, ep: EndpointRecord, namespaces: NamespaceStore) -> frozenset[Label]:
+        """The endpoint's identity labels (no identity number is handed out)."""
+        return endpoint_labels(
+            ep.namespace, ep.labels, namespaces.labels(ep.namespace), cluster=self.config.cluster
+        )
 
     def gc_conntrack(self) -> int:
         return conntrack.gc_expired(self.maps)
@@ -210,14 +289,10 @@ class DatapathReconciler:
             overlay[host_key(IPv4Address(ep.ipv4))] = (ep.identity, ep.id)
         return overlay
 
-    def _apply_policy(
+    def _compile(
         self, policies: tuple[Policy, ...], universe: Universe
     ) -> Mapping[int, EndpointPolicy]:
-        compiled = compile_policies(policies, universe, self.rules, self._compile_cache)
-        self.writer.apply(
-            compiled, {ep_id: info.identity for ep_id, info in universe.endpoints.items()}
-        )
-        return compiled
+        return compile_policies(policies, universe, self.rules, self._compile_cache)
 
 
 def _same_inputs(a: EndpointRecord, b: EndpointRecord) -> bool:

@@ -8,6 +8,7 @@ from membrane.agent.config import (
     DEFAULT_ALLOW_LOCALHOST,
     DEFAULT_NODE_IP,
     DEFAULT_POD_CIDR,
+    DEFAULT_POLICY_MAP_MAX,
     DEFAULT_STATE_DIR,
     make_config,
 )
@@ -62,6 +63,13 @@ def run(
         "else tc clsact; what is attached already keeps its mode), tcx or clsact (attachments "
         "in the other mode are replaced).",
     ),
+    policy_map_max: str = typer.Option(
+        str(DEFAULT_POLICY_MAP_MAX),
+        "--policy-map-max",
+        help="Entries of the node's policy map (every endpoint's rules share it), set when "
+        "the map is created (a pinned map keeps its size). A change that would not fit is "
+        "refused before anything is written.",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run the agent in the foreground (structured logs on stderr). SIGTERM stops it and
@@ -73,7 +81,15 @@ def run(
 
     check_choice(log_level, ("debug", "info", "warning", "error"), "--log-level")
     config = make_config(
-        state_dir, api_socket, node_netns, pod_cidr, node_ip, netns_prefix, allow_localhost, attach
+        state_dir,
+        api_socket,
+        node_netns,
+        pod_cidr,
+        node_ip,
+        netns_prefix,
+        allow_localhost,
+        attach,
+        policy_map_max,
     )
     setup_logging(log_level)
     run_agent(config)

@@ -96,6 +96,23 @@ class IpcacheWriter:
         self._overlay = dict(overlay)
         return self._write(changed, stale)
 
+    def peak(self, base: Mapping[RawKey, RawValue], overlay: Mapping[RawKey, RawValue]) -> int:
+        """The most entries the ipcache holds while `sync_layers(base, overlay)` runs (its
+        writes go before its deletes); costs what `sync_layers` compares."""
+        have = self._read()
+        if self._base is base:
+            return len(have) + sum(1 for key in overlay if key not in have)
+        world = raw_key(WORLD_PREFIX)
+        added = (base.keys() | overlay.keys() | {world}) - have.keys()
+        return len(have) + len(added)
+
+    def refresh(self) -> None:
+        """Forget what was written (a write failed part of the way through a batch): the
+        next sync reads the map and compares everything."""
+        self._have = None
+        self._base = None
+        self._overlay = {}
+
     def _syncraw_key(self, want: dict[RawKey, RawValue]) -> IpcacheSync:
         world = (int(Identity.WORLD), 0)
         if want.setdefault(raw_key(WORLD_PREFIX), world) != world:

@@ -19,8 +19,26 @@ from membrane.bpf import BpfObject, Btf, Map
 from membrane.bpf.fs import ensure_bpffs
 from membrane.bpf.maps import map_info, obj_get
 from membrane.datapath.abi import ENDPOINT_OBJECT, NODE_MAPS
+from membrane.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class NodeMapFull(UserError):
+    """A change would need more entries in a node map than it holds: refused before the
+    first write, so nothing changes (the kernel would fail the write part of the way)."""
+
+    def __init__(self, name: str, needed: int, size: int, hint: str = "") -> None:
+        self.name, self.needed, self.size, self.hint = name, needed, size, hint
+        super().__init__(f"{name} map", self.shortfall())
+
+    def shortfall(self) -> str:
+        """The numbers, and that nothing was changed."""
+        hint = f" ({self.hint})" if self.hint else ""
+        return (
+            f"needs {self.needed:,} {self.name} map entries at its peak, the map holds "
+            f"{self.size:,}{hint}; nothing was changed"
+        )
 
 
 def pinned_sizes(pin_dir: str) -> dict[str, int]:

@@ -20,7 +20,8 @@ must pass both); an earlier writer switched policies that way. A switch it left 
 finished here by writing in place into the generation it was moving to, then dropping the
 old one. The writer learns what exists by reading the maps, so a restarted agent (or one
 that died halfway) picks up exactly where the maps are. One writer per node maps: it caches
-the policy map's keys after its first read.
+the policy map's keys after its first read, and so knows how many entries the map holds:
+`peak` tells, before anything is written, how many a change needs at its fullest moment.
 """
 
 from __future__ import annotations
@@ -187,6 +188,25 @@ def split_changes(current: Entries, wanted: Entries) -> tuple[list[Op], list[Op]
     return tighten, loosen
 
 
+class _Delta(NamedTuple):
+    """How many slots a change adds and removes, and how many of those are tightening
+    (`split_changes`: an added deny, a removed allow)."""
+
+    added: int
+    removed: int
+    denies_added: int
+    allows_removed: int
+
+    @classmethod
+    def of(cls, current: Entries, wanted: Entries) -> _Delta:
+        changed = current.keys() ^ wanted.keys()  # one pass over both; then the change only
+        added = [slot for slot in changed if slot in wanted]
+        removed = len(changed) - len(added)
+        denies = sum(1 for slot in added if wanted[slot].deny)
+        allows = sum(1 for slot in changed if slot in current and not current[slot].deny)
+        return cls(len(added), removed, denies, allows)
+
+
 @dataclass
 class _Change:
     """One endpoint's policy change in progress."""
@@ -207,6 +227,7 @@ class PolicyWriter:
         self.maps = maps
         self.codec = PolicyCodec(maps)
         self._written: dict[tuple[int, int], Entries] | None = None
+        self._count = 0  # entries in the policy map (valid while `_written` is)
         # ep_id -> (policy object, identity) last installed: the agent hands back the very
         # same object for an endpoint whose policy did not change, which then costs nothing.
         self._installed: dict[int, tuple[EndpointPolicy, int | None]] = {}
@@ -229,10 +250,12 @@ class PolicyWriter:
                 )
                 group = self._written.setdefault((int(k.ep_id), int(k.gen)), {})
                 group[slot] = Verdict(int(v.rule_id), bool(v.deny))
+            self._count = sum(map(len, self._written.values()))
         return self._written
 
     def refresh(self) -> None:
-        """Forget the cached keys (if something else wrote the policy map)."""
+        """Forget the cached keys (if something else wrote the policy map, or a write
+        failed part of the way through a batch: the next change reads what is there)."""
         self._written = None
         self._installed.clear()
         self._entries.clear()
@@ -261,11 +284,13 @@ class PolicyWriter:
         if deletes:
             self.maps.policy.delete_batch_raw(self.codec.keys(ep_id, gen, deletes))
         group = self.written().setdefault((ep_id, gen), {})
+        self._count -= len(group)
         for slot, verdict in ops:
             if verdict is None:
                 group.pop(slot, None)
             else:
                 group[slot] = verdict
+        self._count += len(group)
         if not group:
             del self.written()[(ep_id, gen)]
 
@@ -290,6 +315,64 @@ class PolicyWriter:
 
     def _set_states(self, states: Iterable[tuple[int, Any]]) -> None:
         self.maps.endpoints.update_batch(states)
+
+    # ---- capacity --------------------------------------------------------------------
+    def peak(self, steps: Sequence[tuple[Mapping[int, EndpointPolicy], Mapping[int, int]]]) -> int:
+        """The most entries the policy map holds while `apply` runs each step (changes,
+        identities) in turn, from what it holds now: `apply`'s order replayed on counts
+        (new endpoints and idle generations in turn, then every endpoint's tightening,
+        then every endpoint's loosening; within one batch writes before deletes). Nothing
+        is written. Replicas cost one diff: an endpoint holds what `apply` installed for
+        it (after a failed write, `refresh` first)."""
+        self.written()
+        count = peak = self._count
+        groups: dict[tuple[int, int], Entries] = {}  # contents after the earlier steps
+        gens: dict[int, int] = {}  # live generation after the earlier steps
+        installed: dict[int, tuple[EndpointPolicy, int | None]] = {}  # by the earlier steps
+        deltas: dict[tuple[int, int], _Delta] = {}  # (id(installed), id(new policy))
+        for changes, identities in steps:
+            phases: list[tuple[_Delta, int]] = []  # changing endpoints, idle entries
+            for ep_id, policy in changes.items():
+                previous = installed.get(ep_id) or self._installed.get(ep_id)
+                identity = identities.get(ep_id)
+                if previous is not None and previous[0] is policy and previous[1] == identity:
+                    continue
+                installed[ep_id] = (policy, identity)
+                entries = self._entries_of(ep_id, policy)
+                gen = gens.get(ep_id)
+                new = False
+                if gen is None:
+                    state = self.maps.endpoints.lookup(ep_id)
+                    new = state is None
+                    gen = 0 if new else int(state.gen[1]) & 1
+                gens[ep_id] = gen
+                live, idle = ((ep_id, gen), (ep_id, 1 - gen))
+                current = groups.get(live, self.written().get(live, {}))
+                stale = len(groups.get(idle, self.written().get(idle, {})))
+                groups[live], groups[idle] = entries, {}
+                if previous is None or new:
+                    delta = _Delta.of(current, entries)
+                else:
+                    key = (id(previous[0]), id(policy))
+                    if key not in deltas:
+                        deltas[key] = _Delta.of(current, entries)
+                    delta = deltas[key]
+                if new:  # idle generation cleared, then one batch
+                    count -= stale
+                    peak = max(peak, count + delta.added)
+                    count += delta.added - delta.removed
+                elif not delta.added and not delta.removed:  # only the idle one is cleared
+                    count -= stale
+                else:
+                    phases.append((delta, stale))
+            for delta, _ in phases:
+                peak = max(peak, count + delta.denies_added)
+                count += delta.denies_added - delta.allows_removed
+            for delta, _ in phases:
+                peak = max(peak, count + delta.added - delta.denies_added)
+                count += delta.added - delta.denies_added - delta.removed + delta.allows_removed
+            count -= sum(stale for _, stale in phases)
+        return peak
 
     # ---- the protocol ----------------------------------------------------------------
     def apply(self, changes: Mapping[int, EndpointPolicy], identities: Mapping[int, int]) -> None:

@@ -86,7 +86,7 @@ class AgentProcess:
     `log_level` is the agent's; `memory_limit` caps its address space (None: no cap);
     `allow_localhost` its `--allow-localhost` (None: the agent's default). Change it and
     restart to run the same agent in another mode; `attach` its --attach (auto, tcx or
-    clsact; None: the default)."""
+    clsact; None: the default); `policy_map_max` its --policy-map-max (None: the default)."""
 
     def __init__(
         self,
@@ -96,6 +96,7 @@ class AgentProcess:
         memory_limit: int | None = MEMORY_LIMIT,
         allow_localhost: str | None = None,
         attach: str | None = None,
+        policy_map_max: int | None = None,
     ) -> None:
         self.tag = tag
         self.node_netns = f"{tag}n"
@@ -109,6 +110,7 @@ class AgentProcess:
         self.memory_limit = memory_limit
         self.allow_localhost = allow_localhost
         self.attach = attach  # --attach (None: the agent's default, auto)
+        self.policy_map_max = policy_map_max
         self.proc: subprocess.Popen[str] | None = None
         self.expect_down = False  # we stopped it on purpose (kill9/stop)
         self.env = {**os.environ, SOCKET_ENV: self.socket}
@@ -119,6 +121,8 @@ class AgentProcess:
         options = [] if mode is None else ["--allow-localhost", mode]
         if self.attach is not None:
             options += ["--attach", self.attach]
+        if self.policy_map_max is not None:
+            options += ["--policy-map-max", str(self.policy_map_max)]
         return [
             membrane_command(), "agent", "run",
             "--state-dir", str(self.state_dir),

@@ -185,13 +185,19 @@ def running_cluster(
     tag: str | None = None,
     allow_localhost: str | None = None,
     attach: str | None = None,
+    policy_map_max: int | None = None,
 ) -> Iterator[Cluster]:
     """A fresh agent with the standard pods, torn down however the body ends (also when
-    setting it up fails half-way). `allow_localhost`, `attach`: the agent's options."""
+    setting it up fails half-way). `allow_localhost`, `attach`, `policy_map_max`: the
+    agent's options."""
     own = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="membrane-agent-"))
     agent = AgentProcess(
-        workdir, tag or unique_tag(), allow_localhost=allow_localhost, attach=attach
+        workdir,
+        tag or unique_tag(),
+        allow_localhost=allow_localhost,
+        attach=attach,
+        policy_map_max=policy_map_max,
     )
     cluster = Cluster(agent, namespaces, pod_names)
     try:
