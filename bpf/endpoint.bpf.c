@@ -21,6 +21,7 @@
  *                    fragment, so a tiny first fragment cannot hide the flags.
  *   ICMP echo        request: ct ports (0, id); reply: (id, 0), so the reversed tuple
  *                    of a reply is its request and a request is never taken for a reply.
+ *                    A reply without its request is checked by policy and never tracked.
  *   ICMP errors      destination unreachable (incl. fragmentation needed), time exceeded
  *                    and parameter problem quote the IP header and 8 bytes of L4 of the
  *                    packet they answer. When that packet belongs to a tracked connection
@@ -466,7 +467,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 
 	if (!flow_allowed(&f, &v))
 		return drop(&f, v.reason, v.match, v.rule_id);
-	if (f.tracked)
+	/* An echo reply that answers nothing is not a flow: tracked, its reversed tuple (our
+	 * echo request with that id) would pass as a reply, past the egress policy. */
+	if (f.tracked && !(f.proto == IPPROTO_ICMP && f.sport == ICMP_ECHOREPLY_))
 		ct_create(&key, f.tcp_flags, now, f.policy_rev, v.rule_id, f.peer_identity);
 	report(&f, FLOW_EVENT_POLICY_VERDICT, DROP_NONE, v.match, v.rule_id);
 	return pass(&f, dir);

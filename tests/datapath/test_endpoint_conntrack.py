@@ -167,6 +167,17 @@ def test_icmp_echo_replies_match_their_request(dp: EndpointDatapath) -> None:
     assert_dropped(dp.ingress(request_back), DropReason.POLICY_DENIED, INGRESS)
 
 
+def test_an_unsolicited_echo_reply_opens_nothing(dp: EndpointDatapath) -> None:
+    """An echo reply that answers no request of ours is checked by policy like any ICMP
+    message, but is not tracked: else its reversed tuple, an echo request of ours with the
+    same id, would pass as a reply and skip the egress policy."""
+    dp.set_policy([allow(INGRESS, PEER_ID, proto=1, port=0)], ingress=True, egress=True)
+    assert_passed(dp.ingress(icmp_message(PEER, EP_IP, type_=0, ident=91)), new_flow=True)
+    assert dp.ct() == []
+    request = icmp_message(EP_IP, PEER, type_=8, ident=91)
+    assert_dropped(dp.egress(request), DropReason.POLICY_DENIED, EGRESS)
+
+
 def test_other_icmp_is_checked_every_time(dp: EndpointDatapath) -> None:
     dp.set_policy([allow(EGRESS, PEER_ID, proto=1, port=13)], egress=True)
     for _ in range(2):
