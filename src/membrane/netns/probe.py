@@ -4,7 +4,7 @@ binary, which a fresh Debian image lacks) and listening sockets (a server starte
 
 from __future__ import annotations
 
-import os
+import secrets
 import socket
 import struct
 import time
@@ -29,7 +29,8 @@ def ping(ns: str, ip: str, timeout: float = 1.0) -> bool:
     with inside(ns):
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     with sock:
-        ident, seq = os.getpid() & 0xFFFF, time.monotonic_ns() & 0xFFFF
+        # A fresh id per echo: conntrack sees a new flow, not one an earlier ping opened
+        ident, seq = secrets.randbits(16), secrets.randbits(16)
         payload = b"membrane-ping"
         csum = _checksum(struct.pack("!BBHHH", _ECHO_REQUEST, 0, 0, ident, seq) + payload)
         try:
@@ -45,7 +46,8 @@ def ping(ns: str, ip: str, timeout: float = 1.0) -> bool:
             except TimeoutError:
                 return False
             icmp = reply[(reply[0] & 0x0F) * 4 :]  # skip the IP header
-            if len(icmp) >= 8:
+            # what queued before connect() took effect may come from anyone
+            if len(icmp) >= 8 and socket.inet_ntoa(reply[12:16]) == ip:
                 kind, _, _, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
                 if (kind, rid, rseq) == (_ECHO_REPLY, ident, seq):
                     return True
