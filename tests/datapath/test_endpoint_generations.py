@@ -233,6 +233,25 @@ def test_remove_endpoint_clears_state_policy_and_conntrack(dp: EndpointDatapath)
     assert_dropped(out, DropReason.NO_ENDPOINT_STATE, EGRESS)
 
 
+def test_a_replaced_pods_policy_is_not_compiled_again(
+    dp: EndpointDatapath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod deleted and added again (a new endpoint id) gets the same policy object from
+    the compiler; the writer still knows its slots after changes in between."""
+    policy = EndpointPolicy(False, True, tuple(OLD))
+    dp.writer.apply({EP_ID: policy}, {EP_ID: EP_IDENTITY})
+    dp.writer.remove_endpoint(EP_ID)
+    dp.writer.apply({}, {})  # another change while no endpoint has the policy
+    compiled: list[object] = []
+    original = compile_entries
+    monkeypatch.setattr(
+        "membrane.datapath.policy.compile_entries", lambda e: compiled.append(e) or original(e)
+    )
+    dp.writer.apply({EP_ID + 1: policy}, {EP_ID + 1: EP_IDENTITY})
+    assert compiled == []
+    assert policy_keys(dp) == {(EP_ID + 1, 0, 80), (EP_ID + 1, 0, 81)}
+
+
 def test_a_new_endpoint_needs_its_identity(dp: EndpointDatapath) -> None:
     with pytest.raises(ValueError, match="identity"):
         dp.writer.apply({42: EndpointPolicy(False, False, [])}, {})

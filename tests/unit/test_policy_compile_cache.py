@@ -65,6 +65,17 @@ def test_cached_compiles_match_fresh_ones() -> None:
         assert cached == fresh
 
 
+def test_a_replaced_pod_gets_the_same_policy_object_back() -> None:
+    """The datapath writer knows a policy object it installed before: a pod deleted and
+    added again (a new endpoint id) must not cost a compile of its entries."""
+    cache, rules = CompileCache(), RuleTable()
+    web = parse_documents(POLICY.format(name="web", app="web", peer="db", port=80))
+    first = compile_policies(web, _universe({1: "web", 2: "db"}), rules, cache)[1]
+    compile_policies(web, _universe({2: "db"}), rules, cache)  # the pod is gone
+    again = compile_policies(web, _universe({2: "db", 3: "web"}), rules, cache)[3]
+    assert again is first
+
+
 EXPRESSIONS = """
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy

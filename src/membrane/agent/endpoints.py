@@ -7,22 +7,27 @@ the datapath (membrane.agent.reconcile).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from ipaddress import IPv4Address
 
 from membrane.agent.config import AgentConfig
 from membrane.agent.state import AgentState, EndpointRecord, PortSpec
 from membrane.api.models import EndpointCreate
+from membrane.bpf import BpfObject
 from membrane.datapath.endpoint_prog import (
     ATTACH_TCX,
     attach_endpoint,
+    attach_loaded,
     attach_mode,
     build_tags,
     detach_endpoint,
     is_attached,
+    load_endpoint,
     pinned_endpoint_ids,
     runs_build,
 )
@@ -138,8 +143,19 @@ class EndpointLifecycle:
         self.state.next_endpoint_id = ep_id % MAX_ENDPOINT_ID + 1
         save()
         try:
-            link = create_pod(self.node, netns, ep.host_ifname, ip)
-            ep = self._attach(ep, link.host_ifindex)
+            # The verifier checks the programs (in the kernel, ~20 ms) while the veth is
+            # being made.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                loading = pool.submit(load_endpoint, self.config.bpf_dir, ep_id, ip)
+                try:
+                    link = create_pod(self.node, netns, ep.host_ifname, ip)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        loading.result().close()
+                    raise
+                obj = loading.result()
+            with obj:
+                ep = self._attach(ep, link.host_ifindex, obj)
         except BaseException:
             del self.state.endpoints[ep_id]
             # Undo every step even if one of the undos fails: a leftover veth would make
@@ -174,21 +190,22 @@ class EndpointLifecycle:
             candidate = candidate % MAX_ENDPOINT_ID + 1
         raise UserError("endpoint", f"this node has the maximum of {MAX_ENDPOINT_ID} endpoints")
 
-    def _attach(self, ep: EndpointRecord, ifindex: int | None = None) -> EndpointRecord:
-        """Attach (or swap in) the endpoint's programs; records and logs the mode."""
+    def _attach(
+        self, ep: EndpointRecord, ifindex: int | None = None, loaded: BpfObject | None = None
+    ) -> EndpointRecord:
+        """Attach (or swap in) the endpoint's programs (`loaded` for it already, or loaded
+        now); records and logs the mode."""
         if ifindex is None:
             info = inspect_pod(self.node, ep.netns, ep.host_ifname, IPv4Address(ep.ipv4))
             if info is None:
                 raise RuntimeError(f"endpoint {ep.key} has no veth to attach to")
             ifindex = info.host_ifindex
-        mode = attach_endpoint(
-            self.config.bpf_dir,
-            ep.id,
-            IPv4Address(ep.ipv4),
-            ifindex,
-            self.config.node_netns,
-            self.config.attach,
-        )
+        where = (self.config.bpf_dir, ep.id)
+        node_netns, attach = self.config.node_netns, self.config.attach
+        if loaded is None:
+            mode = attach_endpoint(*where, IPv4Address(ep.ipv4), ifindex, node_netns, attach)
+        else:
+            mode = attach_loaded(loaded, *where, ifindex, node_netns, attach)
         log.log(
             logging.INFO if mode == ATTACH_TCX else logging.WARNING,
             "endpoint attached",

@@ -197,10 +197,27 @@ def attach_endpoint(
     other mode is replaced). Returns how they are attached: "tcx" or "clsact"."""
     if mode not in TC_MODES:
         raise ValueError(f"attach mode must be one of {', '.join(TC_MODES)}, not {mode!r}")
+    with load_endpoint(pin_dir, ep_id, ipv4, **config) as obj:
+        return attach_loaded(obj, pin_dir, ep_id, ifindex, node_netns, mode)
+
+
+def attach_loaded(
+    obj: BpfObject,
+    pin_dir: str,
+    ep_id: int,
+    ifindex: int,
+    node_netns: str | None = None,
+    mode: str = "auto",
+) -> str:
+    """attach_endpoint with the programs of `obj` (load_endpoint for this endpoint), which
+    the caller loaded, e.g. while the veth was being made. (Attaching the two directions
+    at once gains nothing: the kernel serialises tcx attachments on the RTNL lock.)"""
+    if mode not in TC_MODES:
+        raise ValueError(f"attach mode must be one of {', '.join(TC_MODES)}, not {mode!r}")
     directory = links_dir(pin_dir, ep_id)
     os.makedirs(directory, exist_ok=True)
     modes = set()
-    with load_endpoint(pin_dir, ep_id, ipv4, **config) as obj, _netns(node_netns):
+    with _netns(node_netns):
         for direction, prog_name in HOOKS.items():
             path = os.path.join(directory, direction)
             want = mode

@@ -169,6 +169,10 @@ def policy_value(maps: NodeMaps, verdict: Verdict) -> Any:
 
 Op = tuple[Slot, Verdict | None]  # None: delete the key
 
+# Policies kept compiled after their last endpoint left (each up to a few MiB at 10,000
+# rules): enough for pods being replaced one at a time.
+RETAINED_POLICIES = 4
+
 
 def split_changes(current: Entries, wanted: Entries) -> tuple[list[Op], list[Op]]:
     """The key changes from `current` to `wanted`, as (tightening, loosening): each
@@ -199,6 +203,8 @@ class _Delta(NamedTuple):
 
     @classmethod
     def of(cls, current: Entries, wanted: Entries) -> _Delta:
+        if not current:  # a new endpoint's: everything is added
+            return cls(len(wanted), 0, sum(1 for v in wanted.values() if v.deny), 0)
         changed = current.keys() ^ wanted.keys()  # one pass over both; then the change only
         added = [slot for slot in changed if slot in wanted]
         removed = len(changed) - len(added)
@@ -231,8 +237,9 @@ class PolicyWriter:
         # ep_id -> (policy object, identity) last installed: the agent hands back the very
         # same object for an endpoint whose policy did not change, which then costs nothing.
         self._installed: dict[int, tuple[EndpointPolicy, int | None]] = {}
-        # id(policy) -> (policy, its slots) for the installed policies: a new policy is
-        # converted from the one it replaces by what differs.
+        # id(policy) -> (policy, its slots) for the installed policies (and the last few
+        # no endpoint holds any more: a pod that is replaced gets the same policy back); a
+        # new policy is converted from the one it replaces by what differs.
         self._entries: dict[int, tuple[EndpointPolicy, Entries]] = {}
 
     # ---- what the policy map holds ---------------------------------------------------
@@ -294,12 +301,22 @@ class PolicyWriter:
         if not group:
             del self.written()[(ep_id, gen)]
 
+    def _put_all(self, ep_id: int, gen: int, entries: Entries) -> None:
+        """_put of every slot of `entries` into a generation that holds nothing."""
+        if not entries:
+            return
+        self.maps.policy.update_batch_raw(
+            self.codec.keys(ep_id, gen, list(entries)), self.codec.values(list(entries.values()))
+        )
+        self.written()[(ep_id, gen)] = dict(entries)
+        self._count += len(entries)
+
     def _write(self, ep_id: int, gen: int, entries: Entries) -> None:
         """Make generation `gen` of `ep_id` hold exactly `entries`, in any order: only for
         generations no endpoint state points at."""
         current = self.written().get((ep_id, gen))
         if not current:  # every slot is new (a new endpoint): nothing to compare
-            self._put(ep_id, gen, list(entries.items()))
+            self._put_all(ep_id, gen, entries)
             return
         tighten, loosen = split_changes(current, entries)
         self._put(ep_id, gen, tighten + loosen)
@@ -413,8 +430,10 @@ class PolicyWriter:
         for ep_id, policy in changes.items():
             self._installed[ep_id] = (policy, identities.get(ep_id))
         installed = {id(policy) for policy, _ in self._installed.values()}
-        for key in self._entries.keys() - installed:
-            del self._entries[key]
+        # Unused ones first, so the ones that leave next are kept over older ones.
+        unused = [key for key in self._entries if key not in installed]  # oldest first
+        kept = unused[-RETAINED_POLICIES:] + [key for key in self._entries if key in installed]
+        self._entries = {key: self._entries[key] for key in kept}
 
     def _entries_of(self, ep_id: int, policy: EndpointPolicy) -> Entries:
         """The policy's slots: known when another endpoint has it (replicas share one

@@ -43,6 +43,9 @@ __all__ = [
 _Key = tuple[Direction, int, int, int, int]  # direction, identity, proto, port, port_bits
 _Verdict = tuple[bool, int]  # deny, rule_id
 _ANY_PEER = Identity.ANY  # bound once: used per rule and per endpoint
+# Endpoint policies kept after their last endpoint left: enough for pods being replaced
+# one at a time.
+RETAINED_RESULTS = 4
 _HOST = Identity.HOST
 
 
@@ -110,10 +113,9 @@ class CompileCache:
             self.results.clear()
             self.parts.clear()
             return
-        if dirty:
-            self.results = {k: v for k, v in self.results.items() if dirty.isdisjoint(k[0])}
         if dirty or gone:
             stale = dirty | gone
+            self.results = {k: v for k, v in self.results.items() if stale.isdisjoint(k[0])}
             self.parts = {k: v for k, v in self.parts.items() if k[0] not in stale}
 
     def _update_identities(self, identities: Mapping[int, frozenset]) -> set[int]:
@@ -191,7 +193,11 @@ def compile_policies(
             compilation = compilation or _Compilation(universe, rules, cache)
             found = compilation.endpoint(ep, selecting[ep_id])
         results[key] = result[ep_id] = found
-    cache.results = results
+    # The last few results no endpoint has now stay: a replaced pod gets the very same
+    # policy object back, which the datapath writer has compiled already.
+    # (Unused ones first, so the ones that leave next are kept over older ones.)
+    unused = [k for k in cache.results if k not in results]  # oldest first
+    cache.results = {k: cache.results[k] for k in unused[-RETAINED_RESULTS:]} | results
     return result
 
 
