@@ -1,3 +1,3 @@
-from membrane.cli.main import main
+from membrane.cli.entry import run
 
-main()
+run()

@@ -129,13 +129,16 @@ class PolicyCodec:
         self.value_dtype = ctype_dtype(maps.policy.value_type)
 
     def keys(self, ep_id: int, gen: int, slots: Sequence[Slot]) -> bytes:
+        return self.key_array(ep_id, gen, slots).tobytes()
+
+    def key_array(self, ep_id: int, gen: int, slots: Sequence[Slot]) -> np.ndarray:
         keys = np.zeros(len(slots), self.key_dtype)
         if slots:
             prefixlen, direction, identity, proto, port = _columns(slots, len(Slot._fields))
             keys["prefixlen"], keys["ep_id"], keys["gen"] = prefixlen, ep_id, gen
             keys["dir"], keys["identity"], keys["proto"] = direction, identity, proto
             keys["dport"] = ((port & 0xFF) << 8) | (port >> 8)  # network byte order
-        return keys.tobytes()
+        return keys
 
     def values(self, verdicts: Sequence[Verdict]) -> bytes:
         values = np.zeros(len(verdicts), self.value_dtype)
@@ -241,6 +244,8 @@ class PolicyWriter:
         # no endpoint holds any more: a pod that is replaced gets the same policy back); a
         # new policy is converted from the one it replaces by what differs.
         self._entries: dict[int, tuple[EndpointPolicy, Entries]] = {}
+        # id(entries) -> (entries, keys with ep_id and gen 0, values) of those policies
+        self._encoded: dict[int, tuple[Entries, np.ndarray, bytes]] = {}
 
     # ---- what the policy map holds ---------------------------------------------------
     def written(self) -> dict[tuple[int, int], Entries]:
@@ -266,6 +271,7 @@ class PolicyWriter:
         self._written = None
         self._installed.clear()
         self._entries.clear()
+        self._encoded.clear()
 
     def _is_installed(
         self, ep_id: int, policy: EndpointPolicy, identities: Mapping[int, int]
@@ -302,12 +308,19 @@ class PolicyWriter:
             del self.written()[(ep_id, gen)]
 
     def _put_all(self, ep_id: int, gen: int, entries: Entries) -> None:
-        """_put of every slot of `entries` into a generation that holds nothing."""
+        """_put of every slot of `entries` into a generation that holds nothing. Replicas
+        and replaced pods share `entries`: it is encoded once, then only the endpoint and
+        generation columns change."""
         if not entries:
             return
-        self.maps.policy.update_batch_raw(
-            self.codec.keys(ep_id, gen, list(entries)), self.codec.values(list(entries.values()))
-        )
+        encoded = self._encoded.get(id(entries))
+        if encoded is None or encoded[0] is not entries:
+            keys = self.codec.key_array(0, 0, list(entries))
+            encoded = (entries, keys, self.codec.values(list(entries.values())))
+            self._encoded[id(entries)] = encoded
+        keys = encoded[1].copy()
+        keys["ep_id"], keys["gen"] = ep_id, gen
+        self.maps.policy.update_batch_raw(keys.tobytes(), encoded[2])
         self.written()[(ep_id, gen)] = dict(entries)
         self._count += len(entries)
 
@@ -434,6 +447,8 @@ class PolicyWriter:
         unused = [key for key in self._entries if key not in installed]  # oldest first
         kept = unused[-RETAINED_POLICIES:] + [key for key in self._entries if key in installed]
         self._entries = {key: self._entries[key] for key in kept}
+        known = {id(entries) for _, entries in self._entries.values()}
+        self._encoded = {k: v for k, v in self._encoded.items() if k in known}
 
     def _entries_of(self, ep_id: int, policy: EndpointPolicy) -> Entries:
         """The policy's slots: known when another endpoint has it (replicas share one
