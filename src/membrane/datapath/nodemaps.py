@@ -17,7 +17,7 @@ import numpy as np
 
 from membrane.bpf import BpfObject, Btf, Map
 from membrane.bpf.fs import ensure_bpffs
-from membrane.bpf.maps import map_info, obj_get
+from membrane.bpf.maps import MapInfo, map_info, obj_get
 from membrane.datapath.abi import ENDPOINT_OBJECT, NODE_MAPS
 from membrane.errors import UserError
 
@@ -41,20 +41,26 @@ class NodeMapFull(UserError):
         )
 
 
-def pinned_sizes(pin_dir: str) -> dict[str, int]:
-    """max_entries of the node maps pinned under `pin_dir` (missing ones left out). An
-    object reusing a pinned map must declare the same size, or libbpf refuses it."""
-    sizes = {}
+def pinned_map_infos(pin_dir: str) -> dict[str, MapInfo]:
+    """What the kernel says of each node map pinned under `pin_dir` (missing ones left
+    out)."""
+    infos = {}
     for name in NODE_MAPS:
         try:
             fd = obj_get(os.path.join(pin_dir, name))
         except FileNotFoundError:
             continue
         try:
-            sizes[name] = map_info(fd).max_entries
+            infos[name] = map_info(fd)
         finally:
             os.close(fd)
-    return sizes
+    return infos
+
+
+def pinned_sizes(pin_dir: str) -> dict[str, int]:
+    """max_entries of the node maps pinned under `pin_dir` (missing ones left out). An
+    object reusing a pinned map must declare the same size, or libbpf refuses it."""
+    return {name: info.max_entries for name, info in pinned_map_infos(pin_dir).items()}
 
 
 def _create_missing(pin_dir: str, sizes: Mapping[str, int]) -> None:

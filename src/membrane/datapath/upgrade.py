@@ -28,9 +28,9 @@ from typing import Any
 
 from membrane.bpf import BpfError, BpfObject, Map
 from membrane.bpf import _libbpf as L
-from membrane.bpf.maps import RINGBUF, map_info, obj_get
+from membrane.bpf.maps import RINGBUF
 from membrane.datapath.abi import ENDPOINT_OBJECT, NODE_MAPS
-from membrane.datapath.nodemaps import pinned_sizes
+from membrane.datapath.nodemaps import pinned_map_infos, pinned_sizes
 
 log = logging.getLogger(__name__)
 
@@ -255,14 +255,4 @@ class NodeMapMigration:
 
 def pinned_map_ids(pin_dir: str) -> dict[str, int]:
     """name -> id of the node maps pinned under `pin_dir`."""
-    ids = {}
-    for name in NODE_MAPS:
-        try:
-            fd = obj_get(os.path.join(pin_dir, name))
-        except FileNotFoundError:
-            continue
-        try:
-            ids[name] = map_info(fd).id
-        finally:
-            os.close(fd)
-    return ids
+    return {name: info.id for name, info in pinned_map_infos(pin_dir).items()}
