@@ -7,19 +7,27 @@ VMLINUX  := $(BUILD)/vmlinux.h
 BPF_SRCS := $(wildcard bpf/*.bpf.c)
 BPF_OBJS := $(patsubst bpf/%.bpf.c,$(OBJDIR)/%.bpf.o,$(BPF_SRCS))
 ABI_PY   := src/membrane/abi.py
+NATIVE   := src/membrane/native/libeventfmt.so
 BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_x86 \
               -I/usr/include/x86_64-linux-gnu -Ibpf -Ibpf/include -I$(BUILD)
 VENV     := .venv
 PY       := $(VENV)/bin/python
 PYTHON   ?= python3
 
-.PHONY: all setup bpf test test-unit demo bench lint clean
+.PHONY: all setup bpf native test test-unit demo bench lint clean
 all: setup bpf
 
 setup:
 	@bash scripts/setup.sh
 
-bpf: $(BPF_OBJS) $(ABI_PY)
+# The BPF objects, their ABI as Python, and the user-space helper the trace tools format
+# their events with (native/).
+bpf: $(BPF_OBJS) $(ABI_PY) $(NATIVE)
+
+native: $(NATIVE)
+
+$(NATIVE): native/eventfmt.c
+	$(CLANG) -O2 -g -Wall -Werror -shared -fPIC -o $@.tmp $< && mv $@.tmp $@
 
 $(VMLINUX):
 	@mkdir -p $(BUILD)
@@ -52,4 +60,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests bench
 
 clean:
-	rm -rf $(BUILD) $(OBJDIR) $(ABI_PY)
+	rm -rf $(BUILD) $(OBJDIR) $(ABI_PY) $(NATIVE)

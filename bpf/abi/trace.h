@@ -6,6 +6,7 @@
 
 #define TRACE_TASK_COMM_LEN 16
 #define TRACE_PATH_LEN 256
+#define OPEN_PATH_MAX 4096  /* PATH_MAX: open paths are sent whole, as long as they are */
 
 enum trace_event_type {
 	TRACE_EVENT_OPEN = 1,
@@ -26,14 +27,17 @@ struct trace_task {
 	char comm[TRACE_TASK_COMM_LEN];
 };
 
+/* A variable-length record: the fixed part, then path_len bytes of path (its NUL
+ * included; 0 when it could not be read). Only those bytes go into the ring, so a
+ * 30-byte path costs a 112-byte record, not a 4 KiB one. */
 struct open_event {
 	struct event_header hdr;
 	struct trace_task task;
 	__s64 ret;       /* fd, or -errno */
 	__s64 flags;     /* open(2) flags */
-	__u32 syscall;   /* 0 openat, 1 openat2 */
-	__u32 pad;
-	char path[TRACE_PATH_LEN];
+	__u32 syscall;   /* 0 openat, 1 openat2, 2 open */
+	__u32 path_len;
+	char path[OPEN_PATH_MAX];
 };
 
 #endif

@@ -23,3 +23,9 @@ def ktimes_to_iso(ts_ns: np.ndarray) -> list[str]:
     offset = time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     us = ((ts_ns.astype(np.int64) + offset) // 1000).astype("datetime64[us]")
     return [s + "+00:00" for s in np.datetime_as_string(us, unit="us").tolist()]
+
+
+def ktimes_to_unix_ns(ts_ns: np.ndarray) -> np.ndarray:
+    """Unix nanoseconds of a batch of bpf_ktime_get_ns() values, with one clock reading."""
+    offset = time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    return ts_ns.astype(np.int64) + offset

@@ -11,6 +11,10 @@ read-only. The data area is mapped twice in a row, so a record that wraps around
 of the ring is still contiguous in our mapping. Each record starts with an 8-byte header
 whose first word is the length plus the BUSY (not yet committed) and DISCARD bits;
 records are 8-byte aligned.
+
+Records of varying length (a path as long as it is) cannot be cut into a strided array: with
+`variable=True`, `poll`/`drain` return `Records` instead, the consumed bytes in one copy and
+where each record is in them, found by the compiled scanner in native/eventfmt.c.
 """
 
 from __future__ import annotations
@@ -18,20 +22,37 @@ from __future__ import annotations
 import ctypes
 import mmap
 import select
+from dataclasses import dataclass
 
 import numpy as np
 
 from membrane.bpf.errors import BpfError
 from membrane.bpf.maps import RINGBUF, Map
+from membrane.native import eventfmt
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HEADER_SIZE = 8
 DEFAULT_POLL_MS = 50
 _FIRST_WINDOW = 512  # headers compared before assuming a long run of one record size
+_MAX_RECORDS = 1 << 16  # per drain of a variable-length ring: a batch stays in cache
+
+
+@dataclass
+class Records:
+    """Records of varying length, consumed together: record i is
+    block[offsets[i] : offsets[i] + lengths[i]]."""
+
+    block: np.ndarray  # uint8, a copy of the consumed part of the ring
+    offsets: np.ndarray  # uint32
+    lengths: np.ndarray  # uint32
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
 
 # Decoded records: a structured array with a dtype, the raw records without one.
-Batch = np.ndarray | list[bytes]
+Batch = np.ndarray | list[bytes] | Records
 
 
 def _record_stride(length: int) -> int:
@@ -51,12 +72,17 @@ class RingBuffer:
     """
 
     def __init__(
-        self, ring: Map, dtype: np.dtype | None = None, lost_map: Map | None = None
+        self,
+        ring: Map,
+        dtype: np.dtype | None = None,
+        lost_map: Map | None = None,
+        variable: bool = False,
     ) -> None:
         if ring.type != RINGBUF:
             raise BpfError(f"map {ring.name} is not a ring buffer (type {ring.type})")
         self.name = ring.name
         self.dtype = dtype
+        self.variable = variable
         self.malformed = 0
         self._lost_map = lost_map
         self._size = ring.max_entries
@@ -116,6 +142,8 @@ class RingBuffer:
     def drain(self) -> Batch:
         """Consume every committed record up to the producer position seen on entry;
         never blocks. At most one ring's worth of records is returned per call."""
+        if self.variable:
+            return self._drain_records()
         consumer = self._consumer_pos.value
         producer = int(self._producer_pos[0])
         chunks: list[Batch] = []
@@ -134,6 +162,22 @@ class RingBuffer:
         # Everything is copied out of the ring: hand the space back to the producers.
         self._consumer_pos.value = consumer
         return self._join(chunks)
+
+    def _drain_records(self) -> Records:
+        consumer = self._consumer_pos.value
+        producer = int(self._producer_pos[0])
+        scan = eventfmt.ring_scan(
+            self._data.ctypes.data + self._data_offset,
+            self._mask,
+            consumer,
+            producer,
+            _MAX_RECORDS,
+        )
+        # The data area is mapped twice in a row: the consumed span is contiguous.
+        start = self._data_offset + (consumer & self._mask)
+        block = self._data[start : start + (scan.end - consumer)].copy()
+        self._consumer_pos.value = scan.end
+        return Records(block, scan.offsets, scan.lengths)
 
     def _headers(self, header_at: int, stride: int, count: int) -> np.ndarray:
         return np.ndarray(

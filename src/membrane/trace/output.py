@@ -9,6 +9,11 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
+import numpy as np
+
+from membrane.native.eventfmt import RowFormatter
+from membrane.trace.cells import Cells, ints
+
 
 @dataclass(frozen=True)
 class Column:
@@ -33,6 +38,8 @@ class Printer:
         self.json = output == "json"
         self.count = 0
         self._header_done = False
+        self._formatter: RowFormatter | None = None
+        self._keys: dict[str, bytes] = {}
         # One %-format for the whole row: faster than str.format or padding cell by cell.
         self._row = " ".join(
             ("%%%ds" if c.right else "%%-%ds") % c.width if c.width else "%s" for c in columns
@@ -83,12 +90,42 @@ class Printer:
         )
         self.count += count
 
+    def write_cells(self, cells: Mapping[str, Cells], rows: int) -> None:
+        """A batch given as native cells (trace/cells.py): the rows are laid out by the
+        compiled formatter and written in a few large writes, with no Python per event.
+        Same text as `write_columns` for the same values."""
+        if not rows:
+            return
+        if self._formatter is None:
+            self._formatter = RowFormatter(self.json)
+        if self.json:
+            columns = [cell.column(self._key(k), 0, False) for k, cell in cells.items()]
+        else:
+            self.header()
+            missing = ints(np.zeros(rows), nulls=np.ones(rows, dtype=np.bool_))
+            columns = [
+                cells.get(c.key, missing).column(b"", c.width, c.right) for c in self.columns
+            ]
+        sys.stdout.flush()  # what went through the text layer comes first
+        out = sys.stdout.buffer
+        for chunk in self._formatter.chunks(columns, rows):
+            out.write(chunk)
+        self.count += rows
+
+    def _key(self, key: str) -> bytes:
+        """A JSON key as the formatter writes it: quoted, with its ": "."""
+        found = self._keys.get(key)
+        if found is None:
+            found = self._keys[key] = (json.dumps(key) + ": ").encode()
+        return found
+
     def _write_json(self, records: Sequence[dict[str, Any]]) -> None:
         sys.stdout.write("".join([json.dumps(r) + "\n" for r in records]))
         self.count += len(records)
 
     def flush(self) -> None:
         sys.stdout.flush()
+        sys.stdout.buffer.flush()
 
     def summary(self, **fields: Any) -> None:
         """The closing line: JSON lines get a final {"summary": ...}; tables a stderr line."""

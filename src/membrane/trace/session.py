@@ -16,8 +16,10 @@ from membrane.bpf import AttachError, BpfObject, LoadError, Map
 from membrane.bpf.fs import ensure_tracefs
 from membrane.bpf.links import Link, attach_auto
 from membrane.bpf.probe import missing_capabilities
-from membrane.bpf.ringbuf import RingBuffer
+from membrane.bpf.ringbuf import Records, RingBuffer
 from membrane.errors import NotPermitted, UserError
+from membrane.trace.batch import EventBatch, EventLayout
+from membrane.trace.cells import Cells
 from membrane.trace.options import TraceOptions
 from membrane.trace.output import Column, Printer
 
@@ -44,6 +46,7 @@ class TraceSession:
         config: dict[str, Any] | None = None,
         map_sizes: dict[str, int] | None = None,
         attach: bool = True,
+        programs: Callable[[str], bool] | None = None,
     ) -> None:
         require_privileges()
         ensure_tracefs()
@@ -55,6 +58,9 @@ class TraceSession:
             self.obj.set_config(**opts.bpf_config(), **(config or {}))
             for name, size in (map_sizes or {}).items():
                 self.obj.set_max_entries(name, size)
+            for name, prog in self.obj.programs.items():
+                if programs is not None and not programs(name):
+                    prog.autoload = False  # e.g. a tracepoint this kernel does not have
             self.obj.load()
         except LoadError as err:
             self.close()
@@ -63,7 +69,8 @@ class TraceSession:
             ) from None
         if attach:
             for prog in self.obj.programs.values():
-                self.attach(lambda p=prog: attach_auto(p))
+                if prog.autoload:
+                    self.attach(lambda p=prog: attach_auto(p))
 
     def attach(self, make_link: Callable[[], Link]) -> Link:
         try:
@@ -94,10 +101,14 @@ class TraceSession:
     def map(self, name: str) -> Map:
         return self.obj.map(name)
 
-    def ring(self, struct: str) -> RingBuffer:
-        """The object's `events` ring buffer, decoding records as `struct`."""
+    def ring(self, struct: str | None) -> RingBuffer:
+        """The object's `events` ring buffer, decoding records as `struct`; without one,
+        it returns records of any length together (ringbuf.Records)."""
         ring = RingBuffer(
-            self.map("events"), dtype=self.obj.btf.dtype(struct), lost_map=self.map("events_lost")
+            self.map("events"),
+            dtype=None if struct is None else self.obj.btf.dtype(struct),
+            lost_map=self.map("events_lost"),
+            variable=struct is None,
         )
         self._stack.callback(ring.close)
         return ring
@@ -181,25 +192,38 @@ def stream_events(
     decode: Callable[..., Any],
     *,
     timestamps: bool,
-    keep: Callable[[np.ndarray], np.ndarray] | None = None,
+    ring_bytes: int,
+    keep: Callable[[EventBatch], np.ndarray] | None = None,
     config: dict[str, Any] | None = None,
     map_sizes: dict[str, int] | None = None,
+    tail: str | None = None,
+    tail_len: str | None = None,
+    programs: Callable[[str], bool] | None = None,
 ) -> None:
     """The whole run of a tool that prints one line per event (open, exec, connect, ...).
 
-    `decode(batch, times=...)` turns a batch into records (a list of dicts) or columns (a
-    dict of lists, the faster form); `keep(batch)` optionally selects rows first. The run
-    ends with the summary line: events shown, events lost, seconds."""
+    Records may end in a variable-length `tail` field (its used length in `tail_len`).
+    The ring holds `ring_bytes` unless --buffer-size says otherwise. `decode(batch,
+    times=...)` turns an EventBatch into cells (a dict of trace.cells.Cells: the native
+    formatter lays the rows out, nothing runs per event), columns (a dict of lists) or
+    records (a list of dicts); `keep(batch)` optionally selects rows first. `programs`
+    chooses which of the object's programs load (default: all). The run ends with the
+    summary line: events shown, events lost, seconds."""
     printer = Printer(columns, opts.output)
-    with TraceSession(obj_name, opts, config=config, map_sizes=map_sizes) as session:
-        ring = session.ring(struct)
+    sizes = {**(map_sizes or {}), "events": opts.buffer_size or ring_bytes}
+    with TraceSession(obj_name, opts, config=config, map_sizes=sizes, programs=programs) as session:
+        layout = EventLayout.of(session.obj.btf.dtype(struct), tail, tail_len)
+        ring = session.ring(None)
         printer.header()
 
-        def show(batch: np.ndarray) -> None:
+        def show(records: Records) -> None:
+            batch, _ = EventBatch.decode(layout, records)
             if keep is not None:
-                batch = batch[keep(batch)]
+                batch = batch.select(keep(batch))
             decoded = decode(batch, times=timestamps or printer.json)
-            if isinstance(decoded, dict):
+            if isinstance(decoded, dict) and isinstance(next(iter(decoded.values())), Cells):
+                printer.write_cells(decoded, len(batch))
+            elif isinstance(decoded, dict):
                 printer.write_columns(decoded)
             else:
                 printer.records(decoded)

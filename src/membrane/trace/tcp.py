@@ -1,6 +1,6 @@
 """What the TCP trace tools (connect, accept, tcplife, tcp-count) share: the columns of
 `struct trace_task` and `struct tcp_tuple` (abi/trace.h, abi/trace_tcp.h) decoded from a
-batch of events, one list per field, converting each distinct comm and address once."""
+batch of events as whole columns (trace/cells.py), formatting each distinct address once."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import socket
 
 import numpy as np
 
-from membrane.trace.output import Column, text
+from membrane.trace import cells as cell
+from membrane.trace.cells import Cells
+from membrane.trace.output import Column
 
 AF_INET6 = 10
 ADDR_WIDTH = 25  # an IPv4, a v4-mapped or a typical IPv6 address; longer ones push right
@@ -22,20 +24,47 @@ def address_columns(addr: str, port: str, prefix: str) -> list[Column]:
     return [Column(addr, f"{prefix}ADDR", ADDR_WIDTH), Column(port, f"{prefix}PORT", 5, right=True)]
 
 
-def task_fields(task: np.ndarray) -> dict[str, list[object]]:
-    """pid, tid, uid, comm of each `struct trace_task`; all four None where the pid is 0
+def task_cells(task: np.ndarray) -> dict[str, Cells]:
+    """pid, tid, uid, comm of each `struct trace_task`; all four null where the pid is 0
     (no process was known)."""
-    pids = task["pid"].tolist()
-    comms: dict[bytes, str] = {}
+    unknown = task["pid"] == 0
     return {
-        "pid": [p or None for p in pids],
-        "tid": [t if p else None for p, t in zip(pids, task["tid"].tolist(), strict=True)],
-        "uid": [u if p else None for p, u in zip(pids, task["uid"].tolist(), strict=True)],
-        "comm": [
-            (comms.get(c) or comms.setdefault(c, text(c))) if p else None
-            for p, c in zip(pids, task["comm"].tolist(), strict=True)
-        ],
+        "pid": cell.ints(task["pid"], nulls=unknown),
+        "tid": cell.ints(task["tid"], nulls=unknown),
+        "uid": cell.ints(task["uid"], nulls=unknown),
+        "comm": cell.cstrings(task["comm"], nulls=unknown),
     }
+
+
+def endpoint_cells(
+    tuples: np.ndarray,
+    local: tuple[str, str] = ("laddr", "lport"),
+    remote: tuple[str, str] = ("raddr", "rport"),
+) -> dict[str, Cells]:
+    """ip (4 or 6) and the local and remote address and port of each `struct tcp_tuple`,
+    under the given (address, port) keys; each distinct address is formatted once."""
+    six = tuples["family"] == AF_INET6
+    return {
+        "ip": cell.ints(np.where(six, 6, 4)),
+        local[0]: _addresses(tuples["saddr"], six),
+        local[1]: cell.ints(tuples["sport"]),
+        remote[0]: _addresses(tuples["daddr"], six),
+        remote[1]: cell.ints(tuples["dport"]),
+    }
+
+
+def _addresses(raw: np.ndarray, six: np.ndarray) -> Cells:
+    # key: the family flag and the 16 address bytes, as one opaque value per event
+    keys = np.empty((len(raw), 17), dtype=np.uint8)
+    keys[:, 0] = six
+    keys[:, 1:] = np.ascontiguousarray(raw).view(np.uint8).reshape(len(raw), 16)
+    return cell.mapped(keys.view("V17").reshape(-1), _address_text)
+
+
+def _address_text(key: bytes) -> str:
+    if key[0]:
+        return socket.inet_ntop(socket.AF_INET6, key[1:17])
+    return socket.inet_ntop(socket.AF_INET, key[1:5])
 
 
 def endpoint_fields(
@@ -43,26 +72,16 @@ def endpoint_fields(
     local: tuple[str, str] = ("laddr", "lport"),
     remote: tuple[str, str] = ("raddr", "rport"),
 ) -> dict[str, list[object]]:
-    """ip (4 or 6) and the local and remote address and port of each `struct tcp_tuple`,
-    under the given (address, port) keys."""
-    six = [f == AF_INET6 for f in tuples["family"].tolist()]
+    """endpoint_cells as lists of values, for the few rows of a tcp-count report."""
+    six = (tuples["family"] == AF_INET6).tolist()
+    raw = (
+        np.ascontiguousarray(tuples["saddr"]).tolist(),
+        np.ascontiguousarray(tuples["daddr"]).tolist(),
+    )
     return {
         "ip": [6 if s else 4 for s in six],
-        local[0]: _addresses(tuples["saddr"], six),
+        local[0]: [_address_text(bytes([s]) + bytes(a)) for s, a in zip(six, raw[0], strict=True)],
         local[1]: tuples["sport"].tolist(),
-        remote[0]: _addresses(tuples["daddr"], six),
+        remote[0]: [_address_text(bytes([s]) + bytes(a)) for s, a in zip(six, raw[1], strict=True)],
         remote[1]: tuples["dport"].tolist(),
     }
-
-
-def _addresses(raw: np.ndarray, six: list[bool]) -> list[str]:
-    data = np.ascontiguousarray(raw).tobytes()
-    seen: dict[bytes, str] = {}
-    out = []
-    for i, v6 in enumerate(six):
-        addr = data[16 * i : 16 * i + (16 if v6 else 4)]
-        text_ = seen.get(addr)
-        if text_ is None:
-            text_ = seen[addr] = socket.inet_ntop(socket.AF_INET6 if v6 else socket.AF_INET, addr)
-        out.append(text_)
-    return out

@@ -3,20 +3,32 @@ IPv6: who connected, from which address and port to which."""
 
 from __future__ import annotations
 
-import numpy as np
-
-from membrane.bpf.ktime import ktimes_to_iso
-from membrane.trace.options import COMM, DURATION, OUTPUT, PID, TIMESTAMP, UID, TraceOptions
+from membrane.trace import cells as cell
+from membrane.trace.batch import EventBatch
+from membrane.trace.cells import Cells
+from membrane.trace.options import (
+    COMM,
+    DURATION,
+    OUTPUT,
+    PID,
+    TIMESTAMP,
+    UID,
+    TraceOptions,
+    buffer_size_option,
+)
 from membrane.trace.output import Column
 from membrane.trace.session import stream_events
 from membrane.trace.tcp import (
     IP_COLUMN,
     TASK_COLUMNS,
     address_columns,
-    endpoint_fields,
-    task_fields,
+    endpoint_cells,
+    task_cells,
 )
 from membrane.trace.tools import Tool
+
+_RING_BYTES = 32 << 20
+_RING_HOLDS = "0.25 s of a million events a second"
 
 COLUMNS_TIME = [Column("time", "TIME", 15)]
 COLUMNS = [
@@ -27,14 +39,14 @@ COLUMNS = [
 ]
 
 
-def fields(batch: np.ndarray, times: bool = True) -> dict[str, list[object]]:
+def cells(batch: EventBatch, times: bool = True) -> dict[str, Cells]:
     """Decoded events, column by column; the keys are a stable JSON contract. "time" only
     with `times` (the table shows it only with -T)."""
-    out: dict[str, list[object]] = {}
+    out: dict[str, Cells] = {}
     if times:
-        out["time"] = list(ktimes_to_iso(batch["hdr"]["ts_ns"]))
-    out.update(task_fields(batch["task"]))
-    out.update(endpoint_fields(batch["tuple"], local=("saddr", "sport"), remote=("daddr", "dport")))
+        out["time"] = cell.times(batch["hdr"]["ts_ns"])
+    out.update(task_cells(batch["task"]))
+    out.update(endpoint_cells(batch["tuple"], local=("saddr", "sport"), remote=("daddr", "dport")))
     return out
 
 
@@ -45,6 +57,7 @@ def command(
     duration: float = DURATION,
     output: str = OUTPUT,
     timestamp: bool = TIMESTAMP,
+    buffer_size: str = buffer_size_option(_RING_BYTES, _RING_HOLDS),
 ) -> None:
     """Trace TCP connects (active opens, IPv4 and IPv6): pid, command, source and
     destination address and port. Sockets of every network namespace are
@@ -63,14 +76,15 @@ def command(
 
       membrane trace connect -c curl -o json # curl's connects as JSON lines
     """
-    opts = TraceOptions.parse(pid, comm, uid, duration, output)
+    opts = TraceOptions.parse(pid, comm, uid, duration, output, buffer_size)
     stream_events(
         "trace_tcp_connect",
         "tcp_open_event",
         opts,
         (COLUMNS_TIME if timestamp else []) + COLUMNS,
-        fields,
+        cells,
         timestamps=timestamp,
+        ring_bytes=_RING_BYTES,
     )
 
 

@@ -10,14 +10,24 @@ import typer
 
 from membrane.abi import ExecFlag
 from membrane.bpf.ktime import ktimes_to_iso
-from membrane.trace.options import COMM, DURATION, OUTPUT, PID, TIMESTAMP, UID, TraceOptions
+from membrane.trace.options import (
+    COMM,
+    DURATION,
+    OUTPUT,
+    PID,
+    TIMESTAMP,
+    UID,
+    TraceOptions,
+    buffer_size_option,
+)
 from membrane.trace.output import Column, text
 from membrane.trace.session import stream_events
 from membrane.trace.tools import Tool
 
 _SYSCALLS = ("execve", "execveat")
 _TRUNCATED = ExecFlag.ARGS_MORE | ExecFlag.ARG_CUT | ExecFlag.ARG_FAULT
-_RING_BYTES = 4 << 20  # ~1400 events of 2.9 KB: an exec storm between two polls fits
+_RING_BYTES = 16 << 20  # ~5,700 events of 2.9 KB: an exec storm between two polls fits
+_RING_HOLDS = "5,700 execs (records of 2.9 KB)"
 
 COLUMNS_TIME = [Column("time", "TIME", 32)]
 COLUMNS = [
@@ -80,6 +90,7 @@ def command(
     output: str = OUTPUT,
     failed: bool = typer.Option(False, "--failed", "-x", help="Only execs that failed."),
     timestamp: bool = TIMESTAMP,
+    buffer_size: str = buffer_size_option(_RING_BYTES, _RING_HOLDS),
 ) -> None:
     """Trace exec() calls (execve, execveat): command, pid, parent, result, argv.
 
@@ -99,7 +110,7 @@ def command(
 
       membrane trace exec -u 1000 -o json   # user 1000's execs as JSON lines
     """
-    opts = TraceOptions.parse(pid, comm, uid, duration, output)
+    opts = TraceOptions.parse(pid, comm, uid, duration, output, buffer_size)
     stream_events(
         "trace_exec",
         "exec_event",
@@ -107,8 +118,8 @@ def command(
         (COLUMNS_TIME if timestamp else []) + COLUMNS,
         records,
         timestamps=timestamp,
+        ring_bytes=_RING_BYTES,
         config={"failed_only": failed},
-        map_sizes={"events": _RING_BYTES},
     )
 
 

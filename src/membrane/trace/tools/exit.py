@@ -8,11 +8,25 @@ import signal
 import numpy as np
 import typer
 
-from membrane.bpf.ktime import ktimes_to_iso
-from membrane.trace.options import COMM, DURATION, OUTPUT, PID, TIMESTAMP, UID, TraceOptions
-from membrane.trace.output import Column, text
+from membrane.trace import cells as cell
+from membrane.trace.batch import EventBatch
+from membrane.trace.cells import Cells
+from membrane.trace.options import (
+    COMM,
+    DURATION,
+    OUTPUT,
+    PID,
+    TIMESTAMP,
+    UID,
+    TraceOptions,
+    buffer_size_option,
+)
+from membrane.trace.output import Column
 from membrane.trace.session import stream_events
 from membrane.trace.tools import Tool
+
+_RING_BYTES = 32 << 20
+_RING_HOLDS = "0.25 s of a million exits a second"
 
 COLUMNS_TIME = [Column("time", "TIME", 32)]
 COLUMNS = [
@@ -20,7 +34,7 @@ COLUMNS = [
     Column("pid", "PID", 7, right=True),
     Column("ppid", "PPID", 7, right=True),
     Column("tid", "TID", 7, right=True),
-    Column("lifetime_s", "AGE(s)", 8, right=True, fmt="{:.2f}".format),
+    Column("lifetime_s", "AGE(s)", 8, right=True),
     Column("exit", "EXIT", 0),
 ]
 
@@ -40,49 +54,37 @@ def signal_name(sig: int) -> str:
         return f"SIG{sig}"
 
 
-def records(batch: np.ndarray, times: bool = True) -> list[dict[str, object]]:
-    """Decoded events; field names are a stable JSON contract. Without `times`, "time" is
-    None (the table shows it only with -T)."""
+def _how(status: int) -> str:
+    code, sig, core = decode_status(status)
+    if sig is None:
+        return f"code {code}"
+    return f"signal {sig} ({signal_name(sig)})" + (", core dumped" if core else "")
+
+
+def cells(batch: EventBatch, times: bool = True) -> dict[str, Cells]:
+    """Decoded events, column by column; field names are a stable JSON contract. "time"
+    only with `times` (the table shows it only with -T)."""
     task = batch["task"]
-    stamps = ktimes_to_iso(batch["hdr"]["ts_ns"]) if times else [None] * len(batch)
-    out = []
-    for ts, pid, tid, uid, comm, ppid, status, lifetime, ends in zip(
-        stamps,
-        task["pid"].tolist(),
-        task["tid"].tolist(),
-        task["uid"].tolist(),
-        task["comm"].tolist(),
-        batch["ppid"].tolist(),
-        batch["status"].tolist(),
-        batch["lifetime_ns"].tolist(),
-        batch["ends_process"].tolist(),
-        strict=True,
-    ):
-        code, sig, core = decode_status(status)
-        name = signal_name(sig) if sig else None
-        how = (
-            f"code {code}"
-            if sig is None
-            else f"signal {sig} ({name})" + (", core dumped" if core else "")
-        )
-        out.append(
-            {
-                "time": ts,
-                "pid": pid,
-                "tid": tid,
-                "ppid": ppid,
-                "uid": uid,
-                "comm": text(comm),
-                "status": status,
-                "exit_code": code,
-                "signal": sig,
-                "signal_name": name,
-                "core_dumped": core,
-                "exit": how,
-                "lifetime_s": round(lifetime / 1e9, 6),
-                "ends_process": bool(ends),
-            }
-        )
+    status = batch["status"].astype(np.int64)
+    sig = status & 0x7F
+    out: dict[str, Cells] = {}
+    if times:
+        out["time"] = cell.times(batch["hdr"]["ts_ns"])
+    out.update(
+        pid=cell.ints(task["pid"]),
+        tid=cell.ints(task["tid"]),
+        ppid=cell.ints(batch["ppid"]),
+        uid=cell.ints(task["uid"]),
+        comm=cell.cstrings(task["comm"]),
+        status=cell.ints(status),
+        exit_code=cell.ints((status >> 8) & 0xFF, nulls=sig != 0),
+        signal=cell.ints(sig, nulls=sig == 0),
+        signal_name=cell.mapped(sig, lambda s: signal_name(s) if s else None),
+        core_dumped=cell.booleans((sig != 0) & (status & 0x80 != 0)),
+        exit=cell.mapped(status, _how),
+        lifetime_s=cell.fixed(np.rint(batch["lifetime_ns"] / 1e3), 6, 2),
+        ends_process=cell.booleans(batch["ends_process"]),
+    )
     return out
 
 
@@ -102,6 +104,7 @@ def command(
     per_thread: bool = typer.Option(
         False, "--per-thread", help="One line per thread that exits, not per process."
     ),
+    buffer_size: str = buffer_size_option(_RING_BYTES, _RING_HOLDS),
 ) -> None:
     """Trace process exits: command, pid, parent, age, exit code or killing signal.
 
@@ -120,14 +123,15 @@ def command(
 
       membrane trace exit -p 1234 --per-thread  # each thread of 1234 as it ends
     """
-    opts = TraceOptions.parse(pid, comm, uid, duration, output)
+    opts = TraceOptions.parse(pid, comm, uid, duration, output, buffer_size)
     stream_events(
         "trace_exit",
         "exit_event",
         opts,
         (COLUMNS_TIME if timestamp else []) + COLUMNS,
-        records,
+        cells,
         timestamps=timestamp,
+        ring_bytes=_RING_BYTES,
         config={"failed_only": failed, "per_thread": per_thread},
     )
 

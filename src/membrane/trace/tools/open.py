@@ -1,4 +1,4 @@
-"""`membrane trace open`: opensnoop. One line per openat/openat2 call: who opened what,
+"""`membrane trace open`: opensnoop. One line per open/openat/openat2 call: who opened what,
 and the fd or the error it got."""
 
 from __future__ import annotations
@@ -7,12 +7,23 @@ import errno
 import functools
 import os
 
-import numpy as np
 import typer
 
-from membrane.bpf.ktime import ktimes_to_iso
-from membrane.trace.options import COMM, DURATION, OUTPUT, PID, TIMESTAMP, UID, TraceOptions
-from membrane.trace.output import Column, text
+from membrane.bpf.fs import ensure_tracefs
+from membrane.trace import cells as cell
+from membrane.trace.batch import EventBatch
+from membrane.trace.cells import Cells
+from membrane.trace.options import (
+    COMM,
+    DURATION,
+    OUTPUT,
+    PID,
+    TIMESTAMP,
+    UID,
+    TraceOptions,
+    buffer_size_option,
+)
+from membrane.trace.output import Column
 from membrane.trace.session import stream_events
 from membrane.trace.tools import Tool
 
@@ -40,11 +51,11 @@ _FLAG_NAMES = [
     if hasattr(os, n)
 ]
 _FLAG_NAMES = [(v, n) for v, n in _FLAG_NAMES if n != "O_TMPFILE"]  # O_TMPFILE includes
-_SYSCALLS = ("openat", "openat2")  # O_DIRECTORY's bit
-# ~25,000 events of 336 bytes, ~100 ms of a tight open loop: what the ring must hold while
-# the consumer waits for a CPU. With 1 MiB a loaded 2-CPU machine lost 3 % of 300,000
-# opens (bench/trace_open.py).
-_RING_BYTES = 8 << 20
+_SYSCALLS = ("openat", "openat2", "open")  # O_DIRECTORY's bit
+# 64 MiB: 0.25 s of a workload opening a million files a second, for paths up to ~180
+# bytes (records are 80 bytes + the path; bench/trace_open.py's are ~120 bytes).
+_RING_BYTES = 64 << 20
+_HAS_OPEN = "syscalls/sys_enter_open"  # not on every architecture (arm64 has only openat)
 
 
 _ERRORS = {-code: name for code, name in errno.errorcode.items()}  # by the negative ret
@@ -64,6 +75,19 @@ def flags_text(flags: int) -> str:
     return "|".join(names)
 
 
+def _error(ret: int) -> str | None:
+    return None if ret >= 0 else _ERRORS.get(ret, str(-ret))
+
+
+def _syscall(number: int) -> str:
+    return _SYSCALLS[number] if number < len(_SYSCALLS) else str(number)
+
+
+def has_open_syscall() -> bool:
+    """Whether this kernel has open(2) besides openat (x86_64 does, arm64 does not)."""
+    return os.path.exists(f"{ensure_tracefs()}/events/{_HAS_OPEN}")
+
+
 COLUMNS_TIME = [Column("time", "TIME", 15)]
 COLUMNS = [
     Column("pid", "PID", 7, right=True),
@@ -75,32 +99,27 @@ COLUMNS = [
 ]
 
 
-def fields(batch: np.ndarray, times: bool = True) -> dict[str, list[object]]:
+def cells(batch: EventBatch, times: bool = True) -> dict[str, Cells]:
     """Decoded events, column by column; the keys are a stable JSON contract. "time" only
-    with `times`: the table shows it only with -T, and formatting it costs about as much
-    as the rest of the event.
-
-    This is the consumer's hot loop (a busy workload opens a file every few microseconds):
-    columns come out of numpy as lists, and what repeats (comm, flags) is converted once."""
+    with `times` (the table shows it only with -T). Whole columns from numpy; flags,
+    errors and syscall names are named once per distinct value."""
     task = batch["task"]
-    rets = batch["ret"].tolist()
-    flags = batch["flags"].tolist()
-    comms: dict[bytes, str] = {}
-    out: dict[str, list[object]] = {}
+    rets = batch["ret"]
+    out: dict[str, Cells] = {}
     if times:
-        out["time"] = list(ktimes_to_iso(batch["hdr"]["ts_ns"]))
+        out["time"] = cell.times(batch["hdr"]["ts_ns"])
     out.update(
-        pid=task["pid"].tolist(),
-        tid=task["tid"].tolist(),
-        uid=task["uid"].tolist(),
-        comm=[comms.get(c) or comms.setdefault(c, text(c)) for c in task["comm"].tolist()],
-        ret=rets,
-        fd=[r if r >= 0 else None for r in rets],
-        error=[None if r >= 0 else _ERRORS.get(r, str(-r)) for r in rets],
-        flags=flags,
-        flags_text=list(map(flags_text, flags)),
-        syscall=[_SYSCALLS[s] if s < len(_SYSCALLS) else str(s) for s in batch["syscall"].tolist()],
-        path=list(map(text, batch["path"].tolist())),
+        pid=cell.ints(task["pid"]),
+        tid=cell.ints(task["tid"]),
+        uid=cell.ints(task["uid"]),
+        comm=cell.cstrings(task["comm"]),
+        ret=cell.ints(rets),
+        fd=cell.ints(rets, nulls=rets < 0),
+        error=cell.mapped(rets, _error),
+        flags=cell.ints(batch["flags"]),
+        flags_text=cell.mapped(batch["flags"], flags_text),
+        syscall=cell.mapped(batch["syscall"], _syscall),
+        path=cell.tail_text(batch.records.block, *batch.tail()),
     )
     return out
 
@@ -113,8 +132,12 @@ def command(
     output: str = OUTPUT,
     failed: bool = typer.Option(False, "--failed", "-x", help="Only opens that failed."),
     timestamp: bool = TIMESTAMP,
+    buffer_size: str = buffer_size_option(
+        _RING_BYTES, "0.25 s of a million opens a second of paths up to ~180 bytes"
+    ),
 ) -> None:
-    """Trace open() calls (openat, openat2): pid, command, fd or error, flags, path.
+    """Trace open() calls (openat, openat2, and open where the kernel has it): pid,
+    command, fd or error, flags, path (whole, up to PATH_MAX).
 
     Examples:
 
@@ -124,22 +147,26 @@ def command(
 
       membrane trace open -c nginx -o json # nginx's opens as JSON lines
     """
-    opts = TraceOptions.parse(pid, comm, uid, duration, output)
+    opts = TraceOptions.parse(pid, comm, uid, duration, output, buffer_size)
+    with_open = has_open_syscall()
     stream_events(
         "trace_open",
         "open_event",
         opts,
         (COLUMNS_TIME if timestamp else []) + COLUMNS,
-        fields,
+        cells,
         timestamps=timestamp,
+        ring_bytes=_RING_BYTES,
         keep=(lambda b: b["ret"] < 0) if failed else None,
-        map_sizes={"events": _RING_BYTES},
+        tail="path",
+        tail_len="path_len",
+        programs=lambda name: with_open or not name.endswith("_open"),
     )
 
 
 TOOL = Tool(
     name="open",
-    summary="opensnoop: every openat/openat2 with pid, comm, fd or error, flags, path",
+    summary="opensnoop: every open/openat/openat2 with pid, comm, fd or error, flags, path",
     requires=("tracepoint",),
     command=command,
 )

@@ -5,21 +5,35 @@ from __future__ import annotations
 
 import numpy as np
 
-from membrane.bpf.ktime import ktimes_to_iso
-from membrane.trace.options import COMM, DURATION, OUTPUT, PID, TIMESTAMP, UID, TraceOptions
+from membrane.trace import cells as cell
+from membrane.trace.batch import EventBatch
+from membrane.trace.cells import Cells
+from membrane.trace.options import (
+    COMM,
+    DURATION,
+    OUTPUT,
+    PID,
+    TIMESTAMP,
+    UID,
+    TraceOptions,
+    buffer_size_option,
+)
 from membrane.trace.output import Column
 from membrane.trace.session import stream_events
 from membrane.trace.tcp import (
     IP_COLUMN,
     TASK_COLUMNS,
     address_columns,
-    endpoint_fields,
-    task_fields,
+    endpoint_cells,
+    task_cells,
 )
 from membrane.trace.tools import Tool
 
 # open_state of struct tcp_life_event: TCP_SYN_SENT, TCP_SYN_RECV (else: before the trace)
 _ROLES = {2: "client", 3: "server"}
+
+_RING_BYTES = 32 << 20
+_RING_HOLDS = "0.25 s of a million events a second"
 
 COLUMNS_TIME = [Column("time", "TIME", 15)]
 COLUMNS = [
@@ -29,24 +43,24 @@ COLUMNS = [
     *address_columns("raddr", "rport", "R"),
     Column("tx_bytes", "TX_BYTES", 10, right=True),
     Column("rx_bytes", "RX_BYTES", 10, right=True),
-    Column("duration_ms", "MS", 10, right=True, fmt="{:.2f}".format),
+    Column("duration_ms", "MS", 10, right=True),
 ]
 
 
-def fields(batch: np.ndarray, times: bool = True) -> dict[str, list[object]]:
+def cells(batch: EventBatch, times: bool = True) -> dict[str, Cells]:
     """Decoded events, column by column; the keys are a stable JSON contract. "time" (of
     the close) only with `times` (the table shows it only with -T). tx_bytes is data the
     peer acknowledged, rx_bytes data that arrived."""
-    out: dict[str, list[object]] = {}
+    out: dict[str, Cells] = {}
     if times:
-        out["time"] = list(ktimes_to_iso(batch["hdr"]["ts_ns"]))
-    out.update(task_fields(batch["task"]))
-    out.update(endpoint_fields(batch["tuple"]))
+        out["time"] = cell.times(batch["hdr"]["ts_ns"])
+    out.update(task_cells(batch["task"]))
+    out.update(endpoint_cells(batch["tuple"]))
     out.update(
-        tx_bytes=batch["tx_bytes"].tolist(),
-        rx_bytes=batch["rx_bytes"].tolist(),
-        duration_ms=np.round(batch["duration_ns"] / 1e6, 3).tolist(),
-        role=[_ROLES.get(s) for s in batch["open_state"].tolist()],
+        tx_bytes=cell.ints(batch["tx_bytes"]),
+        rx_bytes=cell.ints(batch["rx_bytes"]),
+        duration_ms=cell.fixed(np.rint(batch["duration_ns"] / 1e3), 3, 2),
+        role=cell.mapped(batch["open_state"], _ROLES.get),
     )
     return out
 
@@ -58,6 +72,7 @@ def command(
     duration: float = DURATION,
     output: str = OUTPUT,
     timestamp: bool = TIMESTAMP,
+    buffer_size: str = buffer_size_option(_RING_BYTES, _RING_HOLDS),
 ) -> None:
     """Trace TCP connections as they close: pid, command, local and remote
     address and port, bytes sent (acknowledged by the peer) and received,
@@ -80,14 +95,15 @@ def command(
 
       membrane trace tcplife -o json -d 60   # a minute of closes as JSON lines
     """
-    opts = TraceOptions.parse(pid, comm, uid, duration, output)
+    opts = TraceOptions.parse(pid, comm, uid, duration, output, buffer_size)
     stream_events(
         "trace_tcp_life",
         "tcp_life_event",
         opts,
         (COLUMNS_TIME if timestamp else []) + COLUMNS,
-        fields,
+        cells,
         timestamps=timestamp,
+        ring_bytes=_RING_BYTES,
     )
 
 
