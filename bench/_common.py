@@ -12,14 +12,16 @@ import signal
 import statistics
 import sys
 from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
 
 from membrane.bpf import BpfObject
 from membrane.filter.keys import DropDstTables
+from membrane.filter.rules import IPNetwork
 
 # Every address a benchmark uses, as traffic or as a rule, lies in the test range.
 TEST_RANGE = IPv4Network("198.18.0.0/15")
+TEST_RANGE_V6 = IPv6Network("2001:db8::/32")
 RULES = 10_000
 XDP_PASS, XDP_DROP = 2, 1
 TC_ACT_UNSPEC, TC_ACT_SHOT = 0xFFFFFFFF, 2  # the retval test runs report (-1 as __u32)
@@ -27,20 +29,20 @@ TC_ACT_UNSPEC, TC_ACT_SHOT = 0xFFFFFFFF, 2  # the retval test runs report (-1 as
 
 def random_prefixes(
     count: int,
-    within: IPv4Network,
-    avoid: IPv4Network,
+    within: IPNetwork,
+    avoid: IPNetwork,
     lengths: Sequence[tuple[int, int]],
     seed: int,
-) -> list[IPv4Network]:
+) -> list[IPNetwork]:
     """`count` distinct prefixes inside `within`, none overlapping `avoid`, their lengths
     drawn with the given (prefix length, weight) pairs: random, but the same every run."""
     rng = random.Random(seed)
     sizes, weights = [n for n, _ in lengths], [w for _, w in lengths]
-    found: set[IPv4Network] = set()
+    found: set[IPNetwork] = set()
     while len(found) < count:
         prefixlen = rng.choices(sizes, weights=weights)[0]
         address = within.network_address + rng.randrange(within.num_addresses)
-        net = IPv4Network((address, prefixlen), strict=False)
+        net = ip_network((address, prefixlen), strict=False)
         if not net.overlaps(avoid):
             found.add(net)
     return sorted(found)
@@ -51,7 +53,7 @@ def drop_prefixes(count: int, avoid: IPv4Network, seed: int = 7) -> list[IPv4Net
     measured traffic goes): 70 % /32, 20 % /24, 10 % /28, like a blocklist of hosts and a
     few networks. They crowd the whole range, so a lookup for an address in `avoid` walks
     a deep trie and misses late, instead of leaving the trie at its first node."""
-    return random_prefixes(count, TEST_RANGE, avoid, ((32, 7), (24, 2), (28, 1)), seed)
+    return random_prefixes(count, TEST_RANGE, avoid, ((32, 7), (24, 2), (28, 1)), seed)  # type: ignore[return-value]
 
 
 def scenario_arguments(
@@ -80,29 +82,35 @@ def chosen_scenarios(
     return chosen
 
 
-def fill_drop_dst(obj: BpfObject, prefixes: Sequence[IPv4Network]) -> None:
-    """The filter's drop-dst tables := prefixes with rule ids 1..n, written the way the
-    manager writes them (trie and summary)."""
-    tables = DropDstTables(
-        obj.map("drop_dst_v4"), obj.map("drop_dst_v6"), obj.map("drop_dst_v4_summary")
-    )
+def drop_dst_tables(obj: BpfObject) -> DropDstTables:
+    """The drop-dst tables of a loaded filter_xdp object."""
+    names = ("drop_dst_v4", "drop_dst_v6", "drop_dst_tbl24", "drop_dst_tbl8")
+    return DropDstTables(*(obj.map(name) for name in names))
+
+
+def fill_drop_dst(obj: BpfObject, prefixes: Sequence[IPNetwork]) -> DropDstTables:
+    """The filter's drop-dst tables := prefixes (IPv4 or IPv6) with rule ids 1..n, written
+    the way the manager writes them."""
+    tables = drop_dst_tables(obj)
     written = tables.add((net, i) for i, net in enumerate(prefixes, 1))
-    if written != len(prefixes) or len(obj.map("drop_dst_v4")) != len(prefixes):
-        raise RuntimeError(f"drop_dst_v4 took {written} of {len(prefixes)} prefixes")
+    if written != len(prefixes) or len(tables.v4) + len(tables.v6) != len(prefixes):
+        raise RuntimeError(f"the drop-dst tables took {written} of {len(prefixes)} prefixes")
+    return tables
 
 
 def packet(
-    src: str | IPv4Address,
-    dst: str | IPv4Address,
+    src: str | IPv4Address | IPv6Address,
+    dst: str | IPv4Address | IPv6Address,
     *,
     proto: str = "tcp",
     sport: int = 40000,
     dport: int = 5201,
     payload: int = 64,
 ) -> bytes:
-    """An Ethernet/IPv4 packet with a `payload`-byte payload (TCP ACK with timestamps, the
-    shape of a bulk-transfer segment, or UDP)."""
+    """An Ethernet/IPv4 (or IPv6, for IPv6 addresses) packet with a `payload`-byte payload
+    (TCP ACK with timestamps, the shape of a bulk-transfer segment, or UDP)."""
     from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import Ether
 
     l4: Any
@@ -119,7 +127,11 @@ def packet(
         l4 = UDP(sport=sport, dport=dport)
     frame = (
         Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
-        / IP(src=str(src), dst=str(dst), ttl=64)
+        / (
+            IPv6(src=str(src), dst=str(dst), hlim=64)
+            if ip_address(str(dst)).version == 6
+            else IP(src=str(src), dst=str(dst), ttl=64)
+        )
         / l4
         / (b"\xa5" * payload)
     )

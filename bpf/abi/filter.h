@@ -1,10 +1,12 @@
 /* Shared by C and Python: maps and events of `membrane filter`.
  *
  * Maps of filter_xdp.bpf.o (XDP; drop-dst and drop-proto), per device:
- *   drop_dst_v4 / drop_dst_v6  LPM trie: lpm_v4_key / lpm_v6_key -> __u32 rule id
- *   drop_dst_v4_summary        array[65536] indexed by the top 16 bits of an IPv4 address ->
- *                              dst_summary: bit n set when some drop_dst_v4 prefix covers
- *                              part of the /24 <index>.<n>.0/24; a clear bit skips the trie
+ *   drop_dst_v4                hash: lpm_v4_key -> __u32 rule id; the IPv4 deny list as
+ *                              written (control plane only: the program reads the tables)
+ *   drop_dst_tbl24             array[2^20] of dir24_block: 2^24 entries, one per /24
+ *   drop_dst_tbl8              array[DIR24_GROUPS] of dir24_group: 256 entries, one per
+ *                              address of a /24 that holds prefixes longer than /24
+ *   drop_dst_v6                LPM trie: lpm_v6_key -> __u32 rule id
  *   drop_proto                 array[256] indexed by IP protocol -> __u32 rule id (0 = none)
  * Maps of filter_tc.bpf.o (tc; allow-only), per device and direction:
  *   allow_guard                guard_key (protocol, port) -> __u32 rule id
@@ -62,10 +64,38 @@ struct lpm_v4_key {
 	__u8 addr[4];
 };
 
-#define DST_SUMMARY_ENTRIES 65536
+/* IPv4 drop-dst as DIR-24-8 (DPDK's rte_lpm scheme): every address is answered by one
+ * read of tbl24 (indexed by its top 24 bits) or, when that entry points to a group, one
+ * more read of the group's entry for its last byte. An entry (__u32):
+ *   0                          no prefix holds the address
+ *   rule | length << 16        the longest prefix holding it: its rule id and length
+ *   1 << 31 | group            (tbl24 only) look in tbl8 group `group`
+ * Entries carry the prefix length so that the control plane can add and remove prefixes
+ * by reading the tables alone. The maps are BPF_F_MMAPABLE: the control plane writes
+ * entries with aligned 4-byte stores, so a lookup sees each entry whole, old or new.
+ * An array element is rounded up to 8 bytes, so entries are packed 16 (tbl24) and 256
+ * (tbl8) to an element: tbl24 costs 64 MiB, tbl8 1 KiB per group (8 MiB).
+ */
+enum dir24_layout {
+	DIR24_LENGTH_SHIFT = 16,
+	DIR24_GROUP_BIT = 31,
+	DIR24_BLOCK_ENTRIES = 16,
+	DIR24_BLOCKS = 1048576,        /* 2^24 entries, 16 to a block */
+	DIR24_GROUP_ENTRIES = 256,
+	DIR24_GROUPS = 8192,
+	DIR24_RETIRED = 1073741824,    /* 1 << 30: dir24_group.state of an unlinked group */
+};
+ABI_EXPORT_ENUM(dir24_layout);
 
-struct dst_summary {
-	__u64 bits[4];   /* 256 bits: one per /24 inside the entry's /16 */
+struct dir24_block {
+	__u32 entry[DIR24_BLOCK_ENTRIES];
+};
+
+struct dir24_group {
+	__u32 entry[DIR24_GROUP_ENTRIES];
+	__u32 state;     /* control plane only: 0 free, n + 1 in use by /24 number n, or
+			  * DIR24_RETIRED */
+	__u32 pad;
 };
 
 struct lpm_v6_key {

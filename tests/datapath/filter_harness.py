@@ -12,6 +12,7 @@ import ctypes
 import ipaddress
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,9 +53,13 @@ def _sum(per_cpu: list[Any]) -> tuple[int, int]:
 class FilterProgram:
     """One loaded filter object (`filter_xdp` or `filter_tc`) and its program."""
 
-    def __init__(self, name: str, **config: Any) -> None:
+    def __init__(self, name: str, pin_dir: str | None = None, **config: Any) -> None:
+        """`pin_dir`: pin the maps there, reusing those already pinned (as a filter
+        reloaded by `membrane filter` does)."""
         self.obj = BpfObject.open(name)
         self.obj.set_config(**{"instance": INSTANCE, **config})
+        if pin_dir is not None:
+            self.obj.pin_maps(pin_dir)
         self.obj.load()
         self.prog = self.obj.program(name)
         self.verdicts = XDP_VERDICTS if name == "filter_xdp" else TC_VERDICTS
@@ -78,7 +83,10 @@ class FilterProgram:
 
     def dst_tables(self) -> DropDstTables:
         return DropDstTables(
-            self.map("drop_dst_v4"), self.map("drop_dst_v6"), self.map("drop_dst_v4_summary")
+            self.map("drop_dst_v4"),
+            self.map("drop_dst_v6"),
+            self.map("drop_dst_tbl24"),
+            self.map("drop_dst_tbl8"),
         )
 
     def add_dst(
@@ -108,6 +116,18 @@ class FilterProgram:
         self.watch(rule)
 
     # ---- running ----------------------------------------------------------------------------
+    def dropping_rules(self, frames: Iterable[bytes]) -> list[int]:
+        """Run each frame once: the rule id that dropped it, 0 where it passed. Drop events
+        must be on: a dropped frame's one event names its rule."""
+        rules = []
+        self._events()
+        for data in frames:
+            verdict = self.verdicts[ctypes.c_int32(test_run(self.prog, data).retval).value]
+            events = self._events()
+            assert len(events) == (verdict == "drop"), (verdict, events)
+            rules.append(int(events[0]["rule_id"]) if events else 0)
+        return rules
+
     def _stats(self) -> dict[str, tuple[int, int]]:
         stats = self.map("filter_stats")
         return {name: _sum(stats.lookup(index)) for name, index in STATS.items()}
@@ -148,6 +168,17 @@ class FilterProgram:
 
 
 # ---- expectations -------------------------------------------------------------------------
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def longest_match(
+    dst: ipaddress.IPv4Address | ipaddress.IPv6Address, rules: dict[Network, int]
+) -> int | None:
+    """Reference model of drop-dst: the rule of the longest prefix holding dst, if any."""
+    hits = [net for net in rules if dst in net]
+    return rules[max(hits, key=lambda net: net.prefixlen)] if hits else None
+
+
 def _summary(out: Outcome) -> dict[str, Any]:
     events = [(int(e["rule_id"]), int(e["pkt_len"])) for e in out.events]
     return {"verdict": out.verdict, "rules": out.rules, "stats": out.stats, "events": events}

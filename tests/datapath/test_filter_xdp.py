@@ -14,9 +14,11 @@ from collections.abc import Iterator
 import pytest
 from filter_harness import (
     FilterProgram,
+    Network,
     assert_drop_event,
     assert_dropped,
     assert_passed,
+    longest_match,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -158,8 +160,8 @@ def test_drop_dst_inner_prefix_is_no_hole(xdp: FilterProgram) -> None:
     assert_dropped(xdp.run(packet(DST_IN_24, "tcp")), 2)
 
 
-def test_summary_keeps_a_neighbour_in_the_same_24(xdp: FilterProgram) -> None:
-    """Two /32s share a /24 summary bit: removing one must not switch the other off."""
+def test_group_keeps_a_neighbour_in_the_same_24(xdp: FilterProgram) -> None:
+    """Two /32s share a /24 and its tbl8 group: removing one must not switch the other off."""
     xdp.add_dst("198.18.77.5/32", 40)
     xdp.add_dst("198.18.77.9/32", 41)
     try:
@@ -469,15 +471,6 @@ def test_no_events_when_disabled() -> None:
 # ---- property: the verdict is "dst in any prefix", the rule the longest one ---------------------
 V4_RANGE = ipaddress.ip_network("198.18.0.0/15")
 V6_RANGE = ipaddress.ip_network("2001:db8::/32")
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def longest_match(
-    dst: ipaddress.IPv4Address | ipaddress.IPv6Address, rules: dict[Network, int]
-) -> int | None:
-    """Reference model of drop-dst: the rule of the longest prefix holding dst, if any."""
-    hits = [net for net in rules if dst in net]
-    return rules[max(hits, key=lambda net: net.prefixlen)] if hits else None
 
 
 @st.composite

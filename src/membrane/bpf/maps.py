@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as E
+import mmap
 import os
 from collections.abc import Iterable, Iterator
 from functools import cache
@@ -20,6 +21,7 @@ from membrane.bpf.errors import BpfError
 HASH, ARRAY, PROG_ARRAY, PERF_EVENT_ARRAY, PERCPU_HASH, PERCPU_ARRAY = 1, 2, 3, 4, 5, 6
 STACK_TRACE, LRU_HASH, LRU_PERCPU_HASH, LPM_TRIE, RINGBUF = 7, 9, 10, 11, 27
 PERCPU_TYPES = {PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, 21}  # 21: percpu cgroup storage
+F_MMAPABLE = 1 << 10
 _NO_BATCH = {E.EINVAL, E.ENOTSUP, E.EOPNOTSUPP, E.ENOSYS}
 
 
@@ -367,6 +369,20 @@ class Map:
                 self.update(i, [zero] * possible_cpus() if self.percpu else zero)
             return self.max_entries
         return self.delete_batch(list(self._raw_keys()))
+
+    # ---- memory -------------------------------------------------------------------------
+    def mmap(self) -> mmap.mmap:
+        """The live memory of a BPF_F_MMAPABLE array: its elements back to back, each
+        rounded up to 8 bytes. Reads and writes reach what programs read without a syscall
+        (an aligned store of up to 8 bytes is seen whole or not at all)."""
+        if self.type != ARRAY or not self.flags & F_MMAPABLE:
+            raise BpfError(f"map {self.name} is not a BPF_F_MMAPABLE array", E.EINVAL)
+        return mmap.mmap(
+            self.fd,
+            self._stride * self.max_entries,
+            mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+        )
 
     # ---- pinning ------------------------------------------------------------------------
     def pin(self, path: str) -> None:

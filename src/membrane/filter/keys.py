@@ -1,16 +1,19 @@
-"""Map keys of the filter programs, and the drop-dst tables kept consistent with their
-summary. The one place that knows the layouts of bpf/abi/filter.h on the Python side
-(types themselves come from BTF): the manager, the benchmarks and the tests use it.
+"""Map keys of the filter programs, and the drop-dst tables changed as one. The one place
+that knows the layouts of bpf/abi/filter.h on the Python side (types themselves come from
+BTF; the DIR-24-8 tables are dir24.py's): the manager, the benchmarks and the tests use it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ipaddress
+import struct
 from collections.abc import Iterable
 from typing import Any
 
 from membrane.bpf import Map
+from membrane.filter.dir24 import Dir24
+from membrane.filter.dir24 import entry as dir24_entry
 from membrane.filter.rules import AllowedFlow, IPNetwork, address_bytes
 
 
@@ -40,47 +43,17 @@ def guard_key(m: Map, protocol: int, port: int) -> Any:
     return m.key_type(protocol=protocol, port=port)
 
 
-# ---- IPv4 summary: which /24s any prefix touches ---------------------------------------
-_FULL = (1 << 256) - 1
-
-
-def summary_masks(nets: Iterable[IPNetwork], only: set[int] | None = None) -> dict[int, int]:
-    """For IPv4 prefixes: summary index (top 16 bits) -> 256-bit mask of touched /24s,
-    limited to the indices in `only` when given."""
-    masks: dict[int, int] = {}
-    for net in nets:
-        if net.version != 4:
-            continue
-        first = int(net.network_address) >> 8
-        last = int(net.broadcast_address) >> 8
-        indices = range(first >> 8, (last >> 8) + 1)
-        if only is not None:
-            indices = [i for i in only if indices.start <= i < indices.stop]  # type: ignore[assignment]
-        for index in indices:
-            lo = max(first, index << 8) & 0xFF
-            hi = min(last, (index << 8) | 0xFF) & 0xFF
-            masks[index] = masks.get(index, 0) | (((1 << (hi - lo + 1)) - 1) << lo)
-    return masks
-
-
-def _summary_value(mask: int) -> bytes:
-    """struct dst_summary: bits[0] holds /24s 0-63 of the /16, little-endian like the CPU."""
-    return mask.to_bytes(32, "little")
-
-
-def _mask_of(value: Any) -> int:
-    return int.from_bytes(bytes(value), "little")
-
-
 class DropDstTables:
-    """drop_dst_v4, drop_dst_v6 and drop_dst_v4_summary of one filter, changed together.
+    """The deny list of one filter, changed as one: drop_dst_v4 (the IPv4 prefixes as
+    written, which the program does not read), the DIR-24-8 tables the program reads for
+    IPv4 (drop_dst_tbl24, drop_dst_tbl8) and the LPM trie it reads for IPv6 (drop_dst_v6).
 
-    Order keeps every intermediate state as strict as the old or the new list: an added
-    prefix enters the trie before its summary bit (until then it is simply not in force
-    yet); a removed one leaves the trie before its bit is recomputed."""
+    An added IPv4 prefix is recorded before it goes into force and a removed one leaves
+    force before its record goes, so whatever is enforced is listed (and removable)."""
 
-    def __init__(self, v4: Map, v6: Map, summary: Map) -> None:
-        self.v4, self.v6, self.summary = v4, v6, summary
+    def __init__(self, v4: Map, v6: Map, tbl24: Map, tbl8: Map) -> None:
+        self.v4, self.v6 = v4, v6
+        self.dir24 = Dir24.from_maps(tbl24, tbl8)
 
     def table(self, net: IPNetwork) -> Map:
         return self.v4 if net.version == 4 else self.v6
@@ -90,33 +63,41 @@ class DropDstTables:
         rules = list(rules)
         for version, table in ((4, self.v4), (6, self.v6)):
             table.update_batch((lpm_key(table, n), rid) for n, rid in rules if n.version == version)
-        masks = summary_masks(n for n, _ in rules)
-        full = _summary_value(_FULL)
-        self.summary.update_batch(  # a fully covered /16 needs no read of what was there
-            (i, full if mask == _FULL else _summary_value(mask | _mask_of(self.summary.lookup(i))))
-            for i, mask in masks.items()
-        )
+        for net, rule_id in rules:
+            if isinstance(net, ipaddress.IPv4Network):
+                self.dir24.add(net, rule_id)
         return len(rules)
 
     def lookup(self, net: IPNetwork) -> int | None:
+        """The rule id of `net` (IPv4: exactly this prefix; IPv6: the trie's longest match
+        no longer than it)."""
         table = self.table(net)
         return table.lookup(lpm_key(table, net))
 
     def remove(self, nets: Iterable[IPNetwork]) -> list[int]:
         """Delete prefixes; returns the rule ids they had."""
-        nets = list(nets)
         freed = []
         for net in nets:
             table = self.table(net)
             key = lpm_key(table, net)
             rule_id = table.lookup(key)
-            if rule_id is not None and table.delete(key):
+            if rule_id is None:
+                continue
+            if isinstance(net, ipaddress.IPv4Network):
+                self.dir24.remove(net, rule_id, self._parent(net))
+            if table.delete(key):
                 freed.append(rule_id)
-        touched = set(summary_masks(nets))
-        if touched:
-            remaining = summary_masks((n for n, _ in self.items(version=4)), only=touched)
-            self.summary.update_batch((i, _summary_value(remaining.get(i, 0))) for i in touched)
         return freed
+
+    def _parent(self, net: ipaddress.IPv4Network) -> int:
+        """The dir24 entry of the longest listed prefix shorter than `net` holding it."""
+        address = int(net.network_address)
+        for length in range(net.prefixlen - 1, -1, -1):
+            masked = address & ~((1 << (32 - length)) - 1) & 0xFFFFFFFF
+            rule_id = self.v4.lookup(struct.pack("<I", length) + masked.to_bytes(4, "big"))
+            if rule_id is not None:
+                return dir24_entry(rule_id, length)
+        return 0
 
     def items(self, version: int | None = None) -> list[tuple[IPNetwork, int]]:
         tables = [t for v, t in ((4, self.v4), (6, self.v6)) if version in (None, v)]

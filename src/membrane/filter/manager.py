@@ -351,20 +351,32 @@ class FilterManager:
     @staticmethod
     @contextlib.contextmanager
     def _dst_tables(att: Attachment) -> Iterator[DropDstTables]:
+        if not (att.path / "drop_dst_tbl24").exists():
+            raise UserError(
+                "--dev",
+                f"the filter on {att.device} was attached by an older membrane (an LPM trie "
+                f"for IPv4): detach it (membrane filter detach --dev {att.device}) and add "
+                "its prefixes again",
+            )
         with (
             att.map("drop_dst_v4") as v4,
             att.map("drop_dst_v6") as v6,
-            att.map("drop_dst_v4_summary") as summary,
+            att.map("drop_dst_tbl24") as tbl24,
+            att.map("drop_dst_tbl8") as tbl8,
         ):
-            yield DropDstTables(v4, v6, summary)
+            yield DropDstTables(v4, v6, tbl24, tbl8)
 
     def add_drop_dst(
         self, netns: str | None, device: str, nets: list[IPNetwork], xdp_mode: str = "auto"
     ) -> Attachment:
         def fill(att: Attachment) -> None:
             with self._dst_tables(att) as tables:
-                existing = {n for n, _ in tables.items()}
-                new = [n for n in nets if n not in existing]
+                existing = {n for n, _ in tables.items(version=6)}
+                new = [
+                    n
+                    for n in nets
+                    if n not in existing and (n.version == 6 or tables.lookup(n) is None)
+                ]
                 for version in (4, 6):  # check both families before writing either
                     table = tables.v4 if version == 4 else tables.v6
                     count = sum(1 for n in new if n.version == version)
@@ -374,6 +386,13 @@ class FilterManager:
                             f"{device}: the deny list would exceed its "
                             f"{table.max_entries} IPv{version} prefixes",
                         )
+                v4 = [n for n in new if isinstance(n, ipaddress.IPv4Network)]
+                if tables.dir24.groups_needed(v4) > tables.dir24.groups_available():
+                    raise UserError(
+                        "CIDR",
+                        f"{device}: the deny list would have prefixes longer than /24 in more "
+                        f"than {tables.dir24.groups} different /24s, the most a filter holds",
+                    )
                 ids = self._id_allocator(att, self._used_rule_ids(att))
                 tables.add((n, next(ids)) for n in new)
 

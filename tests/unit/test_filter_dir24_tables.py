@@ -1,0 +1,61 @@
+"""The DIR-24-8 tables of IPv4 drop-dst on plain numpy arrays (no kernel): which entries a
+change writes, and when a /24 takes, keeps and gives back a tbl8 group."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network, ip_address
+
+import numpy as np
+
+from membrane.abi import DIR24_GROUP_ENTRIES, DIR24_RETIRED
+from membrane.filter.dir24 import GROUP, STATE, Dir24, entry
+
+
+def tables(groups: int = 4) -> Dir24:
+    return Dir24(
+        np.zeros(1 << 24, dtype=np.uint32),
+        np.zeros((groups, DIR24_GROUP_ENTRIES + 2), dtype=np.uint32),
+    )
+
+
+def at(text: str) -> int:
+    return int(ip_address(text))
+
+
+def test_a_short_prefix_writes_only_tbl24() -> None:
+    t = tables()
+    t.add(IPv4Network("198.18.0.0/22"), 7)
+    first = at("198.18.0.0") >> 8
+    assert np.flatnonzero(t.tbl24).tolist() == list(range(first, first + 4))
+    assert set(t.tbl24[first : first + 4].tolist()) == {entry(7, 22)}
+    assert not t.tbl8.any()
+
+
+def test_a_long_prefix_takes_a_group_filled_with_the_24s_answer() -> None:
+    t = tables()
+    t.add(IPv4Network("198.18.0.0/16"), 1)
+    t.add(IPv4Network("198.18.5.16/28"), 2)
+    index = at("198.18.5.0") >> 8
+    assert t.tbl24[index] == GROUP | 0 and t.tbl8[0, STATE] == index + 1
+    assert [
+        t.lookup(at(a)) for a in ("198.18.5.15", "198.18.5.16", "198.18.5.31", "198.18.5.32")
+    ] == [1, 2, 2, 1]
+
+
+def test_a_shorter_prefix_added_later_does_not_hide_a_longer_one() -> None:
+    t = tables()
+    t.add(IPv4Network("198.18.5.7/32"), 3)
+    t.add(IPv4Network("198.18.5.0/24"), 2)
+    t.add(IPv4Network("198.18.0.0/15"), 1)
+    assert [t.lookup(at(a)) for a in ("198.18.5.7", "198.18.5.8", "198.19.0.1")] == [3, 2, 1]
+
+
+def test_removing_the_last_long_prefix_unlinks_and_retires_the_group() -> None:
+    t = tables()
+    t.add(IPv4Network("198.18.5.0/24"), 2)
+    t.add(IPv4Network("198.18.5.7/32"), 3)
+    t.remove(IPv4Network("198.18.5.7/32"), 3, parent=entry(2, 24))
+    assert t.tbl24[at("198.18.5.0") >> 8] == entry(2, 24)
+    assert t.tbl8[0, STATE] == DIR24_RETIRED
+    assert t.groups_available() == 4
+    assert t.groups_needed([IPv4Network("198.18.5.9/32"), IPv4Network("198.18.5.10/32")]) == 1
