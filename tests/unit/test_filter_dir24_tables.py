@@ -59,3 +59,18 @@ def test_removing_the_last_long_prefix_unlinks_and_retires_the_group() -> None:
     assert t.tbl8[0, STATE] == DIR24_RETIRED
     assert t.groups_available() == 4
     assert t.groups_needed([IPv4Network("198.18.5.9/32"), IPv4Network("198.18.5.10/32")]) == 1
+
+
+def test_short_prefixes_reach_groups_side_by_side_or_far_apart() -> None:
+    """A change under a short prefix rewrites the groups below it whether they were taken
+    one after another (scanned as one block) or lie far apart (gathered)."""
+    for taken in ([], list(range(1, 63))):
+        t = tables(groups=64)
+        t.tbl8[taken, STATE] = 1  # busy elsewhere: the two /24s get groups 0 and 63
+        t.add(IPv4Network("198.18.5.7/32"), 3)
+        t.add(IPv4Network("198.18.9.7/32"), 4)
+        t.add(IPv4Network("198.18.0.0/16"), 1)
+        probes = ("198.18.5.7", "198.18.5.8", "198.18.9.7", "198.18.9.6", "198.18.7.1")
+        assert [t.lookup(at(a)) for a in probes] == [3, 1, 4, 1, 1]
+        t.remove(IPv4Network("198.18.0.0/16"), 1, parent=0)
+        assert [t.lookup(at(a)) for a in probes] == [3, 0, 4, 0, 0]

@@ -22,6 +22,7 @@ Why a lookup never sees a half-made state (the program loads each entry once):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from ipaddress import IPv4Network
 
 import numpy as np
@@ -37,6 +38,7 @@ from membrane.bpf.rcu import wait_for_running_programs
 
 GROUP = 1 << DIR24_GROUP_BIT
 RULE_MASK = (1 << DIR24_LENGTH_SHIFT) - 1
+LENGTH_FIELD = 0x3F << DIR24_LENGTH_SHIFT
 STATE = DIR24_GROUP_ENTRIES  # column of dir24_group.state in a group's row of words
 FREE = 0
 
@@ -50,8 +52,10 @@ def entry(rule: int, length: int) -> int:
     return rule | length << DIR24_LENGTH_SHIFT if rule else 0
 
 
-def _lengths(entries: np.ndarray) -> np.ndarray:
-    return (entries >> DIR24_LENGTH_SHIFT) & 0x3F
+def _no_longer(entries: np.ndarray, length: int) -> np.ndarray:
+    """Which entries name no prefix or one no longer than `length` (never a group: its
+    bit makes it larger)."""
+    return (entries & np.uint32(GROUP | LENGTH_FIELD)) <= length << DIR24_LENGTH_SHIFT
 
 
 class Dir24:
@@ -99,16 +103,14 @@ class Dir24:
         new = entry(rule, length)
         if length <= 24:
             span = self.tbl24[first >> 8 : (first >> 8) + (1 << (24 - length))]
-            span[((span & GROUP) == 0) & (_lengths(span) <= length)] = new
-            groups = self._groups(span)
-            which, column = np.nonzero(_lengths(self.tbl8[groups, :DIR24_GROUP_ENTRIES]) <= length)
-            self.tbl8[groups[which], column] = new  # one store per entry, as everywhere
+            span[_no_longer(span, length)] = new
+            self._rewrite(self._groups(span), lambda e: _no_longer(e, length), new)
             return
         index, low = first >> 8, first & 0xFF
         top = int(self.tbl24[index])
         if top & GROUP:
             span = self.tbl8[top & ~GROUP, low : low + (1 << (32 - length))]
-            span[_lengths(span) <= length] = new
+            span[_no_longer(span, length)] = new
             return
         group = self._allocate()
         row = self.tbl8[group]
@@ -126,9 +128,7 @@ class Dir24:
         if length <= 24:
             span = self.tbl24[first >> 8 : (first >> 8) + (1 << (24 - length))]
             span[span == old] = parent
-            groups = self._groups(span)
-            which, column = np.nonzero(self.tbl8[groups, :DIR24_GROUP_ENTRIES] == old)
-            self.tbl8[groups[which], column] = parent
+            self._rewrite(self._groups(span), lambda e: e == old, parent)
             return
         index, low = first >> 8, first & 0xFF
         top = int(self.tbl24[index])
@@ -138,7 +138,7 @@ class Dir24:
         span = self.tbl8[group, low : low + (1 << (32 - length))]
         span[span == old] = parent
         row = self.tbl8[group, :DIR24_GROUP_ENTRIES]
-        if not (_lengths(row) > 24).any():
+        if _no_longer(row, 24).all():
             # Only prefixes holding the whole /24 answer here now: every entry is the same.
             self.tbl24[index] = row[0]  # unlink, then retire
             self.tbl8[group, STATE] = DIR24_RETIRED
@@ -147,6 +147,24 @@ class Dir24:
     def _groups(span: np.ndarray) -> np.ndarray:
         """The groups the tbl24 entries of `span` point to."""
         return (span[(span & GROUP) != 0] & ~np.uint32(GROUP)).astype(np.intp)
+
+    def _rewrite(
+        self, groups: np.ndarray, match: Callable[[np.ndarray], np.ndarray], value: int
+    ) -> None:
+        """Store `value` in the entries of `groups` that `match` selects, one store each.
+        Groups taken one after another lie side by side: scan their block in place, unless
+        it is mostly other groups (then gather them, which costs a copy)."""
+        if not groups.size:
+            return
+        low, high = int(groups.min()), int(groups.max()) + 1
+        if high - low <= 4 * groups.size:
+            block = self.tbl8[low:high, :DIR24_GROUP_ENTRIES]
+            member = np.zeros(high - low, dtype=bool)
+            member[groups - low] = True
+            block[match(block) & member[:, None]] = value
+        else:
+            which, column = np.nonzero(match(self.tbl8[groups, :DIR24_GROUP_ENTRIES]))
+            self.tbl8[groups[which], column] = value
 
     def _allocate(self) -> int:
         free = np.flatnonzero(self.tbl8[:, STATE] == FREE)
