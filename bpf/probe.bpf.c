@@ -8,13 +8,6 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 
-struct {
-	__uint(type, BPF_MAP_TYPE_STACK_TRACE);
-	__uint(max_entries, 16);
-	__uint(key_size, sizeof(u32));
-	__uint(value_size, 127 * sizeof(u64));
-} probe_stacks SEC(".maps");
-
 SEC("xdp")
 int probe_xdp(struct xdp_md *ctx)
 {
@@ -114,9 +107,11 @@ int probe_send_signal(void *ctx)
 }
 
 SEC("perf_event")
-int probe_get_stackid(struct bpf_perf_event_data *ctx)
+int probe_get_stack(struct bpf_perf_event_data *ctx)
 {
-	bpf_get_stackid(ctx, &probe_stacks, BPF_F_USER_STACK);
+	__u64 ips[8];
+
+	bpf_get_stack(ctx, ips, sizeof(ips), BPF_F_USER_STACK);
 	return 0;
 }
 

@@ -30,7 +30,7 @@ EVERYWHERE = {
     "xdp_native", "xdp_generic", "clsact", "cgroup_connect4", "cgroup_skb", "tracepoint",
     "raw_tp", "tp_btf", "uprobe", "perf_event", "iter_task", "map_ringbuf", "map_lpm_trie",
     "map_lru_hash", "map_percpu_array", "map_stack_trace", "helper_send_signal",
-    "helper_get_stackid",
+    "helper_get_stack",
 }  # fmt: skip
 # What depends on how the kernel was built and booted (kprobes not built, lockdown, ...).
 VARIES = {"tcx", "kprobe", "fentry", "fexit", "lsm"}

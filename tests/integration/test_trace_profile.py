@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from trace_support import run_trace, stop_tracer
 
 from membrane.testing.cli import user_error
 from membrane.testing.tracer import start_tracer, stop_tracer_text
+from membrane.trace.symbols import UNKNOWN
 from membrane.trace.tools.profile import max_sample_rate
 
 pytestmark = pytest.mark.root
@@ -40,6 +42,7 @@ SUMMARY_FIELDS = {
     "user_stack_eexist",
     "user_stack_efault",
     "user_stack_other",
+    "stack_collisions",
     "hz",
     "cpus",
     "seconds",
@@ -165,6 +168,7 @@ def test_busy_loop_samples_land_in_its_function(
     assert set(summary) == SUMMARY_FIELDS and all(set(s) == STACK_FIELDS for s in stacks)
     assert summary["lost"] == summary["lost_process_events"] == 0 and summary["hz"] == 99
     assert summary["user_stack_eexist"] == summary["kernel_stack_eexist"] == 0
+    assert summary["stack_collisions"] == 0
     # cpu-clock sampling: 99 samples per second of CPU the process had (clock ticks are
     # 10 ms, and the kernel tunes the period to the frequency as it goes)
     assert summary["samples"] >= 10
@@ -287,3 +291,204 @@ def test_folded_to_stdout_and_duration() -> None:
 def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str) -> None:
     """(The options every tool shares are checked in test_trace_options.py.)"""
     user_error(run_trace("profile", *args), field)
+
+
+# Walks one of 2**PATH_BITS call paths at a time, each a recursion through membrane_a and
+# membrane_b chosen by the bits of the path's number, down to membrane_leaf, which spins:
+# hundreds of distinct user stacks. Before each walk it names itself after the path
+# (prctl, so the comm of every sample says which path ran), until argv[1] ms have passed.
+PATHS = r"""
+#include <signal.h>
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <sys/time.h>
+
+#define PATH_BITS 9
+
+static volatile sig_atomic_t stop;
+volatile unsigned long sink;
+
+static void on_alarm(int sig) { (void)sig; stop = 1; }
+
+void membrane_leaf(void)
+{
+	for (int i = 0; i < 30000; i++)
+		sink++;
+}
+
+void membrane_b(unsigned path, int left);
+
+void membrane_a(unsigned path, int left)
+{
+	if (!left)
+		membrane_leaf();
+	else if (path & 1)
+		membrane_b(path >> 1, left - 1);
+	else
+		membrane_a(path >> 1, left - 1);
+	sink++;
+}
+
+void membrane_b(unsigned path, int left)
+{
+	if (!left)
+		membrane_leaf();
+	else if (path & 1)
+		membrane_b(path >> 1, left - 1);
+	else
+		membrane_a(path >> 1, left - 1);
+	sink++;
+}
+
+int main(int argc, char **argv)
+{
+	char line[16], name[16];
+	long ms = atol(argv[1]);
+	struct itimerval timer = { .it_value = { ms / 1000, (ms % 1000) * 1000 } };
+
+	if (!fgets(line, sizeof(line), stdin))
+		return 1;
+	signal(SIGALRM, on_alarm);
+	setitimer(ITIMER_REAL, &timer, NULL);
+	while (!stop)
+		for (unsigned path = 0; path < (1u << PATH_BITS) && !stop; path++) {
+			snprintf(name, sizeof(name), "mbs-%x", path);
+			prctl(PR_SET_NAME, name);
+			membrane_a(path, PATH_BITS);
+		}
+	puts("done");
+	fflush(stdout);
+	return 0;
+}
+""".replace("#include <stdio.h>", "#include <stdio.h>\n#include <stdlib.h>")
+PATH_BITS = 9
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("paths")
+    (tmp / "paths.c").write_text(PATHS)
+    binary = tmp / "paths"
+    subprocess.run(
+        ["clang", "-O0", "-fno-omit-frame-pointer", "-o", str(binary), str(tmp / "paths.c")],
+        check=True,
+    )
+    return binary
+
+
+def walked_path(user_stack: list[str]) -> tuple[int, int] | None:
+    """The path number a stack shows, and the mask of the bits it shows, when it was taken
+    in membrane_leaf: the frames between the leaf and main are the recursion, innermost
+    first, the root last. A sample in the leaf's first or last instructions (its frame
+    not set up yet, or torn down) misses the innermost frame of the walk, as any
+    frame-pointer unwinder does: then the last bit is unknown."""
+    if user_stack[:1] != ["membrane_leaf"] or "main" not in user_stack:
+        return None
+    walk = user_stack[1 : user_stack.index("main")]
+    assert walk[-1] == "membrane_a" and set(walk) <= {"membrane_a", "membrane_b"}, user_stack
+    assert len(walk) in (PATH_BITS, PATH_BITS + 1), user_stack
+    known = len(walk) - 1  # bits 0 .. known - 1
+    # the frame i + 1 levels below the root took bit i
+    bits = [walk[len(walk) - 2 - i] == "membrane_b" for i in range(known)]
+    return sum(1 << i for i, bit in enumerate(bits) if bit), (1 << known) - 1
+
+
+def profile_paths(binary: Path, *args: str) -> tuple[list[dict], dict]:
+    proc = subprocess.Popen(
+        [str(binary), "2500"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        frequency = str(min(999, max_sample_rate()))
+        profiler = start_tracer(
+            "profile", "--pid", str(proc.pid), "-F", frequency, "-U", "-o", "json", *args
+        )
+        try:
+            out, _ = proc.communicate("go\n", timeout=30)
+            assert out == "done\n"
+        finally:
+            stacks, summary = stop_tracer(profiler)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert summary["lost"] == 0 and sum(s["samples"] for s in stacks) == summary["samples"]
+    return stacks, summary
+
+
+def check_attribution(stacks: list[dict]) -> set[int]:
+    """Every stack taken in the leaf shows the path its comm names (the comm is read apart
+    from the stack): a stack counted under another one's id would show another path.
+    Returns the paths seen whole."""
+    seen = set()
+    for s in stacks:
+        walked = walked_path(s["user_stack"])
+        if walked is not None:
+            path, known = walked
+            assert s["comm"].startswith("mbs-"), s
+            assert int(s["comm"][4:], 16) & known == path, s
+            if known == (1 << PATH_BITS) - 1:
+                seen.add(path)
+    return seen
+
+
+def test_hundreds_of_distinct_stacks_are_all_kept_apart(paths: Path) -> None:
+    """A BPF_MAP_TYPE_STACK_TRACE map drops (-EEXIST) each stack whose hash bucket another
+    one holds; here every stack is stored and counted under its own frames."""
+    stacks, summary = profile_paths(paths)
+    for kind in ("user_stack_eexist", "user_stack_efault", "user_stack_other"):
+        assert summary[kind] == 0, summary
+    assert all(s["user_stack_error"] is None for s in stacks)
+    seen = check_attribution(stacks)
+    in_leaf = sum(s["samples"] for s in stacks if walked_path(s["user_stack"]) is not None)
+    assert in_leaf >= 0.8 * summary["samples"], summary
+    # ~2 s of samples at up to 999 Hz over 512 paths: most of them were seen
+    assert len(seen) >= min(300, in_leaf // 4), (len(seen), in_leaf)
+
+
+def test_stacks_whose_hashes_collide_are_told_apart_and_counted(paths: Path) -> None:
+    """With the hash cut to 8 bits (256 hashes for hundreds of stacks) distinct stacks share
+    hashes all the time: each one still gets its own slot, or is reported missing."""
+    stacks, summary = profile_paths(paths, "--stack-hash-bits", "8")
+    assert summary["stack_collisions"] > 0, summary
+    seen = check_attribution(stacks)
+    assert len(seen) >= 100, len(seen)
+    # stacks with no free slot are missing (EEXIST), counted, never someone else's
+    missing = sum(s["samples"] for s in stacks if s["user_stack_error"] == "EEXIST")
+    assert missing == summary["user_stack_eexist"]
+    assert all(s["user_stack"] == [] for s in stacks if s["user_stack_error"])
+
+
+def test_processes_gone_before_the_end_keep_their_symbols(busy: Path, tmp_path: Path) -> None:
+    """Short-lived processes, whose program file is even replaced before the profile ends:
+    their stacks are named from the very file they ran (kept open while they lived), or,
+    for one the profiler could not read in time, unknown throughout, never half named."""
+    binary = tmp_path / f"mbx-{secrets.token_hex(4)}"
+    shutil.copy(busy, binary)
+    frequency = str(min(999, max_sample_rate()))
+    profiler = start_tracer("profile", "--comm", binary.name, "-F", frequency, "-U", "-o", "json")
+    try:
+        for _ in range(10):
+            proc = subprocess.run(
+                [str(binary), "60", "exit"], input="go\n", capture_output=True, text=True
+            )
+            assert proc.stdout == "done\n"
+        binary.unlink()
+        shutil.copy("/bin/true", binary)  # another program under the same name
+    finally:
+        stacks, summary = stop_tracer(profiler)
+    assert summary["lost"] == summary["lost_process_events"] == 0
+    per_pid: dict[int, list[dict]] = {}
+    for s in stacks:
+        per_pid.setdefault(s["pid"], []).append(s)
+    assert len(per_pid) == 10, sorted(per_pid)
+    named = []
+    for pid, own in per_pid.items():
+        samples = sum(s["samples"] for s in own)
+        loop = [s for s in own if s["user_stack"][:2] == ["membrane_busy_loop", "main"]]
+        if loop:
+            # libraries too: they were mapped after the process's first sample
+            assert all(UNKNOWN not in s["user_stack"] for s in loop), loop
+            assert sum(s["samples"] for s in loop) >= 0.8 * samples, own
+            named.append(pid)
+        else:  # never read: nothing of it named
+            assert all(set(s["user_stack"]) <= {UNKNOWN} for s in own), own
+    assert len(named) >= 8, per_pid

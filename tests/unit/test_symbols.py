@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from membrane.trace.symbols import UNKNOWN, Symbolizer, SymbolTable, demangle, load_elf
+from membrane.trace.symbols import (
+    UNKNOWN,
+    StringTable,
+    Symbolizer,
+    SymbolTable,
+    demangle,
+    load_elf,
+    return_targets,
+)
 
 SOURCE = """
 volatile unsigned long sink;
@@ -83,6 +91,44 @@ def test_lookup_prefers_global_short_names_and_respects_sizes() -> None:
     addrs = np.array([0xFFF, 0x1000, 0x100F, 0x1010, 0x2FFF, 0x3007, 0x3008], dtype=np.uint64)
     assert table.lookup(addrs) == [None, "malloc", "malloc", None, "sizeless", "last", None]
     assert SymbolTable.build([]).lookup(addrs[:1]) == [None]
+
+
+def test_string_table_names_are_read_where_they_start() -> None:
+    """ELF string tables share suffixes: a name may start inside another one."""
+    data = b"\0__libc_malloc\0malloc_x\0_x\0"
+    offsets = np.array([1, 8, 3, 15, 24], dtype=np.int64)  # malloc is a suffix
+    names = StringTable(data, offsets)
+    lengths = names.lengths()
+    assert [names[i] for i in range(len(names))] == [
+        "__libc_malloc",
+        "malloc",
+        "libc_malloc",
+        "malloc_x",
+        "_x",
+    ]
+    assert lengths.tolist() == [13, 6, 11, 8, 2]
+    assert names.leading_underscores(lengths).tolist() == [2, 0, 0, 0, 1]
+    assert "malloc" in names and "free" not in names
+    both = StringTable.concat([names.take(np.array([1])), StringTable(b"\0free\0", offsets[:1])])
+    assert list(both) == ["malloc", "free"]
+
+
+def test_tables_from_string_tables_pick_aliases_like_tables_from_names() -> None:
+    data = b"\0__libc_malloc\0malloc\0local_alias\0sizeless\0"
+    names = StringTable(data, np.array([1, 15, 22, 34], dtype=np.int64))
+    table = SymbolTable.from_strings(
+        np.array([0x1000, 0x1000, 0x1000, 0x2000], dtype=np.uint64),
+        np.array([0x10, 0x10, 0x10, 0], dtype=np.uint64),
+        np.array([0, 0, 2, 0], dtype=np.int64),
+        names,
+    )
+    addrs = np.array([0x1000, 0x100F, 0x1010, 0x2FFF], dtype=np.uint64)
+    assert table.lookup(addrs) == ["malloc", "malloc", None, "sizeless"]
+
+
+def test_return_addresses_are_named_by_the_call_before_them() -> None:
+    assert return_targets([0x10, 0x20, 0x30]).tolist() == [0x10, 0x1F, 0x2F]
+    assert return_targets([]).tolist() == []
 
 
 def test_user_frames_of_a_live_process_resolve_through_its_mappings() -> None:

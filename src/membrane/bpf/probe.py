@@ -318,7 +318,7 @@ _GROUPS = [
             # message that kernel 6.18 no longer prints ("program of this type cannot use
             # helper" replaced "unknown func"), so it calls every helper supported.
             "helper_send_signal": _program("probe_send_signal"),
-            "helper_get_stackid": _program("probe_get_stackid", maps=("probe_stacks",)),
+            "helper_get_stack": _program("probe_get_stack"),
         },
     ),
 ]

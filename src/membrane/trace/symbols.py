@@ -3,9 +3,11 @@ the process's /proc/PID/maps and the ELF symbol tables (.symtab, .dynsym) of the
 maps.
 
 Processes are read while they live (`Symbolizer.snapshot`), because a profile is symbolized
-after the run, when short-lived processes are gone. Files are opened through
-/proc/PID/map_files, which reaches the very file the process mapped even when it has been
-deleted or lives in another mount namespace (a container); each file is parsed once.
+after the run, when short-lived processes are gone. A snapshot only reads the mappings and
+keeps each file not seen before open, through /proc/PID/map_files, which reaches the very
+file the process mapped even when it has been deleted or lives in another mount namespace
+(a container). Files are parsed at the end, once each, and only those that an address to
+name falls into; names are decoded from the string tables only for the symbols found.
 """
 
 from __future__ import annotations
@@ -46,30 +48,106 @@ _SYM_DTYPE = np.dtype(
 )
 _DEBUG_DIR = "/usr/lib/debug/.build-id"
 _LAST_SYMBOL_SPAN = 4096  # kallsyms gives no sizes: the last symbol gets this much
-_NO_STARTS = np.zeros(0, dtype=np.uint64)
+_UNDERSCORES_COUNTED = 8  # aliases differ by a few leading underscores, never more
+_NO_ADDRS = np.zeros(0, dtype=np.uint64)
+_NO_OFFSETS = np.zeros(0, dtype=np.int64)
+
+
+class StringTable:
+    """Names as offsets into ELF string tables, decoded only when asked for: a library has
+    tens of thousands of functions, a profile looks up a few of them."""
+
+    def __init__(self, data: bytes, offsets: np.ndarray) -> None:
+        self.data = data
+        self.offsets = offsets.astype(np.int64, copy=False)
+
+    @classmethod
+    def concat(cls, tables: Sequence[StringTable]) -> StringTable:
+        shift, datas, offsets = 0, [], []
+        for table in tables:
+            datas.append(table.data)
+            offsets.append(table.offsets + shift)
+            shift += len(table.data)
+        return cls(b"".join(datas), np.concatenate(offsets) if offsets else _NO_OFFSETS)
+
+    def take(self, idx: np.ndarray) -> StringTable:
+        return StringTable(self.data, self.offsets[idx])
+
+    def lengths(self) -> np.ndarray:
+        raw = np.frombuffer(self.data, dtype=np.uint8)
+        nuls = np.append(np.flatnonzero(raw == 0), len(raw))
+        return nuls[np.searchsorted(nuls, self.offsets)] - self.offsets
+
+    def leading_underscores(self, lengths: np.ndarray) -> np.ndarray:
+        raw = np.frombuffer(self.data, dtype=np.uint8)
+        count = np.zeros(len(self.offsets), dtype=np.int64)
+        if not len(raw):
+            return count
+        running = np.ones(len(self.offsets), dtype=bool)
+        for i in range(_UNDERSCORES_COUNTED):
+            at = np.minimum(self.offsets + i, len(raw) - 1)
+            running &= (lengths > i) & (raw[at] == ord("_"))
+            count += running
+        return count
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> str:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        start = int(self.offsets[i])
+        end = self.data.find(b"\0", start)
+        return self.data[start : end if end >= 0 else None].decode(errors="replace")
 
 
 class SymbolTable:
     """Function start addresses with their names; an address belongs to the function that
     starts at or below it and has not ended (a symbol without a size reaches the next)."""
 
-    def __init__(self, starts: np.ndarray, ends: np.ndarray, names: Sequence[str]) -> None:
+    def __init__(
+        self, starts: np.ndarray, ends: np.ndarray, names: Sequence[str] | StringTable
+    ) -> None:
         self.starts = starts
         self.ends = ends
         self.names = names
 
     @classmethod
     def build(cls, entries: Iterable[tuple[int, int, str, int]]) -> SymbolTable:
-        """From (address, size, name, preference) tuples. Of several names at one address
-        (aliases such as malloc and __libc_malloc, getpid and __getpid) the one people call
-        wins: fewest leading underscores, then the lowest preference, then the shortest."""
+        """From (address, size, name, preference) tuples (see from_arrays)."""
         items = list(entries)
         names = [e[2] for e in items]
-        addrs = np.array([e[0] for e in items], dtype=np.uint64)
-        sizes = np.array([e[1] for e in items], dtype=np.uint64)
-        prefs = np.array([e[3] for e in items], dtype=np.int64)
         lengths = np.array([len(n) for n in names], dtype=np.int64)
-        underscores = lengths - np.array([len(n.lstrip("_")) for n in names], dtype=np.int64)
+        return cls.from_arrays(
+            np.array([e[0] for e in items], dtype=np.uint64),
+            np.array([e[1] for e in items], dtype=np.uint64),
+            np.array([e[3] for e in items], dtype=np.int64),
+            names,
+            lengths,
+            lengths - np.array([len(n.lstrip("_")) for n in names], dtype=np.int64),
+        )
+
+    @classmethod
+    def from_strings(
+        cls, addrs: np.ndarray, sizes: np.ndarray, prefs: np.ndarray, names: StringTable
+    ) -> SymbolTable:
+        lengths = names.lengths()
+        underscores = names.leading_underscores(lengths)
+        return cls.from_arrays(addrs, sizes, prefs, names, lengths, underscores)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        addrs: np.ndarray,
+        sizes: np.ndarray,
+        prefs: np.ndarray,
+        names: Sequence[str] | StringTable,
+        lengths: np.ndarray,
+        underscores: np.ndarray,
+    ) -> SymbolTable:
+        """Of several names at one address (aliases such as malloc and __libc_malloc,
+        getpid and __getpid) the one people call wins: fewest leading underscores, then
+        the lowest preference, then the shortest."""
         order = np.lexsort((lengths, prefs, underscores, addrs))
         first = np.ones(len(order), dtype=bool)
         first[1:] = addrs[order][1:] != addrs[order][:-1]
@@ -77,6 +155,8 @@ class SymbolTable:
         starts, sizes = addrs[keep], sizes[keep]
         following = np.append(starts[1:], starts[-1:] + np.uint64(_LAST_SYMBOL_SPAN))
         ends = np.where(sizes > 0, starts + sizes, following)
+        if isinstance(names, StringTable):
+            return cls(starts, ends, names.take(keep))
         return cls(starts, ends, [names[i] for i in keep.tolist()])
 
     def __len__(self) -> int:
@@ -108,13 +188,44 @@ class ElfFile:
                 return file_offset - offset + vaddr
         return None
 
+    def vaddrs(self, file_offsets: np.ndarray) -> np.ndarray:
+        """vaddr of many offsets (uint64); 0, which names no function, where no segment
+        holds the offset."""
+        out = np.zeros(len(file_offsets), dtype=np.uint64)
+        for offset, vaddr, size in self.segments:
+            held = (file_offsets >= np.uint64(offset)) & (file_offsets < np.uint64(offset + size))
+            out[held] = file_offsets[held] - np.uint64(offset) + np.uint64(vaddr)
+        return out
+
 
 def _binding_preference(info: np.ndarray) -> np.ndarray:
     binding = info >> 4
     return np.select([binding == _STB_GLOBAL, binding == _STB_WEAK], [0, 1], 2)
 
 
-def _read_elf(fd: int) -> tuple[list[tuple[int, int, str, int]], tuple, bytes | None] | None:
+@dataclass(frozen=True)
+class _Functions:
+    """The function symbols of a file, as arrays (one row per symbol)."""
+
+    addrs: np.ndarray
+    sizes: np.ndarray
+    prefs: np.ndarray
+    names: StringTable
+
+    @classmethod
+    def concat(cls, parts: Sequence[_Functions]) -> _Functions:
+        return cls(
+            np.concatenate([p.addrs for p in parts]) if parts else _NO_ADDRS,
+            np.concatenate([p.sizes for p in parts]) if parts else _NO_ADDRS,
+            np.concatenate([p.prefs for p in parts]) if parts else _NO_OFFSETS,
+            StringTable.concat([p.names for p in parts]),
+        )
+
+    def table(self) -> SymbolTable:
+        return SymbolTable.from_strings(self.addrs, self.sizes, self.prefs, self.names)
+
+
+def _read_elf(fd: int) -> tuple[_Functions, tuple, bytes | None] | None:
     """Functions, PT_LOAD segments and GNU build id of the ELF file open as `fd`; None when
     it is not a 64-bit little-endian ELF file."""
     head = os.pread(fd, _EHDR.size, 0)
@@ -134,7 +245,7 @@ def _read_elf(fd: int) -> tuple[list[tuple[int, int, str, int]], tuple, bytes | 
             segments.append((p_offset, p_vaddr, p_filesz))
     raw = os.pread(fd, shentsize * shnum, shoff) if shoff else b""
     sections = [_SHDR.unpack_from(raw, i * shentsize) for i in range(len(raw) // shentsize)]
-    functions: list[tuple[int, int, str, int]] = []
+    parts = []
     build_id = None
     for _, sh_type, _, _, sh_offset, sh_size, sh_link, _, _, sh_entsize in sections:
         if sh_type == _SHT_NOTE and build_id is None:
@@ -148,27 +259,26 @@ def _read_elf(fd: int) -> tuple[list[tuple[int, int, str, int]], tuple, bytes | 
         syms = np.frombuffer(
             os.pread(fd, sh_size, sh_offset), dtype=_SYM_DTYPE, count=sh_size // sh_entsize
         )
+        _, _, _, _, str_offset, str_size, *_ = sections[sh_link]
+        names = StringTable(os.pread(fd, str_size, str_offset), syms["name"])
         kind = syms["info"] & 0xF
-        syms = syms[
+        keep = (
             ((kind == _STT_FUNC) | (kind == _STT_GNU_IFUNC))
             & (syms["value"] != 0)
             & (syms["shndx"] != 0)
-        ]
-        _, _, _, _, str_offset, str_size, *_ = sections[sh_link]
-        strings = os.pread(fd, str_size, str_offset)
-        prefs = _binding_preference(syms["info"])
-        for name_off, value, size, pref in zip(
-            syms["name"].tolist(),
-            syms["value"].tolist(),
-            syms["size"].tolist(),
-            prefs.tolist(),
-            strict=True,
-        ):
-            end = strings.find(b"\0", name_off)
-            name = strings[name_off : end if end >= 0 else None].decode(errors="replace")
-            if name:
-                functions.append((value, size, name, pref))
-    return functions, tuple(segments), build_id
+            & (syms["name"] < len(names.data))
+        )
+        keep[keep] = names.take(keep).lengths() > 0  # nameless symbols say nothing
+        syms = syms[keep]
+        parts.append(
+            _Functions(
+                syms["value"].astype(np.uint64),
+                syms["size"].astype(np.uint64),
+                _binding_preference(syms["info"]).astype(np.int64),
+                names.take(keep),
+            )
+        )
+    return _Functions.concat(parts), tuple(segments), build_id
 
 
 def _build_id(notes: bytes) -> bytes | None:
@@ -182,33 +292,45 @@ def _build_id(notes: bytes) -> bytes | None:
     return None
 
 
-def load_elf(path: str, with_debug_file: bool = True) -> ElfFile | None:
-    """The file's functions, with those of its separate debug file (found by build id
-    under /usr/lib/debug) when one is installed; None when it cannot be read as ELF."""
+def _parse(fd: int) -> tuple[_Functions, tuple, bytes | None] | None:
+    try:
+        return _read_elf(fd)
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def read_elf(fd: int) -> ElfFile | None:
+    """The functions of the ELF file open as `fd`, with those of its separate debug file
+    (found by build id under /usr/lib/debug) when one is installed; None when it cannot be
+    read as ELF."""
+    parsed = _parse(fd)
+    if parsed is None:
+        return None
+    functions, segments, build_id = parsed
+    if build_id:
+        hexid = build_id.hex()
+        debug = os.path.join(_DEBUG_DIR, hexid[:2], hexid[2:] + ".debug")
+        with contextlib.suppress(OSError):
+            debug_fd = os.open(debug, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                extra = _parse(debug_fd)
+            finally:
+                os.close(debug_fd)
+            if extra is not None:
+                functions = _Functions.concat([functions, extra[0]])
+    return ElfFile(functions.table(), segments)
+
+
+def load_elf(path: str) -> ElfFile | None:
+    """read_elf of the file at `path`."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        parsed = _read_elf(fd)
-    except (OSError, ValueError, struct.error):
-        parsed = None
+        return read_elf(fd)
     finally:
         os.close(fd)
-    if parsed is None:
-        return None
-    functions, segments, build_id = parsed
-    if build_id and with_debug_file:
-        hexid = build_id.hex()
-        debug = os.path.join(_DEBUG_DIR, hexid[:2], hexid[2:] + ".debug")
-        if os.path.exists(debug) and (extra := load_elf(debug, False)) is not None:
-            functions += [
-                (int(s), int(e - s), n, 0)
-                for s, e, n in zip(
-                    extra.symbols.starts, extra.symbols.ends, extra.symbols.names, strict=True
-                )
-            ]
-    return ElfFile(SymbolTable.build(functions), segments)
 
 
 @cache
@@ -223,19 +345,23 @@ def kernel_symbols() -> SymbolTable:
     return SymbolTable.build(entries)
 
 
+FileKey = tuple[str, int]  # (device as /proc/PID/maps writes it, inode): one mapped file
+
+
 @dataclass(frozen=True)
 class Mapping:
     start: int
     end: int
     offset: int
     name: str  # the path in /proc/PID/maps, or [vdso] and the like
-    elf: ElfFile | None
+    file: FileKey | None  # the file mapped; None for anonymous memory, [vdso], ...
 
 
 @dataclass(frozen=True)
 class _Image:
     exe: tuple[int, int] | None  # (st_dev, st_ino) of /proc/PID/exe when it was read
     starts: np.ndarray
+    ends: np.ndarray
     mappings: list[Mapping]
 
 
@@ -243,14 +369,33 @@ class Symbolizer:
     """Names for the addresses of kernel and user stacks.
 
     User addresses need the mappings of the process that ran them, read while it lived:
-    `snapshot(pid, image)` reads them, `user(pid, addrs, image)` uses them. `image` tells
-    apart the programs one pid runs one after the other (exec replaces every mapping);
-    callers that do not know it keep the default.
+    `snapshot(pid, image)` reads them, `user(pid, addrs, image)` and `names(...)` use them.
+    `image` tells apart the programs one pid runs one after the other (exec replaces every
+    mapping); callers that do not know it keep the default.
+
+    A snapshot is cheap: it reads /proc/PID/maps and opens each file it has not seen yet
+    (through /proc/PID/map_files, which reaches the very file the process mapped even when
+    it has been deleted since or lives in another mount namespace), but parses nothing.
+    A file's symbols are read when an address in it is first looked up, once per file, so
+    a profile of a busy machine pays only for the files its samples fell into. Close the
+    symbolizer (or use it as a context manager) to close the files it keeps open.
     """
 
     def __init__(self) -> None:
-        self._files: dict[tuple[str, int], ElfFile | None] = {}
+        self._opened: dict[FileKey, int] = {}  # kept open, not parsed yet
+        self._files: dict[FileKey, ElfFile | None] = {}  # parsed (None: not ELF)
         self._images: dict[tuple[int, int], _Image] = {}
+
+    def __enter__(self) -> Symbolizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._opened.values():
+            os.close(fd)
+        self._opened.clear()
 
     def snapshot(self, pid: int, image: int = 0) -> bool:
         """Read the process's executable mappings now; False when it is gone."""
@@ -271,10 +416,8 @@ class Symbolizer:
         return True
 
     def _read(self, pid: int) -> _Image | None:
-        try:
-            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
-                lines = f.readlines()
-        except OSError:
+        text = _read_proc(f"/proc/{pid}/maps")
+        if text is None:
             return None
         try:
             st = os.stat(f"/proc/{pid}/exe")
@@ -282,74 +425,128 @@ class Symbolizer:
         except OSError:  # a kernel thread has no executable
             exe = None
         mappings = []
-        for line in lines:
-            parts = line.split(maxsplit=5)
-            if len(parts) < 5 or "x" not in parts[1]:
+        for line in text.split(b"\n"):
+            # start-end perms offset dev inode [path]; only executable mappings matter
+            parts = line.split(None, 5)
+            if len(parts) < 5 or parts[1][2:3] != b"x":
                 continue
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            name = parts[5].strip() if len(parts) == 6 else ""
-            elf = None
+            start, end = (int(x, 16) for x in parts[0].split(b"-"))
+            name = parts[5].decode(errors="replace") if len(parts) == 6 else ""
+            key = None
             if name and not name.startswith("["):
-                elf = self._file(pid, start, end, name, parts[3], int(parts[4]))
-            mappings.append(Mapping(start, end, int(parts[2], 16), name, elf))
+                key = (parts[3].decode(), int(parts[4]))
+                self._keep(key, pid, start, end, name)
+            mappings.append(Mapping(start, end, int(parts[2], 16), name, key))
         mappings.sort(key=lambda m: m.start)
         starts = np.array([m.start for m in mappings], dtype=np.uint64)
-        return _Image(exe, starts, mappings)
+        ends = np.array([m.end for m in mappings], dtype=np.uint64)
+        return _Image(exe, starts, ends, mappings)
 
-    def _file(
-        self, pid: int, start: int, end: int, path: str, dev: str, inode: int
-    ) -> ElfFile | None:
-        key = (dev, inode)
+    def _keep(self, key: FileKey, pid: int, start: int, end: int, path: str) -> None:
+        """Open the file behind a mapping while the process still has it mapped."""
+        if key in self._opened or key in self._files:
+            return
+        for candidate in (
+            f"/proc/{pid}/map_files/{start:x}-{end:x}",
+            f"/proc/{pid}/root{path}",
+            path,
+        ):
+            with contextlib.suppress(OSError):
+                self._opened[key] = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC)
+                return
+        self._files[key] = None
+
+    def _elf(self, key: FileKey) -> ElfFile | None:
         if key not in self._files:
-            elf = None
-            for candidate in (
-                f"/proc/{pid}/map_files/{start:x}-{end:x}",
-                f"/proc/{pid}/root{path}",
-                path,
-            ):
-                elf = load_elf(candidate)
-                if elf is not None:
-                    break
-            self._files[key] = elf
+            fd = self._opened.pop(key)
+            try:
+                self._files[key] = read_elf(fd)
+            finally:
+                os.close(fd)
         return self._files[key]
+
+    def outside(self, pid: int, image: int, targets: np.ndarray) -> bool:
+        """Whether some of the addresses lie outside every executable mapping read for the
+        image (a library loaded after the snapshot, or no snapshot at all)."""
+        read = self._images.get((pid, image))
+        if read is None:
+            return bool(len(targets))
+        idx = np.searchsorted(read.starts, targets, side="right") - 1
+        return not bool(np.all((idx >= 0) & (targets < read.ends[np.maximum(idx, 0)])))
+
+    def names(self, pid: int, image: int, targets: np.ndarray) -> list[str]:
+        """Names of the user addresses `targets` (uint64, each the exact byte to name) of
+        process `pid` running `image`: one lookup per mapping they fall into."""
+        names = [UNKNOWN] * len(targets)
+        read = self._images.get((pid, image))
+        if read is None or not len(targets) or not read.mappings:
+            return names
+        idx = np.searchsorted(read.starts, targets, side="right") - 1
+        inside = (idx >= 0) & (targets < read.ends[np.maximum(idx, 0)])
+        for i in np.unique(idx[inside]).tolist():
+            rows = np.flatnonzero(inside & (idx == i))
+            for row, name in zip(
+                rows.tolist(), self._in_mapping(read.mappings[i], targets[rows]), strict=True
+            ):
+                names[row] = name
+        return names
+
+    def _in_mapping(self, mapping: Mapping, addrs: np.ndarray) -> list[str]:
+        found: list[str | None] = [None] * len(addrs)
+        elf = self._elf(mapping.file) if mapping.file is not None else None
+        if elf is not None:
+            offsets = addrs - np.uint64(mapping.start) + np.uint64(mapping.offset)
+            found = elf.symbols.lookup(elf.vaddrs(offsets))
+        if not mapping.name:
+            fallback = UNKNOWN
+        else:
+            base = os.path.basename(mapping.name)
+            fallback = base if base.startswith("[") else f"[{base}]"
+        return [name or fallback for name in found]
 
     def user(self, pid: int, addrs: Sequence[int], image: int = 0) -> list[str]:
         """Names of a user stack (innermost first) of process `pid` running `image`."""
-        read = self._images.get((pid, image))
-        starts, mappings = (read.starts, read.mappings) if read else (_NO_STARTS, [])
-        names = []
-        for depth, addr in enumerate(addrs):
-            # Callers' frames hold return addresses, which may already be past the call's
-            # function (a call at the very end of it): look up the byte before.
-            target = addr - 1 if depth else addr
-            i = int(np.searchsorted(starts, np.uint64(target), side="right")) - 1
-            names.append(
-                _in_mapping(mappings[i], target) if i >= 0 and target < mappings[i].end else UNKNOWN
-            )
-        return names
+        return self.names(pid, image, return_targets(addrs))
 
     @staticmethod
     def kernel(addrs: Sequence[int]) -> list[str]:
         """Names of a kernel stack (innermost first)."""
-        if not addrs:
+        return Symbolizer.kernel_names(return_targets(addrs))
+
+    @staticmethod
+    def kernel_names(targets: np.ndarray) -> list[str]:
+        """Names of the kernel addresses `targets` (uint64, each the exact byte to name)."""
+        if not len(targets):
             return []
-        targets = np.array([a - 1 if i else a for i, a in enumerate(addrs)], dtype=np.uint64)
         with contextlib.suppress(OSError):
             return [n or UNKNOWN for n in kernel_symbols().lookup(targets)]
-        return [UNKNOWN] * len(addrs)
+        return [UNKNOWN] * len(targets)
 
 
-def _in_mapping(mapping: Mapping, addr: int) -> str:
-    if mapping.elf is not None:
-        vaddr = mapping.elf.vaddr(addr - mapping.start + mapping.offset)
-        if vaddr is not None:
-            name = mapping.elf.symbols.lookup(np.array([vaddr], dtype=np.uint64))[0]
-            if name:
-                return name
-    if not mapping.name:
-        return UNKNOWN
-    base = os.path.basename(mapping.name)
-    return base if base.startswith("[") else f"[{base}]"
+def _read_proc(path: str) -> bytes | None:
+    """A /proc file whole (plain os calls: it is read for every process sampled)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except OSError:  # the process went away while we read
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def return_targets(addrs: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The bytes to name for a stack, innermost first: callers' frames hold return
+    addresses, which may already be past the call's function (a call at the very end of
+    it), so each is looked up one byte before."""
+    targets = np.array(addrs, dtype=np.uint64)
+    targets[1:] -= np.uint64(1)
+    return targets
 
 
 def demangle(names: Iterable[str]) -> dict[str, str]:

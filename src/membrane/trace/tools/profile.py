@@ -4,85 +4,29 @@ can write folded stacks and an SVG flame graph."""
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
+import resource
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import typer
 
-from membrane.abi import PROFILE_NO_STACK
-from membrane.bpf.links import attach_cpu_sampler
+from membrane.abi import PROFILE_PROBE_BITS
+from membrane.bpf.links import attach_auto, attach_cpu_sampler
 from membrane.errors import UserError
 from membrane.trace import flamegraph
 from membrane.trace.options import COMM, DURATION, OUTPUT, PID, UID, TraceOptions
-from membrane.trace.output import Printer, text
+from membrane.trace.output import Printer
+from membrane.trace.profile_stacks import TOTALS, collect
 from membrane.trace.session import TraceSession
-from membrane.trace.symbols import Symbolizer, demangle
+from membrane.trace.symbols import Symbolizer
 from membrane.trace.tools import Tool
 
 _MAX_SAMPLE_RATE = "/proc/sys/kernel/perf_event_max_sample_rate"
 _STACK_STORAGE_MAX = 1 << 20  # each stack slot costs ~1 KiB of kernel memory
-_ERROR_FIELDS = (
-    "kernel_stack_eexist",
-    "kernel_stack_efault",
-    "kernel_stack_other",
-    "user_stack_eexist",
-    "user_stack_efault",
-    "user_stack_other",
-)
-
-
-@dataclass(frozen=True)
-class Stack:
-    """One counted stack; frames innermost first, as the kernel records them."""
-
-    pid: int
-    comm: str
-    samples: int
-    kernel: list[str]
-    user: list[str]
-    kernel_error: str | None  # errno name when the kernel stack id was an error
-    user_error: str | None
-
-    def record(self) -> dict[str, Any]:
-        """The JSON form; field names are a stable contract."""
-        return {
-            "pid": self.pid,
-            "comm": self.comm,
-            "samples": self.samples,
-            "kernel_stack": self.kernel,
-            "user_stack": self.user,
-            "kernel_stack_error": self.kernel_error,
-            "user_stack_error": self.user_error,
-        }
-
-    def folded_frames(self) -> list[str]:
-        """Root first: the command, the user frames, then the kernel frames marked _[k]."""
-        user = ["[missing user stack]"] if self.user_error else self.user
-        kernel = ["[missing kernel stack]"] if self.kernel_error else self.kernel
-        return [
-            self.comm,
-            *reversed(user),
-            *(f + flamegraph.KERNEL_SUFFIX for f in reversed(kernel)),
-        ]
-
-    def text(self) -> str:
-        """bcc profile's layout: kernel frames, `--`, user frames, `- comm (pid)`, count."""
-        lines = []
-        if self.kernel_error:
-            lines.append("[missing kernel stack]")
-        lines += self.kernel
-        if lines and (self.user or self.user_error):
-            lines.append("--")
-        if self.user_error:
-            lines.append("[missing user stack]")
-        lines += self.user
-        lines.append(f"{'-':<16} {self.comm} ({self.pid})")
-        return "".join(f"    {line}\n" for line in lines) + f"        {self.samples}\n"
+_HASH_BITS = 64 - PROFILE_PROBE_BITS - 1  # what an id keeps of a stack's hash
 
 
 def max_sample_rate() -> int:
@@ -103,6 +47,15 @@ def online_cpus() -> list[int]:
     return cpus
 
 
+def _raise_open_files_limit() -> None:
+    """The symbolizer keeps each mapped file open until the end (a process may be gone by
+    then): allow as many files as the hard limit does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _check_output_file(path: str | None, field: str) -> None:
     """Refuse an unwritable destination before profiling, not after."""
     if path is None or path == "-":
@@ -116,73 +69,11 @@ def _check_output_file(path: str | None, field: str) -> None:
         raise UserError(field, f"cannot write into {parent}")
 
 
-def _errno_name(stack_id: int) -> str | None:
-    if stack_id >= 0 or stack_id == PROFILE_NO_STACK:
-        return None
-    return errno.errorcode.get(-stack_id, str(-stack_id))
-
-
 def _remember_processes(batch: np.ndarray, symbolizer: Symbolizer) -> None:
     """Read the mappings of newly sampled processes now, while they still run."""
     images = batch["image"]
     for pid, exec_id in zip(images["pid"].tolist(), images["exec_id"].tolist(), strict=True):
         symbolizer.snapshot(pid, exec_id)
-
-
-def collect(
-    session: TraceSession, symbolizer: Symbolizer, kernel_stacks: bool
-) -> tuple[list[Stack], dict[str, int]]:
-    """The counted stacks, symbolized, and the kernel's totals (call after detach)."""
-    per_cpu = session.map("stats").lookup(0)
-    totals = {
-        name: sum(getattr(s, name) for s in per_cpu) for name in ("samples", "lost", *_ERROR_FIELDS)
-    }
-    entries = session.map("counts").lookup_batch()
-    latest: dict[int, int] = {}  # pid -> the last program it was seen running (exec_id)
-    for key, _ in entries:
-        latest[key.image.pid] = max(key.image.exec_id, latest.get(key.image.pid, 0))
-    for pid, exec_id in latest.items():
-        symbolizer.refresh(pid, exec_id)  # libraries loaded since it was first seen
-    stack_map = session.map("stacks")
-    addresses: dict[int, list[int]] = {}
-
-    def frames(stack_id: int) -> list[int]:
-        if stack_id < 0:
-            return []
-        if stack_id not in addresses:
-            raw = stack_map.lookup(stack_id)
-            ips = np.frombuffer(raw, dtype="<u8") if raw else np.zeros(0, np.uint64)
-            end = np.flatnonzero(ips == 0)
-            addresses[stack_id] = ips[: end[0] if len(end) else len(ips)].tolist()
-        return addresses[stack_id]
-
-    # Stack ids differ by every return address; stacks equal once symbolized are one.
-    merged: dict[tuple, int] = {}
-    for key, count in entries:
-        kernel = tuple(symbolizer.kernel(frames(key.kernel_stack_id)))
-        pid = key.image.pid
-        user = tuple(symbolizer.user(pid, frames(key.user_stack_id), key.image.exec_id))
-        errors = (_errno_name(key.kernel_stack_id), _errno_name(key.user_stack_id))
-        if not kernel and not user and errors == (None, None):
-            # Only one kind of stack was taken (-K or -U) and this sample has none of it.
-            kernel, user = (("[user mode]",), ()) if kernel_stacks else ((), ("[kernel thread]",))
-        ident = (pid, text(key.comm), kernel, user, *errors)
-        merged[ident] = merged.get(ident, 0) + count
-    readable = demangle(name for _, _, _, user, *_ in merged for name in user)
-    stacks = [
-        Stack(
-            pid=pid,
-            comm=comm,
-            samples=count,
-            kernel=list(kernel),
-            user=[readable.get(name, name) for name in user],
-            kernel_error=kernel_error,
-            user_error=user_error,
-        )
-        for (pid, comm, kernel, user, kernel_error, user_error), count in merged.items()
-    ]
-    stacks.sort(key=lambda s: (-s.samples, s.pid, s.comm))
-    return stacks, totals
 
 
 def _write(path: str, content: str, field: str) -> None:
@@ -227,8 +118,15 @@ def command(
     stack_storage: int = typer.Option(
         16384,
         "--stack-storage-size",
-        help="Distinct stacks the kernel can keep; raise it "
-        "when the summary reports eexist errors.",
+        help="Distinct stacks the kernel can keep (1 KiB each); raise it when stacks "
+        "go missing with E2BIG (counted in the summary's *_stack_other).",
+    ),
+    stack_hash_bits: int = typer.Option(
+        0,
+        "--stack-hash-bits",
+        hidden=True,
+        help="For tests: keep only N bits of each stack's hash, so that distinct stacks "
+        "collide (0: all of them).",
     ),
 ) -> None:
     """Profile CPU usage: sample kernel and user stacks on every CPU at -F Hz, count them in
@@ -262,6 +160,8 @@ def command(
         raise UserError(
             "--stack-storage-size", f"{stack_storage}: must be 1 to {_STACK_STORAGE_MAX}"
         )
+    if not 0 <= stack_hash_bits <= _HASH_BITS:
+        raise UserError("--stack-hash-bits", f"{stack_hash_bits}: must be 0 to {_HASH_BITS}")
     if folded == "-" and opts.output == "json":
         raise UserError("--folded", "'-' (stdout) cannot be combined with -o json")
     if svg == "-":
@@ -276,13 +176,20 @@ def command(
         "user_stacks": not kernel_only,
         "events_wakeup_bytes": 1,
     }  # wake for every new process: its mappings may go
+    if stack_hash_bits:
+        config["stack_hash_mask"] = (1 << stack_hash_bits) - 1
     sizes = {"stacks": stack_storage, "counts": stack_storage}
     cpus = online_cpus()
-    symbolizer = Symbolizer()
-    with TraceSession("trace_profile", opts, config, sizes, attach=False) as session:
+    _raise_open_files_limit()
+    with (
+        Symbolizer() as symbolizer,
+        TraceSession("trace_profile", opts, config, sizes, attach=False) as session,
+    ):
         prog = session.obj.program("profile_sample")
         for cpu in cpus:
             session.attach(lambda cpu=cpu: attach_cpu_sampler(prog, cpu, frequency))
+        if not kernel_only:  # user stacks: mappings change (libraries loaded)
+            session.attach(lambda: attach_auto(session.obj.program("profile_mmap")))
         ring = session.ring("profile_process_event")
         seconds = session.run(ring, lambda batch: _remember_processes(batch, symbolizer))
         session.detach()  # no sample may land between the reads below
@@ -312,7 +219,7 @@ def command(
         stacks=len(stacks),
         lost=totals["lost"],
         lost_process_events=lost_process_events,
-        **{name: totals[name] for name in _ERROR_FIELDS},
+        **{name: totals[name] for name in TOTALS[2:]},
         hz=frequency,
         cpus=len(cpus),
         seconds=round(seconds, 3),
@@ -322,6 +229,6 @@ def command(
 TOOL = Tool(
     name="profile",
     summary="on-CPU profiler: kernel + user stacks sampled at -F Hz; text, folded, SVG",
-    requires=("perf_event", "helper_get_stackid"),
+    requires=("perf_event", "helper_get_stack"),
     command=command,
 )
