@@ -6,20 +6,28 @@ stacks can be walked) that does a fixed amount of arithmetic in a few nested fun
 and times itself. Each round runs it alone, under the profiler filtered to its pid, and
 under the profiler sampling the whole machine (order rotated per round).
 
-    python -m bench.trace_profile [--seconds 3] [--rounds 7] [--frequency 99]
+With --churn N, N short processes per second start beside the workload in every variant
+(Python, ls and shell runs, as others' test suites start them): a profiler of the whole
+machine has to read each one that it samples, so this is its cost on a busy machine,
+made the same for every round instead of left to whoever else uses it.
+
+    python -m bench.trace_profile [--seconds 3] [--rounds 7] [--frequency 99] [--churn 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +81,51 @@ static long long work(int argc, char **argv)
 """
 
 
+# What --churn starts, in turn: each a few ms to tens of ms of CPU in a fresh process.
+CHURN_COMMANDS = (
+    [sys.executable, "-S", "-c", "sum(range(200000))"],
+    ["ls", "-l", "/usr/bin"],
+    ["sh", "-c", "i=0; while [ $i -lt 3000 ]; do i=$((i + 1)); done"],
+)
+
+
+@contextlib.contextmanager
+def process_churn(rate: float) -> Iterator[None]:
+    """CHURN_COMMANDS started at `rate` per second (without waiting for each to end) for
+    as long as the block runs."""
+    if not rate:
+        yield
+        return
+    stop = threading.Event()
+
+    def start_them() -> None:
+        running: list[subprocess.Popen[bytes]] = []
+        due = time.monotonic()
+        for i in itertools.count():
+            if stop.is_set():
+                break
+            running = [p for p in running if p.poll() is None]
+            running.append(
+                subprocess.Popen(
+                    CHURN_COMMANDS[i % len(CHURN_COMMANDS)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            due += 1 / rate
+            stop.wait(max(due - time.monotonic(), 0))
+        for p in running:
+            p.wait()
+
+    thread = threading.Thread(target=start_them, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 @dataclass
 class Run:
     wall_ns: int
@@ -82,6 +135,8 @@ class Run:
     workload_samples: int = 0  # samples the profile attributes to the workload
     samples: int = 0  # all samples in the profile
     lost: int = 0
+    stacks_missing: int = 0  # samples whose kernel or user stack the profiler could not keep
+    stack_collisions: int = 0  # stacks told apart from another with the same hash
     bpf_ns: int = 0  # with --bpf-stats: run time of the sampling program
     bpf_runs: int = 0
 
@@ -99,8 +154,17 @@ def calibrate(binary: Path, seconds: float) -> int:
     return max(int(trial * seconds * 1e9 / wall_ns) // 1000 * 1000, 1000)
 
 
+_MISSING = ("kernel_stack_eexist", "kernel_stack_other", "user_stack_eexist", "user_stack_other")
+
+
 def run_once(
-    variant: str, binary: Path, iterations: int, frequency: int, work: Path, bpf_stats: bool
+    variant: str,
+    binary: Path,
+    iterations: int,
+    frequency: int,
+    work: Path,
+    bpf_stats: bool,
+    churn: float,
 ) -> Run:
     workload = Workload([str(binary), str(iterations)])
     out = work / f"{variant}.json"
@@ -108,7 +172,8 @@ def run_once(
     try:
         with open(out, "w") as sink:
             if variant == "alone":
-                wall_ns, cpu_ns, _ = workload.run()
+                with process_churn(churn):
+                    wall_ns, cpu_ns, _ = workload.run()
                 return Run(wall_ns, cpu_ns)
             only = ["--pid", str(workload.pid)] if variant == "profile-pid" else []
             profiler = start_tracer(
@@ -116,7 +181,8 @@ def run_once(
             )
             ticks = cpu_ticks(profiler.pid)
             bpf_before = bpf_run_time(profiler.pid) if bpf_stats else (0, 0)
-            wall_ns, cpu_ns, _ = workload.run()
+            with process_churn(churn):
+                wall_ns, cpu_ns, _ = workload.run()
             run = Run(wall_ns, cpu_ns)
             run.profiler_cpu_ns = ticks_to_ns(cpu_ticks(profiler.pid) - ticks)
             if bpf_stats:
@@ -129,6 +195,8 @@ def run_once(
         summary = next(r["summary"] for r in records if "summary" in r)
         run.workload_samples = sum(r["samples"] for r in records if r.get("pid") == workload.pid)
         run.samples, run.lost = summary["samples"], summary["lost"]
+        run.stacks_missing = sum(summary[name] for name in _MISSING)
+        run.stack_collisions = summary.get("stack_collisions", 0)  # (older builds: none)
         return run
     finally:
         kill(profiler)
@@ -168,6 +236,8 @@ def summarize(variants: dict[str, Variant], frequency: int) -> dict[str, Any]:
             r["expected_samples"] = [round(frequency * x.cpu_ns / 1e9) for x in v.runs]
             r["samples"] = [x.samples for x in v.runs]
             r["lost"] = [x.lost for x in v.runs]
+            r["stacks_missing"] = [x.stacks_missing for x in v.runs]
+            r["stack_collisions"] = [x.stack_collisions for x in v.runs]
             if any(x.bpf_runs for x in v.runs):
                 r["bpf_ns_per_sample"] = round(
                     median([x.bpf_ns / max(x.bpf_runs, 1) for x in v.runs])
@@ -186,6 +256,12 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=7, help="rounds (each runs every variant)")
     parser.add_argument("--frequency", type=int, default=99, help="samples per second per CPU")
+    parser.add_argument(
+        "--churn",
+        type=float,
+        default=0,
+        help="short processes started per second beside the workload, in every variant",
+    )
     parser.add_argument(
         "--bpf-stats",
         action="store_true",
@@ -208,7 +284,9 @@ def main() -> None:
             order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
             for name in order:
                 variants[name].runs.append(
-                    run_once(name, binary, iterations, args.frequency, work, args.bpf_stats)
+                    run_once(
+                        name, binary, iterations, args.frequency, work, args.bpf_stats, args.churn
+                    )
                 )
                 print(f"round {i + 1} {name}: {variants[name].runs[-1]}", file=sys.stderr)
     host["loadavg_1m_at_end"] = os.getloadavg()[0]
@@ -234,6 +312,7 @@ def main() -> None:
             "rounds": args.rounds,
             "seconds": args.seconds,
             "frequency_hz": args.frequency,
+            "churn_per_s": args.churn,
             "iterations": iterations,
             "workload": "C busy loop (integer mixing in three nested noinline functions, "
             "-O2 -fno-omit-frame-pointer), a fixed number of iterations, timed by itself "
@@ -251,6 +330,9 @@ def main() -> None:
             "profiler_cpu_share": "the profiler process's utime+stime while the workload ran "
             "/ the workload's wall time (in-kernel sampling is charged to the sampled task)",
             "report_s": "from SIGTERM until the profiler exited (symbolization and output)",
+            "stacks_missing": "samples whose kernel or user stack was not kept (a full or "
+            "clashing stack store: *_stack_eexist + *_stack_other), per round",
+            "stack_collisions": "stacks stored apart from another with the same hash, per round",
             "bpf_stats": args.bpf_stats,
         },
         "variants": results,

@@ -72,8 +72,8 @@ struct profile_stats {
 	__u64 user_stack_eexist;
 	__u64 user_stack_efault;    /* no user stack could be taken */
 	__u64 user_stack_other;
-	__u64 stack_collisions;     /* stacks stored under a later probe: their hash was taken
-				     * by another stack; told apart, nothing lost */
+	__u64 stack_collisions;     /* stacks taken whose hash another stack held first: told
+				     * apart by their frames, stored under a later probe */
 };
 
 #endif

@@ -19,6 +19,7 @@ from membrane.trace.symbols import (
     SymbolTable,
     demangle,
     load_elf,
+    parse_kallsyms,
     return_targets,
 )
 
@@ -124,6 +125,24 @@ def test_tables_from_string_tables_pick_aliases_like_tables_from_names() -> None
     )
     addrs = np.array([0x1000, 0x100F, 0x1010, 0x2FFF], dtype=np.uint64)
     assert table.lookup(addrs) == ["malloc", "malloc", None, "sizeless"]
+
+
+def test_kallsyms_text_symbols_with_modules_and_hidden_addresses() -> None:
+    data = (
+        b"ffffffff81000000 T _stext\n"
+        b"ffffffff81000000 T startup_64\n"
+        b"ffffffff81000100 t __local_helper\n"
+        b"ffffffff81000200 D some_data\n"
+        b"ffffffff81000300 W weak_one\n"
+        b"ffffffffc0001000 t mod_func\t[some_mod]\n"
+        b"0000000000000000 T hidden\n"  # what a reader without CAP_SYSLOG sees
+    )
+    table = parse_kallsyms(data)
+    addrs = np.array([0xFFFFFFFF81000010, 0xFFFFFFFF81000100, 0xFFFFFFFF81000300], np.uint64)
+    assert table.lookup(addrs) == ["startup_64", "__local_helper", "weak_one"]
+    assert list(table.names) == ["startup_64", "__local_helper", "weak_one", "mod_func"]
+    assert parse_kallsyms(data.rstrip(b"\n")).lookup(addrs[:1]) == ["startup_64"]
+    assert len(parse_kallsyms(b"")) == 0
 
 
 def test_return_addresses_are_named_by_the_call_before_them() -> None:
