@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -106,10 +107,13 @@ class Printer:
             columns = [
                 cells.get(c.key, missing).column(b"", c.width, c.right) for c in self.columns
             ]
-        sys.stdout.flush()  # what went through the text layer comes first
-        out = sys.stdout.buffer
+        self.flush()  # what went through the text layer comes first
+        fd = sys.stdout.fileno()
         for chunk in self._formatter.chunks(columns, rows):
-            out.write(chunk)
+            # os.write directly: a signal can cut a pipe write short, and the rest must
+            # still go out before the buffer is reused for the next chunk.
+            while chunk:
+                chunk = chunk[os.write(fd, chunk) :]
         self.count += rows
 
     def _key(self, key: str) -> bytes:
