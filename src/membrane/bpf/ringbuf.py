@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import select
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ HEADER_SIZE = 8
 DEFAULT_POLL_MS = 50
 _FIRST_WINDOW = 512  # headers compared before assuming a long run of one record size
 _MAX_RECORDS = 1 << 16  # per drain of a variable-length ring: a batch stays in cache
+_BATCH_WAIT_MS = 10
 
 
 @dataclass
@@ -83,6 +85,7 @@ class RingBuffer:
         self.name = ring.name
         self.dtype = dtype
         self.variable = variable
+        self._last_drain = 0
         self.malformed = 0
         self._lost_map = lost_map
         self._size = ring.max_entries
@@ -133,7 +136,14 @@ class RingBuffer:
 
     def poll(self, timeout_ms: int = DEFAULT_POLL_MS) -> Batch:
         """Return what is in the ring now, or wait up to `timeout_ms` for a wakeup."""
+        if self.variable and self._last_drain and self._last_drain < _MAX_RECORDS // 4:
+            # A busy stream that the consumer outpaces: wait a little so the next drain is
+            # thousands of records, not a few (each drain has a fixed cost; the ring holds
+            # far more than this wait).
+            time.sleep(min(timeout_ms, _BATCH_WAIT_MS) / 1000)
         batch = self.drain()
+        if self.variable:
+            self._last_drain = len(batch)
         if len(batch) or timeout_ms == 0:
             return batch
         self._epoll.poll(timeout_ms / 1000)
