@@ -162,6 +162,16 @@ def test_user_frames_of_a_live_process_resolve_through_its_mappings() -> None:
     assert symbolizer.user(2**22 + 1, [getpid]) == [UNKNOWN]
 
 
+def test_an_image_read_without_executable_mappings_names_nothing() -> None:
+    """A process read while it exits (or execs) may show no mappings at all."""
+    symbolizer = Symbolizer()
+    kthreadd = 2  # a kernel thread: its maps are empty
+    assert symbolizer.snapshot(kthreadd)
+    addrs = np.array([0x1000, 0x2000], dtype=np.uint64)
+    assert symbolizer.outside(kthreadd, 0, addrs)
+    assert symbolizer.names(kthreadd, 0, addrs) == [UNKNOWN, UNKNOWN]
+
+
 def test_images_of_one_pid_are_kept_apart() -> None:
     """After an exec a pid's addresses mean something else: each image has its mappings."""
     symbolizer = Symbolizer()

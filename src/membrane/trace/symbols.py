@@ -490,7 +490,7 @@ class Symbolizer:
         """Whether some of the addresses lie outside every executable mapping read for the
         image (a library loaded after the snapshot, or no snapshot at all)."""
         read = self._images.get((pid, image))
-        if read is None:
+        if read is None or not read.mappings:  # (a process read while it exec'd or exited)
             return bool(len(targets))
         idx = np.searchsorted(read.starts, targets, side="right") - 1
         return not bool(np.all((idx >= 0) & (targets < read.ends[np.maximum(idx, 0)])))
