@@ -31,7 +31,9 @@ enum ip_proto {
 ABI_EXPORT_ENUM(ip_proto);
 
 /* Reserved identities, numbered as Cilium numbers them. Endpoint identities start at
- * IDENTITY_FIRST_ENDPOINT, identities of policy CIDRs at IDENTITY_FIRST_CIDR. */
+ * IDENTITY_FIRST_ENDPOINT, identities of policy CIDRs at IDENTITY_FIRST_CIDR. An
+ * IPv4-only node gives the world IDENTITY_WORLD; a dual-stack one gives it
+ * IDENTITY_WORLD_IPV4 and IDENTITY_WORLD_IPV6 (as Cilium does). */
 enum reserved_identity {
 	IDENTITY_ANY = 0, /* in policy keys only: any peer */
 	IDENTITY_HOST = 1,
@@ -40,6 +42,10 @@ enum reserved_identity {
 	IDENTITY_HEALTH = 4,
 	IDENTITY_INIT = 5,
 	IDENTITY_REMOTE_NODE = 6,
+	IDENTITY_KUBE_APISERVER = 7,
+	IDENTITY_INGRESS = 8,
+	IDENTITY_WORLD_IPV4 = 9, /* the world of a dual-stack node, per family */
+	IDENTITY_WORLD_IPV6 = 10,
 	IDENTITY_FIRST_ENDPOINT = 256,
 	IDENTITY_FIRST_CIDR = 16777217, /* (1 << 24) + 1 */
 };

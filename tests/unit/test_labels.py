@@ -43,7 +43,10 @@ def test_reserved_labels() -> None:
     assert RESERVED_LABELS[1] == {L("reserved:host")}
     assert RESERVED_LABELS[2] == {L("reserved:world")}
     assert RESERVED_LABELS[6] == {L("reserved:remote-node")}
-    assert set(RESERVED_LABELS) == {1, 2, 3, 4, 5, 6}
+    assert RESERVED_LABELS[7] == {L("reserved:kube-apiserver")}
+    assert RESERVED_LABELS[9] == {L("reserved:world-ipv4")}
+    assert RESERVED_LABELS[10] == {L("reserved:world-ipv6")}
+    assert set(RESERVED_LABELS) == {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
 
 
 def test_endpoint_labels_follow_cilium() -> None:

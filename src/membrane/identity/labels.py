@@ -34,6 +34,10 @@ RESERVED_NAMES: dict[int, str] = {
     Identity.HEALTH: "health",
     Identity.INIT: "init",
     Identity.REMOTE_NODE: "remote-node",
+    Identity.KUBE_APISERVER: "kube-apiserver",
+    Identity.INGRESS: "ingress",
+    Identity.WORLD_IPV4: "world-ipv4",
+    Identity.WORLD_IPV6: "world-ipv6",
 }
 
 
