@@ -27,6 +27,7 @@ enum ip_proto {
 	IP_PROTO_TCP = IPPROTO_TCP,
 	IP_PROTO_UDP = IPPROTO_UDP,
 	IP_PROTO_SCTP = IPPROTO_SCTP,
+	IP_PROTO_ICMPV6 = 58, /* IPPROTO_ICMPV6 is in linux/in6.h */
 };
 ABI_EXPORT_ENUM(ip_proto);
 
