@@ -84,8 +84,7 @@ def chosen_scenarios(
 
 def drop_dst_tables(obj: BpfObject) -> DropDstTables:
     """The drop-dst tables of a loaded filter_xdp object."""
-    names = ("drop_dst_v4", "drop_dst_v6", "drop_dst_tbl24", "drop_dst_tbl8")
-    return DropDstTables(*(obj.map(name) for name in names))
+    return DropDstTables.of(obj.map)
 
 
 def fill_drop_dst(obj: BpfObject, prefixes: Sequence[IPNetwork]) -> DropDstTables:

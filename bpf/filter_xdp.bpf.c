@@ -37,7 +37,7 @@ struct {
 	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, struct dir24_group);
-} drop_dst_tbl8 SEC(".maps");
+} drop_dst_groups SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -73,10 +73,12 @@ static __always_inline __u32 match_dst(const struct pkt *p)
 		entry = *(volatile __u32 *)&block->entry[index % DIR24_BLOCK_ENTRIES];
 		if (entry & (1U << DIR24_GROUP_BIT)) {
 			index = entry & ~(1U << DIR24_GROUP_BIT);
-			group = bpf_map_lookup_elem(&drop_dst_tbl8, &index);
+			group = bpf_map_lookup_elem(&drop_dst_groups, &index);
 			if (!group)
 				return 0;
 			entry = *(volatile __u32 *)&group->entry[dst & 0xff];
+			if (!entry) /* no prefix longer than /24: the /24's own answer */
+				entry = *(volatile __u32 *)&group->covering;
 		}
 		return entry & ((1U << DIR24_LENGTH_SHIFT) - 1);
 	} else {

@@ -4,8 +4,8 @@
  *   drop_dst_v4                hash: lpm_v4_key -> __u32 rule id; the IPv4 deny list as
  *                              written (control plane only: the program reads the tables)
  *   drop_dst_tbl24             array[2^20] of dir24_block: 2^24 entries, one per /24
- *   drop_dst_tbl8              array[DIR24_GROUPS] of dir24_group: 256 entries, one per
- *                              address of a /24 that holds prefixes longer than /24
+ *   drop_dst_groups            array[DIR24_GROUPS] of dir24_group (tbl8): 256 entries, one
+ *                              per address of a /24 that holds prefixes longer than /24
  *   drop_dst_v6                LPM trie: lpm_v6_key -> __u32 rule id
  *   drop_proto                 array[256] indexed by IP protocol -> __u32 rule id (0 = none)
  * Maps of filter_tc.bpf.o (tc; allow-only), per device and direction:
@@ -66,15 +66,24 @@ struct lpm_v4_key {
 
 /* IPv4 drop-dst as DIR-24-8 (DPDK's rte_lpm scheme): every address is answered by one
  * read of tbl24 (indexed by its top 24 bits) or, when that entry points to a group, one
- * more read of the group's entry for its last byte. An entry (__u32):
- *   0                          no prefix holds the address
+ * more read of the group's entry for its last byte, and a third of the group's
+ * `covering` when that entry is 0. An entry (__u32):
+ *   0                          tbl24: no prefix holds the address; group: no prefix longer
+ *                              than /24 does, the group's `covering` answers
  *   rule | length << 16        the longest prefix holding it: its rule id and length
- *   1 << 31 | group            (tbl24 only) look in tbl8 group `group`
+ *   1 << 31 | group            (tbl24 only) look in group `group`
+ * A group's entries name only prefixes longer than /24; the answer of the /24 itself (its
+ * longest prefix of /24 or shorter) is stored once, in `covering`. So a prefix of /24 or
+ * shorter changes one tbl24 entry or one `covering` word per /24 it holds, never the 256
+ * entries of a group: a /8 over 8,192 groups is 65,536 + 8,192 stores.
  * Entries carry the prefix length so that the control plane can add and remove prefixes
  * by reading the tables alone. The maps are BPF_F_MMAPABLE: the control plane writes
  * entries with aligned 4-byte stores, so a lookup sees each entry whole, old or new.
  * An array element is rounded up to 8 bytes, so entries are packed 16 (tbl24) and 256
- * (tbl8) to an element: tbl24 costs 64 MiB, tbl8 1 KiB per group (8 MiB).
+ * (groups) to an element: tbl24 costs 64 MiB, a group 1,032 bytes (8 MiB for 8,192; the
+ * number of groups is the map's max_entries, set at load).
+ * (Older builds kept IPv4 in an LPM trie, then in drop_dst_tbl8, whose groups repeated
+ * the /24's answer in every entry: the manager moves such a filter to these maps.)
  */
 enum dir24_layout {
 	DIR24_LENGTH_SHIFT = 16,
@@ -82,7 +91,7 @@ enum dir24_layout {
 	DIR24_BLOCK_ENTRIES = 16,
 	DIR24_BLOCKS = 1048576,        /* 2^24 entries, 16 to a block */
 	DIR24_GROUP_ENTRIES = 256,
-	DIR24_GROUPS = 8192,
+	DIR24_GROUPS = 8192,           /* default number of groups */
 	DIR24_RETIRED = 1073741824,    /* 1 << 30: dir24_group.state of an unlinked group */
 };
 ABI_EXPORT_ENUM(dir24_layout);
@@ -95,7 +104,8 @@ struct dir24_group {
 	__u32 entry[DIR24_GROUP_ENTRIES];
 	__u32 state;     /* control plane only: 0 free, n + 1 in use by /24 number n, or
 			  * DIR24_RETIRED */
-	__u32 pad;
+	__u32 covering;  /* the entry of the /24's longest prefix of /24 or shorter (0: none),
+			  * the answer wherever `entry` is 0 */
 };
 
 struct lpm_v6_key {

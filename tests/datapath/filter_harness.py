@@ -82,12 +82,7 @@ class FilterProgram:
         self.watched.update(rule_ids)
 
     def dst_tables(self) -> DropDstTables:
-        return DropDstTables(
-            self.map("drop_dst_v4"),
-            self.map("drop_dst_v6"),
-            self.map("drop_dst_tbl24"),
-            self.map("drop_dst_tbl8"),
-        )
+        return DropDstTables.of(self.map)
 
     def add_dst(
         self, network: str | ipaddress.IPv4Network | ipaddress.IPv6Network, rule: int

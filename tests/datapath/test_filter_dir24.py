@@ -176,7 +176,6 @@ def test_tables_reopened_from_pins_keep_answering_and_changing(pin_dir: Path) ->
     """What `membrane filter` does across runs: a new program reuses the pinned maps, and
     a later run changes them through tables opened from the pins."""
     rng = random.Random(5)
-    names = ("drop_dst_v4", "drop_dst_v6", "drop_dst_tbl24", "drop_dst_tbl8")
 
     def reload() -> FilterProgram:
         return FilterProgram(
@@ -192,7 +191,7 @@ def test_tables_reopened_from_pins_keep_answering_and_changing(pin_dir: Path) ->
     again = reload()
     try:
         assert_matches_reference(again, rules, probes(rng, rules))
-        reopened = DropDstTables(*(again.map(n) for n in names))
+        reopened = DropDstTables.of(again.map)
         assert {str(n): r for n, r in reopened.items(version=4)} == {
             str(n): r for n, r in rules.items()
         }

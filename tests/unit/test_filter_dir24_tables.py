@@ -8,7 +8,7 @@ from ipaddress import IPv4Network, ip_address
 import numpy as np
 
 from membrane.abi import DIR24_GROUP_ENTRIES, DIR24_RETIRED
-from membrane.filter.dir24 import GROUP, STATE, Dir24, entry
+from membrane.filter.dir24 import COVERING, GROUP, STATE, Dir24, entry
 
 
 def tables(groups: int = 4) -> Dir24:
@@ -31,12 +31,14 @@ def test_a_short_prefix_writes_only_tbl24() -> None:
     assert not t.tbl8.any()
 
 
-def test_a_long_prefix_takes_a_group_filled_with_the_24s_answer() -> None:
+def test_a_long_prefix_takes_a_group_that_keeps_the_24s_answer_once() -> None:
     t = tables()
     t.add(IPv4Network("198.18.0.0/16"), 1)
     t.add(IPv4Network("198.18.5.16/28"), 2)
     index = at("198.18.5.0") >> 8
     assert t.tbl24[index] == GROUP | 0 and t.tbl8[0, STATE] == index + 1
+    assert t.tbl8[0, COVERING] == entry(1, 16)
+    assert np.flatnonzero(t.tbl8[0, :DIR24_GROUP_ENTRIES]).tolist() == list(range(16, 32))
     assert [
         t.lookup(at(a)) for a in ("198.18.5.15", "198.18.5.16", "198.18.5.31", "198.18.5.32")
     ] == [1, 2, 2, 1]
@@ -61,16 +63,38 @@ def test_removing_the_last_long_prefix_unlinks_and_retires_the_group() -> None:
     assert t.groups_needed([IPv4Network("198.18.5.9/32"), IPv4Network("198.18.5.10/32")]) == 1
 
 
-def test_short_prefixes_reach_groups_side_by_side_or_far_apart() -> None:
-    """A change under a short prefix rewrites the groups below it whether they were taken
-    one after another (scanned as one block) or lie far apart (gathered)."""
+def test_a_short_prefix_over_groups_writes_their_covering_word_only() -> None:
+    """A /8 over groups taken one after another or far apart: each group's `covering`
+    changes, none of its 256 entries does (the work is bounded by tbl24's span)."""
     for taken in ([], list(range(1, 63))):
         t = tables(groups=64)
         t.tbl8[taken, STATE] = 1  # busy elsewhere: the two /24s get groups 0 and 63
         t.add(IPv4Network("198.18.5.7/32"), 3)
         t.add(IPv4Network("198.18.9.7/32"), 4)
-        t.add(IPv4Network("198.18.0.0/16"), 1)
-        probes = ("198.18.5.7", "198.18.5.8", "198.18.9.7", "198.18.9.6", "198.18.7.1")
-        assert [t.lookup(at(a)) for a in probes] == [3, 1, 4, 1, 1]
-        t.remove(IPv4Network("198.18.0.0/16"), 1, parent=0)
-        assert [t.lookup(at(a)) for a in probes] == [3, 0, 4, 0, 0]
+        entries = t.tbl8[:, :DIR24_GROUP_ENTRIES].copy()
+        t.add(IPv4Network("198.0.0.0/8"), 1)
+        t.add(IPv4Network("198.18.0.0/16"), 2)
+        assert np.array_equal(t.tbl8[:, :DIR24_GROUP_ENTRIES], entries)
+        probes = ("198.18.5.7", "198.18.5.8", "198.18.9.7", "198.18.9.6", "198.18.7.1", "198.5.0.1")
+        assert [t.lookup(at(a)) for a in probes] == [3, 2, 4, 2, 2, 1]
+        t.remove(IPv4Network("198.18.0.0/16"), 2, parent=entry(1, 8))
+        assert [t.lookup(at(a)) for a in probes] == [3, 1, 4, 1, 1, 1]
+        t.remove(IPv4Network("198.0.0.0/8"), 1, parent=0)
+        assert [t.lookup(at(a)) for a in probes] == [3, 0, 4, 0, 0, 0]
+        assert np.array_equal(t.tbl8[:, :DIR24_GROUP_ENTRIES], entries)
+
+
+def test_a_long_prefix_removed_under_a_short_parent_leaves_zeros() -> None:
+    """Group entries name only prefixes longer than /24: a /28 whose parent is a /16 gives
+    its entries back as 0 (the group's covering answers), and a /32 under a /28 gets the
+    /28's entry."""
+    t = tables()
+    t.add(IPv4Network("198.18.0.0/16"), 1)
+    t.add(IPv4Network("198.18.5.16/28"), 2)
+    t.add(IPv4Network("198.18.5.17/32"), 3)
+    t.add(IPv4Network("198.18.5.200/32"), 4)
+    t.remove(IPv4Network("198.18.5.17/32"), 3, parent=entry(2, 28))
+    assert t.tbl8[0, 17] == entry(2, 28)
+    t.remove(IPv4Network("198.18.5.16/28"), 2, parent=entry(1, 16))
+    assert np.flatnonzero(t.tbl8[0, :DIR24_GROUP_ENTRIES]).tolist() == [200]
+    assert [t.lookup(at(a)) for a in ("198.18.5.17", "198.18.5.200")] == [1, 4]

@@ -2,13 +2,19 @@
 prefix match over the deny list while it changes under live traffic.
 
 Layout and entry format: bpf/abi/filter.h. tbl24 has an entry per /24; a /24 that holds
-prefixes longer than /24 points to a group of tbl8 with an entry per address. Each entry
-names the longest prefix holding its addresses (rule id and length), so a change needs
-only the tables: adding a prefix of length d overwrites, within its range, the entries of
-prefixes no longer than d; removing it gives its entries back to its parent (the longest
-shorter prefix holding it, found by the caller).
+prefixes longer than /24 points to a group with an entry per address, which names only
+prefixes longer than /24 (0 elsewhere), and a `covering` word with the /24's own answer.
+Each entry names the longest prefix holding its addresses (rule id and length), so a
+change needs only the tables: adding a prefix of length d overwrites, within its range,
+the entries of prefixes no longer than d; removing it gives its entries back to its parent
+(the longest shorter prefix holding it, found by the caller).
 
-Why a lookup never sees a half-made state (the program loads each entry once):
+Work per change, whatever else is listed: a prefix of /25 or longer touches at most 256
+entries of one group; a prefix of length d <= 24 touches its 2^(24 - d) tbl24 entries and
+the `covering` words of the groups among them, never their 256 entries. Both are single
+numpy operations on the mmap'd maps (a /8: 65,536 + at most 8,192 words).
+
+Why a lookup never sees a half-made state (the program loads each word once):
 - The maps are shared memory and every entry is written with one aligned 4-byte store, so
   an address answers as by the old list or the new one, never from a torn entry.
 - A group is filled completely before the tbl24 entry that points to it is stored, and
@@ -16,8 +22,8 @@ Why a lookup never sees a half-made state (the program loads each entry once):
   group complete.
 - A group its /24 no longer needs is unlinked first (its tbl24 entry gets the /24's
   answer), then marked retired, and reused only after an RCU grace period: a program that
-  read the old pointer may still read the group until then. Waiting costs ~10 ms, so it
-  happens only when no free group is left.
+  read the old pointer may still read the group until then. Waiting costs ~10 ms; the
+  manager does it after a removal is in force (`reclaim`), so an add finds free groups.
 """
 
 from __future__ import annotations
@@ -39,8 +45,10 @@ from membrane.bpf.rcu import wait_for_running_programs
 GROUP = 1 << DIR24_GROUP_BIT
 RULE_MASK = (1 << DIR24_LENGTH_SHIFT) - 1
 LENGTH_FIELD = 0x3F << DIR24_LENGTH_SHIFT
-STATE = DIR24_GROUP_ENTRIES  # column of dir24_group.state in a group's row of words
+STATE = DIR24_GROUP_ENTRIES  # columns of dir24_group.state and .covering in a group's row
+COVERING = DIR24_GROUP_ENTRIES + 1
 FREE = 0
+_SLICE = 1 << 16  # tbl24 entries changed per pass of _put
 
 
 class TablesFull(Exception):
@@ -56,6 +64,20 @@ def _no_longer(entries: np.ndarray, length: int) -> np.ndarray:
     """Which entries name no prefix or one no longer than `length` (never a group: its
     bit makes it larger)."""
     return (entries & np.uint32(GROUP | LENGTH_FIELD)) <= length << DIR24_LENGTH_SHIFT
+
+
+def _put(span: np.ndarray, chosen: Callable[[np.ndarray], np.ndarray], value: int) -> None:
+    """`span[chosen(span)] = value` in branch-free passes that store every entry once
+    (those not chosen get their own value back, which a reader cannot tell from no store):
+    about twice as fast as a masked assignment, and in slices that keep the temporaries in
+    the cache (a /0 spans 64 MiB)."""
+    for start in range(0, len(span), _SLICE):
+        part = span[start : start + _SLICE]
+        select = chosen(part).astype(np.uint32)
+        np.negative(select, out=select)  # 0 or all ones
+        change = part ^ np.uint32(value)
+        change &= select
+        part ^= change
 
 
 class Dir24:
@@ -83,7 +105,8 @@ class Dir24:
         """The rule id for an address (0: none), read as the program reads it."""
         found = int(self.tbl24[address >> 8])
         if found & GROUP:
-            found = int(self.tbl8[found & ~GROUP, address & 0xFF])
+            row = self.tbl8[found & ~GROUP]
+            found = int(row[address & 0xFF]) or int(row[COVERING])
         return found & RULE_MASK
 
     def groups_needed(self, nets: list[IPv4Network]) -> int:
@@ -103,8 +126,10 @@ class Dir24:
         new = entry(rule, length)
         if length <= 24:
             span = self.tbl24[first >> 8 : (first >> 8) + (1 << (24 - length))]
-            span[_no_longer(span, length)] = new
-            self._rewrite(self._groups(span), lambda e: _no_longer(e, length), new)
+            groups = self._groups(first >> 8, span)
+            _put(span, lambda part: _no_longer(part, length), new)
+            covering = self.tbl8[groups, COVERING]
+            self.tbl8[groups[_no_longer(covering, length)], COVERING] = new
             return
         index, low = first >> 8, first & 0xFF
         top = int(self.tbl24[index])
@@ -114,21 +139,23 @@ class Dir24:
             return
         group = self._allocate()
         row = self.tbl8[group]
-        row[:DIR24_GROUP_ENTRIES] = top  # what the /24 answers today
+        row[:DIR24_GROUP_ENTRIES] = 0
+        row[COVERING] = top  # what the /24 answers today
         row[low : low + (1 << (32 - length))] = new
         row[STATE] = index + 1
         self.tbl24[index] = GROUP | group  # publish the complete group
 
     def remove(self, net: IPv4Network, rule: int, parent: int) -> None:
         """Give the addresses `net` answers for to `parent` (the entry of the longest
-        shorter prefix holding `net`, 0 for none); free its group if it was the /24's
+        shorter prefix holding `net`, 0 for none); unlink its group if it was the /24's
         last prefix longer than /24."""
         first, length = int(net.network_address), net.prefixlen
         old = entry(rule, length)
         if length <= 24:
             span = self.tbl24[first >> 8 : (first >> 8) + (1 << (24 - length))]
-            span[span == old] = parent
-            self._rewrite(self._groups(span), lambda e: e == old, parent)
+            groups = self._groups(first >> 8, span)
+            _put(span, lambda part: part == old, parent)
+            self.tbl8[groups[self.tbl8[groups, COVERING] == old], COVERING] = parent
             return
         index, low = first >> 8, first & 0xFF
         top = int(self.tbl24[index])
@@ -136,49 +163,42 @@ class Dir24:
             return  # not in the tables (a remove that ran before and was cut short)
         group = top & ~GROUP
         span = self.tbl8[group, low : low + (1 << (32 - length))]
-        span[span == old] = parent
-        row = self.tbl8[group, :DIR24_GROUP_ENTRIES]
-        if _no_longer(row, 24).all():
-            # Only prefixes holding the whole /24 answer here now: every entry is the same.
-            self.tbl24[index] = row[0]  # unlink, then retire
+        # a parent of /24 or shorter is the group's `covering`: such entries go back to 0
+        span[span == old] = parent if parent >> DIR24_LENGTH_SHIFT > 24 else 0
+        if not self.tbl8[group, :DIR24_GROUP_ENTRIES].any():
+            # Only prefixes holding the whole /24 answer here now.
+            self.tbl24[index] = self.tbl8[group, COVERING]  # unlink, then retire
             self.tbl8[group, STATE] = DIR24_RETIRED
 
-    @staticmethod
-    def _groups(span: np.ndarray) -> np.ndarray:
-        """The groups the tbl24 entries of `span` point to."""
-        return (span[(span & GROUP) != 0] & ~np.uint32(GROUP)).astype(np.intp)
+    def covering(self, net: IPv4Network) -> int | None:
+        """The entry of the longest prefix of /24 or shorter holding `net` (longer than
+        /24), as the tables know it; None when its /24 has no group (then tbl24 has it)."""
+        top = int(self.tbl24[int(net.network_address) >> 8])
+        return int(self.tbl8[top & ~GROUP, COVERING]) if top & GROUP else None
 
-    def _rewrite(
-        self, groups: np.ndarray, match: Callable[[np.ndarray], np.ndarray], value: int
-    ) -> None:
-        """Store `value` in the entries of `groups` that `match` selects, one store each.
-        Groups taken one after another lie side by side: scan their block in place, unless
-        it is mostly other groups (then gather them, which costs a copy)."""
-        if not groups.size:
-            return
-        low, high = int(groups.min()), int(groups.max()) + 1
-        if high - low <= 4 * groups.size:
-            block = self.tbl8[low:high, :DIR24_GROUP_ENTRIES]
-            member = np.zeros(high - low, dtype=bool)
-            member[groups - low] = True
-            block[match(block) & member[:, None]] = value
-        else:
-            which, column = np.nonzero(match(self.tbl8[groups, :DIR24_GROUP_ENTRIES]))
-            self.tbl8[groups[which], column] = value
+    def _groups(self, first: int, span: np.ndarray) -> np.ndarray:
+        """The groups of the /24s in `span` (tbl24 from entry `first` on): from the
+        pointers in `span`, or for a span longer than the group table from the groups'
+        owners (cheaper then; it may name a group taken but not yet linked, whose
+        `covering` is then written in vain)."""
+        if len(span) <= self.groups:
+            return (span[(span & GROUP) != 0] & ~np.uint32(GROUP)).astype(np.intp)
+        owner = self.tbl8[:, STATE]  # n + 1 for /24 number n; FREE and RETIRED fall outside
+        return np.flatnonzero((owner > first) & (owner <= first + len(span)))
 
     def _allocate(self) -> int:
         free = np.flatnonzero(self.tbl8[:, STATE] == FREE)
         if not free.size:
-            self._reclaim()
+            self.reclaim()
             free = np.flatnonzero(self.tbl8[:, STATE] == FREE)
             if not free.size:
                 raise TablesFull(f"all {self.groups} tbl8 groups are in use")
         return int(free[0])
 
-    def _reclaim(self) -> None:
+    def reclaim(self) -> int:
         """Free retired groups once no program can still be reading them, and groups
         marked in use that their /24 does not point to (a change cut short between
-        taking a group and publishing it)."""
+        taking a group and publishing it). Returns how many were freed (0: no wait)."""
         state = self.tbl8[:, STATE]
         used = np.flatnonzero((state != FREE) & (state != DIR24_RETIRED))
         owners = state[used].astype(np.int64) - 1
@@ -188,3 +208,4 @@ class Dir24:
             wait_for_running_programs()
             state[retired] = FREE
             state[orphans] = FREE
+        return int(retired.size + orphans.size)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from membrane.bpf import Map
@@ -43,10 +43,14 @@ def guard_key(m: Map, protocol: int, port: int) -> Any:
     return m.key_type(protocol=protocol, port=port)
 
 
+# The maps of the deny list in filter_xdp.bpf.o, in DropDstTables' order.
+DROP_DST_MAPS = ("drop_dst_v4", "drop_dst_v6", "drop_dst_tbl24", "drop_dst_groups")
+
+
 class DropDstTables:
     """The deny list of one filter, changed as one: drop_dst_v4 (the IPv4 prefixes as
     written, which the program does not read), the DIR-24-8 tables the program reads for
-    IPv4 (drop_dst_tbl24, drop_dst_tbl8) and the LPM trie it reads for IPv6 (drop_dst_v6).
+    IPv4 (drop_dst_tbl24, drop_dst_groups) and the LPM trie it reads for IPv6 (drop_dst_v6).
 
     An added IPv4 prefix is recorded before it goes into force and a removed one leaves
     force before its record goes, so whatever is enforced is listed (and removable)."""
@@ -54,6 +58,11 @@ class DropDstTables:
     def __init__(self, v4: Map, v6: Map, tbl24: Map, tbl8: Map) -> None:
         self.v4, self.v6 = v4, v6
         self.dir24 = Dir24.from_maps(tbl24, tbl8)
+
+    @classmethod
+    def of(cls, map_named: Callable[[str], Map]) -> DropDstTables:
+        """The tables of a filter_xdp object or pin directory (`map_named` opens a map)."""
+        return cls(*(map_named(name) for name in DROP_DST_MAPS))
 
     def table(self, net: IPNetwork) -> Map:
         return self.v4 if net.version == 4 else self.v6
@@ -90,9 +99,13 @@ class DropDstTables:
         return freed
 
     def _parent(self, net: ipaddress.IPv4Network) -> int:
-        """The dir24 entry of the longest listed prefix shorter than `net` holding it."""
+        """The dir24 entry of the longest listed prefix shorter than `net` holding it: one
+        record lookup per shorter length, except that the tables know the longest of /24
+        or shorter holding a prefix longer than /24 (its group's `covering`)."""
         address = int(net.network_address)
         for length in range(net.prefixlen - 1, -1, -1):
+            if length == 24 and (covering := self.dir24.covering(net)) is not None:
+                return covering
             masked = address & ~((1 << (32 - length)) - 1) & 0xFFFFFFFF
             rule_id = self.v4.lookup(struct.pack("<I", length) + masked.to_bytes(4, "big"))
             if rule_id is not None:

@@ -351,20 +351,15 @@ class FilterManager:
     @staticmethod
     @contextlib.contextmanager
     def _dst_tables(att: Attachment) -> Iterator[DropDstTables]:
-        if not (att.path / "drop_dst_tbl24").exists():
+        if not (att.path / "drop_dst_groups").exists():
             raise UserError(
                 "--dev",
                 f"the filter on {att.device} was attached by an older membrane (an LPM trie "
                 f"for IPv4): detach it (membrane filter detach --dev {att.device}) and add "
                 "its prefixes again",
             )
-        with (
-            att.map("drop_dst_v4") as v4,
-            att.map("drop_dst_v6") as v6,
-            att.map("drop_dst_tbl24") as tbl24,
-            att.map("drop_dst_tbl8") as tbl8,
-        ):
-            yield DropDstTables(v4, v6, tbl24, tbl8)
+        with contextlib.ExitStack() as stack:
+            yield DropDstTables.of(lambda name: stack.enter_context(att.map(name)))
 
     def add_drop_dst(
         self, netns: str | None, device: str, nets: list[IPNetwork], xdp_mode: str = "auto"
