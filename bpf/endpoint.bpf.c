@@ -1,15 +1,20 @@
 // SPDX-License-Identifier: GPL-2.0
 /* The endpoint (pod) datapath: anti-spoofing, conntrack and identity-based policy.
  *
- * Each endpoint loads its own copy of this object with the load-time constants ep_id and
- * ep_ipv4, reusing the node maps pinned by the agent (abi/endpoint.h). Two programs, named
+ * Each endpoint loads its own copy of this object with the load-time constants ep_id,
+ * ep_ipv4 and (dual-stack) ep_ipv6, reusing the node maps pinned by the agent
+ * (abi/endpoint.h). Two programs, named
  * by the pod's point of view:
  *   from_container  tc/tcx ingress of the node-side veth: the pod's EGRESS
  *   to_container    tc/tcx egress of the node-side veth:  the pod's INGRESS
  *
  * Per packet: parse; ARP passes (from the pod only with the pod's own sender address);
- * anything but untagged IPv4 is dropped (pods are IPv4-only and their veth carries no VLAN
- * tags); from the pod the source must be ep_ipv4; then conntrack:
+ * IPv6 neighbour discovery and multicast listener messages pass without policy (from the
+ * pod only from its own, a link-local or the unspecified address, and a neighbour
+ * advertisement only for its own or a link-local target); anything but untagged IPv4,
+ * and IPv6 when the endpoint has an IPv6 address, is dropped (the veth carries no VLAN
+ * tags); from the pod the source must be ep_ipv4 / ep_ipv6; then conntrack (`ct` or
+ * `ct6` by family):
  * an established connection passes without a policy lookup unless the endpoint's
  * policy_rev moved on since its verdict (then it is checked again and dropped if the new
  * policy denies it); a reply passes; a new connection needs an allow verdict and is then
@@ -19,6 +24,7 @@
  * L4 keys:
  *   TCP, UDP, SCTP   ports. A TCP header must be complete (20 bytes), also in a first
  *                    fragment, so a tiny first fragment cannot hide the flags.
+ * ICMP means ICMPv4 or ICMPv6 by family (echo 8/0 or 128/129; errors below or 1-4).
  *   ICMP echo        request: ct ports (0, id); reply: (id, 0), so the reversed tuple
  *                    of a reply is its request and a request is never taken for a reply.
  *                    A reply without its request is checked by policy and never tracked.
@@ -31,8 +37,9 @@
  *   other ICMP       not tracked: every packet is checked by policy (port = ICMP type)
  *                    and an allowed one is reported as a new flow.
  *   other protocols  tracked with ports 0; policy entries for the whole protocol match.
- * IPv4 fragments: a first fragment that passed records its L4 key under (saddr, daddr, id,
- * proto) in this endpoint's map for its direction (frags_ingress, frags_egress); a later
+ * Fragments (IPv4, and IPv6 fragment headers): a first fragment that passed records its L4
+ * key under (saddr, daddr, id, proto) in this endpoint's map for its family and direction
+ * (frags_ingress, frags_egress, frags6_ingress, frags6_egress); a later
  * fragment takes it from there (or is dropped as FRAG_NOT_FOUND), and so gets exactly its
  * first fragment's conntrack and policy treatment. Recording only after the verdict means
  * a denied first fragment changes nothing; a map per endpoint and direction means a flood
@@ -50,12 +57,14 @@
 
 const volatile __u16 ep_id = 0;
 const volatile __be32 ep_ipv4 = 0;
+/* All zero: the endpoint has no IPv6 address, and IPv6 is not its protocol. */
+const volatile __u32 ep_ipv6[4] = {};
 
-/* Ethernet + IPv4 with options + TCP header. */
-#define PULL_BYTES 96
-/* Per endpoint and direction: datagrams whose first fragment passed and whose later ones
- * may still come. Legitimate traffic needs few at a time (a record is used within
- * microseconds of its writing); ~45 KiB of kernel memory per map, two per endpoint. */
+/* Ethernet + IPv6 with a few extension headers (or IPv4 with options) + TCP header. */
+#define PULL_BYTES 128
+/* Per endpoint, family and direction: datagrams whose first fragment passed and whose
+ * later ones may still come. Legitimate traffic needs few at a time (a record is used
+ * within microseconds of its writing); ~45 KiB of kernel memory per IPv4 map. */
 #define FRAGS_MAX_ENTRIES 512
 #define DROPS_MAX_ENTRIES 16384
 
@@ -64,6 +73,14 @@ const volatile __be32 ep_ipv4 = 0;
 #define ICMP_ECHO_ 8
 #define ICMP_TIME_EXCEEDED_ 11
 #define ICMP_PARAMETERPROB_ 12
+#define ICMPV6_DEST_UNREACH_ 1
+#define ICMPV6_PARAMPROB_ 4 /* 1..4: unreachable, packet too big, time exceeded, this */
+#define ICMPV6_ECHO_REQUEST_ 128
+#define ICMPV6_ECHO_REPLY_ 129
+#define ICMPV6_MLD_QUERY_ 130 /* 130..137: MLD, router and neighbour discovery, redirect */
+#define ICMPV6_NDISC_REDIRECT_ 137
+#define ICMPV6_NDISC_NA_ 136
+#define ICMPV6_MLD2_REPORT_ 143
 
 struct frags_map {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -73,6 +90,15 @@ struct frags_map {
 };
 struct frags_map frags_ingress SEC(".maps");
 struct frags_map frags_egress SEC(".maps");
+
+struct frags6_map {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FRAGS_MAX_ENTRIES);
+	__type(key, struct frag6_key);
+	__type(value, struct frag_ports);
+};
+struct frags6_map frags6_ingress SEC(".maps");
+struct frags6_map frags6_egress SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -86,25 +112,26 @@ ABI_EXPORT(flow_event);
 
 /* What the program knows about the packet so far. */
 struct flow {
-	__u32 saddr; /* network order */
-	__u32 daddr;
+	__u32 saddr[4]; /* network order; IPv4 in [0] */
+	__u32 daddr[4];
 	__u32 len;
 	__u32 peer_identity;
 	__u32 policy_rev;
+	__u32 frag_id;
 	__u16 sport; /* as reported: ports, or ICMP type and code */
 	__u16 dport;
 	__u16 ct_sport;
 	__u16 ct_dport;
 	__u16 policy_port;
+	__u16 l4_off;     /* from the start of the frame */
+	__u8 family;      /* 4 or 6; 0 before the addresses are known */
 	__u8 proto;
 	__u8 dir;
 	__u8 tcp_flags;
 	__u8 tracked;     /* conntrack applies */
-	__u8 has_addrs;   /* saddr/daddr are set */
 	__u8 peer_known;  /* peer_identity is set */
-	__u8 first_fragment; /* record frag_l4 under ip_id once the packet passes */
-	__u16 ip_id;
-	__u16 l4_off;     /* from the start of the frame */
+	__u8 first_fragment; /* record frag_l4 under frag_id once the packet passes */
+	__u8 fragment;    /* enum pkt_fragment */
 	struct frag_ports frag_l4;
 };
 
@@ -120,10 +147,34 @@ struct arp_ipv4 {
 	__u8 tpa[4];
 };
 
+static __always_inline int ipv6_equal(const __u32 *a, const volatile __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+static __always_inline int ipv6_link_local(const __u32 *a)
+{
+	return (a[0] & bpf_htonl(0xffc00000)) == bpf_htonl(0xfe800000);
+}
+
+static __always_inline int ipv6_unspecified(const __u32 *a)
+{
+	return !(a[0] | a[1] | a[2] | a[3]);
+}
+
+static __always_inline int endpoint_has_ipv6(void)
+{
+	return ep_ipv6[0] | ep_ipv6[1] | ep_ipv6[2] | ep_ipv6[3];
+}
+
 static __always_inline __u32 peer_identity(struct flow *f)
 {
+	const __u32 *peer;
+
 	if (!f->peer_known) {
-		f->peer_identity = ipcache_identity(f->dir == EP_DIR_EGRESS ? f->daddr : f->saddr);
+		peer = f->dir == EP_DIR_EGRESS ? f->daddr : f->saddr;
+		f->peer_identity = f->family == 6 ? ipcache6_identity(peer) :
+						    ipcache_identity(peer[0]);
 		f->peer_known = 1;
 	}
 	return f->peer_identity;
@@ -135,8 +186,9 @@ static __always_inline void report(struct flow *f, __u16 type, __u16 reason, __u
 	struct flow_event ev = {};
 
 	fill_event_header(&ev.h, type);
-	ev.saddr = f->saddr;
-	ev.daddr = f->daddr;
+	__builtin_memcpy(ev.saddr, f->saddr, 16);
+	__builtin_memcpy(ev.daddr, f->daddr, 16);
+	ev.family = f->family;
 	ev.sport = f->sport;
 	ev.dport = f->dport;
 	ev.proto = f->proto;
@@ -145,7 +197,7 @@ static __always_inline void report(struct flow *f, __u16 type, __u16 reason, __u
 	ev.match = match;
 	ev.ep_id = ep_id;
 	ev.drop_reason = reason;
-	ev.peer_identity = f->has_addrs ? peer_identity(f) : 0;
+	ev.peer_identity = f->family ? peer_identity(f) : 0;
 	ev.rule_id = rule_id;
 	ev.policy_rev = f->policy_rev;
 	ev.len = f->len;
@@ -196,6 +248,36 @@ __noinline int flow_allowed(struct flow *f, struct policy_verdict *v)
 	return policy_allows(st, ep_id, f->dir, peer_identity(f), f->proto, f->policy_port, v);
 }
 
+static __always_inline int is_icmp(__u8 proto)
+{
+	return proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6;
+}
+
+static __always_inline int icmp_echo_request(__u8 proto, __u8 type)
+{
+	return type == (proto == IPPROTO_ICMPV6 ? ICMPV6_ECHO_REQUEST_ : ICMP_ECHO_);
+}
+
+static __always_inline int icmp_echo_reply(__u8 proto, __u8 type)
+{
+	return type == (proto == IPPROTO_ICMPV6 ? ICMPV6_ECHO_REPLY_ : ICMP_ECHOREPLY_);
+}
+
+static __always_inline int icmp_is_error(__u8 proto, __u16 type)
+{
+	if (proto == IPPROTO_ICMPV6)
+		return type >= ICMPV6_DEST_UNREACH_ && type <= ICMPV6_PARAMPROB_;
+	return type == ICMP_DEST_UNREACH_ || type == ICMP_TIME_EXCEEDED_ ||
+	       type == ICMP_PARAMETERPROB_;
+}
+
+/* Neighbour discovery and multicast listener messages: the link's own plumbing. */
+static __always_inline int icmpv6_is_link_control(__u16 type)
+{
+	return (type >= ICMPV6_MLD_QUERY_ && type <= ICMPV6_NDISC_REDIRECT_) ||
+	       type == ICMPV6_MLD2_REPORT_;
+}
+
 static __always_inline void flow_set_ports(struct flow *f, __u16 sport, __u16 dport)
 {
 	f->sport = f->ct_sport = sport;
@@ -205,47 +287,64 @@ static __always_inline void flow_set_ports(struct flow *f, __u16 sport, __u16 dp
 
 static __always_inline void flow_set_icmp(struct flow *f, __u8 type, __u8 code, __u16 id)
 {
+	int request = icmp_echo_request(f->proto, type), reply = icmp_echo_reply(f->proto, type);
+
 	f->sport = type;
 	f->dport = code;
 	f->policy_port = type;
-	f->tracked = type == ICMP_ECHO_ || type == ICMP_ECHOREPLY_;
-	f->ct_sport = type == ICMP_ECHOREPLY_ ? id : 0;
-	f->ct_dport = type == ICMP_ECHO_ ? id : 0;
+	f->tracked = request || reply;
+	f->ct_sport = reply ? id : 0;
+	f->ct_dport = request ? id : 0;
 }
 
 /* A first fragment's L4 key as `frags` keeps it: ports, or for ICMP (type << 8 | code)
  * and the echo id. */
 static __always_inline void flow_set_recorded(struct flow *f, const struct frag_ports *fp)
 {
-	if (f->proto == IPPROTO_ICMP)
+	if (is_icmp(f->proto))
 		flow_set_icmp(f, fp->sport >> 8, fp->sport & 0xff, fp->dport);
 	else
 		flow_set_ports(f, fp->sport, fp->dport);
 }
 
-static __always_inline void *frags_of(__u8 dir)
+static __always_inline void *frags_of(__u8 family, __u8 dir)
 {
+	if (family == 6)
+		return dir == EP_DIR_EGRESS ? (void *)&frags6_egress : (void *)&frags6_ingress;
 	return dir == EP_DIR_EGRESS ? (void *)&frags_egress : (void *)&frags_ingress;
 }
 
-static __always_inline void frag_key_of(const struct flow *f, struct frag_key *fk)
+union any_frag_key {
+	struct frag_key v4;
+	struct frag6_key v6;
+};
+
+/* The fragment key of `f` for its family's map, in `fk`. */
+static __always_inline void *frag_key_of(const struct flow *f, union any_frag_key *fk)
 {
-	fk->saddr = f->saddr;
-	fk->daddr = f->daddr;
-	fk->id = f->ip_id;
-	fk->proto = f->proto;
+	if (f->family == 6) {
+		__builtin_memcpy(fk->v6.saddr, f->saddr, 16);
+		__builtin_memcpy(fk->v6.daddr, f->daddr, 16);
+		fk->v6.id = f->frag_id;
+		fk->v6.proto = f->proto;
+		return &fk->v6;
+	}
+	fk->v4.saddr = f->saddr[0];
+	fk->v4.daddr = f->daddr[0];
+	fk->v4.id = f->frag_id;
+	fk->v4.proto = f->proto;
+	return &fk->v4;
 }
 
 /* The packet passes. A first fragment records its L4 key now, after the verdict, so that
  * a denied one neither creates nor overwrites a record. */
-static __always_inline int pass(const struct flow *f, __u8 dir)
+static __always_inline int pass(const struct flow *f)
 {
-	struct frag_key fk = {};
+	union any_frag_key fk = {};
 
-	if (f->first_fragment) {
-		frag_key_of(f, &fk);
-		bpf_map_update_elem(frags_of(dir), &fk, &f->frag_l4, BPF_ANY);
-	}
+	if (f->first_fragment)
+		bpf_map_update_elem(frags_of(f->family, f->dir), frag_key_of(f, &fk), &f->frag_l4,
+				    BPF_ANY);
 	return TC_ACT_OK;
 }
 
@@ -254,25 +353,21 @@ static __always_inline int pass(const struct flow *f, __u8 dir)
 static __always_inline __u32 load_l4(void *data, void *data_end, const struct pkt *p,
 				     struct flow *f)
 {
-	struct iphdr *ip = data + sizeof(struct ethhdr);
-	struct frag_key fk = {};
+	union any_frag_key fk = {};
 	struct frag_ports fp = {};
 	struct frag_ports *recorded;
 	__u8 *l4;
 
-	if ((void *)(ip + 1) > data_end)
-		return DROP_INVALID_PACKET;
-	l4 = (void *)ip + ip->ihl * 4;
-	f->l4_off = sizeof(struct ethhdr) + ip->ihl * 4;
-	f->ip_id = ip->id;
+	f->l4_off = p->l3_off + p->l4_rel;
+	f->frag_id = p->frag_id;
+	l4 = data + f->l4_off;
 
 	if (p->fragment == PKT_LATER_FRAGMENT) {
-		if (!proto_has_ports(f->proto) && f->proto != IPPROTO_ICMP) {
+		if (!proto_has_ports(f->proto) && !is_icmp(f->proto)) {
 			flow_set_ports(f, 0, 0);
 			return DROP_NONE;
 		}
-		frag_key_of(f, &fk);
-		recorded = bpf_map_lookup_elem(frags_of(f->dir), &fk);
+		recorded = bpf_map_lookup_elem(frags_of(f->family, f->dir), frag_key_of(f, &fk));
 		if (!recorded)
 			return DROP_FRAG_NOT_FOUND;
 		flow_set_recorded(f, recorded);
@@ -300,6 +395,7 @@ static __always_inline __u32 load_l4(void *data, void *data_end, const struct pk
 		fp.dport = p->dport;
 		break;
 	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6:
 		if (l4 + 8 > (__u8 *)data_end)
 			return DROP_CT_TRUNCATED_OR_INVALID_HEADER;
 		fp.sport = (__u16)l4[0] << 8 | l4[1];
@@ -315,10 +411,29 @@ static __always_inline __u32 load_l4(void *data, void *data_end, const struct pk
 	return DROP_NONE;
 }
 
-static __always_inline int icmp_is_error(__u16 type)
+/* Ports of the connection an ICMP error quotes (its 8 bytes of L4 `l4`, protocol
+ * `proto`), as conntrack keys that connection; 0 when conntrack keeps no such thing. */
+static __always_inline int quoted_ports(__u8 proto, const __u8 *l4, __u16 *sport, __u16 *dport)
 {
-	return type == ICMP_DEST_UNREACH_ || type == ICMP_TIME_EXCEEDED_ ||
-	       type == ICMP_PARAMETERPROB_;
+	switch (proto) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP:
+		*sport = (__u16)l4[0] << 8 | l4[1];
+		*dport = (__u16)l4[2] << 8 | l4[3];
+		return 1;
+	case IPPROTO_ICMP: /* echo ids as flow_set_icmp tracks them; no errors about errors */
+	case IPPROTO_ICMPV6:
+		if (icmp_echo_request(proto, l4[0]))
+			*dport = (__u16)l4[4] << 8 | l4[5];
+		else if (icmp_echo_reply(proto, l4[0]))
+			*sport = (__u16)l4[4] << 8 | l4[5];
+		else
+			return 0;
+		return 1;
+	default: /* tracked with ports 0 */
+		return 1;
+	}
 }
 
 /* Whether the ICMP error in `f` (a whole datagram) speaks of a connection conntrack
@@ -326,62 +441,201 @@ static __always_inline int icmp_is_error(__u16 type)
  * packet it answers (IP header, then at least 8 bytes of L4), which went the other way:
  * looked up as a packet of direction !dir, it is either the connection's original
  * direction or its reply. Read with bpf_skb_load_bytes: the quote may lie beyond the
- * linear part, and the packet pointers stay valid. */
-static __always_inline int icmp_error_related(struct __sk_buff *skb, const struct flow *f,
-					      __u64 now, struct ct_entry **entry)
+ * linear part, and the packet pointers stay valid. IPv6 quotes with extension headers
+ * are not followed (they are checked like other ICMP). Not inlined: its stack is its own. */
+static __noinline int icmp_error_related(struct __sk_buff *skb, const struct flow *f,
+					 __u64 now, struct ct_entry **entry)
 {
-	struct ct_key key = { .ep_id = ep_id, .dir = !f->dir };
 	__u32 off = f->l4_off + 8; /* the ICMP header */
-	struct iphdr quoted;
 	__u8 l4[8];
 
-	if (bpf_skb_load_bytes(skb, off, &quoted, sizeof(quoted)) < 0)
-		return 0;
-	/* Errors are only sent about offset-0 fragments, and back to the quoted sender. */
-	if (quoted.version != 4 || quoted.ihl < 5 || quoted.frag_off & bpf_htons(0x1fff) ||
-	    quoted.saddr != f->daddr)
-		return 0;
-	if (bpf_skb_load_bytes(skb, off + quoted.ihl * 4, l4, sizeof(l4)) < 0)
-		return 0;
-	key.saddr = quoted.saddr;
-	key.daddr = quoted.daddr;
-	key.proto = quoted.protocol;
-	switch (quoted.protocol) {
-	case IPPROTO_TCP:
-	case IPPROTO_UDP:
-	case IPPROTO_SCTP:
-		key.sport = (__u16)l4[0] << 8 | l4[1];
-		key.dport = (__u16)l4[2] << 8 | l4[3];
-		break;
-	case IPPROTO_ICMP: /* echo ids as flow_set_icmp tracks them; no errors about errors */
-		if (l4[0] == ICMP_ECHO_)
-			key.dport = (__u16)l4[4] << 8 | l4[5];
-		else if (l4[0] == ICMP_ECHOREPLY_)
-			key.sport = (__u16)l4[4] << 8 | l4[5];
-		else
+	if (f->family == 6) {
+		struct ct6_key key = { .ep_id = ep_id, .dir = !f->dir };
+		struct ipv6hdr quoted;
+
+		if (bpf_skb_load_bytes(skb, off, &quoted, sizeof(quoted)) < 0)
 			return 0;
-		break;
-	default: /* tracked with ports 0 */
-		break;
+		/* Errors go back to the quoted sender. */
+		if (quoted.version != 6 || !ipv6_equal((__u32 *)&quoted.saddr, f->daddr))
+			return 0;
+		if (bpf_skb_load_bytes(skb, off + sizeof(quoted), l4, sizeof(l4)) < 0)
+			return 0;
+		__builtin_memcpy(key.saddr, &quoted.saddr, 16);
+		__builtin_memcpy(key.daddr, &quoted.daddr, 16);
+		key.proto = quoted.nexthdr;
+		if (!quoted_ports(key.proto, l4, &key.sport, &key.dport))
+			return 0;
+		return ct6_lookup(&key, now, 0, entry) != CT_NEW;
+	} else {
+		struct ct_key key = { .ep_id = ep_id, .dir = !f->dir };
+		struct iphdr quoted;
+
+		if (bpf_skb_load_bytes(skb, off, &quoted, sizeof(quoted)) < 0)
+			return 0;
+		/* Errors are only sent about offset-0 fragments, and back to the quoted sender. */
+		if (quoted.version != 4 || quoted.ihl < 5 ||
+		    quoted.frag_off & bpf_htons(0x1fff) || quoted.saddr != f->daddr[0])
+			return 0;
+		if (bpf_skb_load_bytes(skb, off + quoted.ihl * 4, l4, sizeof(l4)) < 0)
+			return 0;
+		key.saddr = quoted.saddr;
+		key.daddr = quoted.daddr;
+		key.proto = quoted.protocol;
+		if (!quoted_ports(key.proto, l4, &key.sport, &key.dport))
+			return 0;
+		return ct_lookup(&key, now, 0, entry) != CT_NEW;
 	}
-	return ct_lookup(&key, now, 0, entry) != CT_NEW;
 }
 
+/* What parse_flow says besides drop reasons: the packet passes as it is. */
+#define PARSED_PASS 1
+
 /* ARP from the pod must speak for the pod's own address; ARP to the pod passes. */
-static __always_inline int handle_arp(void *data, void *data_end, struct flow *f)
+static __always_inline __u32 check_arp(void *data, void *data_end, struct flow *f)
 {
 	struct arp_ipv4 *arp = data + sizeof(struct ethhdr);
 
 	if (f->dir == EP_DIR_INGRESS)
-		return TC_ACT_OK;
+		return PARSED_PASS;
 	if ((void *)(arp + 1) > data_end || arp->pro != bpf_htons(ETH_P_IP) || arp->pln != 4)
-		return drop(f, DROP_INVALID_PACKET, FLOW_MATCH_NONE, 0);
-	__builtin_memcpy(&f->saddr, arp->spa, 4);
-	__builtin_memcpy(&f->daddr, arp->tpa, 4);
-	f->has_addrs = 1;
-	if (f->saddr != ep_ipv4)
-		return drop(f, DROP_INVALID_SOURCE_IP, FLOW_MATCH_NONE, 0);
-	return TC_ACT_OK;
+		return DROP_INVALID_PACKET;
+	__builtin_memcpy(&f->saddr[0], arp->spa, 4);
+	__builtin_memcpy(&f->daddr[0], arp->tpa, 4);
+	f->family = 4;
+	if (f->saddr[0] != ep_ipv4)
+		return DROP_INVALID_SOURCE_IP;
+	return PARSED_PASS;
+}
+
+/* Neighbour discovery and MLD, as handle_arp for IPv6: to the pod it passes; from the
+ * pod only from an address of its own (its address, its link-local one, or none yet),
+ * and an advertisement only for such a target, so a pod cannot claim a neighbour's
+ * address. */
+static __always_inline __u32 check_link_control(void *data_end, struct flow *f,
+						 const __u8 *l4)
+{
+	__u32 target[4];
+
+	if (f->dir == EP_DIR_INGRESS)
+		return PARSED_PASS;
+	if (!ipv6_equal(f->saddr, ep_ipv6) && !ipv6_link_local(f->saddr) &&
+	    !ipv6_unspecified(f->saddr))
+		return DROP_INVALID_SOURCE_IP;
+	if (l4[0] == ICMPV6_NDISC_NA_) {
+		if ((void *)(l4 + 24) > data_end)
+			return DROP_INVALID_PACKET;
+		__builtin_memcpy(target, l4 + 8, 16);
+		if (!ipv6_equal(target, ep_ipv6) && !ipv6_link_local(target))
+			return DROP_INVALID_SOURCE_IP;
+	}
+	return PARSED_PASS;
+}
+
+/* The IP header: `f` gets the addresses and protocol; a drop reason, or DROP_NONE. */
+static __always_inline __u32 load_l3(struct ethhdr *eth, void *data_end, struct pkt *p,
+				     struct flow *f)
+{
+	int res;
+
+	p->l3_off = sizeof(*eth);
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		if (parse_ipv4(eth + 1, data_end, p) == PARSE_TRUNCATED)
+			return DROP_INVALID_PACKET;
+		f->family = 4;
+		__builtin_memcpy(&f->saddr[0], p->src, 4);
+		__builtin_memcpy(&f->daddr[0], p->dst, 4);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6) && endpoint_has_ipv6()) {
+		res = parse_ipv6(eth + 1, data_end, p);
+		if (res == PARSE_TRUNCATED)
+			return DROP_INVALID_PACKET;
+		f->family = 6;
+		__builtin_memcpy(f->saddr, p->src, 16);
+		__builtin_memcpy(f->daddr, p->dst, 16);
+		/* A header chain we cannot walk hides the protocol: no verdict possible. */
+		if (res == PARSE_ADDRS)
+			return DROP_INVALID_PACKET;
+	} else {
+		return DROP_UNSUPPORTED_L3_PROTOCOL;
+	}
+	f->proto = p->protocol;
+	return DROP_NONE;
+}
+
+static __always_inline int source_is_endpoint(const struct flow *f)
+{
+	return f->family == 6 ? ipv6_equal(f->saddr, ep_ipv6) : f->saddr[0] == ep_ipv4;
+}
+
+/* Everything the headers say, into `f`: DROP_NONE to go on to conntrack and policy,
+ * PARSED_PASS when the packet passes as it is (ARP, neighbour discovery), or a drop
+ * reason. Not inlined, so that the parser's scratch is not on the stack while the
+ * verdict is made (the tc stack is 512 bytes for all frames together). */
+static __noinline __u32 parse_flow(struct __sk_buff *skb, struct flow *f)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct pkt p = {};
+	__u32 reason;
+	__u8 *l4;
+
+	if ((void *)(eth + 1) > data_end)
+		return DROP_INVALID_PACKET;
+	if (eth->h_proto == bpf_htons(ETH_P_ARP))
+		return check_arp(data, data_end, f);
+	reason = load_l3(eth, data_end, &p, f);
+	if (reason != DROP_NONE)
+		return reason;
+	/* A spoofed source is dropped before its L4 header is read (neighbour discovery,
+	 * which may come from other addresses of the pod's own, is told apart below). */
+	if (f->dir == EP_DIR_EGRESS && !source_is_endpoint(f) && f->proto != IPPROTO_ICMPV6)
+		return DROP_INVALID_SOURCE_IP;
+	reason = load_l4(data, data_end, &p, f);
+	if (reason != DROP_NONE)
+		return reason;
+	f->fragment = p.fragment;
+	if (f->proto == IPPROTO_ICMPV6 && p.fragment == PKT_NOT_FRAGMENT &&
+	    icmpv6_is_link_control(f->sport)) {
+		l4 = data + f->l4_off;
+		if ((void *)(l4 + 8) > data_end) /* load_l4 checked it; the verifier forgets */
+			return DROP_INVALID_PACKET;
+		return check_link_control(data_end, f, l4);
+	}
+	if (f->dir == EP_DIR_EGRESS && !source_is_endpoint(f))
+		return DROP_INVALID_SOURCE_IP;
+	return DROP_NONE;
+}
+
+union any_ct_key {
+	struct ct_key v4;
+	struct ct6_key v6;
+};
+
+/* Conntrack of `f` in its family's map: the result, *e the entry when found. */
+static __always_inline enum ct_result flow_ct_lookup(const struct flow *f, __u64 now,
+						     union any_ct_key *key, struct ct_entry **e)
+{
+	struct ct_key *k4 = &key->v4;
+	struct ct6_key *k6 = &key->v6;
+
+	if (f->family == 6) {
+		__builtin_memcpy(k6->saddr, f->saddr, 16);
+		__builtin_memcpy(k6->daddr, f->daddr, 16);
+		k6->sport = f->ct_sport;
+		k6->dport = f->ct_dport;
+		k6->proto = f->proto;
+		k6->dir = f->dir;
+		k6->ep_id = ep_id;
+		return ct6_lookup(k6, now, f->tcp_flags, e);
+	}
+	k4->saddr = f->saddr[0];
+	k4->daddr = f->daddr[0];
+	k4->sport = f->ct_sport;
+	k4->dport = f->ct_dport;
+	k4->proto = f->proto;
+	k4->dir = f->dir;
+	k4->ep_id = ep_id;
+	return ct_lookup(k4, now, f->tcp_flags, e);
 }
 
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
@@ -390,35 +644,15 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	struct policy_verdict v = {};
 	struct endpoint_state *st;
 	struct ct_entry *e = NULL;
-	struct ct_key key = {};
-	void *data, *data_end;
-	struct ethhdr *eth;
-	struct pkt p = {};
+	union any_ct_key key = {};
 	__u32 reason;
 	__u64 now = 0;
 
 	if (skb->data_end - skb->data < PULL_BYTES && skb->len > skb->data_end - skb->data)
 		bpf_skb_pull_data(skb, skb->len < PULL_BYTES ? skb->len : PULL_BYTES);
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-
-	if ((void *)(eth + 1) > data_end)
-		return drop(&f, DROP_INVALID_PACKET, FLOW_MATCH_NONE, 0);
-	if (eth->h_proto == bpf_htons(ETH_P_ARP))
-		return handle_arp(data, data_end, &f);
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return drop(&f, DROP_UNSUPPORTED_L3_PROTOCOL, FLOW_MATCH_NONE, 0);
-	if (parse_ipv4(eth + 1, data_end, &p) == PARSE_TRUNCATED)
-		return drop(&f, DROP_INVALID_PACKET, FLOW_MATCH_NONE, 0);
-
-	__builtin_memcpy(&f.saddr, p.src, 4);
-	__builtin_memcpy(&f.daddr, p.dst, 4);
-	f.has_addrs = 1;
-	f.proto = p.protocol;
-	if (dir == EP_DIR_EGRESS && f.saddr != ep_ipv4)
-		return drop(&f, DROP_INVALID_SOURCE_IP, FLOW_MATCH_NONE, 0);
-	reason = load_l4(data, data_end, &p, &f);
+	reason = parse_flow(skb, &f);
+	if (reason == PARSED_PASS)
+		return TC_ACT_OK;
 	if (reason != DROP_NONE)
 		return drop(&f, reason, FLOW_MATCH_NONE, 0);
 
@@ -427,7 +661,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		return drop(&f, DROP_NO_ENDPOINT_STATE, FLOW_MATCH_NONE, 0);
 	f.policy_rev = st->policy_rev;
 
-	if (f.proto == IPPROTO_ICMP && p.fragment == PKT_NOT_FRAGMENT && icmp_is_error(f.sport)) {
+	if (is_icmp(f.proto) && f.fragment == PKT_NOT_FRAGMENT &&
+	    icmp_is_error(f.proto, f.sport)) {
 		now = ct_now();
 		if (icmp_error_related(skb, &f, now, &e)) {
 			report(&f, FLOW_EVENT_POLICY_VERDICT, DROP_NONE, FLOW_MATCH_RELATED,
@@ -437,18 +672,11 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	}
 
 	if (f.tracked) {
-		key.saddr = f.saddr;
-		key.daddr = f.daddr;
-		key.sport = f.ct_sport;
-		key.dport = f.ct_dport;
-		key.proto = f.proto;
-		key.dir = dir;
-		key.ep_id = ep_id;
 		now = ct_now();
-		switch (ct_lookup(&key, now, f.tcp_flags, &e)) {
+		switch (flow_ct_lookup(&f, now, &key, &e)) {
 		case CT_REPLY:
-			ct_account(e, &key, 1, f.tcp_flags, now);
-			return pass(&f, dir);
+			ct_account(e, f.proto, 1, f.tcp_flags, now);
+			return pass(&f);
 		case CT_ESTABLISHED:
 			if (e->policy_rev != f.policy_rev) {
 				/* The policy changed since this connection's verdict. */
@@ -458,8 +686,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 				e->rule_id = v.rule_id;
 				e->peer_identity = f.peer_identity;
 			}
-			ct_account(e, &key, 0, f.tcp_flags, now);
-			return pass(&f, dir);
+			ct_account(e, f.proto, 0, f.tcp_flags, now);
+			return pass(&f);
 		default:
 			break;
 		}
@@ -469,10 +697,11 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		return drop(&f, v.reason, v.match, v.rule_id);
 	/* An echo reply that answers nothing is not a flow: tracked, its reversed tuple (our
 	 * echo request with that id) would pass as a reply, past the egress policy. */
-	if (f.tracked && !(f.proto == IPPROTO_ICMP && f.sport == ICMP_ECHOREPLY_))
-		ct_create(&key, f.tcp_flags, now, f.policy_rev, v.rule_id, f.peer_identity);
+	if (f.tracked && !(is_icmp(f.proto) && icmp_echo_reply(f.proto, f.sport)))
+		ct_create_in(f.family == 6 ? (void *)&ct6 : (void *)&ct, &key, f.proto,
+			     f.tcp_flags, now, f.policy_rev, v.rule_id, f.peer_identity);
 	report(&f, FLOW_EVENT_POLICY_VERDICT, DROP_NONE, v.match, v.rule_id);
-	return pass(&f, dir);
+	return pass(&f);
 }
 
 SEC("tc")

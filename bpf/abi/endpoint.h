@@ -3,7 +3,7 @@
  * One set of node maps (pinned once per agent under its bpffs directory) serves every
  * endpoint program: ipcache, endpoint state, policy, conntrack, fragments, drop counters,
  * events. Each endpoint loads its own copy of endpoint.bpf.o with load-time constants
- * (ep_id, ep_ipv4) and reuses the pinned node maps.
+ * (ep_id, ep_ipv4, ep_ipv6) and reuses the pinned node maps.
  *
  * Directions are the pod's: INGRESS is traffic to the pod (the program on the node-side
  * veth's tc egress), EGRESS is traffic from the pod (tc ingress of the node-side veth).
@@ -52,11 +52,16 @@ enum reserved_identity {
 };
 ABI_EXPORT_ENUM(reserved_identity);
 
-/* ipcache: IPv4 prefix -> identity (LPM trie). 0.0.0.0/0 -> IDENTITY_WORLD is always
- * present; a miss also means world. */
+/* ipcache: prefix -> identity (LPM tries, one per family). 0.0.0.0/0 and ::/0 -> the
+ * world identity of their family are always present; a miss also means world. */
 struct ipcache_key {
 	__u32 prefixlen; /* 0..32 */
 	__u32 addr;      /* network byte order */
+};
+
+struct ipcache6_key {
+	__u32 prefixlen; /* 0..128 */
+	__u32 addr[4];   /* network byte order */
 };
 
 struct ipcache_value {
@@ -131,6 +136,17 @@ struct ct_key {
 	__u16 ep_id;
 };
 
+/* The same for IPv6 (map `ct6`, same values). */
+struct ct6_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 dir;
+	__u16 ep_id;
+};
+
 enum ct_flags {
 	CT_SEEN_REPLY = 1,
 	CT_CLOSING = 2, /* FIN or RST seen */
@@ -151,7 +167,7 @@ struct ct_entry {
 	__u64 packets_reply;
 };
 
-/* IPv4 fragments: the first fragment's ports, for the later ones. Each endpoint program
+/* Fragments: the first fragment's ports, for the later ones. Each endpoint program
  * has an LRU hash of its own per direction (frags_ingress, frags_egress; not node maps,
  * not pinned: records live microseconds, and the maps go with the programs), so traffic
  * of one endpoint or direction can never evict or overwrite another's records. */
@@ -161,6 +177,15 @@ struct frag_key {
 	__u16 id;
 	__u8 proto;
 	__u8 pad;
+};
+
+/* IPv6 fragments (frags6_ingress, frags6_egress): the fragment header's 32-bit id. */
+struct frag6_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u32 id;
+	__u8 proto;
+	__u8 pad[3];
 };
 
 struct frag_ports {
@@ -212,10 +237,11 @@ enum flow_match {
 };
 ABI_EXPORT_ENUM(flow_match);
 
+/* Addresses are 16 bytes whatever the family: an IPv4 address is the first 4. */
 struct flow_event {
 	struct event_header h; /* type: enum flow_event_type */
-	__u32 saddr;           /* network byte order */
-	__u32 daddr;
+	__u32 saddr[4];        /* network byte order */
+	__u32 daddr[4];
 	__u16 sport;           /* host order; ICMP: type in sport, code in dport */
 	__u16 dport;
 	__u8 proto;
@@ -228,6 +254,8 @@ struct flow_event {
 	__u32 rule_id;
 	__u32 policy_rev;
 	__u32 len;             /* skb->len */
+	__u8 family;           /* 4 or 6 */
+	__u8 pad[3];
 };
 
 #endif

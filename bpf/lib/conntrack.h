@@ -3,10 +3,14 @@
  *   __u64 now = ct_now();
  *   struct ct_entry *e;
  *   switch (ct_lookup(&key, now, tcp_flags, &e)) {
- *   case CT_ESTABLISHED: ...; ct_account(e, &key, 0, tcp_flags, now); break;
- *   case CT_REPLY:       ct_account(e, &key, 1, tcp_flags, now); break;
- *   case CT_NEW:         if allowed: ct_create(&key, tcp_flags, now, rev, rule, peer);
+ *   case CT_ESTABLISHED: ...; ct_account(e, proto, 0, tcp_flags, now); break;
+ *   case CT_REPLY:       ct_account(e, proto, 1, tcp_flags, now); break;
+ *   case CT_NEW:         if allowed: ct_create_in(&ct, &key, proto, tcp_flags, now, rev,
+ *                                                 rule, peer);
  *   }
+ *
+ * IPv6: ct6_lookup, and ct_create_in on map `ct6` with a struct ct6_key; ct_account
+ * serves both.
  *
  * `key` is the packet's own tuple (ports host order) with the program's direction and
  * endpoint. A hit on it is the original direction; a hit on the reversed tuple with the
@@ -48,6 +52,13 @@ struct {
 	__type(value, struct ct_entry);
 } ct SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CT_MAX_ENTRIES);
+	__type(key, struct ct6_key);
+	__type(value, struct ct_entry);
+} ct6 SEC(".maps");
+
 enum ct_result {
 	CT_NEW = 0,
 	CT_ESTABLISHED = 1,
@@ -82,6 +93,29 @@ static __always_inline int ct_live(const struct ct_entry *e, __u64 now)
 	return e && now <= e->expires_ns;
 }
 
+/* The lookup of either family: `key` the packet's tuple, `reverse` the reply's. */
+static __always_inline enum ct_result ct_lookup_in(void *map, const void *key,
+						   const void *reverse, __u64 now,
+						   __u8 tcp_flags, struct ct_entry **entry)
+{
+	int syn_only = (tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	struct ct_entry *e = bpf_map_lookup_elem(map, key);
+
+	if (ct_live(e, now) && !(syn_only && (e->flags & CT_CLOSING))) {
+		*entry = e;
+		return CT_ESTABLISHED;
+	}
+	/* A SYN opens a connection; it never answers one. */
+	if (syn_only)
+		return CT_NEW;
+	e = bpf_map_lookup_elem(map, reverse);
+	if (ct_live(e, now)) {
+		*entry = e;
+		return CT_REPLY;
+	}
+	return CT_NEW;
+}
+
 static __always_inline enum ct_result ct_lookup(const struct ct_key *key, __u64 now,
 						__u8 tcp_flags, struct ct_entry **entry)
 {
@@ -94,26 +128,28 @@ static __always_inline enum ct_result ct_lookup(const struct ct_key *key, __u64 
 		.dir = !key->dir,
 		.ep_id = key->ep_id,
 	};
-	int syn_only = (tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-	struct ct_entry *e = bpf_map_lookup_elem(&ct, key);
 
-	if (ct_live(e, now) && !(syn_only && (e->flags & CT_CLOSING))) {
-		*entry = e;
-		return CT_ESTABLISHED;
-	}
-	/* A SYN opens a connection; it never answers one. */
-	if (syn_only)
-		return CT_NEW;
-	e = bpf_map_lookup_elem(&ct, &reverse);
-	if (ct_live(e, now)) {
-		*entry = e;
-		return CT_REPLY;
-	}
-	return CT_NEW;
+	return ct_lookup_in(&ct, key, &reverse, now, tcp_flags, entry);
 }
 
-/* Count a packet of a tracked connection. `key` is the packet's tuple (for the protocol). */
-static __always_inline void ct_account(struct ct_entry *e, const struct ct_key *key, int reply,
+static __always_inline enum ct_result ct6_lookup(const struct ct6_key *key, __u64 now,
+						 __u8 tcp_flags, struct ct_entry **entry)
+{
+	struct ct6_key reverse = {
+		.sport = key->dport,
+		.dport = key->sport,
+		.proto = key->proto,
+		.dir = !key->dir,
+		.ep_id = key->ep_id,
+	};
+
+	__builtin_memcpy(reverse.saddr, key->daddr, 16);
+	__builtin_memcpy(reverse.daddr, key->saddr, 16);
+	return ct_lookup_in(&ct6, key, &reverse, now, tcp_flags, entry);
+}
+
+/* Count a packet of a tracked connection of protocol `proto`. */
+static __always_inline void ct_account(struct ct_entry *e, __u8 proto, int reply,
 				       __u8 tcp_flags, __u64 now)
 {
 	__u8 flags = ct_flags_after(e->flags, tcp_flags);
@@ -129,7 +165,7 @@ static __always_inline void ct_account(struct ct_entry *e, const struct ct_key *
 		if ((e->tcp_flags_orig | tcp_flags) != e->tcp_flags_orig)
 			e->tcp_flags_orig |= tcp_flags;
 	}
-	expires = now + ct_timeout_ns(key->proto, flags);
+	expires = now + ct_timeout_ns(proto, flags);
 	if (flags != e->flags) {
 		/* A new state has its own timeout, which may be shorter. */
 		e->flags = flags;
@@ -139,8 +175,9 @@ static __always_inline void ct_account(struct ct_entry *e, const struct ct_key *
 	}
 }
 
-static __always_inline void ct_create(const struct ct_key *key, __u8 tcp_flags, __u64 now,
-				      __u32 policy_rev, __u32 rule_id, __u32 peer_identity)
+static __always_inline void ct_create_in(void *map, const void *key, __u8 proto,
+					 __u8 tcp_flags, __u64 now, __u32 policy_rev,
+					 __u32 rule_id, __u32 peer_identity)
 {
 	struct ct_entry e = {
 		.created_ns = now,
@@ -152,10 +189,10 @@ static __always_inline void ct_create(const struct ct_key *key, __u8 tcp_flags, 
 		.packets_orig = 1,
 	};
 
-	e.expires_ns = now + ct_timeout_ns(key->proto, e.flags);
+	e.expires_ns = now + ct_timeout_ns(proto, e.flags);
 	/* BPF_ANY: we just missed (or found an expired entry, which this replaces). A full
 	 * LRU evicts; a failed insert only means the reply will need a verdict of its own. */
-	bpf_map_update_elem(&ct, key, &e, BPF_ANY);
+	bpf_map_update_elem(map, key, &e, BPF_ANY);
 }
 
 #endif

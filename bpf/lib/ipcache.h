@@ -1,9 +1,10 @@
 /* ipcache: the identity of a peer address.
  *
- *   __u32 id = ipcache_identity(addr);   addr in network byte order
+ *   __u32 id = ipcache_identity(addr);     IPv4, network byte order
+ *   __u32 id = ipcache6_identity(addr);    IPv6, __u32[4] in network byte order
  *
- * Longest-prefix match in the node's `ipcache` map (struct ipcache_key -> ipcache_value,
- * see abi/endpoint.h). The agent keeps 0.0.0.0/0 -> IDENTITY_WORLD in it; a miss means
+ * Longest-prefix match in the node's `ipcache` / `ipcache6` maps (see abi/endpoint.h).
+ * The agent keeps 0.0.0.0/0 and ::/0 -> the family's world identity in them; a miss means
  * world too, so an empty or half-written map never yields an identity a policy trusts.
  */
 #ifndef MEMBRANE_LIB_IPCACHE_H
@@ -21,12 +22,30 @@ struct {
 	__type(value, struct ipcache_value);
 } ipcache SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, IPCACHE_MAX_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ipcache6_key);
+	__type(value, struct ipcache_value);
+} ipcache6 SEC(".maps");
+
 static __always_inline __u32 ipcache_identity(__u32 addr)
 {
 	struct ipcache_key key = { .prefixlen = 32, .addr = addr };
 	struct ipcache_value *v = bpf_map_lookup_elem(&ipcache, &key);
 
 	return v ? v->identity : IDENTITY_WORLD;
+}
+
+static __always_inline __u32 ipcache6_identity(const __u32 *addr)
+{
+	struct ipcache6_key key = { .prefixlen = 128 };
+	struct ipcache_value *v;
+
+	__builtin_memcpy(key.addr, addr, 16);
+	v = bpf_map_lookup_elem(&ipcache6, &key);
+	return v ? v->identity : IDENTITY_WORLD_IPV6;
 }
 
 #endif

@@ -53,6 +53,9 @@ struct pkt {
 	__u16 sport;
 	__u16 dport;
 	__u32 l3_off;   /* offset of the IP header from the start of the frame */
+	__u32 frag_id;  /* IPv4 id or IPv6 fragment header identification (as on the wire) */
+	__u16 l4_rel;   /* offset of the upper-layer header from the IP header (PARSE_L3/L4) */
+	__u16 pad;
 };
 
 static __always_inline int proto_has_ports(__u8 protocol)
@@ -89,6 +92,8 @@ static __always_inline int parse_ipv4(void *cursor, void *data_end, struct pkt *
 		return PARSE_TRUNCATED;
 	p->family = 4;
 	p->protocol = ip->protocol;
+	p->frag_id = ip->id;
+	p->l4_rel = hlen;
 	__builtin_memcpy(p->src, &ip->saddr, 4);
 	__builtin_memcpy(p->dst, &ip->daddr, 4);
 	frag = bpf_ntohs(ip->frag_off);
@@ -160,6 +165,7 @@ static __always_inline int parse_ipv6(void *cursor, void *data_end, struct pkt *
 			if ((void *)(fh + 1) > data_end)
 				return PARSE_ADDRS;
 			next = fh->nexthdr;
+			p->frag_id = fh->identification;
 			if (bpf_ntohs(fh->frag_off) & 0xfff8)
 				p->fragment = PKT_LATER_FRAGMENT;
 			else if (bpf_ntohs(fh->frag_off) & 1)
@@ -173,6 +179,7 @@ static __always_inline int parse_ipv6(void *cursor, void *data_end, struct pkt *
 		}
 		default:
 			p->protocol = next;
+			p->l4_rel = cursor - (void *)ip6;
 			return parse_ports(cursor, data_end, p);
 		}
 	}

@@ -51,7 +51,7 @@ def test_arp_from_the_pod_must_speak_for_its_own_address(dp: EndpointDatapath) -
     out = dp.egress(arp(psrc="198.18.0.99", pdst=PEER))
     assert_dropped(out, DropReason.INVALID_SOURCE_IP, EGRESS)
     ev = out.event
-    assert (ev["saddr"].tobytes(), ev["daddr"].tobytes()) == (
+    assert (ev["saddr"].tobytes()[:4], ev["daddr"].tobytes()[:4]) == (
         bytes([198, 18, 0, 99]),
         bytes([198, 18, 0, 20]),
     )

@@ -3,7 +3,7 @@ resolver standing in for the agent's tables."""
 
 from __future__ import annotations
 
-import socket
+import ipaddress
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,9 +73,11 @@ class FakeResolver:
         return BOOT_WALL + ts_ns / 1e9
 
 
-def addr(ip: str) -> int:
-    """An IPv4 address as the struct's u32 reads on this host (network order in memory)."""
-    return int.from_bytes(socket.inet_aton(ip), sys.byteorder)
+def addr(ip: str) -> list[int]:
+    """An address as the struct's four u32 read on this host (network order in memory;
+    IPv4 in the first)."""
+    packed = ipaddress.ip_address(ip).packed.ljust(16, b"\0")
+    return [int.from_bytes(packed[i : i + 4], sys.byteorder) for i in range(0, 16, 4)]
 
 
 def event(**fields: Any) -> dict[str, Any]:

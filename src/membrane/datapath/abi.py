@@ -11,7 +11,19 @@ PROG_FROM_CONTAINER = "from_container"  # tc/tcx ingress of the node-side veth
 PROG_TO_CONTAINER = "to_container"  # tc/tcx egress of the node-side veth
 
 # The maps every endpoint program shares, pinned once per node.
-NODE_MAPS = ("ipcache", "endpoints", "policy", "ct", "drops", "events", "events_lost")
+NODE_MAPS = (
+    "ipcache",
+    "ipcache6",
+    "endpoints",
+    "policy",
+    "ct",
+    "ct6",
+    "drops",
+    "events",
+    "events_lost",
+)
 # Each endpoint object's own fragment records (unpinned: they go with its programs).
 FRAGS_INGRESS = "frags_ingress"
 FRAGS_EGRESS = "frags_egress"
+FRAGS6_INGRESS = "frags6_ingress"
+FRAGS6_EGRESS = "frags6_egress"

@@ -27,7 +27,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from membrane.bpf import BpfError, BpfObject, Link, Program
 from membrane.bpf.links import TC_MODES, ClsactAttachment, TcSlot, attach_tc
@@ -56,10 +56,17 @@ def links_dir(pin_dir: str, ep_id: int) -> str:
     return os.path.join(pin_dir, "endpoint_links", str(ep_id))
 
 
-def load_endpoint(pin_dir: str, ep_id: int, ipv4: IPv4Address | str, **config: int) -> BpfObject:
+def load_endpoint(
+    pin_dir: str,
+    ep_id: int,
+    ipv4: IPv4Address | str,
+    ipv6: IPv6Address | str | None = None,
+    **config: int,
+) -> BpfObject:
     """endpoint.bpf.o loaded for one endpoint on the node maps pinned under `pin_dir`
-    (NodeMaps.open must have created them). `config` sets further load-time constants
-    (ct_timeout_*_s, events_wakeup_bytes). The caller closes the object."""
+    (NodeMaps.open must have created them); without `ipv6` the endpoint is IPv4-only and
+    its programs drop IPv6. `config` sets further load-time constants (ct_timeout_*_s,
+    events_wakeup_bytes). The caller closes the object."""
     sizes = pinned_sizes(pin_dir)
     missing = [name for name in NODE_MAPS if name not in sizes]
     if missing:
@@ -71,7 +78,8 @@ def load_endpoint(pin_dir: str, ep_id: int, ipv4: IPv4Address | str, **config: i
         raise ValueError(f"endpoint id {ep_id} is outside 1..65535")
     obj = BpfObject.open(ENDPOINT_OBJECT)
     try:
-        obj.set_config(ep_id=ep_id, ep_ipv4=IPv4Address(ipv4).packed, **config)
+        ipv6_packed = bytes(16) if ipv6 is None else IPv6Address(ipv6).packed
+        obj.set_config(ep_id=ep_id, ep_ipv4=IPv4Address(ipv4).packed, ep_ipv6=ipv6_packed, **config)
         for name, size in sizes.items():
             obj.set_max_entries(name, size)
         obj.pin_maps(pin_dir, names=list(NODE_MAPS))
@@ -188,6 +196,7 @@ def attach_endpoint(
     ifindex: int,
     node_netns: str | None = None,
     mode: str = "auto",
+    ipv6: IPv6Address | str | None = None,
     **config: int,
 ) -> str:
     """Load the endpoint's programs and attach them to `ifindex` (the node-side veth, an
@@ -197,7 +206,7 @@ def attach_endpoint(
     other mode is replaced). Returns how they are attached: "tcx" or "clsact"."""
     if mode not in TC_MODES:
         raise ValueError(f"attach mode must be one of {', '.join(TC_MODES)}, not {mode!r}")
-    with load_endpoint(pin_dir, ep_id, ipv4, **config) as obj:
+    with load_endpoint(pin_dir, ep_id, ipv4, ipv6, **config) as obj:
         return attach_loaded(obj, pin_dir, ep_id, ifindex, node_netns, mode)
 
 

@@ -82,9 +82,11 @@ class NodeMaps:
     pin_dir: str
     btf: Btf  # of the object that created `ct`; it holds struct flow_event too
     ipcache: Map
+    ipcache6: Map
     endpoints: Map
     policy: Map
     ct: Map
+    ct6: Map
     drops: Map
     events: Map
     events_lost: Map

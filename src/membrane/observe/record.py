@@ -36,6 +36,7 @@ _VERDICT, _DROP = FlowEventType.POLICY_VERDICT, FlowEventType.DROP
 _EGRESS, _MATCH_RULE, _MATCH_REPLY = Direction.EGRESS, FlowMatch.RULE, FlowMatch.REPLY
 _MATCH_RELATED = FlowMatch.RELATED
 _TCP, _UDP, _SCTP, _ICMP = IpProto.TCP, IpProto.UDP, IpProto.SCTP, IpProto.ICMP
+_ICMPV6 = IpProto.ICMPV6
 
 # ---- numbers of Hubble's flow API (cilium api/v1/flow, pkg/monitor/api) -------------------
 MESSAGE_TYPE_DROP = 1
@@ -66,6 +67,14 @@ ICMP_TYPES = {
     12: "ParameterProblem",
     13: "TimestampRequest",
     14: "TimestampReply",
+}
+ICMPV6_TYPES = {
+    1: "DestinationUnreachable",
+    2: "PacketTooBig",
+    3: "TimeExceeded",
+    4: "ParameterProblem",
+    128: "EchoRequest",
+    129: "EchoReply",
 }
 
 
@@ -154,7 +163,8 @@ class Resolver(Protocol):
 # ---- one event --------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class FlowEvent:
-    """A `struct flow_event` with plain Python values; addresses as dotted text."""
+    """A `struct flow_event` with plain Python values; addresses as text (dotted IPv4,
+    or IPv6)."""
 
     ts_ns: int
     version: int
@@ -174,21 +184,24 @@ class FlowEvent:
     rule_id: int
     policy_rev: int
     len: int
+    family: int = 4
 
     @classmethod
     def decode(cls, rec: Mapping[str, Any] | np.void) -> FlowEvent:
         """From a row of a RingBuffer batch, or a dict shaped like the struct (the header
-        under "h"). Addresses are the struct's u32 as read on this host (network byte
-        order in memory) or, in a dict, dotted text."""
+        under "h"). Addresses are the struct's four u32 as read on this host (network
+        byte order in memory; IPv4 in the first) or, in a dict, text."""
         fields = rec if isinstance(rec, Mapping) else _record_fields(rec.item(), rec.dtype)
         h = fields["h"]
+        family = int(fields.get("family", 4)) or 4  # 0: dropped before its IP header
         return cls(
             ts_ns=int(h["ts_ns"]),
             version=int(h["version"]),
             type=int(h["type"]),
             cpu=int(h["cpu"]),
-            saddr=_ipv4(fields["saddr"]),
-            daddr=_ipv4(fields["daddr"]),
+            saddr=_address(fields["saddr"], family),
+            daddr=_address(fields["daddr"], family),
+            family=family,
             **{name: int(fields[name]) for name in _INT_FIELDS},
         )
 
@@ -223,10 +236,14 @@ def _record_fields(values: tuple, dtype: np.dtype) -> dict[str, Any]:
     return out
 
 
-def _ipv4(value: int | str) -> str:
+def _address(value: Any, family: int) -> str:
     if isinstance(value, str):
-        return str(ipaddress.IPv4Address(value))
-    return socket.inet_ntoa(int(value).to_bytes(4, sys.byteorder))
+        return str(ipaddress.ip_address(value))
+    words = [value] if isinstance(value, int) else list(value)
+    packed = b"".join(int(w).to_bytes(4, sys.byteorder) for w in words)
+    if family == 6:
+        return socket.inet_ntop(socket.AF_INET6, packed)
+    return socket.inet_ntoa(packed[:4])
 
 
 # ---- the record -------------------------------------------------------------------------
@@ -251,7 +268,11 @@ def flow_record(
     record["verdict"] = "DROPPED" if dropped else "FORWARDED"
     if dropped:
         record["drop_reason"] = ev.drop_reason
-    record["IP"] = {"source": ev.saddr, "destination": ev.daddr, "ipVersion": "IPv4"}
+    record["IP"] = {
+        "source": ev.saddr,
+        "destination": ev.daddr,
+        "ipVersion": "IPv6" if ev.family == 6 else "IPv4",
+    }
     if l4 := _layer4(ev):
         record["l4"] = l4
     record["source"], record["destination"] = (local, peer) if egress else (peer, local)
@@ -334,6 +355,8 @@ def _layer4(ev: FlowEvent) -> dict[str, Any] | None:
         return {"SCTP": ports}
     if ev.proto == _ICMP:  # the datapath puts type and code in the port fields
         return {"ICMPv4": {"type": ev.sport, "code": ev.dport}}
+    if ev.proto == _ICMPV6:
+        return {"ICMPv6": {"type": ev.sport, "code": ev.dport}}
     return None
 
 
@@ -348,7 +371,10 @@ def _summary(ev: FlowEvent) -> str:
     if ev.proto == _ICMP:
         name = ICMP_TYPES.get(ev.sport, f"type {ev.sport}")
         return f"ICMPv4 {name}" + (f" code {ev.dport}" if ev.dport else "")
-    return f"IPv4 protocol {ev.proto}"
+    if ev.proto == _ICMPV6:
+        name = ICMPV6_TYPES.get(ev.sport, f"type {ev.sport}")
+        return f"ICMPv6 {name}" + (f" code {ev.dport}" if ev.dport else "")
+    return f"IPv{ev.family} protocol {ev.proto}"
 
 
 def _policy_match_type(ev: FlowEvent, rule: RuleView | None) -> int:
