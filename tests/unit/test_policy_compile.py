@@ -569,7 +569,9 @@ def test_entries_inside_broader_allows_are_dropped() -> None:
     entries = s.compiled[s.eps["prod/web"].ep_id].entries
     assert {(e.identity, e.proto, e.port_bits) for e in entries} == {
         (Identity.ANY, TCP, 0),  # TCP/80 lies inside it
-        (Identity.WORLD, 0, 0),
+        (Identity.WORLD, 0, 0),  # world: 2 on an IPv4-only node, 9 and 10 on a dual-stack one
+        (Identity.WORLD_IPV4, 0, 0),
+        (Identity.WORLD_IPV6, 0, 0),
     }
     assert s.verdict("prod/web", INGRESS, "prod/fe", TCP, 80)
     assert s.verdict("prod/web", INGRESS, "world", UDP, 1)

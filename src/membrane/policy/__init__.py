@@ -7,6 +7,7 @@ from membrane.policy.compile import CompileCache, compile_policies, policy_cidrs
 from membrane.policy.model import Policy
 from membrane.policy.parse import parse_documents, parse_with_documents
 from membrane.policy.reference import Decision, evaluate, explain
+from membrane.policy.rules import address_prefixes
 from membrane.policy.ruletable import RuleRef, RuleTable
 from membrane.policy.universe import AllowLocalhost, EndpointInfo, Universe
 
@@ -21,6 +22,7 @@ __all__ = [
     "RuleRef",
     "RuleTable",
     "Universe",
+    "address_prefixes",
     "compile_policies",
     "evaluate",
     "explain",

@@ -1,18 +1,27 @@
 """The policy documents users write, as validated models.
 
 NetworkPolicy (networking.k8s.io/v1), CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy
-(cilium.io/v2), with the field names of their docs. Only the L3/L4 parts Membrane enforces
-are modelled. Fields Cilium has but Membrane does not implement are declared `Unsupported`
-(and first in each model, so their error wins): using one is a clear "not supported" error,
-never a silently ignored rule. Any other unknown field is an error too.
+(cilium.io/v2), with the field names of their docs. Every field of Cilium's policy language
+is known here and has one of three fates (README: "Policy fields"):
+
+- enforced: modelled, and flattened by `rules.py`;
+- ignored with a warning (`IGNORED` of each model): peer fields Membrane cannot resolve
+  (DNS names, services, cloud groups, nodes, CIDR groups). In an allow rule they select no
+  peer, so the rule allows less than the policy says, never more; a rule naming only them
+  allows nothing (its ports do not open to every peer). The parser refuses them in deny
+  rules, where selecting nothing would allow what the policy denies;
+- refused with the reason (`_refused`): fields whose absence would allow more than the
+  policy says (L7 rules, TLS, mutual authentication, host policies, requirements).
+
+Any other unknown field is an error too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from ipaddress import IPv4Network
-from typing import Annotated, Any
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
     AfterValidator,
@@ -29,51 +38,79 @@ from pydantic.alias_generators import to_camel
 from membrane.identity.labels import POD_NAMESPACE_KEY, SOURCE_K8S, SOURCE_RESERVED
 from membrane.identity.selector import IN, NOT_IN, OPERATORS, LabelSelector, Requirement
 from membrane.policy import validate
+from membrane.policy.validate import Network
 
 KIND_K8S = "NetworkPolicy"
 KIND_CNP = "CiliumNetworkPolicy"
 KIND_CCNP = "CiliumClusterwideNetworkPolicy"
 
+# Every entity Cilium documents (rules.py: what each selects on a Membrane node).
 ENTITIES = (
+    "all",
     "world",
     "world-ipv4",
+    "world-ipv6",
+    "cluster",
     "host",
     "remote-node",
-    "cluster",
-    "all",
+    "kube-apiserver",
+    "ingress",
     "health",
     "init",
     "unmanaged",
 )
-_UNSUPPORTED_ENTITIES = ("world-ipv6", "kube-apiserver", "ingress")
+
+CIDR_MATCH_MODES = ("world", "all")
 
 
-def _unsupported(reason: str) -> Any:
-    def reject(value: object) -> None:
+def _refused(reason: str, *, unless_empty: bool = False) -> Any:
+    """A field Membrane refuses: ignoring it would allow more than the policy says."""
+
+    def reject(value: object) -> object:
+        if unless_empty and not value:
+            return value
         raise ValueError(reason)
 
     return Annotated[Any, BeforeValidator(reject)]
 
 
-Unsupported = _unsupported("is not supported by Membrane")
-L7Unsupported = _unsupported("is not supported: Membrane enforces L3/L4 policy only")
+L7_RULES = _refused(
+    "L7 rules are not enforced by Membrane (it enforces L3/L4): ignoring them would allow "
+    "every request on the port; remove `rules` to allow the whole port"
+)
+L7_LISTENER = _refused(
+    "Envoy listeners are not available in Membrane (L3/L4 only): ignoring one would allow "
+    "the port without the proxy's checks"
+)
+L7_TLS = _refused(
+    "TLS interception is not available in Membrane (L3/L4 only): ignoring it would allow "
+    "the port without the proxy's checks"
+)
+L7_SERVER_NAMES = _refused(
+    "TLS server names (SNI) are not enforced by Membrane (L3/L4 only): ignoring them would "
+    "allow every server name on the port"
+)
+REQUIRES = _refused(
+    "is deprecated and no longer accepted by Cilium (its CRD allows no items): ignoring the "
+    "requirements would allow peers they exclude",
+    unless_empty=True,
+)
+NODE_SELECTOR = _refused(
+    "host policies (nodeSelector) are not enforced by Membrane: the node's own traffic "
+    "would stay unrestricted; use endpointSelector for pods"
+)
 
-Cidr = Annotated[IPv4Network, BeforeValidator(validate.parse_cidr)]
+Cidr = Annotated[IPv4Network | IPv6Network, BeforeValidator(validate.parse_cidr)]
 K8sPort = Annotated[int | str, BeforeValidator(lambda v: validate.parse_port(v, allow_zero=False))]
 CiliumPort = Annotated[
     int | str, BeforeValidator(lambda v: validate.parse_port(v, allow_zero=True))
 ]
-K8sProtocol = Annotated[str, AfterValidator(lambda v: validate.check_protocol(v, allow_any=False))]
-CiliumProtocol = Annotated[
-    str, AfterValidator(lambda v: validate.check_protocol(v, allow_any=True))
-]
-IcmpType = Annotated[int, BeforeValidator(validate.parse_icmp_type)]
+K8sProtocol = Annotated[str, AfterValidator(lambda v: validate.check_protocol(v, cilium=False))]
+CiliumProtocol = Annotated[str, AfterValidator(lambda v: validate.check_protocol(v, cilium=True))]
 IcmpFamily = Annotated[str, AfterValidator(validate.check_icmp_family)]
 
 
 def _check_entity(value: str) -> str:
-    if value in _UNSUPPORTED_ENTITIES:
-        raise ValueError(f"entity {value!r} is not supported")
     if value not in ENTITIES:
         raise ValueError(f"unknown entity {value!r} (use one of {', '.join(ENTITIES)})")
     return value
@@ -91,6 +128,19 @@ PolicyType = Annotated[str, AfterValidator(_check_policy_type)]
 
 class _Doc(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, alias_generator=to_camel)
+
+    # Fields accepted but not enforced: field name -> why (see the module's docstring).
+    # The parser warns about each one used, or refuses it in a deny rule.
+    IGNORED: ClassVar[dict[str, str]] = {}
+
+    def ignored(self) -> list[tuple[str, str]]:
+        """(field as written, why it is ignored) for every ignored field this item uses."""
+        fields = type(self).model_fields
+        return [
+            (fields[name].alias or name, what)
+            for name, what in self.IGNORED.items()
+            if getattr(self, name)
+        ]
 
 
 # ---- label selectors ---------------------------------------------------------------------
@@ -202,11 +252,11 @@ class CiliumSelector(_Doc):
 # ---- NetworkPolicy (networking.k8s.io/v1) ---------------------------------------------------
 
 
-def _check_excepts(excepts: list[IPv4Network] | None, info: ValidationInfo) -> Any:
-    cidr = info.data.get("cidr")  # absent when the cidr itself was bad
+def _check_excepts(excepts: list[Network] | None, info: ValidationInfo) -> Any:
+    cidr = info.data.get("cidr")  # absent when the cidr itself was bad (or not given)
     for prefix in excepts or ():
-        if cidr is not None and not (prefix.subnet_of(cidr) and prefix != cidr):
-            raise ValueError(f"{prefix} is not inside cidr {cidr} (except must be a strict part)")
+        if cidr is not None:
+            validate.check_except(prefix, cidr)
     return excepts
 
 
@@ -216,7 +266,7 @@ class IPBlock(_Doc):
 
     @field_validator("except_")
     @classmethod
-    def _excepts_inside(cls, excepts: list[IPv4Network] | None, info: ValidationInfo) -> Any:
+    def _excepts_inside(cls, excepts: list[Network] | None, info: ValidationInfo) -> Any:
         return _check_excepts(excepts, info)
 
 
@@ -288,15 +338,27 @@ class K8sPolicySpec(_Doc):
 
 
 class CIDRRule(_Doc):
-    cidr_group_ref: Unsupported = None
-    cidr_group_selector: Unsupported = None
-    cidr: Cidr
+    IGNORED: ClassVar[dict[str, str]] = {
+        "cidr_group_ref": "CiliumCIDRGroups are not available in Membrane",
+        "cidr_group_selector": "CiliumCIDRGroups are not available in Membrane",
+    }
+
+    cidr: Cidr | None = None
+    cidr_group_ref: str | None = None
+    cidr_group_selector: CiliumSelector | None = None
     except_: list[Cidr] | None = Field(default=None, alias="except")
 
     @field_validator("except_")
     @classmethod
-    def _excepts_inside(cls, excepts: list[IPv4Network] | None, info: ValidationInfo) -> Any:
+    def _excepts_inside(cls, excepts: list[Network] | None, info: ValidationInfo) -> Any:
         return _check_excepts(excepts, info)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CIDRRule:
+        given = [self.cidr, self.cidr_group_ref, self.cidr_group_selector]
+        if sum(x is not None for x in given) != 1:
+            raise ValueError("needs exactly one of cidr, cidrGroupRef and cidrGroupSelector")
+        return self
 
 
 class PortProtocol(_Doc):
@@ -311,27 +373,54 @@ class PortProtocol(_Doc):
 
 
 class PortRule(_Doc):
-    rules: L7Unsupported = None
-    listener: L7Unsupported = None
-    originating_tls: L7Unsupported = Field(default=None, alias="originatingTLS")
-    terminating_tls: L7Unsupported = Field(default=None, alias="terminatingTLS")
-    server_names: L7Unsupported = None
+    rules: L7_RULES = None
+    listener: L7_LISTENER = None
+    originating_tls: L7_TLS = Field(default=None, alias="originatingTLS")
+    terminating_tls: L7_TLS = Field(default=None, alias="terminatingTLS")
+    server_names: L7_SERVER_NAMES = None
     ports: list[PortProtocol] | None = None  # absent or empty: every port
 
 
 class ICMPField(_Doc):
-    family: IcmpFamily | None = None  # absent: IPv4
-    icmp_type: IcmpType = Field(alias="type")
+    family: IcmpFamily = "IPv4"
+    icmp_type: int = Field(alias="type")
+
+    @field_validator("icmp_type", mode="before")
+    @classmethod
+    def _type_of_family(cls, value: object, info: ValidationInfo) -> int:
+        family = info.data.get("family", "IPv4")  # absent: the family was bad, and said so
+        return validate.parse_icmp_type(value, family)
+
+    @property
+    def proto(self) -> int:
+        """ICMP for IPv4, ICMPv6 for IPv6: the protocol whose type this is."""
+        return validate.ICMP_FAMILIES[self.family][0]
 
 
 class ICMPRule(_Doc):
     fields: list[ICMPField]
 
 
+class Authentication(_Doc):
+    mode: str
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, mode: str) -> str:
+        if mode in ("required", "test-always-fail"):
+            raise ValueError(
+                f"mutual authentication ({mode}) is not enforced by Membrane: ignoring it "
+                "would allow unauthenticated peers"
+            )
+        if mode != "disabled":
+            raise ValueError(f"unknown mode {mode!r} (use disabled, required or test-always-fail)")
+        return mode
+
+
 class CiliumPeerRule(_Doc):
     """What ingress, ingressDeny, egress and egressDeny rules share."""
 
-    authentication: Unsupported = None
+    authentication: Authentication | None = None
     to_ports: list[PortRule] | None = None
     icmps: list[ICMPRule] | None = None
 
@@ -341,7 +430,7 @@ class CiliumPeerRule(_Doc):
         raise NotImplementedError
 
     @property
-    def peer_cidrs(self) -> list[IPv4Network]:
+    def peer_cidrs(self) -> list[Network]:
         raise NotImplementedError
 
     @property
@@ -353,18 +442,36 @@ class CiliumPeerRule(_Doc):
         raise NotImplementedError
 
     def has_peers(self) -> bool:
+        """Whether the rule names peers; ignored peer fields count (they select nothing),
+        so a rule with only those and ports does not apply to every peer."""
         return bool(
-            self.peer_endpoints or self.peer_cidrs or self.peer_cidr_sets or self.peer_entities
+            self.peer_endpoints
+            or self.peer_cidrs
+            or self.peer_cidr_sets
+            or self.peer_entities
+            or self.ignored()
         )
 
     def has_l4(self) -> bool:
         return bool(self.to_ports or self.icmps)
 
+    def cidr_blocks(self) -> list[tuple[Network, list[Network]]]:
+        """(cidr, excepts) of every CIDR peer: fromCIDR/toCIDR and the CIDR sets naming a
+        cidr (the ones naming CIDR groups select nothing here)."""
+        blocks: list[tuple[Network, list[Network]]] = [(c, []) for c in self.peer_cidrs]
+        blocks += [(s.cidr, s.except_ or []) for s in self.peer_cidr_sets if s.cidr is not None]
+        return blocks
+
 
 class CiliumIngressRule(CiliumPeerRule):
-    from_requires: Unsupported = None
-    from_groups: Unsupported = None
-    from_nodes: Unsupported = None
+    IGNORED: ClassVar[dict[str, str]] = {
+        "from_groups": "cloud provider groups are not resolved by Membrane",
+        "from_nodes": "Membrane does not select nodes by label",
+    }
+
+    from_requires: REQUIRES = None
+    from_groups: list[Any] | None = None
+    from_nodes: list[CiliumSelector] | None = None
     from_endpoints: list[CiliumSelector] | None = None
     from_cidr: list[Cidr] | None = Field(default=None, alias="fromCIDR")
     from_cidr_set: list[CIDRRule] | None = Field(default=None, alias="fromCIDRSet")
@@ -375,7 +482,7 @@ class CiliumIngressRule(CiliumPeerRule):
         return self.from_endpoints or []
 
     @property
-    def peer_cidrs(self) -> list[IPv4Network]:
+    def peer_cidrs(self) -> list[Network]:
         return self.from_cidr or []
 
     @property
@@ -388,11 +495,18 @@ class CiliumIngressRule(CiliumPeerRule):
 
 
 class CiliumEgressRule(CiliumPeerRule):
-    to_requires: Unsupported = None
-    to_services: Unsupported = None
-    to_fqdns: Unsupported = Field(default=None, alias="toFQDNs")
-    to_groups: Unsupported = None
-    to_nodes: Unsupported = None
+    IGNORED: ClassVar[dict[str, str]] = {
+        "to_services": "Membrane does not resolve services to their endpoints",
+        "to_fqdns": "Membrane does not resolve DNS names (no DNS proxy)",
+        "to_groups": "cloud provider groups are not resolved by Membrane",
+        "to_nodes": "Membrane does not select nodes by label",
+    }
+
+    to_requires: REQUIRES = None
+    to_services: list[Any] | None = None
+    to_fqdns: list[Any] | None = Field(default=None, alias="toFQDNs")
+    to_groups: list[Any] | None = None
+    to_nodes: list[CiliumSelector] | None = None
     to_endpoints: list[CiliumSelector] | None = None
     to_cidr: list[Cidr] | None = Field(default=None, alias="toCIDR")
     to_cidr_set: list[CIDRRule] | None = Field(default=None, alias="toCIDRSet")
@@ -403,7 +517,7 @@ class CiliumEgressRule(CiliumPeerRule):
         return self.to_endpoints or []
 
     @property
-    def peer_cidrs(self) -> list[IPv4Network]:
+    def peer_cidrs(self) -> list[Network]:
         return self.to_cidr or []
 
     @property
@@ -420,10 +534,16 @@ class DefaultDeny(_Doc):
     egress: bool | None = None
 
 
+class LogConfig(_Doc):
+    value: str | None = None
+
+
 class CiliumRule(_Doc):
     """One Cilium rule (`spec`, or an item of `specs`)."""
 
-    node_selector: Unsupported = None
+    IGNORED: ClassVar[dict[str, str]] = {"log": "flows do not carry a policy's log value"}
+
+    node_selector: NODE_SELECTOR = None
     endpoint_selector: CiliumSelector
     ingress: list[CiliumIngressRule] | None = None
     ingress_deny: list[CiliumIngressRule] | None = None
@@ -432,6 +552,7 @@ class CiliumRule(_Doc):
     enable_default_deny: DefaultDeny | None = None
     labels: list[Any] | None = None  # rule labels: metadata only
     description: str | None = None
+    log: LogConfig | None = None
 
     def sections(self, direction: str) -> tuple[Sequence[CiliumPeerRule], Sequence[CiliumPeerRule]]:
         """(allow rules, deny rules) of a direction ("ingress" or "egress")."""
@@ -453,13 +574,15 @@ class CiliumRule(_Doc):
 @dataclass(frozen=True)
 class Policy:
     """One policy document. NetworkPolicy has `k8s_spec`; the Cilium kinds have
-    `cilium_specs`: (index in `specs`, or None for `spec`; the rule)."""
+    `cilium_specs`: (index in `specs`, or None for `spec`; the rule). `warnings`: one line
+    per ignored field, naming the document and the field path (parse.py)."""
 
     kind: str
     namespace: str | None  # None for CiliumClusterwideNetworkPolicy
     name: str
     k8s_spec: K8sPolicySpec | None = None
     cilium_specs: tuple[tuple[int | None, CiliumRule], ...] = ()
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def key(self) -> tuple[str, str | None, str]:
@@ -469,18 +592,36 @@ class Policy:
         where = f"{self.namespace}/{self.name}" if self.namespace else self.name
         return f"{self.kind} {where}"
 
-    def prefixes(self) -> Iterator[IPv4Network]:
-        """Every CIDR the policy names, excepts included."""
+    def prefixes(self) -> Iterator[Network]:
+        """Every CIDR the policy names (IPv4 and IPv6), excepts and /0 included."""
+        for cidr, excepts in self._ip_blocks():
+            yield cidr
+            yield from excepts
+        for cidr, excepts in self._cilium_blocks():
+            yield cidr
+            yield from excepts
+
+    def address_prefixes(self, cidr_match_mode: str = "world") -> Iterator[Network]:
+        """The prefixes whose blocks also match pods by address, so each pod address they
+        contain needs a pod-address identity labelled with them: a NetworkPolicy's
+        ipBlocks (cidr and excepts, /0 included), and with `cidr_match_mode` "all" the
+        Cilium CIDR peers too."""
+        blocks = list(self._ip_blocks())
+        if cidr_match_mode == "all":
+            blocks += self._cilium_blocks()
+        for cidr, excepts in blocks:
+            yield cidr
+            yield from excepts
+
+    def _ip_blocks(self) -> Iterator[tuple[Network, list[Network]]]:
         if self.k8s_spec is not None:
             for rule in [*(self.k8s_spec.ingress or ()), *(self.k8s_spec.egress or ())]:
                 for peer in rule.peers:
                     if peer.ip_block is not None:
-                        yield peer.ip_block.cidr
-                        yield from peer.ip_block.except_ or ()
+                        yield peer.ip_block.cidr, peer.ip_block.except_ or []
+
+    def _cilium_blocks(self) -> Iterator[tuple[Network, list[Network]]]:
         for _, spec in self.cilium_specs:
             for direction in ("ingress", "egress"):
                 for rule in [r for section in spec.sections(direction) for r in section]:
-                    yield from rule.peer_cidrs
-                    for cidr_set in rule.peer_cidr_sets:
-                        yield cidr_set.cidr
-                        yield from cidr_set.except_ or ()
+                    yield from rule.cidr_blocks()

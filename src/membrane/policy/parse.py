@@ -1,7 +1,9 @@
 """Multi-document YAML -> validated Policy objects, or one UserError naming the field.
 
 Errors name the document (counted from 1 in the stream) and the field path as the user
-wrote it, e.g. `document 2: spec.ingress[0].from[1].ipBlock.cidr`.
+wrote it, e.g. `document 2: spec.ingress[0].from[1].ipBlock.cidr`. Fields accepted but not
+enforced (model.py: IGNORED) become warnings of the same form, one line each, in
+`Policy.warnings`; in a deny rule they are errors.
 """
 
 from __future__ import annotations
@@ -128,7 +130,15 @@ def parse_document(document: Any, where: str) -> Policy:
             raise UserError(f"{where}: spec", "is required")
         spec = _validate(K8sPolicySpec, document["spec"], f"{where}: spec")
         return Policy(kind, namespace, metadata.name, k8s_spec=spec)
-    return Policy(kind, namespace, metadata.name, cilium_specs=_cilium_specs(document, where))
+    specs = _cilium_specs(document, where)
+    warnings = [
+        line
+        for index, rule in specs
+        for line in _ignored_fields(
+            rule, f"{where}: " + ("spec" if index is None else f"specs[{index}]")
+        )
+    ]
+    return Policy(kind, namespace, metadata.name, cilium_specs=specs, warnings=tuple(warnings))
 
 
 def _kind(document: dict[str, Any], where: str) -> str:
@@ -165,6 +175,38 @@ def _cilium_specs(
         for i, item in enumerate(items):
             specs.append((i, _validate(CiliumRule, item, f"{where}: specs[{i}]")))
     return tuple(specs)
+
+
+_SECTIONS = (
+    ("ingress", "ingress", False),
+    ("ingressDeny", "ingress_deny", True),
+    ("egress", "egress", False),
+    ("egressDeny", "egress_deny", True),
+)
+
+
+def _ignored_fields(rule: CiliumRule, path: str) -> list[str]:
+    """A warning line for every ignored field the rule uses; raises UserError for one in a
+    deny rule, where selecting no peer would allow what the rule denies."""
+    lines = [f"{path}.{name}: ignored: {what}" for name, what in rule.ignored()]
+    for section, attribute, deny in _SECTIONS:
+        cidr_sets = "fromCIDRSet" if section.startswith("ingress") else "toCIDRSet"
+        for i, peer_rule in enumerate(getattr(rule, attribute) or ()):
+            at = f"{path}.{section}[{i}]"
+            found = [(f"{at}.{name}", what) for name, what in peer_rule.ignored()]
+            for j, cidr_set in enumerate(peer_rule.peer_cidr_sets):
+                found += [(f"{at}.{cidr_sets}[{j}].{n}", what) for n, what in cidr_set.ignored()]
+            for field, what in found:
+                if deny:
+                    raise UserError(
+                        field,
+                        f"{what}: a deny rule cannot ignore it (that would allow what it denies)",
+                    )
+                lines.append(
+                    f"{field}: ignored: {what}, so it selects no peer (the rule allows less "
+                    "than the policy says)"
+                )
+    return lines
 
 
 def _validate(model: type[M], data: Any, path: str) -> M:

@@ -6,15 +6,20 @@ rules match the peer and the port), decides CIDR peers by prefix containment rat
 by CIDR labels, entities by identity number rather than by reserved labels, and never
 builds policy entries. Property tests compare it with the compiled datapath entries.
 `policy trace` uses it to explain a verdict, since it knows every rule that matched.
+
+Pod addresses (rules.py): where the datapath looks up a pod peer's pod-address identity
+beside its endpoint identity, the evaluator is given the pod's address (`peer_address`) and
+matches ipBlocks (and, with `cidr_match_mode="all"`, Cilium CIDR peers) against it by
+containment.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv6Address
 
-from membrane.abi import Identity, IpProto
+from membrane.abi import Identity
 from membrane.identity.labels import (
     NAMESPACE_LABELS_PREFIX,
     POD_NAMESPACE_KEY,
@@ -32,16 +37,27 @@ from membrane.policy.model import (
 )
 from membrane.policy.ruletable import RuleRef, allow_localhost_rule
 from membrane.policy.universe import AllowLocalhost, EndpointInfo, Universe
-from membrane.policy.validate import ANY_PROTOCOL, PROTOCOL_NUMBERS
+from membrane.policy.validate import (
+    ANY_PROTOCOL,
+    CILIUM_PROTOCOL_NUMBERS,
+    PORTLESS_PROTOCOLS,
+    PROTOCOL_NUMBERS,
+    Network,
+)
 
 _ENTITY_IDENTITY = {
     "host": Identity.HOST,
     "remote-node": Identity.REMOTE_NODE,
+    "kube-apiserver": Identity.KUBE_APISERVER,
+    "ingress": Identity.INGRESS,
     "health": Identity.HEALTH,
     "init": Identity.INIT,
     "unmanaged": Identity.UNMANAGED,
 }
 _CLUSTER_RESERVED = set(_ENTITY_IDENTITY.values())
+# The world identities of each family: 2 stands for IPv4 world on an IPv4-only node (and
+# is not used on a dual-stack one, where 9 and 10 are).
+_WORLD_OF_FAMILY = {4: {Identity.WORLD, Identity.WORLD_IPV4}, 6: {Identity.WORLD_IPV6}}
 
 
 @dataclass
@@ -67,6 +83,8 @@ class _Flow:
     peer_labels: frozenset[Label]
     proto: int
     port: int
+    peer_address: IPv4Address | IPv6Address | None = None
+    cidr_match_mode: str = "world"
 
     def peer_namespace(self) -> str | None:
         """The peer pod's namespace; None when the peer is not a pod."""
@@ -84,14 +102,28 @@ class _Flow:
             if label.source == SOURCE_K8S and label.key.startswith(NAMESPACE_LABELS_PREFIX)
         )
 
-    def peer_in_cidr(self, cidr: IPv4Network, excepts: Sequence[IPv4Network]) -> bool:
-        """World is what no policy prefix covers, so only 0.0.0.0/0 contains it."""
-        if self.peer_identity == Identity.WORLD:
+    def world_family(self) -> int | None:
+        """4 or 6 for a world peer (a world or CIDR identity), None for any other."""
+        for family, identities in _WORLD_OF_FAMILY.items():
+            if self.peer_identity in identities:
+                return family
+        prefix = self.universe.cidr_identities.get(self.peer_identity)
+        return None if prefix is None else prefix.version
+
+    def peer_in_cidr(self, cidr: Network, excepts: Sequence[Network], by_address: bool) -> bool:
+        """A world peer by its identity: world is what no policy prefix covers, so only
+        its family's /0 contains it. With `by_address`, also a pod peer by its address."""
+        if by_address and self.peer_address is not None and self.peer_namespace() is not None:
+            address = self.peer_address
+            if address.version == cidr.version and address in cidr:
+                return not any(address in e for e in excepts)
+        if self.peer_identity in _WORLD_OF_FAMILY[cidr.version]:
             return cidr.prefixlen == 0
         prefix = self.universe.cidr_identities.get(self.peer_identity)
-        if prefix is None:
+        if prefix is None or prefix.version != cidr.version:
             return False
-        return prefix.subnet_of(cidr) and not any(prefix.subnet_of(e) for e in excepts)
+        inside = prefix.subnet_of(cidr)  # type: ignore[arg-type]
+        return inside and not any(prefix.subnet_of(e) for e in excepts)  # type: ignore[arg-type]
 
     def named_port_is_ours(self, name: str, any_peer: bool) -> bool:
         """Whether the flow's port is the named port: the endpoint's own on ingress, the
@@ -135,10 +167,14 @@ def evaluate(
     peer_identity: int,
     proto: int,
     port: int,
+    peer_address: IPv4Address | IPv6Address | None = None,
+    cidr_match_mode: str = "world",
 ) -> Decision:
     """The verdict for a connection of `endpoint` with a peer of `peer_identity`
     (`direction` "ingress": the peer connects to the endpoint's `port`; "egress": the
-    endpoint connects to the peer's `port`)."""
+    endpoint connects to the peer's `port`). `peer_address`: the peer's address when the
+    peer is a pod (it is ignored for any other peer), which ipBlocks, and Cilium CIDR peers
+    with `cidr_match_mode` "all", match by containment."""
     if direction not in ("ingress", "egress"):
         raise ValueError(f"direction must be ingress or egress, not {direction!r}")
     flow = _Flow(
@@ -149,6 +185,8 @@ def evaluate(
         universe.identities.get(peer_identity, frozenset()),
         proto,
         port,
+        peer_address,
+        cidr_match_mode,
     )
     found = _Findings()
     for policy in policies:
@@ -210,7 +248,7 @@ def _k8s_policy(policy: Policy, flow: _Flow, found: _Findings) -> None:
 
 def _k8s_peer_matches(peer: K8sPeer, policy: Policy, flow: _Flow) -> bool:
     if peer.ip_block is not None:
-        return flow.peer_in_cidr(peer.ip_block.cidr, peer.ip_block.except_ or ())
+        return flow.peer_in_cidr(peer.ip_block.cidr, peer.ip_block.except_ or (), by_address=True)
     peer_namespace = flow.peer_namespace()
     if peer_namespace is None:
         return False  # pod and namespace selectors select pods only
@@ -271,8 +309,10 @@ def _cilium_rule_matches(rule: CiliumPeerRule, policy: Policy, flow: _Flow) -> b
             _cilium_port_matches(p, flow, any_peer) for p in port_rule.ports
         ):
             return True
-    return flow.proto == IpProto.ICMP and any(
-        f.icmp_type == flow.port for icmp in rule.icmps or () for f in icmp.fields
+    return any(
+        f.proto == flow.proto and f.icmp_type == flow.port
+        for icmp in rule.icmps or ()
+        for f in icmp.fields
     )
 
 
@@ -301,9 +341,8 @@ def _cilium_peer_matches(rule: CiliumPeerRule, policy: Policy, flow: _Flow) -> b
             continue
         if known and selector.to_selector().matches(flow.peer_labels):
             return True
-    if any(flow.peer_in_cidr(cidr, ()) for cidr in rule.peer_cidrs):
-        return True
-    if any(flow.peer_in_cidr(s.cidr, s.except_ or ()) for s in rule.peer_cidr_sets):
+    by_address = flow.cidr_match_mode == "all"
+    if any(flow.peer_in_cidr(c, excepts, by_address) for c, excepts in rule.cidr_blocks()):
         return True
     return any(_entity_matches(entity, flow) for entity in rule.peer_entities)
 
@@ -312,8 +351,12 @@ def _entity_matches(entity: str, flow: _Flow) -> bool:
     """By identity number. Identities the node does not know are matched by `all` only."""
     identity = flow.peer_identity
     known = identity in flow.universe.identities
-    if entity in ("world", "world-ipv4"):
-        return identity == Identity.WORLD or (known and identity >= Identity.FIRST_CIDR)
+    if entity == "world":
+        return flow.world_family() is not None
+    if entity == "world-ipv4":
+        return flow.world_family() == 4
+    if entity == "world-ipv6":
+        return flow.world_family() == 6
     if entity == "cluster":
         endpoint = Identity.FIRST_ENDPOINT <= identity < Identity.FIRST_CIDR
         return identity in _CLUSTER_RESERVED or (known and endpoint)
@@ -324,10 +367,12 @@ def _entity_matches(entity: str, flow: _Flow) -> bool:
 
 def _cilium_port_matches(spec: PortProtocol, flow: _Flow, any_peer: bool) -> bool:
     protocol = spec.protocol or ANY_PROTOCOL
+    if protocol in PORTLESS_PROTOCOLS:
+        return flow.proto == PORTLESS_PROTOCOLS[protocol]  # every packet: it has no ports
     if protocol == ANY_PROTOCOL:
-        protocol_ok = flow.proto in (PROTOCOL_NUMBERS[p] for p in ("TCP", "UDP", "SCTP"))
+        protocol_ok = flow.proto in PROTOCOL_NUMBERS.values()
     else:
-        protocol_ok = flow.proto == PROTOCOL_NUMBERS[protocol]
+        protocol_ok = flow.proto == CILIUM_PROTOCOL_NUMBERS[protocol]
     return protocol_ok and flow.port_matches(spec.port, spec.end_port, any_peer)
 
 

@@ -10,9 +10,20 @@ The Kubernetes and Cilium semantics live here, translated into Cilium's label mo
   alone = every pod of the matching namespaces (it matches the namespace labels an endpoint
   carries as `io.cilium.k8s.namespace.labels.<key>`); both in one peer = both must hold.
   A rule without `from`/`to` matches every peer, one without `ports` every port.
-- ipBlock, fromCIDR/toCIDR and CIDR sets select CIDR identities (and world for 0.0.0.0/0),
-  never cluster endpoints or the host, whose addresses the ipcache maps to their own
-  identities. This is Cilium's reading of ipBlock; Kubernetes leaves it open.
+- fromCIDR/toCIDR and CIDR sets select world addresses only (Cilium's documented reading):
+  the CIDR identities of policy prefixes (labels `reserved:world`, `reserved:world-ipv4` or
+  `-ipv6`, and `cidr:Q` for every policy prefix Q containing theirs), and for a /0 the
+  world identities of its family. Pods and the node have identities of their own.
+- A NetworkPolicy ipBlock selects those and also pods whose address is in the block (as the
+  Kubernetes e2e tests expect): the agent gives such a pod address a second, pod-address
+  identity labelled `cidr:Q` for every address prefix Q containing it (`address_prefixes`,
+  /0 included) and nothing reserved; the datapath applies the entries of both identities
+  (a deny of either wins). `cidr_match_mode="all"` makes Cilium CIDR peers match pod
+  addresses the same way. Endpoint selectors never select pod-address identities.
+- Entities: `world` is every world identity (2 on an IPv4-only node, 9 and 10 on a
+  dual-stack one) and CIDR identity; `world-ipv4`/`world-ipv6` their family's; `cluster`
+  the reserved identities of the cluster (host, remote-node, health, init, unmanaged,
+  ingress, kube-apiserver) and every pod; `all` every identity, known or not.
 - CiliumNetworkPolicy peer selectors are scoped to the policy's namespace unless they name
   `io.kubernetes.pod.namespace` or select reserved labels; a clusterwide policy's are
   limited to pods of any namespace, so `fromEndpoints: [{}]` there means every pod.
@@ -20,26 +31,36 @@ The Kubernetes and Cilium semantics live here, translated into Cilium's label mo
   applies to every peer; a rule with neither (`ingress: [{}]`) allows nothing but, as any
   rule in the section, still puts its endpoints into default deny (the Cilium docs' way of
   writing "deny all ingress").
-- Protocol ANY (Cilium's default) means TCP, UDP and SCTP; ICMP types are ports of proto 1.
+- Protocol ANY (Cilium's default) means TCP, UDP and SCTP; ICMP types are ports of proto 1,
+  ICMPv6 types (`family: IPv6`) ports of proto 58; a protocol without ports (GRE, ESP, ...)
+  matches all its packets, whatever port the rule gives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network
 
-from membrane.abi import IpProto
 from membrane.identity.labels import (
     CLUSTER_KEY,
     NAMESPACE_LABELS_PREFIX,
     POD_NAMESPACE_KEY,
+    RESERVED_NAMES,
+    SOURCE_ANY,
     SOURCE_CIDR,
     SOURCE_K8S,
     SOURCE_RESERVED,
 )
-from membrane.identity.selector import DOES_NOT_EXIST, EXISTS, IN, LabelSelector, Requirement
+from membrane.identity.selector import (
+    DOES_NOT_EXIST,
+    EXISTS,
+    IN,
+    LabelSelector,
+    Requirement,
+    split_key,
+)
 from membrane.policy.model import (
+    CIDR_MATCH_MODES,
     KIND_CCNP,
     CiliumPeerRule,
     K8sPeer,
@@ -48,7 +69,14 @@ from membrane.policy.model import (
     PortProtocol,
 )
 from membrane.policy.ruletable import RuleRef
-from membrane.policy.validate import ANY_PROTOCOL, PROTOCOL_NUMBERS
+from membrane.policy.validate import (
+    ANY_PROTOCOL,
+    CILIUM_PROTOCOL_NUMBERS,
+    PORTLESS_PROTOCOLS,
+    PROTOCOL_NUMBERS,
+    Network,
+    parse_cidr,
+)
 
 ALL_PORTS = (0, 0xFFFF)
 ANY_PROTOCOLS = tuple(PROTOCOL_NUMBERS.values())  # Cilium's ANY: TCP, UDP and SCTP
@@ -103,36 +131,144 @@ def _reserved(name: str) -> LabelSelector:
     return LabelSelector({f"{SOURCE_RESERVED}:{name}": ""})
 
 
-def cidr_selector(cidr: IPv4Network, excepts: Sequence[IPv4Network] = ()) -> LabelSelector:
-    """CIDR identities inside `cidr` and not inside an except (see cidr_identity_labels)."""
-    base = (
-        _reserved("world") if cidr.prefixlen == 0 else LabelSelector({f"{SOURCE_CIDR}:{cidr}": ""})
-    )
-    return base.with_requirements(
-        *(Requirement(f"{SOURCE_CIDR}:{e}", DOES_NOT_EXIST) for e in excepts)
-    )
+def _cidr_key(prefix: Network) -> str:
+    return f"{SOURCE_CIDR}:{prefix}"
 
 
+_WORLD = f"{SOURCE_RESERVED}:world"
+# world-ipv4: identity 9 on a dual-stack node; identity 2 on an IPv4-only one and the IPv4
+# CIDR identities (world without the IPv6 label).
+_WORLD_IPV4 = (
+    _reserved("world-ipv4"),
+    LabelSelector({_WORLD: ""}, [Requirement(f"{SOURCE_RESERVED}:world-ipv6", DOES_NOT_EXIST)]),
+)
+_WORLD_IPV6 = (_reserved("world-ipv6"),)
 _CLUSTER = (
-    *(_reserved(n) for n in ("host", "remote-node", "health", "init", "unmanaged")),
+    *(
+        _reserved(n)
+        for n in (
+            "host",
+            "remote-node",
+            "health",
+            "init",
+            "unmanaged",
+            "ingress",
+            "kube-apiserver",
+        )
+    ),
     LabelSelector({}, [Requirement(f"{SOURCE_K8S}:{CLUSTER_KEY}", EXISTS)]),
 )
+# Every entity but `all`, which is any peer (FlatRule.any_peer), known or not.
 ENTITY_SELECTORS: dict[str, tuple[LabelSelector, ...]] = {
-    "world": (_reserved("world"),),
-    "world-ipv4": (_reserved("world"),),
-    "host": (_reserved("host"),),
-    "remote-node": (_reserved("remote-node"),),
-    "health": (_reserved("health"),),
-    "init": (_reserved("init"),),
-    "unmanaged": (_reserved("unmanaged"),),
+    "world": (_reserved("world"), _reserved("world-ipv4"), _reserved("world-ipv6")),
+    "world-ipv4": _WORLD_IPV4,
+    "world-ipv6": _WORLD_IPV6,
     "cluster": _CLUSTER,
+    **{
+        name: (_reserved(name),)
+        for name in (
+            "host",
+            "remote-node",
+            "kube-apiserver",
+            "ingress",
+            "health",
+            "init",
+            "unmanaged",
+        )
+    },
 }
 
 
-def policy_subjects(policy: Policy) -> list[Subject]:
+def world_cidr_selectors(
+    cidr: Network, excepts: Sequence[Network] = ()
+) -> tuple[LabelSelector, ...]:
+    """World addresses inside `cidr` and not inside an except: the CIDR identities labelled
+    with it (see the module's docstring), or for a /0 its family's world identities."""
+    excluded = [Requirement(_cidr_key(e), DOES_NOT_EXIST) for e in excepts]
+    if cidr.prefixlen == 0:
+        base = _WORLD_IPV4 if cidr.version == 4 else _WORLD_IPV6
+    else:
+        base = (LabelSelector({_cidr_key(cidr): "", _WORLD: ""}),)
+    return tuple(s.with_requirements(*excluded) for s in base)
+
+
+def address_cidr_selector(cidr: Network, excepts: Sequence[Network] = ()) -> LabelSelector:
+    """Pod addresses inside `cidr` and not inside an except: the pod-address identities
+    labelled with it (never world ones). A /0 is a label like any other here."""
+    return LabelSelector(
+        {_cidr_key(cidr): ""},
+        [
+            *(Requirement(_cidr_key(e), DOES_NOT_EXIST) for e in excepts),
+            Requirement(_WORLD, DOES_NOT_EXIST),
+        ],
+    )
+
+
+def cidr_selectors(
+    cidr: Network, excepts: Sequence[Network], by_address: bool
+) -> tuple[LabelSelector, ...]:
+    world = world_cidr_selectors(cidr, excepts)
+    return (*world, address_cidr_selector(cidr, excepts)) if by_address else world
+
+
+def address_prefixes(policies: Iterable[Policy], cidr_match_mode: str = "world") -> set[Network]:
+    """The prefixes (IPv4 and IPv6, /0 included) a pod address inside which needs a
+    pod-address identity, labelled `cidr:Q` for each of them containing it."""
+    _check_mode(cidr_match_mode)
+    return {prefix for p in policies for prefix in p.address_prefixes(cidr_match_mode)}
+
+
+def _check_mode(cidr_match_mode: str) -> None:
+    if cidr_match_mode not in CIDR_MATCH_MODES:
+        raise ValueError(
+            f"cidr_match_mode must be one of {', '.join(CIDR_MATCH_MODES)}, not {cidr_match_mode!r}"
+        )
+
+
+def _never_address_identity(selector: LabelSelector) -> tuple[LabelSelector, ...]:
+    """`selector`, kept from selecting pod-address identities (their labels are `cidr:`
+    ones only). A selector needing a label no such identity has (a reserved one, a
+    namespace, any non-`cidr:` key) is kept as it is; any other is split into one copy per
+    label every other identity carries: a pod's namespace or a reserved name."""
+    for req in selector.requirements():
+        if req.operator not in (IN, EXISTS):
+            continue
+        source, key = split_key(req.key)
+        if source not in (SOURCE_CIDR, SOURCE_ANY) or not _is_prefix(key):
+            return (selector,)
+        if req.operator == IN and "" not in req.values:
+            return (selector,)
+    namespace = f"{SOURCE_K8S}:{POD_NAMESPACE_KEY}"
+    return (
+        selector.with_requirements(Requirement(namespace, EXISTS)),
+        *(
+            selector.with_requirements(
+                Requirement(namespace, DOES_NOT_EXIST),
+                Requirement(f"{SOURCE_RESERVED}:{name}", EXISTS),
+            )
+            for name in RESERVED_NAMES.values()
+        ),
+    )
+
+
+def _is_prefix(key: str) -> bool:
+    try:
+        parse_cidr(key)
+    except ValueError:
+        return False
+    return True
+
+
+def policy_subjects(policy: Policy, cidr_match_mode: str = "world") -> list[Subject]:
+    """The policy's subjects. `cidr_match_mode` (`membrane agent run
+    --policy-cidr-match-mode`): "world" (Cilium's reading: CiliumNetworkPolicy CIDR peers
+    select world addresses only) or "all" (they also select pod addresses, as a
+    NetworkPolicy ipBlock always does)."""
+    _check_mode(cidr_match_mode)
     if policy.k8s_spec is not None:
         return [_k8s_subject(policy)]
-    return [_cilium_subject(policy, i) for i in range(len(policy.cilium_specs))]
+    by_address = cidr_match_mode == "all"
+    return [_cilium_subject(policy, i, by_address) for i in range(len(policy.cilium_specs))]
 
 
 # ---- NetworkPolicy -------------------------------------------------------------------------
@@ -167,18 +303,19 @@ def _k8s_rule(
     port_matches = tuple(_k8s_port(p) for p in ports) if ports else None
     if not peers:
         return FlatRule(ref, True, (), port_matches)
-    return FlatRule(ref, False, tuple(_k8s_peer(p, namespace) for p in peers), port_matches)
+    selectors = tuple(s for p in peers for s in _k8s_peer(p, namespace))
+    return FlatRule(ref, False, selectors, port_matches)
 
 
-def _k8s_peer(peer: K8sPeer, namespace: str) -> LabelSelector:
+def _k8s_peer(peer: K8sPeer, namespace: str) -> tuple[LabelSelector, ...]:
     if peer.ip_block is not None:
-        return cidr_selector(peer.ip_block.cidr, peer.ip_block.except_ or ())
+        return cidr_selectors(peer.ip_block.cidr, peer.ip_block.except_ or (), by_address=True)
     selector = peer.pod_selector.to_selector() if peer.pod_selector else LabelSelector()
     if peer.namespace_selector is None:
-        return selector.with_requirements(_namespace_is(namespace))
+        return (selector.with_requirements(_namespace_is(namespace)),)
     ns_prefix = f"{SOURCE_K8S}:{NAMESPACE_LABELS_PREFIX}"
     ns_selector = peer.namespace_selector.to_selector(key_prefix=ns_prefix)
-    return selector.with_requirements(*ns_selector.requirements(), _is_endpoint())
+    return (selector.with_requirements(*ns_selector.requirements(), _is_endpoint()),)
 
 
 def _k8s_port(spec: K8sPortSpec) -> PortMatch:
@@ -196,7 +333,7 @@ def _port_match(proto: int, port: int | str | None, end_port: int | None) -> Por
 # ---- CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy ----------------------------------
 
 
-def _cilium_subject(policy: Policy, position: int) -> Subject:
+def _cilium_subject(policy: Policy, position: int, by_address: bool) -> Subject:
     spec_index, spec = policy.cilium_specs[position]
     scope = None if policy.kind == KIND_CCNP else policy.namespace
     selector = spec.endpoint_selector.to_selector()
@@ -209,16 +346,19 @@ def _cilium_subject(policy: Policy, position: int) -> Subject:
                 ref = RuleRef(
                     policy.kind, policy.namespace, policy.name, direction, deny, i, spec_index
                 )
-                rules.append(_cilium_rule(ref, rule, scope))
+                rules.append(_cilium_rule(ref, rule, scope, by_address))
     return Subject(
         selector, spec.default_deny("ingress"), spec.default_deny("egress"), tuple(rules)
     )
 
 
-def _cilium_rule(ref: RuleRef, rule: CiliumPeerRule, scope: str | None) -> FlatRule:
+def _cilium_rule(
+    ref: RuleRef, rule: CiliumPeerRule, scope: str | None, by_address: bool
+) -> FlatRule:
     ports = _cilium_ports(rule) if rule.has_l4() else None
     if not rule.has_peers():
-        # Ports alone: every peer on those ports. Nothing at all: matches nothing.
+        # Ports alone: every peer on those ports. Nothing at all: matches nothing. (A rule
+        # naming only ignored peer fields has peers, none of which selects anything.)
         return FlatRule(ref, rule.has_l4(), (), ports)
     if "all" in rule.peer_entities:
         return FlatRule(ref, True, (), ports)
@@ -230,9 +370,9 @@ def _cilium_rule(ref: RuleRef, rule: CiliumPeerRule, scope: str | None) -> FlatR
             # Cilium, so `{}` there is every pod, never the host or world.
             scoped = _namespace_is(scope) if scope is not None else _is_endpoint()
             selector = selector.with_requirements(scoped)
-        peers.append(selector)
-    peers += [cidr_selector(cidr) for cidr in rule.peer_cidrs]
-    peers += [cidr_selector(s.cidr, s.except_ or ()) for s in rule.peer_cidr_sets]
+        peers += _never_address_identity(selector)
+    for cidr, excepts in rule.cidr_blocks():
+        peers += cidr_selectors(cidr, excepts, by_address)
     for entity in rule.peer_entities:
         peers += ENTITY_SELECTORS[entity]
     return FlatRule(ref, False, tuple(peers), ports)
@@ -246,11 +386,13 @@ def _cilium_ports(rule: CiliumPeerRule) -> tuple[PortMatch, ...] | None:
         for spec in port_rule.ports:
             matches += _cilium_port(spec)
     for icmp in rule.icmps or ():
-        matches += [PortRange(IpProto.ICMP, f.icmp_type, f.icmp_type) for f in icmp.fields]
+        matches += [PortRange(f.proto, f.icmp_type, f.icmp_type) for f in icmp.fields]
     return tuple(matches)
 
 
 def _cilium_port(spec: PortProtocol) -> list[PortMatch]:
     protocol = spec.protocol or ANY_PROTOCOL
-    protos = ANY_PROTOCOLS if protocol == ANY_PROTOCOL else (PROTOCOL_NUMBERS[protocol],)
+    if protocol in PORTLESS_PROTOCOLS:
+        return [PortRange(PORTLESS_PROTOCOLS[protocol], *ALL_PORTS)]  # no ports to match
+    protos = ANY_PROTOCOLS if protocol == ANY_PROTOCOL else (CILIUM_PROTOCOL_NUMBERS[protocol],)
     return [_port_match(proto, spec.port, spec.end_port) for proto in protos]

@@ -8,10 +8,10 @@ Cilium's CRD validation accept, so a document that works there works here.
 from __future__ import annotations
 
 import re
-from ipaddress import IPv4Network, ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 
 from membrane.abi import IpProto
-from membrane.identity.labels import SOURCE_ANY, SOURCE_RESERVED, SOURCES
+from membrane.identity.labels import SOURCE_ANY, SOURCE_CIDR, SOURCE_RESERVED, SOURCES
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -22,6 +22,10 @@ _PORT_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 # The protocols a policy's port may name, by the name it uses.
 PROTOCOL_NUMBERS = {p.name: p for p in (IpProto.TCP, IpProto.UDP, IpProto.SCTP)}
 ANY_PROTOCOL = "ANY"  # Cilium: TCP, UDP and SCTP
+# Protocols without ports that Cilium's toPorts also names (IANA numbers); a rule for one
+# matches all of that protocol's packets.
+PORTLESS_PROTOCOLS = {"VRRP": 112, "IGMP": 2, "GRE": 47, "IPIP": 4, "IPV6": 41, "ESP": 50, "AH": 51}
+CILIUM_PROTOCOL_NUMBERS: dict[str, int] = {**PROTOCOL_NUMBERS, **PORTLESS_PROTOCOLS}
 
 
 def check_namespace(value: str) -> str:
@@ -65,6 +69,9 @@ def check_cilium_label_key(key: str) -> None:
                 f"{SOURCE_ANY})"
             )
         key = rest
+    if source == SOURCE_CIDR:
+        parse_cidr(key)  # `cidr:2001:db8::/64` holds colons no other key may
+        return
     if len(key) > 317 or not _CILIUM_KEY.fullmatch(key):
         raise ValueError(f"label key {key!r} is invalid")
     if source == SOURCE_RESERVED and "/" in key:
@@ -79,17 +86,28 @@ def check_label_value(value: str) -> None:
         )
 
 
-def parse_cidr(value: object) -> IPv4Network:
-    """An IPv4 prefix; host bits are cleared (as Kubernetes and Cilium accept them)."""
+Network = IPv4Network | IPv6Network
+
+
+def parse_cidr(value: object) -> Network:
+    """An IPv4 or IPv6 prefix, or a bare address (a /32 or /128); host bits are cleared
+    (as Kubernetes and Cilium accept them)."""
     if not isinstance(value, str):
-        raise ValueError("must be a CIDR string such as 10.0.0.0/8")
+        raise ValueError("must be a CIDR string such as 10.0.0.0/8 or 2001:db8::/64")
     try:
-        net = ip_network(value.strip(), strict=False)
+        return ip_network(value.strip(), strict=False)
     except ValueError:
-        raise ValueError(f"{value!r} is not a valid CIDR (such as 10.0.0.0/8)") from None
-    if not isinstance(net, IPv4Network):
-        raise ValueError(f"{value!r}: IPv6 is not supported")
-    return net
+        raise ValueError(
+            f"{value!r} is not a valid CIDR (such as 10.0.0.0/8 or 2001:db8::/64)"
+        ) from None
+
+
+def check_except(prefix: Network, cidr: Network) -> None:
+    """An except must be a strict part of its block, of the same family."""
+    if prefix.version != cidr.version:
+        raise ValueError(f"{prefix} is not of the same family as cidr {cidr}")
+    if not (prefix.subnet_of(cidr) and prefix != cidr):  # type: ignore[arg-type]
+        raise ValueError(f"{prefix} is not inside cidr {cidr} (except must be a strict part)")
 
 
 def parse_port(value: object, *, allow_zero: bool) -> int | str:
@@ -133,8 +151,8 @@ def check_end_port(end_port: int, port: int | str | None) -> int:
     return end_port
 
 
-def check_protocol(value: str, *, allow_any: bool) -> str:
-    allowed = [*PROTOCOL_NUMBERS, ANY_PROTOCOL] if allow_any else list(PROTOCOL_NUMBERS)
+def check_protocol(value: str, *, cilium: bool) -> str:
+    allowed = [*CILIUM_PROTOCOL_NUMBERS, ANY_PROTOCOL] if cilium else list(PROTOCOL_NUMBERS)
     if value not in allowed:
         raise ValueError(
             f"unknown protocol {value!r} (use {', '.join(allowed[:-1])} or {allowed[-1]})"
@@ -142,7 +160,7 @@ def check_protocol(value: str, *, allow_any: bool) -> str:
     return value
 
 
-# ICMPv4 type names Cilium accepts besides numbers (IANA names).
+# ICMP type names Cilium accepts besides numbers (IANA names), by family.
 ICMP_TYPE_NAMES = {
     "EchoReply": 0,
     "DestinationUnreachable": 3,
@@ -159,23 +177,59 @@ ICMP_TYPE_NAMES = {
     "ExtendedEchoRequest": 42,
     "ExtendedEchoReply": 43,
 }
+ICMPV6_TYPE_NAMES = {
+    "DestinationUnreachable": 1,
+    "PacketTooBig": 2,
+    "TimeExceeded": 3,
+    "ParameterProblem": 4,
+    "EchoRequest": 128,
+    "EchoReply": 129,
+    "MulticastListenerQuery": 130,
+    "MulticastListenerReport": 131,
+    "MulticastListenerDone": 132,
+    "RouterSolicitation": 133,
+    "RouterAdvertisement": 134,
+    "NeighborSolicitation": 135,
+    "NeighborAdvertisement": 136,
+    "RedirectMessage": 137,
+    "RouterRenumbering": 138,
+    "ICMPNodeInformationQuery": 139,
+    "ICMPNodeInformationResponse": 140,
+    "InverseNeighborDiscoverySolicitation": 141,
+    "InverseNeighborDiscoveryAdvertisement": 142,
+    "HomeAgentAddressDiscoveryRequest": 144,
+    "HomeAgentAddressDiscoveryReply": 145,
+    "MobilePrefixSolicitation": 146,
+    "MobilePrefixAdvertisement": 147,
+    "DuplicateAddressRequestCodeSuffix": 157,
+    "DuplicateAddressConfirmationCodeSuffix": 158,
+    "ExtendedEchoRequest": 160,
+    "ExtendedEchoReply": 161,
+}
+ICMP_FAMILIES = {
+    "IPv4": (IpProto.ICMP, ICMP_TYPE_NAMES),
+    "IPv6": (IpProto.ICMPV6, ICMPV6_TYPE_NAMES),
+}
 
 
-def parse_icmp_type(value: object) -> int:
-    if isinstance(value, str) and value in ICMP_TYPE_NAMES:
-        return ICMP_TYPE_NAMES[value]
+def parse_icmp_type(value: object, family: str) -> int:
+    """A type number, or a name of the family's types (EchoRequest is 8 in ICMP, 128 in
+    ICMPv6)."""
+    names = ICMP_FAMILIES[family][1]
+    if isinstance(value, str) and value in names:
+        return names[value]
     if isinstance(value, str) and value.isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{value!r} is not an ICMP type (0..255 or a name such as EchoRequest)")
+        raise ValueError(
+            f"{value!r} is not an {family} ICMP type (0..255 or a name such as EchoRequest)"
+        )
     if not 0 <= value <= 255:
         raise ValueError(f"ICMP type {value} is out of range (0..255)")
     return value
 
 
 def check_icmp_family(value: str) -> str:
-    if value == "IPv6":
-        raise ValueError("IPv6 is not supported")
-    if value != "IPv4":
-        raise ValueError(f"unknown family {value!r} (use IPv4)")
+    if value not in ICMP_FAMILIES:
+        raise ValueError(f"unknown family {value!r} (use IPv4 or IPv6)")
     return value
