@@ -9,7 +9,12 @@ loses or misses any event fails (the exit status says so after the JSON).
 
 The consumer's own rate (ring buffer to file) is measured apart: our tool is stopped
 (SIGSTOP) while the workload fills its ring, then let go; its rate is the events over the
-time until its output stopped growing, and over the CPU time it used for them.
+time until its output stopped growing, and over the CPU time it used for them. The
+workload's time in that run is our kernel side alone (`membrane-stopped`).
+
+The floor: `empty-programs` runs the workload with programs that only return on the same
+two tracepoints (bpf/bench_trace_empty.bpf.c), what any tracer of these tracepoints pays
+before it does anything.
 
     python -m bench.trace_open [--events 300000] [--rounds 5]
 """
@@ -41,6 +46,8 @@ from bench._trace import (
     stop,
     ticks_to_ns,
 )
+from membrane.bpf import BpfObject
+from membrane.bpf.links import attach_auto
 from membrane.testing.tracer import start_tracer
 
 TARGET_COST_RATIO = 0.05  # ours <= 5 % of bpftrace's added cost per event
@@ -153,6 +160,7 @@ class Drain:
     lost: int
     wall_s: float  # from SIGCONT until the output stopped growing
     cpu_ns: int  # the tracer's CPU time meanwhile
+    workload: Run  # the workload's own times, with the consumer stopped
 
     @property
     def rate(self) -> float:
@@ -197,7 +205,7 @@ def drain_once(variant: str, binary: Path, files: Path, events: int, work: Path)
             json_out = ["-o", "json"] if variant == "membrane-json" else []
             tracer = start_tracer("open", "--pid", str(workload.pid), *json_out, stdout=sink)
             tracer.send_signal(signal.SIGSTOP)
-            workload.run()
+            wall_ns, workload_cpu_ns, _ = workload.run()
             cpu_before = cpu_ns_precise(tracer.pid)
             start = time.monotonic()
             tracer.send_signal(signal.SIGCONT)
@@ -205,7 +213,8 @@ def drain_once(variant: str, binary: Path, files: Path, events: int, work: Path)
             cpu_ns = cpu_ns_precise(tracer.pid) - cpu_before  # includes ~10 idle polls
             err = stop(tracer, signal.SIGTERM, variant)
         delivered, lost = count_output(variant, out, err, str(files))
-        return Drain(delivered, lost, round(last - start, 4), cpu_ns)
+        stopped = Run(wall_ns, workload_cpu_ns, delivered=delivered, lost=lost)
+        return Drain(delivered, lost, round(last - start, 4), cpu_ns, stopped)
     finally:
         kill(tracer)
         workload.kill()
@@ -229,6 +238,8 @@ def run_once(
             if variant == "alone":
                 wall_ns, cpu_ns, _ = workload.run()
                 return Run(wall_ns, cpu_ns)
+            if variant == "empty-programs":
+                return run_with_empty_programs(workload, events)
             if variant.startswith("membrane"):
                 json_out = ["-o", "json"] if variant == "membrane-json" else []
                 tracer = start_tracer("open", "--pid", str(workload.pid), *json_out, stdout=sink)
@@ -259,6 +270,19 @@ def run_once(
         kill(tracer)
         workload.kill()
         out.unlink(missing_ok=True)
+
+
+def run_with_empty_programs(workload: Workload, events: int) -> Run:
+    """The workload with programs that only return on our tracepoints (the floor)."""
+    with BpfObject.open("bench_trace_empty") as obj:
+        obj.load()
+        links = [attach_auto(prog) for prog in obj.programs.values()]
+        try:
+            wall_ns, cpu_ns, _ = workload.run()
+        finally:
+            for link in links:
+                link.close()
+    return Run(wall_ns, cpu_ns, delivered=events)
 
 
 def wait_attached_file(proc: subprocess.Popen[str], out: Path) -> None:
@@ -298,7 +322,7 @@ def summarize(variants: dict[str, Variant], events: int) -> dict[str, Any]:
             "workload_cpu_s": round(median([x.cpu_ns for x in v.runs]) / 1e9, 3),
             "rounds_wall_s": [round(x.wall_ns / 1e9, 3) for x in v.runs],
         }
-        if name != "alone":
+        if name != "alone" and v.runs:
             # per round against the workload alone in the same round, then the median
             r["added_ns_per_event"] = round(
                 median(
@@ -326,8 +350,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds (each runs every variant)")
     parser.add_argument(
         "--variants",
-        default="alone,membrane,membrane-json,bpftrace",
-        help="comma list of alone, membrane, membrane-json, bpftrace",
+        default="alone,empty-programs,membrane,membrane-json,bpftrace",
+        help="comma list of alone, empty-programs, membrane, membrane-json, bpftrace",
     )
     parser.add_argument(
         "--no-drain",
@@ -344,7 +368,7 @@ def main() -> None:
     if args.events < 300_000:
         parser.error("--events must be at least 300,000 (shorter runs measure startup noise)")
     chosen = args.variants.split(",")
-    known = ("alone", "membrane", "membrane-json", "bpftrace")
+    known = ("alone", "empty-programs", "membrane", "membrane-json", "bpftrace")
     if unknown := [v for v in chosen if v not in known]:
         parser.error(f"--variants: unknown {', '.join(unknown)} (have: {', '.join(known)})")
     if "alone" not in chosen:
@@ -382,6 +406,10 @@ def main() -> None:
                 done.append(drain_once(name, binary, files, args.events, work))
                 print(f"round {i + 1} {name} drain: {done[-1]}", file=sys.stderr)
     host["loadavg_1m_at_end"] = os.getloadavg()[0]
+    if "membrane" in drains:  # our kernel side: the workload while our consumer is stopped
+        variants["membrane-stopped"] = Variant(
+            "membrane-stopped", [d.workload for d in drains["membrane"]]
+        )
     results = summarize(variants, args.events)
     targets = []
     if "membrane" in results and "bpftrace" in results:
@@ -397,6 +425,24 @@ def main() -> None:
             3,
         )
         results["membrane"]["ratio_to_bpftrace"] = ratio
+
+        def ratio_of(name: str) -> float:
+            runs = variants[name].runs
+            return round(
+                median(
+                    [
+                        (o.wall_ns - a.wall_ns) / (t.wall_ns - a.wall_ns)
+                        for o, t, a in zip(runs, theirs, alone, strict=True)
+                    ]
+                ),
+                3,
+            )
+
+        # What is not ours to save: programs that only return on the same tracepoints
+        # cost this share of bpftrace's added time already; and our kernel side alone.
+        for name in ("empty-programs", "membrane-stopped"):
+            if name in variants and len(variants[name].runs) == len(theirs):
+                results[name]["ratio_to_bpftrace"] = ratio_of(name)
         # the same from cpu time alone (the workload's added cpu + the tracer's): what the
         # machine pays, whatever the scheduler did with the wall time
         results["membrane"]["cpu_ratio_to_bpftrace"] = round(
@@ -444,6 +490,10 @@ def main() -> None:
             "tracer_cpu_ns_per_event": "the tracer process's utime+stime from the start of "
             "the workload until its output stopped growing, / events",
             "delivered": "output lines naming the workload's files",
+            "empty-programs": "the floor: programs that only return on sys_enter_openat and "
+            "sys_exit_openat (bpf/bench_trace_empty.bpf.c), loaded by the benchmark",
+            "membrane-stopped": "our kernel side alone: the workload's times in the consumer "
+            "measurement, while our tool is stopped (its ring holds every record)",
             "lag_s": "from the workload's end until the tracer's output stopped growing",
             "ratio_to_bpftrace": "median over rounds of ours/bpftrace added wall per event",
             "cpu_ratio_to_bpftrace": "median over rounds of ours/bpftrace (added workload cpu "
@@ -485,8 +535,16 @@ def main() -> None:
         f"{'tracer cpu ns/ev':>16} {'missing':>7} {'lost':>6} {'lag s':>6}"
     ]
     for name, r in results.items():
-        if name == "alone":
+        if name == "alone" or "tracer_cpu_ns_per_event" not in r:
             summary.append(f"{name:14} {r['workload_wall_s']:7.3f}")
+            continue
+        if name in ("empty-programs", "membrane-stopped"):
+            share = r.get("ratio_to_bpftrace")
+            summary.append(
+                f"{name:14} {r['workload_wall_s']:7.3f} {r['added_ns_per_event']:11} "
+                f"{r['added_workload_cpu_ns_per_event']:10}"
+                + (f"  ({share} of bpftrace's)" if share is not None else "")
+            )
             continue
         summary.append(
             f"{name:14} {r['workload_wall_s']:7.3f} {r['added_ns_per_event']:11} "

@@ -115,4 +115,24 @@ int probe_get_stack(struct bpf_perf_event_data *ctx)
 	return 0;
 }
 
+/* Task-local storage from a tracepoint program (trace open keeps its per-thread state
+ * there; kernels that refuse it get a hash keyed by thread id). */
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u64);
+} probe_task_storage_map SEC(".maps");
+
+SEC("tracepoint/syscalls/sys_enter_getpid")
+int probe_task_storage(void *ctx)
+{
+	__u64 *v = bpf_task_storage_get(&probe_task_storage_map, bpf_get_current_task_btf(), 0,
+					BPF_LOCAL_STORAGE_GET_F_CREATE);
+
+	if (v)
+		*v = 1;
+	return 0;
+}
+
 char LICENSE[] SEC("license") = "GPL";

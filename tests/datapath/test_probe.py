@@ -32,8 +32,9 @@ EVERYWHERE = {
     "map_lru_hash", "map_percpu_array", "map_stack_trace", "helper_send_signal",
     "helper_get_stack",
 }  # fmt: skip
-# What depends on how the kernel was built and booted (kprobes not built, lockdown, ...).
-VARIES = {"tcx", "kprobe", "fentry", "fexit", "lsm"}
+# What depends on how the kernel was built and booted (kprobes not built, lockdown, ...),
+# or on its version (task-local storage from tracepoint programs).
+VARIES = {"tcx", "kprobe", "fentry", "fexit", "lsm", "helper_task_storage"}
 
 
 def kernel_version() -> tuple[int, int]:

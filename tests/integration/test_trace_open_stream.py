@@ -1,5 +1,6 @@
 """`membrane trace open` at the edges of its records and its capacity: paths of any length
-and bytes, a burst reported whole, a full `starts` map counted as lost, and open(2) traced
+and bytes, a burst reported whole, a full `starts` map counted as lost (task storage has
+none to fill), and open(2) traced
 where the kernel has that syscall."""
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from pathlib import Path
 import pytest
 from trace_support import run_trace, stop_tracer
 
+from membrane.bpf.probe import supports
 from membrane.testing.tracer import start_tracer, stop_tracer_text
 from membrane.trace.options import TraceOptions
 from membrane.trace.session import TraceSession
 from membrane.trace.syscall_table import table
-from membrane.trace.tools.open import has_open_syscall
+from membrane.trace.tools.open import Starts, has_open_syscall
 
 pytestmark = pytest.mark.root
 
@@ -123,9 +125,9 @@ def _blocked_in_open(pid: int, threads: int, open_nrs: set[int]) -> bool:
     return blocked >= threads
 
 
-def test_a_full_starts_map_is_counted_as_lost(tmp_path: Path) -> None:
-    """Five threads block inside open() of a FIFO while the map holds two: the two are
-    reported when they return, the other three counted as lost."""
+def _blocked_opens(tmp_path: Path, starts: Starts, map_sizes: dict[str, int]) -> tuple[int, int]:
+    """Five threads block inside open() of a FIFO, then return: how many of their opens
+    were reported, and how many counted as lost."""
     fifos = [tmp_path / f"fifo{i}" for i in range(5)]
     for f in fifos:
         os.mkfifo(f)
@@ -143,12 +145,12 @@ def test_a_full_starts_map_is_counted_as_lost(tmp_path: Path) -> None:
     nrs = {table().number("openat")} | ({table().number("open")} if has_open_syscall() else set())
     try:
         opts = TraceOptions(pid=proc.pid)
-        with_open = has_open_syscall()
         with TraceSession(
             "trace_open",
             opts,
-            map_sizes={"starts": 2},
-            programs=lambda name: with_open or not name.endswith("_open"),
+            map_sizes={**starts.map_sizes, **map_sizes},
+            programs=starts.programs,
+            unused_maps=starts.unused_maps,
         ) as session:
             ring = session.ring(None)
             assert proc.stdin is not None
@@ -170,8 +172,24 @@ def test_a_full_starts_map_is_counted_as_lost(tmp_path: Path) -> None:
     paths = {str(f).encode() for f in fifos}
     spans = zip(records.offsets.tolist(), records.lengths.tolist(), strict=True)
     raw = [bytes(records.block[o : o + n]) for o, n in spans]
-    reported = [r for r in raw if any(p in r for p in paths)]
-    assert (len(reported), lost) == (2, 3)
+    return len([r for r in raw if any(p in r for p in paths)]), lost
+
+
+def test_a_full_starts_map_is_counted_as_lost(tmp_path: Path) -> None:
+    """The hash fallback (kernels without task storage from tracepoints): with room for
+    two, the two are reported when they return, the other three counted as lost."""
+    starts = Starts(task_storage=False, with_open=has_open_syscall())
+    assert _blocked_opens(tmp_path, starts, {"starts": 2}) == (2, 3)
+
+
+def test_task_storage_keeps_every_thread_in_flight(tmp_path: Path) -> None:
+    """With task-local storage (what this kernel's probe chooses where it allows it)
+    nothing fills up: all five are reported, none lost."""
+    if not supports("helper_task_storage"):
+        pytest.skip("this kernel refuses task-local storage from tracepoint programs")
+    starts = Starts.for_this_kernel()
+    assert starts.task_storage
+    assert _blocked_opens(tmp_path, starts, {}) == (5, 0)
 
 
 def test_open_syscall_is_traced_where_the_kernel_has_it(tmp_path: Path) -> None:

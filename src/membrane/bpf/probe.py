@@ -319,6 +319,7 @@ _GROUPS = [
             # helper" replaced "unknown func"), so it calls every helper supported.
             "helper_send_signal": _program("probe_send_signal"),
             "helper_get_stack": _program("probe_get_stack"),
+            "helper_task_storage": _program("probe_task_storage", maps=("probe_task_storage_map",)),
         },
     ),
 ]

@@ -37,7 +37,8 @@ HEADER_SIZE = 8
 DEFAULT_POLL_MS = 50
 _FIRST_WINDOW = 512  # headers compared before assuming a long run of one record size
 _MAX_RECORDS = 1 << 16  # per drain of a variable-length ring: a batch stays in cache
-_BATCH_WAIT_MS = 10
+_BATCH_MAX_WAIT_S = 0.1  # the longest a record waits in a busy ring (a quiet one: the poll)
+BATCH_FILL = 8  # a busy ring is drained when about 1/BATCH_FILL of it is full
 
 
 @dataclass
@@ -68,9 +69,10 @@ class RingBuffer:
     first `dtype.itemsize` bytes of each; shorter records are counted in `malformed` and
     skipped). Without it they return the raw records as a list of bytes.
 
-    The producers in bpf/lib/events.h wake us only when the backlog crosses a threshold,
-    so `poll` also returns after `timeout_ms` with whatever arrived below it: the timeout
-    is the delivery latency of a quiet stream.
+    The producers in bpf/lib/events.h wake us only when the backlog crosses a threshold
+    (for a variable-length ring: set it to size / BATCH_FILL), so `poll` also returns
+    after `timeout_ms` with whatever arrived below it: the timeout is the delivery latency
+    of a quiet stream.
     """
 
     def __init__(
@@ -86,6 +88,8 @@ class RingBuffer:
         self.dtype = dtype
         self.variable = variable
         self._last_drain = 0
+        self._last_drain_at = 0.0
+        self._fill_rate = 0.0  # bytes/s the producers wrote between the last two drains
         self.malformed = 0
         self._lost_map = lost_map
         self._size = ring.max_entries
@@ -107,7 +111,10 @@ class RingBuffer:
         self._producer_pos = np.frombuffer(self._producer_map, dtype=np.uint64, count=1)
         self._data = np.frombuffer(self._producer_map, dtype=np.uint8)
         self._epoll = select.epoll()
-        self._epoll.register(ring.fd, select.EPOLLIN)
+        # A variable-length ring's producers wake us when it is 1/BATCH_FILL full (their
+        # events_wakeup_bytes): edge-triggered, a wait ends at that wakeup, not as soon as
+        # the ring holds anything.
+        self._epoll.register(ring.fd, select.EPOLLIN | (select.EPOLLET if variable else 0))
 
     # ---- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
@@ -136,14 +143,15 @@ class RingBuffer:
 
     def poll(self, timeout_ms: int = DEFAULT_POLL_MS) -> Batch:
         """Return what is in the ring now, or wait up to `timeout_ms` for a wakeup."""
-        if self.variable and self._last_drain and self._last_drain < _MAX_RECORDS // 4:
-            # A busy stream that the consumer outpaces: wait a little so the next drain is
-            # thousands of records, not a few (each drain has a fixed cost; the ring holds
-            # far more than this wait).
-            time.sleep(min(timeout_ms, _BATCH_WAIT_MS) / 1000)
+        if self.variable and 0 < self._last_drain < _MAX_RECORDS and self._fill_rate:
+            # A busy stream that the consumer outpaces: wait until about 1/BATCH_FILL of
+            # the ring is full (the producers' wakeup, or the time that takes at the last
+            # rate; at most _BATCH_MAX_WAIT_S), so that each drain is a large batch. Every
+            # drain has a fixed cost, and the consumer's CPU time slows the producer down
+            # even on another CPU (bench/RESULTS.md, trace_open).
+            wait = self._size / BATCH_FILL / self._fill_rate
+            self._epoll.poll(min(wait, _BATCH_MAX_WAIT_S, timeout_ms / 1000))
         batch = self.drain()
-        if self.variable:
-            self._last_drain = len(batch)
         if len(batch) or timeout_ms == 0:
             return batch
         self._epoll.poll(timeout_ms / 1000)
@@ -187,6 +195,11 @@ class RingBuffer:
         start = self._data_offset + (consumer & self._mask)
         block = self._data[start : start + (scan.end - consumer)].copy()
         self._consumer_pos.value = scan.end
+        now = time.monotonic()
+        if self._last_drain_at:
+            self._fill_rate = (scan.end - consumer) / max(now - self._last_drain_at, 1e-6)
+        self._last_drain_at = now
+        self._last_drain = len(scan.offsets)
         return Records(block, scan.offsets, scan.lengths)
 
     def _headers(self, header_at: int, stride: int, count: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from membrane.bpf import AttachError, BpfObject, LoadError, Map
 from membrane.bpf.fs import ensure_tracefs
 from membrane.bpf.links import Link, attach_auto
 from membrane.bpf.probe import missing_capabilities
-from membrane.bpf.ringbuf import Records, RingBuffer
+from membrane.bpf.ringbuf import BATCH_FILL, Records, RingBuffer
 from membrane.errors import NotPermitted, UserError
 from membrane.trace.batch import EventBatch, EventLayout
 from membrane.trace.cells import Cells
@@ -47,6 +47,7 @@ class TraceSession:
         map_sizes: dict[str, int] | None = None,
         attach: bool = True,
         programs: Callable[[str], bool] | None = None,
+        unused_maps: Sequence[str] = (),
     ) -> None:
         require_privileges()
         ensure_tracefs()
@@ -58,6 +59,8 @@ class TraceSession:
             self.obj.set_config(**opts.bpf_config(), **(config or {}))
             for name, size in (map_sizes or {}).items():
                 self.obj.set_max_entries(name, size)
+            for name in unused_maps:  # used only by programs that do not load here
+                self.obj.set_autocreate(name, False)
             for name, prog in self.obj.programs.items():
                 if programs is not None and not programs(name):
                     prog.autoload = False  # e.g. a tracepoint this kernel does not have
@@ -199,6 +202,7 @@ def stream_events(
     tail: str | None = None,
     tail_len: str | None = None,
     programs: Callable[[str], bool] | None = None,
+    unused_maps: Sequence[str] = (),
 ) -> None:
     """The whole run of a tool that prints one line per event (open, exec, connect, ...).
 
@@ -207,11 +211,17 @@ def stream_events(
     times=...)` turns an EventBatch into cells (a dict of trace.cells.Cells: the native
     formatter lays the rows out, nothing runs per event), columns (a dict of lists) or
     records (a list of dicts); `keep(batch)` optionally selects rows first. `programs`
-    chooses which of the object's programs load (default: all). The run ends with the
+    chooses which of the object's programs load (default: all), `unused_maps` names maps
+    that only the others use (not created). The run ends with the
     summary line: events shown, events lost, seconds."""
     printer = Printer(columns, opts.output)
-    sizes = {**(map_sizes or {}), "events": opts.buffer_size or ring_bytes}
-    with TraceSession(obj_name, opts, config=config, map_sizes=sizes, programs=programs) as session:
+    ring_size = opts.buffer_size or ring_bytes
+    sizes = {**(map_sizes or {}), "events": ring_size}
+    # Woken when the ring is 1/BATCH_FILL full, not every 16 KiB: large batches.
+    config = {"events_wakeup_bytes": ring_size // BATCH_FILL, **(config or {})}
+    with TraceSession(
+        obj_name, opts, config=config, map_sizes=sizes, programs=programs, unused_maps=unused_maps
+    ) as session:
         layout = EventLayout.of(session.obj.btf.dtype(struct), tail, tail_len)
         ring = session.ring(None)
         printer.header()

@@ -6,10 +6,12 @@ from __future__ import annotations
 import errno
 import functools
 import os
+from dataclasses import dataclass
 
 import typer
 
 from membrane.bpf.fs import ensure_tracefs
+from membrane.bpf.probe import supports
 from membrane.trace import cells as cell
 from membrane.trace.batch import EventBatch
 from membrane.trace.cells import Cells
@@ -88,6 +90,33 @@ def has_open_syscall() -> bool:
     return os.path.exists(f"{ensure_tracefs()}/events/{_HAS_OPEN}")
 
 
+@dataclass(frozen=True)
+class Starts:
+    """Where the programs keep an open between entry and exit (bpf/trace_open.bpf.c):
+    task-local storage, or where the kernel refuses it from a tracepoint, the `starts`
+    hash (the `h_` programs). Only the chosen set loads, and only its map is made."""
+
+    task_storage: bool
+    with_open: bool
+
+    @classmethod
+    def for_this_kernel(cls) -> Starts:
+        return cls(supports("helper_task_storage"), has_open_syscall())
+
+    def programs(self, name: str) -> bool:
+        if not self.with_open and name.endswith("_open"):
+            return False
+        return name.startswith("h_") != self.task_storage
+
+    @property
+    def map_sizes(self) -> dict[str, int]:
+        return {"starts": 1} if self.task_storage else {}  # the hash preallocates
+
+    @property
+    def unused_maps(self) -> tuple[str, ...]:
+        return () if self.task_storage else ("task_starts",)
+
+
 COLUMNS_TIME = [Column("time", "TIME", 15)]
 COLUMNS = [
     Column("pid", "PID", 7, right=True),
@@ -148,7 +177,7 @@ def command(
       membrane trace open -c nginx -o json # nginx's opens as JSON lines
     """
     opts = TraceOptions.parse(pid, comm, uid, duration, output, buffer_size)
-    with_open = has_open_syscall()
+    starts = Starts.for_this_kernel()
     stream_events(
         "trace_open",
         "open_event",
@@ -160,7 +189,9 @@ def command(
         keep=(lambda b: b["ret"] < 0) if failed else None,
         tail="path",
         tail_len="path_len",
-        programs=lambda name: with_open or not name.endswith("_open"),
+        programs=starts.programs,
+        map_sizes=starts.map_sizes,
+        unused_maps=starts.unused_maps,
     )
 
 
