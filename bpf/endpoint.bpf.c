@@ -62,6 +62,8 @@ const volatile __u32 ep_ipv6[4] = {};
 
 /* Ethernet + IPv6 with a few extension headers (or IPv4 with options) + TCP header. */
 #define PULL_BYTES 128
+/* Where an L4 header may start for us to read it (the verifier needs a bound). */
+#define L4_OFF_MAX 1024
 /* Per endpoint, family and direction: datagrams whose first fragment passed and whose
  * later ones may still come. Legitimate traffic needs few at a time (a record is used
  * within microseconds of its writing); ~45 KiB of kernel memory per IPv4 map. */
@@ -360,6 +362,8 @@ static __always_inline __u32 load_l4(void *data, void *data_end, const struct pk
 
 	f->l4_off = p->l3_off + p->l4_rel;
 	f->frag_id = p->frag_id;
+	if (f->l4_off > L4_OFF_MAX)
+		return DROP_INVALID_PACKET;
 	l4 = data + f->l4_off;
 
 	if (p->fragment == PKT_LATER_FRAGMENT) {
@@ -596,8 +600,10 @@ static __noinline __u32 parse_flow(struct __sk_buff *skb, struct flow *f)
 	f->fragment = p.fragment;
 	if (f->proto == IPPROTO_ICMPV6 && p.fragment == PKT_NOT_FRAGMENT &&
 	    icmpv6_is_link_control(f->sport)) {
+		if (f->l4_off > L4_OFF_MAX) /* load_l4 checked it; the verifier forgets */
+			return DROP_INVALID_PACKET;
 		l4 = data + f->l4_off;
-		if ((void *)(l4 + 8) > data_end) /* load_l4 checked it; the verifier forgets */
+		if ((void *)(l4 + 8) > data_end)
 			return DROP_INVALID_PACKET;
 		return check_link_control(data_end, f, l4);
 	}

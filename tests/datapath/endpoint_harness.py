@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from ipaddress import IPv4Network
 from typing import Any
 
 from membrane.abi import Direction, DropReason
@@ -36,6 +35,8 @@ from membrane.datapath import (
     sync_ipcache,
 )
 from membrane.datapath.abi import (
+    FRAGS6_EGRESS,
+    FRAGS6_INGRESS,
     FRAGS_EGRESS,
     FRAGS_INGRESS,
     PROG_FROM_CONTAINER,
@@ -45,6 +46,7 @@ from membrane.datapath.policy_entries import PolicyEntry
 
 EP_ID = 7
 EP_IP = "198.18.0.10"
+EP_IP6 = "2001:db8:1::a"
 EP_IDENTITY = 1000
 TC_VERDICTS = {0: "pass", 2: "drop"}  # TC_ACT_OK, TC_ACT_SHOT
 
@@ -113,7 +115,7 @@ class EndpointDatapath:
         self.ring = RingBuffer(
             self.maps.events, dtype=self.maps.flow_event_dtype(), lost_map=self.maps.events_lost
         )
-        self.add_endpoint(EP_ID, EP_IP, **config)
+        self.add_endpoint(EP_ID, EP_IP, EP_IP6, **config)
         sync_ipcache(self.maps, {})
         self.set_policy()  # known to the datapath, nothing enforced
 
@@ -133,12 +135,14 @@ class EndpointDatapath:
             obj.close()
         self.maps.close()
 
-    def add_endpoint(self, ep_id: int, ip: str, **config: int) -> None:
-        self.objects[ep_id] = load_endpoint(self.pin_dir, ep_id, ip, **config)
+    def add_endpoint(self, ep_id: int, ip: str, ip6: str | None = None, **config: int) -> None:
+        """An endpoint with `ip` and, when given, `ip6` (else IPv4-only)."""
+        self.objects[ep_id] = load_endpoint(self.pin_dir, ep_id, ip, ip6, **config)
 
     # ---- configuration ---------------------------------------------------------------
     def set_ipcache(self, prefixes: Mapping[str, int]) -> None:
-        sync_ipcache(self.maps, {IPv4Network(p): (i, 0) for p, i in prefixes.items()})
+        """IPv4 and IPv6 prefixes -> identity (each family's world prefix kept)."""
+        sync_ipcache(self.maps, {p: (i, 0) for p, i in prefixes.items()})
 
     def set_policy(
         self,
@@ -197,17 +201,20 @@ class EndpointDatapath:
             ended_ns=ended,
         )
 
-    def frags(self, direction: Direction, ep_id: int = EP_ID) -> Any:
-        """The endpoint's fragment records of `direction` (a map of its own object)."""
-        name = FRAGS_EGRESS if direction == Direction.EGRESS else FRAGS_INGRESS
-        return self.objects[ep_id].map(name)
+    def frags(self, direction: Direction, ep_id: int = EP_ID, family: int = 4) -> Any:
+        """The endpoint's fragment records of `direction` and `family` (a map of its own
+        object)."""
+        egress = direction == Direction.EGRESS
+        if family == 6:
+            return self.objects[ep_id].map(FRAGS6_EGRESS if egress else FRAGS6_INGRESS)
+        return self.objects[ep_id].map(FRAGS_EGRESS if egress else FRAGS_INGRESS)
 
     # ---- conntrack -------------------------------------------------------------------
     def ct(self) -> list[CtEntry]:
         return entries(self.maps)
 
-    def ct_raw(self) -> list[tuple[Any, Any]]:
-        return self.maps.ct.lookup_batch()
+    def ct_raw(self, family: int = 4) -> list[tuple[Any, Any]]:
+        return (self.maps.ct if family == 4 else self.maps.ct6).lookup_batch()
 
     def set_expiry(self, expires_ns: int) -> None:
         """Make every conntrack entry expire at `expires_ns` (ktime)."""

@@ -16,7 +16,14 @@ from collections.abc import Sequence
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
 from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6EchoReply,
     ICMPv6EchoRequest,
+    ICMPv6ND_NA,
+    ICMPv6ND_NS,
+    ICMPv6ND_RS,
+    ICMPv6NDOptSrcLLAddr,
+    ICMPv6PacketTooBig,
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
@@ -203,17 +210,55 @@ def arp(
     return ether(vlans) / ARP(op=1, psrc=psrc, pdst=pdst, hwsrc=MAC_SRC)
 
 
+def ip_header(dst: str, proto: int, *, src: str) -> Packet:
+    """An IPv4 or IPv6 header (by the address family) carrying `proto`."""
+    if family_of(dst) == 4:
+        return ipv4_header(dst, proto, src=src)
+    return ipv6_headers(dst, proto, src=src)
+
+
 def tcp_segment(
     src: str, dst: str, sport: int = 40000, dport: int = 443, flags: str = "S"
 ) -> Packet:
-    """An IPv4 TCP segment with `flags` (scapy letters: S, SA, A, F, R, ...)."""
-    return ether() / ipv4_header(dst, TCP_, src=src) / TCP(sport=sport, dport=dport, flags=flags)
+    """A TCP segment with `flags` (scapy letters: S, SA, A, F, R, ...); IPv4 or IPv6 by
+    the addresses."""
+    return ether() / ip_header(dst, TCP_, src=src) / TCP(sport=sport, dport=dport, flags=flags)
 
 
 def icmp_message(src: str, dst: str, *, type_: int = 8, code: int = 0, ident: int = 1) -> Packet:
     """An IPv4 ICMP message (default: echo request) with `ident` as the echo id."""
     icmp = ICMP(type=type_, code=code, id=ident, seq=1)
     return ether() / ipv4_header(dst, ICMP_, src=src) / icmp / Raw(b"x" * 8)
+
+
+def icmpv6_echo(src: str, dst: str, *, reply: bool = False, ident: int = 1) -> Packet:
+    """An ICMPv6 echo request (or reply) with `ident` as the echo id."""
+    echo = ICMPv6EchoReply if reply else ICMPv6EchoRequest
+    return ether() / ipv6_headers(dst, ICMPV6_, src=src) / echo(id=ident, seq=1, data=b"x" * 8)
+
+
+def icmpv6_message(src: str, dst: str, *, type_: int, code: int = 0) -> Packet:
+    """Any ICMPv6 message by number (8 bytes of header, a little payload)."""
+    header = struct.pack("!BBHI", type_, code, 0, 0)
+    return ether() / ipv6_headers(dst, ICMPV6_, src=src) / Raw(header + b"x" * 8)
+
+
+def neighbour_solicitation(src: str, target: str) -> Packet:
+    """NS for `target` to its solicited-node multicast address (or from :: for DAD)."""
+    solicited_node = bytes.fromhex("ff0200000000000000000001ff")
+    dst = str(ipaddress.IPv6Address(solicited_node + ipaddress.IPv6Address(target).packed[-3:]))
+    ns = ICMPv6ND_NS(tgt=target)
+    if src != "::":
+        ns = ns / ICMPv6NDOptSrcLLAddr(lladdr=MAC_SRC)
+    return ether() / IPv6(src=src, dst=dst, hlim=255) / ns
+
+
+def neighbour_advertisement(src: str, dst: str, target: str) -> Packet:
+    return ether() / IPv6(src=src, dst=dst, hlim=255) / ICMPv6ND_NA(tgt=target, R=0, S=1, O=1)
+
+
+def router_solicitation(src: str) -> Packet:
+    return ether() / IPv6(src=src, dst="ff02::2", hlim=255) / ICMPv6ND_RS()
 
 
 def offset_of(frame: Packet, layer: type[Packet]) -> int:
@@ -229,3 +274,11 @@ def icmp_error(src: str, dst: str, quoted: Packet, *, type_: int = 3, code: int 
     quote = bytes(ip)[: ip.ihl * 4 + 8]
     icmp = ICMP(type=type_, code=code, nexthopmtu=1280 if (type_, code) == (3, 4) else 0)
     return ether() / ipv4_header(dst, ICMP_, src=src) / icmp / Raw(quote)
+
+
+def icmpv6_error(src: str, dst: str, quoted: Packet, *, too_big: bool = True) -> Packet:
+    """An ICMPv6 error from `src` to `dst` quoting `quoted` (IPv6 header and what follows,
+    as much as fits): packet too big (MTU 1280), or destination unreachable."""
+    quote = bytes(quoted[IPv6])[:1232]
+    error = ICMPv6PacketTooBig(mtu=1280) if too_big else ICMPv6DestUnreach(code=1)
+    return ether() / ipv6_headers(dst, ICMPV6_, src=src) / error / Raw(quote)

@@ -73,10 +73,12 @@ def test_arp_passes_without_endpoint_state(dp: EndpointDatapath) -> None:
 
 
 @pytest.mark.parametrize("direction", BOTH)
-def test_ipv6_is_dropped(dp: EndpointDatapath, direction: str) -> None:
-    frame = ether() / ipv6_headers("2001:db8::2", 6) / TCP(dport=80)
-    out = run(dp, direction, frame)
-    assert_dropped(out, DropReason.UNSUPPORTED_L3_PROTOCOL, int(Direction[direction.upper()]))
+def test_ipv6_is_dropped_by_an_ipv4_only_endpoint(dp: EndpointDatapath, direction: str) -> None:
+    dp.add_endpoint(9, "198.18.0.9")
+    frame = ether() / ipv6_headers("2001:db8::2", 6, src="2001:db8::9") / TCP(dport=80)
+    out = dp.egress(frame, ep_id=9) if direction == "egress" else dp.ingress(frame, ep_id=9)
+    reason = DropReason.UNSUPPORTED_L3_PROTOCOL
+    assert_dropped(out, reason, int(Direction[direction.upper()]), ep_id=9)
 
 
 @pytest.mark.parametrize("direction", BOTH)

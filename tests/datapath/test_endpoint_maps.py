@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 import pytest
 from endpoint_harness import EP_IP, temporary_pin_dir
@@ -103,21 +103,36 @@ def test_endpoint_programs_need_the_node_maps(pin_dir: str) -> None:
 # ---- ipcache ---------------------------------------------------------------------------
 def test_ipcache_sync_writes_only_differences(pin_dir: str) -> None:
     a, b, c = (IPv4Network(n) for n in ("198.18.0.0/16", "198.18.0.20/32", "198.19.0.0/24"))
-    world = (int(Identity.WORLD), 0)
+    a6, b6 = IPv6Network("2001:db8:1::/64"), IPv6Network("2001:db8:1::20/128")
+    worlds = {
+        IPv4Network("0.0.0.0/0"): (int(Identity.WORLD), 0),
+        IPv6Network("::/0"): (int(Identity.WORLD_IPV6), 0),
+    }
     with NodeMaps.open(pin_dir) as maps:
-        first = sync_ipcache(maps, {a: (300, 0), b: (400, 7)})
-        assert (first.added, first.updated, first.removed) == (3, 0, 0)
-        assert read_ipcache(maps) == {a: (300, 0), b: (400, 7), IPv4Network("0.0.0.0/0"): world}
-        again = sync_ipcache(maps, {a: (300, 0), b: (400, 7)})
+        first = sync_ipcache(maps, {a: (300, 0), b: (400, 7), a6: (300, 0), b6: (400, 7)})
+        assert (first.added, first.updated, first.removed) == (6, 0, 0)
+        assert read_ipcache(maps) == {
+            a: (300, 0),
+            b: (400, 7),
+            a6: (300, 0),
+            b6: (400, 7),
+            **worlds,
+        }
+        again = sync_ipcache(maps, {a: (300, 0), b: (400, 7), a6: (300, 0), b6: (400, 7)})
         assert (again.added, again.updated, again.removed) == (0, 0, 0)
-        change = sync_ipcache(maps, {a: (301, 0), c: (500, 0)})
-        assert (change.added, change.updated, change.removed) == (1, 1, 1)
-        assert read_ipcache(maps) == {a: (301, 0), c: (500, 0), IPv4Network("0.0.0.0/0"): world}
+        change = sync_ipcache(maps, {a: (301, 0), c: (500, 0), a6: (301, 0)})
+        assert (change.added, change.updated, change.removed) == (1, 2, 2)
+        assert read_ipcache(maps) == {a: (301, 0), c: (500, 0), a6: (301, 0), **worlds}
 
 
 def test_ipcache_keeps_the_world_prefix(pin_dir: str) -> None:
     with NodeMaps.open(pin_dir) as maps:
         sync_ipcache(maps, {})
-        assert read_ipcache(maps) == {IPv4Network("0.0.0.0/0"): (int(Identity.WORLD), 0)}
+        assert read_ipcache(maps) == {
+            IPv4Network("0.0.0.0/0"): (int(Identity.WORLD), 0),
+            IPv6Network("::/0"): (int(Identity.WORLD_IPV6), 0),
+        }
+        with pytest.raises(ValueError, match="world"):
+            sync_ipcache(maps, {IPv6Network("::/0"): (300, 0)})
         with pytest.raises(ValueError, match="world"):
             sync_ipcache(maps, {IPv4Network("0.0.0.0/0"): (300, 0)})

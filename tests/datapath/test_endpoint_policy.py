@@ -12,6 +12,7 @@ import pytest
 from endpoint_harness import (
     EP_ID,
     EP_IP,
+    EP_IP6,
     EndpointDatapath,
     allow,
     assert_dropped,
@@ -204,7 +205,16 @@ def test_world_identity_for_unknown_addresses(dp: EndpointDatapath) -> None:
 
 # ---- against a reference model -------------------------------------------------------
 IDENTITIES = [PEER_ID, PEER_ID, OTHER_ID, int(Identity.ANY), int(Identity.ANY)]
-PEERS = {PEER: PEER_ID, OTHER: OTHER_ID, WORLD_IP: int(Identity.WORLD)}
+# Both families: the same policy must decide the same for a peer's IPv4 and IPv6 address.
+PEER6, OTHER6, WORLD_IP6 = "2001:db8:1::20", "2001:db8:1::21", "2001:db8:200::1"
+PEERS = {
+    PEER: PEER_ID,
+    OTHER: OTHER_ID,
+    WORLD_IP: int(Identity.WORLD),
+    PEER6: PEER_ID,
+    OTHER6: OTHER_ID,
+    WORLD_IP6: int(Identity.WORLD_IPV6),
+}
 
 
 def model(entries: list[PolicyEntry], enforce: bool, peer: int, proto: int, port: int) -> tuple:
@@ -239,7 +249,14 @@ def entries_strategy(draw: st.DrawFn) -> list[PolicyEntry]:
 @pytest.fixture(scope="module")
 def shared_dp() -> Iterator[EndpointDatapath]:
     with EndpointDatapath.temporary() as datapath:
-        datapath.set_ipcache({f"{PEER}/32": PEER_ID, f"{OTHER}/32": OTHER_ID})
+        datapath.set_ipcache(
+            {
+                f"{PEER}/32": PEER_ID,
+                f"{OTHER}/32": OTHER_ID,
+                f"{PEER6}/128": PEER_ID,
+                f"{OTHER6}/128": OTHER_ID,
+            }
+        )
         yield datapath
 
 
@@ -260,8 +277,9 @@ def test_verdicts_match_the_reference_model(
     port: int,
 ) -> None:
     shared_dp.set_policy(entries, egress=enforce)
-    frame = tcp_segment(EP_IP, dst, next(_sports), port, "S") if proto == TCP else None
-    frame = frame or packet(dst, "udp", src=EP_IP, sport=next(_sports), dport=port)
+    src = EP_IP6 if ":" in dst else EP_IP
+    frame = tcp_segment(src, dst, next(_sports), port, "S") if proto == TCP else None
+    frame = frame or packet(dst, "udp", src=src, sport=next(_sports), dport=port)
     out = shared_dp.egress(frame)
     reason, rule_id = model(entries, enforce, PEERS[dst], proto, port)
     assert out.verdict == ("pass" if reason == DropReason.NONE else "drop")
