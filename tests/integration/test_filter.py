@@ -10,9 +10,11 @@ always seen side by side on one device.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import queue
 import shutil
+import struct
 import subprocess
 import threading
 import time
@@ -47,6 +49,7 @@ from filter_support import (
 )
 
 from membrane import netns
+from membrane.bpf import Map
 from membrane.filter.manager import CLSACT_SLOT as FILTER_SLOT
 from membrane.netns import Pair, Topology
 from membrane.testing.tc import clsact_filters
@@ -197,6 +200,57 @@ def test_filters_outlive_the_command_and_change_live(net: Net) -> None:
         f"{net.b}/32": "drop-dst",
         "udp": "drop-proto",
     }
+
+
+def _ids(ns: str) -> dict[str, int]:
+    """Rule text -> rule id of the XDP filter on eth0 in `ns`."""
+    return {
+        r["rule"]: r["id"] for r in attachment(membrane_json("list"), ns, "eth0", "xdp")["rules"]
+    }
+
+
+def _pretend_older_build(path: Path, layout: str, rules: dict[str, int]) -> None:
+    """Make an attachment look as an older build left it, its list being `rules`:
+    `dir24-v1` has the groups map under its old name; `lpm` has no DIR-24-8 maps and the
+    list in an LPM trie. The program keeps running on its own maps meanwhile."""
+    if layout == "dir24-v1":
+        (path / "drop_dst_groups").rename(path / "drop_dst_tbl8")
+    else:
+        for name in ("drop_dst_groups", "drop_dst_tbl24", "drop_dst_v4"):
+            (path / name).unlink()
+        subprocess.run(
+            ["bpftool", "map", "create", str(path / "drop_dst_v4"), "type", "lpm_trie",
+             "key", "8", "value", "4", "entries", "65536", "name", "drop_dst_v4", "flags", "1"],
+            check=True,
+        )  # fmt: skip
+    with Map.from_pin(str(path / "drop_dst_v4")) as m:  # the record, by both builds' key
+        for text, rule_id in rules.items():
+            net = ipaddress.IPv4Network(text)
+            m.update(struct.pack("<I", net.prefixlen) + net.network_address.packed, rule_id)
+
+
+@pytest.mark.parametrize("layout", ["dir24-v1", "lpm"])
+def test_a_filter_of_an_older_build_is_moved_to_the_current_maps(net: Net, layout: str) -> None:
+    """The first change after an upgrade moves the deny list (prefixes and rule ids) to the
+    current maps and swaps the program in the same link: no detach, nothing lost."""
+    ping_a, ping_b = Flow("ping", net.client, net.a), Flow("ping", net.client, net.b)
+    membrane(*on_server(net, "drop-dst", f"{net.a}/32", "198.19.0.0/16"))
+    path = attachment_dir(net.server, "eth0", "xdp")
+    before, link = _ids(net.server), pinned_link(net.server, "eth0", "xdp")
+    # the older build's list also names B (rule 9), which the running program does not
+    _pretend_older_build(path, layout, before | {f"{net.b}/32": 9})
+    expect({ping_a: "drop", ping_b: "pass"})
+
+    membrane(*on_server(net, "drop-dst", "--add", "198.19.7.0/24"))
+    assert _ids(net.server) == before | {f"{net.b}/32": 9, "198.19.7.0/24": 3}
+    expect({ping_a: "drop", ping_b: "drop"})
+    now = pinned_link(net.server, "eth0", "xdp")
+    assert now["id"] == link["id"] and now["prog_id"] != link["prog_id"]
+    names = {p.name for p in path.iterdir()}
+    assert {"drop_dst_groups", "drop_dst_tbl24", "drop_dst_v4"} <= names
+    assert not names & {"drop_dst_tbl8", "drop_dst_v4_summary", "migrating"}
+    membrane(*on_server(net, "drop-dst", "--remove", f"{net.b}/32"))
+    expect({ping_a: "drop", ping_b: "pass"})
 
 
 # ---- drop-proto ----------------------------------------------------------------------

@@ -235,3 +235,25 @@ def test_not_root_is_told_what_it_lacks(in_force: InForce, args: list[str]) -> N
     line = user_error(argv=argv)
     assert "needs root" in line and "CAP_BPF" in line, line
     in_force.assert_unchanged()
+
+
+def test_more_24s_with_long_prefixes_than_groups_is_refused(in_force: InForce) -> None:
+    """A filter with room for two /24s holding prefixes longer than /24 (--tbl8-groups 2,
+    on the client's eth0): a third such /24 is refused by name, exit 2, and nothing in
+    force changes; within the room, adding still works; the size is kept."""
+    on_client = ["--netns", in_force.client, "--dev", "eth0"]
+    membrane("drop-dst", *on_client, "--tbl8-groups", "2", "198.19.1.7/32", "198.19.2.0/25")
+    mine, theirs = filters_in([in_force.client]), pins(in_force.client)
+    try:
+        line = user_error("drop-dst", *on_client, "198.19.1.9/32", "198.19.3.1/32")
+        assert line.startswith("membrane: error: CIDR: "), line
+        assert "more than 2 different /24s" in line, line
+        line = user_error("drop-dst", *on_client, "--tbl8-groups", "4", "198.19.1.9/32")
+        assert line.startswith("membrane: error: --tbl8-groups: "), line
+        assert filters_in([in_force.client]) == mine and pins(in_force.client) == theirs
+        membrane("drop-dst", *on_client, "198.19.1.9/32", "198.19.3.0/24")
+        rules = {r["rule"] for r in filters_in([in_force.client])[0]["rules"]}
+        assert rules == {"198.19.1.7/32", "198.19.2.0/25", "198.19.1.9/32", "198.19.3.0/24"}
+    finally:
+        detach_in([in_force.client])
+    in_force.assert_unchanged()

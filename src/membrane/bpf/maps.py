@@ -335,7 +335,22 @@ class Map:
 
     def lookup_batch(self, chunk: int = 4096) -> list[tuple[Any, Any]]:
         """Read the whole map with BPF_MAP_LOOKUP_BATCH (iteration where unsupported)."""
-        out: list[tuple[Any, Any]] = []
+        keys, values = self.lookup_batch_raw(chunk)
+        ksize, vsize = self.key_size, self._value_buf_size
+        return [
+            (
+                self._decode_key(keys[i * ksize : (i + 1) * ksize]),
+                self._decode_value(values[i * vsize : (i + 1) * vsize]),
+            )
+            for i in range(len(keys) // ksize)
+        ]
+
+    def lookup_batch_raw(self, chunk: int = 4096) -> tuple[bytes, bytes]:
+        """The whole map as keys and values laid out as the map stores them, back to back
+        (for callers that decode thousands at once, e.g. with numpy): one syscall per
+        `chunk` entries, element by element where the map type has no batch operations."""
+        key_parts: list[bytes] = []
+        value_parts: list[bytes] = []
         token_in = None
         token_out = ctypes.create_string_buffer(max(self.key_size, 8))
         keys = ctypes.create_string_buffer(self.key_size * chunk)
@@ -348,18 +363,25 @@ class Map:
             )
             err = L.errno_of(ret) if ret else 0
             if err and err != E.ENOENT:
-                if err in _NO_BATCH and not out:
-                    return list(self.items())
+                if err in _NO_BATCH and not key_parts:
+                    return self._items_raw()
                 raise BpfError(f"batch lookup of map {self.name}", err)
-            kraw, vraw = keys.raw, vals.raw
-            for i in range(count.value):
-                k = kraw[i * self.key_size : (i + 1) * self.key_size]
-                v = vraw[i * self._value_buf_size : (i + 1) * self._value_buf_size]
-                out.append((self._decode_key(k), self._decode_value(v)))
+            key_parts.append(keys.raw[: count.value * self.key_size])
+            value_parts.append(vals.raw[: count.value * self._value_buf_size])
             if err == E.ENOENT:
-                return out
+                return b"".join(key_parts), b"".join(value_parts)
             token_in = token_out
             token_out = ctypes.create_string_buffer(max(self.key_size, 8))
+
+    def _items_raw(self) -> tuple[bytes, bytes]:
+        keys, values = [], []
+        v = ctypes.create_string_buffer(self._value_buf_size)
+        for raw in list(self._raw_keys()):
+            k = ctypes.create_string_buffer(raw, self.key_size)
+            if L.lib.bpf_map_lookup_elem(self.fd, k, v) == 0:
+                keys.append(raw)
+                values.append(v.raw)
+        return b"".join(keys), b"".join(values)
 
     def clear(self) -> int:
         """Delete every entry (arrays cannot delete: zero them). Returns entries touched."""

@@ -40,12 +40,9 @@ def _mode(value: str) -> str:
 
 
 def _summary(mgr: FilterManager, att: Attachment) -> None:
-    rules = mgr.rules(att, with_stats=False)
     mode = f" {XDP_MODE_NAMES.get(att.meta.xdp_mode, '')}" if att.hook == "xdp" else ""
     where = f" (netns {att.netns})" if att.netns else ""
-    kinds: dict[str, int] = {}
-    for rule in rules:
-        kinds[rule.kind] = kinds.get(rule.kind, 0) + 1
+    kinds = mgr.rule_counts(att)
     text = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "no rules"
     typer.echo(f"{att.device}{where}: {att.hook}{mode} filter with {text}")
 
@@ -66,6 +63,13 @@ def drop_dst(
     from_file: str = typer.Option(None, "--from-file", help="Read prefixes, one per line."),
     netns: str = NETNS,
     mode: str = MODE,
+    groups: int = typer.Option(
+        None,
+        "--tbl8-groups",
+        help="When the filter is first attached: how many /24s may hold prefixes longer "
+        "than /24 (1 KiB of kernel memory each; default 8192).",
+        show_default=False,
+    ),
 ) -> None:
     """Drop packets whose destination is in a deny list of prefixes (XDP, longest match)."""
     mode = _mode(mode)
@@ -85,7 +89,7 @@ def drop_dst(
         if nets_remove:
             mgr.remove_drop_dst(netns, dev, nets_remove, check_only=True)
         att = (
-            mgr.add_drop_dst(netns, dev, nets_add, mode)
+            mgr.add_drop_dst(netns, dev, nets_add, mode, groups)
             if nets_add
             else mgr.find(netns, dev, "xdp")
         )

@@ -114,4 +114,4 @@ class DropDstTables:
 
     def items(self, version: int | None = None) -> list[tuple[IPNetwork, int]]:
         tables = [t for v, t in ((4, self.v4), (6, self.v6)) if version in (None, v)]
-        return [(network_of(k), rid) for t in tables for k, rid in t.items()]
+        return [(network_of(k), rid) for t in tables for k, rid in t.lookup_batch()]

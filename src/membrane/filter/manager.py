@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from membrane.abi import FilterFeature, FilterHook, FilterStat, FilterXdpMode
+import numpy as np
+
+from membrane.abi import DIR24_GROUPS, FilterFeature, FilterHook, FilterStat, FilterXdpMode
 from membrane.bpf import AttachError, BpfError, BpfObject, Link, Map
 from membrane.bpf.fs import ensure_bpffs
 from membrane.bpf.links import ClsactAttachment, TcSlot, attach_tc, attach_xdp
@@ -51,6 +53,16 @@ HOOKS = tuple(HOOK_IDS)
 XDP_MODE_IDS = {"native": FilterXdpMode.NATIVE, "generic": FilterXdpMode.GENERIC}
 XDP_MODE_NAMES = {v: k for k, v in XDP_MODE_IDS.items()}
 _SHARED_MAPS = ("events", "events_lost")
+# The maps of each hook that hold rules (values: rule ids, 0 for none) and the kind of rule.
+_RULE_MAPS = {
+    "xdp": (("drop_dst_v4", "drop-dst"), ("drop_dst_v6", "drop-dst"), ("drop_proto", "drop-proto")),
+    "tc": (("allow_guard", "guard"), ("allow_flows", "allow-only")),
+}
+# IPv4 drop-dst maps of older builds: an LPM trie in drop_dst_v4 (with drop_dst_v4_summary
+# in front of it later), then DIR-24-8 with groups that repeated the /24's answer in every
+# entry (drop_dst_tbl8). A filter that has them is moved to the current maps on first use.
+_OLD_DROP_DST_MAPS = ("drop_dst_v4", "drop_dst_v4_summary", "drop_dst_tbl24", "drop_dst_tbl8")
+MAX_GROUPS = 1 << 20  # tbl8 groups a filter may ask for (1 KiB each)
 # The clsact slot of filter programs (tc hooks, where the kernel has no tcx or --attach
 # clsact asks for it): fixed, so a filter is found and replaced in place, never added twice.
 # Endpoint programs of the agent use priority 1; a filter comes after them.
@@ -195,8 +207,12 @@ class FilterManager:
         used = [a.meta.instance for a in self.attachments()]
         return max(used, default=0) + 1
 
-    def _open(self, hook: str, features: int, instance: int, pin_dir: Path) -> BpfObject:
-        """Load the program for `hook`, reusing the maps pinned in `pin_dir`."""
+    def _open(
+        self, hook: str, features: int, instance: int, pin_dir: Path, groups: int | None = None
+    ) -> BpfObject:
+        """Load the program for `hook`, reusing the maps pinned in `pin_dir`; a new
+        drop_dst_groups gets `groups` groups (default DIR24_GROUPS), a pinned one keeps
+        its size."""
         if hook == "xdp":
             obj = BpfObject.open("filter_xdp")
             obj.set_config(
@@ -204,6 +220,10 @@ class FilterManager:
                 enable_drop_proto=bool(features & FilterFeature.DROP_PROTO),
                 instance=instance,
             )
+            if (pin_dir / "drop_dst_groups").exists():
+                with Map.from_pin(str(pin_dir / "drop_dst_groups")) as pinned:
+                    groups = pinned.max_entries
+            obj.set_max_entries("drop_dst_groups", groups or DIR24_GROUPS)
         else:
             obj = BpfObject.open("filter_tc")
             obj.set_config(enable_allow_only=True, hook=HOOK_IDS[hook], instance=instance)
@@ -221,6 +241,7 @@ class FilterManager:
         fill: Any,
         xdp_mode: str,
         tc_mode: str = "auto",
+        groups: int | None = None,
     ) -> Attachment:
         """Build a new attachment in staging, fill its rules, attach, then publish it."""
         final = self.attachment_path(netns, device, hook)
@@ -231,7 +252,7 @@ class FilterManager:
         try:
             with in_netns(netns):
                 ifindex = device_index(device)
-                obj = self._open(hook, features, self._next_instance(), staging)
+                obj = self._open(hook, features, self._next_instance(), staging, groups)
                 with obj:
                     att = Attachment(self.scope_of(netns), device, hook, staging)
                     meta = obj.map("filter_meta").value_type(
@@ -274,12 +295,13 @@ class FilterManager:
         fill: Any,
         xdp_mode: str = "auto",
         tc_mode: str = "auto",
+        groups: int | None = None,
     ) -> Attachment:
         """Add rules with `fill`, attaching the program (or enabling `feature` in it) first
         when needed. Rules are written before the program that reads them goes live."""
         att = self.find(netns, device, hook)
         if att is None:
-            return self._attach_new(netns, device, hook, feature, fill, xdp_mode, tc_mode)
+            return self._attach_new(netns, device, hook, feature, fill, xdp_mode, tc_mode, groups)
         if hook != "xdp" and tc_mode != "auto" and tc_mode != self.tc_mode(att):
             raise UserError(
                 "--attach",
@@ -317,26 +339,32 @@ class FilterManager:
 
     # ---- rule ids ----------------------------------------------------------------------
     @staticmethod
-    def _used_rule_ids(att: Attachment) -> set[int]:
-        names = (
-            ("drop_dst_v4", "drop_dst_v6", "drop_proto")
-            if att.hook == "xdp"
-            else ("allow_guard", "allow_flows")
-        )
-        used: set[int] = set()
-        for name in names:
+    def _rule_ids(att: Attachment) -> dict[str, np.ndarray]:
+        """Rule kind -> the ids in use, read with one batch syscall per map (and 4,096
+        rules), not one per rule (the IPv6 trie has no batch reads: one per IPv6 rule)."""
+        found: dict[str, list[np.ndarray]] = {}
+        for name, kind in _RULE_MAPS["xdp" if att.hook == "xdp" else "tc"]:
             with att.map(name) as m:
-                used.update(v for _, v in m.items() if v)
-        return used
+                values = np.frombuffer(m.lookup_batch_raw()[1], dtype=np.uint32)
+            found.setdefault(kind, []).append(values[values != 0])
+        return {kind: np.concatenate(parts) for kind, parts in found.items()}
 
-    @staticmethod
-    def _id_allocator(att: Attachment, used: set[int]) -> Iterator[int]:
+    @classmethod
+    def _id_allocator(cls, att: Attachment) -> Iterator[int]:
+        """Free rule ids, lowest first."""
         with att.map("rule_stats") as stats:
             limit = stats.max_entries
-        for rule_id in range(1, limit):
-            if rule_id not in used:
-                yield rule_id
+        used = np.zeros(limit, dtype=bool)
+        for ids in cls._rule_ids(att).values():
+            used[ids[ids < limit]] = True
+        used[0] = True  # 0 means no rule
+        yield from (int(i) for i in np.flatnonzero(~used))
         raise UserError("", f"{att.device} {att.hook}: the filter is full ({limit - 1} rules)")
+
+    def rule_counts(self, att: Attachment) -> dict[str, int]:
+        """Rule kind -> how many, in the order of their first rule id (as `rules` lists)."""
+        ids = {kind: found for kind, found in self._rule_ids(att).items() if found.size}
+        return {kind: len(ids[kind]) for kind in sorted(ids, key=lambda k: int(ids[k].min()))}
 
     @staticmethod
     def _reset_stats(att: Attachment, ids: list[int]) -> None:
@@ -348,22 +376,72 @@ class FilterManager:
             stats.update_batch((i, [zero] * possible_cpus()) for i in ids)
 
     # ---- drop-dst ----------------------------------------------------------------------
-    @staticmethod
     @contextlib.contextmanager
-    def _dst_tables(att: Attachment) -> Iterator[DropDstTables]:
+    def _dst_tables(self, att: Attachment) -> Iterator[DropDstTables]:
         if not (att.path / "drop_dst_groups").exists():
-            raise UserError(
-                "--dev",
-                f"the filter on {att.device} was attached by an older membrane (an LPM trie "
-                f"for IPv4): detach it (membrane filter detach --dev {att.device}) and add "
-                "its prefixes again",
-            )
+            self._migrate_drop_dst(att)
         with contextlib.ExitStack() as stack:
             yield DropDstTables.of(lambda name: stack.enter_context(att.map(name)))
 
+    def _migrate_drop_dst(self, att: Attachment) -> None:
+        """Move a filter attached by an older build (see _OLD_DROP_DST_MAPS) to the current
+        maps, its IPv4 prefixes and rule ids (so counters) kept: the old maps are set
+        aside, the current program is loaded beside the running one with new maps (the
+        others are reused), filled, and swapped in with bpf_link_update. The old program
+        enforces the old maps until that instant: the same list, no gap. Cut short, the
+        old maps go back and the old program stays."""
+        with att.map("drop_dst_v4") as old:  # struct lpm_v4_key -> __u32 in every build
+            keys, values = old.lookup_batch_raw()
+        rules = [
+            (ipaddress.IPv4Network((keys[i * 8 + 4 : i * 8 + 8], prefixlen)), rule_id)
+            for i, (prefixlen, rule_id) in enumerate(
+                zip(
+                    np.frombuffer(keys, dtype="<u4")[::2].tolist(),
+                    np.frombuffer(values, dtype=np.uint32).tolist(),
+                    strict=True,
+                )
+            )
+        ]
+        groups = None
+        if (att.path / "drop_dst_tbl8").exists():
+            with att.map("drop_dst_tbl8") as tbl8:
+                groups = tbl8.max_entries
+        aside = att.path / "migrating"
+        aside.mkdir(exist_ok=True)
+        moved = [name for name in _OLD_DROP_DST_MAPS if (att.path / name).exists()]
+        try:
+            for name in moved:
+                os.rename(att.path / name, aside / name)
+            with (
+                in_netns(att.netns),
+                self._open("xdp", att.features, att.meta.instance, att.path, groups) as obj,
+            ):
+                DropDstTables.of(obj.map).add(rules)
+                with Link.from_pin(str(att.path / "link")) as link:
+                    link.update(obj.program("filter_xdp"))
+        except BaseException:
+            for name in ("drop_dst_v4", "drop_dst_tbl24", "drop_dst_groups"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(att.path / name)  # pinned by the new object
+            for name in moved:
+                os.rename(aside / name, att.path / name)
+            aside.rmdir()
+            raise
+        shutil.rmtree(aside)
+
     def add_drop_dst(
-        self, netns: str | None, device: str, nets: list[IPNetwork], xdp_mode: str = "auto"
+        self,
+        netns: str | None,
+        device: str,
+        nets: list[IPNetwork],
+        xdp_mode: str = "auto",
+        groups: int | None = None,
     ) -> Attachment:
+        """Add prefixes; `groups` sizes the tbl8 of a filter attached now (None: default;
+        refused for one attached with another size)."""
+        if groups is not None and not 1 <= groups <= MAX_GROUPS:
+            raise UserError("--tbl8-groups", f"{groups} is not between 1 and {MAX_GROUPS}")
+
         def fill(att: Attachment) -> None:
             with self._dst_tables(att) as tables:
                 existing = {n for n, _ in tables.items(version=6)}
@@ -381,17 +459,26 @@ class FilterManager:
                             f"{device}: the deny list would exceed its "
                             f"{table.max_entries} IPv{version} prefixes",
                         )
+                if groups is not None and groups != tables.dir24.groups:
+                    raise UserError(
+                        "--tbl8-groups",
+                        f"{device} already has the filter with {tables.dir24.groups} tbl8 "
+                        "groups; detach it first to change how many",
+                    )
                 v4 = [n for n in new if isinstance(n, ipaddress.IPv4Network)]
                 if tables.dir24.groups_needed(v4) > tables.dir24.groups_available():
                     raise UserError(
                         "CIDR",
                         f"{device}: the deny list would have prefixes longer than /24 in more "
-                        f"than {tables.dir24.groups} different /24s, the most a filter holds",
+                        f"than {tables.dir24.groups} different /24s, the most this filter "
+                        "holds (--tbl8-groups when it is first attached)",
                     )
-                ids = self._id_allocator(att, self._used_rule_ids(att))
+                ids = self._id_allocator(att)
                 tables.add((n, next(ids)) for n in new)
 
-        return self._ensure(netns, device, "xdp", FilterFeature.DROP_DST, fill, xdp_mode)
+        return self._ensure(
+            netns, device, "xdp", FilterFeature.DROP_DST, fill, xdp_mode, groups=groups
+        )
 
     def remove_drop_dst(
         self, netns: str | None, device: str, nets: list[IPNetwork], check_only: bool = False
@@ -404,7 +491,10 @@ class FilterManager:
                     raise UserError("--remove", f"{net} is not in the deny list of {device}")
             if check_only:
                 return 0
-            freed = tables.remove(nets)
+            freed = tables.remove(nets)  # in force from here
+            # groups the removal unlinked are free after a grace period (~10 ms): wait for
+            # it now rather than in a later add
+            tables.dir24.reclaim()
         self._reset_stats(att, freed)
         return len(freed)
 
@@ -419,7 +509,7 @@ class FilterManager:
         def fill(att: Attachment) -> None:
             with att.map("drop_proto") as m:
                 todo = [p for p in protocols if not m.lookup(p)]
-                ids = self._id_allocator(att, self._used_rule_ids(att))
+                ids = self._id_allocator(att)
                 for proto in todo:
                     m.update(proto, next(ids))
 
@@ -456,7 +546,7 @@ class FilterManager:
         """Allow `flow` (the filter attaches on first use: tc_mode auto, tcx or clsact)."""
 
         def fill(att: Attachment) -> None:
-            ids = self._id_allocator(att, self._used_rule_ids(att))
+            ids = self._id_allocator(att)
             # The flow goes in before its guard, so enabling the guard never drops it.
             with att.map("allow_flows") as flows:
                 key = flow_key(flows, flow)
