@@ -11,6 +11,9 @@
 #define MEMBRANE_LIB_EVENTS_H
 
 const volatile __u32 events_wakeup_bytes = 16384;
+/* Whether events carry their time (hdr.ts_ns; 0 without). A tool that prints no time
+ * turns it off: bpf_ktime_get_ns() is ~120 ns per event on a VM (bench/RESULTS.md). */
+const volatile bool events_timestamps = true;
 
 #define EVENTS_RINGBUF()                                                   \
 	struct {                                                           \
@@ -47,7 +50,7 @@ static __always_inline void count_lost_event(void *lost_map)
 
 static __always_inline void fill_event_header(struct event_header *h, __u16 type)
 {
-	h->ts_ns = bpf_ktime_get_ns();
+	h->ts_ns = events_timestamps ? bpf_ktime_get_ns() : 0;
 	h->version = MEMBRANE_EVENT_VERSION;
 	h->type = type;
 	h->cpu = bpf_get_smp_processor_id();

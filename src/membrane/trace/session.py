@@ -217,8 +217,13 @@ def stream_events(
     printer = Printer(columns, opts.output)
     ring_size = opts.buffer_size or ring_bytes
     sizes = {**(map_sizes or {}), "events": ring_size}
-    # Woken when the ring is 1/BATCH_FILL full, not every 16 KiB: large batches.
-    config = {"events_wakeup_bytes": ring_size // BATCH_FILL, **(config or {})}
+    # Woken when the ring is 1/BATCH_FILL full, not every 16 KiB: large batches. Events
+    # are timed only when a time is printed (a clock read per event costs).
+    config = {
+        "events_wakeup_bytes": ring_size // BATCH_FILL,
+        "events_timestamps": timestamps or printer.json,
+        **(config or {}),
+    }
     with TraceSession(
         obj_name, opts, config=config, map_sizes=sizes, programs=programs, unused_maps=unused_maps
     ) as session:

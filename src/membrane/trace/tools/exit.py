@@ -132,7 +132,8 @@ def command(
         cells,
         timestamps=timestamp,
         ring_bytes=_RING_BYTES,
-        config={"failed_only": failed, "per_thread": per_thread},
+        # the lifetime is measured from the event's time, printed or not
+        config={"failed_only": failed, "per_thread": per_thread, "events_timestamps": True},
     )
 
 
