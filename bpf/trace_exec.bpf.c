@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 /* `membrane trace exec`: execsnoop on the syscalls tracepoints (execve, execveat).
  *
- * Entry copies argv and the filename into a per-thread stash: after a successful exec the
+ * Entry copies the filename and argv into a per-thread stash: after a successful exec the
  * caller's memory is gone, so exit could not read them any more. Exit adds the result,
- * the new command name and the parent, and emits one event.
+ * the new command name and the parent, and emits one event of the bytes used (arguments
+ * as long as they are, struct exec_event in abi/trace_proc.h).
  *
  * A non-leader thread that execs takes over the leader's pid (de_thread), so its exit
  * runs under another thread id than its entry: sched_process_exec, which reports the old
@@ -20,9 +21,11 @@ ABI_EXPORT(exec_event);
 
 const volatile bool failed_only = false;  /* --failed: emit only execs that failed */
 
-/* Threads between exec entry and exit; one that finds the map full is counted as lost. */
+/* Threads between exec entry and exit; one that finds the map full is counted as lost.
+ * Records are ~16 KiB (struct exec_event): allocated per exec, not preallocated. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 1024);
 	__type(key, __u32);
 	__type(value, struct exec_event);
@@ -30,35 +33,59 @@ struct {
 
 static const struct exec_event empty_event = {};
 
+/* argv after the path, each argument with its NUL, as long as the room left allows. */
 static __always_inline void copy_argv(struct exec_event *ev, const char *const *argv)
 {
+	__u32 off = ev->path_len;
 	const char *arg;
 	long len;
 	char last;
 	int i;
 
 	for (i = 0; i < EXEC_MAX_ARGS; i++) {
-		if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) || !arg)
-			return;
-		len = bpf_probe_read_user_str(ev->argv[i], EXEC_ARG_LEN, arg);
-		if (len < 0) {
-			ev->flags |= EXEC_ARG_FAULT;
+		__u32 at, room;
+
+		if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) || !arg) {
+			ev->data_len = off;
 			return;
 		}
-		/* A full slot is either exactly EXEC_ARG_LEN - 1 bytes or a cut argument. */
-		if (len == EXEC_ARG_LEN &&
-		    (bpf_probe_read_user(&last, 1, arg + EXEC_ARG_LEN - 1) || last))
+		if (off >= EXEC_DATA_MAX) {
+			ev->flags |= EXEC_ARGS_MORE;  /* no room for this one */
+			break;
+		}
+		/* at = off, masked where the verifier sees it (the barrier keeps the compiler
+		 * from dropping a mask it knows changes nothing): room is then 1..EXEC_DATA_MAX */
+		at = off;
+		barrier_var(at);
+		at &= EXEC_DATA_MAX - 1;
+		room = EXEC_DATA_MAX - at;
+		len = bpf_probe_read_user_str(&ev->data[at], room, arg);
+		if (len <= 0) {
+			ev->flags |= EXEC_ARG_FAULT;
+			break;
+		}
+		/* A copy that filled the room is either exactly that long or cut. */
+		if (len == room && (bpf_probe_read_user(&last, 1, arg + room - 1) || last)) {
 			ev->flags |= EXEC_ARG_CUT;
+			off += len;
+			ev->argc = i + 1;
+			if (!bpf_probe_read_user(&arg, sizeof(arg), &argv[i + 1]) && arg)
+				ev->flags |= EXEC_ARGS_MORE;
+			break;
+		}
+		off += len;
 		ev->argc = i + 1;
 	}
-	if (!bpf_probe_read_user(&arg, sizeof(arg), &argv[EXEC_MAX_ARGS]) && arg)
+	if (i == EXEC_MAX_ARGS && !bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) && arg)
 		ev->flags |= EXEC_ARGS_MORE;
+	ev->data_len = off;
 }
 
 static __always_inline int stash(const char *path, const char *const *argv, __u32 syscall)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct exec_event *ev;
+	long len;
 
 	if (trace_skip())
 		return 0;
@@ -70,8 +97,12 @@ static __always_inline int stash(const char *path, const char *const *argv, __u3
 	if (!ev)
 		return 0;
 	ev->syscall = syscall;
-	if (bpf_probe_read_user_str(ev->path, sizeof(ev->path), path) < 0)
-		ev->path[0] = 0;
+	len = bpf_probe_read_user_str(ev->data, EXEC_PATH_MAX, path);
+	if (len <= 0) {
+		ev->data[0] = 0;
+		len = 1;
+	}
+	ev->path_len = len;
 	copy_argv(ev, argv);
 	return 0;
 }
@@ -81,6 +112,7 @@ static __always_inline int report(long ret)
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct task_struct *task;
 	struct exec_event *ev;
+	__u32 len;
 
 	ev = bpf_map_lookup_elem(&starts, &tid);
 	if (!ev)
@@ -91,7 +123,10 @@ static __always_inline int report(long ret)
 		fill_task(&ev->task);
 		ev->ret = ret;
 		ev->ppid = BPF_CORE_READ(task, real_parent, tgid);
-		emit_event(ev, sizeof(*ev));
+		len = ev->data_len;  /* <= EXEC_DATA_MAX: the mask only shows the verifier */
+		barrier_var(len);
+		len &= 2 * EXEC_DATA_MAX - 1;
+		emit_event(ev, offsetof(struct exec_event, data) + len);
 	}
 	bpf_map_delete_elem(&starts, &tid);
 	return 0;

@@ -72,11 +72,14 @@ enum column_kind {
 	COL_TIME = 3, /* ints[i] = unix ns: 2026-12-06T18:12:04.123456+00:00 */
 	COL_FIXED = 4, /* ints[i] / 10^decimals: JSON as Python prints round(x, decimals),
 			* a table with table_decimals */
+	COL_LIST = 5,  /* bytes: strings each ended by a NUL (a last one may lack it), as
+			* exec's argv: a JSON array of strings, table text joined by spaces */
 };
 
 enum column_flags {
 	COL_RIGHT = 1, /* table: right-aligned */
 	COL_CSTR = 2,  /* text ends at its first NUL (within its length) */
+	COL_JOIN = 4,  /* COL_LIST: one string, the items joined by spaces, in JSON too */
 };
 
 struct mb_column {
@@ -95,6 +98,8 @@ struct mb_column {
 	int32_t decimals;
 	int32_t table_decimals;
 	int32_t pad;
+	const uint8_t *more;	 /* COL_LIST with COL_JOIN, optional: nonzero = " ..." after
+				  * the items (some were cut or left out) */
 };
 
 static const char hex_digits[] = "0123456789abcdef";
@@ -172,9 +177,8 @@ static inline int json_plain(uint8_t c)
 	return c >= 0x20 && c < 0x7f && c != '"' && c != '\\';
 }
 
-static char *put_json_string(char *p, const uint8_t *s, int64_t n)
+static char *put_json_body(char *p, const uint8_t *s, int64_t n)
 {
-	*p++ = '"';
 	for (int64_t i = 0; i < n;) {
 		uint8_t c = s[i];
 		unsigned cp;
@@ -223,6 +227,13 @@ static char *put_json_string(char *p, const uint8_t *s, int64_t n)
 			i += len;
 		}
 	}
+	return p;
+}
+
+static char *put_json_string(char *p, const uint8_t *s, int64_t n)
+{
+	*p++ = '"';
+	p = put_json_body(p, s, n);
 	*p++ = '"';
 	return p;
 }
@@ -255,6 +266,43 @@ static char *put_table_text(char *p, const uint8_t *s, int64_t n)
 			*p++ = (char)c;
 		}
 	}
+	return p;
+}
+
+/* A COL_LIST cell: items ended by NULs. JSON: ["a", "b"] as json.dumps writes a list, or
+ * with COL_JOIN "a b" (" ..." added where `more`); a table: a b (...). */
+static char *put_list(char *p, const uint8_t *s, int64_t n, int json, int join, int more)
+{
+	int64_t i = 0, k = 0;
+
+	if (json)
+		*p++ = join ? '"' : '[';
+	while (i < n) {
+		const uint8_t *end = memchr(s + i, 0, (size_t)(n - i));
+		int64_t len = end ? end - (s + i) : n - i;
+
+		if (k++) {
+			if (json && !join) {
+				*p++ = ',';
+				*p++ = ' ';
+			} else {
+				*p++ = ' ';
+			}
+		}
+		if (!json)
+			p = put_table_text(p, s + i, len);
+		else if (join)
+			p = put_json_body(p, s + i, len);
+		else
+			p = put_json_string(p, s + i, len);
+		i += len + 1;
+	}
+	if (join && more) {
+		memcpy(p, " ...", 4);
+		p += 4;
+	}
+	if (json)
+		*p++ = join ? '"' : ']';
 	return p;
 }
 
@@ -340,6 +388,8 @@ static int64_t cell_bound(const struct mb_column *c, int64_t i)
 
 	if (c->kind == COL_TEXT || c->kind == COL_RAW)
 		n = (c->lengths ? c->lengths[i] : c->max_len) * 6 + 2;
+	else if (c->kind == COL_LIST)  /* per byte: 6 escaped, or a NUL: ", " and quotes */
+		n = (c->lengths ? c->lengths[i] : c->max_len) * 6 + 8;
 	else
 		n = 40;
 	return n + c->width + c->key_len + 4;
@@ -403,7 +453,10 @@ int64_t mb_format_rows(const struct mb_column *cols, int32_t ncols, int64_t firs
 				int64_t n;
 
 				cell_bytes(c, i, &s, &n);
-				if (c->kind == COL_RAW) {
+				if (c->kind == COL_LIST) {
+					p = put_list(p, s, n, json, c->flags & COL_JOIN,
+						     c->more && c->more[i]);
+				} else if (c->kind == COL_RAW) {
 					memcpy(p, s, (size_t)n);
 					p += n;
 				} else if (json) {

@@ -4,14 +4,16 @@
 
 #include "abi/trace.h"
 
-/* argv is copied at syscall entry into fixed slots: the first EXEC_MAX_ARGS arguments,
- * each cut to EXEC_ARG_LEN - 1 bytes. Fixed-size records keep bulk decoding possible. */
-#define EXEC_MAX_ARGS 20
-#define EXEC_ARG_LEN 128
+/* At syscall entry the path and argv are copied, one after the other, each with its NUL,
+ * as long as they are: up to EXEC_MAX_ARGS arguments and EXEC_DATA_MAX bytes in all (the
+ * path up to PATH_MAX). Only the used bytes go into the ring. */
+#define EXEC_MAX_ARGS 128
+#define EXEC_DATA_MAX 8192
+#define EXEC_PATH_MAX 4096
 
 enum exec_flags {
-	EXEC_ARGS_MORE = 1,  /* argv had more than EXEC_MAX_ARGS arguments */
-	EXEC_ARG_CUT = 2,    /* at least one argument was longer than EXEC_ARG_LEN - 1 */
+	EXEC_ARGS_MORE = 1,  /* argv had more arguments than were copied */
+	EXEC_ARG_CUT = 2,    /* the last argument copied was cut (EXEC_DATA_MAX reached) */
 	EXEC_ARG_FAULT = 4,  /* an argument could not be read (not resident, bad pointer) */
 };
 ABI_EXPORT_ENUM(exec_flags);
@@ -21,11 +23,14 @@ struct exec_event {
 	struct trace_task task;   /* after a successful exec: the new command name */
 	__s64 ret;                /* 0, or -errno */
 	__u32 ppid;               /* parent's tgid (task->real_parent) */
-	__u32 argc;               /* arguments copied into argv */
+	__u32 argc;               /* arguments copied into data */
 	__u32 flags;              /* enum exec_flags */
 	__u32 syscall;            /* 0 execve, 1 execveat */
-	char path[TRACE_PATH_LEN];            /* the filename argument, as passed */
-	char argv[EXEC_MAX_ARGS][EXEC_ARG_LEN];
+	__u32 path_len;           /* the filename argument's bytes in data, with its NUL */
+	__u32 data_len;           /* bytes used in data (the record's length after it) */
+	/* path\0arg0\0arg1\0...: the filename as passed, then argv. Twice EXEC_DATA_MAX:
+	 * each copy may then be as long as what is left, within bounds the verifier sees. */
+	char data[2 * EXEC_DATA_MAX];
 };
 
 struct exit_event {

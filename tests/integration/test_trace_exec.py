@@ -72,14 +72,17 @@ def with_token(records: list[dict[str, Any]], token: str) -> list[dict[str, Any]
 def test_sees_exactly_the_workloads_execs(tmp_path: Path) -> None:
     token = f"mbt-{secrets.token_hex(4)}"
     missing = str(tmp_path / "no-such-program")
-    long_args = ["a" * 127, "b" * 200, *map(str, range(30))]
+    # Past the old fixed limits (20 arguments of up to 127 bytes): all there now.
+    long_args = ["a" * 127, "b" * 200, "c" * 3000, *map(str, range(100))]
     tracer = start_tracer("exec", "-o", "json")
     trues = [run([TRUE, token, str(i)]) for i in range(10)]
     failing = run([sys.executable, "-c", EXEC_PATH, missing, token, "fails"])
     threaded = run([sys.executable, "-c", EXEC_FROM_THREAD, TRUE, token, "thread"])
     by_fd = run([sys.executable, "-c", EXEC_BY_FD, TRUE, token, "fd"])
-    truncated = run([TRUE, token, *long_args])
-    exactly_20 = run([TRUE, token, "a" * 127, *map(str, range(17))])
+    whole = run([TRUE, token, *long_args])
+    exactly_128 = run([TRUE, token, *map(str, range(126))])
+    too_many = run([TRUE, token, *map(str, range(127))])
+    too_long = run([TRUE, token, "x" * 6000, "y" * 3000, "z"])
     records, summary = stop_tracer(tracer)
 
     assert summary["lost"] == 0 and summary["events"] == len(records)
@@ -117,16 +120,24 @@ def test_sees_exactly_the_workloads_execs(tmp_path: Path) -> None:
     (at,) = [r for r in ours if r["argv"] == [TRUE, token, "fd"]]
     assert (at["pid"], at["syscall"], at["path"], at["ret"]) == (by_fd, "execveat", "", 0)
 
-    (cut,) = [r for r in ours if r["pid"] == truncated]
-    assert cut["argv"] == [TRUE, token, "a" * 127, "b" * 127, *map(str, range(16))]
-    assert cut["argv_truncated"] and cut["args"].endswith(" 15 ...")
-    (full,) = [r for r in ours if r["pid"] == exactly_20]  # 20 args, longest 127: all there
-    assert len(full["argv"]) == 20 and not full["argv_truncated"]
+    (long,) = [r for r in ours if r["pid"] == whole]
+    assert long["argv"] == [TRUE, token, *long_args] and not long["argv_truncated"]
+    assert long["args"] == " ".join([TRUE, token, *long_args])
+    (full,) = [r for r in ours if r["pid"] == exactly_128]  # the most copied: all there
+    assert len(full["argv"]) == 128 and not full["argv_truncated"]
+    (many,) = [r for r in ours if r["pid"] == too_many]
+    assert many["argv"] == [TRUE, token, *map(str, range(126))] and many["argv_truncated"]
+    assert many["args"].endswith(" 125 ...")
+    # 8 KiB for the path and argv, each with its NUL: the "y"s are cut where it ends.
+    (cut,) = [r for r in ours if r["pid"] == too_long]
+    room = 8192 - len(TRUE) - 1 - sum(len(a) + 1 for a in (TRUE, token, "x" * 6000)) - 1
+    assert cut["argv"] == [TRUE, token, "x" * 6000, "y" * room] and cut["argv_truncated"]
+    assert cut["args"] == " ".join(cut["argv"]) + " ..."
 
     # The python launchers of the three scripted cases, and nothing else of ours.
     launchers = [r for r in ours if r["argv"][0] == sys.executable]
     assert sorted(r["pid"] for r in launchers) == sorted([failing, threaded, by_fd])
-    assert len(ours) == len(trues) + len(launchers) + 5
+    assert len(ours) == len(trues) + len(launchers) + 7
 
 
 def test_pid_filter_keeps_only_that_process(tmp_path: Path) -> None:
@@ -193,7 +204,7 @@ def test_table_has_bcc_columns(tmp_path: Path) -> None:
     shell = tmp_path / name
     shell.symlink_to("/bin/sh")
     tracer = start_tracer("exec", "-T", "--comm", name)
-    many = " ".join(map(str, range(1, 26)))
+    many = " ".join(map(str, range(1, 200)))
     shell_pid = run([str(shell), "-c", f"{TRUE} one two; {TRUE} {many}"])
     out, err = stop_tracer_text(tracer)
     header, *rows = out.splitlines()
@@ -201,7 +212,7 @@ def test_table_has_bcc_columns(tmp_path: Path) -> None:
     first = rows[0].split()
     assert first[1:4] == ["true", first[2], str(shell_pid)]  # forked by the shell
     assert first[4:] == ["0", TRUE, "one", "two"]
-    assert rows[1].endswith(f"{TRUE} " + " ".join(map(str, range(1, 20))) + " ...")
+    assert rows[1].endswith(f"{TRUE} " + " ".join(map(str, range(1, 128))) + " ...")
     assert len(rows) == 2 and "events: 2, lost: 0" in err
 
 

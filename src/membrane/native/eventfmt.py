@@ -15,8 +15,8 @@ from membrane.errors import UserError
 
 _LIBRARY = Path(__file__).with_name("libeventfmt.so")
 
-COL_INT, COL_TEXT, COL_RAW, COL_TIME, COL_FIXED = range(5)
-COL_RIGHT, COL_CSTR = 1, 2
+COL_INT, COL_TEXT, COL_RAW, COL_TIME, COL_FIXED, COL_LIST = range(6)
+COL_RIGHT, COL_CSTR, COL_JOIN = 1, 2, 4
 
 
 class CColumn(ctypes.Structure):
@@ -38,6 +38,7 @@ class CColumn(ctypes.Structure):
         ("decimals", ctypes.c_int32),
         ("table_decimals", ctypes.c_int32),
         ("pad", ctypes.c_int32),
+        ("more", ctypes.c_void_p),
     ]
 
 

@@ -16,6 +16,8 @@ from membrane.native.eventfmt import (
     COL_CSTR,
     COL_FIXED,
     COL_INT,
+    COL_JOIN,
+    COL_LIST,
     COL_RAW,
     COL_RIGHT,
     COL_TEXT,
@@ -41,6 +43,8 @@ class Cells:
     cstr: bool = False  # text ends at its first NUL
     decimals: int = 0  # COL_FIXED: ints are value * 10^decimals
     table_decimals: int = 0  # COL_FIXED: digits after the point in a table
+    join: bool = False  # COL_LIST: one string of the items joined by spaces
+    more: np.ndarray | None = None  # bool, COL_LIST joined: " ..." after the items
 
     def column(self, key: bytes, width: int, right: bool) -> CColumn:
         def addr(a: np.ndarray | None) -> int | None:
@@ -49,7 +53,9 @@ class Cells:
         blob = None if self.blob is None else self.blob.ctypes.data + self.blob_start
         return CColumn(
             kind=self.kind,
-            flags=(COL_RIGHT if right else 0) | (COL_CSTR if self.cstr else 0),
+            flags=(COL_RIGHT if right else 0)
+            | (COL_CSTR if self.cstr else 0)
+            | (COL_JOIN if self.join else 0),
             width=width,
             key_len=len(key),
             key=key,
@@ -62,6 +68,7 @@ class Cells:
             max_len=self.max_len,
             decimals=self.decimals,
             table_decimals=self.table_decimals,
+            more=addr(self.more),
         )
 
 
@@ -111,6 +118,26 @@ def tail_text(block: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> Cel
         offsets=np.ascontiguousarray(starts, dtype=np.int64),
         lengths=np.ascontiguousarray(lengths, dtype=np.int32),
         cstr=True,
+    )
+
+
+def text_lists(
+    block: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    join: bool = False,
+    more: np.ndarray | None = None,
+) -> Cells:
+    """Strings each ended by a NUL (exec's argv) at block[starts : starts + lengths]: a
+    JSON array of strings, in a table joined by spaces; with `join` one string in JSON
+    too, " ..." added where `more` is true."""
+    return Cells(
+        COL_LIST,
+        blob=block,
+        offsets=np.ascontiguousarray(starts, dtype=np.int64),
+        lengths=np.ascontiguousarray(lengths, dtype=np.int32),
+        join=join,
+        more=None if more is None else np.ascontiguousarray(more, dtype=np.bool_),
     )
 
 

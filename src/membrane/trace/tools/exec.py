@@ -9,7 +9,9 @@ import numpy as np
 import typer
 
 from membrane.abi import ExecFlag
-from membrane.bpf.ktime import ktimes_to_iso
+from membrane.trace import cells as cell
+from membrane.trace.batch import EventBatch
+from membrane.trace.cells import Cells
 from membrane.trace.options import (
     COMM,
     DURATION,
@@ -20,14 +22,16 @@ from membrane.trace.options import (
     TraceOptions,
     buffer_size_option,
 )
-from membrane.trace.output import Column, text
+from membrane.trace.output import Column
 from membrane.trace.session import stream_events
 from membrane.trace.tools import Tool
 
 _SYSCALLS = ("execve", "execveat")
 _TRUNCATED = ExecFlag.ARGS_MORE | ExecFlag.ARG_CUT | ExecFlag.ARG_FAULT
-_RING_BYTES = 16 << 20  # ~5,700 events of 2.9 KB: an exec storm between two polls fits
-_RING_HOLDS = "5,700 execs (records of 2.9 KB)"
+# Records are ~130 bytes + the path and arguments as long as they are (at most 8 KiB):
+# 16 MiB holds 100,000 execs of a typical command line, 2,000 of the longest.
+_RING_BYTES = 16 << 20
+_RING_HOLDS = "100,000 execs of ~150 bytes of path and arguments"
 
 COLUMNS_TIME = [Column("time", "TIME", 32)]
 COLUMNS = [
@@ -39,46 +43,43 @@ COLUMNS = [
 ]
 
 
-def records(batch: np.ndarray, times: bool = True) -> list[dict[str, object]]:
-    """Decoded events; field names are a stable JSON contract. Without `times`, "time" is
-    None (the table shows it only with -T)."""
+def _error(ret: int) -> str | None:
+    return None if ret >= 0 else errno.errorcode.get(-ret, str(-ret))
+
+
+def _syscall(number: int) -> str:
+    return _SYSCALLS[number] if number < len(_SYSCALLS) else str(number)
+
+
+def cells(batch: EventBatch, times: bool = True) -> dict[str, Cells]:
+    """Decoded events, column by column; the keys are a stable JSON contract. "time" only
+    with `times` (the table shows it only with -T). The record's tail is the path, then
+    argv, each with its NUL (bpf/abi/trace_proc.h)."""
     task = batch["task"]
-    stamps = ktimes_to_iso(batch["hdr"]["ts_ns"]) if times else [None] * len(batch)
-    out = []
-    for ts, pid, tid, uid, comm, ppid, ret, argc, flags, syscall, path, argv in zip(
-        stamps,
-        task["pid"].tolist(),
-        task["tid"].tolist(),
-        task["uid"].tolist(),
-        task["comm"].tolist(),
-        batch["ppid"].tolist(),
-        batch["ret"].tolist(),
-        batch["argc"].tolist(),
-        batch["flags"].tolist(),
-        batch["syscall"].tolist(),
-        batch["path"].tolist(),
-        batch["argv"].tolist(),
-        strict=True,
-    ):
-        args = [text(a) for a in argv[:argc]]
-        truncated = bool(flags & _TRUNCATED)
-        out.append(
-            {
-                "time": ts,
-                "pid": pid,
-                "tid": tid,
-                "ppid": ppid,
-                "uid": uid,
-                "comm": text(comm),
-                "ret": ret,
-                "error": errno.errorcode.get(-ret, str(-ret)) if ret < 0 else None,
-                "syscall": _SYSCALLS[syscall] if syscall < len(_SYSCALLS) else str(syscall),
-                "path": text(path),
-                "argv": args,
-                "argv_truncated": truncated,
-                "args": " ".join(args) + (" ..." if truncated else ""),
-            }
-        )
+    rets = batch["ret"]
+    starts, sent = batch.tail()  # sent: without the final NUL
+    sent = sent + (batch["data_len"] > 0)  # argv's items keep their NULs
+    path_len = np.minimum(batch["path_len"].astype(np.int64), sent)
+    argv_starts = starts + path_len
+    argv_len = np.maximum(sent - path_len, 0)
+    truncated = (batch["flags"] & int(_TRUNCATED)) != 0
+    out: dict[str, Cells] = {}
+    if times:
+        out["time"] = cell.times(batch["hdr"]["ts_ns"])
+    out.update(
+        pid=cell.ints(task["pid"]),
+        tid=cell.ints(task["tid"]),
+        ppid=cell.ints(batch["ppid"]),
+        uid=cell.ints(task["uid"]),
+        comm=cell.cstrings(task["comm"]),
+        ret=cell.ints(rets),
+        error=cell.mapped(rets, _error),
+        syscall=cell.mapped(batch["syscall"], _syscall),
+        path=cell.tail_text(batch.records.block, starts, np.maximum(path_len - 1, 0)),
+        argv=cell.text_lists(batch.records.block, argv_starts, argv_len),
+        argv_truncated=cell.booleans(truncated),
+        args=cell.text_lists(batch.records.block, argv_starts, argv_len, join=True, more=truncated),
+    )
     return out
 
 
@@ -94,11 +95,11 @@ def command(
 ) -> None:
     """Trace exec() calls (execve, execveat): command, pid, parent, result, argv.
 
-    Up to 20 arguments of up to 127 bytes each are shown; " ..." at the end (in
-    JSON: argv_truncated) says that more were cut. PCOMM is the new command name
-    after a successful exec, the caller's after a failed one. --pid, --comm and
-    --uid select the process that CALLS exec, as it is at that moment: -c bash
-    shows what bash processes run.
+    Arguments are shown as long as they are, up to 128 of them and 8 KiB with the
+    path; " ..." at the end (in JSON: argv_truncated) says that more were cut.
+    PCOMM is the new command name after a successful exec, the caller's after a
+    failed one. --pid, --comm and --uid select the process that CALLS exec, as it
+    is at that moment: -c bash shows what bash processes run.
 
     Examples:
 
@@ -116,10 +117,12 @@ def command(
         "exec_event",
         opts,
         (COLUMNS_TIME if timestamp else []) + COLUMNS,
-        records,
+        cells,
         timestamps=timestamp,
         ring_bytes=_RING_BYTES,
         config={"failed_only": failed},
+        tail="data",
+        tail_len="data_len",
     )
 
 

@@ -1,0 +1,73 @@
+"""The native formatter's lists of strings (exec's argv, NUL-ended items in the record's
+tail) against what Python writes for the same values: json.dumps of a list and of the
+joined text, and the table's joined text."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from membrane.native.eventfmt import RowFormatter
+from membrane.trace.cells import Cells, text_lists
+
+ITEMS = st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\0", b"")), max_size=6)
+
+
+def _texts(items: list[bytes]) -> list[str]:
+    return [i.decode(errors="replace") for i in items]
+
+
+def _format(cells: dict[str, Cells], rows: int, json_lines: bool) -> str:
+    formatter = RowFormatter(json_lines)
+    keys = {k: (json.dumps(k) + ": ").encode() for k in cells}
+    columns = [c.column(keys[k] if json_lines else b"", 0, False) for k, c in cells.items()]
+    return b"".join(bytes(chunk) for chunk in formatter.chunks(columns, rows)).decode()
+
+
+def _batch(rows: list[list[bytes]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows as a record block: each row's items with their NULs, after a 3-byte head."""
+    block, starts, lengths = b"", [], []
+    for items in rows:
+        body = b"".join(i + b"\0" for i in items)
+        block += b"hd:"
+        starts.append(len(block))
+        lengths.append(len(body))
+        block += body
+    return np.frombuffer(block or b"\0", dtype=np.uint8), np.array(starts), np.array(lengths)
+
+
+@given(st.lists(st.tuples(ITEMS, st.booleans()), min_size=1, max_size=5))
+def test_lists_as_json_dumps_writes_them(rows: list[tuple[list[bytes], bool]]) -> None:
+    block, starts, lengths = _batch([items for items, _ in rows])
+    more = np.array([m for _, m in rows])
+    cells = {
+        "argv": text_lists(block, starts, lengths),
+        "args": text_lists(block, starts, lengths, join=True, more=more),
+    }
+    expected = "".join(
+        json.dumps({"argv": _texts(items), "args": " ".join(_texts(items)) + (" ..." * m)}) + "\n"
+        for items, m in rows
+    )
+    assert _format(cells, len(rows), json_lines=True) == expected
+
+
+def test_table_joins_the_items_and_escapes_control_bytes() -> None:
+    rows = [[b"/bin/echo", b"a b", b"tab\there"], [], [b""], [b"x", b"back\\slash"]]
+    block, starts, lengths = _batch(rows)
+    more = np.array([False, False, False, True])
+    cells = {"args": text_lists(block, starts, lengths, join=True, more=more)}
+    assert _format(cells, len(rows), json_lines=False).splitlines() == [
+        "/bin/echo a b tab\\x09here",
+        "",
+        "",
+        "x back\\\\slash ...",
+    ]
+
+
+def test_an_item_cut_without_its_nul_is_still_an_item() -> None:
+    block = np.frombuffer(b"one\0tw", dtype=np.uint8)
+    cells = {"argv": text_lists(block, np.array([0]), np.array([6]))}
+    assert _format(cells, 1, json_lines=True) == '{"argv": ["one", "tw"]}\n'
