@@ -118,6 +118,7 @@ struct flow {
 	__u32 daddr[4];
 	__u32 len;
 	__u32 peer_identity;
+	__u32 peer_addr_identity; /* the peer address's own identity, or 0 (ipcache.h) */
 	__u32 policy_rev;
 	__u32 frag_id;
 	__u16 sport; /* as reported: ports, or ICMP type and code */
@@ -175,8 +176,9 @@ static __always_inline __u32 peer_identity(struct flow *f)
 
 	if (!f->peer_known) {
 		peer = f->dir == EP_DIR_EGRESS ? f->daddr : f->saddr;
-		f->peer_identity = f->family == 6 ? ipcache6_identity(peer) :
-						    ipcache_identity(peer[0]);
+		f->peer_identity = f->family == 6 ?
+					   ipcache6_identity(peer, &f->peer_addr_identity) :
+					   ipcache_identity(peer[0], &f->peer_addr_identity);
 		f->peer_known = 1;
 	}
 	return f->peer_identity;
@@ -247,7 +249,9 @@ __noinline int flow_allowed(struct flow *f, struct policy_verdict *v)
 		v->rule_id = 0;
 		return 0;
 	}
-	return policy_allows(st, ep_id, f->dir, peer_identity(f), f->proto, f->policy_port, v);
+	peer_identity(f);
+	return policy_allows(st, ep_id, f->dir, f->peer_identity, f->peer_addr_identity, f->proto,
+			     f->policy_port, v);
 }
 
 static __always_inline int is_icmp(__u8 proto)

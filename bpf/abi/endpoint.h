@@ -68,6 +68,10 @@ struct ipcache_value {
 	__u32 identity;
 	__u16 ep_id; /* endpoint on this node, or 0 */
 	__u16 flags;
+	/* A pod address inside prefixes that Kubernetes ipBlocks (or Cilium CIDR rules under
+	 * --policy-cidr-match-mode=all) name: the identity of that address (labels cidr:...),
+	 * whose policy entries apply beside those of `identity`; 0 when none. */
+	__u32 addr_identity;
 };
 
 /* Per-endpoint dynamic state (hash, key __u32 ep_id). Replaced whole by one map update,

@@ -2,8 +2,11 @@
  *
  *   struct endpoint_state *st = endpoint_state_of(ep_id);      NULL: fail closed
  *   struct policy_verdict v;
- *   if (!policy_allows(st, ep_id, dir, peer_identity, proto, port, &v))
+ *   if (!policy_allows(st, ep_id, dir, peer_identity, addr_identity, proto, port, &v))
  *           drop with v.reason, v.match, v.rule_id
+ *
+ * `addr_identity` (0: none) is the peer address's own identity (ipcache.h): its entries
+ * count as the peer's, so a deny for either identity wins and an allow for either allows.
  *
  * Maps: `endpoints` (__u32 ep_id -> endpoint_state) and `policy` (LPM trie, policy_key ->
  * policy_value); both layouts and the generation protocol are in abi/endpoint.h.
@@ -47,10 +50,10 @@ static __always_inline struct endpoint_state *endpoint_state_of(__u32 id)
 	return bpf_map_lookup_elem(&endpoints, &id);
 }
 
-/* One generation: a deny for the peer or for any peer wins, else an allow for either,
- * else the direction's default. Returns 1 when allowed. */
+/* One generation: a deny for the peer (either of its identities) or for any peer wins,
+ * else an allow for any of them, else the direction's default. Returns 1 when allowed. */
 static __always_inline int policy_allows_gen(__u16 ep, __u8 gen, __u8 enforce, __u8 dir,
-					     __u32 peer, __u8 proto, __u16 port,
+					     __u32 peer, __u32 peer_addr, __u8 proto, __u16 port,
 					     struct policy_verdict *v)
 {
 	struct policy_key key = {
@@ -62,18 +65,24 @@ static __always_inline int policy_allows_gen(__u16 ep, __u8 gen, __u8 enforce, _
 		.proto = proto,
 		.dport = bpf_htons(port),
 	};
-	struct policy_value *by_peer, *by_any, *hit;
+	struct policy_value *by_peer, *by_addr = NULL, *by_any, *hit;
 
 	by_peer = bpf_map_lookup_elem(&policy, &key);
+	if (peer_addr) {
+		key.identity = peer_addr;
+		by_addr = bpf_map_lookup_elem(&policy, &key);
+	}
 	key.identity = IDENTITY_ANY;
 	by_any = bpf_map_lookup_elem(&policy, &key);
 
 	if (by_peer && by_peer->deny)
 		hit = by_peer;
+	else if (by_addr && by_addr->deny)
+		hit = by_addr;
 	else if (by_any && by_any->deny)
 		hit = by_any;
 	else
-		hit = by_peer ? by_peer : by_any;
+		hit = by_peer ? by_peer : by_addr ? by_addr : by_any;
 	if (hit) {
 		v->rule_id = hit->rule_id;
 		v->match = FLOW_MATCH_RULE;
@@ -94,16 +103,16 @@ static __always_inline int policy_allows_gen(__u16 ep, __u8 gen, __u8 enforce, _
 /* Every live generation must allow. On a deny `v` is the denying generation's verdict;
  * when allowed it is the newer generation's (gen[1]). */
 static __always_inline int policy_allows(const struct endpoint_state *st, __u16 ep, __u8 dir,
-					 __u32 peer, __u8 proto, __u16 port,
+					 __u32 peer, __u32 peer_addr, __u8 proto, __u16 port,
 					 struct policy_verdict *v)
 {
 	__u8 g0 = st->gen[0] & 1, g1 = st->gen[1] & 1;
 
-	if (!policy_allows_gen(ep, g0, st->enforce[g0], dir, peer, proto, port, v))
+	if (!policy_allows_gen(ep, g0, st->enforce[g0], dir, peer, peer_addr, proto, port, v))
 		return 0;
 	if (g1 == g0)
 		return 1;
-	return policy_allows_gen(ep, g1, st->enforce[g1], dir, peer, proto, port, v);
+	return policy_allows_gen(ep, g1, st->enforce[g1], dir, peer, peer_addr, proto, port, v);
 }
 
 #endif

@@ -140,9 +140,13 @@ class EndpointDatapath:
         self.objects[ep_id] = load_endpoint(self.pin_dir, ep_id, ip, ip6, **config)
 
     # ---- configuration ---------------------------------------------------------------
-    def set_ipcache(self, prefixes: Mapping[str, int]) -> None:
-        """IPv4 and IPv6 prefixes -> identity (each family's world prefix kept)."""
-        sync_ipcache(self.maps, {p: (i, 0) for p, i in prefixes.items()})
+    def set_ipcache(self, prefixes: Mapping[str, int | tuple[int, int]]) -> None:
+        """IPv4 and IPv6 prefixes -> identity, or (identity, the address's own identity)
+        (each family's world prefix kept)."""
+        sync_ipcache(
+            self.maps,
+            {p: (v, 0) if isinstance(v, int) else (v[0], 0, v[1]) for p, v in prefixes.items()},
+        )
 
     def set_policy(
         self,

@@ -163,6 +163,28 @@ def test_peer_identity_is_the_longest_prefix(dp, fam: Family) -> None:
     assert address(out.event["daddr"], fam) == ipaddress.ip_address(fam.in_cidr).packed
 
 
+def test_the_entries_of_an_address_identity_apply_beside_the_peers(dp, fam: Family) -> None:
+    """A pod address with an identity of its own (an ipBlock holds it): an allow for either
+    identity allows, a deny for either wins; a peer without one is judged by its own."""
+    twin = "198.18.0.21" if fam.version == 4 else "2001:db8:1::21"
+    host = 32 if fam.version == 4 else 128
+    address_id = PEER_ID + 500
+    dp.set_ipcache({f"{fam.peer}/{host}": (PEER_ID, address_id), f"{twin}/{host}": PEER_ID})
+    dp.set_policy([allow(EGRESS, address_id, port=80, rule_id=31)], egress=True)
+    out = dp.egress(out_to(fam, 80))
+    assert_passed(out, new_flow=True)
+    assert (int(out.event["peer_identity"]), int(out.event["rule_id"])) == (PEER_ID, 31)
+    assert_dropped(dp.egress(out_to(fam, 80, dst=twin)), DropReason.POLICY_DENIED, EGRESS)
+    dp.set_policy(
+        [allow(EGRESS, PEER_ID, port=80), deny(EGRESS, address_id, port=80, rule_id=32)],
+        egress=True,
+    )
+    out = dp.egress(out_to(fam, 80))
+    assert_dropped(out, DropReason.POLICY_DENY, EGRESS)
+    assert int(out.event["rule_id"]) == 32
+    assert_passed(dp.egress(out_to(fam, 80, dst=twin)), new_flow=True)
+
+
 def test_replies_pass_through_conntrack(dp, fam: Family) -> None:
     dp.set_policy([allow(EGRESS, PEER_ID, port=80)], ingress=True, egress=True)
     sport = next(_sports)

@@ -154,7 +154,11 @@ def build_node(
     ):
         peers[name] = Peer(identity)
     universe = Universe(
-        identities, {e.ep_id: e for e in endpoints.values()}, cidr_identities, allow_localhost
+        identities,
+        {e.ep_id: e for e in endpoints.values()},
+        cidr_identities,
+        allow_localhost,
+        cidr_match_mode,
     )
     return Node(universe, endpoints, peers, dual_stack)
 
@@ -162,16 +166,7 @@ def build_node(
 def datapath_verdict(
     policy: EndpointPolicy, direction: Direction, peer: Peer, proto: int, port: int
 ) -> tuple[bool, int]:
-    """(allowed, rule_id) as the datapath decides for a peer with a pod-address identity:
-    the lookups of both identities, a deny of either wins, else an allow of either (the
-    peer's own identity first), else the direction's default (rule 0)."""
-    results = [lookup(policy, direction, peer.identity, proto, port)]
-    if peer.address_identity is not None:
-        results.append(lookup(policy, direction, peer.address_identity, proto, port))
-    for allowed, rule_id in results:
-        if rule_id and not allowed:
-            return False, rule_id
-    for _, rule_id in results:
-        if rule_id:
-            return True, rule_id
-    return results[0]
+    """(allowed, rule_id) as the datapath decides for a peer, with its pod-address
+    identity when it has one (membrane.datapath.policy_entries.lookup, the model of
+    bpf/lib/policy.h)."""
+    return lookup(policy, direction, peer.identity, proto, port, peer.address_identity or 0)

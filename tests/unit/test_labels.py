@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 import pytest
 
@@ -73,13 +73,22 @@ def test_endpoint_labels_defaults() -> None:
 def test_cidr_identity_labels_include_every_containing_policy_prefix() -> None:
     prefixes = [IPv4Network(p) for p in ("10.0.0.0/8", "10.1.0.0/16", "192.168.0.0/16")]
     labels = cidr_identity_labels(IPv4Network("10.1.0.0/16"), prefixes)
-    assert labels == {L("reserved:world"), L("cidr:10.0.0.0/8"), L("cidr:10.1.0.0/16")}
+    world = {L("reserved:world"), L("reserved:world-ipv4")}
+    assert labels == {*world, L("cidr:10.0.0.0/8"), L("cidr:10.1.0.0/16")}
 
 
 def test_cidr_identity_labels_of_an_extra_prefix_and_of_zero() -> None:
     prefixes = [IPv4Network("0.0.0.0/0"), IPv4Network("10.0.0.0/8")]
     labels = cidr_identity_labels(IPv4Network("10.2.3.0/24"), prefixes)
-    assert labels == {L("reserved:world"), L("cidr:10.0.0.0/8"), L("cidr:10.2.3.0/24")}
+    world = {L("reserved:world"), L("reserved:world-ipv4")}
+    assert labels == {*world, L("cidr:10.0.0.0/8"), L("cidr:10.2.3.0/24")}
+
+
+def test_cidr_identity_labels_of_ipv6_prefixes() -> None:
+    prefixes = [IPv6Network("2001:db8::/32"), IPv4Network("10.0.0.0/8")]
+    labels = cidr_identity_labels(IPv6Network("2001:db8:5::/48"), prefixes)
+    world = {L("reserved:world"), L("reserved:world-ipv6")}
+    assert labels == {*world, L("cidr:2001:db8::/32"), L("cidr:2001:db8:5::/48")}
 
 
 # ---- selectors -----------------------------------------------------------------------------

@@ -5,8 +5,6 @@ given the pod's address: they must agree."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 from policy_support import Node, Pod, build_node, datapath_verdict
 
@@ -20,12 +18,10 @@ from membrane.policy import (
     parse_documents,
     policy_cidrs,
 )
-from membrane.policy import compile as compile_module
 from membrane.policy.model import ENTITIES
 from membrane.policy.rules import (
     ENTITY_SELECTORS,
     address_prefixes,
-    policy_subjects,
 )
 
 TCP, ICMP, ICMPV6 = IpProto.TCP, IpProto.ICMP, IpProto.ICMPV6
@@ -91,16 +87,6 @@ def allowed_peers(
         if allowed and (own_prefixes or name not in own):
             found.add(name)
     return found
-
-
-@pytest.fixture
-def mode_all(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Compile with `cidr_match_mode="all"` (the agent's --policy-cidr-match-mode=all)."""
-    monkeypatch.setattr(
-        compile_module,
-        "policy_subjects",
-        functools.partial(policy_subjects, cidr_match_mode="all"),
-    )
 
 
 def cnp(spec: str, name: str = "c", namespace: str = "prod") -> str:
@@ -200,7 +186,6 @@ def test_cilium_zero_prefixes_are_their_familys_world(dual_stack: bool) -> None:
     assert allowed_peers(text, dual_stack) == {"world4"}
 
 
-@pytest.mark.usefixtures("mode_all")
 @pytest.mark.parametrize("dual_stack", [False, True], ids=["ipv4-only", "dual-stack"])
 def test_cilium_cidrs_match_pod_addresses_in_mode_all(dual_stack: bool) -> None:
     text = cnp(
@@ -220,7 +205,6 @@ def _v4_addresses() -> list[tuple[str, str]]:
     return [(f"{p.namespace}/{p.name}", p.addresses[0]) for p in PODS]
 
 
-@pytest.mark.usefixtures("mode_all")
 def test_a_deny_of_the_pod_address_wins_in_mode_all() -> None:
     text = cnp("  egress: [{toEndpoints: [{}]}]\n  egressDeny: [{toCIDR: [198.18.0.11/32]}]")
     found = allowed_peers(text, True, cidr_match_mode="all")

@@ -69,7 +69,7 @@ class Agent:
         rules = RuleTable.from_json(state.rules) if state.rules else RuleTable()
         policies = PolicyStore(state.policies)
         namespaces = NamespaceStore(state.namespaces)
-        node = setup_node(config.node_netns, config.node_ip)
+        node = setup_node(config.node_netns, config.node_ip, config.node_ipv6)
         # A new build meets the old one's pins: maps whose layout changed are migrated
         # first, adoption swaps every endpoint's program, then the old maps go.
         migration = NodeMapMigration.start(config.bpf_dir)
@@ -130,7 +130,8 @@ class Agent:
                 raise self._endpoint_refused(ep, err) from None
             raise
         log.info(
-            "endpoint added", extra={"fields": {"endpoint": ep.key, "id": ep.id, "ipv4": ep.ipv4}}
+            "endpoint added",
+            extra={"fields": {"endpoint": ep.key, "id": ep.id, "ipv4": ep.ipv4, "ipv6": ep.ipv6}},
         )
         return self.state.endpoints[ep.id]
 
@@ -272,7 +273,10 @@ def _snapshot(
         host_addresses=done.host_addresses,
         endpoints=endpoints,
         endpoints_by_key={ep.key: ep for ep in endpoints.values()},
-        endpoints_by_ip={ep.ipv4: ep for ep in endpoints.values()},
+        endpoints_by_ip={
+            **{ep.ipv4: ep for ep in endpoints.values()},
+            **{ep.ipv6: ep for ep in endpoints.values() if ep.ipv6},
+        },
         namespaces=namespaces.all_labels(ep.namespace for ep in endpoints.values()),
         identity_labels=done.universe.identities,
         policy_revision=state.policy_revision,
@@ -281,4 +285,6 @@ def _snapshot(
         rules=previous.rules if same_rules and previous else rules.refs(),
         universe=done.universe,
         compiled=done.compiled,
+        dual_stack=config.ipv6,
+        address_identities=done.address_identities,
     )

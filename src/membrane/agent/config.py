@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +18,10 @@ if TYPE_CHECKING:  # the policy package is heavy; client commands import this mo
 DEFAULT_STATE_DIR = "/var/lib/membrane"
 DEFAULT_POD_CIDR = "198.18.0.0/16"
 DEFAULT_NODE_IP = "198.19.0.1"
+# Documentation space (RFC 3849): pods in one /64, the node outside it.
+DEFAULT_POD_CIDR_V6 = "2001:db8:1::/64"
+DEFAULT_NODE_IPV6 = "2001:db8::1"
+CIDR_MATCH_MODES = ("world", "all")
 DEFAULT_ALLOW_LOCALHOST = "always"
 DEFAULT_POLICY_MAP_MAX = 1 << 20  # POLICY_MAX_ENTRIES in bpf/lib/policy.h
 MAX_MAP_ENTRIES = 0xFFFFFFFF  # the kernel's max_entries is 32 bits
@@ -36,6 +40,14 @@ class AgentConfig:
     allow_localhost: AllowLocalhost | str = DEFAULT_ALLOW_LOCALHOST  # make_config: the enum
     attach: str = "auto"  # endpoint programs: auto (tcx where the kernel has it), tcx, clsact
     policy_map_max: int = DEFAULT_POLICY_MAP_MAX  # entries; for a policy map created now
+    pod_cidr_v6: IPv6Network | None = None  # None: IPv4-only (--ipv6=false)
+    node_ipv6: IPv6Address | None = None
+    kube_apiserver_ips: tuple[IPv4Address | IPv6Address, ...] = ()  # the kube-apiserver entity
+    cidr_match_mode: str = "world"  # CiliumNetworkPolicy CIDR rules: world only, or pods too
+
+    @property
+    def ipv6(self) -> bool:
+        return self.pod_cidr_v6 is not None
 
     @property
     def node_name(self) -> str:
@@ -60,6 +72,12 @@ def make_config(
     allow_localhost: str = DEFAULT_ALLOW_LOCALHOST,
     attach: str = "auto",
     policy_map_max: int | str = DEFAULT_POLICY_MAP_MAX,
+    *,
+    ipv6: bool | str = True,
+    pod_cidr_v6: str = DEFAULT_POD_CIDR_V6,
+    node_ipv6: str = DEFAULT_NODE_IPV6,
+    kube_apiserver_ips: str = "",
+    cidr_match_mode: str = "world",
 ) -> AgentConfig:
     from membrane.policy.universe import AllowLocalhost
 
@@ -92,6 +110,16 @@ def make_config(
         raise UserError("policy-map-max", f"{policy_map_max!r} is not a whole number") from None
     if not 1 <= map_max <= MAX_MAP_ENTRIES:
         raise UserError("policy-map-max", f"{map_max} is not between 1 and {MAX_MAP_ENTRIES}")
+    dual_stack = _parse_bool(ipv6, "ipv6")
+    cidr6, node6 = _ipv6_plan(pod_cidr_v6, node_ipv6) if dual_stack else (None, None)
+    apiservers = _addresses(kube_apiserver_ips, "kube-apiserver-ip")
+    if not dual_stack and any(a.version == 6 for a in apiservers):
+        raise UserError("kube-apiserver-ip", "IPv6 addresses need --ipv6=true")
+    if cidr_match_mode not in CIDR_MATCH_MODES:
+        raise UserError(
+            "policy-cidr-match-mode",
+            f"{cidr_match_mode!r} is not one of {', '.join(CIDR_MATCH_MODES)}",
+        )
     return AgentConfig(
         state_dir=Path(state_dir),
         api_socket=api_socket,
@@ -102,4 +130,47 @@ def make_config(
         allow_localhost=AllowLocalhost(allow_localhost),
         attach=attach,
         policy_map_max=map_max,
+        pod_cidr_v6=cidr6,
+        node_ipv6=node6,
+        kube_apiserver_ips=apiservers,
+        cidr_match_mode=cidr_match_mode,
     )
+
+
+def _parse_bool(value: bool | str, option: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise UserError(option, f"{value!r} is not true or false")
+
+
+def _ipv6_plan(pod_cidr_v6: str, node_ipv6: str) -> tuple[IPv6Network, IPv6Address]:
+    try:
+        cidr = IPv6Network(pod_cidr_v6)
+    except ValueError as err:
+        raise UserError("pod-cidr-v6", f"{pod_cidr_v6!r} is not an IPv6 CIDR ({err})") from None
+    if cidr.prefixlen > 126:
+        raise UserError("pod-cidr-v6", f"{pod_cidr_v6} is too small for pods (use /126 or larger)")
+    try:
+        node = IPv6Address(node_ipv6)
+    except ValueError:
+        raise UserError("node-ipv6", f"{node_ipv6!r} is not an IPv6 address") from None
+    if node in cidr:
+        raise UserError("node-ipv6", f"{node} lies inside the pod CIDR {cidr}")
+    if node.is_link_local or node.is_multicast or node.is_unspecified:
+        raise UserError("node-ipv6", f"{node} is not a unicast address the node can route by")
+    return cidr, node
+
+
+def _addresses(text: str, option: str) -> tuple[IPv4Address | IPv6Address, ...]:
+    """Comma-separated addresses."""
+    found = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            found.append(ip_address(item))
+        except ValueError:
+            raise UserError(option, f"{item!r} is not an IP address") from None
+    return tuple(found)

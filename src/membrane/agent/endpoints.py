@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from membrane.agent.config import AgentConfig
 from membrane.agent.state import AgentState, EndpointRecord, PortSpec
@@ -62,6 +62,17 @@ class EndpointLifecycle:
         self.node = node
         self.ipam = Ipam(config.pod_cidr, set())
         self.ipam.restore({IPv4Address(ep.ipv4): ep.key for ep in state.endpoints.values()})
+        self.ipam6 = None if config.pod_cidr_v6 is None else Ipam(config.pod_cidr_v6)
+        if self.ipam6 is not None:
+            # Endpoints of another plan (made IPv4-only, or with another IPv6 CIDR) keep
+            # what they have; only addresses of this CIDR are this run's to hand out.
+            self.ipam6.restore(
+                {
+                    addr: ep.key
+                    for ep in state.endpoints.values()
+                    if (addr := _ipv6_of(ep)) is not None and addr in config.pod_cidr_v6
+                }
+            )
         self._build: tuple[dict[str, str], set[int]] | None = None  # tags, node map ids
 
     # ---- after a restart -----------------------------------------------------------------
@@ -82,7 +93,7 @@ class EndpointLifecycle:
         another mode than the one asked for are replaced (the new attachment first), and
         so are programs of another build (an upgrade) or that use node maps a migration
         replaced: the new program is swapped in place."""
-        if inspect_pod(self.node, ep.netns, ep.host_ifname, IPv4Address(ep.ipv4)):
+        if inspect_pod(self.node, ep.netns, ep.host_ifname, IPv4Address(ep.ipv4), _ipv6_of(ep)):
             mode = attach_mode(self.config.bpf_dir, ep.id)
             wanted = self.config.attach in ("auto", mode)
             if not (wanted and is_attached(self.config.bpf_dir, ep.id)):
@@ -97,7 +108,12 @@ class EndpointLifecycle:
         # The pod's namespace stays (its processes are the workload); the veth is rebuilt.
         delete_node_link(self.node, ep.host_ifname)
         link = create_pod(
-            self.node, ep.netns, ep.host_ifname, IPv4Address(ep.ipv4), reuse_netns=True
+            self.node,
+            ep.netns,
+            ep.host_ifname,
+            IPv4Address(ep.ipv4),
+            self._routable(_ipv6_of(ep)),
+            reuse_netns=True,
         )
         self._attach(ep, link.host_ifindex)
         return False
@@ -128,6 +144,11 @@ class EndpointLifecycle:
             raise UserError("name", f"{key} is too long for a namespace")
         ep_id = self._free_id()
         ip = self.ipam.allocate(key)
+        try:
+            ip6 = None if self.ipam6 is None else self.ipam6.allocate(key)
+        except BaseException:
+            self.ipam.release(ip)
+            raise
         ep = EndpointRecord(
             id=ep_id,
             namespace=req.namespace,
@@ -135,6 +156,7 @@ class EndpointLifecycle:
             netns=netns,
             host_ifname=f"mbr{ep_id}",
             ipv4=str(ip),
+            ipv6=None if ip6 is None else str(ip6),
             labels=dict(req.labels),
             ports=tuple(PortSpec(p.name, p.port, p.protocol) for p in req.ports),
             created=time.time(),
@@ -146,9 +168,9 @@ class EndpointLifecycle:
             # The verifier checks the programs (in the kernel, ~20 ms) while the veth is
             # being made.
             with ThreadPoolExecutor(max_workers=1) as pool:
-                loading = pool.submit(load_endpoint, self.config.bpf_dir, ep_id, ip)
+                loading = pool.submit(load_endpoint, self.config.bpf_dir, ep_id, ip, ip6)
                 try:
-                    link = create_pod(self.node, netns, ep.host_ifname, ip)
+                    link = create_pod(self.node, netns, ep.host_ifname, ip, ip6)
                 except BaseException:
                     with contextlib.suppress(Exception):
                         loading.result().close()
@@ -164,6 +186,7 @@ class EndpointLifecycle:
                 lambda: detach_endpoint(self.config.bpf_dir, ep_id),
                 lambda: delete_pod(self.node, netns, ep.host_ifname),
                 lambda: self.ipam.release(ip),
+                lambda: self._release6(ip6),
             ):
                 try:
                     undo()
@@ -181,6 +204,16 @@ class EndpointLifecycle:
         """Remove a forgotten endpoint's veth, namespace and address (after `detach`)."""
         delete_pod(self.node, ep.netns, ep.host_ifname)
         self.ipam.release(IPv4Address(ep.ipv4))
+        self._release6(_ipv6_of(ep))
+
+    def _release6(self, addr: IPv6Address | None) -> None:
+        if addr is not None and self.ipam6 is not None:
+            self.ipam6.release(addr)
+
+    def _routable(self, addr: IPv6Address | None) -> IPv6Address | None:
+        """`addr`, if this node routes IPv6 (a record of a dual-stack run adopted by an
+        IPv4-only one keeps its address on record, but the pod gets none)."""
+        return addr if self.node.node_ip6 is not None else None
 
     def _free_id(self) -> int:
         candidate = self.state.next_endpoint_id
@@ -203,7 +236,14 @@ class EndpointLifecycle:
         where = (self.config.bpf_dir, ep.id)
         node_netns, attach = self.config.node_netns, self.config.attach
         if loaded is None:
-            mode = attach_endpoint(*where, IPv4Address(ep.ipv4), ifindex, node_netns, attach)
+            mode = attach_endpoint(
+                *where,
+                IPv4Address(ep.ipv4),
+                ifindex,
+                node_netns,
+                attach,
+                ipv6=self._routable(_ipv6_of(ep)),
+            )
         else:
             mode = attach_loaded(loaded, *where, ifindex, node_netns, attach)
         log.log(
@@ -215,3 +255,7 @@ class EndpointLifecycle:
             ep = replace(ep, attach_mode=mode)
             self.state.endpoints[ep.id] = ep
         return ep
+
+
+def _ipv6_of(ep: EndpointRecord) -> IPv6Address | None:
+    return None if ep.ipv6 is None else IPv6Address(ep.ipv6)

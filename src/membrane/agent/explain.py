@@ -9,7 +9,7 @@ agree unless there is a bug, and showing both makes such a bug visible.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from typing import Any
 
 from membrane.abi import Direction, Identity, IpProto
@@ -41,15 +41,19 @@ def find_peer(snapshot: Snapshot, spec: str, field: str) -> Peer:
         return Peer(ep.ipv4, ep.identity, ep)
     if spec == "host":
         return Peer(str(snapshot.node_ip), int(Identity.HOST), None)
-    if spec == "world":
-        return Peer("0.0.0.0", int(Identity.WORLD), None)
+    if spec in ("world", "world-ipv4"):
+        return Peer("0.0.0.0", snapshot.world_identity(4), None)
+    if spec == "world-ipv6":
+        return Peer("::", snapshot.world_identity(6), None)
     try:
-        ip = IPv4Address(spec)
+        ip = ip_address(spec)
     except ValueError:
-        raise UserError(field, f"{spec!r} is not NS/NAME, host, world or an IPv4 address") from None
+        raise UserError(
+            field, f"{spec!r} is not NS/NAME, host, world, world-ipv6 or an IP address"
+        ) from None
     ep = snapshot.endpoints_by_ip.get(str(ip))
     if ep:
-        return Peer(ep.ipv4, ep.identity, ep)
+        return Peer(str(ip), ep.identity, ep)
     return Peer(str(ip), snapshot.identity_of_ip(ip), None)
 
 
@@ -71,6 +75,8 @@ def trace(snapshot: Snapshot, req: TraceRequest) -> dict[str, Any]:
             peer_identity=peer.identity,
             proto=proto,
             port=req.dport,
+            peer_address=ip_address(peer.ip) if peer.endpoint else None,
+            cidr_match_mode=snapshot.universe.cidr_match_mode,
         )
         dp_allowed, rule_id = lookup(
             snapshot.compiled[local.endpoint.id],
@@ -78,6 +84,7 @@ def trace(snapshot: Snapshot, req: TraceRequest) -> dict[str, Any]:
             peer.identity,
             proto,
             req.dport,
+            snapshot.address_identities.get(peer.ip, 0),
         )
         rule = snapshot.rules.get(rule_id)
         steps.append(

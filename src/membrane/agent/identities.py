@@ -8,7 +8,7 @@ ipcache entries, and the identities in flow records, stay valid across restarts.
 from __future__ import annotations
 
 from collections.abc import Collection
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from membrane.abi import Identity
@@ -39,7 +39,7 @@ class IdentityAllocator:
             self._by_labels[key] = ident
         return ident
 
-    def for_prefix(self, prefix: IPv4Network) -> int:
+    def for_prefix(self, prefix: IPv4Network | IPv6Network) -> int:
         key = str(prefix)
         ident = self._by_prefix.get(key)
         if ident is None:
@@ -48,7 +48,7 @@ class IdentityAllocator:
             self._by_prefix[key] = ident
         return ident
 
-    def retain(self, label_keys: set[str], prefixes: Collection[IPv4Network]) -> None:
+    def retain(self, label_keys: set[str], prefixes: Collection[IPv4Network | IPv6Network]) -> None:
         """Forget identities no longer in use, so their numbers' meaning cannot go stale.
         Numbers are never reused (the counters only grow)."""
         self._by_labels = {k: v for k, v in self._by_labels.items() if k in label_keys}

@@ -24,17 +24,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv6Address
 from typing import NamedTuple
 
 from membrane.abi import Identity, IpProto
-from membrane.agent.cidr import NO_CIDRS, CidrIdentities
+from membrane.agent.addresses import AddressPrefixes
+from membrane.agent.cidr import CidrIdentities
 from membrane.agent.config import AgentConfig
 from membrane.agent.identities import IdentityAllocator, labels_key
 from membrane.agent.namespaces import NamespaceStore
 from membrane.agent.state import EndpointRecord
 from membrane.datapath import conntrack
-from membrane.datapath.ipcache import IpcacheWriter, RawKey, RawValue, host_key
+from membrane.datapath.ipcache import (
+    Address,
+    IpcacheWriter,
+    Network,
+    RawKey,
+    RawValue,
+    host_key,
+    raw_key,
+    world_prefix,
+)
 from membrane.datapath.nodemaps import NodeMapFull, NodeMaps
 from membrane.datapath.policy import PolicyWriter
 from membrane.endpoint.node import NodeInfo
@@ -50,6 +60,7 @@ from membrane.policy import (
     Policy,
     RuleTable,
     Universe,
+    address_prefixes,
     compile_policies,
     policy_cidrs,
 )
@@ -68,7 +79,7 @@ class _Checkpoint(NamedTuple):
 
     cidr: CidrIdentities
     cidr_policies: tuple[Policy, ...] | None
-    prefixes_of: dict[int, tuple[Policy, frozenset[IPv4Network]]]
+    prefixes_of: dict[int, tuple[Policy, frozenset[Network]]]
     enforced: Mapping[int, frozenset[Label]]
     numbering: tuple[int, int]
 
@@ -79,7 +90,8 @@ class Reconciled:
 
     universe: Universe
     compiled: Mapping[int, EndpointPolicy]  # endpoint id -> policy
-    host_addresses: tuple[IPv4Address, ...]  # what the ipcache maps to the host identity
+    host_addresses: tuple[Address, ...]  # what the ipcache maps to the host identity
+    address_identities: Mapping[str, int]  # pod address -> its own identity (addresses.py)
 
 
 class DatapathReconciler:
@@ -99,11 +111,18 @@ class DatapathReconciler:
         self.identities = identities
         self.rules = rules
         self.writer = PolicyWriter(maps)
-        self.ipcache = IpcacheWriter(maps)
-        self._compile_cache = CompileCache()
-        self._cidr = NO_CIDRS
+        self._cidr = CidrIdentities.empty(config.ipv6)
+        world4 = self._cidr.ipcache[raw_key(world_prefix(4))][0]
+        self.ipcache = IpcacheWriter(maps, 4, world4)
+        self.ipcache6 = IpcacheWriter(maps, 6)
+        self._compile_cache = CompileCache(config.cidr_match_mode)
+        self._addresses = AddressPrefixes()
+        # endpoint id -> its addresses' own identities (IPv4, IPv6; 0: none), and the label
+        # sets behind them (kept by the allocator)
+        self._address_identities: dict[int, tuple[int, int]] = {}
+        self._address_label_keys: set[str] = set()
         self._cidr_policies: tuple[Policy, ...] | None = None  # what `_cidr` was made from
-        self._prefixes_of: dict[int, tuple[Policy, frozenset[IPv4Network]]] = {}
+        self._prefixes_of: dict[int, tuple[Policy, frozenset[Network]]] = {}
         self._endpoint_identities: dict[int, _EndpointIdentity] = {}
         self._enforced_identities: Mapping[int, frozenset[Label]] = dict(RESERVED_LABELS)
         # The identities a sync in progress writes (a failed one may have left them).
@@ -152,12 +171,15 @@ class DatapathReconciler:
         compiled = self._compile(policies, universe)
         steps.append(compiled)
         hosts = tuple(self.node.host_addresses())
-        overlay = self._address_overlay(hosts, endpoints)
-        self._check_capacity([(step, identities) for step in steps], overlay)
+        overlay, overlay6 = self._address_overlays(hosts, endpoints)
+        self._check_capacity([(step, identities) for step in steps], overlay, overlay6)
         self._writing = universe.identities
         self.writer.apply(steps[0], identities)
-        moved = self.ipcache.sync_layers(self._cidr.ipcache, overlay)
-        if moved.added or moved.updated or moved.removed:
+        moved = [
+            self.ipcache.sync_layers(self._cidr.ipcache, overlay),
+            self.ipcache6.sync_layers(self._cidr.ipcache6, overlay6),
+        ]
+        if any(m.added or m.updated or m.removed for m in moved):
             # Peers may have other identities now: established connections are checked
             # again (a policy revision bumped before this write does not cover packets
             # verified against the old ipcache in between).
@@ -166,25 +188,31 @@ class DatapathReconciler:
             self.writer.apply(compiled, identities)
         self._enforced_identities = universe.identities
         self.identities.retain(
-            {labels_key(info.labels) for info in universe.endpoints.values()},
+            {labels_key(info.labels) for info in universe.endpoints.values()}
+            | self._address_label_keys,
             self._cidr.prefixes,
         )
-        return Reconciled(universe, compiled, hosts)
+        return Reconciled(universe, compiled, hosts, self._address_identity_of(endpoints))
 
     def _check_capacity(
         self,
         steps: list[tuple[Mapping[int, EndpointPolicy], Mapping[int, int]]],
         overlay: Mapping[RawKey, RawValue],
+        overlay6: Mapping[RawKey, RawValue],
     ) -> None:
         """Refuse, before anything is written, a sync that would overflow a map."""
         size = self.maps.policy.max_entries
         needed = self.writer.peak(steps)
         if needed > size:
             raise NodeMapFull("policy", needed, size, "membrane agent run --policy-map-max")
-        size = self.maps.ipcache.max_entries
-        needed = self.ipcache.peak(self._cidr.ipcache, overlay)
-        if needed > size:
-            raise NodeMapFull("ipcache", needed, size, "the policies' CIDR prefixes and pods")
+        for name, writer, base, addresses in (
+            ("ipcache", self.ipcache, self._cidr.ipcache, overlay),
+            ("ipcache6", self.ipcache6, self._cidr.ipcache6, overlay6),
+        ):
+            size = writer.map.max_entries
+            needed = writer.peak(base, addresses)
+            if needed > size:
+                raise NodeMapFull(name, needed, size, "the policies' CIDR prefixes and pods")
 
     def _rollback(self, saved: _Checkpoint, wrote: bool) -> None:
         """Forget what a failed sync cached; after a failed write, re-read the maps."""
@@ -197,6 +225,7 @@ class DatapathReconciler:
         if wrote:
             self.writer.refresh()
             self.ipcache.refresh()
+            self.ipcache6.refresh()
 
     def remove_endpoint(self, ep_id: int) -> None:
         """Its policy entries, state and conntrack entries (after its programs are gone)."""
@@ -225,6 +254,9 @@ class DatapathReconciler:
             prefixes = self._policy_prefixes(policies)
             if prefixes != self._cidr.prefixes:
                 self._cidr = self._cidr.updated(prefixes, self.identities)
+            wanted = address_prefixes(policies, self.config.cidr_match_mode)
+            if wanted != self._addresses.prefixes:
+                self._addresses = AddressPrefixes(wanted)
         identities: dict[int, frozenset[Label]] = dict(RESERVED_LABELS)
         infos: dict[int, EndpointInfo] = {}
         for ep_id, ep in list(endpoints.items()):
@@ -236,17 +268,44 @@ class DatapathReconciler:
         for gone in self._endpoint_identities.keys() - endpoints.keys():
             del self._endpoint_identities[gone]
         identities.update(self._cidr.labels)
+        identities.update(self._number_addresses(endpoints))
         return Universe(
             identities=identities,
             endpoints=infos,
             cidr_identities=self._cidr.prefix_of,
             allow_localhost=self.config.allow_localhost,
+            cidr_match_mode=self.config.cidr_match_mode,
         )
 
-    def _policy_prefixes(self, policies: tuple[Policy, ...]) -> frozenset[IPv4Network]:
+    def _number_addresses(
+        self, endpoints: Mapping[int, EndpointRecord]
+    ) -> dict[int, frozenset[Label]]:
+        """Pod-address identities (membrane.agent.addresses) of every endpoint address an
+        address prefix holds; returns their labels by identity."""
+        found: dict[int, frozenset[Label]] = {}
+        self._address_identities = {}
+        self._address_label_keys = set()
+        if not self._addresses.prefixes:
+            return found
+        for ep in endpoints.values():
+            numbers = []
+            for addr in (IPv4Address(ep.ipv4), _ipv6(ep) if self.config.ipv6 else None):
+                labels = None if addr is None else self._addresses.labels_of(addr)
+                if labels is None:
+                    numbers.append(0)
+                    continue
+                ident = self.identities.for_labels(labels)
+                found[ident] = labels
+                self._address_label_keys.add(labels_key(labels))
+                numbers.append(ident)
+            if any(numbers):
+                self._address_identities[ep.id] = (numbers[0], numbers[1])
+        return found
+
+    def _policy_prefixes(self, policies: tuple[Policy, ...]) -> frozenset[Network]:
         """Every policy's CIDR prefixes, each policy's computed once (policies are
         immutable; a changed one is a new object)."""
-        known: dict[int, tuple[Policy, frozenset[IPv4Network]]] = {}
+        known: dict[int, tuple[Policy, frozenset[Network]]] = {}
         for policy in policies:
             found = self._prefixes_of.get(id(policy))
             if found is None or found[0] is not policy:
@@ -277,22 +336,42 @@ class DatapathReconciler:
         self._endpoint_identities[ep.id] = _EndpointIdentity(ep, ns_labels, info)
         return info
 
-    @staticmethod
-    def _address_overlay(
-        hosts: tuple[IPv4Address, ...], endpoints: Mapping[int, EndpointRecord]
-    ) -> dict[RawKey, RawValue]:
-        """The node's and the endpoints' addresses (/32s over any CIDR prefix)."""
-        overlay: dict[RawKey, RawValue] = {}
+    def _address_identity_of(self, endpoints: Mapping[int, EndpointRecord]) -> dict[str, int]:
+        found = {}
+        for ep_id, (own4, own6) in self._address_identities.items():
+            ep = endpoints[ep_id]
+            if own4:
+                found[ep.ipv4] = own4
+            if own6 and ep.ipv6:
+                found[ep.ipv6] = own6
+        return found
+
+    def _address_overlays(
+        self, hosts: tuple[Address, ...], endpoints: Mapping[int, EndpointRecord]
+    ) -> tuple[dict[RawKey, RawValue], dict[RawKey, RawValue]]:
+        """The node's and the endpoints' addresses (host prefixes over any CIDR prefix),
+        IPv4 and IPv6; the kube-apiserver's addresses, unless they are the node's or a
+        pod's (the host and pod identities are what policies name them by then)."""
+        overlays: dict[int, dict[RawKey, RawValue]] = {4: {}, 6: {}}
+        for addr in self.config.kube_apiserver_ips:
+            overlays[addr.version][host_key(addr)] = (int(Identity.KUBE_APISERVER), 0, 0)
         for addr in hosts:
-            overlay[host_key(addr)] = (int(Identity.HOST), 0)
+            overlays[addr.version][host_key(addr)] = (int(Identity.HOST), 0, 0)
         for ep in endpoints.values():
-            overlay[host_key(IPv4Address(ep.ipv4))] = (ep.identity, ep.id)
-        return overlay
+            own4, own6 = self._address_identities.get(ep.id, (0, 0))
+            overlays[4][host_key(IPv4Address(ep.ipv4))] = (ep.identity, ep.id, own4)
+            if ep.ipv6 is not None and self.config.ipv6:
+                overlays[6][host_key(IPv6Address(ep.ipv6))] = (ep.identity, ep.id, own6)
+        return overlays[4], overlays[6]
 
     def _compile(
         self, policies: tuple[Policy, ...], universe: Universe
     ) -> Mapping[int, EndpointPolicy]:
         return compile_policies(policies, universe, self.rules, self._compile_cache)
+
+
+def _ipv6(ep: EndpointRecord) -> IPv6Address | None:
+    return None if ep.ipv6 is None else IPv6Address(ep.ipv6)
 
 
 def _same_inputs(a: EndpointRecord, b: EndpointRecord) -> bool:

@@ -10,10 +10,11 @@ every mapping is built for the snapshot (or shared with an older one when unchan
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from membrane.abi import Identity
 from membrane.agent.state import EndpointRecord, StoredPolicy
@@ -25,7 +26,7 @@ from membrane.policy import EndpointPolicy, Policy, RuleRef, Universe
 class Snapshot:
     node_name: str
     node_ip: IPv4Address
-    host_addresses: tuple[IPv4Address, ...]
+    host_addresses: tuple[IPv4Address | IPv6Address, ...]
     endpoints: Mapping[int, EndpointRecord]  # by endpoint id
     endpoints_by_key: Mapping[str, EndpointRecord]  # "namespace/name"
     endpoints_by_ip: Mapping[str, EndpointRecord]
@@ -37,20 +38,28 @@ class Snapshot:
     rules: Mapping[int, RuleRef]  # rule id -> rule
     universe: Universe
     compiled: Mapping[int, EndpointPolicy]  # endpoint id -> its policy as enforced
+    dual_stack: bool = False
+    address_identities: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def world_identity(self, version: int) -> int:
+        """What the ipcache gives addresses of `version` that no prefix covers."""
+        if version == 6:
+            return int(Identity.WORLD_IPV6)
+        return int(Identity.WORLD_IPV4 if self.dual_stack else Identity.WORLD)
 
     def endpoint(self, namespace: str, name: str) -> EndpointRecord | None:
         return self.endpoints_by_key.get(f"{namespace}/{name}")
 
-    def identity_of_ip(self, ip: IPv4Address) -> int:
+    def identity_of_ip(self, ip: IPv4Address | IPv6Address) -> int:
         """The ipcache's answer for an address: its longest matching prefix."""
         ep = self.endpoints_by_ip.get(str(ip))
         if ep is not None:
             return ep.identity
         if ip in self.host_addresses:
             return int(Identity.HOST)
-        best: tuple[int, int] = (-1, int(Identity.WORLD))
+        best: tuple[int, int] = (-1, self.world_identity(ip.version))
         for identity, prefix in self.universe.cidr_identities.items():
-            if ip in prefix and prefix.prefixlen > best[0]:
+            if prefix.version == ip.version and ip in prefix and prefix.prefixlen > best[0]:
                 best = (prefix.prefixlen, identity)
         return best[1]
 

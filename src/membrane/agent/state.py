@@ -53,6 +53,8 @@ class EndpointRecord:
     identity: int = 0
     created: float = 0.0
     attach_mode: str = ""  # "tcx" or "clsact": how its programs are attached
+    ipv6: str | None = None  # dual-stack nodes; None on IPv4-only ones (and for endpoints
+    # an older agent made)
 
     @property
     def key(self) -> str:

@@ -37,6 +37,10 @@ _ENDPOINT = {
         "name": {"type": "string"},
         "netns": {"type": "string", "description": "network namespace under /run/netns"},
         "ipv4": {"type": "string"},
+        "ipv6": {
+            "type": ["string", "null"],
+            "description": "null on an IPv4-only node (--ipv6=false)",
+        },
         "identity": {"type": "integer", "description": "security identity of its labels"},
         "labels": {"type": "object", "additionalProperties": {"type": "string"}},
         "identity_labels": {"type": "array", "items": {"type": "string"}},

@@ -16,6 +16,7 @@ def endpoint_view(ep: EndpointRecord, snapshot: Snapshot) -> dict[str, Any]:
         "name": ep.name,
         "netns": ep.netns,
         "ipv4": ep.ipv4,
+        "ipv6": ep.ipv6,
         "identity": ep.identity,
         "labels": ep.labels,
         "identity_labels": sorted(str(lb) for lb in snapshot.identity_labels.get(ep.identity, ())),

@@ -7,7 +7,9 @@ import typer
 from membrane.agent.config import (
     DEFAULT_ALLOW_LOCALHOST,
     DEFAULT_NODE_IP,
+    DEFAULT_NODE_IPV6,
     DEFAULT_POD_CIDR,
+    DEFAULT_POD_CIDR_V6,
     DEFAULT_POLICY_MAP_MAX,
     DEFAULT_STATE_DIR,
     make_config,
@@ -45,6 +47,33 @@ def run(
         DEFAULT_NODE_IP,
         "--node-ip",
         help="The node's address: the pods' gateway and the host entity.",
+    ),
+    ipv6: str = typer.Option(
+        "true",
+        "--ipv6",
+        help="true: pods are dual-stack (an IPv6 address beside the IPv4 one); false: "
+        "IPv4 only, and IPv6 to or from pods is dropped.",
+    ),
+    pod_cidr_v6: str = typer.Option(
+        DEFAULT_POD_CIDR_V6, "--pod-cidr-v6", help="IPv6 addresses for pods (with --ipv6=true)."
+    ),
+    node_ipv6: str = typer.Option(
+        DEFAULT_NODE_IPV6,
+        "--node-ipv6",
+        help="The node's IPv6 address: the pods' IPv6 gateway and the host entity.",
+    ),
+    kube_apiserver_ip: str = typer.Option(
+        "",
+        "--kube-apiserver-ip",
+        help="Addresses (comma-separated) the kube-apiserver entity stands for; none: the "
+        "entity matches nothing.",
+    ),
+    policy_cidr_match_mode: str = typer.Option(
+        "world",
+        "--policy-cidr-match-mode",
+        help="What CiliumNetworkPolicy toCIDR/fromCIDR/CIDR sets match: world (Cilium's "
+        "default: addresses outside the cluster) or all (pods' addresses too, as a "
+        "Kubernetes NetworkPolicy ipBlock always does).",
     ),
     netns_prefix: str = typer.Option(
         "", "--netns-prefix", help="Prefix of pod namespace names (NS-NAME by default)."
@@ -90,6 +119,11 @@ def run(
         allow_localhost,
         attach,
         policy_map_max,
+        ipv6=ipv6,
+        pod_cidr_v6=pod_cidr_v6,
+        node_ipv6=node_ipv6,
+        kube_apiserver_ips=kube_apiserver_ip,
+        cidr_match_mode=policy_cidr_match_mode,
     )
     setup_logging(log_level)
     run_agent(config)

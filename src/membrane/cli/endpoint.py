@@ -33,6 +33,7 @@ def _print(endpoints: list[dict[str, Any]], output: str) -> None:
             str(e["id"]),
             f"{e['namespace']}/{e['name']}",
             e["ipv4"],
+            e.get("ipv6") or "-",
             str(e["identity"]),
             ",".join(f"{k}={v}" for k, v in sorted(e["labels"].items())),
             e["netns"],
@@ -40,7 +41,9 @@ def _print(endpoints: list[dict[str, Any]], output: str) -> None:
         for e in endpoints
     ]
     print_table(
-        ["ID", "ENDPOINT", "IPV4", "IDENTITY", "LABELS", "NETNS"], rows, empty="no endpoints"
+        ["ID", "ENDPOINT", "IPV4", "IPV6", "IDENTITY", "LABELS", "NETNS"],
+        rows,
+        empty="no endpoints",
     )
 
 
@@ -72,7 +75,8 @@ def add(
         print_json(ep)
     else:
         typer.echo(
-            f"endpoint {ns}/{name}: id {ep['id']}, {ep['ipv4']}, "
+            f"endpoint {ns}/{name}: id {ep['id']}, "
+            f"{', '.join(a for a in (ep['ipv4'], ep.get('ipv6')) if a)}, "
             f"identity {ep['identity']}, netns {ep['netns']}"
         )
 
@@ -103,6 +107,7 @@ def get(
         "namespace",
         "name",
         "ipv4",
+        "ipv6",
         "identity",
         "netns",
         "host_ifname",

@@ -48,7 +48,7 @@ def read_ipcache(maps: NodeMaps) -> dict[Network, tuple[int, int]]:
 
 
 RawKey = tuple[int, int]  # (prefixlen, addr as an int; see raw_key), one family per dict
-RawValue = tuple[int, int]  # (identity, ep_id)
+RawValue = tuple[int, int, int]  # (identity, ep_id, addr_identity)
 
 
 def raw_key(net: Network) -> RawKey:
@@ -102,18 +102,18 @@ class IpcacheWriter:
         if world is None:
             world = Identity.WORLD if family == 4 else Identity.WORLD_IPV6
         self.world_key = raw_key(world_prefix(family))
-        self.world: RawValue = (int(world), 0)
+        self.world: RawValue = (int(world), 0, 0)
         self._have: dict[RawKey, RawValue] | None = None
         # sync_layers: the last base layer written and the overlay written over it
         self._base: Mapping[RawKey, RawValue] | None = None
         self._overlay: dict[RawKey, RawValue] = {}
 
-    def sync(self, desired: Mapping[Network, tuple[int, int]]) -> IpcacheSync:
-        """Make the ipcache hold exactly `desired` (prefix -> (identity, ep_id)) plus
-        the world prefix -> world. Additions and changes go first and removals last, so an
-        address never falls back to a shorter prefix (or to world) while its own entry is
-        being replaced."""
-        want = {raw_key(net): (int(i), int(e)) for net, (i, e) in desired.items()}
+    def sync(self, desired: Mapping[Network, tuple[int, ...]]) -> IpcacheSync:
+        """Make the ipcache hold exactly `desired` (prefix -> (identity, ep_id) or
+        (identity, ep_id, addr_identity)) plus the world prefix -> world. Additions and
+        changes go first and removals last, so an address never falls back to a shorter
+        prefix (or to world) while its own entry is being replaced."""
+        want = {raw_key(net): _raw_value(v) for net, v in desired.items()}
         self._base = None
         return self._syncraw_key(want)
 
@@ -167,9 +167,13 @@ class IpcacheWriter:
         if self._have is None:
             self._have = {
                 # flags we never write: an entry carrying some is rewritten
-                (int(k.prefixlen), _raw_addr(k)): (int(v.identity), int(v.ep_id))
+                (int(k.prefixlen), _raw_addr(k)): (
+                    int(v.identity),
+                    int(v.ep_id),
+                    int(v.addr_identity),
+                )
                 if not int(v.flags)
-                else (-1, -1)
+                else (-1, -1, -1)
                 for k, v in self.map.lookup_batch()
             }
         return self._have
@@ -180,9 +184,9 @@ class IpcacheWriter:
         self.map.update_batch(
             (
                 key_type(prefixlen=plen, addr=_key_addr(family, addr)),
-                value_type(identity=ident, ep_id=ep),
+                value_type(identity=ident, ep_id=ep, addr_identity=addr_ident),
             )
-            for (plen, addr), (ident, ep) in changed
+            for (plen, addr), (ident, ep, addr_ident) in changed
         )
         self.map.delete_batch(
             key_type(prefixlen=plen, addr=_key_addr(family, addr)) for plen, addr in stale
@@ -194,7 +198,12 @@ class IpcacheWriter:
         return IpcacheSync(added=added, updated=len(changed) - added, removed=len(stale))
 
 
-def sync_ipcache(maps: NodeMaps, desired: Mapping[Network | str, tuple[int, int]]) -> IpcacheSync:
+def _raw_value(value: tuple[int, ...]) -> RawValue:
+    ident, ep, *rest = value
+    return (int(ident), int(ep), int(rest[0]) if rest else 0)
+
+
+def sync_ipcache(maps: NodeMaps, desired: Mapping[Network | str, tuple[int, ...]]) -> IpcacheSync:
     """One sync of both families by fresh writers (they read the maps first), with the
     world identities of an IPv4-only node; returns the sum of what they changed."""
     nets = {ip_network(net): value for net, value in desired.items()}

@@ -65,24 +65,29 @@ class EndpointPolicy:
 
 
 def lookup(
-    policy: EndpointPolicy, direction: Direction, peer_identity: int, proto: int, port: int
+    policy: EndpointPolicy,
+    direction: Direction,
+    peer_identity: int,
+    proto: int,
+    port: int,
+    addr_identity: int = 0,
 ) -> tuple[bool, int]:
     """(allowed, rule_id) as the datapath decides: the longest match for the peer's
-    identity and the longest for any peer; a deny in either wins, else an allow in either
-    (the peer's own first), else the direction's default (rule 0)."""
-    by_peer: PolicyEntry | None = None
-    by_any: PolicyEntry | None = None
-    for entry in policy.entries:  # one pass for both lookups; the identity rules most out
+    identity, for its address's own identity (`addr_identity`, 0: none) and for any peer;
+    a deny in any wins, else an allow in any (in that order), else the direction's default
+    (rule 0)."""
+    wanted = (peer_identity, addr_identity or None, _ANY_PEER)
+    best: list[PolicyEntry | None] = [None, None, None]
+    for entry in policy.entries:  # one pass for every lookup; the identity rules most out
         identity = entry.identity
-        if identity != peer_identity and identity != _ANY_PEER:
+        if identity not in wanted:
             continue
         if entry.direction != direction or not entry.covers(proto, port):
             continue
-        if identity == peer_identity and (by_peer is None or entry.length > by_peer.length):
-            by_peer = entry
-        if identity == _ANY_PEER and (by_any is None or entry.length > by_any.length):
-            by_any = entry
-    matches = [m for m in (by_peer, by_any) if m is not None]
+        for i, ident in enumerate(wanted):
+            if identity == ident and (best[i] is None or entry.length > best[i].length):
+                best[i] = entry
+    matches = [m for m in best if m is not None]
     for match in matches:
         if match.deny:
             return False, match.rule_id

@@ -13,8 +13,8 @@ from __future__ import annotations
 import errno
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from ipaddress import IPv4Address
-from socket import AF_INET
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from socket import AF_INET, AF_INET6
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -25,6 +25,7 @@ from membrane import netns
 HOST_DEVICE = "membrane_host"
 HOST_PEER = "membrane_net"
 DEFAULT_NODE_IP = IPv4Address("198.19.0.1")
+_IFA_F_NODAD = 0x02
 
 # Forward between pods and the outside; no reverse-path filter, which drops packets that
 # arrive on another device than the route back to their source uses (asymmetric paths are
@@ -34,39 +35,54 @@ _NODE_SYSCTLS = {
     "net.ipv4.conf.all.rp_filter": 0,
     "net.ipv4.conf.default.rp_filter": 0,
 }
+_NODE_SYSCTLS_V6 = {"net.ipv6.conf.all.forwarding": 1}
 
 
 @dataclass(frozen=True)
 class NodeInfo:
     """Where the node side lives (a named namespace, or None for the namespace we run in:
-    a real node) and the node IP pods route through."""
+    a real node) and the node IPs pods route through (node_ip6 None: IPv4 only)."""
 
     node_netns: str | None
     node_ip: IPv4Address
+    node_ip6: IPv6Address | None = None
 
     def inside(self) -> AbstractContextManager[None]:
         """Run the body with this thread in the node namespace (sockets opened there stay
         there)."""
         return nullcontext() if self.node_netns is None else netns.inside(self.node_netns)
 
-    def host_addresses(self) -> list[IPv4Address]:
-        """Every IPv4 address of the node namespace: what the ipcache maps to the host
+    def host_addresses(self) -> list[IPv4Address | IPv6Address]:
+        """Every address of the node namespace (IPv6 too on a dual-stack node, link-local
+        ones left out: they name a link, not the node): what the ipcache maps to the host
         identity."""
+        families = (AF_INET, AF_INET6) if self.node_ip6 is not None else (AF_INET,)
+        found: set[IPv4Address | IPv6Address] = set()
         with self.inside(), IPRoute() as ipr:
-            found = {IPv4Address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=AF_INET)}
-        return sorted(found)
+            for family in families:
+                for a in ipr.get_addr(family=family):
+                    addr = ip_address(a.get_attr("IFA_ADDRESS"))
+                    if not addr.is_link_local:
+                        found.add(addr)
+        return sorted(found, key=lambda a: (a.version, a))
 
 
-def setup_node(node_netns: str | None, node_ip: IPv4Address = DEFAULT_NODE_IP) -> NodeInfo:
-    """Prepare the node side; safe to call again on a prepared node (an agent restart):
-    it only adds what is missing and never removes or re-creates anything."""
+def setup_node(
+    node_netns: str | None,
+    node_ip: IPv4Address = DEFAULT_NODE_IP,
+    node_ip6: IPv6Address | None = None,
+) -> NodeInfo:
+    """Prepare the node side (dual-stack when `node_ip6` is given); safe to call again on
+    a prepared node (an agent restart): it only adds what is missing and never removes or
+    re-creates anything."""
     if node_netns is not None and not netns.exists(node_netns):
         netns.create(node_netns)
-    node = NodeInfo(node_netns, IPv4Address(node_ip))
+    node = NodeInfo(node_netns, IPv4Address(node_ip), node_ip6 and IPv6Address(node_ip6))
     with node.inside(), IPRoute() as ipr:
         _ensure_up(ipr, ipr.link("get", ifname="lo")[0])
-        _ensure_host_device(ipr, node.node_ip)
-        for key, value in _NODE_SYSCTLS.items():
+        _ensure_host_device(ipr, node.node_ip, node.node_ip6)
+        sysctls = {**_NODE_SYSCTLS, **(_NODE_SYSCTLS_V6 if node.node_ip6 else {})}
+        for key, value in sysctls.items():
             netns.write_sysctl(key, value)
     return node
 
@@ -92,12 +108,22 @@ def _ensure_up(ipr: IPRoute, link: ifinfmsg) -> None:
         ipr.link("set", index=link["index"], state="up")
 
 
-def _ensure_host_device(ipr: IPRoute, node_ip: IPv4Address) -> None:
+def _ensure_host_device(ipr: IPRoute, node_ip: IPv4Address, node_ip6: IPv6Address | None) -> None:
     host = netns.find_link(ipr, HOST_DEVICE)
     if host is None:
         ipr.link("add", ifname=HOST_DEVICE, kind="veth", peer={"ifname": HOST_PEER})
         netns.disable_ipv6(HOST_DEVICE, HOST_PEER)  # while down: never gets an address
         host = ipr.link("get", ifname=HOST_DEVICE)[0]
+    if node_ip6 is not None:
+        netns.enable_ipv6(HOST_DEVICE)  # an agent restart may turn it on for a node IPv6
+        present6 = {
+            a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=host["index"], family=AF_INET6)
+        }
+        if str(node_ip6) not in present6:
+            ipr.addr(
+                "add", index=host["index"], address=str(node_ip6), prefixlen=128,
+                flags=_IFA_F_NODAD,
+            )  # fmt: skip
     peer = netns.find_link(ipr, HOST_PEER)
     if peer is None or peer["index"] != host.get_attr("IFLA_LINK"):
         raise RuntimeError(f"{HOST_DEVICE} exists but is not a veth paired with {HOST_PEER}")

@@ -13,7 +13,7 @@ from membrane.netns.links import (
 from membrane.netns.namespace import create, delete, exists, ifindex, inside, names, path
 from membrane.netns.probe import listening, ping, wait_listening, wait_ping
 from membrane.netns.process import CommandError, command, popen, run, stop
-from membrane.netns.sysctl import disable_ipv6, read_sysctl, write_sysctl
+from membrane.netns.sysctl import disable_ipv6, enable_ipv6, read_sysctl, write_sysctl
 from membrane.netns.topology import Iface, Pair, Topology, next_subnet
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "delete",
     "delete_link",
     "disable_ipv6",
+    "enable_ipv6",
     "exists",
     "find_link",
     "ifindex",

@@ -12,6 +12,7 @@ import time
 from membrane.netns.namespace import inside
 
 _ECHO_REQUEST, _ECHO_REPLY = 8, 0
+_ECHO6_REQUEST, _ECHO6_REPLY = 128, 129
 _TCP_LISTEN = "0A"
 
 
@@ -25,31 +26,39 @@ def _checksum(data: bytes) -> int:
 
 
 def ping(ns: str, ip: str, timeout: float = 1.0) -> bool:
-    """Send one echo request from `ns` to `ip`; True when the reply arrives in time."""
+    """Send one echo request (ICMP, or ICMPv6 to an IPv6 address) from `ns` to `ip`; True
+    when the reply arrives in time."""
+    v6 = ":" in ip
     with inside(ns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        if v6:  # the kernel fills in ICMPv6 checksums and strips the IPv6 header
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    request, wanted = (_ECHO6_REQUEST, _ECHO6_REPLY) if v6 else (_ECHO_REQUEST, _ECHO_REPLY)
     with sock:
         # A fresh id per echo: conntrack sees a new flow, not one an earlier ping opened
         ident, seq = secrets.randbits(16), secrets.randbits(16)
         payload = b"membrane-ping"
-        csum = _checksum(struct.pack("!BBHHH", _ECHO_REQUEST, 0, 0, ident, seq) + payload)
+        csum = 0 if v6 else _checksum(struct.pack("!BBHHH", request, 0, 0, ident, seq) + payload)
         try:
             sock.connect((ip, 0))  # a raw socket then only sees packets from `ip`
-            sock.send(struct.pack("!BBHHH", _ECHO_REQUEST, 0, csum, ident, seq) + payload)
+            sock.send(struct.pack("!BBHHH", request, 0, csum, ident, seq) + payload)
         except OSError:  # no route (yet): unreachable is an answer, not an error
             return False
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             sock.settimeout(left)
             try:
-                reply = sock.recv(2048)
+                reply, sender = sock.recvfrom(2048)
             except TimeoutError:
                 return False
-            icmp = reply[(reply[0] & 0x0F) * 4 :]  # skip the IP header
+            icmp = reply if v6 else reply[(reply[0] & 0x0F) * 4 :]  # IPv4: skip the header
             # what queued before connect() took effect may come from anyone
-            if len(icmp) >= 8 and socket.inet_ntoa(reply[12:16]) == ip:
+            if len(icmp) >= 8 and socket.inet_pton(sock.family, sender[0]) == socket.inet_pton(
+                sock.family, ip
+            ):
                 kind, _, _, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
-                if (kind, rid, rseq) == (_ECHO_REPLY, ident, seq):
+                if (kind, rid, rseq) == (wanted, ident, seq):
                     return True
     return False
 

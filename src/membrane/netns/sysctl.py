@@ -38,3 +38,17 @@ def disable_ipv6(*devices: str) -> None:
         return
     for dev in devices:
         write_sysctl(f"net.ipv6.conf.{dev}.disable_ipv6", 1)
+
+
+# A pod's or the node's side of a pod link: IPv6 on, but no router advertisements taken,
+# no addresses made up from them, and addresses usable at once (no duplicate address
+# detection: the agent hands out every address on these links itself).
+_QUIET_IPV6 = {"disable_ipv6": 0, "accept_ra": 0, "autoconf": 0, "accept_dad": 0}
+
+
+def enable_ipv6(*devices: str) -> None:
+    """Turn IPv6 on for `devices` ("all" and "default" included), quietly (see above).
+    Set it before a device comes up."""
+    for dev in devices:
+        for key, value in _QUIET_IPV6.items():
+            write_sysctl(f"net.ipv6.conf.{dev}.{key}", value)

@@ -70,7 +70,8 @@ class CompileCache:
     Parts and results are dropped when a rule of their subjects gets other peers (all of
     them when the named ports that egress rules resolve against change)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cidr_match_mode: str = "world") -> None:
+        self.cidr_match_mode = cidr_match_mode  # see policy_subjects
         self._subjects: dict[int, tuple[Policy, list[tuple[int, Subject]]]] = {}
         self._serial = 0
         self.results: dict[tuple, EndpointPolicy] = {}
@@ -87,7 +88,7 @@ class CompileCache:
         cached = self._subjects.get(id(policy))
         if cached is None or cached[0] is not policy:
             numbered = []
-            for subject in policy_subjects(policy):
+            for subject in policy_subjects(policy, cidr_match_mode=self.cidr_match_mode):
                 self._serial += 1
                 numbered.append((self._serial, subject))
             cached = (policy, numbered)
@@ -173,7 +174,7 @@ def compile_policies(
 ) -> dict[int, EndpointPolicy]:
     """The policy of every endpoint in the universe, by ep_id."""
     policies = list(policies)
-    cache = cache or CompileCache()
+    cache = cache or CompileCache(universe.cidr_match_mode)
     cache.start(policies, universe)
     numbered = [n for p in policies for n in cache.subjects_of(p)]
     endpoints = LabelIndex({ep_id: ep.labels for ep_id, ep in universe.endpoints.items()})

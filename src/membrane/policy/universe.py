@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from membrane.identity.labels import Label
 
@@ -34,10 +34,14 @@ class EndpointInfo:
 
 @dataclass(frozen=True)
 class Universe:
-    """Every known identity (reserved 1..6, endpoint and CIDR ones) with its labels. CIDR
-    identities' labels come from `cidr_identity_labels` over the policies' prefixes."""
+    """Every known identity (reserved ones, endpoint, pod-address and CIDR ones) with its
+    labels. CIDR identities' labels come from `cidr_identity_labels` over the policies'
+    prefixes, pod-address ones from membrane.agent.addresses."""
 
     identities: dict[int, frozenset[Label]]
     endpoints: dict[int, EndpointInfo]  # by ep_id
-    cidr_identities: dict[int, IPv4Network]  # identity -> prefix
+    cidr_identities: dict[int, IPv4Network | IPv6Network]  # identity -> prefix
     allow_localhost: AllowLocalhost = AllowLocalhost.ALWAYS
+    # What CiliumNetworkPolicy CIDR peers select: "world" addresses, or "all" (pod
+    # addresses too; `membrane agent run --policy-cidr-match-mode`)
+    cidr_match_mode: str = "world"

@@ -27,8 +27,8 @@ import tempfile
 import textwrap
 import time
 import warnings
-from collections.abc import Iterator
-from ipaddress import IPv4Address
+from collections.abc import Iterator, Sequence
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ from membrane.endpoint.node import NodeInfo
 AGENTS_PIN_ROOT = Path(PIN_ROOT) / "agent"
 NODE_IP = "198.19.0.1"
 POD_CIDR = "198.18.0.0/16"
+NODE_IP6 = "2001:db8::1"
+POD_CIDR6 = "2001:db8:1::/64"
 READY_LINE = "membrane agent ready"  # what `membrane agent run` prints once it serves
 START_TIMEOUT = 60.0
 CLI_TIMEOUT = 120.0
@@ -97,6 +99,7 @@ class AgentProcess:
         allow_localhost: str | None = None,
         attach: str | None = None,
         policy_map_max: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.tag = tag
         self.node_netns = f"{tag}n"
@@ -111,10 +114,13 @@ class AgentProcess:
         self.allow_localhost = allow_localhost
         self.attach = attach  # --attach (None: the agent's default, auto)
         self.policy_map_max = policy_map_max
+        self.extra_args = list(extra_args)  # more `agent run` options (--ipv6=false, ...)
         self.proc: subprocess.Popen[str] | None = None
         self.expect_down = False  # we stopped it on purpose (kill9/stop)
         self.env = {**os.environ, SOCKET_ENV: self.socket}
-        self.node = NodeInfo(self.node_netns, IPv4Address(NODE_IP))
+        ipv4_only = "--ipv6=false" in self.extra_args
+        node6 = None if ipv4_only else IPv6Address(NODE_IP6)
+        self.node = NodeInfo(self.node_netns, IPv4Address(NODE_IP), node6)
 
     def argv(self) -> list[str]:
         mode = self.allow_localhost
@@ -130,9 +136,12 @@ class AgentProcess:
             "--node-netns", self.node_netns,
             "--pod-cidr", POD_CIDR,
             "--node-ip", NODE_IP,
+            "--pod-cidr-v6", POD_CIDR6,
+            "--node-ipv6", NODE_IP6,
             "--netns-prefix", self.prefix,
             "--log-level", self.log_level,
             *options,
+            *self.extra_args,
         ]  # fmt: skip
 
     # ---- life cycle --------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 from membrane import netns
 from membrane.endpoint.world import ExternalHost
-from membrane.testing.agent import NODE_IP, AgentProcess
+from membrane.testing.agent import NODE_IP, NODE_IP6, AgentProcess
 from membrane.testing.pods import EXTERNAL_IP, Pod, add_outside_host, start_echo_server
 from membrane.testing.reachability import DEFAULT_PORTS, Peer, Reachability, check
 
@@ -46,6 +46,7 @@ class Cluster:
     pod_names: tuple[str, ...] = ("a", "b", "c")
     pods: dict[str, Pod] = field(default_factory=dict)
     peers: dict[str, Peer] = field(default_factory=dict)
+    peers6: dict[str, Peer] = field(default_factory=dict)  # the same, by IPv6 address
     servers: list[subprocess.Popen[str]] = field(default_factory=list)
     external: ExternalHost | None = None
     ns_labels: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -76,6 +77,8 @@ class Cluster:
     def _add_outside(self) -> None:
         self.external = add_outside_host(self.agent, EXTRA_IPS)
         self.peers["host"] = Peer("host", self.agent.node_netns, NODE_IP)
+        if self.agent.node.node_ip6 is not None:
+            self.peers6["host"] = Peer("host", self.agent.node_netns, NODE_IP6)
         self.peers["world"] = Peer("world", self.external.netns, EXTERNAL_IP)
         for i, extra in enumerate(EXTRA_IPS, start=2):
             self.peers[f"world-{i}"] = Peer(f"world-{i}", self.external.netns, extra, bind=True)
@@ -102,11 +105,14 @@ class Cluster:
             pod.server = start_echo_server(pod.netns)
         self.pods[pod.key] = pod
         self.peers[pod.key] = Peer(pod.key, pod.netns, pod.ip)
+        if pod.ip6:
+            self.peers6[pod.key] = Peer(pod.key, pod.netns, pod.ip6)
         return pod
 
     def delete_pod(self, key: str) -> None:
         pod = self.pods.pop(key)
         self.peers.pop(key, None)
+        self.peers6.pop(key, None)
         if pod.server is not None:
             netns.stop(pod.server)
         self.agent.cli("endpoint", "delete", key)
@@ -132,8 +138,9 @@ class Cluster:
         pods = [f"{ns}/{n}" for ns, n in itertools.product(self.namespaces, self.pod_names)]
         return Reachability(sources or pods, destinations or pods, ports, default)
 
-    def check(self, reach: Reachability) -> None:
-        check(self.peers, reach)
+    def check(self, reach: Reachability, family: int = 4) -> None:
+        """Probe `reach` over IPv4, or over IPv6 (the peers' IPv6 addresses)."""
+        check(self.peers6 if family == 6 else self.peers, reach)
 
     def import_policy(self, text: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.agent.import_policy(text, check=check)
@@ -186,6 +193,7 @@ def running_cluster(
     allow_localhost: str | None = None,
     attach: str | None = None,
     policy_map_max: int | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[Cluster]:
     """A fresh agent with the standard pods, torn down however the body ends (also when
     setting it up fails half-way). `allow_localhost`, `attach`, `policy_map_max`: the
@@ -198,6 +206,7 @@ def running_cluster(
         allow_localhost=allow_localhost,
         attach=attach,
         policy_map_max=policy_map_max,
+        extra_args=extra_args,
     )
     cluster = Cluster(agent, namespaces, pod_names)
     try:

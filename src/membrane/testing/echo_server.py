@@ -1,5 +1,6 @@
 """The server every pod (and the node and the outside host) runs in the policy tests: TCP and
-UDP echo on each port given on the command line, on every address of its namespace.
+UDP echo on each port given on the command line, on every address of its namespace (IPv6
+ones too where the namespace has IPv6).
 
 Started by path with `membrane.netns.popen` inside a namespace (`pods.start_echo_server`);
 prints "ready" on stdout once every socket is bound, so the harness waits for that line
@@ -18,13 +19,23 @@ import struct
 import sys
 
 IP_PKTINFO = 8  # linux/in.h; the socket module does not export it
+IPV6_RECVPKTINFO, IPV6_PKTINFO = 49, 50  # linux/in6.h
 
 
-def _udp_socket(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-    sock.bind(("0.0.0.0", port))
+def _udp_socket(port: int, family: int = socket.AF_INET) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            sock.bind(("::", port))
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            sock.bind(("0.0.0.0", port))
+    except OSError:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 
@@ -35,7 +46,7 @@ def _udp_echo(sock: socket.socket) -> None:
     prefers, and the prober's connected socket would ignore that answer."""
     while True:
         try:
-            data, ancillary, _, peer = sock.recvmsg(65535, socket.CMSG_SPACE(12))
+            data, ancillary, _, peer = sock.recvmsg(65535, socket.CMSG_SPACE(20))
         except BlockingIOError:
             return
         control = []
@@ -43,6 +54,8 @@ def _udp_echo(sock: socket.socket) -> None:
             if (level, kind) == (socket.IPPROTO_IP, IP_PKTINFO):
                 _, _, dst = struct.unpack("=I4s4s", value[:12])
                 control = [(level, kind, struct.pack("=I4s4s", 0, dst, bytes(4)))]
+            elif (level, kind) == (socket.IPPROTO_IPV6, IPV6_PKTINFO):
+                control = [(level, kind, value[:16] + bytes(4))]  # from it, any device
         with contextlib.suppress(OSError):
             sock.sendmsg([data], control, 0, peer)
 
@@ -72,6 +85,13 @@ async def main(ports: list[int]) -> None:
         udp = _udp_socket(port)
         loop.add_reader(udp.fileno(), _udp_echo, udp)
         servers.append(udp)
+        with contextlib.suppress(OSError):  # a namespace without IPv6 serves IPv4 only
+            servers.append(
+                await loop.create_server(_TcpEcho, "::", port, reuse_address=True, backlog=4096)
+            )
+            udp6 = _udp_socket(port, socket.AF_INET6)
+            loop.add_reader(udp6.fileno(), _udp_echo, udp6)
+            servers.append(udp6)
     print("ready", flush=True)
     await asyncio.Event().wait()  # until SIGTERM
 

@@ -44,6 +44,11 @@ class Pod:
         return str(self.info["ipv4"])
 
     @property
+    def ip6(self) -> str | None:
+        """Its IPv6 address (None on an IPv4-only node)."""
+        return self.info.get("ipv6")
+
+    @property
     def netns(self) -> str:
         return str(self.info["netns"])
 

@@ -56,8 +56,9 @@ class Peer:
 
 
 # ---- probing ---------------------------------------------------------------------------
-def _socket(peer: Peer, proto: str) -> socket.socket:
-    sock = socket_in(peer.netns, socket.SOCK_STREAM if proto == "TCP" else socket.SOCK_DGRAM)
+def _socket(peer: Peer, proto: str, to: str) -> socket.socket:
+    kind = socket.SOCK_STREAM if proto == "TCP" else socket.SOCK_DGRAM
+    sock = socket_in(peer.netns, kind, to=to)
     sock.setblocking(False)
     if peer.bind:
         sock.bind((peer.ip, 0))
@@ -68,7 +69,7 @@ async def _attempt(src: Peer, dst: Peer, port: int, proto: str, timeout: float) 
     """One probe: "ok", "timeout", "refused" or the error's name."""
     loop = asyncio.get_running_loop()
     payload = os.urandom(16).hex().encode()
-    sock = _socket(src, proto)
+    sock = _socket(src, proto, dst.ip)
     try:
         async with asyncio.timeout(timeout):
             await loop.sock_connect(sock, (dst.ip, port))

@@ -22,10 +22,12 @@ IPERF_PORT = 5201
 CHURN_CLIENT = str(Path(__file__).with_name("connection_churn.py"))
 
 
-def socket_in(ns: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """An IPv4 socket of `kind` born in namespace `ns`."""
+def socket_in(ns: str, kind: int = socket.SOCK_STREAM, to: str | None = None) -> socket.socket:
+    """A socket of `kind` born in namespace `ns`: IPv4, or IPv6 when the address it is
+    meant for (`to`) is one."""
+    family = socket.AF_INET6 if to is not None and ":" in to else socket.AF_INET
     with netns.inside(ns):
-        return socket.socket(socket.AF_INET, kind)
+        return socket.socket(family, kind)
 
 
 def listen(ns: str, ip: str, port: int, backlog: int = 4096) -> socket.socket:
@@ -53,7 +55,7 @@ def connect(ns: str, ip: str, port: int, timeout: float, bind: str | None = None
     """One TCP connect from `ns` (from address `bind`, if given): True when the handshake
     completes within `timeout`. Below 1 s that is the first SYN's fate: the kernel
     retransmits only after 1 s."""
-    sock = socket_in(ns)
+    sock = socket_in(ns, to=ip)
     try:
         if bind:
             sock.bind((bind, 0))
