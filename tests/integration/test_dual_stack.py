@@ -81,6 +81,51 @@ def test_cilium_egress_rules_and_icmp_types_over_both_families(net: Cluster, fam
     net.check(reach, family=family)
 
 
+WORLDS = ["world", "world-2", "world-3"]
+
+
+def cnp_egress(rule: str) -> str:
+    return f"""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {{name: a-out, namespace: x}}
+        spec:
+          endpointSelector: {{matchLabels: {{pod: a}}}}
+          egress:
+          - {rule}
+    """
+
+
+@pytest.mark.parametrize(
+    ("rule", "reaches"),
+    [
+        ("toEntities: [world]", {4, 6}),
+        ("toEntities: [world-ipv4]", {4}),
+        ("toEntities: [world-ipv6]", {6}),
+        ('toCIDR: ["0.0.0.0/0", "::/0"]', {4, 6}),
+        ('toCIDR: ["::/0"]', {6}),
+    ],
+)
+def test_world_entities_and_cidrs_by_family(net: Cluster, rule: str, reaches: set[int]) -> None:
+    net.import_policy(cnp_egress(rule))
+    for family in (4, 6):
+        reach = net.reach(sources=["x/a"], destinations=[*WORLDS, "y/a"], ports=WITH_ECHO)
+        reach.deny(from_="x/a")
+        if family in reaches:
+            reach.allow(from_="x/a", to="world*")
+        net.check(reach, family=family)
+
+
+def test_an_ipv6_cidr_set_with_an_except(net: Cluster) -> None:
+    net.import_policy(
+        cnp_egress('toCIDRSet: [{cidr: "2001:db8:ff00::/44", except: ["2001:db8:ff03::/48"]}]')
+    )
+    reach = net.reach(sources=["x/a"], destinations=WORLDS, ports=((80, "TCP"), (80, "UDP")))
+    reach.deny(from_="x/a").allow(from_="x/a", to="world-2")
+    net.check(reach, family=6)
+    net.check(reach.deny(from_="x/a"), family=4)
+
+
 def test_ipv6_flows_and_trace_name_the_pods(net: Cluster) -> None:
     a, b = net.pods["x/a"], net.pods["y/b"]
     assert a.ip6 and b.ip6

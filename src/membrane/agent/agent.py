@@ -287,4 +287,5 @@ def _snapshot(
         compiled=done.compiled,
         dual_stack=config.ipv6,
         address_identities=done.address_identities,
+        kube_apiserver_addresses=config.kube_apiserver_ips,
     )

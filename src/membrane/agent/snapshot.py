@@ -40,6 +40,7 @@ class Snapshot:
     compiled: Mapping[int, EndpointPolicy]  # endpoint id -> its policy as enforced
     dual_stack: bool = False
     address_identities: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    kube_apiserver_addresses: tuple[IPv4Address | IPv6Address, ...] = ()
 
     def world_identity(self, version: int) -> int:
         """What the ipcache gives addresses of `version` that no prefix covers."""
@@ -57,6 +58,8 @@ class Snapshot:
             return ep.identity
         if ip in self.host_addresses:
             return int(Identity.HOST)
+        if ip in self.kube_apiserver_addresses:
+            return int(Identity.KUBE_APISERVER)
         best: tuple[int, int] = (-1, self.world_identity(ip.version))
         for identity, prefix in self.universe.cidr_identities.items():
             if prefix.version == ip.version and ip in prefix and prefix.prefixlen > best[0]:

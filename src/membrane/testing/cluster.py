@@ -19,10 +19,17 @@ from typing import Any
 from membrane import netns
 from membrane.endpoint.world import ExternalHost
 from membrane.testing.agent import NODE_IP, NODE_IP6, AgentProcess
-from membrane.testing.pods import EXTERNAL_IP, Pod, add_outside_host, start_echo_server
+from membrane.testing.pods import (
+    EXTERNAL_IP,
+    EXTERNAL_IP6,
+    Pod,
+    add_outside_host,
+    start_echo_server,
+)
 from membrane.testing.reachability import DEFAULT_PORTS, Peer, Reachability, check
 
 EXTRA_IPS = ("198.19.2.10", "198.19.3.10")  # more addresses of the outside host
+EXTRA_IPS6 = ("2001:db8:ff02::10", "2001:db8:ff03::10")  # the same, IPv6
 NAMED_PORTS = ("serve-80-tcp=80/TCP", "serve-81-tcp=81/TCP", "serve-80-udp=80/UDP",
                "serve-81-udp=81/UDP")  # fmt: skip
 
@@ -39,7 +46,8 @@ class Cluster:
     """An agent, namespaces x, y, z (labelled ns=NS) with pods a, b, c (labelled pod=NAME,
     and the c pods also team=red; named ports serve-80-tcp ...), the node ("host") and an
     outside host ("world" at 198.19.1.2, "world-2"/"world-3" from its extra addresses
-    198.19.2.10/198.19.3.10), each running the echo server on ports 80-82."""
+    198.19.2.10/198.19.3.10; over IPv6 2001:db8:ffff:1::2, 2001:db8:ff02::10 and
+    2001:db8:ff03::10), each running the echo server on ports 80-82."""
 
     agent: AgentProcess
     namespaces: tuple[str, ...] = ("x", "y", "z")
@@ -75,13 +83,18 @@ class Cluster:
         return {"pod": name, **({"team": "red"} if name == "c" else {})}
 
     def _add_outside(self) -> None:
-        self.external = add_outside_host(self.agent, EXTRA_IPS)
+        self.external = add_outside_host(self.agent, EXTRA_IPS, EXTRA_IPS6)
         self.peers["host"] = Peer("host", self.agent.node_netns, NODE_IP)
         if self.agent.node.node_ip6 is not None:
             self.peers6["host"] = Peer("host", self.agent.node_netns, NODE_IP6)
         self.peers["world"] = Peer("world", self.external.netns, EXTERNAL_IP)
         for i, extra in enumerate(EXTRA_IPS, start=2):
             self.peers[f"world-{i}"] = Peer(f"world-{i}", self.external.netns, extra, bind=True)
+        if self.external.ip6 is not None:
+            self.peers6["world"] = Peer("world", self.external.netns, EXTERNAL_IP6)
+            for i, extra in enumerate(EXTRA_IPS6, start=2):
+                key = f"world-{i}"
+                self.peers6[key] = Peer(key, self.external.netns, extra, bind=True)
         for ns in (self.agent.node_netns, self.external.netns):
             self.servers.append(start_echo_server(ns))
 

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ ECHO_SERVER = str(Path(__file__).with_name("echo_server.py"))
 ECHO_PORTS = (80, 81, 82)
 EXTERNAL_IP = "198.19.1.2"  # the outside host, on a /30 link to the node
 EXTERNAL_LINK = "198.19.1.0/30"
+EXTERNAL_LINK6 = "2001:db8:ffff:1::/64"  # dual-stack nodes: the host is ::2 on it
+EXTERNAL_IP6 = "2001:db8:ffff:1::2"
 
 
 @dataclass
@@ -84,14 +86,20 @@ def start_echo_server(ns: str, ports: Sequence[int] = ECHO_PORTS) -> subprocess.
 
 
 def add_outside_host(
-    agent: AgentProcess, extra_ips: Iterable[str | IPv4Address] = ()
+    agent: AgentProcess,
+    extra_ips: Iterable[str | IPv4Address] = (),
+    extra_ips6: Iterable[str | IPv6Address] = (),
 ) -> ExternalHost:
     """The outside host (namespace `agent.external_netns`, EXTERNAL_IP on a /30 to the
-    node, plus `extra_ips`); `agent.destroy` removes it."""
+    node, plus `extra_ips`; on a dual-stack node also EXTERNAL_IP6 plus `extra_ips6`);
+    `agent.destroy` removes it."""
+    dual = agent.node.node_ip6 is not None
     return add_external_host(
         agent.node,
         agent.external_netns,
         IPv4Address(EXTERNAL_IP),
         IPv4Network(EXTERNAL_LINK),
         extra_ips=[IPv4Address(a) for a in extra_ips],
+        link_net6=IPv6Network(EXTERNAL_LINK6) if dual else None,
+        extra_ips6=[IPv6Address(a) for a in extra_ips6] if dual else (),
     )
