@@ -248,7 +248,7 @@ class Connection:
     change does to traffic that is already flowing."""
 
     def __init__(self, src: Peer, dst: Peer, port: int, timeout: float = 3.0) -> None:
-        self.sock = _socket(src, "TCP")
+        self.sock = _socket(src, "TCP", dst.ip)
         self.sock.setblocking(True)
         self.sock.settimeout(timeout)
         self.sock.connect((dst.ip, port))
