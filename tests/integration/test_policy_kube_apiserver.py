@@ -52,3 +52,26 @@ def test_kube_apiserver_is_the_given_addresses(net: Cluster, family: int) -> Non
         assert traced["steps"][0]["peer_identity"] == 7  # reserved:kube-apiserver
     finally:
         net.reset()
+
+
+def test_entities_that_match_nothing_say_why(net: Cluster) -> None:
+    policy = """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: nothing-here, namespace: x}
+        spec:
+          endpointSelector: {matchLabels: {pod: b}}
+          ingress:
+          - fromEntities: [remote-node, kube-apiserver]
+    """
+    try:
+        imported = net.import_policy(policy)
+        why = "spec.ingress[0].fromEntities[0]: entity remote-node matches nothing"
+        assert f"warning: CiliumNetworkPolicy x/nothing-here: {why}" in imported.stderr
+        assert "kube-apiserver" not in imported.stderr  # it has addresses on this node
+        assert why in net.cli("policy", "get", "x/nothing-here").stderr
+        traced = net.agent.trace("x/a", "x/b", "80")
+        assert traced["verdict"] == "DENIED"
+        assert any(why in note for note in traced["notes"]), traced["notes"]
+    finally:
+        net.reset()

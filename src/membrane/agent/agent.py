@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,8 @@ from membrane.agent.config import AgentConfig
 from membrane.agent.endpoints import EndpointLifecycle
 from membrane.agent.identities import IdentityAllocator
 from membrane.agent.namespaces import NamespaceStore
-from membrane.agent.policies import PolicyChange, PolicyStore
+from membrane.agent.notes import PolicyNotes
+from membrane.agent.policies import PolicyChange, PolicyKey, PolicyStore
 from membrane.agent.reconcile import DatapathReconciler, Reconciled
 from membrane.agent.snapshot import Snapshot
 from membrane.agent.state import AgentState, EndpointRecord, StateFile
@@ -55,6 +56,7 @@ class Agent:
     namespaces: NamespaceStore
     policies: PolicyStore
     datapath: DatapathReconciler
+    policy_notes: PolicyNotes
     snapshot: Snapshot  # replaced at the end of every change; read by other threads
 
     # ---- start and stop ------------------------------------------------------------------
@@ -83,6 +85,7 @@ class Agent:
             endpoints.detach(ep_id)
             datapath.remove_endpoint(ep_id)
         done = datapath.sync(state.endpoints, namespaces, policies.current.parsed)
+        notes = PolicyNotes(config)
         agent = cls(
             config=config,
             state_file=state_file,
@@ -95,7 +98,17 @@ class Agent:
             namespaces=namespaces,
             policies=policies,
             datapath=datapath,
-            snapshot=_snapshot(config, state, namespaces, policies, rules, done, None),
+            policy_notes=notes,
+            snapshot=_snapshot(
+                config,
+                state,
+                namespaces,
+                policies,
+                rules,
+                done,
+                None,
+                notes.of(policies.current.parsed),
+            ),
         )
         agent._save()
         log.info(
@@ -197,7 +210,18 @@ class Agent:
                 }
             },
         )
-        return {"revision": revision, "policies": change.changed, "enforced_in_seconds": elapsed}
+        notes = self.snapshot.policy_notes
+        warnings = [
+            line
+            for ref in change.changed
+            for line in notes.get((ref["kind"], ref["namespace"], ref["name"]), ())
+        ]
+        return {
+            "revision": revision,
+            "policies": change.changed,
+            "enforced_in_seconds": elapsed,
+            "warnings": warnings,
+        }
 
     # ---- housekeeping --------------------------------------------------------------------
     def gc_conntrack(self) -> int:
@@ -220,7 +244,14 @@ class Agent:
             raise
         self._save()
         self.snapshot = _snapshot(
-            self.config, self.state, self.namespaces, self.policies, self.rules, done, self.snapshot
+            self.config,
+            self.state,
+            self.namespaces,
+            self.policies,
+            self.rules,
+            done,
+            self.snapshot,
+            self.policy_notes.of(self.policies.current.parsed),
         )
 
     def _sync(self) -> Reconciled:
@@ -263,6 +294,7 @@ def _snapshot(
     rules: RuleTable,
     done: Reconciled,
     previous: Snapshot | None,
+    notes: Mapping[PolicyKey, tuple[str, ...]],
 ) -> Snapshot:
     endpoints = dict(state.endpoints)
     # Rules are only ever added: the same count is the same table, shared, not copied.
@@ -288,4 +320,5 @@ def _snapshot(
         dual_stack=config.ipv6,
         address_identities=done.address_identities,
         kube_apiserver_addresses=config.kube_apiserver_ips,
+        policy_notes=notes,
     )

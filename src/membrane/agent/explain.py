@@ -18,6 +18,7 @@ from membrane.agent.state import EndpointRecord
 from membrane.api.models import TraceRequest
 from membrane.errors import NotFound, UserError
 from membrane.policy import evaluate, explain, lookup
+from membrane.policy.rules import policy_subjects
 
 
 @dataclass(frozen=True)
@@ -109,4 +110,20 @@ def trace(snapshot: Snapshot, req: TraceRequest) -> dict[str, Any]:
         "protocol": req.protocol,
         "verdict": "ALLOWED" if allowed else "DENIED",
         "steps": steps,
+        "notes": _notes(snapshot, [p.endpoint for p in (src, dst) if p.endpoint]),
     }
+
+
+def _notes(snapshot: Snapshot, endpoints: list[EndpointRecord]) -> list[str]:
+    """The notes of the policies selecting the traced endpoints (an entity that matches
+    nothing here, an ignored field): what the verdict may hinge on."""
+    labels = [snapshot.universe.endpoints[ep.id].labels for ep in endpoints]
+    found: list[str] = []
+    for policy in snapshot.policies:
+        notes = snapshot.policy_notes.get(policy.key)
+        if not notes:
+            continue
+        subjects = policy_subjects(policy, cidr_match_mode=snapshot.universe.cidr_match_mode)
+        if any(s.selector.matches(lb) for s in subjects for lb in labels):
+            found += notes
+    return found

@@ -41,6 +41,10 @@ class Snapshot:
     dual_stack: bool = False
     address_identities: Mapping[str, int] = dataclasses.field(default_factory=dict)
     kube_apiserver_addresses: tuple[IPv4Address | IPv6Address, ...] = ()
+    # policy (kind, namespace, name) -> its notes (membrane.agent.notes), when it has any
+    policy_notes: Mapping[tuple[str, str | None, str], tuple[str, ...]] = dataclasses.field(
+        default_factory=dict
+    )
 
     def world_identity(self, version: int) -> int:
         """What the ipcache gives addresses of `version` that no prefix covers."""

@@ -62,6 +62,11 @@ _POLICY_CHANGE = {
         "revision": {"type": "integer"},
         "policies": {"type": "array", "items": {"$ref": "#/components/schemas/PolicyRef"}},
         "enforced_in_seconds": {"type": "number"},
+        "warnings": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "fields accepted but not enforced, entities matching nothing here",
+        },
     },
 }
 

@@ -52,7 +52,7 @@ def identities_view(snapshot: Snapshot) -> dict[str, Any]:
 def policies_view(snapshot: Snapshot, query: Mapping[str, str]) -> dict[str, Any]:
     """The stored policies matching the query's namespace, name and kind (each optional)."""
     items = [
-        {**p.ref(), "document": p.document}
+        {**p.ref(), "document": p.document, "notes": list(snapshot.policy_notes.get(p.key, ()))}
         for p in snapshot.stored_policies
         if query.get("namespace") in (None, p.namespace)
         and query.get("name") in (None, p.name)

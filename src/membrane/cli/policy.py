@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import typer
@@ -62,6 +63,7 @@ def import_(
     the kind, namespace and name of one in force replaces it."""
     check_choice(output, ("table", "json"), "--output")
     result = ApiClient.connect(api_socket).post("/v1/policies", {"yaml": _read(file)})
+    _warn(result.get("warnings", ()))
     if output == "json":
         print_json(result)
         return
@@ -70,6 +72,13 @@ def import_(
     typer.echo(
         f"revision {result['revision']} enforced in {result['enforced_in_seconds'] * 1000:.1f} ms"
     )
+
+
+def _warn(lines: Iterable[str]) -> None:
+    """What a policy means beyond what it says (ignored fields, entities matching nothing
+    here): on stderr, so that -o json/yaml output stays the document."""
+    for line in lines:
+        typer.echo(f"warning: {line}", err=True)
 
 
 @app.command("list")
@@ -103,6 +112,7 @@ def get(
     if not found:
         raise UserError("policy", f"{target} does not exist")
     docs = [p["document"] for p in found]
+    _warn(line for p in found for line in p.get("notes", ()))
     if output == "json":
         print_json(docs[0] if len(docs) == 1 else docs)
     else:
@@ -171,3 +181,5 @@ def trace(
                 "    WARNING: the datapath's entries disagree: "
                 + ("allowed" if step["datapath_allowed"] else "denied")
             )
+    for line in result.get("notes", ()):
+        typer.echo(f"  note: {line}")
