@@ -239,7 +239,10 @@ def test_a_filter_of_an_older_build_is_moved_to_the_current_maps(net: Net, layou
     before, link = _ids(net.server), pinned_link(net.server, "eth0", "xdp")
     # the older build's list also names B (rule 9), which the running program does not
     _pretend_older_build(path, layout, before | {f"{net.b}/32": 9})
+    inode = (path / "drop_dst_v4").stat().st_ino
     expect({ping_a: "drop", ping_b: "pass"})
+    assert _ids(net.server) == before | {f"{net.b}/32": 9}  # listed as it is, not moved
+    assert (path / "drop_dst_v4").stat().st_ino == inode
 
     membrane(*on_server(net, "drop-dst", "--add", "198.19.7.0/24"))
     assert _ids(net.server) == before | {f"{net.b}/32": 9, "198.19.7.0/24": 3}

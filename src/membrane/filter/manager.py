@@ -33,7 +33,7 @@ from membrane.bpf.fs import ensure_bpffs
 from membrane.bpf.links import ClsactAttachment, TcSlot, attach_tc, attach_xdp
 from membrane.bpf.maps import possible_cpus
 from membrane.errors import NotPermitted, UserError
-from membrane.filter.keys import DropDstTables, flow_key, guard_key
+from membrane.filter.keys import DropDstTables, flow_key, guard_key, network_of
 from membrane.filter.rules import (
     AllowedFlow,
     IPNetwork,
@@ -390,18 +390,7 @@ class FilterManager:
         others are reused), filled, and swapped in with bpf_link_update. The old program
         enforces the old maps until that instant: the same list, no gap. Cut short, the
         old maps go back and the old program stays."""
-        with att.map("drop_dst_v4") as old:  # struct lpm_v4_key -> __u32 in every build
-            keys, values = old.lookup_batch_raw()
-        rules = [
-            (ipaddress.IPv4Network((keys[i * 8 + 4 : i * 8 + 8], prefixlen)), rule_id)
-            for i, (prefixlen, rule_id) in enumerate(
-                zip(
-                    np.frombuffer(keys, dtype="<u4")[::2].tolist(),
-                    np.frombuffer(values, dtype=np.uint32).tolist(),
-                    strict=True,
-                )
-            )
-        ]
+        rules = _v4_record(att)
         groups = None
         if (att.path / "drop_dst_tbl8").exists():
             with att.map("drop_dst_tbl8") as tbl8:
@@ -499,8 +488,13 @@ class FilterManager:
         return len(freed)
 
     def _dst_rules(self, att: Attachment) -> list[Rule]:
-        with self._dst_tables(att) as tables:
-            return [Rule(rule_id, "drop-dst", str(net)) for net, rule_id in tables.items()]
+        if (att.path / "drop_dst_groups").exists():
+            with self._dst_tables(att) as tables:
+                listed = tables.items()
+        else:  # an older build's, read as it is: only a change (under the lock) moves it
+            with att.map("drop_dst_v6") as v6:
+                listed = [*_v4_record(att), *((network_of(k), v) for k, v in v6.lookup_batch())]
+        return [Rule(rule_id, "drop-dst", str(net)) for net, rule_id in listed]
 
     # ---- drop-proto --------------------------------------------------------------------
     def add_drop_proto(
@@ -690,6 +684,19 @@ class FilterManager:
             for directory in (self.root, self.root.parent):  # the latter only when empty
                 with contextlib.suppress(OSError):
                     directory.rmdir()
+
+
+def _v4_record(att: Attachment) -> list[tuple[ipaddress.IPv4Network, int]]:
+    """The IPv4 deny list as drop_dst_v4 records it: struct lpm_v4_key -> __u32 rule id in
+    every build (an LPM trie in older ones, a hash now), read without BTF."""
+    with att.map("drop_dst_v4") as record:
+        keys, values = record.lookup_batch_raw()
+    lengths = np.frombuffer(keys, dtype="<u4")[::2].tolist()
+    ids = np.frombuffer(values, dtype=np.uint32).tolist()
+    return [
+        (ipaddress.IPv4Network((keys[i * 8 + 4 : i * 8 + 8], length)), rule_id)
+        for i, (length, rule_id) in enumerate(zip(lengths, ids, strict=True))
+    ]
 
 
 def _xdp_mode_for(ifindex: int, requested: str) -> str:
