@@ -501,6 +501,9 @@ def main() -> None:
             "bpf_stats": args.bpf_stats,
             "bpf_ns_per_event": "with --bpf-stats: run time of the tracer's programs (all "
             "their runs, also for other processes' opens) / events",
+            "floor": "ratio to bpftrace's added wall per event (median over rounds) of the "
+            "empty programs (what no tracer of these tracepoints can go below) and of our "
+            "kernel side alone: the cost target is reachable only above the first",
             "consumer": "ours stopped (SIGSTOP) while the workload fills its ring, then let "
             "go: events delivered / seconds from SIGCONT until the output stopped growing "
             f"(sampled every {DRAIN_POLL_S * 1000:g} ms), and / the tracer's CPU seconds "
@@ -516,6 +519,11 @@ def main() -> None:
                 "lost_reported": [d.lost for d in done],
             }
             for name, done in drains.items()
+        },
+        "floor": {
+            name: results[name].get("ratio_to_bpftrace")
+            for name in ("empty-programs", "membrane-stopped")
+            if name in results
         },
         "failed_rounds": failed_rounds,
         "targets": targets,

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from membrane.native.eventfmt import RowFormatter
-from membrane.trace.cells import Cells, text_lists
+from membrane.trace.cells import Cells, _distinct, mapped, text_lists
 
 ITEMS = st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\0", b"")), max_size=6)
 
@@ -71,3 +71,21 @@ def test_an_item_cut_without_its_nul_is_still_an_item() -> None:
     block = np.frombuffer(b"one\0tw", dtype=np.uint8)
     cells = {"argv": text_lists(block, np.array([0]), np.array([6]))}
     assert _format(cells, 1, json_lines=True) == '{"argv": ["one", "tw"]}\n'
+
+
+@given(
+    st.lists(st.integers(-(2**40), 2**40), min_size=1, max_size=50)
+    | st.lists(st.integers(-5, 300), min_size=1, max_size=50)
+)
+def test_mapped_names_each_value_as_unique_would(values: list[int]) -> None:
+    """The O(n) path for values in a small range and the sort for the others agree with
+    np.unique, and every row gets its own value's text."""
+    array = np.array(values, dtype=np.int64)
+    distinct, inverse = _distinct(array)
+    expected, expected_inverse = np.unique(array, return_inverse=True)
+    assert distinct.tolist() == expected.tolist()
+    assert inverse.tolist() == expected_inverse.reshape(-1).tolist()
+    cells = {"v": mapped(array, lambda v: None if v < 0 else f"n{v}")}
+    assert _format(cells, len(values), json_lines=True).splitlines() == [
+        json.dumps({"v": None if v < 0 else f"n{v}"}) for v in values
+    ]

@@ -150,13 +150,12 @@ def mapped(values: np.ndarray, name: Callable[[Any], str | None], raw: bool = Fa
     """Text for a value that repeats (flags, errno, syscall): `name` runs once per distinct
     value of the batch; None prints as "-" / null. With `raw` the text is written as it is
     (JSON literals: true, false, a number)."""
-    distinct, inverse = np.unique(values, return_inverse=True)
+    distinct, inverse = _distinct(np.asarray(values))
     texts = [name(v) for v in distinct.tolist()]
     encoded = [b"" if t is None else t.encode() for t in texts]
     sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     starts = np.concatenate(([0], np.cumsum(sizes)[:-1])) if len(sizes) else sizes
     missing = np.fromiter((t is None for t in texts), dtype=np.bool_, count=len(texts))
-    inverse = inverse.reshape(-1)
     return Cells(
         COL_RAW if raw else COL_TEXT,
         blob=np.frombuffer(b"".join(encoded) or b"\0", dtype=np.uint8),
@@ -164,3 +163,24 @@ def mapped(values: np.ndarray, name: Callable[[Any], str | None], raw: bool = Fa
         lengths=sizes[inverse].astype(np.int32),
         nulls=missing[inverse] if missing.any() else None,
     )
+
+
+_DENSE = 1 << 16  # values spanning fewer than this are indexed directly, without a sort
+
+
+def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(values, return_inverse=True), in O(n) when the values span a small range
+    (flags, syscall numbers, a handful of errors): the sort cost 30-70 ns per event."""
+    values = values.reshape(-1)
+    if values.dtype.kind == "b":
+        values = values.astype(np.int64)
+    if values.dtype.kind in "iu" and len(values):
+        low, high = int(values.min()), int(values.max())
+        if high - low < _DENSE:
+            shifted = (values - low).astype(np.intp)
+            present = np.zeros(high - low + 1, dtype=np.bool_)
+            present[shifted] = True
+            index = np.cumsum(present) - 1
+            return np.flatnonzero(present) + low, index[shifted]
+    distinct, inverse = np.unique(values, return_inverse=True)
+    return distinct, inverse.reshape(-1)

@@ -8,6 +8,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import typer
 
 from membrane.bpf.fs import ensure_tracefs
@@ -144,7 +145,7 @@ def cells(batch: EventBatch, times: bool = True) -> dict[str, Cells]:
         comm=cell.cstrings(task["comm"]),
         ret=cell.ints(rets),
         fd=cell.ints(rets, nulls=rets < 0),
-        error=cell.mapped(rets, _error),
+        error=cell.mapped(np.minimum(rets, 0), _error),  # one value for every success
         flags=cell.ints(batch["flags"]),
         flags_text=cell.mapped(batch["flags"], flags_text),
         syscall=cell.mapped(batch["syscall"], _syscall),
