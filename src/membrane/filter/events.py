@@ -54,7 +54,10 @@ class FilterEvents:
     def _describe(self, instance: int) -> tuple[Attachment | None, dict[int, str]]:
         if instance not in self._by_instance:
             for att in self.mgr.attachments():
-                rules = {r.id: f"{r.kind} {r.text}" for r in self.mgr.rules(att, False)}
+                try:
+                    rules = {r.id: f"{r.kind} {r.text}" for r in self.mgr.rules(att, False)}
+                except FileNotFoundError:  # detached meanwhile by another command
+                    continue
                 self._by_instance[att.meta.instance] = (att, rules)
         return self._by_instance.get(instance, (None, {}))
 

@@ -195,7 +195,8 @@ class FilterManager:
                 continue
             if device is not None and path.parts[-2] != _encode(device):
                 continue
-            found.append(self.load_attachment(path))
+            with contextlib.suppress(FileNotFoundError):  # detached meanwhile by another run
+                found.append(self.load_attachment(path))
         return found
 
     def find(self, netns: str | None, device: str, hook: str) -> Attachment | None:
