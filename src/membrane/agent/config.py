@@ -81,18 +81,7 @@ def make_config(
 ) -> AgentConfig:
     from membrane.policy.universe import AllowLocalhost
 
-    try:
-        cidr = IPv4Network(pod_cidr)
-    except ValueError as err:
-        raise UserError("pod-cidr", f"{pod_cidr!r} is not an IPv4 CIDR ({err})") from None
-    if cidr.prefixlen > 30:
-        raise UserError("pod-cidr", f"{pod_cidr} is too small for pods (use /30 or larger)")
-    try:
-        node = IPv4Address(node_ip)
-    except ValueError:
-        raise UserError("node-ip", f"{node_ip!r} is not an IPv4 address") from None
-    if node in cidr:
-        raise UserError("node-ip", f"{node} lies inside the pod CIDR {cidr}")
+    cidr, node = _address_plan(pod_cidr, node_ip, 4)
     if node_netns is not None and not _NETNS_NAME.match(node_netns):
         raise UserError("node-netns", f"{node_netns!r} is not a usable namespace name")
     if netns_prefix and not _NETNS_NAME.match(netns_prefix):
@@ -111,7 +100,7 @@ def make_config(
     if not 1 <= map_max <= MAX_MAP_ENTRIES:
         raise UserError("policy-map-max", f"{map_max} is not between 1 and {MAX_MAP_ENTRIES}")
     dual_stack = _parse_bool(ipv6, "ipv6")
-    cidr6, node6 = _ipv6_plan(pod_cidr_v6, node_ipv6) if dual_stack else (None, None)
+    cidr6, node6 = _address_plan(pod_cidr_v6, node_ipv6, 6) if dual_stack else (None, None)
     apiservers = _addresses(kube_apiserver_ips, "kube-apiserver-ip")
     if not dual_stack and any(a.version == 6 for a in apiservers):
         raise UserError("kube-apiserver-ip", "IPv6 addresses need --ipv6=true")
@@ -147,21 +136,31 @@ def _parse_bool(value: bool | str, option: str) -> bool:
     raise UserError(option, f"{value!r} is not true or false")
 
 
-def _ipv6_plan(pod_cidr_v6: str, node_ipv6: str) -> tuple[IPv6Network, IPv6Address]:
+def _address_plan(
+    pod_cidr: str, node_ip: str, version: int
+) -> tuple[IPv4Network | IPv6Network, IPv4Address | IPv6Address]:
+    """The pod CIDR and node address of one family (--pod-cidr and --node-ip, or their
+    -v6 twins), checked."""
+    suffix = "" if version == 4 else "-v6"
+    cidr_option, node_option = f"pod-cidr{suffix}", "node-ip" if version == 4 else "node-ipv6"
+    network, address = (IPv4Network, IPv4Address) if version == 4 else (IPv6Network, IPv6Address)
+    smallest = 30 if version == 4 else 126
     try:
-        cidr = IPv6Network(pod_cidr_v6)
+        cidr = network(pod_cidr)
     except ValueError as err:
-        raise UserError("pod-cidr-v6", f"{pod_cidr_v6!r} is not an IPv6 CIDR ({err})") from None
-    if cidr.prefixlen > 126:
-        raise UserError("pod-cidr-v6", f"{pod_cidr_v6} is too small for pods (use /126 or larger)")
+        raise UserError(cidr_option, f"{pod_cidr!r} is not an IPv{version} CIDR ({err})") from None
+    if cidr.prefixlen > smallest:
+        raise UserError(
+            cidr_option, f"{pod_cidr} is too small for pods (use /{smallest} or larger)"
+        )
     try:
-        node = IPv6Address(node_ipv6)
+        node = address(node_ip)
     except ValueError:
-        raise UserError("node-ipv6", f"{node_ipv6!r} is not an IPv6 address") from None
+        raise UserError(node_option, f"{node_ip!r} is not an IPv{version} address") from None
     if node in cidr:
-        raise UserError("node-ipv6", f"{node} lies inside the pod CIDR {cidr}")
-    if node.is_link_local or node.is_multicast or node.is_unspecified:
-        raise UserError("node-ipv6", f"{node} is not a unicast address the node can route by")
+        raise UserError(node_option, f"{node} lies inside the pod CIDR {cidr}")
+    if node.is_multicast or node.is_unspecified or (version == 6 and node.is_link_local):
+        raise UserError(node_option, f"{node} is not a unicast address the node can route by")
     return cidr, node
 
 
