@@ -1,14 +1,19 @@
 """Per-packet cost of the endpoint (pod) programs, measured in the kernel with
-BPF_PROG_TEST_RUN, on node maps holding what a busy node holds.
+BPF_PROG_TEST_RUN, on node maps holding what a busy node holds, for IPv4 and IPv6 side by
+side in the same run.
 
-Maps: the ipcache holds 10,000 CIDR prefixes (each with a CIDR identity of its own), 1,000
-pods and the measured endpoint; the endpoint's policy enforces both directions and allows
-TCP port 5201 to and from every one of the 10,000 CIDR identities and the 1,000 pod
-identities (22,000 policy entries: 11,000 identities in two directions). Events are on,
-as in the product: new flows emit one event each, which the benchmark drains between
-cases (and checks that none was lost, so no number comes from the ring-full path).
+Maps (the same for both families): the ipcache holds 10,000 CIDR prefixes per family (each
+with a CIDR identity of its own; the IPv6 prefix i has the identity of the IPv4 prefix i),
+1,000 pods (an IPv4 and an IPv6 address each, one identity) and the measured endpoint,
+which is dual-stack; the endpoint's policy enforces both directions and allows TCP port
+5201 to and from every one of the 10,000 CIDR identities and the 1,000 pod identities
+(22,000 policy entries: 11,000 identities in two directions; policy is by identity, so
+the same entries serve both families). Events are on, as in the product: new flows emit
+one event each, which the benchmark drains between cases (and checks that none was lost,
+so no number comes from the ring-full path).
 
-Cases, for from_container (the pod's egress) and to_container (the pod's ingress):
+Cases, for from_container (the pod's egress) and to_container (the pod's ingress), each
+on IPv4 and on IPv6 (the same TCP segment, options and payload in either):
   established      a data segment of a connection tracked since its handshake (one
                    packet, run `--repeat` times): conntrack hit, no policy lookup
   reply            the other direction's data segment of a connection the other program
@@ -23,7 +28,9 @@ Cases, for from_container (the pod's egress) and to_container (the pod's ingress
 Baselines: the empty tc program of bench_empty.bpf.o, with `--repeat` runs of one packet,
 and with one packet per run on the very frames of each cold new-flow case, alternating
 frame by frame with the endpoint program (a run of one packet includes the kernel's timer
-overhead, so cold new flows are compared with a run of one packet).
+overhead, so cold new flows are compared with a run of one packet). The two families of a
+case run back to back in every round (which goes first alternates), and their ratio
+IPv6/IPv4 is taken per round.
 
     python -m bench.endpoint_cost [--repeat N] [--rounds N] [--flows N]
 """
@@ -39,10 +46,19 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from bench._common import RULES, TC_ACT_UNSPEC, drop_prefixes, emit, exit_on_sigterm, machine
+from bench._common import (
+    RULES,
+    TC_ACT_UNSPEC,
+    TEST_RANGE_V6,
+    drop_prefixes,
+    emit,
+    exit_on_sigterm,
+    machine,
+    random_prefixes,
+)
 from bench._common import median as _median
 from membrane.abi import Direction, IpProto
 from membrane.bpf import BpfObject, Program, test_run
@@ -53,15 +69,22 @@ from membrane.datapath.abi import PROG_FROM_CONTAINER, PROG_TO_CONTAINER
 from membrane.datapath.ipcache import sync_ipcache
 from membrane.datapath.policy_entries import PolicyEntry
 
+Address = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
+
 TC_ACT_OK = 0
 PODS = 1_000
 POD_NET = IPv4Network("198.18.0.0/22")  # the pods; no CIDR prefix covers it
-EP_ID, EP_IP = 1, POD_NET[2]
+POD_NET6 = IPv6Network("2001:db8:1::/64")  # their IPv6 addresses; no CIDR prefix covers it
+EP_ID, EP_IP, EP_IP6 = 1, POD_NET[2], POD_NET6[2]
 PEER_IPS = [POD_NET[3 + i] for i in range(PODS)]
+PEER_IPS6 = [POD_NET6[3 + i] for i in range(PODS)]
 PEER_EP_IDS = range(2, 2 + PODS)
 EP_IDENTITY = int(Identity.FIRST_ENDPOINT)
 PEER_IDENTITIES = [EP_IDENTITY + 1 + i for i in range(PODS)]
 CIDR_IDENTITY = int(Identity.FIRST_CIDR)
+# IPv6 CIDR prefixes as filter_cost draws them: hosts and a few networks (/64, /48)
+V6_PREFIX_LENGTHS = ((128, 7), (64, 2), (48, 1))
 PORT = 5201
 HOT_NEW_FLOW_REPEAT = 10_000  # flow events per test run; the 1 MiB ring holds ~14,500
 NEW_FLOW_SPORT = 41000
@@ -69,18 +92,27 @@ TCP = IpProto.TCP
 SYN, ACK, SYNACK, SYNFIN = "S", "A", "SA", "SF"
 RULE_CIDR, RULE_PODS = 1, 2
 TARGET_ESTABLISHED_RATIO = 10.0
+TARGET_IPV6_ESTABLISHED_RATIO = 1.2
+FAMILIES = ("ipv4", "ipv6")
 
 
 def segment(
-    src: IPv4Address, dst: IPv4Address, sport: int, dport: int, flags: str, payload: int = 0
+    src: Address, dst: Address, sport: int, dport: int, flags: str, payload: int = 0
 ) -> bytes:
-    """Ethernet/IPv4/TCP with timestamps, as a Linux peer sends it."""
+    """Ethernet/IPv4 (or IPv6, for IPv6 addresses)/TCP with timestamps, as a Linux peer
+    sends it."""
     from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import Ether
 
+    l3 = (
+        IPv6(src=str(src), dst=str(dst), hlim=64)
+        if src.version == 6
+        else IP(src=str(src), dst=str(dst), ttl=64)
+    )
     frame = (
         Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
-        / IP(src=str(src), dst=str(dst), ttl=64)
+        / l3
         / TCP(
             sport=sport,
             dport=dport,
@@ -92,6 +124,37 @@ def segment(
         / (b"\xa5" * payload)
     )
     return bytes(frame)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One address family's side of the node: the endpoint's address, the pods' and the
+    CIDR prefixes (prefix i has the identity CIDR_IDENTITY + i in either family)."""
+
+    name: str
+    ep: Address
+    peers: Sequence[Address]
+    prefixes: Sequence[Network]
+
+    def ipcache(self) -> dict[Network, tuple[int, int]]:
+        bits = self.ep.max_prefixlen
+        entries: dict[Network, tuple[int, int]] = {
+            net: (CIDR_IDENTITY + i, 0) for i, net in enumerate(self.prefixes)
+        }
+        entries[ip_host(self.ep, bits)] = (EP_IDENTITY, EP_ID)
+        for ip, ident, ep in zip(self.peers, PEER_IDENTITIES, PEER_EP_IDS, strict=True):
+            entries[ip_host(ip, bits)] = (ident, ep)
+        return entries
+
+
+def ip_host(addr: Address, bits: int) -> Network:
+    return IPv4Network((addr, bits)) if addr.version == 4 else IPv6Network((addr, bits))
+
+
+def families() -> tuple[Family, Family]:
+    v4 = drop_prefixes(RULES, avoid=POD_NET)
+    v6: list[Any] = random_prefixes(RULES, TEST_RANGE_V6, POD_NET6, V6_PREFIX_LENGTHS, 7)
+    return Family("ipv4", EP_IP, PEER_IPS, v4), Family("ipv6", EP_IP6, PEER_IPS6, v6)
 
 
 @contextmanager
@@ -106,14 +169,19 @@ def node_maps() -> Iterator[NodeMaps]:
         shutil.rmtree(pin_dir, ignore_errors=True)
 
 
-def fill(maps: NodeMaps, prefixes: Sequence[IPv4Network]) -> int:
-    """The ipcache and the endpoint's policy; returns the number of policy entries."""
-    ipcache = {net: (CIDR_IDENTITY + i, 0) for i, net in enumerate(prefixes)}
-    ipcache[IPv4Network(f"{EP_IP}/32")] = (EP_IDENTITY, EP_ID)
-    for ip, ident, ep in zip(PEER_IPS, PEER_IDENTITIES, PEER_EP_IDS, strict=True):
-        ipcache[IPv4Network(f"{ip}/32")] = (ident, ep)
+def fill(maps: NodeMaps, fams: Sequence[Family]) -> int:
+    """Both families' ipcaches and the endpoint's policy (one set of entries, by identity,
+    for both families); returns the number of policy entries."""
+    ipcache: dict[Network, tuple[int, int]] = {}
+    for fam in fams:
+        ipcache.update(fam.ipcache())
     sync_ipcache(maps, ipcache)
-    peers = [(CIDR_IDENTITY + i, RULE_CIDR) for i in range(len(prefixes))]
+    for fam, m in zip(fams, (maps.ipcache, maps.ipcache6), strict=True):
+        held = len(m)
+        if held != len(fam.ipcache()) + 1:  # + the world prefix
+            raise RuntimeError(f"{fam.name} ipcache holds {held} entries")
+    cidrs = max(len(fam.prefixes) for fam in fams)
+    peers = [(CIDR_IDENTITY + i, RULE_CIDR) for i in range(cidrs)]
     peers += [(ident, RULE_PODS) for ident in PEER_IDENTITIES]
     entries = [
         PolicyEntry(d, ident, TCP, PORT, 16, False, rule)
@@ -134,6 +202,7 @@ class Case:
     the ring)."""
 
     name: str
+    family: str
     prog: Program
     data: bytes
     expect: int
@@ -149,7 +218,9 @@ class Case:
         result = test_run(self.prog, self.data, repeat=repeat)
         elapsed = time.perf_counter_ns() - start
         if result.retval != self.expect:
-            raise RuntimeError(f"{self.name}: verdict {result.retval}, expected {self.expect}")
+            raise RuntimeError(
+                f"{self.name} ({self.family}): verdict {result.retval}, expected {self.expect}"
+            )
         self.kernel_ns.append(result.duration_ns)
         self.wall_ns.append(elapsed / repeat)
         return repeat
@@ -157,10 +228,11 @@ class Case:
 
 @dataclass
 class NewFlows:
-    """The first packets of `len(frames(round))` distinct connections, one per test run,
-    each paired with the empty program on the same frame (run just before it)."""
+    """The first packets of `len(frames)` distinct connections, one per test run, each
+    paired with the empty program on the same frame (run just before it)."""
 
     name: str
+    family: str
     prog: Program
     frames: list[bytes]
     kernel_ns: list[float] = field(default_factory=list)  # mean over the round's frames
@@ -173,45 +245,50 @@ class NewFlows:
             base += test_run(empty, data, repeat=1).duration_ns
             result = test_run(self.prog, data, repeat=1)
             if result.retval != TC_ACT_OK:
-                raise RuntimeError(f"{self.name}: verdict {result.retval}, expected pass")
+                raise RuntimeError(f"{self.name} ({self.family}): verdict {result.retval}")
             ours += result.duration_ns
         self.kernel_ns.append(ours / len(self.frames))
         self.empty_ns.append(base / len(self.frames))
 
 
 class Bench:
-    def __init__(self, stack: ExitStack, maps: NodeMaps, prefixes: list[IPv4Network]) -> None:
+    def __init__(self, stack: ExitStack, maps: NodeMaps, fams: Sequence[Family]) -> None:
         self.maps = maps
-        self.prefixes = prefixes
-        self.entries = fill(maps, prefixes)
-        obj = stack.enter_context(load_endpoint(maps.pin_dir, EP_ID, EP_IP))
+        self.fams = fams
+        self.entries = fill(maps, fams)
+        obj = stack.enter_context(load_endpoint(maps.pin_dir, EP_ID, EP_IP, EP_IP6))
         self.egress, self.ingress = obj.program(PROG_FROM_CONTAINER), obj.program(PROG_TO_CONTAINER)
         self.empty = stack.enter_context(BpfObject.open("bench_empty")).load().program("empty_tc")
         self.ring = stack.enter_context(
             RingBuffer(maps.events, dtype=maps.flow_event_dtype(), lost_map=maps.events_lost)
         )
-        self.out_peer, self.in_peer = PEER_IPS[PODS // 2], PEER_IPS[PODS // 3]
+        # the peers of the two tracked connections, the same pods in either family
+        self.out_peer, self.in_peer = PODS // 2, PODS // 3
         # source ports of the two tracked connections (new flows use NEW_FLOW_SPORT up)
         self.out_sport, self.in_sport = 40000, 40001
 
     # ---- the tracked connections ---------------------------------------------------------
     def handshakes(self) -> None:
-        """Empty the conntrack table, then open one connection each way (SYN, SYN-ACK, ACK
-        through both programs), so that every round starts from the same table and the
-        established and reply cases find what a real connection leaves behind."""
+        """Empty both conntrack tables, then open one connection each way per family
+        (SYN, SYN-ACK, ACK through both programs), so that every round starts from the
+        same tables and the established and reply cases find what a real connection
+        leaves behind."""
         self.maps.ct.clear()
-        for opener, answerer, client, server, sport in (
-            (self.egress, self.ingress, EP_IP, self.out_peer, self.out_sport),
-            (self.ingress, self.egress, self.in_peer, EP_IP, self.in_sport),
-        ):
-            for prog, src, dst, sp, dp, flags in (
-                (opener, client, server, sport, PORT, SYN),
-                (answerer, server, client, PORT, sport, SYNACK),
-                (opener, client, server, sport, PORT, ACK),
+        self.maps.ct6.clear()
+        for fam in self.fams:
+            ep, out_peer, in_peer = fam.ep, fam.peers[self.out_peer], fam.peers[self.in_peer]
+            for opener, answerer, client, server, sport in (
+                (self.egress, self.ingress, ep, out_peer, self.out_sport),
+                (self.ingress, self.egress, in_peer, ep, self.in_sport),
             ):
-                verdict = test_run(prog, segment(src, dst, sp, dp, flags), repeat=1).retval
-                if verdict != TC_ACT_OK:
-                    raise RuntimeError(f"handshake {src}->{dst} {flags}: verdict {verdict}")
+                for prog, src, dst, sp, dp, flags in (
+                    (opener, client, server, sport, PORT, SYN),
+                    (answerer, server, client, PORT, sport, SYNACK),
+                    (opener, client, server, sport, PORT, ACK),
+                ):
+                    verdict = test_run(prog, segment(src, dst, sp, dp, flags), repeat=1).retval
+                    if verdict != TC_ACT_OK:
+                        raise RuntimeError(f"handshake {src}->{dst} {flags}: verdict {verdict}")
         self.drain()
 
     def drain(self) -> int:
@@ -221,31 +298,39 @@ class Bench:
         return events
 
     # ---- cases ---------------------------------------------------------------------------
-    def cases(self) -> list[Case]:
+    def cases(self, fam: Family) -> list[Case]:
+        """The cases of one family, the empty program first."""
         data = 64
-        ep, out_peer, in_peer = EP_IP, self.out_peer, self.in_peer
+        ep, out_peer, in_peer = fam.ep, fam.peers[self.out_peer], fam.peers[self.in_peer]
+        n = fam.name
         return [
-            Case("empty tc", self.empty, segment(ep, out_peer, 1, PORT, ACK, data), TC_ACT_UNSPEC),
+            Case(
+                "empty tc", n, self.empty, segment(ep, out_peer, 1, PORT, ACK, data), TC_ACT_UNSPEC
+            ),
             Case(
                 "from_container, established",
+                n,
                 self.egress,
                 segment(ep, out_peer, self.out_sport, PORT, ACK, data),
                 TC_ACT_OK,
             ),
             Case(
                 "to_container, reply",
+                n,
                 self.ingress,
                 segment(out_peer, ep, PORT, self.out_sport, ACK, data),
                 TC_ACT_OK,
             ),
             Case(
                 "to_container, established",
+                n,
                 self.ingress,
                 segment(in_peer, ep, self.in_sport, PORT, ACK, data),
                 TC_ACT_OK,
             ),
             Case(
                 "from_container, reply",
+                n,
                 self.egress,
                 segment(ep, in_peer, PORT, self.in_sport, ACK, data),
                 TC_ACT_OK,
@@ -255,6 +340,7 @@ class Bench:
             # new-flow path (verdict, conntrack insert, event) with hot caches.
             Case(
                 "from_container, new flow, hot caches",
+                n,
                 self.egress,
                 segment(ep, out_peer, NEW_FLOW_SPORT - 1, PORT, SYNFIN),
                 TC_ACT_OK,
@@ -262,6 +348,7 @@ class Bench:
             ),
             Case(
                 "to_container, new flow, hot caches",
+                n,
                 self.ingress,
                 segment(in_peer, ep, NEW_FLOW_SPORT - 1, PORT, SYNFIN),
                 TC_ACT_OK,
@@ -269,34 +356,30 @@ class Bench:
             ),
         ]
 
-    def new_flows(self, count: int) -> list[NewFlows]:
-        """SYNs of `count` new connections per case: to or from pods (a /32 in the
+    def new_flows(self, fam: Family, count: int) -> list[NewFlows]:
+        """SYNs of `count` new connections per case: to or from pods (a host prefix in the
         ipcache, peers drawn at random) and CIDR peers (an address inside a listed prefix).
-        The same frames serve every round: each round starts with an empty table."""
+        Both families draw the same peer and prefix indices. The same frames serve every
+        round: each round starts with empty tables."""
         rng = random.Random(11)
-        cidr_ips = [net[net.num_addresses // 2] for net in self.prefixes]
+        cidr_ips = [net[net.num_addresses // 2] for net in fam.prefixes]
         if NEW_FLOW_SPORT + count > 0xFFFF:
             raise ValueError(f"--flows must be at most {0xFFFF - NEW_FLOW_SPORT}")
 
-        def syns(outbound: bool, peers: list[IPv4Address]) -> list[bytes]:
+        def syns(outbound: bool, peers: Sequence[Address]) -> list[bytes]:
             out = []
             for i in range(count):
-                peer, sport = rng.choice(peers), NEW_FLOW_SPORT + i
-                src, dst = (EP_IP, peer) if outbound else (peer, EP_IP)
+                peer, sport = peers[rng.randrange(len(peers))], NEW_FLOW_SPORT + i
+                src, dst = (fam.ep, peer) if outbound else (peer, fam.ep)
                 out.append(segment(src, dst, sport, PORT, SYN))
             return out
 
+        n, eg, ig = fam.name, self.egress, self.ingress
         return [
-            NewFlows("from_container, new flow to a pod, cold", self.egress, syns(True, PEER_IPS)),
-            NewFlows(
-                "to_container, new flow from a pod, cold", self.ingress, syns(False, PEER_IPS)
-            ),
-            NewFlows(
-                "from_container, new flow to a CIDR peer, cold", self.egress, syns(True, cidr_ips)
-            ),
-            NewFlows(
-                "to_container, new flow from a CIDR peer, cold", self.ingress, syns(False, cidr_ips)
-            ),
+            NewFlows("from_container, new flow to a pod, cold", n, eg, syns(True, fam.peers)),
+            NewFlows("to_container, new flow from a pod, cold", n, ig, syns(False, fam.peers)),
+            NewFlows("from_container, new flow to a CIDR peer, cold", n, eg, syns(True, cidr_ips)),
+            NewFlows("to_container, new flow from a CIDR peer, cold", n, ig, syns(False, cidr_ips)),
         ]
 
 
@@ -306,6 +389,33 @@ def ratio(values: Sequence[float], base: Sequence[float]) -> float:
 
 def median(values: Sequence[float]) -> float:
     return round(_median(values), 1)
+
+
+def case_result(c: Case, empty: Case, repeat: int) -> dict[str, Any]:
+    return {
+        "runs_per_test_run": min(repeat, HOT_NEW_FLOW_REPEAT) if c.new_flow_per_packet else repeat,
+        "packet_bytes": len(c.data),
+        "ns_per_packet": median(c.kernel_ns),
+        "added_ns": median([a - b for a, b in zip(c.kernel_ns, empty.kernel_ns, strict=True)]),
+        "wall_ns_per_packet": round(_median(c.wall_ns), 2),
+        "ratio_to_empty": ratio(c.kernel_ns, empty.kernel_ns),
+        "baseline": "empty tc (same family's frame)",
+        "rounds_ns": c.kernel_ns,
+    }
+
+
+def flow_result(f: NewFlows, flows: int) -> dict[str, Any]:
+    return {
+        "runs_per_test_run": 1,
+        "flows_per_round": flows,
+        "ns_per_packet": median(f.kernel_ns),
+        "empty_tc_one_per_run_ns": median(f.empty_ns),
+        "added_ns": median([a - b for a, b in zip(f.kernel_ns, f.empty_ns, strict=True)]),
+        "ratio_to_empty": ratio(f.kernel_ns, f.empty_ns),
+        "baseline": "empty tc, one packet per test run, same frames",
+        "rounds_ns": [round(v, 1) for v in f.kernel_ns],
+        "rounds_empty_ns": [round(v, 1) for v in f.empty_ns],
+    }
 
 
 def main() -> None:
@@ -321,66 +431,66 @@ def main() -> None:
     exit_on_sigterm()
     host = machine()
 
-    prefixes = drop_prefixes(RULES, avoid=POD_NET)
+    fams = families()
     with ExitStack() as stack:
         maps = stack.enter_context(node_maps())
-        bench = Bench(stack, maps, prefixes)
-        cases = bench.cases()
-        flows = bench.new_flows(args.flows)
+        bench = Bench(stack, maps, fams)
+        # pairs[i] = (the IPv4 case, the IPv6 case): the same case in either family
+        pairs = list(zip(*(bench.cases(fam) for fam in fams), strict=True))
+        flow_pairs = list(zip(*(bench.new_flows(fam, args.flows) for fam in fams), strict=True))
         bench.handshakes()
-        for case in cases:  # warm up caches and the tries before timing anything
-            case.measure(100_000)
-            case.kernel_ns.clear()
-            case.wall_ns.clear()
-            bench.drain()
-        for flow in flows:
-            flow.measure(bench.empty)
-            flow.kernel_ns.clear()
-            flow.empty_ns.clear()
-            bench.drain()
-        for _ in range(args.rounds):
-            bench.handshakes()  # every round starts from the same conntrack table
-            for case in cases:
-                repeat = case.measure(args.repeat)
-                events = bench.drain()
-                if events != (repeat if case.new_flow_per_packet else 0):
-                    raise RuntimeError(f"{case.name}: {events} flow events in {repeat} runs")
-            for flow in flows:
+        for pair in pairs:  # warm up caches and the tries before timing anything
+            for case in pair:
+                case.measure(100_000)
+                case.kernel_ns.clear()
+                case.wall_ns.clear()
+                bench.drain()
+        for fpair in flow_pairs:
+            for flow in fpair:
                 flow.measure(bench.empty)
-                flow.events += bench.drain()
-        ct_entries = len(maps.ct)
+                flow.kernel_ns.clear()
+                flow.empty_ns.clear()
+                bench.drain()
+        for rnd in range(args.rounds):
+            bench.handshakes()  # every round starts from the same conntrack tables
+            order = slice(None) if rnd % 2 == 0 else slice(None, None, -1)  # who goes first
+            for pair in pairs:
+                for case in pair[order]:
+                    repeat = case.measure(args.repeat)
+                    events = bench.drain()
+                    if events != (repeat if case.new_flow_per_packet else 0):
+                        raise RuntimeError(
+                            f"{case.name} ({case.family}): {events} flow events in {repeat} runs"
+                        )
+            for fpair in flow_pairs:
+                for flow in fpair[order]:
+                    flow.measure(bench.empty)
+                    flow.events += bench.drain()
+        ct_entries = {"ct": len(maps.ct), "ct6": len(maps.ct6)}
 
-    for flow in flows:
-        if flow.events != args.flows * args.rounds:
-            raise RuntimeError(f"{flow.name}: {flow.events} flow events, expected one per flow")
-    empty = cases[0]
+    for fpair in flow_pairs:
+        for flow in fpair:
+            if flow.events != args.flows * args.rounds:
+                raise RuntimeError(
+                    f"{flow.name} ({flow.family}): {flow.events} flow events, expected one per flow"
+                )
     results: dict[str, dict[str, Any]] = {}
-    for c in cases:
-        results[c.name] = {
-            "runs_per_test_run": min(args.repeat, HOT_NEW_FLOW_REPEAT)
-            if c.new_flow_per_packet
-            else args.repeat,
-            "ns_per_packet": median(c.kernel_ns),
-            "added_ns": median([a - b for a, b in zip(c.kernel_ns, empty.kernel_ns, strict=True)]),
-            "wall_ns_per_packet": round(_median(c.wall_ns), 2),
-            "ratio_to_empty": ratio(c.kernel_ns, empty.kernel_ns),
-            "baseline": "empty tc",
-            "rounds_ns": c.kernel_ns,
+    for v4, v6 in pairs:
+        results[v4.name] = {
+            "ipv4": case_result(v4, pairs[0][0], args.repeat),
+            "ipv6": case_result(v6, pairs[0][1], args.repeat),
+            "ipv6_over_ipv4": ratio(v6.kernel_ns, v4.kernel_ns),
         }
-    for f in flows:
-        results[f.name] = {
-            "runs_per_test_run": 1,
-            "flows_per_round": args.flows,
-            "ns_per_packet": median(f.kernel_ns),
-            "empty_tc_one_per_run_ns": median(f.empty_ns),
-            "added_ns": median([a - b for a, b in zip(f.kernel_ns, f.empty_ns, strict=True)]),
-            "ratio_to_empty": ratio(f.kernel_ns, f.empty_ns),
-            "baseline": "empty tc, one packet per test run, same frames",
-            "rounds_ns": [round(v, 1) for v in f.kernel_ns],
-            "rounds_empty_ns": [round(v, 1) for v in f.empty_ns],
+    for f4, f6 in flow_pairs:
+        results[f4.name] = {
+            "ipv4": flow_result(f4, args.flows),
+            "ipv6": flow_result(f6, args.flows),
+            "ipv6_over_ipv4": ratio(f6.kernel_ns, f4.kernel_ns),
         }
-    established = {n: results[n]["ratio_to_empty"] for n in results if n.endswith("established")}
-    worst = max(established.values())
+    established = [n for n in results if n.endswith("established")]
+    worst = max(results[n]["ipv4"]["ratio_to_empty"] for n in established)
+    worst6 = max(results[n]["ipv6_over_ipv4"] for n in established)
+    prefixes4, prefixes6 = (len(fam.prefixes) for fam in fams)
     out = {
         "bench": "endpoint_cost",
         "machine": host,
@@ -390,40 +500,56 @@ def main() -> None:
             "rounds": args.rounds,
             "new_flows_per_case_and_round": args.flows,
             "statistic": "median over rounds; ratios per round against the baseline of "
-            "that round, then the median",
+            "that round (ipv6_over_ipv4: the IPv6 case against the IPv4 case of the same "
+            "round, run back to back, the first of the two alternating), then the median",
             "ns_per_packet": "the kernel's mean per repetition (whole ns; time scheduled "
             "out is excluded); for new flows the mean over the round's test runs of one "
             "packet each",
             "maps": {
-                "ipcache": f"{len(prefixes)} CIDR prefixes + {PODS} pods + the endpoint "
-                "+ 0.0.0.0/0",
+                "ipcache": f"{prefixes4} CIDR prefixes + {PODS} pods + the endpoint + 0.0.0.0/0",
+                "ipcache6": f"{prefixes6} CIDR prefixes in {TEST_RANGE_V6} (lengths "
+                f"{'/'.join(str(n) for n, _ in V6_PREFIX_LENGTHS)}, weights "
+                f"{':'.join(str(w) for _, w in V6_PREFIX_LENGTHS)}; prefix i has the "
+                f"identity of IPv4 prefix i) + {PODS} pods in {POD_NET6} + the endpoint + ::/0",
                 "policy_entries_for_the_endpoint": bench.entries,
                 "policy": f"both directions enforced; allow TCP/{PORT} with each of "
-                f"{len(prefixes)} CIDR identities and {PODS} pod identities",
+                f"{max(prefixes4, prefixes6)} CIDR identities and {PODS} pod identities "
+                "(the same entries for both families)",
                 "ct_entries_at_end": ct_entries,
             },
-            "packet_bytes": len(cases[0].data),
+            "packet_bytes": {fam.name: len(p.data) for fam, p in zip(fams, pairs[0], strict=True)},
             "events": "on; drained after every new-flow case, none lost",
         },
         "cases": results,
         "targets": [
             {
                 "name": f"established <= {TARGET_ESTABLISHED_RATIO:g}x the empty tc program "
-                "(worst of the two programs)",
+                "(IPv4, worst of the two programs)",
                 "value": worst,
                 "limit": TARGET_ESTABLISHED_RATIO,
                 "met": worst <= TARGET_ESTABLISHED_RATIO,
-            }
+            },
+            {
+                "name": f"ipv6_established_ratio <= {TARGET_IPV6_ESTABLISHED_RATIO:g} (IPv6 "
+                "established / IPv4 established, worst of the two programs)",
+                "value": worst6,
+                "per_program": {n: results[n]["ipv6_over_ipv4"] for n in established},
+                "limit": TARGET_IPV6_ESTABLISHED_RATIO,
+                "met": worst6 <= TARGET_IPV6_ESTABLISHED_RATIO,
+            },
         ],
     }
-    summary = [f"{'case':46} {'ns/pkt':>7} {'base ns':>8} {'x base':>7}"]
+    summary = [f"{'case':46} {'v4 ns':>7} {'x base':>6} {'v6 ns':>7} {'x base':>6} {'v6/v4':>6}"]
     for name, r in results.items():
-        base = r.get("empty_tc_one_per_run_ns", results["empty tc"]["ns_per_packet"])
+        v4, v6 = r["ipv4"], r["ipv6"]
         summary.append(
-            f"{name:46} {r['ns_per_packet']:7.1f} {base:8.1f} {r['ratio_to_empty']:7.2f}"
+            f"{name:46} {v4['ns_per_packet']:7.1f} {v4['ratio_to_empty']:6.2f} "
+            f"{v6['ns_per_packet']:7.1f} {v6['ratio_to_empty']:6.2f} {r['ipv6_over_ipv4']:6.2f}"
         )
-    t = out["targets"][0]
-    summary.append(f"target: {t['name']}: {t['value']:.2f}x -> {'met' if t['met'] else 'MISSED'}")
+    for t in out["targets"]:
+        summary.append(
+            f"target: {t['name']}: {t['value']:.2f} -> {'met' if t['met'] else 'MISSED'}"
+        )
     emit(out, summary)
 
 
