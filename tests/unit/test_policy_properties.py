@@ -1,40 +1,35 @@
 """Property test: the compiled datapath entries decide every flow exactly as the reference
 evaluator reads the policies.
 
-Hypothesis builds small nodes (namespaces with labels, pods with labels and named ports,
-CIDR identities) and random policies of every kind and feature as the YAML users write,
-so the parser takes part too, with the node exempt from default deny or not
-(`--allow-localhost`). For random flows, `lookup` over the compiled entries must
-give the reference's verdict, name one of the rules the reference found deciding, and
-agree on default deny.
+Hypothesis builds small nodes (namespaces with labels, pods with labels, named ports and
+addresses, IPv4-only or dual-stack, CIDR and pod-address identities as the agent labels
+them: policy_support.py) and random policies of every kind and feature as the YAML users
+write, so the parser takes part too, with the node exempt from default deny or not
+(`--allow-localhost`) and Cilium CIDRs matching pod addresses or not (`cidr_match_mode`).
+For random flows, the compiled entries (both identities of a pod peer with a pod-address
+identity, as the datapath looks them up) must give the reference's verdict, name one of
+the rules the reference found deciding, and agree on default deny.
 """
 
 from __future__ import annotations
 
-from ipaddress import IPv4Network
+from ipaddress import ip_network
 from typing import Any
 
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from policy_support import Node, Peer, Pod, build_node, datapath_verdict
 
 from membrane.abi import Direction, Identity
-from membrane.identity.labels import (
-    RESERVED_LABELS,
-    cidr_identity_labels,
-    endpoint_labels,
-)
 from membrane.policy import (
     AllowLocalhost,
-    EndpointInfo,
     RuleTable,
-    Universe,
     compile_policies,
     evaluate,
-    lookup,
     parse_documents,
-    policy_cidrs,
 )
+from membrane.policy.model import ENTITIES
 
 NAMESPACES = ["a", "b"]
 PODS_LABEL_VALUES = {"app": ["web", "db", "fe"], "tier": ["one", "two"]}
@@ -50,9 +45,23 @@ CIDRS = [
     "10.2.0.0/16",
     "192.168.0.0/16",
     "192.168.1.1/32",
+    "198.18.0.0/16",  # pods' addresses are in these
+    "198.18.0.0/24",
+    "198.18.0.7/32",
+    "::/0",
+    "2001:db8::/32",
+    "2001:db8:1::/48",
+    "2001:db8:1::5/128",
+    "fd00::/8",
 ]
-ENTITIES = ["world", "host", "cluster", "all", "remote-node", "health", "init", "unmanaged"]
-GRID = [(proto, port) for proto in (6, 17, 132) for port in PORT_NUMBERS] + [(1, 0), (1, 8)]
+POD_V4 = ["198.18.0.7", "198.18.0.9", "198.18.1.3", "10.1.2.3"]
+POD_V6 = ["2001:db8:1::5", "2001:db8:1::9", "2001:db8:2::1", "fd00::1"]
+GRID = [(proto, port) for proto in (6, 17, 132) for port in PORT_NUMBERS] + [
+    (1, 0),
+    (1, 8),
+    (58, 128),
+    (58, 135),
+]
 QUERY_PORTS = [0, 8, 53, 54, 79, 80, 81, 443, 444, 8080, 8081, 9000, 65535]
 
 # ---- the node --------------------------------------------------------------------------------
@@ -73,13 +82,18 @@ pod = st.fixed_dictionaries(
             st.tuples(st.sampled_from(PORT_NUMBERS), st.sampled_from([6, 17])),
             max_size=2,
         ),
+        "addresses": st.tuples(st.sampled_from(POD_V4), st.sampled_from(POD_V6)),
     }
 )
 node = st.fixed_dictionaries(
     {
         "namespaces": st.fixed_dictionaries({ns: namespace_labels for ns in NAMESPACES}),
         "pods": st.lists(pod, min_size=1, max_size=5),
-        "extra_cidrs": st.lists(st.sampled_from(CIDRS[1:]), max_size=2),
+        "extra_cidrs": st.lists(
+            st.sampled_from([c for c in CIDRS if not c.endswith("/0")]), max_size=2
+        ),
+        "dual_stack": st.booleans(),
+        "cidr_match_mode": st.sampled_from(["world", "all"]),
     }
 )
 
@@ -171,8 +185,12 @@ def cilium_port(draw: st.DrawFn) -> dict[str, Any]:
 @st.composite
 def cidr_with_excepts(draw: st.DrawFn) -> dict[str, Any]:
     cidr = draw(st.sampled_from(CIDRS))
-    net = IPv4Network(cidr)
-    inside = [c for c in CIDRS if IPv4Network(c).subnet_of(net) and c != cidr]
+    net = ip_network(cidr)
+    inside = [
+        c
+        for c in CIDRS
+        if ip_network(c).version == net.version and ip_network(c).subnet_of(net) and c != cidr
+    ]
     excepts = draw(st.lists(st.sampled_from(inside), max_size=2, unique=True)) if inside else []
     return {"cidr": cidr, "except": excepts} if excepts else {"cidr": cidr}
 
@@ -224,7 +242,7 @@ def cilium_rule(prefix: str) -> st.SearchStrategy[dict[str, Any]]:
             f"{prefix}Endpoints": st.lists(cilium_selector, max_size=2),
             f"{prefix}CIDR": st.lists(st.sampled_from(CIDRS), max_size=2),
             f"{prefix}CIDRSet": st.lists(cidr_with_excepts(), max_size=2),
-            f"{prefix}Entities": st.lists(st.sampled_from(ENTITIES), max_size=2),
+            f"{prefix}Entities": st.lists(st.sampled_from(list(ENTITIES)), max_size=2),
             "toPorts": st.lists(
                 st.fixed_dictionaries({}, optional={"ports": st.lists(cilium_port(), max_size=2)}),
                 max_size=2,
@@ -233,7 +251,13 @@ def cilium_rule(prefix: str) -> st.SearchStrategy[dict[str, Any]]:
                 st.fixed_dictionaries(
                     {
                         "fields": st.lists(
-                            st.fixed_dictionaries({"type": st.sampled_from([0, 8])}),
+                            st.fixed_dictionaries({"type": st.sampled_from([0, 8])})
+                            | st.fixed_dictionaries(
+                                {
+                                    "type": st.sampled_from([128, "NeighborSolicitation"]),
+                                    "family": st.just("IPv6"),
+                                }
+                            ),
                             min_size=1,
                             max_size=2,
                         )
@@ -291,71 +315,78 @@ def policy_documents(draw: st.DrawFn) -> list[dict[str, Any]]:
 # ---- the property ----------------------------------------------------------------------------
 
 
-def build_universe(
-    spec: dict[str, Any], policies: list, allow_localhost: AllowLocalhost
-) -> Universe:
-    prefixes = policy_cidrs(policies)
-    identities = dict(RESERVED_LABELS)
-    endpoints: dict[int, EndpointInfo] = {}
-    by_labels: dict[frozenset, int] = {}
-    for ep_id, p in enumerate(spec["pods"], start=1):
-        labels = endpoint_labels(p["namespace"], p["labels"], spec["namespaces"][p["namespace"]])
-        identity = by_labels.setdefault(labels, Identity.FIRST_ENDPOINT + len(by_labels))
-        identities[identity] = labels
-        endpoints[ep_id] = EndpointInfo(
-            ep_id, p["namespace"], f"pod{ep_id}", identity, labels, dict(p["ports"])
-        )
-    cidr_identities = {}
-    all_prefixes = sorted(prefixes | {IPv4Network(c) for c in spec["extra_cidrs"]})
-    for n, prefix in enumerate(all_prefixes):
-        cidr_identities[Identity.FIRST_CIDR + n] = prefix
-        identities[Identity.FIRST_CIDR + n] = cidr_identity_labels(prefix, prefixes)
-    return Universe(identities, endpoints, cidr_identities, allow_localhost)
+def node_of(spec: dict[str, Any], policies: list, allow_localhost: AllowLocalhost) -> Node:
+    pods = [
+        Pod(p["namespace"], f"pod{n}", p["labels"], p["addresses"], p["ports"])
+        for n, p in enumerate(spec["pods"], start=1)
+    ]
+    return build_node(
+        pods,
+        spec["namespaces"],
+        policies,
+        dual_stack=spec["dual_stack"],
+        cidr_match_mode=spec["cidr_match_mode"],
+        extra_cidrs=spec["extra_cidrs"],
+        allow_localhost=allow_localhost,
+    )
+
+
+Flow = tuple[int, int, Peer, int, int]  # ep_id, direction, peer, proto, port
 
 
 @st.composite
-def scenario(draw: st.DrawFn) -> tuple[Universe, list, list[tuple[int, int, int, int, int]]]:
+def scenario(draw: st.DrawFn) -> tuple[Node, str, list, list[Flow]]:
     spec = draw(node)
     documents = draw(policy_documents())
     policies = parse_documents(yaml.safe_dump_all(documents))
-    universe = build_universe(spec, policies, draw(st.sampled_from(list(AllowLocalhost))))
-    peers = [*sorted(universe.identities), 99999]  # plus an identity nobody knows
+    built = node_of(spec, policies, draw(st.sampled_from(list(AllowLocalhost))))
+    peers = [*all_peers(built)]
     flow = st.tuples(
-        st.sampled_from(sorted(universe.endpoints)),
+        st.sampled_from(sorted(built.universe.endpoints)),
         st.sampled_from([0, 1]),
         st.sampled_from(peers),
-        st.sampled_from([1, 6, 6, 17, 132]),
+        st.sampled_from([1, 6, 6, 17, 58, 132]),
         st.sampled_from(QUERY_PORTS) | st.sampled_from(QUERY_PORTS) | st.integers(0, 65535),
     )
-    return universe, policies, draw(st.lists(flow, max_size=10))
+    return built, spec["cidr_match_mode"], policies, draw(st.lists(flow, max_size=10))
 
 
-def grid_flows(universe: Universe) -> list[tuple[int, int, int, int, int]]:
-    """Every endpoint, direction and peer (plus one nobody knows) on the ports and ICMP
-    types policies use: where rules, named ports and selectors make a difference."""
-    peers = [*sorted(universe.identities), 99999]
+def all_peers(built: Node) -> list[Peer]:
+    """Every peer of the node (pods with and without an address), plus an identity nobody
+    knows. A pod-address identity is never a peer's own: it comes with its pod's."""
+    return [*built.peers.values(), Peer(99999)]
+
+
+def grid_flows(built: Node) -> list[Flow]:
+    """Every endpoint, direction and peer on the ports and ICMP types policies use: where
+    rules, named ports and selectors make a difference."""
     return [
         (ep_id, direction, peer, proto, port)
-        for ep_id in universe.endpoints
+        for ep_id in built.universe.endpoints
         for direction in Direction
-        for peer in peers
+        for peer in all_peers(built)
         for proto, port in GRID
     ]
 
 
-def boundary_flows(universe: Universe, compiled: dict) -> list[tuple[int, int, int, int, int]]:
+def boundary_flows(built: Node, compiled: dict) -> list[Flow]:
     """Flows at the edges of every compiled entry (its first and last port and the ports just
-    outside) for every protocol, for its own identity (or a few, for an any-peer entry):
-    where a wrong entry would show."""
-    endpoint_ids = sorted(e.identity for e in universe.endpoints.values())
-    any_peers = [Identity.WORLD, endpoint_ids[0], 99999]
+    outside) for every protocol, for the peers with its identity (or a few, for an any-peer
+    entry): where a wrong entry would show."""
+    by_identity: dict[int, list[Peer]] = {}
+    for peer in all_peers(built):
+        by_identity.setdefault(peer.identity, []).append(peer)
+        if peer.address_identity is not None:
+            by_identity.setdefault(peer.address_identity, []).append(peer)
+    endpoint_ids = sorted(e.identity for e in built.universe.endpoints.values())
+    any_peers = [Peer(Identity.WORLD), Peer(endpoint_ids[0]), Peer(99999)]
     flows = []
     for ep_id, policy in compiled.items():
         for e in policy.entries:
             size = 1 << (16 - e.port_bits)
             ports = {e.port, e.port + size - 1, max(e.port - 1, 0), min(e.port + size, 65535)}
-            for peer in [e.identity] if e.identity else any_peers:
-                for proto in (1, 6, 17, 132):
+            for peer in by_identity.get(e.identity, []) if e.identity else any_peers:
+                for proto in (1, 6, 17, 58, 132):
                     flows += [(ep_id, e.direction, peer, proto, port) for port in ports]
     return flows
 
@@ -363,11 +394,12 @@ def boundary_flows(universe: Universe, compiled: dict) -> list[tuple[int, int, i
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario())
 def test_compiled_entries_decide_like_the_reference(case: tuple) -> None:
-    universe, policies, flows = case
+    built, cidr_match_mode, policies, flows = case
+    universe = built.universe
     rules = RuleTable()
-    compiled = compile_policies(policies, universe, rules)
+    compiled = compile_policies(policies, universe, rules)  # in the universe's mode
     assert set(compiled) == set(universe.endpoints)
-    checks = flows + grid_flows(universe) + boundary_flows(universe, compiled)
+    checks = flows + grid_flows(built) + boundary_flows(built, compiled)
     for ep_id, direction, peer, proto, port in checks:
         endpoint = universe.endpoints[ep_id]
         decision = evaluate(
@@ -375,11 +407,13 @@ def test_compiled_entries_decide_like_the_reference(case: tuple) -> None:
             universe,
             endpoint=endpoint,
             direction=("ingress", "egress")[direction],
-            peer_identity=peer,
+            peer_identity=peer.identity,
             proto=proto,
             port=port,
+            peer_address=peer.address,
+            cidr_match_mode=cidr_match_mode,
         )
-        allowed, rule_id = lookup(compiled[ep_id], direction, peer, proto, port)
+        allowed, rule_id = datapath_verdict(compiled[ep_id], direction, peer, proto, port)
         where = (endpoint.namespace, ep_id, direction, peer, proto, port, decision)
         assert allowed == decision.allowed, where
         assert compiled[ep_id].enforces(direction) == decision.enforced, where

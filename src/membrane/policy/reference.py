@@ -10,12 +10,13 @@ builds policy entries. Property tests compare it with the compiled datapath entr
 Pod addresses (rules.py): where the datapath looks up a pod peer's pod-address identity
 beside its endpoint identity, the evaluator is given the pod's address (`peer_address`) and
 matches ipBlocks (and, with `cidr_match_mode="all"`, Cilium CIDR peers) against it by
-containment.
+containment. A named port of an egress rule is the peer pod's, known by its identity: a
+rule that matches a pod by its address only resolves no named port of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
@@ -58,6 +59,8 @@ _CLUSTER_RESERVED = set(_ENTITY_IDENTITY.values())
 # The world identities of each family: 2 stands for IPv4 world on an IPv4-only node (and
 # is not used on a dual-stack one, where 9 and 10 are).
 _WORLD_OF_FAMILY = {4: {Identity.WORLD, Identity.WORLD_IPV4}, 6: {Identity.WORLD_IPV6}}
+# How a rule's peers matched a flow's peer: by its identity, or only by its pod address.
+_BY_IDENTITY, _BY_ADDRESS = "identity", "address"
 
 
 @dataclass
@@ -103,34 +106,46 @@ class _Flow:
         )
 
     def world_family(self) -> int | None:
-        """4 or 6 for a world peer (a world or CIDR identity), None for any other."""
+        """4 or 6 for a world peer (a world or CIDR identity the node knows), None for any
+        other."""
+        if self.peer_identity not in self.universe.identities:
+            return None
         for family, identities in _WORLD_OF_FAMILY.items():
             if self.peer_identity in identities:
                 return family
         prefix = self.universe.cidr_identities.get(self.peer_identity)
         return None if prefix is None else prefix.version
 
-    def peer_in_cidr(self, cidr: Network, excepts: Sequence[Network], by_address: bool) -> bool:
-        """A world peer by its identity: world is what no policy prefix covers, so only
-        its family's /0 contains it. With `by_address`, also a pod peer by its address."""
+    def peer_in_cidr(
+        self, cidr: Network, excepts: Sequence[Network], by_address: bool
+    ) -> str | None:
+        """_BY_IDENTITY for a world peer inside: world is what no policy prefix covers, so
+        only its family's /0 contains it. With `by_address`, _BY_ADDRESS for a pod peer
+        whose address is inside."""
         if by_address and self.peer_address is not None and self.peer_namespace() is not None:
             address = self.peer_address
             if address.version == cidr.version and address in cidr:
-                return not any(address in e for e in excepts)
-        if self.peer_identity in _WORLD_OF_FAMILY[cidr.version]:
-            return cidr.prefixlen == 0
-        prefix = self.universe.cidr_identities.get(self.peer_identity)
-        if prefix is None or prefix.version != cidr.version:
-            return False
+                return None if any(address in e for e in excepts) else _BY_ADDRESS
+        family = self.world_family()
+        if family != cidr.version:
+            return None
+        if self.peer_identity in _WORLD_OF_FAMILY[family]:
+            return _BY_IDENTITY if cidr.prefixlen == 0 else None
+        prefix = self.universe.cidr_identities[self.peer_identity]
         inside = prefix.subnet_of(cidr)  # type: ignore[arg-type]
-        return inside and not any(prefix.subnet_of(e) for e in excepts)  # type: ignore[arg-type]
+        if inside and not any(prefix.subnet_of(e) for e in excepts):  # type: ignore[arg-type]
+            return _BY_IDENTITY
+        return None
 
-    def named_port_is_ours(self, name: str, any_peer: bool) -> bool:
+    def named_port_is_ours(self, name: str, any_peer: bool | str) -> bool:
         """Whether the flow's port is the named port: the endpoint's own on ingress, the
-        peer's on egress (any endpoint's, for a rule matching any peer)."""
+        peer's on egress (any endpoint's, for a rule matching any peer; none, for a rule
+        matching the peer by its address only)."""
         if self.direction == "ingress":
             owners = [self.endpoint]
-        elif any_peer:
+        elif any_peer == _BY_ADDRESS:
+            owners = []
+        elif any_peer is True:
             owners = list(self.universe.endpoints.values())
         else:
             owners = [
@@ -138,7 +153,10 @@ class _Flow:
             ]
         return any(o.named_ports.get(name) == (self.port, self.proto) for o in owners)
 
-    def port_matches(self, port: int | str | None, end_port: int | None, any_peer: bool) -> bool:
+    def port_matches(
+        self, port: int | str | None, end_port: int | None, any_peer: bool | str
+    ) -> bool:
+        """`any_peer`: True for a rule matching any peer, else how the rule matched."""
         if not port:
             return True
         if isinstance(port, str):
@@ -237,30 +255,37 @@ def _k8s_policy(policy: Policy, flow: _Flow, found: _Findings) -> None:
     rules = spec.ingress if flow.direction == "ingress" else spec.egress
     for i, rule in enumerate(rules or ()):
         peers = rule.peers
-        if peers and not any(_k8s_peer_matches(p, policy, flow) for p in peers):
+        how = _strongest(_k8s_peer_matches(p, policy, flow) for p in peers)
+        if peers and how is None:
             continue
-        if rule.ports and not any(_k8s_port_matches(p, flow, not peers) for p in rule.ports):
+        if rule.ports and not any(_k8s_port_matches(p, flow, how or True) for p in rule.ports):
             continue
         found.allowed_by.append(
             RuleRef(policy.kind, policy.namespace, policy.name, flow.direction, False, i)
         )
 
 
-def _k8s_peer_matches(peer: K8sPeer, policy: Policy, flow: _Flow) -> bool:
+def _strongest(matches: Iterable[str | None]) -> str | None:
+    """How a rule matched, given how each of its peers did: by identity if any did so."""
+    found = set(matches)
+    return next((how for how in (_BY_IDENTITY, _BY_ADDRESS) if how in found), None)
+
+
+def _k8s_peer_matches(peer: K8sPeer, policy: Policy, flow: _Flow) -> str | None:
     if peer.ip_block is not None:
         return flow.peer_in_cidr(peer.ip_block.cidr, peer.ip_block.except_ or (), by_address=True)
     peer_namespace = flow.peer_namespace()
     if peer_namespace is None:
-        return False  # pod and namespace selectors select pods only
+        return None  # pod and namespace selectors select pods only
     if peer.namespace_selector is None:
         namespace_ok = peer_namespace == policy.namespace
     else:
         namespace_ok = peer.namespace_selector.to_selector().matches(flow.peer_namespace_labels())
     pod_ok = peer.pod_selector is None or peer.pod_selector.to_selector().matches(flow.peer_labels)
-    return namespace_ok and pod_ok
+    return _BY_IDENTITY if namespace_ok and pod_ok else None
 
 
-def _k8s_port_matches(spec: K8sPortSpec, flow: _Flow, any_peer: bool) -> bool:
+def _k8s_port_matches(spec: K8sPortSpec, flow: _Flow, any_peer: bool | str) -> bool:
     if flow.proto != PROTOCOL_NUMBERS[spec.protocol or "TCP"]:
         return False
     return flow.port_matches(spec.port, spec.end_port, any_peer)
@@ -294,9 +319,10 @@ def _cilium_policy(policy: Policy, flow: _Flow, found: _Findings) -> None:
 
 
 def _cilium_rule_matches(rule: CiliumPeerRule, policy: Policy, flow: _Flow) -> bool:
+    any_peer: bool | str
     if rule.has_peers():
-        any_peer = _matches_any_peer(rule, policy)
-        if not any_peer and not _cilium_peer_matches(rule, policy, flow):
+        any_peer = _matches_any_peer(rule, policy) or _cilium_peer_matches(rule, policy, flow)
+        if not any_peer:
             return False
     elif rule.has_l4():
         any_peer = True  # only ports: every peer on those ports
@@ -332,7 +358,8 @@ def _pods_only(selector: CiliumSelector, policy: Policy) -> bool:
     return policy.kind != KIND_CNP and not selector.escapes_namespace()
 
 
-def _cilium_peer_matches(rule: CiliumPeerRule, policy: Policy, flow: _Flow) -> bool:
+def _cilium_peer_matches(rule: CiliumPeerRule, policy: Policy, flow: _Flow) -> str | None:
+    """How the rule's peers match the flow's peer (_BY_IDENTITY, _BY_ADDRESS), or None."""
     known = flow.peer_identity in flow.universe.identities
     for selector in rule.peer_endpoints:
         if _scoped(selector, policy) and flow.peer_namespace() != policy.namespace:
@@ -340,17 +367,19 @@ def _cilium_peer_matches(rule: CiliumPeerRule, policy: Policy, flow: _Flow) -> b
         if _pods_only(selector, policy) and flow.peer_namespace() is None:
             continue
         if known and selector.to_selector().matches(flow.peer_labels):
-            return True
+            return _BY_IDENTITY
+    if any(_entity_matches(entity, flow) for entity in rule.peer_entities):
+        return _BY_IDENTITY
     by_address = flow.cidr_match_mode == "all"
-    if any(flow.peer_in_cidr(c, excepts, by_address) for c, excepts in rule.cidr_blocks()):
-        return True
-    return any(_entity_matches(entity, flow) for entity in rule.peer_entities)
+    return _strongest(flow.peer_in_cidr(c, e, by_address) for c, e in rule.cidr_blocks())
 
 
 def _entity_matches(entity: str, flow: _Flow) -> bool:
     """By identity number. Identities the node does not know are matched by `all` only."""
     identity = flow.peer_identity
     known = identity in flow.universe.identities
+    if not known:
+        return entity == "all"
     if entity == "world":
         return flow.world_family() is not None
     if entity == "world-ipv4":
@@ -359,13 +388,13 @@ def _entity_matches(entity: str, flow: _Flow) -> bool:
         return flow.world_family() == 6
     if entity == "cluster":
         endpoint = Identity.FIRST_ENDPOINT <= identity < Identity.FIRST_CIDR
-        return identity in _CLUSTER_RESERVED or (known and endpoint)
+        return identity in _CLUSTER_RESERVED or endpoint
     if entity == "all":
         return True
     return identity == _ENTITY_IDENTITY[entity]
 
 
-def _cilium_port_matches(spec: PortProtocol, flow: _Flow, any_peer: bool) -> bool:
+def _cilium_port_matches(spec: PortProtocol, flow: _Flow, any_peer: bool | str) -> bool:
     protocol = spec.protocol or ANY_PROTOCOL
     if protocol in PORTLESS_PROTOCOLS:
         return flow.proto == PORTLESS_PROTOCOLS[protocol]  # every packet: it has no ports
