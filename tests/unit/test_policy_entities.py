@@ -331,3 +331,22 @@ def test_allow_localhost_applies_to_every_family() -> None:
     web = node.pods["prod/web"]
     verdict = datapath_verdict(compiled[web.ep_id], Direction.INGRESS, node.peers["host"], TCP, 1)
     assert verdict[0]
+
+
+# ---- ignored peer fields ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dual_stack", [False, True], ids=["ipv4-only", "dual-stack"])
+def test_ignored_peer_fields_select_nothing_and_keep_ports_closed(dual_stack: bool) -> None:
+    # toFQDNs with ports: not "every peer on 443", as ports alone would be.
+    text = cnp(
+        "  egress: [{toFQDNs: [{matchName: example.com}], "
+        "toPorts: [{ports: [{port: '443', protocol: TCP}]}]}]"
+    )
+    assert allowed_peers(text, dual_stack, port=443) == set()
+    # Beside a peer Membrane resolves, that peer still works.
+    text = cnp(
+        "  egress: [{toServices: [{k8sService: {serviceName: a}}], toEntities: [host]}, "
+        "{toCIDRSet: [{cidrGroupRef: partners}, {cidr: 203.0.113.0/24}]}]"
+    )
+    assert allowed_peers(text, dual_stack) == {"host", "203.0.113.0/24"}
