@@ -472,6 +472,26 @@ def test_port_forms() -> None:
             "not a valid CIDR",
         ),
         (
+            ALL + "egress: [{toCIDR: ['fe80::1%eth0']}]}",
+            "document 1: spec.egress[0].toCIDR[0]",
+            "not a valid CIDR",
+        ),
+        (
+            ALL + "egress: [{toEndpoints: [{matchLabels: {'cidr:nonsense': ''}}]}]}",
+            "document 1: spec.egress[0].toEndpoints[0].matchLabels",
+            "label key 'cidr:nonsense' is invalid: a cidr: key is a prefix",
+        ),
+        (
+            ALL + "ingress: [{authentication: {mode: maybe}}]}",
+            "document 1: spec.ingress[0].authentication.mode",
+            "unknown mode 'maybe'",
+        ),
+        (
+            ALL + "egress: [{toCIDRSet: [{}]}]}",
+            "document 1: spec.egress[0].toCIDRSet[0]",
+            "needs exactly one of cidr, cidrGroupRef and cidrGroupSelector",
+        ),
+        (
             CNP + "spec: {endpointSelector: {matchLabels: {'pod:app': x}}}",
             "document 1: spec.endpointSelector.matchLabels",
             "unknown source 'pod'",

@@ -68,10 +68,15 @@ def check_cilium_label_key(key: str) -> None:
                 f"label key {key!r} has unknown source {source!r} (use k8s, reserved, cidr or "
                 f"{SOURCE_ANY})"
             )
+        if source == SOURCE_CIDR:  # `cidr:2001:db8::/64` holds colons no other key may
+            try:
+                parse_cidr(rest)
+            except ValueError:
+                raise ValueError(
+                    f"label key {key!r} is invalid: a cidr: key is a prefix such as 10.0.0.0/8"
+                ) from None
+            return
         key = rest
-    if source == SOURCE_CIDR:
-        parse_cidr(key)  # `cidr:2001:db8::/64` holds colons no other key may
-        return
     if len(key) > 317 or not _CILIUM_KEY.fullmatch(key):
         raise ValueError(f"label key {key!r} is invalid")
     if source == SOURCE_RESERVED and "/" in key:
@@ -95,6 +100,8 @@ def parse_cidr(value: object) -> Network:
     if not isinstance(value, str):
         raise ValueError("must be a CIDR string such as 10.0.0.0/8 or 2001:db8::/64")
     try:
+        if "%" in value:  # a scoped address (fe80::1%eth0) names no prefix
+            raise ValueError
         return ip_network(value.strip(), strict=False)
     except ValueError:
         raise ValueError(
