@@ -63,7 +63,17 @@ const volatile __u32 ep_ipv6[4] = {};
 /* Ethernet + IPv6 with a few extension headers (or IPv4 with options) + TCP header. */
 #define PULL_BYTES 128
 /* Where an L4 header may start for us to read it (the verifier needs a bound). */
-#define L4_OFF_MAX 1024
+#define L4_OFF_MAX 1023
+
+/* data + off for an offset checked to be <= L4_OFF_MAX. The mask is done in inline
+ * assembly: the compiler knows it changes nothing and would drop it, or check one copy of
+ * the offset and add another, leaving the verifier without the bound on the register it
+ * adds. */
+static __always_inline __u8 *l4_at(void *data, __u64 off)
+{
+	asm volatile("%0 &= 0x3ff" : "+r"(off));
+	return data + off;
+}
 /* Per endpoint, family and direction: datagrams whose first fragment passed and whose
  * later ones may still come. Legitimate traffic needs few at a time (a record is used
  * within microseconds of its writing); ~45 KiB of kernel memory per IPv4 map. */
@@ -368,7 +378,7 @@ static __always_inline __u32 load_l4(void *data, void *data_end, const struct pk
 	f->frag_id = p->frag_id;
 	if (f->l4_off > L4_OFF_MAX)
 		return DROP_INVALID_PACKET;
-	l4 = data + f->l4_off;
+	l4 = l4_at(data, f->l4_off);
 
 	if (p->fragment == PKT_LATER_FRAGMENT) {
 		if (!proto_has_ports(f->proto) && !is_icmp(f->proto)) {
@@ -604,9 +614,7 @@ static __noinline __u32 parse_flow(struct __sk_buff *skb, struct flow *f)
 	f->fragment = p.fragment;
 	if (f->proto == IPPROTO_ICMPV6 && p.fragment == PKT_NOT_FRAGMENT &&
 	    icmpv6_is_link_control(f->sport)) {
-		if (f->l4_off > L4_OFF_MAX) /* load_l4 checked it; the verifier forgets */
-			return DROP_INVALID_PACKET;
-		l4 = data + f->l4_off;
+		l4 = l4_at(data, f->l4_off); /* load_l4 checked it */
 		if ((void *)(l4 + 8) > data_end)
 			return DROP_INVALID_PACKET;
 		return check_link_control(data_end, f, l4);

@@ -82,13 +82,19 @@ def destroy_shared_clusters() -> None:
         c.destroy()
 
 
-def net_fixture() -> Any:
-    """The function-scoped `net` fixture: the module's cluster, reset after each test."""
+def net_fixture(families: tuple[int, ...] = (4,)) -> Any:
+    """The function-scoped `net` fixture: the module's cluster, reset after each test.
+    With `families` (4, 6) every test of the module runs once per family: the cluster's
+    `check` probes over that family's addresses."""
 
-    @pytest.fixture
-    def net(cluster: Cluster) -> Iterator[Cluster]:
-        yield cluster
-        cluster.reset()
+    @pytest.fixture(params=families, ids=[f"ipv{f}" for f in families])
+    def net(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+        cluster.family = request.param
+        try:
+            yield cluster
+        finally:
+            cluster.family = 4
+            cluster.reset()
 
     return net
 

@@ -71,12 +71,15 @@ def agent() -> Iterator[Agent]:
 
 
 def check_consistent(s: Snapshot) -> None:
-    assert len(s.endpoints) == len(s.endpoints_by_key) == len(s.endpoints_by_ip)
+    addresses = sum(1 + (ep.ipv6 is not None) for ep in s.endpoints.values())
+    assert len(s.endpoints) == len(s.endpoints_by_key)
+    assert addresses == len(s.endpoints_by_ip)
     assert len(s.stored_policies) == len(s.policies)
     for ep_id, ep in s.endpoints.items():
         assert ep.id == ep_id
         assert s.endpoints_by_key[ep.key] is ep
         assert s.endpoints_by_ip[ep.ipv4] is ep
+        assert ep.ipv6 is None or s.endpoints_by_ip[ep.ipv6] is ep
         assert s.universe.endpoints[ep_id].identity == ep.identity
         labels = {str(lb) for lb in s.identity_labels[ep.identity]}
         assert {f"k8s:{k}={v}" for k, v in ep.labels.items()} <= labels

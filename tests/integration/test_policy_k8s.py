@@ -8,7 +8,8 @@ that the host is a peer policy applies to, like world (by default the node passe
 deny, as Kubernetes says: test_policy_allow_localhost.py). Each case imports its policy,
 states the expected table with allow/deny patterns over the default "everything allowed",
 and probes it all. A pod talking to itself never leaves its namespace, so those cells are
-always allowed.
+always allowed. Every table is checked over IPv4 and over IPv6 (the pods' and the outside
+host's IPv6 addresses): the same policy must give the same answers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from membrane.testing.cluster import Cluster
 pytestmark = pytest.mark.root
 
 cluster = shared_cluster_fixture(allow_localhost="policy")  # see above
-net = net_fixture()
+net = net_fixture(families=(4, 6))  # every table over IPv4 and over IPv6
 
 PODS = [f"{ns}/{p}" for ns in "xyz" for p in "abc"]
 OUTSIDE = ["host", "world"]

@@ -76,7 +76,9 @@ def trace(snapshot: Snapshot, req: TraceRequest) -> dict[str, Any]:
             peer_identity=peer.identity,
             proto=proto,
             port=req.dport,
-            peer_address=ip_address(peer.ip) if peer.endpoint else None,
+            peer_address=ip_address(peer.ip)
+            if peer.endpoint or peer.identity == Identity.HOST
+            else None,
             cidr_match_mode=snapshot.universe.cidr_match_mode,
         )
         dp_allowed, rule_id = lookup(

@@ -120,6 +120,7 @@ class DatapathReconciler:
         # endpoint id -> its addresses' own identities (IPv4, IPv6; 0: none), and the label
         # sets behind them (kept by the allocator)
         self._address_identities: dict[int, tuple[int, int]] = {}
+        self._host_address_identities: dict[Address, int] = {}
         self._address_label_keys: set[str] = set()
         self._cidr_policies: tuple[Policy, ...] | None = None  # what `_cidr` was made from
         self._prefixes_of: dict[int, tuple[Policy, frozenset[Network]]] = {}
@@ -159,7 +160,8 @@ class DatapathReconciler:
         namespaces: NamespaceStore,
         policies: tuple[Policy, ...],
     ) -> Reconciled:
-        universe = self._universe(endpoints, namespaces, policies)
+        hosts = tuple(self.node.host_addresses())
+        universe = self._universe(endpoints, namespaces, policies, hosts)
         identities = {ep_id: info.identity for ep_id, info in universe.endpoints.items()}
         # Identities on their way out keep their entries until no address maps to them.
         outgoing = self._enforced_identities.keys() - universe.identities.keys()
@@ -170,7 +172,6 @@ class DatapathReconciler:
             steps.append(self._compile(policies, union))
         compiled = self._compile(policies, universe)
         steps.append(compiled)
-        hosts = tuple(self.node.host_addresses())
         overlay, overlay6 = self._address_overlays(hosts, endpoints)
         self._check_capacity([(step, identities) for step in steps], overlay, overlay6)
         self._writing = universe.identities
@@ -247,6 +248,7 @@ class DatapathReconciler:
         endpoints: dict[int, EndpointRecord],
         namespaces: NamespaceStore,
         policies: tuple[Policy, ...],
+        hosts: tuple[Address, ...],
     ) -> Universe:
         """Identities, endpoints and CIDR identities as they are now."""
         if policies is not self._cidr_policies:  # only a policy change changes the prefixes
@@ -268,7 +270,7 @@ class DatapathReconciler:
         for gone in self._endpoint_identities.keys() - endpoints.keys():
             del self._endpoint_identities[gone]
         identities.update(self._cidr.labels)
-        identities.update(self._number_addresses(endpoints))
+        identities.update(self._number_addresses(endpoints, hosts))
         return Universe(
             identities=identities,
             endpoints=infos,
@@ -278,28 +280,34 @@ class DatapathReconciler:
         )
 
     def _number_addresses(
-        self, endpoints: Mapping[int, EndpointRecord]
+        self, endpoints: Mapping[int, EndpointRecord], hosts: tuple[Address, ...]
     ) -> dict[int, frozenset[Label]]:
-        """Pod-address identities (membrane.agent.addresses) of every endpoint address an
-        address prefix holds; returns their labels by identity."""
+        """Pod-address identities (membrane.agent.addresses) of every endpoint and node
+        address an address prefix holds (an ipBlock counts the node's addresses too);
+        returns their labels by identity."""
         found: dict[int, frozenset[Label]] = {}
         self._address_identities = {}
+        self._host_address_identities = {}
         self._address_label_keys = set()
         if not self._addresses.prefixes:
             return found
+
+        def number(addr: Address | None) -> int:
+            labels = None if addr is None else self._addresses.labels_of(addr)
+            if labels is None:
+                return 0
+            ident = self.identities.for_labels(labels)
+            found[ident] = labels
+            self._address_label_keys.add(labels_key(labels))
+            return ident
+
         for ep in endpoints.values():
-            numbers = []
-            for addr in (IPv4Address(ep.ipv4), _ipv6(ep) if self.config.ipv6 else None):
-                labels = None if addr is None else self._addresses.labels_of(addr)
-                if labels is None:
-                    numbers.append(0)
-                    continue
-                ident = self.identities.for_labels(labels)
-                found[ident] = labels
-                self._address_label_keys.add(labels_key(labels))
-                numbers.append(ident)
-            if any(numbers):
-                self._address_identities[ep.id] = (numbers[0], numbers[1])
+            own = (number(IPv4Address(ep.ipv4)), number(_ipv6(ep) if self.config.ipv6 else None))
+            if any(own):
+                self._address_identities[ep.id] = own
+        for addr in hosts:
+            if ident := number(addr):
+                self._host_address_identities[addr] = ident
         return found
 
     def _policy_prefixes(self, policies: tuple[Policy, ...]) -> frozenset[Network]:
@@ -337,7 +345,8 @@ class DatapathReconciler:
         return info
 
     def _address_identity_of(self, endpoints: Mapping[int, EndpointRecord]) -> dict[str, int]:
-        found = {}
+        """Address (text) -> its own identity, for `policy trace`."""
+        found = {str(addr): ident for addr, ident in self._host_address_identities.items()}
         for ep_id, (own4, own6) in self._address_identities.items():
             ep = endpoints[ep_id]
             if own4:
@@ -356,7 +365,8 @@ class DatapathReconciler:
         for addr in self.config.kube_apiserver_ips:
             overlays[addr.version][host_key(addr)] = (int(Identity.KUBE_APISERVER), 0, 0)
         for addr in hosts:
-            overlays[addr.version][host_key(addr)] = (int(Identity.HOST), 0, 0)
+            own = self._host_address_identities.get(addr, 0)
+            overlays[addr.version][host_key(addr)] = (int(Identity.HOST), 0, own)
         for ep in endpoints.values():
             own4, own6 = self._address_identities.get(ep.id, (0, 0))
             overlays[4][host_key(IPv4Address(ep.ipv4))] = (ep.identity, ep.id, own4)

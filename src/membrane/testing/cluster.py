@@ -60,6 +60,7 @@ class Cluster:
     ns_labels: dict[str, dict[str, str]] = field(default_factory=dict)
     base_pods: set[str] = field(default_factory=set)
     labels_changed: bool = False
+    family: int = 4  # what `check` probes over unless told
 
     # ---- building ----------------------------------------------------------------------
     def setup(self) -> None:
@@ -151,9 +152,10 @@ class Cluster:
         pods = [f"{ns}/{n}" for ns, n in itertools.product(self.namespaces, self.pod_names)]
         return Reachability(sources or pods, destinations or pods, ports, default)
 
-    def check(self, reach: Reachability, family: int = 4) -> None:
-        """Probe `reach` over IPv4, or over IPv6 (the peers' IPv6 addresses)."""
-        check(self.peers6 if family == 6 else self.peers, reach)
+    def check(self, reach: Reachability, family: int | None = None) -> None:
+        """Probe `reach` over IPv4, or over IPv6 (the peers' IPv6 addresses); by default
+        over `self.family`."""
+        check(self.peers6 if (family or self.family) == 6 else self.peers, reach)
 
     def import_policy(self, text: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.agent.import_policy(text, check=check)
