@@ -6,8 +6,8 @@ The label conventions (policy/rules.py):
   10 {reserved:world-ipv6} on a dual-stack one;
 - a CIDR identity per policy prefix (not /0): {reserved:world, reserved:world-ipv4 or -ipv6,
   cidr:Q for every policy prefix Q containing it};
-- a pod-address identity per pod address inside an address prefix (`address_prefixes`):
-  {cidr:Q for every such prefix containing it}, nothing reserved.
+- a pod-address identity per pod or node address inside an address prefix
+  (`address_prefixes`): {cidr:Q for every such prefix containing it}, nothing reserved.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from membrane.policy.validate import Network
 Address = IPv4Address | IPv6Address
 # A pod-address identity is numbered from here (any free number does).
 FIRST_ADDRESS_IDENTITY = Identity.FIRST_CIDR + 100_000
+HOST_ADDRESSES = ("198.19.0.1", "2001:db8::1")  # the node's IPv4 and IPv6 addresses
 
 
 def world_cidr_labels(prefix: Network, prefixes: Iterable[Network]) -> frozenset[Label]:
@@ -143,6 +144,14 @@ def build_node(
     else:
         del identities[Identity.WORLD_IPV4], identities[Identity.WORLD_IPV6]
         peers.update(world4=Peer(Identity.WORLD))
+    for text in HOST_ADDRESSES[: 2 if dual_stack else 1]:  # the node's, as the agent has them
+        address = ip_address(text)
+        found = address_labels(address, by_address)
+        address_id = None
+        if found:
+            address_id = address_ids.setdefault(found, FIRST_ADDRESS_IDENTITY + len(address_ids))
+            identities[address_id] = found
+        peers[f"host@{address}"] = Peer(Identity.HOST, address, address_id)
     for identity, name in (
         (Identity.HOST, "host"),
         (Identity.REMOTE_NODE, "remote-node"),

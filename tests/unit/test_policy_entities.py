@@ -117,6 +117,15 @@ def pods(*names: str, dual_stack: bool) -> set[str]:
     return found
 
 
+def host(dual_stack: bool) -> set[str]:
+    """The node as a peer, without and with its addresses."""
+    return {"host", "host@198.19.0.1"} | ({"host@2001:db8::1"} if dual_stack else set())
+
+
+def reserved(dual_stack: bool) -> set[str]:
+    return set(RESERVED) | host(dual_stack)
+
+
 def world(dual_stack: bool, family: int | None = None) -> set[str]:
     v4 = {"world4", *PREFIXES_V4}
     v6 = {"world6", *PREFIXES_V6} if dual_stack else set()
@@ -135,9 +144,10 @@ ALL_PODS = ("prod/web", "prod/fe", "dev/api")
         ("world", lambda ds: world(ds)),
         ("world-ipv4", lambda ds: world(ds, 4)),
         ("world-ipv6", lambda ds: world(ds, 6)),
-        *((name, lambda ds, name=name: {name}) for name in RESERVED),
-        ("cluster", lambda ds: set(RESERVED) | pods(*ALL_PODS, dual_stack=ds)),
-        ("all", lambda ds: set(RESERVED) | pods(*ALL_PODS, dual_stack=ds) | world(ds)),
+        ("host", host),
+        *((name, lambda ds, name=name: {name}) for name in RESERVED if name != "host"),
+        ("cluster", lambda ds: reserved(ds) | pods(*ALL_PODS, dual_stack=ds)),
+        ("all", lambda ds: reserved(ds) | pods(*ALL_PODS, dual_stack=ds) | world(ds)),
     ],
 )
 def test_every_entity_selects_its_identities(entity: str, expected, dual_stack: bool) -> None:
@@ -157,7 +167,9 @@ def test_entities_in_deny_rules() -> None:
         "  egressDeny: [{toEntities: [world-ipv6, kube-apiserver]}]"
     )
     for dual_stack in (False, True):
-        everything = set(RESERVED) | pods(*ALL_PODS, dual_stack=dual_stack) | world(dual_stack)
+        everything = (
+            reserved(dual_stack) | pods(*ALL_PODS, dual_stack=dual_stack) | world(dual_stack)
+        )
         expected = everything - world(dual_stack, 6) - {"kube-apiserver"}
         assert allowed_peers(text, dual_stack) == expected
 
@@ -198,6 +210,7 @@ def test_cilium_cidrs_match_pod_addresses_in_mode_all(dual_stack: bool) -> None:
     assert allowed_peers(text, dual_stack, cidr_match_mode="all") == expected
     text = cnp("  egress: [{toCIDR: [0.0.0.0/0]}]")
     expected = world(dual_stack, 4) | {f"{p}@{a}" for p, a in _v4_addresses()}
+    expected.add("host@198.19.0.1")  # the node's address too
     assert allowed_peers(text, dual_stack, cidr_match_mode="all") == expected
 
 
@@ -254,11 +267,13 @@ def test_ip_blocks_match_pods_by_address(case: str, dual_stack: bool) -> None:
 def test_ip_block_zero_matches_world_and_pods_of_its_family(dual_stack: bool) -> None:
     text = k8s("  egress: [{to: [{ipBlock: {cidr: 0.0.0.0/0, except: [198.18.1.0/24]}}]}]")
     expected = world(dual_stack, 4) | {"prod/web@198.18.0.10", "prod/fe@198.18.0.11"}
+    expected.add("host@198.19.0.1")  # the node's address is in the block too
     assert allowed_peers(text, dual_stack) == expected
     text = k8s("  egress: [{to: [{ipBlock: {cidr: '::/0'}}]}]")
     expected = world(dual_stack, 6)
     if dual_stack:
         expected |= {f"{p.namespace}/{p.name}@{p.addresses[1]}" for p in PODS}
+        expected.add("host@2001:db8::1")
     assert allowed_peers(text, dual_stack) == expected
 
 
@@ -349,4 +364,16 @@ def test_ignored_peer_fields_select_nothing_and_keep_ports_closed(dual_stack: bo
         "  egress: [{toServices: [{k8sService: {serviceName: a}}], toEntities: [host]}, "
         "{toCIDRSet: [{cidrGroupRef: partners}, {cidr: 203.0.113.0/24}]}]"
     )
-    assert allowed_peers(text, dual_stack) == {"host", "203.0.113.0/24"}
+    assert allowed_peers(text, dual_stack) == host(dual_stack) | {"203.0.113.0/24"}
+
+
+@pytest.mark.parametrize("dual_stack", [False, True], ids=["ipv4-only", "dual-stack"])
+def test_ip_blocks_match_the_node_by_address(dual_stack: bool) -> None:
+    text = k8s("  egress: [{to: [{ipBlock: {cidr: 198.19.0.0/16}}, {ipBlock: {cidr: '::/0'}}]}]")
+    expected = {"host@198.19.0.1"}
+    if dual_stack:
+        expected |= {"host@2001:db8::1"} | {
+            f"{p.namespace}/{p.name}@{p.addresses[1]}" for p in PODS
+        }
+        expected |= world(True, 6)
+    assert allowed_peers(text, dual_stack) == expected

@@ -7,8 +7,9 @@ by CIDR labels, entities by identity number rather than by reserved labels, and 
 builds policy entries. Property tests compare it with the compiled datapath entries.
 `policy trace` uses it to explain a verdict, since it knows every rule that matched.
 
-Pod addresses (rules.py): where the datapath looks up a pod peer's pod-address identity
-beside its endpoint identity, the evaluator is given the pod's address (`peer_address`) and
+Pod addresses (rules.py): where the datapath looks up a peer's pod-address identity beside
+its own (a pod's, or the node's: the agent gives every address of the cluster that an
+address prefix holds one), the evaluator is given the peer's address (`peer_address`) and
 matches ipBlocks (and, with `cidr_match_mode="all"`, Cilium CIDR peers) against it by
 containment. A named port of an egress rule is the peer pod's, known by its identity: a
 rule that matches a pod by its address only resolves no named port of it.
@@ -120,16 +121,16 @@ class _Flow:
         self, cidr: Network, excepts: Sequence[Network], by_address: bool
     ) -> str | None:
         """_BY_IDENTITY for a world peer inside: world is what no policy prefix covers, so
-        only its family's /0 contains it. With `by_address`, _BY_ADDRESS for a pod peer
-        whose address is inside."""
-        if by_address and self.peer_address is not None and self.peer_namespace() is not None:
+        only its family's /0 contains it. With `by_address`, _BY_ADDRESS for a peer of the
+        cluster (a pod, the node) whose address is inside."""
+        world = self.world_family()
+        if by_address and self.peer_address is not None and world is None:
             address = self.peer_address
             if address.version == cidr.version and address in cidr:
                 return None if any(address in e for e in excepts) else _BY_ADDRESS
-        family = self.world_family()
-        if family != cidr.version:
+        if world != cidr.version:
             return None
-        if self.peer_identity in _WORLD_OF_FAMILY[family]:
+        if self.peer_identity in _WORLD_OF_FAMILY[world]:
             return _BY_IDENTITY if cidr.prefixlen == 0 else None
         prefix = self.universe.cidr_identities[self.peer_identity]
         inside = prefix.subnet_of(cidr)  # type: ignore[arg-type]
@@ -190,9 +191,10 @@ def evaluate(
 ) -> Decision:
     """The verdict for a connection of `endpoint` with a peer of `peer_identity`
     (`direction` "ingress": the peer connects to the endpoint's `port`; "egress": the
-    endpoint connects to the peer's `port`). `peer_address`: the peer's address when the
-    peer is a pod (it is ignored for any other peer), which ipBlocks, and Cilium CIDR peers
-    with `cidr_match_mode` "all", match by containment."""
+    endpoint connects to the peer's `port`). `peer_address`: the peer's address, when the
+    peer is a pod or the node (it is ignored for a world peer, which its CIDR identity
+    places), which ipBlocks, and Cilium CIDR peers with `cidr_match_mode` "all", match by
+    containment."""
     if direction not in ("ingress", "egress"):
         raise ValueError(f"direction must be ingress or egress, not {direction!r}")
     flow = _Flow(

@@ -15,11 +15,11 @@ The Kubernetes and Cilium semantics live here, translated into Cilium's label mo
   `-ipv6`, and `cidr:Q` for every policy prefix Q containing theirs), and for a /0 the
   world identities of its family. Pods and the node have identities of their own.
 - A NetworkPolicy ipBlock selects those and also pods whose address is in the block (as the
-  Kubernetes e2e tests expect): the agent gives such a pod address a second, pod-address
-  identity labelled `cidr:Q` for every address prefix Q containing it (`address_prefixes`,
-  /0 included) and nothing reserved; the datapath applies the entries of both identities
-  (a deny of either wins). `cidr_match_mode="all"` makes Cilium CIDR peers match pod
-  addresses the same way. Endpoint selectors never select pod-address identities.
+  Kubernetes e2e tests expect): the agent gives such a pod address (and a node address) a
+  second, pod-address identity labelled `cidr:Q` for every address prefix Q containing it
+  (`address_prefixes`, /0 included) and nothing reserved; the datapath applies the entries
+  of both identities (a deny of either wins). `cidr_match_mode="all"` makes Cilium CIDR
+  peers match pod addresses the same way. Endpoint selectors never select pod-address identities.
 - Entities: `world` is every world identity (2 on an IPv4-only node, 9 and 10 on a
   dual-stack one) and CIDR identity; `world-ipv4`/`world-ipv6` their family's; `cluster`
   the reserved identities of the cluster (host, remote-node, health, init, unmanaged,
