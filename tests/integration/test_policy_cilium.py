@@ -19,7 +19,7 @@ from membrane.testing.cluster import Cluster
 pytestmark = pytest.mark.root
 
 cluster = shared_cluster_fixture(allow_localhost="policy")
-net = net_fixture()
+net = net_fixture(families=(4, 6))  # every table over IPv4 and over IPv6
 
 PODS = [f"{ns}/{p}" for ns in "xyz" for p in "abc"]
 OUTSIDE = ["host", "world"]
@@ -340,6 +340,7 @@ def test_icmp_allowed_by_icmps_rule_only(net: Cluster) -> None:
             icmps:
             - fields:
               - {type: 8, family: IPv4}
+              - {type: 128, family: IPv6}
           - fromEndpoints:
             - matchLabels: {io.kubernetes.pod.namespace: y}
             toPorts:
@@ -362,6 +363,7 @@ def test_icmp_by_name_on_egress(net: Cluster) -> None:
             icmps:
             - fields:
               - {type: EchoRequest, family: IPv4}
+              - {type: EchoRequest, family: IPv6}
     """)
     reach = net.reach(ports=[(0, "ICMP"), (80, "TCP")]).deny(from_="y/c")
     net.check(reach.allow("y/c", "z/*", proto="ICMP"))
