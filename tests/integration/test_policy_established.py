@@ -15,13 +15,12 @@ import pytest
 from agent_support import net_fixture, shared_cluster_fixture
 
 from membrane.testing.cluster import Cluster
-from membrane.testing.pods import EXTERNAL_IP
 from membrane.testing.reachability import Stream
 
 pytestmark = pytest.mark.root
 
 cluster = shared_cluster_fixture(allow_localhost="policy")
-net = net_fixture()
+net = net_fixture(families=(4, 6))  # conntrack of both families
 
 X_A_EGRESS_ANYWHERE = """
 apiVersion: cilium.io/v2
@@ -32,15 +31,21 @@ spec:
   egress:
   - toEntities: [all]
 """
-X_A_DENY_WORLD_HOST = f"""
+
+
+def x_a_deny_world_host(address: str) -> str:
+    host = "128" if ":" in address else "32"
+    return f"""
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {{name: deny-host, namespace: x}}
 spec:
   endpointSelector: {{matchLabels: {{pod: a}}}}
   egressDeny:
-  - toCIDR: [{EXTERNAL_IP}/32]
+  - toCIDR: ["{address}/{host}"]
 """
+
+
 Y_A_DENY_QUARANTINED = """
 apiVersion: cilium.io/v2
 kind: CiliumClusterwideNetworkPolicy
@@ -69,10 +74,10 @@ def test_a_cidr_deny_cuts_an_established_stream_to_a_world_address(
 ) -> None:
     """The deny gives the peer address a new CIDR identity: only the ipcache moves it."""
     net.import_policy(X_A_EGRESS_ANYWHERE)
-    stream = Stream(net.peers["x/a"], net.peers["world"], 80)
+    stream = Stream(net.peer("x/a"), net.peer("world"), 80)
     streams.append(stream)
     stream.flowing(50)
-    net.import_policy(X_A_DENY_WORLD_HOST)
+    net.import_policy(x_a_deny_world_host(net.peer("world").ip))
     stream.cut()
 
 
@@ -80,9 +85,9 @@ def test_a_namespace_label_moving_a_pod_into_a_denied_identity_cuts_its_stream(
     net: Cluster, streams: list[Stream]
 ) -> None:
     net.import_policy(Y_A_DENY_QUARANTINED)
-    stream = Stream(net.peers["x/a"], net.peers["y/a"], 80)
+    stream = Stream(net.peer("x/a"), net.peer("y/a"), 80)
     streams.append(stream)
-    other = Stream(net.peers["z/a"], net.peers["y/a"], 80)  # not quarantined: keeps flowing
+    other = Stream(net.peer("z/a"), net.peer("y/a"), 80)  # not quarantined: keeps flowing
     streams.append(other)
     stream.flowing(50)
     other.flowing(20)

@@ -152,6 +152,10 @@ class Cluster:
         pods = [f"{ns}/{n}" for ns, n in itertools.product(self.namespaces, self.pod_names)]
         return Reachability(sources or pods, destinations or pods, ports, default)
 
+    def peer(self, key: str) -> Peer:
+        """The peer `key` over `self.family`'s addresses."""
+        return (self.peers6 if self.family == 6 else self.peers)[key]
+
     def check(self, reach: Reachability, family: int | None = None) -> None:
         """Probe `reach` over IPv4, or over IPv6 (the peers' IPv6 addresses); by default
         over `self.family`."""
