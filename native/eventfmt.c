@@ -104,21 +104,29 @@ struct mb_column {
 
 static const char hex_digits[] = "0123456789abcdef";
 
+static const char two_digits[] =
+	"0001020304050607080910111213141516171819202122232425262728293031323334353637383940414243444546474849"
+	"5051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899";
+
 static char *put_int(char *p, int64_t v)
 {
 	char tmp[24];
-	int n = 0;
+	int n = 24;
 	uint64_t u = v < 0 ? -(uint64_t)v : (uint64_t)v;
 
-	do {
-		tmp[n++] = (char)('0' + u % 10);
-		u /= 10;
-	} while (u);
+	while (u >= 10) {  /* two digits per division */
+		unsigned d = (unsigned)(u % 100) * 2;
+
+		u /= 100;
+		tmp[--n] = two_digits[d + 1];
+		tmp[--n] = two_digits[d];
+	}
+	if (u || n == 24)  /* a last single digit, or the value 0 */
+		tmp[--n] = (char)('0' + u);
 	if (v < 0)
-		tmp[n++] = '-';
-	while (n)
-		*p++ = tmp[--n];
-	return p;
+		tmp[--n] = '-';
+	memcpy(p, tmp + n, (size_t)(24 - n));
+	return p + (24 - n);
 }
 
 static char *put_u4(char *p, unsigned cp)
@@ -170,6 +178,29 @@ static int utf8_next(const uint8_t *s, int64_t n, unsigned *cp)
 	return need + 1;
 }
 
+/* Scanning text 8 bytes at a time for the bytes that need escaping (most text has none):
+ * classic SWAR tests, exact about whether a word holds such a byte. */
+#define ONES 0x0101010101010101ull
+#define HIGHS 0x8080808080808080ull
+
+static inline uint64_t has_less(uint64_t w, uint8_t b) /* a byte < b (b <= 128) */
+{
+	return (w - ONES * b) & ~w & HIGHS;
+}
+
+static inline uint64_t has_byte(uint64_t w, uint8_t b)
+{
+	return has_less(w ^ (ONES * b), 1);
+}
+
+static inline uint64_t load8(const uint8_t *s)
+{
+	uint64_t w;
+
+	memcpy(&w, s, 8);
+	return w;
+}
+
 /* A JSON string as json.dumps(ensure_ascii=True) writes it; invalid UTF-8 becomes U+FFFD
  * as bytes.decode(errors="replace") would make it. At most 6 bytes out per byte in + 2. */
 static inline int json_plain(uint8_t c)
@@ -186,7 +217,14 @@ static char *put_json_body(char *p, const uint8_t *s, int64_t n)
 		int len;
 
 		/* Paths are mostly plain ASCII: copy a run of it at once. */
-		for (run = i; run < n && json_plain(s[run]); run++)
+		for (run = i; run + 8 <= n; run += 8) {
+			uint64_t w = load8(s + run);
+
+			if ((w & HIGHS) | has_less(w, 0x20) | has_byte(w, 0x7f) | has_byte(w, '"') |
+			    has_byte(w, '\\'))
+				break;
+		}
+		for (; run < n && json_plain(s[run]); run++)
 			;
 		if (run > i) {
 			memcpy(p, s + i, (size_t)(run - i));
@@ -246,7 +284,13 @@ static char *put_table_text(char *p, const uint8_t *s, int64_t n)
 		uint8_t c = s[i];
 		int64_t run;
 
-		for (run = i; run < n && s[run] >= 0x20 && s[run] != 0x7f && s[run] != '\\'; run++)
+		for (run = i; run + 8 <= n; run += 8) {
+			uint64_t w = load8(s + run);
+
+			if (has_less(w, 0x20) | has_byte(w, 0x7f) | has_byte(w, '\\'))
+				break;
+		}
+		for (; run < n && s[run] >= 0x20 && s[run] != 0x7f && s[run] != '\\'; run++)
 			;
 		if (run > i) {  /* the common case: a run of printable bytes at once */
 			memcpy(p, s + i, (size_t)(run - i));

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from membrane.native.eventfmt import RowFormatter
-from membrane.trace.cells import Cells, _distinct, mapped, text_lists
+from membrane.trace.cells import Cells, _distinct, ints, mapped, tail_text, text_lists
 
 ITEMS = st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\0", b"")), max_size=6)
 
@@ -24,7 +24,8 @@ def _format(cells: dict[str, Cells], rows: int, json_lines: bool) -> str:
     formatter = RowFormatter(json_lines)
     keys = {k: (json.dumps(k) + ": ").encode() for k in cells}
     columns = [c.column(keys[k] if json_lines else b"", 0, False) for k, c in cells.items()]
-    return b"".join(bytes(chunk) for chunk in formatter.chunks(columns, rows)).decode()
+    text = b"".join(bytes(chunk) for chunk in formatter.chunks(columns, rows))
+    return text.decode(errors="surrogateescape")  # a table writes other bytes as they are
 
 
 def _batch(rows: list[list[bytes]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,4 +89,43 @@ def test_mapped_names_each_value_as_unique_would(values: list[int]) -> None:
     cells = {"v": mapped(array, lambda v: None if v < 0 else f"n{v}")}
     assert _format(cells, len(values), json_lines=True).splitlines() == [
         json.dumps({"v": None if v < 0 else f"n{v}"}) for v in values
+    ]
+
+
+def _table_text(raw: bytes) -> str:
+    """What the table writes for text: control bytes as \\xNN, the backslash doubled."""
+    out = bytearray()
+    for byte in raw:
+        if byte < 0x20 or byte == 0x7F:
+            out += f"\\x{byte:02x}".encode()
+        elif byte == 0x5C:
+            out += b"\\\\"
+        else:
+            out.append(byte)
+    return out.decode(errors="surrogateescape")
+
+
+@given(
+    st.lists(
+        st.binary(max_size=40).map(lambda b: b.replace(b"\0", b"")),
+        min_size=1,
+        max_size=6,
+    ),
+    st.lists(st.integers(-(2**63), 2**63 - 1), min_size=6, max_size=6),
+)
+def test_text_and_numbers_as_python_writes_them(texts: list[bytes], numbers: list[int]) -> None:
+    """Text of any bytes (scanned 8 at a time for what needs escaping) and integers of
+    any size, against json.dumps and the table's escaping."""
+    block = np.frombuffer(b"".join(texts) or b"\0", dtype=np.uint8)
+    lengths = np.array([len(t) for t in texts])
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    rows = len(texts)
+    cells = {"text": tail_text(block, starts, lengths), "n": ints(np.array(numbers[:rows]))}
+    assert _format(cells, rows, json_lines=True) == "".join(
+        json.dumps({"text": t.decode(errors="replace"), "n": n}) + "\n"
+        for t, n in zip(texts, numbers, strict=False)
+    )
+    table = _format(cells, rows, json_lines=False)
+    assert table.split("\n")[:-1] == [
+        f"{_table_text(t)} {n}".rstrip() for t, n in zip(texts, numbers, strict=False)
     ]
