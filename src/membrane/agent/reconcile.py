@@ -260,6 +260,10 @@ class DatapathReconciler:
             if wanted != self._addresses.prefixes:
                 self._addresses = AddressPrefixes(wanted)
         identities: dict[int, frozenset[Label]] = dict(RESERVED_LABELS)
+        # Only this node's world identities: a rule for the world then compiles to the
+        # one or two entries the ipcache can ever give, not three.
+        for unused in _UNUSED_WORLDS[self.config.ipv6]:
+            del identities[unused]
         infos: dict[int, EndpointInfo] = {}
         for ep_id, ep in list(endpoints.items()):
             info = self._endpoint_info(ep, namespaces.labels(ep.namespace))
@@ -378,6 +382,12 @@ class DatapathReconciler:
         self, policies: tuple[Policy, ...], universe: Universe
     ) -> Mapping[int, EndpointPolicy]:
         return compile_policies(policies, universe, self.rules, self._compile_cache)
+
+
+_UNUSED_WORLDS = {
+    True: (int(Identity.WORLD),),  # dual-stack: world-ipv4 and world-ipv6 stand for it
+    False: (int(Identity.WORLD_IPV4), int(Identity.WORLD_IPV6)),
+}
 
 
 def _ipv6(ep: EndpointRecord) -> IPv6Address | None:
