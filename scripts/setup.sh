@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# prometheus: the metrics tests start their own server (127.0.0.1, a temporary directory)
 APT_PACKAGES=(clang llvm libbpf-dev bpftool libelf-dev make iproute2 iptables nftables
-              iperf3 procps iputils-ping python3-venv)
+              iperf3 procps iputils-ping python3-venv prometheus)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -18,6 +19,10 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+        # the package starts a server on :9090 of every address; the tests need none
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
 fi
 
 # BPF programs pin under bpffs; tracepoints need tracefs.

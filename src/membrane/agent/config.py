@@ -44,6 +44,8 @@ class AgentConfig:
     node_ipv6: IPv6Address | None = None
     kube_apiserver_ips: tuple[IPv4Address | IPv6Address, ...] = ()  # the kube-apiserver entity
     cidr_match_mode: str = "world"  # CiliumNetworkPolicy CIDR rules: world only, or pods too
+    prometheus_serve_addr: str = ""  # agent metrics (cilium_*) listen address; "": off
+    hubble_metrics_server: str = ""  # flow metrics (hubble_*) listen address; "": off
 
     @property
     def ipv6(self) -> bool:
@@ -78,7 +80,10 @@ def make_config(
     node_ipv6: str = DEFAULT_NODE_IPV6,
     kube_apiserver_ips: str = "",
     cidr_match_mode: str = "world",
+    prometheus_serve_addr: str = "",
+    hubble_metrics_server: str = "",
 ) -> AgentConfig:
+    from membrane.metrics.address import parse_listen_address
     from membrane.policy.universe import AllowLocalhost
 
     cidr, node = _address_plan(pod_cidr, node_ip, 4)
@@ -109,6 +114,8 @@ def make_config(
             "policy-cidr-match-mode",
             f"{cidr_match_mode!r} is not one of {', '.join(CIDR_MATCH_MODES)}",
         )
+    parse_listen_address(prometheus_serve_addr, "prometheus-serve-addr")
+    parse_listen_address(hubble_metrics_server, "hubble-metrics-server")
     return AgentConfig(
         state_dir=Path(state_dir),
         api_socket=api_socket,
@@ -123,6 +130,8 @@ def make_config(
         node_ipv6=node6,
         kube_apiserver_ips=apiservers,
         cidr_match_mode=cidr_match_mode,
+        prometheus_serve_addr=prometheus_serve_addr,
+        hubble_metrics_server=hubble_metrics_server,
     )
 
 

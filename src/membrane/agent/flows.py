@@ -17,6 +17,7 @@ from membrane.bpf.object import object_path
 from membrane.bpf.ringbuf import RingBuffer
 from membrane.observe.record import (
     EndpointView,
+    FlowEvent,
     RuleView,
     UnsupportedEvent,
     flow_events,
@@ -81,9 +82,18 @@ class AgentResolver:
 
 
 class FlowReader:
-    def __init__(self, agent: Agent, deliver: Callable[[list[dict[str, Any]]], Any]) -> None:
+    """`observe`, when given, also sees every batch of decoded events with the snapshot
+    that names them (metrics count there, on this thread)."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        deliver: Callable[[list[dict[str, Any]]], Any],
+        observe: Callable[[list[FlowEvent], Snapshot], Any] | None = None,
+    ) -> None:
         self.agent = agent
         self.deliver = deliver
+        self.observe = observe
         dtype = Btf.from_file(object_path("endpoint")).dtype("flow_event")
         self._ring = RingBuffer(agent.maps.events, dtype=dtype, lost_map=agent.maps.events_lost)
         self._stop = threading.Event()
@@ -110,8 +120,12 @@ class FlowReader:
                 if not len(batch):
                     continue
                 records = []
-                resolver = AgentResolver(self.agent.snapshot)
-                for event in flow_events(batch):
+                snapshot = self.agent.snapshot
+                resolver = AgentResolver(snapshot)
+                events = flow_events(batch)
+                if self.observe is not None:
+                    self.observe(events, snapshot)
+                for event in events:
                     try:
                         records.append(flow_record(event, resolver, node))
                     except UnsupportedEvent:

@@ -18,7 +18,7 @@ import signal
 import socket
 import stat
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -41,6 +41,9 @@ from membrane.bpf.probe import missing_capabilities
 from membrane.errors import NotFound, NotPermitted, UserError
 from membrane.observe.store import FlowFilter, FlowStore
 from membrane.policy import validate
+
+if TYPE_CHECKING:
+    from membrane.metrics.server import MetricsServers
 
 log = logging.getLogger("membrane.agent")
 CT_GC_INTERVAL = 30.0
@@ -78,6 +81,7 @@ class AgentServer:
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent")
         self._reader: FlowReader | None = None
         self._stopping = asyncio.Event()
+        self.metrics: MetricsServers | None = None  # --prometheus-serve-addr and friends
 
     @property
     def agent(self) -> Agent:
@@ -87,6 +91,14 @@ class AgentServer:
 
     async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def run_change(self, fn: Callable[..., Any], *args: Any, policy: bool = False) -> Any:
+        """A change that recomputes what endpoints enforce, timed for the metrics
+        (`policy`: it imports or deletes policies, cilium_policy_change_total)."""
+        if self.metrics is None:
+            return await self.run_sync(fn, *args)
+        with self.metrics.policy.timed(policy_change=policy):
+            return await self.run_sync(fn, *args)
 
     # ---- routes --------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -126,7 +138,7 @@ class AgentServer:
 
     async def add_endpoint(self, request: web.Request) -> web.Response:
         req = parse_body(EndpointCreate, await self._json(request))
-        ep = await self.run_sync(self.agent.add_endpoint, req)
+        ep = await self.run_change(self.agent.add_endpoint, req)
         return web.json_response(views.endpoint_view(ep, self.agent.snapshot), status=201)
 
     async def get_endpoint(self, request: web.Request) -> web.Response:
@@ -139,7 +151,7 @@ class AgentServer:
 
     async def delete_endpoint(self, request: web.Request) -> web.Response:
         m = request.match_info
-        ep = await self.run_sync(self.agent.delete_endpoint, m["namespace"], m["name"])
+        ep = await self.run_change(self.agent.delete_endpoint, m["namespace"], m["name"])
         return web.json_response(views.endpoint_view(ep, self.agent.snapshot))
 
     async def list_namespaces(self, request: web.Request) -> web.Response:
@@ -152,7 +164,7 @@ class AgentServer:
         except ValueError as err:
             raise UserError("namespace", str(err)) from None
         req = parse_body(NamespaceLabels, await self._json(request))
-        labels = await self.run_sync(self.agent.label_namespace, ns, req)
+        labels = await self.run_change(self.agent.label_namespace, ns, req)
         return web.json_response({"name": ns, "labels": labels})
 
     async def list_identities(self, request: web.Request) -> web.Response:
@@ -163,7 +175,7 @@ class AgentServer:
 
     async def import_policies(self, request: web.Request) -> web.Response:
         req = parse_body(PolicyImport, await self._json(request))
-        result = await self.run_sync(self.agent.import_policies, req.yaml)
+        result = await self.run_change(self.agent.import_policies, req.yaml, policy=True)
         return web.json_response(result)
 
     async def delete_policies(self, request: web.Request) -> web.Response:
@@ -171,8 +183,13 @@ class AgentServer:
         everything = q.get("all") in ("1", "true")
         if not everything and "name" not in q:
             raise UserError("name", "give NS/NAME (or NAME for a clusterwide policy) or --all")
-        result = await self.run_sync(
-            self.agent.delete_policies, q.get("namespace"), q.get("name"), q.get("kind"), everything
+        result = await self.run_change(
+            self.agent.delete_policies,
+            q.get("namespace"),
+            q.get("name"),
+            q.get("kind"),
+            everything,
+            policy=True,
         )
         return web.json_response(result)
 
@@ -224,10 +241,23 @@ class AgentServer:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        self._agent = await self.run_sync(Agent.start, self.config)
+        self.metrics = _metrics_servers(self.config)  # listening first: a taken port fails here
+        try:
+            self._agent = await self.run_sync(Agent.start, self.config)
+        except BaseException:
+            if self.metrics is not None:
+                self.metrics.stop()
+            raise
         self._reader = FlowReader(
-            self.agent, lambda records: loop.call_soon_threadsafe(self.flows.extend, records)
+            self.agent,
+            lambda records: loop.call_soon_threadsafe(self.flows.extend, records),
+            observe=self.metrics.counts.observe if self.metrics else None,
         )
+        if self.metrics is not None:
+            reader = self._reader
+            self.metrics.attach(
+                lambda: self.agent.snapshot, self.config.bpf_dir, lambda: reader.lost
+            )
         self._reader.start()
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await runner.setup()
@@ -246,9 +276,20 @@ class AgentServer:
         await runner.cleanup()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.api_socket)
+        if self.metrics is not None:
+            self.metrics.stop()
         self._reader.stop()
         await self.run_sync(self.agent.stop)
         self._worker.shutdown()
+
+
+def _metrics_servers(config: AgentConfig) -> MetricsServers | None:
+    """The metrics servers the options ask for (prometheus_client is imported only then)."""
+    if not config.prometheus_serve_addr and not config.hubble_metrics_server:
+        return None
+    from membrane.metrics.server import MetricsServers
+
+    return MetricsServers(config.prometheus_serve_addr, config.hubble_metrics_server)
 
 
 def _listen(path: str) -> socket.socket:

@@ -99,6 +99,18 @@ def run(
         "the map is created (a pinned map keeps its size). A change that would not fit is "
         "refused before anything is written.",
     ),
+    prometheus_serve_addr: str = typer.Option(
+        "",
+        "--prometheus-serve-addr",
+        help="Serve the agent's Prometheus metrics (cilium_*) on HOST:PORT or :PORT "
+        "(Cilium's port: :9962); default: off.",
+    ),
+    hubble_metrics_server: str = typer.Option(
+        "",
+        "--hubble-metrics-server",
+        help="Serve flow metrics (hubble_*) on HOST:PORT or :PORT (Hubble's port: :9965); "
+        "default: off.",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run the agent in the foreground (structured logs on stderr). SIGTERM stops it and
@@ -124,6 +136,8 @@ def run(
         node_ipv6=node_ipv6,
         kube_apiserver_ips=kube_apiserver_ip,
         cidr_match_mode=policy_cidr_match_mode,
+        prometheus_serve_addr=prometheus_serve_addr,
+        hubble_metrics_server=hubble_metrics_server,
     )
     setup_logging(log_level)
     run_agent(config)

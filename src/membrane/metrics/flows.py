@@ -1,0 +1,116 @@
+"""Flow counts for hubble_* and cilium_forward_count_total, kept by the flow reader.
+
+`FlowCounts.observe` runs on the reader's thread for every batch of decoded events. It
+counts events by a tuple of their fields first and turns each distinct tuple into label
+values after, so the cost per event is one tuple and one dictionary update. The counts
+are plain dictionaries only that thread writes; a scrape copies them (`dict(d)` is one
+step under the GIL), so neither side waits for the other.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from membrane.abi import (
+    MEMBRANE_EVENT_VERSION,
+    Direction,
+    FlowEventType,
+    FlowMatch,
+    Identity,
+    IpProto,
+)
+from membrane.metrics import names
+
+if TYPE_CHECKING:
+    from membrane.agent.snapshot import Snapshot
+    from membrane.observe.record import FlowEvent
+
+_DROP, _VERDICT = FlowEventType.DROP, FlowEventType.POLICY_VERDICT
+_TCP_FIN, _TCP_SYN, _TCP_RST, _TCP_ACK = 0x01, 0x02, 0x04, 0x10  # TCP header bits
+
+Labels = tuple[str, ...]
+
+
+class FlowCounts:
+    """Counts per label values of each flow metric (names as in Hubble's handlers)."""
+
+    def __init__(self) -> None:
+        self.flows: dict[Labels, int] = {}  # (protocol, type, subtype, verdict)
+        self.drops: dict[Labels, int] = {}  # (reason, protocol)
+        self.policy_verdicts: dict[Labels, int] = {}  # (direction, match, action)
+        self.tcp_flags: dict[Labels, int] = {}  # (flag, family)
+        self.forwards: dict[Labels, int] = {}  # (direction,): allowed new flows
+        self.unsupported = 0
+
+    def observe(self, events: Iterable[FlowEvent], snapshot: Snapshot) -> None:
+        """Count one batch; `snapshot` names the rules that decided (one read per batch)."""
+        shapes = Counter(
+            (
+                ev.type,
+                ev.version,
+                ev.proto,
+                ev.family,
+                ev.dir,
+                ev.drop_reason,
+                ev.tcp_flags,
+                ev.match,
+                ev.rule_id,
+                ev.dir == Direction.INGRESS and ev.peer_identity == Identity.HOST,
+            )
+            for ev in events
+        )
+        for shape, n in shapes.items():
+            self._count(shape, n, snapshot)
+
+    def _count(self, shape: tuple, n: int, snapshot: Snapshot) -> None:
+        kind, version, proto, family, direction, reason, flags, match, rule_id, from_host = shape
+        if version != MEMBRANE_EVENT_VERSION or kind not in (_DROP, _VERDICT):
+            self.unsupported += n
+            return
+        dropped = kind == _DROP
+        protocol = _protocol(proto)
+        verdict = "DROPPED" if dropped else "FORWARDED"
+        flow_type = names.TYPE_DROP if dropped else names.TYPE_POLICY_VERDICT
+        _add(self.flows, (protocol, flow_type, "", verdict), n)
+        if dropped:
+            desc = names.HUBBLE_DROP_REASONS.get(reason, names.HUBBLE_UNKNOWN_DROP)
+            _add(self.drops, (desc, protocol), n)
+        else:
+            _add(self.forwards, (names.DIRECTIONS.get(direction, names.UNKNOWN_DIRECTION),), n)
+            if proto == IpProto.TCP:
+                ip = "IPv6" if family == 6 else "IPv4"
+                for flag in _tcp_flag_names(flags):
+                    _add(self.tcp_flags, (flag, ip), n)
+        # Cilium reports a policy verdict for every new flow policy allowed and every
+        # packet policy denied; Hubble leaves out those the host sent.
+        if (not dropped or reason in names.POLICY_DROPS) and not from_host:
+            way = "ingress" if direction == Direction.INGRESS else "egress"
+            _add(self.policy_verdicts, (way, _match(match, rule_id, snapshot), verdict.lower()), n)
+
+
+def _add(counts: dict[Labels, int], labels: Labels, n: int) -> None:
+    counts[labels] = counts.get(labels, 0) + n
+
+
+def _protocol(proto: int) -> str:
+    return names.PROTOCOLS.get(proto) or names.ICMP_PROTOCOLS.get(proto) or names.UNKNOWN_L4
+
+
+def _tcp_flag_names(flags: int) -> list[str]:
+    """Hubble's tcp handler: FIN, then SYN-ACK or SYN, then RST."""
+    found = []
+    if flags & _TCP_FIN:
+        found.append("FIN")
+    if flags & _TCP_SYN:
+        found.append("SYN-ACK" if flags & _TCP_ACK else "SYN")
+    if flags & _TCP_RST:
+        found.append("RST")
+    return found
+
+
+def _match(match: int, rule_id: int, snapshot: Snapshot) -> str:
+    if match != FlowMatch.RULE or rule_id not in snapshot.rules:
+        return names.POLICY_MATCH_NONE
+    return names.POLICY_MATCH_BY_SHAPE[snapshot.rule_shapes.get(rule_id, (True, True))]
