@@ -8,21 +8,24 @@ BPF_SRCS := $(wildcard bpf/*.bpf.c)
 BPF_OBJS := $(patsubst bpf/%.bpf.c,$(OBJDIR)/%.bpf.o,$(BPF_SRCS))
 ABI_PY   := src/membrane/abi.py
 NATIVE   := src/membrane/native/libeventfmt.so
+HUBBLE   := src/membrane/hubble
+HUBBLE_PROTOS := $(wildcard $(HUBBLE)/proto/*/*.proto)
+HUBBLE_PY := $(HUBBLE)/observer/observer_pb2_grpc.py
 BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_x86 \
               -I/usr/include/x86_64-linux-gnu -Ibpf -Ibpf/include -I$(BUILD)
 VENV     := .venv
 PY       := $(VENV)/bin/python
 PYTHON   ?= python3
 
-.PHONY: all setup bpf native test test-unit demo bench lint clean
+.PHONY: all setup bpf native hubble test test-unit demo bench lint clean
 all: setup bpf
 
 setup:
 	@bash scripts/setup.sh
 
 # The BPF objects, their ABI as Python, and the user-space helper the trace tools format
-# their events with (native/).
-bpf: $(BPF_OBJS) $(ABI_PY) $(NATIVE)
+# their events with (native/), and Hubble's API as Python (hubble).
+bpf: $(BPF_OBJS) $(ABI_PY) $(NATIVE) $(HUBBLE_PY)
 
 native: $(NATIVE)
 
@@ -40,6 +43,17 @@ $(OBJDIR)/%.bpf.o: bpf/%.bpf.c $(VMLINUX)
 # The enums of bpf/abi/*.h as Python (membrane.abi), from the objects' BTF.
 $(ABI_PY): scripts/gen_abi.py $(BPF_OBJS)
 	$(PYTHON) scripts/gen_abi.py $(BPF_OBJS) > $@.tmp && mv $@.tmp $@
+
+# Hubble's flow/observer protobuf API (membrane.hubble) as Python modules, generated with
+# grpcio-tools; protoc writes `from flow import ...`, made package-relative here.
+hubble: $(HUBBLE_PY)
+
+$(HUBBLE_PY): $(HUBBLE_PROTOS)
+	$(PY) -m grpc_tools.protoc -I$(HUBBLE)/proto --python_out=$(HUBBLE) --pyi_out=$(HUBBLE) \
+		--grpc_python_out=$(HUBBLE) $(HUBBLE_PROTOS)
+	for d in flow observer relay; do touch $(HUBBLE)/$$d/__init__.py; done
+	sed -i -E 's/^(from|import) (flow|observer|relay)([. ])/\1 membrane.hubble.\2\3/' \
+		$(HUBBLE)/*/*_pb2*.py $(HUBBLE)/*/*.pyi
 
 -include $(wildcard $(BUILD)/*.d)
 
@@ -60,4 +74,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests bench
 
 clean:
-	rm -rf $(BUILD) $(OBJDIR) $(ABI_PY) $(NATIVE)
+	rm -rf $(BUILD) $(OBJDIR) $(ABI_PY) $(NATIVE) $(HUBBLE)/flow $(HUBBLE)/observer $(HUBBLE)/relay

@@ -131,7 +131,7 @@ def test_ipv6_flows_and_trace_name_the_pods(net: Cluster) -> None:
     assert a.ip6 and b.ip6
     assert netns.ping(b.netns, a.ip6)
     net.check(net.reach(sources=["y/b"], destinations=["x/a"], ports=((80, "TCP"),)), family=6)
-    records = net.agent.observe(300)
+    records = [r["flow"] for r in net.agent.observe(300) if "flow" in r]  # GetFlowsResponse
     v6 = [
         r
         for r in records

@@ -247,7 +247,7 @@ def _flows_for(net: Cluster, src: str, dst: str, verdict: str) -> list[dict]:
     d_ns, d_name = dst.split("/")
     return [
         f
-        for f in net.agent.observe(2000)
+        for f in (r["flow"] for r in net.agent.observe(2000) if "flow" in r)
         if f.get("verdict") == verdict
         and f.get("source", {}).get("namespace") == s_ns
         and f.get("source", {}).get("pod_name") == s_name
@@ -278,7 +278,8 @@ def test_observe_shows_drops_with_reason_and_policy(net: Cluster) -> None:
     )
     assert any(f.get("drop_reason_desc") == "POLICY_DENY" for f in denied), denied
     deny = next(f for f in denied if f.get("drop_reason_desc") == "POLICY_DENY")
-    assert (deny["policy"]["namespace"], deny["policy"]["name"]) == ("z", "z-b-rules"), deny
+    (by,) = deny["ingress_denied_by"]
+    assert (by["namespace"], by["name"], by["kind"]) == ("z", "z-b-rules", "CiliumNetworkPolicy")
     assert deny["traffic_direction"] == "INGRESS", deny
     assert deny["source"]["identity"] == identity(net, "z/c"), deny
 
@@ -311,10 +312,11 @@ def test_observe_follow_streams_flows_as_they_happen(net: Cluster) -> None:
                 if not line:
                     break
                 seen.append(json.loads(line))
+            flows = [r["flow"] for r in seen if "flow" in r]  # GetFlowsResponse lines
             return any(
                 f.get("source", {}).get("pod_name") == "a"
                 and f.get("destination", {}).get("pod_name") == "b"
-                for f in seen
+                for f in flows
             )
 
         wait_for("a flow z/a -> z/b on the follow stream", streamed_flow, timeout=30)

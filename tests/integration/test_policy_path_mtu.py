@@ -144,7 +144,7 @@ def path_mtu(pod: Pod, dst: str) -> int | None:
 def related_icmp_flows(net: Cluster, pod: Pod, router_ip: str) -> list[dict]:
     return [
         f
-        for f in net.agent.observe()
+        for f in (r["flow"] for r in net.agent.observe() if "flow" in r)
         if f.get("trace_reason") == "RELATED"
         and f["verdict"] == "FORWARDED"
         and f["IP"] == {"source": router_ip, "destination": pod.ip, "ipVersion": "IPv4"}

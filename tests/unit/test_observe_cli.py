@@ -15,10 +15,14 @@ from typer.testing import CliRunner
 from membrane.api import client as api_client
 from membrane.cli.observe import observe
 from membrane.errors import UserError
-from membrane.observe.record import flow_record
+from membrane.observe.record import flow_record, flow_response, response_dict
 from membrane.observe.store import lost_events
 
-FLOWS = [flow_record(e, FakeResolver(), "n1") for e in (event(), world_drop())]
+# What the agent serves: GetFlowsResponses as protobuf JSON
+FLOWS = [
+    response_dict(flow_response(flow_record(e, FakeResolver(), "n1")))
+    for e in (event(), world_drop())
+]
 
 
 class FakeClient:
@@ -79,7 +83,7 @@ def test_follow_prints_until_ctrl_c(agent: type[FakeClient]) -> None:
     result = run("-f", "--api-socket", "/tmp/agent.sock", "--protocol", "tcp", "--port", "5432")
     assert result.exit_code == 0, result.output
     assert len(result.stdout.splitlines()) == 2
-    assert "4 flows missed" in result.stderr
+    assert "EVENTS LOST: 4 events" in result.stderr
     assert agent.calls == [
         (
             "stream",
@@ -96,6 +100,20 @@ def test_api_socket_from_the_environment(
     monkeypatch.setenv("MEMBRANE_API_SOCKET", "/run/other.sock")
     assert run("-o", "table").exit_code == 0
     assert agent.calls[0][3] == "/run/other.sock"
+
+
+def test_compact_is_the_default_and_names_policies_when_asked(agent: type[FakeClient]) -> None:
+    result = run("--print-policy-names")
+    assert result.exit_code == 0, result.output
+    allowed, dropped = result.stdout.splitlines()
+    assert "policy-verdict:L3-L4 INGRESS ALLOWED by CiliumNetworkPolicy shop/db-from-web" in allowed
+    assert "Policy denied DROPPED (TCP Flags: SYN)" in dropped
+
+
+def test_dict_output(agent: type[FakeClient]) -> None:
+    result = run("-o", "dict")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("VERDICT:") == 2
 
 
 @pytest.mark.parametrize(

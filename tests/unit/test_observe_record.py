@@ -1,29 +1,38 @@
-"""Flow events become Hubble-shaped flow records: sides, verdicts, drop reasons, L4, the
-deciding rule; numpy rows decode like dicts; every drop reason of the datapath has a name."""
+"""Flow events become Hubble flows (flow.Flow): sides, verdicts, drop reasons with Cilium's
+numbers, L4, the deciding policy; numpy rows decode like dicts; every drop reason of the
+datapath has a name in Hubble's DropReason enum."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from observe_support import ALLOW_DB, DB, DENY_WORLD, WEB, FakeResolver, event, world_drop
+from google.protobuf import json_format
+from observe_support import ALLOW_DB, DB, WEB, FakeResolver, event, world_drop
 
 from membrane.abi import DropReason, FlowMatch
+from membrane.hubble.flow import flow_pb2
 from membrane.observe import record as rec
 from membrane.observe.record import FlowEvent, UnsupportedEvent, flow_events, flow_record
 
 ABI = Path(__file__).resolve().parents[2] / "bpf" / "abi"
+POLICY_LABELS = "k8s:io.cilium.k8s.policy."
 
 
 def build(ev: dict, resolver: FakeResolver | None = None) -> dict:
-    return flow_record(ev, resolver or FakeResolver(), "node-1")
+    """The flow's protobuf JSON (proto field names), without its random uuid."""
+    flow = flow_record(ev, resolver or FakeResolver(), "node-1")
+    out = json_format.MessageToDict(flow, preserving_proto_field_name=True)
+    assert uuid.UUID(out.pop("uuid"))
+    return out
 
 
-def test_allowed_ingress_flow_names_both_pods_and_the_rule() -> None:
+def test_allowed_ingress_flow_names_both_pods_and_the_policy() -> None:
     r = build(event())
     # RFC 3339 in UTC with nanoseconds; a float of unix time carries them to ~0.2 us
     assert re.fullmatch(r"2024-11-21T10:00:01\.1234567\d\dZ", r["time"]), r["time"]
@@ -44,19 +53,26 @@ def test_allowed_ingress_flow_names_both_pods_and_the_rule() -> None:
     assert r["destination"]["ID"] == DB.id and r["destination"]["pod_name"] == "db"
     assert r["traffic_direction"] == "INGRESS"
     assert r["Type"] == "L3_L4" and r["node_name"] == "node-1"
-    assert r["event_type"] == {"type": 5, "sub_type": 0}
+    assert r["event_type"] == {"type": 5}  # sub_type 0: a zero value, left out
     assert r["policy_match_type"] == rec.POLICY_MATCH_L3_L4
     assert r["is_reply"] is False
     assert r["Summary"] == "TCP Flags: SYN"
-    assert r["policy"] == {
-        "rule_id": 7,
-        "kind": "CiliumNetworkPolicy",
-        "namespace": "shop",
-        "name": "db-from-web",
-        "rule": 0,
-        "deny": False,
-        "description": ALLOW_DB.description,
-    }
+    assert r["ingress_allowed_by"] == [
+        {
+            "name": "db-from-web",
+            "namespace": "shop",
+            "labels": [
+                f"{POLICY_LABELS}derived-from=CiliumNetworkPolicy",
+                f"{POLICY_LABELS}name=db-from-web",
+                f"{POLICY_LABELS}namespace=shop",
+            ],
+            "revision": "3",  # uint64: a string in protobuf JSON
+            "kind": "CiliumNetworkPolicy",
+        }
+    ]
+    for other in ("egress_allowed_by", "ingress_denied_by", "egress_denied_by"):
+        assert other not in r
+    assert "policy" not in r and "trace_reason" not in r
 
 
 def test_egress_puts_the_local_endpoint_on_the_source_side() -> None:
@@ -64,6 +80,8 @@ def test_egress_puts_the_local_endpoint_on_the_source_side() -> None:
     assert r["traffic_direction"] == "EGRESS"
     assert (r["source"]["pod_name"], r["destination"]["pod_name"]) == ("web", "db")
     assert r["destination"]["identity"] == DB.identity
+    assert r["egress_allowed_by"][0]["name"] == "db-from-web"
+    assert "ingress_allowed_by" not in r
 
 
 def test_default_deny_drop_from_world() -> None:
@@ -73,16 +91,36 @@ def test_default_deny_drop_from_world() -> None:
     assert r["event_type"] == {"type": 1, "sub_type": 133}
     assert r["source"] == {"identity": 2, "labels": ["reserved:world"]}
     assert r["destination"]["pod_name"] == "db"
-    assert r["policy"] is None and r["policy_match_type"] == rec.POLICY_MATCH_NONE
+    assert "policy_match_type" not in r  # none: zero
+    assert not any(k.endswith(("_allowed_by", "_denied_by")) for k in r)
 
 
-def test_deny_rule_drop_names_the_rule() -> None:
+def test_deny_rule_drop_names_the_policy() -> None:
     r = build(world_drop(drop_reason=181, match=1, rule_id=9))
-    assert r["drop_reason_desc"] == "POLICY_DENY"
-    assert r["policy"]["name"] == "no-world" and r["policy"]["namespace"] is None
-    assert r["policy"]["deny"] is True
-    assert r["policy"]["description"] == DENY_WORLD.description
+    assert (r["drop_reason"], r["drop_reason_desc"]) == (181, "POLICY_DENY")
+    [deny] = r["ingress_denied_by"]
+    assert (deny["name"], deny["kind"]) == ("no-world", "CiliumClusterwideNetworkPolicy")
+    assert "namespace" not in deny  # clusterwide
+    assert f"{POLICY_LABELS}derived-from=CiliumClusterwideNetworkPolicy" in deny["labels"]
     assert r["policy_match_type"] == rec.POLICY_MATCH_L3_ONLY
+
+
+@pytest.mark.parametrize(
+    ("ours", "cilium", "name"),
+    [
+        (DropReason.FRAG_NOT_FOUND, 175, "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND"),
+        (
+            DropReason.NO_ENDPOINT_STATE,
+            165,
+            "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION",
+        ),
+        (DropReason.INVALID_SOURCE_IP, 132, "INVALID_SOURCE_IP"),
+    ],
+)
+def test_drops_carry_ciliums_number_for_the_reason(ours: int, cilium: int, name: str) -> None:
+    r = build(world_drop(drop_reason=int(ours)))
+    assert (r["drop_reason"], r["drop_reason_desc"]) == (cilium, name)
+    assert r["event_type"] == {"type": 1, "sub_type": cilium}
 
 
 @pytest.mark.parametrize(
@@ -94,20 +132,20 @@ def test_policy_match_type_follows_the_rule_shape(l3: bool, l4: bool, match_type
     assert build(event(), FakeResolver(rules={7: rule}))["policy_match_type"] == match_type
 
 
-def test_a_rule_removed_since_is_still_named_by_its_id() -> None:
+def test_a_rule_removed_since_names_no_policy() -> None:
     r = build(event(), FakeResolver(rules={}))
-    assert r["policy"]["rule_id"] == 7 and r["policy"]["name"] is None
-    assert r["policy_match_type"] == rec.POLICY_MATCH_NONE
+    assert "ingress_allowed_by" not in r and "policy_match_type" not in r
 
 
 def test_no_policy_in_the_direction_means_no_policy() -> None:
     r = build(event(match=0, rule_id=0))
-    assert r["policy"] is None and r["verdict"] == "FORWARDED"
+    assert "ingress_allowed_by" not in r and r["verdict"] == "FORWARDED"
 
 
-def test_unknown_drop_reason_keeps_its_number() -> None:
+def test_unknown_drop_reason_is_unknown() -> None:
     r = build(world_drop(drop_reason=199))
-    assert (r["drop_reason"], r["drop_reason_desc"]) == (199, "DROP_REASON_UNKNOWN")
+    assert "drop_reason" not in r and "drop_reason_desc" not in r  # 0: DROP_REASON_UNKNOWN
+    assert r["event_type"] == {"type": 1}
 
 
 def test_peers_off_this_node_come_from_their_identity() -> None:
@@ -121,7 +159,7 @@ def test_peers_off_this_node_come_from_their_identity() -> None:
 
 def test_a_deleted_local_endpoint_keeps_its_id() -> None:
     r = build(event(), FakeResolver(endpoints=[WEB]))
-    assert r["destination"] == {"ID": DB.id, "identity": 0, "labels": []}
+    assert r["destination"] == {"ID": DB.id}
 
 
 @pytest.mark.parametrize(
@@ -131,7 +169,7 @@ def test_a_deleted_local_endpoint_keeps_its_id() -> None:
         ({"proto": 132}, {"SCTP": {"source_port": 43512, "destination_port": 5432}}, "SCTP"),
         (
             {"proto": 1, "sport": 8, "dport": 0},
-            {"ICMPv4": {"type": 8, "code": 0}},
+            {"ICMPv4": {"type": 8}},
             "ICMPv4 EchoRequest",
         ),
         (
@@ -159,6 +197,12 @@ def test_layer4_and_summary(fields: dict, l4: dict | None, summary: str) -> None
     assert r["Summary"] == summary
 
 
+def test_ipv6_flows_say_so() -> None:
+    r = build(event(family=6, saddr="2001:db8::a", daddr="2001:db8::b", proto=58, sport=128))
+    assert r["IP"] == {"source": "2001:db8::a", "destination": "2001:db8::b", "ipVersion": "IPv6"}
+    assert r["l4"] == {"ICMPv6": {"type": 128, "code": 5432}}
+
+
 def test_reply_match_sets_is_reply() -> None:
     assert build(world_drop(match=3))["is_reply"] is True
 
@@ -167,8 +211,12 @@ def test_related_icmp_error_says_so() -> None:
     r = build(event(proto=1, sport=3, dport=4, match=FlowMatch.RELATED))
     assert r["verdict"] == "FORWARDED" and r["trace_reason"] == "RELATED"
     assert r["Summary"] == "ICMPv4 DestinationUnreachable code 4"
-    assert r["policy"] is None and r["is_reply"] is False
-    assert "trace_reason" not in build(event())
+    assert "ingress_allowed_by" not in r and r["is_reply"] is False
+
+
+def test_every_flow_has_its_own_uuid() -> None:
+    a, b = (flow_record(event(), FakeResolver(), "n").uuid for _ in range(2))
+    assert a != b and uuid.UUID(a).version == 4
 
 
 @pytest.mark.parametrize("h", [{"version": 2}, {"type": 9}])
@@ -234,3 +282,5 @@ def test_addresses_are_read_in_network_order(flow_event_dtype: np.dtype) -> None
 # ---- the C side's numbers --------------------------------------------------------------
 def test_every_drop_reason_of_the_datapath_has_a_name() -> None:
     assert set(DropReason) - {DropReason.NONE} == set(rec.DROP_REASONS)
+    for reason in rec.DROP_REASONS.values():  # a name of Hubble's enum, else Value raises
+        assert flow_pb2.DropReason.Value(reason.desc) >= 130

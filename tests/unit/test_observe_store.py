@@ -1,5 +1,6 @@
-"""FlowStore keeps the newest records and feeds followers without ever waiting for them;
-FlowFilter parses query parameters (or CLI options) and matches records."""
+"""FlowStore keeps the newest GetFlowsResponses and feeds followers (as protobuf JSON)
+without ever waiting for them; FlowFilter parses query parameters (or CLI options) and
+matches flows."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 from observe_support import FakeResolver, event, world_drop
 
 from membrane.errors import UserError
-from membrane.observe.record import flow_record
+from membrane.hubble.flow import flow_pb2
+from membrane.hubble.observer import observer_pb2
+from membrane.observe.record import flow_record, flow_response, lost_response, response_dict
 from membrane.observe.store import FlowFilter, FlowStore, Subscription, lost_events
 
 RESOLVER = FakeResolver()
@@ -19,8 +22,16 @@ DROPPED = flow_record(world_drop(), RESOLVER, "n1")  # world -> shop/db:5432 TCP
 PING = flow_record(event(proto=1, sport=8, dport=0), RESOLVER, "n1")
 
 
-def numbered(n: int) -> dict[str, Any]:
-    return {"n": n, "verdict": "FORWARDED"}
+def numbered(n: int) -> observer_pb2.GetFlowsResponse:
+    return flow_response(flow_pb2.Flow(uuid=str(n), verdict=flow_pb2.FORWARDED))
+
+
+def wire(n: int) -> dict[str, Any]:
+    return response_dict(numbered(n))
+
+
+def n_of(item: dict[str, Any]) -> int:
+    return int(item["flow"]["uuid"])
 
 
 # ---- FlowFilter -------------------------------------------------------------------------
@@ -75,6 +86,7 @@ def test_bad_params_name_the_field(params: dict[str, str], field: str) -> None:
         ({"verdict": "DROPPED"}, False, True, False),
         ({"protocol": "icmp"}, False, False, True),
         ({"protocol": "udp"}, False, False, False),
+        ({"protocol": "icmpv6"}, False, False, False),
         ({"port": "5432"}, True, True, False),  # destination port
         ({"port": "43512"}, True, False, False),  # source port
         ({"port": "8"}, False, False, False),  # ICMP types are not ports
@@ -91,17 +103,26 @@ def test_store_keeps_the_newest_capacity_records() -> None:
     store = FlowStore(capacity=3)
     store.extend(numbered(i) for i in range(5))
     assert len(store) == 3 and store.total == 5
-    assert [r["n"] for r in store.last(10)] == [2, 3, 4]
-    assert [r["n"] for r in store.last(2)] == [3, 4]
+    assert [n_of(r) for r in store.last(10)] == [2, 3, 4]
+    assert [n_of(r) for r in store.last(2)] == [3, 4]
     assert store.last(0) == []
 
 
 def test_last_counts_only_matching_records() -> None:
     store = FlowStore()
-    store.extend([ALLOWED, DROPPED, ALLOWED, DROPPED, ALLOWED])
+    allowed, dropped_flow = flow_response(ALLOWED), flow_response(DROPPED)
+    store.extend([allowed, dropped_flow, allowed, dropped_flow, allowed])
     dropped = FlowFilter(verdict="DROPPED")
-    assert store.last(5, dropped) == [DROPPED, DROPPED]
-    assert store.last(1, dropped) == [DROPPED]
+    assert store.last(5, dropped) == [response_dict(dropped_flow)] * 2
+    assert store.last(1, dropped) == [response_dict(dropped_flow)]
+
+
+def test_lost_notices_pass_every_filter() -> None:
+    store = FlowStore()
+    lost = lost_response(flow_pb2.PERF_EVENT_RING_BUFFER, 5, "n1")
+    store.extend([flow_response(ALLOWED), lost])
+    [item] = store.last(5, FlowFilter(verdict="DROPPED"))
+    assert item["lost_events"] == {"source": "PERF_EVENT_RING_BUFFER", "num_events_lost": "5"}
 
 
 async def _take(sub: Subscription, n: int) -> list[dict[str, Any]]:
@@ -114,7 +135,7 @@ def test_a_follower_gets_the_backlog_then_live_records() -> None:
         store.extend(numbered(i) for i in range(5))
         sub = store.subscribe(last=2)
         store.append(numbered(5))
-        return [r["n"] for r in await _take(sub, 3)]
+        return [n_of(r) for r in await _take(sub, 3)]
 
     assert asyncio.run(scenario()) == [3, 4, 5]
 
@@ -129,17 +150,17 @@ def test_a_waiting_follower_wakes_for_a_new_record() -> None:
         asyncio.get_running_loop().call_soon(store.append, numbered(1))
         return await asyncio.wait_for(waiter, 1)
 
-    assert asyncio.run(scenario()) == numbered(1)
+    assert asyncio.run(scenario()) == wire(1)
 
 
 def test_a_follower_only_gets_what_its_filter_matches() -> None:
     async def scenario() -> list[dict[str, Any]]:
         store = FlowStore()
         sub = store.subscribe(FlowFilter(verdict="DROPPED"))
-        store.extend([ALLOWED, DROPPED, ALLOWED])
+        store.extend(flow_response(f) for f in (ALLOWED, DROPPED, ALLOWED))
         return await _take(sub, 1) + [sub.missed]
 
-    assert asyncio.run(scenario()) == [DROPPED, 0]
+    assert asyncio.run(scenario()) == [response_dict(flow_response(DROPPED)), 0]
 
 
 def test_a_slow_follower_loses_its_oldest_and_is_told_where() -> None:
@@ -153,7 +174,8 @@ def test_a_slow_follower_loses_its_oldest_and_is_told_where() -> None:
         return items, sub.missed
 
     items, missed = asyncio.run(scenario())
-    assert items == [lost_events(7), numbered(7), numbered(8), numbered(9), numbered(10)]
+    assert items[0]["lost_events"] == lost_events(7)["lost_events"]
+    assert items[1:] == [wire(7), wire(8), wire(9), wire(10)]
     assert missed == 7
 
 
@@ -165,7 +187,7 @@ def test_the_backlog_does_not_use_up_the_live_allowance() -> None:
         store.append(numbered(4))
         return await _take(sub, 5)
 
-    assert asyncio.run(scenario()) == [numbered(i) for i in range(5)]
+    assert asyncio.run(scenario()) == [wire(i) for i in range(5)]
 
 
 def test_closing_ends_iteration_after_what_was_queued() -> None:
@@ -175,7 +197,7 @@ def test_closing_ends_iteration_after_what_was_queued() -> None:
         store.extend([numbered(1), numbered(2)])
         store.close()
         store.append(numbered(3))  # after close: nobody is fed
-        return [r["n"] async for r in sub]
+        return [n_of(r) async for r in sub]
 
     assert asyncio.run(scenario()) == [1, 2]
 
@@ -187,6 +209,6 @@ def test_unsubscribe_stops_the_feed() -> None:
         store.append(numbered(1))
         store.unsubscribe(sub)
         store.append(numbered(2))
-        return [r["n"] async for r in sub]
+        return [n_of(r) async for r in sub]
 
     assert asyncio.run(scenario()) == [1]

@@ -1,4 +1,5 @@
-"""Reads the datapath's flow events on a thread of its own and turns them into records.
+"""Reads the datapath's flow events on a thread of its own and turns them into Hubble's
+GetFlowsResponse messages: flows, and lost-events notices when the ring buffer overflowed.
 
 The reader sees the agent only through `AgentResolver`, which answers each batch from one
 published snapshot (membrane.agent.snapshot), so it needs no lock.
@@ -15,6 +16,7 @@ from membrane.bpf.btf import Btf
 from membrane.bpf.ktime import ktime_to_unix
 from membrane.bpf.object import object_path
 from membrane.bpf.ringbuf import RingBuffer
+from membrane.hubble.flow import flow_pb2
 from membrane.observe.record import (
     EndpointView,
     FlowEvent,
@@ -22,6 +24,8 @@ from membrane.observe.record import (
     UnsupportedEvent,
     flow_events,
     flow_record,
+    flow_response,
+    lost_response,
 )
 
 if TYPE_CHECKING:
@@ -88,7 +92,7 @@ class FlowReader:
     def __init__(
         self,
         agent: Agent,
-        deliver: Callable[[list[dict[str, Any]]], Any],
+        deliver: Callable[[list[Any]], Any],  # observer.GetFlowsResponse messages
         observe: Callable[[list[FlowEvent], Snapshot], Any] | None = None,
     ) -> None:
         self.agent = agent
@@ -114,22 +118,27 @@ class FlowReader:
 
     def _run(self) -> None:
         node = self.agent.config.node_name
+        reported_lost = self._ring.lost
         while not self._stop.is_set():
             try:
                 batch = self._ring.poll(POLL_MS)
-                if not len(batch):
-                    continue
                 records = []
-                snapshot = self.agent.snapshot
-                resolver = AgentResolver(snapshot)
-                events = flow_events(batch)
-                if self.observe is not None:
-                    self.observe(events, snapshot)
-                for event in events:
-                    try:
-                        records.append(flow_record(event, resolver, node))
-                    except UnsupportedEvent:
-                        self.unsupported += 1
-                self.deliver(records)
+                if (lost := self._ring.lost) > reported_lost:  # where they are missing
+                    source = flow_pb2.PERF_EVENT_RING_BUFFER
+                    records.append(lost_response(source, lost - reported_lost, node))
+                    reported_lost = lost
+                if len(batch):
+                    snapshot = self.agent.snapshot
+                    resolver = AgentResolver(snapshot)
+                    events = flow_events(batch)
+                    if self.observe is not None:
+                        self.observe(events, snapshot)
+                    for event in events:
+                        try:
+                            records.append(flow_response(flow_record(event, resolver, node)))
+                        except UnsupportedEvent:
+                            self.unsupported += 1
+                if records:
+                    self.deliver(records)
             except Exception:
                 log.exception("flow reader failed; going on")

@@ -1,4 +1,5 @@
-"""`membrane observe`: recent and live flows from the agent, like `hubble observe`."""
+"""`membrane observe`: recent and live flows from the agent, like `hubble observe`, in
+Hubble's flow schema (observer.GetFlowsResponse)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ from membrane.choices import check_choice
 from membrane.cli.commands import help_of, typer_app
 from membrane.errors import UserError
 from membrane.observe.flowfilter import FlowFilter
-from membrane.observe.format import FORMATS, FlowPrinter
+from membrane.observe.format import FORMATS, FlowPrinter, parse_response
 
 FLOWS_PATH = "/v1/flows"
 EPILOG = (
     "Examples:\n\n  membrane observe --last 50\n\n"
     "  membrane observe -f --verdict DROPPED\n\n"
-    "  membrane observe -f --pod shop/db --port 5432 -o json"
+    "  membrane observe -f --pod shop/db --port 5432 -o json\n\n"
+    "  membrane observe --verdict DROPPED --print-policy-names"
 )
 
 
@@ -24,7 +26,16 @@ def observe(
         False, "--follow", "-f", help="Then keep printing new flows until Ctrl-C."
     ),
     output: str = typer.Option(
-        "compact", "-o", "--output", help="compact (one line per flow), json or table."
+        "compact",
+        "-o",
+        "--output",
+        help="compact (one line per flow), json (one observer.GetFlowsResponse per line, "
+        "as `hubble observe -o json`), dict or table.",
+    ),
+    print_policy_names: bool = typer.Option(
+        False,
+        "--print-policy-names",
+        help="Name the policies that allowed or denied each flow.",
     ),
     namespace: str = typer.Option(
         None, "--namespace", "-n", help="Only flows with either side in this namespace."
@@ -36,7 +47,7 @@ def observe(
         "namespace default).",
     ),
     verdict: str = typer.Option(None, "--verdict", help="FORWARDED or DROPPED."),
-    protocol: str = typer.Option(None, "--protocol", help="tcp, udp, sctp or icmp."),
+    protocol: str = typer.Option(None, "--protocol", help="tcp, udp, sctp, icmp or icmpv6."),
     port: str = typer.Option(None, "--port", help="Only flows from or to this port."),
     api_socket: str = typer.Option(
         None,
@@ -64,16 +75,16 @@ def observe(
     from membrane.api.client import ApiClient
 
     client = ApiClient.connect(api_socket)
-    printer = FlowPrinter(output, follow)
+    printer = FlowPrinter(output, follow, print_policy_names)
     if follow:
         try:
             for item in client.stream(FLOWS_PATH, params):
-                printer.item(item)
+                printer.item(parse_response(item))
         except KeyboardInterrupt:  # the way a follow ends: quietly
             pass
     else:
         for item in client.get(FLOWS_PATH, params)["flows"]:
-            printer.item(item)
+            printer.item(parse_response(item))
     printer.close()
 
 

@@ -1,5 +1,5 @@
 """Which flows to show: a FlowFilter, read from the API's query parameters or from the
-CLI's options, and matched against flow records.
+CLI's options, and matched against flows (flow.Flow messages).
 
 Apart from the store (and its asyncio) because `membrane observe` checks its options with it
 before it connects, and a client command imports only what it uses."""
@@ -8,18 +8,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from membrane.errors import UserError
 from membrane.filter.rules import parse_port
 
+if TYPE_CHECKING:  # `membrane observe` checks its options before it needs protobuf
+    from membrane.hubble.flow import flow_pb2
+
 FILTER_PARAMS = ("namespace", "pod", "verdict", "protocol", "port")
 VERDICTS = ("FORWARDED", "DROPPED")
-# --protocol name -> the key of the record's "l4" that holds that protocol
-PROTOCOLS = {"tcp": "TCP", "udp": "UDP", "sctp": "SCTP", "icmp": "ICMPv4", "icmpv4": "ICMPv4"}
+# --protocol name -> the field of the flow's l4 that holds that protocol
+PROTOCOLS = {
+    "tcp": "TCP",
+    "udp": "UDP",
+    "sctp": "SCTP",
+    "icmp": "ICMPv4",
+    "icmpv4": "ICMPv4",
+    "icmpv6": "ICMPv6",
+}
 DEFAULT_POD_NAMESPACE = "default"  # `--pod NAME`, as in Hubble
-
-Record = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,7 @@ class FlowFilter:
     namespace: str | None = None  # either side is in it
     pod: tuple[str, str] | None = None  # (namespace, name) of either side
     verdict: str | None = None  # FORWARDED | DROPPED
-    protocol: str | None = None  # a key of PROTOCOLS' values (TCP, UDP, SCTP, ICMPv4)
+    protocol: str | None = None  # one of PROTOCOLS' values (TCP, UDP, SCTP, ICMPv4, ICMPv6)
     port: int | None = None  # either port
 
     @classmethod
@@ -89,24 +97,27 @@ class FlowFilter:
             params["port"] = str(self.port)
         return params
 
-    def matches(self, record: Record) -> bool:
-        sides = (record.get("source") or {}, record.get("destination") or {})
-        if self.namespace and not any(s.get("namespace") == self.namespace for s in sides):
+    def matches(self, flow: flow_pb2.Flow) -> bool:
+        sides = (flow.source, flow.destination)
+        if self.namespace and not any(s.namespace == self.namespace for s in sides):
             return False
-        if self.pod and not any((s.get("namespace"), s.get("pod_name")) == self.pod for s in sides):
+        if self.pod and not any((s.namespace, s.pod_name) == self.pod for s in sides):
             return False
-        if self.verdict and record.get("verdict") != self.verdict:
+        if self.verdict and flow.verdict != _VERDICT_NUMBERS[self.verdict]:
             return False
-        l4 = record.get("l4") or {}
-        if self.protocol and self.protocol not in l4:
+        protocol = flow.l4.WhichOneof("protocol")
+        if self.protocol and self.protocol != protocol:
             return False
-        return not self.port or self.port in _ports(l4)
+        return not self.port or self.port in _ports(flow, protocol)
 
 
-def _ports(l4: Record) -> tuple[int, ...]:
-    for protocol in ("TCP", "UDP", "SCTP"):
-        if protocol in l4:
-            return (l4[protocol]["source_port"], l4[protocol]["destination_port"])
+_VERDICT_NUMBERS = {"FORWARDED": 1, "DROPPED": 2}  # flow.Verdict
+
+
+def _ports(flow: flow_pb2.Flow, protocol: str | None) -> tuple[int, ...]:
+    if protocol in ("TCP", "UDP", "SCTP"):
+        ports = getattr(flow.l4, protocol)
+        return (ports.source_port, ports.destination_port)
     return ()
 
 

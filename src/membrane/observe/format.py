@@ -1,13 +1,15 @@
-"""How `membrane observe` prints flow records: `compact` (one line per flow, as
-`hubble observe` does), `json` (one object per line, for machines) or `table`.
+"""How `membrane observe` prints flows, as `hubble observe` does: `compact` (one line per
+flow), `json` (one observer.GetFlowsResponse per line, protobuf JSON with proto field names),
+`dict` (one block of KEY: value lines per flow) or `table`.
 
-The printers work from the record alone (the JSON the agent sends), so they print the same
-for any agent that speaks the flow API.
+The printers work from the GetFlowsResponse alone, so they print the same for any agent
+that speaks Hubble's flow API. A compact line reads left to right as what happened:
 
-A compact line reads left to right as what happened and why:
+    Nov 21 10:00:01.123: x/a:43512 (ID:256) -> y/b:80 (ID:257) policy-verdict:L3-L4
+        INGRESS ALLOWED (TCP Flags: SYN)
 
-    Nov 21 10:00:01.123: x/a:43512 (ID:256) -> y/b:80 (ID:257) INGRESS FORWARDED
-        (TCP Flags: SYN) allowed by CiliumNetworkPolicy y/allow-web rule 0 (L3-L4)
+With `print_policy_names`, the policies that decided follow the verdict
+("ALLOWED by CiliumNetworkPolicy y/allow-web").
 """
 
 from __future__ import annotations
@@ -17,146 +19,199 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from membrane.abi import Identity
-from membrane.observe.record import DROP_TEXTS, POLICY_MATCH_NAMES, POLICY_MATCH_NONE
+from google.protobuf import json_format
 
-FORMATS = ("compact", "json", "table")
-TABLE_COLUMNS = ["TIME", "SOURCE", "DESTINATION", "DIRECTION", "VERDICT", "SUMMARY", "DECISION"]
+from membrane.hubble.flow import flow_pb2
+from membrane.hubble.observer import observer_pb2
+from membrane.observe.record import DROP_TEXTS, POLICY_MATCH_NAMES, response_dict
+
+FORMATS = ("compact", "json", "dict", "table")
+TABLE_COLUMNS = ["TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"]
 # Widths of a followed table, whose rows are printed before later ones are known: a
-# timestamp, two "namespace/pod:port (ID:n)", and the rest.
-FOLLOW_WIDTHS = (19, 32, 32, 9, 9, 20, 0)
-PORTED = ("TCP", "UDP", "SCTP")
-# The kind of the agent's own rules (membrane.policy.ruletable.AGENT_OPTION; importing the
-# policy package would cost `membrane observe` its quick start; a unit test keeps them equal).
-AGENT_OPTION = "AgentOption"
+# timestamp, two "namespace/pod:port (ID:n)", the type, the verdict, and the rest.
+FOLLOW_WIDTHS = (19, 32, 32, 28, 9, 0)
+FIRST_ENDPOINT_IDENTITY = 256  # identities below are reserved (world, host, ...)
+# Monitor message types (cilium pkg/monitor/api) a flow's event_type.type names
+MESSAGE_TYPE_DROP, MESSAGE_TYPE_TRACE, MESSAGE_TYPE_POLICY_VERDICT = 1, 4, 5
+POLICY_VERDICTS = {flow_pb2.FORWARDED: "ALLOWED", flow_pb2.DROPPED: "DENIED"}
+POLICY_VERDICTS[flow_pb2.AUDIT] = "AUDITED"
 
-Record = dict[str, Any]
+Response = observer_pb2.GetFlowsResponse
+
+
+# ---- the wire form ---------------------------------------------------------------------
+def parse_response(item: dict[str, Any]) -> Response:
+    """A GetFlowsResponse from its JSON form; a field outside the schema is an error."""
+    return json_format.ParseDict(item, Response())
+
+
+def json_line(response: Response) -> str:
+    return json.dumps(response_dict(response), separators=(",", ":"))
 
 
 # ---- parts of a line --------------------------------------------------------------------
-def flow_time(record: Record) -> str:
+def flow_time(flow: flow_pb2.Flow) -> str:
     """Local time to the millisecond, like `hubble observe` ("Nov 21 10:00:01.123")."""
-    at = datetime.fromisoformat(record["time"]).astimezone()
-    return f"{at:%b} {at.day:2d} {at:%H:%M:%S}.{at.microsecond // 1000:03d}"
+    ns = flow.time.ToNanoseconds()
+    at = datetime.fromtimestamp(ns // 1_000_000_000).astimezone()
+    return f"{at:%b} {at.day:2d} {at:%H:%M:%S}.{ns // 1_000_000 % 1000:03d}"
 
 
-def endpoint_text(record: Record, side: str) -> str:
-    """`side` ("source" or "destination") as namespace/pod:port (identity), or by its IP
-    when it is no pod we know."""
-    ep = record.get(side) or {}
-    ip = (record.get("IP") or {}).get(side, "?")
-    name = f"{ep['namespace']}/{ep['pod_name']}" if ep.get("pod_name") else ip
-    port = _port(record, side)
+def endpoint_text(flow: flow_pb2.Flow, side: str) -> str:
+    """`side` ("source" or "destination") as namespace/pod:port (ID:identity), or by its IP
+    when it is no pod we know; reserved identities by name ("(world)")."""
+    ep: flow_pb2.Endpoint = getattr(flow, side)
+    ip = getattr(flow.IP, side) or "?"
+    name = f"{ep.namespace}/{ep.pod_name}" if ep.pod_name else ip
+    port = _port(flow, side)
     text = f"{name}:{port}" if port else name
-    identity = ep.get("identity") or 0
-    if not identity:
+    if not ep.identity:
         return text
-    reserved = next(
-        (lb.removeprefix("reserved:") for lb in ep.get("labels", ()) if lb.startswith("reserved:")),
-        None,
-    )
-    if identity < Identity.FIRST_ENDPOINT and reserved:
+    reserved = next((lb[9:] for lb in ep.labels if lb.startswith("reserved:")), None)
+    if ep.identity < FIRST_ENDPOINT_IDENTITY and reserved:
         return f"{text} ({reserved})"
-    return f"{text} (ID:{identity})"
+    return f"{text} (ID:{ep.identity})"
 
 
-def _port(record: Record, side: str) -> int | None:
-    l4 = record.get("l4") or {}
-    for protocol in PORTED:
-        if protocol in l4:
-            return l4[protocol].get(f"{side}_port")
+def _port(flow: flow_pb2.Flow, side: str) -> int | None:
+    protocol = flow.l4.WhichOneof("protocol")
+    if protocol in ("TCP", "UDP", "SCTP"):
+        return getattr(getattr(flow.l4, protocol), f"{side}_port") or None
     return None
 
 
-def policy_text(policy: Record) -> str:
-    if policy.get("kind") == AGENT_OPTION:  # no policy to name: the agent's own allow
-        return policy["description"]
-    if policy.get("name") is None:
-        return f"rule {policy.get('rule_id')} (its policy was removed since)"
-    name = f"{policy['namespace']}/{policy['name']}" if policy.get("namespace") else policy["name"]
-    return f"{policy['kind']} {name} rule {policy['rule']}"
+def drop_text(flow: flow_pb2.Flow) -> str:
+    name = flow_pb2.DropReason.Name(flow.drop_reason_desc)
+    return DROP_TEXTS.get(name) or name
 
 
-def decision(record: Record) -> str:
-    """Why the flow went the way it did: the rule that decided, or the drop reason."""
-    policy = record.get("policy")
-    match = record.get("policy_match_type", POLICY_MATCH_NONE)
-    by = policy_text(policy) if policy else ""
-    if by and match != POLICY_MATCH_NONE:
-        by += f" ({POLICY_MATCH_NAMES.get(match, match)})"
-    if record.get("verdict") != "DROPPED":
-        return f"allowed by {by}" if by else "no policy applies"
-    desc = record.get("drop_reason_desc", "")
-    reason = DROP_TEXTS.get(desc) or f"drop reason {record.get('drop_reason')} ({desc})"
-    return f"{reason}: {by}" if by else reason
+def flow_type(flow: flow_pb2.Flow) -> str:
+    """Hubble's TYPE column: `policy-verdict:L3-L4 INGRESS`, the drop reason of a drop,
+    `to-endpoint` for a trace."""
+    kind = flow.event_type.type
+    direction = flow_pb2.TrafficDirection.Name(flow.traffic_direction)
+    if kind == MESSAGE_TYPE_POLICY_VERDICT:
+        match = POLICY_MATCH_NAMES.get(flow.policy_match_type, str(flow.policy_match_type))
+        return f"policy-verdict:{match} {direction}"
+    if kind == MESSAGE_TYPE_DROP:
+        return drop_text(flow)
+    if kind == MESSAGE_TYPE_TRACE:
+        point = flow_pb2.TraceObservationPoint.Name(flow.trace_observation_point)
+        return point.lower().replace("_", "-")
+    return f"event type {kind}"
 
 
-# ---- whole records ----------------------------------------------------------------------
-def compact(record: Record) -> str:
-    return (
-        f"{flow_time(record)}: {endpoint_text(record, 'source')} -> "
-        f"{endpoint_text(record, 'destination')} {record.get('traffic_direction', '?')} "
-        f"{record.get('verdict', '?')} ({record.get('Summary', '')}) {decision(record)}"
-    )
+def verdict_text(flow: flow_pb2.Flow) -> str:
+    if flow.event_type.type == MESSAGE_TYPE_POLICY_VERDICT:
+        return POLICY_VERDICTS.get(flow.verdict, flow_pb2.Verdict.Name(flow.verdict))
+    return flow_pb2.Verdict.Name(flow.verdict)
 
 
-def json_line(record: Record) -> str:
-    return json.dumps(record, separators=(",", ":"))
+def policy_names(flow: flow_pb2.Flow) -> str:
+    """The policies that allowed or denied the flow: "CiliumNetworkPolicy ns/name"."""
+    policies = [
+        *flow.ingress_denied_by,
+        *flow.egress_denied_by,
+        *flow.ingress_allowed_by,
+        *flow.egress_allowed_by,
+    ]
+    names = [
+        f"{p.kind} {p.namespace}/{p.name}" if p.namespace else f"{p.kind} {p.name}"
+        for p in policies
+    ]
+    return ", ".join(names)
 
 
-def table_row(record: Record) -> list[str]:
+def sides(flow: flow_pb2.Flow) -> tuple[str, str, str]:
+    """Left side, arrow, right side: a reply is printed `client <- server`, as Hubble does;
+    `<>` when it is not known whether the packet is one."""
+    src, dst = endpoint_text(flow, "source"), endpoint_text(flow, "destination")
+    if not flow.HasField("is_reply"):
+        return src, "<>", dst
+    if flow.is_reply.value:
+        return dst, "<-", src
+    return src, "->", dst
+
+
+# ---- whole flows ------------------------------------------------------------------------
+def compact(flow: flow_pb2.Flow, print_policy_names: bool = False) -> str:
+    left, arrow, right = sides(flow)
+    verdict = verdict_text(flow)
+    if print_policy_names and (names := policy_names(flow)):
+        verdict += f" by {names}"
+    summary = f" ({flow.Summary})" if flow.Summary else ""
+    return f"{flow_time(flow)}: {left} {arrow} {right} {flow_type(flow)} {verdict}{summary}"
+
+
+def table_row(flow: flow_pb2.Flow, print_policy_names: bool = False) -> list[str]:
+    verdict = verdict_text(flow)
+    if print_policy_names and (names := policy_names(flow)):
+        verdict += f" by {names}"
     return [
-        flow_time(record),
-        endpoint_text(record, "source"),
-        endpoint_text(record, "destination"),
-        record.get("traffic_direction", "?"),
-        record.get("verdict", "?"),
-        record.get("Summary", ""),
-        decision(record),
+        flow_time(flow),
+        endpoint_text(flow, "source"),
+        endpoint_text(flow, "destination"),
+        flow_type(flow),
+        verdict,
+        flow.Summary,
     ]
 
 
-def lost_text(notice: Record) -> str:
-    count = notice["lost_events"].get("num_events_lost", "?")
-    flows = "flow" if count == 1 else "flows"
-    return f"{count} {flows} missed: this client fell behind the agent's flow stream"
+def dict_block(flow: flow_pb2.Flow, print_policy_names: bool = False) -> str:
+    """Hubble's `-o dict`: one `KEY: value` line per column, keys right-aligned."""
+    row = table_row(flow, print_policy_names)
+    width = max(len(c) for c in TABLE_COLUMNS)
+    return "\n".join(f"{k:>{width}}: {v}" for k, v in zip(TABLE_COLUMNS, row, strict=True))
+
+
+def lost_text(lost: flow_pb2.LostEvent) -> str:
+    source = flow_pb2.LostEventSource.Name(lost.source)
+    flows = "event" if lost.num_events_lost == 1 else "events"
+    return f"EVENTS LOST: {lost.num_events_lost} {flows} ({source})"
 
 
 # ---- printing ---------------------------------------------------------------------------
 class FlowPrinter:
-    """Prints the items of a flow response or stream: records, and lost-events notices
+    """Prints the GetFlowsResponses of a flow query or stream: flows, and lost-events notices
     (JSON output keeps them in the stream, as Hubble does; the others say it on stderr).
 
     Tables never wrap a cell (a flow is one line, as in the other formats): a table not
     followed is printed at `close` with columns as wide as their widest cell; a followed
     one with fixed widths, which longer cells push along."""
 
-    def __init__(self, output: str, follow: bool) -> None:
+    def __init__(self, output: str, follow: bool, print_policy_names: bool = False) -> None:
         self.output = output
         self.follow = follow
+        self.print_policy_names = print_policy_names
         self.count = 0
         self._rows: list[list[str]] = []
         self._header_done = False
 
-    def item(self, item: Record) -> None:
-        if "lost_events" in item:
+    def item(self, response: Response) -> None:
+        kind = response.WhichOneof("response_types")
+        if kind != "flow":
             if self.output == "json":
-                self._write(json_line(item))
-            else:
-                print(f"membrane: {lost_text(item)}", file=sys.stderr, flush=True)
+                self._write(json_line(response))
+            elif kind == "lost_events":
+                print(f"membrane: {lost_text(response.lost_events)}", file=sys.stderr, flush=True)
             return
         self.count += 1
+        flow, names = response.flow, self.print_policy_names
         if self.output == "json":
-            self._write(json_line(item))
+            self._write(json_line(response))
         elif self.output == "compact":
-            self._write(compact(item))
+            self._write(compact(flow, names))
+        elif self.output == "dict":
+            if self.count > 1:
+                self._write("-" * 12)
+            self._write(dict_block(flow, names))
         elif self.follow:
             if not self._header_done:
                 self._write(_table_line(TABLE_COLUMNS, FOLLOW_WIDTHS))
                 self._header_done = True
-            self._write(_table_line(table_row(item), FOLLOW_WIDTHS))
+            self._write(_table_line(table_row(flow, names), FOLLOW_WIDTHS))
         else:
-            self._rows.append(table_row(item))
+            self._rows.append(table_row(flow, names))
 
     def close(self) -> None:
         if self.follow or self.output == "json":

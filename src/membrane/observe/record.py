@@ -1,11 +1,11 @@
-"""Flow records: the endpoint datapath's `struct flow_event` (bpf/abi/endpoint.h) as the
-flow JSON that `hubble observe -o json` prints, so tools written for Hubble read ours.
+"""Flow records: the endpoint datapath's `struct flow_event` (bpf/abi/endpoint.h) as
+Hubble's flow.Flow message (membrane.hubble), so tools written for Hubble read ours.
 
-A record names both sides of the packet the way Hubble does (`source` is the packet's
+A flow names both sides of the packet the way Hubble does (`source` is the packet's
 sender, `destination` its receiver, each with identity, namespace, pod name and labels),
-says what happened (`verdict`, `drop_reason_desc`) and, our addition, which policy rule
-decided it (`policy`). The agent supplies what the event only has numbers for through a
-`Resolver`.
+says what happened (`verdict`, `drop_reason_desc` with Cilium's numbers) and which policy
+decided it (`ingress_allowed_by`, `egress_denied_by`, ...). The agent supplies what the
+event only has numbers for through a `Resolver`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
+
+from google.protobuf import json_format
 
 from membrane.abi import (
     MEMBRANE_EVENT_VERSION,
@@ -26,6 +29,8 @@ from membrane.abi import (
     FlowMatch,
     IpProto,
 )
+from membrane.hubble.flow import flow_pb2
+from membrane.hubble.observer import observer_pb2
 from membrane.identity.labels import RESERVED_NAMES
 
 if TYPE_CHECKING:  # the agent's ring-buffer rows; `membrane observe` never has any
@@ -45,6 +50,7 @@ POLICY_MATCH_NONE, POLICY_MATCH_L3_ONLY, POLICY_MATCH_L3_L4 = 0, 1, 2
 POLICY_MATCH_L4_ONLY, POLICY_MATCH_ALL = 3, 4
 POLICY_MATCH_NAMES = {0: "none", 1: "L3-Only", 2: "L3-L4", 3: "L4-Only", 4: "all"}
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace="
+POLICY_LABEL_PREFIX = "io.cilium.k8s.policy."
 
 # Bit order of the TCP header; listed in the order people read them ("SYN, ACK").
 TCP_FLAGS = (
@@ -82,23 +88,22 @@ ICMPV6_TYPES = {
 class DropDescription:
     number: DropReason
     desc: str  # Hubble's DropReason name for what the datapath means: `drop_reason_desc`
-    text: str  # for people
+    text: str  # Cilium's text for it, as `hubble observe` prints it
 
 
-# Keyed by our datapath's numbers. Where a number differs from Hubble's for the same
-# meaning (155, 160), the name still says what our datapath means.
+# Keyed by our datapath's numbers. Where a number differs from Cilium's for the same
+# meaning (155, 160), the name says what our datapath means, and a flow carries Cilium's
+# number of that name (cilium_drop_reason): clients know reasons by Cilium's numbers.
 DROP_REASONS = {
     r.number: r
     for r in (
-        DropDescription(DropReason.INVALID_SOURCE_IP, "INVALID_SOURCE_IP", "Invalid source IP"),
-        DropDescription(
-            DropReason.POLICY_DENIED, "POLICY_DENIED", "Policy denied (no rule allows it)"
-        ),
+        DropDescription(DropReason.INVALID_SOURCE_IP, "INVALID_SOURCE_IP", "Invalid source ip"),
+        DropDescription(DropReason.POLICY_DENIED, "POLICY_DENIED", "Policy denied"),
         DropDescription(DropReason.INVALID_PACKET, "INVALID_PACKET_DROPPED", "Invalid packet"),
         DropDescription(
             DropReason.CT_TRUNCATED_OR_INVALID_HEADER,
             "CT_TRUNCATED_OR_INVALID_HEADER",
-            "Truncated or invalid header",
+            "CT: Truncated or invalid header",
         ),
         DropDescription(
             DropReason.UNSUPPORTED_L3_PROTOCOL, "UNSUPPORTED_L3_PROTOCOL", "Unsupported L3 protocol"
@@ -106,18 +111,17 @@ DROP_REASONS = {
         DropDescription(
             DropReason.FRAG_NOT_FOUND,
             "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND",
-            "Fragment without its first fragment",
+            "First logical datagram fragment not found",
         ),
         DropDescription(
             DropReason.NO_ENDPOINT_STATE,
             "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION",
-            "No endpoint state (the agent has not configured this endpoint)",
+            "No configuration available to perform policy decision",
         ),
-        DropDescription(DropReason.POLICY_DENY, "POLICY_DENY", "Policy denied by a deny rule"),
+        DropDescription(DropReason.POLICY_DENY, "POLICY_DENY", "Policy denied by denylist"),
     )
 }
 DROP_TEXTS = {r.desc: r.text for r in DROP_REASONS.values()}
-UNKNOWN_DROP_DESC = "DROP_REASON_UNKNOWN"
 
 
 class UnsupportedEvent(ValueError):
@@ -249,8 +253,8 @@ def _address(value: Any, family: int) -> str:
 # ---- the record -------------------------------------------------------------------------
 def flow_record(
     event: FlowEvent | Mapping[str, Any] | np.void, resolver: Resolver, node_name: str
-) -> dict[str, Any]:
-    """The Hubble-shaped flow record of one event. Raises UnsupportedEvent for events of
+) -> flow_pb2.Flow:
+    """The Hubble flow (flow.Flow) of one event. Raises UnsupportedEvent for events of
     another layout version or type (count them; they are not flows we can describe)."""
     ev = event if isinstance(event, FlowEvent) else FlowEvent.decode(event)
     if ev.version != MEMBRANE_EVENT_VERSION:
@@ -261,78 +265,95 @@ def flow_record(
         raise UnsupportedEvent(f"flow event type {ev.type}")
     dropped = ev.type == _DROP
     egress = ev.dir == _EGRESS
-    local = _local_endpoint(ev, resolver)
-    peer = _peer_endpoint(ev.daddr if egress else ev.saddr, ev.peer_identity, resolver)
     rule = resolver.rule(ev.rule_id) if ev.rule_id else None
-    record: dict[str, Any] = {"time": _rfc3339(resolver.ktime_to_wall(ev.ts_ns))}
-    record["verdict"] = "DROPPED" if dropped else "FORWARDED"
-    if dropped:
-        record["drop_reason"] = ev.drop_reason
-    record["IP"] = {
-        "source": ev.saddr,
-        "destination": ev.daddr,
-        "ipVersion": "IPv6" if ev.family == 6 else "IPv4",
-    }
-    if l4 := _layer4(ev):
-        record["l4"] = l4
-    record["source"], record["destination"] = (local, peer) if egress else (peer, local)
-    record["Type"] = "L3_L4"
-    record["node_name"] = node_name
-    record["event_type"] = (
-        {"type": MESSAGE_TYPE_DROP, "sub_type": ev.drop_reason}
-        if dropped
-        else {"type": MESSAGE_TYPE_POLICY_VERDICT, "sub_type": 0}
+    flow = flow_pb2.Flow(
+        uuid=str(uuid.uuid4()),
+        verdict=flow_pb2.DROPPED if dropped else flow_pb2.FORWARDED,
+        Type=flow_pb2.L3_L4,
+        node_name=node_name,
+        traffic_direction=flow_pb2.EGRESS if egress else flow_pb2.INGRESS,
+        policy_match_type=_policy_match_type(ev, rule),
+        Summary=_summary(ev),
     )
-    record["traffic_direction"] = "EGRESS" if egress else "INGRESS"
-    record["policy_match_type"] = _policy_match_type(ev, rule)
+    flow.time.FromNanoseconds(round(resolver.ktime_to_wall(ev.ts_ns) * 1e9))
+    flow.IP.source, flow.IP.destination = ev.saddr, ev.daddr
+    flow.IP.ipVersion = flow_pb2.IPv6 if ev.family == 6 else flow_pb2.IPv4
+    _fill_layer4(flow.l4, ev)
+    local, peer = (flow.source, flow.destination) if egress else (flow.destination, flow.source)
+    _local_endpoint(local, ev, resolver)
+    _peer_endpoint(peer, ev.daddr if egress else ev.saddr, ev.peer_identity, resolver)
     if dropped:
-        reason = DROP_REASONS.get(ev.drop_reason)
-        record["drop_reason_desc"] = reason.desc if reason else UNKNOWN_DROP_DESC
-    record["is_reply"] = ev.match == _MATCH_REPLY
+        reason = cilium_drop_reason(ev.drop_reason)
+        flow.drop_reason = reason
+        flow.drop_reason_desc = reason
+        flow.event_type.type, flow.event_type.sub_type = MESSAGE_TYPE_DROP, reason
+    else:
+        flow.event_type.type = MESSAGE_TYPE_POLICY_VERDICT
+    flow.is_reply.value = ev.match == _MATCH_REPLY
     if ev.match == _MATCH_RELATED:  # an ICMP error about a tracked connection
-        record["trace_reason"] = "RELATED"  # Hubble's name (flow.TraceReason)
-    record["Summary"] = _summary(ev)
-    record["policy"] = _policy(ev, rule)
-    return record
+        flow.trace_reason = flow_pb2.RELATED
+    if rule is not None and ev.match == _MATCH_RULE:
+        _attribute(flow, rule, ev.policy_rev, egress)
+    return flow
 
 
-def _rfc3339(wall: float) -> str:
-    """Hubble's time format: UTC with nanoseconds. A float of unix time resolves about
-    0.2 us, so the last digits are the conversion's, not the kernel's."""
-    ns = round(wall * 1e9)
-    seconds, nanos = divmod(ns, 1_000_000_000)
-    return f"{datetime.fromtimestamp(seconds, UTC):%Y-%m-%dT%H:%M:%S}.{nanos:09d}Z"
+def flow_response(flow: flow_pb2.Flow) -> observer_pb2.GetFlowsResponse:
+    """A flow as Hubble's GetFlows streams it: with the node and time beside it."""
+    response = observer_pb2.GetFlowsResponse(flow=flow, node_name=flow.node_name)
+    response.time.CopyFrom(flow.time)
+    return response
 
 
-def _endpoint(ep: EndpointView, identity: int) -> dict[str, Any]:
-    return {
-        "ID": ep.id,
-        "identity": identity,
-        "namespace": ep.namespace,
-        "labels": list(ep.labels),
-        "pod_name": ep.name,
-    }
+def response_dict(response: observer_pb2.GetFlowsResponse) -> dict[str, Any]:
+    """Protobuf JSON with proto field names (enums by name, uint64 as strings, RFC 3339
+    times, zero values left out): what `hubble observe -o json` prints, line by line."""
+    return json_format.MessageToDict(response, preserving_proto_field_name=True)
 
 
-def _local_endpoint(ev: FlowEvent, resolver: Resolver) -> dict[str, Any]:
+def lost_response(
+    source: int, count: int, node_name: str, wall_ns: int | None = None
+) -> observer_pb2.GetFlowsResponse:
+    """The notice Hubble sends in place of `count` events lost at `source`
+    (flow_pb2.PERF_EVENT_RING_BUFFER, OBSERVER_EVENTS_QUEUE, HUBBLE_RING_BUFFER)."""
+    response = observer_pb2.GetFlowsResponse(node_name=node_name)
+    response.lost_events.source = source
+    response.lost_events.num_events_lost = count
+    response.time.FromNanoseconds(time.time_ns() if wall_ns is None else wall_ns)
+    return response
+
+
+def cilium_drop_reason(number: int) -> int:
+    """Cilium's DropReason number for what a datapath drop reason means (0: unknown)."""
+    reason = DROP_REASONS.get(number)
+    return flow_pb2.DropReason.Value(reason.desc) if reason else flow_pb2.DROP_REASON_UNKNOWN
+
+
+def _fill_endpoint(out: flow_pb2.Endpoint, ep: EndpointView, identity: int) -> None:
+    out.ID, out.identity, out.namespace, out.pod_name = ep.id, identity, ep.namespace, ep.name
+    out.labels.extend(ep.labels)
+
+
+def _local_endpoint(out: flow_pb2.Endpoint, ev: FlowEvent, resolver: Resolver) -> None:
     ep = resolver.endpoint_by_id(ev.ep_id)
     if ep is None:  # deleted since the packet passed: the id is all we know
-        return {"ID": ev.ep_id, "identity": 0, "labels": []}
-    return _endpoint(ep, ep.identity)
+        out.ID = ev.ep_id
+        return
+    _fill_endpoint(out, ep, ep.identity)
 
 
-def _peer_endpoint(ip: str, identity: int, resolver: Resolver) -> dict[str, Any]:
+def _peer_endpoint(out: flow_pb2.Endpoint, ip: str, identity: int, resolver: Resolver) -> None:
     # The identity is the datapath's, from the event: it is what policy was checked against.
     ep = resolver.endpoint_by_ip(ip)
     if ep is not None:
-        return _endpoint(ep, identity)
+        _fill_endpoint(out, ep, identity)
+        return
     labels = resolver.identity_labels(identity)
     if not labels and identity in RESERVED_NAMES:
         labels = [f"reserved:{RESERVED_NAMES[identity]}"]
-    peer: dict[str, Any] = {"identity": identity, "labels": list(labels)}
+    out.identity = identity
+    out.labels.extend(labels)
     if namespace := _namespace_of(labels):
-        peer["namespace"] = namespace
-    return peer
+        out.namespace = namespace
 
 
 def _namespace_of(labels: list[str]) -> str | None:
@@ -344,20 +365,20 @@ def _namespace_of(labels: list[str]) -> str | None:
     return None
 
 
-def _layer4(ev: FlowEvent) -> dict[str, Any] | None:
-    ports = {"source_port": ev.sport, "destination_port": ev.dport}
+def _fill_layer4(l4: flow_pb2.Layer4, ev: FlowEvent) -> None:
     if ev.proto == _TCP:
-        flags = {name: True for name, bit in TCP_FLAGS if ev.tcp_flags & bit}
-        return {"TCP": {**ports, "flags": flags}}
-    if ev.proto == _UDP:
-        return {"UDP": ports}
-    if ev.proto == _SCTP:
-        return {"SCTP": ports}
-    if ev.proto == _ICMP:  # the datapath puts type and code in the port fields
-        return {"ICMPv4": {"type": ev.sport, "code": ev.dport}}
-    if ev.proto == _ICMPV6:
-        return {"ICMPv6": {"type": ev.sport, "code": ev.dport}}
-    return None
+        l4.TCP.source_port, l4.TCP.destination_port = ev.sport, ev.dport
+        for name, bit in TCP_FLAGS:
+            if ev.tcp_flags & bit:
+                setattr(l4.TCP.flags, name, True)
+    elif ev.proto == _UDP:
+        l4.UDP.source_port, l4.UDP.destination_port = ev.sport, ev.dport
+    elif ev.proto == _SCTP:
+        l4.SCTP.source_port, l4.SCTP.destination_port = ev.sport, ev.dport
+    elif ev.proto == _ICMP:  # the datapath puts type and code in the port fields
+        l4.ICMPv4.type, l4.ICMPv4.code = ev.sport, ev.dport
+    elif ev.proto == _ICMPV6:
+        l4.ICMPv6.type, l4.ICMPv6.code = ev.sport, ev.dport
 
 
 def _summary(ev: FlowEvent) -> str:
@@ -388,27 +409,28 @@ def _policy_match_type(ev: FlowEvent, rule: RuleView | None) -> int:
     }[(rule.l3, rule.l4)]
 
 
-def _policy(ev: FlowEvent, rule: RuleView | None) -> dict[str, Any] | None:
-    """The rule that decided, or None when none did (no policy in this direction, or
-    default deny: the endpoint is selected and no rule allows the flow)."""
-    if ev.match != _MATCH_RULE or not ev.rule_id:
-        return None
-    if rule is None:  # the policy was removed after the packet passed
-        return {
-            "rule_id": ev.rule_id,
-            "kind": None,
-            "namespace": None,
-            "name": None,
-            "rule": None,
-            "deny": ev.drop_reason == DropReason.POLICY_DENY,
-            "description": None,
-        }
-    return {
-        "rule_id": ev.rule_id,
-        "kind": rule.kind,
-        "namespace": rule.namespace,
-        "name": rule.name,
-        "rule": rule.index,
-        "deny": rule.deny,
-        "description": rule.description,
-    }
+def _attribute(flow: flow_pb2.Flow, rule: RuleView, revision: int, egress: bool) -> None:
+    """The policy whose rule decided, in the list Hubble keeps for that direction and
+    verdict (a rule removed since the packet passed is no longer named)."""
+    if rule.deny:
+        into = flow.egress_denied_by if egress else flow.ingress_denied_by
+    else:
+        into = flow.egress_allowed_by if egress else flow.ingress_allowed_by
+    into.add(
+        name=rule.name,
+        namespace=rule.namespace or "",
+        labels=policy_labels(rule),
+        revision=revision,
+        kind=rule.kind,
+    )
+
+
+def policy_labels(rule: RuleView) -> list[str]:
+    """The labels Cilium gives a policy's rules (the policy's origin, name, namespace)."""
+    labels = [
+        f"k8s:{POLICY_LABEL_PREFIX}derived-from={rule.kind}",
+        f"k8s:{POLICY_LABEL_PREFIX}name={rule.name}",
+    ]
+    if rule.namespace:
+        labels.append(f"k8s:{POLICY_LABEL_PREFIX}namespace={rule.namespace}")
+    return labels

@@ -1,0 +1,5 @@
+"""Hubble's flow and observer API as Python: `proto/` holds the protobuf definitions (the
+subset Membrane uses, with Hubble's names and numbers), and `make hubble` generates the
+modules `membrane.hubble.flow.flow_pb2`, `membrane.hubble.observer.observer_pb2` (and
+`_pb2_grpc`) and `membrane.hubble.relay.relay_pb2` from them (git-ignored build outputs,
+like membrane.abi)."""
