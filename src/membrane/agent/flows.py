@@ -22,9 +22,8 @@ from membrane.observe.record import (
     FlowEvent,
     RuleView,
     UnsupportedEvent,
+    event_response,
     flow_events,
-    flow_record,
-    flow_response,
     lost_response,
 )
 
@@ -135,7 +134,7 @@ class FlowReader:
                         self.observe(events, snapshot)
                     for event in events:
                         try:
-                            records.append(flow_response(flow_record(event, resolver, node)))
+                            records.append(event_response(event, resolver, node))
                         except UnsupportedEvent:
                             self.unsupported += 1
                 if records:
