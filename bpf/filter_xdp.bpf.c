@@ -22,7 +22,7 @@ struct {
 	__type(value, __u32);
 } drop_dst_v4 SEC(".maps");
 
-/* IPv4 lookups in one or two array reads whatever the prefixes (see abi/filter.h). */
+/* IPv4 lookups in one to four array reads whatever the prefixes (see abi/filter.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, DIR24_BLOCKS);
@@ -38,6 +38,14 @@ struct {
 	__type(key, __u32);
 	__type(value, struct dir24_group);
 } drop_dst_groups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct dir24_top);
+} drop_dst_top SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -61,6 +69,7 @@ static __always_inline __u32 match_dst(const struct pkt *p)
 	if (p->family == 4) {
 		struct dir24_block *block;
 		struct dir24_group *group;
+		struct dir24_top *top;
 		__u32 dst, index, entry;
 
 		__builtin_memcpy(&dst, p->dst, 4);
@@ -79,6 +88,12 @@ static __always_inline __u32 match_dst(const struct pkt *p)
 			entry = *(volatile __u32 *)&group->entry[dst & 0xff];
 			if (!entry) /* no prefix longer than /24: the /24's own answer */
 				entry = *(volatile __u32 *)&group->covering;
+		}
+		if (!entry) { /* no prefix of /9 or longer: the /8's longest of /8 or shorter */
+			top = bpf_map_lookup_elem(&drop_dst_top, &(__u32){ 0 });
+			if (!top)
+				return 0;
+			entry = *(volatile __u32 *)&top->entry[dst >> 24];
 		}
 		return entry & ((1U << DIR24_LENGTH_SHIFT) - 1);
 	} else {

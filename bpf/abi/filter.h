@@ -6,6 +6,8 @@
  *   drop_dst_tbl24             array[2^20] of dir24_block: 2^24 entries, one per /24
  *   drop_dst_groups            array[DIR24_GROUPS] of dir24_group (tbl8): 256 entries, one
  *                              per address of a /24 that holds prefixes longer than /24
+ *   drop_dst_top               array[1] of dir24_top: 256 entries, one per /8, for the
+ *                              prefixes of /8 or shorter
  *   drop_dst_v6                LPM trie: lpm_v6_key -> __u32 rule id
  *   drop_proto                 array[256] indexed by IP protocol -> __u32 rule id (0 = none)
  * Maps of filter_tc.bpf.o (tc; allow-only), per device and direction:
@@ -64,26 +66,33 @@ struct lpm_v4_key {
 	__u8 addr[4];
 };
 
-/* IPv4 drop-dst as DIR-24-8 (DPDK's rte_lpm scheme): every address is answered by one
- * read of tbl24 (indexed by its top 24 bits) or, when that entry points to a group, one
- * more read of the group's entry for its last byte, and a third of the group's
- * `covering` when that entry is 0. An entry (__u32):
- *   0                          tbl24: no prefix holds the address; group: no prefix longer
- *                              than /24 does, the group's `covering` answers
+/* IPv4 drop-dst as DIR-24-8 (DPDK's rte_lpm scheme) for prefixes of /9 and longer, and a
+ * table of 256 entries (one per /8) for those of /8 and shorter. An address is answered by
+ * one read of tbl24 (indexed by its top 24 bits) or, when that entry points to a group, one
+ * more read of the group's entry for its last byte, and a third of the group's `covering`
+ * when that entry is 0; when the answer is still 0 (no prefix of /9 or longer holds it),
+ * by one read of the top table's entry for its top 8 bits. An entry (__u32):
+ *   0                          tbl24: no prefix of /9 or longer holds the address; group:
+ *                              no prefix longer than /24 does, the group's `covering`
+ *                              answers; top: no prefix of /8 or shorter holds the /8
  *   rule | length << 16        the longest prefix holding it: its rule id and length
  *   1 << 31 | group            (tbl24 only) look in group `group`
  * A group's entries name only prefixes longer than /24; the answer of the /24 itself (its
- * longest prefix of /24 or shorter) is stored once, in `covering`. So a prefix of /24 or
- * shorter changes one tbl24 entry or one `covering` word per /24 it holds, never the 256
- * entries of a group: a /8 over 8,192 groups is 65,536 + 8,192 stores.
+ * longest prefix of /9 to /24) is stored once, in `covering`. tbl24 and groups name no
+ * prefix of /8 or shorter; the top table names only those. So a change writes at most:
+ * 256 group entries (longer than /24); 2^(24 - length) tbl24 entries plus one `covering`
+ * word per group among them (/9 to /24: a /9 is 32,768 + at most 8,192 stores); 2^(8 -
+ * length) top entries (/8 and shorter: 256 for 0.0.0.0/0).
  * Entries carry the prefix length so that the control plane can add and remove prefixes
  * by reading the tables alone. The maps are BPF_F_MMAPABLE: the control plane writes
- * entries with aligned 4-byte stores, so a lookup sees each entry whole, old or new.
+ * entries with aligned 4-byte stores, so a lookup sees each entry whole, old or new; a
+ * change writes one table only, so an address's answer goes from the old to the new.
  * An array element is rounded up to 8 bytes, so entries are packed 16 (tbl24) and 256
- * (groups) to an element: tbl24 costs 64 MiB, a group 1,032 bytes (8 MiB for 8,192; the
- * number of groups is the map's max_entries, set at load).
+ * (groups, top) to an element: tbl24 costs 64 MiB, a group 1,032 bytes (8 MiB for 8,192;
+ * the number of groups is the map's max_entries, set at load).
  * (Older builds kept IPv4 in an LPM trie, then in drop_dst_tbl8, whose groups repeated
- * the /24's answer in every entry: the manager moves such a filter to these maps.)
+ * the /24's answer in every entry, then in tbl24 and groups alone, prefixes of /8 and
+ * shorter included (no drop_dst_top): the manager moves such a filter to these maps.)
  */
 enum dir24_layout {
 	DIR24_LENGTH_SHIFT = 16,
@@ -93,6 +102,8 @@ enum dir24_layout {
 	DIR24_GROUP_ENTRIES = 256,
 	DIR24_GROUPS = 8192,           /* default number of groups */
 	DIR24_RETIRED = 1073741824,    /* 1 << 30: dir24_group.state of an unlinked group */
+	DIR24_TOP_LENGTH = 8,          /* prefixes this long or shorter are in drop_dst_top */
+	DIR24_TOP_ENTRIES = 256,
 };
 ABI_EXPORT_ENUM(dir24_layout);
 
@@ -106,6 +117,10 @@ struct dir24_group {
 			  * DIR24_RETIRED */
 	__u32 covering;  /* the entry of the /24's longest prefix of /24 or shorter (0: none),
 			  * the answer wherever `entry` is 0 */
+};
+
+struct dir24_top {
+	__u32 entry[DIR24_TOP_ENTRIES]; /* per /8: its longest prefix of /8 or shorter */
 };
 
 struct lpm_v6_key {

@@ -39,17 +39,25 @@ def frame_to(address: IPv4Address) -> bytes:
     return TEMPLATE[:DST_AT] + address.packed + TEMPLATE[DST_AT + 4 :]
 
 
-def random_prefixes(rng: random.Random, count: int, first_rule: int) -> Rules:
+def random_prefixes(rng: random.Random, count: int, first_rule: int, short: bool = False) -> Rules:
     """`count` prefixes around a few anchors in HOME: every length, mostly long ones (short
-    ones answer for everything under them), many nested in or overlapping each other."""
+    ones answer for everything under them), many nested in or overlapping each other.
+    With `short`, a third are /0 to /8 (the top table), and half the anchors are anywhere
+    in the address space, so that short prefixes hold long ones in many /8s."""
     anchors = [HOME[rng.randrange(HOME.num_addresses)] for _ in range(6)]
+    if short:
+        anchors += [IPv4Address(rng.getrandbits(32)) for _ in range(6)]
     lengths = list(range(33))
     weights = [1 if n < 8 else 3 if n <= 24 else 8 for n in lengths]
+    if short:
+        weights = [18 if n <= 8 else w for n, w in enumerate(weights)]
     rules: Rules = {}
     while len(rules) < count:
         length = rng.choices(lengths, weights)[0]
         near = anchors[rng.randrange(len(anchors))]
         address = int(near) ^ rng.getrandbits(rng.choice((4, 8, 12, 16)))
+        if short and length <= 8:
+            address = rng.getrandbits(32)
         net = IPv4Network((address, length), strict=False)
         rules.setdefault(net, first_rule + len(rules))
     return rules
@@ -65,6 +73,8 @@ def probes(rng: random.Random, rules: Rules, extra: int = 300) -> list[IPv4Addre
         int(HOME.network_address) + rng.randrange(HOME.num_addresses) for _ in range(extra)
     )
     found.update(rng.getrandbits(32) for _ in range(extra // 10))
+    for net in rules:  # inside every prefix, not only at its edges
+        found.add(int(net.network_address) + rng.randrange(net.num_addresses))
     return [IPv4Address(a) for a in sorted(found)]
 
 
@@ -76,8 +86,9 @@ def assert_matches_reference(f: FilterProgram, rules: Rules, addresses: list[IPv
 
 
 def assert_empty(tables: DropDstTables) -> None:
-    """Nothing left: every tbl24 entry is 0 and no group is in use."""
+    """Nothing left: every tbl24 and top entry is 0 and no group is in use."""
     assert not np.count_nonzero(tables.dir24.tbl24)
+    assert not np.count_nonzero(tables.dir24.top)
     state = tables.dir24.tbl8[:, STATE]
     assert np.all((state == 0) | (state == DIR24_RETIRED))
 
@@ -89,13 +100,15 @@ def xdp() -> Iterator[FilterProgram]:
     f.close()
 
 
+@pytest.mark.parametrize("short", [False, True], ids=["mostly-long", "with-short"])
 @pytest.mark.parametrize("seed", range(4))
 def test_random_prefix_sets_match_the_reference_through_live_changes(
-    xdp: FilterProgram, seed: int
+    xdp: FilterProgram, seed: int, short: bool
 ) -> None:
+    """`with-short`: a third of the prefixes /0 to /8, anywhere, mixed with long ones."""
     rng = random.Random(seed)
     tables = xdp.dst_tables()
-    rules = random_prefixes(rng, 150, first_rule=1)
+    rules = random_prefixes(rng, 150, first_rule=1, short=short)
     tables.add(rules.items())
     assert_matches_reference(xdp, rules, probes(rng, rules))
 
@@ -104,7 +117,7 @@ def test_random_prefix_sets_match_the_reference_through_live_changes(
         assert sorted(tables.remove(gone)) == sorted(rules.pop(n) for n in gone)
         new = {
             n: r
-            for n, r in random_prefixes(rng, 50, first_rule=1000 * (round_ + 1)).items()
+            for n, r in random_prefixes(rng, 50, 1000 * (round_ + 1), short).items()
             if n not in rules
         }
         tables.add(new.items())
@@ -116,12 +129,13 @@ def test_random_prefix_sets_match_the_reference_through_live_changes(
     assert_empty(tables)
 
 
-def test_one_change_at_a_time_matches_the_reference(xdp: FilterProgram) -> None:
+@pytest.mark.parametrize("short", [False, True], ids=["mostly-long", "with-short"])
+def test_one_change_at_a_time_matches_the_reference(xdp: FilterProgram, short: bool) -> None:
     """Single adds and removes in random order, each checked where it could matter: the
     edges of the changed prefix and of every prefix it nests in or holds."""
     rng = random.Random(11)
     tables = xdp.dst_tables()
-    pool = random_prefixes(rng, 120, first_rule=1)
+    pool = random_prefixes(rng, 120, first_rule=1, short=short)
     rules: Rules = {}
     for _ in range(240):
         net = rng.choice(sorted(pool))

@@ -50,6 +50,7 @@ from filter_support import (
 
 from membrane import netns
 from membrane.bpf import Map
+from membrane.filter.dir24 import entry as dir24_entry
 from membrane.filter.manager import CLSACT_SLOT as FILTER_SLOT
 from membrane.netns import Pair, Topology
 from membrane.testing.tc import clsact_filters
@@ -211,11 +212,13 @@ def _ids(ns: str) -> dict[str, int]:
 
 def _pretend_older_build(path: Path, layout: str, rules: dict[str, int]) -> None:
     """Make an attachment look as an older build left it, its list being `rules`:
-    `dir24-v1` has the groups map under its old name; `lpm` has no DIR-24-8 maps and the
-    list in an LPM trie. The program keeps running on its own maps meanwhile."""
+    `dir24-v2` has no top table (prefixes of /8 and shorter were in tbl24); `dir24-v1`
+    has the groups map under its old name too; `lpm` has no DIR-24-8 maps and the list in
+    an LPM trie. The program keeps running on its own maps meanwhile."""
+    (path / "drop_dst_top").unlink()
     if layout == "dir24-v1":
         (path / "drop_dst_groups").rename(path / "drop_dst_tbl8")
-    else:
+    elif layout == "lpm":
         for name in ("drop_dst_groups", "drop_dst_tbl24", "drop_dst_v4"):
             (path / name).unlink()
         subprocess.run(
@@ -229,7 +232,7 @@ def _pretend_older_build(path: Path, layout: str, rules: dict[str, int]) -> None
             m.update(struct.pack("<I", net.prefixlen) + net.network_address.packed, rule_id)
 
 
-@pytest.mark.parametrize("layout", ["dir24-v1", "lpm"])
+@pytest.mark.parametrize("layout", ["dir24-v2", "dir24-v1", "lpm"])
 def test_a_filter_of_an_older_build_is_moved_to_the_current_maps(net: Net, layout: str) -> None:
     """The first change after an upgrade moves the deny list (prefixes and rule ids) to the
     current maps and swaps the program in the same link: no detach, nothing lost."""
@@ -237,23 +240,41 @@ def test_a_filter_of_an_older_build_is_moved_to_the_current_maps(net: Net, layou
     membrane(*on_server(net, "drop-dst", f"{net.a}/32", "198.19.0.0/16"))
     path = attachment_dir(net.server, "eth0", "xdp")
     before, link = _ids(net.server), pinned_link(net.server, "eth0", "xdp")
-    # the older build's list also names B (rule 9), which the running program does not
-    _pretend_older_build(path, layout, before | {f"{net.b}/32": 9})
+    # the older build's list also names B (rule 9) and a /8 (rule 10), which the running
+    # program does not
+    _pretend_older_build(path, layout, before | {f"{net.b}/32": 9, "100.0.0.0/8": 10})
     inode = (path / "drop_dst_v4").stat().st_ino
     expect({ping_a: "drop", ping_b: "pass"})
-    assert _ids(net.server) == before | {f"{net.b}/32": 9}  # listed as it is, not moved
+    listed = before | {f"{net.b}/32": 9, "100.0.0.0/8": 10}
+    assert _ids(net.server) == listed  # listed as it is, not moved
     assert (path / "drop_dst_v4").stat().st_ino == inode
 
     membrane(*on_server(net, "drop-dst", "--add", "198.19.7.0/24"))
-    assert _ids(net.server) == before | {f"{net.b}/32": 9, "198.19.7.0/24": 3}
+    assert _ids(net.server) == listed | {"198.19.7.0/24": 3}
     expect({ping_a: "drop", ping_b: "drop"})
+    with Map.from_pin(str(path / "drop_dst_top")) as top:  # the /8 is in the top table
+        assert list(top.lookup(0).entry)[100] == dir24_entry(10, 8)
     now = pinned_link(net.server, "eth0", "xdp")
     assert now["id"] == link["id"] and now["prog_id"] != link["prog_id"]
     names = {p.name for p in path.iterdir()}
-    assert {"drop_dst_groups", "drop_dst_tbl24", "drop_dst_v4"} <= names
+    assert {"drop_dst_groups", "drop_dst_tbl24", "drop_dst_top", "drop_dst_v4"} <= names
     assert not names & {"drop_dst_tbl8", "drop_dst_v4_summary", "migrating"}
     membrane(*on_server(net, "drop-dst", "--remove", f"{net.b}/32"))
     expect({ping_a: "drop", ping_b: "pass"})
+
+
+def test_enabling_drop_proto_moves_a_filter_of_an_older_build_first(net: Net) -> None:
+    """The program that enables drop-proto reads the current drop-dst maps: the deny list
+    moves to them before it goes in (not empty new maps beside the old ones)."""
+    ping_a = Flow("ping", net.client, net.a)
+    membrane(*on_server(net, "drop-dst", f"{net.a}/32"))
+    path = attachment_dir(net.server, "eth0", "xdp")
+    _pretend_older_build(path, "dir24-v2", _ids(net.server))
+    membrane(*on_server(net, "drop-proto", "udp"))
+    assert (path / "drop_dst_top").exists() and not (path / "migrating").exists()
+    expect({ping_a: "drop", Flow("udp", net.client, net.b, UDP_PORT): "drop"})
+    membrane(*on_server(net, "drop-dst", "--remove", f"{net.a}/32"))
+    expect({ping_a: "pass"})
 
 
 # ---- drop-proto ----------------------------------------------------------------------

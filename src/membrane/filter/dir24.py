@@ -1,22 +1,28 @@
-"""IPv4 drop-dst as DIR-24-8: the tables the XDP program reads, kept equal to the longest
-prefix match over the deny list while it changes under live traffic.
+"""IPv4 drop-dst as DIR-24-8 plus a table per /8: the tables the XDP program reads, kept
+equal to the longest prefix match over the deny list while it changes under live traffic.
 
-Layout and entry format: bpf/abi/filter.h. tbl24 has an entry per /24; a /24 that holds
-prefixes longer than /24 points to a group with an entry per address, which names only
-prefixes longer than /24 (0 elsewhere), and a `covering` word with the /24's own answer.
-Each entry names the longest prefix holding its addresses (rule id and length), so a
-change needs only the tables: adding a prefix of length d overwrites, within its range,
-the entries of prefixes no longer than d; removing it gives its entries back to its parent
-(the longest shorter prefix holding it, found by the caller).
+Layout and entry format: bpf/abi/filter.h. Prefixes of /9 and longer: tbl24 has an entry
+per /24; a /24 that holds prefixes longer than /24 points to a group with an entry per
+address, which names only prefixes longer than /24 (0 elsewhere), and a `covering` word
+with the /24's own answer (its longest prefix of /9 to /24). Prefixes of /8 and shorter:
+the top table, an entry per /8, read by the program where the others answer 0.
+Each entry names the longest prefix holding its addresses (rule id and length) among
+those its table holds, so a change needs only the tables: adding a prefix of length d
+overwrites, within its range, the entries of prefixes no longer than d; removing it gives
+its entries back to its parent (the longest shorter prefix holding it, found by the
+caller) if the parent is in the same table, else 0.
 
 Work per change, whatever else is listed: a prefix of /25 or longer touches at most 256
-entries of one group; a prefix of length d <= 24 touches its 2^(24 - d) tbl24 entries and
-the `covering` words of the groups among them, never their 256 entries. Both are single
-numpy operations on the mmap'd maps (a /8: 65,536 + at most 8,192 words).
+entries of one group; a prefix of length 9 <= d <= 24 touches its 2^(24 - d) tbl24 entries
+and the `covering` words of the groups among them, never their 256 entries (a /9: 32,768 +
+at most 8,192 words); a prefix of /8 or shorter touches its 2^(8 - d) top entries (256 at
+most). Each is a few numpy operations on the mmap'd maps.
 
 Why a lookup never sees a half-made state (the program loads each word once):
 - The maps are shared memory and every entry is written with one aligned 4-byte store, so
-  an address answers as by the old list or the new one, never from a torn entry.
+  an address answers as by the old list or the new one, never from a torn entry. A change
+  writes one of the two levels (tbl24 and groups, or top), and an address's answer is the
+  first level's where that is not 0: each entry it reads goes from old to new once.
 - A group is filled completely before the tbl24 entry that points to it is stored, and
   x86-64 (TSO) makes stores visible in program order: whoever reads the pointer finds the
   group complete.
@@ -38,6 +44,7 @@ from membrane.abi import (
     DIR24_GROUP_ENTRIES,
     DIR24_LENGTH_SHIFT,
     DIR24_RETIRED,
+    DIR24_TOP_LENGTH,
 )
 from membrane.bpf import Map
 from membrane.bpf.rcu import wait_for_running_programs
@@ -81,19 +88,20 @@ def _put(span: np.ndarray, chosen: Callable[[np.ndarray], np.ndarray], value: in
 
 
 class Dir24:
-    """tbl24 and tbl8 as numpy views: a flat array of 2^24 entries, and one row per group
-    (its 256 entries, then `state` and padding)."""
+    """tbl24, tbl8 and top as numpy views: a flat array of 2^24 entries, one row per group
+    (its 256 entries, then `state` and `covering`), and a flat array of 256 entries."""
 
-    def __init__(self, tbl24: np.ndarray, tbl8: np.ndarray) -> None:
-        self.tbl24, self.tbl8 = tbl24, tbl8
+    def __init__(self, tbl24: np.ndarray, tbl8: np.ndarray, top: np.ndarray) -> None:
+        self.tbl24, self.tbl8, self.top = tbl24, tbl8, top
 
     @classmethod
-    def from_maps(cls, tbl24: Map, tbl8: Map) -> Dir24:
-        """Views of the live maps (drop_dst_tbl24, drop_dst_tbl8)."""
+    def from_maps(cls, tbl24: Map, tbl8: Map, top: Map) -> Dir24:
+        """Views of the live maps (drop_dst_tbl24, drop_dst_groups, drop_dst_top)."""
         words = tbl8.value_size // 4
         return cls(
             np.frombuffer(tbl24.mmap(), dtype=np.uint32),
             np.frombuffer(tbl8.mmap(), dtype=np.uint32).reshape(tbl8.max_entries, words),
+            np.frombuffer(top.mmap(), dtype=np.uint32)[: 1 << DIR24_TOP_LENGTH],
         )
 
     @property
@@ -107,6 +115,7 @@ class Dir24:
         if found & GROUP:
             row = self.tbl8[found & ~GROUP]
             found = int(row[address & 0xFF]) or int(row[COVERING])
+        found = found or int(self.top[address >> 24])
         return found & RULE_MASK
 
     def groups_needed(self, nets: list[IPv4Network]) -> int:
@@ -124,6 +133,10 @@ class Dir24:
         """Make `net` (rule id `rule`) the answer wherever no longer prefix is."""
         first, length = int(net.network_address), net.prefixlen
         new = entry(rule, length)
+        if length <= DIR24_TOP_LENGTH:
+            span = self.top[first >> 24 : (first >> 24) + (1 << (DIR24_TOP_LENGTH - length))]
+            span[_no_longer(span, length)] = new
+            return
         if length <= 24:
             span = self.tbl24[first >> 8 : (first >> 8) + (1 << (24 - length))]
             groups = self._groups(first >> 8, span)
@@ -147,10 +160,17 @@ class Dir24:
 
     def remove(self, net: IPv4Network, rule: int, parent: int) -> None:
         """Give the addresses `net` answers for to `parent` (the entry of the longest
-        shorter prefix holding `net`, 0 for none); unlink its group if it was the /24's
-        last prefix longer than /24."""
+        shorter prefix holding `net`, 0 for none; one of /8 or shorter counts as none for
+        a prefix of /9 or longer: the top table answers there); unlink its group if it
+        was the /24's last prefix longer than /24."""
         first, length = int(net.network_address), net.prefixlen
         old = entry(rule, length)
+        if length <= DIR24_TOP_LENGTH:
+            span = self.top[first >> 24 : (first >> 24) + (1 << (DIR24_TOP_LENGTH - length))]
+            span[span == old] = parent
+            return
+        if parent >> DIR24_LENGTH_SHIFT <= DIR24_TOP_LENGTH:
+            parent = 0
         if length <= 24:
             span = self.tbl24[first >> 8 : (first >> 8) + (1 << (24 - length))]
             groups = self._groups(first >> 8, span)
@@ -171,8 +191,8 @@ class Dir24:
             self.tbl8[group, STATE] = DIR24_RETIRED
 
     def covering(self, net: IPv4Network) -> int | None:
-        """The entry of the longest prefix of /24 or shorter holding `net` (longer than
-        /24), as the tables know it; None when its /24 has no group (then tbl24 has it)."""
+        """The entry of the longest prefix of /9 to /24 holding `net` (longer than /24), as
+        the tables know it; None when its /24 has no group (then tbl24 has it)."""
         top = int(self.tbl24[int(net.network_address) >> 8])
         return int(self.tbl8[top & ~GROUP, COVERING]) if top & GROUP else None
 

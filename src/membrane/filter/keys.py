@@ -11,6 +11,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from membrane.abi import DIR24_TOP_LENGTH
 from membrane.bpf import Map
 from membrane.filter.dir24 import Dir24
 from membrane.filter.dir24 import entry as dir24_entry
@@ -44,20 +45,21 @@ def guard_key(m: Map, protocol: int, port: int) -> Any:
 
 
 # The maps of the deny list in filter_xdp.bpf.o, in DropDstTables' order.
-DROP_DST_MAPS = ("drop_dst_v4", "drop_dst_v6", "drop_dst_tbl24", "drop_dst_groups")
+DROP_DST_MAPS = ("drop_dst_v4", "drop_dst_v6", "drop_dst_tbl24", "drop_dst_groups", "drop_dst_top")
 
 
 class DropDstTables:
     """The deny list of one filter, changed as one: drop_dst_v4 (the IPv4 prefixes as
-    written, which the program does not read), the DIR-24-8 tables the program reads for
-    IPv4 (drop_dst_tbl24, drop_dst_groups) and the LPM trie it reads for IPv6 (drop_dst_v6).
+    written, which the program does not read), the tables the program reads for IPv4
+    (drop_dst_tbl24, drop_dst_groups, drop_dst_top) and the LPM trie it reads for IPv6
+    (drop_dst_v6).
 
     An added IPv4 prefix is recorded before it goes into force and a removed one leaves
     force before its record goes, so whatever is enforced is listed (and removable)."""
 
-    def __init__(self, v4: Map, v6: Map, tbl24: Map, tbl8: Map) -> None:
+    def __init__(self, v4: Map, v6: Map, tbl24: Map, tbl8: Map, top: Map) -> None:
         self.v4, self.v6 = v4, v6
-        self.dir24 = Dir24.from_maps(tbl24, tbl8)
+        self.dir24 = Dir24.from_maps(tbl24, tbl8, top)
 
     @classmethod
     def of(cls, map_named: Callable[[str], Map]) -> DropDstTables:
@@ -99,11 +101,14 @@ class DropDstTables:
         return freed
 
     def _parent(self, net: ipaddress.IPv4Network) -> int:
-        """The dir24 entry of the longest listed prefix shorter than `net` holding it: one
-        record lookup per shorter length, except that the tables know the longest of /24
-        or shorter holding a prefix longer than /24 (its group's `covering`)."""
+        """The dir24 entry of the longest listed prefix shorter than `net` holding it, as far
+        as Dir24.remove needs it: one record lookup per shorter length, except that the
+        tables know the longest of /9 to /24 holding a prefix longer than /24 (its group's
+        `covering`), and that for a prefix of /9 or longer one of /8 or shorter counts as
+        none (it is in the other table), so the search stops at /9 (0: none there)."""
         address = int(net.network_address)
-        for length in range(net.prefixlen - 1, -1, -1):
+        last = DIR24_TOP_LENGTH + 1 if net.prefixlen > DIR24_TOP_LENGTH else 0
+        for length in range(net.prefixlen - 1, last - 1, -1):
             if length == 24 and (covering := self.dir24.covering(net)) is not None:
                 return covering
             masked = address & ~((1 << (32 - length)) - 1) & 0xFFFFFFFF

@@ -60,8 +60,17 @@ _RULE_MAPS = {
 }
 # IPv4 drop-dst maps of older builds: an LPM trie in drop_dst_v4 (with drop_dst_v4_summary
 # in front of it later), then DIR-24-8 with groups that repeated the /24's answer in every
-# entry (drop_dst_tbl8). A filter that has them is moved to the current maps on first use.
-_OLD_DROP_DST_MAPS = ("drop_dst_v4", "drop_dst_v4_summary", "drop_dst_tbl24", "drop_dst_tbl8")
+# entry (drop_dst_tbl8), then DIR-24-8 holding prefixes of /8 and shorter in tbl24 too
+# (drop_dst_groups, but no drop_dst_top). A filter without drop_dst_top is moved to the
+# current maps on first change.
+_OLD_DROP_DST_MAPS = (
+    "drop_dst_v4",
+    "drop_dst_v4_summary",
+    "drop_dst_tbl24",
+    "drop_dst_tbl8",
+    "drop_dst_groups",
+)
+_CURRENT_DROP_DST = "drop_dst_top"  # the map only the current layout has
 MAX_GROUPS = 1 << 20  # tbl8 groups a filter may ask for (1 KiB each)
 # The clsact slot of filter programs (tc hooks, where the kernel has no tcx or --attach
 # clsact asks for it): fixed, so a filter is found and replaced in place, never added twice.
@@ -323,7 +332,11 @@ class FilterManager:
 
     def _reload(self, att: Attachment, features: int) -> None:
         """Swap in a program with more features enabled; maps are reused, the link is
-        updated atomically, so traffic always sees one complete program."""
+        updated atomically, so traffic always sees one complete program. A filter of an
+        older build is moved to the current drop-dst maps first: the program loaded here
+        reads them, and would otherwise get new empty ones beside the old."""
+        if att.hook == "xdp" and not (att.path / _CURRENT_DROP_DST).exists():
+            self._migrate_drop_dst(att)
         with (
             in_netns(att.netns),
             self._open(att.hook, features, att.meta.instance, att.path) as obj,
@@ -379,7 +392,7 @@ class FilterManager:
     # ---- drop-dst ----------------------------------------------------------------------
     @contextlib.contextmanager
     def _dst_tables(self, att: Attachment) -> Iterator[DropDstTables]:
-        if not (att.path / "drop_dst_groups").exists():
+        if not (att.path / _CURRENT_DROP_DST).exists():
             self._migrate_drop_dst(att)
         with contextlib.ExitStack() as stack:
             yield DropDstTables.of(lambda name: stack.enter_context(att.map(name)))
@@ -393,9 +406,11 @@ class FilterManager:
         old maps go back and the old program stays."""
         rules = _v4_record(att)
         groups = None
-        if (att.path / "drop_dst_tbl8").exists():
-            with att.map("drop_dst_tbl8") as tbl8:
-                groups = tbl8.max_entries
+        for name in ("drop_dst_groups", "drop_dst_tbl8"):
+            if (att.path / name).exists():
+                with att.map(name) as tbl8:
+                    groups = tbl8.max_entries
+                break
         aside = att.path / "migrating"
         aside.mkdir(exist_ok=True)
         moved = [name for name in _OLD_DROP_DST_MAPS if (att.path / name).exists()]
@@ -410,7 +425,7 @@ class FilterManager:
                 with Link.from_pin(str(att.path / "link")) as link:
                     link.update(obj.program("filter_xdp"))
         except BaseException:
-            for name in ("drop_dst_v4", "drop_dst_tbl24", "drop_dst_groups"):
+            for name in ("drop_dst_v4", "drop_dst_tbl24", "drop_dst_groups", _CURRENT_DROP_DST):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(att.path / name)  # pinned by the new object
             for name in moved:
@@ -489,7 +504,7 @@ class FilterManager:
         return len(freed)
 
     def _dst_rules(self, att: Attachment) -> list[Rule]:
-        if (att.path / "drop_dst_groups").exists():
+        if (att.path / _CURRENT_DROP_DST).exists():
             with self._dst_tables(att) as tables:
                 listed = tables.items()
         else:  # an older build's, read as it is: only a change (under the lock) moves it
