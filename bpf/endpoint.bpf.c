@@ -586,9 +586,11 @@ static __always_inline int source_is_endpoint(const struct flow *f)
 
 /* Everything the headers say, into `f`: DROP_NONE to go on to conntrack and policy,
  * PARSED_PASS when the packet passes as it is (ARP, neighbour discovery), or a drop
- * reason. Not inlined, so that the parser's scratch is not on the stack while the
- * verdict is made (the tc stack is 512 bytes for all frames together). */
-static __noinline __u32 parse_flow(struct __sk_buff *skb, struct flow *f)
+ * reason. A global function: the verifier checks it once, on its own, and the caller
+ * goes on from one state instead of one per way through the parser (the load took ~7x
+ * longer inlined); and its scratch is not on the stack while the verdict is made (the
+ * tc stack is 512 bytes for all frames together). */
+__noinline __u32 parse_flow(struct __sk_buff *skb, struct flow *f)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -597,6 +599,8 @@ static __noinline __u32 parse_flow(struct __sk_buff *skb, struct flow *f)
 	__u32 reason;
 	__u8 *l4;
 
+	if (!f)
+		return DROP_INVALID_PACKET;
 	if ((void *)(eth + 1) > data_end)
 		return DROP_INVALID_PACKET;
 	if (eth->h_proto == bpf_htons(ETH_P_ARP))
