@@ -112,6 +112,9 @@ def _by_key(labels: frozenset[Label]) -> dict[str, tuple[Label, ...]]:
     return {key: tuple(group) for key, group in index.items()}
 
 
+_NONE: frozenset[int] = frozenset()
+
+
 class LabelIndex:
     """Numbered label sets (identities, endpoints), indexed so that a selector finds its
     matches without testing every set: the compiler selects among thousands of identities
@@ -138,19 +141,33 @@ class LabelIndex:
             self._by_key[label.key].discard(number)
 
     def select(self, selector: LabelSelector) -> set[int]:
-        candidates: set[int] | None = None
+        postings: list[set[int]] = []
         for check in selector._checks:
             if check.operator == IN:
-                found = set().union(*(self._by_pair.get((check.key, v), ()) for v in check.values))
+                if len(check.values) == 1:  # no copy of what may be a large set
+                    found = self._by_pair.get((check.key, next(iter(check.values))), _NONE)
+                else:
+                    found = set().union(
+                        *(self._by_pair.get((check.key, v), ()) for v in check.values)
+                    )
             elif check.operator == EXISTS:
-                found = self._by_key.get(check.key, set())
+                found = self._by_key.get(check.key, _NONE)
             else:
                 continue
-            candidates = found if candidates is None else candidates & found
+            if not found:
+                return set()
+            postings.append(found)
+        if not postings:
+            return {n for n, labels in self._sets.items() if selector.matches(labels)}
+        # From the smallest list: `a & b` walks the smaller set, so a rule's one CIDR label
+        # is not intersected with the thousands of identities sharing `reserved:world`.
+        postings.sort(key=len)
+        candidates = postings[0]
+        for other in postings[1:]:
+            candidates = candidates & other
             if not candidates:
                 return set()
-        pool = self._sets if candidates is None else candidates
-        return {n for n in pool if selector.matches(self._sets[n])}
+        return {n for n in candidates if selector.matches(self._sets[n])}
 
 
 class SelectorIndex:
