@@ -18,7 +18,9 @@
 #include <linux/ipv6.h>
 
 #define PARSE_MAX_VLANS 2
+#ifndef PARSE_MAX_EXTHDRS
 #define PARSE_MAX_EXTHDRS 8
+#endif
 
 enum parse_result {
 	PARSE_L4 = 0,        /* everything known, including ports for TCP/UDP/SCTP */

@@ -305,5 +305,8 @@ def test_an_ipv4_only_endpoint_drops_ipv6(dp) -> None:
 
 
 def test_a_header_chain_too_long_to_walk_is_dropped(dp) -> None:
-    frame = ether() / ipv6_headers(V6.peer, 6, src=EP_IP6, ext=["hop"] + ["dest"] * 9)
-    assert_dropped(dp.egress(frame / TCP(dport=80)), DropReason.INVALID_PACKET, EGRESS)
+    """Four extension headers are walked (as Cilium walks them), a fifth is too many."""
+    four = ether() / ipv6_headers(V6.peer, 6, src=EP_IP6, ext=["hop", "dest", "routing", "dest"])
+    assert_passed(dp.egress(four / TCP(dport=80)), new_flow=True)
+    five = ether() / ipv6_headers(V6.peer, 6, src=EP_IP6, ext=["hop"] + ["dest"] * 4)
+    assert_dropped(dp.egress(five / TCP(dport=81)), DropReason.INVALID_PACKET, EGRESS)
