@@ -128,6 +128,7 @@ class Agent:
     def stop(self) -> None:
         """Leave everything enforcing; only our own handles go."""
         self._save()
+        self.datapath.close()
         self.maps.close()
 
     # ---- endpoints -----------------------------------------------------------------------
