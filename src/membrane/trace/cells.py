@@ -96,6 +96,26 @@ def times(ts_ns: np.ndarray) -> Cells:
     return Cells(COL_TIME, ints=ktimes_to_unix_ns(ts_ns))
 
 
+def task(
+    task: np.ndarray,
+    times_ns: np.ndarray | None = None,
+    ppid: np.ndarray | None = None,
+    unknown_null: bool = False,
+) -> dict[str, Cells]:
+    """The leading columns every per-event tool has: "time" (when `times_ns` is given),
+    pid, tid, ppid (when given), uid, comm of each `struct trace_task`. `unknown_null`:
+    all of them null where the pid is 0 (an event no process was known for)."""
+    nulls = task["pid"] == 0 if unknown_null else None
+    out: dict[str, Cells] = {} if times_ns is None else {"time": times(times_ns)}
+    out["pid"] = ints(task["pid"], nulls=nulls)
+    out["tid"] = ints(task["tid"], nulls=nulls)
+    if ppid is not None:
+        out["ppid"] = ints(ppid)
+    out["uid"] = ints(task["uid"], nulls=nulls)
+    out["comm"] = cstrings(task["comm"], nulls=nulls)
+    return out
+
+
 def cstrings(field: np.ndarray, nulls: np.ndarray | None = None) -> Cells:
     """A fixed char array of each event (comm): text up to its NUL."""
     matrix = np.ascontiguousarray(field)

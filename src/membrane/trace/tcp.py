@@ -24,18 +24,6 @@ def address_columns(addr: str, port: str, prefix: str) -> list[Column]:
     return [Column(addr, f"{prefix}ADDR", ADDR_WIDTH), Column(port, f"{prefix}PORT", 5, right=True)]
 
 
-def task_cells(task: np.ndarray) -> dict[str, Cells]:
-    """pid, tid, uid, comm of each `struct trace_task`; all four null where the pid is 0
-    (no process was known)."""
-    unknown = task["pid"] == 0
-    return {
-        "pid": cell.ints(task["pid"], nulls=unknown),
-        "tid": cell.ints(task["tid"], nulls=unknown),
-        "uid": cell.ints(task["uid"], nulls=unknown),
-        "comm": cell.cstrings(task["comm"], nulls=unknown),
-    }
-
-
 def endpoint_cells(
     tuples: np.ndarray,
     local: tuple[str, str] = ("laddr", "lport"),

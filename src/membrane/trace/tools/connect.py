@@ -23,7 +23,6 @@ from membrane.trace.tcp import (
     TASK_COLUMNS,
     address_columns,
     endpoint_cells,
-    task_cells,
 )
 from membrane.trace.tools import Tool
 
@@ -42,10 +41,8 @@ COLUMNS = [
 def cells(batch: EventBatch, times: bool = True) -> dict[str, Cells]:
     """Decoded events, column by column; the keys are a stable JSON contract. "time" only
     with `times` (the table shows it only with -T)."""
-    out: dict[str, Cells] = {}
-    if times:
-        out["time"] = cell.times(batch["hdr"]["ts_ns"])
-    out.update(task_cells(batch["task"]))
+    ts_ns = batch["hdr"]["ts_ns"] if times else None
+    out = cell.task(batch["task"], ts_ns, unknown_null=True)
     out.update(endpoint_cells(batch["tuple"], local=("saddr", "sport"), remote=("daddr", "dport")))
     return out
 

@@ -63,15 +63,8 @@ def cells(batch: EventBatch, times: bool = True) -> dict[str, Cells]:
     argv_starts = starts + path_len
     argv_len = np.maximum(sent - path_len, 0)
     truncated = (batch["flags"] & int(_TRUNCATED)) != 0
-    out: dict[str, Cells] = {}
-    if times:
-        out["time"] = cell.times(batch["hdr"]["ts_ns"])
+    out = cell.task(task, batch["hdr"]["ts_ns"] if times else None, ppid=batch["ppid"])
     out.update(
-        pid=cell.ints(task["pid"]),
-        tid=cell.ints(task["tid"]),
-        ppid=cell.ints(batch["ppid"]),
-        uid=cell.ints(task["uid"]),
-        comm=cell.cstrings(task["comm"]),
         ret=cell.ints(rets),
         error=cell.mapped(np.minimum(rets, 0), _error),  # one value for every success
         syscall=cell.mapped(batch["syscall"], _syscall),

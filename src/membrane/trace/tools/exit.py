@@ -67,15 +67,8 @@ def cells(batch: EventBatch, times: bool = True) -> dict[str, Cells]:
     task = batch["task"]
     status = batch["status"].astype(np.int64)
     sig = status & 0x7F
-    out: dict[str, Cells] = {}
-    if times:
-        out["time"] = cell.times(batch["hdr"]["ts_ns"])
+    out = cell.task(task, batch["hdr"]["ts_ns"] if times else None, ppid=batch["ppid"])
     out.update(
-        pid=cell.ints(task["pid"]),
-        tid=cell.ints(task["tid"]),
-        ppid=cell.ints(batch["ppid"]),
-        uid=cell.ints(task["uid"]),
-        comm=cell.cstrings(task["comm"]),
         status=cell.ints(status),
         exit_code=cell.ints((status >> 8) & 0xFF, nulls=sig != 0),
         signal=cell.ints(sig, nulls=sig == 0),

@@ -135,14 +135,8 @@ def cells(batch: EventBatch, times: bool = True) -> dict[str, Cells]:
     errors and syscall names are named once per distinct value."""
     task = batch["task"]
     rets = batch["ret"]
-    out: dict[str, Cells] = {}
-    if times:
-        out["time"] = cell.times(batch["hdr"]["ts_ns"])
+    out = cell.task(task, batch["hdr"]["ts_ns"] if times else None)
     out.update(
-        pid=cell.ints(task["pid"]),
-        tid=cell.ints(task["tid"]),
-        uid=cell.ints(task["uid"]),
-        comm=cell.cstrings(task["comm"]),
         ret=cell.ints(rets),
         fd=cell.ints(rets, nulls=rets < 0),
         error=cell.mapped(np.minimum(rets, 0), _error),  # one value for every success
