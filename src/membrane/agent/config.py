@@ -46,6 +46,7 @@ class AgentConfig:
     cidr_match_mode: str = "world"  # CiliumNetworkPolicy CIDR rules: world only, or pods too
     prometheus_serve_addr: str = ""  # agent metrics (cilium_*) listen address; "": off
     hubble_metrics_server: str = ""  # flow metrics (hubble_*) listen address; "": off
+    kernel_drops: bool = True  # flows of packets the kernel drops (membrane.agent.kernel_drops)
 
     @property
     def ipv6(self) -> bool:
@@ -82,6 +83,7 @@ def make_config(
     cidr_match_mode: str = "world",
     prometheus_serve_addr: str = "",
     hubble_metrics_server: str = "",
+    kernel_drops: bool | str = True,
 ) -> AgentConfig:
     from membrane.metrics.address import parse_listen_address
     from membrane.policy.universe import AllowLocalhost
@@ -132,6 +134,7 @@ def make_config(
         cidr_match_mode=cidr_match_mode,
         prometheus_serve_addr=prometheus_serve_addr,
         hubble_metrics_server=hubble_metrics_server,
+        kernel_drops=_parse_bool(kernel_drops, "kernel-drops"),
     )
 
 

@@ -28,6 +28,7 @@ from membrane.agent.config import AgentConfig
 from membrane.agent.endpoints import require_attach_mode
 from membrane.agent.explain import trace
 from membrane.agent.flows import FlowReader
+from membrane.agent.kernel_drops import KernelDrops, start_kernel_drops
 from membrane.api import views
 from membrane.api.models import (
     EndpointCreate,
@@ -80,6 +81,7 @@ class AgentServer:
         self.flows = FlowStore()
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent")
         self._reader: FlowReader | None = None
+        self._kernel_drops: KernelDrops | None = None
         self._stopping = asyncio.Event()
         self.metrics: MetricsServers | None = None  # --prometheus-serve-addr and friends
 
@@ -259,6 +261,9 @@ class AgentServer:
                 lambda: self.agent.snapshot, self.config.bpf_dir, lambda: reader.lost
             )
         self._reader.start()
+        self._kernel_drops = start_kernel_drops(
+            self.agent, lambda records: loop.call_soon_threadsafe(self.flows.extend, records)
+        )
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await runner.setup()
         sock = _listen(self.config.api_socket)
@@ -279,6 +284,8 @@ class AgentServer:
         if self.metrics is not None:
             self.metrics.stop()
         self._reader.stop()
+        if self._kernel_drops is not None:
+            self._kernel_drops.stop()
         await self.run_sync(self.agent.stop)
         self._worker.shutdown()
 

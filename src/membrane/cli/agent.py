@@ -111,6 +111,12 @@ def run(
         help="Serve flow metrics (hubble_*) on HOST:PORT or :PORT (Hubble's port: :9965); "
         "default: off.",
     ),
+    kernel_drops: str = typer.Option(
+        "true",
+        "--kernel-drops",
+        help="true: flows also show packets of pods the kernel drops outside the datapath "
+        "(no socket, netfilter, no route...; skb:kfree_skb, Linux 5.17 or later); false: off.",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run the agent in the foreground (structured logs on stderr). SIGTERM stops it and
@@ -138,6 +144,7 @@ def run(
         cidr_match_mode=policy_cidr_match_mode,
         prometheus_serve_addr=prometheus_serve_addr,
         hubble_metrics_server=hubble_metrics_server,
+        kernel_drops=kernel_drops,
     )
     setup_logging(log_level)
     run_agent(config)
