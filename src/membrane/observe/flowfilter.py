@@ -246,13 +246,13 @@ def _ips(values: Iterable[str], field: str, get: Callable[[flow_pb2.Flow], str])
             try:
                 networks.append(ipaddress.ip_network(text, strict=False))
             except ValueError:
-                raise UserError(field, f"{text!r} is not a CIDR") from None
+                raise UserError(field, f"{text!r} is not an address or CIDR") from None
         else:
             try:
                 # compared as text, the way flows carry addresses (normalized: "::1")
                 addresses.add(str(ipaddress.ip_address(text)))
             except ValueError:
-                raise UserError(field, f"{text!r} is not an IP address") from None
+                raise UserError(field, f"{text!r} is not an address or CIDR") from None
     exact = frozenset(addresses)
     nets = tuple(networks)
 
