@@ -46,6 +46,12 @@ SUBCOMMANDS = (
         "given flow to a port. Filters stay in force after the command exits.",
     ),
     Subcommand(
+        "lb",
+        "membrane.cli.lb",
+        "A standalone XDP L4 load balancer (Katran class): VIPs, Maglev consistent hashing, "
+        "IP-in-IP to backends that answer clients directly (DSR), per-backend counters.",
+    ),
+    Subcommand(
         "trace",
         "membrane.cli.trace",
         "Tracing tools (bcc/bpftrace-class) on stable kernel hooks: tracepoints, raw "
