@@ -13,6 +13,7 @@ from membrane.bpf.fs import PIN_ROOT
 from membrane.errors import UserError
 
 if TYPE_CHECKING:  # the policy package is heavy; client commands import this module
+    from membrane.observe.flowlog import FlowLogSettings
     from membrane.policy.universe import AllowLocalhost
 
 DEFAULT_STATE_DIR = "/var/lib/membrane"
@@ -24,6 +25,7 @@ DEFAULT_NODE_IPV6 = "2001:db8::1"
 CIDR_MATCH_MODES = ("world", "all")
 DEFAULT_ALLOW_LOCALHOST = "always"
 DEFAULT_POLICY_MAP_MAX = 1 << 20  # POLICY_MAX_ENTRIES in bpf/lib/policy.h
+DEFAULT_HUBBLE_BUFFER_SIZE = 4095  # Hubble's default ring: 2^12 - 1 flows
 MAX_MAP_ENTRIES = 0xFFFFFFFF  # the kernel's max_entries is 32 bits
 _NETNS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 
@@ -46,7 +48,18 @@ class AgentConfig:
     cidr_match_mode: str = "world"  # CiliumNetworkPolicy CIDR rules: world only, or pods too
     prometheus_serve_addr: str = ""  # agent metrics (cilium_*) listen address; "": off
     hubble_metrics_server: str = ""  # flow metrics (hubble_*) listen address; "": off
+    hubble_socket: str = ""  # the Observer API's unix socket; "": beside the API socket
+    hubble_listen_address: str = ""  # the Observer API on TCP too (Cilium's :4244); "": off
+    hubble_buffer_size: int = DEFAULT_HUBBLE_BUFFER_SIZE  # flows the store keeps
+    flow_log: FlowLogSettings | None = None  # --flow-log and its companions
     kernel_drops: bool = True  # flows of packets the kernel drops (membrane.agent.kernel_drops)
+
+    @property
+    def hubble_socket_path(self) -> str:
+        from membrane.hubble import HUBBLE_SOCKET_NAME
+
+        api_dir = os.path.dirname(os.path.abspath(self.api_socket))
+        return self.hubble_socket or os.path.join(api_dir, HUBBLE_SOCKET_NAME)
 
     @property
     def ipv6(self) -> bool:
@@ -83,6 +96,14 @@ def make_config(
     cidr_match_mode: str = "world",
     prometheus_serve_addr: str = "",
     hubble_metrics_server: str = "",
+    hubble_socket: str = "",
+    hubble_listen_address: str = "",
+    hubble_buffer_size: int | str = DEFAULT_HUBBLE_BUFFER_SIZE,
+    flow_log: str = "",
+    flow_log_max_size_mb: int | str = 10,
+    flow_log_max_backups: int | str = 5,
+    flow_log_allowlist: str = "",
+    flow_log_denylist: str = "",
     kernel_drops: bool | str = True,
 ) -> AgentConfig:
     from membrane.metrics.address import parse_listen_address
@@ -118,6 +139,23 @@ def make_config(
         )
     parse_listen_address(prometheus_serve_addr, "prometheus-serve-addr")
     parse_listen_address(hubble_metrics_server, "hubble-metrics-server")
+    parse_listen_address(hubble_listen_address, "hubble-listen-address")
+    if hubble_socket and (hubble_socket.endswith("/") or os.path.isdir(hubble_socket)):
+        raise UserError("hubble-socket", f"{hubble_socket!r} is a directory, not a socket path")
+    from membrane.observe.store import check_capacity
+
+    buffer_size = check_capacity(hubble_buffer_size, "hubble-buffer-size")
+    flow_log_settings = None
+    if flow_log or flow_log_allowlist or flow_log_denylist:
+        from membrane.observe.flowlog import make_settings
+
+        flow_log_settings = make_settings(
+            flow_log,
+            flow_log_max_size_mb,
+            flow_log_max_backups,
+            flow_log_allowlist,
+            flow_log_denylist,
+        )
     return AgentConfig(
         state_dir=Path(state_dir),
         api_socket=api_socket,
@@ -134,6 +172,10 @@ def make_config(
         cidr_match_mode=cidr_match_mode,
         prometheus_serve_addr=prometheus_serve_addr,
         hubble_metrics_server=hubble_metrics_server,
+        hubble_socket=os.path.abspath(hubble_socket) if hubble_socket else "",
+        hubble_listen_address=hubble_listen_address,
+        hubble_buffer_size=buffer_size,
+        flow_log=flow_log_settings,
         kernel_drops=_parse_bool(kernel_drops, "kernel-drops"),
     )
 

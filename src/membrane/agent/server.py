@@ -40,11 +40,15 @@ from membrane.api.models import (
 from membrane.api.openapi import openapi_document
 from membrane.bpf.probe import missing_capabilities
 from membrane.errors import NotFound, NotPermitted, UserError
-from membrane.observe.store import FlowFilter, FlowStore
+from membrane.observe.flowfilter import FlowFilter
+from membrane.observe.record import response_dict
+from membrane.observe.store import FlowQuery, FlowStore
 from membrane.policy import validate
 
 if TYPE_CHECKING:
+    from membrane.hubble.server import HubbleServer
     from membrane.metrics.server import MetricsServers
+    from membrane.observe.flowlog import FlowLog
 
 log = logging.getLogger("membrane.agent")
 CT_GC_INTERVAL = 30.0
@@ -78,7 +82,9 @@ class AgentServer:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self._agent: Agent | None = None
-        self.flows = FlowStore()
+        self.flows = FlowStore(config.hubble_buffer_size, config.node_name)
+        self.hubble: HubbleServer | None = None  # the Observer API (gRPC)
+        self.flow_log: FlowLog | None = None  # --flow-log
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent")
         self._reader: FlowReader | None = None
         self._kernel_drops: KernelDrops | None = None
@@ -213,13 +219,14 @@ class AgentServer:
         follow = q.pop("follow", "0") in ("1", "true")
         flt = FlowFilter.from_params(q)
         if not follow:
-            return web.json_response({"flows": self.flows.last(last, flt)})
+            items = self.flows.last(last, flt)
+            return web.json_response({"flows": [response_dict(item) for item in items]})
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
-        sub = self.flows.subscribe(flt, last=last)
+        sub = self.flows.subscribe(FlowQuery(number=last, follow=True, matcher=flt))
         try:
             async for item in sub:
-                await resp.write(json.dumps(item).encode() + b"\n")
+                await resp.write(json.dumps(response_dict(item)).encode() + b"\n")
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
@@ -241,14 +248,45 @@ class AgentServer:
             except Exception:
                 log.exception("housekeeping failed")
 
+    def _start_flow_log(self) -> None:
+        """Refill the store from the flow log's tail (flows survive a restart), then log
+        every item the store takes from now on."""
+        settings = self.config.flow_log
+        if settings is None:
+            return
+        from membrane.observe.flowlog import FlowLog, read_tail
+
+        self.flows.extend(read_tail(settings, self.flows.capacity))
+        log.info("flow store refilled", extra={"fields": {"flows": len(self.flows)}})
+        self.flow_log = FlowLog(settings, self.config.node_name)
+        self.flows.add_sink(self.flow_log.submit)
+
+    async def _start_hubble(self) -> None:
+        from membrane.hubble.server import HubbleServer, ObserverService, grpc_address
+        from membrane.metrics.address import parse_listen_address
+
+        path = self.config.hubble_socket_path
+        _claim_socket_path(path, "hubble-socket")
+        listen = parse_listen_address(self.config.hubble_listen_address, "hubble-listen-address")
+        service = ObserverService(self.flows, self.config.node_name, str(self.config.node_ip))
+        self.hubble = HubbleServer(service, path, grpc_address(listen) if listen else "")
+        await self.hubble.start()
+        log.info("hubble listening", extra={"fields": {"socket": path, "tcp": self.hubble.tcp}})
+
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self.metrics = _metrics_servers(self.config)  # listening first: a taken port fails here
         try:
+            self._start_flow_log()
+            await self._start_hubble()
             self._agent = await self.run_sync(Agent.start, self.config)
         except BaseException:
             if self.metrics is not None:
                 self.metrics.stop()
+            if self.hubble is not None:
+                await self.hubble.stop(0)
+            if self.flow_log is not None:
+                self.flow_log.close()
             raise
         self._reader = FlowReader(
             self.agent,
@@ -278,6 +316,8 @@ class AgentServer:
         log.info("stopping; the datapath keeps enforcing")
         gc_task.cancel()
         self.flows.close()
+        if self.hubble is not None:
+            await self.hubble.stop()
         await runner.cleanup()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.api_socket)
@@ -287,6 +327,8 @@ class AgentServer:
         if self._kernel_drops is not None:
             self._kernel_drops.stop()
         await self.run_sync(self.agent.stop)
+        if self.flow_log is not None:
+            self.flow_log.close()
         self._worker.shutdown()
 
 
@@ -299,9 +341,9 @@ def _metrics_servers(config: AgentConfig) -> MetricsServers | None:
     return MetricsServers(config.prometheus_serve_addr, config.hubble_metrics_server)
 
 
-def _listen(path: str) -> socket.socket:
-    """A unix socket only root can use (mode 0600). A stale socket file from an agent that
-    died is replaced; a live one means another agent serves it."""
+def _claim_socket_path(path: str, option: str) -> None:
+    """Make way for a unix socket at `path`: its directory exists, a stale socket file
+    from an agent that died is removed; a live one means another agent serves it."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
     if os.path.exists(path):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -310,9 +352,15 @@ def _listen(path: str) -> socket.socket:
         except (ConnectionRefusedError, FileNotFoundError):
             os.unlink(path)
         else:
-            raise UserError("api-socket", f"another agent is serving {path}")
+            raise UserError(option, f"another agent is serving {path}")
         finally:
             probe.close()
+
+
+def _listen(path: str) -> socket.socket:
+    """A unix socket only root can use (mode 0600). A stale socket file from an agent that
+    died is replaced; a live one means another agent serves it."""
+    _claim_socket_path(path, "api-socket")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:

@@ -6,6 +6,7 @@ import typer
 
 from membrane.agent.config import (
     DEFAULT_ALLOW_LOCALHOST,
+    DEFAULT_HUBBLE_BUFFER_SIZE,
     DEFAULT_NODE_IP,
     DEFAULT_NODE_IPV6,
     DEFAULT_POD_CIDR,
@@ -99,6 +100,60 @@ def run(
         "the map is created (a pinned map keeps its size). A change that would not fit is "
         "refused before anything is written.",
     ),
+    hubble_socket: str = typer.Option(
+        "",
+        "--hubble-socket",
+        help="Unix socket of Hubble's Observer API (gRPC; mode 0660), which `membrane "
+        "observe` and Hubble's own CLI read flows from; default: hubble.sock beside "
+        "--api-socket.",
+    ),
+    hubble_listen_address: str = typer.Option(
+        "",
+        "--hubble-listen-address",
+        help="Serve the Observer API on TCP too, HOST:PORT or :PORT (Cilium's port: :4244; "
+        "no TLS, so keep it on a trusted network); default: off.",
+    ),
+    hubble_buffer_size: str = typer.Option(
+        str(DEFAULT_HUBBLE_BUFFER_SIZE),
+        "--hubble-buffer-size",
+        "--hubble-event-buffer-capacity",
+        help="Flows the agent keeps for queries (Hubble's ring): one less than a power of "
+        "two (1, 3, 7, ..., 4095, ..., 16777215).",
+    ),
+    flow_log: str = typer.Option(
+        "",
+        "--flow-log",
+        "--hubble-export-file-path",
+        help="Also write flows to FILE, one observer.GetFlowsResponse JSON line each "
+        "(as `hubble observe -o json`); its tail refills the flow store when the agent "
+        "starts. Default: off.",
+    ),
+    flow_log_max_size_mb: str = typer.Option(
+        "10",
+        "--flow-log-max-size-mb",
+        "--hubble-export-file-max-size-mb",
+        help="Rotate the flow log when it would grow past this many MiB (FILE -> FILE.1).",
+    ),
+    flow_log_max_backups: str = typer.Option(
+        "5",
+        "--flow-log-max-backups",
+        "--hubble-export-file-max-backups",
+        help="Rotated flow logs to keep (FILE.1 ... FILE.N).",
+    ),
+    flow_log_allowlist: str = typer.Option(
+        "",
+        "--flow-log-allowlist",
+        "--hubble-export-allowlist",
+        help="Only flows matching any of these FlowFilters go to the flow log: JSON with "
+        "proto field names, a list or objects one after another, as Hubble's exporter "
+        'takes (\'{"source_pod":["shop/"]}\').',
+    ),
+    flow_log_denylist: str = typer.Option(
+        "",
+        "--flow-log-denylist",
+        "--hubble-export-denylist",
+        help="Flows matching any of these FlowFilters stay out of the flow log (same JSON).",
+    ),
     prometheus_serve_addr: str = typer.Option(
         "",
         "--prometheus-serve-addr",
@@ -142,6 +197,14 @@ def run(
         node_ipv6=node_ipv6,
         kube_apiserver_ips=kube_apiserver_ip,
         cidr_match_mode=policy_cidr_match_mode,
+        hubble_socket=hubble_socket,
+        hubble_listen_address=hubble_listen_address,
+        hubble_buffer_size=hubble_buffer_size,
+        flow_log=flow_log,
+        flow_log_max_size_mb=flow_log_max_size_mb,
+        flow_log_max_backups=flow_log_max_backups,
+        flow_log_allowlist=flow_log_allowlist,
+        flow_log_denylist=flow_log_denylist,
         prometheus_serve_addr=prometheus_serve_addr,
         hubble_metrics_server=hubble_metrics_server,
         kernel_drops=kernel_drops,

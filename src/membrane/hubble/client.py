@@ -15,9 +15,9 @@ import grpc
 
 from membrane.api.client import AgentUnavailable, socket_path
 from membrane.errors import UserError
+from membrane.hubble import HUBBLE_SOCKET_NAME
 from membrane.hubble.observer import observer_pb2, observer_pb2_grpc
 
-HUBBLE_SOCKET_NAME = "hubble.sock"
 UNARY_TIMEOUT = 10.0  # seconds; a local agent answers a status in milliseconds
 
 

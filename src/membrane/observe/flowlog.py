@@ -1,0 +1,259 @@
+"""Flow logs: the agent's flows written to a file, one observer.GetFlowsResponse per line in
+protobuf JSON (what `hubble observe -o json` prints), as Hubble's exporter does
+(`--hubble-export-file-path`): rotated by size, kept to a number of backups, and chosen by
+an allowlist and a denylist of FlowFilters in the JSON Hubble's exporter takes.
+
+Lines are written on a thread of the log's own, never on the event loop or the reader's
+thread: `submit` only queues a batch. A log that cannot keep up loses batches, counts them
+and says so in the file (a lost_events line, source OBSERVER_EVENTS_QUEUE). The log's tail
+refills the agent's flow store when it starts, so recent flows survive a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import IO
+
+from google.protobuf import json_format
+
+from membrane.errors import UserError
+from membrane.hubble.flow import flow_pb2
+from membrane.hubble.observer import observer_pb2
+from membrane.observe.format import json_line
+from membrane.observe.record import lost_response
+from membrane.observe.store import Matcher, build_matcher
+
+log = logging.getLogger("membrane.agent")
+Item = observer_pb2.GetFlowsResponse
+DEFAULT_MAX_SIZE_MB = 10  # Hubble's --hubble-export-file-max-size-mb
+DEFAULT_MAX_BACKUPS = 5  # Hubble's --hubble-export-file-max-backups
+QUEUE_BATCHES = 4096  # batches waiting for the writer before new ones are dropped
+FILE_MODE = 0o640
+_TAIL_BLOCK = 1 << 16
+
+
+@dataclass(frozen=True)
+class FlowLogSettings:
+    """`--flow-log*` options, checked."""
+
+    path: str
+    max_size_mb: int = DEFAULT_MAX_SIZE_MB
+    max_backups: int = DEFAULT_MAX_BACKUPS
+    allowlist: tuple[flow_pb2.FlowFilter, ...] = ()
+    denylist: tuple[flow_pb2.FlowFilter, ...] = ()
+
+    @property
+    def max_bytes(self) -> int:
+        return self.max_size_mb << 20
+
+
+def parse_filters(text: str, option: str) -> tuple[flow_pb2.FlowFilter, ...]:
+    """FlowFilters from JSON with proto field names: a list of objects, or objects one
+    after another (Hubble's exporter form, `{"source_pod":["a/"]}{"verdict":["DROPPED"]}`,
+    commas between them allowed)."""
+    text = text.strip()
+    if not text:
+        return ()
+    try:
+        value = json.loads(text)
+        objects = value if isinstance(value, list) else [value]
+    except json.JSONDecodeError:
+        objects = _concatenated_objects(text, option)
+    filters = []
+    for i, obj in enumerate(objects):
+        if not isinstance(obj, dict):
+            raise UserError(option, f"item {i} is not a FlowFilter object: {json.dumps(obj)}")
+        try:
+            filters.append(json_format.ParseDict(obj, flow_pb2.FlowFilter()))
+        except json_format.ParseError as err:
+            raise UserError(option, f"item {i} is not a FlowFilter: {err}") from None
+    return tuple(filters)
+
+
+def _concatenated_objects(text: str, option: str) -> list[object]:
+    decoder, objects, at = json.JSONDecoder(), [], 0
+    while at < len(text):
+        try:
+            obj, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as err:
+            raise UserError(option, f"is not JSON FlowFilters ({err})") from None
+        objects.append(obj)
+        while at < len(text) and (text[at].isspace() or text[at] == ","):
+            at += 1
+    return objects
+
+
+def make_settings(
+    path: str,
+    max_size_mb: int | str = DEFAULT_MAX_SIZE_MB,
+    max_backups: int | str = DEFAULT_MAX_BACKUPS,
+    allowlist: str = "",
+    denylist: str = "",
+) -> FlowLogSettings | None:
+    """The settings of `--flow-log PATH` and its companions (None: no flow log). Filters
+    are also built once, so a value the matcher refuses fails here, naming the flag."""
+    size = _whole(max_size_mb, "flow-log-max-size-mb", 1)
+    backups = _whole(max_backups, "flow-log-max-backups", 0)
+    allow = parse_filters(allowlist, "flow-log-allowlist")
+    deny = parse_filters(denylist, "flow-log-denylist")
+    if not path:
+        if allow or deny:
+            raise UserError("flow-log-allowlist", "filters need --flow-log FILE")
+        return None
+    if os.path.isdir(path):
+        raise UserError("flow-log", f"{path} is a directory")
+    settings = FlowLogSettings(path, size, backups, allow, deny)
+    settings_matcher(settings)
+    return settings
+
+
+def _whole(value: int | str, option: str, least: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UserError(option, f"{value!r} is not a whole number") from None
+    if number < least:
+        raise UserError(option, f"{number} is less than {least}")
+    return number
+
+
+def settings_matcher(settings: FlowLogSettings) -> Matcher | None:
+    """The allow/deny filters as one matcher (None: every flow)."""
+    if not settings.allowlist and not settings.denylist:
+        return None
+    try:
+        return build_matcher(settings.allowlist, settings.denylist, ("allowlist", "denylist"))
+    except UserError as err:
+        flag = "flow-log-" + err.field.partition("[")[0]
+        raise UserError(flag, f"{err.field}: {err.problem}") from None
+
+
+class FlowLog:
+    """The writer of one flow log."""
+
+    def __init__(self, settings: FlowLogSettings, node_name: str = "") -> None:
+        self.settings = settings
+        self.node_name = node_name
+        self._matcher = settings_matcher(settings)
+        self._queue: queue.Queue[list[Item] | None] = queue.Queue(QUEUE_BATCHES)
+        self._dropped = 0  # items not queued since the last lost_events line (any thread)
+        self._dropped_lock = threading.Lock()
+        self.written = 0  # lines written
+        self.lost = 0  # items dropped because the writer fell behind, in total
+        directory = os.path.dirname(os.path.abspath(settings.path))
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        self._file = self._open()
+        self._thread = threading.Thread(target=self._run, name="flow-log", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> IO[str]:
+        fd = os.open(self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        return os.fdopen(fd, "a", encoding="utf-8")
+
+    def submit(self, items: list[Item]) -> None:
+        """Queue a batch for the writer; never waits."""
+        try:
+            self._queue.put_nowait(items)
+        except queue.Full:
+            with self._dropped_lock:
+                self._dropped += len(items)
+                self.lost += len(items)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+        self._file.close()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            try:
+                self._write(batch)
+            except Exception:
+                log.exception("flow log: writing failed; going on")
+
+    def _write(self, batch: Iterable[Item]) -> None:
+        lines = []
+        with self._dropped_lock:
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            source = flow_pb2.OBSERVER_EVENTS_QUEUE
+            lines.append(json_line(lost_response(source, dropped, self.node_name)))
+        matcher = self._matcher
+        for item in batch:  # lost-events notices pass every filter
+            if matcher is None or not item.HasField("flow") or matcher.matches(item.flow):
+                lines.append(json_line(item))
+        size = self._file.tell()
+        for line in lines:
+            data = line + "\n"
+            if size and size + len(data) > self.settings.max_bytes:
+                self._rotate()
+                size = 0
+            self._file.write(data)
+            size += len(data)
+        self._file.flush()
+        self.written += len(lines)
+
+    def _rotate(self) -> None:
+        """FILE -> FILE.1 -> ... -> FILE.N (the oldest goes)."""
+        self._file.close()
+        path, keep = self.settings.path, self.settings.max_backups
+        if keep == 0:
+            os.unlink(path)
+        else:
+            for i in range(keep - 1, 0, -1):
+                if os.path.exists(f"{path}.{i}"):
+                    os.replace(f"{path}.{i}", f"{path}.{i + 1}")
+            os.replace(path, f"{path}.1")
+        self._file = self._open()
+
+
+def backups(path: str, max_backups: int) -> list[str]:
+    """The log's files, newest first."""
+    return [path] + [f"{path}.{i}" for i in range(1, max_backups + 1)]
+
+
+def read_tail(settings: FlowLogSettings, count: int) -> list[Item]:
+    """The last `count` items of the log (across its backups), oldest first. Lines that
+    do not parse (a line cut short by a crash) are skipped and counted in the log."""
+    lines: list[bytes] = []
+    for path in backups(settings.path, settings.max_backups):
+        if len(lines) >= count:
+            break
+        try:
+            lines = _last_lines(path, count - len(lines)) + lines
+        except FileNotFoundError:
+            break
+    items, bad = [], 0
+    for line in lines:
+        try:
+            items.append(json_format.ParseDict(json.loads(line), Item()))
+        except (ValueError, json_format.ParseError):
+            bad += 1
+    if bad:
+        log.warning("flow log: lines skipped", extra={"fields": {"lines": bad}})
+    return items
+
+
+def _last_lines(path: str, count: int) -> list[bytes]:
+    """The last `count` non-empty lines of a file, read backwards block by block."""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        data, at = b"", end
+        while at > 0 and data.count(b"\n") <= count:
+            step = min(_TAIL_BLOCK, at)
+            at -= step
+            f.seek(at)
+            data = f.read(step) + data
+    lines = [line for line in data.split(b"\n") if line.strip()]
+    if at > 0:
+        lines = lines[1:]  # the first may be a part of a line
+    return lines[-count:] if count else []
