@@ -86,7 +86,7 @@ def flow_words(
 ) -> np.ndarray:
     """The ten hashed words of each flow, laid out as struct lb_flow_key's first 40 bytes."""
     n = len(src)
-    raw = np.zeros((n, 40), dtype=np.uint8)
+    raw = np.zeros((n, 32), dtype=np.uint8)
     for i in range(n):
         raw[i, 0 : src[i].max_prefixlen // 8] = np.frombuffer(src[i].packed, dtype=np.uint8)
         raw[i, 16 : 16 + dst[i].max_prefixlen // 8] = np.frombuffer(dst[i].packed, dtype=np.uint8)
