@@ -19,7 +19,12 @@
  * policy_rev moved on since its verdict (then it is checked again and dropped if the new
  * policy denies it); a reply passes; a new connection needs an allow verdict and is then
  * tracked. Every drop is counted in `drops` and reported as FLOW_EVENT_DROP; every new
- * allowed flow is reported once as FLOW_EVENT_POLICY_VERDICT.
+ * allowed flow is reported once as FLOW_EVENT_POLICY_VERDICT. Every packet that passes is
+ * counted in `forwards` (per CPU and direction), and traced as FLOW_EVENT_TRACE when the
+ * node's trace_mode (`monitor_config`, read at run time) asks: by default per connection,
+ * like Cilium's medium monitor aggregation -- its first packet, its first reply, a packet
+ * that adds SYN, FIN or RST to the flags its direction has seen (ct_account), untracked
+ * packets -- so a busy established connection emits nothing.
  *
  * L4 keys:
  *   TCP, UDP, SCTP   ports. A TCP header must be complete (20 bytes), also in a first
@@ -82,6 +87,10 @@ static __always_inline __u8 *l4_at(void *data, __u64 off)
  * within microseconds of its writing); ~45 KiB of kernel memory per IPv4 map. */
 #define FRAGS_MAX_ENTRIES 512
 #define DROPS_MAX_ENTRIES 16384
+/* What ct_account may report that is traced: the first appearance of a TCP flag in a
+ * direction of a connection (Cilium's default --monitor-aggregation-flags: syn, fin, rst),
+ * and its first reply (a UDP or ICMP answer; for TCP the SYN-ACK). */
+#define TRACE_NEWS (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST | CT_NEWS_FIRST_REPLY)
 
 #define ICMP_ECHOREPLY_ 0
 #define ICMP_DEST_UNREACH_ 3
@@ -121,6 +130,20 @@ struct {
 	__type(key, struct drop_key);
 	__type(value, struct drop_value);
 } drops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2); /* enum ep_direction */
+	__type(key, __u32);
+	__type(value, struct forward_value);
+} forwards SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct monitor_config);
+} monitor_config SEC(".maps");
 
 EVENTS_RINGBUF();
 ABI_EXPORT(flow_event);
@@ -236,6 +259,32 @@ static __always_inline void count_drop(__u8 dir, __u32 reason, __u32 len)
 	}
 	v->packets += 1;
 	v->bytes += len;
+}
+
+/* A packet that passes, as FLOW_EVENT_TRACE; `match` is what conntrack found (see
+ * abi/endpoint.h). Global: checked once, and its event is not on the caller's stack. */
+__noinline int trace(struct flow *f, __u32 match)
+{
+	if (!f)
+		return 0;
+	report(f, FLOW_EVENT_TRACE, DROP_NONE, match, 0);
+	return 0;
+}
+
+/* Whether the node's trace_mode traces this packet; `notable`: it opens a connection, is
+ * untracked, or adds a TCP flag of TRACE_TCP_FLAGS to its direction's. One array read
+ * (inlined by the verifier) on every packet; the event only when wanted. */
+static __always_inline int trace_wanted(__u8 dir, int notable)
+{
+	__u32 zero = 0;
+	struct monitor_config *cfg = bpf_map_lookup_elem(&monitor_config, &zero);
+	__u32 mode = cfg ? cfg->trace_mode : TRACE_MODE_OFF;
+
+	if (mode == TRACE_MODE_CONNECTIONS)
+		return notable;
+	if (mode == TRACE_MODE_TO_ENDPOINT)
+		return dir == EP_DIR_INGRESS;
+	return mode == TRACE_MODE_ALL;
 }
 
 /* A global function: the verifier checks it once, not once per drop site. */
@@ -663,6 +712,25 @@ static __always_inline enum ct_result flow_ct_lookup(const struct flow *f, __u64
 	return ct_lookup(k4, now, f->tcp_flags, e);
 }
 
+/* A tracked packet's trace: its peer is the connection's (no ipcache lookup needed). */
+static __always_inline void trace_tracked(struct flow *f, const struct ct_entry *e, __u32 match)
+{
+	f->peer_identity = e->peer_identity;
+	f->peer_known = 1;
+	trace(f, match);
+}
+
+static __always_inline void count_forward(__u8 dir, __u32 len)
+{
+	__u32 key = dir;
+	struct forward_value *v = bpf_map_lookup_elem(&forwards, &key);
+
+	if (v) {
+		v->packets += 1;
+		v->bytes += len;
+	}
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
 	struct flow f = { .dir = dir, .len = skb->len };
@@ -672,11 +740,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	union any_ct_key key = {};
 	__u32 reason;
 	__u64 now = 0;
+	__u32 gained;
 
 	if (skb->data_end - skb->data < PULL_BYTES && skb->len > skb->data_end - skb->data)
 		bpf_skb_pull_data(skb, skb->len < PULL_BYTES ? skb->len : PULL_BYTES);
 	reason = parse_flow(skb, &f);
-	if (reason == PARSED_PASS)
+	if (reason == PARSED_PASS) /* ARP, neighbour discovery: counted, never traced */
 		return TC_ACT_OK;
 	if (reason != DROP_NONE)
 		return drop(&f, reason, FLOW_MATCH_NONE, 0);
@@ -692,6 +761,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		if (icmp_error_related(skb, &f, now, &e)) {
 			report(&f, FLOW_EVENT_POLICY_VERDICT, DROP_NONE, FLOW_MATCH_RELATED,
 			       e->rule_id);
+			if (trace_wanted(f.dir, 1))
+				trace(&f, FLOW_MATCH_RELATED);
 			return TC_ACT_OK;
 		}
 	}
@@ -700,7 +771,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		now = ct_now();
 		switch (flow_ct_lookup(&f, now, &key, &e)) {
 		case CT_REPLY:
-			ct_account(e, f.proto, 1, f.tcp_flags, now);
+			gained = ct_account(e, f.proto, 1, f.tcp_flags, now);
+			if (trace_wanted(f.dir, gained & TRACE_NEWS))
+				trace_tracked(&f, e, FLOW_MATCH_REPLY);
 			return pass(&f);
 		case CT_ESTABLISHED:
 			if (e->policy_rev != f.policy_rev) {
@@ -711,7 +784,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 				e->rule_id = v.rule_id;
 				e->peer_identity = f.peer_identity;
 			}
-			ct_account(e, f.proto, 0, f.tcp_flags, now);
+			gained = ct_account(e, f.proto, 0, f.tcp_flags, now);
+			if (trace_wanted(f.dir, gained & TRACE_NEWS))
+				trace_tracked(&f, e, FLOW_MATCH_ESTABLISHED);
 			return pass(&f);
 		default:
 			break;
@@ -726,19 +801,31 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		ct_create_in(f.family == 6 ? (void *)&ct6 : (void *)&ct, &key, f.proto,
 			     f.tcp_flags, now, f.policy_rev, v.rule_id, f.peer_identity);
 	report(&f, FLOW_EVENT_POLICY_VERDICT, DROP_NONE, v.match, v.rule_id);
+	if (trace_wanted(f.dir, 1))
+		trace(&f, FLOW_MATCH_NONE);
 	return pass(&f);
+}
+
+/* The verdict, and the packet counted when it passes. */
+static __always_inline int run(struct __sk_buff *skb, __u8 dir)
+{
+	int verdict = handle(skb, dir);
+
+	if (verdict == TC_ACT_OK)
+		count_forward(dir, skb->len);
+	return verdict;
 }
 
 SEC("tc")
 int from_container(struct __sk_buff *skb)
 {
-	return handle(skb, EP_DIR_EGRESS);
+	return run(skb, EP_DIR_EGRESS);
 }
 
 SEC("tc")
 int to_container(struct __sk_buff *skb)
 {
-	return handle(skb, EP_DIR_INGRESS);
+	return run(skb, EP_DIR_INGRESS);
 }
 
 char LICENSE[] SEC("license") = "GPL";

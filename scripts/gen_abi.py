@@ -63,6 +63,13 @@ ENUMS = (
     ),
     PyEnum("flow_event_type", "FlowEventType", "FLOW_EVENT_", "IntEnum", "flow_event.h.type."),
     PyEnum("flow_match", "FlowMatch", "FLOW_MATCH_", "IntEnum", "What decided a flow's verdict."),
+    PyEnum(
+        "trace_mode",
+        "TraceMode",
+        "TRACE_MODE_",
+        "IntEnum",
+        "monitor_config.trace_mode: which forwarded packets are traced.",
+    ),
     PyEnum("filter_stat", "FilterStat", "FILTER_STAT_", "IntEnum", "Index of filter_stats."),
     PyEnum(
         "filter_event_type",

@@ -228,6 +228,10 @@ enum flow_event_type {
 	FLOW_EVENT_POLICY_VERDICT = 1, /* a new connection's first packet, or a related ICMP
 					* error (match FLOW_MATCH_RELATED), allowed */
 	FLOW_EVENT_DROP = 2,
+	FLOW_EVENT_TRACE = 3, /* a packet that passes, sampled per connection (trace_mode);
+			       * match says what conntrack found: FLOW_MATCH_NONE (a new
+			       * connection or an untracked packet), ESTABLISHED, REPLY or
+			       * RELATED; rule_id 0 */
 };
 ABI_EXPORT_ENUM(flow_event_type);
 
@@ -240,6 +244,31 @@ enum flow_match {
 	FLOW_MATCH_RELATED = 5, /* ICMP error about a tracked connection: passes as a reply */
 };
 ABI_EXPORT_ENUM(flow_match);
+
+/* Which forwarded packets are traced (FLOW_EVENT_TRACE), node-wide and at run time: the
+ * one entry of the `monitor_config` array. Zero (a map nobody configured) traces nothing.
+ * The agent's --monitor-aggregation names (Cilium's) map onto these. */
+enum trace_mode {
+	TRACE_MODE_OFF = 0,         /* maximum: no trace events */
+	TRACE_MODE_CONNECTIONS = 1, /* medium: a connection's first packet and first reply, a
+				     * packet that adds SYN, FIN or RST to what its direction
+				     * has seen (so FIN/RST at close), untracked packets */
+	TRACE_MODE_TO_ENDPOINT = 2, /* low, lowest: every packet to the pod */
+	TRACE_MODE_ALL = 3,         /* none: every packet, both ways */
+};
+ABI_EXPORT_ENUM(trace_mode);
+
+struct monitor_config {
+	__u32 trace_mode; /* enum trace_mode */
+	__u32 pad;
+};
+
+/* Forwarded packets (per-CPU array, index enum ep_direction): everything the endpoint
+ * programs let pass, node-wide, for cilium_forward_count_total / _bytes_total. */
+struct forward_value {
+	__u64 packets;
+	__u64 bytes; /* skb->len */
+};
 
 /* Addresses are 16 bytes whatever the family: an IPv4 address is the first 4. */
 struct flow_event {

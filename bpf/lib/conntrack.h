@@ -3,8 +3,8 @@
  *   __u64 now = ct_now();
  *   struct ct_entry *e;
  *   switch (ct_lookup(&key, now, tcp_flags, &e)) {
- *   case CT_ESTABLISHED: ...; ct_account(e, proto, 0, tcp_flags, now); break;
- *   case CT_REPLY:       ct_account(e, proto, 1, tcp_flags, now); break;
+ *   case CT_ESTABLISHED: ...; gained = ct_account(e, proto, 0, tcp_flags, now); break;
+ *   case CT_REPLY:       gained = ct_account(e, proto, 1, tcp_flags, now); break;
  *   case CT_NEW:         if allowed: ct_create_in(&ct, &key, proto, tcp_flags, now, rev,
  *                                                 rule, peer);
  *   }
@@ -148,22 +148,35 @@ static __always_inline enum ct_result ct6_lookup(const struct ct6_key *key, __u6
 	return ct_lookup_in(&ct6, key, &reverse, now, tcp_flags, entry);
 }
 
-/* Count a packet of a tracked connection of protocol `proto`. */
-static __always_inline void ct_account(struct ct_entry *e, __u8 proto, int reply,
-				       __u8 tcp_flags, __u64 now)
+/* ct_account's news beside the TCP flags (bits 0-7): the connection's first reply. */
+#define CT_NEWS_FIRST_REPLY 0x100
+
+/* Count a packet of a tracked connection of protocol `proto`. Returns what is new about
+ * it (0 for most packets): the TCP flags it is the first of its direction to carry, and
+ * CT_NEWS_FIRST_REPLY; what the trace events' per-connection aggregation reports. */
+static __always_inline __u32 ct_account(struct ct_entry *e, __u8 proto, int reply,
+					__u8 tcp_flags, __u64 now)
 {
 	__u8 flags = ct_flags_after(e->flags, tcp_flags);
+	__u32 gained;
+	__u8 seen;
 	__u64 expires;
 
 	if (reply) {
 		e->packets_reply += 1;
 		flags |= CT_SEEN_REPLY;
-		if ((e->tcp_flags_reply | tcp_flags) != e->tcp_flags_reply)
-			e->tcp_flags_reply |= tcp_flags;
+		seen = e->tcp_flags_reply;
+		gained = tcp_flags & (__u8)~seen;
+		if (gained)
+			e->tcp_flags_reply = seen | tcp_flags;
+		if (!(e->flags & CT_SEEN_REPLY))
+			gained |= CT_NEWS_FIRST_REPLY;
 	} else {
 		e->packets_orig += 1;
-		if ((e->tcp_flags_orig | tcp_flags) != e->tcp_flags_orig)
-			e->tcp_flags_orig |= tcp_flags;
+		seen = e->tcp_flags_orig;
+		gained = tcp_flags & (__u8)~seen;
+		if (gained)
+			e->tcp_flags_orig = seen | tcp_flags;
 	}
 	expires = now + ct_timeout_ns(proto, flags);
 	if (flags != e->flags) {
@@ -173,6 +186,7 @@ static __always_inline void ct_account(struct ct_entry *e, __u8 proto, int reply
 	} else if (expires > e->expires_ns + CT_REFRESH_NS) {
 		e->expires_ns = expires;
 	}
+	return gained;
 }
 
 static __always_inline void ct_create_in(void *map, const void *key, __u8 proto,

@@ -96,7 +96,13 @@ def test_hubble_metrics_names_types_labels_and_values() -> None:
         event(tcp_flags=FIN | RST, family=6),
         event(proto=IpProto.ICMP, tcp_flags=0),
         event(version=MEMBRANE_EVENT_VERSION + 1),  # not ours to read
-    ]
+        # traces of one connection's handshake at both points: flows and flags, no verdicts
+        event(type=FlowEventType.TRACE),
+        event(type=FlowEventType.TRACE, dir=Direction.INGRESS, match=FlowMatch.REPLY,
+              tcp_flags=SYN | ACK),
+        event(type=FlowEventType.TRACE, dir=Direction.INGRESS, peer_identity=Identity.HOST,
+              proto=IpProto.UDP, tcp_flags=0),
+    ]  # fmt: skip
     counts.observe(events, snapshot())
     assert counts.unsupported == 1
     registry = CollectorRegistry()
@@ -111,12 +117,17 @@ def test_hubble_metrics_names_types_labels_and_values() -> None:
     flows = samples(found["hubble_flows_processed"])
     fwd = (("subtype", ""), ("type", "PolicyVerdict"), ("verdict", "FORWARDED"))
     drop = (("subtype", ""), ("type", "Drop"), ("verdict", "DROPPED"))
+    trace_from = (("subtype", "from-endpoint"), ("type", "Trace"), ("verdict", "FORWARDED"))
+    trace_to = (("subtype", "to-endpoint"), ("type", "Trace"), ("verdict", "FORWARDED"))
     assert flows == {
         (("protocol", "TCP"), *fwd): 5,
         (("protocol", "ICMPv4"), *fwd): 1,
         (("protocol", "UDP"), *drop): 1,
         (("protocol", "ICMPv6"), *drop): 1,
         (("protocol", "TCP"), *drop): 1,
+        (("protocol", "TCP"), *trace_from): 1,
+        (("protocol", "TCP"), *trace_to): 1,
+        (("protocol", "UDP"), *trace_to): 1,
     }
     assert samples(found["hubble_drop"]) == {
         (("protocol", "UDP"), ("reason", "POLICY_DENIED")): 1,
@@ -129,14 +140,14 @@ def test_hubble_metrics_names_types_labels_and_values() -> None:
         (("action", "dropped"), ("direction", "ingress"), ("match", "none")): 1,
         (("action", "dropped"), ("direction", "egress"), ("match", "l3-only")): 1,
     }
+    # Hubble counts the flags of every forwarded flow: verdicts and traces alike
     assert samples(found["hubble_tcp_flags"]) == {
-        (("family", "IPv4"), ("flag", "SYN")): 3,
-        (("family", "IPv4"), ("flag", "SYN-ACK")): 1,
+        (("family", "IPv4"), ("flag", "SYN")): 4,
+        (("family", "IPv4"), ("flag", "SYN-ACK")): 2,
         (("family", "IPv6"), ("flag", "FIN")): 1,
         (("family", "IPv6"), ("flag", "RST")): 1,
     }
     assert samples(found["hubble_lost_events"]) == {(("source", "perf_event_ring_buffer"),): 3}
-    assert dict(counts.forwards) == {("EGRESS",): 4, ("INGRESS",): 2}
 
 
 @dataclass
@@ -153,6 +164,9 @@ class FakeMap:
     def lookup_batch(self) -> list[tuple[Any, list[Any]]]:
         return self.rows
 
+    def items(self) -> list[tuple[Any, list[Any]]]:
+        return self.rows
+
     def lookup_batch_raw(self) -> tuple[bytes, bytes]:
         return bytes(self.key_size * self.entries), b""
 
@@ -165,8 +179,13 @@ def drop_row(ep: int, direction: int, reason: int, per_cpu: list[tuple[int, int]
     return key, [SimpleNamespace(packets=p, bytes=b) for p, b in per_cpu]
 
 
+def forward_row(direction: int, per_cpu: list[tuple[int, int]]) -> Any:
+    return direction, [SimpleNamespace(packets=p, bytes=b) for p, b in per_cpu]
+
+
 def test_agent_metrics_names_types_labels_and_values() -> None:
     counts = FlowCounts()
+    # events do not count forwards (they are sampled, and can be lost): the counters do
     counts.observe([event(), event(dir=Direction.INGRESS)], snapshot())
     collector = AgentCollector(counts)
     registry = CollectorRegistry()
@@ -179,6 +198,10 @@ def test_agent_metrics_names_types_labels_and_values() -> None:
             drop_row(2, Direction.INGRESS, DropReason.POLICY_DENIED, [(1, 60), (0, 0)]),
             drop_row(2, Direction.EGRESS, DropReason.POLICY_DENY, [(4, 400), (0, 0)]),
             drop_row(2, Direction.EGRESS, 250, [(1, 50), (0, 0)]),
+        ]),
+        "forwards": FakeMap(6, 2, rows=[
+            forward_row(Direction.INGRESS, [(10, 1000), (5, 600)]),
+            forward_row(Direction.EGRESS, [(0, 0), (7, 420)]),
         ]),
         "ct": FakeMap(LRU_HASH, 1000, entries=250),
         "ct6": FakeMap(LRU_HASH, 1000, entries=0),
@@ -206,8 +229,12 @@ def test_agent_metrics_names_types_labels_and_values() -> None:
         (("direction", "EGRESS"), ("reason", "250")): 50,
     }
     assert samples(found["cilium_forward_count"]) == {
-        (("direction", "EGRESS"),): 1,
-        (("direction", "INGRESS"),): 1,
+        (("direction", "EGRESS"),): 7,
+        (("direction", "INGRESS"),): 15,
+    }
+    assert samples(found["cilium_forward_bytes"]) == {
+        (("direction", "EGRESS"),): 420,
+        (("direction", "INGRESS"),): 1600,
     }
     assert samples(found["cilium_policy_change"]) == {
         (("outcome", "success"),): 1,
@@ -234,7 +261,9 @@ def test_agent_metrics_names_types_labels_and_values() -> None:
     assert count == {(("scope", "total"),): 3}
     buckets = [s for s in regen.samples if s.name.endswith("_bucket")]
     assert {s.labels["le"] for s in buckets} >= {"0.005", "1.0", "+Inf"}
-    for family in ("cilium_drop_count", "cilium_drop_bytes", "cilium_forward_count"):
+    for family in (
+        "cilium_drop_count", "cilium_drop_bytes", "cilium_forward_count", "cilium_forward_bytes"
+    ):  # fmt: skip
         assert found[family].type == "counter"
 
 

@@ -1,9 +1,11 @@
 """Flow events become Hubble flows (flow.Flow): sides, verdicts, drop reasons with Cilium's
-numbers, L4, the deciding policy; numpy rows decode like dicts; every drop reason of the
-datapath has a name in Hubble's DropReason enum."""
+numbers, L4, the deciding policy; trace events at to-endpoint/from-endpoint with conntrack's
+reason; numpy rows decode like dicts; every drop reason of the datapath has a name in
+Hubble's DropReason enum."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -13,12 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf import json_format
-from observe_support import ALLOW_DB, DB, WEB, FakeResolver, event, world_drop
+from observe_support import ALLOW_DB, DB, WEB, FakeResolver, addr, event, world_drop
 
-from membrane.abi import DropReason, FlowMatch
+from membrane.abi import Direction, DropReason, FlowEventType, FlowMatch
 from membrane.hubble.flow import flow_pb2
 from membrane.observe import record as rec
-from membrane.observe.record import FlowEvent, UnsupportedEvent, flow_events, flow_record
+from membrane.observe.format import compact, dict_block, json_line, table_row
+from membrane.observe.record import (
+    FlowEvent,
+    UnsupportedEvent,
+    flow_events,
+    flow_record,
+    flow_response,
+)
 
 ABI = Path(__file__).resolve().parents[2] / "bpf" / "abi"
 POLICY_LABELS = "k8s:io.cilium.k8s.policy."
@@ -212,6 +221,83 @@ def test_related_icmp_error_says_so() -> None:
     assert r["verdict"] == "FORWARDED" and r["trace_reason"] == "RELATED"
     assert r["Summary"] == "ICMPv4 DestinationUnreachable code 4"
     assert "ingress_allowed_by" not in r and r["is_reply"] is False
+
+
+# ---- trace events (FLOW_EVENT_TRACE): forwarded packets, sampled per connection ----------
+def trace(**fields: object) -> dict:
+    """db receiving web's SYN: a new connection, traced at to-endpoint."""
+    base = {"h": {"type": FlowEventType.TRACE}, "match": FlowMatch.NONE, "rule_id": 0}
+    return event(**{**base, **fields})
+
+
+def syn_ack_from_db() -> dict:
+    """db's SYN-ACK to web, at db's egress: a reply, traced at from-endpoint."""
+    return trace(
+        saddr=addr(DB.ipv4),
+        daddr=addr(WEB.ipv4),
+        sport=5432,
+        dport=43512,
+        dir=Direction.EGRESS,
+        tcp_flags=0x12,
+        match=FlowMatch.REPLY,
+    )
+
+
+def test_trace_of_a_new_connection_at_to_endpoint() -> None:
+    r = build(trace())
+    assert r["verdict"] == "FORWARDED"
+    assert r["event_type"] == {"type": 4}  # sub_type 0: TraceToLxc, a zero value
+    assert r["trace_observation_point"] == "TO_ENDPOINT"
+    assert r["trace_reason"] == "NEW"
+    assert r["traffic_direction"] == "INGRESS" and r["is_reply"] is False
+    assert r["source"]["pod_name"] == "web" and r["destination"]["pod_name"] == "db"
+    assert r["Summary"] == "TCP Flags: SYN"
+    # a trace says where a packet went, not which policy let it: that is the verdict's
+    assert "policy_match_type" not in r
+    assert not {"ingress_allowed_by", "egress_allowed_by"} & set(r)
+
+
+def test_trace_of_a_reply_at_from_endpoint_belongs_to_the_connection() -> None:
+    r = build(syn_ack_from_db())
+    assert r["event_type"] == {"type": 4, "sub_type": 5}  # TraceFromLxc
+    assert r["trace_observation_point"] == "FROM_ENDPOINT"
+    assert r["trace_reason"] == "REPLY" and r["is_reply"] is True
+    # leaving db, but the answer of a connection web opened to db: INGRESS, as Hubble says
+    assert r["traffic_direction"] == "INGRESS"
+    assert r["source"]["pod_name"] == "db" and r["destination"]["pod_name"] == "web"
+    assert r["Summary"] == "TCP Flags: SYN, ACK"
+
+
+@pytest.mark.parametrize(
+    ("match", "reason", "direction"),
+    [
+        (FlowMatch.NONE, "NEW", "EGRESS"),
+        (FlowMatch.ESTABLISHED, "ESTABLISHED", "EGRESS"),
+        (FlowMatch.REPLY, "REPLY", "INGRESS"),
+        (FlowMatch.RELATED, "RELATED", "EGRESS"),
+    ],
+)
+def test_trace_reason_and_direction_follow_conntrack(
+    match: FlowMatch, reason: str, direction: str
+) -> None:
+    r = build(trace(dir=Direction.EGRESS, match=match))
+    assert (r["trace_reason"], r["traffic_direction"]) == (reason, direction)
+    assert r["trace_observation_point"] == "FROM_ENDPOINT"
+
+
+def test_observe_prints_traces_as_hubble_does() -> None:
+    new, reply = (flow_record(ev, FakeResolver(), "n") for ev in (trace(), syn_ack_from_db()))
+    line = compact(new)
+    assert line.endswith(
+        ": shop/web:43512 (ID:256) -> shop/db:5432 (ID:257) to-endpoint FORWARDED (TCP Flags: SYN)"
+    ), line
+    assert compact(reply).endswith(
+        ": shop/web:43512 (ID:256) <- shop/db:5432 (ID:257) from-endpoint FORWARDED "
+        "(TCP Flags: SYN, ACK)"
+    ), compact(reply)
+    assert table_row(reply)[3:] == ["from-endpoint", "FORWARDED", "TCP Flags: SYN, ACK"]
+    assert "TYPE: to-endpoint" in dict_block(new)
+    assert json.loads(json_line(flow_response(new)))["flow"]["event_type"] == {"type": 4}
 
 
 def test_every_flow_has_its_own_uuid() -> None:

@@ -31,6 +31,7 @@ from membrane.agent.reconcile import DatapathReconciler, Reconciled
 from membrane.agent.snapshot import Snapshot
 from membrane.agent.state import AgentState, EndpointRecord, StateFile
 from membrane.api.models import EndpointCreate, NamespaceLabels
+from membrane.datapath.monitor import set_monitor_aggregation
 from membrane.datapath.nodemaps import NodeMapFull, NodeMaps
 from membrane.datapath.upgrade import NodeMapMigration
 from membrane.endpoint.node import NodeInfo, setup_node
@@ -76,6 +77,7 @@ class Agent:
         # first, adoption swaps every endpoint's program, then the old maps go.
         migration = NodeMapMigration.start(config.bpf_dir)
         maps = NodeMaps.open(config.bpf_dir, {"policy": config.policy_map_max})
+        set_monitor_aggregation(maps.monitor_config, config.monitor_aggregation)
         endpoints = EndpointLifecycle(config, state, node)
         datapath = DatapathReconciler(config, node, maps, identities, rules)
         adopted = endpoints.adopt_all()

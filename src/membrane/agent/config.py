@@ -41,6 +41,7 @@ class AgentConfig:
     cluster: str = "default"
     allow_localhost: AllowLocalhost | str = DEFAULT_ALLOW_LOCALHOST  # make_config: the enum
     attach: str = "auto"  # endpoint programs: auto (tcx where the kernel has it), tcx, clsact
+    monitor_aggregation: str = "medium"  # trace events: Cilium's level (datapath.monitor)
     policy_map_max: int = DEFAULT_POLICY_MAP_MAX  # entries; for a policy map created now
     pod_cidr_v6: IPv6Network | None = None  # None: IPv4-only (--ipv6=false)
     node_ipv6: IPv6Address | None = None
@@ -92,6 +93,7 @@ def make_config(
     ipv6: bool | str = True,
     pod_cidr_v6: str = DEFAULT_POD_CIDR_V6,
     node_ipv6: str = DEFAULT_NODE_IPV6,
+    monitor_aggregation: str = "medium",
     kube_apiserver_ips: str = "",
     cidr_match_mode: str = "world",
     prometheus_serve_addr: str = "",
@@ -127,6 +129,9 @@ def make_config(
         raise UserError("policy-map-max", f"{policy_map_max!r} is not a whole number") from None
     if not 1 <= map_max <= MAX_MAP_ENTRIES:
         raise UserError("policy-map-max", f"{map_max} is not between 1 and {MAX_MAP_ENTRIES}")
+    from membrane.datapath.monitor import parse_monitor_aggregation
+
+    aggregation = parse_monitor_aggregation(monitor_aggregation)
     dual_stack = _parse_bool(ipv6, "ipv6")
     cidr6, node6 = _address_plan(pod_cidr_v6, node_ipv6, 6) if dual_stack else (None, None)
     apiservers = _addresses(kube_apiserver_ips, "kube-apiserver-ip")
@@ -165,6 +170,7 @@ def make_config(
         netns_prefix=netns_prefix,
         allow_localhost=AllowLocalhost(allow_localhost),
         attach=attach,
+        monitor_aggregation=aggregation,
         policy_map_max=map_max,
         pod_cidr_v6=cidr6,
         node_ipv6=node6,

@@ -154,6 +154,14 @@ def run(
         "--hubble-export-denylist",
         help="Flows matching any of these FlowFilters stay out of the flow log (same JSON).",
     ),
+    monitor_aggregation: str = typer.Option(
+        "medium",
+        "--monitor-aggregation",
+        help="Trace events of forwarded packets (Cilium's levels): medium samples per "
+        "connection (its first packet, SYN/SYN-ACK, FIN and RST); maximum: none; low/lowest: "
+        "every packet to a pod; none: every packet both ways (an event each). Counters of "
+        "forwarded packets count every packet whatever the level.",
+    ),
     prometheus_serve_addr: str = typer.Option(
         "",
         "--prometheus-serve-addr",
@@ -195,6 +203,7 @@ def run(
         ipv6=ipv6,
         pod_cidr_v6=pod_cidr_v6,
         node_ipv6=node_ipv6,
+        monitor_aggregation=monitor_aggregation,
         kube_apiserver_ips=kube_apiserver_ip,
         cidr_match_mode=policy_cidr_match_mode,
         hubble_socket=hubble_socket,

@@ -19,6 +19,8 @@ NODE_MAPS = (
     "ct",
     "ct6",
     "drops",
+    "forwards",
+    "monitor_config",
     "events",
     "events_lost",
 )

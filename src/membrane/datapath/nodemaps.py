@@ -88,6 +88,8 @@ class NodeMaps:
     ct: Map
     ct6: Map
     drops: Map
+    forwards: Map
+    monitor_config: Map
     events: Map
     events_lost: Map
 

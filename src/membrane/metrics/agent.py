@@ -1,10 +1,11 @@
 """The agent's metrics Cilium serves on `--prometheus-serve-addr` (cilium_*).
 
 Read at scrape time: drops from the datapath's per-CPU `drops` map (packets and bytes per
-endpoint, direction and reason; summed over CPUs and endpoints), map pressure from the
-pinned maps themselves, endpoint and policy numbers from the agent's published snapshot.
-Forwards come from flow events (see cilium_forward_count_total). Policy changes are
-counted and timed by the API server around each change.
+endpoint, direction and reason; summed over CPUs and endpoints), forwards from its per-CPU
+`forwards` array (every packet the endpoint programs let pass, per direction: events are
+sampled and can be lost, counters are neither), map pressure from the pinned maps
+themselves, endpoint and policy numbers from the agent's published snapshot. Policy
+changes are counted and timed by the API server around each change.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from membrane.bpf.maps import HASH, LRU_HASH, Map
+from membrane.datapath.monitor import forward_counts
 from membrane.metrics import names
 from membrane.metrics.flows import FlowCounts
 
@@ -89,7 +91,7 @@ class AgentCollector(Collector):
     def attach(self, snapshot: Callable[[], Snapshot], bpf_dir: str) -> None:
         """Start answering: the agent's snapshot, and handles of our own on its pinned
         maps (read-only use; the agent's handles stay the agent's)."""
-        for name in ("drops", *PRESSURE_MAPS):
+        for name in ("drops", "forwards", *PRESSURE_MAPS):
             self._maps[name] = Map.from_pin(os.path.join(bpf_dir, name), name=name)
         self._snapshot = snapshot
 
@@ -105,15 +107,7 @@ class AgentCollector(Collector):
             return
         snapshot = snapshot_of()
         yield from self._drops()
-        forwards = CounterMetricFamily(
-            "cilium_forward_count_total",
-            "Total forwarded packets, tagged by ingress/egress direction "
-            "(new connections allowed by policy: the datapath counts no forwarded packets)",
-            labels=("direction",),
-        )
-        for labels, n in sorted(dict(self.counts.forwards).items()):
-            forwards.add_metric(labels, n)
-        yield forwards
+        yield from self._forwards()
         yield GaugeMetricFamily(
             "cilium_endpoint", "Number of endpoints managed by this agent",
             value=len(snapshot.endpoints),
@@ -154,6 +148,19 @@ class AgentCollector(Collector):
             family = CounterMetricFamily(name, help_text, labels=("reason", "direction"))
             for labels, n in sorted(values.items()):
                 family.add_metric(labels, n)
+            yield family
+
+    def _forwards(self) -> Iterator[Metric]:
+        counted = forward_counts(self._maps["forwards"])
+        for name, help_text, index in (
+            ("cilium_forward_count_total", "Total forwarded packets, tagged by ingress/egress "
+             "direction", 0),
+            ("cilium_forward_bytes_total", "Total forwarded bytes, tagged by ingress/egress "
+             "direction", 1),
+        ):  # fmt: skip
+            family = CounterMetricFamily(name, help_text, labels=("direction",))
+            for direction, values in sorted(counted.items()):
+                family.add_metric((names.DIRECTIONS[direction],), values[index])
             yield family
 
     def map_pressure(self) -> dict[str, float]:

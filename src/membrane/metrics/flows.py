@@ -1,4 +1,4 @@
-"""Flow counts for hubble_* and cilium_forward_count_total, kept by the flow reader.
+"""Flow counts for hubble_*, kept by the flow reader.
 
 `FlowCounts.observe` runs on the reader's thread for every batch of decoded events. It
 counts events by a tuple of their fields first and turns each distinct tuple into label
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from membrane.agent.snapshot import Snapshot
     from membrane.observe.record import FlowEvent
 
-_DROP, _VERDICT = FlowEventType.DROP, FlowEventType.POLICY_VERDICT
+_DROP, _VERDICT, _TRACE = FlowEventType.DROP, FlowEventType.POLICY_VERDICT, FlowEventType.TRACE
 _TCP_FIN, _TCP_SYN, _TCP_RST, _TCP_ACK = 0x01, 0x02, 0x04, 0x10  # TCP header bits
 
 Labels = tuple[str, ...]
@@ -48,7 +48,6 @@ class FlowCounts:
         self.drops: dict[Labels, int] = {}  # (reason, protocol)
         self.policy_verdicts: dict[Labels, int] = {}  # (direction, match, action)
         self.tcp_flags: dict[Labels, int] = {}  # (flag, family)
-        self.forwards: dict[Labels, int] = {}  # (direction,): allowed new flows
         self.unsupported = 0
 
     def observe(self, events: Iterable[FlowEvent], snapshot: Snapshot) -> None:
@@ -59,23 +58,27 @@ class FlowCounts:
     def _count(self, shape: tuple, n: int, snapshot: Snapshot) -> None:
         kind, version, proto, family, direction, reason, flags, match, rule_id, peer = shape
         from_host = direction == Direction.INGRESS and peer == Identity.HOST
-        if version != MEMBRANE_EVENT_VERSION or kind not in (_DROP, _VERDICT):
+        if version != MEMBRANE_EVENT_VERSION or kind not in (_DROP, _VERDICT, _TRACE):
             self.unsupported += n
             return
         dropped = kind == _DROP
         protocol = _protocol(proto)
         verdict = "DROPPED" if dropped else "FORWARDED"
-        flow_type = names.TYPE_DROP if dropped else names.TYPE_POLICY_VERDICT
-        _add(self.flows, (protocol, flow_type, "", verdict), n)
+        if kind == _TRACE:
+            point = names.TRACE_POINTS[direction == Direction.EGRESS]
+            _add(self.flows, (protocol, names.TYPE_TRACE, point, verdict), n)
+        else:
+            flow_type = names.TYPE_DROP if dropped else names.TYPE_POLICY_VERDICT
+            _add(self.flows, (protocol, flow_type, "", verdict), n)
         if dropped:
             desc = names.HUBBLE_DROP_REASONS.get(reason, names.HUBBLE_UNKNOWN_DROP)
             _add(self.drops, (desc, protocol), n)
-        else:
-            _add(self.forwards, (names.DIRECTIONS.get(direction, names.UNKNOWN_DIRECTION),), n)
-            if proto == IpProto.TCP:
-                ip = "IPv6" if family == 6 else "IPv4"
-                for flag in _tcp_flag_names(flags):
-                    _add(self.tcp_flags, (flag, ip), n)
+        elif proto == IpProto.TCP:  # every forwarded flow, verdicts and traces, as Hubble
+            ip = "IPv6" if family == 6 else "IPv4"
+            for flag in _tcp_flag_names(flags):
+                _add(self.tcp_flags, (flag, ip), n)
+        if kind == _TRACE:
+            return
         # Cilium reports a policy verdict for every new flow policy allowed and every
         # packet policy denied; Hubble leaves out those the host sent.
         if (not dropped or reason in names.POLICY_DROPS) and not from_host:

@@ -50,6 +50,9 @@ UNKNOWN_L4 = "Unknown L4"
 # hubble_flows_processed_total{type}: the monitor message types we emit.
 TYPE_DROP = "Drop"
 TYPE_POLICY_VERDICT = "PolicyVerdict"
+TYPE_TRACE = "Trace"
+# ...{subtype} of a trace: the observation point's name (monitor API), by "from the pod".
+TRACE_POINTS = {False: "to-endpoint", True: "from-endpoint"}
 
 # hubble_lost_events_total{source}: flow.LostEventSource names, lower case.
 LOST_PERF_EVENT_RING_BUFFER = "perf_event_ring_buffer"

@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # the agent's ring-buffer rows; `membrane observe` never has 
     import numpy as np
 
 # ---- numbers of the C side (membrane.abi), bound once: compared for every event ----------
-_VERDICT, _DROP = FlowEventType.POLICY_VERDICT, FlowEventType.DROP
+_VERDICT, _DROP, _TRACE = FlowEventType.POLICY_VERDICT, FlowEventType.DROP, FlowEventType.TRACE
 _EGRESS, _MATCH_RULE, _MATCH_REPLY = Direction.EGRESS, FlowMatch.RULE, FlowMatch.REPLY
 _MATCH_RELATED = FlowMatch.RELATED
 _TCP, _UDP, _SCTP, _ICMP = IpProto.TCP, IpProto.UDP, IpProto.SCTP, IpProto.ICMP
@@ -45,7 +45,17 @@ _ICMPV6 = IpProto.ICMPV6
 
 # ---- numbers of Hubble's flow API (cilium api/v1/flow, pkg/monitor/api) -------------------
 MESSAGE_TYPE_DROP = 1
+MESSAGE_TYPE_TRACE = 4
 MESSAGE_TYPE_POLICY_VERDICT = 5
+# Trace sub-types: the observation point as the monitor API numbers it (TraceToLxc,
+# TraceFromLxc); flow.trace_observation_point names the same point in flow.proto's numbers.
+TRACE_TO_ENDPOINT, TRACE_FROM_ENDPOINT = 0, 5
+# A trace event's `match` is what conntrack found: Hubble's trace_reason for it.
+TRACE_REASONS = {
+    FlowMatch.ESTABLISHED: flow_pb2.ESTABLISHED,
+    FlowMatch.REPLY: flow_pb2.REPLY,
+    FlowMatch.RELATED: flow_pb2.RELATED,
+}
 POLICY_MATCH_NONE, POLICY_MATCH_L3_ONLY, POLICY_MATCH_L3_L4 = 0, 1, 2
 POLICY_MATCH_L4_ONLY, POLICY_MATCH_ALL = 3, 4
 POLICY_MATCH_NAMES = {0: "none", 1: "L3-Only", 2: "L3-L4", 3: "L4-Only", 4: "all"}
@@ -265,10 +275,11 @@ def flow_record(
         raise UnsupportedEvent(
             f"flow event version {ev.version}, expected {MEMBRANE_EVENT_VERSION}"
         )
-    if ev.type != _VERDICT and ev.type != _DROP:
+    if ev.type != _VERDICT and ev.type != _DROP and ev.type != _TRACE:
         raise UnsupportedEvent(f"flow event type {ev.type}")
     dropped = ev.type == _DROP
     egress = ev.dir == _EGRESS
+    reply = ev.match == _MATCH_REPLY
     rule = resolver.rule(ev.rule_id) if ev.rule_id else None
     flow = flow_pb2.Flow() if out is None else out
     flow.uuid = str(uuid.uuid4())
@@ -291,14 +302,33 @@ def flow_record(
         flow.drop_reason = reason
         flow.drop_reason_desc = reason
         flow.event_type.type, flow.event_type.sub_type = MESSAGE_TYPE_DROP, reason
+    elif ev.type == _TRACE:
+        _trace_point(flow, ev, egress, reply)
     else:
         flow.event_type.type = MESSAGE_TYPE_POLICY_VERDICT
-    flow.is_reply.value = ev.match == _MATCH_REPLY
+    flow.is_reply.value = reply
     if ev.match == _MATCH_RELATED:  # an ICMP error about a tracked connection
         flow.trace_reason = flow_pb2.RELATED
     if rule is not None and ev.match == _MATCH_RULE:
         _attribute(flow, rule, ev.policy_rev, egress)
     return flow
+
+
+def _trace_point(flow: flow_pb2.Flow, ev: FlowEvent, egress: bool, reply: bool) -> None:
+    """Where a trace saw the packet: leaving the pod (from-endpoint) or delivered to it
+    (to-endpoint), and why it passed (a new connection, or what conntrack found). Its
+    traffic direction is the connection's, as Hubble reads traces: a reply's is the
+    opposite of the packet's."""
+    if reply:
+        flow.traffic_direction = flow_pb2.INGRESS if egress else flow_pb2.EGRESS
+    flow.event_type.type = MESSAGE_TYPE_TRACE
+    if egress:
+        flow.event_type.sub_type = TRACE_FROM_ENDPOINT
+        flow.trace_observation_point = flow_pb2.FROM_ENDPOINT
+    else:
+        flow.event_type.sub_type = TRACE_TO_ENDPOINT
+        flow.trace_observation_point = flow_pb2.TO_ENDPOINT
+    flow.trace_reason = TRACE_REASONS.get(ev.match, flow_pb2.NEW)
 
 
 def event_response(
