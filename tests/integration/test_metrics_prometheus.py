@@ -2,7 +2,13 @@
 and queried with PromQL after allowed and denied traffic: cilium_* from
 --prometheus-serve-addr, hubble_* from --hubble-metrics-server, Cilium's names, labels and
 label values. Prometheus and both metrics servers listen on 127.0.0.1 only, on free ports;
-Prometheus keeps its data in the test's temporary directory and is stopped by PID."""
+Prometheus keeps its data in the test's temporary directory and is stopped by PID.
+
+A bulk TCP transfer between two pods then shows the datapath's per-CPU forward counters
+following real traffic (every byte counted, in both directions), while the same connection
+yields only a handful of trace flows (medium monitor aggregation): at from-endpoint where a
+pod sends, at to-endpoint where it receives, for its opening, its first reply and its
+close."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import textwrap
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from membrane.testing.agent import agent_unusable_reason
-from membrane.testing.cluster import running_cluster
+from membrane.testing.cluster import Cluster, running_cluster
+from membrane.testing.traffic import listen, socket_in
 from membrane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.root
@@ -30,6 +39,8 @@ pytestmark = pytest.mark.root
 PROMETHEUS = "prometheus"
 SCRAPE_INTERVAL = "1s"
 PRESSURE_MAPS = ("ct", "ct6", "policy", "ipcache", "ipcache6")
+BULK_PORT = 9000  # x/a takes anything (no policy selects it)
+BULK_BYTES = 4 << 20
 
 
 def free_port() -> int:
@@ -191,3 +202,109 @@ def test_prometheus_scrapes_agent_and_flow_metrics(tmp_path: Path) -> None:
         # the pods' and the node's addresses, the policy's entries, the probes' connections
         for name in ("ipcache", "policy", "ct"):
             assert eventually(prom, f'cilium_bpf_map_pressure{{map_name="{name}"}} > 0')
+        # trace flows, by the observation point
+        for point in ("to-endpoint", "from-endpoint"):
+            assert eventually(prom, 'sum(hubble_flows_processed_total{type="Trace",'
+                                    f'subtype="{point}",verdict="FORWARDED"}}) > 0')  # fmt: skip
+
+        before = forwards(agent_addr)
+        sport = bulk_transfer(net, "x/b", "x/a", BULK_BYTES)
+        grown = wait_for(
+            "the forward counters to count the transfer",
+            lambda: (
+                (after := forwards(agent_addr))
+                and all(
+                    after[("bytes", d)] - before[("bytes", d)] >= BULK_BYTES
+                    for d in ("EGRESS", "INGRESS")
+                )
+                and after
+            ),
+        )
+        # x/b's egress and x/a's ingress each pass every byte at least once
+        assert eventually(prom, f'cilium_forward_bytes_total{{direction="EGRESS"}} >= {BULK_BYTES}')
+        packets = {d: grown[("packets", d)] - before[("packets", d)] for d in ("EGRESS", "INGRESS")}
+        traced = wait_for(
+            "the transfer's close in the trace flows",
+            lambda: (found := connection_traces(net, sport)) and len(found) >= 6 and found,
+        )
+        points = {(f["trace_observation_point"], f["trace_reason"], f["Summary"]) for f in traced}
+        assert {
+            ("FROM_ENDPOINT", "NEW", "TCP Flags: SYN"),  # x/b opens
+            ("TO_ENDPOINT", "NEW", "TCP Flags: SYN"),  # delivered to x/a
+            ("FROM_ENDPOINT", "REPLY", "TCP Flags: SYN, ACK"),  # x/a answers
+            ("TO_ENDPOINT", "REPLY", "TCP Flags: SYN, ACK"),
+        } <= points, points
+        assert {p for p, r, summary in points if "FIN" in summary} == {
+            "FROM_ENDPOINT",
+            "TO_ENDPOINT",
+        }, points
+        for f in traced:
+            assert f["event_type"]["type"] == 4 and f["verdict"] == "FORWARDED", f
+            assert f["event_type"].get("sub_type", 0) == (
+                5 if f["trace_observation_point"] == "FROM_ENDPOINT" else 0
+            ), f
+            # x/b opened it: its packets are EGRESS at x/b and INGRESS at x/a, replies too
+            at_client = (f["trace_observation_point"] == "FROM_ENDPOINT") != f["is_reply"]
+            assert f["traffic_direction"] == ("EGRESS" if at_client else "INGRESS"), f
+        # sampled: a connection of thousands of segments (hundreds as GSO packets) traced
+        # at its news only, never per packet
+        assert len(traced) <= 12 < min(packets.values()), (len(traced), packets)
+
+
+def forwards(agent_addr: str) -> dict[tuple[str, str], float]:
+    """(packets | bytes, direction) -> the agent's cilium_forward_*_total now."""
+    text = get(f"http://{agent_addr}/metrics").decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        kind = {"cilium_forward_count": "packets", "cilium_forward_bytes": "bytes"}.get(family.name)
+        for sample in family.samples if kind else ():
+            if sample.name.endswith("_total"):
+                out[(kind, sample.labels["direction"])] = sample.value
+    return out
+
+
+def bulk_transfer(net: Cluster, client: str, server: str, size: int) -> int:
+    """`size` bytes from `client` to `server`:BULK_PORT over one TCP connection, closed by
+    both sides; returns the client's port."""
+    dst = net.pods[server]
+    listener = listen(dst.netns, dst.ip, BULK_PORT, backlog=1)
+    listener.setblocking(True)
+    listener.settimeout(10)
+    sock = socket_in(net.pods[client].netns)
+    try:
+        sock.settimeout(10)
+        sock.connect((dst.ip, BULK_PORT))
+        peer, _ = listener.accept()
+        with peer:
+            peer.settimeout(10)
+            received: list[int] = []
+
+            def read() -> None:  # the receiver reads while the client sends
+                while chunk := peer.recv(1 << 20):
+                    received.append(len(chunk))
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            sock.sendall(b"m" * size)
+            sock.shutdown(socket.SHUT_WR)
+            reader.join(10)
+            assert sum(received) == size
+        return sock.getsockname()[1]
+    finally:
+        sock.close()
+        listener.close()
+
+
+def connection_traces(net: Cluster, sport: int) -> list[dict[str, Any]]:
+    """Trace flows of the bulk connection (either way)."""
+    ports = {(sport, BULK_PORT), (BULK_PORT, sport)}
+    return [
+        f
+        for f in (r["flow"] for r in net.agent.observe(4000) if "flow" in r)
+        if f.get("event_type", {}).get("type") == 4
+        and (
+            f.get("l4", {}).get("TCP", {}).get("source_port"),
+            f.get("l4", {}).get("TCP", {}).get("destination_port"),
+        )
+        in ports
+    ]
