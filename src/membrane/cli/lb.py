@@ -238,3 +238,41 @@ def stats(output: str = OUTPUT) -> None:
         ["TOTAL", "PACKETS", "BYTES"],
         [[k, str(v["packets"]), str(v["bytes"])] for k, v in data["totals"].items()],
     )
+
+
+decap_app = typer.Typer(
+    name="decap",
+    help="On a backend: strip the LB's IP-in-IP header in XDP (where no ipip device can be made).",
+    no_args_is_help=True,
+)
+app.add_typer(decap_app)
+
+
+@decap_app.command("attach", epilog="Example:\n\n  membrane lb decap attach eth0 --netns backend1")
+def decap_attach(
+    dev: str = typer.Argument(..., help="The backend's device the LB's packets arrive on."),
+    netns: str = typer.Option(None, "--netns", help="Network namespace of the device."),
+    mode: str = typer.Option("auto", "--mode", help="XDP mode: auto, native, generic."),
+) -> None:
+    """Decapsulate IPv4-in-IPv4 and IPv6-in-IPv6 arriving on DEV."""
+    from membrane.lb.decap import attach_decap
+    from membrane.lb.manager import require_root
+
+    mode = check_choice(mode, ("auto", "native", "generic"), "--mode")
+    require_root()
+    took = attach_decap(dev, netns, mode)
+    typer.echo(f"decapsulation attached to {dev} (xdp {took})")
+
+
+@decap_app.command("detach")
+def decap_detach(
+    dev: str = typer.Argument(..., help="The device."),
+    netns: str = typer.Option(None, "--netns", help="Network namespace of the device."),
+) -> None:
+    """Remove the decapsulation program from DEV."""
+    from membrane.lb.decap import detach_decap
+    from membrane.lb.manager import require_root
+
+    require_root()
+    detach_decap(dev, netns)
+    typer.echo(f"decapsulation detached from {dev}")
