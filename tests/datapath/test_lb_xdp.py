@@ -3,39 +3,35 @@ backend the kernel picks against the Python Maglev/jhash reference, conntrack st
 across table changes, packets that are not for a VIP, and the counters.
 
 The program asks the kernel's FIB for the next hop, so runs happen inside a namespace the
-module creates: one veth (forwarding on) whose subnet holds the backends, with permanent
-neighbour entries giving each backend a known MAC.
+module creates (membrane.testing.lb): one veth (forwarding on) whose subnet holds the
+backends, with permanent neighbour entries giving each backend a known MAC.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from pyroute2 import IPRoute
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from membrane.abi import LbStat
-from membrane.bpf import BpfObject, test_run
+from membrane.bpf import BpfObject
 from membrane.lb.flowhash import flow_hash
 from membrane.lb.frontend import Vip
 from membrane.lb.maglev import build_table
 from membrane.lb.tables import LbTables
-from membrane.netns import Topology, links
-from membrane.netns.namespace import inside
-from membrane.netns.sysctl import enable_ipv6, write_sysctl
+from membrane.netns import Topology
+from membrane.testing.lb import LB_MAC, LbTestbed, backend_mac, lb_testbed
 
 pytestmark = pytest.mark.root
 
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
-NUD_PERMANENT = 0x80
 LB4, LB6 = ipaddress.ip_address("198.18.250.1"), ipaddress.ip_address("2001:db8:250::1")
 VIP4 = Vip.parse("198.19.0.10:80/tcp")
 VIP6 = Vip.parse("[2001:db8:ffff::10]:443/tcp")
@@ -43,25 +39,17 @@ VIP_EMPTY = Vip.parse("198.19.0.11:80/udp")
 BACKENDS4 = [f"198.18.250.{i}" for i in range(10, 14)]
 BACKENDS6 = [f"2001:db8:250::{i:x}" for i in range(10, 13)]
 UNRESOLVED4 = "198.18.250.99"  # in the subnet, no neighbour entry
-CLIENT_MAC, LB_MAC = "02:00:00:00:01:01", "02:00:00:00:02:02"
-
-
-def backend_mac(addr: str) -> str:
-    last = ipaddress.ip_address(addr).packed[-1]
-    return f"02:be:00:00:00:{last:02x}"
+CLIENT_MAC = "02:00:00:00:01:01"
 
 
 @dataclass
 class Lb:
-    ns: str
-    ifindex: int
+    bed: LbTestbed
     obj: BpfObject
     tables: LbTables
 
     def run(self, frame: bytes) -> tuple[int, bytes]:
-        ctx = struct.pack("6I", 0, len(frame), 0, self.ifindex, 0, 0)  # struct xdp_md
-        with inside(self.ns):
-            result = test_run(self.obj.program("lb_xdp"), frame, ctx=ctx, ctx_out_size=24)
+        result = self.bed.run(self.obj.program("lb_xdp"), frame)
         return result.retval, result.data
 
     def stat(self, stat: LbStat) -> tuple[int, int]:
@@ -80,26 +68,11 @@ class Lb:
 @pytest.fixture(scope="module")
 def lb() -> Iterator[Lb]:
     with Topology("mlbdp") as topo:
-        ns, peer = topo.namespace("lb"), topo.namespace("peer")
-        with inside(ns):
-            enable_ipv6("all", "default")
-        topo.veth(ns, peer)
-        with inside(ns), IPRoute() as ipr:
-            index = ipr.link_lookup(ifname="eth0")[0]
-            ipr.link("set", index=index, address=LB_MAC)
-            ipr.addr("add", index=index, address=str(LB4), prefixlen=24)
-            ipr.addr("add", index=index, address=str(LB6), prefixlen=64)
-            for addr in BACKENDS4 + BACKENDS6:
-                ipr.neigh(
-                    "add", dst=addr, lladdr=backend_mac(addr), ifindex=index, state=NUD_PERMANENT
-                )
-            write_sysctl("net.ipv4.conf.eth0.forwarding", 1)
-            write_sysctl("net.ipv6.conf.eth0.forwarding", 1)
-        links.set_up(ns, "eth0")
+        bed = lb_testbed(topo, [f"{LB4}/24", f"{LB6}/64"], BACKENDS4 + BACKENDS6)
         obj = BpfObject.open("lb_xdp").load()
         topo.callback(obj.close)
         tables = LbTables(obj.map)
-        tables.set_sources(LB4, LB6, ifindex=index)
+        tables.set_sources(LB4, LB6, ifindex=bed.ifindex)
         tables.add_vip(VIP4, 16381)
         for addr in BACKENDS4[:3]:
             tables.set_backend(VIP4, ipaddress.ip_address(addr), 1)
@@ -107,7 +80,7 @@ def lb() -> Iterator[Lb]:
         for addr in BACKENDS6:
             tables.set_backend(VIP6, ipaddress.ip_address(addr), 1)
         tables.add_vip(VIP_EMPTY, 13)
-        yield Lb(ns, index, obj, tables)
+        yield Lb(bed, obj, tables)
 
 
 def tcp4(src: str, sport: int, dst: str = str(VIP4.addr), dport: int = VIP4.port) -> Ether:
