@@ -63,28 +63,30 @@ def build_table(
         return table
     top = max(weights[i] for i in order)
     params = [permutation_params(names[i], size) for i in order]
-    offsets = [p[0] for p in params]
-    skips = [p[1] for p in params]
-    tried = [0] * len(order)  # how far each backend went through its permutation
+    # the next slot of each backend's permutation, walked by adding skip (mod size)
+    nexts = [offset for offset, _ in params]
+    skips = [skip for _, skip in params]
+    turns = [weights[i] for i in order]
     owner = [-1] * size
-    filled = 0
+    left = size
     rounds = 0
     while True:
         rounds += 1
         for k, index in enumerate(order):
-            w = weights[index]
-            # weighted turns: w/top of a turn per round, spread evenly
+            w = turns[k]
+            # weighted turns: w/top of a turn per round, spread evenly over the rounds
             if w != top and (rounds * w) // top == ((rounds - 1) * w) // top:
                 continue
-            offset, skip, j = offsets[k], skips[k], tried[k]
-            slot = (offset + j * skip) % size
+            slot, skip = nexts[k], skips[k]
             while owner[slot] >= 0:
-                j += 1
-                slot = (offset + j * skip) % size
+                slot += skip
+                if slot >= size:
+                    slot -= size
             owner[slot] = index
-            tried[k] = j + 1
-            filled += 1
-            if filled == size:
+            slot += skip
+            nexts[k] = slot - size if slot >= size else slot
+            left -= 1
+            if not left:
                 table[:] = owner
                 return table
 
