@@ -14,8 +14,8 @@
  * TC_EGRESS and XDP are our own programs' drops, which their own events already report.
  *
  * Cost: everything not dropped for a reason we report returns after one compare; a drop
- * of unwatched traffic costs the reads of its device and namespace and one or two hash
- * lookups. Each CPU sends at most `max_events_per_window` events per `window_ns`; the
+ * of unwatched traffic costs the loads of its device and namespace and one hash lookup
+ * (bench/kernel_drops.py). Each CPU sends at most `max_events_per_window` events per `window_ns`; the
  * rest are counted (drop_stats.suppressed), so a drop storm cannot flood the ring.
  */
 #include "include/trace.h"
@@ -58,19 +58,18 @@ static __always_inline bool reported_reason(__u32 reason)
 	return true;
 }
 
-/* The endpoint whose traffic this is: the device's entry, else its namespace's. */
+/* The endpoint whose traffic this is. A namespace's own entry answers first (one lookup for
+ * every namespace we do not watch): a pod's names its endpoint; the node's (ep_id 0) says
+ * that some of its devices are watched, and the device's entry answers. */
 static __always_inline struct drop_watch *watched(__u32 netns_ino, __u32 ifindex)
 {
-	struct drop_watch_key key = {.netns_ino = netns_ino, .ifindex = ifindex};
-	struct drop_watch *w = NULL;
+	struct drop_watch_key key = {.netns_ino = netns_ino};
+	struct drop_watch *w = bpf_map_lookup_elem(&drop_watched, &key);
 
-	if (ifindex)
-		w = bpf_map_lookup_elem(&drop_watched, &key);
-	if (!w) {
-		key.ifindex = 0;
-		w = bpf_map_lookup_elem(&drop_watched, &key);
-	}
-	return w;
+	if (!w || w->ep_id || !ifindex)
+		return w && w->ep_id ? w : NULL;
+	key.ifindex = ifindex;
+	return bpf_map_lookup_elem(&drop_watched, &key);
 }
 
 /* Whether this CPU may send one more event now (counts it, or counts it suppressed). */
@@ -83,7 +82,7 @@ static __always_inline bool within_rate(void)
 	if (!s)
 		return false;
 	s->watched++;
-	now = bpf_ktime_get_ns();
+	now = bpf_ktime_get_ns();  /* tracing programs may not use the coarse clock */
 	if (now - s->window_ns >= window_ns) {
 		s->window_ns = now;
 		s->window_sent = 0;
@@ -108,19 +107,21 @@ int BPF_PROG(kernel_drop, struct sk_buff *skb, void *location, enum skb_drop_rea
 
 	if (!reported_reason(reason))
 		return 0;
-	protocol = bpf_ntohs(BPF_CORE_READ(skb, protocol));
+	/* tp_btf: the skb is a trusted pointer, read with plain (CO-RE relocated) loads
+	 * instead of a helper call per field. */
+	protocol = bpf_ntohs(skb->protocol);
 	if (protocol != ETH_P_IP && protocol != ETH_P_IPV6)
 		return 0;
-	dev = BPF_CORE_READ(skb, dev);
+	dev = skb->dev;
 	if (dev) {
-		ifindex = BPF_CORE_READ(dev, ifindex);
-		netns_ino = BPF_CORE_READ(dev, nd_net.net, ns.inum);
+		ifindex = dev->ifindex;
+		netns_ino = dev->nd_net.net->ns.inum;
 	} else {  /* not on a device yet (e.g. netfilter's OUTPUT): its socket's namespace */
-		struct sock *sk = BPF_CORE_READ(skb, sk);
+		struct sock *sk = skb->sk;
 
 		if (!sk)
 			return 0;
-		netns_ino = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+		netns_ino = sk->__sk_common.skc_net.net->ns.inum;
 	}
 	w = watched(netns_ino, ifindex);
 	if (!w || !within_rate())

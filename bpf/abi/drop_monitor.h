@@ -16,17 +16,18 @@ enum drop_monitor_abi {
 };
 ABI_EXPORT_ENUM(drop_monitor_abi);
 
-/* What the agent watches: a device in a network namespace (ifindex > 0: the node side of
- * a pod's veth, in the node's namespace), or a whole namespace (ifindex 0: a pod's). The
- * namespace is named by its inode number (/run/netns/NAME's st_ino, the kernel's
- * net->ns.inum). */
+/* What the agent watches: a whole namespace (ifindex 0: a pod's), or a device in one
+ * (ifindex > 0: the node side of a pod's veth, in the node's namespace). A namespace with
+ * watched devices also has its own entry, with ep_id 0 ("look at the device"), so a
+ * namespace nobody watches costs one lookup. Namespaces are named by inode number
+ * (/run/netns/NAME's st_ino, the kernel's net->ns.inum). */
 struct drop_watch_key {
 	__u32 netns_ino;
 	__u32 ifindex;
 };
 
 struct drop_watch {
-	__u32 ep_id;     /* the endpoint whose traffic that is */
+	__u32 ep_id;     /* the endpoint whose traffic that is; 0: see the device's entry */
 	__u32 pad;
 };
 

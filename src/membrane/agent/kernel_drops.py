@@ -54,6 +54,7 @@ POLL_MS = 100
 REASON_PREFIX = "SKB_DROP_REASON_"
 # Not reported: our own programs' drops (tc and XDP), which their own events report.
 OWN_PROGRAM_REASONS = ("TC_INGRESS", "TC_EGRESS", "XDP")
+DEVICES_WATCHED = 0  # drop_watch.ep_id of a namespace whose devices have entries
 # The tracepoint's arguments up to `reason` (skb, location, reason): Linux >= 5.17.
 _REASON_ARG = 3
 
@@ -239,6 +240,8 @@ class KernelDrops:
             complete = complete and bool(keys)
             places[which] = keys
             wanted.update(dict.fromkeys(keys, ep.id))
+        if wanted:  # the node's namespace: "look at the device" (bpf/abi/drop_monitor.h)
+            wanted[(node_ino, 0)] = DEVICES_WATCHED
         watched = self._obj.map("drop_watched")
         for key in self._watched.keys() - wanted.keys():
             watched.delete(_watch_key(watched, key))
