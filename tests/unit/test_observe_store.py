@@ -32,10 +32,12 @@ DROPPED = flow_record(world_drop(), RESOLVER, "n1")  # world -> shop/db:5432 TCP
 PING = flow_record(event(proto=1, sport=8, dport=0), RESOLVER, "n1")
 
 
-def numbered(n: int, verdict: int = flow_pb2.FORWARDED) -> observer_pb2.GetFlowsResponse:
-    """Flow n, at second n of the epoch (times order the store's queries)."""
+def numbered(
+    n: int, verdict: int = flow_pb2.FORWARDED, at: int | None = None
+) -> observer_pb2.GetFlowsResponse:
+    """Flow n, at second n (or `at`) of the epoch (times order the store's queries)."""
     flow = flow_pb2.Flow(uuid=str(n), verdict=verdict)
-    flow.time.FromNanoseconds(n * SECOND)
+    flow.time.FromNanoseconds((n if at is None else at) * SECOND)
     return flow_response(flow)
 
 
@@ -159,6 +161,14 @@ def test_queries_as_hubble_reads_its_ring(query: FlowQuery, expected: list[int])
     assert ns(store.query(query)) == expected
 
 
+def test_time_bounds_hold_for_items_a_little_out_of_order() -> None:
+    store = FlowStore()
+    store.extend(numbered(i) for i in (0, 1, 2, 5, 3, 4))  # 3 and 4 handed over late
+    assert ns(store.query(FlowQuery(since_ns=3 * SECOND))) == [5, 3, 4]
+    assert ns(store.query(FlowQuery(until_ns=3 * SECOND))) == [0, 1, 2, 3]
+    assert ns(store.query(FlowQuery(first=True, until_ns=3 * SECOND))) == [0, 1, 2, 3]
+
+
 def test_filters_select_before_counting() -> None:
     store = FlowStore()
     store.extend(
@@ -196,12 +206,12 @@ def test_ring_buffer_losses_in_range_are_one_line_per_query() -> None:
 
 def test_flows_the_ring_let_go_are_lost_to_queries_reaching_back() -> None:
     store = FlowStore(capacity=3)
-    store.extend(numbered(i) for i in range(5))
+    store.extend(numbered(i, at=100 * i) for i in range(5))  # far apart: no reordering
     lost = "lost HUBBLE_RING_BUFFER 2"
     assert ns(store.query(FlowQuery(first=True, number=1))) == [lost, 2]
     assert ns(store.query(FlowQuery())) == [lost, 2, 3, 4]
     assert ns(store.query(FlowQuery(since_ns=0))) == [lost, 2, 3, 4]
-    assert ns(store.query(FlowQuery(since_ns=3 * SECOND))) == [3, 4]  # within the ring
+    assert ns(store.query(FlowQuery(since_ns=300 * SECOND))) == [3, 4]  # within the ring
 
 
 @pytest.mark.parametrize(
@@ -258,10 +268,15 @@ def test_a_follow_ends_at_the_first_flow_past_until() -> None:
         store = FlowStore()
         store.extend(numbered(i) for i in range(3))
         sub = store.subscribe(follow(1, until_ns=4 * SECOND))
-        store.extend(numbered(i) for i in range(3, 7))
-        return [n_of(item) async for item in sub]
+        store.extend(numbered(i) for i in range(3, 7))  # 5, 6: past it, not yet closing
+        store.extend([numbered(3, at=4), numbered(20)])  # late 3 still in; 20: the end
+        return [n_of(item) for item in await asyncio.wait_for(_drain(sub), 5)]
 
-    assert asyncio.run(scenario()) == [2, 3, 4]
+    assert asyncio.run(scenario()) == [2, 3, 4, 3]
+
+
+async def _drain(sub: Subscription) -> list[observer_pb2.GetFlowsResponse]:
+    return [item async for item in sub]
 
 
 def test_a_waiting_follower_wakes_for_a_new_record() -> None:

@@ -79,6 +79,8 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
                 yield item
             return
         sub = self.store.subscribe(query)
+        # Headers now, not with the first flow: the client knows the feed is live.
+        await context.send_initial_metadata(())
         try:
             async for item in sub:
                 yield item

@@ -34,6 +34,10 @@ DEFAULT_CAPACITY = 4095  # Hubble's --hubble-event-buffer-capacity default
 # Hubble caps its ring at 65535; ours may be larger (100k flows and more are measured).
 MAX_CAPACITY = (1 << 24) - 1
 DEFAULT_FOLLOWER_QUEUE = 4096
+# Items arrive nearly, not exactly, in time order (CPUs, and readers of other rings such as
+# the kernel drop monitor, hand over batches apart): a time bound stops a scan only at an
+# item this much beyond it; the items in between are checked one by one.
+REORDER_SLACK_NS = 5_000_000_000
 Item = observer_pb2.GetFlowsResponse
 _STORE_SOURCE = flow_pb2.HUBBLE_RING_BUFFER
 _FOLLOWER_SOURCE = flow_pb2.HUBBLE_RING_BUFFER
@@ -137,7 +141,8 @@ class Subscription:
         if item.HasField("flow"):
             until = self.query.until_ns
             if until is not None and item_ns(item) > until:
-                self.close()  # Hubble ends a follow at the first flow past `until`
+                if item_ns(item) > until + REORDER_SLACK_NS:
+                    self.close()  # Hubble ends a follow once flows are past `until`
                 return
             if not self.query.selects(item):
                 return
@@ -242,8 +247,10 @@ class FlowStore:
                     continue
                 t = item_ns(item)
                 if since is not None and t < since:
-                    reached_oldest = False
-                    break
+                    if t < since - REORDER_SLACK_NS:
+                        reached_oldest = False
+                        break
+                    continue
                 if (until is None or t <= until) and query.selects(item):
                     flows.append(item)
                     if len(flows) == want:
@@ -265,8 +272,11 @@ class FlowStore:
             if not item.HasField("flow"):
                 _count_lost(lost, item)
                 continue
-            if query.until_ns is not None and item_ns(item) > query.until_ns:
-                break
+            until = query.until_ns
+            if until is not None and item_ns(item) > until:
+                if item_ns(item) > until + REORDER_SLACK_NS:
+                    break
+                continue
             if query.selects(item):
                 flows.append(item)
                 if len(flows) == query.number:
