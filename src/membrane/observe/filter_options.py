@@ -25,15 +25,17 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-
-from google.protobuf import json_format
-from google.protobuf.timestamp_pb2 import Timestamp
+from typing import TYPE_CHECKING
 
 from membrane.errors import UserError
-from membrane.hubble.flow import flow_pb2
-from membrane.hubble.observer import observer_pb2
 from membrane.identity.labels import RESERVED_NAMES
 from membrane.observe.flowfilter import FlowMatcher, compile_filter
+
+if TYPE_CHECKING:  # protobuf is imported where it is used: `observe --help` stays quick
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from membrane.hubble.flow import flow_pb2
+    from membrane.hubble.observer import observer_pb2
 
 DEFAULT_LAST = 20  # `hubble observe` without --last, --first, --all, --since or --follow
 ALL_FLOWS = (1 << 64) - 1  # --all: the largest `number` (uint64), as Hubble sends it
@@ -87,9 +89,9 @@ SUBTYPE_NAMES = {MESSAGE_TYPES["trace"]: TRACE_POINTS, MESSAGE_TYPES["agent"]: A
 RESERVED_IDENTITIES = {name: number for number, name in RESERVED_NAMES.items()}
 TCP_FLAGS = ("SYN", "FIN", "RST", "PSH", "ACK", "URG", "ECE", "CWR", "NS")
 IP_VERSIONS = {
-    **dict.fromkeys(("4", "v4", "ipv4", "ip4"), flow_pb2.IPv4),
-    **dict.fromkeys(("6", "v6", "ipv6", "ip6"), flow_pb2.IPv6),
-    "none": flow_pb2.IP_NOT_USED,
+    **dict.fromkeys(("4", "v4", "ipv4", "ip4"), 1),  # flow.IPVersion IPv4
+    **dict.fromkeys(("6", "v6", "ipv6", "ip6"), 2),  # IPv6
+    "none": 0,  # IP_NOT_USED
 }
 
 # Flags that cannot be given together (in the whitelist, or together in the blacklist),
@@ -141,6 +143,8 @@ def _flag(name: str) -> str:
 
 # ---- value parsers (each raises UserError naming its flag) ------------------------------
 def parse_verdict(value: str, flag: str) -> int:
+    from membrane.hubble.flow import flow_pb2
+
     try:
         return flow_pb2.Verdict.Value(value.upper())
     except ValueError:
@@ -149,6 +153,8 @@ def parse_verdict(value: str, flag: str) -> int:
 
 
 def parse_drop_reason(value: str, flag: str) -> int:
+    from membrane.hubble.flow import flow_pb2
+
     if not value:
         raise UserError(flag, "is empty (give a drop reason such as POLICY_DENIED)")
     try:
@@ -161,6 +167,8 @@ def parse_drop_reason(value: str, flag: str) -> int:
 
 def parse_event_type(value: str, flag: str) -> flow_pb2.EventTypeFilter:
     """`TYPE[:SUBTYPE]`: a name or number each (`trace:to-endpoint`, `drop:133`, `5`)."""
+    from membrane.hubble.flow import flow_pb2
+
     kind, sep, sub = value.partition(":")
     number = MESSAGE_TYPES.get(kind)
     if number is None:
@@ -183,6 +191,8 @@ def parse_event_type(value: str, flag: str) -> flow_pb2.EventTypeFilter:
 
 def parse_tcp_flags(value: str, flag: str) -> flow_pb2.TCPFlags:
     """`SYN,ACK`: a flow must carry all of them (any case)."""
+    from membrane.hubble.flow import flow_pb2
+
     flags = flow_pb2.TCPFlags()
     for name in value.split(","):
         if name.upper() not in TCP_FLAGS:
@@ -192,6 +202,8 @@ def parse_tcp_flags(value: str, flag: str) -> flow_pb2.TCPFlags:
 
 
 def parse_traffic_direction(value: str, flag: str) -> int:
+    from membrane.hubble.flow import flow_pb2
+
     direction = value.lower()
     if direction not in ("ingress", "egress"):
         raise UserError(flag, f"{value!r} is not a traffic direction (ingress or egress)")
@@ -218,6 +230,8 @@ def parse_identity(value: str, flag: str) -> int:
 
 def parse_workload(value: str, flag: str) -> flow_pb2.Workload:
     """`name`, `Kind/name` or `Kind/` (any workload of that kind)."""
+    from membrane.hubble.flow import flow_pb2
+
     kind, sep, name = value.partition("/")
     return flow_pb2.Workload(kind=kind, name=name) if sep else flow_pb2.Workload(name=value)
 
@@ -385,6 +399,8 @@ class _Tracker:
     changed: list[str] = field(default_factory=list)
 
     def sides(self, left: bool = True, right: bool = True) -> list[flow_pb2.FlowFilter]:
+        from membrane.hubble.flow import flow_pb2
+
         if left and self.left is None:
             self.left = flow_pb2.FlowFilter()
         if right and self.right is None:
@@ -454,6 +470,8 @@ class FlowFilterOptions:
         return whitelist, blacklist
 
     def _set(self, tracker: _Tracker, flag: FilterFlag, value: str | None) -> None:
+        from membrane.hubble.flow import flow_pb2
+
         option = _flag(flag.name)
         if flag.name not in tracker.changed:
             tracker.changed.append(flag.name)
@@ -531,6 +549,8 @@ def _append(ff: flow_pb2.FlowFilter, field_name: str, item: object) -> None:
 
 def _check_value(field_name: str, value: str, option: str) -> None:
     """The agent's check of one value, reported by the flag that gave it."""
+    from membrane.hubble.flow import flow_pb2
+
     try:
         compile_filter(flow_pb2.FlowFilter(**{field_name: [value]}))
     except UserError as err:
@@ -569,6 +589,8 @@ def parse_duration(text: str) -> timedelta | None:
 def parse_time(text: str, flag: str, now: datetime | None = None) -> Timestamp:
     """`--since`/`--until`: a duration back from now (`5m`, `1h30m`) or an RFC 3339 time
     (`2026-12-06T10:00:00Z`, also with fractions, an offset, or only a date)."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
     now = now or datetime.now(UTC)
     duration = parse_duration(text)
     if duration is not None:
@@ -599,6 +621,10 @@ def parse_time(text: str, flag: str, now: datetime | None = None) -> Timestamp:
 # ---- the request ------------------------------------------------------------------------
 def parse_raw_filters(values: Iterable[str], flag: str) -> list[flow_pb2.FlowFilter]:
     """`--allowlist`/`--denylist`: FlowFilters in Hubble's JSON (proto field names)."""
+    from google.protobuf import json_format
+
+    from membrane.hubble.flow import flow_pb2
+
     out = []
     for value in values:
         try:
@@ -623,6 +649,8 @@ def flows_request(
 ) -> observer_pb2.GetFlowsRequest:
     """The GetFlowsRequest of `hubble observe` with these options; `filter_flags` are
     (flag name without dashes, value or None) in command-line order."""
+    from membrane.hubble.observer import observer_pb2
+
     for name, value in (("--last", last), ("--first", first)):
         if value < 0:
             raise UserError(name, f"{value} is negative")
@@ -666,6 +694,8 @@ def raw_filters_yaml(request: observer_pb2.GetFlowsRequest) -> str:
     """`--print-raw-filters`: the lists as Hubble prints them, YAML with one JSON
     FlowFilter per item (proto field names, enums as numbers), ready for
     --allowlist/--denylist."""
+    from google.protobuf import json_format
+
     lines = []
     for key, filters in (("allowlist", request.whitelist), ("denylist", request.blacklist)):
         if not filters:

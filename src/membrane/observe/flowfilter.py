@@ -357,17 +357,25 @@ def _label_set(labels: tuple[str, ...]) -> frozenset[Label]:
 # prefix (`k8s:app`); without one they match labels of any source.
 _KEY = r"[A-Za-z0-9][-A-Za-z0-9_./:]*"
 _VALUE = r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?)?"
-_REQUIREMENT = re.compile(
-    rf"""\s*(?:
-        (?P<not>!)\s*(?P<absent>{_KEY})
-      | (?P<key>{_KEY})\s*(?:
-            (?P<op>==|=|!=)\s*(?P<value>{_VALUE})
-          | \s(?P<setop>in|notin)\s*\(\s*(?P<values>[^()]*)\)
-          | (?P<cmp>[<>])
-        )?
-    )\s*(?:,|$)""",
-    re.VERBOSE,
-)
+
+
+@lru_cache(maxsize=1)
+def _requirement_re() -> re.Pattern[str]:
+    """One requirement of a selector and its comma (compiled on first use: the CLI
+    imports this module to check options, most commands never parse a selector)."""
+    return re.compile(
+        rf"""\s*(?:
+            (?P<not>!)\s*(?P<absent>{_KEY})
+          | (?P<key>{_KEY})\s*(?:
+                (?P<op>==|=|!=)\s*(?P<value>{_VALUE})
+              | \s(?P<setop>in|notin)\s*\(\s*(?P<values>[^()]*)\)
+              | (?P<cmp>[<>])
+            )?
+        )\s*(?:,|$)""",
+        re.VERBOSE,
+    )
+
+
 _VALUE_RE = re.compile(_VALUE)
 
 
@@ -380,7 +388,7 @@ def parse_label_selector(text: str, field: str) -> LabelSelector:
     if not text.strip():
         return LabelSelector()
     while pos < end:
-        m = _REQUIREMENT.match(text, pos)
+        m = _requirement_re().match(text, pos)
         if m is None or m.end() == pos:
             raise UserError(field, f"{text!r} is not a label selector (at {text[pos:]!r})")
         if m["cmp"]:
