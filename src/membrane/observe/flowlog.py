@@ -173,15 +173,15 @@ class FlowLog:
     def _run(self) -> None:
         while True:
             batch = self._queue.get()
-            if batch is None:
-                return
             try:
-                self._write(batch)
+                self._write(batch or [])  # the last call (None) reports what was dropped
             except Exception:
                 log.exception("flow log: writing failed; going on")
+            if batch is None:
+                return
 
     def _write(self, batch: Iterable[Item]) -> None:
-        lines = []
+        lines: list[str] = []
         with self._dropped_lock:
             dropped, self._dropped = self._dropped, 0
         if dropped:
