@@ -44,6 +44,8 @@ from typing import Any
 
 from bench._common import emit, exit_on_sigterm, machine, median
 from membrane.api.client import path_of
+from membrane.hubble.client import ObserverClient, default_server
+from membrane.hubble.observer import observer_pb2
 from membrane.testing.agent import AgentProcess, membrane_command, running_agent
 
 # The agent's pods are in 198.18.0.0/16 and the node is 198.19.0.1 (membrane.testing.agent).
@@ -204,13 +206,14 @@ def client_commands(agent: AgentProcess, runs: int) -> dict[str, Any]:
     cli = Cli(agent.socket)
     api = agent.client()
     one = path_of("v1", "endpoints", NS, "server-0")
-    last = {"last": "20", "follow": "0"}
+    observer = ObserverClient.connect(default_server(agent.socket))  # the Observer API
+    last = observer_pb2.GetFlowsRequest(number=20)
     cases: list[tuple[tuple[str, ...], Callable[[], object]]] = [
         (("endpoint", "list"), lambda: api.get("/v1/endpoints")),
         (("endpoint", "get", f"{NS}/server-0"), lambda: api.get(one)),
         (("namespace", "list"), lambda: api.get("/v1/namespaces")),
         (("policy", "list"), lambda: api.get("/v1/policies")),
-        (("observe", "--last", "20"), lambda: api.get("/v1/flows", last)),
+        (("observe", "--last", "20"), lambda: list(observer.get_flows(last))),
     ]
     out = {}
     for args, call in cases:

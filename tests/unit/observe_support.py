@@ -3,8 +3,12 @@ resolver standing in for the agent's tables."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,3 +121,30 @@ def world_drop(**fields: Any) -> dict[str, Any]:
         "drop_reason": 133,
     }
     return event(**{**base, **fields})
+
+
+@contextlib.contextmanager
+def observer_server(store: Any, socket_path: str, node: str = "node-1") -> Iterator[str]:
+    """The agent's gRPC Observer server over `store`, on an event loop thread of its own
+    (grpc.aio binds a server to the loop it is made on); yields its address."""
+    from membrane.hubble.server import HubbleServer, ObserverService
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> HubbleServer:
+        server = HubbleServer(ObserverService(store, node), socket_path)
+        await server.start()
+        return server
+
+    try:
+        server = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+        try:
+            yield "unix://" + socket_path
+        finally:
+            asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()

@@ -50,9 +50,43 @@ def test_kube_apiserver_addresses_of_both_families() -> None:
             "need --ipv6=true",
         ),
         ({"cidr_match_mode": "pods"}, "policy-cidr-match-mode", "not one of world, all"),
+        ({"hubble_buffer_size": "4096"}, "hubble-buffer-size", "one less than a power of two"),
+        ({"hubble_buffer_size": "lots"}, "hubble-buffer-size", "not a whole number"),
+        ({"hubble_listen_address": "4244"}, "hubble-listen-address", "not HOST:PORT"),
+        ({"hubble_socket": "/tmp/"}, "hubble-socket", "is a directory"),
+        ({"flow_log": "/tmp/f.log", "flow_log_allowlist": "{x"}, "flow-log-allowlist", "JSON"),
+        (
+            {"flow_log": "/tmp/f.log", "flow_log_denylist": '{"source_ip":["nope"]}'},
+            "flow-log-denylist",
+            "source_ip",
+        ),
+        ({"flow_log": "/tmp/f.log", "flow_log_max_size_mb": "0"}, "flow-log-max-size-mb", "less"),
     ],
 )
 def test_a_bad_value_names_its_option(options: dict, field: str, words: str) -> None:
     with pytest.raises(UserError) as err:
         config(**options)
     assert err.value.field == field and words in str(err.value), str(err.value)
+
+
+def test_hubble_defaults_and_options() -> None:
+    c = config()
+    assert (c.hubble_buffer_size, c.hubble_listen_address, c.flow_log) == (4095, "", None)
+    assert c.hubble_socket_path == "/tmp/hubble.sock"  # beside the API socket
+    c = config(
+        hubble_socket="/run/x/h.sock",
+        hubble_buffer_size="65535",
+        hubble_listen_address=":4244",
+        flow_log="/tmp/flows.log",
+        flow_log_max_size_mb="20",
+        flow_log_max_backups="0",
+        flow_log_allowlist='{"verdict":["DROPPED"]}',
+    )
+    assert (c.hubble_socket_path, c.hubble_buffer_size) == ("/run/x/h.sock", 65535)
+    assert c.flow_log is not None
+    assert (c.flow_log.path, c.flow_log.max_bytes, c.flow_log.max_backups) == (
+        "/tmp/flows.log",
+        20 << 20,
+        0,
+    )
+    assert len(c.flow_log.allowlist) == 1 and c.flow_log.denylist == ()

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import typer
 from google.protobuf import json_format
-from observe_support import FakeResolver, event, world_drop
+from observe_support import FakeResolver, event, observer_server, world_drop
 from typer.testing import CliRunner
 
 from membrane.abi import DropReason, FlowMatch
-from membrane.api import client as api_client
 from membrane.cli.observe import observe
 from membrane.hubble.flow import flow_pb2
 from membrane.hubble.observer import observer_pb2
@@ -160,6 +160,8 @@ HUBBLE_FIELDS = [
     ("observer.Node", "num_flows", 7),
     ("observer.Node", "max_flows", 8),
     ("observer.Node", "seen_flows", 9),
+    ("observer.TLS", "enabled", 1),
+    ("observer.TLS", "server_name", 2),
     ("relay.NodeStatusEvent", "state_change", 1),
     ("relay.NodeStatusEvent", "node_names", 2),
     ("relay.NodeStatusEvent", "message", 3),
@@ -258,42 +260,23 @@ DROPS = [
 ]
 
 
-class StoreClient:
-    """The agent's side of /v1/flows: a FlowStore holding the flows of CASES and DROPS."""
-
-    store = FlowStore()
-
-    @classmethod
-    def connect(cls, api_socket: str | None = None) -> StoreClient:
-        return cls()
-
-    def get(self, path: str, params: dict | None = None) -> Any:
-        return {"flows": self.store.last(int((params or {})["last"]))}
-
-    def stream(self, path: str, params: dict | None = None) -> Iterator[dict]:
-        yield from self.store.last(int((params or {})["last"]))
-
-
 @pytest.fixture
-def agent(monkeypatch: pytest.MonkeyPatch) -> FlowStore:
-    store = FlowStore()
+def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The agent's Observer server over a store of the flows of CASES and DROPS."""
+    monkeypatch.delenv("MEMBRANE_HUBBLE_SERVER", raising=False)
+    store = FlowStore(node_name="node-1")
     resolver = FakeResolver()
     store.extend(flow_response(flow_record(event(**f), resolver, "node-1")) for f in CASES)
     store.extend(flow_response(flow_record(world_drop(**f), resolver, "node-1")) for f in DROPS)
     store.append(lost_response(flow_pb2.PERF_EVENT_RING_BUFFER, 3, "node-1"))
-    monkeypatch.setattr(StoreClient, "store", store)
-    monkeypatch.setattr(api_client, "ApiClient", StoreClient)
-    return store
+    with observer_server(store, str(tmp_path / "hubble.sock")) as address:
+        yield address
 
 
-@pytest.mark.parametrize("follow", [False, True])
-def test_every_json_line_parses_strictly_as_a_get_flows_response(
-    agent: FlowStore, follow: bool
-) -> None:
+def test_every_json_line_parses_strictly_as_a_get_flows_response(agent: str) -> None:
     app = typer.Typer()
     app.command()(observe)
-    args = ["--last", "100", "-o", "json", *(["-f"] if follow else [])]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, ["--server", agent, "--last", "100", "-o", "json"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == len(CASES) + len(DROPS) + 1
@@ -308,12 +291,47 @@ def test_every_json_line_parses_strictly_as_a_get_flows_response(
     assert {f.IP.ipVersion for f in flows} == {flow_pb2.IPv4, flow_pb2.IPv6}
     assert {f.l4.WhichOneof("protocol") for f in flows} == {"TCP", "UDP", "ICMPv4", "ICMPv6", None}
     assert all(f.Type == flow_pb2.L3_L4 and f.uuid and f.HasField("time") for f in flows)
-    assert responses[-1].lost_events.num_events_lost == 3
+    # the ring buffer's loss among the last 100: one line, ahead of the flows
+    assert responses[0].lost_events.num_events_lost == 3
     # each line is exactly its message's protobuf JSON: nothing outside the schema
     for line, response in zip(lines, responses, strict=True):
         assert json.loads(line) == json_format.MessageToDict(
             response, preserving_proto_field_name=True
         )
+
+
+# Hubble's wire form of requests and answers, byte for byte: (message, its bytes)
+WIRE = [
+    (observer_pb2.GetFlowsRequest(number=20), b"\x08\x14"),
+    (observer_pb2.GetFlowsRequest(follow=True), b"\x18\x01"),
+    (observer_pb2.GetFlowsRequest(first=True), b"\x48\x01"),
+    (
+        observer_pb2.GetFlowsRequest(whitelist=[flow_pb2.FlowFilter(source_pod=["a/"])]),
+        b"\x32\x04\x12\x02a/",
+    ),
+    (
+        observer_pb2.GetFlowsRequest(blacklist=[flow_pb2.FlowFilter(verdict=[flow_pb2.DROPPED])]),
+        b"\x2a\x03\x2a\x01\x02",  # packed repeated enum
+    ),
+    (observer_pb2.ServerStatusResponse(num_flows=1, max_flows=4095), b"\x08\x01\x10\xff\x1f"),
+    (observer_pb2.GetFlowsResponse(node_name="n"), b"\xc2\x3e\x01n"),  # field 1000
+]
+
+
+@pytest.mark.parametrize(("message", "wire"), WIRE)
+def test_the_wire_form_is_hubbles(message: Any, wire: bytes) -> None:
+    assert message.SerializeToString() == wire
+    assert type(message).FromString(wire) == message
+
+
+def test_the_grpc_paths_are_hubbles() -> None:
+    service = observer_pb2.DESCRIPTOR.services_by_name["Observer"]
+    paths = {f"/{service.full_name}/{m.name}" for m in service.methods}
+    assert paths >= {
+        "/observer.Observer/GetFlows",
+        "/observer.Observer/ServerStatus",
+        "/observer.Observer/GetNodes",
+    }
 
 
 def test_a_field_outside_the_schema_is_refused() -> None:

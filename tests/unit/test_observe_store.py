@@ -185,7 +185,7 @@ def test_last_counts_only_matching_records() -> None:
     store = FlowStore()
     allowed, dropped_flow = flow_response(ALLOWED), flow_response(DROPPED)
     store.extend([allowed, dropped_flow, allowed, dropped_flow, allowed])
-    dropped = FlowFilter(verdict="DROPPED")  # the REST filter still works
+    dropped = FlowMatcher.build([flow_pb2.FlowFilter(verdict=[flow_pb2.DROPPED])])
     assert store.last(5, dropped) == [dropped_flow] * 2
     assert store.last(1, dropped) == [dropped_flow]
 
@@ -295,7 +295,8 @@ def test_a_waiting_follower_wakes_for_a_new_record() -> None:
 def test_a_follower_only_gets_what_its_filter_matches() -> None:
     async def scenario() -> list[Any]:
         store = FlowStore()
-        sub = store.subscribe(follow(matcher=FlowFilter(verdict="DROPPED")))
+        dropped = FlowMatcher.build([flow_pb2.FlowFilter(verdict=[flow_pb2.DROPPED])])
+        sub = store.subscribe(follow(matcher=dropped))
         store.extend(flow_response(f) for f in (ALLOWED, DROPPED, ALLOWED))
         return [*await _take(sub, 1), sub.missed]
 

@@ -40,9 +40,7 @@ from membrane.api.models import (
 from membrane.api.openapi import openapi_document
 from membrane.bpf.probe import missing_capabilities
 from membrane.errors import NotFound, NotPermitted, UserError
-from membrane.observe.flowfilter import FlowFilter
-from membrane.observe.record import response_dict
-from membrane.observe.store import FlowQuery, FlowStore
+from membrane.observe.store import FlowStore
 from membrane.policy import validate
 
 if TYPE_CHECKING:
@@ -125,7 +123,6 @@ class AgentServer:
         r.add_post("/v1/policies", self.import_policies)
         r.add_delete("/v1/policies", self.delete_policies)
         r.add_post("/v1/policy/trace", self.trace)
-        r.add_get("/v1/flows", self.get_flows)
         return app
 
     async def _json(self, request: web.Request) -> Any:
@@ -209,29 +206,6 @@ class AgentServer:
             None, trace, self.agent.snapshot, req
         )
         return web.json_response(result)
-
-    async def get_flows(self, request: web.Request) -> web.StreamResponse:
-        q = dict(request.query)
-        try:
-            last = int(q.pop("last", "20"))
-        except ValueError:
-            raise UserError("last", "must be a whole number") from None
-        follow = q.pop("follow", "0") in ("1", "true")
-        flt = FlowFilter.from_params(q)
-        if not follow:
-            items = self.flows.last(last, flt)
-            return web.json_response({"flows": [response_dict(item) for item in items]})
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await resp.prepare(request)
-        sub = self.flows.subscribe(FlowQuery(number=last, follow=True, matcher=flt))
-        try:
-            async for item in sub:
-                await resp.write(json.dumps(response_dict(item)).encode() + b"\n")
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
-        finally:
-            self.flows.unsubscribe(sub)
-        return resp
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def _gc_loop(self) -> None:

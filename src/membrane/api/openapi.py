@@ -82,11 +82,6 @@ _SCHEMAS: dict[str, Any] = {
         },
     },
     "PolicyChange": _POLICY_CHANGE,
-    "Flow": {
-        "type": "object",
-        "description": "a flow record; field names follow Hubble's flow JSON",
-        "additionalProperties": True,
-    },
 }
 
 
@@ -194,31 +189,6 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Explain the verdict for a connection and the rule that decides it",
                 "requestBody": _body(TraceRequest),
                 "responses": {"200": _json({"type": "object"}), **_errors(400, 404)},
-            }
-        },
-        "/v1/flows": {
-            "get": {
-                "summary": "Recent flows; with follow=1 an NDJSON stream of new ones",
-                "parameters": _query(
-                    "last", "follow", "namespace", "pod", "verdict", "protocol", "port"
-                ),
-                "responses": {
-                    "200": {
-                        "description": "flows",
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "properties": {
-                                        "flows": {"type": "array", "items": _ref("Flow")}
-                                    },
-                                }
-                            },
-                            "application/x-ndjson": {"schema": _ref("Flow")},
-                        },
-                    },
-                    **_errors(400),
-                },
             }
         },
     }
