@@ -47,6 +47,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, LB_MAX_BACKENDS);
+	__uint(map_flags, BPF_F_MMAPABLE); /* the control plane scans it without a syscall */
 	__type(key, __u32);
 	__type(value, struct lb_backend);
 } lb_backends SEC(".maps");

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import numpy as np
 from membrane.abi import LB_MAX_BACKENDS, LB_MAX_VIPS
 from membrane.bpf import BpfError, Map
 from membrane.bpf import _libbpf as L
+from membrane.bpf.maps import possible_cpus
 from membrane.errors import UserError
 from membrane.filter.rules import IPAddress, address_bytes
 from membrane.lb.frontend import Vip
@@ -108,6 +110,7 @@ class LbTables:
         self.stats = open_map("lb_stats")
         self.config = open_map("lb_config")
         self.conntrack = open_map("lb_conntrack")
+        self._backends_memory: mmap.mmap | None = None
 
     # ---- reading -------------------------------------------------------------------------
     def _vip_key(self, vip: Vip) -> ctypes.Structure:
@@ -122,37 +125,46 @@ class LbTables:
         return self.vips.lookup(self._vip_key(vip))
 
     def _backend_records(self) -> np.ndarray:
-        """All of lb_backends as a numpy record array (one batch read)."""
-        _, raw = self.backends.lookup_batch_raw(chunk=LB_MAX_BACKENDS)
-        return np.frombuffer(raw, dtype=np.dtype(self.backends.value_type))
+        """All of lb_backends as a numpy record array, copied from the map's memory (a
+        batch read of its 65,536 entries cost ~20 ms)."""
+        if self._backends_memory is None:
+            self._backends_memory = self.backends.mmap()
+        dtype = np.dtype(self.backends.value_type)
+        return np.frombuffer(
+            self._backends_memory, dtype=dtype, count=self.backends.max_entries
+        ).copy()
+
+    def _service(self, vip: Vip, value: ctypes.Structure, records: np.ndarray) -> Service:
+        mine = np.nonzero(records["service"] == value.service)[0]
+        backends = [
+            Backend(
+                int(i),
+                _addr(records["addr"][i].tobytes(), int(records["family"][i])),
+                int(records["weight"][i]),
+            )
+            for i in mine
+        ]
+        return Service(vip, value.service, value.table_size, backends)
 
     def services(self, with_stats: bool = False) -> list[Service]:
         records = self._backend_records()
         found = []
-        for key, value in self.vips.items():
+        for key, value in self.vips.lookup_batch():
             vip = Vip(_addr(bytes(key.addr), key.family), key.port, key.protocol)
-            mine = np.nonzero(records["service"] == value.service)[0]
-            backends = [
-                Backend(
-                    int(i),
-                    _addr(records["addr"][i].tobytes(), int(records["family"][i])),
-                    int(records["weight"][i]),
-                )
-                for i in mine
-            ]
+            svc = self._service(vip, value, records)
             if with_stats:
-                for b in backends:
+                for b in svc.backends:
                     per_cpu = self.backend_stats.lookup(b.id)
                     b.packets = sum(c.packets for c in per_cpu)
                     b.bytes = sum(c.bytes for c in per_cpu)
-            found.append(Service(vip, value.service, value.table_size, backends))
+            found.append(svc)
         return sorted(found, key=lambda s: (s.vip.addr.version, s.vip.addr, s.vip.port))
 
     def service(self, vip: Vip, field: str = "VIP") -> Service:
-        for svc in self.services():
-            if svc.vip == vip:
-                return svc
-        raise UserError(field, f"no VIP {vip} (see `membrane lb list`)")
+        value = self.lookup_vip(vip)
+        if value is None:
+            raise UserError(field, f"no VIP {vip} (see `membrane lb list`)")
+        return self._service(vip, value, self._backend_records())
 
     def table(self, service_id: int) -> np.ndarray:
         """The service's Maglev table as the datapath reads it (backend ids)."""
@@ -169,12 +181,13 @@ class LbTables:
     def add_vip(self, vip: Vip, table_size: int) -> Service:
         if self.lookup_vip(vip) is not None:
             raise UserError("VIP", f"{vip} exists already")
-        used = {v.service for _, v in self.vips.items()}
+        used = {v.service for _, v in self.vips.lookup_batch()}
         free = next((i for i in range(1, LB_MAX_VIPS) if i not in used), None)
         if free is None:
             raise UserError("VIP", f"this LB holds {LB_MAX_VIPS - 1} VIPs, the most it can")
         svc = Service(vip, free, table_size, [])
-        self._publish(svc)  # an empty table before the VIP exists
+        # no table yet (delete_vip removed the id's last one): the datapath drops the
+        # VIP's packets as having no backend
         self.vips.update(
             self._vip_key(vip), self.vips.value_type(service=free, table_size=table_size)
         )
@@ -189,25 +202,31 @@ class LbTables:
 
     def set_backend(self, vip: Vip, addr: IPAddress, weight: int) -> Backend:
         """Add a backend (or change its weight)."""
+        return self.set_backends(vip, [(addr, weight)])[0]
+
+    def set_backends(self, vip: Vip, wanted: list[tuple[IPAddress, int]]) -> list[Backend]:
+        """Add backends (or change their weights), then publish one new table."""
         svc = self.service(vip)
-        for b in svc.backends:
-            if b.addr == addr:
-                b.weight = weight
-                self._write_backend(b, svc.id)
-                self._publish(svc)
-                return b
-        used = set(np.nonzero(self._backend_records()["service"])[0].tolist())
-        free = next((i for i in range(1, LB_MAX_BACKENDS) if i not in used), None)
-        if free is None:
-            raise UserError(
-                "ADDR", f"this LB holds {LB_MAX_BACKENDS - 1} backends, the most it can"
-            )
-        backend = Backend(free, addr, weight)
-        self.backend_stats.update(free, [bytes(16)] * len(self.backend_stats.lookup(free)))
-        self._write_backend(backend, svc.id)  # first the record, then a table naming it
-        svc.backends.append(backend)
+        records = self._backend_records()
+        free = iter(np.flatnonzero(records["service"][1:] == 0) + 1)
+        by_addr = {b.addr: b for b in svc.backends}
+        result = []
+        for addr, weight in wanted:
+            backend = by_addr.get(addr)
+            if backend is None:
+                backend_id = next(free, None)
+                if backend_id is None:
+                    raise UserError(
+                        "ADDR", f"this LB holds {LB_MAX_BACKENDS - 1} backends, the most it can"
+                    )
+                backend = by_addr[addr] = Backend(int(backend_id), addr, weight)
+                self.backend_stats.update(backend.id, [bytes(16)] * possible_cpus())
+                svc.backends.append(backend)
+            backend.weight = weight
+            self._write_backend(backend, svc.id)  # first the record, then a table naming it
+            result.append(backend)
         self._publish(svc)
-        return backend
+        return result
 
     def remove_backend(self, vip: Vip, addr: IPAddress) -> None:
         svc = self.service(vip)
@@ -231,7 +250,10 @@ class LbTables:
         self.backends.update(backend_id, bytes(self.backends.value_size))
 
     def _publish(self, svc: Service) -> None:
-        """Build the service's Maglev table and switch the datapath to it."""
+        """Build the service's Maglev table and switch the datapath to it. The kernel
+        returns from the switch only once no program still reads the old table (it waits
+        for an RCU grace period on map-in-map updates), so what the old table named can be
+        freed right after."""
         names = [str(b.addr) for b in svc.backends]
         owners = build_table(names, svc.table_size, [b.weight for b in svc.backends])
         ids = np.array([b.id for b in svc.backends] + [0], dtype=np.uint32)
