@@ -55,9 +55,9 @@ def kernel_reasons() -> set[str]:
 
 
 @contextlib.contextmanager
-def udp_socket(ns: str) -> Iterator[socket.socket]:
+def udp_socket(ns: str, family: int = 4) -> Iterator[socket.socket]:
     with netns.inside(ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         yield s
     finally:
@@ -93,20 +93,24 @@ def reason_of(flow: dict[str, Any]) -> str:
     return flow["Summary"].removeprefix("kernel ").split()[0].rstrip(";")
 
 
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_udp_to_a_port_without_socket_is_a_no_socket_drop_of_the_receiver(
-    monitor: Cluster,
+    monitor: Cluster, family: int
 ) -> None:
     c = monitor
     a, b = c.pods["x/a"], c.pods["x/b"]
-    port = 9999  # the echo server listens on 80-82 only
-    with udp_socket(a.netns) as s:
+    src, dst = (a.ip, b.ip) if family == 4 else (a.ip6, b.ip6)
+    if dst is None:
+        pytest.skip("the agent's pods have no IPv6 address")
+    port = 9999 - family  # the echo server listens on 80-82 only
+    with udp_socket(a.netns, family) as s:
         flow = send_until_seen(
             c,
-            lambda: s.sendto(b"anyone?", (b.ip, port)),
+            lambda: s.sendto(b"anyone?", (dst, port)),
             lambda f: f["l4"].get("UDP", {}).get("destination_port") == port,
         )
     assert reason_of(flow) == "NO_SOCKET"
-    assert flow["IP"] == {"source": a.ip, "destination": b.ip, "ipVersion": "IPv4"}
+    assert flow["IP"] == {"source": src, "destination": dst, "ipVersion": f"IPv{family}"}
     # dropped in b's namespace, on its way in: b's ingress, a as the source
     assert flow["traffic_direction"] == "INGRESS"
     assert (flow["destination"]["namespace"], flow["destination"]["pod_name"]) == ("x", "b")

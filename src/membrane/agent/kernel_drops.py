@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from membrane import netns
-from membrane.abi import DROP_EVENT_KERNEL, MEMBRANE_EVENT_VERSION, Direction, FlowEventType
+from membrane.abi import (
+    DROP_EVENT_KERNEL,
+    DROP_IGNORED_MAX,
+    MEMBRANE_EVENT_VERSION,
+    Direction,
+    FlowEventType,
+)
 from membrane.bpf import BpfObject
 from membrane.bpf.btf import FUNC_PROTO, PTR, TYPEDEF, Btf, kernel_btf
 from membrane.bpf.errors import BpfError
@@ -117,7 +123,9 @@ def load_config(names: dict[int, str]) -> dict[str, Any]:
     ignored = [by_name[n] for n in OWN_PROGRAM_REASONS if n in by_name]
     return {
         "first_drop_reason": by_name["NOT_SPECIFIED"] + 1,
-        "ignored_reasons": np.array(ignored + [0] * (4 - len(ignored)), dtype=np.uint32).tobytes(),
+        "ignored_reasons": np.array(
+            ignored + [0] * (DROP_IGNORED_MAX - len(ignored)), dtype=np.uint32
+        ).tobytes(),
     }
 
 
