@@ -155,3 +155,18 @@ def test_not_ip_is_none() -> None:
     assert kd.parse_headers(b"") is None
     assert kd.parse_headers(b"\x00" * 40) is None
     assert kd.parse_headers(bytes(IP())[:19]) is None
+
+
+def test_kernel_drops_option() -> None:
+    from membrane.agent.config import make_config
+    from membrane.errors import UserError
+
+    def config(value: str) -> bool:
+        return make_config(
+            "/tmp/s", "/tmp/s.sock", None, "198.18.0.0/16", kernel_drops=value
+        ).kernel_drops
+
+    assert config("true") and not config("false")
+    with pytest.raises(UserError) as err:
+        config("maybe")
+    assert err.value.field == "kernel-drops"
