@@ -15,6 +15,7 @@ import contextlib
 import shutil
 import socket
 import subprocess
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,17 @@ from membrane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.root
 
-cluster = cluster_fixture(namespaces=("x",), pod_names=("a", "b"))
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS = f"127.0.0.1:{free_port()}"
+cluster = cluster_fixture(
+    namespaces=("x",), pod_names=("a", "b"), extra_args=("--hubble-metrics-server", METRICS)
+)
 UNROUTED = "198.19.77.7"  # in the test range, and routed nowhere in the node
 OFF_LINE = "kernel drop monitor off"
 
@@ -191,6 +202,38 @@ def test_drops_in_a_namespace_the_agent_does_not_know_are_not_reported(
     finally:
         netns.delete(stranger)
     assert not kernel_drops(c, lambda f: f["IP"].get("source") == "127.0.0.1")
+
+
+def unknown_udp_drops() -> float:
+    """hubble_drop_total{reason="DROP_REASON_UNKNOWN",protocol="UDP"} as the agent exports
+    it (0 before the first)."""
+    with urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if (
+            line.startswith("hubble_drop_total{")
+            and 'reason="DROP_REASON_UNKNOWN"' in line
+            and 'protocol="UDP"' in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_kernel_drops_count_in_hubble_drop_total(monitor: Cluster) -> None:
+    """The datapath's own drops always have a reason Hubble knows: only kernel drops are
+    counted as DROP_REASON_UNKNOWN."""
+    c = monitor
+    a, b = c.pods["x/a"], c.pods["x/b"]
+    port = 9990
+    with udp_socket(a.netns) as s:
+        send_until_seen(
+            c,
+            lambda: s.sendto(b"count me", (b.ip, port)),
+            lambda f: f["l4"].get("UDP", {}).get("destination_port") == port,
+        )
+    seen = len(kernel_drops(c, lambda f: "UDP" in f["l4"]))
+    # counted as they are delivered; the store may have let old flows go
+    assert wait_for("the drops counted", lambda: unknown_udp_drops() >= seen > 0)
 
 
 def test_the_agent_says_when_the_monitor_is_off(why_off: str | None, tmp_path: Path) -> None:

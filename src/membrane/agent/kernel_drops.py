@@ -179,9 +179,11 @@ class KernelDrops:
         self,
         agent: Agent,
         deliver: Callable[[list[Any]], Any],  # observer.GetFlowsResponse messages
+        observe: Callable[[list[FlowEvent], Snapshot], Any] | None = None,
     ) -> None:
         self.agent = agent
         self.deliver = deliver
+        self.observe = observe  # as the FlowReader's: the metrics count the drops there
         self.names = drop_reason_names(kernel_btf())
         self._obj = BpfObject.open("drop_monitor")
         self._link: Link | None = None
@@ -310,7 +312,7 @@ class KernelDrops:
         from membrane.agent.flows import AgentResolver
 
         resolver = AgentResolver(snapshot)
-        out = []
+        out, events = [], []
         for row in batch:
             drop = self.flow_event(row, snapshot)
             if drop is None:
@@ -320,6 +322,9 @@ class KernelDrops:
             response = event_response(event, resolver, node)
             self._describe(response.flow, row, reason)
             out.append(response)
+            events.append(event)
+        if self.observe is not None and events:
+            self.observe(events, snapshot)
         return out
 
     def flow_event(self, row: np.void, snapshot: Snapshot) -> tuple[FlowEvent, str] | None:
@@ -389,16 +394,21 @@ def kernel_symbol(address: int) -> str | None:
     return _kernel_symbols().lookup(np.array([address], dtype=np.uint64))[0]
 
 
-def start_kernel_drops(agent: Agent, deliver: Callable[[list[Any]], Any]) -> KernelDrops | None:
+def start_kernel_drops(
+    agent: Agent,
+    deliver: Callable[[list[Any]], Any],
+    observe: Callable[[list[FlowEvent], Snapshot], Any] | None = None,
+) -> KernelDrops | None:
     """The monitor, started, when --kernel-drops asks for it and the kernel allows it;
-    otherwise one log line says why it is off (the agent runs on without it)."""
+    otherwise one log line says why it is off (the agent runs on without it). `observe`
+    sees the drops as the FlowReader's sees the datapath's events (from another thread)."""
     if not agent.config.kernel_drops:
         log.info("kernel drop monitor off", extra={"fields": {"why": "--kernel-drops=false"}})
         return None
     if (why := unavailable_reason()) is not None:
         log.warning("kernel drop monitor off", extra={"fields": {"why": why}})
         return None
-    monitor = KernelDrops(agent, deliver)
+    monitor = KernelDrops(agent, deliver, observe)
     try:
         monitor.start()
     except BpfError as err:

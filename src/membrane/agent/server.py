@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import stat
+import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -262,10 +263,12 @@ class AgentServer:
             if self.flow_log is not None:
                 self.flow_log.close()
             raise
+        # Two readers count flows, each on its own thread: one at a time.
+        count = _one_at_a_time(self.metrics.counts.observe) if self.metrics else None
         self._reader = FlowReader(
             self.agent,
             lambda records: loop.call_soon_threadsafe(self.flows.extend, records),
-            observe=self.metrics.counts.observe if self.metrics else None,
+            observe=count,
         )
         if self.metrics is not None:
             reader = self._reader
@@ -274,7 +277,7 @@ class AgentServer:
             )
         self._reader.start()
         self._kernel_drops = start_kernel_drops(
-            self.agent, lambda records: loop.call_soon_threadsafe(self.flows.extend, records)
+            self.agent, lambda records: loop.call_soon_threadsafe(self.flows.extend, records), count
         )
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await runner.setup()
@@ -304,6 +307,16 @@ class AgentServer:
         if self.flow_log is not None:
             self.flow_log.close()
         self._worker.shutdown()
+
+
+def _one_at_a_time(fn: Callable[..., Any]) -> Callable[..., Any]:
+    lock = threading.Lock()
+
+    def locked(*args: Any) -> Any:
+        with lock:
+            return fn(*args)
+
+    return locked
 
 
 def _metrics_servers(config: AgentConfig) -> MetricsServers | None:
