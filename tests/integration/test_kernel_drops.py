@@ -2,8 +2,9 @@
 datapath show up as drop flows of the right pod, with the kernel's reason, read by the real
 agent's drop monitor from skb:kfree_skb. The kernel is made to drop them inside namespaces
 the test's agent created: UDP to a port with no socket in the peer pod (NO_SOCKET), an
-nftables drop rule in a pod's namespace (NETFILTER_DROP), a destination the node has no
-route for (the node drops it on the pod's veth). Drops in a namespace the agent does not
+nftables drop rule in a pod's namespace (NETFILTER_DROP), a socket whose receive queue is
+full (SOCKET_RCVBUFF), a destination the node has no route for (the node drops it on the
+pod's veth). They count in hubble_drop_total. Drops in a namespace the agent does not
 know are not reported.
 
 What to expect comes from the kernel: where the monitor cannot run (no tp_btf, kfree_skb
@@ -160,6 +161,24 @@ def test_nftables_drop_in_a_pod_is_a_netfilter_drop(monitor: Cluster, tmp_path: 
     assert reason_of(flow) == "NETFILTER_DROP"
     assert flow["traffic_direction"] == "INGRESS"
     assert flow["destination"]["pod_name"] == "b" and flow["source"]["pod_name"] == "a"
+
+
+def test_a_full_receive_queue_is_a_socket_rcvbuff_drop(monitor: Cluster) -> None:
+    if "SOCKET_RCVBUFF" not in kernel_reasons():
+        pytest.skip("this kernel's drop reasons have no SOCKET_RCVBUFF")
+    c = monitor
+    a, b = c.pods["x/a"], c.pods["x/b"]
+    port = 7001
+    with udp_socket(b.netns) as sink, udp_socket(a.netns) as s:
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+        sink.bind((b.ip, port))  # and never read: the queue fills after a few datagrams
+        flow = send_until_seen(
+            c,
+            lambda: [s.sendto(b"x" * 1000, (b.ip, port)) for _ in range(20)],
+            lambda f: f["l4"].get("UDP", {}).get("destination_port") == port,
+        )
+    assert reason_of(flow) == "SOCKET_RCVBUFF"
+    assert flow["destination"]["pod_name"] == "b" and flow["traffic_direction"] == "INGRESS"
 
 
 def test_no_route_in_the_node_is_the_senders_egress_drop_on_its_veth(monitor: Cluster) -> None:
