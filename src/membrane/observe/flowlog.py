@@ -24,6 +24,7 @@ from google.protobuf import json_format
 
 from membrane.errors import UserError
 from membrane.hubble.flow import flow_pb2
+from membrane.hubble.json_decode import decode
 from membrane.hubble.observer import observer_pb2
 from membrane.observe.format import json_line
 from membrane.observe.record import lost_response
@@ -235,7 +236,7 @@ def read_tail(settings: FlowLogSettings, count: int) -> list[Item]:
     items, bad = [], 0
     for line in lines:
         try:
-            items.append(json_format.ParseDict(json.loads(line), Item()))
+            items.append(decode(json.loads(line), Item()))
         except (ValueError, json_format.ParseError):
             bad += 1
     if bad:

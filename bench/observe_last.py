@@ -1,0 +1,148 @@
+"""`membrane observe --last 20` against an agent holding many flows (issue 11: < 200 ms
+end to end with 100k flows stored), and what the flow store costs on the way.
+
+    python -m bench.observe_last [--flows N] [--runs R]
+
+The real agent starts with `--hubble-buffer-size` large enough for N flows and a flow log
+of N realistic flows (pods on both sides, labels, TCP, a policy verdict), which it reads
+back into its store on start (the refill time is reported too). Then, alternated run by
+run: the CLI end to end (a new process: start-up, gRPC connect, the query, printing), the
+same query from this process over the Observer API (the agent's share), and both with a
+filter that matches only the oldest flows (the store's worst case: a scan of every flow),
+and `--first 20`. A second agent with the default buffer (4095) is measured alike. Prints
+JSON; summary on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench._common import emit, exit_on_sigterm, machine, median
+from membrane.hubble.client import ObserverClient, default_server
+from membrane.hubble.flow import flow_pb2
+from membrane.hubble.observer import observer_pb2
+from membrane.observe.format import json_line
+from membrane.observe.record import flow_response
+from membrane.testing.agent import membrane_command, running_agent
+
+TARGET_MS = 200.0
+START = 1_796_500_000  # seconds: the flows' first time
+RARE_NAMESPACE = "rare"  # only the first 10 flows: a filter for them scans every flow
+
+
+def flow(n: int) -> observer_pb2.GetFlowsResponse:
+    f = flow_pb2.Flow(uuid=f"bench-{n:08d}", verdict=flow_pb2.FORWARDED, node_name="bench")
+    f.time.FromNanoseconds(START * 1_000_000_000 + n * 1_000_000)
+    f.IP.source, f.IP.destination, f.IP.ipVersion = "198.18.0.10", "198.18.0.11", flow_pb2.IPv4
+    f.l4.TCP.source_port, f.l4.TCP.destination_port = 40000 + n % 20000, 80
+    f.l4.TCP.flags.SYN = True
+    namespace = RARE_NAMESPACE if n < 10 else "shop"
+    for side, name, ident in ((f.source, "web", 256), (f.destination, "db", 257)):
+        side.ID, side.identity, side.namespace, side.pod_name = ident - 240, ident, namespace, name
+        side.labels.extend([f"k8s:app={name}", f"k8s:io.kubernetes.pod.namespace={namespace}"])
+    f.Type = flow_pb2.L3_L4
+    f.event_type.type = 5
+    f.traffic_direction = flow_pb2.INGRESS
+    f.Summary = "TCP Flags: SYN"
+    return flow_response(f)
+
+
+def write_flow_log(path: Path, count: int) -> None:
+    with open(path, "w") as out:
+        for n in range(count):
+            out.write(json_line(flow(n)) + "\n")
+
+
+def buffer_for(count: int) -> int:
+    size = 4095
+    while size < count:
+        size = size * 2 + 1
+    return size
+
+
+def timed_ms(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1000
+
+
+def measure(socket: str, runs: int) -> dict[str, Any]:
+    server = default_server(socket)
+    client = ObserverClient.connect(server)
+    rare = flow_pb2.FlowFilter(source_pod=[f"{RARE_NAMESPACE}/"])
+    cases = {
+        "--last 20": (["--last", "20"], observer_pb2.GetFlowsRequest(number=20)),
+        "--last 20 (filter matching the oldest only)": (
+            ["--last", "20", "--from-pod", f"{RARE_NAMESPACE}/"],
+            observer_pb2.GetFlowsRequest(number=20, whitelist=[rare]),
+        ),
+        "--first 20": (["--first", "20"], observer_pb2.GetFlowsRequest(number=20, first=True)),
+    }
+    out: dict[str, Any] = {}
+    for name, (flags, request) in cases.items():
+        argv = [membrane_command(), "observe", "--server", server, *flags]
+        cli, api = [], []
+        for _ in range(runs):  # alternated, so that drift hits both alike
+            cli.append(
+                timed_ms(lambda argv=argv: subprocess.run(argv, check=True, capture_output=True))
+            )
+            api.append(timed_ms(lambda request=request: list(client.get_flows(request))))
+        got = [r for r in client.get_flows(request) if r.HasField("flow")]
+        out[f"observe {name}"] = {
+            "cli_ms_median": round(median(cli), 1),
+            "cli_ms_max": round(max(cli), 1),
+            "grpc_in_process_ms_median": round(median(api), 2),
+            "flows_returned": len(got),
+            "target_ms": TARGET_MS,
+            "met": median(cli) < TARGET_MS,
+        }
+    status = client.server_status()
+    out["server_status"] = {"num_flows": status.num_flows, "max_flows": status.max_flows}
+    client.close()
+    return out
+
+
+def scenario(count: int, buffer: int, runs: int, tag: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="membrane-bench-observe-") as tmp:
+        log = Path(tmp) / "flows.log"
+        write_flow_log(log, count)
+        args = ["--hubble-buffer-size", str(buffer), "--flow-log", str(log)]
+        t0 = time.perf_counter()
+        with running_agent(tag, Path(tmp), log_level="info", extra_args=args) as agent:
+            started_s = time.perf_counter() - t0
+            result = measure(agent.socket, runs)
+            result["agent_start_with_refill_s"] = round(started_s, 2)
+            result["flow_log_bytes"] = log.stat().st_size
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--flows", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    exit_on_sigterm()
+    result: dict[str, Any] = {"machine": machine(), "flows_written": args.flows}
+    big = buffer_for(args.flows)
+    result[f"buffer {big}"] = scenario(args.flows, big, args.runs, "mbbol")
+    result["buffer 4095 (default)"] = scenario(args.flows, 4095, args.runs, "mbbod")
+    summary = []
+    for key in (f"buffer {big}", "buffer 4095 (default)"):
+        for name, entry in result[key].items():
+            if isinstance(entry, dict) and "cli_ms_median" in entry:
+                summary.append(
+                    f"{key}: {name}: CLI {entry['cli_ms_median']} ms (target < {TARGET_MS:g}), "
+                    f"agent share {entry['grpc_in_process_ms_median']} ms, "
+                    f"{entry['flows_returned']} flows"
+                )
+        summary.append(f"{key}: start with refill {result[key]['agent_start_with_refill_s']} s")
+    emit(result, summary)
+
+
+if __name__ == "__main__":
+    main()
