@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from membrane.abi import LB_HASH_SEED as FLOW_HASH_SEED
+from membrane.abi import LB_HASH_WORDS as WORDS
+
 JHASH_INITVAL = 0xDEADBEEF
-FLOW_HASH_SEED = 0x4D4C4221  # "MLB!": fixed, so every LB with the same table agrees
-WORDS = 10
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DEFAULT_SIZE = 16381  # prime, Cilium's default
+from membrane.abi import LB_DEFAULT_TABLE_SIZE as DEFAULT_SIZE  # prime, Cilium's default
+
 MAX_SIZE = 1 << 20  # inner table entries a VIP may ask for (4 MiB of u32)
 MAX_WEIGHT = 65535
 
