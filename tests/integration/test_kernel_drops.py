@@ -223,6 +223,20 @@ def test_drops_in_a_namespace_the_agent_does_not_know_are_not_reported(
     assert not kernel_drops(c, lambda f: f["IP"].get("source") == "127.0.0.1")
 
 
+def test_a_restarted_agent_watches_the_pods_it_adopts(monitor: Cluster) -> None:
+    c = monitor
+    a, b = c.pods["x/a"], c.pods["x/b"]
+    c.agent.restart()  # the monitor is not pinned: the new agent loads its own
+    port = 9991
+    with udp_socket(a.netns) as s:
+        flow = send_until_seen(
+            c,
+            lambda: s.sendto(b"still there?", (b.ip, port)),
+            lambda f: f["l4"].get("UDP", {}).get("destination_port") == port,
+        )
+    assert reason_of(flow) == "NO_SOCKET" and flow["destination"]["pod_name"] == "b"
+
+
 def unknown_udp_drops() -> float:
     """hubble_drop_total{reason="DROP_REASON_UNKNOWN",protocol="UDP"} as the agent exports
     it (0 before the first)."""
@@ -244,15 +258,12 @@ def test_kernel_drops_count_in_hubble_drop_total(monitor: Cluster) -> None:
     c = monitor
     a, b = c.pods["x/a"], c.pods["x/b"]
     port = 9990
+    before = unknown_udp_drops()
+    to_port = lambda f: f["l4"].get("UDP", {}).get("destination_port") == port  # noqa: E731
     with udp_socket(a.netns) as s:
-        send_until_seen(
-            c,
-            lambda: s.sendto(b"count me", (b.ip, port)),
-            lambda f: f["l4"].get("UDP", {}).get("destination_port") == port,
-        )
-    seen = len(kernel_drops(c, lambda f: "UDP" in f["l4"]))
-    # counted as they are delivered; the store may have let old flows go
-    assert wait_for("the drops counted", lambda: unknown_udp_drops() >= seen > 0)
+        send_until_seen(c, lambda: s.sendto(b"count me", (b.ip, port)), to_port)
+    seen = len(kernel_drops(c, to_port))
+    assert wait_for("the drops counted", lambda: unknown_udp_drops() - before >= seen > 0)
 
 
 def test_the_agent_says_when_the_monitor_is_off(why_off: str | None, tmp_path: Path) -> None:
