@@ -259,7 +259,10 @@ def test_kernel_drops_count_in_hubble_drop_total(monitor: Cluster) -> None:
     a, b = c.pods["x/a"], c.pods["x/b"]
     port = 9990
     before = unknown_udp_drops()
-    to_port = lambda f: f["l4"].get("UDP", {}).get("destination_port") == port  # noqa: E731
+
+    def to_port(f: dict[str, Any]) -> bool:
+        return f["l4"].get("UDP", {}).get("destination_port") == port
+
     with udp_socket(a.netns) as s:
         send_until_seen(c, lambda: s.sendto(b"count me", (b.ip, port)), to_port)
     seen = len(kernel_drops(c, to_port))
