@@ -157,10 +157,10 @@ def run(
     monitor_aggregation: str = typer.Option(
         "medium",
         "--monitor-aggregation",
-        help="Trace events of forwarded packets (Cilium's levels): medium samples per "
-        "connection (its first packet, SYN/SYN-ACK, FIN and RST); maximum: none; low/lowest: "
-        "every packet to a pod; none: every packet both ways (an event each). Counters of "
-        "forwarded packets count every packet whatever the level.",
+        help="Trace flows of forwarded packets (Cilium's levels): medium samples per "
+        "connection (its first packet and first reply, then SYN, FIN or RST new to a "
+        "direction); maximum: none; low/lowest: every packet to a pod; none: every packet "
+        "both ways (an event each). Forward counters count every packet at any level.",
     ),
     prometheus_serve_addr: str = typer.Option(
         "",
