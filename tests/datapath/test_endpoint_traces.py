@@ -9,15 +9,26 @@ whatever the level; drops are not."""
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 
 import pytest
-from endpoint_harness import EP_ID, EP_IP, EP_IP6, EndpointDatapath, Outcome, allow
+from endpoint_harness import (
+    EP_ID,
+    EP_IP,
+    EP_IP6,
+    EndpointDatapath,
+    Outcome,
+    allow,
+    temporary_pin_dir,
+)
 from packets import icmp_error, icmp_message, packet, tcp_segment
 
-from membrane.datapath import Direction, FlowEventType, FlowMatch
-from membrane.datapath.monitor import forward_counts, set_monitor_aggregation
+from membrane.abi import TraceMode
+from membrane.datapath import Direction, FlowEventType, FlowMatch, NodeMaps
+from membrane.datapath.monitor import forward_counts, set_monitor_aggregation, trace_mode
+from membrane.datapath.upgrade import changed_node_maps
 
 pytestmark = pytest.mark.root
 
@@ -210,3 +221,22 @@ def test_forward_counters_count_every_passed_packet_per_direction(dp: EndpointDa
         EGRESS: (1 + 5 + 1, 6 * n + len(bytes(ping))),
         INGRESS: (1, n),
     }
+
+
+def test_pins_of_a_build_without_the_new_maps_are_completed_and_keep_conntrack() -> None:
+    """An agent of the build before trace events pinned no `forwards` nor `monitor_config`:
+    opening its pins adds them and leaves conntrack (same ct_entry layout) as it was, so
+    an upgrade carries established connections over without a migration."""
+    with temporary_pin_dir() as pin_dir:
+        with NodeMaps.open(pin_dir) as maps:
+            key = maps.ct.key_type(saddr=1, daddr=2, sport=3, dport=4, proto=6, ep_id=EP_ID)
+            maps.ct.update(key, maps.ct.value_type(expires_ns=1 << 62, tcp_flags_orig=0x12))
+        for name in ("forwards", "monitor_config"):  # as the older build left the node
+            os.unlink(os.path.join(pin_dir, name))
+        assert changed_node_maps(pin_dir) == []
+        with NodeMaps.open(pin_dir) as maps:
+            assert set(os.listdir(pin_dir)) >= {"forwards", "monitor_config"}
+            ((k, v),) = maps.ct.items()
+            assert (k.sport, v.tcp_flags_orig) == (3, 0x12)
+            assert trace_mode(maps.monitor_config) == TraceMode.OFF  # until the agent sets it
+            assert forward_counts(maps.forwards) == {EGRESS: (0, 0), INGRESS: (0, 0)}
