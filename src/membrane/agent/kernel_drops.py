@@ -408,11 +408,13 @@ def start_kernel_drops(
     if (why := unavailable_reason()) is not None:
         log.warning("kernel drop monitor off", extra={"fields": {"why": why}})
         return None
-    monitor = KernelDrops(agent, deliver, observe)
+    monitor = None
     try:
+        monitor = KernelDrops(agent, deliver, observe)
         monitor.start()
-    except BpfError as err:
-        monitor.stop()
+    except BpfError as err:  # a missing object, or a load or attach the kernel refused
+        if monitor is not None:
+            monitor.stop()
         log.warning("kernel drop monitor off", extra={"fields": {"why": str(err)}})
         return None
     return monitor
