@@ -4,8 +4,10 @@ Hubble's flow.Flow message (membrane.hubble), so tools written for Hubble read o
 A flow names both sides of the packet the way Hubble does (`source` is the packet's
 sender, `destination` its receiver, each with identity, namespace, pod name and labels),
 says what happened (`verdict`, `drop_reason_desc` with Cilium's numbers) and which policy
-decided it (`ingress_allowed_by`, `egress_denied_by`, ...). The agent supplies what the
-event only has numbers for through a `Resolver`.
+decided it (`ingress_allowed_by`, `egress_denied_by`, ...). Trace events (forwarded packets
+the datapath samples per connection, membrane.datapath.monitor) become Hubble's trace flows
+(event type 4) at to-endpoint or from-endpoint. The agent supplies what the event only has
+numbers for through a `Resolver`.
 """
 
 from __future__ import annotations
