@@ -10,6 +10,7 @@
  */
 #include "include/common.h"
 #include <linux/if_ether.h>
+#include <linux/icmpv6.h>
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
@@ -130,17 +131,150 @@ static __always_inline __u32 pick_backend(const struct lb_flow_key *fk, const st
 	return slot;
 }
 
-static __always_inline __u16 ipv4_csum(const struct iphdr *ip)
+/* The Internet checksum (RFC 1071) of `len` bytes, continuing from `sum` (an earlier
+ * part's folded, uncomplemented sum), in network byte order. Bytes are read one at a
+ * time: a 16-bit load of memory just written through other types may be reordered by
+ * the compiler (strict aliasing), a byte load may not. */
+static __always_inline __u16 csum_partial_(const __u8 *byte, int len, __u32 sum)
 {
-	const __u16 *word = (const __u16 *)ip;
-	__u32 sum = 0;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i + 1 < len; i += 2)
+		sum += (__u32)byte[i] << 8 | byte[i + 1];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return sum;
+}
 
-#pragma unroll
-	for (int i = 0; i < (int)(sizeof(*ip) / 2); i++)
-		sum += word[i];
+static __always_inline __be16 csum_finish_(__u32 sum)
+{
+	return bpf_htons((__u16)~sum);
+}
+
+static __always_inline __be16 ipv4_csum(const struct iphdr *ip)
+{
+	return csum_finish_(csum_partial_((const __u8 *)ip, sizeof(*ip), 0));
+}
+
+/* The checksum of the outer IPv4 header encapsulate() writes (no options, id 0, no
+ * fragment bits, TTL 64, protocol IPIP), from its variable fields: the per-packet path
+ * reads no memory for it. */
+static __always_inline __be16 outer4_csum(__u8 tos, __u16 tot_len, const __u8 *src,
+					  const __u8 *dst)
+{
+	__u32 sum = (0x45 << 8 | tos) + tot_len + (64 << 8 | IPPROTO_IPIP);
+
+	sum += (__u32)src[0] << 8 | src[1];
+	sum += (__u32)src[2] << 8 | src[3];
+	sum += (__u32)dst[0] << 8 | dst[1];
+	sum += (__u32)dst[2] << 8 | dst[3];
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
-	return ~sum;
+	return csum_finish_(sum);
+}
+
+/* What an ICMP error quotes of the packet it is about: its IP header and 8 bytes. */
+#define QUOTE4 (sizeof(struct iphdr) + 8)
+#define QUOTE6 (sizeof(struct ipv6hdr) + 8)
+
+struct icmp_too_big {
+	__u8 type;
+	__u8 code;
+	__be16 check;
+	__u32 rest;  /* IPv4: unused (16) and next-hop MTU (16); IPv6: the MTU (32) */
+};
+
+/* Turn the (already encapsulated, so outer_len bytes longer) frame into an ICMP
+ * "fragmentation needed" / ICMPv6 "packet too big" to the client, as Katran does: the
+ * client lowers its path MTU to the VIP so that its packets fit once encapsulated.
+ * Returns the XDP action. */
+static __always_inline int send_too_big(struct xdp_md *ctx, const struct lb_config *cfg,
+					__u8 family, __u32 outer_len, __u32 mtu)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct {
+		struct icmp_too_big icmp;
+		__u8 quote[QUOTE6];
+	} msg = {};
+	struct ethhdr eth;
+	__u32 quote_len = family == 4 ? QUOTE4 : QUOTE6;
+	__u32 ip_len = family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+	__u32 total = sizeof(eth) + ip_len + sizeof(msg.icmp) + quote_len;
+	__u8 tmp[ETH_ALEN];
+
+	if (data + sizeof(eth) + sizeof(struct ipv6hdr) + QUOTE6 > data_end)
+		return XDP_DROP; /* shorter than any packet that can be too big */
+	__builtin_memcpy(&eth, data, sizeof(eth));
+	if (family == 4)
+		__builtin_memcpy(msg.quote, data + sizeof(eth) + sizeof(struct iphdr), QUOTE4);
+	else
+		__builtin_memcpy(msg.quote, data + sizeof(eth) + sizeof(struct ipv6hdr), QUOTE6);
+	if (bpf_xdp_adjust_tail(ctx, (int)total - (int)(data_end - data)))
+		return XDP_DROP;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (data + sizeof(eth) + sizeof(struct ipv6hdr) + sizeof(msg.icmp) + QUOTE6 > data_end &&
+	    family == 6)
+		return XDP_DROP;
+	if (data + sizeof(eth) + sizeof(struct iphdr) + sizeof(msg.icmp) + QUOTE4 > data_end)
+		return XDP_DROP;
+	__builtin_memcpy(tmp, eth.h_dest, ETH_ALEN);
+	__builtin_memcpy(eth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, tmp, ETH_ALEN);
+	if (family == 4) {
+		struct iphdr *ip = data + sizeof(eth);
+		const struct iphdr *quoted = (const void *)msg.quote;
+
+		eth.h_proto = bpf_htons(ETH_P_IP);
+		__builtin_memcpy(data, &eth, sizeof(eth));
+		msg.icmp.type = 3; /* destination unreachable */
+		msg.icmp.code = 4; /* fragmentation needed */
+		msg.icmp.rest = bpf_htonl(mtu - outer_len);
+		msg.icmp.check = csum_finish_(
+			csum_partial_((const __u8 *)&msg, sizeof(msg.icmp) + QUOTE4, 0));
+		__builtin_memset(ip, 0, sizeof(*ip));
+		ip->version = 4;
+		ip->ihl = 5;
+		ip->tot_len = bpf_htons(sizeof(*ip) + sizeof(msg.icmp) + QUOTE4);
+		ip->ttl = 64;
+		ip->protocol = IPPROTO_ICMP;
+		__builtin_memcpy(&ip->saddr, cfg->src4, 4);
+		ip->daddr = quoted->saddr;
+		ip->check = ipv4_csum(ip);
+		__builtin_memcpy(ip + 1, &msg, sizeof(msg.icmp) + QUOTE4);
+	} else {
+		struct ipv6hdr *ip6 = data + sizeof(eth);
+		const struct ipv6hdr *quoted = (const void *)msg.quote;
+		struct {
+			__u8 src[16];
+			__u8 dst[16];
+			__u32 len;
+			__u32 next;
+		} pseudo = {};
+
+		if ((void *)ip6 + sizeof(*ip6) + sizeof(msg.icmp) + QUOTE6 > data_end)
+			return XDP_DROP;
+		eth.h_proto = bpf_htons(ETH_P_IPV6);
+		__builtin_memcpy(data, &eth, sizeof(eth));
+		msg.icmp.type = 2; /* packet too big */
+		msg.icmp.rest = bpf_htonl(mtu - outer_len);
+		__builtin_memcpy(pseudo.src, cfg->src6, 16);
+		__builtin_memcpy(pseudo.dst, &quoted->saddr, 16);
+		pseudo.len = bpf_htonl(sizeof(msg.icmp) + QUOTE6);
+		pseudo.next = bpf_htonl(IPPROTO_ICMPV6);
+		msg.icmp.check = csum_finish_(csum_partial_(
+			(const __u8 *)&msg, sizeof(msg),
+			csum_partial_((const __u8 *)&pseudo, sizeof(pseudo), 0)));
+		__builtin_memset(ip6, 0, sizeof(*ip6));
+		ip6->version = 6;
+		ip6->payload_len = bpf_htons(sizeof(msg.icmp) + QUOTE6);
+		ip6->nexthdr = IPPROTO_ICMPV6;
+		ip6->hop_limit = 64;
+		__builtin_memcpy(&ip6->saddr, cfg->src6, 16);
+		__builtin_memcpy(&ip6->daddr, &quoted->saddr, 16);
+		__builtin_memcpy(ip6 + 1, &msg, sizeof(msg));
+	}
+	return XDP_TX;
 }
 
 /* Prepend the outer IP header (the Ethernet header moves to the front); fills `fib`
@@ -181,10 +315,9 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct lb_backe
 		outer->frag_off = 0;
 		outer->ttl = 64;
 		outer->protocol = IPPROTO_IPIP;
-		outer->check = 0;
 		__builtin_memcpy(&outer->saddr, cfg->src4, 4);
 		__builtin_memcpy(&outer->daddr, be->addr, 4);
-		outer->check = ipv4_csum(outer);
+		outer->check = outer4_csum(tos, inner_len + sizeof(*outer), cfg->src4, be->addr);
 		fib->family = AF_INET_;
 		fib->tos = tos;
 		fib->l4_protocol = IPPROTO_IPIP;
@@ -240,7 +373,7 @@ int lb_xdp(struct xdp_md *ctx)
 	struct lb_config *cfg;
 	struct lb_vip *vip;
 	struct pkt p = {};
-	__u32 backend;
+	__u32 backend, encapsulated;
 	void *eth;
 	int res;
 
@@ -279,7 +412,22 @@ int lb_xdp(struct xdp_md *ctx)
 		return verdict(LB_STAT_UNPARSED, len, XDP_DROP);
 
 	fib.ifindex = ctx->ingress_ifindex;
+	encapsulated = fib.tot_len;
 	res = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (res == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		/* A frame that was longer than the MTU before we grew it is a GSO super-frame
+		 * (generic XDP on a device with TSO/GRO: the device segments it later); one
+		 * that fitted and no longer does is really too big. */
+		__u32 outer = p.family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+
+		if (encapsulated - outer <= fib.mtu_result) {
+			count(&lb_stats, LB_STAT_TOO_BIG, len);
+			return send_too_big(ctx, cfg, p.family, outer, fib.mtu_result);
+		}
+		fib.tot_len = 0; /* no MTU check: look up the next hop alone */
+		fib.ifindex = ctx->ingress_ifindex;
+		res = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	}
 	if (res == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		/* the kernel resolves the next hop's MAC and forwards the encapsulated packet */
 		count(&lb_backend_stats, backend, len);

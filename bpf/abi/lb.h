@@ -39,7 +39,8 @@ enum lb_stat {
 	LB_STAT_NEIGH_PASS = 5,   /* backend's MAC unknown: encapsulated packet handed to the
 				   * kernel, which resolves it and forwards (ip_forward on) */
 	LB_STAT_CT_NEW = 6,       /* flows given a backend by the Maglev table */
-	LB_STAT_MAX = 7,
+	LB_STAT_TOO_BIG = 7,      /* encapsulated, it would exceed the route's MTU: dropped */
+	LB_STAT_MAX = 8,
 };
 ABI_EXPORT_ENUM(lb_stat);
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import socket
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from membrane.abi import LbStat
@@ -40,6 +42,15 @@ BACKENDS4 = [f"198.18.250.{i}" for i in range(10, 14)]
 BACKENDS6 = [f"2001:db8:250::{i:x}" for i in range(10, 13)]
 UNRESOLVED4 = "198.18.250.99"  # in the subnet, no neighbour entry
 CLIENT_MAC = "02:00:00:00:01:01"
+
+
+def internet_checksum(data: bytes) -> int:
+    """RFC 1071 over `data`: 0 when `data` includes a correct checksum."""
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
 
 
 @dataclass
@@ -274,3 +285,52 @@ def test_unknown_next_hop_mac_is_left_to_the_kernel(lb: Lb) -> None:
         assert lb.stat(LbStat.NEIGH_PASS)[0] == before[0] + 1
     finally:
         lb.tables.delete_vip(vip)
+
+
+def test_too_big_once_encapsulated_answers_icmp_fragmentation_needed(lb: Lb) -> None:
+    """eth0's MTU is 1500: a 1500-byte packet cannot grow by 20 bytes on that route. The
+    client is told to send at most 1480 (as Katran does), and learns it by PMTU discovery."""
+    frame = tcp4("198.18.7.9", 40000) / (b"x" * (1500 - 45))
+    assert len(frame[IP]) == 1500
+    before = lb.stat(LbStat.TOO_BIG)
+    verdict, out = lb.run(bytes(frame))
+    assert verdict == XDP_TX
+    assert lb.stat(LbStat.TOO_BIG)[0] == before[0] + 1
+    reply = Ether(out)
+    assert (reply.src, reply.dst) == (LB_MAC, CLIENT_MAC)
+    icmp = reply[ICMP]
+    assert (reply[IP].src, reply[IP].dst, icmp.type, icmp.code) == (str(LB4), "198.18.7.9", 3, 4)
+    assert icmp.nexthopmtu == 1480
+    assert bytes(icmp.payload)[:28] == bytes(frame[IP])[:28]  # what it is about
+    assert len(out) == 14 + 20 + 8 + 28
+    assert internet_checksum(out[14 : 14 + 20]) == 0  # valid IPv4 header checksum
+    assert internet_checksum(out[14 + 20 :]) == 0  # valid ICMP checksum
+    fits = tcp4("198.18.7.9", 40001) / (b"x" * (1480 - 45))
+    assert lb.run(bytes(fits))[0] == XDP_TX
+    assert Ether(lb.run(bytes(fits))[1])[IP].proto == 4
+
+
+def test_too_big_ipv6_answers_packet_too_big(lb: Lb) -> None:
+    frame = tcp6("2001:db8:7::9", 40000) / (b"x" * (1500 - 40 - 20 - 6))
+    assert len(frame[IPv6]) == 1500
+    verdict, out = lb.run(bytes(frame))
+    assert verdict == XDP_TX
+    reply = Ether(out)
+    ptb = reply[ICMPv6PacketTooBig]
+    assert (reply[IPv6].src, reply[IPv6].dst, ptb.mtu) == (str(LB6), "2001:db8:7::9", 1460)
+    assert bytes(ptb.payload)[:48] == bytes(frame[IPv6])[:48]
+    icmp6 = out[14 + 40 :]
+    pseudo = socket.inet_pton(socket.AF_INET6, str(LB6)) + socket.inet_pton(
+        socket.AF_INET6, "2001:db8:7::9"
+    )
+    pseudo += struct.pack("!IxxxB", len(icmp6), 58)
+    assert internet_checksum(pseudo + icmp6) == 0  # a valid checksum sums to zero
+
+
+def test_gso_super_frames_are_forwarded(lb: Lb) -> None:
+    """Longer than the MTU before encapsulation: a GSO frame that generic XDP sees whole
+    (a device with TSO/GRO), which the device segments after us."""
+    frame = tcp4("198.18.7.10", 40000) / (b"x" * 3000)
+    verdict, out = lb.run(bytes(frame))
+    assert verdict == XDP_TX
+    assert bytes(out[14 + 20 :]) == bytes(frame[IP])
