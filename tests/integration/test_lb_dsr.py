@@ -244,6 +244,14 @@ def test_tcp_through_the_lb_spreads_over_backends_and_replies_bypass_it(dsr: Dsr
     # the VIP, yet the LB's device received little beyond what it forwarded (ARP/ND).
     assert rx_client >= 2 * connections
     assert rx_lb - forwarded < connections // 2, (rx_lb, forwarded, rx_client)
+    if dsr.decap == "xdp":  # every packet the LB sent was decapsulated by a backend
+        decapsulated = sum(
+            json.loads(lb_cli("decap", "stats", "eth0", "--netns", ns, "-o", "json").stdout)[
+                "decapsulated"
+            ]
+            for ns, _ in dsr.backends
+        )
+        assert decapsulated == after["totals"]["forwarded"]["packets"]
 
 
 def test_established_connections_survive_backend_changes(dsr: Dsr) -> None:

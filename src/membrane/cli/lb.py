@@ -276,3 +276,22 @@ def decap_detach(
     require_root()
     detach_decap(dev, netns)
     typer.echo(f"decapsulation detached from {dev}")
+
+
+@decap_app.command("stats")
+def decap_stats(
+    dev: str = typer.Argument(..., help="The device."),
+    netns: str = typer.Option(None, "--netns", help="Network namespace of the device."),
+    output: str = OUTPUT,
+) -> None:
+    """Packets decapsulated on DEV, and those passed untouched."""
+    from membrane.lb.decap import decap_counts
+    from membrane.lb.manager import require_root
+
+    output = _output(output)
+    require_root()
+    counts = decap_counts(dev, netns)
+    if output == "json":
+        print_json(counts)
+        return
+    print_table(["DECAPSULATED", "PASSED"], [[str(counts["decapsulated"]), str(counts["passed"])]])

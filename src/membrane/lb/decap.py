@@ -72,6 +72,8 @@ def detach_decap(device: str, netns: str | None, pin_root: str | None = None) ->
 
 def decap_counts(device: str, netns: str | None, pin_root: str | None = None) -> dict[str, int]:
     """Packets decapsulated and passed untouched so far."""
+    if not (_path(pin_root, netns, device) / "link").exists():
+        raise UserError("DEV", f"{device} has no decapsulation program of membrane lb")
     with Map.from_pin(str(_path(pin_root, netns, device) / "lb_decap_stats")) as stats:
         decapsulated, passed = (sum(c.packets for c in stats.lookup(i)) for i in (0, 1))
     return {"decapsulated": decapsulated, "passed": passed}
