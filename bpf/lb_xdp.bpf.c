@@ -103,8 +103,8 @@ static __always_inline __u32 pick_backend(const struct lb_flow_key *fk, const st
 					  __u32 len)
 {
 	struct lb_flow *flow = bpf_map_lookup_elem(&lb_conntrack, fk);
+	__u32 slot, *id, words[LB_HASH_WORDS];
 	struct lb_backend *be;
-	__u32 slot, *id;
 	void *table;
 
 	if (flow && flow->service == vip->service) {
@@ -117,7 +117,8 @@ static __always_inline __u32 pick_backend(const struct lb_flow_key *fk, const st
 	table = bpf_map_lookup_elem(&lb_tables, &vip->service);
 	if (!table || !vip->table_size)
 		return 0;
-	slot = jhash2_10((const __u32 *)fk, LB_HASH_SEED) % vip->table_size;
+	__builtin_memcpy(words, fk, sizeof(words)); /* not a cast: the key was written bytewise */
+	slot = jhash2_10(words, LB_HASH_SEED) % vip->table_size;
 	id = bpf_map_lookup_elem(table, &slot);
 	if (!id || !*id)
 		return 0;
