@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from membrane.errors import UserError
 from membrane.filter.rules import parse_port
@@ -230,9 +230,10 @@ def _tcp_flags(filters: Iterable[flow_pb2.TCPFlags]) -> Predicate:
     wanted = tuple(frozenset(name for name in TCP_FLAG_NAMES if getattr(f, name)) for f in filters)
 
     def predicate(flow: flow_pb2.Flow) -> bool:
-        if flow.l4.WhichOneof("protocol") != "TCP" or not flow.l4.TCP.HasField("flags"):
+        tcp = flow.l4.TCP  # an empty message when the flow is not TCP
+        if not tcp.HasField("flags"):
             return False
-        flags = flow.l4.TCP.flags
+        flags = tcp.flags
         return any(all(getattr(flags, name) for name in names) for names in wanted)
 
     return predicate
@@ -256,18 +257,41 @@ def _ips(values: Iterable[str], field: str, get: Callable[[flow_pb2.Flow], str])
     exact = frozenset(addresses)
     nets = tuple(networks)
 
+    def in_networks(address: str) -> bool:
+        parsed = _parse_address(address)
+        return parsed is not None and any(parsed in net for net in nets)
+
+    matched = _Memo(in_networks)  # a flow's peers are few addresses, seen again and again
+
     def predicate(flow: flow_pb2.Flow) -> bool:
         address = get(flow)
         if not address:
             return False
         if address in exact:
             return True
-        if nets:
-            parsed = _parse_address(address)
-            return parsed is not None and any(parsed in net for net in nets)
-        return False
+        return bool(nets) and matched(address)
 
     return predicate
+
+
+class _Memo:
+    """A function's answers by argument, up to `limit` of them (then forgotten at once):
+    the values a filter meets (addresses, label sets) repeat with every flow of an
+    endpoint, and protobuf-side work per flow costs microseconds."""
+
+    __slots__ = ("_answers", "_function", "_limit")
+
+    def __init__(self, function: Callable[[Any], bool], limit: int = 8192) -> None:
+        self._function, self._limit = function, limit
+        self._answers: dict[Any, bool] = {}
+
+    def __call__(self, key: Any) -> bool:
+        answer = self._answers.get(key)
+        if answer is None:
+            if len(self._answers) >= self._limit:
+                self._answers.clear()
+            answer = self._answers[key] = self._function(key)
+        return answer
 
 
 @lru_cache(maxsize=4096)
@@ -333,11 +357,12 @@ def _labels(
 ) -> Predicate:
     selectors = tuple(parse_label_selector(text, field) for text in values)
 
-    def predicate(flow: flow_pb2.Flow) -> bool:
-        labels = _label_set(tuple(get(flow)))
-        return any(selector.matches(labels) for selector in selectors)
+    def selected(labels: tuple[str, ...]) -> bool:
+        label_set = _label_set(labels)
+        return any(selector.matches(label_set) for selector in selectors)
 
-    return predicate
+    matched = _Memo(selected)
+    return lambda flow: matched(tuple(get(flow)))
 
 
 @lru_cache(maxsize=8192)
