@@ -246,15 +246,20 @@ def read_tail(settings: FlowLogSettings, count: int) -> list[Item]:
 
 def _last_lines(path: str, count: int) -> list[bytes]:
     """The last `count` non-empty lines of a file, read backwards block by block."""
+    if count <= 0:
+        return []
+    blocks: list[bytes] = []
+    newlines = 0
     with open(path, "rb") as f:
-        end = f.seek(0, os.SEEK_END)
-        data, at = b"", end
-        while at > 0 and data.count(b"\n") <= count:
+        at = f.seek(0, os.SEEK_END)
+        while at > 0 and newlines <= count:
             step = min(_TAIL_BLOCK, at)
             at -= step
             f.seek(at)
-            data = f.read(step) + data
-    lines = [line for line in data.split(b"\n") if line.strip()]
+            block = f.read(step)
+            newlines += block.count(b"\n")
+            blocks.append(block)
+    lines = [line for line in b"".join(reversed(blocks)).split(b"\n") if line.strip()]
     if at > 0:
         lines = lines[1:]  # the first may be a part of a line
-    return lines[-count:] if count else []
+    return lines[-count:]
