@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 from google.protobuf import json_format
+from observe_support import FakeResolver, event, world_drop
 
 from membrane.errors import UserError
 from membrane.hubble.flow import flow_pb2 as pb
@@ -21,6 +22,7 @@ from membrane.observe.filter_options import (
     raw_filters_yaml,
 )
 from membrane.observe.flowfilter import FlowMatcher, parse_label_selector
+from membrane.observe.record import flow_record
 
 DROP, TRACE, POLICY_VERDICT = 1, 4, 5  # Cilium's monitor message types
 TO_ENDPOINT = 0  # a trace's observation point
@@ -560,3 +562,42 @@ def test_bad_filters_name_their_field(fields: dict, field: str) -> None:
     with pytest.raises(UserError) as err:
         FlowMatcher.build([], [pb.FlowFilter(**fields)])
     assert err.value.field == field
+
+
+# ---- flows as the agent builds them from datapath events --------------------------------
+RESOLVER = FakeResolver()
+RECORDED = {
+    "allowed": flow_record(event(), RESOLVER, "n1"),  # shop/web:43512 -> shop/db:5432 TCP
+    "dropped": flow_record(world_drop(), RESOLVER, "n1"),  # world -> shop/db:5432, dropped
+    "ping": flow_record(event(proto=1, sport=8, dport=0), RESOLVER, "n1"),  # web -> db echo
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "passing"),
+    [
+        ((), {"allowed", "dropped", "ping"}),
+        (("-n", "shop"), {"allowed", "dropped", "ping"}),
+        (("-n", "other"), set()),
+        (("--pod", "shop/web"), {"allowed", "ping"}),  # web is the source of both
+        (("--pod", "shop/db"), {"allowed", "dropped", "ping"}),  # db is every destination
+        (("--pod", "shop/d"), {"allowed", "dropped", "ping"}),  # a name prefix
+        (("--from-label", "reserved:world"), {"dropped"}),
+        (("--verdict", "DROPPED"), {"dropped"}),
+        (("-t", "drop"), {"dropped"}),
+        (("-t", "policy-verdict"), {"allowed", "ping"}),
+        (("--protocol", "icmp"), {"ping"}),
+        (("--protocol", "icmpv6"), set()),
+        (("--port", "5432"), {"allowed", "dropped"}),  # destination port
+        (("--port", "43512"), {"allowed"}),  # source port
+        (("--port", "8"), set()),  # ICMP types are not ports
+        # either-side flags pair up per side: web's port is 43512, so nothing here
+        (("--pod", "shop/web", "--verdict", "FORWARDED", "--port", "5432"), set()),
+        (("--from-pod", "shop/web", "--verdict", "FORWARDED", "--to-port", "5432"), {"allowed"}),
+    ],
+    ids=str,
+)
+def test_recorded_flows(args: tuple[str, ...], passing: set[str]) -> None:
+    request = flows_request(flags(*args))
+    matcher = FlowMatcher.build(request.whitelist, request.blacklist)
+    assert {name for name, flow in RECORDED.items() if matcher.matches(flow)} == passing

@@ -1,7 +1,7 @@
 """FlowStore keeps the newest GetFlowsResponses, answers GetFlows queries with Hubble's
 meaning of number/first/follow/since/until, reports losses once per query, and feeds
-followers without ever waiting for them; FlowFilter parses query parameters (or CLI
-options) and matches flows."""
+followers without ever waiting for them. (Which flows a filter selects:
+test_observe_filters.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from observe_support import FakeResolver, event, world_drop
 from membrane.errors import UserError
 from membrane.hubble.flow import flow_pb2
 from membrane.hubble.observer import observer_pb2
-from membrane.observe.flowfilter import FlowFilter, FlowMatcher
+from membrane.observe.flowfilter import FlowMatcher
 from membrane.observe.record import flow_record, flow_response, lost_response, response_dict
 from membrane.observe.store import (
     FlowQuery,
@@ -29,7 +29,6 @@ SECOND = 1_000_000_000
 RESOLVER = FakeResolver()
 ALLOWED = flow_record(event(), RESOLVER, "n1")  # shop/web -> shop/db:5432 TCP, forwarded
 DROPPED = flow_record(world_drop(), RESOLVER, "n1")  # world -> shop/db:5432 TCP, dropped
-PING = flow_record(event(proto=1, sport=8, dport=0), RESOLVER, "n1")
 
 
 def numbered(
@@ -61,70 +60,6 @@ def ns(items: list[observer_pb2.GetFlowsResponse]) -> list[int | str]:
         else:
             out.append(n_of(item))
     return out
-
-
-# ---- FlowFilter -------------------------------------------------------------------------
-def test_params_parse_and_round_trip() -> None:
-    params = {
-        "namespace": "shop",
-        "pod": "shop/db",
-        "verdict": "dropped",
-        "protocol": "TCP",
-        "port": "5432",
-    }
-    f = FlowFilter.from_params(params)
-    assert f == FlowFilter("shop", ("shop", "db"), "DROPPED", "TCP", 5432)
-    assert FlowFilter.from_params(f.to_params()) == f
-    assert FlowFilter.from_params({}) == FlowFilter() and FlowFilter().to_params() == {}
-
-
-def test_a_pod_without_namespace_is_in_default() -> None:
-    assert FlowFilter.from_params({"pod": "web"}).pod == ("default", "web")
-
-
-@pytest.mark.parametrize(
-    ("params", "field"),
-    [
-        ({"verdict": "ALLOWED"}, "verdict"),
-        ({"protocol": "http"}, "protocol"),
-        ({"port": "0"}, "port"),
-        ({"port": "http"}, "port"),
-        ({"pod": "shop/"}, "pod"),
-        ({"pod": "a/b/c"}, "pod"),
-        ({"namespace": "a b"}, "namespace"),
-        ({"namspace": "shop"}, "namspace"),
-    ],
-)
-def test_bad_params_name_the_field(params: dict[str, str], field: str) -> None:
-    with pytest.raises(UserError) as err:
-        FlowFilter.from_params(params)
-    assert err.value.field == field
-    with pytest.raises(UserError) as err:
-        FlowFilter.from_params(params, option_prefix="--")
-    assert err.value.field == f"--{field}"
-
-
-@pytest.mark.parametrize(
-    ("params", "allowed", "dropped", "ping"),
-    [
-        ({}, True, True, True),
-        ({"namespace": "shop"}, True, True, True),
-        ({"namespace": "other"}, False, False, False),
-        ({"pod": "shop/web"}, True, False, True),  # web is the source of ALLOWED
-        ({"pod": "shop/db"}, True, True, True),  # db is every destination
-        ({"verdict": "DROPPED"}, False, True, False),
-        ({"protocol": "icmp"}, False, False, True),
-        ({"protocol": "udp"}, False, False, False),
-        ({"protocol": "icmpv6"}, False, False, False),
-        ({"port": "5432"}, True, True, False),  # destination port
-        ({"port": "43512"}, True, False, False),  # source port
-        ({"port": "8"}, False, False, False),  # ICMP types are not ports
-        ({"pod": "shop/web", "verdict": "FORWARDED", "port": "5432"}, True, False, False),
-    ],
-)
-def test_filter_matches(params: dict[str, str], allowed: bool, dropped: bool, ping: bool) -> None:
-    f = FlowFilter.from_params(params)
-    assert (f.matches(ALLOWED), f.matches(DROPPED), f.matches(PING)) == (allowed, dropped, ping)
 
 
 # ---- FlowStore --------------------------------------------------------------------------
