@@ -6,7 +6,9 @@
  * entry for the flow's hash. It leaves encapsulated (IPv4 in IPv4, IPv6 in IPv6) with the
  * LB's address as outer source, towards the next hop the kernel's FIB names (XDP_TX when
  * that is the device it came in on, a redirect otherwise): the backend decapsulates and
- * answers the client directly (DSR). Everything else passes untouched.
+ * answers the client directly (DSR). A packet that encapsulation makes too big for the
+ * route is answered with ICMP "fragmentation needed" / ICMPv6 "packet too big" (as Katran
+ * does), so the client's path MTU discovery adapts. Everything else passes untouched.
  */
 #include "include/common.h"
 #include <linux/if_ether.h>

@@ -5,7 +5,8 @@
  *                 of lb_vip.table_size __u32 backend ids (0: no backend). A change builds
  *                 a whole new table and swaps it in with one update of this map, so a
  *                 lookup sees the old table or the new one, never a half-written one.
- *   lb_backends   array [backend id] -> lb_backend (service 0: the id is free)
+ *   lb_backends   array [backend id] -> lb_backend (service 0: the id is free);
+ *                 BPF_F_MMAPABLE, so the control plane scans it without a syscall
  *   lb_conntrack  LRU hash: lb_flow_key -> lb_flow (the backend a flow was given, kept
  *                 while that backend stays in its service, whatever the table says)
  *   lb_backend_stats  per-CPU array [backend id] -> lb_counter (packets and bytes sent)
