@@ -7,7 +7,8 @@ The real agent starts with `--hubble-buffer-size` large enough for N flows and a
 of N realistic flows (pods on both sides, labels, TCP, a policy verdict), which it reads
 back into its store on start (the refill time is reported too). Then, alternated run by
 run: the CLI end to end (a new process: start-up, gRPC connect, the query, printing), the
-same query from this process over the Observer API (the agent's share), and both with a
+same query from this process over the Observer API (the agent's share), `membrane
+--version` (the CLI's floor on this machine at that moment), and all with a
 filter that matches only the oldest flows (the store's worst case: a scan of every flow),
 and `--first 20`. A second agent with the default buffer (4095) is measured alike. Prints
 JSON; summary on stderr.
@@ -65,6 +66,10 @@ def buffer_for(count: int) -> int:
     return size
 
 
+def run(argv: list[str]) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
 def timed_ms(fn: Any) -> float:
     t0 = time.perf_counter()
     fn()
@@ -83,20 +88,21 @@ def measure(socket: str, runs: int) -> dict[str, Any]:
         ),
         "--first 20": (["--first", "20"], observer_pb2.GetFlowsRequest(number=20, first=True)),
     }
+    version = [membrane_command(), "--version"]  # the CLI's floor on this machine, now
     out: dict[str, Any] = {}
     for name, (flags, request) in cases.items():
         argv = [membrane_command(), "observe", "--server", server, *flags]
-        cli, api = [], []
-        for _ in range(runs):  # alternated, so that drift hits both alike
-            cli.append(
-                timed_ms(lambda argv=argv: subprocess.run(argv, check=True, capture_output=True))
-            )
+        cli, api, floor = [], [], []
+        for _ in range(runs):  # alternated, so that drift hits all alike
+            cli.append(timed_ms(lambda argv=argv: run(argv)))
             api.append(timed_ms(lambda request=request: list(client.get_flows(request))))
+            floor.append(timed_ms(lambda: run(version)))
         got = [r for r in client.get_flows(request) if r.HasField("flow")]
         out[f"observe {name}"] = {
             "cli_ms_median": round(median(cli), 1),
             "cli_ms_max": round(max(cli), 1),
             "grpc_in_process_ms_median": round(median(api), 2),
+            "cli_floor_version_ms_median": round(median(floor), 1),  # `membrane --version`
             "flows_returned": len(got),
             "target_ms": TARGET_MS,
             "met": median(cli) < TARGET_MS,
@@ -138,6 +144,7 @@ def main() -> None:
                 summary.append(
                     f"{key}: {name}: CLI {entry['cli_ms_median']} ms (target < {TARGET_MS:g}), "
                     f"agent share {entry['grpc_in_process_ms_median']} ms, "
+                    f"CLI floor (--version) {entry['cli_floor_version_ms_median']} ms, "
                     f"{entry['flows_returned']} flows"
                 )
         summary.append(f"{key}: start with refill {result[key]['agent_start_with_refill_s']} s")
