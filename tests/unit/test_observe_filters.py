@@ -511,6 +511,54 @@ def test_label_selectors(selector: str, matching: set[str]) -> None:
 
 
 @pytest.mark.parametrize(
+    ("selectors", "label_sets"),
+    [
+        # (label set, selected?) as Hubble's label filter decides them
+        (["l1", "l2"], [(["l1"], 1), (["l1=v1"], 1), (["l2", "l3", "l4=v4"], 1), (["l3"], 0)]),
+        (
+            ["l1=v1", "l2=v2"],
+            [
+                (["l1"], 0),
+                (["l1=v1"], 1),
+                (["l1=v2", "l2=v1", "l3"], 0),
+                (["l2=v2", "l3"], 1),
+                ([""], 0),
+                ([], 0),
+                (["l1=v1=more"], 0),  # the value is "v1=more"
+            ],
+        ),
+        (
+            ["l1 in (v1, v2), l3 notin ()"],
+            [(["l1"], 0), (["l1=v2", "l3=v3"], 1), (["l2=v2", "l3"], 0), (["l1=v1"], 1)],
+        ),
+        (
+            ["k8s:app=bar", "foo", "reserved:host"],
+            [
+                (["k8s:app=bar"], 1),
+                (["k8s:foo=baz"], 1),
+                (["k8s.app=bar"], 0),  # a dot is no source prefix
+                (["container:foo=bar"], 1),  # any source name counts
+            ],
+        ),
+        (["any:key"], [(["key"], 1), (["reserved:key"], 1), (["any.key"], 0)]),
+    ],
+)
+def test_label_filters_as_hubble(selectors: list[str], label_sets: list) -> None:
+    matcher = FlowMatcher.build([pb.FlowFilter(source_label=selectors)])
+    for labels, selected in label_sets:
+        flow = pb.Flow()
+        flow.source.labels.extend(labels)
+        assert matcher.matches(flow) == bool(selected), labels
+
+
+@pytest.mark.parametrize("selector", ["()", "=", "any:k8s:bla", "a in (b", "a<3"])
+def test_bad_label_selectors(selector: str) -> None:
+    with pytest.raises(UserError) as err:
+        FlowMatcher.build([pb.FlowFilter(destination_label=[selector])])
+    assert err.value.field == "destination_label"
+
+
+@pytest.mark.parametrize(
     ("pattern", "node_names"),
     [
         ("node-1", {"node-1", "default/node-1", "prod/node-1"}),

@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from membrane.errors import UserError
-from membrane.identity.labels import Label
+from membrane.identity.labels import SOURCE_ANY, Label
 from membrane.identity.selector import DOES_NOT_EXIST, EXISTS, IN, NOT_IN, LabelSelector
 
 if TYPE_CHECKING:
@@ -369,16 +369,21 @@ def _label_set(labels: tuple[str, ...]) -> frozenset[Label]:
     the same few label sets come with every flow of an endpoint."""
     parsed = set()
     for text in labels:
-        try:
-            parsed.add(Label.parse(text))
-        except UserError:  # a label without a key cannot be selected
-            continue
+        # Cilium's reading: the source is what comes before the first colon, whatever it
+        # is (`container:foo=bar` is key foo); without one, a selector needs `any:`/no source
+        source, colon, rest = text.partition(":")
+        if not colon or "=" in source:
+            source, rest = SOURCE_ANY, text
+        key, _, value = rest.partition("=")
+        if key:  # a label without a key cannot be selected
+            parsed.add(Label(source, key, value))
     return frozenset(parsed)
 
 
 # A Kubernetes label selector, as `kubectl -l` takes it. Keys may carry Cilium's source
 # prefix (`k8s:app`); without one they match labels of any source.
-_KEY = r"[A-Za-z0-9][-A-Za-z0-9_./:]*"
+_NAME = r"[A-Za-z0-9][-A-Za-z0-9_./]*"
+_KEY = rf"{_NAME}(?::{_NAME})?"  # one source prefix at most
 _VALUE = r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?)?"
 
 
@@ -419,7 +424,9 @@ def parse_label_selector(text: str, field: str) -> LabelSelector:
         if m["absent"]:
             requirements.append((m["absent"], DOES_NOT_EXIST, ()))
         elif m["setop"]:
-            values = tuple(v.strip() for v in m["values"].split(","))
+            # `notin ()` is valid (and holds for any label set), as Hubble parses it
+            listed = m["values"].strip()
+            values = tuple(v.strip() for v in listed.split(",")) if listed else ()
             for value in values:
                 if not value or not _VALUE_RE.fullmatch(value) or len(value) > 63:
                     raise UserError(field, f"{text!r}: {value!r} is not a label value")
