@@ -157,7 +157,7 @@ def test_dict_block() -> None:
 def test_printer_compact_and_lost_notice(capsys: pytest.CaptureFixture[str]) -> None:
     printer = FlowPrinter("compact", follow=True)
     printer.item(resp(event()))
-    printer.item(parse_response(lost_events(3)))
+    printer.item(lost_events(3))
     printer.close()
     out, err = capsys.readouterr()
     assert out == compact(rec(event())) + "\n"
@@ -167,7 +167,7 @@ def test_printer_compact_and_lost_notice(capsys: pytest.CaptureFixture[str]) -> 
 
 def test_printer_json_keeps_lost_notices_in_the_stream(capsys: pytest.CaptureFixture[str]) -> None:
     printer = FlowPrinter("json", follow=False)
-    items = [resp(event()), parse_response(lost_events(2))]
+    items = [resp(event()), lost_events(2)]
     for item in items:
         printer.item(item)
     printer.close()
