@@ -3,7 +3,7 @@ a UDP flood to a closed port on the loopback of a namespace the monitor does not
 where every packet is a kernel drop (NO_SOCKET), so the program runs its whole filter
 (reason, device, namespace, two hash lookups that miss) once per packet.
 
-    python -m bench.kernel_drops [--packets N] [--rounds R] [--watched K]
+    python -m bench.kernel_drops [--packets N] [--rounds R] [--watched K] [--storm N]
 
 Scenarios, alternated round by round so that drift hits them alike:
   off        the program is not attached (the baseline)
@@ -11,19 +11,27 @@ Scenarios, alternated round by round so that drift hits them alike:
              attaching anything there costs
   unwatched  attached, with K other namespaces watched (a node's pods), not this one
   watched    attached and this namespace watched: every drop is reported, so past the
-             per-CPU rate limit (200 per 100 ms) each is counted as suppressed
+             per-CPU rate limit (50 per 100 ms) each is counted as suppressed
 Per packet: the workload's own wall time per sendto (C, one process on one CPU), and the
 program's run time per kfree_skb from the kernel's BPF run-time statistics (a separate
-pass: the statistics add two clock reads to every run). Prints JSON; summary on stderr.
+pass: the statistics add two clock reads to every run).
+
+--storm N: the same flood, N packets from one pod to a closed port of another, with the
+real agent (its monitor watching both pods), and again with --kernel-drops=false: the
+agent's CPU time, and the drops it delivered as flows (hubble_drop_total). Prints JSON;
+summary on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import random
+import socket
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +44,8 @@ from membrane.bpf import BpfObject
 from membrane.bpf.btf import kernel_btf
 from membrane.bpf.links import Link, attach_auto
 from membrane.bpf.ringbuf import RingBuffer
+from membrane.testing.cluster import running_cluster
+from membrane.testing.waiting import wait_for
 
 SCENARIOS = ("off", "floor", "unwatched", "watched")
 
@@ -47,13 +57,12 @@ FLOOD_C = r"""
 static long long work(int argc, char **argv)
 {
     long long n = atoll(argv[1]), sent = 0;
-    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(9)};
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
     char payload[16] = "drop me";
     int fd = socket(AF_INET, SOCK_DGRAM, 0);
 
-    if (fd < 0)
+    if (fd < 0 || inet_pton(AF_INET, argv[2], &to.sin_addr) != 1)
         return -1;
-    to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     for (long long i = 0; i < n; i++)  /* unconnected: the ICMP errors are not ours */
         sent += sendto(fd, payload, sizeof(payload), 0, (struct sockaddr *)&to, sizeof(to)) > 0;
     return sent;
@@ -119,14 +128,63 @@ def bench_namespace() -> Iterator[str]:
         netns.delete(name)
 
 
-def flood(binary: Path, ns: str, packets: int) -> tuple[int, int]:
+def flood(
+    binary: Path, ns: str, packets: int, to: str = "127.0.0.1", port: int = 9
+) -> tuple[int, int]:
     """The workload's wall ns and packets sent, run in `ns`."""
-    w = Workload(["nsenter", f"--net={netns.path(ns)}", str(binary), str(packets)])
+    w = Workload(["nsenter", f"--net={netns.path(ns)}", str(binary), str(packets), to, str(port)])
     try:
         wall, _cpu, sent = w.run()
     finally:
         w.kill()
     return wall, sent
+
+
+def unknown_drops(address: str) -> float:
+    """hubble_drop_total of DROP_REASON_UNKNOWN (the kernel's drops), all protocols."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
+        lines = resp.read().decode().splitlines()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith("hubble_drop_total{") and 'reason="DROP_REASON_UNKNOWN"' in line
+    )
+
+
+def warm_up(binary: Path, ns: str, to: str, metrics: str) -> bool:
+    flood(binary, ns, 100, to, 9)
+    return unknown_drops(metrics) > 0
+
+
+def storm(binary: Path, packets: int) -> dict[str, Any]:
+    """Pod to pod, every packet a kernel drop: the agent with its monitor, and without."""
+    out: dict[str, Any] = {"packets": packets}
+    for monitor in (True, False):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            metrics = f"127.0.0.1:{probe.getsockname()[1]}"
+        args = ["--hubble-metrics-server", metrics, f"--kernel-drops={str(monitor).lower()}"]
+        with running_cluster(namespaces=("x",), pod_names=("a", "b"), extra_args=args) as c:
+            a, b = c.pods["x/a"], c.pods["x/b"]
+            if monitor:  # until it watches the pods and has named a drop's place
+                wait_for(
+                    "the first kernel drops delivered",
+                    functools.partial(warm_up, binary, a.netns, b.ip, metrics),
+                    timeout=30,
+                    interval=0.2,
+                )
+            cpu0, delivered0 = c.agent.cpu_s(), unknown_drops(metrics)
+            wall, sent = flood(binary, a.netns, packets, b.ip, 9)
+            cpu = c.agent.cpu_s() - cpu0
+            delivered = unknown_drops(metrics) - delivered0
+        out["monitor" if monitor else "no_monitor"] = {
+            "seconds": round(wall / 1e9, 2),
+            "packets_per_s": round(sent / (wall / 1e9)),
+            "agent_cpu_s": round(cpu, 2),
+            "agent_cpu_share": round(cpu / (wall / 1e9), 3),
+            "kernel_drops_delivered": int(delivered),
+        }
+    return out
 
 
 class Floor:
@@ -160,6 +218,7 @@ def main() -> None:
     p.add_argument("--packets", type=int, default=300_000, help="per round and scenario")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--watched", type=int, default=1000, help="other namespaces watched")
+    p.add_argument("--storm", type=int, default=0, help="packets pod to pod with the agent")
     args = p.parse_args()
     if (why := unavailable_reason()) is not None:
         raise SystemExit(f"the kernel drop monitor cannot run here: {why}")
@@ -203,6 +262,8 @@ def main() -> None:
         finally:
             mon.close()
             floor.close()
+        if args.storm:
+            result["storm"] = storm(binary, args.storm)
     base = median(per_packet["off"])
     result["ns_per_packet"] = {s: round(median(v), 1) for s, v in per_packet.items()}
     result["ns_per_packet_rounds"] = {s: [round(x, 1) for x in v] for s, v in per_packet.items()}
@@ -230,7 +291,8 @@ def main() -> None:
             f"watched, rate-limited {run_ns['watched']:.1f} ns",
             f"watched: {events['reported']} events, {events['suppressed']} suppressed, "
             f"{events['lost']} lost",
-        ],
+        ]
+        + ([f"storm: {result['storm']}"] if "storm" in result else []),
     )
 
 

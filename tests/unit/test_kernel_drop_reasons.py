@@ -9,6 +9,7 @@ import ctypes
 import os
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
@@ -170,3 +171,26 @@ def test_kernel_drops_option() -> None:
     with pytest.raises(UserError) as err:
         config("maybe")
     assert err.value.field == "kernel-drops"
+
+
+def test_ring_rows_decode_column_by_column() -> None:
+    from membrane.bpf.btf import Btf
+    from membrane.bpf.object import object_path
+
+    dtype = Btf.from_file(object_path("drop_monitor")).dtype("kernel_drop_event")
+    batch = np.zeros(2, dtype=dtype)
+    packet = bytes(IP(src="198.18.0.1", dst="198.18.0.2") / UDP(sport=5, dport=9))
+    for i, row in enumerate(batch):
+        row["hdr"]["ts_ns"], row["hdr"]["version"], row["hdr"]["type"] = 10 + i, 1, 1
+        row["reason"], row["ep_id"], row["ifindex"], row["len"] = 3, 7, 2, 36
+        row["ifname"], row["location"] = b"eth0", 0xFFFFFFFF81000000 + i
+        row["headers"][: len(packet)] = np.frombuffer(packet, dtype=np.uint8)
+        row["headers"][len(packet) :] = 0xAA  # past the bytes read: not theirs
+        row["headers_len"] = len(packet) - i  # the second is cut short by one byte
+    first, second = kd.decode_batch(batch)
+    assert (first.ts_ns, first.reason, first.ep_id, first.ifindex, first.len) == (10, 3, 7, 2, 36)
+    assert first.ifname == "eth0" and first.location == 0xFFFFFFFF81000000
+    assert first.headers == packet and second.headers == packet[:-1]
+    assert kd.parse_headers(first.headers) == kd.PacketHeaders(
+        4, "198.18.0.1", "198.18.0.2", 17, 5, 9, 0
+    )
