@@ -134,33 +134,45 @@ def test_udp_to_a_port_without_socket_is_a_no_socket_drop_of_the_receiver(
     assert "drop_reason_desc" not in flow
 
 
-def test_nftables_drop_in_a_pod_is_a_netfilter_drop(monitor: Cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("hook", ["input", "output"])
+def test_nftables_drop_in_a_pod_is_a_netfilter_drop(monitor: Cluster, hook: str) -> None:
+    """input: dropped on b's way in (its device known); output: dropped in a's namespace
+    before the packet has a device (the socket's namespace names the pod)."""
     if shutil.which("nft") is None:
         pytest.skip("nft is not installed (scripts/setup.sh installs nftables)")
     if "NETFILTER_DROP" not in kernel_reasons():
         pytest.skip("this kernel's drop reasons have no NETFILTER_DROP")
     c = monitor
     a, b = c.pods["x/a"], c.pods["x/b"]
-    port = 7777
+    port = 7777 if hook == "input" else 7778
     table = unique_tag("kd")
     rules = (
-        f"table inet {table} {{\n  chain input {{\n"
-        f"    type filter hook input priority 0;\n    udp dport {port} drop\n  }}\n}}\n"
+        f"table inet {table} {{\n  chain {hook} {{\n"
+        f"    type filter hook {hook} priority 0;\n    udp dport {port} drop\n  }}\n}}\n"
     )
-    nft = ["nsenter", f"--net={netns.path(b.netns)}", "nft"]
+    where = b if hook == "input" else a
+    nft = ["nsenter", f"--net={netns.path(where.netns)}", "nft"]
     subprocess.run([*nft, "-f", "-"], input=rules, text=True, check=True)
     try:
         with udp_socket(a.netns) as s:
+
+            def send() -> None:
+                with contextlib.suppress(PermissionError):  # what an output drop returns
+                    s.sendto(b"blocked", (b.ip, port))
+
             flow = send_until_seen(
-                c,
-                lambda: s.sendto(b"blocked", (b.ip, port)),
-                lambda f: f["l4"].get("UDP", {}).get("destination_port") == port,
+                c, send, lambda f: f["l4"].get("UDP", {}).get("destination_port") == port
             )
     finally:
         subprocess.run([*nft, "delete", "table", "inet", table], check=False)
     assert reason_of(flow) == "NETFILTER_DROP"
-    assert flow["traffic_direction"] == "INGRESS"
     assert flow["destination"]["pod_name"] == "b" and flow["source"]["pod_name"] == "a"
+    if hook == "input":
+        assert flow["traffic_direction"] == "INGRESS"
+        assert flow["interface"]["name"] == "eth0"
+    else:
+        assert flow["traffic_direction"] == "EGRESS"
+        assert flow["source"]["ID"] == a.info["id"]
 
 
 def test_a_full_receive_queue_is_a_socket_rcvbuff_drop(monitor: Cluster) -> None:
