@@ -24,9 +24,8 @@ from google.protobuf import json_format
 
 from membrane.errors import UserError
 from membrane.hubble.flow import flow_pb2
-from membrane.hubble.json_decode import decode
+from membrane.hubble.json_codec import decode, encode
 from membrane.hubble.observer import observer_pb2
-from membrane.observe.format import json_line
 from membrane.observe.record import lost_response
 from membrane.observe.store import Matcher, build_matcher
 
@@ -187,11 +186,12 @@ class FlowLog:
             dropped, self._dropped = self._dropped, 0
         if dropped:
             source = flow_pb2.OBSERVER_EVENTS_QUEUE
-            lines.append(json_line(lost_response(source, dropped, self.node_name)))
+            notice = lost_response(source, dropped, self.node_name)
+            lines.append(json.dumps(encode(notice), separators=(",", ":")))
         matcher = self._matcher
         for item in batch:  # lost-events notices pass every filter
             if matcher is None or not item.HasField("flow") or matcher.matches(item.flow):
-                lines.append(json_line(item))
+                lines.append(json.dumps(encode(item), separators=(",", ":")))
         size = self._file.tell()
         for line in lines:
             data = line + "\n"
