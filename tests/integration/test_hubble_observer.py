@@ -248,7 +248,27 @@ def test_flows_survive_an_agent_restart(cluster: Cluster, some_flows: None) -> N
     # everything the store holds reached the log (written off the loop, so wait)
     log_path: Path = cluster.flow_log  # type: ignore[attr-defined]
     wait_for("the flow log to catch up", lambda: before[-1].uuid in log_path.read_text())
-    cluster.agent.restart()
+    # a follower connected while the agent stops: its stream ends, the stop does not wait
+    ended: list[str] = []
+    channel = grpc.insecure_channel(unix_address(cluster))
+    call = observer_pb2_grpc.ObserverStub(channel).GetFlows(Request(follow=True))
+    call.initial_metadata()
+
+    def follow() -> None:
+        try:
+            for _ in call:
+                pass
+            ended.append("OK")
+        except grpc.RpcError as err:
+            ended.append(err.code().name)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    cluster.agent.stop(timeout=10)
+    follower.join(10)
+    channel.close()
+    assert ended == ["OK"], ended  # the agent ends it, as a finished answer
+    cluster.agent.start()
     with grpc.insecure_channel(unix_address(cluster)) as channel:
         after = flows(observer_pb2_grpc.ObserverStub(channel), Request())
     uuids = [f.uuid for f in after]
