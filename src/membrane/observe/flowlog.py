@@ -104,7 +104,8 @@ def make_settings(
     deny = parse_filters(denylist, "flow-log-denylist")
     if not path:
         if allow or deny:
-            raise UserError("flow-log-allowlist", "filters need --flow-log FILE")
+            flag = "flow-log-allowlist" if allow else "flow-log-denylist"
+            raise UserError(flag, "filters need --flow-log FILE")
         return None
     if os.path.isdir(path):
         raise UserError("flow-log", f"{path} is a directory")
