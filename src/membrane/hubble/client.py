@@ -1,9 +1,10 @@
 """The client side of Hubble's Observer API (gRPC), as `membrane observe` uses it.
 
 The agent serves `observer.Observer` on a unix socket beside its REST socket (and, when
-asked, on TCP like Cilium's :4244); Hubble's own CLI speaks to the same socket. Errors come
-back as one line: the agent's INVALID_ARGUMENT as a `UserError` naming the field it named,
-an absent agent as `AgentUnavailable` (exit code 1).
+asked, on TCP like Cilium's :4244); Hubble's own CLI speaks to the same socket. This client
+speaks gRPC through hubble.wire (the standard library only: importing grpcio would cost the
+CLI ~150 ms). Errors come back as one line: the agent's INVALID_ARGUMENT as a `UserError`
+naming the field it named, an absent agent as `AgentUnavailable` (exit code 1).
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import grpc
-
 from membrane.api.client import AgentUnavailable, socket_path
 from membrane.errors import UserError
 from membrane.hubble import HUBBLE_SOCKET_NAME
-from membrane.hubble.observer import observer_pb2, observer_pb2_grpc
+from membrane.hubble.observer import observer_pb2
+from membrane.hubble.wire import CANCELLED, INVALID_ARGUMENT, UNAVAILABLE, Channel, RpcError
 
 UNARY_TIMEOUT = 10.0  # seconds; a local agent answers a status in milliseconds
+SERVICE = "/observer.Observer/"
 
 
 def default_server(api_socket: str | None = None) -> str:
@@ -28,27 +29,26 @@ def default_server(api_socket: str | None = None) -> str:
     return "unix://" + os.path.join(directory, HUBBLE_SOCKET_NAME)
 
 
-def _error(server: str, err: grpc.RpcError) -> UserError:
+def _error(server: str, err: RpcError) -> UserError:
     """One line for a failed call: the server's INVALID_ARGUMENT keeps its field
     ("FIELD: PROBLEM", as our server writes it); anything else names the server."""
-    code, details = err.code(), err.details() or ""
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        field, sep, problem = details.partition(": ")
-        return UserError(field, problem) if sep else UserError("", details)
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if err.code == INVALID_ARGUMENT:
+        field, sep, problem = err.details.partition(": ")
+        return UserError(field, problem) if sep else UserError("", err.details)
+    if err.code == UNAVAILABLE:
         return AgentUnavailable(
-            "server", f"no agent at {server}: is `membrane agent run` running? ({details})"
+            "server", f"no agent at {server}: is `membrane agent run` running? ({err.details})"
         )
-    return AgentUnavailable("server", f"{server}: {code.name}: {details}")
+    return AgentUnavailable("server", f"{server}: {err.code_name}: {err.details}")
 
 
 class ObserverClient:
-    """Calls to one Observer server; `close()` (or a `with` block) ends the channel."""
+    """Calls to one Observer server over one HTTP/2 connection (hubble.wire: no grpcio,
+    so that the CLI starts quickly); `close()` (or a `with` block) ends it."""
 
-    def __init__(self, server: str, channel: grpc.Channel) -> None:
+    def __init__(self, server: str, channel: Channel) -> None:
         self.server = server
         self._channel = channel
-        self._stub = observer_pb2_grpc.ObserverStub(channel)
 
     @classmethod
     def connect(cls, server: str) -> ObserverClient:
@@ -56,37 +56,39 @@ class ObserverClient:
         that is not there is reported by the first call."""
         if not server:
             raise UserError("server", "is empty (give unix:///PATH or HOST:PORT)")
-        return cls(server, grpc.insecure_channel(server))
+        try:
+            return cls(server, Channel(server))
+        except ValueError as err:
+            raise UserError("server", f"{server}: {err}") from None
 
     def get_flows(
         self, request: observer_pb2.GetFlowsRequest
     ) -> Iterator[observer_pb2.GetFlowsResponse]:
         """The responses as they come; the stream ends when the server ends it (no
         follow), or quietly at Ctrl-C."""
-        call = self._stub.GetFlows(request)
+        parse = observer_pb2.GetFlowsResponse.FromString
         try:
-            yield from call
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.CANCELLED:
+            for message in self._channel.stream(SERVICE + "GetFlows", request.SerializeToString()):
+                yield parse(message)
+        except RpcError as err:
+            if err.code != CANCELLED:
                 raise _error(self.server, err) from None
         except KeyboardInterrupt:  # the way a follow ends
             pass
-        finally:
-            call.cancel()
+
+    def _unary(self, method: str, request: bytes) -> bytes:
+        try:
+            return self._channel.unary(SERVICE + method, request, UNARY_TIMEOUT)
+        except RpcError as err:
+            raise _error(self.server, err) from None
 
     def server_status(self) -> observer_pb2.ServerStatusResponse:
-        try:
-            return self._stub.ServerStatus(
-                observer_pb2.ServerStatusRequest(), timeout=UNARY_TIMEOUT
-            )
-        except grpc.RpcError as err:
-            raise _error(self.server, err) from None
+        answer = self._unary("ServerStatus", observer_pb2.ServerStatusRequest().SerializeToString())
+        return observer_pb2.ServerStatusResponse.FromString(answer)
 
     def get_nodes(self) -> observer_pb2.GetNodesResponse:
-        try:
-            return self._stub.GetNodes(observer_pb2.GetNodesRequest(), timeout=UNARY_TIMEOUT)
-        except grpc.RpcError as err:
-            raise _error(self.server, err) from None
+        answer = self._unary("GetNodes", observer_pb2.GetNodesRequest().SerializeToString())
+        return observer_pb2.GetNodesResponse.FromString(answer)
 
     def close(self) -> None:
         self._channel.close()
