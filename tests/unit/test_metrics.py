@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -70,9 +71,8 @@ def samples(family: Any, suffix: str = "_total") -> dict[tuple[tuple[str, str], 
     }
 
 
-def test_hubble_metrics_names_types_labels_and_values() -> None:
-    counts = FlowCounts()
-    events = [
+def mixed_events() -> list[FlowEvent]:
+    return [
         event(),  # allowed egress SYN, no policy
         event(),
         event(tcp_flags=SYN | ACK, dir=Direction.INGRESS, match=FlowMatch.RULE, rule_id=RULE_L3_L4),
@@ -103,7 +103,11 @@ def test_hubble_metrics_names_types_labels_and_values() -> None:
         event(type=FlowEventType.TRACE, dir=Direction.INGRESS, peer_identity=Identity.HOST,
               proto=IpProto.UDP, tcp_flags=0),
     ]  # fmt: skip
-    counts.observe(events, snapshot())
+
+
+def test_hubble_metrics_names_types_labels_and_values() -> None:
+    counts = FlowCounts()
+    counts.observe(mixed_events(), snapshot())
     assert counts.unsupported == 1
     registry = CollectorRegistry()
     registry.register(HubbleCollector(counts, lost=lambda: 3))
@@ -148,6 +152,45 @@ def test_hubble_metrics_names_types_labels_and_values() -> None:
         (("family", "IPv6"), ("flag", "RST")): 1,
     }
     assert samples(found["hubble_lost_events"]) == {(("source", "perf_event_ring_buffer"),): 3}
+
+
+def test_ring_buffer_rows_count_exactly_as_decoded_events() -> None:
+    """The flow reader hands the metrics numpy rows (no Python object per event): every
+    count must be what the decoded events give."""
+    from membrane.bpf.btf import Btf
+    from membrane.bpf.object import objects_dir
+
+    obj = objects_dir() / "endpoint.bpf.o"
+    if not obj.exists():
+        pytest.skip("endpoint.bpf.o is not built (make bpf)")
+    dtype = Btf.from_file(obj).dtype("flow_event")
+    events = mixed_events() * 3 + [event(family=0, type=FlowEventType.DROP, drop_reason=1)]
+    rows = np.zeros(len(events), dtype=dtype)
+    for row, ev in zip(rows, events, strict=True):
+        row["h"]["ts_ns"], row["h"]["version"], row["h"]["type"] = ev.ts_ns, ev.version, ev.type
+        for name in (
+            "sport",
+            "dport",
+            "proto",
+            "dir",
+            "tcp_flags",
+            "match",
+            "ep_id",
+            "drop_reason",
+            "peer_identity",
+            "rule_id",
+            "policy_rev",
+            "len",
+            "family",
+        ):
+            row[name] = getattr(ev, name)
+    from_events, from_rows = FlowCounts(), FlowCounts()
+    from_events.observe(events, snapshot())
+    from_rows.observe(rows, snapshot())
+    assert from_rows.unsupported == from_events.unsupported == 3
+    for name in ("flows", "drops", "policy_verdicts", "tcp_flags"):
+        assert getattr(from_rows, name) == getattr(from_events, name), name
+    assert from_rows.flows
 
 
 @dataclass

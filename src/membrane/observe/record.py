@@ -244,6 +244,22 @@ def flow_events(batch: np.ndarray) -> list[FlowEvent]:
     return [FlowEvent.decode(_record_fields(row, batch.dtype)) for row in batch.tolist()]
 
 
+def supported_rows(batch: np.ndarray) -> np.ndarray:
+    """Which rows of a RingBuffer batch are events this agent reads (its layout version,
+    a known type): a boolean mask, one numpy pass for the batch."""
+    import numpy as np
+
+    header = batch["h"]
+    kinds = np.array([_VERDICT, _DROP, _TRACE], dtype=header["type"].dtype)
+    return (header["version"] == MEMBRANE_EVENT_VERSION) & np.isin(header["type"], kinds)
+
+
+def sequence_uuid(prefix: int, seq: int) -> str:
+    """A flow's uuid from a random 64-bit prefix (one per agent) and its sequence number:
+    unique, and the same however often the flow is built. Shaped as a version-4 UUID."""
+    return str(uuid.UUID(int=(prefix << 64) | (seq & ((1 << 62) - 1)), version=4))
+
+
 def _record_fields(values: tuple, dtype: np.dtype) -> dict[str, Any]:
     out = {}
     for name, value in zip(dtype.names, values, strict=True):
@@ -268,9 +284,11 @@ def flow_record(
     resolver: Resolver,
     node_name: str,
     out: flow_pb2.Flow | None = None,
+    flow_uuid: str | None = None,
 ) -> flow_pb2.Flow:
     """The Hubble flow (flow.Flow) of one event, written into `out` when given (a
-    response's flow: a copy costs as much as the rest). Raises UnsupportedEvent for events
+    response's flow: a copy costs as much as the rest), with `flow_uuid` (default: a
+    random one). Raises UnsupportedEvent for events
     of another layout version or type (count them; they are not flows we can describe)."""
     ev = event if isinstance(event, FlowEvent) else FlowEvent.decode(event)
     if ev.version != MEMBRANE_EVENT_VERSION:
@@ -284,7 +302,7 @@ def flow_record(
     reply = ev.match == _MATCH_REPLY
     rule = resolver.rule(ev.rule_id) if ev.rule_id else None
     flow = flow_pb2.Flow() if out is None else out
-    flow.uuid = str(uuid.uuid4())
+    flow.uuid = flow_uuid or str(uuid.uuid4())
     flow.verdict = flow_pb2.DROPPED if dropped else flow_pb2.FORWARDED
     flow.Type = flow_pb2.L3_L4
     flow.node_name = node_name
@@ -334,11 +352,14 @@ def _trace_point(flow: flow_pb2.Flow, ev: FlowEvent, egress: bool, reply: bool) 
 
 
 def event_response(
-    event: FlowEvent | Mapping[str, Any] | np.void, resolver: Resolver, node_name: str
+    event: FlowEvent | Mapping[str, Any] | np.void,
+    resolver: Resolver,
+    node_name: str,
+    flow_uuid: str | None = None,
 ) -> observer_pb2.GetFlowsResponse:
     """`flow_response(flow_record(...))` without copying the flow."""
     response = observer_pb2.GetFlowsResponse(node_name=node_name)
-    flow_record(event, resolver, node_name, out=response.flow)
+    flow_record(event, resolver, node_name, out=response.flow, flow_uuid=flow_uuid)
     response.time.CopyFrom(response.flow.time)
     return response
 

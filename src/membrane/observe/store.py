@@ -2,9 +2,11 @@
 queries of GetFlows over it, and the live feeds of followers.
 
 Items are observer.GetFlowsResponse messages: flows, and lost-events notices where the
-datapath's ring buffer overflowed. Everything here runs on the agent's event loop thread
-(a reader thread hands items over with `loop.call_soon_threadsafe(store.extend, items)`):
-no locks, and a follower can never slow the agent down.
+datapath's ring buffer overflowed. The ring holds segments: batches of built items, or the
+flow reader's raw rows (agent.flows.RawSegment), whose flows are built only when a query,
+a follower or the flow log reads them, and once. Everything here runs on the agent's event
+loop thread (a reader thread hands batches over with `loop.call_soon_threadsafe(store.extend,
+batch)`): no locks, and a follower can never slow the agent down.
 
 Losses are counted per stage and reported once per query, never silently:
 - the datapath's ring buffer (PERF_EVENT_RING_BUFFER): the reader's notices, kept in the
@@ -12,13 +14,15 @@ Losses are counted per stage and reported once per query, never silently:
 - the store (HUBBLE_RING_BUFFER): flows that fell out of the ring before a query that
   reaches back to its oldest flow (--first, --all, --since before it) could read them;
 - a slow follower (HUBBLE_RING_BUFFER, as Hubble names a reader overtaken by the writer):
-  it loses its oldest queued items and is told how many, in the stream, where they are
-  missing.
+  its cursor skips to the oldest item it may still read and it is told how many it
+  skipped, in the stream, where they are missing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -33,7 +37,6 @@ from membrane.observe.record import lost_response
 DEFAULT_CAPACITY = 4095  # Hubble's --hubble-event-buffer-capacity default
 # Hubble caps its ring at 65535; ours may be larger (100k flows and more are measured).
 MAX_CAPACITY = (1 << 24) - 1
-DEFAULT_FOLLOWER_QUEUE = 4096
 # Items arrive nearly, not exactly, in time order (CPUs, and readers of other rings such as
 # the kernel drop monitor, hand over batches apart): a time bound stops a scan only at an
 # item this much beyond it; the items in between are checked one by one.
@@ -118,55 +121,123 @@ class SubscriptionClosed(Exception):
     """The store closed the subscription (the agent is stopping)."""
 
 
-class Subscription:
-    """One follower's queue of matching items. Iterate it (`async for item in sub`), or
-    `await sub.get()`; an item is a GetFlowsResponse, or a lost-events notice where items
-    were dropped because the follower fell `maxsize` items behind."""
+class Segment:
+    """A run of consecutive items of the ring, numbered from `start` (the store's sequence
+    number of its first item, set when the store takes it). `item(i)` is a
+    GetFlowsResponse; a segment may build them only when read (RawSegment)."""
 
-    def __init__(self, query: FlowQuery, backlog: list[Item], maxsize: int) -> None:
+    start = 0
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def item(self, i: int) -> Item:
+        raise NotImplementedError
+
+    def flows(self) -> int:
+        """How many of its items are flows (the others: lost-events notices)."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Item]:
+        return (self.item(i) for i in range(len(self)))
+
+    def bind(self, start: int, uuid_prefix: int) -> None:
+        self.start = start
+
+
+class BuiltSegment(Segment):
+    """Items already built: the kernel drop monitor's, notices, a refill from the flow log."""
+
+    def __init__(self, items: list[Item]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def item(self, i: int) -> Item:
+        return self.items[i]
+
+    def __iter__(self) -> Iterator[Item]:
+        return iter(self.items)
+
+    def flows(self) -> int:
+        return sum(1 for item in self.items if item.HasField("flow"))
+
+
+class Subscription:
+    """One follower: a cursor into the store's ring (as Hubble's ring readers are), after
+    the backlog its query asked for. Iterate it (`async for item in sub`), or `await
+    sub.get()`; an item is a GetFlowsResponse, or a lost-events notice where the writer
+    overtook the follower (it fell more than `maxsize` items, or the whole ring, behind):
+    the exact number of items it skipped, where they are missing. Nothing is copied per
+    follower, and matching items are built only when the follower reads them."""
+
+    def __init__(self, store: FlowStore, query: FlowQuery, backlog: list[Item], maxsize: int):
         self.query = query
-        self.missed = 0  # items dropped for this follower, in total
-        self._unreported = 0
-        # The backlog was asked for, so it raises the limit rather than using it up.
-        self._items: deque[Item] = deque(backlog)
-        self._limit = maxsize + len(backlog)
+        self.missed = 0  # items skipped for this follower, in total
+        self._store = store
+        self._backlog: deque[Item] = deque(backlog)  # asked for: not part of the allowance
+        self._cursor = store.next_seq
+        self._end: int | None = None  # the sequence number it ends at, once closed
+        self._lag_limit = maxsize
         self._ready = asyncio.Event()
-        self._closed = False
         if backlog:
             self._ready.set()
 
-    def offer(self, item: Item) -> None:
-        if self._closed:
-            return
-        if item.HasField("flow"):
-            until = self.query.until_ns
-            if until is not None and item_ns(item) > until:
-                if item_ns(item) > until + REORDER_SLACK_NS:
-                    self.close()  # Hubble ends a follow once flows are past `until`
-                return
-            if not self.query.selects(item):
-                return
-        if len(self._items) >= self._limit:
-            self._items.popleft()
-            self.missed += 1
-            self._unreported += 1
-        self._items.append(item)
+    @property
+    def _closed(self) -> bool:
+        return self._end is not None
+
+    def wake(self) -> None:
         self._ready.set()
 
     def close(self) -> None:
-        self._closed = True
+        if self._end is None:
+            self._end = self._store.next_seq
         self._ready.set()
 
     async def get(self) -> Item:
-        while not self._items and not self._unreported:
+        while True:
+            if self._backlog:
+                return self._backlog.popleft()
+            item = self._next_live()
+            if item is _SCANNED:
+                await asyncio.sleep(0)  # a long run of non-matching items: let others run
+                continue
+            if item is not None:
+                return item
             if self._closed:
                 raise SubscriptionClosed
             self._ready.clear()
             await self._ready.wait()
-        if self._unreported:
-            count, self._unreported = self._unreported, 0
+
+    def _next_live(self) -> Item | object | None:
+        """The next item for this follower, a lost-events notice, None when it has read
+        everything there is, or _SCANNED after a long run that matched nothing."""
+        store = self._store
+        end = store.next_seq if self._end is None else self._end
+        oldest = max(store.first_seq, end - self._lag_limit)
+        if self._cursor < oldest:
+            count = oldest - self._cursor
+            self._cursor = oldest
+            self.missed += count
+            store.follower_missed += count
             return lost_events(count)
-        return self._items.popleft()
+        until = self.query.until_ns
+        for scanned, item in enumerate(store.items_between(self._cursor, end)):
+            self._cursor += 1
+            if not item.HasField("flow"):
+                return item
+            if until is not None and item_ns(item) > until:
+                if item_ns(item) > until + REORDER_SLACK_NS:
+                    self._end = self._cursor  # Hubble ends a follow once flows are past `until`
+                    return None
+                continue
+            if self.query.selects(item):
+                return item
+            if scanned >= _SCAN_BEFORE_YIELD:
+                return _SCANNED
+        return None
 
     def __aiter__(self) -> AsyncIterator[Item]:
         return self
@@ -178,45 +249,95 @@ class Subscription:
             raise StopAsyncIteration from None
 
 
+_SCANNED = object()
+_SCAN_BEFORE_YIELD = 512
+
+
 class FlowStore:
-    """The last `capacity` items, oldest first, and the followers' subscriptions."""
+    """The last `capacity` items, oldest first, as a ring of segments addressed by sequence
+    numbers, and the followers reading it."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, node_name: str = "") -> None:
         self.capacity = capacity
         self.node_name = node_name
-        self._items: deque[Item] = deque(maxlen=capacity)
+        # Flow uuids are this prefix and the flow's sequence number: the same on every read.
+        self.uuid_prefix = secrets.randbits(64)
+        self._segments: list[Segment] = []
+        self._starts: list[int] = []  # each segment's start, for bisection
         self._subscriptions: set[Subscription] = set()
-        self._sinks: list[Callable[[list[Item]], object]] = []
-        self.total = 0  # items ever appended
+        self._sinks: list[Callable[[Segment], object]] = []
+        self.total = 0  # items ever appended; also the next item's sequence number
         self.seen_flows = 0  # flows ever appended (ServerStatus.seen_flows)
-        self.evicted = 0  # items that fell out of the ring
-        self.follower_missed = 0  # items dropped for slow followers, all of them
+        self.follower_missed = 0  # items skipped for slow followers, all of them
+
+    @property
+    def next_seq(self) -> int:
+        return self.total
+
+    @property
+    def first_seq(self) -> int:
+        """The sequence number of the oldest item still in the ring."""
+        return max(self.total - self.capacity, 0)
+
+    @property
+    def evicted(self) -> int:
+        return self.first_seq  # items that fell out of the ring
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self.total - self.first_seq
 
     def append(self, item: Item) -> None:
-        if len(self._items) == self.capacity:
-            self.evicted += 1
-        self._items.append(item)
-        self.total += 1
-        if item.HasField("flow"):
-            self.seen_flows += 1
+        self.extend([item])
+
+    def extend(self, items: Iterable[Item] | Segment) -> None:
+        """Take a batch: built items, or a Segment (the flow reader's raw rows)."""
+        segment = items if isinstance(items, Segment) else BuiltSegment(list(items))
+        if not len(segment):
+            return
+        segment.bind(self.total, self.uuid_prefix)
+        self._segments.append(segment)
+        self._starts.append(self.total)
+        self.total += len(segment)
+        self.seen_flows += segment.flows()
+        self._trim()
         for sub in self._subscriptions:
-            missed = sub.missed
-            sub.offer(item)
-            self.follower_missed += sub.missed - missed
-
-    def extend(self, items: Iterable[Item]) -> None:
-        batch = list(items)
-        for item in batch:
-            self.append(item)
+            sub.wake()
         for sink in self._sinks:
-            sink(batch)
+            sink(segment)
 
-    def add_sink(self, sink: Callable[[list[Item]], object]) -> None:
-        """`sink` sees every batch the store takes from now on (the flow log)."""
+    def _trim(self) -> None:
+        first = self.first_seq
+        gone = 0
+        for seg in self._segments:
+            if seg.start + len(seg) > first:
+                break
+            gone += 1
+        if gone:
+            del self._segments[:gone], self._starts[:gone]
+
+    def add_sink(self, sink: Callable[[Segment], object]) -> None:
+        """`sink` sees every batch the store takes from now on (the flow log): a Segment,
+        iterable as GetFlowsResponses (building them is up to the sink's thread)."""
         self._sinks.append(sink)
+
+    def items_between(self, start: int, end: int) -> Iterator[Item]:
+        """Items start..end-1 (sequence numbers within the ring), oldest first."""
+        start = max(start, self.first_seq)
+        at = bisect.bisect_right(self._starts, start) - 1
+        while start < end and at < len(self._segments):
+            seg = self._segments[at]
+            stop = min(end - seg.start, len(seg))
+            for i in range(start - seg.start, stop):
+                yield seg.item(i)
+            start = seg.start + stop
+            at += 1
+
+    def _newest_first(self) -> Iterator[Item]:
+        first = self.first_seq
+        for seg in reversed(self._segments):
+            low = max(first - seg.start, 0)
+            for i in range(len(seg) - 1, low - 1, -1):
+                yield seg.item(i)
 
     # ---- queries ---------------------------------------------------------------------------
     def query(self, query: FlowQuery) -> list[Item]:
@@ -241,7 +362,7 @@ class FlowStore:
             # Newest to oldest, until enough are found or `since` is passed.
             want = query.number if since is None else 0
             flows = []
-            for item in reversed(self._items):
+            for item in self._newest_first():
                 if not item.HasField("flow"):
                     _count_lost(lost, item)
                     continue
@@ -268,7 +389,7 @@ class FlowStore:
 
     def _forward(self, query: FlowQuery, lost: dict[int, int]) -> list[Item]:
         flows: list[Item] = []
-        for item in self._items:
+        for item in self.items_between(self.first_seq, self.next_seq):
             if not item.HasField("flow"):
                 _count_lost(lost, item)
                 continue
@@ -290,12 +411,14 @@ class FlowStore:
 
     # ---- followers -------------------------------------------------------------------------
     def subscribe(
-        self, query: FlowQuery = FlowQuery(follow=True), maxsize: int = DEFAULT_FOLLOWER_QUEUE
+        self, query: FlowQuery = FlowQuery(follow=True), maxsize: int | None = None
     ) -> Subscription:
         """A follower's feed: first the query's backlog, then every new matching item.
-        Taken in one step, so nothing falls between the backlog and the live feed."""
+        Taken in one step, so nothing falls between the backlog and the live feed. It may
+        fall `maxsize` items (default: the ring) behind the writer before it skips."""
         flows, lost = self._select(query)
-        sub = Subscription(query, [*self._lost_lines(lost), *flows], maxsize)
+        limit = self.capacity if maxsize is None else min(maxsize, self.capacity)
+        sub = Subscription(self, query, [*self._lost_lines(lost), *flows], limit)
         self._subscriptions.add(sub)
         return sub
 
