@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,12 +32,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bench._common import emit, exit_on_sigterm, machine, median, packet
+from bench._trace import bpf_run_time_stats
 from membrane.bpf import BpfObject, Program, test_run
+from membrane.bpf.links import attach_xdp
 from membrane.lb.flowhash import flow_hash
 from membrane.lb.frontend import Vip
 from membrane.lb.maglev import build_table, modulo_choice
 from membrane.lb.tables import LbTables
 from membrane.netns import Topology
+from membrane.netns.namespace import inside
 from membrane.testing.lb import LbTestbed, lb_testbed
 
 XDP_PASS, XDP_TX = 2, 3
@@ -132,6 +136,84 @@ def build_cases(stack: list[BpfObject], bed: LbTestbed, calls: int, rounds: int)
             XDP_TX,
         ),
     ]
+
+
+@dataclass
+class TrafficCase:
+    """A program attached (generic XDP, as `membrane lb attach` does on a veth) to the LB's
+    eth0 while the peer namespace sends it frames through an AF_PACKET socket; its cost is
+    the kernel's own accounting of the program (BPF_ENABLE_STATS: run_time_ns / run_cnt)
+    over those packets: a warm loop of real packets, unlike single-packet test runs."""
+
+    name: str
+    prog: Program
+    frames: Callable[[int], bytes]
+    ns_per_packet: list[float] = field(default_factory=list)
+    sent: int = 0
+
+    def measure(self, bed: LbTestbed, sender: socket.socket, packets: int) -> None:
+        with inside(bed.ns):
+            link, _ = attach_xdp(self.prog, bed.ifindex, "generic")
+        try:
+            before = _run_stats(self.prog.fd)
+            for _ in range(packets):
+                sender.send(self.frames(self.sent))
+                self.sent += 1
+            after = _run_stats(self.prog.fd)
+        finally:
+            link.detach()
+            link.close()
+        runs = after[1] - before[1]
+        if runs < packets * 0.99:  # the program must have seen (nearly) every packet
+            raise RuntimeError(f"{self.name}: {runs} runs for {packets} packets sent")
+        self.ns_per_packet.append((after[0] - before[0]) / runs)
+
+
+def _run_stats(prog_fd: int) -> tuple[int, int]:
+    """run_time_ns and run_cnt of a program we hold an fd of (its fdinfo)."""
+    with open(f"/proc/self/fdinfo/{prog_fd}") as f:
+        info = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    return int(info["run_time_ns"]), int(info["run_cnt"])
+
+
+def traffic_cases(cases: list[Case]) -> list[TrafficCase]:
+    """The same programs and frames as the single-packet cases (their frames continue
+    where those left off, so new flows stay new)."""
+    return [
+        TrafficCase(c.name, c.prog, lambda i, c=c: c.frames(c.calls + 1_000_000 + i)) for c in cases
+    ]
+
+
+def measure_traffic(
+    bed: LbTestbed, peer: str, cases: list[TrafficCase], packets: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    with inside(peer):
+        sender = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    sender.bind(("eth0", 0))
+    try:
+        with bpf_run_time_stats():
+            for case in cases:  # warm up (and attach once each)
+                case.measure(bed, sender, 1000)
+                case.ns_per_packet.clear()
+            for _ in range(rounds):
+                for case in cases:
+                    case.measure(bed, sender, packets)
+    finally:
+        sender.close()
+    base = cases[0].ns_per_packet
+    return {
+        c.name: {
+            "ns_per_packet": round(median(c.ns_per_packet), 1),
+            "ratio_to_empty": round(
+                median([a / b for a, b in zip(c.ns_per_packet, base, strict=True)]), 2
+            ),
+            "ns_over_empty": round(
+                median([a - b for a, b in zip(c.ns_per_packet, base, strict=True)]), 1
+            ),
+            "rounds_ns": [round(v, 1) for v in c.ns_per_packet],
+        }
+        for c in cases
+    }
 
 
 def repeated_pass(cases: list[Case], repeat: int, rounds: int) -> dict[str, float]:
@@ -237,6 +319,9 @@ def main() -> None:
         "--repeat", type=int, default=2_000_000, help="repeat of the pass-path cross-check"
     )
     parser.add_argument(
+        "--packets", type=int, default=20_000, help="real packets per traffic case and round"
+    )
+    parser.add_argument(
         "--flows", type=int, default=100_000, help="random flows of the disruption test"
     )
     args = parser.parse_args()
@@ -254,6 +339,9 @@ def main() -> None:
                 for case in cases:
                     case.measure(bed, args.calls)
             with_repeat = repeated_pass(cases, args.repeat, args.rounds)
+            traffic = measure_traffic(
+                bed, f"{topo.tag}-peer", traffic_cases(cases), args.packets, args.rounds
+            )
             changes = time_backend_changes(bed, 20)
         finally:
             for obj in objects:
@@ -277,6 +365,10 @@ def main() -> None:
         "method": f"test-run, repeat=1, median of {args.calls} calls x {args.rounds} rounds",
         "per_packet": per_packet,
         "pass_path_with_repeat": with_repeat,
+        "traffic_method": "generic XDP on the LB's veth, frames sent by the peer through "
+        f"AF_PACKET, BPF_ENABLE_STATS run time per run, {args.packets} packets x "
+        f"{args.rounds} rounds",
+        "per_packet_traffic": traffic,
         "maglev_build_ms": time_builds(),
         "backend_change": changes,
         "disruption": disruption(args.flows),
@@ -286,6 +378,11 @@ def main() -> None:
         for name, v in per_packet.items()
     ]
     summary.append(f"pass path (repeat): {with_repeat['ratio_to_empty']}x empty")
+    summary += [
+        f"traffic {name}: {v['ns_per_packet']} ns, {v['ratio_to_empty']}x empty, "
+        f"+{v['ns_over_empty']} ns"
+        for name, v in traffic.items()
+    ]
     summary += [f"maglev build {k}: {v} ms" for k, v in result["maglev_build_ms"].items()]
     summary.append(f"backend change: {changes}")
     summary += [

@@ -5,7 +5,8 @@
  * has in lb_conntrack while that backend still serves the VIP, else the Maglev table's
  * entry for the flow's hash. It leaves encapsulated (IPv4 in IPv4, IPv6 in IPv6) with the
  * LB's address as outer source, towards the next hop the kernel's FIB names (XDP_TX when
- * that is the device it came in on, a redirect otherwise): the backend decapsulates and
+ * that is the device it came in on, a redirect otherwise; the answer is cached per backend
+ * and CPU for a second, see lb_nexthop): the backend decapsulates and
  * answers the client directly (DSR). A packet that encapsulation makes too big for the
  * route is answered with ICMP "fragmentation needed" / ICMPv6 "packet too big" (as Katran
  * does), so the client's path MTU discovery adapts. Everything else passes untouched.
@@ -55,6 +56,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct lb_backend);
 } lb_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct lb_nexthop);
+} lb_nexthop SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -364,6 +372,36 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct lb_backe
 	return 0;
 }
 
+/* Ask the FIB for the next hop towards the backend `fib` names (filled by
+ * encapsulate()) and keep its answer in this CPU's cache: first the route's MTU (a lookup
+ * with an impossible length stops at the MTU check and reports it), then the MACs and the
+ * device. Returns the second lookup's result; only a full answer is cached. */
+static __always_inline int ask_fib(struct xdp_md *ctx, struct bpf_fib_lookup *fib,
+				   struct lb_nexthop *hop, __u64 now)
+{
+	__u16 mtu = 0xffff;
+	int res;
+
+	fib->ifindex = ctx->ingress_ifindex;
+	fib->tot_len = 0xffff;
+	res = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	if (res == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		mtu = fib->mtu_result;
+	else if (res != BPF_FIB_LKUP_RET_SUCCESS && res != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return res;
+	fib->ifindex = ctx->ingress_ifindex;
+	fib->tot_len = 0; /* no MTU check: the next hop alone */
+	res = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	if (res != BPF_FIB_LKUP_RET_SUCCESS)
+		return res;
+	hop->ifindex = fib->ifindex;
+	hop->mtu = mtu;
+	__builtin_memcpy(hop->dmac, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(hop->smac, fib->smac, ETH_ALEN);
+	hop->expires_ns = now + LB_NEXTHOP_TTL_NS;
+	return res;
+}
+
 SEC("xdp")
 int lb_xdp(struct xdp_md *ctx)
 {
@@ -378,6 +416,8 @@ int lb_xdp(struct xdp_md *ctx)
 	struct lb_vip *vip;
 	struct pkt p = {};
 	__u32 backend, encapsulated;
+	struct lb_nexthop *hop;
+	__u64 now;
 	void *eth;
 	int res;
 
@@ -415,42 +455,44 @@ int lb_xdp(struct xdp_md *ctx)
 	if (encapsulate(ctx, be, cfg, &fib))
 		return verdict(LB_STAT_UNPARSED, len, XDP_DROP);
 
-	fib.ifindex = ctx->ingress_ifindex;
 	encapsulated = fib.tot_len;
-	res = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
-	if (res == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+	hop = bpf_map_lookup_elem(&lb_nexthop, &backend);
+	if (!hop)
+		return verdict(LB_STAT_NO_ROUTE, len, XDP_DROP);
+	now = bpf_ktime_get_coarse_ns();
+	if (now >= hop->expires_ns) {
+		res = ask_fib(ctx, &fib, hop, now);
+		if (res == BPF_FIB_LKUP_RET_NO_NEIGH) {
+			/* the kernel resolves the next hop's MAC and forwards the packet */
+			count(&lb_backend_stats, backend, len);
+			return verdict(LB_STAT_NEIGH_PASS, len, XDP_PASS);
+		}
+		if (res != BPF_FIB_LKUP_RET_SUCCESS)
+			return verdict(LB_STAT_NO_ROUTE, len, XDP_DROP);
+	}
+	if (encapsulated > hop->mtu) {
 		/* A frame that was longer than the MTU before we grew it is a GSO super-frame
 		 * (generic XDP on a device with TSO/GRO: the device segments it later); one
 		 * that fitted and no longer does is really too big. */
 		__u32 outer = p.family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
 
-		if (encapsulated - outer <= fib.mtu_result) {
+		if (encapsulated - outer <= hop->mtu) {
 			count(&lb_stats, LB_STAT_TOO_BIG, len);
-			return send_too_big(ctx, cfg, p.family, outer, fib.mtu_result);
+			return send_too_big(ctx, cfg, p.family, outer, hop->mtu);
 		}
-		fib.tot_len = 0; /* no MTU check: look up the next hop alone */
-		fib.ifindex = ctx->ingress_ifindex;
-		res = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
 	}
-	if (res == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		/* the kernel resolves the next hop's MAC and forwards the encapsulated packet */
-		count(&lb_backend_stats, backend, len);
-		return verdict(LB_STAT_NEIGH_PASS, len, XDP_PASS);
-	}
-	if (res != BPF_FIB_LKUP_RET_SUCCESS)
-		return verdict(LB_STAT_NO_ROUTE, len, XDP_DROP);
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
 	eth = data;
 	if (eth + sizeof(struct ethhdr) > data_end)
 		return verdict(LB_STAT_UNPARSED, len, XDP_DROP);
-	__builtin_memcpy(((struct ethhdr *)eth)->h_dest, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(((struct ethhdr *)eth)->h_source, fib.smac, ETH_ALEN);
+	__builtin_memcpy(((struct ethhdr *)eth)->h_dest, hop->dmac, ETH_ALEN);
+	__builtin_memcpy(((struct ethhdr *)eth)->h_source, hop->smac, ETH_ALEN);
 	count(&lb_backend_stats, backend, len);
 	count(&lb_stats, LB_STAT_FORWARDED, len);
-	if (fib.ifindex == ctx->ingress_ifindex)
+	if (hop->ifindex == ctx->ingress_ifindex)
 		return XDP_TX;
-	return bpf_redirect(fib.ifindex, 0);
+	return bpf_redirect(hop->ifindex, 0);
 }
 
 char LICENSE[] SEC("license") = "GPL";

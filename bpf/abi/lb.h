@@ -7,6 +7,10 @@
  *                 lookup sees the old table or the new one, never a half-written one.
  *   lb_backends   array [backend id] -> lb_backend (service 0: the id is free);
  *                 BPF_F_MMAPABLE, so the control plane scans it without a syscall
+ *   lb_nexthop    per-CPU array [backend id] -> lb_nexthop: the FIB's answer for the
+ *                 backend (MACs, device, route MTU), asked again once it is older than
+ *                 LB_NEXTHOP_TTL_NS (a FIB lookup costs ~1 us here, the cache ~20 ns);
+ *                 zeroed by the control plane whenever an id is (re)assigned
  *   lb_conntrack  LRU hash: lb_flow_key -> lb_flow (the backend a flow was given, kept
  *                 while that backend stays in its service, whatever the table says)
  *   lb_backend_stats  per-CPU array [backend id] -> lb_counter (packets and bytes sent)
@@ -28,6 +32,7 @@ enum lb_limits {
 	LB_DEFAULT_TABLE_SIZE = 16381,
 	LB_HASH_WORDS = 10,
 	LB_HASH_SEED = 1296843297, /* 0x4D4C4221, "MLB!" */
+	LB_NEXTHOP_TTL_NS = 1000000000, /* 1 s: a changed neighbour MAC is seen within it */
 };
 ABI_EXPORT_ENUM(lb_limits);
 
@@ -72,6 +77,16 @@ struct lb_flow_key {
 	__u16 sport;
 	__u16 dport;
 	__u32 protocol;
+};
+
+struct lb_nexthop {
+	__u64 expires_ns;  /* bpf_ktime_get_coarse_ns() after which to ask the FIB again;
+			    * 0: never asked */
+	__u32 ifindex;     /* the device towards the backend */
+	__u16 mtu;         /* of the route */
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u8 pad[2];
 };
 
 struct lb_flow {

@@ -334,3 +334,21 @@ def test_gso_super_frames_are_forwarded(lb: Lb) -> None:
     verdict, out = lb.run(bytes(frame))
     assert verdict == XDP_TX
     assert bytes(out[14 + 20 :]) == bytes(frame[IP])
+
+
+def test_a_reused_backend_id_does_not_inherit_a_cached_next_hop(lb: Lb) -> None:
+    vip = Vip.parse("198.19.0.13:80/tcp")
+    first, second = BACKENDS4[3], BACKENDS4[2]
+    lb.tables.add_vip(vip, 13)
+    try:
+        lb.tables.set_backend(vip, ipaddress.ip_address(first), 1)
+        reused = lb.backend_id(vip, first)
+        out = Ether(lb.run(bytes(tcp4("198.18.7.11", 40000, dst=str(vip.addr))))[1])
+        assert (out[IP].dst, out.dst) == (first, backend_mac(first))  # now cached
+        lb.tables.remove_backend(vip, ipaddress.ip_address(first))
+        lb.tables.set_backend(vip, ipaddress.ip_address(second), 1)
+        assert lb.backend_id(vip, second) == reused
+        out = Ether(lb.run(bytes(tcp4("198.18.7.11", 40001, dst=str(vip.addr))))[1])
+        assert (out[IP].dst, out.dst) == (second, backend_mac(second))
+    finally:
+        lb.tables.delete_vip(vip)

@@ -114,6 +114,7 @@ class LbTables:
         self.stats = open_map("lb_stats")
         self.config = open_map("lb_config")
         self.conntrack = open_map("lb_conntrack")
+        self.nexthop = open_map("lb_nexthop")
         self._backends_memory: mmap.mmap | None = None
 
     # ---- reading -------------------------------------------------------------------------
@@ -225,6 +226,8 @@ class LbTables:
                     )
                 backend = by_addr[addr] = Backend(int(backend_id), addr, weight)
                 self.backend_stats.update(backend.id, [bytes(16)] * possible_cpus())
+                # no next hop cached from the id's previous backend
+                self.nexthop.update(backend.id, [bytes(self.nexthop.value_size)] * possible_cpus())
                 svc.backends.append(backend)
             backend.weight = weight
             self._write_backend(backend, svc.id)  # first the record, then a table naming it
