@@ -55,3 +55,26 @@ def test_calls_and_refusals(tmp_path: Path) -> None:
             list(client.get_flows(observer_pb2.GetFlowsRequest(blacklist=[bad])))
         assert err.value.field == "blacklist[0].destination_ip"
         assert err.value.exit_code == 2
+
+
+def test_a_bad_address_names_the_server_option() -> None:
+    with pytest.raises(UserError) as err:
+        ObserverClient.connect("localhost")
+    assert err.value.field == "server" and "HOST:PORT" in str(err.value)
+
+
+def test_a_stream_left_half_way_then_the_next_call(tmp_path: Path) -> None:
+    """What Ctrl-C (or a consumer that stops reading) leaves: the stream is cancelled and
+    the next call on the same client gets a fresh connection."""
+    store = FlowStore(capacity=8191, node_name="node-1")
+    store.extend(flow_response(flow_pb2.Flow(uuid=str(i))) for i in range(5_000))
+    with (
+        observer_server(store, str(tmp_path / "hubble.sock")) as address,
+        ObserverClient.connect(address) as client,
+    ):
+        flows = client.get_flows(observer_pb2.GetFlowsRequest(number=5_000))
+        assert [next(flows).flow.uuid for _ in range(3)] == ["0", "1", "2"]
+        flows.close()
+        got = [r.flow.uuid for r in client.get_flows(observer_pb2.GetFlowsRequest(number=5_000))]
+        assert got == [str(i) for i in range(5_000)]
+        assert client.server_status().num_flows == 5_000

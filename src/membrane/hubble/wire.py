@@ -492,6 +492,13 @@ class Channel:
         except OSError as err:
             raise RpcError(UNAVAILABLE, f"connection lost: {err.strerror or err}") from None
 
+    def _send_control(self, data: bytes) -> None:
+        """An ACK or WINDOW_UPDATE: if the peer is gone, reading says so (and what it
+        sent before going is still read)."""
+        assert self._sock is not None
+        with contextlib.suppress(OSError):
+            self._sock.sendall(data)
+
     def _read_frame(self) -> tuple[int, int, int, bytes]:
         """The next frame: (type, flags, stream id, payload)."""
         assert self._sock is not None
@@ -555,10 +562,10 @@ class Channel:
         elif kind == SETTINGS:
             if not flags & ACK:
                 self._apply_settings(payload)
-                self._send(frame(SETTINGS, ACK, 0))
+                self._send_control(frame(SETTINGS, ACK, 0))
         elif kind == PING:
             if not flags & ACK:
-                self._send(frame(PING, ACK, 0, payload))
+                self._send_control(frame(PING, ACK, 0, payload))
         elif kind == WINDOW_UPDATE:
             (increment,) = struct.unpack(">I", payload[:4])
             if stream_id == 0:
@@ -604,7 +611,7 @@ class Channel:
             updates += window_update_frame(call.id, call.unacked)
             call.unacked = 0
         if updates:
-            self._send(updates)
+            self._send_control(updates)
 
     # calls -----------------------------------------------------------------------------
 
