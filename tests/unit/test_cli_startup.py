@@ -14,6 +14,7 @@ from membrane.cli.commands import SUBCOMMANDS, Subcommand
 from membrane.cli.lazy import load
 
 # grpc: its core imports asyncio (~150 ms); the CLI speaks gRPC through hubble.wire instead.
+# json_format: only `-o json` and raw filters need protobuf's JSON mapping.
 HEAVY = (
     "numpy",
     "pydantic",
@@ -24,6 +25,7 @@ HEAVY = (
     "membrane.bpf",
     "asyncio",
     "grpc",
+    "google.protobuf.json_format",
 )
 NO_AGENT = "/nonexistent/membrane.sock"
 

@@ -621,6 +621,8 @@ def parse_time(text: str, flag: str, now: datetime | None = None) -> Timestamp:
 # ---- the request ------------------------------------------------------------------------
 def parse_raw_filters(values: Iterable[str], flag: str) -> list[flow_pb2.FlowFilter]:
     """`--allowlist`/`--denylist`: FlowFilters in Hubble's JSON (proto field names)."""
+    if not values:  # the common case: no JSON to parse, no json_format to import
+        return []
     from google.protobuf import json_format
 
     from membrane.hubble.flow import flow_pb2

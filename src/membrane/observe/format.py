@@ -19,8 +19,6 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import json_format
-
 from membrane.hubble.flow import flow_pb2
 from membrane.hubble.observer import observer_pb2
 from membrane.observe.record import DROP_TEXTS, POLICY_MATCH_NAMES, response_dict
@@ -42,6 +40,8 @@ Response = observer_pb2.GetFlowsResponse
 # ---- the wire form ---------------------------------------------------------------------
 def parse_response(item: dict[str, Any]) -> Response:
     """A GetFlowsResponse from its JSON form; a field outside the schema is an error."""
+    from google.protobuf import json_format  # here: printing flows does without it
+
     return json_format.ParseDict(item, Response())
 
 
