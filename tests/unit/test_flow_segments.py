@@ -1,0 +1,150 @@
+"""The flow reader's batches in the store: raw rows (agent.flows.RawSegment) that become
+GetFlowsResponses only when read, once, with uuids that do not change between reads; and
+followers as cursors into the store's ring, told exactly how much the writer overtook."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+from observe_support import FakeResolver, event, world_drop
+
+from membrane.agent.flows import RawSegment
+from membrane.hubble.flow import flow_pb2
+from membrane.observe.flowfilter import FlowMatcher
+from membrane.observe.record import event_response, lost_response, supported_rows
+from membrane.observe.store import FlowQuery, FlowStore
+
+RESOLVER = FakeResolver()
+
+
+@pytest.fixture(scope="module")
+def dtype() -> np.dtype:
+    from membrane.bpf.btf import Btf
+    from membrane.bpf.object import objects_dir
+
+    obj = objects_dir() / "endpoint.bpf.o"
+    if not obj.exists():
+        pytest.skip("endpoint.bpf.o is not built (make bpf)")
+    return Btf.from_file(obj).dtype("flow_event")
+
+
+def rows(dtype: np.dtype, events: list[dict[str, Any]]) -> np.ndarray:
+    out = np.zeros(len(events), dtype=dtype)
+    for row, ev in zip(out, events, strict=True):
+        for name, value in ev.items():
+            if name == "h":
+                for hname, hvalue in value.items():
+                    row["h"][hname] = hvalue
+            else:
+                row[name] = value
+    return out
+
+
+def at(i: int, **header: int) -> dict[str, Any]:
+    """Event i, i ms after the first, with its own source port (and `header` fields)."""
+    return event(h={"ts_ns": 1_000_000_000 + i * 1_000_000, **header}, sport=10_000 + i)
+
+
+def segment(dtype: np.dtype, first: int, count: int) -> RawSegment:
+    return RawSegment(rows(dtype, [at(i) for i in range(first, first + count)]), RESOLVER, "n1")
+
+
+class CountingResolver(FakeResolver):
+    builds = 0
+
+    def ktime_to_wall(self, ts_ns: int) -> float:
+        self.builds += 1  # once per flow built
+        return super().ktime_to_wall(ts_ns)
+
+
+def test_rows_become_flows_only_when_read_once_with_stable_uuids(dtype: np.dtype) -> None:
+    resolver = CountingResolver()
+    events = [at(i) for i in range(600)]  # more than one decoded chunk
+    store = FlowStore()
+    store.extend(RawSegment(rows(dtype, events), resolver, "n1"))
+    assert store.seen_flows == len(store) == 600 and resolver.builds == 0
+    newest = store.last(3)
+    assert resolver.builds == 3
+    assert store.last(3) == newest and resolver.builds == 3  # built once, kept
+    everything = store.query(FlowQuery())
+    assert resolver.builds == 600
+    uuids = [item.flow.uuid for item in everything]
+    assert len(set(uuids)) == 600 and all(uuid.UUID(u).version == 4 for u in uuids)
+    assert everything[-3:] == newest
+    # The same flows the per-event path builds, but for the uuid
+    for item, ev in zip(everything, events, strict=True):
+        expected = event_response(ev, FakeResolver(), "n1", flow_uuid=item.flow.uuid)
+        assert item == expected
+
+
+def test_uuids_differ_between_stores(dtype: np.dtype) -> None:
+    a, b = FlowStore(), FlowStore()
+    a.extend(segment(dtype, 0, 1))
+    b.extend(segment(dtype, 0, 1))
+    assert a.last(1)[0].flow.uuid != b.last(1)[0].flow.uuid
+
+
+def test_queries_over_raw_and_built_segments_keep_their_order(dtype: np.dtype) -> None:
+    store = FlowStore(capacity=7)
+    store.extend(segment(dtype, 0, 4))
+    store.extend([lost_response(flow_pb2.PERF_EVENT_RING_BUFFER, 9, "n1")])
+    store.extend(segment(dtype, 4, 4))  # the ring keeps the newest 7: 2, 3, notice, 4..7
+    got = store.query(FlowQuery())
+    assert [item.flow.l4.TCP.source_port - 10_000 for item in got[2:]] == list(range(2, 8))
+    assert got[0].lost_events.source == flow_pb2.PERF_EVENT_RING_BUFFER
+    assert got[0].lost_events.num_events_lost == 9
+    assert got[1].lost_events.source == flow_pb2.HUBBLE_RING_BUFFER
+    assert got[1].lost_events.num_events_lost == 2
+    drops = FlowMatcher.build([flow_pb2.FlowFilter(verdict=[flow_pb2.DROPPED])])
+    store.extend(RawSegment(rows(dtype, [world_drop()]), RESOLVER, "n1"))
+    found = store.last(5, drops)  # the notice in range, then the one drop
+    assert [item.WhichOneof("response_types") for item in found] == ["lost_events", "flow"]
+    assert found[1].flow.verdict == flow_pb2.DROPPED
+
+
+def test_a_follower_overtaken_by_the_writer_is_told_exactly_how_many(dtype: np.dtype) -> None:
+    async def scenario() -> tuple[list[Any], int]:
+        store = FlowStore(capacity=15)
+        sub = store.subscribe()
+        store.extend(segment(dtype, 0, 10))
+        first = await asyncio.wait_for(sub.get(), 1)  # flow 0
+        store.extend(segment(dtype, 10, 20))  # 29 items written: the ring keeps 15..29
+        rest = [await asyncio.wait_for(sub.get(), 1) for _ in range(16)]
+        return [first, *rest], sub.missed
+
+    items, missed = asyncio.run(scenario())
+    assert items[0].flow.l4.TCP.source_port == 10_000
+    assert items[1].lost_events.source == flow_pb2.HUBBLE_RING_BUFFER
+    assert items[1].lost_events.num_events_lost == missed == 14  # flows 1..14
+    assert [i.flow.l4.TCP.source_port - 10_000 for i in items[2:]] == list(range(15, 30))
+
+
+def test_a_follower_reads_a_long_run_of_non_matching_rows_without_stalling(
+    dtype: np.dtype,
+) -> None:
+    async def scenario() -> Any:
+        store = FlowStore(capacity=4095)
+        drops = FlowMatcher.build([flow_pb2.FlowFilter(verdict=[flow_pb2.DROPPED])])
+        sub = store.subscribe(FlowQuery(follow=True, matcher=drops))
+        store.extend(segment(dtype, 0, 2000))  # forwarded: none match
+        store.extend(RawSegment(rows(dtype, [world_drop()]), RESOLVER, "n1"))
+        return await asyncio.wait_for(sub.get(), 10)
+
+    assert asyncio.run(scenario()).flow.verdict == flow_pb2.DROPPED
+
+
+def test_sinks_see_every_flow_of_a_raw_segment(dtype: np.dtype) -> None:
+    store = FlowStore()
+    seen: list[int] = []
+    store.add_sink(lambda batch: seen.extend(i.flow.l4.TCP.source_port for i in batch))
+    store.extend(segment(dtype, 0, 5))
+    assert seen == [10_000 + i for i in range(5)]
+
+
+def test_rows_of_another_version_or_type_are_not_flows(dtype: np.dtype) -> None:
+    batch = rows(dtype, [at(0), at(1, version=99), at(2, type=77), world_drop()])
+    assert supported_rows(batch).tolist() == [True, False, False, True]
