@@ -4,9 +4,11 @@ protobuf JSON (what `hubble observe -o json` prints), as Hubble's exporter does
 an allowlist and a denylist of FlowFilters in the JSON Hubble's exporter takes.
 
 Lines are written on a thread of the log's own, never on the event loop or the reader's
-thread: `submit` only queues a batch. A log that cannot keep up loses batches, counts them
-and says so in the file (a lost_events line, source OBSERVER_EVENTS_QUEUE). The log's tail
-refills the agent's flow store when it starts, so recent flows survive a restart.
+thread: `submit` only queues a batch (a store Segment: the flow reader's rows become flows
+there, on the log's thread, as it iterates them). A log that cannot keep up loses batches,
+counts them and says so in the file (a lost_events line, source OBSERVER_EVENTS_QUEUE).
+The log's tail refills the agent's flow store when it starts, so recent flows survive a
+restart.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from membrane.hubble.flow import flow_pb2
 from membrane.hubble.json_codec import decode, encode
 from membrane.hubble.observer import observer_pb2
 from membrane.observe.record import lost_response
-from membrane.observe.store import Matcher, build_matcher
+from membrane.observe.store import Matcher, Segment, build_matcher
 
 log = logging.getLogger("membrane.agent")
 Item = observer_pb2.GetFlowsResponse
 DEFAULT_MAX_SIZE_MB = 10  # Hubble's --hubble-export-file-max-size-mb
 DEFAULT_MAX_BACKUPS = 5  # Hubble's --hubble-export-file-max-backups
 QUEUE_BATCHES = 4096  # batches waiting for the writer before new ones are dropped
+Batch = Segment | list[Item]
 FILE_MODE = 0o640
 _TAIL_BLOCK = 1 << 16
 
@@ -142,7 +145,7 @@ class FlowLog:
         self.settings = settings
         self.node_name = node_name
         self._matcher = settings_matcher(settings)
-        self._queue: queue.Queue[list[Item] | None] = queue.Queue(QUEUE_BATCHES)
+        self._queue: queue.Queue[Batch | None] = queue.Queue(QUEUE_BATCHES)
         self._dropped = 0  # items not queued since the last lost_events line (any thread)
         self._dropped_lock = threading.Lock()
         self.written = 0  # lines written
@@ -157,7 +160,7 @@ class FlowLog:
         fd = os.open(self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
         return os.fdopen(fd, "a", encoding="utf-8")
 
-    def submit(self, items: list[Item]) -> None:
+    def submit(self, items: Batch) -> None:
         """Queue a batch for the writer; never waits."""
         try:
             self._queue.put_nowait(items)
