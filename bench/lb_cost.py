@@ -66,9 +66,12 @@ class Case:
 
     def measure(self, bed: LbTestbed, calls: int) -> None:
         durations = []
-        for _ in range(calls):
-            result = bed.run(self.prog, self.frames(self.calls))
-            self.calls += 1
+        # built first: building a frame between runs (scapy) would cool the caches for
+        # some cases (new flows) and not others
+        frames = [self.frames(self.calls + k) for k in range(calls)]
+        self.calls += calls
+        for frame in frames:
+            result = bed.run(self.prog, frame)
             if result.retval != self.expect:
                 raise RuntimeError(f"{self.name}: verdict {result.retval}, not {self.expect}")
             durations.append(result.duration_ns)
@@ -152,13 +155,14 @@ class TrafficCase:
     sent: int = 0
 
     def measure(self, bed: LbTestbed, sender: socket.socket, packets: int) -> None:
+        frames = [self.frames(self.sent + k) for k in range(packets)]  # built first
+        self.sent += packets
         with inside(bed.ns):
             link, _ = attach_xdp(self.prog, bed.ifindex, "generic")
         try:
             before = _run_stats(self.prog.fd)
-            for _ in range(packets):
-                sender.send(self.frames(self.sent))
-                self.sent += 1
+            for frame in frames:
+                sender.send(frame)
             after = _run_stats(self.prog.fd)
         finally:
             link.detach()
