@@ -66,10 +66,11 @@ def test_size_must_be_prime() -> None:
         build_table(_names(2), 16384)
 
 
-# Maglev's extra disruption (slots that move between surviving backends) shrinks as M/N
-# grows; Cilium sizes M at 100x the backends or more. Measured: M/N >= ~500 keeps it
-# under 1 % (bench/lb_cost.py reports the ratio for other sizes).
-@pytest.mark.parametrize(("backends", "size"), [(3, 16381), (10, 16381), (30, 16381), (100, 65537)])
+# Maglev's extra disruption (slots that move between surviving backends) is ~0.5-1.3 % of
+# the table here: measured (bench/lb_cost.py) within the bound at M = 16381 up to ~20
+# backends and at M = 65537 up to 1,000; over it at M = 16381 from ~30 backends. Hence
+# `--maglev-size 65537` for bigger services (Cilium sizes M at 100x the backends or more).
+@pytest.mark.parametrize(("backends", "size"), [(3, 16381), (10, 16381), (20, 16381), (100, 65537)])
 def test_removing_one_backend_remaps_few_slots_and_flows(backends: int, size: int) -> None:
     names = _names(backends, seed=backends)
     gone = names[backends // 2]
