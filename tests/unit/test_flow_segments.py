@@ -148,3 +148,24 @@ def test_sinks_see_every_flow_of_a_raw_segment(dtype: np.dtype) -> None:
 def test_rows_of_another_version_or_type_are_not_flows(dtype: np.dtype) -> None:
     batch = rows(dtype, [at(0), at(1, version=99), at(2, type=77), world_drop()])
     assert supported_rows(batch).tolist() == [True, False, False, True]
+
+
+def test_a_skip_counts_only_flows_and_passes_on_the_notices_it_skipped(dtype: np.dtype) -> None:
+    async def scenario() -> list[Any]:
+        store = FlowStore(capacity=7)
+        sub = store.subscribe()
+        perf = flow_pb2.PERF_EVENT_RING_BUFFER
+        store.extend(segment(dtype, 0, 3))
+        store.extend([lost_response(perf, 40, "n1")])
+        store.extend(segment(dtype, 3, 3))
+        store.extend([lost_response(perf, 2, "n1")])
+        store.extend(segment(dtype, 6, 6))  # 14 items: the ring keeps the last notice, 6..11
+        return [await asyncio.wait_for(sub.get(), 1) for _ in range(4)]
+
+    skipped, notices, kept, first = asyncio.run(scenario())
+    assert skipped.lost_events.source == flow_pb2.HUBBLE_RING_BUFFER
+    assert skipped.lost_events.num_events_lost == 6  # flows 0..5; the two notices are not flows
+    assert notices.lost_events.source == flow_pb2.PERF_EVENT_RING_BUFFER
+    assert notices.lost_events.num_events_lost == 40
+    assert kept.lost_events.num_events_lost == 2  # still in the ring: read in its place
+    assert first.flow.l4.TCP.source_port == 10_006

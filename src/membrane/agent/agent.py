@@ -23,6 +23,7 @@ from typing import Any
 from membrane.agent import memory
 from membrane.agent.config import AgentConfig
 from membrane.agent.endpoints import EndpointLifecycle
+from membrane.agent.flows import EVENTS_RING_BYTES
 from membrane.agent.identities import IdentityAllocator
 from membrane.agent.namespaces import NamespaceStore
 from membrane.agent.notes import PolicyNotes
@@ -76,7 +77,9 @@ class Agent:
         # A new build meets the old one's pins: maps whose layout changed are migrated
         # first, adoption swaps every endpoint's program, then the old maps go.
         migration = NodeMapMigration.start(config.bpf_dir)
-        maps = NodeMaps.open(config.bpf_dir, {"policy": config.policy_map_max})
+        maps = NodeMaps.open(
+            config.bpf_dir, {"policy": config.policy_map_max, "events": EVENTS_RING_BYTES}
+        )
         set_monitor_aggregation(maps.monitor_config, config.monitor_aggregation)
         endpoints = EndpointLifecycle(config, state, node)
         datapath = DatapathReconciler(config, node, maps, identities, rules)

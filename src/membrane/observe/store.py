@@ -14,8 +14,8 @@ Losses are counted per stage and reported once per query, never silently:
 - the store (HUBBLE_RING_BUFFER): flows that fell out of the ring before a query that
   reaches back to its oldest flow (--first, --all, --since before it) could read them;
 - a slow follower (HUBBLE_RING_BUFFER, as Hubble names a reader overtaken by the writer):
-  its cursor skips to the oldest item it may still read and it is told how many it
-  skipped, in the stream, where they are missing.
+  its cursor skips to the oldest item it may still read and it is told how many flows
+  it skipped (and the notices among them), in the stream, where they are missing.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import bisect
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 from membrane.errors import UserError
@@ -127,6 +128,8 @@ class Segment:
     GetFlowsResponse; a segment may build them only when read (RawSegment)."""
 
     start = 0
+    flows_before = 0  # flows the store took before this segment
+    lost_before: Mapping[int, int] = MappingProxyType({})  # events reported lost before it
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -134,15 +137,16 @@ class Segment:
     def item(self, i: int) -> Item:
         raise NotImplementedError
 
-    def flows(self) -> int:
-        """How many of its items are flows (the others: lost-events notices)."""
-        raise NotImplementedError
-
     def __iter__(self) -> Iterator[Item]:
         return (self.item(i) for i in range(len(self)))
 
     def bind(self, start: int, uuid_prefix: int) -> None:
         self.start = start
+
+    def counts_before(self, offset: int) -> tuple[int, dict[int, int]]:
+        """Flows, and events its notices reported lost by source, in items [0, offset)
+        (here: every item is a flow)."""
+        return offset, {}
 
 
 class BuiltSegment(Segment):
@@ -160,8 +164,15 @@ class BuiltSegment(Segment):
     def __iter__(self) -> Iterator[Item]:
         return iter(self.items)
 
-    def flows(self) -> int:
-        return sum(1 for item in self.items if item.HasField("flow"))
+    def counts_before(self, offset: int) -> tuple[int, dict[int, int]]:
+        lost: dict[int, int] = {}
+        flows = 0
+        for item in self.items[:offset]:
+            if item.HasField("flow"):
+                flows += 1
+            else:
+                _count_lost(lost, item)
+        return flows, lost
 
 
 class Subscription:
@@ -178,6 +189,9 @@ class Subscription:
         self._store = store
         self._backlog: deque[Item] = deque(backlog)  # asked for: not part of the allowance
         self._cursor = store.next_seq
+        # What the store took before the cursor: flows, and events lost by source (so a
+        # skip tells exactly how many flows, and which notices, went by unread).
+        self._flows_at, self._lost_at = store.counts_before(self._cursor)
         self._end: int | None = None  # the sequence number it ends at, once closed
         self._lag_limit = maxsize
         self._ready = asyncio.Event()
@@ -218,16 +232,14 @@ class Subscription:
         end = store.next_seq if self._end is None else self._end
         oldest = max(store.first_seq, end - self._lag_limit)
         if self._cursor < oldest:
-            count = oldest - self._cursor
-            self._cursor = oldest
-            self.missed += count
-            store.follower_missed += count
-            return lost_events(count)
+            return self._skip_to(oldest)
         until = self.query.until_ns
         for scanned, item in enumerate(store.items_between(self._cursor, end)):
             self._cursor += 1
             if not item.HasField("flow"):
+                _count_lost(self._lost_at, item)
                 return item
+            self._flows_at += 1
             if until is not None and item_ns(item) > until:
                 if item_ns(item) > until + REORDER_SLACK_NS:
                     self._end = self._cursor  # Hubble ends a follow once flows are past `until`
@@ -238,6 +250,26 @@ class Subscription:
             if scanned >= _SCAN_BEFORE_YIELD:
                 return _SCANNED
         return None
+
+    def _skip_to(self, oldest: int) -> Item:
+        """Move the cursor to `oldest`: one notice of the flows skipped, and the notices
+        skipped with them summed by source (they are losses the follower must hear of)."""
+        store = self._store
+        flows, lost = store.counts_before(oldest)
+        skipped = flows - self._flows_at
+        self._cursor, self._flows_at = oldest, flows
+        notices = [
+            lost_events(count, store.node_name, source)
+            for source, total in sorted(lost.items())
+            if (count := total - self._lost_at.get(source, 0))
+        ]
+        self._lost_at = lost
+        self.missed += skipped
+        store.follower_missed += skipped
+        self._backlog.extend(notices)
+        if skipped:
+            return lost_events(skipped, store.node_name)
+        return self._backlog.popleft()
 
     def __aiter__(self) -> AsyncIterator[Item]:
         return self
@@ -268,7 +300,8 @@ class FlowStore:
         self._sinks: list[Callable[[Segment], object]] = []
         self.total = 0  # items ever appended; also the next item's sequence number
         self.seen_flows = 0  # flows ever appended (ServerStatus.seen_flows)
-        self.follower_missed = 0  # items skipped for slow followers, all of them
+        self.follower_missed = 0  # flows skipped for slow followers, all of them
+        self._lost_total: dict[int, int] = {}  # events the notices taken reported lost
 
     @property
     def next_seq(self) -> int:
@@ -295,10 +328,14 @@ class FlowStore:
         if not len(segment):
             return
         segment.bind(self.total, self.uuid_prefix)
+        segment.flows_before, segment.lost_before = self.seen_flows, dict(self._lost_total)
         self._segments.append(segment)
         self._starts.append(self.total)
         self.total += len(segment)
-        self.seen_flows += segment.flows()
+        flows, lost = segment.counts_before(len(segment))
+        self.seen_flows += flows
+        for source, count in lost.items():
+            self._lost_total[source] = self._lost_total.get(source, 0) + count
         self._trim()
         for sub in self._subscriptions:
             sub.wake()
@@ -314,6 +351,18 @@ class FlowStore:
             gone += 1
         if gone:
             del self._segments[:gone], self._starts[:gone]
+
+    def counts_before(self, seq: int) -> tuple[int, dict[int, int]]:
+        """Flows, and events reported lost by source, the store took before item `seq`
+        (the oldest in the ring, or later)."""
+        if seq >= self.total or not self._segments:
+            return self.seen_flows, dict(self._lost_total)
+        seg = self._segments[max(bisect.bisect_right(self._starts, seq) - 1, 0)]
+        flows, lost = seg.counts_before(seq - seg.start)
+        total = dict(seg.lost_before)
+        for source, count in lost.items():
+            total[source] = total.get(source, 0) + count
+        return seg.flows_before + flows, total
 
     def add_sink(self, sink: Callable[[Segment], object]) -> None:
         """`sink` sees every batch the store takes from now on (the flow log): a Segment,
