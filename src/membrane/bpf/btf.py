@@ -58,6 +58,9 @@ class Btf:
             raise BpfError("no BTF available", ctypes.get_errno())
         self._h = handle
         self._owned = owned
+        # Held here: a Btf cached in a module is freed at interpreter exit, when the
+        # modules' globals (L among them) may already be gone.
+        self._free = L.lib.btf__free
         self._ctypes: dict[int, Any] = {}
 
     @classmethod
@@ -70,7 +73,7 @@ class Btf:
 
     def close(self) -> None:
         if self._owned and self._h:
-            L.lib.btf__free(self._h)
+            self._free(self._h)
         self._h = 0
 
     def __del__(self) -> None:
