@@ -428,8 +428,13 @@ def test_our_window_is_replenished_as_data_is_consumed(tmp_path: Path) -> None:
             "the server ended the stream without a grpc-status",
         ),
         ([], wire.UNAVAILABLE, "the server closed the connection"),
+        (
+            [wire.frame(wire.HEADERS, wire.END_HEADERS, 1, b"\xbe")],  # empty dynamic table
+            wire.INTERNAL,
+            "HTTP/2 header compression error: header index 62 is not in the table",
+        ),
     ],
-    ids=["trailers-only", "rst-stream", "goaway", "http-404", "no-trailers", "eof"],
+    ids=["trailers-only", "rst-stream", "goaway", "http-404", "no-trailers", "eof", "hpack"],
 )
 def test_failures_are_status_codes(
     tmp_path: Path, frames: list[bytes], code: int, details: str

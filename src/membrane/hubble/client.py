@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
+
+from google.protobuf.message import DecodeError, Message
 
 from membrane.api.client import AgentUnavailable, socket_path
 from membrane.errors import UserError
 from membrane.hubble import HUBBLE_SOCKET_NAME
 from membrane.hubble.observer import observer_pb2
-from membrane.hubble.wire import CANCELLED, INVALID_ARGUMENT, UNAVAILABLE, Channel, RpcError
+from membrane.hubble.wire import (
+    CANCELLED,
+    INTERNAL,
+    INVALID_ARGUMENT,
+    UNAVAILABLE,
+    Channel,
+    RpcError,
+)
 
 UNARY_TIMEOUT = 10.0  # seconds; a local agent answers a status in milliseconds
 SERVICE = "/observer.Observer/"
@@ -40,6 +50,14 @@ def _error(server: str, err: RpcError) -> UserError:
             "server", f"no agent at {server}: is `membrane agent run` running? ({err.details})"
         )
     return AgentUnavailable("server", f"{server}: {err.code_name}: {err.details}")
+
+
+def _parse(kind: type[Message], data: bytes) -> Any:
+    """A response message; one that does not parse is the server's fault (INTERNAL)."""
+    try:
+        return kind.FromString(data)
+    except DecodeError as err:
+        raise RpcError(INTERNAL, f"{kind.DESCRIPTOR.full_name} does not parse: {err}") from None
 
 
 class ObserverClient:
@@ -66,10 +84,9 @@ class ObserverClient:
     ) -> Iterator[observer_pb2.GetFlowsResponse]:
         """The responses as they come; the stream ends when the server ends it (no
         follow), or quietly at Ctrl-C."""
-        parse = observer_pb2.GetFlowsResponse.FromString
         try:
             for message in self._channel.stream(SERVICE + "GetFlows", request.SerializeToString()):
-                yield parse(message)
+                yield _parse(observer_pb2.GetFlowsResponse, message)
         except RpcError as err:
             if err.code != CANCELLED:
                 raise _error(self.server, err) from None
@@ -84,11 +101,17 @@ class ObserverClient:
 
     def server_status(self) -> observer_pb2.ServerStatusResponse:
         answer = self._unary("ServerStatus", observer_pb2.ServerStatusRequest().SerializeToString())
-        return observer_pb2.ServerStatusResponse.FromString(answer)
+        return self._parse(observer_pb2.ServerStatusResponse, answer)
 
     def get_nodes(self) -> observer_pb2.GetNodesResponse:
         answer = self._unary("GetNodes", observer_pb2.GetNodesRequest().SerializeToString())
-        return observer_pb2.GetNodesResponse.FromString(answer)
+        return self._parse(observer_pb2.GetNodesResponse, answer)
+
+    def _parse(self, kind: type[Message], data: bytes) -> Any:
+        try:
+            return _parse(kind, data)
+        except RpcError as err:
+            raise _error(self.server, err) from None
 
     def close(self) -> None:
         self._channel.close()

@@ -547,7 +547,10 @@ class Channel:
                 call.ended = bool(flags & END_STREAM)
             self._replenish(call)
         elif kind == HEADERS:
-            fields = self._decoder.decode(self._header_block(flags, payload, stream_id))
+            try:
+                fields = self._decoder.decode(self._header_block(flags, payload, stream_id))
+            except HpackError as err:  # the connection's header state is lost with it
+                raise RpcError(INTERNAL, f"HTTP/2 header compression error: {err}") from None
             if mine:
                 if call.headers is None:
                     call.headers = fields
@@ -561,7 +564,7 @@ class Channel:
                     call.ended = True
         elif kind == SETTINGS:
             if not flags & ACK:
-                self._apply_settings(payload)
+                self._apply_settings(payload, call)
                 self._send_control(frame(SETTINGS, ACK, 0))
         elif kind == PING:
             if not flags & ACK:
@@ -592,10 +595,11 @@ class Channel:
             raise RpcError(INTERNAL, f"HTTP/2 protocol error: unexpected frame type {kind}")
         # PRIORITY, RST_STREAM of other streams and unknown types are ignored (RFC 9113 5.5)
 
-    def _apply_settings(self, payload: bytes) -> None:
+    def _apply_settings(self, payload: bytes, call: _Call) -> None:
         for offset in range(0, len(payload) - len(payload) % 6, 6):
             key, value = struct.unpack_from(">HI", payload, offset)
-            if key == SETTINGS_INITIAL_WINDOW_SIZE:
+            if key == SETTINGS_INITIAL_WINDOW_SIZE:  # open streams' windows move alike
+                call.send_window += value - self._peer_initial_window
                 self._peer_initial_window = value
             elif key == SETTINGS_MAX_FRAME_SIZE:
                 self._peer_max_frame = value
