@@ -190,6 +190,7 @@ def main() -> None:
                 if not ready.wait(30):
                     raise RuntimeError("the follower did not connect")
                 seen0, lost0 = _seen_flows(socket_path), _lost(events_lost)
+                cpu0 = agent.cpu_s()
                 made = flood(prog, frame, args.rate, args.seconds, args.burst)
                 seen_at_end = _seen_flows(socket_path) - seen0
                 lost = _lost(events_lost) - lost0
@@ -198,6 +199,7 @@ def main() -> None:
                 _wait_until(lambda: _seen_flows(socket_path) - seen0 >= want, SETTLE_S)
                 settle_s = time.monotonic() - settle_started
                 ingested = _seen_flows(socket_path) - seen0
+                agent_cpu_s = agent.cpu_s() - cpu0
                 stop.set()
                 got = out.get(timeout=600)
             finally:
@@ -226,6 +228,8 @@ def main() -> None:
         "store_ingested_by_flood_end": seen_at_end,
         "store_ingest_per_s": ingested / (made["wall_s"] + settle_s),
         "store_catch_up_s_after_flood": settle_s,
+        # the whole agent, its follower's flow building included
+        "agent_cpu_s_during_flood": agent_cpu_s,
         "follower": {
             "received": got["flows"],
             "told_lost": got["lost"],
