@@ -8,6 +8,7 @@ parser met them (FlagOrderCommand)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -152,7 +153,12 @@ def observe(
     from membrane.observe.format import FlowPrinter
 
     printer = FlowPrinter(output, follow, print_policy_names)
-    with ObserverClient.connect(server or default_server(api_socket)) as client:
+    # Ctrl-C ends a follow quietly, while it waits on the socket (the client) or while a
+    # flow is being printed (here).
+    with (
+        ObserverClient.connect(server or default_server(api_socket)) as client,
+        contextlib.suppress(KeyboardInterrupt),
+    ):
         for response in client.get_flows(request):
             printer.item(response)
     printer.close()
