@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,10 +43,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("membrane.agent")
 POLL_MS = 100
 # The node's `events` ring: 100 ms of events at a million a second (100k records of 80
-# bytes and an 8-byte header: 8.8 MB). The producers wake the reader at 16 KiB, so a
-# keeping-up reader drains far more often; the size is for the times it cannot run (the
-# GIL held by a thread building flows, the CPU taken by the senders).
+# bytes and an 8-byte header: 8.8 MB), so the reader may wait BATCH_INTERVAL_S between
+# drains and still have room for the times it cannot run (the GIL held by a thread
+# building flows, the CPU taken by the senders).
 EVENTS_RING_BYTES = 16 << 20
+# The least time between drains of a busy ring. The producers wake the reader at 16 KiB
+# (~190 events); every batch costs ~0.4 ms however small (numpy calls, the hand-over), so
+# batches of a few hundred events cost ~2 us each (bench/RESULTS.md, flow_pipeline). A
+# flow is delivered at most this much later.
+BATCH_INTERVAL_S = 0.05
 
 
 class AgentResolver:
@@ -176,9 +182,15 @@ class FlowReader:
     def _run(self) -> None:
         node = self.agent.config.node_name
         reported_lost = self._ring.lost
+        drained_at = 0.0
         while not self._stop.is_set():
             try:
-                batch = self._ring.poll(POLL_MS)
+                wait = max(drained_at + BATCH_INTERVAL_S - time.monotonic(), 0.0)
+                if wait:
+                    self._stop.wait(wait)
+                # A quiet stream's event still arrives within POLL_MS, waits included.
+                batch = self._ring.poll(POLL_MS - round(wait * 1000))
+                drained_at = time.monotonic() if len(batch) else 0.0
                 if (lost := self._ring.lost) > reported_lost:  # where they are missing
                     source = flow_pb2.PERF_EVENT_RING_BUFFER
                     self.deliver([lost_response(source, lost - reported_lost, node)])
