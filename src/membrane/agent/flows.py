@@ -47,11 +47,14 @@ POLL_MS = 100
 # drains and still have room for the times it cannot run (the GIL held by a thread
 # building flows, the CPU taken by the senders).
 EVENTS_RING_BYTES = 16 << 20
-# The least time between drains of a busy ring. The producers wake the reader at 16 KiB
-# (~190 events); every batch costs ~0.4 ms however small (numpy calls, the hand-over), so
-# batches of a few hundred events cost ~2 us each (bench/RESULTS.md, flow_pipeline). A
-# flow is delivered at most this much later.
+# Batching a busy ring: the producers wake the reader at 16 KiB (~190 events), and every
+# batch costs ~0.4 ms however small (numpy calls, the hand-over): batches of a few hundred
+# events cost ~2 us an event (bench/RESULTS.md, flow_pipeline). So after a drain the reader
+# waits until about BATCH_ROWS more have arrived at the last drain's rate, at most
+# BATCH_INTERVAL_S (a flow is delivered at most that much later); at a million events a
+# second that is ~4 ms, so the ring's room is kept for the times the reader cannot run.
 BATCH_INTERVAL_S = 0.05
+BATCH_ROWS = 4096
 
 
 class AgentResolver:
@@ -182,15 +185,19 @@ class FlowReader:
     def _run(self) -> None:
         node = self.agent.config.node_name
         reported_lost = self._ring.lost
-        drained_at = 0.0
+        drained_at, next_drain = time.monotonic(), 0.0
         while not self._stop.is_set():
             try:
-                wait = max(drained_at + BATCH_INTERVAL_S - time.monotonic(), 0.0)
+                wait = max(next_drain - time.monotonic(), 0.0)
                 if wait:
                     self._stop.wait(wait)
                 # A quiet stream's event still arrives within POLL_MS, waits included.
                 batch = self._ring.poll(POLL_MS - round(wait * 1000))
-                drained_at = time.monotonic() if len(batch) else 0.0
+                now, last = time.monotonic(), drained_at
+                drained_at, next_drain = now, 0.0
+                if len(batch):
+                    rate = len(batch) / max(now - last, 1e-3)
+                    next_drain = now + min(BATCH_INTERVAL_S, BATCH_ROWS / rate)
                 if (lost := self._ring.lost) > reported_lost:  # where they are missing
                     source = flow_pb2.PERF_EVENT_RING_BUFFER
                     self.deliver([lost_response(source, lost - reported_lost, node)])
