@@ -108,6 +108,7 @@ CONSTANTS = (
     "dir24_layout",
     "drop_monitor_abi",
     "event_abi",
+    "filter_guard",
     "lb_limits",
     "policy_key_bits",
     "profile_abi",

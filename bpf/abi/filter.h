@@ -1,6 +1,7 @@
 /* Shared by C and Python: maps and events of `membrane filter`.
  *
- * Maps of filter_xdp.bpf.o (XDP; drop-dst and drop-proto), per device:
+ * Maps of filter_xdp.bpf.o (XDP; drop-dst, drop-src, drop-proto, rate-limit, syn-guard),
+ * per device:
  *   drop_dst_v4                hash: lpm_v4_key -> __u32 rule id; the IPv4 deny list as
  *                              written (control plane only: the program reads the tables)
  *   drop_dst_tbl24             array[2^20] of dir24_block: 2^24 entries, one per /24
@@ -9,7 +10,15 @@
  *   drop_dst_top               array[1] of dir24_top: 256 entries, one per /8, for the
  *                              prefixes of /8 or shorter
  *   drop_dst_v6                LPM trie: lpm_v6_key -> __u32 rule id
+ *   drop_src_*                 the same five maps for source prefixes (drop-src): one
+ *                              implementation parameterised by the address it looks up
  *   drop_proto                 array[256] indexed by IP protocol -> __u32 rule id (0 = none)
+ *   guard_config               array[FILTER_GUARD_MAX] of guard_config: the rate-limit and
+ *                              syn-guard settings, read per packet (changed live)
+ *   rate_buckets               LRU hash: guard_bucket_key (source address or prefix) ->
+ *                              token_bucket; size set at attach (bounded under spoofing)
+ *   syn_buckets                LRU hash: guard_bucket_key (destination address and port)
+ *                              -> token_bucket, TCP SYNs without ACK only
  * Maps of filter_tc.bpf.o (tc; allow-only), per device and direction:
  *   allow_guard                guard_key (protocol, port) -> __u32 rule id
  *   allow_flows                flow_key -> __u32 rule id
@@ -128,6 +137,42 @@ struct lpm_v6_key {
 	__u8 addr[16];
 };
 
+/* Token buckets (rate-limit, syn-guard). Exact integer arithmetic in units of 1/10^9
+ * token: a bucket holds at most burst * 10^9; `elapsed_ns * pps` is added at packet time
+ * (bpf_ktime_get_ns, no timers) and a packet takes 10^9. CPUs share a bucket through
+ * compare-and-swap (LRU maps cannot hold a bpf_spin_lock): a token is never spent twice and
+ * a span of time never refills twice; a CPU that loses four races in a row on one packet
+ * counts it as over the rate (errs toward dropping, only under contention). */
+enum filter_guard {
+	FILTER_GUARD_RATE = 0,   /* per-source rate limit */
+	FILTER_GUARD_SYN = 1,    /* per-destination (address, port) SYN rate limit */
+	FILTER_GUARD_MAX = 2,
+	FILTER_TOKEN = 1000000000, /* one token, in bucket units */
+	FILTER_BUCKETS = 65536,    /* default LRU size of each bucket map */
+};
+ABI_EXPORT_ENUM(filter_guard);
+
+struct guard_config {
+	__u32 rule_id;   /* 0: the guard is off */
+	__u32 pps;       /* tokens added per second */
+	__u32 burst;     /* bucket size, in packets */
+	__u8 prefix_len4; /* rate-limit: the source prefix a bucket covers (32: per address) */
+	__u8 prefix_len6; /* rate-limit: the same for IPv6 (128: per address) */
+	__u8 pad[2];
+};
+
+struct guard_bucket_key {
+	__u8 family;     /* 4 or 6 */
+	__u8 protocol;   /* syn-guard: IPPROTO_TCP; rate-limit: 0 */
+	__u16 port;      /* syn-guard: destination port; rate-limit: 0 */
+	__u8 addr[16];   /* masked to the prefix (rate-limit) or the destination (syn-guard) */
+};
+
+struct token_bucket {
+	__u64 tokens;    /* in 1/FILTER_TOKEN token */
+	__u64 updated_ns;
+};
+
 struct guard_key {
 	__u8 protocol;   /* IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP */
 	__u8 pad;
@@ -146,6 +191,9 @@ enum filter_feature {
 	FILTER_FEATURE_DROP_DST = 1,
 	FILTER_FEATURE_DROP_PROTO = 2,
 	FILTER_FEATURE_ALLOW_ONLY = 4,
+	FILTER_FEATURE_DROP_SRC = 8,
+	FILTER_FEATURE_RATE_LIMIT = 16,
+	FILTER_FEATURE_SYN_GUARD = 32,
 };
 ABI_EXPORT_ENUM(filter_feature);
 

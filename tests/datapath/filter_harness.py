@@ -53,11 +53,20 @@ def _sum(per_cpu: list[Any]) -> tuple[int, int]:
 class FilterProgram:
     """One loaded filter object (`filter_xdp` or `filter_tc`) and its program."""
 
-    def __init__(self, name: str, pin_dir: str | None = None, **config: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        pin_dir: str | None = None,
+        max_entries: dict[str, int] | None = None,
+        **config: Any,
+    ) -> None:
         """`pin_dir`: pin the maps there, reusing those already pinned (as a filter
-        reloaded by `membrane filter` does)."""
+        reloaded by `membrane filter` does); `max_entries`: map sizes other than the
+        object's."""
         self.obj = BpfObject.open(name)
         self.obj.set_config(**{"instance": INSTANCE, **config})
+        for map_name, size in (max_entries or {}).items():
+            self.obj.set_max_entries(map_name, size)
         if pin_dir is not None:
             self.obj.pin_maps(pin_dir)
         self.obj.load()

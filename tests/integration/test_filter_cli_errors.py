@@ -192,6 +192,43 @@ CASES = {
         "--mode",
         "generic mode",
     ),
+    # drop-src
+    "drop-src not a prefix": (["drop-src", *S, "198.18.0.0/33"], "CIDR", "198.18.0.0/33"),
+    "drop-src removing what is not there": (
+        ["drop-src", *S, "--remove", "{src}"],
+        "--remove",
+        "source deny list",
+    ),
+    # rate-limit and syn-guard
+    "rate-limit without --pps": (["rate-limit", *S], "--pps", "packets per second"),
+    "rate-limit --pps 0": (["rate-limit", *S, "--pps", "0"], "--pps", "0 is not between"),
+    "rate-limit --burst 0": (
+        ["rate-limit", *S, "--pps", "10", "--burst", "0"],
+        "--burst",
+        "0 is not between",
+    ),
+    "rate-limit --prefix-len 33": (
+        ["rate-limit", *S, "--pps", "10", "--prefix-len", "33"],
+        "--prefix-len",
+        "33 is not between 1 and 32",
+    ),
+    "rate-limit --prefix-len6 129": (
+        ["rate-limit", *S, "--pps", "10", "--prefix-len6", "129"],
+        "--prefix-len6",
+        "129",
+    ),
+    "rate-limit --buckets 0": (
+        ["rate-limit", *S, "--pps", "10", "--buckets", "0"],
+        "--buckets",
+        "0 is not between",
+    ),
+    "rate-limit --remove when off": (["rate-limit", *S, "--remove"], "--remove", "no rate-limit"),
+    "syn-guard --remove when off": (["syn-guard", *S, "--remove"], "--remove", "no syn-guard"),
+    "syn-guard --pps too large": (
+        ["syn-guard", *S, "--pps", str(2**32)],
+        "--pps",
+        "is not between",
+    ),
     # protocols
     "unknown protocol": (["drop-proto", *S, "udp", "tcpp"], "PROTOCOL[1]", "'tcpp'"),
     "dropped and removed": (

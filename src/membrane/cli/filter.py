@@ -47,6 +47,54 @@ def _summary(mgr: FilterManager, att: Attachment) -> None:
     typer.echo(f"{att.device}{where}: {att.hook}{mode} filter with {text}")
 
 
+TBL8_GROUPS = typer.Option(
+    None,
+    "--tbl8-groups",
+    help="When the list is first made: how many /24s may hold prefixes longer "
+    "than /24 (1 KiB of kernel memory each; default 8192).",
+    show_default=False,
+)
+
+
+def _prefix_list(
+    direction: str,
+    cidrs: list[str] | None,
+    dev: str,
+    add: list[str],
+    remove: list[str],
+    from_file: str | None,
+    netns: str | None,
+    mode: str,
+    groups: int | None,
+) -> None:
+    """drop-dst and drop-src: one list each, the same commands."""
+    mode = _mode(mode)
+    nets_add = parse_cidrs(list(cidrs or []), "CIDR") + parse_cidrs(list(add), "--add")
+    if from_file:
+        nets_add += parse_cidrs(read_cidr_file(from_file, "--from-file"), "--from-file")
+    nets_add = list(dict.fromkeys(nets_add))
+    nets_remove = parse_cidrs(list(remove), "--remove")
+    if not nets_add and not nets_remove:
+        raise UserError("CIDR", "give at least one prefix to drop (or --remove PREFIX)")
+    if overlap := set(nets_add) & set(nets_remove):
+        raise UserError("--remove", f"{sorted(map(str, overlap))[0]} is both added and removed")
+    mgr = FilterManager()
+    with mgr.locked():
+        # Check the removals, add, then remove: a refused command changes nothing, and every
+        # intermediate list drops at least what the old and the new list drop.
+        if nets_remove:
+            mgr.remove_prefixes(netns, dev, nets_remove, direction, check_only=True)
+        att = (
+            mgr.add_prefixes(netns, dev, nets_add, direction, mode, groups)
+            if nets_add
+            else mgr.find(netns, dev, "xdp")
+        )
+        if nets_remove:
+            mgr.remove_prefixes(netns, dev, nets_remove, direction)
+        if att:
+            _summary(mgr, att)
+
+
 @app.command(
     "drop-dst",
     epilog="Examples:\n\n  membrane filter drop-dst --dev eth0 192.168.0.1\n\n"
@@ -63,40 +111,112 @@ def drop_dst(
     from_file: str = typer.Option(None, "--from-file", help="Read prefixes, one per line."),
     netns: str = NETNS,
     mode: str = MODE,
-    groups: int = typer.Option(
-        None,
-        "--tbl8-groups",
-        help="When the filter is first attached: how many /24s may hold prefixes longer "
-        "than /24 (1 KiB of kernel memory each; default 8192).",
-        show_default=False,
-    ),
+    groups: int = TBL8_GROUPS,
 ) -> None:
     """Drop packets whose destination is in a deny list of prefixes (XDP, longest match)."""
+    _prefix_list("dst", cidrs, dev, add, remove, from_file, netns, mode, groups)
+
+
+@app.command(
+    "drop-src",
+    epilog="Examples:\n\n  membrane filter drop-src --dev eth0 198.18.66.0/24\n\n"
+    "  membrane filter drop-src --dev eth0 --add 2001:db8:bad::/48\n\n"
+    "  membrane filter drop-src --dev eth0 --remove 198.18.66.0/24",
+)
+def drop_src(
+    cidrs: list[str] = typer.Argument(
+        None, help="Source prefixes to drop (IPv4 or IPv6).", show_default=False
+    ),
+    dev: str = DEV,
+    add: list[str] = typer.Option([], "--add", help="Add a prefix to the source deny list."),
+    remove: list[str] = typer.Option([], "--remove", help="Remove a prefix from the list."),
+    from_file: str = typer.Option(None, "--from-file", help="Read prefixes, one per line."),
+    netns: str = NETNS,
+    mode: str = MODE,
+    groups: int = TBL8_GROUPS,
+) -> None:
+    """Drop packets whose source is in a deny list of prefixes (XDP, longest match)."""
+    _prefix_list("src", cidrs, dev, add, remove, from_file, netns, mode, groups)
+
+
+PPS = typer.Option(None, "--pps", help="Packets per second a bucket refills.", show_default=False)
+BUCKETS = typer.Option(
+    None,
+    "--buckets",
+    help="Size of the LRU map of buckets (default 65536; bounds kernel memory under "
+    "spoofed floods). Changed only while the guard is off.",
+    show_default=False,
+)
+
+
+def _guard(
+    guard: str,
+    dev: str,
+    pps: int | None,
+    burst: int | None,
+    remove: bool,
+    netns: str | None,
+    mode: str,
+    buckets: int | None,
+    prefix_len4: int = 32,
+    prefix_len6: int = 128,
+) -> None:
     mode = _mode(mode)
-    nets_add = parse_cidrs(list(cidrs or []), "CIDR") + parse_cidrs(list(add), "--add")
-    if from_file:
-        nets_add += parse_cidrs(read_cidr_file(from_file, "--from-file"), "--from-file")
-    nets_add = list(dict.fromkeys(nets_add))
-    nets_remove = parse_cidrs(list(remove), "--remove")
-    if not nets_add and not nets_remove:
-        raise UserError("CIDR", "give at least one prefix to drop (or --remove PREFIX)")
-    if overlap := set(nets_add) & set(nets_remove):
-        raise UserError("--remove", f"{sorted(map(str, overlap))[0]} is both added and removed")
     mgr = FilterManager()
     with mgr.locked():
-        # Check the removals, add, then remove: a refused command changes nothing, and every
-        # intermediate list drops at least what the old and the new list drop.
-        if nets_remove:
-            mgr.remove_drop_dst(netns, dev, nets_remove, check_only=True)
-        att = (
-            mgr.add_drop_dst(netns, dev, nets_add, mode, groups)
-            if nets_add
-            else mgr.find(netns, dev, "xdp")
-        )
-        if nets_remove:
-            mgr.remove_drop_dst(netns, dev, nets_remove)
+        if remove:
+            mgr.remove_guard(netns, dev, guard)
+            att = mgr.find(netns, dev, "xdp")
+        else:
+            if pps is None:
+                raise UserError("--pps", "give the rate in packets per second (or --remove)")
+            burst = pps if burst is None else burst
+            att = mgr.set_guard(
+                netns, dev, guard, pps, burst, prefix_len4, prefix_len6, buckets, mode
+            )
         if att:
             _summary(mgr, att)
+
+
+@app.command(
+    "rate-limit",
+    epilog="Examples:\n\n  membrane filter rate-limit --dev eth0 --pps 1000 --burst 100\n\n"
+    "  membrane filter rate-limit --dev eth0 --pps 10000 --prefix-len 24 --prefix-len6 64\n\n"
+    "  membrane filter rate-limit --dev eth0 --remove",
+)
+def rate_limit(
+    dev: str = DEV,
+    pps: int = PPS,
+    burst: int = typer.Option(None, "--burst", help="Bucket size in packets (default: --pps)."),
+    prefix_len4: int = typer.Option(32, "--prefix-len", help="IPv4 sources sharing a bucket."),
+    prefix_len6: int = typer.Option(128, "--prefix-len6", help="IPv6 sources sharing a bucket."),
+    buckets: int = BUCKETS,
+    remove: bool = typer.Option(False, "--remove", help="Turn the rate limit off."),
+    netns: str = NETNS,
+    mode: str = MODE,
+) -> None:
+    """Limit each source address (or source prefix) to --pps packets per second with bursts
+    of --burst (XDP token bucket); run again to change it live."""
+    _guard("rate-limit", dev, pps, burst, remove, netns, mode, buckets, prefix_len4, prefix_len6)
+
+
+@app.command(
+    "syn-guard",
+    epilog="Examples:\n\n  membrane filter syn-guard --dev eth0 --pps 2000 --burst 200\n\n"
+    "  membrane filter syn-guard --dev eth0 --remove",
+)
+def syn_guard(
+    dev: str = DEV,
+    pps: int = PPS,
+    burst: int = typer.Option(None, "--burst", help="Bucket size in SYNs (default: --pps)."),
+    buckets: int = BUCKETS,
+    remove: bool = typer.Option(False, "--remove", help="Turn the SYN guard off."),
+    netns: str = NETNS,
+    mode: str = MODE,
+) -> None:
+    """Limit TCP SYNs (without ACK) to each destination address and port to --pps per second
+    with bursts of --burst (XDP token bucket); run again to change it live."""
+    _guard("syn-guard", dev, pps, burst, remove, netns, mode, buckets)
 
 
 @app.command(
@@ -201,6 +321,7 @@ def _attachment_dict(mgr: FilterManager, att: Attachment, with_stats: bool) -> d
             "id": r.id,
             "kind": r.kind,
             "rule": r.text,
+            **({"settings": r.settings} if r.settings else {}),
             **({"packets": r.packets, "bytes": r.bytes} if with_stats else {}),
         }
         for r in rules

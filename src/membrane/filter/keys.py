@@ -44,15 +44,22 @@ def guard_key(m: Map, protocol: int, port: int) -> Any:
     return m.key_type(protocol=protocol, port=port)
 
 
-# The maps of the deny list in filter_xdp.bpf.o, in DropDstTables' order.
-DROP_DST_MAPS = ("drop_dst_v4", "drop_dst_v6", "drop_dst_tbl24", "drop_dst_groups", "drop_dst_top")
+# The maps of a deny list in filter_xdp.bpf.o, in DropDstTables' order, by the address it
+# judges: `drop_dst` or `drop_src` + one of these.
+PREFIX_LIST_MAPS = ("_v4", "_v6", "_tbl24", "_groups", "_top")
+DIRECTIONS = ("dst", "src")
+
+
+def prefix_list_maps(direction: str) -> tuple[str, ...]:
+    """The map names of the drop-dst (`dst`) or drop-src (`src`) list."""
+    return tuple(f"drop_{direction}{suffix}" for suffix in PREFIX_LIST_MAPS)
 
 
 class DropDstTables:
-    """The deny list of one filter, changed as one: drop_dst_v4 (the IPv4 prefixes as
-    written, which the program does not read), the tables the program reads for IPv4
-    (drop_dst_tbl24, drop_dst_groups, drop_dst_top) and the LPM trie it reads for IPv6
-    (drop_dst_v6).
+    """One deny list of a filter (drop-dst, or drop-src with the drop_src_* maps), changed
+    as one: drop_dst_v4 (the IPv4 prefixes as written, which the program does not read),
+    the tables the program reads for IPv4 (drop_dst_tbl24, drop_dst_groups, drop_dst_top)
+    and the LPM trie it reads for IPv6 (drop_dst_v6).
 
     An added IPv4 prefix is recorded before it goes into force and a removed one leaves
     force before its record goes, so whatever is enforced is listed (and removable)."""
@@ -62,9 +69,10 @@ class DropDstTables:
         self.dir24 = Dir24.from_maps(tbl24, tbl8, top)
 
     @classmethod
-    def of(cls, map_named: Callable[[str], Map]) -> DropDstTables:
-        """The tables of a filter_xdp object or pin directory (`map_named` opens a map)."""
-        return cls(*(map_named(name) for name in DROP_DST_MAPS))
+    def of(cls, map_named: Callable[[str], Map], direction: str = "dst") -> DropDstTables:
+        """The tables of a filter_xdp object or pin directory (`map_named` opens a map) for
+        the list of destination (`dst`) or source (`src`) prefixes."""
+        return cls(*(map_named(name) for name in prefix_list_maps(direction)))
 
     def table(self, net: IPNetwork) -> Map:
         return self.v4 if net.version == 4 else self.v6

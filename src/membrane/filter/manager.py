@@ -27,7 +27,16 @@ from typing import Any
 
 import numpy as np
 
-from membrane.abi import DIR24_GROUPS, FilterFeature, FilterHook, FilterStat, FilterXdpMode
+from membrane.abi import (
+    DIR24_GROUPS,
+    FILTER_BUCKETS,
+    FILTER_GUARD_RATE,
+    FILTER_GUARD_SYN,
+    FilterFeature,
+    FilterHook,
+    FilterStat,
+    FilterXdpMode,
+)
 from membrane.bpf import AttachError, BpfError, BpfObject, Link, Map
 from membrane.bpf.fs import ensure_bpffs
 from membrane.bpf.links import ClsactAttachment, TcSlot, attach_tc, attach_xdp
@@ -55,7 +64,13 @@ XDP_MODE_NAMES = {v: k for k, v in XDP_MODE_IDS.items()}
 _SHARED_MAPS = ("events", "events_lost")
 # The maps of each hook that hold rules (values: rule ids, 0 for none) and the kind of rule.
 _RULE_MAPS = {
-    "xdp": (("drop_dst_v4", "drop-dst"), ("drop_dst_v6", "drop-dst"), ("drop_proto", "drop-proto")),
+    "xdp": (
+        ("drop_dst_v4", "drop-dst"),
+        ("drop_dst_v6", "drop-dst"),
+        ("drop_src_v4", "drop-src"),
+        ("drop_src_v6", "drop-src"),
+        ("drop_proto", "drop-proto"),
+    ),
     "tc": (("allow_guard", "guard"), ("allow_flows", "allow-only")),
 }
 # IPv4 drop-dst maps of older builds: an LPM trie in drop_dst_v4 (with drop_dst_v4_summary
@@ -71,7 +86,16 @@ _OLD_DROP_DST_MAPS = (
     "drop_dst_groups",
 )
 _CURRENT_DROP_DST = "drop_dst_top"  # the map only the current layout has
+_LIST_NAMES = {"dst": "deny list", "src": "source deny list"}
 MAX_GROUPS = 1 << 20  # tbl8 groups a filter may ask for (1 KiB each)
+# The prefix lists: the feature that enables each, by the address it judges.
+PREFIX_FEATURES = {"dst": FilterFeature.DROP_DST, "src": FilterFeature.DROP_SRC}
+# The token-bucket guards: their index in guard_config, feature, bucket map and rule kind.
+GUARDS = {
+    "rate-limit": (FILTER_GUARD_RATE, FilterFeature.RATE_LIMIT, "rate_buckets"),
+    "syn-guard": (FILTER_GUARD_SYN, FilterFeature.SYN_GUARD, "syn_buckets"),
+}
+MAX_BUCKETS = 1 << 24  # buckets a guard may ask for
 # The clsact slot of filter programs (tc hooks, where the kernel has no tcx or --attach
 # clsact asks for it): fixed, so a filter is found and replaced in place, never added twice.
 # Endpoint programs of the agent use priority 1; a filter comes after them.
@@ -99,6 +123,7 @@ class Rule:
     text: str
     packets: int = 0
     bytes: int = 0
+    settings: dict[str, int] | None = None  # guards: what `text` says, as numbers
 
 
 @dataclass
@@ -218,22 +243,33 @@ class FilterManager:
         return max(used, default=0) + 1
 
     def _open(
-        self, hook: str, features: int, instance: int, pin_dir: Path, groups: int | None = None
+        self,
+        hook: str,
+        features: int,
+        instance: int,
+        pin_dir: Path,
+        groups: int | None = None,
+        buckets: int | None = None,
     ) -> BpfObject:
         """Load the program for `hook`, reusing the maps pinned in `pin_dir`; a new
-        drop_dst_groups gets `groups` groups (default DIR24_GROUPS), a pinned one keeps
-        its size."""
+        drop_dst_groups or drop_src_groups gets `groups` groups (default DIR24_GROUPS), a
+        new bucket map `buckets` buckets (default FILTER_BUCKETS); pinned ones keep their
+        size."""
         if hook == "xdp":
             obj = BpfObject.open("filter_xdp")
             obj.set_config(
                 enable_drop_dst=bool(features & FilterFeature.DROP_DST),
+                enable_drop_src=bool(features & FilterFeature.DROP_SRC),
                 enable_drop_proto=bool(features & FilterFeature.DROP_PROTO),
+                enable_rate_limit=bool(features & FilterFeature.RATE_LIMIT),
+                enable_syn_guard=bool(features & FilterFeature.SYN_GUARD),
                 instance=instance,
             )
-            if (pin_dir / "drop_dst_groups").exists():
-                with Map.from_pin(str(pin_dir / "drop_dst_groups")) as pinned:
-                    groups = pinned.max_entries
-            obj.set_max_entries("drop_dst_groups", groups or DIR24_GROUPS)
+            sizes = {"drop_dst_groups": groups, "drop_src_groups": groups}
+            sizes |= {"rate_buckets": buckets, "syn_buckets": buckets}
+            for name, size in sizes.items():
+                default = DIR24_GROUPS if name.endswith("groups") else FILTER_BUCKETS
+                obj.set_max_entries(name, _pinned_size(pin_dir / name) or size or default)
         else:
             obj = BpfObject.open("filter_tc")
             obj.set_config(enable_allow_only=True, hook=HOOK_IDS[hook], instance=instance)
@@ -252,6 +288,7 @@ class FilterManager:
         xdp_mode: str,
         tc_mode: str = "auto",
         groups: int | None = None,
+        buckets: int | None = None,
     ) -> Attachment:
         """Build a new attachment in staging, fill its rules, attach, then publish it."""
         final = self.attachment_path(netns, device, hook)
@@ -262,7 +299,7 @@ class FilterManager:
         try:
             with in_netns(netns):
                 ifindex = device_index(device)
-                obj = self._open(hook, features, self._next_instance(), staging, groups)
+                obj = self._open(hook, features, self._next_instance(), staging, groups, buckets)
                 with obj:
                     att = Attachment(self.scope_of(netns), device, hook, staging)
                     meta = obj.map("filter_meta").value_type(
@@ -306,12 +343,15 @@ class FilterManager:
         xdp_mode: str = "auto",
         tc_mode: str = "auto",
         groups: int | None = None,
+        buckets: int | None = None,
     ) -> Attachment:
         """Add rules with `fill`, attaching the program (or enabling `feature` in it) first
         when needed. Rules are written before the program that reads them goes live."""
         att = self.find(netns, device, hook)
         if att is None:
-            return self._attach_new(netns, device, hook, feature, fill, xdp_mode, tc_mode, groups)
+            return self._attach_new(
+                netns, device, hook, feature, fill, xdp_mode, tc_mode, groups, buckets
+            )
         if hook != "xdp" and tc_mode != "auto" and tc_mode != self.tc_mode(att):
             raise UserError(
                 "--attach",
@@ -325,12 +365,16 @@ class FilterManager:
                 f"{XDP_MODE_NAMES[att.meta.xdp_mode]} mode; detach it "
                 "first to change modes",
             )
+        if hook == "xdp" and not (att.path / "guard_config").exists():
+            # attached by a build without drop-src and the guards: a reload with the same
+            # features pins their (empty) maps before `fill` writes to them
+            self._reload(att, att.features)
         fill(att)
         if not att.features & feature:
             self._reload(att, att.features | feature)
         return att
 
-    def _reload(self, att: Attachment, features: int) -> None:
+    def _reload(self, att: Attachment, features: int, buckets: int | None = None) -> None:
         """Swap in a program with more features enabled; maps are reused, the link is
         updated atomically, so traffic always sees one complete program. A filter of an
         older build is moved to the current drop-dst maps first: the program loaded here
@@ -339,7 +383,7 @@ class FilterManager:
             self._migrate_drop_dst(att)
         with (
             in_netns(att.netns),
-            self._open(att.hook, features, att.meta.instance, att.path) as obj,
+            self._open(att.hook, features, att.meta.instance, att.path, buckets=buckets) as obj,
         ):
             prog = obj.program("filter_xdp" if att.hook == "xdp" else "filter_tc")
             if (att.path / "link").exists():
@@ -358,10 +402,17 @@ class FilterManager:
         rules), not one per rule (the IPv6 trie has no batch reads: one per IPv6 rule)."""
         found: dict[str, list[np.ndarray]] = {}
         for name, kind in _RULE_MAPS["xdp" if att.hook == "xdp" else "tc"]:
+            if not (att.path / name).exists():  # attached by an older build
+                continue
             with att.map(name) as m:
                 values = np.frombuffer(m.lookup_batch_raw()[1], dtype=np.uint32)
             found.setdefault(kind, []).append(values[values != 0])
-        return {kind: np.concatenate(parts) for kind, parts in found.items()}
+        if att.hook == "xdp" and (att.path / "guard_config").exists():
+            with att.map("guard_config") as config:
+                for kind, (index, _, _) in GUARDS.items():
+                    rule_id = config.lookup(index).rule_id
+                    found.setdefault(kind, []).append(np.array([rule_id] if rule_id else []))
+        return {kind: np.concatenate(parts).astype(np.int64) for kind, parts in found.items()}
 
     @classmethod
     def _id_allocator(cls, att: Attachment) -> Iterator[int]:
@@ -391,11 +442,12 @@ class FilterManager:
 
     # ---- drop-dst ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def _dst_tables(self, att: Attachment) -> Iterator[DropDstTables]:
+    def _prefix_tables(self, att: Attachment, direction: str = "dst") -> Iterator[DropDstTables]:
+        """The drop-dst (`dst`) or drop-src (`src`) list of an attachment."""
         if not (att.path / _CURRENT_DROP_DST).exists():
             self._migrate_drop_dst(att)
         with contextlib.ExitStack() as stack:
-            yield DropDstTables.of(lambda name: stack.enter_context(att.map(name)))
+            yield DropDstTables.of(lambda name: stack.enter_context(att.map(name)), direction)
 
     def _migrate_drop_dst(self, att: Attachment) -> None:
         """Move a filter attached by an older build (see _OLD_DROP_DST_MAPS) to the current
@@ -434,21 +486,23 @@ class FilterManager:
             raise
         shutil.rmtree(aside)
 
-    def add_drop_dst(
+    def add_prefixes(
         self,
         netns: str | None,
         device: str,
         nets: list[IPNetwork],
+        direction: str = "dst",
         xdp_mode: str = "auto",
         groups: int | None = None,
     ) -> Attachment:
-        """Add prefixes; `groups` sizes the tbl8 of a filter attached now (None: default;
-        refused for one attached with another size)."""
+        """Add prefixes to the drop-dst (`dst`) or drop-src (`src`) list; `groups` sizes
+        the tbl8 of a filter attached now (None: default; refused for one attached with
+        another size)."""
         if groups is not None and not 1 <= groups <= MAX_GROUPS:
             raise UserError("--tbl8-groups", f"{groups} is not between 1 and {MAX_GROUPS}")
 
         def fill(att: Attachment) -> None:
-            with self._dst_tables(att) as tables:
+            with self._prefix_tables(att, direction) as tables:
                 existing = {n for n, _ in tables.items(version=6)}
                 new = [
                     n
@@ -482,18 +536,28 @@ class FilterManager:
                 tables.add((n, next(ids)) for n in new)
 
         return self._ensure(
-            netns, device, "xdp", FilterFeature.DROP_DST, fill, xdp_mode, groups=groups
+            netns, device, "xdp", PREFIX_FEATURES[direction], fill, xdp_mode, groups=groups
         )
 
-    def remove_drop_dst(
-        self, netns: str | None, device: str, nets: list[IPNetwork], check_only: bool = False
+    def remove_prefixes(
+        self,
+        netns: str | None,
+        device: str,
+        nets: list[IPNetwork],
+        direction: str = "dst",
+        check_only: bool = False,
     ) -> int:
-        """Remove prefixes; with `check_only`, only raise if one of them cannot be."""
+        """Remove prefixes from the drop-dst (`dst`) or drop-src (`src`) list; with
+        `check_only`, only raise if one of them cannot be."""
         att = self._require(netns, device, "xdp")
-        with self._dst_tables(att) as tables:
+        if direction == "src" and not (att.path / "drop_src_v4").exists():
+            raise UserError("--remove", f"{nets[0]} is not in the source deny list of {device}")
+        with self._prefix_tables(att, direction) as tables:
             for net in nets:
                 if tables.lookup(net) is None:
-                    raise UserError("--remove", f"{net} is not in the deny list of {device}")
+                    raise UserError(
+                        "--remove", f"{net} is not in the {_LIST_NAMES[direction]} of {device}"
+                    )
             if check_only:
                 return 0
             freed = tables.remove(nets)  # in force from here
@@ -503,14 +567,16 @@ class FilterManager:
         self._reset_stats(att, freed)
         return len(freed)
 
-    def _dst_rules(self, att: Attachment) -> list[Rule]:
+    def _prefix_rules(self, att: Attachment, direction: str) -> list[Rule]:
+        if direction == "src" and not (att.path / "drop_src_v4").exists():
+            return []  # attached by a build without drop-src
         if (att.path / _CURRENT_DROP_DST).exists():
-            with self._dst_tables(att) as tables:
+            with self._prefix_tables(att, direction) as tables:
                 listed = tables.items()
         else:  # an older build's, read as it is: only a change (under the lock) moves it
             with att.map("drop_dst_v6") as v6:
                 listed = [*_v4_record(att), *((network_of(k), v) for k, v in v6.lookup_batch())]
-        return [Rule(rule_id, "drop-dst", str(net)) for net, rule_id in listed]
+        return [Rule(rule_id, f"drop-{direction}", str(net)) for net, rule_id in listed]
 
     # ---- drop-proto --------------------------------------------------------------------
     def add_drop_proto(
@@ -543,6 +609,106 @@ class FilterManager:
                 m.update(proto, 0)
         self._reset_stats(att, freed)
         return len(freed)
+
+    # ---- token-bucket guards (rate-limit, syn-guard) ------------------------------------
+    def set_guard(
+        self,
+        netns: str | None,
+        device: str,
+        guard: str,
+        pps: int,
+        burst: int,
+        prefix_len4: int = 32,
+        prefix_len6: int = 128,
+        buckets: int | None = None,
+        xdp_mode: str = "auto",
+    ) -> Attachment:
+        """Turn a guard on or change it live (the program reads guard_config per packet);
+        `buckets` sizes its LRU map (changing it replaces the map: only while it is off)."""
+        for name, value, low, high in (
+            ("--pps", pps, 1, 2**32 - 1),
+            ("--burst", burst, 1, 2**32 - 1),
+            ("--prefix-len", prefix_len4, 1, 32),
+            ("--prefix-len6", prefix_len6, 1, 128),
+            ("--buckets", 1 if buckets is None else buckets, 1, MAX_BUCKETS),
+        ):
+            if not low <= value <= high:
+                raise UserError(name, f"{value} is not between {low} and {high}")
+        index, feature, bucket_map = GUARDS[guard]
+        att = self.find(netns, device, "xdp")
+        if (
+            att
+            and buckets is not None
+            and (size := _pinned_size(att.path / bucket_map)) not in (None, buckets)
+        ):
+            if att.features & feature:
+                raise UserError(
+                    "--buckets",
+                    f"the {guard} of {device} has {size} buckets; turn it off (--remove) "
+                    "before giving it another number",
+                )
+            os.unlink(att.path / bucket_map)  # unread while the guard is off
+            self._reload(att, att.features, buckets=buckets)
+
+        def fill(att: Attachment) -> None:
+            with att.map("guard_config") as config:
+                rule_id = config.lookup(index).rule_id or next(self._id_allocator(att))
+                # fields are read one by one: a packet may see old and new ones mixed
+                new = config.value_type(
+                    rule_id=rule_id,
+                    pps=pps,
+                    burst=burst,
+                    prefix_len4=prefix_len4,
+                    prefix_len6=prefix_len6,
+                )
+                config.update(index, new)
+
+        return self._ensure(netns, device, "xdp", feature, fill, xdp_mode, buckets=buckets)
+
+    def remove_guard(
+        self, netns: str | None, device: str, guard: str, check_only: bool = False
+    ) -> None:
+        """Turn a guard off: its rule stops at once, the program without it is swapped in."""
+        att = self._require(netns, device, "xdp")
+        index, feature, bucket_map = GUARDS[guard]
+        rule_id = 0
+        if (att.path / "guard_config").exists():
+            with att.map("guard_config") as config:
+                rule_id = config.lookup(index).rule_id
+        if not rule_id:
+            raise UserError("--remove", f"{device} has no {guard}")
+        if check_only:
+            return
+        with att.map("guard_config") as config:
+            config.update(index, config.value_type())
+        self._reload(att, att.features & ~feature)
+        with att.map(bucket_map) as buckets:  # a guard turned on again starts afresh
+            buckets.delete_batch(list(buckets.keys()))
+        self._reset_stats(att, [rule_id])
+
+    def _guard_rules(self, att: Attachment) -> list[Rule]:
+        if not (att.path / "guard_config").exists():
+            return []
+        rules = []
+        with att.map("guard_config") as config:
+            for kind, (index, _, bucket_map) in GUARDS.items():
+                c = config.lookup(index)
+                if not c.rule_id:
+                    continue
+                with att.map(bucket_map) as buckets:
+                    size, memory = buckets.max_entries, map_memory(buckets)
+                settings = {"pps": c.pps, "burst": c.burst, "buckets": size, "memory": memory}
+                if kind == "rate-limit":
+                    settings |= {"prefix_len": c.prefix_len4, "prefix_len6": c.prefix_len6}
+                    per = f"per source /{c.prefix_len4} (IPv6 /{c.prefix_len6})"
+                else:
+                    per = "TCP SYN per destination address and port"
+                text = (
+                    f"{c.pps} pps, burst {c.burst}, {per}; "
+                    f"{size} buckets ({memory // 1024} KiB of kernel memory)"
+                )
+                rules.append(Rule(c.rule_id, kind, text, settings=settings))
+        return rules
 
     # ---- allow-only --------------------------------------------------------------------
     def add_allow_flow(
@@ -626,7 +792,8 @@ class FilterManager:
 
     def rules(self, att: Attachment, with_stats: bool = True) -> list[Rule]:
         if att.hook == "xdp":
-            rules = self._dst_rules(att)
+            rules = self._prefix_rules(att, "dst") + self._prefix_rules(att, "src")
+            rules += self._guard_rules(att)
             with att.map("drop_proto") as m:
                 rules += [Rule(v, "drop-proto", protocol_name(p)) for p, v in m.items() if v]
         else:
@@ -700,6 +867,23 @@ class FilterManager:
             for directory in (self.root, self.root.parent):  # the latter only when empty
                 with contextlib.suppress(OSError):
                     directory.rmdir()
+
+
+def map_memory(m: Map) -> int:
+    """Bytes of kernel memory a map holds, as the kernel accounts it (fdinfo memlock)."""
+    with open(f"/proc/self/fdinfo/{m.fd}") as info:
+        for line in info:
+            if line.startswith("memlock:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _pinned_size(path: Path) -> int | None:
+    """max_entries of the map pinned at `path` (None: none pinned there)."""
+    if not path.exists():
+        return None
+    with Map.from_pin(str(path)) as pinned:
+        return pinned.max_entries
 
 
 def _v4_record(att: Attachment) -> list[tuple[ipaddress.IPv4Network, int]]:
