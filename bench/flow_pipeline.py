@@ -2,7 +2,8 @@
 copy of the endpoint program loaded on the agent's pinned node maps (its `events` ring among
 them) run with BPF_PROG_TEST_RUN on one CPU, `repeat` times per burst, on a packet of an
 endpoint the datapath has no state for, so every run is a drop with a flow event. Bursts
-are paced to --rate events/s for --seconds.
+are paced to --rate events/s for --seconds; two floods on the same agent, the first without
+a follower, the second with one.
 
 Counted: events produced (the sum of the repeats), events the agent's flow store ingested
 (ServerStatus.seen_flows over the real gRPC socket), the ring buffer's losses (the pinned
@@ -183,23 +184,37 @@ def main() -> None:
         ring_bytes = _ring_bytes(agent)
         with load_endpoint(str(agent.bpf_dir), FLOOD_EP_ID, FLOOD_IP) as obj:
             prog = obj.program(PROG_FROM_CONTAINER)
+
+            def one_flood() -> dict[str, float]:
+                seen0, lost0, cpu0 = _seen_flows(socket_path), _lost(events_lost), agent.cpu_s()
+                made = flood(prog, frame, args.rate, args.seconds, args.burst)
+                by_end = _seen_flows(socket_path) - seen0
+                lost = _lost(events_lost) - lost0
+                settle_started = time.monotonic()
+                want = made["produced"] - lost
+                _wait_until(lambda: _seen_flows(socket_path) - seen0 >= want, SETTLE_S)
+                settle_s = time.monotonic() - settle_started
+                ingested = _seen_flows(socket_path) - seen0
+                return {
+                    **made,
+                    "produced_per_s": made["produced"] / made["wall_s"],
+                    "ring_buffer_lost": lost,
+                    "store_ingested": ingested,
+                    "store_ingested_by_flood_end": by_end,
+                    "store_ingest_per_s": ingested / (made["wall_s"] + settle_s),
+                    "store_catch_up_s_after_flood": settle_s,
+                    # the whole agent, a follower's flow building included
+                    "agent_cpu_s": agent.cpu_s() - cpu0,
+                }
+
+            alone = one_flood()  # no follower: the reader and the store only
             ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
             follower = ctx.Process(target=_follower, args=(socket_path, ready, stop, out))
             follower.start()
             try:
                 if not ready.wait(30):
                     raise RuntimeError("the follower did not connect")
-                seen0, lost0 = _seen_flows(socket_path), _lost(events_lost)
-                cpu0 = agent.cpu_s()
-                made = flood(prog, frame, args.rate, args.seconds, args.burst)
-                seen_at_end = _seen_flows(socket_path) - seen0
-                lost = _lost(events_lost) - lost0
-                want = made["produced"] - lost
-                settle_started = time.monotonic()
-                _wait_until(lambda: _seen_flows(socket_path) - seen0 >= want, SETTLE_S)
-                settle_s = time.monotonic() - settle_started
-                ingested = _seen_flows(socket_path) - seen0
-                agent_cpu_s = agent.cpu_s() - cpu0
+                followed = one_flood()
                 stop.set()
                 got = out.get(timeout=600)
             finally:
@@ -220,22 +235,15 @@ def main() -> None:
             "flood_cpu": FLOOD_CPU,
             "event": "policy drop (no endpoint state) from from_container via test_run",
         },
-        "produced": made["produced"],
-        "produced_per_s": made["produced"] / made["wall_s"],
-        "kernel_ns_per_event": made["kernel_ns_per_event"],
-        "ring_buffer_lost": lost,
-        "store_ingested": ingested,
-        "store_ingested_by_flood_end": seen_at_end,
-        "store_ingest_per_s": ingested / (made["wall_s"] + settle_s),
-        "store_catch_up_s_after_flood": settle_s,
-        # the whole agent, its follower's flow building included
-        "agent_cpu_s_during_flood": agent_cpu_s,
+        "without_follower": alone,
+        "with_follower": followed,
         "follower": {
             "received": got["flows"],
             "told_lost": got["lost"],
             "received_plus_told_lost": got["flows"] + told_lost,
-            "exact": got["flows"] + told_lost == ingested,
-            "told_ring_buffer_lost_matches": got["lost"].get("PERF_EVENT_RING_BUFFER", 0) == lost,
+            "exact": got["flows"] + told_lost == followed["store_ingested"],
+            "told_ring_buffer_lost_matches": got["lost"].get("PERF_EVENT_RING_BUFFER", 0)
+            == followed["ring_buffer_lost"],
             "received_per_s": got["flows"] / got["active_s"] if got["active_s"] else 0.0,
         },
         "ring": {
@@ -246,12 +254,16 @@ def main() -> None:
         "reader_cost": reader_costs(sample),
     }
     f = result["follower"]
+    lines = [
+        f"{name}: produced {r['produced']:,} at {r['produced_per_s']:,.0f}/s; store ingested "
+        f"{r['store_ingested']:,} ({r['store_ingest_per_s']:,.0f}/s), ring-buffer lost "
+        f"{r['ring_buffer_lost']:,}"
+        for name, r in (("without follower", alone), ("with follower", followed))
+    ]
     emit(
         result,
         [
-            f"produced {made['produced']:,} at {result['produced_per_s']:,.0f}/s; "
-            f"store ingested {ingested:,} ({result['store_ingest_per_s']:,.0f}/s), "
-            f"ring-buffer lost {lost:,}",
+            *lines,
             f"follower received {f['received']:,} ({f['received_per_s']:,.0f}/s), told lost "
             f"{got['lost']}, exact: {f['exact']}",
             f"reader per event: old {result['reader_cost']['old_reader_us_per_event']:.2f} us, "
