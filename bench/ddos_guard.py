@@ -16,8 +16,10 @@ Per-packet cost: BPF_PROG_TEST_RUN with repeat (the kernel's mean per run; the p
 not changed by these programs, so every repetition sees the same one), median over rounds,
 against bench_empty's empty XDP program timed the same way. Drop events are off in these
 runs (a repeated drop would fill the ring buffer; the event's cost is the drop-dst
-bench's). The "new source" cases run one packet per call with a new source each time
-(every packet inserts an LRU bucket, as under a spoofed flood), median of the calls.
+bench's). The "single runs" cases run one packet per call with a new source each time
+(every packet inserts an LRU bucket, as under a spoofed flood), median of the calls; a
+single run costs more than a repetition of a batch, so compare them with the empty
+program's single runs.
 
     flock /tmp/membrane-bench.lock python -m bench.ddos_guard [--seconds 3] [--rounds 3]
 """
@@ -185,16 +187,17 @@ def cost_cases(objects: list[BpfObject]) -> dict[str, Callable[[], float]]:
     def repeated(obj: BpfObject, name: str, data: bytes) -> Callable[[], float]:
         return lambda: test_run(obj.program(name), data, repeat=200_000).duration_ns
 
-    def new_sources() -> float:  # a fresh source per call: an LRU insert per packet
-        start = next(counter) * 2000
-        return median(
-            [
-                test_run(
-                    rate_pass.program("filter_xdp"), fresh[(start + i) % len(fresh)]
-                ).duration_ns
-                for i in range(2000)
-            ]
-        )
+    def single(obj: BpfObject, name: str) -> Callable[[], float]:
+        """One packet per call, a fresh source each time: under the rate limit every packet
+        inserts an LRU bucket, as under a spoofed flood; median of the calls."""
+
+        def measure() -> float:
+            start = next(counter) * 2000
+            prog = obj.program(name)
+            frames = [fresh[(start + i) % len(fresh)] for i in range(2000)]
+            return median([test_run(prog, f).duration_ns for f in frames])
+
+        return measure
 
     return {
         "empty XDP": repeated(empty, "empty_xdp", udp),
@@ -202,7 +205,8 @@ def cost_cases(objects: list[BpfObject]) -> dict[str, Callable[[], float]]:
         "drop-src 1,000 /32, listed (drop)": repeated(drop_src, "filter_xdp", listed_udp),
         "rate-limit, under the rate (pass)": repeated(rate_pass, "filter_xdp", udp),
         "rate-limit, over the rate (drop)": repeated(rate_drop, "filter_xdp", udp),
-        "rate-limit, a new source per packet (pass, single runs)": new_sources,
+        "empty XDP, single runs": single(empty, "empty_xdp"),
+        "rate-limit, a new source per packet (pass, single runs)": single(rate_pass, "filter_xdp"),
         "syn-guard, SYN under the rate (pass)": repeated(syn_pass, "filter_xdp", syn),
         "syn-guard, SYN over the rate (drop)": repeated(syn_drop, "filter_xdp", syn),
         "syn-guard, not a SYN (pass)": repeated(syn_pass, "filter_xdp", udp),

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
-from filter_support import attachment, detach_in, membrane, membrane_json
+from filter_support import attachment, attachment_dir, detach_in, membrane, membrane_json
 
+from membrane.abi import DIR24_BLOCKS
+from membrane.bpf import Map
 from membrane.netns import Topology
 from membrane.testing import ddos
 from membrane.testing.traffic import connect, drain, listen
@@ -62,6 +65,11 @@ def flood(topology: Topology, bed: ddos.Bed, kind: str = "spoof-udp", port: int 
     return {"sent": sent, "received": received}
 
 
+def pinned_size(path: Path) -> int:
+    with Map.from_pin(str(path)) as m:
+        return m.max_entries
+
+
 def guard_rule(bed: ddos.Bed, kind: str) -> dict:
     att = attachment(membrane_json("stats"), bed.server.ns, "eth0", "xdp")
     (rule,) = [r for r in att["rules"] if r["kind"] == kind]
@@ -71,8 +79,14 @@ def guard_rule(bed: ddos.Bed, kind: str) -> dict:
 def test_drop_src_drops_the_spoofed_flood_and_keeps_the_legitimate_client(
     topology: Topology, bed: ddos.Bed
 ) -> None:
+    # drop-src enabled on a filter that has drop-dst only: until then its tables are
+    # one-element placeholders, then replaced by full ones under the running program
+    membrane(*on_server(bed, "drop-dst", "198.18.254.254"))
+    tbl24 = attachment_dir(bed.server.ns, "eth0", "xdp") / "drop_src_tbl24"
+    assert pinned_size(tbl24) == 1
     out = membrane(*on_server(bed, "drop-src", ddos.SPOOFED)).stdout
-    assert "1 drop-src" in out
+    assert "1 drop-dst, 1 drop-src" in out
+    assert pinned_size(tbl24) == DIR24_BLOCKS
     got = flood(topology, bed)
     assert got["received"]["flood"] == 0
     assert got["received"]["legit"] >= 0.95 * got["sent"]["legit"]["sent"]

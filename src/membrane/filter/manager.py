@@ -87,6 +87,8 @@ _OLD_DROP_DST_MAPS = (
 )
 _CURRENT_DROP_DST = "drop_dst_top"  # the map only the current layout has
 _LIST_NAMES = {"dst": "deny list", "src": "source deny list"}
+# The drop-src tables sized at one element while drop-src is off (see _open).
+_SRC_TABLES = ("drop_src_tbl24", "drop_src_groups")
 MAX_GROUPS = 1 << 20  # tbl8 groups a filter may ask for (1 KiB each)
 # The prefix lists: the feature that enables each, by the address it judges.
 PREFIX_FEATURES = {"dst": FilterFeature.DROP_DST, "src": FilterFeature.DROP_SRC}
@@ -267,6 +269,10 @@ class FilterManager:
             )
             sizes = {"drop_dst_groups": groups, "drop_src_groups": groups}
             sizes |= {"rate_buckets": buckets, "syn_buckets": buckets}
+            if not features & FilterFeature.DROP_SRC:
+                # unused, drop-src's tables take one element each instead of 64 MiB; they
+                # are replaced by full ones when drop-src is first enabled
+                sizes |= {name: 1 for name in _SRC_TABLES}
             for name, size in sizes.items():
                 default = DIR24_GROUPS if name.endswith("groups") else FILTER_BUCKETS
                 obj.set_max_entries(name, _pinned_size(pin_dir / name) or size or default)
@@ -500,6 +506,9 @@ class FilterManager:
         another size)."""
         if groups is not None and not 1 <= groups <= MAX_GROUPS:
             raise UserError("--tbl8-groups", f"{groups} is not between 1 and {MAX_GROUPS}")
+        att = self.find(netns, device, "xdp")
+        if direction == "src" and att and not att.features & FilterFeature.DROP_SRC:
+            self._enable_drop_src(att, groups)
 
         def fill(att: Attachment) -> None:
             with self._prefix_tables(att, direction) as tables:
@@ -539,6 +548,26 @@ class FilterManager:
             netns, device, "xdp", PREFIX_FEATURES[direction], fill, xdp_mode, groups=groups
         )
 
+    def _enable_drop_src(self, att: Attachment, groups: int | None) -> None:
+        """Swap in the program with drop-src on and new, full-size, empty drop-src tables
+        (those pinned while it was off have one element): it drops nothing until prefixes
+        are added. The running program never reads the old tables, so they can go first."""
+        if not (att.path / _CURRENT_DROP_DST).exists():
+            self._migrate_drop_dst(att)  # else _open would make empty drop-dst tables too
+        for name in ("drop_src_v4", "drop_src_v6", "drop_src_top", *_SRC_TABLES):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(att.path / name)
+        with (
+            in_netns(att.netns),
+            self._open("xdp", att.features | FilterFeature.DROP_SRC, att.meta.instance, att.path,
+                       groups) as obj,
+        ):  # fmt: skip
+            with Link.from_pin(str(att.path / "link")) as link:
+                link.update(obj.program("filter_xdp"))
+            att.meta.features |= FilterFeature.DROP_SRC
+            with att.map("filter_meta") as meta:
+                meta.update(0, att.meta)
+
     def remove_prefixes(
         self,
         netns: str | None,
@@ -550,7 +579,7 @@ class FilterManager:
         """Remove prefixes from the drop-dst (`dst`) or drop-src (`src`) list; with
         `check_only`, only raise if one of them cannot be."""
         att = self._require(netns, device, "xdp")
-        if direction == "src" and not (att.path / "drop_src_v4").exists():
+        if direction == "src" and not att.features & FilterFeature.DROP_SRC:
             raise UserError("--remove", f"{nets[0]} is not in the source deny list of {device}")
         with self._prefix_tables(att, direction) as tables:
             for net in nets:
@@ -568,8 +597,8 @@ class FilterManager:
         return len(freed)
 
     def _prefix_rules(self, att: Attachment, direction: str) -> list[Rule]:
-        if direction == "src" and not (att.path / "drop_src_v4").exists():
-            return []  # attached by a build without drop-src
+        if direction == "src" and not att.features & FilterFeature.DROP_SRC:
+            return []  # its tables are placeholders (or, from an older build, absent)
         if (att.path / _CURRENT_DROP_DST).exists():
             with self._prefix_tables(att, direction) as tables:
                 listed = tables.items()
