@@ -8,7 +8,9 @@ cycling through 198.19.0.0/16 (spoofed; 4,096 distinct), UDP to the same port or
 to a listening port; both reach the server's eth0 through a router, and the guard is
 attached there by FilterManager as `membrane filter` attaches it (generic XDP on a veth).
 Per scenario and round, --seconds of traffic: the legitimate rate delivered (datagrams the
-server's socket received / seconds) against its no-flood rate in the same round, the
+server's socket received / seconds) against its no-flood rate in the same round, and the
+fraction of what the client sent that arrived (a sender short of CPU sends less: that
+lowers the first, not the second), the
 flood's packets that reached the server's socket (UDP) or the guard's drop counter (SYN).
 Target: legitimate >= 95 % of its no-flood rate while the flood is dropped.
 
@@ -130,8 +132,11 @@ def measure_traffic(args: argparse.Namespace) -> dict[str, Any]:
         flood_dropped = [
             r["xdp_dropped"] / r["flood_sent"] if r["flood_sent"] else None for r in runs
         ]
+        delivered = [r["legit_received"] / r["legit_sent"] for r in runs]
         out[name] = {
             "legit_kept_of_no_flood_median": round(median(kept), 4),
+            "legit_delivered_of_sent_median": round(median(delivered), 4),
+            "legit_delivered_of_sent_min": round(min(delivered), 4),
             "legit_kept_min": round(min(kept), 4),
             "flood_dropped_fraction_median": round(median(flood_dropped), 4)
             if runs[0]["flood_sent"]
