@@ -103,6 +103,11 @@ def test_rate_limit_caps_a_spoofed_prefix_and_keeps_the_legitimate_client(
     topology: Topology, bed: ddos.Bed
 ) -> None:
     pps, burst = 500, 50
+    # while a guard is off its bucket map is a one-element placeholder; the first
+    # rate-limit replaces it with a full one under the running program
+    membrane(*on_server(bed, "drop-dst", "198.18.254.254"))
+    pinned = attachment_dir(bed.server.ns, "eth0", "xdp")
+    assert pinned_size(pinned / "rate_buckets") == pinned_size(pinned / "syn_buckets") == 1
     # the spoofed sources share one /16 and so one bucket; the client is in another /16
     membrane(
         *on_server(bed, "rate-limit", "--pps", str(pps), "--burst", str(burst)),
@@ -117,6 +122,8 @@ def test_rate_limit_caps_a_spoofed_prefix_and_keeps_the_legitimate_client(
     rule = guard_rule(bed, "rate-limit")
     assert rule["settings"]["pps"] == pps and rule["settings"]["prefix_len"] == 16
     assert rule["settings"]["buckets"] == 65536 and rule["settings"]["memory"] > 0
+    assert pinned_size(pinned / "rate_buckets") == 65536
+    assert pinned_size(pinned / "syn_buckets") == 1
     assert sent["sent"] - allowed <= rule["packets"] <= sent["sent"]
 
     # changed live: a limit above the flood's rate drops nothing more
@@ -125,6 +132,15 @@ def test_rate_limit_caps_a_spoofed_prefix_and_keeps_the_legitimate_client(
     again = flood(topology, bed)
     assert again["received"]["flood"] >= 0.95 * again["sent"]["flood"]["sent"]
     assert guard_rule(bed, "rate-limit")["packets"] == before
+    membrane(*on_server(bed, "rate-limit", "--remove"))
+    # off, its map can take another size; on, it cannot
+    membrane(*on_server(bed, "rate-limit", "--pps", "10", "--buckets", "1024"))
+    assert guard_rule(bed, "rate-limit")["settings"]["buckets"] == 1024
+    refused = membrane(
+        *on_server(bed, "rate-limit", "--pps", "10", "--buckets", "2048"), check=False
+    )
+    assert refused.returncode == 2 and "--buckets" in refused.stderr
+    assert guard_rule(bed, "rate-limit")["settings"]["buckets"] == 1024
     membrane(*on_server(bed, "rate-limit", "--remove"))
     assert [r for r in attachment(membrane_json("list"), bed.server.ns, "eth0", "xdp")["rules"]
             if r["kind"] == "rate-limit"] == []  # fmt: skip

@@ -269,6 +269,9 @@ class FilterManager:
             )
             sizes = {"drop_dst_groups": groups, "drop_src_groups": groups}
             sizes |= {"rate_buckets": buckets, "syn_buckets": buckets}
+            for _, guard_feature, bucket_map in GUARDS.values():
+                if not features & guard_feature:  # a placeholder until the guard is used
+                    sizes[bucket_map] = 1
             if not features & FilterFeature.DROP_SRC:
                 # unused, drop-src's tables take one element each instead of 64 MiB; they
                 # are replaced by full ones when drop-src is first enabled
@@ -665,19 +668,24 @@ class FilterManager:
                 raise UserError(name, f"{value} is not between {low} and {high}")
         index, feature, bucket_map = GUARDS[guard]
         att = self.find(netns, device, "xdp")
-        if (
-            att
-            and buckets is not None
-            and (size := _pinned_size(att.path / bucket_map)) not in (None, buckets)
-        ):
-            if att.features & feature:
+        if att and not (att.path / "guard_config").exists():
+            self._reload(att, att.features)  # an older build's: pin the guards' maps first
+        size = _pinned_size(att.path / bucket_map) if att else None
+        if att and att.features & feature:
+            if buckets is not None and size != buckets:
                 raise UserError(
                     "--buckets",
                     f"the {guard} of {device} has {size} buckets; turn it off (--remove) "
                     "before giving it another number",
                 )
-            os.unlink(att.path / bucket_map)  # unread while the guard is off
-            self._reload(att, att.features, buckets=buckets)
+        elif att and size is not None:
+            # the guard is off, its map unread: a placeholder (1 bucket, see _open) or
+            # another size than asked for is replaced, and the program that reads the new
+            # map swapped in (the guard has no rule until `fill`: it drops nothing yet)
+            wanted = buckets or (FILTER_BUCKETS if size == 1 else size)
+            if size != wanted:
+                os.unlink(att.path / bucket_map)
+                self._reload(att, att.features | feature, buckets=wanted)
 
         def fill(att: Attachment) -> None:
             with att.map("guard_config") as config:
