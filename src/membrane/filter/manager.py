@@ -110,11 +110,11 @@ _COUNTED = {
 }
 
 
-def _encode(name: str) -> str:
+def encode_pin_name(name: str) -> str:
     return name.replace("%", "%25").replace(".", "%2e")
 
 
-def _decode(name: str) -> str:
+def decode_pin_name(name: str) -> str:
     return name.replace("%2e", ".").replace("%25", "%")
 
 
@@ -178,11 +178,12 @@ def in_netns(netns: str | None) -> Iterator[None]:
         yield
 
 
-def device_index(device: str) -> int:
+def device_index(device: str, field: str = "--dev") -> int:
+    """The device's index in the current namespace; a missing one is the user's error."""
     try:
         return socket.if_nametoindex(device)
     except OSError:
-        raise UserError("--dev", f"no network device named {device!r}") from None
+        raise UserError(field, f"no network device named {device!r}") from None
 
 
 def _counter_sum(values: list[Any]) -> tuple[int, int]:
@@ -207,14 +208,14 @@ class FilterManager:
     # ---- finding attachments -----------------------------------------------------------
     @staticmethod
     def scope_of(netns: str | None) -> str:
-        return f"netns-{_encode(netns)}" if netns else "host"
+        return f"netns-{encode_pin_name(netns)}" if netns else "host"
 
     def attachment_path(self, netns: str | None, device: str, hook: str) -> Path:
-        return self.root / self.scope_of(netns) / _encode(device) / hook
+        return self.root / self.scope_of(netns) / encode_pin_name(device) / hook
 
     def load_attachment(self, path: Path) -> Attachment:
         scope, device, hook = path.parts[-3:]
-        att = Attachment(_decode(scope), _decode(device), hook, path)
+        att = Attachment(decode_pin_name(scope), decode_pin_name(device), hook, path)
         with att.map("filter_meta") as meta:
             att.meta = meta.lookup(0)
         return att
@@ -229,7 +230,7 @@ class FilterManager:
                 continue
             if netns is not None and scope != self.scope_of(netns):
                 continue
-            if device is not None and path.parts[-2] != _encode(device):
+            if device is not None and path.parts[-2] != encode_pin_name(device):
                 continue
             with contextlib.suppress(FileNotFoundError):  # detached meanwhile by another run
                 found.append(self.load_attachment(path))
@@ -301,7 +302,7 @@ class FilterManager:
     ) -> Attachment:
         """Build a new attachment in staging, fill its rules, attach, then publish it."""
         final = self.attachment_path(netns, device, hook)
-        staging = self.root / f"staging-{os.getpid()}-{_encode(device)}-{hook}"
+        staging = self.root / f"staging-{os.getpid()}-{encode_pin_name(device)}-{hook}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         link: Link | ClsactAttachment | None = None
@@ -320,7 +321,7 @@ class FilterManager:
                     fill(att)
                     prog = obj.program("filter_xdp" if hook == "xdp" else "filter_tc")
                     if hook == "xdp":
-                        link, mode = attach_xdp(prog, ifindex, _xdp_mode_for(ifindex, xdp_mode))
+                        link, mode = attach_xdp(prog, ifindex, xdp_mode_for(ifindex, xdp_mode))
                         meta.xdp_mode = XDP_MODE_IDS[mode]
                     else:
                         direction = hook.removeprefix("tc-")
@@ -333,7 +334,7 @@ class FilterManager:
             os.rename(staging, final)
         except AttachError as err:
             self._undo(link, staging)
-            raise UserError("--dev", _attach_problem(device, hook, err)) from None
+            raise UserError("--dev", attach_problem(device, hook, err)) from None
         except BaseException:
             self._undo(link, staging)
             raise
@@ -936,7 +937,7 @@ def _v4_record(att: Attachment) -> list[tuple[ipaddress.IPv4Network, int]]:
     ]
 
 
-def _xdp_mode_for(ifindex: int, requested: str) -> str:
+def xdp_mode_for(ifindex: int, requested: str) -> str:
     """`auto` means native, except on veth: native XDP there turns off TSO on the peer and
     costs about 70 % of TCP throughput (bench/RESULTS.md), while generic costs a few %."""
     if requested != "auto":
@@ -944,7 +945,7 @@ def _xdp_mode_for(ifindex: int, requested: str) -> str:
     return "generic" if kind_here(ifindex) == "veth" else "auto"
 
 
-def _attach_problem(device: str, hook: str, err: AttachError) -> str:
+def attach_problem(device: str, hook: str, err: AttachError) -> str:
     if err.errno in (E.EBUSY, E.EEXIST):
         return (
             f"{device} already has an {hook} program that membrane did not attach; remove it first"

@@ -11,21 +11,27 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 from pathlib import Path
 
 from membrane.bpf import AttachError, BpfError, BpfObject, Link, Map
 from membrane.bpf.fs import ensure_bpffs
 from membrane.bpf.links import attach_xdp
 from membrane.errors import UserError
-from membrane.filter.manager import FilterManager, _attach_problem, _encode, _xdp_mode_for, in_netns
+from membrane.filter.manager import (
+    FilterManager,
+    attach_problem,
+    device_index,
+    encode_pin_name,
+    in_netns,
+    xdp_mode_for,
+)
 
 DECAP_ROOT = "lb-decap"
 
 
 def _path(pin_root: str | None, netns: str | None, device: str) -> Path:
     base = Path(pin_root or ensure_bpffs()) / DECAP_ROOT
-    return base / FilterManager.scope_of(netns) / _encode(device)
+    return base / FilterManager.scope_of(netns) / encode_pin_name(device)
 
 
 def attach_decap(
@@ -38,20 +44,17 @@ def attach_decap(
     link: Link | None = None
     try:
         with in_netns(netns):
-            try:
-                ifindex = socket.if_nametoindex(device)
-            except OSError:
-                raise UserError("DEV", f"no network device named {device!r}") from None
+            ifindex = device_index(device, "DEV")
             obj = BpfObject.open("lb_decap")
             obj.pin_maps(str(path))
             with obj.load():
                 link, took = attach_xdp(
-                    obj.program("lb_decap"), ifindex, _xdp_mode_for(ifindex, mode)
+                    obj.program("lb_decap"), ifindex, xdp_mode_for(ifindex, mode)
                 )
                 link.pin(str(path / "link"))
     except AttachError as err:
         _undo(link, path)
-        raise UserError("DEV", _attach_problem(device, "xdp", err)) from None
+        raise UserError("DEV", attach_problem(device, "xdp", err)) from None
     except BaseException:
         _undo(link, path)
         raise

@@ -27,10 +27,11 @@ from membrane.filter.manager import (
     XDP_MODE_IDS,
     XDP_MODE_NAMES,
     FilterManager,
-    _attach_problem,
-    _decode,
-    _xdp_mode_for,
+    attach_problem,
+    decode_pin_name,
+    device_index,
     in_netns,
+    xdp_mode_for,
 )
 from membrane.filter.rules import IPAddress
 from membrane.lb.frontend import Vip
@@ -95,7 +96,7 @@ class LbManager:
             scope = path.name
             if not (scope == "host" or scope.startswith("netns-")) or not (path / "link").exists():
                 continue
-            netns = _decode(scope.removeprefix("netns-")) if scope != "host" else None
+            netns = decode_pin_name(scope.removeprefix("netns-")) if scope != "host" else None
             with Map.from_pin(str(path / "lb_config")) as config:
                 cfg = config.lookup(0)
             device = ""
@@ -138,15 +139,12 @@ class LbManager:
         link: Link | None = None
         try:
             with in_netns(netns):
-                try:
-                    ifindex = socket.if_nametoindex(device)
-                except OSError:
-                    raise UserError("DEV", f"no network device named {device!r}") from None
+                ifindex = device_index(device, "DEV")
                 src4, src6 = _sources(ifindex, sources or [])
                 obj = BpfObject.open("lb_xdp")
                 obj.pin_maps(str(staging))
                 with obj.load():
-                    xdp_mode = _xdp_mode_for(ifindex, mode)
+                    xdp_mode = xdp_mode_for(ifindex, mode)
                     tables = LbTables(obj.map)
                     tables.set_sources(src4, src6, ifindex=ifindex)
                     link, took = attach_xdp(obj.program("lb_xdp"), ifindex, xdp_mode)
@@ -155,7 +153,7 @@ class LbManager:
             os.rename(staging, final)
         except AttachError as err:
             self._undo(link, staging)
-            raise UserError("DEV", _attach_problem(device, "xdp", err)) from None
+            raise UserError("DEV", attach_problem(device, "xdp", err)) from None
         except BaseException:
             self._undo(link, staging)
             raise
