@@ -371,9 +371,9 @@ def flow_response(flow: flow_pb2.Flow) -> observer_pb2.GetFlowsResponse:
 def response_dict(response: observer_pb2.GetFlowsResponse) -> dict[str, Any]:
     """Protobuf JSON with proto field names (enums by name, uint64 as strings, RFC 3339
     times, zero values left out): what `hubble observe -o json` prints, line by line."""
-    from google.protobuf import json_format  # here: compact output does without it
+    from membrane.hubble.json_codec import encode  # here: compact output does without it
 
-    return json_format.MessageToDict(response, preserving_proto_field_name=True)
+    return encode(response)
 
 
 def lost_response(
