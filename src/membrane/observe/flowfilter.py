@@ -63,12 +63,13 @@ class FlowMatcher:
         cls,
         whitelist: Sequence[flow_pb2.FlowFilter] = (),
         blacklist: Sequence[flow_pb2.FlowFilter] = (),
+        names: tuple[str, str] | None = None,
     ) -> FlowMatcher:
-        """Raises UserError naming the FlowFilter field (e.g. `source_ip`) of a bad value."""
-        return cls(
-            tuple(compile_filter(f) for f in whitelist),
-            tuple(compile_filter(f) for f in blacklist),
-        )
+        """Raises UserError naming the FlowFilter field (e.g. `source_ip`) of a bad value;
+        with `names`, where it is too (`whitelist[0].source_ip`)."""
+        return cls(*(_compile_list(filters, name) for filters, name in zip(
+            (whitelist, blacklist), names or (None, None), strict=True
+        )))  # fmt: skip
 
     @property
     def matches_all(self) -> bool:
@@ -79,6 +80,20 @@ class FlowMatcher:
         if self._whitelist and not _any_filter(self._whitelist, flow):
             return False
         return not (self._blacklist and _any_filter(self._blacklist, flow))
+
+
+def _compile_list(
+    filters: Sequence[flow_pb2.FlowFilter], name: str | None
+) -> tuple[tuple[Predicate, ...], ...]:
+    compiled = []
+    for i, flow_filter in enumerate(filters):
+        try:
+            compiled.append(compile_filter(flow_filter))
+        except UserError as err:
+            if name is None:
+                raise
+            raise UserError(f"{name}[{i}].{err.field}", err.problem) from None
+    return tuple(compiled)
 
 
 def _any_filter(filters: tuple[tuple[Predicate, ...], ...], flow: flow_pb2.Flow) -> bool:

@@ -63,15 +63,9 @@ def build_matcher(
     value is a UserError naming where it is: `whitelist[0].source_ip`."""
     if not whitelist and not blacklist:
         return None
-    from membrane.observe.flowfilter import FlowMatcher, compile_filter
+    from membrane.observe.flowfilter import FlowMatcher
 
-    for name, filters in zip(names, (whitelist, blacklist), strict=True):
-        for i, flow_filter in enumerate(filters):
-            try:
-                compile_filter(flow_filter)
-            except UserError as err:
-                raise UserError(f"{name}[{i}].{err.field}", err.problem) from None
-    return FlowMatcher.build(whitelist, blacklist)
+    return FlowMatcher.build(whitelist, blacklist, names)
 
 
 def check_capacity(capacity: int | str, option: str = "hubble-buffer-size") -> int:
