@@ -133,7 +133,9 @@ def test_since_and_until_bound_by_the_flows_time(
     until = flows(stub, Request(until=middle))
     assert since and all(ns_of(f) >= middle.ToNanoseconds() for f in since)
     assert until and all(ns_of(f) <= middle.ToNanoseconds() for f in until)
-    assert len({f.uuid for f in since} | {f.uuid for f in until}) == len(everything)
+    # Together they cover every stored flow (flows that arrive meanwhile, such as a closing
+    # connection's late trace events, may add to `since`).
+    assert {f.uuid for f in since} | {f.uuid for f in until} >= {f.uuid for f in everything}
 
 
 def test_follow_streams_new_flows(
