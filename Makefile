@@ -11,21 +11,24 @@ NATIVE   := src/membrane/native/libeventfmt.so
 HUBBLE   := src/membrane/hubble
 HUBBLE_PROTOS := $(wildcard $(HUBBLE)/proto/*/*.proto)
 HUBBLE_PY := $(HUBBLE)/observer/observer_pb2_grpc.py
+TETRAGON := src/membrane/tetragon
+TETRAGON_PROTOS := $(wildcard $(TETRAGON)/proto/tetragon/*.proto)
+TETRAGON_PY := $(TETRAGON)/tetragon/events_pb2.py
 BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_x86 \
               -I/usr/include/x86_64-linux-gnu -Ibpf -Ibpf/include -I$(BUILD)
 VENV     := .venv
 PY       := $(VENV)/bin/python
 PYTHON   ?= python3
 
-.PHONY: all setup bpf native hubble bytecode test test-unit demo bench lint clean
+.PHONY: all setup bpf native hubble tetragon bytecode test test-unit demo bench lint clean
 all: setup bpf bytecode
 
 setup:
 	@bash scripts/setup.sh
 
 # The BPF objects, their ABI as Python, and the user-space helper the trace tools format
-# their events with (native/), and Hubble's API as Python (hubble).
-bpf: $(BPF_OBJS) $(ABI_PY) $(NATIVE) $(HUBBLE_PY)
+# their events with (native/), Hubble's API as Python (hubble) and Tetragon's (tetragon).
+bpf: $(BPF_OBJS) $(ABI_PY) $(NATIVE) $(HUBBLE_PY) $(TETRAGON_PY)
 
 native: $(NATIVE)
 
@@ -55,11 +58,21 @@ $(HUBBLE_PY): $(HUBBLE_PROTOS)
 	sed -i -E 's/^(from|import) (flow|observer|relay)([. ])/\1 membrane.hubble.\2\3/' \
 		$(HUBBLE)/*/*_pb2*.py $(HUBBLE)/*/*.pyi
 
+# Tetragon's event API (membrane.tetragon) as Python modules, made package-relative as above.
+tetragon: $(TETRAGON_PY)
+
+$(TETRAGON_PY): $(TETRAGON_PROTOS)
+	$(PY) -m grpc_tools.protoc -I$(TETRAGON)/proto --python_out=$(TETRAGON) --pyi_out=$(TETRAGON) \
+		$(TETRAGON_PROTOS)
+	touch $(TETRAGON)/tetragon/__init__.py
+	sed -i -E 's/^(from|import) tetragon([. ])/\1 membrane.tetragon.tetragon\2/' \
+		$(TETRAGON)/tetragon/*_pb2.py $(TETRAGON)/tetragon/*.pyi
+
 -include $(wildcard $(BUILD)/*.d)
 
 # The package's modules compiled ahead, as an installed package has them: where
 # PYTHONDONTWRITEBYTECODE is set every CLI start would otherwise compile them (~60 ms).
-bytecode: $(HUBBLE_PY) $(ABI_PY)
+bytecode: $(HUBBLE_PY) $(TETRAGON_PY) $(ABI_PY)
 	$(PY) -m compileall -q src/membrane
 
 test: setup bpf bytecode
@@ -79,4 +92,5 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests bench
 
 clean:
-	rm -rf $(BUILD) $(OBJDIR) $(ABI_PY) $(NATIVE) $(HUBBLE)/flow $(HUBBLE)/observer $(HUBBLE)/relay
+	rm -rf $(BUILD) $(OBJDIR) $(ABI_PY) $(NATIVE) $(HUBBLE)/flow $(HUBBLE)/observer $(HUBBLE)/relay \
+		$(TETRAGON)/tetragon

@@ -1,0 +1,92 @@
+"""Where security events go: the agent's store of recent events (what `membrane security
+events --last N` reads), its live followers (`-f`) and the export file. Any thread may
+publish: process lifecycle and tracing policies' readers each run on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from membrane.tetragon.tetragon import events_pb2
+
+Event = events_pb2.GetEventsResponse
+DEFAULT_CAPACITY = 8191
+FOLLOWER_QUEUE = 1024  # batches a follower may lag behind before it is told it lost some
+
+
+class EventSink(Protocol):
+    """What a producer of security events needs: `publish(events)`, from any thread,
+    never waiting on a reader."""
+
+    def publish(self, events: Sequence[Event]) -> None: ...
+
+
+class Follower:
+    """One live reader: batches in an asyncio queue on its event loop. A reader that falls
+    FOLLOWER_QUEUE batches behind loses the newest and is told how many."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Sequence[Event]] = asyncio.Queue(FOLLOWER_QUEUE)
+        self.lost = 0
+
+    def _put(self, events: Sequence[Event]) -> None:
+        try:
+            self.queue.put_nowait(events)
+        except asyncio.QueueFull:
+            self.lost += len(events)
+
+
+class EventStore:
+    """The last `capacity` events, the followers, and the exporters (called on the
+    publishing thread with each batch; they must only queue it)."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self._events: deque[Event] = deque(maxlen=capacity)
+        self._lock = threading.Lock()
+        self._followers: list[Follower] = []
+        self._exporters: list[Callable[[Sequence[Event]], None]] = []
+        self.published = 0
+
+    @property
+    def capacity(self) -> int:
+        return self._events.maxlen or 0
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def add_exporter(self, export: Callable[[Sequence[Event]], None]) -> None:
+        self._exporters.append(export)
+
+    def publish(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        with self._lock:
+            self._events.extend(events)
+            self.published += len(events)
+            followers = list(self._followers)
+        for follower in followers:
+            follower.loop.call_soon_threadsafe(follower._put, events)
+        for export in self._exporters:
+            export(events)
+
+    def recent(self, count: int | None = None) -> list[Event]:
+        """The newest `count` events (all with None), oldest first."""
+        with self._lock:
+            events = list(self._events)
+        return events if count is None else events[-count:] if count else []
+
+    def follow(self, loop: asyncio.AbstractEventLoop) -> Follower:
+        follower = Follower(loop)
+        with self._lock:
+            self._followers.append(follower)
+        return follower
+
+    def unfollow(self, follower: Follower) -> None:
+        with self._lock:
+            if follower in self._followers:
+                self._followers.remove(follower)
