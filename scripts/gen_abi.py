@@ -102,6 +102,11 @@ ENUMS = (
     ),
     PyEnum("exec_flags", "ExecFlag", "EXEC_", "IntFlag", "exec_event.flags."),
     PyEnum("lb_stat", "LbStat", "LB_STAT_", "IntEnum", "Index of lb_stats (membrane lb)."),
+    PyEnum("svc_scope", "SvcScope", "SVC_SCOPE_", "IntEnum", "svc_frontend_key.scope."),
+    PyEnum("svc_frontend_flag", "SvcFrontendFlag", "SVC_FE_", "IntFlag", "svc_frontend.flags."),
+    PyEnum("svc_set_flag", "SvcSetFlag", "SVC_SET_", "IntFlag", "svc_set.flags."),
+    PyEnum("svc_backend_state", "BackendState", "SVC_BACKEND_", "IntEnum", "svc_backend.state."),
+    PyEnum("svc_sock_dir", "SvcSockDir", "SVC_SOCK_", "IntEnum", "svc_sock_key.dir."),
 )
 # Enums that only carry constants: each enumerator becomes a module constant of its C name.
 CONSTANTS = (
@@ -112,6 +117,7 @@ CONSTANTS = (
     "lb_limits",
     "policy_key_bits",
     "profile_abi",
+    "svc_limits",
     "sys_abi",
 )
 
