@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# prometheus: the metrics tests start their own server (127.0.0.1, a temporary directory)
+# prometheus: the metrics tests start their own server (127.0.0.1, a temporary directory);
+# ipvsadm: bench/service_connect.py compares services with kube-proxy's IPVS mode
 APT_PACKAGES=(clang llvm libbpf-dev bpftool libelf-dev make iproute2 iptables nftables
-              iperf3 procps iputils-ping python3-venv prometheus)
+              iperf3 procps iputils-ping python3-venv prometheus ipvsadm)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

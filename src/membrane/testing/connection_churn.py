@@ -5,7 +5,8 @@ takes its place, so that `inflight` are always under way.
 Started by path inside a namespace (`traffic.connection_rate` starts several); stdlib only,
 one epoll loop, no package import: the client should cost little next to what it measures.
 It prints "ready" once started, runs for SECONDS after a line "go SECONDS" on stdin, then
-prints one JSON object: connections completed, failures by kind, the seconds measured.
+prints one JSON object: connections completed, failures by kind, the seconds measured and
+each completed handshake's time from connect() to writable, in microseconds.
 
     python connection_churn.py 198.18.0.5 7000 16
 """
@@ -30,16 +31,18 @@ def churn(ip: str, port: int, inflight: int, seconds: float) -> dict[str, object
     open_: dict[int, tuple[socket.socket, float, bytes | None]] = {}
     done = 0
     failed: dict[str, int] = {}
+    connect_us: list[int] = []
 
     def start() -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connecting_at = time.monotonic()  # before connect(): a connect hook's cost counts
         code = sock.connect_ex((ip, port))
         if code not in (0, errno.EINPROGRESS):
             sock.close()
             count(errno.errorcode.get(code, str(code)))
             return
-        open_[sock.fileno()] = (sock, time.monotonic(), None)
+        open_[sock.fileno()] = (sock, connecting_at, None)
         poller.register(sock.fileno(), select.EPOLLOUT)
 
     def end(fd: int, failure: str | None = None) -> None:
@@ -72,6 +75,7 @@ def churn(ip: str, port: int, inflight: int, seconds: float) -> dict[str, object
                     if code := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
                         end(fd, errno.errorcode.get(code, str(code)))
                         continue
+                    connect_us.append(round((time.monotonic() - started) * 1e6))
                     sock.send(PAYLOAD)
                     open_[fd] = (sock, started, b"")
                     poller.modify(fd, select.EPOLLIN)
@@ -95,7 +99,7 @@ def churn(ip: str, port: int, inflight: int, seconds: float) -> dict[str, object
     elapsed = time.monotonic() - began
     for sock, _, _ in open_.values():
         sock.close()
-    return {"connections": done, "failed": failed, "seconds": elapsed}
+    return {"connections": done, "failed": failed, "seconds": elapsed, "connect_us": connect_us}
 
 
 def main(ip: str, port: int, inflight: int) -> None:

@@ -98,6 +98,7 @@ class ConnectionRate:
     per_s: float  # connections completed per second, all client processes together
     connections: int
     failed: dict[str, int]  # failures by kind (ECONNREFUSED, timeout, ...)
+    connect_us: list[int]  # each completed handshake: connect() to writable, microseconds
 
 
 def connection_rate(
@@ -147,4 +148,5 @@ def connection_rate(
         per_s=sum(r["connections"] / r["seconds"] for r in results),
         connections=sum(r["connections"] for r in results),
         failed=failed,
+        connect_us=[us for r in results for us in r["connect_us"]],
     )
