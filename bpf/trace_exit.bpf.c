@@ -2,15 +2,13 @@
 /* `membrane trace exit`: exitsnoop on sched:sched_process_exit, which runs in the exiting
  * thread after do_exit() has set its exit code.
  *
- * A process ends when its LAST thread exits, and that need not be the leader (after
- * exit_group any thread may be the last one out), so by default the event is emitted by
- * the thread that ends the group, and describes the process as wait(2) sees it: the
- * group's exit code when the process was ended as a whole (exit_group, fatal signal),
- * else the leader's; the leader's name and start time.
+ * By default the event is emitted by the thread that ends the process (lib/exit_status.h)
+ * and describes the process as wait(2) sees it, with the leader's name and start time.
  */
 #include "include/trace.h"
 #include "abi/trace_proc.h"
 #include "lib/events.h"
+#include "lib/exit_status.h"
 #include "lib/task.h"
 #include "lib/trace_filter.h"
 
@@ -19,25 +17,6 @@ ABI_EXPORT(exit_event);
 
 const volatile bool failed_only = false;  /* --failed: only non-zero wait statuses */
 const volatile bool per_thread = false;   /* --per-thread: every thread's exit */
-
-#define SIGNAL_GROUP_EXIT 0x00000004  /* include/linux/sched/signal.h */
-
-static __always_inline bool ends_process(struct trace_event_raw_sched_process_exit *ctx,
-					 struct task_struct *task)
-{
-	if (bpf_core_field_exists(ctx->group_dead))  /* recent kernels report it */
-		return ctx->group_dead;
-	/* Older kernels: a signal's live count read here may already be 0 for several
-	 * threads, so fall back to what exitsnoop does: the leader's exit. */
-	return BPF_CORE_READ(task, pid) == BPF_CORE_READ(task, tgid);
-}
-
-static __always_inline int wait_status(struct task_struct *task, struct task_struct *leader)
-{
-	if (BPF_CORE_READ(task, signal, flags) & SIGNAL_GROUP_EXIT)
-		return BPF_CORE_READ(task, signal, group_exit_code);
-	return BPF_CORE_READ(leader, exit_code);
-}
 
 SEC("tracepoint/sched/sched_process_exit")
 int on_exit(struct trace_event_raw_sched_process_exit *ctx)

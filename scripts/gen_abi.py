@@ -107,6 +107,8 @@ ENUMS = (
     PyEnum("svc_set_flag", "SvcSetFlag", "SVC_SET_", "IntFlag", "svc_set.flags."),
     PyEnum("svc_backend_state", "BackendState", "SVC_BACKEND_", "IntEnum", "svc_backend.state."),
     PyEnum("svc_sock_dir", "SvcSockDir", "SVC_SOCK_", "IntEnum", "svc_sock_key.dir."),
+    PyEnum("sec_proc_event_type", "SecProcEventType", "SEC_PROC_", "IntEnum", "Event types."),
+    PyEnum("sec_proc_flags", "SecProcFlag", "SEC_PROC_", "IntFlag", "sec_proc_event.flags."),
 )
 # Enums that only carry constants: each enumerator becomes a module constant of its C name.
 CONSTANTS = (
@@ -119,6 +121,7 @@ CONSTANTS = (
     "profile_abi",
     "svc_limits",
     "sys_abi",
+    "sec_proc_abi",
 )
 
 HEADER = '''"""Numbers shared with the kernel: the enums of bpf/abi/*.h, read from the BTF of the

@@ -1,0 +1,216 @@
+"""The process lifecycle monitor: bpf/security_process.bpf.c's exec, clone and exit events,
+read from its ring buffer on a thread of their own, kept in the process cache and
+published as Tetragon's process_exec and process_exit events.
+
+Start order closes the gap between the walk of /proc and the first event: the programs
+are attached first, then /proc is read, then the ring is drained. A process that started
+in between is in both; its event simply replaces the /proc entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from membrane.abi import SecProcEventType, SecProcFlag
+from membrane.bpf import BpfObject
+from membrane.bpf.ktime import ktimes_to_unix_ns
+from membrane.bpf.links import Link, attach_auto
+from membrane.bpf.ringbuf import BATCH_FILL, Records, RingBuffer
+from membrane.security.cache import ProcessCache
+from membrane.security.events import Event, exec_event, exit_event
+from membrane.security.process import FLAG_CLONE, FLAG_EXECVE, FLAG_TRUNC_ARGS
+from membrane.security.procfs import load_processes
+from membrane.trace.batch import EventBatch, EventLayout
+
+log = logging.getLogger("membrane.agent")
+OBJECT = "security_process"
+RING_BYTES = 8 << 20  # ~20k exec events of a typical size: a fork storm's burst
+POLL_MS = 100
+# What the monitor needs from the kernel (membrane.bpf.probe feature names).
+NEEDED_FEATURES = ("tracepoint", "raw_tp", "map_ringbuf")
+
+
+class ProcessMonitor:
+    """Load, attach, fill the cache from /proc, then follow the ring until `stop`."""
+
+    def __init__(
+        self,
+        cache: ProcessCache,
+        publish: Callable[[Sequence[Event]], None],
+        ring_bytes: int = RING_BYTES,
+    ) -> None:
+        self.cache = cache
+        self.publish = publish
+        self.links: list[Link] = []
+        self._lost: int | None = None  # the ring's count when it was closed
+        self._stack = contextlib.ExitStack()
+        self.obj = self._stack.enter_context(BpfObject.open(OBJECT))
+        try:
+            self.obj.set_config(events_wakeup_bytes=ring_bytes // BATCH_FILL)
+            self.obj.set_max_entries("events", ring_bytes)
+            self.obj.load()
+            for prog in self.obj.programs.values():
+                self.links.append(attach_auto(prog))
+            self.layout = EventLayout.of(self.obj.btf.dtype("sec_proc_event"), "data")
+            self._ring = RingBuffer(
+                self.obj.map("events"), lost_map=self.obj.map("events_lost"), variable=True
+            )
+            self._stack.callback(self._ring.close)
+        except BaseException:
+            self.close()
+            raise
+        self.procfs = len(load_processes(cache))
+        self.execs = self.exits = self.clones = 0
+        self.unknown_exits = 0  # exits of processes the cache never knew
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="security-process", daemon=True)
+
+    @property
+    def lost(self) -> int:
+        """Events the ring had no room for (and starts the map had none for)."""
+        return self._lost if self._lost is not None else self._ring.lost
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        self.close()
+
+    def close(self) -> None:
+        if self._lost is None and hasattr(self, "_ring"):  # not when the load failed
+            with contextlib.suppress(Exception):
+                self._lost = self._ring.lost
+        for link in reversed(self.links):
+            link.close()
+        self.links.clear()
+        self._stack.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                records = self._ring.poll(POLL_MS)
+                if len(records):
+                    self.handle(records)
+            except Exception:
+                log.exception("process monitor failed; going on")
+        with contextlib.suppress(Exception):
+            records = self._ring.drain()
+            if len(records):
+                self.handle(records)
+
+    def handle(self, records: Records) -> None:
+        """Apply a batch to the cache in order and publish its exec and exit events."""
+        batch, _ = EventBatch.decode(self.layout, records)
+        if not len(batch):
+            return
+        head = batch.head
+        starts, _lengths = batch.tail()
+        block = records.block
+        times = ktimes_to_unix_ns(head["hdr"]["ts_ns"]).tolist()
+        columns = {
+            name: head[name].tolist()
+            for name in (
+                "ktime",
+                "cgroup_id",
+                "pid",
+                "tid",
+                "ppid",
+                "uid",
+                "auid",
+                "netns",
+                "status",
+                "flags",
+                "binary_len",
+                "cwd_len",
+                "args_len",
+            )
+        }
+        types = head["hdr"]["type"].tolist()
+        out: list[Event] = []
+        for i, kind in enumerate(types):
+            row = {name: values[i] for name, values in columns.items()}
+            if kind == SecProcEventType.EXEC:
+                data = bytes(block[int(starts[i]) : int(starts[i]) + _data_len(row)])
+                out.append(self._exec(row, data, times[i]))
+            elif kind == SecProcEventType.CLONE:
+                self._clone(row)
+            elif kind == SecProcEventType.EXIT:
+                event = self._exit(row, times[i])
+                if event is not None:
+                    out.append(event)
+        if out:
+            self.publish(out)
+
+    def _exec(self, row: dict, data: bytes, time_ns: int) -> Event:
+        self.execs += 1
+        b, c = row["binary_len"], row["cwd_len"]
+        binary = data[:b].decode(errors="replace")
+        cwd = data[b : b + c].decode(errors="replace")
+        argv = data[b + c :].split(b"\0")
+        args = " ".join(a.decode(errors="replace") for a in argv[1:] if a)
+        flags = [FLAG_EXECVE]
+        before = self.cache.entry(row["pid"])
+        if before is not None and before.flags == FLAG_CLONE:
+            flags.append(FLAG_CLONE)
+        if row["flags"] & SecProcFlag.TRUNC_ARGS:
+            flags.append(FLAG_TRUNC_ARGS)
+        entry = self.cache.new_entry(
+            pid=row["pid"],
+            tid=row["tid"],
+            ktime_ns=row["ktime"],
+            start_time_ns=time_ns,
+            uid=row["uid"],
+            auid=row["auid"],
+            binary=binary,
+            arguments=args,
+            cwd=cwd,
+            flags=flags,
+            parent_pid=row["ppid"],
+            netns=row["netns"],
+            cgroup_id=row["cgroup_id"],
+        )
+        self.cache.start(entry)
+        return exec_event(self.cache, entry, time_ns)
+
+    def _clone(self, row: dict) -> None:
+        """A new process runs its parent's program until it execs: the parent's binary,
+        arguments and directory, its own pid and start."""
+        self.clones += 1
+        parent = self.cache.entry(row["ppid"])
+        entry = self.cache.new_entry(
+            pid=row["pid"],
+            tid=row["tid"],
+            ktime_ns=row["ktime"],
+            start_time_ns=0,
+            uid=row["uid"],
+            auid=row["auid"],
+            binary=parent.binary if parent else "",
+            arguments=parent.arguments if parent else "",
+            cwd=parent.cwd if parent else "",
+            flags=[FLAG_CLONE],
+            parent_pid=row["ppid"],
+            netns=row["netns"],
+            cgroup_id=row["cgroup_id"],
+        )
+        entry.start_time_ns = int(ktimes_to_unix_ns(np.array([row["ktime"]]))[0])
+        self.cache.start(entry)
+
+    def _exit(self, row: dict, time_ns: int) -> Event | None:
+        entry = self.cache.exit(row["pid"])
+        if entry is None:
+            self.unknown_exits += 1
+            return None
+        self.exits += 1
+        return exit_event(self.cache, entry, time_ns, row["status"])
+
+
+def _data_len(row: dict) -> int:
+    return row["binary_len"] + row["cwd_len"] + row["args_len"]
