@@ -27,7 +27,9 @@ def test_routes_and_document_agree(tmp_path: Path) -> None:
 def test_request_schemas_come_from_the_models() -> None:
     schemas = openapi_document()["components"]["schemas"]
     endpoint = schemas["EndpointCreate"]
-    assert set(endpoint["properties"]) == {"namespace", "name", "labels", "ports"}
+    assert set(endpoint["properties"]) == {
+        "namespace", "name", "labels", "ports", "netns", "container_id",
+    }  # fmt: skip
     assert endpoint.get("additionalProperties") is False
     assert "PortModel" in schemas
     assert {"id", "namespace", "name", "netns", "ipv4", "identity", "labels"} <= set(

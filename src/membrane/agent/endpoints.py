@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address
 
+from membrane import netns
 from membrane.agent.config import AgentConfig
 from membrane.agent.state import AgentState, EndpointRecord, PortSpec
 from membrane.api.models import EndpointCreate
@@ -77,8 +78,18 @@ class EndpointLifecycle:
 
     # ---- after a restart -----------------------------------------------------------------
     def adopt_all(self) -> int:
-        """Keep every recorded endpoint; returns how many were whole."""
-        return sum(1 for ep in list(self.state.endpoints.values()) if self._adopt(ep))
+        """Keep every recorded endpoint; returns how many were whole. A container whose
+        runtime removed its namespace while the agent was down (its DEL could not reach us)
+        is forgotten: its veth went with the namespace, its programs are then unknown ids."""
+        whole = 0
+        for ep in list(self.state.endpoints.values()):
+            if ep.container_id is not None and not netns.exists(ep.netns):
+                log.info("container gone; forgetting it", extra={"fields": {"endpoint": ep.key}})
+                self.forget(ep)
+                self.unplumb(ep)
+            elif self._adopt(ep):
+                whole += 1
+        return whole
 
     def _runs_this_build(self, ep: EndpointRecord) -> bool:
         if self._build is None:  # the same for every endpoint: found out once
@@ -139,8 +150,11 @@ class EndpointLifecycle:
             for e in self.state.endpoints.values()
         ):
             raise UserError("endpoint", f"{key} already exists")
-        netns = self.config.pod_netns(req.namespace, req.name)
-        if len(netns) > MAX_NETNS_NAME:
+        # A runtime's namespace (CNI) is plumbed as it is; otherwise the agent makes one.
+        netns_name = req.netns or self.config.pod_netns(req.namespace, req.name)
+        if req.netns is not None and not netns.exists(req.netns):
+            raise UserError("netns", f"{req.netns} does not exist")
+        if req.netns is None and len(netns_name) > MAX_NETNS_NAME:
             raise UserError("name", f"{key} is too long for a namespace")
         ep_id = self._free_id()
         ip = self.ipam.allocate(key)
@@ -153,13 +167,14 @@ class EndpointLifecycle:
             id=ep_id,
             namespace=req.namespace,
             name=req.name,
-            netns=netns,
+            netns=netns_name,
             host_ifname=f"mbr{ep_id}",
             ipv4=str(ip),
             ipv6=None if ip6 is None else str(ip6),
             labels=dict(req.labels),
             ports=tuple(PortSpec(p.name, p.port, p.protocol) for p in req.ports),
             created=time.time(),
+            container_id=req.container_id,
         )
         self.state.endpoints[ep_id] = ep
         self.state.next_endpoint_id = ep_id % MAX_ENDPOINT_ID + 1
@@ -170,7 +185,14 @@ class EndpointLifecycle:
             with ThreadPoolExecutor(max_workers=1) as pool:
                 loading = pool.submit(load_endpoint, self.config.bpf_dir, ep_id, ip, ip6)
                 try:
-                    link = create_pod(self.node, netns, ep.host_ifname, ip, ip6)
+                    link = create_pod(
+                        self.node,
+                        netns_name,
+                        ep.host_ifname,
+                        ip,
+                        ip6,
+                        reuse_netns=req.netns is not None,
+                    )
                 except BaseException:
                     with contextlib.suppress(Exception):
                         loading.result().close()
@@ -184,7 +206,7 @@ class EndpointLifecycle:
             # every later add with this id fail.
             for undo in (
                 lambda: detach_endpoint(self.config.bpf_dir, ep_id),
-                lambda: delete_pod(self.node, netns, ep.host_ifname),
+                lambda: self._unplumb_links(ep),
                 lambda: self.ipam.release(ip),
                 lambda: self._release6(ip6),
             ):
@@ -202,9 +224,16 @@ class EndpointLifecycle:
 
     def unplumb(self, ep: EndpointRecord) -> None:
         """Remove a forgotten endpoint's veth, namespace and address (after `detach`)."""
-        delete_pod(self.node, ep.netns, ep.host_ifname)
+        self._unplumb_links(ep)
         self.ipam.release(IPv4Address(ep.ipv4))
         self._release6(_ipv6_of(ep))
+
+    def _unplumb_links(self, ep: EndpointRecord) -> None:
+        """The veth (and the namespace, unless a container runtime owns it)."""
+        if ep.container_id is None:
+            delete_pod(self.node, ep.netns, ep.host_ifname)
+        else:
+            delete_node_link(self.node, ep.host_ifname)
 
     def _release6(self, addr: IPv6Address | None) -> None:
         if addr is not None and self.ipam6 is not None:

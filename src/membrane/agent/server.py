@@ -124,6 +124,7 @@ class AgentServer:
         r.add_post("/v1/policies", self.import_policies)
         r.add_delete("/v1/policies", self.delete_policies)
         r.add_post("/v1/policy/trace", self.trace)
+        r.add_post("/v1/cni/{command}", self.cni)
         return app
 
     async def _json(self, request: web.Request) -> Any:
@@ -198,6 +199,13 @@ class AgentServer:
             policy=True,
         )
         return web.json_response(result)
+
+    async def cni(self, request: web.Request) -> web.Response:
+        """The CNI plugin's calls, answered in the CNI spec's JSON (membrane.cni.service)."""
+        from membrane.cni.service import answer
+
+        body = await self._json(request)
+        return web.json_response(await answer(self, request.match_info["command"], body))
 
     async def trace(self, request: web.Request) -> web.Response:
         req = parse_body(TraceRequest, await self._json(request))

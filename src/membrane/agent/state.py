@@ -55,6 +55,7 @@ class EndpointRecord:
     attach_mode: str = ""  # "tcx" or "clsact": how its programs are attached
     ipv6: str | None = None  # dual-stack nodes; None on IPv4-only ones (and for endpoints
     # an older agent made)
+    container_id: str | None = None  # made through CNI: `netns` is then the runtime's own
 
     @property
     def key(self) -> str:

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from membrane.errors import UserError
 from membrane.policy import validate
@@ -38,6 +45,21 @@ class EndpointCreate(_Strict):
     name: str
     labels: dict[str, str] = Field(default_factory=dict)
     ports: list[PortModel] = Field(default_factory=list)
+    netns: str | None = Field(
+        None,
+        description="an existing network namespace (absolute path) that a container runtime "
+        "made, plumbed instead of one the agent creates; the runtime owns it",
+    )
+    container_id: str | None = Field(
+        None, description="the runtime's container id (CNI_CONTAINERID)", min_length=1
+    )
+
+    @field_validator("netns")
+    @classmethod
+    def _netns(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError(f"{v!r} is not an absolute path")
+        return v
 
     @field_validator("namespace")
     @classmethod
@@ -53,6 +75,13 @@ class EndpointCreate(_Strict):
     @classmethod
     def _labels(cls, v: dict[str, str]) -> dict[str, str]:
         return check_labels(v)
+
+    @model_validator(mode="after")
+    def _runtime_pair(self) -> EndpointCreate:
+        # The agent deletes namespaces it made; one with a container id is the runtime's.
+        if (self.netns is None) != (self.container_id is None):
+            raise ValueError("netns and container_id are given together (a runtime's container)")
+        return self
 
     @field_validator("ports")
     @classmethod

@@ -111,6 +111,12 @@ _NS_NAME = [
 ]
 
 
+_CNI_COMMAND = {
+    "name": "command", "in": "path", "required": True,
+    "schema": {"enum": ["add", "del", "check"]},
+}  # fmt: skip
+
+
 def _query(*names: str) -> list[dict[str, Any]]:
     return [{"name": n, "in": "query", "schema": {"type": "string"}} for n in names]
 
@@ -189,6 +195,18 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Explain the verdict for a connection and the rule that decides it",
                 "requestBody": _body(TraceRequest),
                 "responses": {"200": _json({"type": "object"}), **_errors(400, 404)},
+            }
+        },
+        "/v1/cni/{command}": {
+            "post": {
+                "summary": "A CNI plugin call (add, del, check) with its CNI_* environment and "
+                "network config; answered with the CNI spec's result or error JSON",
+                "parameters": [_CNI_COMMAND],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {"200": _json({"type": "object"}), **_errors(400)},
             }
         },
     }

@@ -15,6 +15,7 @@ def endpoint_view(ep: EndpointRecord, snapshot: Snapshot) -> dict[str, Any]:
         "namespace": ep.namespace,
         "name": ep.name,
         "netns": ep.netns,
+        "container_id": ep.container_id,
         "ipv4": ep.ipv4,
         "ipv6": ep.ipv6,
         "identity": ep.identity,

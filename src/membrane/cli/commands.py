@@ -38,6 +38,12 @@ SUBCOMMANDS = (
         "endpoint", "membrane.cli.endpoint", "Endpoints (pods): network namespaces with labels."
     ),
     Subcommand("namespace", "membrane.cli.namespace", "Namespaces and their labels."),
+    Subcommand(
+        "cni",
+        "membrane.cli.cni",
+        "The CNI plugin for container runtimes: install or remove the network config and the "
+        "membrane-cni executable; containers then become endpoints with their labels.",
+    ),
     Subcommand("policy", "membrane.cli.policy", "Network policies: import, list, delete, explain."),
     Subcommand(
         "filter",
