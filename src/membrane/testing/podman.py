@@ -16,6 +16,7 @@ a cni-podman0 bridge in the root namespace) is never used: every container names
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -144,12 +145,19 @@ class PodmanSandbox:
         """A network of the standard CNI `bridge` plugin (host-local addresses in `subnet`),
         the baseline a runtime ships with."""
         bridge = f"mbb{abs(hash(name)) % 10**6}"
-        (self.conf_dir / f"{name}.conflist").write_text(
-            '{"cniVersion": "1.0.0", "name": "%s", "plugins": [{"type": "bridge", '
-            '"bridge": "%s", "isGateway": true, "ipMasq": false, "ipam": {"type": '
-            '"host-local", "ranges": [[{"subnet": "%s"}]], "dataDir": "%s"}}]}'
-            % (name, bridge, subnet, self.workdir / "ipam")
-        )
+        plugin = {
+            "type": "bridge",
+            "bridge": bridge,
+            "isGateway": True,
+            "ipMasq": False,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": subnet}]],
+                "dataDir": str(self.workdir / "ipam"),
+            },
+        }
+        config = {"cniVersion": "1.0.0", "name": name, "plugins": [plugin]}
+        (self.conf_dir / f"{name}.conflist").write_text(json.dumps(config))
         self.bridges = [*getattr(self, "bridges", []), bridge]
 
     def remove_all(self) -> None:
@@ -165,4 +173,3 @@ class PodmanSandbox:
         for bridge in getattr(self, "bridges", []):
             subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
-
