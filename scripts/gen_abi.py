@@ -109,6 +109,11 @@ ENUMS = (
     PyEnum("svc_sock_dir", "SvcSockDir", "SVC_SOCK_", "IntEnum", "svc_sock_key.dir."),
     PyEnum("sec_proc_event_type", "SecProcEventType", "SEC_PROC_", "IntEnum", "Event types."),
     PyEnum("sec_proc_flags", "SecProcFlag", "SEC_PROC_", "IntFlag", "sec_proc_event.flags."),
+    PyEnum("sp_hook_kind", "SpHookKind", "SP_HOOK_", "IntEnum", "sp_hook_config.kind."),
+    PyEnum("sp_arg_type", "SpArgType", "SP_ARG_", "IntEnum", "sp_arg_spec.type."),
+    PyEnum("sp_op", "SpOp", "SP_OP_", "IntEnum", "sp_arg_filter.op (matchArgs operators)."),
+    PyEnum("sp_action", "SpAction", "SP_ACTION_", "IntEnum", "A TracingPolicy selector's action."),
+    PyEnum("sp_set_op", "SpSetOp", "SP_SET_", "IntEnum", "In/NotIn of pids, binaries, ns, caps."),
 )
 # Enums that only carry constants: each enumerator becomes a module constant of its C name.
 CONSTANTS = (
@@ -119,6 +124,7 @@ CONSTANTS = (
     "lb_limits",
     "policy_key_bits",
     "profile_abi",
+    "sp_abi",
     "svc_limits",
     "sys_abi",
     "sec_proc_abi",
