@@ -20,7 +20,6 @@ import queue
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import IO
 
 from google.protobuf import json_format
 
@@ -28,8 +27,10 @@ from membrane.errors import UserError
 from membrane.hubble.flow import flow_pb2
 from membrane.hubble.json_codec import decode, encode
 from membrane.hubble.observer import observer_pb2
+from membrane.json_objects import concatenated_objects
 from membrane.observe.record import lost_response
 from membrane.observe.store import Matcher, Segment, build_matcher
+from membrane.rotating_file import RotatingFile, backups
 
 log = logging.getLogger("membrane.agent")
 Item = observer_pb2.GetFlowsResponse
@@ -37,7 +38,6 @@ DEFAULT_MAX_SIZE_MB = 10  # Hubble's --hubble-export-file-max-size-mb
 DEFAULT_MAX_BACKUPS = 5  # Hubble's --hubble-export-file-max-backups
 QUEUE_BATCHES = 4096  # batches waiting for the writer before new ones are dropped
 Batch = Segment | list[Item]
-FILE_MODE = 0o640
 _TAIL_BLOCK = 1 << 16
 
 
@@ -67,7 +67,7 @@ def parse_filters(text: str, option: str) -> tuple[flow_pb2.FlowFilter, ...]:
         value = json.loads(text)
         objects = value if isinstance(value, list) else [value]
     except json.JSONDecodeError:
-        objects = _concatenated_objects(text, option)
+        objects = concatenated_objects(text, option)
     filters = []
     for i, obj in enumerate(objects):
         if not isinstance(obj, dict):
@@ -77,19 +77,6 @@ def parse_filters(text: str, option: str) -> tuple[flow_pb2.FlowFilter, ...]:
         except json_format.ParseError as err:
             raise UserError(option, f"item {i} is not a FlowFilter: {err}") from None
     return tuple(filters)
-
-
-def _concatenated_objects(text: str, option: str) -> list[object]:
-    decoder, objects, at = json.JSONDecoder(), [], 0
-    while at < len(text):
-        try:
-            obj, at = decoder.raw_decode(text, at)
-        except json.JSONDecodeError as err:
-            raise UserError(option, f"is not JSON FlowFilters ({err})") from None
-        objects.append(obj)
-        while at < len(text) and (text[at].isspace() or text[at] == ","):
-            at += 1
-    return objects
 
 
 def make_settings(
@@ -150,15 +137,9 @@ class FlowLog:
         self._dropped_lock = threading.Lock()
         self.written = 0  # lines written
         self.lost = 0  # items dropped because the writer fell behind, in total
-        directory = os.path.dirname(os.path.abspath(settings.path))
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        self._file = self._open()
+        self._file = RotatingFile(settings.path, settings.max_bytes, settings.max_backups)
         self._thread = threading.Thread(target=self._run, name="flow-log", daemon=True)
         self._thread.start()
-
-    def _open(self) -> IO[str]:
-        fd = os.open(self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
-        return os.fdopen(fd, "a", encoding="utf-8")
 
     def submit(self, items: Batch) -> None:
         """Queue a batch for the writer; never waits."""
@@ -196,34 +177,8 @@ class FlowLog:
         for item in batch:  # lost-events notices pass every filter
             if matcher is None or not item.HasField("flow") or matcher.matches(item.flow):
                 lines.append(json.dumps(encode(item), separators=(",", ":")))
-        size = self._file.tell()
-        for line in lines:
-            data = line + "\n"
-            if size and size + len(data) > self.settings.max_bytes:
-                self._rotate()
-                size = 0
-            self._file.write(data)
-            size += len(data)
-        self._file.flush()
+        self._file.write_lines(lines)
         self.written += len(lines)
-
-    def _rotate(self) -> None:
-        """FILE -> FILE.1 -> ... -> FILE.N (the oldest goes)."""
-        self._file.close()
-        path, keep = self.settings.path, self.settings.max_backups
-        if keep == 0:
-            os.unlink(path)
-        else:
-            for i in range(keep - 1, 0, -1):
-                if os.path.exists(f"{path}.{i}"):
-                    os.replace(f"{path}.{i}", f"{path}.{i + 1}")
-            os.replace(path, f"{path}.1")
-        self._file = self._open()
-
-
-def backups(path: str, max_backups: int) -> list[str]:
-    """The log's files, newest first."""
-    return [path] + [f"{path}.{i}" for i in range(1, max_backups + 1)]
 
 
 def read_tail(settings: FlowLogSettings, count: int) -> list[Item]:

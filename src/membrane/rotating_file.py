@@ -1,0 +1,56 @@
+"""A log file rotated by size, as Hubble's and Tetragon's exporters keep theirs: FILE is
+written until the next line would pass `max_bytes`, then FILE -> FILE.1 -> ... -> FILE.N
+(the oldest goes); with N = 0 the file simply starts again."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import IO
+
+FILE_MODE = 0o640
+
+
+class RotatingFile:
+    def __init__(self, path: str, max_bytes: int, max_backups: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.max_backups = max_backups
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
+        self._file = self._open()
+
+    def _open(self) -> IO[str]:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        return os.fdopen(fd, "a", encoding="utf-8")
+
+    def write_lines(self, lines: Iterable[str]) -> None:
+        """Each line (without its newline) whole in one file, then flushed."""
+        size = self._file.tell()
+        for line in lines:
+            data = line + "\n"
+            if size and size + len(data) > self.max_bytes:
+                self._rotate()
+                size = 0
+            self._file.write(data)
+            size += len(data)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _rotate(self) -> None:
+        self._file.close()
+        path, keep = self.path, self.max_backups
+        if keep == 0:
+            os.unlink(path)
+        else:
+            for i in range(keep - 1, 0, -1):
+                if os.path.exists(f"{path}.{i}"):
+                    os.replace(f"{path}.{i}", f"{path}.{i + 1}")
+            os.replace(path, f"{path}.1")
+        self._file = self._open()
+
+
+def backups(path: str, max_backups: int) -> list[str]:
+    """The log's files, newest first."""
+    return [path] + [f"{path}.{i}" for i in range(1, max_backups + 1)]
