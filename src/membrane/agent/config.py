@@ -54,6 +54,7 @@ class AgentConfig:
     hubble_buffer_size: int = DEFAULT_HUBBLE_BUFFER_SIZE  # flows the store keeps
     flow_log: FlowLogSettings | None = None  # --flow-log and its companions
     kernel_drops: bool = True  # flows of packets the kernel drops (membrane.agent.kernel_drops)
+    cgroup_root: str = ""  # cgroup v2 directory the cgroup hooks attach to; "": none
 
     @property
     def hubble_socket_path(self) -> str:
@@ -107,6 +108,7 @@ def make_config(
     flow_log_allowlist: str = "",
     flow_log_denylist: str = "",
     kernel_drops: bool | str = True,
+    cgroup_root: str = "",
 ) -> AgentConfig:
     from membrane.metrics.address import parse_listen_address
     from membrane.policy.universe import AllowLocalhost
@@ -183,7 +185,19 @@ def make_config(
         hubble_buffer_size=buffer_size,
         flow_log=flow_log_settings,
         kernel_drops=_parse_bool(kernel_drops, "kernel-drops"),
+        cgroup_root=_cgroup_dir(cgroup_root),
     )
+
+
+def _cgroup_dir(path: str) -> str:
+    """--cgroup-root: a directory of a cgroup v2 mount."""
+    if not path:
+        return ""
+    if not os.path.isfile(os.path.join(path, "cgroup.procs")) or not os.path.isfile(
+        os.path.join(path, "cgroup.controllers")
+    ):
+        raise UserError("cgroup-root", f"{path} is not a cgroup v2 directory")
+    return os.path.abspath(path)
 
 
 def _parse_bool(value: bool | str, option: str) -> bool:

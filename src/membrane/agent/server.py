@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from membrane.hubble.server import HubbleServer
     from membrane.metrics.server import MetricsServers
     from membrane.observe.flowlog import FlowLog
+    from membrane.security.policy.manager import TracingPolicies
 
 log = logging.getLogger("membrane.agent")
 CT_GC_INTERVAL = 30.0
@@ -89,6 +90,7 @@ class AgentServer:
         self._kernel_drops: KernelDrops | None = None
         self._stopping = asyncio.Event()
         self.metrics: MetricsServers | None = None  # --prometheus-serve-addr and friends
+        self.tracing: TracingPolicies | None = None  # TracingPolicy (membrane security policy)
 
     @property
     def agent(self) -> Agent:
@@ -124,6 +126,9 @@ class AgentServer:
         r.add_post("/v1/policies", self.import_policies)
         r.add_delete("/v1/policies", self.delete_policies)
         r.add_post("/v1/policy/trace", self.trace)
+        r.add_get("/v1/security/policies", self.list_tracing_policies)
+        r.add_post("/v1/security/policies", self.apply_tracing_policies)
+        r.add_delete("/v1/security/policies/{name}", self.delete_tracing_policy)
         r.add_post("/v1/cni/{command}", self.cni)
         return app
 
@@ -146,6 +151,7 @@ class AgentServer:
     async def add_endpoint(self, request: web.Request) -> web.Response:
         req = parse_body(EndpointCreate, await self._json(request))
         ep = await self.run_change(self.agent.add_endpoint, req)
+        await self._refresh_tracing_scope()
         return web.json_response(views.endpoint_view(ep, self.agent.snapshot), status=201)
 
     async def get_endpoint(self, request: web.Request) -> web.Response:
@@ -159,6 +165,7 @@ class AgentServer:
     async def delete_endpoint(self, request: web.Request) -> web.Response:
         m = request.match_info
         ep = await self.run_change(self.agent.delete_endpoint, m["namespace"], m["name"])
+        await self._refresh_tracing_scope()
         return web.json_response(views.endpoint_view(ep, self.agent.snapshot))
 
     async def list_namespaces(self, request: web.Request) -> web.Response:
@@ -216,6 +223,49 @@ class AgentServer:
         )
         return web.json_response(result)
 
+    # ---- tracing policies (membrane.security.policy) ---------------------------------------
+    def _tracing(self) -> TracingPolicies:
+        if self.tracing is None:
+            raise UserError("runtime-security", "tracing policies are not running in this agent")
+        return self.tracing
+
+    async def list_tracing_policies(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.run_sync(self._tracing().list))
+
+    async def apply_tracing_policies(self, request: web.Request) -> web.Response:
+        req = parse_body(PolicyImport, await self._json(request))
+        return web.json_response(await self.run_sync(self._tracing().apply, req.yaml))
+
+    async def delete_tracing_policy(self, request: web.Request) -> web.Response:
+        name, namespace = request.match_info["name"], request.query.get("namespace")
+        key = f"{namespace}/{name}" if namespace else name
+        return web.json_response(await self.run_sync(self._tracing().delete, key))
+
+    async def _refresh_tracing_scope(self) -> None:
+        if self.tracing is not None:
+            await self.run_sync(self.tracing.refresh_scope)
+
+    def _start_tracing(self) -> TracingPolicies:
+        from membrane.bpf.probe import supports
+        from membrane.security.policy.manager import PodEndpoint, TracingPolicies
+
+        def endpoints() -> list[PodEndpoint]:
+            return [
+                PodEndpoint(ep.namespace, ep.name, ep.netns, ep.labels)
+                for ep in self.agent.snapshot.endpoints.values()
+            ]
+
+        tracing = TracingPolicies(
+            self.config.state_dir,
+            self.config.bpf_dir,
+            self.config.node_name,
+            self.config.cgroup_root or None,
+            supports,
+            endpoints,
+        )
+        tracing.start()
+        return tracing
+
     # ---- lifecycle -----------------------------------------------------------------------
     async def _gc_loop(self) -> None:
         while not self._stopping.is_set():
@@ -263,6 +313,7 @@ class AgentServer:
             self._start_flow_log()
             await self._start_hubble()
             self._agent = await self.run_sync(Agent.start, self.config)
+            self.tracing = await self.run_sync(self._start_tracing)
         except BaseException:
             if self.metrics is not None:
                 self.metrics.stop()
@@ -311,6 +362,8 @@ class AgentServer:
         self._reader.stop()
         if self._kernel_drops is not None:
             self._kernel_drops.stop()
+        if self.tracing is not None:
+            await self.run_sync(self.tracing.stop)
         await self.run_sync(self.agent.stop)
         if self.flow_log is not None:
             self.flow_log.close()

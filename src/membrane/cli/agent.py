@@ -180,6 +180,12 @@ def run(
         help="true: flows also show packets of pods the kernel drops outside the datapath "
         "(no socket, netfilter, no route...; skb:kfree_skb, Linux 5.17 or later); false: off.",
     ),
+    cgroup_root: str = typer.Option(
+        "",
+        "--cgroup-root",
+        help="A cgroup v2 directory whose processes the agent's cgroup hooks cover (tracing "
+        "policies that refuse connect); default: none.",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run the agent in the foreground (structured logs on stderr). SIGTERM stops it and
@@ -217,6 +223,7 @@ def run(
         prometheus_serve_addr=prometheus_serve_addr,
         hubble_metrics_server=hubble_metrics_server,
         kernel_drops=kernel_drops,
+        cgroup_root=cgroup_root,
     )
     setup_logging(log_level)
     run_agent(config)

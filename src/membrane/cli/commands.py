@@ -58,6 +58,12 @@ SUBCOMMANDS = (
         "IP-in-IP to backends that answer clients directly (DSR), per-backend counters.",
     ),
     Subcommand(
+        "security",
+        "membrane.cli.security_policy",
+        "Runtime security (Tetragon class): tracing policies whose selectors run and whose "
+        "actions (Sigkill, Signal, refusing connect) happen in the kernel.",
+    ),
+    Subcommand(
         "trace",
         "membrane.cli.trace",
         "Tracing tools (bcc/bpftrace-class) on stable kernel hooks: tracepoints, raw "

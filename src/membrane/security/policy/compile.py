@@ -90,6 +90,15 @@ class HookPlan:
     tags: tuple[str, ...] = ()
 
     @property
+    def hook_type(self) -> str:
+        return "tracepoint" if self.kind == SpHookKind.TRACEPOINT else "uprobe"
+
+    @property
+    def target_text(self) -> str:
+        first, second = self.target
+        return f"{first}/{second}" if self.kind == SpHookKind.TRACEPOINT else f"{first}:{second}"
+
+    @property
     def scoped(self) -> bool:
         return bool(self.config["scoped"])
 
