@@ -6,9 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # prometheus: the metrics tests start their own server (127.0.0.1, a temporary directory);
-# ipvsadm: bench/service_connect.py compares services with kube-proxy's IPVS mode
+# ipvsadm: bench/service_connect.py compares services with kube-proxy's IPVS mode;
+# podman ... busybox-static: the CNI tests run real containers (runc: crun refuses the
+# hybrid cgroup layout; catatonit: the pause binary of `podman kube play`'s pods;
+# busybox-static: the test image, imported without a registry)
 APT_PACKAGES=(clang llvm libbpf-dev bpftool libelf-dev make iproute2 iptables nftables
-              iperf3 procps iputils-ping python3-venv prometheus ipvsadm)
+              iperf3 procps iputils-ping python3-venv prometheus ipvsadm
+              podman runc containernetworking-plugins catatonit busybox-static)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
