@@ -15,6 +15,7 @@ from membrane.errors import UserError
 if TYPE_CHECKING:  # the policy package is heavy; client commands import this module
     from membrane.observe.flowlog import FlowLogSettings
     from membrane.policy.universe import AllowLocalhost
+    from membrane.security.settings import SecuritySettings
 
 DEFAULT_STATE_DIR = "/var/lib/membrane"
 DEFAULT_POD_CIDR = "198.18.0.0/16"
@@ -54,6 +55,7 @@ class AgentConfig:
     hubble_buffer_size: int = DEFAULT_HUBBLE_BUFFER_SIZE  # flows the store keeps
     flow_log: FlowLogSettings | None = None  # --flow-log and its companions
     kernel_drops: bool = True  # flows of packets the kernel drops (membrane.agent.kernel_drops)
+    security: SecuritySettings | None = None  # runtime security options; None: the defaults
     cgroup_root: str = ""  # cgroup v2 directory the cgroup hooks attach to; "": none
 
     @property

@@ -35,6 +35,7 @@ from membrane.api.models import (
     EndpointCreate,
     NamespaceLabels,
     PolicyImport,
+    ServiceCreate,
     TraceRequest,
     parse_body,
 )
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from membrane.metrics.server import MetricsServers
     from membrane.observe.flowlog import FlowLog
     from membrane.security.policy.manager import TracingPolicies
+    from membrane.security.runtime import SecurityRuntime
 
 log = logging.getLogger("membrane.agent")
 CT_GC_INTERVAL = 30.0
@@ -91,6 +93,7 @@ class AgentServer:
         self._stopping = asyncio.Event()
         self.metrics: MetricsServers | None = None  # --prometheus-serve-addr and friends
         self.tracing: TracingPolicies | None = None  # TracingPolicy (membrane security policy)
+        self.security: SecurityRuntime | None = None  # process cache, security events
 
     @property
     def agent(self) -> Agent:
@@ -126,9 +129,17 @@ class AgentServer:
         r.add_post("/v1/policies", self.import_policies)
         r.add_delete("/v1/policies", self.delete_policies)
         r.add_post("/v1/policy/trace", self.trace)
+        r.add_get("/v1/services", self.list_services)
+        r.add_post("/v1/services", self.add_service)
+        r.add_post("/v1/services/import", self.import_services)
+        r.add_get("/v1/services/{namespace}/{name}", self.get_service)
+        r.add_delete("/v1/services/{namespace}/{name}", self.delete_service)
         r.add_get("/v1/security/policies", self.list_tracing_policies)
         r.add_post("/v1/security/policies", self.apply_tracing_policies)
         r.add_delete("/v1/security/policies/{name}", self.delete_tracing_policy)
+        from membrane.security.api import add_routes
+
+        add_routes(r, lambda: self.security)
         r.add_post("/v1/cni/{command}", self.cni)
         return app
 
@@ -262,9 +273,49 @@ class AgentServer:
             self.config.cgroup_root or None,
             supports,
             endpoints,
+            **self._security_parts(),
         )
         tracing.start()
         return tracing
+
+    # ---- services (membrane.service) -----------------------------------------------------
+    def _service_manager(self) -> Any:
+        if self.agent.services is None:
+            raise RuntimeError("services have not started")
+        return self.agent.services
+
+    async def list_services(self, request: web.Request) -> web.Response:
+        return web.json_response({"services": self._service_manager().list_views()})
+
+    async def get_service(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        return web.json_response(self._service_manager().view(m["namespace"], m["name"]))
+
+    async def add_service(self, request: web.Request) -> web.Response:
+        req = parse_body(ServiceCreate, await self._json(request))
+        return web.json_response(await self.run_sync(self.agent.add_service, req), status=201)
+
+    async def import_services(self, request: web.Request) -> web.Response:
+        req = parse_body(PolicyImport, await self._json(request))
+        return web.json_response(await self.run_sync(self.agent.import_services, req.yaml))
+
+    async def delete_service(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        result = await self.run_sync(self.agent.delete_service, m["namespace"], m["name"])
+        return web.json_response(result)
+
+    # ---- runtime security (membrane.security) ------------------------------------------
+    def _start_security(self) -> SecurityRuntime | None:
+        from membrane.security.runtime import start_security
+
+        node = self.config.node_name
+        return start_security(self.config.security, node, lambda: self.agent.snapshot)
+
+    def _security_parts(self) -> dict[str, Any]:
+        """Where tracing policies publish events and find their processes."""
+        if self.security is None:
+            return {}
+        return {"sink": self.security.store, "cache": self.security.cache}
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def _gc_loop(self) -> None:
@@ -313,8 +364,11 @@ class AgentServer:
             self._start_flow_log()
             await self._start_hubble()
             self._agent = await self.run_sync(Agent.start, self.config)
+            self.security = await self.run_sync(self._start_security)
             self.tracing = await self.run_sync(self._start_tracing)
         except BaseException:
+            if self.security is not None:
+                self.security.stop()
             if self.metrics is not None:
                 self.metrics.stop()
             if self.hubble is not None:
@@ -364,6 +418,8 @@ class AgentServer:
             self._kernel_drops.stop()
         if self.tracing is not None:
             await self.run_sync(self.tracing.stop)
+        if self.security is not None:
+            self.security.stop()
         await self.run_sync(self.agent.stop)
         if self.flow_log is not None:
             self.flow_log.close()

@@ -197,6 +197,26 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object"}), **_errors(400, 404)},
             }
         },
+        "/v1/security/status": {
+            "get": {
+                "summary": "Runtime security: what runs, what the kernel lacks, counters",
+                "responses": {"200": _json({"type": "object"})},
+            }
+        },
+        "/v1/security/events": {
+            "get": {
+                "summary": "Security events as tetragon.GetEventsResponse JSON lines "
+                "(request: a GetEventsRequest's JSON; last: N; follow: 1 streams on)",
+                "parameters": _query("request", "last", "follow"),
+                "responses": {
+                    "200": {
+                        "description": "newline-delimited JSON",
+                        "content": {"application/x-ndjson": {"schema": {"type": "object"}}},
+                    },
+                    **_errors(400),
+                },
+            }
+        },
         "/v1/cni/{command}": {
             "post": {
                 "summary": "A CNI plugin call (add, del, check) with its CNI_* environment and "

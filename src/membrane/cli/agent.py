@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import typer
 
 from membrane.agent.config import (
@@ -12,6 +14,8 @@ from membrane.agent.config import (
     DEFAULT_POD_CIDR,
     DEFAULT_POD_CIDR_V6,
     DEFAULT_POLICY_MAP_MAX,
+    DEFAULT_SERVICE_CIDR,
+    DEFAULT_SERVICE_CIDR_V6,
     DEFAULT_STATE_DIR,
     make_config,
 )
@@ -186,6 +190,81 @@ def run(
         help="A cgroup v2 directory whose processes the agent's cgroup hooks cover (tracing "
         "policies that refuse connect); default: none.",
     ),
+    runtime_security: str = typer.Option(
+        "true",
+        "--runtime-security",
+        help="true: watch every exec and exit on the node (process cache, Tetragon-schema "
+        "events for `membrane security events`); false: off.",
+    ),
+    process_cache_size: str = typer.Option(
+        "8192",
+        "--process-cache-size",
+        help="Exited processes the process cache remembers for later events' parents and "
+        "ancestors (live processes are always kept).",
+    ),
+    security_event_buffer_size: str = typer.Option(
+        "8191", "--security-event-buffer-size", help="Security events kept for --last."
+    ),
+    security_export_file: str = typer.Option(
+        "",
+        "--security-export-file",
+        "--export-filename",
+        help="Also write security events to FILE, one GetEventsResponse JSON line each (as "
+        "Tetragon's export). Default: off.",
+    ),
+    security_export_max_size_mb: str = typer.Option(
+        "10",
+        "--security-export-max-size-mb",
+        "--export-file-max-size-mb",
+        help="Rotate the export file when it would grow past this many MiB (FILE -> FILE.1).",
+    ),
+    security_export_max_backups: str = typer.Option(
+        "5",
+        "--security-export-max-backups",
+        "--export-file-max-backups",
+        help="Rotated export files to keep.",
+    ),
+    security_export_allowlist: str = typer.Option(
+        "",
+        "--security-export-allowlist",
+        "--export-allowlist",
+        help="Only events matching any of these Tetragon filters are exported: JSON objects, "
+        'one per line (\'{"event_set":["PROCESS_EXEC"],"namespace":["shop"]}\').',
+    ),
+    security_export_denylist: str = typer.Option(
+        "",
+        "--security-export-denylist",
+        "--export-denylist",
+        help="Events matching any of these filters are not exported (same JSON).",
+    ),
+    security_redaction_filters: str = typer.Option(
+        "",
+        "--security-redaction-filters",
+        "--redaction-filters",
+        help="Tetragon redaction filters (JSON lines): the text of each capture group of "
+        '"redact" regexes in process arguments becomes *****, optionally only for '
+        '"binary_regex" binaries.',
+    ),
+    service_cidr: str = typer.Option(
+        DEFAULT_SERVICE_CIDR, "--service-cidr", help="ClusterIPs of services (IPv4)."
+    ),
+    service_cidr_v6: str = typer.Option(
+        DEFAULT_SERVICE_CIDR_V6,
+        "--service-cidr-v6",
+        help="IPv6 ClusterIPs of services (with --ipv6=true).",
+    ),
+    bpf_lb_algorithm: str = typer.Option(
+        "random",
+        "--bpf-lb-algorithm",
+        help="How services pick a backend unless their service.cilium.io/lb-algorithm "
+        "annotation says: random or maglev (consistent hashing).",
+    ),
+    bpf_lb_maglev_table_size: str = typer.Option(
+        "16381",
+        "--bpf-lb-maglev-table-size",
+        help="Entries of each Maglev service's table: a prime (Cilium's default 16381); "
+        "more entries spread weights more evenly.",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run the agent in the foreground (structured logs on stderr). SIGTERM stops it and
@@ -194,6 +273,7 @@ def run(
     from membrane.agent.logs import setup_logging
     from membrane.agent.server import run_agent
     from membrane.choices import check_choice
+    from membrane.security.settings import make_security_settings
 
     check_choice(log_level, ("debug", "info", "warning", "error"), "--log-level")
     config = make_config(
@@ -223,8 +303,24 @@ def run(
         prometheus_serve_addr=prometheus_serve_addr,
         hubble_metrics_server=hubble_metrics_server,
         kernel_drops=kernel_drops,
+        service_cidr=service_cidr,
+        service_cidr_v6=service_cidr_v6,
+        lb_algorithm=bpf_lb_algorithm,
+        maglev_table_size=bpf_lb_maglev_table_size,
         cgroup_root=cgroup_root,
     )
+    security = make_security_settings(
+        runtime_security,
+        process_cache_size,
+        security_event_buffer_size,
+        security_export_file,
+        security_export_max_size_mb,
+        security_export_max_backups,
+        security_export_allowlist,
+        security_export_denylist,
+        security_redaction_filters,
+    )
+    config = dataclasses.replace(config, security=security)
     setup_logging(log_level)
     run_agent(config)
 

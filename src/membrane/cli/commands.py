@@ -46,6 +46,12 @@ SUBCOMMANDS = (
     ),
     Subcommand("policy", "membrane.cli.policy", "Network policies: import, list, delete, explain."),
     Subcommand(
+        "service",
+        "membrane.cli.service",
+        "Kubernetes services (ClusterIP, NodePort, externalIPs) balanced at the socket: import "
+        "Service and EndpointSlice YAML, add, list, get, delete.",
+    ),
+    Subcommand(
         "filter",
         "membrane.cli.filter",
         "Packet filters in XDP and tc: drop by destination, drop by protocol, allow only a "
@@ -59,9 +65,10 @@ SUBCOMMANDS = (
     ),
     Subcommand(
         "security",
-        "membrane.cli.security_policy",
-        "Runtime security (Tetragon class): tracing policies whose selectors run and whose "
-        "actions (Sigkill, Signal, refusing connect) happen in the kernel.",
+        "membrane.cli.security",
+        "Runtime security (Tetragon class): every exec and exit with its ancestry and pod, "
+        "and tracing policies whose selectors run and whose actions (Sigkill, Signal, "
+        "refusing connect) happen in the kernel; events in Tetragon's schema.",
     ),
     Subcommand(
         "trace",

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from google.protobuf import json_format
 
+from membrane.choices import whole_number
 from membrane.errors import UserError
 from membrane.hubble.flow import flow_pb2
 from membrane.hubble.json_codec import decode, encode
@@ -88,8 +89,8 @@ def make_settings(
 ) -> FlowLogSettings | None:
     """The settings of `--flow-log PATH` and its companions (None: no flow log). Filters
     are also built once, so a value the matcher refuses fails here, naming the flag."""
-    size = _whole(max_size_mb, "flow-log-max-size-mb", 1)
-    backups = _whole(max_backups, "flow-log-max-backups", 0)
+    size = whole_number(max_size_mb, "flow-log-max-size-mb", 1)
+    backups = whole_number(max_backups, "flow-log-max-backups", 0)
     allow = parse_filters(allowlist, "flow-log-allowlist")
     deny = parse_filters(denylist, "flow-log-denylist")
     if not path:
@@ -102,16 +103,6 @@ def make_settings(
     settings = FlowLogSettings(path, size, backups, allow, deny)
     settings_matcher(settings)
     return settings
-
-
-def _whole(value: int | str, option: str, least: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise UserError(option, f"{value!r} is not a whole number") from None
-    if number < least:
-        raise UserError(option, f"{number} is less than {least}")
-    return number
 
 
 def settings_matcher(settings: FlowLogSettings) -> Matcher | None:

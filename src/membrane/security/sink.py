@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from membrane.security.redaction import Redactor
 from membrane.tetragon.tetragon import events_pb2
 
 Event = events_pb2.GetEventsResponse
@@ -43,9 +44,11 @@ class Follower:
 
 class EventStore:
     """The last `capacity` events, the followers, and the exporters (called on the
-    publishing thread with each batch; they must only queue it)."""
+    publishing thread with each batch; they must only queue it). Redaction filters are
+    applied first, so no reader sees what they hide."""
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, redactor: Redactor | None = None) -> None:
+        self.redactor = redactor if redactor else None
         self._events: deque[Event] = deque(maxlen=capacity)
         self._lock = threading.Lock()
         self._followers: list[Follower] = []
@@ -65,6 +68,9 @@ class EventStore:
     def publish(self, events: Sequence[Event]) -> None:
         if not events:
             return
+        if self.redactor is not None:
+            for event in events:
+                self.redactor.event(event)
         with self._lock:
             self._events.extend(events)
             self.published += len(events)
@@ -80,11 +86,13 @@ class EventStore:
             events = list(self._events)
         return events if count is None else events[-count:] if count else []
 
-    def follow(self, loop: asyncio.AbstractEventLoop) -> Follower:
+    def follow(self, loop: asyncio.AbstractEventLoop) -> tuple[list[Event], Follower]:
+        """The events stored now and a follower of every later one: nothing is missed or
+        seen twice between the two."""
         follower = Follower(loop)
         with self._lock:
             self._followers.append(follower)
-        return follower
+            return list(self._events), follower
 
     def unfollow(self, follower: Follower) -> None:
         with self._lock:
