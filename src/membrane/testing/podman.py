@@ -28,7 +28,7 @@ from membrane.cni import install as cni_install
 
 IMAGE = "localhost/membrane-test:latest"
 BUSYBOX = "/bin/busybox"
-APPLETS = ("sh", "true", "sleep", "wget", "nc", "ip", "cat", "echo", "httpd", "ls", "mkdir", "ping")
+APPLETS = ("sh", "true", "sleep", "nc", "ip", "cat", "echo", "httpd", "ls", "mkdir", "ping")
 ULIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096")
 PODMAN_TIMEOUT = 120.0
 
@@ -132,7 +132,9 @@ class PodmanSandbox:
                 info = tarfile.TarInfo(empty)
                 info.type, info.mode = tarfile.DIRTYPE, 0o755
                 tar.addfile(info)
-        self.podman("import", "--change", "CMD=/bin/sh", str(rootfs), IMAGE)
+        self.podman(
+            "import", "--change", "CMD=/bin/sh", "--change", "ENV=PATH=/bin", str(rootfs), IMAGE
+        )
         rootfs.unlink()
         return IMAGE
 
@@ -161,6 +163,8 @@ class PodmanSandbox:
         self.bridges = [*getattr(self, "bridges", []), bridge]
 
     def remove_all(self) -> None:
+        # podman 4.3's `pod rm --time 0` still waits 10 s for a shell that ignores SIGTERM
+        self.podman("pod", "kill", "--all", check=False)
         self.podman("pod", "rm", "--all", "--force", "--time", "0", check=False)
         self.podman("rm", "--all", "--force", "--time", "0", check=False)
 

@@ -1,0 +1,288 @@
+"""Containers that podman makes, networked by Membrane through the CNI: the real podman
+(4.x, CNI backend, runc) calls the installed `membrane-cni` plugin, which asks the real
+agent. Labels come from podman (`--label`, and a Pod's labels with `podman kube play`),
+policies are checked with real connections from inside the containers, and removing
+containers leaves nothing behind.
+
+One agent and one podman sandbox (private storage, CNI config and plugin directories in a
+temporary directory) serve the module; each test removes the containers it made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyroute2 import IPRoute
+
+from membrane import netns
+from membrane.datapath.endpoint_prog import pinned_endpoint_ids
+from membrane.datapath.ipcache import read_ipcache
+from membrane.datapath.nodemaps import NodeMaps
+from membrane.testing.agent import AgentProcess, agent_unusable_reason, running_agent
+from membrane.testing.podman import PodmanSandbox, podman_unusable_reason
+from membrane.testing.waiting import wait_for
+
+pytestmark = pytest.mark.root
+NETWORK = "mbcni"
+# busybox httpd on 80 and 8080, serving "ok"; the container keeps running.
+SERVE = "echo ok > /www/index.html; httpd -p 80 -h /www; httpd -p 8080 -h /www; exec sleep 600"
+RUN_RM_COUNT = 20  # bench/cni_soak.py runs 200 in a row
+
+FRONTEND_BACKEND_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: no-frontend-to-frontend, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: frontend}}
+  enableDefaultDeny: {ingress: false}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: frontend-to-backend-http, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
+
+
+@dataclass
+class Bed:
+    agent: AgentProcess
+    podman: PodmanSandbox
+
+    def serve(self, name: str, *labels: str) -> dict[str, Any]:
+        """A container serving HTTP on 80 and 8080 with `labels`; its endpoint."""
+        args = [a for label in labels for a in ("--label", label)]
+        image = self.podman.build_image()
+        self.podman.run("-d", "--name", name, "--network", NETWORK, *args, image, "sh", "-c", SERVE)
+        wait_for(f"{name} serving", lambda: self.fetch(name, "127.0.0.1", 80, 1))
+        return self.endpoint_of(name)
+
+    def container_id(self, container: str) -> str:
+        return self.podman.podman("inspect", "--format", "{{.Id}}", container).stdout.strip()
+
+    def endpoint_of(self, container: str) -> dict[str, Any]:
+        cid = self.container_id(container)
+        found = [e for e in self.agent.endpoints() if e["container_id"] == cid]
+        assert found, f"no endpoint for container {container} ({cid})"
+        return found[0]
+
+    def fetch(self, container: str, ip: str, port: int, timeout: int = 2) -> bool:
+        """An HTTP GET from inside `container` (busybox nc: the static busybox's wget
+        crashes resolving even an address); whether "ok" came back."""
+        request = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w {timeout} {ip} {port}"
+        done = self.podman.exec(container, "sh", "-c", request)
+        return done.returncode == 0 and done.stdout.rstrip().endswith("\nok")
+
+    def footprint(self) -> dict[str, Any]:
+        """Everything an endpoint occupies: records and addresses, host veths, pinned
+        programs, ipcache and endpoint-map entries, and podman's namespaces."""
+        endpoints = self.agent.endpoints()
+        with netns.inside(self.agent.node_netns), IPRoute() as ipr:
+            veths = sorted(link.get_attr("IFLA_IFNAME") for link in ipr.get_links())
+        with NodeMaps.open(str(self.agent.bpf_dir)) as maps:
+            ipcache = sorted(str(p) for p in read_ipcache(maps))
+            endpoint_map = len(list(maps.endpoints.lookup_batch()))
+        return {
+            "endpoints": sorted(e["name"] for e in endpoints),
+            "addresses": sorted(e["ipv4"] for e in endpoints),
+            "veths": [v for v in veths if v.startswith("mbr")],
+            "pins": sorted(pinned_endpoint_ids(str(self.agent.bpf_dir))),
+            "ipcache": ipcache,
+            "endpoint_map": endpoint_map,
+            "podman_netns": sorted(n for n in netns.names() if n.startswith("netns-")),
+        }
+
+    def plugin(self, command: str, container: str) -> subprocess.CompletedProcess[str]:
+        """Run the installed plugin the way a runtime does (CHECK: podman never does)."""
+        ep = self.endpoint_of(container)
+        conf = json.loads((self.podman.conf_dir / f"{NETWORK}.conflist").read_text())
+        config = {"cniVersion": conf["cniVersion"], "name": NETWORK, **conf["plugins"][0]}
+        env = {
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": ep["container_id"],
+            "CNI_NETNS": ep["netns"],
+            "CNI_IFNAME": "eth0",
+            "CNI_PATH": str(self.podman.bin_dir),
+        }
+        return subprocess.run(
+            [str(self.podman.bin_dir / "membrane-cni")],
+            input=json.dumps(config),
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+
+@pytest.fixture(scope="module")
+def bed_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    reason = agent_unusable_reason() or podman_unusable_reason()
+    if reason:
+        pytest.skip(reason)
+    tag = f"mbc{os.getpid() % 10000}"
+    with (
+        running_agent(tag, tmp_path_factory.mktemp("agent")) as agent,
+        PodmanSandbox.create(tmp_path_factory.mktemp("podman")) as podman,
+    ):
+        podman.build_image()
+        podman.install_membrane(NETWORK, agent.socket)
+        yield Bed(agent, podman)
+
+
+@pytest.fixture
+def bed(bed_module: Bed) -> Iterator[Bed]:
+    """The module's bed, emptied of containers, pods and policies after the test."""
+    yield bed_module
+    if not bed_module.agent.running():
+        bed_module.agent.start()
+    bed_module.podman.remove_all()
+    bed_module.agent.delete_all_policies()
+
+
+def test_labelled_containers_reach_each_other_then_policy_decides(bed: Bed) -> None:
+    before = bed.footprint()
+    front1 = bed.serve("front1", "app=frontend")
+    front2 = bed.serve("front2", "app=frontend")
+    back = bed.serve("back", "app=backend", "tier=api")
+    assert front1["namespace"] == "default" and front1["name"] == "front1"
+    assert front1["labels"] == {"app": "frontend"}
+    assert back["labels"] == {"app": "backend", "tier": "api"}
+    assert front1["identity"] == front2["identity"] != back["identity"]
+    assert "k8s:app=frontend" in front1["identity_labels"]
+    # The container's own view: the address the agent handed out, on eth0.
+    shown = bed.podman.exec("front1", "ip", "-4", "addr", "show", "eth0").stdout
+    assert f"{front1['ipv4']}/32" in shown
+    assert bed.fetch("front1", front2["ipv4"], 80)
+    assert bed.fetch("front1", back["ipv4"], 8080)
+
+    bed.agent.import_policy(FRONTEND_BACKEND_POLICY)
+    assert not bed.fetch("front1", front2["ipv4"], 80, timeout=1)
+    assert bed.fetch("front1", back["ipv4"], 80)
+    assert not bed.fetch("front1", back["ipv4"], 8080, timeout=1)
+    assert bed.fetch("back", front1["ipv4"], 80)  # frontends deny frontends only
+
+    verdict = bed.agent.trace("default/front1", "default/front2", "80")
+    assert verdict["verdict"].lower().startswith("den"), verdict
+    flows = bed.agent.cli("observe", "--all", "-o", "json").stdout.splitlines()
+    drops = [
+        f
+        for f in (json.loads(line).get("flow", {}) for line in flows)
+        if f.get("verdict") == "DROPPED"
+        and f.get("source", {}).get("pod_name") == "front1"
+        and f.get("destination", {}).get("pod_name") == "front2"
+    ]
+    assert drops, "observe shows no drop from front1 to front2"
+
+    bed.podman.remove_all()
+    assert bed.footprint() == before
+
+
+def test_kube_play_pods_follow_a_kubernetes_network_policy(bed: Bed, tmp_path: Path) -> None:
+    image = bed.podman.build_image()
+    pods = [("web", "app: web"), ("client", "role: client"), ("other", "role: other")]
+    yaml = "\n---\n".join(
+        textwrap.dedent(f"""\
+            apiVersion: v1
+            kind: Pod
+            metadata:
+              name: {name}
+              labels: {{{labels}}}
+            spec:
+              containers:
+              - name: main
+                image: {image}
+                command: ["sh", "-c", "{SERVE}"]
+            """)
+        for name, labels in pods
+    )
+    (tmp_path / "pods.yaml").write_text(yaml)
+    bed.podman.podman("kube", "play", "--network", NETWORK, str(tmp_path / "pods.yaml"))
+    endpoints = {e["name"]: e for e in bed.agent.endpoints()}
+    assert endpoints["web"]["labels"] == {"app": "web"}
+    assert endpoints["client"]["labels"] == {"role": "client"}
+    web_ip = endpoints["web"]["ipv4"]
+    wait_for("web serving", lambda: bed.fetch("client-main", web_ip, 80, 1))
+    assert bed.fetch("other-main", web_ip, 80)
+
+    bed.agent.import_policy("""
+        apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata: {name: web-from-clients, namespace: default}
+        spec:
+          podSelector: {matchLabels: {app: web}}
+          ingress:
+          - from: [{podSelector: {matchLabels: {role: client}}}]
+            ports: [{port: 80, protocol: TCP}]
+    """)
+    assert bed.fetch("client-main", web_ip, 80)
+    assert not bed.fetch("client-main", web_ip, 8080, timeout=1)
+    assert not bed.fetch("other-main", web_ip, 80, timeout=1)
+
+
+def test_removed_containers_leave_nothing_behind(bed: Bed) -> None:
+    before = bed.footprint()
+    ep = bed.serve("gone", "app=gone")
+    during = bed.footprint()
+    assert ep["host_ifname"] in during["veths"] and ep["id"] in during["pins"]
+    assert f"{ep['ipv4']}/32" in during["ipcache"]
+    bed.podman.podman("stop", "--time", "0", "gone")
+    bed.podman.podman("rm", "gone")
+    assert bed.footprint() == before
+    image = bed.podman.build_image()
+    for i in range(RUN_RM_COUNT):
+        bed.podman.run("--rm", "--network", NETWORK, "--label", f"run={i}", image, "true")
+    assert bed.footprint() == before
+
+
+def test_enforcement_survives_an_agent_restart_which_adopts_the_containers(bed: Bed) -> None:
+    front = bed.serve("rs-front", "app=frontend")
+    back = bed.serve("rs-back", "app=backend")
+    leaving = bed.serve("rs-leaving", "app=leaving")
+    bed.agent.import_policy(FRONTEND_BACKEND_POLICY)
+    bed.agent.stop()
+    assert bed.fetch("rs-front", back["ipv4"], 80)
+    assert not bed.fetch("rs-front", back["ipv4"], 8080, timeout=1)
+    # Removed while the agent is down: the plugin's DEL succeeds without it.
+    bed.podman.podman("rm", "--force", "--time", "0", "rs-leaving")
+    bed.agent.start()
+    after = {e["name"]: e for e in bed.agent.endpoints()}
+    assert after["rs-front"]["id"] == front["id"] and after["rs-back"]["id"] == back["id"]
+    assert leaving["name"] not in after
+    assert leaving["host_ifname"] not in bed.footprint()["veths"]
+    assert bed.fetch("rs-front", back["ipv4"], 80)
+    assert not bed.fetch("rs-front", back["ipv4"], 8080, timeout=1)
+
+
+def test_add_without_an_agent_fails_with_a_cni_error(bed: Bed) -> None:
+    before = bed.footprint()
+    bed.agent.stop()
+    image = bed.podman.build_image()
+    done = bed.podman.run("--rm", "--network", NETWORK, image, "true", check=False)
+    assert done.returncode != 0
+    assert "membrane agent is not reachable" in done.stderr, done.stderr
+    bed.agent.start()
+    assert bed.footprint() == before
+
+
+def test_check_reports_a_deleted_veth(bed: Bed) -> None:
+    ep = bed.serve("tampered", "app=tampered")
+    ok = bed.plugin("CHECK", "tampered")
+    assert ok.returncode == 0 and ok.stdout == "", ok.stdout + ok.stderr
+    subprocess.run(["ip", "-n", bed.agent.node_netns, "link", "del", ep["host_ifname"]], check=True)
+    broken = bed.plugin("CHECK", "tampered")
+    assert broken.returncode == 1
+    error = json.loads(broken.stdout)
+    assert error["code"] == 102 and ep["host_ifname"] in error["details"], error
