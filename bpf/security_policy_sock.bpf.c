@@ -34,9 +34,12 @@ static __always_inline int check(__u16 family, __u16 port, const __u8 addr[16])
 
 	if (!t)
 		return 1;
-	if (t->family != family || t->port != port ||
-	    __builtin_memcmp(t->addr, addr, 16) != 0)
+	if (t->family != family || t->port != port)
 		return 1;
+	for (int i = 0; i < 16; i++) {
+		if (t->addr[i] != addr[i])
+			return 1;
+	}
 	hook = t->hook_id;
 	bpf_map_delete_elem(&sp_deny, &id);
 	count = bpf_map_lookup_elem(&sp_denied, &hook);

@@ -47,6 +47,8 @@ def policy_event(
     known = cache is not None and fill_process(message, cache, pid, tid)
     if not known:
         _fill_unknown(message.process, pid, tid, int(row["uid"]), bytes(row["comm"]))
+    if not message.process.HasField("pod"):
+        # The namespace at the hook names the pod, whatever the process was at exec.
         pod = pod_of_netns(int(row["netns"])) if pod_of_netns else None
         if pod is not None:
             message.process.pod.CopyFrom(pod.to_proto())

@@ -55,7 +55,8 @@ def parse_document(document: Any, where: str) -> TracingPolicy:
         errors = err.errors()
         # A misspelt field also leaves the right one missing: name the misspelling.
         first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-        raise UserError(f"{where}: " + field_path(first["loc"]), problem(first)) from None
+        path = field_path(first["loc"])
+        raise UserError(f"{where}: {path}" if path else where, problem(first)) from None
 
 
 def field_path(loc: tuple[int | str, ...]) -> str:
@@ -65,7 +66,7 @@ def field_path(loc: tuple[int | str, ...]) -> str:
             text += f"[{part}]"
         elif not part.startswith(("function-", "literal[")):  # pydantic's own steps
             text += f".{part}" if text else str(part)
-    return text or "document"
+    return text
 
 
 def problem(error: Any) -> str:
