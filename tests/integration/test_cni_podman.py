@@ -20,14 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2 import IPRoute
 
-from membrane import netns
-from membrane.datapath.endpoint_prog import pinned_endpoint_ids
-from membrane.datapath.ipcache import read_ipcache
-from membrane.datapath.nodemaps import NodeMaps
 from membrane.testing.agent import AgentProcess, agent_unusable_reason, running_agent
-from membrane.testing.podman import PodmanSandbox, podman_unusable_reason
+from membrane.testing.podman import PodmanSandbox, footprint, podman_unusable_reason
 from membrane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.root
@@ -87,23 +82,7 @@ class Bed:
         return done.returncode == 0 and done.stdout.rstrip().endswith("\nok")
 
     def footprint(self) -> dict[str, Any]:
-        """Everything an endpoint occupies: records and addresses, host veths, pinned
-        programs, ipcache and endpoint-map entries, and podman's namespaces."""
-        endpoints = self.agent.endpoints()
-        with netns.inside(self.agent.node_netns), IPRoute() as ipr:
-            veths = sorted(link.get_attr("IFLA_IFNAME") for link in ipr.get_links())
-        with NodeMaps.open(str(self.agent.bpf_dir)) as maps:
-            ipcache = sorted(str(p) for p in read_ipcache(maps))
-            endpoint_map = len(list(maps.endpoints.lookup_batch()))
-        return {
-            "endpoints": sorted(e["name"] for e in endpoints),
-            "addresses": sorted(e["ipv4"] for e in endpoints),
-            "veths": [v for v in veths if v.startswith("mbr")],
-            "pins": sorted(pinned_endpoint_ids(str(self.agent.bpf_dir))),
-            "ipcache": ipcache,
-            "endpoint_map": endpoint_map,
-            "podman_netns": sorted(n for n in netns.names() if n.startswith("netns-")),
-        }
+        return footprint(self.agent)
 
     def plugin(self, command: str, container: str) -> subprocess.CompletedProcess[str]:
         """Run the installed plugin the way a runtime does (CHECK: podman never does)."""

@@ -23,8 +23,18 @@ import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from pyroute2 import IPRoute
+
+from membrane import netns
 from membrane.cni import install as cni_install
+from membrane.datapath.endpoint_prog import pinned_endpoint_ids
+from membrane.datapath.ipcache import read_ipcache
+from membrane.datapath.nodemaps import NodeMaps
+
+if TYPE_CHECKING:
+    from membrane.testing.agent import AgentProcess
 
 IMAGE = "localhost/membrane-test:latest"
 BUSYBOX = "/bin/busybox"
@@ -150,7 +160,7 @@ class PodmanSandbox:
         plugin = {
             "type": "bridge",
             "bridge": bridge,
-            "isGateway": True,
+            "isGateway": False,  # no address, no forwarding sysctl in the root namespace
             "ipMasq": False,
             "ipam": {
                 "type": "host-local",
@@ -177,3 +187,24 @@ class PodmanSandbox:
         for bridge in getattr(self, "bridges", []):
             subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def footprint(agent: AgentProcess) -> dict[str, Any]:
+    """Everything endpoints occupy on the agent's node: records and addresses, host veths,
+    pinned programs, ipcache and endpoint-map entries, and podman's namespaces. Equal before
+    and after containers come and go: nothing leaked."""
+    endpoints = agent.endpoints()
+    with netns.inside(agent.node_netns), IPRoute() as ipr:
+        links = sorted(link.get_attr("IFLA_IFNAME") for link in ipr.get_links())
+    with NodeMaps.open(str(agent.bpf_dir)) as maps:
+        ipcache = sorted(str(prefix) for prefix in read_ipcache(maps))
+        endpoint_map = len(list(maps.endpoints.lookup_batch()))
+    return {
+        "endpoints": sorted(e["name"] for e in endpoints),
+        "addresses": sorted(e["ipv4"] for e in endpoints),
+        "veths": [name for name in links if name.startswith("mbr")],
+        "pins": sorted(pinned_endpoint_ids(str(agent.bpf_dir))),
+        "ipcache": ipcache,
+        "endpoint_map": endpoint_map,
+        "podman_netns": sorted(n for n in netns.names() if n.startswith("netns-")),
+    }
