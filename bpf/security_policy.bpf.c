@@ -198,6 +198,18 @@ static __always_inline bool int_in(const volatile struct sp_arg_filter *f, __u64
 	return false;
 }
 
+/* Whether a string argument's first bytes differ from the first bytes (`lead`) every
+ * value of filter f starts with: then no value can match, decided on one 8-byte read
+ * instead of reading the string whole and looking it up. */
+static __always_inline bool lead_differs(void *ctx, const volatile struct sp_arg_filter *f)
+{
+	__u64 head = 0, mask = f->lead_len >= 8 ? ~0ULL : (1ULL << (f->lead_len * 8)) - 1;
+
+	if (bpf_probe_read_user(&head, sizeof(head), (const void *)raw_arg(ctx, f->arg)))
+		return false;  /* near the end of a page: decide on the whole string */
+	return ((head ^ f->lead) & mask) != 0;
+}
+
 static __always_inline bool arg_matches(void *ctx, struct sp_scratch *s,
 					const volatile struct sp_arg_filter *f, __u32 *loaded)
 {
@@ -207,6 +219,9 @@ static __always_inline bool arg_matches(void *ctx, struct sp_scratch *s,
 	__u16 port, family;
 	__u8 *addr;
 
+	if (type == SP_ARG_STRING && f->lead_len && !(*loaded & (1u << i)) &&
+	    lead_differs(ctx, f))
+		return f->op == SP_OP_NOT_EQUAL || f->op == SP_OP_NOT_PREFIX;
 	load_arg(ctx, &s->ev, i, loaded);
 	v = s->ev.args[i];
 	if (type == SP_ARG_STRING) {
@@ -346,15 +361,21 @@ static __always_inline bool pids_match(struct task_struct *task, const volatile 
 	return sel->pids_op == SP_SET_IN ? found : !found;
 }
 
-static __always_inline bool binary_matches(struct task_struct *task, const volatile struct sp_selector *sel)
+static __always_inline bool binary_matches(const volatile struct sp_selector *sel)
 {
+	/* BTF pointers from the current task: each hop is a plain load (the verifier makes
+	 * it fault-safe), not a bpf_probe_read_kernel call. */
+	struct task_struct *task = bpf_get_current_task_btf();
 	struct sp_binary_key key = { .binaries_id = sel->binaries_id };
-	struct inode *inode = BPF_CORE_READ(task, mm, exe_file, f_inode);
+	struct mm_struct *mm = task->mm;
+	struct inode *inode = NULL;
 	bool found = false;
 
+	if (mm && mm->exe_file)
+		inode = mm->exe_file->f_inode;
 	if (inode) {
-		key.ino = BPF_CORE_READ(inode, i_ino);
-		key.dev = BPF_CORE_READ(inode, i_sb, s_dev);
+		key.ino = inode->i_ino;
+		key.dev = inode->i_sb->s_dev;
 		found = bpf_map_lookup_elem(&sp_binaries, &key) != NULL;
 	}
 	return sel->binaries_op == SP_SET_IN ? found : !found;
@@ -379,7 +400,18 @@ static __always_inline bool selector_matches(void *ctx, struct sp_scratch *s,
 		if (!caps_match(task, &sel->caps[c]))
 			return false;
 	}
-	if (sel->binaries_op && !binary_matches(task, sel))
+	/* Strings first decided on their first bytes (cheapest), then the binary, then
+	 * arguments in full. */
+	for (int a = 0; a < SP_MAX_ARG_FILTERS; a++) {
+		const volatile struct sp_arg_filter *f = &sel->args[a];
+
+		if (a >= sel->nargs)
+			break;
+		if (f->lead_len && sp_config.args[f->arg].type == SP_ARG_STRING &&
+		    (f->op == SP_OP_EQUAL || f->op == SP_OP_PREFIX) && lead_differs(ctx, f))
+			return false;
+	}
+	if (sel->binaries_op && !binary_matches(sel))
 		return false;
 	for (int a = 0; a < SP_MAX_ARG_FILTERS; a++) {
 		if (a >= sel->nargs)

@@ -83,11 +83,13 @@ struct sp_arg_spec {
 };
 
 struct sp_arg_filter {
-	__u8 arg;      /* index into sp_hook_config.args */
-	__u8 op;       /* enum sp_op */
-	__u8 nvalues;  /* integer values used */
-	__u8 pad;
-	__u32 map_id;  /* key prefix of this filter's strings/addresses in sp_strings */
+	__u8 arg;       /* index into sp_hook_config.args */
+	__u8 op;        /* enum sp_op */
+	__u8 nvalues;   /* integer values used */
+	__u8 lead_len;  /* strings: bytes of `lead` every value starts with (0: none) */
+	__u32 map_id;   /* key prefix of this filter's strings/addresses in sp_strings */
+	__u64 lead;     /* the values' common first bytes: a string that does not start
+			 * with them is decided on 8 bytes, without reading it whole */
 	__u64 values[SP_MAX_VALUES];
 };
 

@@ -379,6 +379,10 @@ def _arg_filter(
         out["map_id"] = map_id
         postfix = "Postfix" in operator
         exact = operator in ("Equal", "NotEqual")
+        if not postfix:
+            lead = _common_prefix([v.encode() + (b"\0" if exact else b"") for v in values])[:8]
+            out["lead_len"] = len(lead)
+            out["lead"] = int.from_bytes(lead.ljust(8, b"\0"), "little")
         for j, v in enumerate(values):
             raw = v.encode()
             if len(raw) >= abi.SP_LPM_STR:
@@ -425,6 +429,15 @@ def _arg_filter(
         _int(v, f"{where}.values[{j}]", low, high) & ((1 << 64) - 1) for j, v in enumerate(values)
     ]
     return _with_values(out, ints, where)
+
+
+def _common_prefix(values: list[bytes]) -> bytes:
+    first = min(values)
+    last = max(values)
+    n = 0
+    while n < len(first) and first[n] == last[n]:
+        n += 1
+    return first[:n]
 
 
 def _with_values(out: dict[str, Any], ints: list[int], where: str) -> dict[str, Any]:
