@@ -1,9 +1,10 @@
 """Installing the CNI plugin: the `membrane-cni` executable in the runtime's plugin
 directories and a network configuration list naming it.
 
-The executable is a launcher of membrane.cni.plugin with this Python, run with -I -S (no
-site-packages, no PYTHON* variables: only the standard library and this package's source
-directory), because the runtime starts it on every container start and stop.
+The executable is a zip application of membrane.cni.plugin and the few modules it imports,
+run with -I -S (no site-packages, no PYTHON* variables: the standard library alone), because
+the runtime starts it on every container start and stop, and because a node's runtime may
+run it outside the agent's container (Kubernetes: `--python` names the node's Python).
 Where runtimes look: podman 4 (containers.conf `cni_plugin_dirs`) searches
 /usr/local/libexec/cni, /usr/libexec/cni, /usr/local/lib/cni, /usr/lib/cni and /opt/cni/bin;
 kubelet's runtimes (containerd, CRI-O) /opt/cni/bin.
@@ -11,10 +12,14 @@ kubelet's runtimes (containerd, CRI-O) /opt/cni/bin.
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
+import marshal
 import os
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 import membrane
@@ -28,16 +33,42 @@ CNI_VERSION = "1.0.0"
 _NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # libcni's rule for names
 
 
-def launcher() -> str:
+# The plugin and the modules it imports: the standard library and these alone.
+PLUGIN_MODULES = (
+    "membrane/__init__.py",
+    "membrane/errors.py",
+    "membrane/api/__init__.py",
+    "membrane/api/client.py",
+    "membrane/cni/__init__.py",
+    "membrane/cni/plugin.py",
+)
+_MAIN = "import sys\nfrom membrane.cni.plugin import main\nsys.exit(main())\n"
+
+
+def plugin_executable(python: str | None = None) -> bytes:
+    """The executable: a zip application (one file, nothing else to install) holding the
+    plugin's modules, as source and as bytecode of this Python, behind a `#!PYTHON -IS`
+    line. Another Python (a node's own, `python`) runs the same file from the source."""
     source = Path(membrane.__file__).resolve().parent.parent
-    return (
-        f"#!{sys.executable} -IS\n"
-        f"# {PLUGIN}: the Membrane CNI plugin (written by `membrane cni install`)\n"
-        "import sys\n"
-        f"sys.path.insert(0, {str(source)!r})\n"
-        "from membrane.cni.plugin import main\n"
-        "sys.exit(main())\n"
-    )
+    buf = io.BytesIO()
+    buf.write(f"#!{python or sys.executable} -IS\n".encode())
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(_fixed("__main__.py"), _MAIN)
+        for name in PLUGIN_MODULES:
+            text = (source / name).read_text()
+            zf.writestr(_fixed(name), text)
+            code = compile(text, name, "exec", dont_inherit=True)
+            # an unchecked hash-based pyc (flags 0b01): used as it is, never recompiled
+            pyc = importlib.util.MAGIC_NUMBER + (0b01).to_bytes(4, "little") + bytes(8)
+            zf.writestr(_fixed(name + "c"), pyc + marshal.dumps(code))
+    return buf.getvalue()
+
+
+def _fixed(name: str) -> zipfile.ZipInfo:
+    """An entry with a fixed date: the same package makes the same file."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.external_attr = 0o644 << 16
+    return info
 
 
 def conf_path(conf_dir: str, name: str) -> Path:
@@ -57,16 +88,16 @@ def check_name(name: str) -> str:
     return name
 
 
-def install_plugin(bin_dirs: tuple[str, ...] | list[str]) -> list[str]:
+def install_plugin(bin_dirs: tuple[str, ...] | list[str], python: str | None = None) -> list[str]:
     """Write the executable into each directory (atomically: a runtime may be running the
     old one); returns the paths."""
-    text = launcher()
+    executable = plugin_executable(python)
     written = []
     for bin_dir in bin_dirs:
         target = Path(bin_dir) / PLUGIN
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{PLUGIN}.tmp")
-        tmp.write_text(text)
+        tmp.write_bytes(executable)
         tmp.chmod(0o755)
         os.replace(tmp, target)
         written.append(str(target))
@@ -79,11 +110,14 @@ def install(
     conf_dir: str = DEFAULT_CONF_DIR,
     bin_dirs: tuple[str, ...] | list[str] = DEFAULT_BIN_DIRS,
     podman_root: str | None = None,
+    python: str | None = None,
 ) -> dict:
     check_name(name)
     if not os.path.isabs(api_socket):
         raise UserError("--api-socket", f"{api_socket!r} is not an absolute path")
-    plugins = install_plugin(bin_dirs)
+    if python is not None and not os.path.isabs(python):
+        raise UserError("--python", f"{python!r} is not an absolute path")
+    plugins = install_plugin(bin_dirs, python)
     conf = conf_path(conf_dir, name)
     conf.parent.mkdir(parents=True, exist_ok=True)
     tmp = conf.with_name(f".{conf.name}.tmp")
