@@ -31,7 +31,7 @@ from membrane.agent.policies import PolicyChange, PolicyKey, PolicyStore
 from membrane.agent.reconcile import DatapathReconciler, Reconciled
 from membrane.agent.snapshot import Snapshot
 from membrane.agent.state import AgentState, EndpointRecord, StateFile
-from membrane.api.models import EndpointCreate, NamespaceLabels
+from membrane.api.models import EndpointCreate, NamespaceLabels, ServiceCreate
 from membrane.datapath.monitor import set_monitor_aggregation
 from membrane.datapath.nodemaps import NodeMapFull, NodeMaps
 from membrane.datapath.upgrade import NodeMapMigration
@@ -39,6 +39,7 @@ from membrane.endpoint.node import NodeInfo, setup_node
 from membrane.errors import NotFound, UserError
 from membrane.policy import RuleTable
 from membrane.policy.rules import policy_subjects
+from membrane.service.manager import ServiceManager, start_services
 
 log = logging.getLogger("membrane.agent")
 
@@ -60,6 +61,7 @@ class Agent:
     datapath: DatapathReconciler
     policy_notes: PolicyNotes
     snapshot: Snapshot  # replaced at the end of every change; read by other threads
+    services: ServiceManager | None = None  # Kubernetes services (membrane.service)
 
     # ---- start and stop ------------------------------------------------------------------
     @classmethod
@@ -116,6 +118,7 @@ class Agent:
             ),
         )
         agent._save()
+        agent.services = start_services(config, lambda: agent.state.endpoints.values())
         log.info(
             "agent started",
             extra={
@@ -133,6 +136,8 @@ class Agent:
     def stop(self) -> None:
         """Leave everything enforcing; only our own handles go."""
         self._save()
+        if self.services is not None:
+            self.services.close()
         self.datapath.close()
         self.maps.close()
 
@@ -152,6 +157,7 @@ class Agent:
             "endpoint added",
             extra={"fields": {"endpoint": ep.key, "id": ep.id, "ipv4": ep.ipv4, "ipv6": ep.ipv6}},
         )
+        self._follow_endpoints()
         return self.state.endpoints[ep.id]
 
     @memory.one_change
@@ -165,6 +171,7 @@ class Agent:
         self._reconcile(lambda: self.state.endpoints.__setitem__(ep.id, record))
         self._remove(ep)
         log.info("endpoint deleted", extra={"fields": {"endpoint": ep.key, "id": ep.id}})
+        self._follow_endpoints()
         return ep
 
     # ---- namespaces ----------------------------------------------------------------------
@@ -228,6 +235,34 @@ class Agent:
             "enforced_in_seconds": elapsed,
             "warnings": warnings,
         }
+
+    # ---- services ------------------------------------------------------------------------
+    def _services(self) -> ServiceManager:
+        if self.services is None:
+            raise RuntimeError("services have not started")
+        return self.services
+
+    @memory.one_change
+    def import_services(self, text: str) -> dict[str, Any]:
+        return self._services().import_yaml(text)
+
+    @memory.one_change
+    def add_service(self, req: ServiceCreate) -> dict[str, Any]:
+        return self._services().add(*req.records())
+
+    @memory.one_change
+    def delete_service(self, namespace: str, name: str) -> dict[str, Any]:
+        return self._services().delete(namespace, name)
+
+    def _follow_endpoints(self) -> None:
+        """Selector-based services take the endpoints that came or went (and every
+        service's local backends change with them)."""
+        if self.services is None:
+            return
+        try:
+            self.services.sync()
+        except Exception:
+            log.exception("services could not follow the endpoint change")
 
     # ---- housekeeping --------------------------------------------------------------------
     def gc_conntrack(self) -> int:

@@ -27,6 +27,10 @@ CIDR_MATCH_MODES = ("world", "all")
 DEFAULT_ALLOW_LOCALHOST = "always"
 DEFAULT_POLICY_MAP_MAX = 1 << 20  # POLICY_MAX_ENTRIES in bpf/lib/policy.h
 DEFAULT_HUBBLE_BUFFER_SIZE = 4095  # Hubble's default ring: 2^12 - 1 flows
+DEFAULT_SERVICE_CIDR = "198.19.128.0/17"  # ClusterIPs
+DEFAULT_SERVICE_CIDR_V6 = "2001:db8:2::/112"
+LB_ALGORITHMS = ("random", "maglev")
+_DEFAULT_SERVICE_NETWORK = IPv4Network(DEFAULT_SERVICE_CIDR)
 MAX_MAP_ENTRIES = 0xFFFFFFFF  # the kernel's max_entries is 32 bits
 _NETNS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 
@@ -56,6 +60,10 @@ class AgentConfig:
     flow_log: FlowLogSettings | None = None  # --flow-log and its companions
     kernel_drops: bool = True  # flows of packets the kernel drops (membrane.agent.kernel_drops)
     security: SecuritySettings | None = None  # runtime security options; None: the defaults
+    service_cidr: IPv4Network = _DEFAULT_SERVICE_NETWORK  # ClusterIPs
+    service_cidr_v6: IPv6Network | None = None  # dual-stack ClusterIPs (None: IPv4-only)
+    lb_algorithm: str = "random"  # services without the lb-algorithm annotation
+    maglev_table_size: int = 16381  # entries of a Maglev service's table (prime)
     cgroup_root: str = ""  # cgroup v2 directory the cgroup hooks attach to; "": none
 
     @property
@@ -110,6 +118,10 @@ def make_config(
     flow_log_allowlist: str = "",
     flow_log_denylist: str = "",
     kernel_drops: bool | str = True,
+    service_cidr: str = DEFAULT_SERVICE_CIDR,
+    service_cidr_v6: str = DEFAULT_SERVICE_CIDR_V6,
+    lb_algorithm: str = "random",
+    maglev_table_size: int | str = 16381,
     cgroup_root: str = "",
 ) -> AgentConfig:
     from membrane.metrics.address import parse_listen_address
@@ -165,6 +177,11 @@ def make_config(
             flow_log_allowlist,
             flow_log_denylist,
         )
+    services = _service_plan(
+        service_cidr, service_cidr_v6 if dual_stack else None, (cidr, cidr6), (node, node6)
+    )
+    if lb_algorithm not in LB_ALGORITHMS:
+        raise UserError("bpf-lb-algorithm", f"{lb_algorithm!r} is not one of random, maglev")
     return AgentConfig(
         state_dir=Path(state_dir),
         api_socket=api_socket,
@@ -187,6 +204,10 @@ def make_config(
         hubble_buffer_size=buffer_size,
         flow_log=flow_log_settings,
         kernel_drops=_parse_bool(kernel_drops, "kernel-drops"),
+        service_cidr=services[0],  # type: ignore[arg-type]
+        service_cidr_v6=services[1],  # type: ignore[arg-type]
+        lb_algorithm=lb_algorithm,
+        maglev_table_size=_maglev_size(maglev_table_size),
         cgroup_root=_cgroup_dir(cgroup_root),
     )
 
@@ -200,6 +221,50 @@ def _cgroup_dir(path: str) -> str:
     ):
         raise UserError("cgroup-root", f"{path} is not a cgroup v2 directory")
     return os.path.abspath(path)
+
+
+def _service_plan(
+    v4: str,
+    v6: str | None,
+    pod_cidrs: tuple[IPv4Network | IPv6Network | None, ...],
+    nodes: tuple[IPv4Address | IPv6Address | None, ...],
+) -> tuple[IPv4Network | IPv6Network | None, ...]:
+    """--service-cidr (and --service-cidr-v6 on dual-stack nodes): apart from the pods and
+    the node."""
+    found: list[IPv4Network | IPv6Network | None] = []
+    for text, version, option in ((v4, 4, "service-cidr"), (v6, 6, "service-cidr-v6")):
+        if text is None:
+            found.append(None)
+            continue
+        try:
+            cidr = IPv4Network(text) if version == 4 else IPv6Network(text)
+        except ValueError as err:
+            raise UserError(option, f"{text!r} is not an IPv{version} CIDR ({err})") from None
+        if cidr.num_addresses < 4:
+            raise UserError(option, f"{cidr} is too small for ClusterIPs")
+        for pods in pod_cidrs:
+            if pods is not None and pods.version == version and cidr.overlaps(pods):
+                raise UserError(option, f"{cidr} overlaps the pod CIDR {pods}")
+        for node in nodes:
+            if node is not None and node in cidr:
+                raise UserError(option, f"{cidr} holds the node's address {node}")
+        found.append(cidr)
+    return tuple(found)
+
+
+def _maglev_size(value: int | str) -> int:
+    from membrane.lb.maglev import MAX_SIZE, is_prime
+
+    try:
+        size = int(value)
+    except ValueError:
+        raise UserError("bpf-lb-maglev-table-size", f"{value!r} is not a whole number") from None
+    if not is_prime(size) or not 2 < size <= MAX_SIZE:
+        raise UserError(
+            "bpf-lb-maglev-table-size",
+            f"{size} is not a prime between 3 and {MAX_SIZE} (Cilium's default: 16381)",
+        )
+    return size
 
 
 def _parse_bool(value: bool | str, option: str) -> bool:

@@ -14,6 +14,8 @@ from membrane.agent.config import (
     DEFAULT_POD_CIDR,
     DEFAULT_POD_CIDR_V6,
     DEFAULT_POLICY_MAP_MAX,
+    DEFAULT_SERVICE_CIDR,
+    DEFAULT_SERVICE_CIDR_V6,
     DEFAULT_STATE_DIR,
     make_config,
 )
@@ -243,6 +245,26 @@ def run(
         '"redact" regexes in process arguments becomes *****, optionally only for '
         '"binary_regex" binaries.',
     ),
+    service_cidr: str = typer.Option(
+        DEFAULT_SERVICE_CIDR, "--service-cidr", help="ClusterIPs of services (IPv4)."
+    ),
+    service_cidr_v6: str = typer.Option(
+        DEFAULT_SERVICE_CIDR_V6,
+        "--service-cidr-v6",
+        help="IPv6 ClusterIPs of services (with --ipv6=true).",
+    ),
+    bpf_lb_algorithm: str = typer.Option(
+        "random",
+        "--bpf-lb-algorithm",
+        help="How services pick a backend unless their service.cilium.io/lb-algorithm "
+        "annotation says: random or maglev (consistent hashing).",
+    ),
+    bpf_lb_maglev_table_size: str = typer.Option(
+        "16381",
+        "--bpf-lb-maglev-table-size",
+        help="Entries of each Maglev service's table: a prime (Cilium's default 16381); "
+        "more entries spread weights more evenly.",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run the agent in the foreground (structured logs on stderr). SIGTERM stops it and
@@ -281,6 +303,10 @@ def run(
         prometheus_serve_addr=prometheus_serve_addr,
         hubble_metrics_server=hubble_metrics_server,
         kernel_drops=kernel_drops,
+        service_cidr=service_cidr,
+        service_cidr_v6=service_cidr_v6,
+        lb_algorithm=bpf_lb_algorithm,
+        maglev_table_size=bpf_lb_maglev_table_size,
         cgroup_root=cgroup_root,
     )
     security = make_security_settings(

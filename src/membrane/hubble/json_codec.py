@@ -8,6 +8,8 @@ flows). This codec plans each message type once (JSON key -> field, kind, enum n
 handles only the kinds our protos use (scalars, enums, messages, repeated fields, Timestamp
 and the wrapper types); it falls back to `json_format` for anything else, so the result is
 always what protobuf gives (tests/unit/test_json_codec.py checks them against each other).
+`json_format` itself is imported only for such a fallback (`membrane observe -o json`
+starts without it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import calendar
 from collections.abc import Callable
 from typing import Any
 
-from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
@@ -73,6 +74,8 @@ def encode(message: Message) -> dict[str, Any]:
     try:
         return _dict_of(message)
     except _Unplanned:
+        from google.protobuf import json_format
+
         return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
@@ -141,6 +144,8 @@ def decode(obj: dict[str, Any], message: Message) -> Message:
     try:
         _fill(obj, message)
     except (_Unplanned, TypeError, ValueError, KeyError, AttributeError):
+        from google.protobuf import json_format
+
         message.Clear()
         json_format.ParseDict(obj, message)
     return message

@@ -16,6 +16,8 @@
 
 Values are checked here, each against the flag that gave it, with the same checks the agent
 applies (observe.flowfilter), so a bad value is reported by its flag before anything is sent.
+Those checks (and the label model they use) are imported when a filter flag is given: a
+plain `membrane observe --last 20` starts without them.
 """
 
 from __future__ import annotations
@@ -25,11 +27,10 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import TYPE_CHECKING
 
 from membrane.errors import UserError
-from membrane.identity.labels import RESERVED_NAMES
-from membrane.observe.flowfilter import FlowMatcher, compile_filter
 
 if TYPE_CHECKING:  # protobuf is imported where it is used: `observe --help` stays quick
     from google.protobuf.timestamp_pb2 import Timestamp
@@ -86,7 +87,6 @@ AGENT_SUBTYPES = {
     "service-deleted": 12,
 }
 SUBTYPE_NAMES = {MESSAGE_TYPES["trace"]: TRACE_POINTS, MESSAGE_TYPES["agent"]: AGENT_SUBTYPES}
-RESERVED_IDENTITIES = {name: number for number, name in RESERVED_NAMES.items()}
 TCP_FLAGS = ("SYN", "FIN", "RST", "PSH", "ACK", "URG", "ECE", "CWR", "NS")
 IP_VERSIONS = {
     **dict.fromkeys(("4", "v4", "ipv4", "ip4"), 1),  # flow.IPVersion IPv4
@@ -217,14 +217,23 @@ def parse_ip_version(value: str, flag: str) -> int:
         raise UserError(flag, f"{value!r} is not an IP version (v4, v6 or none)") from None
 
 
+@cache
+def reserved_identities() -> dict[str, int]:
+    """Reserved identities by name (`world`: 2)."""
+    from membrane.identity.labels import RESERVED_NAMES
+
+    return {name: number for number, name in RESERVED_NAMES.items()}
+
+
 def parse_identity(value: str, flag: str) -> int:
     """A number or a reserved identity's name (`world`, `host`, `reserved:world`)."""
     name = value.removeprefix("reserved:")
-    if name in RESERVED_IDENTITIES:
-        return RESERVED_IDENTITIES[name]
+    reserved = reserved_identities()
+    if name in reserved:
+        return reserved[name]
     if value.isdigit() and int(value) < 1 << 32:
         return int(value)
-    names = ", ".join(RESERVED_IDENTITIES)
+    names = ", ".join(reserved)
     raise UserError(flag, f"{value!r} is not an identity (a number, or one of {names})")
 
 
@@ -463,6 +472,10 @@ class FlowFilterOptions:
         if self._negate_next:
             raise UserError("--not", "comes last: it must be followed by a filter flag")
         whitelist, blacklist = self._whitelist.filters(), self._blacklist.filters()
+        if not whitelist and not blacklist:  # nothing to check: the checks stay unimported
+            return whitelist, blacklist
+        from membrane.observe.flowfilter import FlowMatcher
+
         try:
             FlowMatcher.build(whitelist, blacklist)
         except UserError as err:  # e.g. a namespace turned a pod name into a bad one
@@ -550,6 +563,7 @@ def _append(ff: flow_pb2.FlowFilter, field_name: str, item: object) -> None:
 def _check_value(field_name: str, value: str, option: str) -> None:
     """The agent's check of one value, reported by the flag that gave it."""
     from membrane.hubble.flow import flow_pb2
+    from membrane.observe.flowfilter import compile_filter
 
     try:
         compile_filter(flow_pb2.FlowFilter(**{field_name: [value]}))
@@ -671,6 +685,8 @@ def flows_request(
     whitelist += parse_raw_filters(allowlist, "--allowlist")
     blacklist += parse_raw_filters(denylist, "--denylist")
     if allowlist or denylist:
+        from membrane.observe.flowfilter import FlowMatcher
+
         try:
             FlowMatcher.build(whitelist, blacklist)
         except UserError as err:

@@ -10,6 +10,10 @@ that speaks Hubble's flow API. A compact line reads left to right as what happen
 
 With `print_policy_names`, the policies that decided follow the verdict
 ("ALLOWED by CiliumNetworkPolicy y/allow-web").
+
+Printing needs only the generated flow and observer modules: the agent's flow records
+(observe.record, with the datapath's numbers) are imported for a drop's text alone, and the
+JSON encoder for `json` alone, so a compact `membrane observe` starts without them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from typing import Any
 
 from membrane.hubble.flow import flow_pb2
 from membrane.hubble.observer import observer_pb2
-from membrane.observe.record import DROP_TEXTS, POLICY_MATCH_NAMES, response_dict
 
 FORMATS = ("compact", "json", "dict", "table")
 TABLE_COLUMNS = ["TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"]
@@ -33,6 +36,8 @@ FIRST_ENDPOINT_IDENTITY = 256  # identities below are reserved (world, host, ...
 MESSAGE_TYPE_DROP, MESSAGE_TYPE_TRACE, MESSAGE_TYPE_POLICY_VERDICT = 1, 4, 5
 POLICY_VERDICTS = {flow_pb2.FORWARDED: "ALLOWED", flow_pb2.DROPPED: "DENIED"}
 POLICY_VERDICTS[flow_pb2.AUDIT] = "AUDITED"
+# Hubble's names of a policy verdict's policy_match_type (the numbers observe.record sets)
+POLICY_MATCH_NAMES = {0: "none", 1: "L3-Only", 2: "L3-L4", 3: "L4-Only", 4: "all"}
 
 Response = observer_pb2.GetFlowsResponse
 
@@ -46,7 +51,10 @@ def parse_response(item: dict[str, Any]) -> Response:
 
 
 def json_line(response: Response) -> str:
-    return json.dumps(response_dict(response), separators=(",", ":"))
+    """One line of `-o json`: protobuf JSON with proto field names (hubble.json_codec)."""
+    from membrane.hubble.json_codec import encode
+
+    return json.dumps(encode(response), separators=(",", ":"))
 
 
 # ---- parts of a line --------------------------------------------------------------------
@@ -81,6 +89,8 @@ def _port(flow: flow_pb2.Flow, side: str) -> int | None:
 
 
 def drop_text(flow: flow_pb2.Flow) -> str:
+    from membrane.observe.record import DROP_TEXTS
+
     name = flow_pb2.DropReason.Name(flow.drop_reason_desc)
     return DROP_TEXTS.get(name) or name
 

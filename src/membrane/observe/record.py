@@ -58,7 +58,6 @@ TRACE_REASONS = {
 }
 POLICY_MATCH_NONE, POLICY_MATCH_L3_ONLY, POLICY_MATCH_L3_L4 = 0, 1, 2
 POLICY_MATCH_L4_ONLY, POLICY_MATCH_ALL = 3, 4
-POLICY_MATCH_NAMES = {0: "none", 1: "L3-Only", 2: "L3-L4", 3: "L4-Only", 4: "all"}
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace="
 POLICY_LABEL_PREFIX = "io.cilium.k8s.policy."
 
