@@ -14,6 +14,7 @@ import typer.main
 from typer.core import TyperCommand, TyperGroup
 
 from membrane.cli.commands import BY_NAME, SUBCOMMANDS
+from membrane.cli.entry import importing_for_good
 
 Command = TyperCommand | TyperGroup
 
@@ -21,8 +22,9 @@ Command = TyperCommand | TyperGroup
 @functools.cache
 def load(name: str) -> Command:
     """The real command of subcommand `name`: its module imported, its typer app built."""
-    app = importlib.import_module(BY_NAME[name].module).app
-    command = typer.main.get_command(app)
+    with importing_for_good():
+        app = importlib.import_module(BY_NAME[name].module).app
+        command = typer.main.get_command(app)
     command.name = name
     return command
 

@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperCommand
 
 from membrane.cli.commands import help_of, typer_app
+from membrane.cli.entry import importing_for_good
 from membrane.observe.filter_options import FILTER_FLAGS, FilterFlag
 
 ORDER_KEY = "membrane.observe.flag_order"
@@ -129,9 +130,11 @@ def observe(
     ),
     **filters: Any,
 ) -> None:
-    from membrane.choices import check_choice
-    from membrane.observe.filter_options import flows_request, raw_filters_yaml
-    from membrane.observe.format import FORMATS
+    with importing_for_good():  # the protobuf modules above all (see entry.py)
+        from membrane.choices import check_choice
+        from membrane.hubble.client import ObserverClient, default_server
+        from membrane.observe.filter_options import flows_request, raw_filters_yaml
+        from membrane.observe.format import FORMATS, FlowPrinter
 
     output = check_choice(output, FORMATS, "--output")
     request = flows_request(
@@ -148,9 +151,6 @@ def observe(
     if print_raw_filters:
         typer.echo(raw_filters_yaml(request), nl=False)
         return
-
-    from membrane.hubble.client import ObserverClient, default_server
-    from membrane.observe.format import FlowPrinter
 
     printer = FlowPrinter(output, follow, print_policy_names)
     # Ctrl-C ends a follow quietly, while it waits on the socket (the client) or while a
