@@ -128,3 +128,33 @@ def parse_body(model: type[BaseModel], body: Any) -> Any:
         field = ".".join(str(p) for p in first["loc"]) or "body"
         msg = first["msg"].removeprefix("Value error, ")
         raise UserError(field, msg) from None
+
+
+class ServiceBackend(_Strict):
+    address: str
+    port: int | None = Field(None, ge=1, le=65535, description="default: the targetPort")
+    weight: int = Field(1, ge=1, le=65535, description="share of a Maglev table")
+    state: Literal["active", "terminating", "maintenance"] = "active"
+
+
+class ServiceCreate(_Strict):
+    """`membrane service add`: a Service as its Kubernetes spec, and backends by hand (one
+    port services) instead of EndpointSlices or a selector."""
+
+    namespace: str = "default"
+    name: str
+    spec: dict[str, Any] = Field(description="a Kubernetes ServiceSpec")
+    annotations: dict[str, str] = Field(default_factory=dict)
+    backends: list[ServiceBackend] = Field(default_factory=list)
+
+    def records(self) -> tuple[Any, Any]:
+        """(ServiceRecord, EndpointSliceRecord or None), checked as an imported Service."""
+        from membrane.service.kubernetes import hand_written
+
+        return hand_written(
+            self.namespace,
+            self.name,
+            self.spec,
+            self.annotations,
+            [b.model_dump() for b in self.backends],
+        )

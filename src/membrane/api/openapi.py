@@ -11,7 +11,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from membrane.api.models import EndpointCreate, NamespaceLabels, PolicyImport, TraceRequest
+from membrane.api.models import (
+    EndpointCreate,
+    NamespaceLabels,
+    PolicyImport,
+    ServiceCreate,
+    TraceRequest,
+)
 
 _ERROR = {
     "type": "object",
@@ -196,6 +202,36 @@ def openapi_document() -> dict[str, Any]:
                 "requestBody": _body(TraceRequest),
                 "responses": {"200": _json({"type": "object"}), **_errors(400, 404)},
             }
+        },
+        "/v1/services": {
+            "get": {
+                "summary": "Services: ClusterIPs, NodePorts, frontends and backends",
+                "responses": {"200": _json({"type": "object"})},
+            },
+            "post": {
+                "summary": "Add a Service (its Kubernetes spec) with backends given by hand",
+                "requestBody": _body(ServiceCreate),
+                "responses": {"201": _json({"type": "object"}, "created"), **_errors(400, 500)},
+            },
+        },
+        "/v1/services/import": {
+            "post": {
+                "summary": "Import Kubernetes Service and EndpointSlice YAML (yaml: the text)",
+                "requestBody": _body(PolicyImport),
+                "responses": {"200": _json({"type": "object"}), **_errors(400, 500)},
+            }
+        },
+        "/v1/services/{namespace}/{name}": {
+            "get": {
+                "summary": "One service",
+                "parameters": _NS_NAME,
+                "responses": {"200": _json({"type": "object"}), **_errors(404)},
+            },
+            "delete": {
+                "summary": "Delete a service (and its EndpointSlices)",
+                "parameters": _NS_NAME,
+                "responses": {"200": _json({"type": "object"}), **_errors(404, 500)},
+            },
         },
         "/v1/security/status": {
             "get": {

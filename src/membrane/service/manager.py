@@ -1,0 +1,260 @@
+"""The agent's services: records as imported or added, kept in --state-dir/services.json,
+brought into the service maps after every change (and after every endpoint change, so
+selector-based Services follow their pods).
+
+A change is checked whole before anything is written (bad input and map capacity raise
+UserError); a change whose map writes fail part of the way is undone by bringing the maps
+back to the records in force.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from membrane.agent.state import EndpointRecord, _write_atomically
+from membrane.errors import NotFound, UserError
+from membrane.service.allocate import Allocator, Network, allocate
+from membrane.service.maps import ServiceIds, ServiceMaps
+from membrane.service.model import EndpointSliceRecord, ServiceRecord
+from membrane.service.plan import NodeView, Plan, key_text, plan
+from membrane.service.views import service_view
+
+if TYPE_CHECKING:
+    from membrane.agent.config import AgentConfig
+    from membrane.service.socklb import SocketLb
+
+log = logging.getLogger("membrane.service")
+STORE_VERSION = 1
+Services = dict[tuple[str, str], ServiceRecord]
+Slices = dict[tuple[str, str], EndpointSliceRecord]
+PRESSURE_WARNING = 0.9
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    cidrs: dict[int, Network]  # family -> service CIDR
+    pod_cidrs: tuple[Network, ...]  # where backends must be
+    default_algorithm: str = "random"
+
+
+class ServiceStore:
+    """services.json: Services, EndpointSlices and the ids the maps use."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / "services.json"
+
+    def load(self) -> tuple[Services, Slices, ServiceIds]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}, {}, ServiceIds.from_json(None)
+        if data.get("version") != STORE_VERSION:
+            raise ValueError(f"{self.path}: unknown version {data.get('version')!r}")
+        services = [ServiceRecord.from_json(s) for s in data.get("services", [])]
+        slices = [EndpointSliceRecord.from_json(s) for s in data.get("slices", [])]
+        return (
+            {s.key: s for s in services},
+            {s.key: s for s in slices},
+            ServiceIds.from_json(data.get("ids")),
+        )
+
+    def save(
+        self,
+        services: Iterable[ServiceRecord],
+        slices: Iterable[EndpointSliceRecord],
+        ids: ServiceIds,
+    ) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(
+            self.path,
+            {
+                "version": STORE_VERSION,
+                "services": [s.to_json() for s in services],
+                "slices": [s.to_json() for s in slices],
+                "ids": ids.to_json(),
+            },
+        )
+
+
+class ServiceManager:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        store: ServiceStore,
+        socket_lb: SocketLb,
+        node_view: Callable[[], NodeView],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.socket_lb = socket_lb
+        self.maps: ServiceMaps = socket_lb.maps
+        self.node_view = node_view
+        self.services, self.slices, self.ids = store.load()
+        self.plan = Plan()
+        self.views: dict[tuple[str, str], dict[str, Any]] = {}  # replaced whole: readers
+
+    # ---- changes -----------------------------------------------------------------------
+    def sync(self) -> None:
+        """Bring the maps to the records (start-up, and after endpoints changed)."""
+        self._apply(self.services, self.slices)
+
+    def import_yaml(self, text: str) -> dict[str, Any]:
+        from membrane.service.kubernetes import parse_documents
+
+        services, slices = parse_documents(text)
+        new_services = dict(self.services)
+        new_slices = dict(self.slices)
+        pool = Allocator(self.services.values(), self.settings.cidrs)
+        for svc in services:
+            previous = self.services.get(svc.key)
+            if previous is not None:
+                pool.release(previous)
+            new_services[svc.key] = self._checked(allocate(svc, previous, pool))
+        for eps in slices:
+            self._check_backends(eps)
+            new_slices[eps.key] = eps
+        self._apply(new_services, new_slices)
+        return {
+            "services": [self.views[s.key] for s in services],
+            "endpoint_slices": [f"{s.namespace}/{s.name}" for s in slices],
+            "warnings": self._pressure_warnings(),
+        }
+
+    def add(self, svc: ServiceRecord, backends: EndpointSliceRecord | None) -> dict[str, Any]:
+        """`membrane service add`: a Service and, when given, its hand-written backends."""
+        previous = self.services.get(svc.key)
+        if previous is not None:
+            raise UserError("service", f"{svc.ref} exists already (delete it, or import YAML)")
+        pool = Allocator(self.services.values(), self.settings.cidrs)
+        new_services = {**self.services, svc.key: self._checked(allocate(svc, None, pool))}
+        new_slices = dict(self.slices)
+        if backends is not None:
+            self._check_backends(backends)
+            new_slices[backends.key] = backends
+        self._apply(new_services, new_slices)
+        return self.views[svc.key]
+
+    def delete(self, namespace: str, name: str) -> dict[str, Any]:
+        key = (namespace, name)
+        if key not in self.services:
+            raise NotFound("service", f"{namespace}/{name} does not exist")
+        view = self.views[key]
+        new_services = {k: v for k, v in self.services.items() if k != key}
+        # its EndpointSlices go with it (Kubernetes' garbage collector does the same)
+        new_slices = {k: s for k, s in self.slices.items() if (s.namespace, s.service) != key}
+        self._apply(new_services, new_slices)
+        return view
+
+    def _apply(
+        self,
+        services: Services,
+        slices: Slices,
+    ) -> None:
+        node = self.node_view()
+        new_plan = plan(services.values(), slices.values(), node)
+        if services:
+            self.socket_lb.attach()  # once; a node without services has no hooks
+        try:
+            ids = self.maps.apply(new_plan, self.ids)
+        except UserError:
+            raise  # refused before any write
+        except BaseException:
+            log.exception("service map write failed; restoring the services in force")
+            try:
+                self.ids = self.maps.apply(self.plan, self.ids)
+            except Exception:
+                log.exception("the service maps could not be restored")
+            raise
+        self.services, self.slices, self.ids, self.plan = services, slices, ids, new_plan
+        self.store.save(services.values(), slices.values(), ids)
+        self.views = {
+            key: service_view(svc, new_plan, ids, node) for key, svc in sorted(services.items())
+        }
+
+    # ---- checks ------------------------------------------------------------------------
+    def _checked(self, svc: ServiceRecord) -> ServiceRecord:
+        where = f"Service {svc.ref}: spec"
+        for i, ip in enumerate(svc.external_ips):
+            address = ipaddress.ip_address(ip)
+            if any(address in cidr for cidr in self.settings.cidrs.values()):
+                raise UserError(f"{where}.externalIPs[{i}]", f"{ip} is inside the service CIDR")
+            if address.is_loopback or address.is_multicast or address.is_unspecified:
+                raise UserError(f"{where}.externalIPs[{i}]", f"{ip} is not a unicast address")
+        if svc.algorithm == "random" and "service.cilium.io/lb-algorithm" not in svc.annotations:
+            svc = replace(svc, algorithm=self.settings.default_algorithm)
+        return svc
+
+    def _check_backends(self, eps: EndpointSliceRecord) -> None:
+        where = f"EndpointSlice {eps.namespace}/{eps.name}: endpoints"
+        for i, ep in enumerate(eps.endpoints):
+            for j, text in enumerate(ep.addresses):
+                address = ipaddress.ip_address(text)
+                if not any(
+                    address.version == c.version and address in c for c in self.settings.pod_cidrs
+                ):
+                    cidrs = ", ".join(str(c) for c in self.settings.pod_cidrs)
+                    raise UserError(
+                        f"{where}[{i}].addresses[{j}]",
+                        f"{text} is not a pod address (outside {cidrs})",
+                    )
+
+    def _pressure_warnings(self) -> list[str]:
+        warnings = []
+        counts = {
+            "svc_frontends": len(self.plan.frontends),
+            "svc_backends": len(self.plan.backends()),
+            "svc_slots": sum(len(s.active) for s in self.plan.sets.values()),
+        }
+        for name, count in counts.items():
+            size = self.maps.maps()[name].max_entries
+            if count > PRESSURE_WARNING * size:
+                warnings.append(f"{name} is {count / size:.0%} full ({count:,} of {size:,})")
+        return warnings
+
+    def close(self) -> None:
+        self.socket_lb.close()
+
+    # ---- reading -----------------------------------------------------------------------
+    def list_views(self) -> list[dict[str, Any]]:
+        return list(self.views.values())
+
+    def view(self, namespace: str, name: str) -> dict[str, Any]:
+        found = self.views.get((namespace, name))
+        if found is None:
+            raise NotFound("service", f"{namespace}/{name} does not exist")
+        return found
+
+    def set_id(self, key: tuple[Any, ...]) -> int | None:
+        return self.ids.sets.get(key_text(key))
+
+
+def start_services(
+    config: AgentConfig, endpoints: Callable[[], Iterable[EndpointRecord]]
+) -> ServiceManager:
+    """The agent's services: the maps created or adopted, the socket LB adopted (or attached
+    once there is a service), the recorded services brought into the maps."""
+    from membrane.service.socklb import SocketLb
+
+    cidrs: dict[int, Network] = {4: config.service_cidr}
+    pod_cidrs: list[Network] = [config.pod_cidr]
+    node_addresses = {4: (str(config.node_ip),)}
+    if config.service_cidr_v6 is not None and config.pod_cidr_v6 is not None:
+        cidrs[6] = config.service_cidr_v6
+        pod_cidrs.append(config.pod_cidr_v6)
+        node_addresses[6] = (str(config.node_ipv6),)
+    families = tuple(sorted(cidrs))
+    socket_lb = SocketLb.start(config.bpf_dir, config.cgroup_root, families)
+    settings = ServiceSettings(cidrs, tuple(pod_cidrs), config.lb_algorithm)
+
+    def node_view() -> NodeView:
+        return NodeView(tuple(endpoints()), node_addresses, config.maglev_table_size)
+
+    manager = ServiceManager(settings, ServiceStore(config.state_dir), socket_lb, node_view)
+    manager.sync()
+    return manager

@@ -1,0 +1,355 @@
+"""Services through the real agent: Kubernetes YAML in, real TCP and UDP connections from
+pods and from the node to ClusterIPs (socket LB in a test cgroup, never the root one),
+selector-based services following their pods, backends changing under continuous
+connects, policy applied after translation, and restart survival."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from membrane.testing.agent import agent_unusable_reason
+from membrane.testing.cluster import Cluster, running_cluster, unique_tag
+from membrane.testing.pods import Pod
+from membrane.testing.services import (
+    connect_many,
+    finish,
+    name_server,
+    service_cgroup,
+    start_connecting,
+    stop_all,
+)
+
+WEB = textwrap.dedent("""
+    apiVersion: v1
+    kind: Service
+    metadata:
+      name: web
+      namespace: shop
+    spec:
+      ipFamilyPolicy: PreferDualStack
+      selector:
+        app: web
+      ports:
+      - name: http
+        port: 80
+        targetPort: http
+      - name: dns
+        port: 53
+        protocol: UDP
+        targetPort: 8080
+""")
+
+
+@dataclass
+class Env:
+    cluster: Cluster
+    cgroup: Path
+    client: Pod
+    web: dict[str, Pod] = field(default_factory=dict)
+    servers: dict[str, Any] = field(default_factory=dict)
+
+    def cli(self, *args: str, check: bool = True, input: str | None = None) -> Any:
+        return self.cluster.agent.cli(*args, check=check, input=input)
+
+    def import_yaml(self, text: str, check: bool = True) -> Any:
+        return self.cli("service", "import", "-", check=check, input=textwrap.dedent(text))
+
+    def get(self, ref: str) -> dict[str, Any]:
+        return dict(json.loads(self.cli("service", "get", ref, "-o", "json").stdout))
+
+    def add_web(self, name: str, labels: dict[str, str] | None = None) -> Pod:
+        pod = self.cluster.add_pod(
+            "shop", name, labels or {"app": "web"}, ["http=8080/TCP"], serve=False
+        )
+        self.web[name] = pod
+        self.servers[name] = name_server(pod.netns, name, 8080)
+        return pod
+
+    def remove_web(self, name: str) -> None:
+        stop_all([self.servers.pop(name)])
+        self.web.pop(name)
+        self.cluster.delete_pod(f"shop/{name}")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    reason = agent_unusable_reason()
+    if reason:
+        pytest.skip(reason)
+    tag = unique_tag("v")
+    with (
+        service_cgroup(tag) as cgroup,
+        running_cluster(
+            tmp_path_factory.mktemp("agent"),
+            namespaces=("shop",),
+            pod_names=("client",),
+            tag=tag,
+            extra_args=["--cgroup-root", str(cgroup)],
+        ) as cluster,
+    ):
+        e = Env(cluster, cgroup, cluster.pods["shop/client"])
+        try:
+            for name in ("web-1", "web-2"):
+                e.add_web(name)
+            e.import_yaml(WEB)
+            yield e
+        finally:
+            stop_all(list(e.servers.values()))
+
+
+def cluster_ip(svc: dict[str, Any], family: int = 4) -> str:
+    return next(ip for ip in svc["cluster_ips"] if (":" in ip) == (family == 6))
+
+
+def test_import_allocates_and_shows_the_service(env: Env) -> None:
+    svc = env.get("shop/web")
+    ip4 = cluster_ip(svc)
+    assert ip4.startswith("198.19.128.") or ip4.startswith("198.19.")
+    assert len(svc["cluster_ips"]) == 2  # PreferDualStack on a dual-stack agent
+    backends = {(b["address"], b["port"], b["protocol"]) for b in svc["backends"]}
+    for pod in env.web.values():
+        assert (pod.ip, 8080, "TCP") in backends  # targetPort by name: the pod's http port
+        assert (pod.ip, 8080, "UDP") in backends
+    listed = env.cli("service", "list").stdout
+    assert "web" in listed and ip4 in listed
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_tcp_and_udp_through_the_cluster_ip_from_a_pod(env: Env, family: int) -> None:
+    ip = cluster_ip(env.get("shop/web"), family)
+    tcp = connect_many(env.client.netns, env.cgroup, ip, 80, count=30)
+    assert not tcp["failures"]
+    assert set(tcp["answers"]) == set(env.web)  # random spreads over both backends
+    assert tcp["peers"] == [ip]  # getpeername shows the service, not the backend
+    for proto in ("udp", "cudp"):
+        udp = connect_many(env.client.netns, env.cgroup, ip, 53, count=10, proto=proto)
+        assert not udp["failures"], proto
+        assert sum(udp["answers"].values()) == 10
+        assert udp["peers"] == [ip], proto  # replies come from the service address
+
+
+def test_the_node_reaches_the_cluster_ip(env: Env) -> None:
+    ip = cluster_ip(env.get("shop/web"))
+    node_ns = env.cluster.agent.node_netns
+    tcp = connect_many(node_ns, env.cgroup, ip, 80, count=20)
+    assert not tcp["failures"] and set(tcp["answers"]) <= set(env.web)
+    udp = connect_many(node_ns, env.cgroup, ip, 53, count=5, proto="udp")
+    assert not udp["failures"] and udp["peers"] == [ip]
+
+
+def test_outside_the_cgroup_nothing_is_translated(env: Env) -> None:
+    ip = cluster_ip(env.get("shop/web"))
+    result = connect_many(env.client.netns, None, ip, 80, count=1)
+    assert result["failures"] and not result["answers"]
+
+
+def test_selector_follows_pods_coming_and_going(env: Env) -> None:
+    ip = cluster_ip(env.get("shop/web"))
+    env.add_web("web-3")
+    try:
+        addresses = {b["address"] for b in env.get("shop/web")["backends"]}
+        assert env.web["web-3"].ip in addresses
+        seen = connect_many(env.client.netns, env.cgroup, ip, 80, count=60)
+        assert "web-3" in seen["answers"] and not seen["failures"]
+    finally:
+        gone = env.web["web-3"].ip
+        env.remove_web("web-3")
+    assert gone not in {b["address"] for b in env.get("shop/web")["backends"]}
+    after = connect_many(env.client.netns, env.cgroup, ip, 80, count=30)
+    assert set(after["answers"]) == {"web-1", "web-2"} and not after["failures"]
+
+
+def test_endpoint_slices_and_backend_states(env: Env) -> None:
+    web1, web2 = env.web["web-1"].ip, env.web["web-2"].ip
+    env.import_yaml(f"""
+        apiVersion: v1
+        kind: Service
+        metadata: {{name: api, namespace: shop}}
+        spec:
+          clusterIP: 198.19.128.200
+          ports: [{{name: http, port: 8000, targetPort: 8080}}]
+        ---
+        apiVersion: discovery.k8s.io/v1
+        kind: EndpointSlice
+        metadata:
+          name: api-abc
+          namespace: shop
+          labels: {{kubernetes.io/service-name: api}}
+        addressType: IPv4
+        ports: [{{name: http, port: 8080, protocol: TCP}}]
+        endpoints:
+        - addresses: ["{web1}"]
+          conditions: {{ready: true}}
+        - addresses: ["{web2}"]
+          conditions: {{ready: false, serving: true, terminating: true}}
+    """)
+    try:
+        svc = env.get("shop/api")
+        assert svc["cluster_ips"] == ["198.19.128.200"]
+        states = {b["address"]: b["state"] for b in svc["backends"]}
+        assert states == {web1: "active", web2: "terminating"}
+        seen = connect_many(env.client.netns, env.cgroup, "198.19.128.200", 8000, count=30)
+        assert seen["answers"] == {"web-1": 30}  # never the terminating one
+    finally:
+        env.cli("service", "delete", "shop/api")
+
+
+BAD = [
+    ("ports: []", "spec.ports: a Service needs at least one port"),
+    ("ports: [{port: 70000}]", "spec.ports[0].port: 70000 is not between 1 and 65535"),
+    ("ports: [{port: 80, protocol: ICMP}]", "spec.ports[0].protocol"),
+    ("clusterIP: 10.0.0.1\n  ports: [{port: 80}]", "spec.clusterIP: 10.0.0.1 is outside"),
+]
+
+
+@pytest.mark.parametrize(("spec", "message"), BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_input_exits_2_naming_the_field_and_changes_nothing(
+    env: Env, spec: str, message: str
+) -> None:
+    before = env.cli("service", "list", "-o", "json").stdout
+    text = "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: shop}\n"
+    text += f"spec:\n  {spec}\n"
+    result = env.cli("service", "import", "-", check=False, input=text)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert env.cli("service", "list", "-o", "json").stdout == before
+
+
+def test_a_backend_outside_every_pod_cidr_is_refused(env: Env) -> None:
+    result = env.cli(
+        "service", "add", "shop/far", "--port", "80", "--backend", "192.0.2.1", check=False
+    )
+    assert result.returncode == 2
+    assert "addresses[0]: 192.0.2.1 is not a pod address" in result.stderr
+    assert "far" not in env.cli("service", "list").stdout
+
+
+def test_no_failed_connect_while_backends_change(env: Env) -> None:
+    """Backends added and removed (by EndpointSlice) under continuous connects."""
+    ips = {n: p.ip for n, p in env.web.items()}
+    slice_of = textwrap.dedent("""
+        apiVersion: v1
+        kind: Service
+        metadata: {{name: churn, namespace: shop}}
+        spec:
+          clusterIP: 198.19.128.201
+          ports: [{{name: http, port: 8000, targetPort: 8080}}]
+        ---
+        apiVersion: discovery.k8s.io/v1
+        kind: EndpointSlice
+        metadata:
+          name: churn-1
+          namespace: shop
+          labels: {{kubernetes.io/service-name: churn}}
+        addressType: IPv4
+        ports: [{{name: http, port: 8080}}]
+        endpoints: {endpoints}
+    """)
+
+    def endpoints(*names: str) -> str:
+        return json.dumps([{"addresses": [ips[n]]} for n in names])
+
+    env.import_yaml(slice_of.format(endpoints=endpoints("web-1")))
+    try:
+        client = start_connecting(env.client.netns, env.cgroup, "198.19.128.201", 8000, 4.0)
+        for step in (("web-1", "web-2"), ("web-2",), ("web-1", "web-2"), ("web-1",)) * 2:
+            env.import_yaml(slice_of.format(endpoints=endpoints(*step)))
+            time.sleep(0.2)  # let connects happen against each set
+        result = finish(client)
+        assert not result["failures"], result["failures"][:5]
+        assert set(result["answers"]) == {"web-1", "web-2"}
+        assert sum(result["answers"].values()) > 50
+    finally:
+        env.cli("service", "delete", "shop/churn")
+
+
+def test_policy_applies_to_the_backend_after_translation(env: Env) -> None:
+    ip = cluster_ip(env.get("shop/web"))
+    env.cluster.import_policy("""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: web-deny-client, namespace: shop}
+        spec:
+          endpointSelector: {matchLabels: {app: web}}
+          ingressDeny:
+          - fromEndpoints: [{matchLabels: {pod: client}}]
+    """)
+    try:
+        denied = connect_many(env.client.netns, env.cgroup, ip, 80, count=3)
+        assert not denied["answers"] and len(denied["failures"]) == 3
+    finally:
+        env.cluster.agent.delete_all_policies()
+    env.cluster.import_policy("""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: web-allow-client, namespace: shop}
+        spec:
+          endpointSelector: {matchLabels: {app: web}}
+          ingress:
+          - fromEndpoints: [{matchLabels: {pod: client}}]
+    """)
+    try:
+        allowed = connect_many(env.client.netns, env.cgroup, ip, 80, count=5)
+        assert not allowed["failures"] and sum(allowed["answers"].values()) == 5
+    finally:
+        env.cluster.agent.delete_all_policies()
+
+
+def test_maglev_and_session_affinity(env: Env) -> None:
+    env.import_yaml("""
+        apiVersion: v1
+        kind: Service
+        metadata:
+          name: sticky
+          namespace: shop
+          annotations: {service.cilium.io/lb-algorithm: maglev}
+        spec:
+          clusterIP: 198.19.128.202
+          selector: {app: web}
+          sessionAffinity: ClientIP
+          sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+          ports: [{port: 80, targetPort: 8080}]
+    """)
+    try:
+        svc = env.get("shop/sticky")
+        assert svc["lb_algorithm"] == "maglev" and svc["maglev_table_size"] == 16381
+        assert svc["session_affinity"] == "ClientIP"
+        seen = connect_many(env.client.netns, env.cgroup, "198.19.128.202", 80, count=20)
+        assert not seen["failures"] and len(seen["answers"]) == 1  # one client, one backend
+    finally:
+        env.cli("service", "delete", "shop/sticky")
+
+
+def test_services_survive_a_restart_and_translate_while_the_agent_is_down(env: Env) -> None:
+    agent = env.cluster.agent
+    ip = cluster_ip(env.get("shop/web"))
+    before = env.get("shop/web")
+    agent.stop()
+    try:
+        down = connect_many(env.client.netns, env.cgroup, ip, 80, count=10)
+        assert not down["failures"] and set(down["answers"]) <= set(env.web)
+    finally:
+        agent.start()
+    assert env.get("shop/web") == before
+    links = sorted(p.name for p in (agent.bpf_dir / "services" / "links").iterdir())
+    assert "sock_connect4" in links
+    shown = subprocess.run(
+        ["bpftool", "-j", "cgroup", "show", str(env.cgroup)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    names = [p["name"] for p in json.loads(shown.stdout)]
+    assert names.count("sock_connect4") == 1  # adopted, not attached twice
+    after = connect_many(env.client.netns, env.cgroup, ip, 80, count=10)
+    assert not after["failures"]
