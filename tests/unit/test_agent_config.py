@@ -61,6 +61,8 @@ def test_kube_apiserver_addresses_of_both_families() -> None:
             "source_ip",
         ),
         ({"flow_log": "/tmp/f.log", "flow_log_max_size_mb": "0"}, "flow-log-max-size-mb", "less"),
+        ({"bpf_lb_mode": "hybrid"}, "bpf-lb-mode", "one of snat, dsr"),
+        ({"devices": "eth0,bad name"}, "devices", "not a device name"),
     ],
 )
 def test_a_bad_value_names_its_option(options: dict, field: str, words: str) -> None:
@@ -90,3 +92,9 @@ def test_hubble_defaults_and_options() -> None:
         0,
     )
     assert len(c.flow_log.allowlist) == 1 and c.flow_log.denylist == ()
+
+
+def test_nodeport_devices_and_mode() -> None:
+    assert config().devices == () and config().bpf_lb_mode == "snat"
+    chosen = config(devices="eth0, ens*", bpf_lb_mode="dsr")
+    assert chosen.devices == ("eth0", "ens*") and chosen.bpf_lb_mode == "dsr"

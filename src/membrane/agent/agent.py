@@ -40,6 +40,7 @@ from membrane.errors import NotFound, UserError
 from membrane.policy import RuleTable
 from membrane.policy.rules import policy_subjects
 from membrane.service.manager import ServiceManager, start_services
+from membrane.service.nodeport import DeviceWatcher, start_nodeport
 
 log = logging.getLogger("membrane.agent")
 
@@ -62,6 +63,7 @@ class Agent:
     policy_notes: PolicyNotes
     snapshot: Snapshot  # replaced at the end of every change; read by other threads
     services: ServiceManager | None = None  # Kubernetes services (membrane.service)
+    nodeport: DeviceWatcher | None = None  # the per-packet path on --devices (if any)
 
     # ---- start and stop ------------------------------------------------------------------
     @classmethod
@@ -119,6 +121,9 @@ class Agent:
         )
         agent._save()
         agent.services = start_services(config, lambda: agent.state.endpoints.values())
+        agent.nodeport = start_nodeport(
+            config.bpf_dir, config.bpf_lb_mode, config.node_ip, config.devices, config.node_netns
+        )
         log.info(
             "agent started",
             extra={
@@ -138,6 +143,8 @@ class Agent:
         self._save()
         if self.services is not None:
             self.services.close()
+        if self.nodeport is not None:
+            self.nodeport.close()
         self.datapath.close()
         self.maps.close()
 

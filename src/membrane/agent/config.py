@@ -65,6 +65,8 @@ class AgentConfig:
     lb_algorithm: str = "random"  # services without the lb-algorithm annotation
     maglev_table_size: int = 16381  # entries of a Maglev service's table (prime)
     cgroup_root: str = ""  # cgroup v2 directory the cgroup hooks attach to; "": none
+    devices: tuple[str, ...] = ()  # the per-packet service path's devices (names, globs)
+    bpf_lb_mode: str = "snat"  # NodePort traffic to other hosts' backends: snat or dsr
 
     @property
     def hubble_socket_path(self) -> str:
@@ -123,6 +125,8 @@ def make_config(
     lb_algorithm: str = "random",
     maglev_table_size: int | str = 16381,
     cgroup_root: str = "",
+    devices: str = "",
+    bpf_lb_mode: str = "snat",
 ) -> AgentConfig:
     from membrane.metrics.address import parse_listen_address
     from membrane.policy.universe import AllowLocalhost
@@ -180,6 +184,8 @@ def make_config(
     services = _service_plan(
         service_cidr, service_cidr_v6 if dual_stack else None, (cidr, cidr6), (node, node6)
     )
+    from membrane.service.nodeport import check_devices, check_mode
+
     if lb_algorithm not in LB_ALGORITHMS:
         raise UserError("bpf-lb-algorithm", f"{lb_algorithm!r} is not one of random, maglev")
     return AgentConfig(
@@ -209,6 +215,8 @@ def make_config(
         lb_algorithm=lb_algorithm,
         maglev_table_size=_maglev_size(maglev_table_size),
         cgroup_root=_cgroup_dir(cgroup_root),
+        devices=check_devices(devices),
+        bpf_lb_mode=check_mode(bpf_lb_mode),
     )
 
 

@@ -265,6 +265,20 @@ def run(
         help="Entries of each Maglev service's table: a prime (Cilium's default 16381); "
         "more entries spread weights more evenly.",
     ),
+    devices: str = typer.Option(
+        "",
+        "--devices",
+        help="The node's external devices (names or patterns such as eth*, comma-separated) "
+        "where NodePort and externalIP traffic from outside the node is translated per "
+        "packet (Cilium's --devices); served as they appear. Default: none.",
+    ),
+    bpf_lb_mode: str = typer.Option(
+        "snat",
+        "--bpf-lb-mode",
+        help="NodePort traffic to a backend on another host: snat (the node's address as "
+        "the source, replies come back through the node) or dsr (IPv4-in-IPv4 to the "
+        "backend's host, which answers the client directly).",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run the agent in the foreground (structured logs on stderr). SIGTERM stops it and
@@ -308,6 +322,8 @@ def run(
         lb_algorithm=bpf_lb_algorithm,
         maglev_table_size=bpf_lb_maglev_table_size,
         cgroup_root=cgroup_root,
+        devices=devices,
+        bpf_lb_mode=bpf_lb_mode,
     )
     security = make_security_settings(
         runtime_security,

@@ -1,0 +1,281 @@
+"""NodePort services from outside the node with real TCP: the agent's per-packet path
+(`--devices ext0`, `--bpf-lb-mode snat|dsr`) on the node's external device, a client host
+and backend hosts on one L2 segment with it (membrane.testing.nodeport).
+
+    client host 198.19.8.2 ── br0 ── node ext0 198.19.8.1 (NodePorts on 198.19.0.1)
+                                 ├── snat-host 198.19.8.11, a "pod" 198.18.200.11 of another node
+                                 └── dsr-host  198.19.8.12, a "pod" 198.18.201.12, and the node's
+                                               address on lo, decapsulating (lb_decap)
+plus a local pod svc/web of the agent. The node routes the other nodes' pod addresses via
+their hosts, as an overlay-less cluster would.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from membrane import netns
+from membrane.bpf.probe import temporary_cgroup
+from membrane.netns import Topology, links
+from membrane.netns.namespace import inside
+from membrane.service.nodeport import pinned_counters
+from membrane.testing.agent import NODE_IP, AgentProcess, agent_unusable_reason
+from membrane.testing.cluster import unique_tag
+from membrane.testing.nodeport import NODE_DEVICE, Fabric, build_fabric
+from membrane.testing.pods import Pod, start_echo_server
+from membrane.testing.waiting import wait_for
+
+pytestmark = pytest.mark.skipif(bool(agent_unusable_reason()), reason=str(agent_unusable_reason()))
+
+TARGET = 7000  # the backends' port
+SNAT_HOST, SNAT_POD = "198.19.8.11", "198.18.200.11"
+DSR_HOST, DSR_POD = "198.19.8.12", "198.18.201.12"
+
+
+@dataclass
+class NodePortBed:
+    agent: AgentProcess
+    fabric: Fabric
+    web: Pod  # the local backend pod
+    snat_host: str
+    dsr_host: str
+
+    def counters(self) -> dict[str, int]:
+        found = pinned_counters(str(self.agent.bpf_dir))
+        assert found is not None, "the agent has no per-packet path"
+        return found
+
+    def import_services(self, text: str) -> None:
+        path = Path(self.agent.state_dir).parent / "svc.yaml"
+        path.write_text(textwrap.dedent(text))
+        self.agent.cli("service", "import", str(path))
+
+
+def node_port_service(name: str, node_port: int, selector: str | None = None, **spec: str) -> str:
+    """A Service of type NodePort (port 80 -> TARGET) as a user writes it; without a
+    selector its EndpointSlice comes separately."""
+    extra = "".join(f"\n  {k}: {v}" for k, v in spec.items())
+    select = f"\n  selector:\n    app: {selector}" if selector else ""
+    return f"""
+apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: svc
+spec:
+  type: NodePort{select}{extra}
+  ports:
+  - name: http
+    port: 80
+    targetPort: {TARGET}
+    nodePort: {node_port}
+"""
+
+
+def endpoint_slice(service: str, address: str) -> str:
+    return f"""
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {service}-1
+  namespace: svc
+  labels:
+    kubernetes.io/service-name: {service}
+addressType: IPv4
+ports:
+- name: http
+  port: {TARGET}
+  protocol: TCP
+endpoints:
+- addresses: ["{address}"]
+"""
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodePortBed]:
+    tag = unique_tag("np")
+    workdir = tmp_path_factory.mktemp("nodeport")
+    # The socket LB covers an empty cgroup only: the test's own processes, the client host's
+    # among them, must reach NodePorts as outside clients do, through the node's device.
+    with temporary_cgroup(f"membrane-test-{tag}") as cgroup:
+        args = ["--devices", NODE_DEVICE, "--bpf-lb-mode", "snat", "--cgroup-root", str(cgroup)]
+        agent = AgentProcess(workdir, tag, extra_args=args)
+        try:
+            agent.start()
+            with Topology("mnp") as topo:
+                yield _build(agent, topo)
+        finally:
+            agent.destroy()
+
+
+def _build(agent: AgentProcess, topo: Topology) -> NodePortBed:
+    info = agent.cli_json("endpoint", "add", "svc/web", "--label", "app=web")
+    web = Pod("svc", "web", info)
+    topo.callback(netns.stop, start_echo_server(web.netns, (TARGET,)))
+    fabric = build_fabric(topo, agent.node_netns)
+    snat_host = fabric.add_backend_host("snat", SNAT_HOST)
+    dsr_host = fabric.add_backend_host("dsr", DSR_HOST, frontend=NODE_IP)
+    for host, pod in ((snat_host, SNAT_POD), (dsr_host, DSR_POD)):
+        links.add_address(host, "lo", f"{pod}/32")
+        links.add_route(agent.node_netns, f"{pod}/32", via=fabric.hosts[host])
+    topo.callback(netns.stop, start_echo_server(snat_host, (TARGET,)))
+    # DSR: the inner packet keeps the frontend's address and port
+    topo.callback(netns.stop, start_echo_server(dsr_host, (TARGET, 30082)))
+    wait_for("the agent to serve ext0", lambda: served(agent))
+    return NodePortBed(agent, fabric, web, snat_host, dsr_host)
+
+
+def served(agent: AgentProcess) -> bool:
+    """Both programs are on ext0 (their links pinned by the agent)."""
+    links_dir = agent.bpf_dir / "nodeport" / "links"
+    return all((links_dir / f"{NODE_DEVICE}-{d}").exists() for d in ("ingress", "egress"))
+
+
+def echo(
+    client_ns: str, port: int, message: bytes = b"hello nodeport", timeout: float = 3.0
+) -> bytes:
+    """One connection from the client host to NODE_IP:port, `message` and its echo."""
+    with inside(client_ns):
+        sock = socket.create_connection((NODE_IP, port), timeout=timeout)
+    with sock:
+        sock.sendall(message)
+        got = b""
+        while len(got) < len(message):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def link_stats(ns: str, dev: str) -> dict[str, int]:
+    """The device's rx/tx bytes and packets (`ip -s`; /sys would show the root namespace's)."""
+    shown = json.loads(netns.run(ns, ["ip", "-s", "-j", "link", "show", "dev", dev]).stdout)[0]
+    stats = shown["stats64"]
+    return {
+        "rx_bytes": stats["rx"]["bytes"],
+        "tx_bytes": stats["tx"]["bytes"],
+        "rx_packets": stats["rx"]["packets"],
+    }
+
+
+def peers_seen(host_ns: str) -> set[str]:
+    """Where the connections established to TARGET on a backend host come from."""
+    out = netns.run(host_ns, ["ss", "-Htn", "state", "established", f"( sport = :{TARGET} )"])
+    return {line.split()[-1].rsplit(":", 1)[0] for line in out.stdout.splitlines()}
+
+
+def test_nodeport_to_a_local_pod_is_translated_both_ways(bed: NodePortBed) -> None:
+    bed.import_services(node_port_service("web", 30080, selector="web"))
+    before = bed.counters()
+    for i in range(5):
+        message = f"local {i}".encode()
+        assert echo(bed.fabric.client, 30080, message) == message
+    moved = delta(before, bed.counters())
+    assert moved.get("new_flow") == 5, moved
+    assert moved.get("to_local", 0) >= 15 and moved.get("reply_local", 0) >= 10, moved
+    assert "to_snat" not in moved and "error" not in moved, moved
+
+
+def test_nodeport_to_another_host_in_snat_mode_comes_back_through_the_node(
+    bed: NodePortBed,
+) -> None:
+    bed.import_services(node_port_service("remote", 30081) + endpoint_slice("remote", SNAT_POD))
+    before = bed.counters()
+    with inside(bed.fabric.client):
+        sock = socket.create_connection((NODE_IP, 30081), timeout=3)
+    with sock:
+        sock.sendall(b"snat")
+        assert sock.recv(100) == b"snat"
+        # the backend host sees the node as its client: its replies must come back here
+        assert peers_seen(bed.snat_host) == {NODE_IP}
+    moved = delta(before, bed.counters())
+    assert moved.get("to_snat", 0) >= 3 and moved.get("reply_snat", 0) >= 2, moved
+
+
+def test_external_traffic_policy_local_without_a_local_backend_drops(bed: NodePortBed) -> None:
+    text = node_port_service("only-remote", 30083, externalTrafficPolicy="Local")
+    bed.import_services(text + endpoint_slice("only-remote", SNAT_POD))
+    before = bed.counters()
+    with pytest.raises(OSError):
+        echo(bed.fabric.client, 30083, timeout=0.5)
+    assert delta(before, bed.counters()).get("no_backend", 0) >= 1
+
+
+def test_policy_still_applies_to_the_backend_behind_a_nodeport(bed: NodePortBed) -> None:
+    bed.import_services(node_port_service("web", 30080, selector="web"))
+    only_pods = """
+    apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: web-from-pods, namespace: svc}
+    spec:
+      endpointSelector: {matchLabels: {app: web}}
+      ingress:
+      - fromEndpoints: [{matchLabels: {app: web-client}}]
+    """
+    from_client = f"""
+    apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {{name: web-from-client, namespace: svc}}
+    spec:
+      endpointSelector: {{matchLabels: {{app: web}}}}
+      ingress:
+      - fromCIDR: ["{bed.fabric.client_ip}/32"]
+    """
+    try:
+        bed.agent.import_policy(textwrap.dedent(only_pods))
+        with pytest.raises(OSError):
+            echo(bed.fabric.client, 30080, timeout=0.5)
+        bed.agent.import_policy(textwrap.dedent(from_client))
+        assert echo(bed.fabric.client, 30080) == b"hello nodeport"
+    finally:
+        bed.agent.delete_all_policies()
+
+
+def test_dsr_mode_backends_answer_the_client_directly(bed: NodePortBed) -> None:
+    """Last: it restarts the agent in DSR mode (flows and links are adopted)."""
+    bed.agent.extra_args = [a if a != "snat" else "dsr" for a in bed.agent.extra_args]
+    bed.agent.restart()
+    bed.import_services(node_port_service("direct", 30082) + endpoint_slice("direct", DSR_POD))
+    before, node_before = bed.counters(), link_stats(bed.agent.node_netns, NODE_DEVICE)
+    client_before = link_stats(bed.fabric.client, "eth0")
+    decapsulated = bed.fabric.decapsulated(bed.dsr_host)
+    # 100 messages, each echoed before the next: many packets each way, every one small
+    # enough for the path with the 20-byte outer header (nothing clamps the MSS yet)
+    message = b"d" * 1000
+    with inside(bed.fabric.client):
+        sock = socket.create_connection((NODE_IP, 30082), timeout=3)
+    with sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(100):
+            sock.sendall(message)
+            got = b""
+            while len(got) < len(message):
+                chunk = sock.recv(65536)
+                assert chunk, "the connection was closed"
+                got += chunk
+            assert got == message
+    moved = delta(before, bed.counters())
+    assert moved.get("new_flow") == 1 and moved.get("to_dsr", 0) >= 3, moved
+    assert "reply_snat" not in moved and "reply_local" not in moved, moved
+    assert bed.fabric.decapsulated(bed.dsr_host) - decapsulated >= moved["to_dsr"]
+    # The replies (as many bytes as the requests) reached the client without the node: the
+    # node's device received about what the client sent, not that and the replies too.
+    node_rx = link_stats(bed.agent.node_netns, NODE_DEVICE)["rx_bytes"] - node_before["rx_bytes"]
+    client = link_stats(bed.fabric.client, "eth0")
+    client_rx = client["rx_bytes"] - client_before["rx_bytes"]
+    client_tx = client["tx_bytes"] - client_before["tx_bytes"]
+    assert client_rx >= 100 * len(message)
+    assert node_rx < client_tx + client_rx / 4, (node_rx, client_tx, client_rx)
