@@ -20,8 +20,8 @@ VENV     := .venv
 PY       := $(VENV)/bin/python
 PYTHON   ?= python3
 
-.PHONY: all setup bpf native hubble tetragon bytecode test test-unit demo bench lint clean
-all: setup bpf bytecode
+.PHONY: all setup bpf native hubble tetragon bytecode cni test test-unit demo bench lint clean
+all: setup bpf bytecode cni
 
 setup:
 	@bash scripts/setup.sh
@@ -74,6 +74,11 @@ $(TETRAGON_PY): $(TETRAGON_PROTOS)
 # PYTHONDONTWRITEBYTECODE is set every CLI start would otherwise compile them (~60 ms).
 bytecode: $(HUBBLE_PY) $(TETRAGON_PY) $(ABI_PY)
 	$(PY) -m compileall -q src/membrane
+
+# The CNI plugin executable where runtimes look for plugins (/opt/cni/bin, /usr/lib/cni);
+# no network config: `membrane cni install` writes one (tests use their own directories).
+cni: setup
+	$(PY) -c 'from membrane.cni.install import DEFAULT_BIN_DIRS as d, install_plugin; install_plugin(d)'
 
 test: setup bpf bytecode
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
