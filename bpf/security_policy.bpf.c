@@ -109,6 +109,29 @@ static __always_inline __u64 int_arg(void *ctx, int i)
 	}
 }
 
+static __always_inline bool is_string(__u8 type)
+{
+	return type == SP_ARG_STRING || type == SP_ARG_DATA_LOC_STRING;
+}
+
+/* Where string argument i is: a user pointer, or (__data_loc) in the record itself, at
+ * the offset in the low 16 bits of the field. */
+static __always_inline const void *string_at(void *ctx, int i)
+{
+	__u64 v = raw_arg(ctx, i);
+
+	if (sp_config.args[i].type == SP_ARG_DATA_LOC_STRING)
+		return ctx + (v & 0xffff);
+	return (const void *)v;
+}
+
+static __always_inline long read_string(void *ctx, int i, void *dst, __u32 size)
+{
+	if (sp_config.args[i].type == SP_ARG_DATA_LOC_STRING)
+		return bpf_probe_read_kernel_str(dst, size, string_at(ctx, i));
+	return bpf_probe_read_user_str(dst, size, string_at(ctx, i));
+}
+
 /* Read argument i into the event (once): ints into args[i], strings into their slot
  * (args[i] = length with the NUL, 0 when unreadable), a sockaddr into ev->sockaddr. */
 static __always_inline void load_arg(void *ctx, struct sp_event *ev, int i, __u32 *loaded)
@@ -119,11 +142,10 @@ static __always_inline void load_arg(void *ctx, struct sp_event *ev, int i, __u3
 	if (*loaded & (1u << i))
 		return;
 	*loaded |= 1u << i;
-	if (type == SP_ARG_STRING) {
+	if (is_string(type)) {
 		__u8 slot = sp_config.args[i].size & 1;
 
-		len = bpf_probe_read_user_str(ev->strings[slot], SP_STR_MAX,
-					      (const void *)raw_arg(ctx, i));
+		len = read_string(ctx, i, ev->strings[slot], SP_STR_MAX);
 		ev->args[i] = len > 0 ? len : 0;
 		if (len <= 0)
 			ev->strings[slot][0] = 0;
@@ -205,7 +227,11 @@ static __always_inline bool lead_differs(void *ctx, const volatile struct sp_arg
 {
 	__u64 head = 0, mask = f->lead_len >= 8 ? ~0ULL : (1ULL << (f->lead_len * 8)) - 1;
 
-	if (bpf_probe_read_user(&head, sizeof(head), (const void *)raw_arg(ctx, f->arg)))
+	long err = sp_config.args[f->arg].type == SP_ARG_DATA_LOC_STRING
+		? bpf_probe_read_kernel(&head, sizeof(head), string_at(ctx, f->arg))
+		: bpf_probe_read_user(&head, sizeof(head), string_at(ctx, f->arg));
+
+	if (err)
 		return false;  /* near the end of a page: decide on the whole string */
 	return ((head ^ f->lead) & mask) != 0;
 }
@@ -219,12 +245,12 @@ static __always_inline bool arg_matches(void *ctx, struct sp_scratch *s,
 	__u16 port, family;
 	__u8 *addr;
 
-	if (type == SP_ARG_STRING && f->lead_len && !(*loaded & (1u << i)) &&
+	if (is_string(type) && f->lead_len && !(*loaded & (1u << i)) &&
 	    lead_differs(ctx, f))
 		return f->op == SP_OP_NOT_EQUAL || f->op == SP_OP_NOT_PREFIX;
 	load_arg(ctx, &s->ev, i, loaded);
 	v = s->ev.args[i];
-	if (type == SP_ARG_STRING) {
+	if (is_string(type)) {
 		int slot = sp_config.args[i].size;
 
 		switch (f->op) {
@@ -407,7 +433,7 @@ static __always_inline bool selector_matches(void *ctx, struct sp_scratch *s,
 
 		if (a >= sel->nargs)
 			break;
-		if (f->lead_len && sp_config.args[f->arg].type == SP_ARG_STRING &&
+		if (f->lead_len && is_string(sp_config.args[f->arg].type) &&
 		    (f->op == SP_OP_EQUAL || f->op == SP_OP_PREFIX) && lead_differs(ctx, f))
 			return false;
 	}

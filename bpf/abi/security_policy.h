@@ -38,6 +38,7 @@ enum sp_arg_type {
 	SP_ARG_UINT = 2,
 	SP_ARG_STRING = 3,    /* pointer to a user string */
 	SP_ARG_SOCKADDR = 4,  /* pointer to a user struct sockaddr */
+	SP_ARG_DATA_LOC_STRING = 5,  /* a tracepoint's __data_loc char[]: in the record */
 };
 ABI_EXPORT_ENUM(sp_arg_type);
 

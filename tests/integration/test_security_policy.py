@@ -326,13 +326,19 @@ def test_a_uprobe_policy_posts_events_with_arguments(
             selectors:
             - matchArgs:
               - index: 1
+                operator: Equal
+                values: ["secret-quiet"]
+              matchActions:
+              - action: NoPost
+            - matchArgs:
+              - index: 1
                 operator: Prefix
                 values: ["secret-"]
         """,
     )
     try:
         run = subprocess.Popen(
-            [str(target_program), "hello", "secret-one", "plain", "secret-two"],
+            [str(target_program), "hello", "secret-one", "secret-quiet", "secret-two"],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         out, _ = run.communicate(timeout=30)
@@ -343,6 +349,7 @@ def test_a_uprobe_policy_posts_events_with_arguments(
             return [e for e in events if e["process"]["pid"] == run.pid]
 
         events = wait_for("two uprobe events", lambda: len(posted()) >= 2 and posted())
+        # The first matching selector decides: "secret-quiet" is NoPost'ed by the first.
         assert [(e["args"][0]["int_arg"], e["args"][1]["string_arg"]) for e in events] == [
             (2, "secret-one"),
             (4, "secret-two"),
@@ -352,6 +359,58 @@ def test_a_uprobe_policy_posts_events_with_arguments(
         assert events[0]["action"] == "KPROBE_ACTION_POST"
     finally:
         agent.cli("security", "policy", "delete", "words")
+
+
+# ---- kill at exec -----------------------------------------------------------------------------
+def test_a_binary_killed_at_exec_runs_no_instruction(
+    agent: AgentProcess, target_program: Path, tmp_path: Path
+) -> None:
+    """Sigkill at sched_process_exec: the program never prints, whichever name (a symlink)
+    it is started by; the event carries the exec'd filename (a __data_loc string)."""
+    link = tmp_path / "innocent-name"
+    link.symlink_to(target_program)
+    apply(
+        agent,
+        f"""
+        apiVersion: cilium.io/v1alpha1
+        kind: TracingPolicy
+        metadata:
+          name: no-target
+        spec:
+          tracepoints:
+          - subsystem: sched
+            event: sched_process_exec
+            args:
+            - index: 4
+              type: string
+            selectors:
+            - matchBinaries:
+              - operator: In
+                values: ["{target_program}"]
+              matchPIDs:
+              - operator: In
+                followForks: true
+                values: [{os.getpid()}]
+              matchActions:
+              - action: Sigkill
+        """,
+    )
+    try:
+        for path in (target_program, link):
+            run = subprocess.Popen([str(path), "hello"], stdout=subprocess.PIPE, text=True)
+            out, _ = run.communicate(timeout=30)
+            assert run.returncode == -signal.SIGKILL and out == ""
+
+            def killed() -> list[dict[str, Any]]:
+                events = policy_events(agent, "no-target", "process_tracepoint")
+                return [e for e in events if e["process"]["pid"] == run.pid]  # noqa: B023
+
+            [event] = wait_for("the exec kill's event", killed)
+            assert event["action"] == "KPROBE_ACTION_SIGKILL"
+            assert event["args"] == [{"string_arg": str(path)}]
+        assert read_secret(["cat", "/etc/hostname"]).returncode == 0  # other binaries run
+    finally:
+        agent.cli("security", "policy", "delete", "no-target")
 
 
 # ---- validation through the agent ---------------------------------------------------------

@@ -37,6 +37,7 @@ INT_WIDTHS = {"int": 4, "int8": 1, "int16": 2, "int32": 4, "uint8": 1, "uint16":
               "uint32": 4, "fd": 4}  # fmt: skip
 STRING_TYPES = ("string", "filename")
 SOCKADDR_TYPES = ("sockaddr",)
+STRING_CODES = (SpArgType.STRING, SpArgType.DATA_LOC_STRING)
 STRING_OPS = {"Equal", "NotEqual", "Prefix", "NotPrefix", "Postfix", "NotPostfix"}
 INT_OPS = {"Equal", "NotEqual", "GT", "LT", "GreaterThan", "LessThan", "Mask"}
 SOCK_OPS = {"DPort", "NotDPort", "DAddr", "NotDAddr", "Family", "NotFamily"}
@@ -169,6 +170,10 @@ def _tracepoint_arg(arg: ArgSpec, fields: list[TracepointField], at: str) -> _Ar
     if arg.index < COMMON_FIELDS:
         raise UserError(f"{at}.index", f"field {arg.index} ({f.name}) is a common field")
     kind = arg.type
+    if f.is_data_loc:
+        if kind not in ("auto", *STRING_TYPES):
+            raise UserError(f"{at}.type", f"{f.name} is a string ({f.ctype}), not {kind}")
+        return _Arg(arg.index, SpArgType.DATA_LOC_STRING, f.offset, 0, arg.label)
     if kind == "auto":
         kind = (
             "string" if f.is_pointer and "char" in f.ctype
@@ -218,7 +223,7 @@ def _plan(
     specs, slot = [], 0
     for j, a in enumerate(args):
         size = a.size
-        if a.type == SpArgType.STRING:
+        if a.type in STRING_CODES:
             if slot == 2:
                 raise UserError(f"{at}.args[{j}]", "a hook reads at most two string arguments")
             size, slot = slot, slot + 1
@@ -372,7 +377,7 @@ def _arg_filter(
 ) -> dict[str, Any]:
     op = _OP_CODES[operator]
     out: dict[str, Any] = {"arg": position, "op": int(op), "nvalues": 0, "map_id": 0, "values": []}
-    if arg.type == SpArgType.STRING:
+    if arg.type in STRING_CODES:
         if operator not in STRING_OPS:
             raise UserError(f"{where}.operator", f"{operator} does not apply to a string argument")
         map_id = next(ids)

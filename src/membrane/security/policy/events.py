@@ -77,7 +77,7 @@ def _fill_unknown(process: Any, pid: int, tid: int, uid: int, comm: bytes) -> No
 def _argument(row: Any, position: int, kind: SpArgType, label: str, plan: HookPlan) -> Any:
     arg = tetragon_pb2.KprobeArgument(label=label)
     value = int(row["args"][position])
-    if kind == SpArgType.STRING:
+    if kind in (SpArgType.STRING, SpArgType.DATA_LOC_STRING):
         slot = int(plan.config["args"][position]["size"])
         text = bytes(row["strings"][slot])
         arg.string_arg = text.split(b"\0")[0].decode(errors="replace") if value else ""

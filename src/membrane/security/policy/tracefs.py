@@ -29,6 +29,11 @@ class TracepointField:
     def is_pointer(self) -> bool:
         return "*" in self.ctype
 
+    @property
+    def is_data_loc(self) -> bool:
+        """A string kept in the record itself (`__data_loc char[]`)."""
+        return self.ctype.startswith("__data_loc")
+
 
 def tracepoint_fields(subsystem: str, event: str) -> list[TracepointField] | None:
     """The fields of `subsystem/event`, or None when this kernel has no such tracepoint."""
