@@ -17,6 +17,7 @@
 #include "include/trace.h"
 #include "abi/security_policy.h"
 #include "lib/events.h"
+#include "lib/dpath.h"
 
 EVENTS_RINGBUF();
 ABI_EXPORT(sp_event);
@@ -62,6 +63,7 @@ struct {
 struct sp_scratch {
 	struct sp_event ev;
 	struct sp_lpm_key key;
+	char exe[SEC_PROC_PATH_MAX];  /* the executable's path (matchBinaries Prefix) */
 };
 
 struct {
@@ -387,6 +389,28 @@ static __always_inline bool pids_match(struct task_struct *task, const volatile 
 	return sel->pids_op == SP_SET_IN ? found : !found;
 }
 
+/* matchBinaries Prefix: the executable's path as the task sees it (lib/dpath.h), its
+ * first SP_LPM_STR bytes looked up among the prefixes. Walked only for such selectors. */
+static __always_inline bool binary_path_matches(struct sp_scratch *s,
+						const volatile struct sp_selector *sel)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
+	struct fs_struct *fs = BPF_CORE_READ(task, fs);
+	bool cut = false, found = false;
+	__u32 len;
+
+	if (exe && fs) {
+		len = dpath_walk(&exe->f_path, &fs->root, s->exe, &cut);
+		len &= SEC_PROC_PATH_MAX - 1;
+		if (len < SEC_PROC_PATH_MAX - 1)
+			s->exe[len] = 0;
+		__builtin_memcpy(s->key.data, s->exe, SP_LPM_STR);
+		found = lpm_has(&s->key, sel->binaries_id);
+	}
+	return sel->binaries_op == SP_SET_PREFIX ? found : !found;
+}
+
 static __always_inline bool binary_matches(const volatile struct sp_selector *sel)
 {
 	/* BTF pointers from the current task: each hop is a plain load (the verifier makes
@@ -437,7 +461,11 @@ static __always_inline bool selector_matches(void *ctx, struct sp_scratch *s,
 		    (f->op == SP_OP_EQUAL || f->op == SP_OP_PREFIX) && lead_differs(ctx, f))
 			return false;
 	}
-	if (sel->binaries_op && !binary_matches(sel))
+	if ((sel->binaries_op == SP_SET_IN || sel->binaries_op == SP_SET_NOT_IN) &&
+	    !binary_matches(sel))
+		return false;
+	if ((sel->binaries_op == SP_SET_PREFIX || sel->binaries_op == SP_SET_NOT_PREFIX) &&
+	    !binary_path_matches(s, sel))
 		return false;
 	for (int a = 0; a < SP_MAX_ARG_FILTERS; a++) {
 		if (a >= sel->nargs)

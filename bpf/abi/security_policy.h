@@ -74,6 +74,8 @@ ABI_EXPORT_ENUM(sp_action);
 enum sp_set_op {
 	SP_SET_IN = 1,
 	SP_SET_NOT_IN = 2,
+	SP_SET_PREFIX = 3,      /* matchBinaries: the executable's path starts with a value */
+	SP_SET_NOT_PREFIX = 4,
 };
 ABI_EXPORT_ENUM(sp_set_op);
 
@@ -114,7 +116,8 @@ struct sp_selector {
 	__u8 nargs;          /* arg filters used */
 	__u8 nns;            /* namespace filters used */
 	__u8 ncaps;          /* capability filters used */
-	__u8 binaries_op;    /* 0: none, else enum sp_set_op (inode identity, sp_binaries) */
+	__u8 binaries_op;    /* 0: none, else enum sp_set_op: In/NotIn by inode identity
+			      * (sp_binaries), Prefix/NotPrefix on the path (sp_strings) */
 	__u8 pids_op;        /* 0: none, else enum sp_set_op */
 	__u8 npids;
 	__u8 pids_follow_forks;

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,27 @@ def test_a_reader_of_the_secret_is_killed_before_it_reads(agent: AgentProcess) -
         agent.cli("security", "policy", "delete", "shadow-readers")
     assert read_secret(["cat", "/etc/hostname"]).returncode == 0
     assert read_secret(["cat", SECRET]).returncode == 0  # the policy is gone
+
+
+def test_binaries_by_path_prefix_with_symlinked_directories(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
+    """matchBinaries Prefix on the executable's real path: a copy of cat under a directory
+    (named through a symlink in the policy) is killed, /usr/bin/cat is not."""
+    real = tmp_path / "real-tools"
+    real.mkdir()
+    shutil.copy2("/usr/bin/cat", real / "cat")
+    (tmp_path / "tools").symlink_to(real)
+    text = KILL_POLICY.replace("operator: NotIn", "operator: Prefix").replace(
+        f'values: ["{ALLOWED}"]', f'values: ["{tmp_path}/tools/"]'
+    )
+    apply(agent, text)
+    try:
+        copy = read_secret([str(real / "cat"), SECRET])
+        assert copy.returncode == -signal.SIGKILL and copy.stdout == b""
+        assert read_secret(["/usr/bin/cat", SECRET]).returncode == 0
+    finally:
+        agent.cli("security", "policy", "delete", "shadow-readers")
 
 
 # ---- deny connect ------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`membrane security policy`: TracingPolicy / TracingPolicyNamespaced (Tetragon's format)
 applied to the agent, whose selectors run and whose actions (Sigkill, Signal, Override on
-connect) happen in the kernel. `policy_app` is what `membrane security` mounts as
-`policy`; `app` serves it alone until `membrane security` has more to say."""
+connect) happen in the kernel. `policy_app` is what `membrane security` (cli.security)
+mounts as `policy`."""
 
 from __future__ import annotations
 
@@ -10,18 +10,15 @@ import typer
 from membrane.api.client import ApiClient
 from membrane.choices import check_choice
 from membrane.cli.api_options import API_SOCKET, OUTPUT
-from membrane.cli.commands import typer_app
 from membrane.cli.output import print_json, print_table
 from membrane.cli.policy import _read
 
-app = typer_app("security", no_args_is_help=True)
 policy_app = typer.Typer(
     name="policy",
     help="Tracing policies (Tetragon's TracingPolicy YAML): apply, list, delete.",
     no_args_is_help=True,
     add_completion=False,
 )
-app.add_typer(policy_app, name="policy")
 
 APPLY_EPILOG = """Example: kill any process but one binary that opens /etc/shadow
 
@@ -35,8 +32,8 @@ APPLY_EPILOG = """Example: kill any process but one binary that opens /etc/shado
       event: sys_enter_openat
       args: [{index: 6, type: string}]
       selectors:
-      - matchArgs: [{index: 6, operator: Equal, values: [/etc/shadow]}]
-        matchBinaries: [{operator: NotIn, values: [/usr/sbin/unix_chkpwd]}]
+      - matchArgs: [{index: 6, operator: Equal, values: ["/etc/shadow"]}]
+        matchBinaries: [{operator: NotIn, values: ["/usr/sbin/unix_chkpwd"]}]
         matchActions: [{action: Sigkill}]
 
   membrane security policy apply shadow.yaml

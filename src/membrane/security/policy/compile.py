@@ -276,8 +276,11 @@ def _selectors(
             out["args"].append(_arg_filter(plan, m.operator, m.values, position, arg, where, ids))
         for b in sel.matchBinaries:
             binaries_id = next(ids)
-            out["binaries_op"] = int(SpSetOp.IN if b.operator == "In" else SpSetOp.NOT_IN)
+            out["binaries_op"] = int(_SET_OPS[b.operator])
             out["binaries_id"] = binaries_id
+            if "Prefix" in b.operator:
+                _binary_prefixes(plan, binaries_id, b.values, f"{here}.matchBinaries[0]")
+                continue
             for k, path in enumerate(b.values):
                 try:
                     st = os.stat(path)  # follows symlinks: the binary itself
@@ -434,6 +437,27 @@ def _arg_filter(
         _int(v, f"{where}.values[{j}]", low, high) & ((1 << 64) - 1) for j, v in enumerate(values)
     ]
     return _with_values(out, ints, where)
+
+
+_SET_OPS = {
+    "In": SpSetOp.IN,
+    "NotIn": SpSetOp.NOT_IN,
+    "Prefix": SpSetOp.PREFIX,
+    "NotPrefix": SpSetOp.NOT_PREFIX,
+}
+
+
+def _binary_prefixes(plan: HookPlan, binaries_id: int, values: list[str], where: str) -> None:
+    """Path prefixes of executables, their directories' symlinks resolved (the kernel
+    walks the real path: /bin/ is /usr/bin/ where /bin links there)."""
+    for k, value in enumerate(values):
+        if not value.startswith("/"):
+            raise UserError(f"{where}.values[{k}]", f"{value!r} is not an absolute path")
+        head, tail = os.path.split(value)
+        resolved = os.path.join(os.path.realpath(head), tail).encode()
+        if len(resolved) >= abi.SP_LPM_STR:
+            raise UserError(f"{where}.values[{k}]", f"longer than {abi.SP_LPM_STR - 1} bytes")
+        plan.strings.append((binaries_id, resolved, len(resolved) * 8))
 
 
 def _common_prefix(values: list[bytes]) -> bytes:

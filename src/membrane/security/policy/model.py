@@ -88,7 +88,7 @@ class MatchArg(_Strict):
 
 
 class MatchBinaries(_Strict):
-    operator: Literal["In", "NotIn"]
+    operator: Literal["In", "NotIn", "Prefix", "NotPrefix"]
     values: list[str] = Field(min_length=1)
     unsupported = ("followChildren",)
 
