@@ -43,7 +43,7 @@ def test_ancestry_through_exited_parents() -> None:
         cache.exit(1000 + i)
     assert [a.pid for a in cache.ancestors(grandchild)] == [10, 1]
     assert cache.parent(grandchild) is child
-    event = exec_event(cache, grandchild, _WALL)
+    event = exec_event(cache, grandchild, _WALL).event()
     assert event.process_exec.parent.exec_id == child.exec_id
     assert [a.exec_id for a in event.process_exec.ancestors] == [shell.exec_id, init.exec_id]
     assert len(cache) <= 4 + 4  # live ones and their exited ancestors, plus max_exited
@@ -75,11 +75,11 @@ def test_exit_names_signal_or_status_and_pod() -> None:
     _start(cache, 1, 0, 1, ("procFS",))
     entry = _start(cache, 5, 1, 2, netns=77)
     assert isinstance(entry, ProcessEntry) and entry.pod == pod
-    killed = exit_event(cache, entry, _WALL, 9)
+    killed = exit_event(cache, entry, _WALL, 9).event()
     assert killed.process_exit.signal == "SIGKILL"
     assert killed.process_exit.process.pod.pod_labels == {"app": "web"}
     assert killed.process_exit.process.pod.container.id == "c0ffee"
-    code = exit_event(cache, entry, _WALL, 3 << 8)
+    code = exit_event(cache, entry, _WALL, 3 << 8).event()
     assert code.process_exit.status == 3 and not code.process_exit.signal
     message = events_pb2.GetEventsResponse().process_tracepoint
     assert fill_process(message, cache, 5, tid=6)

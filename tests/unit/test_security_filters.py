@@ -32,8 +32,8 @@ def _events() -> list[events_pb2.GetEventsResponse]:
             arguments=args, cwd="/", flags=["execve"], parent_pid=ppid, netns=netns,
         )  # fmt: skip
         cache.start(entry)
-        out.append(exec_event(cache, entry, _WALL))
-    out.append(exit_event(cache, cache.exit(11), _WALL, 9))  # type: ignore[arg-type]
+        out.append(exec_event(cache, entry, _WALL).event())
+    out.append(exit_event(cache, cache.exit(11), _WALL, 9).event())  # type: ignore[arg-type]
     return out
 
 

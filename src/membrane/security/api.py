@@ -20,7 +20,7 @@ from membrane.errors import UserError
 from membrane.security.filters import EventMatcher
 from membrane.security.format import json_line
 from membrane.security.runtime import SecurityRuntime
-from membrane.security.sink import Event
+from membrane.security.sink import Event, Item, resolve
 from membrane.tetragon.tetragon import events_pb2
 
 Runtime = Callable[[], SecurityRuntime | None]
@@ -82,7 +82,8 @@ async def _events(request: web.Request, runtime: SecurityRuntime | None) -> web.
         reported = 0
         while True:
             batch = await follower.queue.get()
-            lines = [json_line(e) for e in batch if matcher.matches(e)]
+            events = (resolve(item) for item in batch)
+            lines = [json_line(e) for e in events if matcher.matches(e)]
             if follower.lost > reported:
                 notice = Event(node_name=runtime.node_name)
                 notice.rate_limit_info.number_of_dropped_process_events = follower.lost - reported
@@ -96,11 +97,14 @@ async def _events(request: web.Request, runtime: SecurityRuntime | None) -> web.
         runtime.store.unfollow(follower)
 
 
-def _last(events: list[Event], matcher: EventMatcher, count: int) -> list[str]:
+def _last(items: list[Item], matcher: EventMatcher, count: int) -> list[str]:
+    """The last `count` matching events, oldest first (built newest first, only as many
+    as it takes)."""
     if count <= 0:
         return []
     chosen: list[Event] = []
-    for event in reversed(events):
+    for item in reversed(items):
+        event = resolve(item)
         if matcher.matches(event):
             chosen.append(event)
             if len(chosen) == count:

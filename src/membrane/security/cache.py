@@ -64,17 +64,16 @@ class ProcessCache:
         return proc
 
     def parent(self, entry: ProcessEntry) -> ProcessEntry | None:
-        return self._known.get(entry.parent_exec_id) if entry.parent_exec_id else None
+        return entry.parent
 
     def ancestors(self, entry: ProcessEntry) -> Iterator[ProcessEntry]:
-        """The parent's parent and on, nearest first, up to init or the first unknown."""
-        parent = self.parent(entry)
-        seen = 0
-        while parent is not None and seen < MAX_ANCESTORS:
-            parent = self.parent(parent)
+        """The parent's parent and on, nearest first, up to init or the first unknown.
+        Entries link to their parent: a chain stays whole while anything holds it."""
+        parent = entry.parent
+        for _ in range(MAX_ANCESTORS):
+            parent = parent.parent if parent is not None else None
             if parent is None:
                 return
-            seen += 1
             yield parent
 
     def entries(self) -> list[ProcessEntry]:
@@ -118,6 +117,7 @@ class ProcessCache:
             flags=" ".join(flags),
             parent_exec_id=parent.exec_id if parent is not None else "",
             parent_pid=parent_pid,
+            parent=parent,
             netns=netns,
             cgroup_id=cgroup_id,
             pod=pod,
@@ -129,7 +129,7 @@ class ProcessCache:
         before = self._live.get(entry.pid)
         self._live[entry.pid] = entry
         self._known[entry.exec_id] = entry
-        parent = self.parent(entry)
+        parent = entry.parent
         if parent is not None:
             parent.children += 1
         if before is not None and before is not entry:
@@ -156,7 +156,7 @@ class ProcessCache:
             if gone is None:
                 continue
             self.evicted += 1
-            parent = self.parent(gone)
+            parent = gone.parent
             if parent is not None:
                 parent.children -= 1
                 if parent.exited and parent.children == 0:

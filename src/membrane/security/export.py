@@ -20,6 +20,7 @@ from membrane.errors import UserError
 from membrane.rotating_file import RotatingFile
 from membrane.security.filters import EventMatcher, parse_filter_lines
 from membrane.security.format import json_line
+from membrane.security.sink import Item, resolve
 from membrane.tetragon.tetragon import events_pb2
 
 log = logging.getLogger("membrane.agent")
@@ -77,13 +78,13 @@ class EventExporter:
         self.settings = settings
         self._matcher = settings.matcher()
         self._file = RotatingFile(settings.path, settings.max_size_mb << 20, settings.max_backups)
-        self._queue: queue.Queue[Sequence[Event] | None] = queue.Queue(QUEUE_BATCHES)
+        self._queue: queue.Queue[Sequence[Item] | None] = queue.Queue(QUEUE_BATCHES)
         self.written = 0
         self.lost = 0
         self._thread = threading.Thread(target=self._run, name="security-export", daemon=True)
         self._thread.start()
 
-    def submit(self, events: Sequence[Event]) -> None:
+    def submit(self, events: Sequence[Item]) -> None:
         try:
             self._queue.put_nowait(events)
         except queue.Full:
@@ -98,7 +99,8 @@ class EventExporter:
         while (batch := self._queue.get()) is not None:
             try:
                 matcher = self._matcher
-                lines = [json_line(e) for e in batch if matcher is None or matcher.matches(e)]
+                events = (resolve(item) for item in batch)
+                lines = [json_line(e) for e in events if matcher is None or matcher.matches(e)]
                 self._file.write_lines(lines)
                 self.written += len(lines)
             except Exception:

@@ -12,17 +12,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
-
-import numpy as np
 
 from membrane.abi import SecProcEventType, SecProcFlag
 from membrane.bpf import BpfObject
-from membrane.bpf.ktime import ktimes_to_unix_ns
 from membrane.bpf.links import Link, attach_auto
 from membrane.bpf.ringbuf import BATCH_FILL, Records, RingBuffer
 from membrane.security.cache import ProcessCache
-from membrane.security.events import Event, exec_event, exit_event
+from membrane.security.events import LazyEvent, exec_event, exit_event
 from membrane.security.process import FLAG_CLONE, FLAG_EXECVE, FLAG_TRUNC_ARGS
 from membrane.security.procfs import load_processes
 from membrane.trace.batch import EventBatch, EventLayout
@@ -41,7 +39,7 @@ class ProcessMonitor:
     def __init__(
         self,
         cache: ProcessCache,
-        publish: Callable[[Sequence[Event]], None],
+        publish: Callable[[Sequence[LazyEvent]], None],
         ring_bytes: int = RING_BYTES,
     ) -> None:
         self.cache = cache
@@ -112,44 +110,27 @@ class ProcessMonitor:
         if not len(batch):
             return
         head = batch.head
-        starts, _lengths = batch.tail()
+        starts = batch.tail()[0].tolist()
         block = records.block
-        times = ktimes_to_unix_ns(head["hdr"]["ts_ns"]).tolist()
-        columns = {
-            name: head[name].tolist()
-            for name in (
-                "ktime",
-                "cgroup_id",
-                "pid",
-                "tid",
-                "ppid",
-                "uid",
-                "auid",
-                "netns",
-                "status",
-                "flags",
-                "binary_len",
-                "cwd_len",
-                "args_len",
-            )
-        }
-        types = head["hdr"]["type"].tolist()
-        out: list[Event] = []
-        for i, kind in enumerate(types):
-            row = {name: values[i] for name, values in columns.items()}
+        names = head.dtype.names
+        wall = time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        out: list[LazyEvent] = []
+        for i, values in enumerate(head.tolist()):  # one tuple per event: cheap to unpack
+            row = dict(zip(names, values, strict=True))
+            kind, time_ns = row["hdr"][2], row["hdr"][0] + wall  # (ts_ns, version, type, cpu)
             if kind == SecProcEventType.EXEC:
-                data = bytes(block[int(starts[i]) : int(starts[i]) + _data_len(row)])
-                out.append(self._exec(row, data, times[i]))
+                data = bytes(block[starts[i] : starts[i] + _data_len(row)])
+                out.append(self._exec(row, data, time_ns))
             elif kind == SecProcEventType.CLONE:
-                self._clone(row)
+                self._clone(row, row["ktime"] + wall)
             elif kind == SecProcEventType.EXIT:
-                event = self._exit(row, times[i])
+                event = self._exit(row, time_ns)
                 if event is not None:
                     out.append(event)
         if out:
             self.publish(out)
 
-    def _exec(self, row: dict, data: bytes, time_ns: int) -> Event:
+    def _exec(self, row: dict, data: bytes, time_ns: int) -> LazyEvent:
         self.execs += 1
         b, c = row["binary_len"], row["cwd_len"]
         binary = data[:b].decode(errors="replace")
@@ -180,7 +161,7 @@ class ProcessMonitor:
         self.cache.start(entry)
         return exec_event(self.cache, entry, time_ns)
 
-    def _clone(self, row: dict) -> None:
+    def _clone(self, row: dict, start_time_ns: int) -> None:
         """A new process runs its parent's program until it execs: the parent's binary,
         arguments and directory, its own pid and start."""
         self.clones += 1
@@ -189,7 +170,7 @@ class ProcessMonitor:
             pid=row["pid"],
             tid=row["tid"],
             ktime_ns=row["ktime"],
-            start_time_ns=0,
+            start_time_ns=start_time_ns,
             uid=row["uid"],
             auid=row["auid"],
             binary=parent.binary if parent else "",
@@ -200,10 +181,9 @@ class ProcessMonitor:
             netns=row["netns"],
             cgroup_id=row["cgroup_id"],
         )
-        entry.start_time_ns = int(ktimes_to_unix_ns(np.array([row["ktime"]]))[0])
         self.cache.start(entry)
 
-    def _exit(self, row: dict, time_ns: int) -> Event | None:
+    def _exit(self, row: dict, time_ns: int) -> LazyEvent | None:
         entry = self.cache.exit(row["pid"])
         if entry is None:
             self.unknown_exits += 1

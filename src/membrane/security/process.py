@@ -68,10 +68,18 @@ class ProcessEntry:
     cgroup_id: int = 0
     exited: bool = False
     pod: PodRef | None = None
-    children: int = field(default=0, repr=False)  # live children that name us as parent
+    children: int = field(default=0, repr=False)  # remembered children that name us
+    parent: ProcessEntry | None = field(default=None, repr=False, compare=False)
+    _proto: tetragon_pb2.Process | None = field(default=None, repr=False, compare=False)
 
     def to_proto(self) -> tetragon_pb2.Process:
-        """As Tetragon prints it (refcnt is ours to leave at 0)."""
+        """As Tetragon prints it (refcnt is ours to leave at 0); built once (what it shows
+        never changes), copied into each event that names the process."""
+        if self._proto is None:
+            self._proto = self._build()
+        return self._proto
+
+    def _build(self) -> tetragon_pb2.Process:
         start = Timestamp()
         start.FromNanoseconds(self.start_time_ns)
         proc = tetragon_pb2.Process(

@@ -11,19 +11,26 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from membrane.security.events import LazyEvent
 from membrane.security.redaction import Redactor
 from membrane.tetragon.tetragon import events_pb2
 
 Event = events_pb2.GetEventsResponse
+Item = Event | LazyEvent  # what the store keeps: a message, or one built when read
 DEFAULT_CAPACITY = 8191
 FOLLOWER_QUEUE = 1024  # batches a follower may lag behind before it is told it lost some
+
+
+def resolve(item: Item) -> Event:
+    """The message of a stored item (a LazyEvent is built now, once)."""
+    return item.event() if isinstance(item, LazyEvent) else item
 
 
 class EventSink(Protocol):
     """What a producer of security events needs: `publish(events)`, from any thread,
     never waiting on a reader."""
 
-    def publish(self, events: Sequence[Event]) -> None: ...
+    def publish(self, events: Sequence[Item]) -> None: ...
 
 
 class Follower:
@@ -32,10 +39,10 @@ class Follower:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[Sequence[Event]] = asyncio.Queue(FOLLOWER_QUEUE)
+        self.queue: asyncio.Queue[Sequence[Item]] = asyncio.Queue(FOLLOWER_QUEUE)
         self.lost = 0
 
-    def _put(self, events: Sequence[Event]) -> None:
+    def _put(self, events: Sequence[Item]) -> None:
         try:
             self.queue.put_nowait(events)
         except asyncio.QueueFull:
@@ -49,10 +56,10 @@ class EventStore:
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, redactor: Redactor | None = None) -> None:
         self.redactor = redactor if redactor else None
-        self._events: deque[Event] = deque(maxlen=capacity)
+        self._events: deque[Item] = deque(maxlen=capacity)
         self._lock = threading.Lock()
         self._followers: list[Follower] = []
-        self._exporters: list[Callable[[Sequence[Event]], None]] = []
+        self._exporters: list[Callable[[Sequence[Item]], None]] = []
         self.published = 0
 
     @property
@@ -62,15 +69,18 @@ class EventStore:
     def __len__(self) -> int:
         return len(self._events)
 
-    def add_exporter(self, export: Callable[[Sequence[Event]], None]) -> None:
+    def add_exporter(self, export: Callable[[Sequence[Item]], None]) -> None:
         self._exporters.append(export)
 
-    def publish(self, events: Sequence[Event]) -> None:
+    def publish(self, events: Sequence[Item]) -> None:
         if not events:
             return
         if self.redactor is not None:
-            for event in events:
-                self.redactor.event(event)
+            for item in events:
+                if isinstance(item, LazyEvent):
+                    item.post = self.redactor.event
+                else:
+                    self.redactor.event(item)
         with self._lock:
             self._events.extend(events)
             self.published += len(events)
@@ -80,13 +90,13 @@ class EventStore:
         for export in self._exporters:
             export(events)
 
-    def recent(self, count: int | None = None) -> list[Event]:
-        """The newest `count` events (all with None), oldest first."""
+    def recent(self, count: int | None = None) -> list[Item]:
+        """The newest `count` items (all with None), oldest first (`resolve` each)."""
         with self._lock:
             events = list(self._events)
         return events if count is None else events[-count:] if count else []
 
-    def follow(self, loop: asyncio.AbstractEventLoop) -> tuple[list[Event], Follower]:
+    def follow(self, loop: asyncio.AbstractEventLoop) -> tuple[list[Item], Follower]:
         """The events stored now and a follower of every later one: nothing is missed or
         seen twice between the two."""
         follower = Follower(loop)
