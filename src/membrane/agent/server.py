@@ -223,7 +223,9 @@ class AgentServer:
         from membrane.cni.service import answer
 
         body = await self._json(request)
-        return web.json_response(await answer(self, request.match_info["command"], body))
+        result = await answer(self, request.match_info["command"], body)
+        await self._refresh_tracing_scope()  # a pod came or went: namespaced policies follow
+        return web.json_response(result)
 
     async def trace(self, request: web.Request) -> web.Response:
         req = parse_body(TraceRequest, await self._json(request))
@@ -237,7 +239,7 @@ class AgentServer:
     # ---- tracing policies (membrane.security.policy) ---------------------------------------
     def _tracing(self) -> TracingPolicies:
         if self.tracing is None:
-            raise UserError("runtime-security", "tracing policies are not running in this agent")
+            raise UserError("runtime-security", "is off in this agent (--runtime-security=false)")
         return self.tracing
 
     async def list_tracing_policies(self, request: web.Request) -> web.Response:
@@ -256,7 +258,12 @@ class AgentServer:
         if self.tracing is not None:
             await self.run_sync(self.tracing.refresh_scope)
 
-    def _start_tracing(self) -> TracingPolicies:
+    def _start_tracing(self) -> TracingPolicies | None:
+        """Tracing policies are part of runtime security: off with it (what an earlier
+        agent pinned stays in force, as the datapath does, until an agent with runtime
+        security deletes it)."""
+        if self.security is None:
+            return None
         from membrane.bpf.probe import supports
         from membrane.security.policy.manager import PodEndpoint, TracingPolicies
 
