@@ -33,8 +33,9 @@ EVERYWHERE = {
     "helper_get_stack",
 }  # fmt: skip
 # What depends on how the kernel was built and booted (kprobes not built, lockdown, ...),
-# or on its version (task-local storage from tracepoint programs).
-VARIES = {"tcx", "kprobe", "fentry", "fexit", "lsm", "helper_task_storage"}
+# or on its version (task-local storage from tracepoint programs); SOCK_DESTROY on
+# CONFIG_INET_DIAG_DESTROY.
+VARIES = {"tcx", "kprobe", "fentry", "fexit", "lsm", "helper_task_storage", "sock_destroy"}
 
 
 def kernel_version() -> tuple[int, int]:
@@ -174,7 +175,7 @@ def test_a_failed_setup_reports_every_feature_of_its_group(monkeypatch: pytest.M
 
     monkeypatch.setattr(probe.netns, "add_veth", no_veth)
     got = [f for f in probe_features() if f.category == "network"]
-    assert [f.name for f in got] == ["xdp_native", "xdp_generic", "tcx", "clsact"]
+    assert [f.name for f in got] == ["xdp_native", "xdp_generic", "tcx", "clsact", "sock_destroy"]
     assert all(not f.supported and f.detail.startswith("probe setup failed") for f in got)
     assert_nothing_left()  # the namespace made before the failure is gone
 

@@ -16,12 +16,14 @@ from typing import Any
 
 import pytest
 
+from membrane.bpf.probe import supports
 from membrane.testing.agent import agent_unusable_reason
 from membrane.testing.cluster import Cluster, running_cluster, unique_tag
-from membrane.testing.pods import Pod
+from membrane.testing.pods import Pod, start_echo_server
 from membrane.testing.services import (
     connect_many,
     finish,
+    hold_connection,
     name_server,
     service_cgroup,
     start_connecting,
@@ -271,6 +273,50 @@ def test_no_failed_connect_while_backends_change(env: Env) -> None:
         assert sum(result["answers"].values()) > 50
     finally:
         env.cli("service", "delete", "shop/churn")
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_connections_to_a_removed_backend_are_closed(env: Env, proto: str) -> None:
+    """The socket LB's connections to a backend that leaves are destroyed (SOCK_DESTROY):
+    TCP is reset, a connected UDP socket sees ECONNABORTED; the others stay."""
+    if not supports("sock_destroy"):
+        pytest.skip("the kernel has no SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY)")
+    echo = {n: start_echo_server(env.web[n].netns, (81,)) for n in ("web-1", "web-2")}
+    protocol = proto.upper()
+    held = textwrap.dedent("""
+        apiVersion: v1
+        kind: Service
+        metadata: {name: held, namespace: shop}
+        spec:
+          clusterIP: 198.19.128.203
+          ports: [{name: echo, port: 9000, targetPort: 81, protocol: PROTO}]
+        ---
+        apiVersion: discovery.k8s.io/v1
+        kind: EndpointSlice
+        metadata:
+          name: held-1
+          namespace: shop
+          labels: {kubernetes.io/service-name: held}
+        addressType: IPv4
+        ports: [{name: echo, port: 81, protocol: PROTO}]
+        endpoints: ENDPOINTS
+    """).replace("PROTO", protocol)
+    only = {n: json.dumps([{"addresses": [env.web[n].ip]}]) for n in echo}
+    holders: list[subprocess.Popen[str]] = []
+    try:
+        env.import_yaml(held.replace("ENDPOINTS", only["web-1"]))
+        holders.append(hold_connection(env.client.netns, env.cgroup, "198.19.128.203", 9000, proto))
+        env.import_yaml(held.replace("ENDPOINTS", only["web-2"]))
+        out, _ = holders[0].communicate(timeout=10)
+        assert out.strip() in ("closed ECONNABORTED", "closed ECONNRESET")
+        # a connection to the backend that stays is left alone
+        holders.append(hold_connection(env.client.netns, env.cgroup, "198.19.128.203", 9000, proto))
+        both = [{"addresses": [env.web[n].ip]} for n in ("web-2", "web-1")]
+        env.import_yaml(held.replace("ENDPOINTS", json.dumps(both)))
+        assert holders[1].poll() is None
+    finally:
+        stop_all([*holders, *echo.values()])
+        env.cli("service", "delete", "shop/held", check=False)
 
 
 def test_policy_applies_to_the_backend_after_translation(env: Env) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno as E
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -48,6 +49,7 @@ from membrane.bpf.maps import LPM_TRIE, LRU_HASH, PERCPU_ARRAY, RINGBUF, STACK_T
 from membrane.bpf.object import BpfObject, Program
 
 PROBE_OBJECT = "probe"
+_SO_COOKIE = 57  # asm-generic/socket.h
 
 # What loading and attaching the probes takes (bit numbers from linux/capability.h).
 CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
@@ -198,6 +200,20 @@ def _tcx(prog: Program, cleanup: contextlib.ExitStack, ifindex: int) -> str:
     return "attached to a veth's ingress as a tcx link"
 
 
+def _sock_destroy(_: int) -> str:
+    """sock_diag's SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY), with which the agent closes the
+    socket LB's connections to removed backends: tried on a listener of the namespace."""
+    from membrane.service.terminate import Target, destroy_here
+
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        cookie = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8), "little")
+        if not destroy_here([Target("0.0.0.0", 0, frozenset({cookie}))]):
+            raise BpfError("the listening socket was not found to destroy")
+    return "destroyed a listening socket through sock_diag"
+
+
 def _clsact(prog: Program, cleanup: contextlib.ExitStack, ifindex: int) -> str:
     cleanup.callback(attach_tc(prog, ifindex, "ingress", mode="clsact").detach)
     return "attached to a veth's ingress through a clsact qdisc"
@@ -269,6 +285,7 @@ _GROUPS = [
             "xdp_generic": _program("probe_xdp", _xdp("generic")),
             "tcx": _program("probe_tc", _tcx),
             "clsact": _program("probe_tc", _clsact),
+            "sock_destroy": _sock_destroy,
         },
     ),
     _Group(

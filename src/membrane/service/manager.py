@@ -89,8 +89,11 @@ class ServiceManager:
         store: ServiceStore,
         socket_lb: SocketLb,
         node_view: Callable[[], NodeView],
+        namespaces: Callable[[], Iterable[str | None]] = lambda: (),
     ) -> None:
         self.settings = settings
+        self.namespaces = namespaces  # where sockets to removed backends may live
+        self.terminate_connections = True
         self.store = store
         self.socket_lb = socket_lb
         self.maps: ServiceMaps = socket_lb.maps
@@ -171,11 +174,37 @@ class ServiceManager:
             except Exception:
                 log.exception("the service maps could not be restored")
             raise
+        removed = {(k[0], k[1]) for k in self.plan.backends()} - {
+            (k[0], k[1]) for k in new_plan.backends()
+        }
         self.services, self.slices, self.ids, self.plan = services, slices, ids, new_plan
+        if removed:
+            self._terminate(removed)
         self.store.save(services.values(), slices.values(), ids)
         self.views = {
             key: service_view(svc, new_plan, ids, node) for key, svc in sorted(services.items())
         }
+
+    def _terminate(self, removed: set[tuple[str, int]]) -> None:
+        """Close the connections the socket LB made to backends that are gone."""
+        from membrane.service.terminate import DestroyUnsupported, Target, destroy_everywhere
+
+        if not self.terminate_connections:
+            return
+        cookies = self.maps.translated_sockets(removed)
+        targets = [Target(a, p, frozenset(c)) for (a, p), c in cookies.items()]
+        if not targets:
+            return
+        try:
+            closed = destroy_everywhere(self.namespaces(), targets)
+        except DestroyUnsupported:
+            self.terminate_connections = False
+            log.warning(
+                "this kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY): connections "
+                "to removed backends stay open until they end"
+            )
+            return
+        log.info("connections to removed backends closed", extra={"fields": {"sockets": closed}})
 
     # ---- checks ------------------------------------------------------------------------
     def _checked(self, svc: ServiceRecord) -> ServiceRecord:
@@ -255,6 +284,11 @@ def start_services(
     def node_view() -> NodeView:
         return NodeView(tuple(endpoints()), node_addresses, config.maglev_table_size)
 
-    manager = ServiceManager(settings, ServiceStore(config.state_dir), socket_lb, node_view)
+    def namespaces() -> list[str | None]:
+        return [config.node_netns, *(ep.netns for ep in endpoints())]
+
+    manager = ServiceManager(
+        settings, ServiceStore(config.state_dir), socket_lb, node_view, namespaces
+    )
     manager.sync()
     return manager

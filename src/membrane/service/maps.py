@@ -27,6 +27,7 @@ from membrane.abi import (
     SVC_MAX_SETS,
     SVC_MAX_SLOTS,
     BackendState,
+    SvcSockDir,
 )
 from membrane.bpf import Map
 from membrane.errors import UserError
@@ -158,6 +159,17 @@ class ServiceMaps:
             int(k): ((_address_of(bytes(v.addr), v.family), v.port, v.protocol), v.state)
             for k, v in self.backends.lookup_batch()
         }
+
+    def translated_sockets(self, backends: set[tuple[str, int]]) -> dict[tuple[str, int], set[int]]:
+        """Cookies of the sockets the socket LB sent to each of `backends` (address, port)."""
+        found: dict[tuple[str, int], set[int]] = {}
+        for k, _ in self.sock.lookup_batch():
+            if k.dir != SvcSockDir.REV:
+                continue
+            backend = (_address_of(bytes(k.addr), k.family), k.port)
+            if backend in backends:
+                found.setdefault(backend, set()).add(int(k.cookie))
+        return found
 
     def slot_count(self) -> int:
         return len(self._slots_now())

@@ -92,6 +92,28 @@ _CLIENT = textwrap.dedent("""
 """)
 
 
+# Opens one connection (tcp, or connected udp), checks it echoes, says "connected", then
+# waits on it and says how it ended: "closed <errno name>" (or "closed eof").
+_HOLDER = textwrap.dedent("""
+    import errno, socket, sys
+    proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    s = socket.socket(family, kind)
+    s.settimeout(5)
+    s.connect((host, port))
+    s.send(b"ping")
+    assert s.recv(100) == b"ping"
+    print("connected", flush=True)
+    s.settimeout(None)
+    try:
+        data = s.recv(100)
+        print("closed eof" if not data else "closed data", flush=True)
+    except OSError as err:
+        print("closed", errno.errorcode.get(err.errno, err.errno), flush=True)
+""")
+
+
 @contextlib.contextmanager
 def service_cgroup(tag: str) -> Iterator[Path]:
     """A child cgroup of the cgroup2 root for the socket LB (never the root itself)."""
@@ -165,6 +187,27 @@ def start_connecting(
         preexec_fn=_in_cgroup(cgroup),
         start_new_session=True,
     )
+
+
+def hold_connection(
+    ns: str, cgroup: Path, host: str, port: int, proto: str = "tcp"
+) -> subprocess.Popen[str]:
+    """One long-lived connection (tcp or connected udp) to an echo server, returned once it
+    echoed; its stdout then says how it was closed."""
+    proc = subprocess.Popen(
+        netns.command(ns, [sys.executable, "-c", _HOLDER, proto, host, str(port)]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_in_cgroup(cgroup),
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != "connected":
+        netns.stop(proc)
+        raise RuntimeError(f"no connection to {host}:{port} ({line!r}, {proc.stderr.read()})")
+    return proc
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
