@@ -562,3 +562,24 @@ def test_policies_are_reapplied_on_restart_without_a_gap(agent: AgentProcess) ->
     finally:
         agent.cli("security", "policy", "delete", "shadow-readers")
     assert not links.exists()
+
+
+def test_a_policy_that_cannot_be_reapplied_keeps_its_programs(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
+    """At restart a policy naming a binary that is gone cannot be compiled again: its
+    previous programs stay pinned and enforcing, and `list` says why, until it is deleted."""
+    allowed = tmp_path / "allowed-head"
+    shutil.copy2(ALLOWED, allowed)
+    apply(agent, KILL_POLICY.replace(ALLOWED, str(allowed)))
+    try:
+        agent.stop()
+        allowed.unlink()
+        agent.start()
+        [listed] = agent.cli_json("security", "policy", "list")["policies"]
+        assert "not re-applied" in listed["error"] and str(allowed) in listed["error"]
+        assert read_secret(["cat", SECRET]).returncode == -signal.SIGKILL
+    finally:
+        agent.cli("security", "policy", "delete", "shadow-readers")
+    assert agent.cli_json("security", "policy", "list")["policies"] == []
+    assert read_secret(["cat", SECRET]).returncode == 0

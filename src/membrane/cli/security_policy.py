@@ -72,7 +72,7 @@ def list_(output: str = OUTPUT, api_socket: str = API_SOCKET) -> None:
         print_json(result)
         return
     rows = [
-        [_ref(p), p["kind"], ", ".join(h["target"] for h in p["hooks"]),
+        [_ref(p), p["kind"], p.get("error") or ", ".join(h["target"] for h in p["hooks"]),
          str(sum(h["denied"] for h in p["hooks"]))]
         for p in result["policies"]
     ]  # fmt: skip

@@ -81,6 +81,7 @@ class TracingPolicies:
         self.sink: EventSink = sink if sink is not None else EventStore()
         self.cache = cache
         self._installed: dict[str, Installed] = {}
+        self._failed: dict[str, tuple[dict[str, Any], str]] = {}  # not re-applied at start
         self._plans: dict[int, HookPlan] = {}  # hook id -> plan, for the reader
         self._next_hook_id = 1
         self._pods: dict[int, PodRef] = {}  # netns inode -> pod
@@ -99,11 +100,17 @@ class TracingPolicies:
             try:
                 policy = parse_document(document, key)
                 self._install(policy, document, self._compile(policy, key))
-            except UserError as err:  # e.g. a binary a policy names is gone
-                log.error("tracing policy not re-applied", extra={"fields": {"error": str(err)}})
+            except UserError as err:
+                # E.g. a binary the policy names is gone. What the previous agent pinned
+                # keeps enforcing, and the policy stays stored, until it is deleted.
+                self._failed[key] = (document, str(err))
+                log.error(
+                    "tracing policy not re-applied; its previous programs stay in force",
+                    extra={"fields": {"policy": key, "error": str(err)}},
+                )
         links = self.loader.link_dir("x").parent
         if links.is_dir():
-            known = {self.loader.link_dir(k).name for k in self._installed}
+            known = {self.loader.link_dir(k).name for k in [*self._installed, *self._failed]}
             for stale in links.iterdir():
                 if stale.name not in known:
                     _unpin_dir(stale)
@@ -139,6 +146,11 @@ class TracingPolicies:
 
     def delete(self, key: str) -> dict[str, Any]:
         installed = self._installed.get(key)
+        if installed is None and key in self._failed:
+            view = self._failed_view(key, *self._failed.pop(key))
+            _unpin_dir(self.loader.link_dir(key))
+            self._save()
+            return {"policies": [view]}
         if installed is None:
             raise NotFound("policy", f"tracing policy {key} does not exist")
         view = self._view(installed)
@@ -151,7 +163,20 @@ class TracingPolicies:
         return {"policies": [view]}
 
     def list(self) -> dict[str, Any]:
-        return {"policies": [self._view(i) for i in self._installed.values()]}
+        views = [self._view(i) for i in self._installed.values()]
+        views += [self._failed_view(k, doc, err) for k, (doc, err) in self._failed.items()]
+        return {"policies": views}
+
+    @staticmethod
+    def _failed_view(key: str, document: dict[str, Any], error: str) -> dict[str, Any]:
+        namespace, _, name = key.rpartition("/")
+        return {
+            "name": name,
+            "namespace": namespace or None,
+            "kind": document.get("kind", ""),
+            "hooks": [],
+            "error": f"not re-applied at start ({error}); its previous programs stay in force",
+        }
 
     def refresh_scope(self) -> None:
         """Point namespaced policies at the net namespaces of the pods they select, and
@@ -208,6 +233,7 @@ class TracingPolicies:
             raise
         old = self._installed.get(policy.key)
         self._installed[policy.key] = Installed(policy, document, loaded, time.time())
+        self._failed.pop(policy.key, None)
         if old is not None:
             for hook in old.hooks:
                 self._plans.pop(hook.hook_id, None)
@@ -256,7 +282,8 @@ class TracingPolicies:
         data = {
             "next_hook_id": self._next_hook_id,
             "policies": [
-                {"key": key, "document": i.document} for key, i in self._installed.items()
+                *({"key": key, "document": i.document} for key, i in self._installed.items()),
+                *({"key": key, "document": doc} for key, (doc, _) in self._failed.items()),
             ],
         }
         tmp = self.path.with_suffix(".tmp")
