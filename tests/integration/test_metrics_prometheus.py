@@ -38,7 +38,9 @@ pytestmark = pytest.mark.root
 
 PROMETHEUS = "prometheus"
 SCRAPE_INTERVAL = "1s"
-PRESSURE_MAPS = ("ct", "ct6", "policy", "ipcache", "ipcache6")
+# the node maps and the service maps (membrane.service)
+PRESSURE_MAPS = ("ct", "ct6", "policy", "ipcache", "ipcache6", "svc_frontends", "svc_backends",
+                 "svc_slots", "svc_affinity", "svc_sock")  # fmt: skip
 BULK_PORT = 9000  # x/a takes anything (no policy selects it)
 BULK_BYTES = 4 << 20
 

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 # cilium_bpf_map_pressure: the node maps whose fill matters (ours are node-wide, where
 # Cilium has cilium_ct4_global, cilium_policy_<ep>, cilium_ipcache).
 PRESSURE_MAPS = ("ct", "ct6", "policy", "ipcache", "ipcache6")
+# The service maps (membrane.service, pinned under services/) that fill with services,
+# backends and the socket LB's connections (Cilium's cilium_lb4_services_v2 and friends).
+SERVICE_PRESSURE_MAPS = ("svc_frontends", "svc_backends", "svc_slots", "svc_affinity", "svc_sock")
 # Counting a map's entries walks it (a syscall per 4096 entries of a hash, per entry of an
 # LPM trie): done at most this often, scrapes in between get the last count.
 PRESSURE_INTERVAL = 5.0
@@ -93,6 +96,10 @@ class AgentCollector(Collector):
         maps (read-only use; the agent's handles stay the agent's)."""
         for name in ("drops", "forwards", *PRESSURE_MAPS):
             self._maps[name] = Map.from_pin(os.path.join(bpf_dir, name), name=name)
+        for name in SERVICE_PRESSURE_MAPS:
+            path = os.path.join(bpf_dir, "services", name)
+            if os.path.exists(path):
+                self._maps[name] = Map.from_pin(path, name=name)
         self._snapshot = snapshot
 
     def close(self) -> None:
@@ -170,7 +177,8 @@ class AgentCollector(Collector):
             if now - self._pressure_at >= PRESSURE_INTERVAL:
                 self._pressure = {
                     name: count_entries(self._maps[name]) / self._maps[name].max_entries
-                    for name in PRESSURE_MAPS
+                    for name in (*PRESSURE_MAPS, *SERVICE_PRESSURE_MAPS)
+                    if name in self._maps
                 }
                 self._pressure_at = now
             return dict(self._pressure)
