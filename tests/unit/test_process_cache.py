@@ -85,3 +85,29 @@ def test_exit_names_signal_or_status_and_pod() -> None:
     assert fill_process(message, cache, 5, tid=6)
     assert message.process.tid.value == 6 and message.parent.pid.value == 1
     assert not fill_process(message, cache, 999)
+
+
+def test_store_builds_lazily_redacts_and_follows() -> None:
+    import asyncio
+
+    from membrane.security.events import dropped_notice
+    from membrane.security.redaction import parse_redaction_filters
+    from membrane.security.sink import EventStore, resolve
+
+    cache = ProcessCache("n")
+    entry = _start(cache, 1, 0, 1, ("procFS",))
+    entry.arguments = "--token=abc"  # before its message is first built
+    store = EventStore(2, parse_redaction_filters('{"redact":["--token=(\\\\S+)"]}'))
+    lazy = exec_event(cache, entry, _WALL)
+    loop = asyncio.new_event_loop()
+    try:
+        history, follower = store.follow(loop)
+        store.publish([lazy, dropped_notice("n", 3), exit_event(cache, entry, _WALL, 0)])
+        loop.run_until_complete(asyncio.sleep(0))
+        assert history == [] and follower.queue.qsize() == 1
+        kept = [resolve(item) for item in store.recent()]
+        assert len(kept) == 2  # the capacity: the oldest went
+        assert kept[0].rate_limit_info.number_of_dropped_process_events == 3
+        assert resolve(lazy).process_exec.process.arguments == "--token=*****"
+    finally:
+        loop.close()

@@ -17,6 +17,7 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from membrane.errors import UserError
+from membrane.security.events import dropped_notice
 from membrane.security.filters import EventMatcher
 from membrane.security.format import json_line
 from membrane.security.runtime import SecurityRuntime
@@ -85,8 +86,7 @@ async def _events(request: web.Request, runtime: SecurityRuntime | None) -> web.
             events = (resolve(item) for item in batch)
             lines = [json_line(e) for e in events if matcher.matches(e)]
             if follower.lost > reported:
-                notice = Event(node_name=runtime.node_name)
-                notice.rate_limit_info.number_of_dropped_process_events = follower.lost - reported
+                notice = dropped_notice(runtime.node_name, follower.lost - reported)
                 lines.insert(0, json_line(notice))
                 reported = follower.lost
             if lines:

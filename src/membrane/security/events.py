@@ -12,6 +12,7 @@ and every ancestor), most of the monitor's time per process; most events are nev
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -116,6 +117,14 @@ def exit_event(
         return event
 
     return LazyEvent(make)
+
+
+def dropped_notice(node_name: str, count: int) -> Event:
+    """What the stream says where the kernel's ring had no room for `count` events:
+    Tetragon's rate_limit_info (number_of_dropped_process_events)."""
+    event = envelope(node_name, time.time_ns())
+    event.rate_limit_info.number_of_dropped_process_events = count
+    return event
 
 
 def signal_name(signo: int) -> str:

@@ -20,9 +20,10 @@ from membrane.bpf import BpfObject
 from membrane.bpf.links import Link, attach_auto
 from membrane.bpf.ringbuf import BATCH_FILL, Records, RingBuffer
 from membrane.security.cache import ProcessCache
-from membrane.security.events import LazyEvent, exec_event, exit_event
+from membrane.security.events import LazyEvent, dropped_notice, exec_event, exit_event
 from membrane.security.process import FLAG_CLONE, FLAG_EXECVE, FLAG_TRUNC_ARGS
 from membrane.security.procfs import load_processes
+from membrane.security.sink import Item
 from membrane.trace.batch import EventBatch, EventLayout
 
 log = logging.getLogger("membrane.agent")
@@ -39,7 +40,7 @@ class ProcessMonitor:
     def __init__(
         self,
         cache: ProcessCache,
-        publish: Callable[[Sequence[LazyEvent]], None],
+        publish: Callable[[Sequence[Item]], None],
         ring_bytes: int = RING_BYTES,
     ) -> None:
         self.cache = cache
@@ -92,9 +93,13 @@ class ProcessMonitor:
         self._stack.close()
 
     def _run(self) -> None:
+        reported = self._ring.lost
         while not self._stop.is_set():
             try:
                 records = self._ring.poll(POLL_MS)
+                if (lost := self._ring.lost) > reported:  # said where they are missing
+                    self.publish([dropped_notice(self.cache.node_name, lost - reported)])
+                    reported = lost
                 if len(records):
                     self.handle(records)
             except Exception:
