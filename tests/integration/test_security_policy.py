@@ -161,6 +161,35 @@ def test_binaries_by_path_prefix_with_symlinked_directories(
         agent.cli("security", "policy", "delete", "shadow-readers")
 
 
+def test_capabilities_and_namespaces_select_in_the_kernel(agent: AgentProcess) -> None:
+    """matchCapabilities (effective set) and matchNamespaces (host_ns): the same reader is
+    killed while it holds CAP_SYS_ADMIN in the host's mount namespace, not once it has
+    dropped the capability."""
+    text = KILL_POLICY.replace(
+        f"""      matchBinaries:
+      - operator: NotIn
+        values: ["{ALLOWED}"]
+""",
+        """      matchCapabilities:
+      - type: Effective
+        operator: In
+        values: ["CAP_SYS_ADMIN"]
+      matchNamespaces:
+      - namespace: Mnt
+        operator: In
+        values: ["host_ns"]
+""",
+    )
+    assert "matchCapabilities" in text
+    apply(agent, text)
+    try:
+        assert read_secret(["cat", SECRET]).returncode == -signal.SIGKILL
+        dropped = read_secret(["setpriv", "--bounding-set=-sys_admin", "cat", SECRET])
+        assert dropped.returncode == 0 and dropped.stdout
+    finally:
+        agent.cli("security", "policy", "delete", "shadow-readers")
+
+
 # ---- deny connect ------------------------------------------------------------------------
 DENIED, OPEN = 7311, 7312
 PORTS = (str(DENIED), str(OPEN))
@@ -188,7 +217,7 @@ spec:
         values: ["{DENIED}"]
       - index: 6
         operator: DAddr
-        values: ["198.18.0.0/16", "127.0.0.0/8"]
+        values: ["198.18.0.0/16", "127.0.0.0/8", "2001:db8:1::/64"]
       matchActions:
       - action: Override
         argError: -1
@@ -210,18 +239,19 @@ spec:
 CLIENT = """
 import errno, json, socket, sys
 ip, denied, open_ = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+family = socket.AF_INET6 if ":" in ip else socket.AF_INET
 out = {}
 listeners = []
 for port in (denied, open_):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s = socket.socket(family); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((ip, port)); s.listen(); listeners.append(s)
 for port in (denied, open_):
-    c = socket.socket()
+    c = socket.socket(family)
     try:
         c.connect((ip, port)); out[f"tcp{port}"] = "ok"
     except OSError as e:
         out[f"tcp{port}"] = errno.errorcode[e.errno]
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u = socket.socket(family, socket.SOCK_DGRAM)
     try:
         u.sendto(b"x", (ip, port)); out[f"udp{port}"] = "ok"
     except OSError as e:
@@ -246,9 +276,9 @@ def test_a_pods_connect_to_a_denied_port_fails_with_eperm(
         apply(agent, CONNECT_POLICY)
         pods = {f"{e['namespace']}/{e['name']}": e for e in agent.endpoints()}
 
-        def run_in(pod: str) -> dict[str, str]:
+        def run_in(pod: str, family: str = "ipv4") -> dict[str, str]:
             netns = f"{agent.prefix}{pod.replace('/', '-')}"
-            ip = pods[pod]["ipv4"]
+            ip = pods[pod][family]
             done = subprocess.run(
                 ["ip", "netns", "exec", netns, sys.executable, "-c", CLIENT, ip, *PORTS],
                 capture_output=True, text=True, timeout=30, preexec_fn=_in_cgroup(cgroup),
@@ -261,6 +291,8 @@ def test_a_pods_connect_to_a_denied_port_fails_with_eperm(
             f"tcp{DENIED}": "EPERM", f"udp{DENIED}": "EPERM",
             f"tcp{OPEN}": "ok", f"udp{OPEN}": "ok",
         }  # fmt: skip
+        if pods["shop/web"].get("ipv6"):  # connect6 and sendmsg6
+            assert run_in("shop/web", "ipv6") == web
         # Another pod of the namespace that the podSelector does not select: not refused.
         cache = run_in("shop/cache")
         assert set(cache.values()) == {"ok"}
@@ -272,7 +304,8 @@ def test_a_pods_connect_to_a_denied_port_fails_with_eperm(
         )  # fmt: skip
         assert set(json.loads(host.stdout).values()) == {"ok"}
         [listed] = agent.cli_json("security", "policy", "list")["policies"]
-        assert sum(h["denied"] for h in listed["hooks"]) == 2
+        refused = 4 if pods["shop/web"].get("ipv6") else 2
+        assert sum(h["denied"] for h in listed["hooks"]) == refused
 
         events = wait_for(
             "the refusals' events",
@@ -478,8 +511,8 @@ COMPILE_ERRORS = [
      "spec.tracepoints[0].selectors[0].matchBinaries[0].values[0]", "No such file"),
     (CONNECT_POLICY.replace("argError: -1", "argError: -13"),
      "spec.tracepoints[0].selectors[0].matchActions[0].argError", "EPERM"),
-    (CONNECT_POLICY.replace('values: ["198.18.0.0/16", "127.0.0.0/8"]', 'values: ["nowhere"]'),
-     "spec.tracepoints[0].selectors[0].matchArgs[1].values[0]", "not an address"),
+    (CONNECT_POLICY.replace('"127.0.0.0/8",', '"nowhere",'),
+     "spec.tracepoints[0].selectors[0].matchArgs[1].values[1]", "not an address"),
 ]  # fmt: skip
 
 
