@@ -90,9 +90,14 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, struct wh
 {
 	void *data, *data_end;
 
-	bpf_skb_pull_data(skb, skb->len < HEADERS_MAX ? skb->len : HEADERS_MAX);
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
+	if (data + HEADERS_MAX > data_end && data_end - data < skb->len) {
+		/* headers beyond the linear part (rare): pull them in, at a cost */
+		bpf_skb_pull_data(skb, skb->len < HEADERS_MAX ? skb->len : HEADERS_MAX);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
 	if (parse_packet(data, data_end, p) != PARSE_L4 || p->family != 4)
 		return -1;
 	if (p->protocol != IPPROTO_TCP && p->protocol != IPPROTO_UDP)
