@@ -17,6 +17,14 @@
 #include <linux/in.h>
 #include "lib/service.h"
 
+/* The socket LB's own map (abi/service.h): the per-packet path has no use for it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SVC_XLATE_SIZE);
+	__type(key, struct svc_xlate_key);
+	__type(value, __u32);
+} svc_xlate SEC(".maps");
+
 #define SYS_PROCEED 1
 #define SYS_REJECT 0
 
@@ -112,6 +120,21 @@ static __always_inline void remember(__u64 cookie, __u8 dir, const __u8 *key_add
 	bpf_map_update_elem(&svc_sock, &k, &v, BPF_ANY);
 }
 
+/* Which frontend this netns reached the backend through (flows name the service). Only
+ * written when it changes: connects to the same backend cost a lookup. */
+static __always_inline void note_xlate(struct bpf_sock_addr *ctx, const struct svc_backend *be,
+				       __u32 revnat)
+{
+	struct svc_xlate_key k = { .netns = bpf_get_netns_cookie(ctx), .port = be->port,
+				   .protocol = be->protocol, .family = be->family };
+	__u32 *known;
+
+	__builtin_memcpy(k.addr, be->addr, 16);
+	known = bpf_map_lookup_elem(&svc_xlate, &k);
+	if (!known || *known != revnat)
+		bpf_map_update_elem(&svc_xlate, &k, &revnat, BPF_ANY);
+}
+
 /* Translate the destination if it is a frontend. `keep`: reuse the backend this socket
  * was given before (unconnected UDP), while it exists and is not in maintenance. */
 static __always_inline int translate(struct bpf_sock_addr *ctx, __u8 family, bool keep)
@@ -156,6 +179,7 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, __u8 family, boo
 	if (keep)
 		remember(cookie, SVC_SOCK_FWD, key.addr, key.port, family, be->addr, be->port, id);
 	remember(cookie, SVC_SOCK_REV, be->addr, be->port, family, key.addr, key.port, fe->revnat);
+	note_xlate(ctx, be, fe->revnat);
 	set_addr(ctx, family, be->addr, be->port);
 	return SYS_PROCEED;
 }

@@ -26,6 +26,9 @@
  *                   svc_sock_value. FWD: a socket's frontend -> the backend it was given
  *                   (unconnected UDP keeps its backend); REV: the backend -> the frontend
  *                   (recvmsg/getpeername show the service address).
+ *   svc_xlate       LRU hash: svc_xlate_key (the client's netns cookie, backend address,
+ *                   port, protocol) -> rev-NAT id: which frontend a pod's connections to a
+ *                   backend went through (flows' destination_service).
  * Addresses are in network byte order, IPv4 in the first 4 bytes of 16; ports in host
  * byte order. The Maglev slot of a flow is hash % maglev_size; the per-packet path hashes
  * the 5-tuple with lib/jhash.h as lb.h does (membrane.lb.flowhash is the reference).
@@ -43,6 +46,7 @@ enum svc_limits {
 	SVC_MAX_REVNAT = 65536,        /* rev-NAT ids 1..65535 */
 	SVC_AFFINITY_SIZE = 65536,
 	SVC_SOCK_SIZE = 262144,
+	SVC_XLATE_SIZE = 65536,
 	SVC_MAGLEV_DEFAULT_SIZE = 16381, /* prime, Cilium's --bpf-lb-maglev-table-size */
 	SVC_HASH_SEED = 1398163011,      /* 0x53564343, "SVCC" */
 };
@@ -154,6 +158,15 @@ struct svc_sock_value {
 	__u8 family;
 	__u8 pad;
 	__u32 id;        /* FWD: the backend id; REV: the rev-NAT id */
+};
+
+struct svc_xlate_key {
+	__u64 netns;     /* bpf_get_netns_cookie() of the connecting socket */
+	__u8 addr[16];   /* the backend */
+	__u16 port;
+	__u8 protocol;
+	__u8 family;
+	__u32 pad;
 };
 
 #endif

@@ -9,18 +9,21 @@ back to the records in force.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
+import socket
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from membrane import netns
 from membrane.agent.state import EndpointRecord, _write_atomically
 from membrane.errors import NotFound, UserError
 from membrane.service.allocate import Allocator, Network, allocate
-from membrane.service.maps import ServiceIds, ServiceMaps
+from membrane.service.maps import ServiceIds, ServiceMaps, address16
 from membrane.service.model import EndpointSliceRecord, ServiceRecord
 from membrane.service.plan import NodeView, Plan, key_text, plan
 from membrane.service.views import service_view
@@ -31,9 +34,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("membrane.service")
 STORE_VERSION = 1
+SO_NETNS_COOKIE = 71  # asm-generic/socket.h (Linux 5.14)
 Services = dict[tuple[str, str], ServiceRecord]
 Slices = dict[tuple[str, str], EndpointSliceRecord]
 PRESSURE_WARNING = 0.9
+
+
+@dataclass(frozen=True)
+class FlowIndex:
+    """What naming a flow's service needs, published whole after each change (the flow
+    reader's thread reads it): the backends (address, port, protocol), and the Service of
+    each rev-NAT id."""
+
+    backends: frozenset[tuple[str, int, int]] = frozenset()
+    services: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,8 @@ class ServiceManager:
         self.settings = settings
         self.namespaces = namespaces  # where sockets to removed backends may live
         self.terminate_connections = True
+        self.flow_index = FlowIndex()
+        self._netns_cookies: dict[str | None, int] = {}
         self.store = store
         self.socket_lb = socket_lb
         self.maps: ServiceMaps = socket_lb.maps
@@ -184,6 +200,11 @@ class ServiceManager:
         self.views = {
             key: service_view(svc, new_plan, ids, node) for key, svc in sorted(services.items())
         }
+        by_frontend = {(k[0], k[1], k[3]): fe.service for k, fe in new_plan.frontends.items()}
+        self.flow_index = FlowIndex(
+            frozenset(new_plan.backends()),
+            {ids.revnat.ids[key_text(k)]: svc for k, svc in by_frontend.items()},
+        )
 
     def _terminate(self, removed: set[tuple[str, int]]) -> None:
         """Close the connections the socket LB made to backends that are gone."""
@@ -258,6 +279,38 @@ class ServiceManager:
         if found is None:
             raise NotFound("service", f"{namespace}/{name} does not exist")
         return found
+
+    def connection_service(
+        self, client_netns: str | None, address: str, port: int, protocol: int
+    ) -> tuple[str, str] | None:
+        """The Service (namespace, name) whose frontend the socket LB translated a
+        connection from `client_netns` (None: the agent's own) to backend address:port
+        through; None when it was not a service's (or nothing says so any more).
+        Called from the flow reader's thread: reads only published state and the map."""
+        index = self.flow_index
+        if (address, port, protocol) not in index.backends:
+            return None
+        try:
+            cookie = self._netns_cookie(client_netns)
+        except OSError:
+            return None  # the client's namespace is gone
+        family = ipaddress.ip_address(address).version
+        key = self.maps.xlate.key_type(
+            netns=cookie, addr=address16(address), port=port, protocol=protocol, family=family
+        )
+        revnat = self.maps.xlate.lookup(key)
+        return None if revnat is None else index.services.get(int(revnat))
+
+    def _netns_cookie(self, ns: str | None) -> int:
+        cookie = self._netns_cookies.get(ns)
+        if cookie is None:
+            with (
+                netns.inside(ns) if ns else contextlib.nullcontext(),
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
+            ):
+                raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+            cookie = self._netns_cookies[ns] = int.from_bytes(raw, "little")
+        return cookie
 
     def set_id(self, key: tuple[Any, ...]) -> int | None:
         return self.ids.sets.get(key_text(key))

@@ -52,6 +52,7 @@ MAP_NAMES = (
     "svc_revnat",
     "svc_affinity",
     "svc_sock",
+    "svc_xlate",
 )
 STATES = {
     "active": BackendState.ACTIVE,
@@ -89,7 +90,8 @@ class ServiceIds:
         return ServiceIds(self.sets.copy(), self.backends.copy(), self.revnat.copy())
 
 
-def _addr16(address: str) -> ctypes.Array:
+def address16(address: str) -> ctypes.Array:
+    """An address as the maps keep it: 16 bytes, IPv4 in the first 4."""
     packed = ipaddress.ip_address(address).packed
     return (ctypes.c_uint8 * 16)(*packed.ljust(16, b"\0"))
 
@@ -130,6 +132,7 @@ class ServiceMaps:
         self.revnat: Map
         self.affinity: Map
         self.sock: Map
+        self.xlate: Map
 
     def close(self) -> None:
         for name in MAP_NAMES:
@@ -250,7 +253,11 @@ class ServiceMaps:
         address, port, protocol = key
         family = ipaddress.ip_address(address).version
         value = self.backends.value_type(
-            addr=_addr16(address), port=port, protocol=protocol, family=family, state=STATES[state]
+            addr=address16(address),
+            port=port,
+            protocol=protocol,
+            family=family,
+            state=STATES[state],
         )
         self.backends.update(bid, value)
 
@@ -297,13 +304,13 @@ class ServiceMaps:
     def _write_revnat(self, rid: int, key: RevNatKey) -> None:
         address, port, family = key
         self.revnat.update(
-            rid, self.revnat.value_type(addr=_addr16(address), port=port, family=family)
+            rid, self.revnat.value_type(addr=address16(address), port=port, family=family)
         )
 
     def _frontend_key(self, key: FrontendKey) -> ctypes.Structure:
         address, port, protocol, family, scope = key
         return self.frontends.key_type(
-            addr=_addr16(address), port=port, protocol=protocol, family=family, scope=scope
+            addr=address16(address), port=port, protocol=protocol, family=family, scope=scope
         )
 
     def _write_frontend(self, key: FrontendKey, value: tuple[int, int, int]) -> None:
