@@ -297,6 +297,8 @@ class ServiceMaps:
         map_id = self.maglev.lookup(sid)
         if map_id is None:
             return np.zeros(0, dtype=np.uint32)
+        if isinstance(map_id, bytes):  # an array of maps' value has no BTF type
+            map_id = int.from_bytes(map_id, "little")
         with map_by_id(int(map_id)) as t:
             _, raw = t.lookup_batch_raw(chunk=t.max_entries)
         return np.frombuffer(raw, dtype=np.uint32)
