@@ -80,8 +80,12 @@ static __always_inline __u64 raw_arg(void *ctx, int i)
 {
 	__u64 v = 0;
 
-	if (sp_config.kind == SP_HOOK_UPROBE) {
+	if (sp_config.kind == SP_HOOK_UPROBE || sp_config.kind == SP_HOOK_KPROBE) {
 		struct pt_regs *regs = ctx;
+
+		/* x86-64 syscall wrappers take the user's registers as their one argument */
+		if (sp_config.kind == SP_HOOK_KPROBE && sp_config.syscall)
+			regs = (struct pt_regs *)PT_REGS_PARM1_CORE(regs);
 
 		switch (sp_config.args[i].offset) {
 		case 0: return PT_REGS_PARM1_CORE(regs);
@@ -101,7 +105,7 @@ static __always_inline __u64 int_arg(void *ctx, int i)
 	__u64 v = raw_arg(ctx, i);
 	bool is_signed = sp_config.args[i].type == SP_ARG_INT;
 
-	if (sp_config.kind == SP_HOOK_UPROBE)
+	if (sp_config.kind != SP_HOOK_TRACEPOINT)
 		return v;  /* a register: already the whole value */
 	switch (sp_config.args[i].size) {
 	case 1: return is_signed ? (__u64)(__s64)(__s8)v : (__u8)v;
@@ -113,7 +117,13 @@ static __always_inline __u64 int_arg(void *ctx, int i)
 
 static __always_inline bool is_string(__u8 type)
 {
-	return type == SP_ARG_STRING || type == SP_ARG_DATA_LOC_STRING;
+	return type == SP_ARG_STRING || type == SP_ARG_DATA_LOC_STRING ||
+	       type == SP_ARG_KERNEL_STRING;
+}
+
+static __always_inline bool in_kernel(__u8 type)
+{
+	return type == SP_ARG_DATA_LOC_STRING || type == SP_ARG_KERNEL_STRING;
 }
 
 /* Where string argument i is: a user pointer, or (__data_loc) in the record itself, at
@@ -129,7 +139,7 @@ static __always_inline const void *string_at(void *ctx, int i)
 
 static __always_inline long read_string(void *ctx, int i, void *dst, __u32 size)
 {
-	if (sp_config.args[i].type == SP_ARG_DATA_LOC_STRING)
+	if (in_kernel(sp_config.args[i].type))
 		return bpf_probe_read_kernel_str(dst, size, string_at(ctx, i));
 	return bpf_probe_read_user_str(dst, size, string_at(ctx, i));
 }
@@ -229,7 +239,7 @@ static __always_inline bool lead_differs(void *ctx, const volatile struct sp_arg
 {
 	__u64 head = 0, mask = f->lead_len >= 8 ? ~0ULL : (1ULL << (f->lead_len * 8)) - 1;
 
-	long err = sp_config.args[f->arg].type == SP_ARG_DATA_LOC_STRING
+	long err = in_kernel(sp_config.args[f->arg].type)
 		? bpf_probe_read_kernel(&head, sizeof(head), string_at(ctx, f->arg))
 		: bpf_probe_read_user(&head, sizeof(head), string_at(ctx, f->arg));
 
@@ -569,6 +579,12 @@ int sp_tracepoint(void *ctx)
 
 SEC("uprobe")
 int sp_uprobe(struct pt_regs *ctx)
+{
+	return run_hook(ctx);
+}
+
+SEC("kprobe")
+int sp_kprobe(struct pt_regs *ctx)
 {
 	return run_hook(ctx);
 }

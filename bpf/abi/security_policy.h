@@ -29,6 +29,7 @@ ABI_EXPORT_ENUM(sp_abi);
 enum sp_hook_kind {
 	SP_HOOK_TRACEPOINT = 1,
 	SP_HOOK_UPROBE = 2,
+	SP_HOOK_KPROBE = 3,
 };
 ABI_EXPORT_ENUM(sp_hook_kind);
 
@@ -39,6 +40,7 @@ enum sp_arg_type {
 	SP_ARG_STRING = 3,    /* pointer to a user string */
 	SP_ARG_SOCKADDR = 4,  /* pointer to a user struct sockaddr */
 	SP_ARG_DATA_LOC_STRING = 5,  /* a tracepoint's __data_loc char[]: in the record */
+	SP_ARG_KERNEL_STRING = 6,    /* pointer to a kernel string (a kprobe's argument) */
 };
 ABI_EXPORT_ENUM(sp_arg_type);
 
@@ -140,7 +142,8 @@ struct sp_hook_config {
 	__u8 nselectors;    /* 0: every call is posted */
 	__u8 scoped;        /* only tasks whose net namespace is in sp_scope */
 	__u8 has_override;  /* some selector refuses the call: tickets for the cgroup hook */
-	__u8 pad[3];
+	__u8 syscall;       /* kprobe on a syscall wrapper: its args are in the inner pt_regs */
+	__u8 pad[2];
 	struct sp_arg_spec args[SP_MAX_ARGS];
 	struct sp_selector selectors[SP_MAX_SELECTORS];
 };

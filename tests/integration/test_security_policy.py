@@ -28,6 +28,7 @@ import pytest
 from membrane.bpf.probe import supports, temporary_cgroup
 from membrane.errors import UserError
 from membrane.security.policy.compile import compile_policy
+from membrane.security.policy.loader import Loader
 from membrane.security.policy.parse import parse_policies
 from membrane.testing.agent import AgentProcess, agent_unusable_reason, running_agent
 from membrane.testing.cluster import unique_tag
@@ -526,21 +527,72 @@ def test_impossible_hooks_are_refused_by_field(text: str, field: str, words: str
     assert words in err.value.problem
 
 
-def test_kprobes_are_accepted_only_where_they_load() -> None:
-    text = """
-        apiVersion: cilium.io/v1alpha1
-        kind: TracingPolicy
-        metadata: {name: k}
-        spec:
-          kprobes:
-          - call: security_file_open
-            syscall: false
-    """
+KPROBE_POLICY = f"""
+apiVersion: cilium.io/v1alpha1
+kind: TracingPolicy
+metadata:
+  name: shadow-kprobe
+spec:
+  kprobes:
+  - call: sys_openat
+    syscall: true
+    args:
+    - index: 1
+      type: string
+    selectors:
+    - matchArgs:
+      - index: 1
+        operator: Equal
+        values: ["{SECRET}"]
+      matchPIDs:
+      - operator: In
+        followForks: true
+        values: [{os.getpid()}]
+      matchActions:
+      - action: Sigkill
+"""
+
+
+def test_kprobes_are_refused_where_they_cannot_attach() -> None:
+    if supports("kprobe"):
+        pytest.skip("this kernel attaches kprobes")
     with pytest.raises(UserError) as err:
-        _compile(text)
+        _compile(KPROBE_POLICY)
     assert err.value.field == "document 1: spec.kprobes[0]"
-    if not supports("kprobe"):
-        assert "cannot be attached on this kernel" in err.value.problem
+    assert "cannot be attached on this kernel" in err.value.problem
+
+
+def test_the_kprobe_program_passes_the_verifier(tmp_path: Path) -> None:
+    """Where kprobe programs load (even if, as here, nothing can attach them): the kprobe
+    form of the hook program with a syscall's selectors is accepted by the verifier."""
+    [(policy, _)] = parse_policies(KPROBE_POLICY)
+    [plan] = compile_policy(policy, "document 1", lambda name: True)
+    assert plan.target == ("__x64_sys_openat",) and plan.config["syscall"] == 1
+    pins = f"/sys/fs/bpf/membrane/test-kprobe-{os.getpid()}"
+    try:
+        Loader(pins).prepare(plan, 1).close()
+    finally:
+        shutil.rmtree(pins, ignore_errors=True)
+
+
+@pytest.mark.skipif(not supports("kprobe"), reason="kprobes do not attach on this kernel")
+def test_a_kprobe_policy_kills_and_posts(agent: AgentProcess) -> None:
+    apply(agent, KPROBE_POLICY)
+    try:
+        cat = subprocess.Popen(["cat", SECRET], stdout=subprocess.PIPE)
+        out, _ = cat.communicate(timeout=30)
+        assert cat.returncode == -signal.SIGKILL and out == b""
+
+        def kills() -> list[dict[str, Any]]:
+            events = policy_events(agent, "shadow-kprobe", "process_kprobe")
+            return [e for e in events if e["process"]["pid"] == cat.pid]
+
+        [event] = wait_for("the kprobe's event", kills)
+        assert event["function_name"] == "__x64_sys_openat"
+        assert event["action"] == "KPROBE_ACTION_SIGKILL"
+        assert event["args"] == [{"string_arg": SECRET}]
+    finally:
+        agent.cli("security", "policy", "delete", "shadow-kprobe")
 
 
 def test_a_missing_uprobe_symbol_is_refused(target_program: Path) -> None:

@@ -155,6 +155,7 @@ for _name, _res, _args in [
     ("bpf_program__attach_tracepoint", _P, [_P, c_char_p, c_char_p]),
     ("bpf_program__attach_raw_tracepoint", _P, [_P, c_char_p]),
     ("bpf_program__attach_uprobe_opts", _P, [_P, c_int, c_char_p, c_size_t, _P]),
+    ("bpf_program__attach_kprobe", _P, [_P, c_bool, c_char_p]),
     ("bpf_program__attach_perf_event", _P, [_P, c_int]),
     ("bpf_program__attach_cgroup", _P, [_P, c_int]),
     # links

@@ -301,6 +301,13 @@ def attach_auto(prog: Program) -> Link:
     return _from_libbpf(ptr, prog.section.split("/")[0], f"program {prog.name} ({prog.section})")
 
 
+def attach_kprobe(prog: Program, func: str, retprobe: bool = False) -> Link:
+    """Attach a kprobe (or kretprobe) to kernel function `func`."""
+    with captured_log():
+        ptr = L.lib.bpf_program__attach_kprobe(prog.ptr, retprobe, func.encode())
+    return _from_libbpf(ptr, "kretprobe" if retprobe else "kprobe", f"kprobe {func}")
+
+
 def attach_uprobe(
     prog: Program,
     binary: str,

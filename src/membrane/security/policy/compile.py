@@ -37,7 +37,7 @@ INT_WIDTHS = {"int": 4, "int8": 1, "int16": 2, "int32": 4, "uint8": 1, "uint16":
               "uint32": 4, "fd": 4}  # fmt: skip
 STRING_TYPES = ("string", "filename")
 SOCKADDR_TYPES = ("sockaddr",)
-STRING_CODES = (SpArgType.STRING, SpArgType.DATA_LOC_STRING)
+STRING_CODES = (SpArgType.STRING, SpArgType.DATA_LOC_STRING, SpArgType.KERNEL_STRING)
 STRING_OPS = {"Equal", "NotEqual", "Prefix", "NotPrefix", "Postfix", "NotPostfix"}
 INT_OPS = {"Equal", "NotEqual", "GT", "LT", "GreaterThan", "LessThan", "Mask"}
 SOCK_OPS = {"DPort", "NotDPort", "DAddr", "NotDAddr", "Family", "NotFamily"}
@@ -92,10 +92,12 @@ class HookPlan:
 
     @property
     def hook_type(self) -> str:
-        return "tracepoint" if self.kind == SpHookKind.TRACEPOINT else "uprobe"
+        return self.kind.name.lower()
 
     @property
     def target_text(self) -> str:
+        if self.kind == SpHookKind.KPROBE:
+            return self.target[0]
         first, second = self.target
         return f"{first}/{second}" if self.kind == SpHookKind.TRACEPOINT else f"{first}:{second}"
 
@@ -114,16 +116,23 @@ Feature = Callable[[str], bool]
 def compile_policy(policy: TracingPolicy, where: str, supports: Feature) -> list[HookPlan]:
     """Every hook of `policy`; `supports` answers feature-probe names (membrane.bpf.probe)."""
     spec = policy.spec
-    if spec.kprobes:
-        at = f"{where}: spec.kprobes[0]"
+    plans = []
+    for i, kp in enumerate(spec.kprobes):
+        at = f"{where}: spec.kprobes[{i}]"
         if not supports("kprobe"):
             raise UserError(
                 at,
                 "kprobes cannot be attached on this kernel (`membrane probe` shows kprobe "
                 "unsupported); use a tracepoint (e.g. syscalls/sys_enter_*) instead",
             )
-        raise UserError(at, "kprobe hooks are not implemented by Membrane yet; use a tracepoint")
-    plans = []
+        if kp.return_ or kp.returnArg is not None:
+            raise UserError(f"{at}.return", "kretprobes are not supported by Membrane")
+        func = _kernel_function(kp.call, kp.syscall, f"{at}.call")
+        args = [_kprobe_arg(a, kp.syscall, f"{at}.args[{j}]") for j, a in enumerate(kp.args)]
+        plan = _plan(policy, at, SpHookKind.KPROBE, (func,), 0, args, kp)
+        plan.config["syscall"] = int(kp.syscall)
+        _selectors(plan, kp.selectors, args, at, False, supports)
+        plans.append(plan)
     for i, tp in enumerate(spec.tracepoints):
         at = f"{where}: spec.tracepoints[{i}]"
         fields = tracepoint_fields(tp.subsystem, tp.event)
@@ -192,6 +201,43 @@ def _tracepoint_arg(arg: ArgSpec, fields: list[TracepointField], at: str) -> _Ar
     return _Arg(arg.index, _type_code(kind), f.offset, size, arg.label)
 
 
+def _kernel_function(call: str, syscall: bool, at: str) -> str:
+    """The symbol to attach to: `call` as given, or for a syscall its x86-64 wrapper
+    (sys_openat, openat -> __x64_sys_openat), if the kernel can probe it."""
+    from membrane.bpf.fs import ensure_tracefs
+
+    try:
+        with open(f"{ensure_tracefs()}/available_filter_functions") as f:
+            known = {line.split()[0] for line in f if line.strip()}
+    except OSError:  # a locked-down kernel hides it: its text symbols, then
+        try:
+            with open("/proc/kallsyms") as f:
+                known = {p[2] for p in (line.split() for line in f) if p[1] in "Tt"}
+        except OSError as err:
+            raise UserError(at, f"cannot list the kernel's functions: {err.strerror}") from None
+    candidates = [call]
+    if syscall and not call.startswith("__x64_"):
+        candidates.append("__x64_" + (call if call.startswith("sys_") else f"sys_{call}"))
+    for name in candidates:
+        if name in known:
+            return name
+    raise UserError(at, f"the kernel has no probe-able function {' or '.join(candidates)}")
+
+
+def _kprobe_arg(arg: ArgSpec, syscall: bool, at: str) -> _Arg:
+    if arg.index >= abi.SP_MAX_ARGS:
+        raise UserError(f"{at}.index", f"a kprobe reads arguments 0..{abi.SP_MAX_ARGS - 1}")
+    kind = "int64" if arg.type == "auto" else arg.type
+    if kind in STRING_TYPES:
+        code = SpArgType.STRING if syscall else SpArgType.KERNEL_STRING
+        return _Arg(arg.index, code, arg.index, 0, arg.label)
+    if kind in SOCKADDR_TYPES and syscall:
+        return _Arg(arg.index, SpArgType.SOCKADDR, arg.index, 0, arg.label)
+    if kind not in INT_TYPES:
+        raise UserError(f"{at}.type", f"{kind!r} is not a supported kprobe argument type")
+    return _Arg(arg.index, _type_code(kind), arg.index, 8, arg.label)
+
+
 def _uprobe_arg(arg: ArgSpec, at: str) -> _Arg:
     if arg.index >= abi.SP_MAX_ARGS:
         raise UserError(f"{at}.index", f"a uprobe reads parameters 0..{abi.SP_MAX_ARGS - 1}")
@@ -236,6 +282,7 @@ def _plan(
         "nselectors": 0,
         "scoped": int(policy.namespace is not None),
         "has_override": 0,
+        "syscall": 0,
         "args": specs,
         "selectors": [],
     }

@@ -12,7 +12,7 @@ from membrane.abi import SpAction, SpArgType, SpHookKind
 from membrane.bpf.ktime import ktime_to_unix
 from membrane.security.cache import ProcessCache
 from membrane.security.events import Event, envelope, fill_process
-from membrane.security.policy.compile import HookPlan
+from membrane.security.policy.compile import STRING_CODES, HookPlan
 from membrane.security.process import PodRef
 from membrane.tetragon.tetragon import tetragon_pb2
 
@@ -39,6 +39,9 @@ def policy_event(
     if plan.kind == SpHookKind.TRACEPOINT:
         message = event.process_tracepoint
         message.subsys, message.event = plan.target
+    elif plan.kind == SpHookKind.KPROBE:
+        message = event.process_kprobe
+        message.function_name = plan.target[0]
     else:
         message = event.process_uprobe
         message.path, message.symbol = plan.target
@@ -77,7 +80,7 @@ def _fill_unknown(process: Any, pid: int, tid: int, uid: int, comm: bytes) -> No
 def _argument(row: Any, position: int, kind: SpArgType, label: str, plan: HookPlan) -> Any:
     arg = tetragon_pb2.KprobeArgument(label=label)
     value = int(row["args"][position])
-    if kind in (SpArgType.STRING, SpArgType.DATA_LOC_STRING):
+    if kind in STRING_CODES:
         slot = int(plan.config["args"][position]["size"])
         text = bytes(row["strings"][slot])
         arg.string_arg = text.split(b"\0")[0].decode(errors="replace") if value else ""

@@ -25,6 +25,7 @@ from membrane.bpf.links import (
     BPF_CGROUP_INET6_CONNECT,
     BPF_CGROUP_UDP4_SENDMSG,
     attach_cgroup,
+    attach_kprobe,
     attach_tracepoint,
     attach_uprobe,
 )
@@ -86,17 +87,8 @@ class Loader:
     def load(self, plan: HookPlan, hook_id: int, pin_name: str) -> LoadedHook:
         """Load, fill and attach one hook; raises UserError naming the hook's field when the
         kernel refuses it (nothing of this hook is left behind)."""
-        obj = BpfObject.open(HOOK_OBJECT)
+        obj = self.prepare(plan, hook_id)
         try:
-            for name in SHARED_MAPS:
-                obj.pin_map(name, os.path.join(self.dir, name))
-            config = obj.btf.struct("sp_hook_config")()
-            _fill(config, {**plan.config, "hook_id": hook_id})
-            obj.set_config(sp_config=config, events_wakeup_bytes=EVENTS_WAKEUP_BYTES)
-            for program in obj.programs.values():
-                program.autoload = program.name == _program_of(plan)
-            obj.load()
-            _fill_maps(obj, plan)
             link = self._attach(obj, plan)
         except BpfError as err:
             obj.close()
@@ -111,10 +103,33 @@ class Loader:
         link.pin(str(path))
         return LoadedHook(plan, hook_id, obj, link)
 
+    def prepare(self, plan: HookPlan, hook_id: int) -> BpfObject:
+        """The hook's program loaded (its configuration and maps filled), not attached."""
+        obj = BpfObject.open(HOOK_OBJECT)
+        try:
+            for name in SHARED_MAPS:
+                obj.pin_map(name, os.path.join(self.dir, name))
+            config = obj.btf.struct("sp_hook_config")()
+            _fill(config, {**plan.config, "hook_id": hook_id})
+            obj.set_config(sp_config=config, events_wakeup_bytes=EVENTS_WAKEUP_BYTES)
+            for program in obj.programs.values():
+                program.autoload = program.name == _program_of(plan)
+            obj.load()
+            _fill_maps(obj, plan)
+        except BpfError as err:
+            obj.close()
+            raise UserError(plan.where, f"the kernel refused the hook: {err}") from None
+        except BaseException:
+            obj.close()
+            raise
+        return obj
+
     def _attach(self, obj: BpfObject, plan: HookPlan) -> Link:
         prog = obj.program(_program_of(plan))
         if plan.kind == SpHookKind.TRACEPOINT:
             return attach_tracepoint(prog, *plan.target)
+        if plan.kind == SpHookKind.KPROBE:
+            return attach_kprobe(prog, plan.target[0])
         return attach_uprobe(prog, plan.target[0], offset=plan.offset)
 
     # ---- the cgroup hooks for Override ---------------------------------------------------
@@ -167,7 +182,7 @@ class Loader:
 
 
 def _program_of(plan: HookPlan) -> str:
-    return "sp_tracepoint" if plan.kind == SpHookKind.TRACEPOINT else "sp_uprobe"
+    return f"sp_{plan.kind.name.lower()}"
 
 
 def _fill(target: Any, values: dict[str, Any]) -> None:

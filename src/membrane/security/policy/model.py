@@ -205,7 +205,7 @@ class Tracepoint(_Hook):
 
 class Kprobe(_Hook):
     call: str = Field(min_length=1)
-    syscall: bool = True
+    syscall: bool = False
     return_: bool = Field(default=False, alias="return")
     returnArg: ArgSpec | None = None
 
