@@ -64,7 +64,8 @@ class AgentConfig:
     service_cidr_v6: IPv6Network | None = None  # dual-stack ClusterIPs (None: IPv4-only)
     lb_algorithm: str = "random"  # services without the lb-algorithm annotation
     maglev_table_size: int = 16381  # entries of a Maglev service's table (prime)
-    cgroup_root: str = ""  # cgroup v2 directory the cgroup hooks attach to; "": none
+    cgroup_root: str = ""  # cgroup v2 directory of the cgroup hooks; "": the socket LB uses
+    # the cgroup2 mount's root, tracing policies none
     devices: tuple[str, ...] = ()  # the per-packet service path's devices (names, globs)
     bpf_lb_mode: str = "snat"  # NodePort traffic to other hosts' backends: snat or dsr
 

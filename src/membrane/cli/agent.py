@@ -187,8 +187,9 @@ def run(
     cgroup_root: str = typer.Option(
         "",
         "--cgroup-root",
-        help="A cgroup v2 directory whose processes the agent's cgroup hooks cover (tracing "
-        "policies that refuse connect); default: none.",
+        help="A cgroup v2 directory whose processes the agent's cgroup hooks cover: the "
+        "socket LB of services (default: the cgroup2 mount's root) and tracing policies that "
+        "refuse connect (default: none).",
     ),
     runtime_security: str = typer.Option(
         "true",
