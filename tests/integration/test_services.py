@@ -331,8 +331,8 @@ def test_policy_applies_to_the_backend_after_translation(env: Env) -> None:
           - fromEndpoints: [{matchLabels: {pod: client}}]
     """)
     try:
-        denied = connect_many(env.client.netns, env.cgroup, ip, 80, count=3)
-        assert not denied["answers"] and len(denied["failures"]) == 3
+        denied = connect_many(env.client.netns, env.cgroup, ip, 80, count=1)
+        assert not denied["answers"] and len(denied["failures"]) == 1
     finally:
         env.cluster.agent.delete_all_policies()
     env.cluster.import_policy("""

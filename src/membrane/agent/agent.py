@@ -267,7 +267,7 @@ class Agent:
         if self.services is None:
             return
         try:
-            self.services.sync()
+            self.services.follow_endpoints()
         except Exception:
             log.exception("services could not follow the endpoint change")
 

@@ -123,6 +123,16 @@ class ServiceManager:
         """Bring the maps to the records (start-up, and after endpoints changed)."""
         self._apply(self.services, self.slices)
 
+    def follow_endpoints(self) -> None:
+        """Endpoints came or went: only services that select pods, or keep to this node's
+        (traffic policy Local), can change with them."""
+        if any(
+            svc.selector is not None
+            or "Local" in (svc.external_traffic_policy, svc.internal_traffic_policy)
+            for svc in self.services.values()
+        ):
+            self.sync()
+
     def import_yaml(self, text: str) -> dict[str, Any]:
         from membrane.service.kubernetes import parse_documents
 
