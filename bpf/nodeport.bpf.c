@@ -218,8 +218,14 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct svc_fron
 		rkey.dport = t->sport;
 		bpf_map_update_elem(&np_rev, &rkey, &back, BPF_ANY);
 	} else if (np_mode == NP_MODE_DSR) {
+		__u32 mtu = 1; /* a length that fits any device: the helper then tells its MTU */
+
 		flow->kind = NP_KIND_DSR;
 		flow->ifindex = ifindex;
+		if (bpf_check_mtu(skb, ifindex, &mtu, 0, 0) == 0 && mtu > NP_DSR_OVERHEAD + 536)
+			flow->mss = mtu - NP_DSR_OVERHEAD;
+		else
+			flow->mss = 536; /* RFC 879's default, what any path carries */
 	} else {
 		flow->kind = NP_KIND_SNAT;
 		flow->ifindex = ifindex;
@@ -239,6 +245,43 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct svc_fron
 	bpf_map_update_elem(&np_flows, t, flow, BPF_ANY);
 	count(NP_STAT_NEW_FLOW, 0);
 	return -1;
+}
+
+/* Lower the MSS option of a TCP SYN to `mss`: the client then never sends a segment that
+ * the outer header makes too big for the path (no ICMP "fragmentation needed" needed). */
+static __always_inline void clamp_mss(struct __sk_buff *skb, const struct where *w, __u16 mss)
+{
+	__u8 hdr[2], opt[4];
+	__u32 off = 20, doff;
+
+	if (w->proto != IPPROTO_TCP || bpf_skb_load_bytes(skb, w->l4 + 12, hdr, sizeof(hdr)))
+		return;
+	if (!(hdr[1] & 0x02)) /* SYN */
+		return;
+	doff = (hdr[0] >> 4) * 4;
+	for (int i = 0; i < 20; i++) { /* 40 bytes of options: at most 20 of two bytes or more */
+		if (off + 4 > doff || bpf_skb_load_bytes(skb, w->l4 + off, opt, sizeof(opt)))
+			return;
+		if (opt[0] == 0) /* end of options */
+			return;
+		if (opt[0] == 1) { /* no-op */
+			off += 1;
+			continue;
+		}
+		if (opt[0] == 2 && opt[1] == 4) {
+			__be16 old = (__be16)(opt[2] | (opt[3] << 8)), new = bpf_htons(mss);
+
+			if (((__u16)opt[2] << 8 | opt[3]) <= mss)
+				return;
+			if (!bpf_l4_csum_replace(skb, w->l4 + 16, old, new, sizeof(new)) &&
+			    !bpf_skb_store_bytes(skb, w->l4 + off + 2, &new, sizeof(new), 0))
+				count(NP_STAT_MSS_CLAMPED, 0);
+			return;
+		}
+		if (opt[1] < 2)
+			return;
+		off += opt[1];
+	}
 }
 
 /* Prepend an outer IPv4 header, node -> `dst`, protocol IPIP. */
@@ -332,6 +375,7 @@ int nodeport_ingress(struct __sk_buff *skb)
 		return count(NP_STAT_TO_LOCAL, TC_ACT_OK);
 	}
 	if (flow->kind == NP_KIND_DSR) {
+		clamp_mss(skb, &w, flow->mss);
 		if (encapsulate(skb, &w, flow->backend_addr))
 			return count(NP_STAT_ERROR, TC_ACT_SHOT);
 		count(NP_STAT_TO_DSR, 0);

@@ -44,7 +44,8 @@ enum np_stat {
 	NP_STAT_NO_BACKEND = 6,    /* dropped: the frontend has no backend (or none local) */
 	NP_STAT_NO_ROUTE = 7,      /* dropped: no route to the backend or no NAT port free */
 	NP_STAT_ERROR = 8,         /* dropped: the packet could not be rewritten */
-	NP_STAT_MAX = 9,
+	NP_STAT_MSS_CLAMPED = 9,   /* DSR SYNs whose MSS option was lowered to fit the tunnel */
+	NP_STAT_MAX = 10,
 };
 ABI_EXPORT_ENUM(np_stat);
 
@@ -53,6 +54,7 @@ enum np_limits {
 	NP_SNAT_PORT_MIN = 32768,   /* SNAT source ports: 32768..65535 */
 	NP_SNAT_PORT_TRIES = 8,
 	NP_OUTER_TTL = 64,
+	NP_DSR_OVERHEAD = 60,       /* outer IPv4 + inner IPv4 + TCP headers, no options */
 };
 ABI_EXPORT_ENUM(np_limits);
 
@@ -73,7 +75,8 @@ struct np_flow {
 	__u32 backend;      /* svc_backends id: a flow whose backend is gone picks again */
 	__u32 revnat;       /* svc_revnat id of the frontend */
 	__u16 nat_port;     /* NP_KIND_SNAT: the node's source port for this flow */
-	__u16 pad2;
+	__u16 mss;          /* NP_KIND_DSR: the largest MSS a SYN may announce (the device's
+			     * MTU less the outer and inner IPv4 headers and TCP's) */
 	__u32 ifindex;      /* NP_KIND_SNAT/DSR: the device towards the backend's host */
 };
 
