@@ -17,6 +17,7 @@ from membrane.datapath.endpoint_prog import detach_all_endpoints, detach_endpoin
 from membrane.endpoint.node import NodeInfo
 from membrane.endpoint.plumbing import delete_pod
 from membrane.errors import UserError
+from membrane.service.manager import ServiceStore
 
 
 def reset_node(config: AgentConfig) -> dict[str, int]:
@@ -49,6 +50,7 @@ def reset_node(config: AgentConfig) -> dict[str, int]:
         if config.node_netns and netns.exists(config.node_netns):
             netns.delete(config.node_netns)
         StateFile(config.state_dir).remove()
+        ServiceStore(config.state_dir).remove()
         return {"endpoints": pods}
     finally:
         if lock is not None:

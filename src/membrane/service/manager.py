@@ -78,6 +78,10 @@ class ServiceStore:
             ServiceIds.from_json(data.get("ids")),
         )
 
+    def remove(self) -> None:
+        """Forget every service (agent reset)."""
+        self.path.unlink(missing_ok=True)
+
     def save(
         self,
         services: Iterable[ServiceRecord],
