@@ -108,9 +108,11 @@ class ServiceManager:
         socket_lb: SocketLb,
         node_view: Callable[[], NodeView],
         namespaces: Callable[[], Iterable[str | None]] = lambda: (),
+        node_netns: str | None = None,
     ) -> None:
         self.settings = settings
         self.namespaces = namespaces  # where sockets to removed backends may live
+        self.node_netns = node_netns  # the node's own (None: the agent's)
         self.terminate_connections = True
         self.flow_index = FlowIndex()
         self._netns_cookies: dict[str | None, int] = {}
@@ -355,7 +357,12 @@ def start_services(
         return [config.node_netns, *(ep.netns for ep in endpoints())]
 
     manager = ServiceManager(
-        settings, ServiceStore(config.state_dir), socket_lb, node_view, namespaces
+        settings,
+        ServiceStore(config.state_dir),
+        socket_lb,
+        node_view,
+        namespaces,
+        config.node_netns,
     )
     manager.sync()
     return manager
