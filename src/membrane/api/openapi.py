@@ -41,7 +41,15 @@ _ENDPOINT = {
         "id": {"type": "integer", "description": "endpoint id on this node (1..65535)"},
         "namespace": {"type": "string"},
         "name": {"type": "string"},
-        "netns": {"type": "string", "description": "network namespace under /run/netns"},
+        "netns": {
+            "type": "string",
+            "description": "network namespace under /run/netns, or the path a container "
+            "runtime gave (CNI)",
+        },
+        "container_id": {
+            "type": ["string", "null"],
+            "description": "the runtime's container id for an endpoint made through CNI",
+        },
         "ipv4": {"type": "string"},
         "ipv6": {
             "type": ["string", "null"],
