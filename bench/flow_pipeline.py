@@ -141,6 +141,7 @@ def reader_costs(rows: Any) -> dict[str, float]:
 
     from membrane.agent.flows import AgentResolver, RawSegment
     from membrane.metrics.flows import FlowCounts
+    from membrane.observe.encode import FlowEncoder
     from membrane.observe.record import event_response, flow_events
 
     snapshot = SimpleNamespace(
@@ -154,7 +155,7 @@ def reader_costs(rows: Any) -> dict[str, float]:
     old = (time.perf_counter() - started) / len(rows)
     started = time.perf_counter()
     counts.observe(rows, snapshot)  # type: ignore[arg-type]
-    RawSegment(rows, resolver, "bench")
+    RawSegment(rows, FlowEncoder(resolver, "bench"))
     new = (time.perf_counter() - started) / len(rows)
     return {
         "rows": len(rows),

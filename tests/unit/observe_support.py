@@ -123,6 +123,35 @@ def world_drop(**fields: Any) -> dict[str, Any]:
     return event(**{**base, **fields})
 
 
+def flow_event_dtype() -> Any:
+    """The numpy dtype of `struct flow_event` (the ring's rows), from the built object;
+    skips the test when it is not built."""
+    import pytest
+
+    from membrane.bpf.btf import Btf
+    from membrane.bpf.object import objects_dir
+
+    obj = objects_dir() / "endpoint.bpf.o"
+    if not obj.exists():
+        pytest.skip("endpoint.bpf.o is not built (make bpf)")
+    return Btf.from_file(obj).dtype("flow_event")
+
+
+def event_rows(dtype: Any, events: list[dict[str, Any]]) -> Any:
+    """Events (dicts shaped like the struct) as ring-buffer rows of `dtype`."""
+    import numpy as np
+
+    out = np.zeros(len(events), dtype=dtype)
+    for row, ev in zip(out, events, strict=True):
+        for name, value in ev.items():
+            if name == "h":
+                for hname, hvalue in value.items():
+                    row["h"][hname] = hvalue
+            else:
+                row[name] = value
+    return out
+
+
 @contextlib.contextmanager
 def observer_server(store: Any, socket_path: str, node: str = "node-1") -> Iterator[str]:
     """The agent's gRPC Observer server over `store`, on an event loop thread of its own

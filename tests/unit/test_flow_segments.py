@@ -10,38 +10,22 @@ from typing import Any
 
 import numpy as np
 import pytest
-from observe_support import FakeResolver, event, world_drop
+from observe_support import FakeResolver, event, event_rows, flow_event_dtype, world_drop
 
 from membrane.agent.flows import RawSegment
 from membrane.hubble.flow import flow_pb2
+from membrane.observe.encode import FlowEncoder
 from membrane.observe.flowfilter import FlowMatcher
 from membrane.observe.record import event_response, lost_response, supported_rows
 from membrane.observe.store import FlowQuery, FlowStore
 
 RESOLVER = FakeResolver()
+ENCODER = FlowEncoder(RESOLVER, "n1")
 
 
 @pytest.fixture(scope="module")
 def dtype() -> np.dtype:
-    from membrane.bpf.btf import Btf
-    from membrane.bpf.object import objects_dir
-
-    obj = objects_dir() / "endpoint.bpf.o"
-    if not obj.exists():
-        pytest.skip("endpoint.bpf.o is not built (make bpf)")
-    return Btf.from_file(obj).dtype("flow_event")
-
-
-def rows(dtype: np.dtype, events: list[dict[str, Any]]) -> np.ndarray:
-    out = np.zeros(len(events), dtype=dtype)
-    for row, ev in zip(out, events, strict=True):
-        for name, value in ev.items():
-            if name == "h":
-                for hname, hvalue in value.items():
-                    row["h"][hname] = hvalue
-            else:
-                row[name] = value
-    return out
+    return flow_event_dtype()
 
 
 def at(i: int, **header: int) -> dict[str, Any]:
@@ -50,28 +34,28 @@ def at(i: int, **header: int) -> dict[str, Any]:
 
 
 def segment(dtype: np.dtype, first: int, count: int) -> RawSegment:
-    return RawSegment(rows(dtype, [at(i) for i in range(first, first + count)]), RESOLVER, "n1")
+    return RawSegment(event_rows(dtype, [at(i) for i in range(first, first + count)]), ENCODER)
 
 
-class CountingResolver(FakeResolver):
-    builds = 0
+class CountingEncoder(FlowEncoder):
+    rows_encoded = 0
 
-    def ktime_to_wall(self, ts_ns: int) -> float:
-        self.builds += 1  # once per flow built
-        return super().ktime_to_wall(ts_ns)
+    def encode(self, rows: np.ndarray, *args: Any) -> list[bytes]:
+        self.rows_encoded += len(rows)
+        return super().encode(rows, *args)
 
 
 def test_rows_become_flows_only_when_read_once_with_stable_uuids(dtype: np.dtype) -> None:
-    resolver = CountingResolver()
-    events = [at(i) for i in range(600)]  # more than one decoded chunk
+    encoder = CountingEncoder(FakeResolver(), "n1")
+    events = [at(i) for i in range(600)]  # three chunks of 256 rows: 0-255, 256-511, 512-599
     store = FlowStore()
-    store.extend(RawSegment(rows(dtype, events), resolver, "n1"))
-    assert store.seen_flows == len(store) == 600 and resolver.builds == 0
+    store.extend(RawSegment(event_rows(dtype, events), encoder))
+    assert store.seen_flows == len(store) == 600 and encoder.rows_encoded == 0
     newest = store.last(3)
-    assert resolver.builds == 3
-    assert store.last(3) == newest and resolver.builds == 3  # built once, kept
+    assert encoder.rows_encoded == 88  # the last chunk only
+    assert store.last(3) == newest and encoder.rows_encoded == 88  # encoded once, kept
     everything = store.query(FlowQuery())
-    assert resolver.builds == 600
+    assert encoder.rows_encoded == 600
     uuids = [item.flow.uuid for item in everything]
     assert len(set(uuids)) == 600 and all(uuid.UUID(u).version == 4 for u in uuids)
     assert everything[-3:] == newest
@@ -100,7 +84,7 @@ def test_queries_over_raw_and_built_segments_keep_their_order(dtype: np.dtype) -
     assert got[1].lost_events.source == flow_pb2.HUBBLE_RING_BUFFER
     assert got[1].lost_events.num_events_lost == 2
     drops = FlowMatcher.build([flow_pb2.FlowFilter(verdict=[flow_pb2.DROPPED])])
-    store.extend(RawSegment(rows(dtype, [world_drop()]), RESOLVER, "n1"))
+    store.extend(RawSegment(event_rows(dtype, [world_drop()]), ENCODER))
     found = store.last(5, drops)  # the notice in range, then the one drop
     assert [item.WhichOneof("response_types") for item in found] == ["lost_events", "flow"]
     assert found[1].flow.verdict == flow_pb2.DROPPED
@@ -131,7 +115,7 @@ def test_a_follower_reads_a_long_run_of_non_matching_rows_without_stalling(
         drops = FlowMatcher.build([flow_pb2.FlowFilter(verdict=[flow_pb2.DROPPED])])
         sub = store.subscribe(FlowQuery(follow=True, matcher=drops))
         store.extend(segment(dtype, 0, 2000))  # forwarded: none match
-        store.extend(RawSegment(rows(dtype, [world_drop()]), RESOLVER, "n1"))
+        store.extend(RawSegment(event_rows(dtype, [world_drop()]), ENCODER))
         return await asyncio.wait_for(sub.get(), 10)
 
     assert asyncio.run(scenario()).flow.verdict == flow_pb2.DROPPED
@@ -146,7 +130,7 @@ def test_sinks_see_every_flow_of_a_raw_segment(dtype: np.dtype) -> None:
 
 
 def test_rows_of_another_version_or_type_are_not_flows(dtype: np.dtype) -> None:
-    batch = rows(dtype, [at(0), at(1, version=99), at(2, type=77), world_drop()])
+    batch = event_rows(dtype, [at(0), at(1, version=99), at(2, type=77), world_drop()])
     assert supported_rows(batch).tolist() == [True, False, False, True]
 
 

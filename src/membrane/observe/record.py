@@ -236,9 +236,45 @@ _INT_FIELDS = (
 
 
 def flow_events(batch: np.ndarray) -> list[FlowEvent]:
-    """Every row of a RingBuffer batch; one `tolist()` for the batch is much cheaper than
-    reading each field of each numpy row."""
-    return [FlowEvent.decode(_record_fields(row, batch.dtype)) for row in batch.tolist()]
+    """Every row of a RingBuffer batch, a column at a time: one `tolist()` per field and
+    one copy of the addresses for the batch (about a third of the cost of reading the
+    rows one by one through numpy scalars)."""
+    import numpy as np  # the agent's side only: `membrane observe` never imports numpy
+
+    n = len(batch)
+    header = batch["h"]
+    names = batch.dtype.names or ()
+    family = batch["family"].tolist() if "family" in names else [4] * n
+    ints = [batch[name].tolist() for name in _INT_FIELDS]
+    # The four u32 of each address as they are in memory: network byte order.
+    saddr = np.ascontiguousarray(batch["saddr"], dtype=np.uint32).tobytes()
+    daddr = np.ascontiguousarray(batch["daddr"], dtype=np.uint32).tobytes()
+    events = []
+    for i, (ts_ns, version, kind, cpu, fam, *rest) in enumerate(
+        zip(
+            header["ts_ns"].tolist(),
+            header["version"].tolist(),
+            header["type"].tolist(),
+            header["cpu"].tolist(),
+            family,
+            *ints,
+            strict=True,
+        )
+    ):
+        fam = fam or 4  # 0: dropped before its IP header
+        events.append(
+            FlowEvent(
+                ts_ns,
+                version,
+                kind,
+                cpu,
+                _packed_address(saddr[16 * i : 16 * i + 16], fam),
+                _packed_address(daddr[16 * i : 16 * i + 16], fam),
+                *rest,
+                family=fam,
+            )
+        )
+    return events
 
 
 def supported_rows(batch: np.ndarray) -> np.ndarray:
@@ -268,7 +304,10 @@ def _address(value: Any, family: int) -> str:
     if isinstance(value, str):
         return str(ipaddress.ip_address(value))
     words = [value] if isinstance(value, int) else list(value)
-    packed = b"".join(int(w).to_bytes(4, sys.byteorder) for w in words)
+    return _packed_address(b"".join(int(w).to_bytes(4, sys.byteorder) for w in words), family)
+
+
+def _packed_address(packed: bytes, family: int) -> str:
     if family == 6:
         return socket.inet_ntop(socket.AF_INET6, packed)
     return socket.inet_ntoa(packed[:4])
@@ -285,31 +324,64 @@ def flow_record(
     """The Hubble flow (flow.Flow) of one event, written into `out` when given (a
     response's flow: a copy costs as much as the rest), with `flow_uuid` (default: a
     random one). Raises UnsupportedEvent for events
-    of another layout version or type (count them; they are not flows we can describe)."""
+    of another layout version or type (count them; they are not flows we can describe).
+
+    A flow is its time and uuid and three parts that each read a few of the event's
+    fields (fill_addresses, fill_ports, fill_decision): observe.encode builds each part
+    once per distinct value of those fields and joins them as bytes."""
     ev = event if isinstance(event, FlowEvent) else FlowEvent.decode(event)
+    check_supported(ev)
+    flow = flow_pb2.Flow() if out is None else out
+    flow.uuid = flow_uuid or str(uuid.uuid4())
+    at = flow.time  # seconds and nanos set directly: FromNanoseconds costs twice as much
+    at.seconds, at.nanos = divmod(wall_offset_ns(resolver) + ev.ts_ns, 1_000_000_000)
+    fill_addresses(flow, ev)
+    fill_ports(flow, ev)
+    fill_decision(flow, ev, resolver, node_name)
+    return flow
+
+
+def check_supported(ev: FlowEvent) -> None:
+    """UnsupportedEvent unless this agent can describe the event."""
     if ev.version != MEMBRANE_EVENT_VERSION:
         raise UnsupportedEvent(
             f"flow event version {ev.version}, expected {MEMBRANE_EVENT_VERSION}"
         )
     if ev.type != _VERDICT and ev.type != _DROP and ev.type != _TRACE:
         raise UnsupportedEvent(f"flow event type {ev.type}")
+
+
+def wall_offset_ns(resolver: Resolver) -> int:
+    """Unix nanoseconds at ktime 0: a flow's time is this plus its event's ts_ns (one
+    clock reading serves a whole batch, and integers keep every nanosecond)."""
+    return round(resolver.ktime_to_wall(0) * 1e9)
+
+
+def fill_addresses(flow: flow_pb2.Flow, ev: FlowEvent) -> None:
+    """IP: reads saddr, daddr, family."""
+    flow.IP.source, flow.IP.destination = ev.saddr, ev.daddr
+    flow.IP.ipVersion = flow_pb2.IPv6 if ev.family == 6 else flow_pb2.IPv4
+
+
+def fill_ports(flow: flow_pb2.Flow, ev: FlowEvent) -> None:
+    """l4 and Summary: read proto, sport, dport, tcp_flags, family."""
+    _fill_layer4(flow.l4, ev)
+    flow.Summary = _summary(ev)
+
+
+def fill_decision(flow: flow_pb2.Flow, ev: FlowEvent, resolver: Resolver, node_name: str) -> None:
+    """Everything else (who sent it to whom, what happened and which policy decided):
+    reads type, dir, match, rule_id, policy_rev, ep_id, peer_identity, drop_reason and
+    the peer's address (saddr or daddr, family)."""
     dropped = ev.type == _DROP
     egress = ev.dir == _EGRESS
     reply = ev.match == _MATCH_REPLY
     rule = resolver.rule(ev.rule_id) if ev.rule_id else None
-    flow = flow_pb2.Flow() if out is None else out
-    flow.uuid = flow_uuid or str(uuid.uuid4())
     flow.verdict = flow_pb2.DROPPED if dropped else flow_pb2.FORWARDED
     flow.Type = flow_pb2.L3_L4
     flow.node_name = node_name
     flow.traffic_direction = flow_pb2.EGRESS if egress else flow_pb2.INGRESS
     flow.policy_match_type = _policy_match_type(ev, rule)
-    flow.Summary = _summary(ev)
-    at = flow.time  # seconds and nanos set directly: FromNanoseconds costs twice as much
-    at.seconds, at.nanos = divmod(round(resolver.ktime_to_wall(ev.ts_ns) * 1e9), 1_000_000_000)
-    flow.IP.source, flow.IP.destination = ev.saddr, ev.daddr
-    flow.IP.ipVersion = flow_pb2.IPv6 if ev.family == 6 else flow_pb2.IPv4
-    _fill_layer4(flow.l4, ev)
     local, peer = (flow.source, flow.destination) if egress else (flow.destination, flow.source)
     _local_endpoint(local, ev, resolver)
     _peer_endpoint(peer, ev.daddr if egress else ev.saddr, ev.peer_identity, resolver)
@@ -327,7 +399,6 @@ def flow_record(
         flow.trace_reason = flow_pb2.RELATED
     if rule is not None and ev.match == _MATCH_RULE:
         _attribute(flow, rule, ev.policy_rev, egress)
-    return flow
 
 
 def _trace_point(flow: flow_pb2.Flow, ev: FlowEvent, egress: bool, reply: bool) -> None:

@@ -119,17 +119,30 @@ class SubscriptionClosed(Exception):
 class Segment:
     """A run of consecutive items of the ring, numbered from `start` (the store's sequence
     number of its first item, set when the store takes it). `item(i)` is a
-    GetFlowsResponse; a segment may build them only when read (RawSegment)."""
+    GetFlowsResponse, `messages(lo, hi)` the same items serialized (what a follower is
+    sent); a segment may build them only when read (RawSegment)."""
 
     start = 0
     flows_before = 0  # flows the store took before this segment
     lost_before: Mapping[int, int] = MappingProxyType({})  # events reported lost before it
+    only_flows = False  # True: every item is a flow (no notices among them)
 
     def __len__(self) -> int:
         raise NotImplementedError
 
     def item(self, i: int) -> Item:
         raise NotImplementedError
+
+    def messages(self, lo: int, hi: int) -> list[bytes]:
+        """Items lo..hi-1, serialized."""
+        return [self.item(i).SerializeToString() for i in range(lo, hi)]
+
+    def is_flow(self, i: int) -> bool:
+        return self.only_flows or self.item(i).HasField("flow")
+
+    def time_ns(self, i: int) -> int:
+        """Item i's time (item_ns), perhaps without building it."""
+        return item_ns(self.item(i))
 
     def __iter__(self) -> Iterator[Item]:
         return (self.item(i) for i in range(len(self)))
@@ -148,12 +161,20 @@ class BuiltSegment(Segment):
 
     def __init__(self, items: list[Item]) -> None:
         self.items = items
+        self._messages: list[bytes | None] = [None] * len(items)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def item(self, i: int) -> Item:
         return self.items[i]
+
+    def messages(self, lo: int, hi: int) -> list[bytes]:
+        out = self._messages[lo:hi]
+        for at, message in enumerate(out):
+            if message is None:  # serialized once, however many followers read it
+                out[at] = self._messages[lo + at] = self.items[lo + at].SerializeToString()
+        return out  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[Item]:
         return iter(self.items)
@@ -169,13 +190,19 @@ class BuiltSegment(Segment):
         return flows, lost
 
 
+# What a follower is handed: a built item (from its backlog, a notice), or items lo..hi-1
+# of a segment (served as that segment's messages, never built when nothing filters).
+Entry = Item | tuple[Segment, int, int]
+
+
 class Subscription:
     """One follower: a cursor into the store's ring (as Hubble's ring readers are), after
-    the backlog its query asked for. Iterate it (`async for item in sub`), or `await
-    sub.get()`; an item is a GetFlowsResponse, or a lost-events notice where the writer
+    the backlog its query asked for. Iterate it (`async for item in sub`), `await
+    sub.get()`, or take slices of serialized items (`await sub.messages(limit)`, what the
+    server sends); an item is a GetFlowsResponse, or a lost-events notice where the writer
     overtook the follower (it fell more than `maxsize` items, or the whole ring, behind):
     the exact number of items it skipped, where they are missing. Nothing is copied per
-    follower, and matching items are built only when the follower reads them."""
+    follower, and items are built only when a filter must look at them."""
 
     def __init__(self, store: FlowStore, query: FlowQuery, backlog: list[Item], maxsize: int):
         self.query = query
@@ -205,65 +232,109 @@ class Subscription:
         self._ready.set()
 
     async def get(self) -> Item:
+        [entry] = await self._entries(1)
+        if isinstance(entry, tuple):
+            segment, i, _ = entry
+            return segment.item(i)
+        return entry
+
+    async def messages(self, limit: int) -> list[bytes]:
+        """The next items, serialized: at least one, at most `limit`; waits for one.
+        Raises SubscriptionClosed at the end."""
+        out: list[bytes] = []
+        for entry in await self._entries(limit):
+            if isinstance(entry, tuple):
+                out += entry[0].messages(entry[1], entry[2])
+            else:
+                out.append(entry.SerializeToString())
+        return out
+
+    async def _entries(self, limit: int) -> list[Entry]:
         while True:
-            if self._backlog:
-                return self._backlog.popleft()
-            item = self._next_live()
-            if item is _SCANNED:
+            entries, scanned = self._take(limit)
+            if entries:
+                return entries
+            if scanned:
                 await asyncio.sleep(0)  # a long run of non-matching items: let others run
                 continue
-            if item is not None:
-                return item
             if self._closed:
                 raise SubscriptionClosed
             self._ready.clear()
             await self._ready.wait()
 
-    def _next_live(self) -> Item | object | None:
-        """The next item for this follower, a lost-events notice, None when it has read
-        everything there is, or _SCANNED after a long run that matched nothing."""
-        store = self._store
-        end = store.next_seq if self._end is None else self._end
-        oldest = max(store.first_seq, end - self._lag_limit)
-        if self._cursor < oldest:
-            return self._skip_to(oldest)
-        until = self.query.until_ns
-        for scanned, item in enumerate(store.items_between(self._cursor, end)):
-            self._cursor += 1
-            if not item.HasField("flow"):
-                _count_lost(self._lost_at, item)
-                return item
-            self._flows_at += 1
-            if until is not None and item_ns(item) > until:
-                if item_ns(item) > until + REORDER_SLACK_NS:
-                    self._end = self._cursor  # Hubble ends a follow once flows are past `until`
-                    return None
+    def _take(self, limit: int) -> tuple[list[Entry], bool]:
+        """Up to `limit` items for this follower, oldest first (lost-events notices where
+        it was overtaken), without waiting; and True when it stopped after a long run of
+        items that matched nothing (the caller lets others run before it goes on)."""
+        out: list[Entry] = []
+        room = limit
+        store, query = self._store, self.query
+        until = query.until_ns
+        scanned = 0
+        while room > 0:
+            if self._backlog:
+                out.append(self._backlog.popleft())
+                room -= 1
                 continue
-            if self.query.selects(item):
-                return item
-            if scanned >= _SCAN_BEFORE_YIELD:
-                return _SCANNED
-        return None
+            end = store.next_seq if self._end is None else self._end
+            oldest = max(store.first_seq, end - self._lag_limit)
+            if self._cursor < oldest:
+                self._skip_to(oldest)
+                continue
+            if self._cursor >= end:
+                break
+            segment = store.segment_of(self._cursor)
+            lo, hi = self._cursor - segment.start, min(len(segment), end - segment.start)
+            if segment.only_flows and query.matcher is None and until is None:
+                hi = min(hi, lo + room)  # every item goes: the run as it is
+                out.append((segment, lo, hi))
+                room -= hi - lo
+                self._cursor += hi - lo
+                self._flows_at += hi - lo
+                continue
+            for i in range(lo, hi):
+                if room == 0:
+                    break
+                self._cursor += 1
+                if not segment.is_flow(i):
+                    item = segment.item(i)
+                    _count_lost(self._lost_at, item)
+                    out.append(item)
+                    room -= 1
+                    continue
+                self._flows_at += 1
+                if until is not None and (at := segment.time_ns(i)) > until:
+                    if at > until + REORDER_SLACK_NS:
+                        self._end = self._cursor  # Hubble ends a follow once flows are past `until`
+                        break
+                    continue
+                if query.matcher is None or query.selects(segment.item(i)):
+                    out.append((segment, i, i + 1))
+                    room -= 1
+                    continue
+                scanned += 1
+                if scanned >= _SCAN_BEFORE_YIELD:
+                    return out, True
+        return out, False
 
-    def _skip_to(self, oldest: int) -> Item:
+    def _skip_to(self, oldest: int) -> None:
         """Move the cursor to `oldest`: one notice of the flows skipped, and the notices
-        skipped with them summed by source (they are losses the follower must hear of)."""
+        skipped with them summed by source (they are losses the follower must hear of),
+        into the backlog."""
         store = self._store
         flows, lost = store.counts_before(oldest)
         skipped = flows - self._flows_at
         self._cursor, self._flows_at = oldest, flows
-        notices = [
+        if skipped:
+            self._backlog.append(lost_events(skipped, store.node_name))
+        self._backlog.extend(
             lost_events(count, store.node_name, source)
             for source, total in sorted(lost.items())
             if (count := total - self._lost_at.get(source, 0))
-        ]
+        )
         self._lost_at = lost
         self.missed += skipped
         store.follower_missed += skipped
-        self._backlog.extend(notices)
-        if skipped:
-            return lost_events(skipped, store.node_name)
-        return self._backlog.popleft()
 
     def __aiter__(self) -> AsyncIterator[Item]:
         return self
@@ -275,7 +346,6 @@ class Subscription:
             raise StopAsyncIteration from None
 
 
-_SCANNED = object()
 _SCAN_BEFORE_YIELD = 512
 
 
@@ -357,6 +427,10 @@ class FlowStore:
         for source, count in lost.items():
             total[source] = total.get(source, 0) + count
         return seg.flows_before + flows, total
+
+    def segment_of(self, seq: int) -> Segment:
+        """The segment holding item `seq` (in the ring)."""
+        return self._segments[bisect.bisect_right(self._starts, seq) - 1]
 
     def add_sink(self, sink: Callable[[Segment], object]) -> None:
         """`sink` sees every batch the store takes from now on (the flow log): a Segment,
