@@ -399,3 +399,39 @@ def test_services_survive_a_restart_and_translate_while_the_agent_is_down(env: E
     assert names.count("sock_connect4") == 1  # adopted, not attached twice
     after = connect_many(env.client.netns, env.cgroup, ip, 80, count=10)
     assert not after["failures"]
+
+
+def test_flows_name_the_service_the_connection_went_through(env: Env) -> None:
+    ip = cluster_ip(env.get("shop/web"))
+    result = connect_many(env.client.netns, env.cgroup, ip, 80, count=4)
+    assert not result["failures"]
+    backends = {p.ip for p in env.web.values()}
+
+    def to_backends() -> list[dict[str, Any]]:
+        flows = [r["flow"] for r in env.cluster.agent.observe(2000) if "flow" in r]
+        return [
+            f for f in flows
+            if f["IP"]["source"] == env.client.ip and f["IP"]["destination"] in backends
+            and f.get("l4", {}).get("TCP", {}).get("destination_port") == 8080
+        ]  # fmt: skip
+
+    deadline = time.monotonic() + 10
+    while not (seen := to_backends()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert seen, "no flow from the client to a backend"
+    for flow in seen:
+        assert flow["destination_service"] == {"namespace": "shop", "name": "web"}
+    replies = [
+        r["flow"] for r in env.cluster.agent.observe(2000)
+        if "flow" in r and r["flow"]["IP"]["destination"] == env.client.ip
+        and r["flow"]["IP"]["source"] in backends
+    ]  # fmt: skip
+    for flow in replies:
+        assert flow["source_service"] == {"namespace": "shop", "name": "web"}
+    # a flow that is no service's names none
+    others = [
+        r["flow"] for r in env.cluster.agent.observe(2000)
+        if "flow" in r and r["flow"]["IP"]["destination"] not in backends
+        and r["flow"]["IP"]["source"] not in backends
+    ]  # fmt: skip
+    assert all("destination_service" not in f and "source_service" not in f for f in others)

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from membrane.agent.agent import Agent
     from membrane.agent.snapshot import Snapshot
     from membrane.agent.state import EndpointRecord
+    from membrane.service.manager import ServiceManager
 
 log = logging.getLogger("membrane.agent")
 POLL_MS = 100
@@ -61,8 +62,10 @@ BATCH_ROWS = 4096
 class AgentResolver:
     """Names for the numbers in flow events, from one snapshot."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, services: ServiceManager | None = None) -> None:
         self.snapshot = snapshot
+        self.services = services  # names the Service of a socket LB's connection
+        self._host = {str(a) for a in snapshot.host_addresses}
         # Flows of one batch name the same few endpoints over and over.
         self._by_id: dict[int, EndpointView | None] = {}
         self._by_ip: dict[str, EndpointView | None] = {}
@@ -108,6 +111,22 @@ class AgentResolver:
             l3=l3,
             l4=l4,
         )
+
+    def connection_service(
+        self, client: str, backend: str, port: int, protocol: int
+    ) -> tuple[str, str] | None:
+        """(namespace, name) of the Service whose frontend `client`'s connection to the
+        backend went through (observe.record.fill_service)."""
+        if self.services is None:
+            return None
+        ep = self.snapshot.endpoints_by_ip.get(client)
+        if ep is not None:
+            netns = ep.netns
+        elif client in self._host:
+            netns = self.services.node_netns
+        else:
+            return None
+        return self.services.connection_service(netns, backend, port, protocol)
 
     def ktime_to_wall(self, ts_ns: int) -> float:
         return ktime_to_unix(ts_ns)
@@ -203,7 +222,8 @@ class FlowReader:
         """One encoder (and its caches of flow parts) per snapshot: batches read while
         nothing in the agent changed share what was built for the first."""
         if self._encoder is None or self._encoder[0] is not snapshot:
-            self._encoder = snapshot, FlowEncoder(AgentResolver(snapshot), node)
+            resolver = AgentResolver(snapshot, self.agent.services)
+            self._encoder = snapshot, FlowEncoder(resolver, node)
         return self._encoder[1]
 
     def start(self) -> None:

@@ -6,9 +6,11 @@ A flow is the concatenation of its parts (protobuf merges the fields of concaten
 messages, and each field here is in exactly one part):
 
     time | uuid | IP | l4 and Summary | the rest (who to whom, what happened, which policy)
+    | the Service the connection went through (empty for most)
 
-The last three are built by observe.record's own code (fill_addresses, fill_ports,
-fill_decision), once per distinct value of the event fields each reads, and kept as bytes.
+The last four are built by observe.record's own code (fill_addresses, fill_ports,
+fill_decision, fill_service), once per distinct value of the event fields each reads, and
+kept as bytes.
 Events equal in everything but their time share one "template" of all three: one numpy
 pass over a batch finds them. Per event, only the time, the uuid (both computed for the
 whole batch with numpy) and the joining are left.
@@ -27,6 +29,7 @@ from membrane.observe.record import (
     fill_addresses,
     fill_decision,
     fill_ports,
+    fill_service,
     flow_events,
     sequence_uuid,
 )
@@ -80,6 +83,7 @@ class FlowEncoder:
         self._addresses: dict[Hashable, bytes] = {}
         self._ports: dict[Hashable, bytes] = {}
         self._decisions: dict[Hashable, bytes] = {}
+        self._services: dict[Hashable, bytes] = {}  # empty unless a service's connection
         self._key_bytes: dict[np.dtype, np.ndarray] = {}
         self.parts_built = 0  # parts built with record.py (a cache miss each)
 
@@ -146,8 +150,17 @@ class FlowEncoder:
                     ev,
                 ),
                 self._part(self._decisions, _decision_key(ev), self._fill_decision, ev),
+                self._part(
+                    self._services,
+                    (ev.saddr, ev.daddr, ev.sport, ev.dport, ev.proto),
+                    self._fill_service,
+                    ev,
+                ),
             )
         )
+
+    def _fill_service(self, flow: flow_pb2.Flow, ev: FlowEvent) -> None:
+        fill_service(flow, ev, self.resolver)
 
     def _fill_decision(self, flow: flow_pb2.Flow, ev: FlowEvent) -> None:
         fill_decision(flow, ev, self.resolver, self.node_name)

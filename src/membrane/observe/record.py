@@ -326,9 +326,9 @@ def flow_record(
     random one). Raises UnsupportedEvent for events
     of another layout version or type (count them; they are not flows we can describe).
 
-    A flow is its time and uuid and three parts that each read a few of the event's
-    fields (fill_addresses, fill_ports, fill_decision): observe.encode builds each part
-    once per distinct value of those fields and joins them as bytes."""
+    A flow is its time and uuid and four parts that each read a few of the event's
+    fields (fill_addresses, fill_ports, fill_decision, fill_service): observe.encode builds
+    each part once per distinct value of those fields and joins them as bytes."""
     ev = event if isinstance(event, FlowEvent) else FlowEvent.decode(event)
     check_supported(ev)
     flow = flow_pb2.Flow() if out is None else out
@@ -338,6 +338,7 @@ def flow_record(
     fill_addresses(flow, ev)
     fill_ports(flow, ev)
     fill_decision(flow, ev, resolver, node_name)
+    fill_service(flow, ev, resolver)
     return flow
 
 
@@ -399,6 +400,23 @@ def fill_decision(flow: flow_pb2.Flow, ev: FlowEvent, resolver: Resolver, node_n
         flow.trace_reason = flow_pb2.RELATED
     if rule is not None and ev.match == _MATCH_RULE:
         _attribute(flow, rule, ev.policy_rev, egress)
+
+
+def fill_service(flow: flow_pb2.Flow, ev: FlowEvent, resolver: Resolver) -> None:
+    """destination_service (source_service on the backend's replies): the Service whose
+    frontend the connection went through, where the resolver can tell (the agent's socket
+    LB records it; `connection_service(client, backend, port, protocol)`). Reads saddr,
+    daddr, sport, dport, proto."""
+    service_of = getattr(resolver, "connection_service", None)
+    if service_of is None:
+        return
+    found = service_of(ev.saddr, ev.daddr, ev.dport, ev.proto)
+    if found is not None:
+        flow.destination_service.namespace, flow.destination_service.name = found
+        return
+    found = service_of(ev.daddr, ev.saddr, ev.sport, ev.proto)
+    if found is not None:
+        flow.source_service.namespace, flow.source_service.name = found
 
 
 def _trace_point(flow: flow_pb2.Flow, ev: FlowEvent, egress: bool, reply: bool) -> None:
