@@ -421,6 +421,10 @@ def test_flows_name_the_service_the_connection_went_through(env: Env) -> None:
     assert seen, "no flow from the client to a backend"
     for flow in seen:
         assert flow["destination_service"] == {"namespace": "shop", "name": "web"}
+    # Hubble's --to-service filter finds them
+    out = env.cli("observe", "--last", "2000", "--to-service", "shop/web", "-o", "json").stdout
+    filtered = [json.loads(line)["flow"] for line in out.splitlines() if line.strip()]
+    assert filtered and all(f["destination_service"]["name"] == "web" for f in filtered)
     replies = [
         r["flow"] for r in env.cluster.agent.observe(2000)
         if "flow" in r and r["flow"]["IP"]["destination"] == env.client.ip
