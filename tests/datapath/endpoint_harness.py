@@ -12,9 +12,6 @@ flow events it emitted and how the drop counters moved.
 from __future__ import annotations
 
 import ctypes
-import os
-import secrets
-import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -23,7 +20,7 @@ from typing import Any
 
 from membrane.abi import Direction, DropReason
 from membrane.bpf import BpfObject, test_run
-from membrane.bpf.fs import PIN_ROOT, ensure_bpffs
+from membrane.bpf.fs import temporary_pin_dir
 from membrane.bpf.ringbuf import RingBuffer
 from membrane.datapath import (
     CtEntry,
@@ -49,17 +46,6 @@ EP_IP = "198.18.0.10"
 EP_IP6 = "2001:db8:1::a"
 EP_IDENTITY = 1000
 TC_VERDICTS = {0: "pass", 2: "drop"}  # TC_ACT_OK, TC_ACT_SHOT
-
-
-@contextmanager
-def temporary_pin_dir() -> Iterator[str]:
-    """/sys/fs/bpf/membrane/test-<random>, removed with everything pinned in it."""
-    ensure_bpffs()
-    pin_dir = os.path.join(PIN_ROOT, f"test-{secrets.token_hex(4)}")
-    try:
-        yield pin_dir
-    finally:
-        shutil.rmtree(pin_dir, ignore_errors=True)
 
 
 def policy_entry(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import secrets
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from membrane.bpf import _libbpf as L
@@ -50,3 +54,15 @@ def cgroup2_root() -> Path:
 
 def is_pinned(path: str) -> bool:
     return os.path.exists(path)
+
+
+@contextlib.contextmanager
+def temporary_pin_dir() -> Iterator[str]:
+    """/sys/fs/bpf/membrane/test-<random> for tests and benchmarks, removed with everything
+    pinned in it."""
+    ensure_bpffs()
+    pin_dir = os.path.join(PIN_ROOT, f"test-{secrets.token_hex(4)}")
+    try:
+        yield pin_dir
+    finally:
+        shutil.rmtree(pin_dir, ignore_errors=True)

@@ -88,7 +88,7 @@ class NodePortPath:
         try:
             obj.pin_maps(os.path.join(bpf_dir, SERVICE_PIN_SUBDIR), names=list(MAP_NAMES))
             obj.pin_maps(pin_dir, names=list(OWN_MAPS))
-            obj.set_config(np_mode=int(MODES[mode]), np_node_ip4=_be32(node_ip))
+            obj.set_config(np_mode=int(MODES[mode]), np_node_ip4=be32(node_ip))
             obj.load()
         except BaseException:
             obj.close()
@@ -234,6 +234,6 @@ def pinned_counters(bpf_dir: str) -> dict[str, int] | None:
         return read_counters(stats)
 
 
-def _be32(ip: IPv4Address) -> int:
+def be32(ip: IPv4Address) -> int:
     """An address as the datapath's __be32 reads it from memory on this host."""
     return int.from_bytes(ip.packed, sys.byteorder)

@@ -1,4 +1,6 @@
-"""The outside of a node for NodePort tests: one L2 segment (a bridge in a namespace of its
+"""The outside of a node for NodePort tests, and a namespace to test-run the programs in.
+
+Real traffic: one L2 segment (a bridge in a namespace of its
 own) joining the node's external device, a client host and other hosts that serve as
 backends, so a backend host can answer a client directly (DSR) instead of through the node.
 
@@ -14,21 +16,37 @@ backends of `membrane lb` do.
 
 from __future__ import annotations
 
+import ipaddress
+import struct
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 from pyroute2 import IPRoute
 
 from membrane import netns
+from membrane.bpf import Program, TestRunResult, test_run
 from membrane.lb.decap import attach_decap, decap_counts, detach_decap
 from membrane.netns import Topology, links
 from membrane.netns.namespace import inside
 from membrane.netns.sysctl import disable_ipv6, write_sysctl
+from membrane.service.kubernetes import hand_written
+from membrane.service.maps import ServiceIds
+from membrane.service.nodeport import NodePortPath
+from membrane.service.plan import NodeView, plan
+from membrane.service.socklb import SocketLb
+from membrane.testing.lb import NUD_PERMANENT, backend_mac
 
 SEGMENT = IPv4Network("198.19.8.0/24")
 NODE_SIDE = "198.19.8.1"
 CLIENT_IP = "198.19.8.2"
 NODE_DEVICE = "ext0"
+# The test-run bed (datapath tests, bench/nodeport_cost.py): the node's address, another
+# host on the segment and a pod of each
+NODE_IP = "198.19.0.1"
+REMOTE_HOST = "198.19.8.11"
+LOCAL_POD, REMOTE_POD = "198.18.0.10", "198.18.200.11"
+FIRST_NODE_PORT = 30000
+TARGET = 7000
 
 
 @dataclass
@@ -90,3 +108,83 @@ def build_fabric(topo: Topology, node_ns: str) -> Fabric:
     fabric.client = fabric._host("client", CLIENT_IP)
     netns.wait_ping(fabric.client, NODE_SIDE)
     return fabric
+
+
+# ---- BPF_PROG_TEST_RUN of the programs -----------------------------------------------------
+@dataclass(frozen=True)
+class Bed:
+    ns: str
+    ext: int  # ifindex of ext0 (served; the remote backend is behind it)
+    pod: int  # ifindex of the local pod's device
+
+    def run(self, prog: Program, frame: bytes, ifindex: int) -> TestRunResult:
+        """`prog` on `frame` as if it arrived on (or left by) device `ifindex`."""
+        ctx = bytearray(192)  # struct __sk_buff: ingress_ifindex at 36, ifindex at 40
+        struct.pack_into("II", ctx, 36, ifindex, ifindex)
+        with inside(self.ns):
+            return test_run(prog, frame, ctx=bytes(ctx))
+
+
+def nodeport_testbed(topo: Topology) -> Bed:
+    """A node-like namespace: ext0 (198.19.8.1/24, the remote host and the client as
+    permanent neighbours, the other node's pods routed via the remote host) and pod0 (the
+    local pod's /32)."""
+    ns, peer, pod = topo.namespace("node"), topo.namespace("peer"), topo.namespace("pod")
+    topo.veth(ns, peer, names=("ext0", "eth0"))
+    topo.veth(ns, pod, names=("pod0", "eth0"))
+    links.add_address(ns, "lo", f"{NODE_IP}/32")
+    links.add_address(ns, "ext0", "198.19.8.1/24")
+    with inside(ns), IPRoute() as ipr:
+        ext, pod0 = ipr.link_lookup(ifname="ext0")[0], ipr.link_lookup(ifname="pod0")[0]
+        for addr in (REMOTE_HOST, CLIENT_IP):
+            ipr.neigh("add", dst=addr, lladdr=backend_mac(addr), ifindex=ext, state=NUD_PERMANENT)
+        ipr.route("add", dst=f"{REMOTE_POD}/32", gateway=REMOTE_HOST, oif=ext)
+        ipr.route("add", dst=f"{LOCAL_POD}/32", oif=pod0)
+        ipr.neigh("add", dst=LOCAL_POD, lladdr=backend_mac(LOCAL_POD), ifindex=pod0,
+                  state=NUD_PERMANENT)  # fmt: skip
+        write_sysctl("net.ipv4.ip_forward", 1)
+    return Bed(ns, ext, pod0)
+
+
+def load_nodeport(
+    bed: Bed,
+    bpf_dir: str,
+    mode: str,
+    services: int,
+    algorithm: str = "random",
+    local_only: bool = False,
+    protocol: str = "TCP",
+) -> NodePortPath:
+    """The programs in `mode` on service maps of their own pinned under `bpf_dir` (made
+    as the agent makes them: the socket LB's loader creates them, the nodeport loader reuses
+    them), with `services` NodePorts (FIRST_NODE_PORT + 2i to the local pod, + 2i + 1 to the
+    remote one, `protocol`) written by the agent's writer; `local_only`: externalTrafficPolicy Local
+    (and no endpoint of this node among the backends). ext0 is served (np_devices)."""
+    socket_lb = SocketLb.start(bpf_dir, "", (4,))  # maps only: nothing attaches
+    path = NodePortPath.start(bpf_dir, mode, IPv4Address(NODE_IP))
+    records, slices = [], []
+    for i in range(services):
+        for k, backend in enumerate((LOCAL_POD, REMOTE_POD)):
+            port = {"port": 80, "targetPort": TARGET, "protocol": protocol,
+                    "nodePort": FIRST_NODE_PORT + 2 * i + k}  # fmt: skip
+            spec = {
+                "type": "NodePort",
+                "clusterIP": str(ipaddress.ip_address("198.19.128.1") + 2 * i + k),
+                "externalTrafficPolicy": "Local" if local_only else "Cluster",
+                "ports": [port],
+            }
+            annotations = {"service.cilium.io/lb-algorithm": algorithm}
+            svc, eps = hand_written(
+                "bench",
+                f"s{i}-{k}",
+                spec,
+                annotations,
+                [{"address": backend, "port": None, "state": "active", "weight": 1}],
+            )
+            records.append(svc.with_ips((spec["clusterIP"],)))
+            slices.append(eps)
+    node = NodeView((), {4: (NODE_IP,)}, 16381)
+    socket_lb.maps.apply(plan(records, [s for s in slices if s], node), ServiceIds.from_json(None))
+    socket_lb.close()
+    path.obj.map("np_devices").update(bed.ext, 1)
+    return path
