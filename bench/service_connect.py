@@ -42,24 +42,30 @@ import hashlib
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from bench._common import emit, exit_on_sigterm, machine, median
 from membrane import netns
+from membrane.bpf.probe import temporary_cgroup
 from membrane.testing.agent import POD_CIDR, AgentProcess, running_agent
 from membrane.testing.pods import Pod, add_pod, start_echo_server
-from membrane.testing.traffic import connection_rate, socket_in
+from membrane.testing.traffic import connection_rate, join_cgroup
 
 PORT = 80  # the services' port
 TARGET_PORT = 7000  # the backends'
 NAMESPACE = "bench"
 FIRST_VIP = IPv4Address("198.19.128.1")  # in the default --service-cidr 198.19.128.0/17
-PHANTOM_BACKENDS = IPv4Address("198.18.192.0")  # other services' backends: no pod has them
+PHANTOM_BACKENDS = IPv4Address("198.18.128.0")  # others' backends (2 x 10k): no pod has them
 SIZES = (1, 1_000, 10_000)
 MECHANISMS = ("iptables", "ipvs", "membrane")
 TARGETS = {  # the issue's: Membrane's rate against each baseline, per size (None: any size)
@@ -265,20 +271,53 @@ class IpvsServices(Mechanism):
 
 # ---- Membrane -----------------------------------------------------------------------------
 class MembraneServices(Mechanism):
-    """The agent's own services, through its REST API."""
+    """The agent's services (ClusterIPs given, EndpointSlices), imported as Kubernetes YAML
+    through its API; the socket LB translates at connect() for the processes of the
+    agent's --cgroup-root, where the client runs in these scenarios only. Sizes go up, so
+    each size's import adds to (and re-points) the services of the one before; the agent
+    removes them all when it goes."""
 
-    def __init__(self, agent: AgentProcess) -> None:
-        self.agent = agent
+    def __init__(self, agent: AgentProcess, cgroup: Path) -> None:
+        self.agent, self.cgroup = agent, cgroup
 
     def unavailable(self) -> str | None:
         try:
             self.agent.api("GET", "/v1/services")
         except Exception as err:
-            return f"the agent serves no /v1/services yet ({type(err).__name__}: {err})"
+            return f"the agent serves no /v1/services ({type(err).__name__}: {err})"
         return None
 
     def prepare(self, services: ServiceSet) -> None:
-        raise NotImplementedError("the agent's service API is not wired in this benchmark yet")
+        docs = []
+        for i in range(services.n):
+            name = f"svc-{i}"
+            docs.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": name, "namespace": NAMESPACE},
+                    "spec": {
+                        "clusterIP": vip(i),
+                        "ports": [{"name": "http", "port": PORT, "targetPort": TARGET_PORT}],
+                    },
+                }
+            )
+            docs.append(
+                {
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": {
+                        "name": f"{name}-1",
+                        "namespace": NAMESPACE,
+                        "labels": {"kubernetes.io/service-name": name},
+                    },
+                    "addressType": "IPv4",
+                    "ports": [{"name": "http", "port": TARGET_PORT, "protocol": "TCP"}],
+                    "endpoints": [{"addresses": [ip]} for ip in services.backends_of(i)],
+                }
+            )
+        text = yaml.safe_dump_all(docs, sort_keys=False)
+        self.agent.client(timeout=None).post("/v1/services/import", {"yaml": text})
 
 
 # ---- measuring ----------------------------------------------------------------------------
@@ -296,6 +335,11 @@ class Scenario:
     failed: dict[str, int] = field(default_factory=dict)
     checked: bool = False
 
+    @property
+    def cgroup(self) -> Path | None:
+        """Where the clients run: the socket LB's cgroup for Membrane's scenarios only."""
+        return getattr(self.mechanism, "cgroup", None)
+
     def target(self, direct_to: str) -> tuple[str, int]:
         if self.services is None:
             return (direct_to, TARGET_PORT)
@@ -306,28 +350,43 @@ def percentile(values: list[int], q: float) -> float:
     return round(statistics.quantiles(values, n=100)[int(q) - 1]) if len(values) > 1 else 0
 
 
-def check_reaches_both(client: Pod, address: tuple[str, int], backends: tuple[Pod, ...]) -> None:
-    """20 connections to `address`, held open, are all established and reach every backend
-    (counted in the backends' namespaces), or the scenario is not measured."""
-    socks = []
+# Holds COUNT connections to HOST:PORT open until its stdin closes.
+_HOLD = (
+    "import socket, sys\n"
+    "host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
+    "socks = [socket.create_connection((host, port), timeout=2) for _ in range(count)]\n"
+    "print('held', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+def check_reaches_both(
+    client: Pod, address: tuple[str, int], backends: tuple[Pod, ...], cgroup: Path | None
+) -> None:
+    """20 connections to `address` from a client process (in `cgroup`, if given), held
+    open, are all established and reach every backend (counted in the backends'
+    namespaces), or the scenario is not measured."""
+    argv = [sys.executable, "-c", _HOLD, address[0], str(address[1]), "20"]
+    proc = netns.popen(
+        client.netns,
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        preexec_fn=None if cgroup is None else partial(join_cgroup, cgroup),
+    )
     try:
-        for _ in range(20):
-            sock = socket_in(client.netns)
-            socks.append(sock)
-            sock.settimeout(2.0)
-            sock.connect(address)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "held":
+            raise RuntimeError(f"connections to {address[0]}:{address[1]} failed")
         seen = {}
         for pod in backends:
             listed = netns.run(
                 pod.netns, ["ss", "-Htn", "state", "established", f"( sport = :{TARGET_PORT} )"]
             ).stdout
             seen[pod.name] = sum(client.ip in line for line in listed.splitlines())
-    except OSError as err:
-        raise RuntimeError(f"connect to {address[0]}:{address[1]}: {err}") from err
     finally:
-        for sock in socks:
-            sock.close()
-    if sum(seen.values()) != len(socks) or not all(seen.values()):
+        netns.stop(proc)
+    if sum(seen.values()) != 20 or not all(seen.values()):
         raise RuntimeError(f"20 connections to {address[0]}:{address[1]} reached {seen}")
 
 
@@ -404,7 +463,16 @@ def main() -> None:
     started = time.monotonic()
 
     tag = f"msc{os.getpid() % 100000}"
-    with running_agent(tag, log_level="warning", memory_limit=None) as agent, ExitStack() as stack:
+    with (
+        temporary_cgroup(f"membrane-bench-{tag}") as cgroup,
+        running_agent(
+            tag,
+            log_level="warning",
+            memory_limit=None,
+            extra_args=["--cgroup-root", str(cgroup)],
+        ) as agent,
+        ExitStack() as stack,
+    ):
         print(f"agent: node netns {agent.node_netns}, pods {agent.prefix}*", file=sys.stderr)
         api = agent.client(timeout=120.0)
         client = add_pod(api, NAMESPACE, "client", {"app": "client"})[0]
@@ -417,7 +485,7 @@ def main() -> None:
         mechanisms: dict[str, Mechanism] = {
             "iptables": IptablesServices(agent.node_netns),
             "ipvs": IpvsServices(agent.node_netns),
-            "membrane": MembraneServices(agent),
+            "membrane": MembraneServices(agent, cgroup),
         }
         unavailable = {m: why for m, impl in mechanisms.items() if (why := impl.unavailable())}
         direct = Scenario("direct", "direct")
@@ -443,12 +511,14 @@ def main() -> None:
                 ip, port = s.target(backends[0].ip)
                 if not s.checked:  # direct reaches one backend by its address
                     reached = backends[:1] if s is direct else backends
-                    check_reaches_both(client, (ip, port), reached)
+                    check_reaches_both(client, (ip, port), reached, s.cgroup)
                     s.checked = True
                 rate = connection_rate(
-                    client.netns, ip, port, args.duration, args.clients, args.inflight
+                    client.netns, ip, port, args.duration, args.clients, args.inflight, s.cgroup
                 )
-                latency = connection_rate(client.netns, ip, port, args.latency_duration, 1, 1)
+                latency = connection_rate(
+                    client.netns, ip, port, args.latency_duration, 1, 1, s.cgroup
+                )
             finally:
                 s.mechanism.detach()
             s.per_s.append(rate.per_s)

@@ -8,12 +8,14 @@ calling thread, so many probes from many namespaces can run at once in one proce
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from membrane import netns
@@ -93,6 +95,11 @@ def iperf(
     return received["bits_per_second"]
 
 
+def join_cgroup(cgroup: Path) -> None:
+    """Move the calling process into `cgroup` (in a child, before it runs its program)."""
+    (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+
 @dataclass
 class ConnectionRate:
     per_s: float  # connections completed per second, all client processes together
@@ -108,12 +115,14 @@ def connection_rate(
     seconds: float,
     processes: int = 4,
     inflight: int = 64,
+    cgroup: Path | None = None,
 ) -> ConnectionRate:
     """New TCP connections per second from `client_ns` to an echo server: `processes`
     clients (connection_churn.py) keep `inflight` connections under way between them, each
     one connect, a 64-byte message and its echo, close; all start together and run for
     `seconds`. The client namespace lets closed connections' ports be reused (tcp_tw_reuse,
-    the whole port range): at thousands a second, TIME_WAIT would otherwise exhaust them."""
+    the whole port range): at thousands a second, TIME_WAIT would otherwise exhaust them.
+    With `cgroup` (a cgroup v2 directory) the clients run in it (a socket LB's cgroup)."""
     with netns.inside(client_ns):
         netns.write_sysctl("net.ipv4.tcp_tw_reuse", 1)
         netns.write_sysctl("net.ipv4.ip_local_port_range", "1024 65535")
@@ -122,7 +131,13 @@ def connection_rate(
         clients = []
         for i in range(processes):
             argv = [sys.executable, CHURN_CLIENT, server_ip, str(port), str(share + (i < extra))]
-            proc = netns.popen(client_ns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            proc = netns.popen(
+                client_ns,
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                preexec_fn=None if cgroup is None else partial(join_cgroup, cgroup),
+            )
             stack.callback(netns.stop, proc)
             clients.append(proc)
         for proc in clients:
