@@ -213,6 +213,28 @@ def test_nodeport_to_a_local_pod_is_translated_both_ways(bed: NodePortBed) -> No
     assert "to_snat" not in moved and "error" not in moved, moved
 
 
+def test_external_ip_from_outside_reaches_a_local_pod(bed: NodePortBed) -> None:
+    """An externalIP (routed to the node, as a router would) on the service port."""
+    bed.import_services("""
+    apiVersion: v1
+    kind: Service
+    metadata: {name: web-external, namespace: svc}
+    spec:
+      selector: {app: web}
+      externalIPs: [198.19.9.10]
+      ports: [{name: http, port: 8080, targetPort: 7000}]
+    """)
+    before = bed.counters()
+    with inside(bed.fabric.client):
+        sock = socket.create_connection(("198.19.9.10", 8080), timeout=3)
+    with sock:
+        sock.sendall(b"external")
+        assert sock.recv(100) == b"external"
+        assert sock.getpeername() == ("198.19.9.10", 8080)
+    moved = delta(before, bed.counters())
+    assert moved.get("new_flow") == 1 and moved.get("reply_local", 0) >= 1, moved
+
+
 def test_nodeport_to_another_host_in_snat_mode_comes_back_through_the_node(
     bed: NodePortBed,
 ) -> None:
