@@ -291,7 +291,7 @@ def test_policy_still_applies_to_the_backend_behind_a_nodeport(bed: NodePortBed)
 
 
 def test_dsr_mode_backends_answer_the_client_directly(bed: NodePortBed) -> None:
-    """Last: it restarts the agent in DSR mode (flows and links are adopted)."""
+    """Restarts the agent in DSR mode (flows and links are adopted)."""
     bed.agent.extra_args = [a if a != "snat" else "dsr" for a in bed.agent.extra_args]
     bed.agent.restart()
     bed.import_services(node_port_service("direct", 30082) + endpoint_slice("direct", DSR_POD))
@@ -315,3 +315,16 @@ def test_dsr_mode_backends_answer_the_client_directly(bed: NodePortBed) -> None:
     client_tx = client["tx_bytes"] - client_before["tx_bytes"]
     assert client_rx >= len(message)
     assert node_rx < client_tx + client_rx / 4, (node_rx, client_tx, client_rx)
+
+
+def test_a_restart_without_devices_turns_the_path_off(bed: NodePortBed) -> None:
+    """Last: the agent's pinned links on ext0 go when --devices no longer names it."""
+    args = bed.agent.extra_args
+    at = args.index("--devices")
+    bed.agent.extra_args = args[:at] + args[at + 2 :]
+    bed.agent.restart()
+    assert not (bed.agent.bpf_dir / "nodeport" / "links" / f"{NODE_DEVICE}-ingress").exists()
+    before = bed.counters()
+    with pytest.raises(OSError):  # nothing on the node listens on the NodePort itself
+        echo(bed.fabric.client, 30080, timeout=0.5)
+    assert delta(before, bed.counters()) == {}

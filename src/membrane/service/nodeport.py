@@ -30,7 +30,7 @@ from membrane.abi import NodePortMode, NodePortStat
 from membrane.bpf import AttachError, BpfError, BpfObject, Link, Map
 from membrane.bpf.links import ClsactAttachment, TcSlot, attach_tc
 from membrane.errors import UserError
-from membrane.filter.manager import encode_pin_name
+from membrane.filter.manager import decode_pin_name, encode_pin_name
 from membrane.service.maps import MAP_NAMES
 from membrane.service.socklb import PIN_SUBDIR as SERVICE_PIN_SUBDIR
 
@@ -211,6 +211,7 @@ def start_nodeport(
 ) -> DeviceWatcher | None:
     """The agent's per-packet path on `devices` (names or patterns), or None without any:
     the socket LB alone then serves the node's own clients and its pods."""
+    release_unwanted(bpf_dir, devices)
     if not devices:
         return None
     watcher = DeviceWatcher(
@@ -218,6 +219,27 @@ def start_nodeport(
     )
     watcher.start()
     return watcher
+
+
+def release_unwanted(bpf_dir: str, patterns: Sequence[str]) -> list[str]:
+    """Detach the pinned links of devices `patterns` no longer names (a restart with other
+    --devices, or none: the path is off), and forget those devices; returns them."""
+    links_dir = Path(bpf_dir) / PIN_SUBDIR / "links"
+    released = set()
+    for pin in sorted(links_dir.glob("*")) if links_dir.exists() else ():
+        device = decode_pin_name(pin.name.rsplit("-", 1)[0])
+        if any(fnmatch.fnmatchcase(device, p) for p in patterns) and device != "lo":
+            continue
+        with contextlib.suppress(BpfError, OSError), Link.from_pin(str(pin)) as link:
+            ifindex = link.ifindex
+            link.detach()
+            with Map.from_pin(str(links_dir.parent / "np_devices")) as served:
+                served.delete(ifindex)
+        pin.unlink(missing_ok=True)
+        released.add(device)
+    if released:
+        log.info("nodeport: released", extra={"fields": {"devices": ",".join(sorted(released))}})
+    return sorted(released)
 
 
 def read_counters(stats: Map) -> dict[str, int]:
