@@ -16,11 +16,13 @@ import json
 import socket
 import textwrap
 import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from membrane import netns
 from membrane.bpf.probe import temporary_cgroup
@@ -107,7 +109,8 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodePortBed]:
     # The socket LB covers an empty cgroup only: the test's own processes, the client host's
     # among them, must reach NodePorts as outside clients do, through the node's device.
     with temporary_cgroup(f"membrane-test-{tag}") as cgroup:
-        args = ["--devices", NODE_DEVICE, "--bpf-lb-mode", "snat", "--cgroup-root", str(cgroup)]
+        args = ["--devices", NODE_DEVICE, "--bpf-lb-mode", "snat", "--cgroup-root", str(cgroup),
+                "--prometheus-serve-addr", f"127.0.0.1:{free_port()}"]  # fmt: skip
         agent = AgentProcess(workdir, tag, extra_args=args)
         try:
             agent.start()
@@ -115,6 +118,12 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodePortBed]:
                 yield _build(agent, topo)
         finally:
             agent.destroy()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _build(agent: AgentProcess, topo: Topology) -> NodePortBed:
@@ -180,6 +189,18 @@ def echo_bulk(client_ns: str, port: int, data: bytes) -> bytes:
     return bytes(received)
 
 
+def metrics(agent: AgentProcess) -> dict[tuple[str, str], float]:
+    """The agent's Prometheus metrics: (sample name, its only label's value) -> value."""
+    at = agent.extra_args.index("--prometheus-serve-addr")
+    with urllib.request.urlopen(f"http://{agent.extra_args[at + 1]}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {
+        (sample.name, next(iter(sample.labels.values()), "")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before[k] for k in after if after[k] != before[k]}
 
@@ -211,6 +232,10 @@ def test_nodeport_to_a_local_pod_is_translated_both_ways(bed: NodePortBed) -> No
     assert moved.get("new_flow") == 5, moved
     assert moved.get("to_local", 0) >= 15 and moved.get("reply_local", 0) >= 10, moved
     assert "to_snat" not in moved and "error" not in moved, moved
+    # the same counters and the flow maps' fill, as the agent's Prometheus metrics
+    scraped = metrics(bed.agent)
+    assert scraped[("membrane_nodeport_packets_total", "to_local")] == bed.counters()["to_local"]
+    assert scraped[("cilium_bpf_map_pressure", "np_flows")] > 0
 
 
 def test_external_ip_from_outside_reaches_a_local_pod(bed: NodePortBed) -> None:

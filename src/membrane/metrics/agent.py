@@ -35,6 +35,8 @@ PRESSURE_MAPS = ("ct", "ct6", "policy", "ipcache", "ipcache6")
 # The service maps (membrane.service, pinned under services/) that fill with services,
 # backends and the socket LB's connections (Cilium's cilium_lb4_services_v2 and friends).
 SERVICE_PRESSURE_MAPS = ("svc_frontends", "svc_backends", "svc_slots", "svc_affinity", "svc_sock")
+# The per-packet service path's flows and reverse-NAT entries (nodeport/, with --devices).
+NODEPORT_PRESSURE_MAPS = ("np_flows", "np_rev")
 # Counting a map's entries walks it (a syscall per 4096 entries of a hash, per entry of an
 # LPM trie): done at most this often, scrapes in between get the last count.
 PRESSURE_INTERVAL = 5.0
@@ -100,6 +102,10 @@ class AgentCollector(Collector):
             path = os.path.join(bpf_dir, "services", name)
             if os.path.exists(path):
                 self._maps[name] = Map.from_pin(path, name=name)
+        for name in (*NODEPORT_PRESSURE_MAPS, "np_stats"):
+            path = os.path.join(bpf_dir, "nodeport", name)
+            if os.path.exists(path):
+                self._maps[name] = Map.from_pin(path, name=name)
         self._snapshot = snapshot
 
     def close(self) -> None:
@@ -135,6 +141,8 @@ class AgentCollector(Collector):
         for name, ratio in self.map_pressure().items():
             pressure.add_metric((name,), ratio)
         yield pressure
+        if "np_stats" in self._maps:
+            yield self._nodeport()
 
     def _drops(self) -> Iterator[Metric]:
         packets: dict[tuple[str, str], int] = {}
@@ -170,6 +178,19 @@ class AgentCollector(Collector):
                 family.add_metric((names.DIRECTIONS[direction],), values[index])
             yield family
 
+    def _nodeport(self) -> Metric:
+        from membrane.service.nodeport import read_counters
+
+        family = CounterMetricFamily(
+            "membrane_nodeport_packets_total",
+            "Packets from outside the node to NodePorts and externalIPs (and their replies), "
+            "tagged by what the per-packet service path did",
+            labels=("event",),
+        )
+        for event, n in read_counters(self._maps["np_stats"]).items():
+            family.add_metric((event,), n)
+        return family
+
     def map_pressure(self) -> dict[str, float]:
         """Entries / max_entries of each map, counted at most every PRESSURE_INTERVAL."""
         with self._pressure_lock:
@@ -177,7 +198,7 @@ class AgentCollector(Collector):
             if now - self._pressure_at >= PRESSURE_INTERVAL:
                 self._pressure = {
                     name: count_entries(self._maps[name]) / self._maps[name].max_entries
-                    for name in (*PRESSURE_MAPS, *SERVICE_PRESSURE_MAPS)
+                    for name in (*PRESSURE_MAPS, *SERVICE_PRESSURE_MAPS, *NODEPORT_PRESSURE_MAPS)
                     if name in self._maps
                 }
                 self._pressure_at = now
