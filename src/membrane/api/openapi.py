@@ -261,6 +261,28 @@ def openapi_document() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/security/policies": {
+            "get": {
+                "summary": "Tracing policies in force: hooks, and the calls they refused",
+                "responses": {"200": _json({"type": "object"})},
+            },
+            "post": {
+                "summary": "Apply TracingPolicy YAML (yaml: the text); whole or not at all, "
+                "in force in the kernel on return",
+                "requestBody": _body(PolicyImport),
+                "responses": {"200": _json({"type": "object"}), **_errors(400, 500)},
+            },
+        },
+        "/v1/security/policies/{name}": {
+            "delete": {
+                "summary": "Delete a tracing policy (namespace: of a TracingPolicyNamespaced)",
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                    *_query("namespace"),
+                ],
+                "responses": {"200": _json({"type": "object"}), **_errors(404, 500)},
+            }
+        },
         "/v1/cni/{command}": {
             "post": {
                 "summary": "A CNI plugin call (add, del, check) with its CNI_* environment and "
