@@ -84,21 +84,31 @@ class Bed:
     def footprint(self) -> dict[str, Any]:
         return footprint(self.agent)
 
+    def network_config(self) -> dict[str, Any]:
+        """What a runtime hands the plugin: the conflist's plugin entry with its name."""
+        conf = json.loads((self.podman.conf_dir / f"{NETWORK}.conflist").read_text())
+        return {"cniVersion": conf["cniVersion"], "name": NETWORK, **conf["plugins"][0]}
+
     def plugin(self, command: str, container: str) -> subprocess.CompletedProcess[str]:
         """Run the installed plugin the way a runtime does (CHECK: podman never does)."""
         ep = self.endpoint_of(container)
-        conf = json.loads((self.podman.conf_dir / f"{NETWORK}.conflist").read_text())
-        config = {"cniVersion": conf["cniVersion"], "name": NETWORK, **conf["plugins"][0]}
+        return self.run_plugin(
+            command, json.dumps(self.network_config()), ep["container_id"], ep["netns"]
+        )
+
+    def run_plugin(
+        self, command: str, stdin: str, container_id: str, netns: str
+    ) -> subprocess.CompletedProcess[str]:
         env = {
             "CNI_COMMAND": command,
-            "CNI_CONTAINERID": ep["container_id"],
-            "CNI_NETNS": ep["netns"],
+            "CNI_CONTAINERID": container_id,
+            "CNI_NETNS": netns,
             "CNI_IFNAME": "eth0",
             "CNI_PATH": str(self.podman.bin_dir),
         }
         return subprocess.run(
             [str(self.podman.bin_dir / "membrane-cni")],
-            input=json.dumps(config),
+            input=stdin,
             env={**os.environ, **env},
             capture_output=True,
             text=True,
@@ -265,3 +275,37 @@ def test_check_reports_a_deleted_veth(bed: Bed) -> None:
     assert broken.returncode == 1
     error = json.loads(broken.stdout)
     assert error["code"] == 102 and ep["host_ifname"] in error["details"], error
+
+
+def test_agent_reset_removes_the_veth_but_not_the_runtimes_namespace(bed: Bed) -> None:
+    ep = bed.serve("kept", "app=kept")
+    bed.agent.stop()
+    bed.agent.cli(
+        "agent", "reset", "--yes",
+        "--state-dir", str(bed.agent.state_dir),
+        "--node-netns", bed.agent.node_netns,
+    )  # fmt: skip
+    assert os.path.exists(ep["netns"])  # podman's, still mounted
+    links = bed.podman.exec("kept", "ip", "-o", "link").stdout
+    assert "eth0" not in links and "lo" in links  # our veth went, the container lives on
+    bed.agent.start()
+    assert bed.agent.endpoints() == []
+
+
+def test_the_agent_answers_bad_calls_with_the_specs_error_codes(bed: Bed) -> None:
+    config = bed.network_config()
+    socket_only = f'{{"apiSocket": "{config["apiSocket"]}", "cniVersion": '
+    cases = [
+        ("ADD", socket_only + "1.0.0", "c1", "/run/netns/x", 6),  # not JSON
+        ("ADD", json.dumps({**config, "cniVersion": "0.4.0"}), "c2", "/run/netns/x", 1),
+        ("ADD", json.dumps(config), "c3", "/run/netns/no-such-ns", 100),
+        ("CHECK", json.dumps(config), "unknown-container", "/run/netns/x", 3),
+    ]
+    for command, stdin, container_id, ns, code in cases:
+        done = bed.run_plugin(command, stdin, container_id, ns)
+        assert done.returncode == 1, done
+        assert json.loads(done.stdout)["code"] == code, done.stdout
+    # DEL of a container the agent never saw: success, nothing printed.
+    done = bed.run_plugin("DEL", json.dumps(config), "never-seen", "/run/netns/x")
+    assert (done.returncode, done.stdout) == (0, "")
+    assert bed.agent.endpoints() == []

@@ -1,5 +1,6 @@
 """`membrane agent reset`: remove everything an agent made on its node, with the agent
-stopped: every pod namespace and veth it recorded, its pinned datapath (links and maps),
+stopped: every pod namespace and veth it recorded (of a container runtime's pod, only the
+veth: the namespace is the runtime's), its pinned datapath (links and maps),
 its state, and the node namespace when it lives in one. The opposite of adoption."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from membrane import netns
 from membrane.agent.config import AgentConfig
 from membrane.agent.state import StateFile
 from membrane.datapath.endpoint_prog import detach_all_endpoints, detach_endpoint
-from membrane.endpoint.node import NodeInfo
+from membrane.endpoint.node import NodeInfo, delete_node_link
 from membrane.endpoint.plumbing import delete_pod
 from membrane.errors import UserError
 from membrane.service.manager import ServiceStore
@@ -38,7 +39,11 @@ def reset_node(config: AgentConfig) -> dict[str, int]:
         pods = 0
         for ep in state.endpoints.values():
             detach_endpoint(config.bpf_dir, ep.id)
-            if config.node_netns is None or netns.exists(config.node_netns):
+            node_there = config.node_netns is None or netns.exists(config.node_netns)
+            if ep.container_id is not None:  # a runtime's namespace (CNI): only our veth
+                if node_there:
+                    delete_node_link(node, ep.host_ifname)
+            elif node_there:
                 delete_pod(node, ep.netns, ep.host_ifname)
             elif netns.exists(ep.netns):
                 netns.delete(ep.netns)

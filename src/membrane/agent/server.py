@@ -222,10 +222,11 @@ class AgentServer:
         """The CNI plugin's calls, answered in the CNI spec's JSON (membrane.cni.service)."""
         from membrane.cni.service import answer
 
-        body = await self._json(request)
-        result = await answer(self, request.match_info["command"], body)
+        status, result = await answer(
+            self, request.match_info["command"], request.query, await request.read()
+        )
         await self._refresh_tracing_scope()  # a pod came or went: namespaced policies follow
-        return web.json_response(result)
+        return web.json_response(result, status=status)
 
     async def trace(self, request: web.Request) -> web.Response:
         req = parse_body(TraceRequest, await self._json(request))

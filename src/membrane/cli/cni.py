@@ -51,7 +51,7 @@ def install(
     output: str = OUTPUT,
 ) -> None:
     """Write the network config NAME.conflist (the membrane-cni plugin, pointed at the
-    agent's socket) and install the plugin executable (one file: a zip application)."""
+    agent's socket) and install the plugin executable (one self-contained file)."""
     check_choice(output, ("table", "json"), "--output")
     done = cni_install.install(
         name, socket_path(api_socket), conf_dir, bin_dir, podman_root, python

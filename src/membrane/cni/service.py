@@ -1,6 +1,7 @@
 """The agent's side of the CNI plugin: `POST /v1/cni/{add,del,check}` with the plugin's
-environment and network configuration, answered with the CNI spec's own JSON (a result, an
-empty object, or an error with its code), which the plugin prints as it is.
+CNI_* environment as query parameters and the network configuration as the body, answered
+with the CNI spec's own JSON (a result, or an error with its code: HTTP 400), which the
+plugin prints as it is.
 
 An endpoint made here is an ordinary endpoint (`membrane endpoint list` shows it, identities
 and policies apply) whose namespace is the runtime's: the agent plumbs a veth into it and
@@ -15,8 +16,10 @@ never deletes it. Naming and labels:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv6Address, ip_interface
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +42,7 @@ DEFAULT_NAMESPACE = "default"
 # The spec's codes, and ours (100 and up are the plugin's own).
 ERR_INCOMPATIBLE_VERSION = 1
 ERR_UNKNOWN_CONTAINER = 3
+ERR_DECODING_FAILURE = 6
 ERR_INVALID_ENVIRONMENT = 4
 ERR_TRY_AGAIN_LATER = 11
 ERR_REFUSED = 100  # the agent refused the endpoint (field: problem)
@@ -59,39 +63,49 @@ class CniError(Exception):
         return out
 
 
-async def answer(server: AgentServer, command: str, body: dict[str, Any]) -> dict[str, Any]:
-    """The CNI answer to one plugin call. Everything runs on the agent's worker thread
-    (it enters namespaces), changes as every change does."""
+async def answer(
+    server: AgentServer, command: str, env: Mapping[str, str], raw_config: bytes
+) -> tuple[int, dict[str, Any]]:
+    """The CNI answer to one plugin call, with its HTTP status (200: a result, 400: an
+    error). `env` holds the call's CNI_* values (container_id, netns, ifname, args),
+    `raw_config` the network configuration as the runtime wrote it. Everything runs on the
+    agent's worker thread (it enters namespaces), changes as every change does."""
     agent = server.agent
-    config = body.get("config") if isinstance(body, dict) else None
-    config = config if isinstance(config, dict) else {}
-    version = str(config.get("cniVersion", CNI_VERSIONS[-1]))
+    version = CNI_VERSIONS[-1]
     try:
+        try:
+            config = json.loads(raw_config)
+        except (ValueError, UnicodeDecodeError) as err:
+            problem = "cannot decode the network configuration"
+            raise CniError(ERR_DECODING_FAILURE, problem, str(err)) from None
+        if not isinstance(config, dict):
+            raise CniError(ERR_DECODING_FAILURE, "the network configuration is no JSON object")
+        version = str(config.get("cniVersion", version))
         if version not in CNI_VERSIONS:
             raise CniError(
                 ERR_INCOMPATIBLE_VERSION,
                 f"cniVersion {version} is not supported",
                 f"supported: {', '.join(CNI_VERSIONS)}",
             )
-        call = _Call.of(body, config)
+        call = _Call.of(env, config)
         if command == "add":
             ep = await server.run_change(_add, agent, call)
-            return await server.run_sync(_result, agent, ep, call, version)
+            return 200, await server.run_sync(_result, agent, ep, call, version)
         if command == "del":
             await server.run_change(_delete, agent, call)
-            return {}
+            return 200, {"cniVersion": version}
         if command == "check":
             await server.run_sync(_check, agent, call)
-            return {}
+            return 200, {"cniVersion": version}
         raise CniError(ERR_INVALID_ENVIRONMENT, f"CNI_COMMAND {command.upper()} is not supported")
     except CniError as err:
-        return err.answer(version)
+        return 400, err.answer(version)
     except UserError as err:
-        return CniError(ERR_REFUSED, "membrane refused the endpoint", str(err)).answer(version)
+        return 400, CniError(ERR_REFUSED, "membrane refused the endpoint", str(err)).answer(version)
     except Exception as err:
         log.exception("CNI call failed", extra={"fields": {"command": command}})
         failed = CniError(ERR_AGENT_FAILED, "membrane agent failed", f"{type(err).__name__}: {err}")
-        return failed.answer(version)
+        return 400, failed.answer(version)
 
 
 class _Call:
@@ -104,19 +118,19 @@ class _Call:
         self.args, self.config = args, config
 
     @classmethod
-    def of(cls, body: dict[str, Any], config: dict[str, Any]) -> _Call:
-        container_id = str(body.get("container_id") or "")
+    def of(cls, env: Mapping[str, str], config: dict[str, Any]) -> _Call:
+        container_id = env.get("container_id", "")
         if not container_id:
             raise CniError(ERR_INVALID_ENVIRONMENT, "CNI_CONTAINERID is empty")
-        ifname = str(body.get("ifname") or "")
+        ifname = env.get("ifname", "")
         if ifname != POD_IFNAME:
             raise CniError(
                 ERR_INVALID_ENVIRONMENT,
                 f"CNI_IFNAME {ifname!r} is not supported",
                 f"membrane names the container's interface {POD_IFNAME}",
             )
-        netns = str(body.get("netns") or "")
-        return cls(container_id, netns, ifname, parse_args(body.get("args")), config)
+        netns = env.get("netns", "")
+        return cls(container_id, netns, ifname, parse_args(env.get("args")), config)
 
 
 def parse_args(raw: Any) -> dict[str, str]:
