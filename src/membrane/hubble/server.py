@@ -1,6 +1,7 @@
 """Hubble's Observer API (gRPC service `observer.Observer`) served by the agent, on its
-event loop (grpc.aio), from the agent's flow store: what Hubble's CLI, Hubble Relay and
-`membrane observe` read flows from.
+event loop (hubble.grpc_server: our own HTTP/2 server, which sends a follower's flows as
+serialized bytes in batches), from the agent's flow store: what Hubble's CLI, Hubble Relay
+and `membrane observe` read flows from.
 
 GetFlows keeps Hubble's meaning of number/first/follow/since/until and of the whitelist
 and blacklist (observe.flowfilter); a bad request is INVALID_ARGUMENT with details
@@ -10,18 +11,19 @@ asks first) answers SERVING.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
 
-import grpc
+from google.protobuf.message import DecodeError, Message
 
 from membrane import __version__
 from membrane.errors import UserError
-from membrane.hubble.observer import observer_pb2, observer_pb2_grpc
+from membrane.hubble import wire
+from membrane.hubble.grpc_server import GrpcError, GrpcServer, ServerStream, unlink_socket
+from membrane.hubble.observer import observer_pb2
 from membrane.hubble.relay import relay_pb2
-from membrane.observe.store import FlowQuery, FlowStore, build_matcher
+from membrane.observe.store import FlowQuery, FlowStore, SubscriptionClosed, build_matcher
 
 SOCKET_MODE = 0o660
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -55,7 +57,22 @@ def _nanoseconds(stamp: object, field: str) -> int:
     return seconds * 1_000_000_000 + nanos
 
 
-class ObserverService(observer_pb2_grpc.ObserverServicer):
+SERVICE = "/observer.Observer/"
+# Messages a follower is sent per turn of the event loop: a slice is encoded and written,
+# then everything else (the reader's hand-overs, other clients) gets its turn.
+FOLLOW_SLICE = 256
+
+
+def _parse(kind: type[Message], data: bytes) -> Message:
+    try:
+        return kind.FromString(data)
+    except DecodeError as err:
+        raise GrpcError(
+            wire.INTERNAL, f"{kind.DESCRIPTOR.full_name} does not parse: {err}"
+        ) from None
+
+
+class ObserverService:
     def __init__(self, store: FlowStore, node_name: str, address: str = "") -> None:
         self.store = store
         self.node_name = node_name
@@ -67,29 +84,43 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
     def uptime_ns(self) -> int:
         return time.monotonic_ns() - self._started
 
-    async def GetFlows(
-        self, request: observer_pb2.GetFlowsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[observer_pb2.GetFlowsResponse]:
+    def server(self) -> GrpcServer:
+        """A gRPC server of this service and the health check."""
+        return GrpcServer(
+            unary={
+                SERVICE + "ServerStatus": self.server_status,
+                SERVICE + "GetNodes": self.get_nodes,
+                f"/{HEALTH_SERVICE}/Check": _health_check,
+            },
+            streaming={SERVICE + "GetFlows": self.get_flows},
+        )
+
+    async def get_flows(self, request: bytes, stream: ServerStream) -> None:
+        parsed = _parse(observer_pb2.GetFlowsRequest, request)
         try:
-            query = query_of(request)
+            query = query_of(parsed)  # type: ignore[arg-type]
         except UserError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            raise GrpcError(wire.INVALID_ARGUMENT, str(err)) from None
         if not query.follow:
-            for item in self.store.query(query):
-                yield item
+            items = self.store.query(query)
+            for at in range(0, len(items), FOLLOW_SLICE):
+                await stream.send([i.SerializeToString() for i in items[at : at + FOLLOW_SLICE]])
             return
         sub = self.store.subscribe(query)
-        # Headers now, not with the first flow: the client knows the feed is live.
-        await context.send_initial_metadata(())
         try:
-            async for item in sub:
-                yield item
+            # Headers now, not with the first flow: the client knows the feed is live.
+            await stream.send_headers()
+            while True:
+                try:
+                    messages = await sub.messages(FOLLOW_SLICE)
+                except SubscriptionClosed:
+                    return
+                await stream.send(messages)
+                await asyncio.sleep(0)
         finally:
             self.store.unsubscribe(sub)
 
-    async def ServerStatus(
-        self, request: observer_pb2.ServerStatusRequest, context: grpc.aio.ServicerContext
-    ) -> observer_pb2.ServerStatusResponse:
+    async def server_status(self, request: bytes) -> bytes:
         status = observer_pb2.ServerStatusResponse(
             num_flows=len(self.store),
             max_flows=self.store.capacity,
@@ -99,11 +130,9 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
         )
         status.num_connected_nodes.value = 1
         status.num_unavailable_nodes.value = 0
-        return status
+        return status.SerializeToString()
 
-    async def GetNodes(
-        self, request: observer_pb2.GetNodesRequest, context: grpc.aio.ServicerContext
-    ) -> observer_pb2.GetNodesResponse:
+    async def get_nodes(self, request: bytes) -> bytes:
         node = observer_pb2.Node(
             name=self.node_name,
             version=self.version,
@@ -114,58 +143,47 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
             max_flows=self.store.capacity,
             seen_flows=self.store.seen_flows,
         )
-        return observer_pb2.GetNodesResponse(nodes=[node])
+        return observer_pb2.GetNodesResponse(nodes=[node]).SerializeToString()
 
 
-async def _health_check(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+async def _health_check(request: bytes) -> bytes:
+    """grpc.health.v1.Health/Check: one constant answer, whatever service is asked about."""
     return _HEALTH_SERVING
 
 
-def _health_handler() -> grpc.GenericRpcHandler:
-    """grpc.health.v1.Health/Check without the grpcio-health-checking package: the
-    answer is one constant message, whatever service is asked about."""
-    check = grpc.unary_unary_rpc_method_handler(
-        _health_check, request_deserializer=bytes, response_serializer=bytes
-    )
-    return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {"Check": check})
-
-
 def grpc_address(listen: tuple[str, int]) -> str:
-    """A parsed listen address (metrics.address) as grpc writes it."""
+    """A parsed listen address (metrics.address) as `HOST:PORT` (`[::]:PORT` for every
+    address, both families)."""
     host, port = listen
     if not host:
-        return f"[::]:{port}"  # every address, both families
+        return f"[::]:{port}"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class HubbleServer:
-    """The gRPC server on a unix socket (mode 0660) and, optionally, a TCP address."""
+    """The Observer server on a unix socket (mode 0660) and, optionally, a TCP address."""
 
     def __init__(self, service: ObserverService, socket_path: str, tcp: str = "") -> None:
         self.service = service
         self.socket_path = socket_path
-        self.tcp = tcp  # "host:port" for grpc ("[::]:4244" for every address), "": none
+        self.tcp = tcp  # "host:port" ("[::]:4244" for every address), "": none
         self.tcp_port = 0
-        self._server = grpc.aio.server()
-        observer_pb2_grpc.add_ObserverServicer_to_server(service, self._server)
-        self._server.add_generic_rpc_handlers((_health_handler(),))
+        self._server = service.server()
 
     async def start(self) -> None:
         os.makedirs(os.path.dirname(self.socket_path) or ".", mode=0o755, exist_ok=True)
-        self._server.add_insecure_port("unix:" + self.socket_path)
         if self.tcp:
             try:
-                self.tcp_port = self._server.add_insecure_port(self.tcp)
-            except RuntimeError as err:  # grpc's "failed to bind"
-                raise UserError("hubble-listen-address", f"{self.tcp}: {err}") from None
+                self.tcp_port = await self._server.listen_tcp(self.tcp)
+            except OSError as err:
+                raise UserError("hubble-listen-address", f"{self.tcp}: {err.strerror}") from None
         old_umask = os.umask(0o117)  # the socket is born 0660: no moment open to all
         try:
-            await self._server.start()
+            await self._server.listen_unix(self.socket_path)
         finally:
             os.umask(old_umask)
         os.chmod(self.socket_path, SOCKET_MODE)
 
     async def stop(self, grace: float = 1.0) -> None:
         await self._server.stop(grace)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        unlink_socket(self.socket_path)

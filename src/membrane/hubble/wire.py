@@ -299,12 +299,15 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE = 0, 1, 2, 3, 4, 5
 PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 6, 7, 8, 9
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
-SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH = 1, 2
+SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS = 1, 2, 3
 SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 4, 5
 DEFAULT_WINDOW = 65_535  # every window's size before SETTINGS / WINDOW_UPDATE say more
 DEFAULT_MAX_FRAME = 16_384
 MAX_WINDOW = (1 << 31) - 1
-CANCEL = 0x8  # RST_STREAM error code
+# Error codes of RST_STREAM and GOAWAY (RFC 9113 7).
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x5, 0x6, 0x7, 0x8
+COMPRESSION_ERROR = 0x9
 RECEIVE_WINDOW = 16 << 20  # ours, per stream and for the connection: a big answer streams
 RECEIVE_MAX_FRAME = 1 << 20  # fewer, larger DATA frames for a long stream
 _HEADER = struct.Struct(">HBBBI")  # 24-bit length as 16 + 8 bits, type, flags, stream id
@@ -393,6 +396,15 @@ def percent_decode(text: str) -> str:
         out.append(raw[i])
         i += 1
     return out.decode("utf-8", "replace")
+
+
+def percent_encode(text: str) -> str:
+    """grpc-message as a server writes it: UTF-8, with '%' and bytes outside printable
+    ASCII as %XX (percent_decode's inverse)."""
+    out = []
+    for byte in text.encode("utf-8"):
+        out.append(chr(byte) if 0x20 <= byte <= 0x7E and byte != 0x25 else f"%{byte:02X}")
+    return "".join(out)
 
 
 def parse_address(address: str) -> tuple[int, object, str]:
