@@ -193,3 +193,35 @@ def test_bad_options_name_the_flag(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "security-export-allowlist[0].binary_regex[0]" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_follow_streams_new_events(lifecycle: AgentProcess) -> None:
+    from membrane.testing.agent import membrane_command
+
+    agent = lifecycle
+    marker = f"followed-{agent.tag}"
+    follower = subprocess.Popen(
+        [membrane_command(), "security", "events", "-f", "-o", "json", "--processes", "/echo$"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=agent.env,
+    )
+    try:
+        os.set_blocking(follower.stdout.fileno(), False)  # type: ignore[union-attr]
+        seen: list[str] = []
+
+        def marker_seen() -> bool | None:
+            # The follow may start after an echo: echo again until one arrives.
+            subprocess.run(["/bin/echo", marker], check=True, capture_output=True)
+            seen.extend(line for line in iter(follower.stdout.readline, "") if line)  # type: ignore[union-attr]
+            return any(marker in line for line in seen) or None
+
+        wait_for("a followed exec", marker_seen, timeout=20, interval=0.2)
+        event = json_format.Parse(
+            next(line for line in seen if marker in line), events_pb2.GetEventsResponse()
+        )
+        assert event.WhichOneof("event") in ("process_exec", "process_exit")
+        assert all(json.loads(line) for line in seen)
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
