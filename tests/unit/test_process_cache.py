@@ -79,6 +79,7 @@ def test_exit_names_signal_or_status_and_pod() -> None:
     assert killed.process_exit.signal == "SIGKILL"
     assert killed.process_exit.process.pod.pod_labels == {"app": "web"}
     assert killed.process_exit.process.pod.container.id == "c0ffee"
+    assert killed.process_exit.process.docker == "c0ffee"
     code = exit_event(cache, entry, _WALL, 3 << 8).event()
     assert code.process_exit.status == 3 and not code.process_exit.signal
     message = events_pb2.GetEventsResponse().process_tracepoint

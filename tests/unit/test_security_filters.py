@@ -93,3 +93,25 @@ def test_compact_and_json_lines() -> None:
     assert lines[0] == "🚀 process node1 /sbin/init"
     for event in _events():
         assert parse_line(json_line(event)) == event
+
+
+def test_compact_lines_of_policy_events() -> None:
+    event = events_pb2.GetEventsResponse(node_name="node1")
+    tp = event.process_tracepoint
+    tp.subsys, tp.event = "syscalls", "sys_enter_connect"
+    tp.process.binary = "/usr/bin/curl"
+    tp.process.pod.namespace, tp.process.pod.name = "shop", "web"
+    arg = tp.args.add()
+    arg.sockaddr_arg.family, arg.sockaddr_arg.addr, arg.sockaddr_arg.port = (
+        "AF_INET",
+        "198.18.0.7",
+        5432,
+    )
+    assert compact_line(event) == "🔌 connect shop/web /usr/bin/curl 198.18.0.7:5432"
+    tp.event = "sys_enter_openat"
+    tp.ClearField("args")
+    tp.args.add(int_arg=-100)
+    tp.args.add(string_arg="/etc/shadow")
+    assert compact_line(event) == "📬 open    shop/web /usr/bin/curl /etc/shadow"
+    tp.subsys, tp.event = "sched", "sched_process_exec"
+    assert compact_line(event) == "⁉️ tracepoint shop/web sched sched_process_exec"

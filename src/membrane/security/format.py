@@ -4,6 +4,8 @@ event like `tetra getevents -o compact`:
 
     🚀 process ns/pod /usr/bin/curl https://example.com
     💥 exit    ns/pod /usr/bin/curl https://example.com SIGKILL
+    🔌 connect ns/pod /usr/bin/curl 198.18.0.7:5432
+    📬 open    ns/pod /usr/bin/cat /etc/shadow
 
 A host process is named by the node instead of ns/pod.
 """
@@ -53,6 +55,10 @@ def compact_line(event: Event) -> str:
         return _join(_head("💥", "exit", event, m.process), m.process.arguments, status)
     if kind == "process_tracepoint":
         m = event.process_tracepoint
+        special = _SYSCALLS.get(m.event) if m.subsys == "syscalls" else None
+        if special is not None:
+            icon, word, what = special
+            return _join(_head(icon, word, event, m.process), *(what(a) for a in m.args))
         return _join(f"⁉️ {'tracepoint':<7} {where(event.node_name, m.process)}", m.subsys, m.event)
     if kind == "process_uprobe":
         m = event.process_uprobe
@@ -61,6 +67,26 @@ def compact_line(event: Event) -> str:
         m = event.process_kprobe
         return _join(f"❓ {'syscall':<7} {where(event.node_name, m.process)}", m.function_name)
     return f"{kind or 'unknown'} {json_line(event)}"
+
+
+def _sockaddr(arg: tetragon_pb2.KprobeArgument) -> str:
+    if not arg.HasField("sockaddr_arg"):
+        return ""
+    sa = arg.sockaddr_arg
+    return f"[{sa.addr}]:{sa.port}" if ":" in sa.addr else f"{sa.addr}:{sa.port}"
+
+
+def _path(arg: tetragon_pb2.KprobeArgument) -> str:
+    return arg.string_arg if arg.HasField("string_arg") else ""
+
+
+# Syscall tracepoints tetra shows by what they do: (icon, word, the arguments shown).
+_SYSCALLS = {
+    "sys_enter_connect": ("🔌", "connect", _sockaddr),
+    "sys_enter_sendto": ("📤", "sendto", _sockaddr),
+    "sys_enter_openat": ("📬", "open", _path),
+    "sys_enter_open": ("📬", "open", _path),
+}
 
 
 def _join(*parts: str) -> str:

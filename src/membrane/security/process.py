@@ -97,4 +97,5 @@ class ProcessEntry:
         proc.auid.value = self.auid
         if self.pod is not None:
             proc.pod.CopyFrom(self.pod.to_proto())
+            proc.docker = self.pod.container_id[:15]  # Tetragon: the id's first 15 digits
         return proc
