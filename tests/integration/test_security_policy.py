@@ -668,3 +668,18 @@ def test_a_policy_that_cannot_be_reapplied_keeps_its_programs(
         agent.cli("security", "policy", "delete", "shadow-readers")
     assert agent.cli_json("security", "policy", "list")["policies"] == []
     assert read_secret(["cat", SECRET]).returncode == 0
+
+
+def test_agent_reset_removes_policies_and_their_programs(agent: AgentProcess) -> None:
+    apply(agent, KILL_POLICY)
+    assert read_secret(["cat", SECRET]).returncode == -signal.SIGKILL
+    agent.stop()
+    agent.cli(
+        "agent", "reset", "--yes",
+        "--state-dir", str(agent.state_dir),
+        "--node-netns", agent.node_netns,
+    )  # fmt: skip
+    assert read_secret(["cat", SECRET]).returncode == 0  # nothing enforces any more
+    agent.start()
+    assert agent.cli_json("security", "policy", "list")["policies"] == []
+    assert read_secret(["cat", SECRET]).returncode == 0

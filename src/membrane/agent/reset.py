@@ -18,6 +18,7 @@ from membrane.datapath.endpoint_prog import detach_all_endpoints, detach_endpoin
 from membrane.endpoint.node import NodeInfo, delete_node_link
 from membrane.endpoint.plumbing import delete_pod
 from membrane.errors import UserError
+from membrane.security.policy.manager import forget_tracing_policies
 from membrane.service.manager import ServiceStore
 
 
@@ -56,6 +57,7 @@ def reset_node(config: AgentConfig) -> dict[str, int]:
             netns.delete(config.node_netns)
         StateFile(config.state_dir).remove()
         ServiceStore(config.state_dir).remove()
+        forget_tracing_policies(config.state_dir)  # their pins went with bpf_dir
         return {"endpoints": pods}
     finally:
         if lock is not None:

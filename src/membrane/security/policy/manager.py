@@ -327,6 +327,11 @@ class TracingPolicies:
         self.sink.publish(events)
 
 
+def forget_tracing_policies(state_dir: str | Path) -> None:
+    """`agent reset`: the stored policies go (their pinned links go with the node's pins)."""
+    (Path(state_dir) / STATE_FILE).unlink(missing_ok=True)
+
+
 def _selects(policy: TracingPolicy, labels: dict[str, str]) -> bool:
     selector = policy.spec.podSelector
     if selector is None:
