@@ -135,6 +135,8 @@ def test_a_reader_of_the_secret_is_killed_before_it_reads(agent: AgentProcess) -
         assert event["args"] == [{"string_arg": SECRET, "label": "filename"}]
         assert event["message"] == f"{SECRET} opened" and event["tags"] == ["credentials"]
         assert os.path.basename(event["process"]["binary"]) == "cat"
+        status = agent.cli_json("security", "policy", "list")
+        assert status["events"] >= 2 and status["events_lost"] == 0
     finally:
         agent.cli("security", "policy", "delete", "shadow-readers")
     assert read_secret(["cat", "/etc/hostname"]).returncode == 0

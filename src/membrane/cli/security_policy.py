@@ -77,6 +77,8 @@ def list_(output: str = OUTPUT, api_socket: str = API_SOCKET) -> None:
         for p in result["policies"]
     ]  # fmt: skip
     print_table(["NAME", "KIND", "HOOKS", "REFUSED"], rows, empty="no tracing policies")
+    if result.get("events_lost"):
+        typer.echo(f"warning: {result['events_lost']} policy events lost (ring full)", err=True)
 
 
 @policy_app.command("delete")

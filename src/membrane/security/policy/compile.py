@@ -102,10 +102,6 @@ class HookPlan:
         return f"{first}/{second}" if self.kind == SpHookKind.TRACEPOINT else f"{first}:{second}"
 
     @property
-    def scoped(self) -> bool:
-        return bool(self.config["scoped"])
-
-    @property
     def overrides(self) -> bool:
         return bool(self.config["has_override"])
 

@@ -161,6 +161,14 @@ class Loader:
         finally:
             obj.close()
 
+    def events_lost(self) -> int:
+        """Events the hooks could not post (the ring was full), since the ring was made."""
+        path = os.path.join(self.dir, "events_lost")
+        if not os.path.exists(path):
+            return 0
+        with Map.from_pin(path) as m:
+            return int(sum(m.lookup(0)))
+
     def denied(self) -> dict[int, int]:
         """Refusals per hook id so far."""
         path = os.path.join(self.dir, "sp_denied")
@@ -168,12 +176,6 @@ class Loader:
             return {}
         with Map.from_pin(path) as m:
             return {int(k): int(v) for k, v in m.items()}
-
-    def remove_sock_hooks(self) -> None:
-        for name in SOCK_PROGRAMS:
-            path = os.path.join(self.dir, "sock", name)
-            if os.path.exists(path):
-                Link.from_pin(path, "cgroup").detach()
 
     def close(self) -> None:
         for link in self._sock_links:

@@ -87,8 +87,7 @@ class TracingPolicies:
         self._pods: dict[int, PodRef] = {}  # netns inode -> pod
         self._reader: threading.Thread | None = None
         self._stop = threading.Event()
-        self.events_read = 0
-        self.restored_in_seconds = 0.0
+        self.events_read = 0  # posted by the hooks and published
 
     # ---- start and stop ------------------------------------------------------------------
     def start(self) -> None:
@@ -114,9 +113,18 @@ class TracingPolicies:
             for stale in links.iterdir():
                 if stale.name not in known:
                     _unpin_dir(stale)
-        self.restored_in_seconds = time.perf_counter() - started
         self._save()
         self.refresh_scope()
+        log.info(
+            "tracing policies re-applied",
+            extra={
+                "fields": {
+                    "policies": len(self._installed),
+                    "failed": len(self._failed),
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+            },
+        )
 
     def stop(self) -> None:
         """Stop reading; every policy stays in force (pinned)."""
@@ -165,7 +173,11 @@ class TracingPolicies:
     def list(self) -> dict[str, Any]:
         views = [self._view(i) for i in self._installed.values()]
         views += [self._failed_view(k, doc, err) for k, (doc, err) in self._failed.items()]
-        return {"policies": views}
+        return {
+            "policies": views,
+            "events": self.events_read,
+            "events_lost": self.loader.events_lost(),
+        }
 
     @staticmethod
     def _failed_view(key: str, document: dict[str, Any], error: str) -> dict[str, Any]:
