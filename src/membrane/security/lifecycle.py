@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 from membrane.abi import SecProcEventType, SecProcFlag
 from membrane.bpf import BpfObject
+from membrane.bpf.fs import ensure_tracefs
 from membrane.bpf.links import Link, attach_auto
 from membrane.bpf.ringbuf import BATCH_FILL, Records, RingBuffer
 from membrane.security.cache import ProcessCache
@@ -48,6 +49,7 @@ class ProcessMonitor:
         self.links: list[Link] = []
         self._lost: int | None = None  # the ring's count when it was closed
         self._stack = contextlib.ExitStack()
+        ensure_tracefs()  # tracepoints attach by their id in tracefs
         self.obj = self._stack.enter_context(BpfObject.open(OBJECT))
         try:
             self.obj.set_config(events_wakeup_bytes=ring_bytes // BATCH_FILL)

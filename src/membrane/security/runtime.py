@@ -2,8 +2,9 @@
 followers and export file, and the process lifecycle monitor, started and stopped
 together. Tracing policies (membrane.security.policy) use `cache` and `store`.
 
-What the kernel lacks is said once at start (the feature probe names it) and the agent
-runs on without it: `missing` lists it for `membrane security status` and the logs.
+What the kernel lacks is said once at start (when the monitor's programs are refused, the
+feature probe names what is missing) and the agent runs on without it: `missing` lists it
+for `membrane security status` and the logs.
 """
 
 from __future__ import annotations
@@ -45,18 +46,16 @@ class SecurityRuntime:
         if self.settings.export is not None:
             self.exporter = EventExporter(self.settings.export)
             self.store.add_exporter(self.exporter.submit)
-        self.missing = [name for name in NEEDED_FEATURES if not supports(name)]
-        if self.missing:
-            log.warning(
-                "process lifecycle events are off: the kernel lacks what they need",
-                extra={"fields": {"missing": self.missing}},
-            )
-            return
         try:
             self.monitor = ProcessMonitor(self.cache, self.store.publish)
-        except BpfError as err:
-            self.missing = [f"security_process: {err}"]
-            log.warning("process lifecycle events are off", extra={"fields": {"error": str(err)}})
+        except (BpfError, OSError) as err:
+            # The probe names what the kernel lacks (it costs ~0.3 s: asked only now).
+            lacking = [name for name in NEEDED_FEATURES if not supports(name)]
+            self.missing = lacking or [f"security_process: {err}"]
+            log.warning(
+                "process lifecycle events are off: the kernel refused their programs",
+                extra={"fields": {"missing": self.missing, "error": str(err)}},
+            )
             return
         self.monitor.start()
         log.info(
