@@ -143,6 +143,23 @@ def test_a_reader_of_the_secret_is_killed_before_it_reads(agent: AgentProcess) -
     assert read_secret(["cat", SECRET]).returncode == 0  # the policy is gone
 
 
+def test_signal_sends_the_policys_signal(agent: AgentProcess) -> None:
+    apply(agent, KILL_POLICY.replace("- action: Sigkill", "- action: Signal\n        argSig: 10"))
+    try:
+        cat = subprocess.Popen(["cat", SECRET], stdout=subprocess.PIPE)
+        out, _ = cat.communicate(timeout=30)
+        assert cat.returncode == -signal.SIGUSR1 and out == b""
+
+        def signalled() -> list[dict[str, Any]]:
+            events = policy_events(agent, "shadow-readers", "process_tracepoint")
+            return [e for e in events if e["process"]["pid"] == cat.pid]
+
+        [event] = wait_for("the signal's event", signalled)
+        assert event["action"] == "KPROBE_ACTION_SIGNAL"
+    finally:
+        agent.cli("security", "policy", "delete", "shadow-readers")
+
+
 def test_binaries_by_path_prefix_with_symlinked_directories(
     agent: AgentProcess, tmp_path: Path
 ) -> None:
