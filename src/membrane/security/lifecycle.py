@@ -22,7 +22,12 @@ from membrane.bpf.links import Link, attach_auto
 from membrane.bpf.ringbuf import BATCH_FILL, Records, RingBuffer
 from membrane.security.cache import ProcessCache
 from membrane.security.events import LazyEvent, dropped_notice, exec_event, exit_event
-from membrane.security.process import FLAG_CLONE, FLAG_EXECVE, FLAG_TRUNC_ARGS
+from membrane.security.process import (
+    FLAG_CLONE,
+    FLAG_EXECVE,
+    FLAG_TRUNC_ARGS,
+    FLAG_TRUNC_FILENAME,
+)
 from membrane.security.procfs import load_processes
 from membrane.security.sink import Item
 from membrane.trace.batch import EventBatch, EventLayout
@@ -150,6 +155,8 @@ class ProcessMonitor:
             flags.append(FLAG_CLONE)
         if row["flags"] & SecProcFlag.TRUNC_ARGS:
             flags.append(FLAG_TRUNC_ARGS)
+        if row["flags"] & SecProcFlag.TRUNC_BINARY:
+            flags.append(FLAG_TRUNC_FILENAME)
         entry = self.cache.new_entry(
             pid=row["pid"],
             tid=row["tid"],

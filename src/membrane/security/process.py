@@ -14,6 +14,7 @@ FLAG_EXECVE = "execve"
 FLAG_PROCFS = "procFS"
 FLAG_CLONE = "clone"
 FLAG_TRUNC_ARGS = "truncArgs"
+FLAG_TRUNC_FILENAME = "truncFilename"  # the binary's path: deeper or longer than walked
 FLAG_MISS = "miss"
 
 
