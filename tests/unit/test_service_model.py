@@ -286,3 +286,25 @@ def test_capacity_is_refused_before_the_maps_are_full() -> None:
     problem = capacity_problem(full)
     assert problem is not None and "svc_frontends" in problem and "nothing was changed" in problem
     assert capacity_problem(Plan()) is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"service_cidr": "198.18.0.0/20"}, "service-cidr: 198.18.0.0/20 overlaps the pod CIDR"),
+        ({"service_cidr": "198.19.0.0/24"}, "service-cidr: 198.19.0.0/24 holds the node's address"),
+        ({"service_cidr": "nope"}, "service-cidr: 'nope' is not an IPv4 CIDR"),
+        ({"service_cidr_v6": "2001:db8:1::/112"}, "service-cidr-v6: 2001:db8:1::/112 overlaps"),
+        ({"maglev_table_size": "16380"}, "bpf-lb-maglev-table-size: 16380 is not a prime"),
+        ({"lb_algorithm": "roundrobin"}, "bpf-lb-algorithm: 'roundrobin' is not one of"),
+    ],
+)
+def test_agent_service_options_are_checked(options: dict[str, str], message: str) -> None:
+    from membrane.agent.config import make_config
+
+    with pytest.raises(UserError) as err:
+        make_config("/tmp/x", "/tmp/x.sock", None, "198.18.0.0/16", **options)
+    assert message in str(err.value)
+    config = make_config("/tmp/x", "/tmp/x.sock", None, "198.18.0.0/16", ipv6="false")
+    assert str(config.service_cidr) == "198.19.128.0/17" and config.service_cidr_v6 is None
+    assert config.maglev_table_size == 16381 and config.lb_algorithm == "random"
