@@ -56,6 +56,7 @@ class Case:
     expect: int
     kernel_ns: list[float] = field(default_factory=list)
     calls: int = 0
+    after: Callable[[], None] = lambda: None  # run after each measurement
 
     def measure(self, bed: Bed, calls: int) -> None:
         frames = [self.frames(self.calls + k) for k in range(calls)]  # built first, as lb_cost
@@ -67,6 +68,20 @@ class Case:
                 raise RuntimeError(f"{self.name}: verdict {result.retval}, not {self.expect}")
             durations.append(result.duration_ns)
         self.kernel_ns.append(median(durations))
+        self.after()
+
+
+def forget_new_flows(obj: BpfObject) -> Callable[[], None]:
+    """Remove the flows the new-flow cases made (client ports below 60,000) and their
+    reverse-NAT entries: rounds of thousands of new flows to one backend would otherwise
+    fill its 32,768 SNAT ports (random picks then miss, and the flow is dropped)."""
+
+    def forget() -> None:
+        flows, rev = obj.map("np_flows"), obj.map("np_rev")
+        flows.delete_batch([key for key, _ in flows.lookup_batch() if key.sport < 60_000])
+        rev.delete_batch([key for key, back in rev.lookup_batch() if back.dport < 60_000])
+
+    return forget
 
 
 def to_node_port(port: int) -> Callable[[int], bytes]:
@@ -107,9 +122,9 @@ def main() -> None:
                 remote_verdict = TC_ACT_REDIRECT
                 cases += [
                     Case(f"new flow, local backend ({tag})", ingress, to_node_port(local_port),
-                         bed.ext, TC_ACT_OK),
+                         bed.ext, TC_ACT_OK, after=forget_new_flows(obj)),
                     Case(f"new flow, remote backend ({tag})", ingress, to_node_port(remote_port),
-                         bed.ext, remote_verdict),
+                         bed.ext, remote_verdict, after=forget_new_flows(obj)),
                     Case(f"established, local backend ({tag})", ingress, known(local_port),
                          bed.ext, TC_ACT_OK),
                     Case(f"established, remote backend ({tag})", ingress, known(remote_port),
