@@ -6,12 +6,15 @@ end to end with 100k flows stored), and what the flow store costs on the way.
 The real agent starts with `--hubble-buffer-size` large enough for N flows and a flow log
 of N realistic flows (pods on both sides, labels, TCP, a policy verdict), which it reads
 back into its store on start (the refill time is reported too). Then, alternated run by
-run: the CLI end to end (a new process: start-up, gRPC connect, the query, printing), the
-same query from this process over the Observer API (the agent's share), `membrane
---version` (the CLI's floor on this machine at that moment), and all with a
-filter that matches only the oldest flows (the store's worst case: a scan of every flow),
-and `--first 20`. A second agent with the default buffer (4095) is measured alike. Prints
-JSON; summary on stderr.
+run: the CLI end to end (a new process: start-up, gRPC connect, the query, printing; its
+wall time and its CPU time, which other load on the machine moves less), the same query
+from this process over the Observer API (the agent's share), and three floors at that
+moment: `membrane --version`, the bare interpreter (`python -c pass`), and the libraries
+any typer command printing Hubble's flows imports (typer and the generated flow and
+observer modules, with protobuf): what is left above that is our own code and the query.
+Cases: `--last 20` (compact and `-o json`), a filter that matches only the oldest flows
+(the store's worst case: a scan of every flow), and `--first 20`. A second agent with the
+default buffer (4095) is measured alike. Prints JSON; summary on stderr.
 
 Each CLI process runs twice per round: with the environment as it is (where
 PYTHONDONTWRITEBYTECODE is set, as in our sandboxes, every membrane module is compiled
@@ -23,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +43,12 @@ from membrane.observe.record import flow_response
 from membrane.testing.agent import membrane_command, running_agent
 
 TARGET_MS = 200.0
+# What any typer command that prints Hubble's flows imports before a line of ours runs,
+# imported the way membrane.cli.entry imports (no garbage collection, then frozen).
+LIBRARIES = (
+    "import gc; gc.disable(); import typer; from membrane.hubble.flow import flow_pb2; "
+    "from membrane.hubble.observer import observer_pb2; gc.freeze()"
+)
 START = 1_796_500_000  # seconds: the flows' first time
 RARE_NAMESPACE = "rare"  # only the first 10 flows: a filter for them scans every flow
 
@@ -72,8 +83,12 @@ def buffer_for(count: int) -> int:
     return size
 
 
-def run(argv: list[str], env: dict[str, str] | None = None) -> None:
+def run(argv: list[str], env: dict[str, str] | None = None) -> float:
+    """Runs `argv` to its end; the process's CPU time (user + system) in ms."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(argv, check=True, capture_output=True, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return 1000 * (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
 
 
 def cached_bytecode_env(prefix: str) -> dict[str, str]:
@@ -89,43 +104,74 @@ def timed_ms(fn: Any) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
+class Series:
+    """Wall times (and CPU times of processes) of one measurement, in ms."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def process(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        t0 = time.perf_counter()
+        self.cpu.append(run(argv, env))
+        self.wall.append((time.perf_counter() - t0) * 1000)
+
+    def call(self, fn: Any) -> None:
+        self.wall.append(timed_ms(fn))
+
+
 def measure(socket: str, runs: int, cached: dict[str, str]) -> dict[str, Any]:
     server = default_server(socket)
     client = ObserverClient.connect(server)
     rare = flow_pb2.FlowFilter(source_pod=[f"{RARE_NAMESPACE}/"])
     cases = {
         "--last 20": (["--last", "20"], observer_pb2.GetFlowsRequest(number=20)),
+        "--last 20 -o json": (
+            ["--last", "20", "-o", "json"],
+            observer_pb2.GetFlowsRequest(number=20),
+        ),
         "--last 20 (filter matching the oldest only)": (
             ["--last", "20", "--from-pod", f"{RARE_NAMESPACE}/"],
             observer_pb2.GetFlowsRequest(number=20, whitelist=[rare]),
         ),
         "--first 20": (["--first", "20"], observer_pb2.GetFlowsRequest(number=20, first=True)),
     }
-    version = [membrane_command(), "--version"]  # the CLI's floor on this machine, now
+    version = [membrane_command(), "--version"]  # `membrane`'s own floor, now
+    interpreter = [sys.executable, "-c", "pass"]
+    libraries = [sys.executable, "-c", LIBRARIES]
     out: dict[str, Any] = {}
     for name, (flags, request) in cases.items():
         argv = [membrane_command(), "observe", "--server", server, *flags]
         run(argv, cached)  # writes the bytecode the cached runs read
-        cli, cli_cached, api, floor, floor_cached = [], [], [], [], []
+        run(libraries, cached)
+        cli, cli_cached, api = Series(), Series(), Series()
+        floor, floor_cached, bare, libs = Series(), Series(), Series(), Series()
         for _ in range(runs):  # alternated, so that drift hits all alike
-            cli.append(timed_ms(lambda argv=argv: run(argv)))
-            cli_cached.append(timed_ms(lambda argv=argv: run(argv, cached)))
-            api.append(timed_ms(lambda request=request: list(client.get_flows(request))))
-            floor.append(timed_ms(lambda: run(version)))
-            floor_cached.append(timed_ms(lambda: run(version, cached)))
+            cli.process(argv)
+            cli_cached.process(argv, cached)
+            api.call(lambda request=request: list(client.get_flows(request)))
+            floor.process(version)
+            floor_cached.process(version, cached)
+            bare.process(interpreter)
+            libs.process(libraries, cached)
         got = [r for r in client.get_flows(request) if r.HasField("flow")]
         out[f"observe {name}"] = {
-            "cli_ms_median": round(median(cli), 1),
-            "cli_ms_max": round(max(cli), 1),
-            "cli_bytecode_cached_ms_median": round(median(cli_cached), 1),
-            "cli_bytecode_cached_ms_max": round(max(cli_cached), 1),
-            "api_in_process_ms_median": round(median(api), 2),  # ObserverClient, hubble.wire
-            "cli_floor_version_ms_median": round(median(floor), 1),  # `membrane --version`
-            "cli_floor_version_bytecode_cached_ms_median": round(median(floor_cached), 1),
+            "cli_ms_median": round(median(cli.wall), 1),
+            "cli_ms_max": round(max(cli.wall), 1),
+            "cli_cpu_ms_median": round(median(cli.cpu), 1),
+            "cli_bytecode_cached_ms_median": round(median(cli_cached.wall), 1),
+            "cli_bytecode_cached_ms_max": round(max(cli_cached.wall), 1),
+            "cli_bytecode_cached_cpu_ms_median": round(median(cli_cached.cpu), 1),
+            "api_in_process_ms_median": round(median(api.wall), 2),  # ObserverClient, wire
+            "cli_floor_version_ms_median": round(median(floor.wall), 1),  # `membrane --version`
+            "cli_floor_version_bytecode_cached_ms_median": round(median(floor_cached.wall), 1),
+            "floor_interpreter_ms_median": round(median(bare.wall), 1),  # python -c pass
+            "floor_libraries_ms_median": round(median(libs.wall), 1),  # typer + protobuf
+            "floor_libraries_cpu_ms_median": round(median(libs.cpu), 1),
             "flows_returned": len(got),
             "target_ms": TARGET_MS,
-            "met": median(cli) < TARGET_MS,
-            "met_bytecode_cached": median(cli_cached) < TARGET_MS,
+            "met": median(cli.wall) < TARGET_MS,
+            "met_bytecode_cached": median(cli_cached.wall) < TARGET_MS,
         }
     status = client.server_status()
     out["server_status"] = {"num_flows": status.num_flows, "max_flows": status.max_flows}
@@ -165,12 +211,15 @@ def main() -> None:
         for name, entry in result[key].items():
             if isinstance(entry, dict) and "cli_ms_median" in entry:
                 summary.append(
-                    f"{key}: {name}: CLI {entry['cli_ms_median']} ms "
+                    f"{key}: {name}: CLI {entry['cli_ms_median']} ms, "
+                    f"CPU {entry['cli_cpu_ms_median']} "
                     f"({entry['cli_bytecode_cached_ms_median']} ms bytecode cached; "
                     f"target < {TARGET_MS:g}), "
                     f"agent share {entry['api_in_process_ms_median']} ms, "
-                    f"CLI floor (--version) {entry['cli_floor_version_ms_median']} ms "
+                    f"floors: --version {entry['cli_floor_version_ms_median']} ms "
                     f"({entry['cli_floor_version_bytecode_cached_ms_median']} ms), "
+                    f"python {entry['floor_interpreter_ms_median']} ms, "
+                    f"typer+protobuf {entry['floor_libraries_ms_median']} ms; "
                     f"{entry['flows_returned']} flows"
                 )
         summary.append(f"{key}: start with refill {result[key]['agent_start_with_refill_s']} s")
