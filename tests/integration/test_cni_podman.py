@@ -309,3 +309,12 @@ def test_the_agent_answers_bad_calls_with_the_specs_error_codes(bed: Bed) -> Non
     done = bed.run_plugin("DEL", json.dumps(config), "never-seen", "/run/netns/x")
     assert (done.returncode, done.stdout) == (0, "")
     assert bed.agent.endpoints() == []
+
+
+def test_container_names_become_endpoint_names_without_collisions(bed: Bed) -> None:
+    image = bed.podman.build_image()
+    for name in ("dup_name", "dup-name"):
+        bed.podman.run("-d", "--name", name, "--network", NETWORK, image, "sleep", "600")
+    first, second = bed.endpoint_of("dup_name"), bed.endpoint_of("dup-name")
+    assert first["name"] == "dup-name"
+    assert second["name"] == f"dup-name-{second['container_id'][:12]}"

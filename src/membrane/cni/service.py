@@ -9,7 +9,8 @@ never deletes it. Naming and labels:
 - namespace: `K8S_POD_NAMESPACE` from CNI_ARGS when the runtime passes it (CRI runtimes do),
   else `default` (podman passes none);
 - name: the podman pod's name, else podman's container name, else `K8S_POD_NAME`, made a
-  valid Kubernetes name (`_` becomes `-`), else `c-<first 12 of the container id>`;
+  valid Kubernetes name (`_` becomes `-`), else `c-<first 12 of the container id>`; a
+  name another endpoint has gets `-<first 12 of the container id>` appended;
 - labels: the podman pod's labels (Pod YAML metadata.labels with `podman kube play`), else
   the container's (`podman run --label`), read from podman's database (membrane.cni.podman).
 """
@@ -166,6 +167,8 @@ def _add(agent: Agent, call: _Call) -> EndpointRecord:
             extra={"fields": {"container": call.container_id}},
         )
     name = endpoint_name(found.name if found else call.args.get("K8S_POD_NAME"), call.container_id)
+    if agent.snapshot.endpoint(namespace, name) is not None:  # e.g. a_b beside a-b
+        name = f"{name[:240]}-{call.container_id[:12].lower()}"
     req = EndpointCreate(
         namespace=namespace,
         name=name,

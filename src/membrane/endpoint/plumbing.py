@@ -106,7 +106,9 @@ def create_pod(
                 )
             except NetlinkError as e:
                 if e.code == errno.EEXIST:
-                    raise FileExistsError(f"device {host_ifname} already exists") from None
+                    raise FileExistsError(
+                        f"device {host_ifname} (or {POD_IFNAME} in {netns_name}) already exists"
+                    ) from None
                 raise
             veth_made = True
             host_ifindex = socket.if_nametoindex(host_ifname)
