@@ -73,6 +73,7 @@ class ProcessMonitor:
         self.procfs = len(load_processes(cache))
         self.execs = self.exits = self.clones = 0
         self.unknown_exits = 0  # exits of processes the cache never knew
+        self._cloned: set[int] = set()  # pids whose clone and exec came in one batch
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="security-process", daemon=True)
 
@@ -126,15 +127,20 @@ class ProcessMonitor:
         block = records.block
         names = head.dtype.names
         wall = time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        rows = [dict(zip(names, values, strict=True)) for values in head.tolist()]
+        replaced = _execed_in_batch(rows)
         out: list[LazyEvent] = []
-        for i, values in enumerate(head.tolist()):  # one tuple per event: cheap to unpack
-            row = dict(zip(names, values, strict=True))
+        for i, row in enumerate(rows):
             kind, time_ns = row["hdr"][2], row["hdr"][0] + wall  # (ts_ns, version, type, cpu)
             if kind == SecProcEventType.EXEC:
                 data = bytes(block[starts[i] : starts[i] + _data_len(row)])
                 out.append(self._exec(row, data, time_ns))
             elif kind == SecProcEventType.CLONE:
-                self._clone(row, row["ktime"] + wall)
+                if i in replaced:  # its exec follows in this batch: no entry needed between
+                    self.clones += 1
+                    self._cloned.add(row["pid"])
+                else:
+                    self._clone(row, row["ktime"] + wall)
             elif kind == SecProcEventType.EXIT:
                 event = self._exit(row, time_ns)
                 if event is not None:
@@ -151,7 +157,8 @@ class ProcessMonitor:
         args = " ".join(a.decode(errors="replace") for a in argv[1:] if a)
         flags = [FLAG_EXECVE]
         before = self.cache.entry(row["pid"])
-        if before is not None and before.flags == FLAG_CLONE:
+        if row["pid"] in self._cloned or (before is not None and before.flags == FLAG_CLONE):
+            self._cloned.discard(row["pid"])
             flags.append(FLAG_CLONE)
         if row["flags"] & SecProcFlag.TRUNC_ARGS:
             flags.append(FLAG_TRUNC_ARGS)
@@ -204,6 +211,18 @@ class ProcessMonitor:
             return None
         self.exits += 1
         return exit_event(self.cache, entry, time_ns, row["status"])
+
+
+def _execed_in_batch(rows: list[dict]) -> set[int]:
+    """Indexes of clone events whose process's next event in the batch is its exec: the
+    usual fork+exec. The clone's entry would be replaced at once, so none is made."""
+    replaced, upcoming = set(), {}
+    for i in range(len(rows) - 1, -1, -1):
+        kind, pid = rows[i]["hdr"][2], rows[i]["pid"]
+        if kind == SecProcEventType.CLONE and upcoming.get(pid) == SecProcEventType.EXEC:
+            replaced.add(i)
+        upcoming[pid] = kind
+    return replaced
 
 
 def _data_len(row: dict) -> int:
