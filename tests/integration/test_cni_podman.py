@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from membrane.testing.agent import AgentProcess, agent_unusable_reason, running_agent
+from membrane import netns
+from membrane.testing.agent import NODE_IP, AgentProcess, agent_unusable_reason, running_agent
 from membrane.testing.podman import PodmanSandbox, footprint, podman_unusable_reason
 from membrane.testing.waiting import wait_for
 
@@ -97,13 +98,14 @@ class Bed:
         )
 
     def run_plugin(
-        self, command: str, stdin: str, container_id: str, netns: str
+        self, command: str, stdin: str, container_id: str, netns: str, args: str = ""
     ) -> subprocess.CompletedProcess[str]:
         env = {
             "CNI_COMMAND": command,
             "CNI_CONTAINERID": container_id,
             "CNI_NETNS": netns,
             "CNI_IFNAME": "eth0",
+            "CNI_ARGS": args,
             "CNI_PATH": str(self.podman.bin_dir),
         }
         return subprocess.run(
@@ -318,3 +320,30 @@ def test_container_names_become_endpoint_names_without_collisions(bed: Bed) -> N
     first, second = bed.endpoint_of("dup_name"), bed.endpoint_of("dup-name")
     assert first["name"] == "dup-name"
     assert second["name"] == f"dup-name-{second['container_id'][:12]}"
+
+
+def test_a_kubernetes_runtimes_namespace_and_pod_name_from_cni_args(bed: Bed) -> None:
+    """What containerd and CRI-O pass (podman passes only K8S_POD_NAME): the endpoint is
+    the pod's namespace and name. A namespace of our own stands in for the runtime's."""
+    ns = f"{bed.agent.prefix}k8s-sandbox"
+    netns.create(ns)
+    try:
+        config = json.dumps(bed.network_config())
+        args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-7d9f;K8S_POD_UID=u1"
+        added = bed.run_plugin("ADD", config, "k8s-sandbox-id", netns.path(ns), args)
+        assert added.returncode == 0, added.stdout + added.stderr
+        result = json.loads(added.stdout)
+        (ep,) = bed.agent.endpoints()
+        assert (ep["namespace"], ep["name"], ep["netns"]) == ("shop", "cart-7d9f", netns.path(ns))
+        assert result["ips"][0] == {
+            "address": f"{ep['ipv4']}/32", "gateway": NODE_IP, "interface": 1,
+        }  # fmt: skip
+        assert result["interfaces"][1] == {
+            "name": "eth0", "mac": result["interfaces"][1]["mac"], "sandbox": netns.path(ns),
+        }  # fmt: skip
+        assert bed.run_plugin("CHECK", config, "k8s-sandbox-id", netns.path(ns)).returncode == 0
+        deleted = bed.run_plugin("DEL", config, "k8s-sandbox-id", netns.path(ns), args)
+        assert (deleted.returncode, bed.agent.endpoints()) == (0, [])
+        assert netns.exists(ns)  # the runtime's to remove
+    finally:
+        netns.delete(ns)
