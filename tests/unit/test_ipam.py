@@ -42,6 +42,18 @@ def test_released_address_is_reused_only_after_the_others() -> None:
     assert ipam.owner(first) == "g"
 
 
+def test_peek_names_what_the_next_allocate_hands_out_and_takes_nothing() -> None:
+    ipam = Ipam(IPv4Network("198.18.0.0/29"))
+    released = ipam.allocate("a")
+    ipam.release(released)
+    for owner in "bcdefg":  # round-robin, wrapping back to the released .1 last
+        expected = ipam.peek()
+        assert ipam.peek() == expected  # peeking twice takes nothing
+        assert ipam.allocate(owner) == expected
+    assert ipam.owner(released) == "g"
+    assert ipam.peek() is None  # exhausted
+
+
 def test_release_of_a_free_address_is_a_no_op() -> None:
     ipam = Ipam(IPv4Network("198.18.0.0/29"))
     ipam.release(A("198.18.0.3"))

@@ -120,6 +120,7 @@ class Agent:
             ),
         )
         agent._save()
+        endpoints.preload_next()
         agent.services = start_services(config, lambda: agent.state.endpoints.values())
         agent.nodeport = start_nodeport(
             config.bpf_dir, config.bpf_lb_mode, config.node_ip, config.devices, config.node_netns
@@ -141,6 +142,7 @@ class Agent:
     def stop(self) -> None:
         """Leave everything enforcing; only our own handles go."""
         self._save()
+        self.endpoints.close()
         if self.services is not None:
             self.services.close()
         if self.nodeport is not None:
@@ -165,6 +167,7 @@ class Agent:
             extra={"fields": {"endpoint": ep.key, "id": ep.id, "ipv4": ep.ipv4, "ipv6": ep.ipv6}},
         )
         self._follow_endpoints()
+        self.endpoints.preload_next()  # for the next add: its verifier runs while we idle
         return self.state.endpoints[ep.id]
 
     @memory.one_change

@@ -7,11 +7,10 @@ the datapath (membrane.agent.reconcile).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address
 
@@ -42,6 +41,9 @@ log = logging.getLogger("membrane.agent")
 
 MAX_ENDPOINT_ID = 0xFFFF
 MAX_NETNS_NAME = 200
+
+# What an endpoint's programs are specialised for at load time: id, IPv4, IPv6.
+ProgramKey = tuple[int, IPv4Address, IPv6Address | None]
 
 
 def require_attach_mode(mode: str) -> None:
@@ -75,6 +77,56 @@ class EndpointLifecycle:
                 }
             )
         self._build: tuple[dict[str, str], set[int]] | None = None  # tags, node map ids
+        # The next endpoint's programs, loaded ahead (see preload_next).
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="endpoint-loader")
+        self._ahead: tuple[ProgramKey, Future[BpfObject]] | None = None
+
+    # ---- programs loaded ahead -----------------------------------------------------------
+    def preload_next(self) -> None:
+        """Have the verifier check the programs of the endpoint the next add makes, in the
+        background: its id and addresses are handed out in order, so they are known now,
+        and the add (a container's start) then only attaches them. Called when the
+        agent is idle after a change, not during one, so it does not slow the change."""
+        key = self._next_key()
+        if self._ahead is not None and self._ahead[0] == key:
+            return
+        self._drop_ahead()
+        if key is not None:
+            self._ahead = (key, self._loader.submit(self._load, key))
+
+    def close(self) -> None:
+        """Drop the programs loaded ahead (nothing attached is touched)."""
+        self._drop_ahead()
+        self._loader.shutdown(wait=True)
+
+    def _next_key(self) -> ProgramKey | None:
+        try:
+            ep_id = self._free_id()
+        except UserError:
+            return None
+        ip = self.ipam.peek()
+        ip6 = None if self.ipam6 is None else self.ipam6.peek()
+        if ip is None or (self.ipam6 is not None and ip6 is None):
+            return None
+        return ep_id, IPv4Address(ip), None if ip6 is None else IPv6Address(ip6)
+
+    def _load(self, key: ProgramKey) -> BpfObject:
+        return load_endpoint(self.config.bpf_dir, *key)
+
+    def _programs(self, key: ProgramKey) -> Future[BpfObject]:
+        """The programs for `key`: those loaded ahead when they are for it (and loaded
+        without error), else a load started now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if ahead[0] == key and not (ahead[1].done() and ahead[1].exception()):
+                return ahead[1]
+            _close_when_loaded(ahead[1])
+        return self._loader.submit(self._load, key)
+
+    def _drop_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            _close_when_loaded(ahead[1])
 
     # ---- after a restart -----------------------------------------------------------------
     def adopt_all(self) -> int:
@@ -180,25 +232,22 @@ class EndpointLifecycle:
         self.state.next_endpoint_id = ep_id % MAX_ENDPOINT_ID + 1
         save()
         try:
-            # The verifier checks the programs (in the kernel, ~20 ms) while the veth is
-            # being made.
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                loading = pool.submit(load_endpoint, self.config.bpf_dir, ep_id, ip, ip6)
-                try:
-                    link = create_pod(
-                        self.node,
-                        netns_name,
-                        ep.host_ifname,
-                        ip,
-                        ip6,
-                        reuse_netns=req.netns is not None,
-                    )
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        loading.result().close()
-                    raise
-                obj = loading.result()
-            with obj:
+            # Programs loaded ahead, or else the verifier checks them (in the kernel,
+            # ~20 ms) while the veth is being made.
+            loading = self._programs((ep_id, IPv4Address(ip), _ipv6(ip6)))
+            try:
+                link = create_pod(
+                    self.node,
+                    netns_name,
+                    ep.host_ifname,
+                    ip,
+                    ip6,
+                    reuse_netns=req.netns is not None,
+                )
+            except BaseException:
+                _close_when_loaded(loading)
+                raise
+            with loading.result() as obj:
                 ep = self._attach(ep, link.host_ifindex, obj)
         except BaseException:
             del self.state.endpoints[ep_id]
@@ -287,4 +336,19 @@ class EndpointLifecycle:
 
 
 def _ipv6_of(ep: EndpointRecord) -> IPv6Address | None:
-    return None if ep.ipv6 is None else IPv6Address(ep.ipv6)
+    return _ipv6(ep.ipv6)
+
+
+def _ipv6(addr: IPv6Address | IPv4Address | str | None) -> IPv6Address | None:
+    return None if addr is None else IPv6Address(addr)
+
+
+def _close_when_loaded(loading: Future[BpfObject]) -> None:
+    """Close programs nobody will attach, once (and if) their load finishes."""
+
+    def close(done: Future[BpfObject]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().close()
+
+    if not loading.cancel():
+        loading.add_done_callback(close)

@@ -53,18 +53,29 @@ class Ipam:
 
     def allocate(self, owner: str) -> Address:
         """A free address, now owned by `owner`; UserError("pod-cidr") when none is left."""
-        if len(self._owners) >= self.capacity:
+        candidate = self._next_free()
+        if candidate is None:
             raise UserError(
                 "pod-cidr",
                 f"{self.pod_cidr} is exhausted: all {self.capacity} pod addresses are in use",
             )
+        self._owners[candidate] = owner
+        self._next = candidate + 1 if candidate < self._last else self._first
+        return self._address(candidate)
+
+    def peek(self) -> Address | None:
+        """The address the next `allocate` hands out (None: none is left)."""
+        candidate = self._next_free()
+        return None if candidate is None else self._address(candidate)
+
+    def _next_free(self) -> int | None:
+        if len(self._owners) >= self.capacity:
+            return None
         size = self._last - self._first + 1
         for step in range(size):
             candidate = self._first + (self._next - self._first + step) % size
             if candidate not in self._owners and candidate not in self._reserved:
-                self._owners[candidate] = owner
-                self._next = candidate + 1 if candidate < self._last else self._first
-                return self._address(candidate)
+                return candidate
         raise AssertionError("capacity said a free address exists")  # pragma: no cover
 
     def release(self, addr: Address) -> None:

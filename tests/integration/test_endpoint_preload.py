@@ -1,0 +1,73 @@
+"""An endpoint add attaches the programs the agent loaded ahead for it (the verifier works
+while the agent idles, not during the add: a container's start), and only when they were
+loaded for the id and address the add hands out; when the prediction no longer holds (the
+address went elsewhere), the add loads its own. The programs check a pod's source address
+against the address they were loaded for, so pods made either way reaching each other
+shows each runs programs made for it.
+
+The real agent runs in this process on its own node namespace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+
+import pytest
+from agent_support import in_process_agent
+
+from membrane.agent.agent import Agent
+from membrane.agent.endpoints import ProgramKey
+from membrane.api.models import EndpointCreate
+from membrane.bpf.proginfo import program_info
+from membrane.datapath.endpoint_prog import HOOKS, attached_programs
+from membrane.testing.cluster import unique_tag
+from membrane.testing.reachability import Peer, Reachability, check
+
+pytestmark = pytest.mark.root
+
+NS = "pl"
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    with in_process_agent(tmp_path_factory.mktemp("agent"), unique_tag("pl")) as started:
+        yield started
+
+
+def loaded_ahead(agent: Agent) -> tuple[ProgramKey, dict[str, int]]:
+    """What the agent loaded ahead for, and the ids of those programs by direction."""
+    ahead = agent.endpoints._ahead
+    assert ahead is not None, "nothing was loaded ahead"
+    key, loading = ahead
+    obj = loading.result(timeout=30)
+    return key, {d: program_info(obj.program(name).fd).id for d, name in HOOKS.items()}
+
+
+def add(agent: Agent, name: str) -> tuple[int, IPv4Address]:
+    ep = agent.add_endpoint(EndpointCreate(namespace=NS, name=name, labels={"pod": name}))
+    return ep.id, IPv4Address(ep.ipv4)
+
+
+def test_an_add_attaches_the_programs_loaded_ahead_for_it(agent: Agent) -> None:
+    key, programs = loaded_ahead(agent)
+    ep_id, ipv4 = add(agent, "a")
+    assert (ep_id, ipv4) == key[:2]
+    assert attached_programs(agent.config.bpf_dir, ep_id) == programs
+    next_key, _ = loaded_ahead(agent)  # and the next endpoint's are on their way
+    assert next_key[0] != ep_id and next_key[1] != ipv4
+
+
+def test_programs_loaded_for_an_address_that_went_elsewhere_are_not_used(agent: Agent) -> None:
+    key, programs = loaded_ahead(agent)
+    taken = agent.endpoints.ipam.allocate("elsewhere")  # the predicted address
+    try:
+        ep_id, ipv4 = add(agent, "b")
+    finally:
+        agent.endpoints.ipam.release(taken)
+    assert taken == key[1] and ipv4 != taken
+    attached = attached_programs(agent.config.bpf_dir, ep_id)
+    assert set(attached) == set(HOOKS) and set(attached.values()).isdisjoint(programs.values())
+    peers = {ep.key: Peer(ep.key, ep.netns, ep.ipv4) for ep in agent.state.endpoints.values()}
+    names = [f"{NS}/a", f"{NS}/b"]
+    check(peers, Reachability(names, names, ports=((0, "ICMP"),)))
