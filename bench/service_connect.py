@@ -22,6 +22,8 @@ average position); the others' backends are addresses no pod has.
                 reported unavailable, with the reason.
   membrane-N    the agent's services (socket LB: the connect hook picks the backend),
                 created through the agent's API; unavailable while the agent has none.
+  membrane-miss-N  the client in the socket LB's cgroup connecting to a backend's address
+                (the hook runs, no frontend matches): what a pod's other connections pay.
 Each loaded set is checked first: the measured VIP answers (both backends over a few
 connects). Each measurement: a rate pass (`--clients` processes keeping `--inflight`
 connections under way: connect, 64 bytes, their echo, close; connections/s) and a latency
@@ -320,6 +322,16 @@ class MembraneServices(Mechanism):
         self.agent.client(timeout=None).post("/v1/services/import", {"yaml": text})
 
 
+class SocketLbClient(Mechanism):
+    """No services of its own: the client runs in the socket LB's cgroup and connects to
+    a backend's address, so the connect hook runs and finds no frontend (what every
+    connection of a pod to a non-service address pays), with the Membrane services of the
+    size loaded."""
+
+    def __init__(self, cgroup: Path) -> None:
+        self.cgroup = cgroup
+
+
 # ---- measuring ----------------------------------------------------------------------------
 @dataclass
 class Scenario:
@@ -330,6 +342,7 @@ class Scenario:
     per_s: list[float] = field(default_factory=list)
     base: list[float] = field(default_factory=list)  # mean of the direct ones around each
     connect_us: list[int] = field(default_factory=list)  # the latency passes, all rounds
+    to_backend: bool = False  # connect to a backend's address, not the measured VIP
     prepare_s: float | None = None  # loading the services, once
     attach_s: list[float] = field(default_factory=list)  # putting them on the path, each time
     failed: dict[str, int] = field(default_factory=dict)
@@ -341,7 +354,7 @@ class Scenario:
         return getattr(self.mechanism, "cgroup", None)
 
     def target(self, direct_to: str) -> tuple[str, int]:
-        if self.services is None:
+        if self.services is None or self.to_backend:
             return (direct_to, TARGET_PORT)
         return (self.services.measured_vip, PORT)
 
@@ -488,11 +501,17 @@ def main() -> None:
             "membrane": MembraneServices(agent, cgroup),
         }
         unavailable = {m: why for m, impl in mechanisms.items() if (why := impl.unavailable())}
+        if "membrane" in unavailable:
+            unavailable["membrane-miss"] = unavailable["membrane"]
         direct = Scenario("direct", "direct")
         everything = {"direct": direct}
         for n in sizes:
             for m, impl in mechanisms.items():
                 everything[f"{m}-{n}"] = Scenario(f"{m}-{n}", m, ServiceSet(n, pair), impl)
+            everything[f"membrane-miss-{n}"] = Scenario(
+                f"membrane-miss-{n}", "membrane-miss", ServiceSet(n, pair),
+                SocketLbClient(cgroup), to_backend=True,
+            )  # fmt: skip
         wanted = [s for s in args.scenarios.split(",") if s] or list(everything)
         if unknown := set(wanted) - set(everything):
             parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
@@ -510,7 +529,7 @@ def main() -> None:
                 s.attach_s.append(round(time.perf_counter() - t, 3))
                 ip, port = s.target(backends[0].ip)
                 if not s.checked:  # direct reaches one backend by its address
-                    reached = backends[:1] if s is direct else backends
+                    reached = backends[:1] if s.to_backend or s is direct else backends
                     check_reaches_both(client, (ip, port), reached, s.cgroup)
                     s.checked = True
                 rate = connection_rate(
