@@ -7,7 +7,7 @@ VMLINUX  := $(BUILD)/vmlinux.h
 BPF_SRCS := $(wildcard bpf/*.bpf.c)
 BPF_OBJS := $(patsubst bpf/%.bpf.c,$(OBJDIR)/%.bpf.o,$(BPF_SRCS))
 ABI_PY   := src/membrane/abi.py
-NATIVE   := src/membrane/native/libeventfmt.so
+NATIVE   := src/membrane/native/libeventfmt.so src/membrane/native/libringdrain.so
 HUBBLE   := src/membrane/hubble
 HUBBLE_PROTOS := $(wildcard $(HUBBLE)/proto/*/*.proto)
 HUBBLE_PY := $(HUBBLE)/observer/observer_pb2_grpc.py
@@ -26,14 +26,15 @@ all: setup bpf bytecode cni
 setup:
 	@bash scripts/setup.sh
 
-# The BPF objects, their ABI as Python, and the user-space helper the trace tools format
-# their events with (native/), Hubble's API as Python (hubble) and Tetragon's (tetragon).
+# The BPF objects, their ABI as Python, the user-space helpers (native/: the trace tools'
+# formatter, the flow ring's drain thread), Hubble's API as Python (hubble) and Tetragon's
+# (tetragon).
 bpf: $(BPF_OBJS) $(ABI_PY) $(NATIVE) $(HUBBLE_PY) $(TETRAGON_PY)
 
 native: $(NATIVE)
 
-$(NATIVE): native/eventfmt.c
-	$(CLANG) -O2 -g -Wall -Werror -shared -fPIC -o $@.tmp $< && mv $@.tmp $@
+src/membrane/native/lib%.so: native/%.c
+	$(CLANG) -O2 -g -Wall -Werror -shared -fPIC -pthread -o $@.tmp $< && mv $@.tmp $@
 
 $(VMLINUX):
 	@mkdir -p $(BUILD)

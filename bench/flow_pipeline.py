@@ -145,7 +145,12 @@ def reader_costs(rows: Any) -> dict[str, float]:
     from membrane.observe.record import event_response, flow_events
 
     snapshot = SimpleNamespace(
-        endpoints={}, endpoints_by_ip={}, identity_labels={}, rules={}, rule_shapes={}
+        endpoints={},
+        endpoints_by_ip={},
+        identity_labels={},
+        rules={},
+        rule_shapes={},
+        host_addresses=(),
     )
     resolver = AgentResolver(snapshot)  # type: ignore[arg-type]
     counts = FlowCounts()
@@ -176,7 +181,7 @@ def main() -> None:
     host = machine()
     tag = f"fp{os.getpid()}"
     options = {"extra_args": ["--kernel-drops", "false"]}
-    ctx = multiprocessing.get_context("fork")  # before any grpc channel in this process
+    ctx = multiprocessing.get_context("spawn")
     frame = packet(FLOOD_IP, PEER_IP)
     sample = sample_rows(frame)
     with running_agent(tag, log_level="warning", memory_limit=None, **options) as agent:

@@ -296,3 +296,24 @@ def test_sinks_see_every_batch_after_they_join() -> None:
     store.add_sink(lambda batch: batches.append(ns(batch)))
     store.extend(numbered(i) for i in (1, 2))
     assert batches == [[1, 2]]
+
+
+def test_followers_wait_while_the_reader_is_behind() -> None:
+    """A follower is served only while the flow reader has handed over (nearly) all it
+    drained: it falls behind, never the reader."""
+    from membrane.observe.store import READER_BEHIND_ROWS
+
+    async def scenario() -> tuple[bool, list[int | str]]:
+        store = FlowStore()
+        backlog = [READER_BEHIND_ROWS + 1]
+        store.reader_backlog = lambda: backlog[0]
+        sub = store.subscribe()
+        store.append(numbered(1))
+        waiter = asyncio.create_task(sub.messages(10))
+        await asyncio.sleep(0.05)
+        waited = not waiter.done()
+        backlog[0] = READER_BEHIND_ROWS
+        messages = await asyncio.wait_for(waiter, 1)
+        return waited, ns([observer_pb2.GetFlowsResponse.FromString(m) for m in messages])
+
+    assert asyncio.run(scenario()) == (True, [1])

@@ -12,7 +12,9 @@ published snapshot (membrane.agent.snapshot), so it needs no lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,12 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from membrane.bpf import BpfObject
 from membrane.bpf.btf import Btf
 from membrane.bpf.ktime import ktime_to_unix
 from membrane.bpf.object import object_path
 from membrane.bpf.ringbuf import RingBuffer
 from membrane.hubble.flow import flow_pb2
 from membrane.hubble.observer.observer_pb2 import GetFlowsResponse
+from membrane.native.ringdrain import RingDrain
 from membrane.observe.encode import FlowEncoder
 from membrane.observe.record import (
     EndpointView,
@@ -45,18 +49,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("membrane.agent")
 POLL_MS = 100
 # The node's `events` ring: 100 ms of events at a million a second (100k records of 80
-# bytes and an 8-byte header: 8.8 MB), so the reader may wait BATCH_INTERVAL_S between
-# drains and still have room for the times it cannot run (the GIL held by a thread
-# building flows, the CPU taken by the senders).
+# bytes and an 8-byte header: 8.8 MB).
 EVENTS_RING_BYTES = 16 << 20
-# Batching a busy ring: the producers wake the reader at 16 KiB (~190 events), and every
-# batch costs ~0.4 ms however small (numpy calls, the hand-over): batches of a few hundred
-# events cost ~2 us an event (bench/RESULTS.md, flow_pipeline). So after a drain the reader
-# waits until about BATCH_ROWS more have arrived at the last drain's rate, at most
-# BATCH_INTERVAL_S (a flow is delivered at most that much later); at a million events a
-# second that is ~4 ms, so the ring's room is kept for the times the reader cannot run.
-BATCH_INTERVAL_S = 0.05
-BATCH_ROWS = 4096
+# The ring is emptied by a native thread that never takes the GIL and runs ahead of every
+# ordinary thread (native/ringdrain.c) as the producers wake it (every 16 KiB, ~190 events),
+# into this many rows of our memory (40 MiB, touched only as a flood fills them; ~0.5 s of
+# a million events a second), where the reader takes them from: a busy interpreter or CPU
+# (a follower served, its client, a large query) delays the reader, never the datapath's
+# ring. Rows the reader falls this far behind on are dropped there and reported
+# (OBSERVER_EVENTS_QUEUE).
+STAGING_ROWS = 1 << 19
+TAKE_ROWS = 1 << 16  # the most rows one batch takes (5 MiB): more are taken at once after
+LOSS_CHECK_S = 0.05  # how often the ring's loss counter (a syscall) is read
+# Batching: every batch costs ~0.4 ms however small (numpy calls, the hand-over): batches
+# of a few hundred events cost ~2 us an event (bench/RESULTS.md, flow_pipeline). So once
+# rows are staged the reader lets more gather for BATCH_WAIT_S (a flow is delivered that
+# much later): at a million events a second, batches of ~4,000.
+BATCH_WAIT_S = 0.004
+# The reader's thread runs ahead of ordinary ones where the agent may (root): a follower's
+# client or a flood's senders taking the CPUs delay it less.
+READER_NICE = -20
 
 
 class AgentResolver:
@@ -208,7 +220,10 @@ class FlowReader:
         self.deliver = deliver
         self.observe = observe
         dtype = Btf.from_file(object_path("endpoint")).dtype("flow_event")
+        with BpfObject.open("endpoint") as obj:  # the endpoints' wakeup threshold
+            self._wakeup_bytes = int(obj.get_config("events_wakeup_bytes"))
         self._ring = RingBuffer(agent.maps.events, dtype=dtype, lost_map=agent.maps.events_lost)
+        self._drain: RingDrain | None = None  # started with the thread
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flows", daemon=True)
         self.unsupported = 0
@@ -216,7 +231,17 @@ class FlowReader:
 
     @property
     def lost(self) -> int:
+        """Events the datapath's ring had no room for."""
         return self._ring.lost
+
+    @property
+    def dropped(self) -> int:
+        """Events the reader fell too far behind on (OBSERVER_EVENTS_QUEUE)."""
+        return self._drain.counts().dropped if self._drain is not None else 0
+
+    def backlog(self) -> int:
+        """Events drained from the ring, not yet handed over (FlowStore.reader_backlog)."""
+        return self._drain.waiting if self._drain is not None else 0
 
     def _encoder_for(self, snapshot: Snapshot, node: str) -> FlowEncoder:
         """One encoder (and its caches of flow parts) per snapshot: batches read while
@@ -227,33 +252,52 @@ class FlowReader:
         return self._encoder[1]
 
     def start(self) -> None:
+        self._drain = RingDrain(
+            self._ring, self._ring.dtype, STAGING_ROWS, POLL_MS, self._wakeup_bytes
+        )
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._drain is not None:
+            self._drain.wake()
         self._thread.join(timeout=2)
+        if self._drain is not None:
+            self._drain.close()
         self._ring.close()
 
     def _run(self) -> None:
+        with contextlib.suppress(OSError):  # ahead of ordinary threads, where we may
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICE)
         node = self.agent.config.node_name
-        reported_lost = self._ring.lost
-        drained_at, next_drain = time.monotonic(), 0.0
+        drain = self._drain
+        assert drain is not None
+        reported = {flow_pb2.PERF_EVENT_RING_BUFFER: self._ring.lost, _QUEUE: 0}
+        behind, loss_check = False, 0.0
         while not self._stop.is_set():
             try:
-                wait = max(next_drain - time.monotonic(), 0.0)
-                if wait:
-                    self._stop.wait(wait)
-                # A quiet stream's event still arrives within POLL_MS, waits included.
-                batch = self._ring.poll(POLL_MS - round(wait * 1000))
-                now, last = time.monotonic(), drained_at
-                drained_at, next_drain = now, 0.0
-                if len(batch):
-                    rate = len(batch) / max(now - last, 1e-3)
-                    next_drain = now + min(BATCH_INTERVAL_S, BATCH_ROWS / rate)
-                if (lost := self._ring.lost) > reported_lost:  # where they are missing
-                    source = flow_pb2.PERF_EVENT_RING_BUFFER
-                    self.deliver([lost_response(source, lost - reported_lost, node)])
-                    reported_lost = lost
+                if not behind:
+                    # Until rows are staged (a quiet stream's within POLL_MS: the drain
+                    # thread's longest wait), then a batch's worth of time.
+                    drain.wait(POLL_MS / 1000)
+                    if self._stop.wait(BATCH_WAIT_S):
+                        break
+                batch = drain.take(TAKE_ROWS)
+                behind = len(batch) == TAKE_ROWS
+                if (now := time.monotonic()) >= loss_check:
+                    loss_check = now + LOSS_CHECK_S
+                    counts = {
+                        flow_pb2.PERF_EVENT_RING_BUFFER: self._ring.lost,
+                        _QUEUE: drain.counts().dropped,
+                    }
+                    notices = [
+                        lost_response(source, total - reported[source], node)
+                        for source, total in counts.items()
+                        if total > reported[source]
+                    ]
+                    if notices:  # where they are missing
+                        self.deliver(notices)
+                        reported = counts
                 if len(batch):
                     snapshot = self.agent.snapshot
                     if self.observe is not None:
@@ -266,3 +310,6 @@ class FlowReader:
                         self.deliver(RawSegment(batch, self._encoder_for(snapshot, node)))
             except Exception:
                 log.exception("flow reader failed; going on")
+
+
+_QUEUE = flow_pb2.OBSERVER_EVENTS_QUEUE

@@ -391,6 +391,7 @@ class AgentServer:
             lambda records: loop.call_soon_threadsafe(self.flows.extend, records),
             observe=count,
         )
+        self.flows.reader_backlog = self._reader.backlog  # followers wait while it is behind
         if self.metrics is not None:
             reader = self._reader
             self.metrics.attach(

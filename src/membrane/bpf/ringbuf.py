@@ -54,6 +54,17 @@ class Records:
         return len(self.offsets)
 
 
+@dataclass(frozen=True)
+class RingLayout:
+    """A mapped ring's addresses (RingBuffer.layout)."""
+
+    fd: int  # the ring map's fd (for epoll)
+    data: int  # the data area, mapped twice in a row
+    mask: int  # its size - 1
+    consumer: int  # the consumer position (u64, ours to write)
+    producer: int  # the producer position (u64)
+
+
 # Decoded records: a structured array with a dtype, the raw records without one.
 Batch = np.ndarray | list[bytes] | Records
 
@@ -85,6 +96,7 @@ class RingBuffer:
         if ring.type != RINGBUF:
             raise BpfError(f"map {ring.name} is not a ring buffer (type {ring.type})")
         self.name = ring.name
+        self._fd = ring.fd
         self.dtype = dtype
         self.variable = variable
         self._last_drain = 0
@@ -115,6 +127,17 @@ class RingBuffer:
         # events_wakeup_bytes): edge-triggered, a wait ends at that wakeup, not as soon as
         # the ring holds anything.
         self._epoll.register(ring.fd, select.EPOLLIN | (select.EPOLLET if variable else 0))
+
+    def layout(self) -> RingLayout:
+        """Where the mapped ring is, for a consumer in native code (native/ringdrain.c);
+        valid until close()."""
+        return RingLayout(
+            fd=self._fd,
+            data=self._data.ctypes.data + self._data_offset,
+            mask=self._mask,
+            consumer=ctypes.addressof(self._consumer_pos),
+            producer=self._producer_pos.ctypes.data,
+        )
 
     # ---- lifecycle -------------------------------------------------------------------
     def close(self) -> None:

@@ -239,8 +239,10 @@ class Subscription:
         return entry
 
     async def messages(self, limit: int) -> list[bytes]:
-        """The next items, serialized: at least one, at most `limit`; waits for one.
-        Raises SubscriptionClosed at the end."""
+        """The next items, serialized: at least one, at most `limit`; waits for one, and
+        while the store's reader is behind (FlowStore.reader_caught_up). Raises
+        SubscriptionClosed at the end."""
+        await self._store.reader_caught_up()
         out: list[bytes] = []
         for entry in await self._entries(limit):
             if isinstance(entry, tuple):
@@ -347,6 +349,10 @@ class Subscription:
 
 
 _SCAN_BEFORE_YIELD = 512
+# Followers wait while the flow reader has more than this many events not yet handed to
+# the store (its batches are ~4k; a staging ring of 256k: agent.flows), a few ms at a time.
+READER_BEHIND_ROWS = 32_768
+READER_WAIT_S = 0.005
 
 
 class FlowStore:
@@ -365,6 +371,10 @@ class FlowStore:
         self.total = 0  # items ever appended; also the next item's sequence number
         self.seen_flows = 0  # flows ever appended (ServerStatus.seen_flows)
         self.follower_missed = 0  # flows skipped for slow followers, all of them
+        # Events the flow reader has not handed over yet, when the agent tells: serving
+        # followers waits while it is behind, so that the CPU and the GIL go to the reader
+        # and a follower falls behind (and hears how much it missed), never the reader.
+        self.reader_backlog: Callable[[], int] | None = None
         self._lost_total: dict[int, int] = {}  # events the notices taken reported lost
 
     @property
@@ -427,6 +437,13 @@ class FlowStore:
         for source, count in lost.items():
             total[source] = total.get(source, 0) + count
         return seg.flows_before + flows, total
+
+    async def reader_caught_up(self) -> None:
+        """Returns once the reader has at most READER_BEHIND_ROWS to hand over (at once,
+        but under a flood on a busy machine)."""
+        backlog = self.reader_backlog
+        while backlog is not None and backlog() > READER_BEHIND_ROWS:
+            await asyncio.sleep(READER_WAIT_S)
 
     def segment_of(self, seq: int) -> Segment:
         """The segment holding item `seq` (in the ring)."""
