@@ -203,7 +203,7 @@ uint64_t mb_drain_take(struct mb_drain *d, uint8_t *out, uint64_t max)
 void mb_drain_stop(struct mb_drain *d)
 {
 	__atomic_store_n(&d->stop, 1, __ATOMIC_RELEASE);
-	pthread_join(d->thread, NULL); /* within timeout_ms: its epoll_wait ends */
+	pthread_join(d->thread, NULL); /* the caller made its epoll fd ready (or timeout_ms) */
 	free(d->staging);
 	free(d);
 }

@@ -79,6 +79,8 @@ class RingDrain:
         # Edge-triggered: the thread sleeps until the producers' next wakeup (level would
         # report the ring readable while any record is in it, a busy loop of small drains).
         self._epoll.register(layout.fd, select.EPOLLIN | select.EPOLLET)
+        self._stopping = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # ends its wait
+        self._epoll.register(self._stopping, select.EPOLLIN)
         self._handle = self._lib.mb_drain_start(
             layout.data,
             layout.mask,
@@ -94,8 +96,7 @@ class RingDrain:
         )
         if not self._handle:
             err = ctypes.get_errno()
-            self._epoll.close()
-            os.close(self.notify_fd)
+            self._close_fds()
             raise OSError(err, f"ring drain thread: {os.strerror(err)}")
 
     def take(self, limit: int | None = None) -> np.ndarray:
@@ -128,9 +129,14 @@ class RingDrain:
         return DrainCounts(head, dropped, short, head - tail, priority)
 
     def close(self) -> None:
-        """Ends the thread (within `timeout_ms`); rows taken earlier stay valid."""
+        """Ends the thread; rows taken earlier stay valid."""
         if self._handle:
+            os.eventfd_write(self._stopping, 1)
             self._lib.mb_drain_stop(self._handle)
             self._handle = None
-            self._epoll.close()
-            os.close(self.notify_fd)
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        self._epoll.close()
+        os.close(self.notify_fd)
+        os.close(self._stopping)
