@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from membrane.agent import memory
@@ -64,6 +64,8 @@ class Agent:
     snapshot: Snapshot  # replaced at the end of every change; read by other threads
     services: ServiceManager | None = None  # Kubernetes services (membrane.service)
     nodeport: DeviceWatcher | None = None  # the per-packet path on --devices (if any)
+    # Deleted endpoints out of force whose programs, veth and address are still to go.
+    _removals: list[EndpointRecord] = field(default_factory=list)
 
     # ---- start and stop ------------------------------------------------------------------
     @classmethod
@@ -141,6 +143,7 @@ class Agent:
 
     def stop(self) -> None:
         """Leave everything enforcing; only our own handles go."""
+        self.finish_removals()
         self._save()
         self.endpoints.close()
         if self.services is not None:
@@ -153,6 +156,7 @@ class Agent:
     # ---- endpoints -----------------------------------------------------------------------
     @memory.one_change
     def add_endpoint(self, req: EndpointCreate) -> EndpointRecord:
+        self.finish_removals()  # their ids, addresses and veth names are free only then
         ep = self.endpoints.create(req, self._save)
         try:
             self._reconcile(lambda: self.endpoints.forget(ep))
@@ -171,7 +175,13 @@ class Agent:
         return self.state.endpoints[ep.id]
 
     @memory.one_change
-    def delete_endpoint(self, namespace: str, name: str) -> EndpointRecord:
+    def delete_endpoint(
+        self, namespace: str, name: str, *, finish_later: bool = False
+    ) -> EndpointRecord:
+        """`finish_later`: return once the endpoint is out of force (records, ipcache,
+        peers' policies, saved); its programs, veth and address go at `finish_removals`,
+        which the next add and `stop` run first if the caller did not. For a runtime's
+        DEL: its container is stopping, nothing waits for the veth to go."""
         ep = self.snapshot.endpoint(namespace, name)
         if ep is None:
             raise NotFound("endpoint", f"{namespace}/{name} does not exist")
@@ -179,7 +189,10 @@ class Agent:
         self.endpoints.forget(ep)
         # Its address leaves the ipcache, peers' policies forget it.
         self._reconcile(lambda: self.state.endpoints.__setitem__(ep.id, record))
-        self._remove(ep)
+        if finish_later:
+            self._removals.append(ep)
+        else:
+            self._remove(ep)
         log.info("endpoint deleted", extra={"fields": {"endpoint": ep.key, "id": ep.id}})
         self._follow_endpoints()
         return ep
@@ -309,6 +322,19 @@ class Agent:
         return self.datapath.sync(
             self.state.endpoints, self.namespaces, self.policies.current.parsed
         )
+
+    @memory.one_change
+    def finish_removals(self) -> None:
+        """Take down the endpoints `delete_endpoint(finish_later=True)` left. A failure is
+        logged, not raised: the deletes were answered, and the next change is another's."""
+        while self._removals:
+            ep = self._removals.pop(0)
+            try:
+                self._remove(ep)
+            except Exception:
+                log.exception(
+                    "removing a deleted endpoint failed", extra={"fields": {"endpoint": ep.key}}
+                )
 
     def _remove(self, ep: EndpointRecord) -> None:
         """Take down a forgotten endpoint (no longer in the ipcache or peers' policies)."""

@@ -17,10 +17,11 @@ never deletes it. Naming and labels:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from ipaddress import IPv4Address, IPv6Address, ip_interface
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,9 @@ async def answer(
             return 200, await server.run_sync(_result, agent, ep, call, version)
         if command == "del":
             await server.run_change(_delete, agent, call)
+            # The runtime has its answer once the container is out of force; its programs,
+            # veth and address go right after, on the worker, before any later change.
+            _in_background(server.run_sync(agent.finish_removals))
             return 200, {"cniVersion": version}
         if command == "check":
             await server.run_sync(_check, agent, call)
@@ -211,7 +215,16 @@ def _usable_labels(labels: dict[str, str], container_id: str) -> dict[str, str]:
 def _delete(agent: Agent, call: _Call) -> None:
     ep = _by_container(agent, call.container_id)
     if ep is not None:  # unknown: deleted already (DEL is idempotent)
-        agent.delete_endpoint(ep.namespace, ep.name)
+        agent.delete_endpoint(ep.namespace, ep.name, finish_later=True)
+
+
+_background: set[asyncio.Task[Any]] = set()  # the loop keeps only weak references
+
+
+def _in_background(work: Coroutine[Any, Any, Any]) -> None:
+    task = asyncio.ensure_future(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def _check(agent: Agent, call: _Call) -> None:

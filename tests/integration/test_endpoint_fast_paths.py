@@ -1,9 +1,15 @@
-"""An endpoint add attaches the programs the agent loaded ahead for it (the verifier works
-while the agent idles, not during the add: a container's start), and only when they were
-loaded for the id and address the add hands out; when the prediction no longer holds (the
-address went elsewhere), the add loads its own. The programs check a pod's source address
-against the address they were loaded for, so pods made either way reaching each other
-shows each runs programs made for it.
+"""What a container's start and stop wait for in the agent.
+
+Add: the programs the agent loaded ahead for the endpoint are attached (the verifier works
+while the agent idles, not during the add), and only when they were loaded for the id and
+address the add hands out; when the prediction no longer holds (the address went
+elsewhere), the add loads its own. The programs check a pod's source address against the
+address they were loaded for, so pods made either way reaching each other shows each runs
+programs made for it.
+
+Delete as a runtime's DEL does it (finish_later): it returns once the endpoint is out of
+force; its veth, programs and address go at the next add (or the server's follow-up), and
+only then is its address free again.
 
 The real agent runs in this process on its own node namespace.
 """
@@ -15,12 +21,15 @@ from ipaddress import IPv4Address
 
 import pytest
 from agent_support import in_process_agent
+from pyroute2 import IPRoute
 
+from membrane import netns
 from membrane.agent.agent import Agent
 from membrane.agent.endpoints import ProgramKey
 from membrane.api.models import EndpointCreate
 from membrane.bpf.proginfo import program_info
-from membrane.datapath.endpoint_prog import HOOKS, attached_programs
+from membrane.datapath.endpoint_prog import HOOKS, attached_programs, pinned_endpoint_ids
+from membrane.netns import find_link
 from membrane.testing.cluster import unique_tag
 from membrane.testing.reachability import Peer, Reachability, check
 
@@ -71,3 +80,25 @@ def test_programs_loaded_for_an_address_that_went_elsewhere_are_not_used(agent: 
     peers = {ep.key: Peer(ep.key, ep.netns, ep.ipv4) for ep in agent.state.endpoints.values()}
     names = [f"{NS}/a", f"{NS}/b"]
     check(peers, Reachability(names, names, ports=((0, "ICMP"),)))
+
+
+def host_veth(agent: Agent, ifname: str) -> bool:
+    with agent.node.inside(), IPRoute() as ipr:
+        return find_link(ipr, ifname) is not None
+
+
+def test_a_runtime_delete_answers_first_and_the_next_add_finishes_it(agent: Agent) -> None:
+    ep = agent.add_endpoint(EndpointCreate(namespace=NS, name="c", labels={"pod": "c"}))
+    ipv4 = IPv4Address(ep.ipv4)
+    agent.delete_endpoint(NS, "c", finish_later=True)
+    assert (
+        agent.snapshot.endpoint(NS, "c") is None and ep.ipv4 not in agent.snapshot.endpoints_by_ip
+    )
+    # Out of force, not yet taken down: its address is not free for another pod meanwhile.
+    assert host_veth(agent, ep.host_ifname) and ep.id in pinned_endpoint_ids(agent.config.bpf_dir)
+    assert agent.endpoints.ipam.owner(ipv4) == ep.key
+    agent.add_endpoint(EndpointCreate(namespace=NS, name="d", labels={"pod": "d"}))
+    assert not host_veth(agent, ep.host_ifname)
+    assert ep.id not in pinned_endpoint_ids(agent.config.bpf_dir)
+    assert agent.endpoints.ipam.owner(ipv4) is None
+    assert netns.exists(ep.netns) is False  # not a runtime's: the agent's own namespace went
