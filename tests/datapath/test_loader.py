@@ -201,6 +201,29 @@ def test_state_survives_a_reload_through_pinned_maps(pin_dir: str) -> None:
         assert sum(second.map("percpu_counts").lookup(0)) == 5
 
 
+def test_map_reused_from_another_objects_pin_keeps_this_objects_types(pin_dir: str) -> None:
+    """sock_lb creates the service maps and nodeport reuses their pins: the kernel's type
+    ids of a reused map are sock_lb's, which name other types in nodeport's BTF."""
+    names = ["svc_frontends", "svc_backends", "svc_slots"]
+    declared = {}
+    for name in ("sock_lb", "nodeport"):
+        with BpfObject.open(name) as obj:
+            for prog in obj.programs.values():
+                prog.autoload = False
+            obj.pin_maps(pin_dir, names=names)
+            obj.load()
+            declared[name] = {
+                n: (obj.map(n).key_type.__name__, obj.map(n).value_type.__name__) for n in names
+            }
+            key = obj.map("svc_frontends").key_type(port=80, protocol=6, family=4, scope=1)
+            if name == "sock_lb":
+                obj.map("svc_frontends").update(key, bytes(obj.map("svc_frontends").value_size))
+            else:
+                assert obj.map("svc_frontends").lookup(key) is not None
+    assert declared["nodeport"] == declared["sock_lb"]
+    assert declared["nodeport"]["svc_frontends"][0] == "svc_frontend_key"
+
+
 # ---- ring buffer -----------------------------------------------------------------------
 def selftest_with_events(events_per_run: int, ring_bytes: int | None = None) -> BpfObject:
     obj = BpfObject.open("selftest")

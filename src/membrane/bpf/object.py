@@ -101,6 +101,13 @@ class BpfObject:
         self.btf = Btf(L.lib.bpf_object__btf(self._h), owned=False)
         self.loaded = False
         self._maps: dict[str, Map] = {}
+        # The maps' key and value types as this object declares them, read before load: a
+        # map reused from a pin gets the type ids of the object that created it, which
+        # mean other types (or nothing) in this object's BTF.
+        self._declared_types: dict[str, tuple[int, int]] = {
+            name: (L.lib.bpf_map__btf_key_type_id(ptr), L.lib.bpf_map__btf_value_type_id(ptr))
+            for name, ptr in self._iter_map_ptrs()
+        }
         self.programs: dict[str, Program] = {p.name: p for p in self._iter_programs()}
 
     @classmethod
@@ -205,8 +212,7 @@ class BpfObject:
     def map_declaration(self, name: str) -> MapDeclaration:
         """The map as the object declares it (before load: what load would create)."""
         ptr = self._map_ptr(name)
-        key_id = L.lib.bpf_map__btf_key_type_id(ptr)
-        value_id = L.lib.bpf_map__btf_value_type_id(ptr)
+        key_id, value_id = self._declared_types[name]
         return MapDeclaration(
             type=L.lib.bpf_map__type(ptr),
             flags=L.lib.bpf_map__map_flags(ptr),
@@ -247,8 +253,7 @@ class BpfObject:
                 raise BpfError(f"map {name}: object is not loaded")
             ptr = self._map_ptr(name)
             fd = L.lib.bpf_map__fd(ptr)
-            key_id = L.lib.bpf_map__btf_key_type_id(ptr)
-            value_id = L.lib.bpf_map__btf_value_type_id(ptr)
+            key_id, value_id = self._declared_types[name]
             self._maps[name] = Map(
                 fd,
                 name=name,
