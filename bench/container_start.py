@@ -10,7 +10,9 @@ runc) and the real agent, against the CNI `bridge` plugin that runtimes ship wit
              with the spec's environment into a namespace made for it, `--samples` times
              with 0 containers running and again with `--containers` running (started
              with podman on the Membrane network); p50/p99. The agent reads podman's
-             database on every ADD, so its size is part of the cost.
+             database on every ADD, so its size is part of the cost. The agent deletes
+             a veth after answering the DEL: each ADD comes once the previous one's veth
+             is gone (how long after the DEL that was is reported too).
   soak       `--soak` `podman run --rm` in a row on the Membrane network: what the node
              holds (endpoints, addresses, veths, pins, map entries, namespaces) before and
              after must be equal.
@@ -101,16 +103,32 @@ def plugin_call(podman: PodmanSandbox, command: str, container_id: str, ns: str)
     return took
 
 
+def teardown_wait(ns: str, timeout_s: float = 10.0) -> float:
+    """How long after a DEL's answer the container's eth0 is gone: the agent answers a
+    DEL before it deletes the veth (a runtime then removes the namespace, and with it
+    the veth, anyway); the next ADD would wait for that work."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        try:
+            netns.ifindex(ns, "eth0")
+        except LookupError:
+            return time.perf_counter() - started
+        time.sleep(0.001)
+    raise RuntimeError(f"eth0 in {ns} still there {timeout_s} s after the DEL")
+
+
 def add_latency(podman: PodmanSandbox, samples: int, tag: str) -> dict[str, Any]:
-    """ADD and DEL `samples` times into a namespace of our own (a runtime's stand-in)."""
+    """ADD and DEL `samples` times into a namespace of our own (a runtime's stand-in); each
+    ADD after the previous DEL's veth is gone, as a runtime's next container meets it."""
     ns = f"{tag}-cni"
     netns.create(ns)
-    adds, dels = [], []
+    adds, dels, teardowns = [], [], []
     try:
         for i in range(samples):
             container_id = f"{i:08x}" + os.urandom(28).hex()
             adds.append(plugin_call(podman, "ADD", container_id, ns))
             dels.append(plugin_call(podman, "DEL", container_id, ns))
+            teardowns.append(teardown_wait(ns))
     finally:
         netns.delete(ns)
     return {
@@ -119,6 +137,7 @@ def add_latency(podman: PodmanSandbox, samples: int, tag: str) -> dict[str, Any]
         "add_p99_ms": 1000 * percentile(adds, 0.99),
         "del_p50_ms": 1000 * percentile(dels, 0.5),
         "del_p99_ms": 1000 * percentile(dels, 0.99),
+        "veth_gone_after_del_p50_ms": 1000 * percentile(teardowns, 0.5),
     }
 
 
@@ -184,7 +203,8 @@ def main() -> None:
             for label, r in (("0", idle), (str(args.containers), busy)):
                 summary.append(
                     f"CNI ADD with {label} containers: p50 {r['add_p50_ms']:.0f} ms, "
-                    f"p99 {r['add_p99_ms']:.0f} ms; DEL p50 {r['del_p50_ms']:.0f} ms"
+                    f"p99 {r['add_p99_ms']:.0f} ms; DEL p50 {r['del_p50_ms']:.0f} ms "
+                    f"(veth gone {r['veth_gone_after_del_p50_ms']:.0f} ms after it)"
                 )
     emit(result, summary)
 
