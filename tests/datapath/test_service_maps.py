@@ -120,3 +120,55 @@ def test_a_change_that_does_not_fit_writes_nothing(
     with pytest.raises(Exception, match="needs 2 svc_frontends map entries"):
         lb.maps.apply(plan([service(), bigger], [], NODE), ids)
     assert [bytes(k) for k, _ in lb.maps.frontends.lookup_batch()] == [bytes(k) for k, _ in before]
+
+
+def test_a_change_to_one_of_1500_services_writes_only_that_services_entries(
+    lb: SocketLb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Map writes follow the change, not the number of services in force: removing one of
+    1,500 services (two backends each) and adding another touches a handful of entries,
+    and a service left as it was (a Maglev one included) is not written again."""
+
+    def many(n: int, skip: int = -1) -> tuple[list[Svc], list[EndpointSliceRecord]]:
+        services, slices = [], []
+        for i in range(n):
+            if i == skip:
+                continue
+            name = f"svc-{i}"
+            services.append(
+                Svc("shop", name, (ServicePort("http", 80, "TCP", 8080),),
+                    (f"198.19.{128 + i // 250}.{i % 250 + 1}",),
+                    algorithm="maglev" if i == 0 else "random")
+            )  # fmt: skip
+            slices.append(
+                EndpointSliceRecord(
+                    "shop", f"{name}-1", name, (EndpointPort("http", 8080, "TCP"),),
+                    tuple(Endpoint((f"198.18.{i // 100}.{2 * (i % 100) + k + 1}",))
+                          for k in range(2)),
+                )
+            )  # fmt: skip
+        return services, slices
+
+    ids = lb.maps.apply(plan(*many(1500), NODE), ServiceIds.from_json(None))
+    assert len(lb.maps.frontends.lookup_batch()) == 1500
+    assert lb.maps.slot_count() == 3000
+    writes: list[str] = []
+    for name, m in lb.maps.maps().items():
+        for op in ("update", "delete"):
+            real = getattr(m, op)
+
+            def counted(*args: object, _real=real, _name=name, _op=op) -> object:
+                writes.append(f"{_op} {_name}")
+                return _real(*args)
+
+            monkeypatch.setattr(m, op, counted)
+    services, slices = many(1501, skip=700)  # svc-700 goes, svc-1500 comes
+    ids = lb.maps.apply(plan(services, slices, NODE), ids)
+    monkeypatch.undo()
+    # svc-1500: 2 backends, 2 slots, its set, rev-NAT and frontend; svc-700: its frontend,
+    # set, 2 slots and 2 backends go (and its rev-NAT entry is zeroed)
+    assert len(writes) <= 16, writes
+    assert "update svc_maglev" not in writes  # the unchanged Maglev set kept its table
+    assert len(lb.maps.frontends.lookup_batch()) == 1500
+    assert lb.maps.slot_count() == 3000
+    assert ids.sets.get(key_text(("shop", "svc-700", "http", 4, False))) is None

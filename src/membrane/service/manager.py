@@ -25,7 +25,7 @@ from membrane.errors import NotFound, UserError
 from membrane.service.allocate import Allocator, Network, allocate
 from membrane.service.maps import ServiceIds, ServiceMaps, address16
 from membrane.service.model import EndpointSliceRecord, ServiceRecord
-from membrane.service.plan import NodeView, Plan, key_text, plan
+from membrane.service.plan import NodeView, Plan, key_text, local_addresses, merge, plan_service
 from membrane.service.views import service_view
 
 if TYPE_CHECKING:
@@ -48,6 +48,16 @@ class FlowIndex:
 
     backends: frozenset[tuple[str, int, int]] = frozenset()
     services: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass
+class _Part:
+    """A Service's part of the plan, what it was planned from, and its view (made once)."""
+
+    service: ServiceRecord
+    slices: tuple[EndpointSliceRecord, ...] | None
+    plan: Plan
+    view: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,11 @@ class ServiceManager:
         self.services, self.slices, self.ids = store.load()
         self.plan = Plan()
         self.views: dict[tuple[str, str], dict[str, Any]] = {}  # replaced whole: readers
+        # Each Service's part of the plan, with what it was planned from: a change re-plans
+        # (and re-views) only the Services whose record or EndpointSlices changed, all of
+        # them when the node's endpoints did.
+        self._parts: dict[tuple[str, str], _Part] = {}
+        self._parts_node: NodeView | None = None
 
     # ---- changes -----------------------------------------------------------------------
     def sync(self) -> None:
@@ -192,7 +207,8 @@ class ServiceManager:
         slices: Slices,
     ) -> None:
         node = self.node_view()
-        new_plan = plan(services.values(), slices.values(), node)
+        parts = self._planned(services, slices, node)
+        new_plan = merge(part.plan for part in parts.values())
         if services:
             self.socket_lb.attach()  # once; a node without services has no hooks
         try:
@@ -210,17 +226,36 @@ class ServiceManager:
             (k[0], k[1]) for k in new_plan.backends()
         }
         self.services, self.slices, self.ids, self.plan = services, slices, ids, new_plan
+        self._parts, self._parts_node = parts, node
         if removed:
             self._terminate(removed)
         self.store.save(services.values(), slices.values(), ids)
-        self.views = {
-            key: service_view(svc, new_plan, ids, node) for key, svc in sorted(services.items())
-        }
+        for part in parts.values():
+            if part.view is None:
+                part.view = service_view(part.service, part.plan, ids, node)
+        self.views = {key: parts[key].view for key in sorted(services)}  # type: ignore[misc]
         by_frontend = {(k[0], k[1], k[3]): fe.service for k, fe in new_plan.frontends.items()}
         self.flow_index = FlowIndex(
             frozenset(new_plan.backends()),
             {ids.revnat.ids[key_text(k)]: svc for k, svc in by_frontend.items()},
         )
+
+    def _planned(self, services: Services, slices: Slices, node: NodeView) -> dict[Any, _Part]:
+        """Each Service's part of the plan: the one in force where nothing it was planned
+        from changed, planned anew otherwise."""
+        by_service: dict[tuple[str, str], list[EndpointSliceRecord]] = {}
+        for eps in slices.values():
+            by_service.setdefault((eps.namespace, eps.service), []).append(eps)
+        known = self._parts if node == self._parts_node else {}
+        local = local_addresses(node)
+        parts = {}
+        for key, svc in services.items():
+            own = tuple(by_service[key]) if key in by_service else None
+            part = known.get(key)
+            if part is None or part.service != svc or part.slices != own:
+                part = _Part(svc, own, plan_service(svc, own, node, local))
+            parts[key] = part
+        return parts
 
     def _terminate(self, removed: set[tuple[str, int]]) -> None:
         """Close the connections the socket LB made to backends that are gone."""

@@ -133,6 +133,9 @@ class ServiceMaps:
         self.affinity: Map
         self.sock: Map
         self.xlate: Map
+        # the weights each set's Maglev table was built with (this run): a weight change
+        # alone rebuilds the table; after a restart every Maglev table is rebuilt once
+        self._maglev_weights: dict[int, list[int]] = {}
 
     def close(self) -> None:
         for name in MAP_NAMES:
@@ -208,13 +211,16 @@ class ServiceMaps:
             if known is None or known[0] != key or (state == "active" and known[1] != 0):
                 self._write_backend(bid, key, state)
         # 2. sets
+        slots_by_set: dict[int, dict[int, int]] = {}  # set id -> slot -> backend id
+        for (s, slot), b in slots_now.items():
+            slots_by_set.setdefault(s, {})[slot] = b
         left: dict[int, set[int]] = {}  # set id -> backend ids that left it
         for key, set_plan in plan.sets.items():
             sid = ids.sets.ids[key_text(key)]
-            had = {b for (s, _), b in slots_now.items() if s == sid}
+            had = slots_by_set.get(sid, {})
             active = [backend_id[b.key] for b in set_plan.active]
-            left[sid] = had - set(active)
-            self._write_set(sid, set_plan, active, slots_now)
+            left[sid] = set(had.values()) - set(active)
+            self._write_set(sid, set_plan, active, had)
         # 3. backends leaving service
         for key, state in backends.items():
             bid = backend_id[key]
@@ -222,7 +228,9 @@ class ServiceMaps:
                 self._write_backend(bid, key, state)
         # 4. rev-NAT, frontends, stale frontends and sets
         for key in plan.revnats():
-            self._write_revnat(ids.revnat.ids[key_text(key)], key)
+            rid = ids.revnat.ids[key_text(key)]
+            if before.revnat.get(key_text(key)) != rid:  # a rev-NAT entry never changes
+                self._write_revnat(rid, key)
         for key, fe in plan.frontends.items():
             value = (
                 ids.sets.ids[key_text(fe.set)],
@@ -234,12 +242,11 @@ class ServiceMaps:
         for key in set(frontends_now) - set(plan.frontends):
             self.frontends.delete(self._frontend_key(key))
         live_sets = set(ids.sets.ids.values())
-        for sid in ({s for s, _ in slots_now} | set(before.sets.ids.values())) - live_sets:
+        for sid in (set(slots_by_set) | set(before.sets.ids.values())) - live_sets:
             self.sets.update(sid, bytes(self.sets.value_size))
             self.maglev.delete(sid)
-            for (s, slot), _ in slots_now.items():
-                if s == sid:
-                    self.slots.delete(self.slots.key_type(set=s, slot=slot))
+            for slot in slots_by_set.get(sid, {}):
+                self.slots.delete(self.slots.key_type(set=sid, slot=slot))
         # 5. backends gone, affinities that name what left a set
         live_backends = set(backend_id.values())
         for bid in set(backends_now) - live_backends:
@@ -262,8 +269,10 @@ class ServiceMaps:
         self.backends.update(bid, value)
 
     def _write_set(
-        self, sid: int, set_plan: SetPlan, active: list[int], slots_now: dict[tuple[int, int], int]
+        self, sid: int, set_plan: SetPlan, active: list[int], had: dict[int, int]
     ) -> None:
+        """One set: `had` its slots in force (slot -> backend id). A set whose slots and
+        value are as planned is left alone (and its Maglev table not rebuilt)."""
         current = self.sets.lookup(sid)
         count_before = current.count if current is not None else 0
         value = self.sets.value_type(
@@ -272,17 +281,27 @@ class ServiceMaps:
             affinity_timeout=set_plan.affinity_timeout,
             maglev_size=set_plan.maglev_size,
         )
+        weights = [b.weight for b in set_plan.active]
+        unchanged = (
+            current is not None
+            and bytes(current) == bytes(value)
+            and had == dict(enumerate(active, start=1))
+            and self._maglev_weights.get(sid) == weights
+        )
+        if unchanged:
+            return
         if set_plan.maglev_size:
             self._publish_maglev(sid, set_plan, active)
+        self._maglev_weights[sid] = weights
         if len(active) < count_before:
             self.sets.update(sid, value)  # first stop reading the slots that go
         for slot, bid in enumerate(active, start=1):
-            if slots_now.get((sid, slot)) != bid:
+            if had.get(slot) != bid:
                 self.slots.update(self.slots.key_type(set=sid, slot=slot), ctypes.c_uint32(bid))
         self.sets.update(sid, value)
-        for (s, slot), _ in slots_now.items():
-            if s == sid and slot > len(active):
-                self.slots.delete(self.slots.key_type(set=s, slot=slot))
+        for slot in had:
+            if slot > len(active):
+                self.slots.delete(self.slots.key_type(set=sid, slot=slot))
 
     def _publish_maglev(self, sid: int, set_plan: SetPlan, active: list[int]) -> None:
         names = [f"{b.key[0]}:{b.key[1]}" for b in set_plan.active]

@@ -142,18 +142,41 @@ def plan(
     by_service: dict[tuple[str, str], list[EndpointSliceRecord]] = {}
     for s in slices:
         by_service.setdefault((s.namespace, s.service), []).append(s)
-    local_addresses = {ep.ipv4 for ep in node.endpoints} | {
-        ep.ipv6 for ep in node.endpoints if ep.ipv6
-    }
+    local = local_addresses(node)
+    return merge(plan_service(svc, by_service.get(svc.key), node, local) for svc in services)
+
+
+def local_addresses(node: NodeView) -> set[str]:
+    """The addresses of this node's endpoints (backends there are `local`)."""
+    return {ep.ipv4 for ep in node.endpoints} | {ep.ipv6 for ep in node.endpoints if ep.ipv6}
+
+
+def plan_service(
+    svc: ServiceRecord,
+    slices: Iterable[EndpointSliceRecord] | None,
+    node: NodeView,
+    local: set[str],
+) -> Plan:
+    """One Service's part of the plan: its sets and frontends only, so a change re-plans
+    the Services it touched and keeps the others' parts (`merge`)."""
+    slices = None if slices is None else list(slices)
     result = Plan()
-    for svc in services:
-        families = sorted({ipaddress.ip_address(ip).version for ip in svc.cluster_ips})
-        for port in svc.ports:
-            for family in families:
-                backends = _backends(svc, port, family, by_service.get(svc.key), node)
-                for b in backends:
-                    b.local = b.key[0] in local_addresses
-                _plan_port(result, svc, port, family, backends, node)
+    families = sorted({ipaddress.ip_address(ip).version for ip in svc.cluster_ips})
+    for port in svc.ports:
+        for family in families:
+            backends = _backends(svc, port, family, slices, node)
+            for b in backends:
+                b.local = b.key[0] in local
+            _plan_port(result, svc, port, family, backends, node)
+    return result
+
+
+def merge(parts: Iterable[Plan]) -> Plan:
+    """The Services' parts as one plan (their keys are disjoint: each names its Service)."""
+    result = Plan()
+    for part in parts:
+        result.sets.update(part.sets)
+        result.frontends.update(part.frontends)
     return result
 
 
