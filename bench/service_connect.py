@@ -46,6 +46,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -60,9 +61,11 @@ from bench._common import emit, exit_on_sigterm, machine, median
 from membrane import netns
 from membrane.bpf.probe import temporary_cgroup
 from membrane.testing.agent import POD_CIDR, AgentProcess, running_agent
+from membrane.testing.builds import build_c_program
 from membrane.testing.pods import Pod, add_pod, start_echo_server
 from membrane.testing.traffic import connection_rate, join_cgroup
 
+C_SOURCES = Path(__file__).resolve().parent / "c"
 PORT = 80  # the services' port
 TARGET_PORT = 7000  # the backends'
 NAMESPACE = "bench"
@@ -234,10 +237,17 @@ class IpvsServices(Mechanism):
     def unavailable(self) -> str | None:
         if not shutil.which("ipvsadm"):
             return "missing ipvsadm (scripts/setup.sh installs it)"
-        probe = netns.run(self.ns, ["ipvsadm", "-L", "-n"], check=False)
-        if probe.returncode != 0:
-            said = (probe.stderr.strip().splitlines() or ["?"])[0]
-            return f"this kernel has no IPVS (CONFIG_IP_VS): ipvsadm says {said!r}"
+        # IPVS is there when its module loads (or is built in): /proc/net/ip_vs appears
+        try:
+            loaded = subprocess.run(["modprobe", "ip_vs"], capture_output=True, text=True)
+            said = (loaded.stderr.strip().splitlines() or ["loaded, yet"])[-1]
+        except FileNotFoundError:
+            said = "no modprobe (kmod) to load it"
+        if not netns.run(self.ns, ["test", "-e", "/proc/net/ip_vs"], check=False).returncode:
+            return self._dummy_problem()
+        return f"this kernel has no IPVS (CONFIG_IP_VS): {said}; no /proc/net/ip_vs"
+
+    def _dummy_problem(self) -> str | None:
         dummy = netns.run(self.ns, ["ip", "link", "add", "mbprobe0", "type", "dummy"], check=False)
         if dummy.returncode != 0:
             return f"this kernel has no dummy devices (CONFIG_DUMMY): {dummy.stderr.strip()}"
@@ -373,6 +383,16 @@ _HOLD = (
 )
 
 
+def start_c_echo_server(ns: str, program: Path, processes: int) -> subprocess.Popen[str]:
+    """bench/c/echo_server.c on TARGET_PORT in `ns`, returned once it listens."""
+    proc = netns.popen(ns, [str(program), str(TARGET_PORT), str(processes)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        netns.stop(proc)
+        raise RuntimeError(f"the C echo server in {ns} did not start")
+    return proc
+
+
 def check_reaches_both(
     client: Pod, address: tuple[str, int], backends: tuple[Pod, ...], cgroup: Path | None
 ) -> None:
@@ -465,8 +485,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all scenarios")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="service counts")
     parser.add_argument("--clients", type=int, default=4, help="client processes")
+    parser.add_argument(
+        "--server-processes", type=int, default=2, help="C echo server processes per backend"
+    )
     parser.add_argument("--inflight", type=int, default=64, help="connections under way")
     parser.add_argument("--scenarios", default="", help="comma-separated subset (default all)")
+    parser.add_argument(
+        "--client",
+        choices=("c", "python"),
+        default="c",
+        help="c: bench/c's client and echo server (the path bounds the rate); python: "
+        "membrane.testing's (the first runs' harness, bounded by the interpreter)",
+    )
     args = parser.parse_args()
     sizes = sorted({int(n) for n in args.sizes.split(",") if n})
     if not sizes or sizes[0] < 1 or sizes[-1] > 30_000:
@@ -492,8 +522,17 @@ def main() -> None:
         backends = tuple(
             add_pod(api, NAMESPACE, f"backend-{k}", {"app": "backend"})[0] for k in range(2)
         )
+        churn: Path | None = None
+        if args.client == "c":
+            built = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="msc-")))
+            churn = build_c_program(C_SOURCES / "conn_churn.c", built)
+            echo = build_c_program(C_SOURCES / "echo_server.c", built)
         for pod in backends:
-            stack.callback(netns.stop, start_echo_server(pod.netns, (TARGET_PORT,)))
+            if churn is not None:
+                server = start_c_echo_server(pod.netns, echo, args.server_processes)
+            else:
+                server = start_echo_server(pod.netns, (TARGET_PORT,))
+            stack.callback(netns.stop, server)
         pair = (backends[0].ip, backends[1].ip)
         mechanisms: dict[str, Mechanism] = {
             "iptables": IptablesServices(agent.node_netns),
@@ -533,11 +572,18 @@ def main() -> None:
                     check_reaches_both(client, (ip, port), reached, s.cgroup)
                     s.checked = True
                 rate = connection_rate(
-                    client.netns, ip, port, args.duration, args.clients, args.inflight, s.cgroup
+                    client.netns,
+                    ip,
+                    port,
+                    args.duration,
+                    args.clients,
+                    args.inflight,
+                    s.cgroup,
+                    churn,
                 )
                 latency = connection_rate(
-                    client.netns, ip, port, args.latency_duration, 1, 1, s.cgroup
-                )
+                    client.netns, ip, port, args.latency_duration, 1, 1, s.cgroup, churn
+                )  # fmt: skip
             finally:
                 s.mechanism.detach()
             s.per_s.append(rate.per_s)
@@ -581,6 +627,10 @@ def main() -> None:
             "services": f"VIP i = {FIRST_VIP} + i, port {PORT} -> {TARGET_PORT}, two backends "
             "each; the measured one is service n//2",
             "connection": "connect, send 64 bytes, read the echo, close (client first)",
+            "client": "bench/c/conn_churn.c, bench/c/echo_server.c "
+            f"({args.server_processes} SO_REUSEPORT processes per backend)"
+            if churn
+            else "membrane.testing connection_churn.py and echo_server.py (Python)",
             "rate_pass": {
                 "clients": args.clients,
                 "inflight": args.inflight,

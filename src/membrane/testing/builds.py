@@ -15,7 +15,7 @@ from pathlib import Path
 from membrane.bpf.object import OBJECTS_ENV, objects_dir
 
 REPO = Path(__file__).resolve().parents[3]
-__all__ = ["OBJECTS_ENV", "build_endpoint_variant", "grow_struct"]
+__all__ = ["OBJECTS_ENV", "build_c_program", "build_endpoint_variant", "grow_struct"]
 
 
 def _makefile_cflags() -> list[str]:
@@ -60,3 +60,15 @@ def build_endpoint_variant(
     target = ["-c", str(source / "endpoint.bpf.c"), "-o", str(dest / "endpoint.bpf.o")]
     subprocess.run(["clang", *flags, *extra_cflags, *target], check=True, capture_output=True)
     return dest
+
+
+def build_c_program(source: Path, dest: Path) -> Path:
+    """A user-space helper (a benchmark's client or server) compiled from `source` with the
+    system C compiler (cc, else clang) into the directory `dest`. Returns the executable."""
+    compiler = shutil.which("cc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or clang): setup installs clang")
+    out = dest / source.stem
+    argv = [compiler, "-O2", "-Wall", "-o", str(out), str(source)]
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+    return out

@@ -116,13 +116,16 @@ def connection_rate(
     processes: int = 4,
     inflight: int = 64,
     cgroup: Path | None = None,
+    client: Path | None = None,
 ) -> ConnectionRate:
     """New TCP connections per second from `client_ns` to an echo server: `processes`
     clients (connection_churn.py) keep `inflight` connections under way between them, each
     one connect, a 64-byte message and its echo, close; all start together and run for
     `seconds`. The client namespace lets closed connections' ports be reused (tcp_tw_reuse,
     the whole port range): at thousands a second, TIME_WAIT would otherwise exhaust them.
-    With `cgroup` (a cgroup v2 directory) the clients run in it (a socket LB's cgroup)."""
+    With `cgroup` (a cgroup v2 directory) the clients run in it (a socket LB's cgroup).
+    `client`: an executable speaking connection_churn.py's protocol (bench/c/conn_churn.c,
+    cheap enough that the path and not the client bounds the rate)."""
     with netns.inside(client_ns):
         netns.write_sysctl("net.ipv4.tcp_tw_reuse", 1)
         netns.write_sysctl("net.ipv4.ip_local_port_range", "1024 65535")
@@ -130,7 +133,8 @@ def connection_rate(
     with ExitStack() as stack:
         clients = []
         for i in range(processes):
-            argv = [sys.executable, CHURN_CLIENT, server_ip, str(port), str(share + (i < extra))]
+            program = [str(client)] if client else [sys.executable, CHURN_CLIENT]
+            argv = [*program, server_ip, str(port), str(share + (i < extra))]
             proc = netns.popen(
                 client_ns,
                 argv,
