@@ -153,3 +153,30 @@ def test_a_skip_counts_only_flows_and_passes_on_the_notices_it_skipped(dtype: np
     assert notices.lost_events.num_events_lost == 40
     assert kept.lost_events.num_events_lost == 2  # still in the ring: read in its place
     assert first.flow.l4.TCP.source_port == 10_006
+
+
+def test_query_messages_are_the_query_serialized(dtype: np.dtype) -> None:
+    """What GetFlows sends (raw rows encoded, not built, unless a filter looks at them) is
+    what the query answers, the losses first."""
+    from membrane.hubble.observer import observer_pb2
+
+    store = FlowStore(capacity=511)
+    store.extend(segment(dtype, 0, 300))
+    store.extend([lost_response(flow_pb2.PERF_EVENT_RING_BUFFER, 3, "n1")])
+    store.extend(segment(dtype, 300, 300))  # 601 items: the ring keeps the newest 511
+    drops = FlowMatcher.build([flow_pb2.FlowFilter(verdict=[flow_pb2.DROPPED])])
+    store.extend(event_rows_segment(dtype, [world_drop()]))
+    for query in (FlowQuery(), FlowQuery(number=5), FlowQuery(first=True, number=7)):
+        parsed = [observer_pb2.GetFlowsResponse.FromString(m) for m in store.query_messages(query)]
+        expected = store.query(query)
+        for got, want in zip(parsed, expected, strict=True):
+            if want.HasField("lost_events"):  # a notice's time is the query's
+                assert got.lost_events == want.lost_events
+            else:
+                assert got == want
+    [drop] = store.query_messages(FlowQuery(matcher=drops, number=1))
+    assert observer_pb2.GetFlowsResponse.FromString(drop).flow.verdict == flow_pb2.DROPPED
+
+
+def event_rows_segment(dtype: np.dtype, events: list[dict[str, Any]]) -> RawSegment:
+    return RawSegment(event_rows(dtype, events), ENCODER)

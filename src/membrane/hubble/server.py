@@ -102,9 +102,9 @@ class ObserverService:
         except UserError as err:
             raise GrpcError(wire.INVALID_ARGUMENT, str(err)) from None
         if not query.follow:
-            items = self.store.query(query)
-            for at in range(0, len(items), FOLLOW_SLICE):
-                await stream.send([i.SerializeToString() for i in items[at : at + FOLLOW_SLICE]])
+            messages = self.store.query_messages(query)
+            for at in range(0, len(messages), FOLLOW_SLICE):
+                await stream.send(messages[at : at + FOLLOW_SLICE])
             return
         sub = self.store.subscribe(query)
         try:

@@ -204,11 +204,11 @@ class Subscription:
     the exact number of items it skipped, where they are missing. Nothing is copied per
     follower, and items are built only when a filter must look at them."""
 
-    def __init__(self, store: FlowStore, query: FlowQuery, backlog: list[Item], maxsize: int):
+    def __init__(self, store: FlowStore, query: FlowQuery, backlog: list[Entry], maxsize: int):
         self.query = query
         self.missed = 0  # items skipped for this follower, in total
         self._store = store
-        self._backlog: deque[Item] = deque(backlog)  # asked for: not part of the allowance
+        self._backlog: deque[Entry] = deque(backlog)  # asked for: not part of the allowance
         self._cursor = store.next_seq
         # What the store took before the cursor: flows, and events lost by source (so a
         # skip tells exactly how many flows, and which notices, went by unread).
@@ -310,7 +310,7 @@ class Subscription:
                         self._end = self._cursor  # Hubble ends a follow once flows are past `until`
                         break
                     continue
-                if query.matcher is None or query.selects(segment.item(i)):
+                if _selects(query, segment, i):
                     out.append((segment, i, i + 1))
                     room -= 1
                     continue
@@ -456,35 +456,46 @@ class FlowStore:
 
     def items_between(self, start: int, end: int) -> Iterator[Item]:
         """Items start..end-1 (sequence numbers within the ring), oldest first."""
+        return (seg.item(i) for seg, i in self._places_between(start, end))
+
+    def _places_between(self, start: int, end: int) -> Iterator[tuple[Segment, int]]:
         start = max(start, self.first_seq)
         at = bisect.bisect_right(self._starts, start) - 1
         while start < end and at < len(self._segments):
             seg = self._segments[at]
             stop = min(end - seg.start, len(seg))
             for i in range(start - seg.start, stop):
-                yield seg.item(i)
+                yield seg, i
             start = seg.start + stop
             at += 1
 
-    def _newest_first(self) -> Iterator[Item]:
+    def _newest_first(self) -> Iterator[tuple[Segment, int]]:
         first = self.first_seq
         for seg in reversed(self._segments):
             low = max(first - seg.start, 0)
             for i in range(len(seg) - 1, low - 1, -1):
-                yield seg.item(i)
+                yield seg, i
 
     # ---- queries ---------------------------------------------------------------------------
     def query(self, query: FlowQuery) -> list[Item]:
         """The answer to a query that does not follow: its flows, oldest first, after
         one lost-events line per source that lost any in the range it covers."""
         flows, lost = self._select(query)
-        return [*self._lost_lines(lost), *flows]
+        return [*self._lost_lines(lost), *(seg.item(i) for seg, i in flows)]
+
+    def query_messages(self, query: FlowQuery) -> list[bytes]:
+        """query(), serialized: raw rows are encoded, never built, unless a filter had to
+        look at them."""
+        flows, lost = self._select(query)
+        lines = [line.SerializeToString() for line in self._lost_lines(lost)]
+        return [*lines, *(seg.messages(i, i + 1)[0] for seg, i in flows)]
 
     def last(self, n: int, matcher: Matcher | None = None) -> list[Item]:
         """The newest `n` matching flows (and the losses among them)."""
         return self.query(FlowQuery(number=n, matcher=matcher)) if n > 0 else []
 
-    def _select(self, query: FlowQuery) -> tuple[list[Item], dict[int, int]]:
+    def _select(self, query: FlowQuery) -> tuple[list[tuple[Segment, int]], dict[int, int]]:
+        """Where the query's flows are, oldest first, and the losses in its range."""
         lost: dict[int, int] = {}
         if query.follow and query.number == 0 and query.since_ns is None:
             return [], lost  # only new flows
@@ -496,18 +507,18 @@ class FlowStore:
             # Newest to oldest, until enough are found or `since` is passed.
             want = query.number if since is None else 0
             flows = []
-            for item in self._newest_first():
-                if not item.HasField("flow"):
-                    _count_lost(lost, item)
+            for seg, i in self._newest_first():
+                if not seg.is_flow(i):
+                    _count_lost(lost, seg.item(i))
                     continue
-                t = item_ns(item)
+                t = seg.time_ns(i)
                 if since is not None and t < since:
                     if t < since - REORDER_SLACK_NS:
                         reached_oldest = False
                         break
                     continue
-                if (until is None or t <= until) and query.selects(item):
-                    flows.append(item)
+                if (until is None or t <= until) and _selects(query, seg, i):
+                    flows.append((seg, i))
                     if len(flows) == want:
                         reached_oldest = False
                         break
@@ -521,19 +532,19 @@ class FlowStore:
             lost[_STORE_SOURCE] = lost.get(_STORE_SOURCE, 0) + self.evicted
         return flows, lost
 
-    def _forward(self, query: FlowQuery, lost: dict[int, int]) -> list[Item]:
-        flows: list[Item] = []
-        for item in self.items_between(self.first_seq, self.next_seq):
-            if not item.HasField("flow"):
-                _count_lost(lost, item)
+    def _forward(self, query: FlowQuery, lost: dict[int, int]) -> list[tuple[Segment, int]]:
+        flows: list[tuple[Segment, int]] = []
+        until = query.until_ns
+        for seg, i in self._places_between(self.first_seq, self.next_seq):
+            if not seg.is_flow(i):
+                _count_lost(lost, seg.item(i))
                 continue
-            until = query.until_ns
-            if until is not None and item_ns(item) > until:
-                if item_ns(item) > until + REORDER_SLACK_NS:
+            if until is not None and (t := seg.time_ns(i)) > until:
+                if t > until + REORDER_SLACK_NS:
                     break
                 continue
-            if query.selects(item):
-                flows.append(item)
+            if _selects(query, seg, i):
+                flows.append((seg, i))
                 if len(flows) == query.number:
                     break
         return flows
@@ -552,7 +563,8 @@ class FlowStore:
         fall `maxsize` items (default: the ring) behind the writer before it skips."""
         flows, lost = self._select(query)
         limit = self.capacity if maxsize is None else min(maxsize, self.capacity)
-        sub = Subscription(self, query, [*self._lost_lines(lost), *flows], limit)
+        backlog: list[Entry] = [*self._lost_lines(lost), *((seg, i, i + 1) for seg, i in flows)]
+        sub = Subscription(self, query, backlog, limit)
         self._subscriptions.add(sub)
         return sub
 
@@ -565,6 +577,11 @@ class FlowStore:
         for sub in self._subscriptions:
             sub.close()
         self._subscriptions.clear()
+
+
+def _selects(query: FlowQuery, seg: Segment, i: int) -> bool:
+    """Whether item i of `seg` passes the query's filters (built only when there are)."""
+    return query.matcher is None or query.selects(seg.item(i))
 
 
 def _count_lost(lost: dict[int, int], item: Item) -> None:
