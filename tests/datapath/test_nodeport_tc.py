@@ -6,6 +6,7 @@ local and one remote (membrane.testing.nodeport)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -13,7 +14,11 @@ from scapy.layers.l2 import Ether
 
 from membrane.bpf.fs import temporary_pin_dir
 from membrane.netns import Topology
+from membrane.service.kubernetes import hand_written
+from membrane.service.maps import ServiceIds
 from membrane.service.nodeport import NodePortPath
+from membrane.service.plan import NodeView, plan
+from membrane.service.socklb import SocketLb
 from membrane.testing.nodeport import (
     CLIENT_IP,
     FIRST_NODE_PORT,
@@ -163,3 +168,64 @@ def test_packets_for_no_frontend_pass_untouched(bed: Bed, snat: NodePortPath) ->
     data = frame(CLIENT_IP, NODE_IP, 40006, 22)
     verdict, out = run(bed, snat, "nodeport_ingress", data)
     assert verdict == TC_ACT_OK and bytes(out) == data
+
+
+def one_service_path(bed: Bed, bpf_dir: str, backends: list[tuple[str, str, int]]) -> NodePortPath:
+    """NodePort FIRST_NODE_PORT to `backends` (address, state, weight), random picks."""
+    socket_lb = SocketLb.start(bpf_dir, "", (4,))  # maps only: nothing attaches
+    path = NodePortPath.start(bpf_dir, "snat", IPv4Address(NODE_IP))
+    spec = {"type": "NodePort", "clusterIP": "198.19.128.1",
+            "ports": [{"port": 80, "targetPort": TARGET, "nodePort": FIRST_NODE_PORT}]}  # fmt: skip
+    given = [{"address": a, "port": None, "state": s, "weight": w} for a, s, w in backends]
+    svc, eps = hand_written("shop", "web", spec, {}, given)
+    assert eps is not None
+    node = NodeView((), {4: (NODE_IP,)}, 16381)
+    socket_lb.maps.apply(
+        plan([svc.with_ips(("198.19.128.1",))], [eps], node), ServiceIds.from_json(None)
+    )
+    socket_lb.close()
+    path.obj.map("np_devices").update(bed.ext, 1)
+    return path
+
+
+def picks(bed: Bed, path: NodePortPath, flows: int, first_port: int) -> dict[str, int]:
+    """The backend each of `flows` new flows (one SYN each) was sent to."""
+    seen: dict[str, int] = {}
+    for sport in range(first_port, first_port + flows):
+        data = frame(CLIENT_IP, NODE_IP, sport, FIRST_NODE_PORT, flags="S")
+        verdict, out = run(bed, path, "nodeport_ingress", data)
+        assert verdict in (TC_ACT_OK, TC_ACT_REDIRECT)
+        seen[out[IP].dst] = seen.get(out[IP].dst, 0) + 1
+    return seen
+
+
+def test_random_picks_follow_the_backends_weights(bed: Bed, pins: str) -> None:
+    path = one_service_path(
+        bed, f"{pins}/weights", [(LOCAL_POD, "active", 1), (REMOTE_POD, "active", 3)]
+    )
+    try:
+        seen = picks(bed, path, 400, 41000)
+    finally:
+        path.close()
+    # 1:3 expects 100 and 300 (binomial sd ~8.7): 60 is beyond 4.5 sd either way
+    assert sum(seen.values()) == 400 and 60 < seen.get(LOCAL_POD, 0) < 140, seen
+
+
+def test_terminating_backends_serve_while_no_backend_is_active(bed: Bed, pins: str) -> None:
+    """As Cilium: with every backend terminating, new flows still reach them (graceful
+    termination); with one active, only the active one is picked."""
+    path = one_service_path(
+        bed, f"{pins}/terminating", [(LOCAL_POD, "terminating", 1), (REMOTE_POD, "terminating", 1)]
+    )
+    try:
+        seen = picks(bed, path, 40, 42000)
+        assert set(seen) == {LOCAL_POD, REMOTE_POD} and path.counters()["no_backend"] == 0
+    finally:
+        path.close()
+    path = one_service_path(
+        bed, f"{pins}/one-active", [(LOCAL_POD, "terminating", 1), (REMOTE_POD, "active", 1)]
+    )
+    try:
+        assert picks(bed, path, 20, 43000) == {REMOTE_POD: 20}
+    finally:
+        path.close()

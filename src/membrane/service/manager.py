@@ -310,7 +310,7 @@ class ServiceManager:
         counts = {
             "svc_frontends": len(self.plan.frontends),
             "svc_backends": len(self.plan.backends()),
-            "svc_slots": sum(len(s.active) for s in self.plan.sets.values()),
+            "svc_slots": sum(len(s.slots()) for s in self.plan.sets.values()),
         }
         for name, count in counts.items():
             size = self.maps.maps()[name].max_entries

@@ -103,7 +103,7 @@ def _address_of(raw: bytes, family: int) -> str:
 def capacity_problem(plan: Plan, slots_before: int = 0) -> str | None:
     """Why the plan does not fit the maps (None: it fits). `slots_before`: the slots in
     force, which a change holds beside the new ones at its peak."""
-    slots = sum(len(s.active) for s in plan.sets.values())
+    slots = sum(len(s.slots()) for s in plan.sets.values())
     for what, needed, size in (
         ("svc_frontends", len(plan.frontends), SVC_MAX_FRONTENDS),
         ("svc_sets", len(plan.sets), SVC_MAX_SETS - 1),
@@ -218,7 +218,7 @@ class ServiceMaps:
         for key, set_plan in plan.sets.items():
             sid = ids.sets.ids[key_text(key)]
             had = slots_by_set.get(sid, {})
-            active = [backend_id[b.key] for b in set_plan.active]
+            active = [backend_id[b.key] for b in set_plan.slots()]
             left[sid] = set(had.values()) - set(active)
             self._write_set(sid, set_plan, active, had)
         # 3. backends leaving service
@@ -281,7 +281,7 @@ class ServiceMaps:
             affinity_timeout=set_plan.affinity_timeout,
             maglev_size=set_plan.maglev_size,
         )
-        weights = [b.weight for b in set_plan.active]
+        weights = [b.weight for b in set_plan.serving]
         unchanged = (
             current is not None
             and bytes(current) == bytes(value)
@@ -291,7 +291,7 @@ class ServiceMaps:
         if unchanged:
             return
         if set_plan.maglev_size:
-            self._publish_maglev(sid, set_plan, active)
+            self._publish_maglev(sid, set_plan, list(dict.fromkeys(active)))
         self._maglev_weights[sid] = weights
         if len(active) < count_before:
             self.sets.update(sid, value)  # first stop reading the slots that go
@@ -304,8 +304,10 @@ class ServiceMaps:
                 self.slots.delete(self.slots.key_type(set=sid, slot=slot))
 
     def _publish_maglev(self, sid: int, set_plan: SetPlan, active: list[int]) -> None:
-        names = [f"{b.key[0]}:{b.key[1]}" for b in set_plan.active]
-        owners = build_table(names, set_plan.maglev_size, [b.weight for b in set_plan.active])
+        """`active`: the ids of the set's serving backends, in their order."""
+        serving = set_plan.serving
+        names = [f"{b.key[0]}:{b.key[1]}" for b in serving]
+        owners = build_table(names, set_plan.maglev_size, [b.weight for b in serving])
         entries = np.array([*active, 0], dtype=np.uint32)[owners]  # -1 (none) -> 0
         with new_table(entries) as table:
             self.maglev.update(sid, table.fd)

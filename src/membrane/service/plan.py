@@ -20,6 +20,7 @@ so an agent restart rewrites nothing.
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ BackendKey = tuple[str, int, int]  # address, port, IP protocol number
 SetKey = tuple[str, str, str, int, bool]  # namespace, service, port name, family, local
 FrontendKey = tuple[str, int, int, int, int]  # address, port, protocol, family, scope
 RevNatKey = tuple[str, int, int]  # address, port, family
+WEIGHTED_SLOTS = 1024  # slots of a set whose backends' weights differ, at most
 
 
 class IdTable:
@@ -99,6 +101,28 @@ class SetPlan:
     @property
     def active(self) -> list[BackendPlan]:
         return [b for b in self.backends if b.state == "active"]
+
+    @property
+    def serving(self) -> list[BackendPlan]:
+        """The backends new connections go to: the active ones or, while none is, the
+        terminating ones (as Cilium: a Service whose pods are all shutting down keeps
+        being served by them until they are gone, instead of refusing connections)."""
+        return self.active or [b for b in self.backends if b.state == "terminating"]
+
+    def slots(self) -> list[BackendPlan]:
+        """The set's slots (random picks are uniform over them): each serving backend in
+        proportion to its weight, one slot each when the weights are equal, at most
+        WEIGHTED_SLOTS in all (a backend keeps at least one)."""
+        serving = self.serving
+        weights = [b.weight for b in serving]
+        if len(set(weights)) <= 1:
+            return serving
+        divisor = math.gcd(*weights)
+        shares = [w // divisor for w in weights]
+        total = sum(shares)
+        if total > WEIGHTED_SLOTS:
+            shares = [max(1, round(s * WEIGHTED_SLOTS / total)) for s in shares]
+        return [b for b, n in zip(serving, shares, strict=True) for _ in range(n)]
 
 
 @dataclass
