@@ -8,6 +8,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -152,13 +153,17 @@ def test_a_change_to_one_of_1500_services_writes_only_that_services_entries(
     ids = lb.maps.apply(plan(*many(1500), NODE), ServiceIds.from_json(None))
     assert len(lb.maps.frontends.lookup_batch()) == 1500
     assert lb.maps.slot_count() == 3000
-    writes: list[str] = []
+    writes: list[str] = []  # one line per entry written or deleted
     for name, m in lb.maps.maps().items():
-        for op in ("update", "delete"):
+        for op in ("update", "delete", "update_batch", "delete_batch"):
             real = getattr(m, op)
 
-            def counted(*args: object, _real=real, _name=name, _op=op) -> object:
-                writes.append(f"{_op} {_name}")
+            def counted(*args: Any, _real=real, _name=name, _op=op) -> Any:
+                if _op.endswith("_batch"):
+                    args = (list(args[0]), *args[1:])
+                    writes.extend([f"{_op} {_name}"] * len(args[0]))
+                else:
+                    writes.append(f"{_op} {_name}")
                 return _real(*args)
 
             monkeypatch.setattr(m, op, counted)

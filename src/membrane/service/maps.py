@@ -16,7 +16,8 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -118,6 +119,16 @@ def capacity_problem(plan: Plan, slots_before: int = 0) -> str | None:
     return None
 
 
+@dataclass
+class _SetWrites:
+    """The sets' writes of one change, made map by map in this order."""
+
+    lowered: list[tuple[int, Any]] = field(default_factory=list)  # counts going down
+    slots: list[tuple[Any, int]] = field(default_factory=list)
+    sets: list[tuple[int, Any]] = field(default_factory=list)
+    dropped: list[Any] = field(default_factory=list)  # slot keys beyond the new counts
+
+
 class ServiceMaps:
     """The pinned service maps, opened by name through `open_map`."""
 
@@ -204,33 +215,46 @@ class ServiceMaps:
         frontends_now = self._frontends_now()
         backend_id = {key: ids.backends.ids[key_text(key)] for key in backends}
 
+        # Writes go in batches (one syscall per map and step, bpf_map_update_batch), in
+        # the order the module's docstring gives.
         # 1. new backends, and backends active again
-        for key, state in backends.items():
-            bid = backend_id[key]
-            known = backends_now.get(bid)
-            if known is None or known[0] != key or (state == "active" and known[1] != 0):
-                self._write_backend(bid, key, state)
-        # 2. sets
+        self.backends.update_batch(
+            (bid, self._backend_value(key, state))
+            for key, state in backends.items()
+            if (known := backends_now.get(bid := backend_id[key])) is None
+            or known[0] != key
+            or (state == "active" and known[1] != 0)
+        )
+        # 2. sets: lowered counts, then the slots, then the sets' values, then dropped slots
         slots_by_set: dict[int, dict[int, int]] = {}  # set id -> slot -> backend id
         for (s, slot), b in slots_now.items():
             slots_by_set.setdefault(s, {})[slot] = b
         left: dict[int, set[int]] = {}  # set id -> backend ids that left it
+        writes = _SetWrites()
         for key, set_plan in plan.sets.items():
             sid = ids.sets.ids[key_text(key)]
             had = slots_by_set.get(sid, {})
             active = [backend_id[b.key] for b in set_plan.slots()]
             left[sid] = set(had.values()) - set(active)
-            self._write_set(sid, set_plan, active, had)
+            self._plan_set(sid, set_plan, active, had, writes)
+        self.sets.update_batch(writes.lowered)  # first stop reading the slots that go
+        self.slots.update_batch(writes.slots)
+        self.sets.update_batch(writes.sets)
+        self.slots.delete_batch(writes.dropped)
         # 3. backends leaving service
-        for key, state in backends.items():
-            bid = backend_id[key]
-            if state != "active":
-                self._write_backend(bid, key, state)
+        self.backends.update_batch(
+            (backend_id[key], self._backend_value(key, state))
+            for key, state in backends.items()
+            if state != "active"
+        )
         # 4. rev-NAT, frontends, stale frontends and sets
-        for key in plan.revnats():
-            rid = ids.revnat.ids[key_text(key)]
-            if before.revnat.get(key_text(key)) != rid:  # a rev-NAT entry never changes
-                self._write_revnat(rid, key)
+        self.revnat.update_batch(
+            (rid, self._revnat_value(key))
+            for key in plan.revnats()
+            # a rev-NAT entry never changes: written when its id is new
+            if before.revnat.get(key_text(key)) != (rid := ids.revnat.ids[key_text(key)])
+        )
+        frontend_writes = []
         for key, fe in plan.frontends.items():
             value = (
                 ids.sets.ids[key_text(fe.set)],
@@ -238,7 +262,8 @@ class ServiceMaps:
                 fe.flags,
             )
             if frontends_now.get(key) != value:
-                self._write_frontend(key, value)
+                frontend_writes.append((self._frontend_key(key), self._frontend_value(value)))
+        self.frontends.update_batch(frontend_writes)
         for key in set(frontends_now) - set(plan.frontends):
             self.frontends.delete(self._frontend_key(key))
         live_sets = set(ids.sets.ids.values())
@@ -256,23 +281,28 @@ class ServiceMaps:
             self.revnat.update(rid, bytes(self.revnat.value_size))
         return ids
 
-    def _write_backend(self, bid: int, key: BackendKey, state: str) -> None:
+    def _backend_value(self, key: BackendKey, state: str) -> ctypes.Structure:
         address, port, protocol = key
         family = ipaddress.ip_address(address).version
-        value = self.backends.value_type(
+        return self.backends.value_type(
             addr=address16(address),
             port=port,
             protocol=protocol,
             family=family,
             state=STATES[state],
         )
-        self.backends.update(bid, value)
 
-    def _write_set(
-        self, sid: int, set_plan: SetPlan, active: list[int], had: dict[int, int]
+    def _plan_set(
+        self,
+        sid: int,
+        set_plan: SetPlan,
+        active: list[int],
+        had: dict[int, int],
+        writes: _SetWrites,
     ) -> None:
-        """One set: `had` its slots in force (slot -> backend id). A set whose slots and
-        value are as planned is left alone (and its Maglev table not rebuilt)."""
+        """One set's writes into `writes` (its Maglev table is published at once): `had`
+        its slots in force (slot -> backend id). A set whose slots and value are as
+        planned is left alone (and its Maglev table not rebuilt)."""
         current = self.sets.lookup(sid)
         count_before = current.count if current is not None else 0
         value = self.sets.value_type(
@@ -294,14 +324,14 @@ class ServiceMaps:
             self._publish_maglev(sid, set_plan, list(dict.fromkeys(active)))
         self._maglev_weights[sid] = weights
         if len(active) < count_before:
-            self.sets.update(sid, value)  # first stop reading the slots that go
+            writes.lowered.append((sid, value))
         for slot, bid in enumerate(active, start=1):
             if had.get(slot) != bid:
-                self.slots.update(self.slots.key_type(set=sid, slot=slot), ctypes.c_uint32(bid))
-        self.sets.update(sid, value)
-        for slot in had:
-            if slot > len(active):
-                self.slots.delete(self.slots.key_type(set=sid, slot=slot))
+                writes.slots.append((self.slots.key_type(set=sid, slot=slot), bid))
+        writes.sets.append((sid, value))
+        writes.dropped += [
+            self.slots.key_type(set=sid, slot=slot) for slot in had if slot > len(active)
+        ]
 
     def _publish_maglev(self, sid: int, set_plan: SetPlan, active: list[int]) -> None:
         """`active`: the ids of the set's serving backends, in their order."""
@@ -324,11 +354,9 @@ class ServiceMaps:
             _, raw = t.lookup_batch_raw(chunk=t.max_entries)
         return np.frombuffer(raw, dtype=np.uint32)
 
-    def _write_revnat(self, rid: int, key: RevNatKey) -> None:
+    def _revnat_value(self, key: RevNatKey) -> ctypes.Structure:
         address, port, family = key
-        self.revnat.update(
-            rid, self.revnat.value_type(addr=address16(address), port=port, family=family)
-        )
+        return self.revnat.value_type(addr=address16(address), port=port, family=family)
 
     def _frontend_key(self, key: FrontendKey) -> ctypes.Structure:
         address, port, protocol, family, scope = key
@@ -336,11 +364,9 @@ class ServiceMaps:
             addr=address16(address), port=port, protocol=protocol, family=family, scope=scope
         )
 
-    def _write_frontend(self, key: FrontendKey, value: tuple[int, int, int]) -> None:
+    def _frontend_value(self, value: tuple[int, int, int]) -> ctypes.Structure:
         sid, rid, flags = value
-        self.frontends.update(
-            self._frontend_key(key), self.frontends.value_type(set=sid, revnat=rid, flags=flags)
-        )
+        return self.frontends.value_type(set=sid, revnat=rid, flags=flags)
 
     def _forget_affinities(self, left: dict[int, set[int]]) -> None:
         if not any(left.values()):
