@@ -85,6 +85,14 @@ class Bed:
     def footprint(self) -> dict[str, Any]:
         return footprint(self.agent)
 
+    def settles_to(self, before: dict[str, Any]) -> None:
+        """The footprint comes back to `before`: the agent answers a DEL, then takes the
+        veth, programs and address down (tens of ms)."""
+        try:
+            wait_for("the footprint to settle", lambda: self.footprint() == before)
+        except AssertionError:
+            assert self.footprint() == before  # names what differs
+
     def network_config(self) -> dict[str, Any]:
         """What a runtime hands the plugin: the conflist's plugin entry with its name."""
         conf = json.loads((self.podman.conf_dir / f"{NETWORK}.conflist").read_text())
@@ -178,7 +186,7 @@ def test_labelled_containers_reach_each_other_then_policy_decides(bed: Bed) -> N
     assert drops, "observe shows no drop from front1 to front2"
 
     bed.podman.remove_all()
-    assert bed.footprint() == before
+    bed.settles_to(before)
 
 
 def test_kube_play_pods_follow_a_kubernetes_network_policy(bed: Bed, tmp_path: Path) -> None:
@@ -231,11 +239,11 @@ def test_removed_containers_leave_nothing_behind(bed: Bed) -> None:
     assert f"{ep['ipv4']}/32" in during["ipcache"]
     bed.podman.podman("stop", "--time", "0", "gone")
     bed.podman.podman("rm", "gone")
-    assert bed.footprint() == before
+    bed.settles_to(before)
     image = bed.podman.build_image()
     for i in range(RUN_RM_COUNT):
         bed.podman.run("--rm", "--network", NETWORK, "--label", f"run={i}", image, "true")
-    assert bed.footprint() == before
+    bed.settles_to(before)
 
 
 def test_enforcement_survives_an_agent_restart_which_adopts_the_containers(bed: Bed) -> None:
