@@ -20,6 +20,11 @@ Each CLI process runs twice per round: with the environment as it is (where
 PYTHONDONTWRITEBYTECODE is set, as in our sandboxes, every membrane module is compiled
 from source at each start) and with bytecode cached (a PYTHONPYCACHEPREFIX warmed first:
 what an installed package has, pip compiling at install time).
+
+`--baseline-src DIR` times the CLI of another source tree too (an older commit's `src`,
+with the build outputs `make bpf` writes there copied in), bytecode cached, alternated
+with this tree's run by run against the same agent: a before/after that the machine's
+load moves alike.
 """
 
 from __future__ import annotations
@@ -120,7 +125,9 @@ class Series:
         self.wall.append(timed_ms(fn))
 
 
-def measure(socket: str, runs: int, cached: dict[str, str]) -> dict[str, Any]:
+def measure(
+    socket: str, runs: int, cached: dict[str, str], baseline: dict[str, str] | None
+) -> dict[str, Any]:
     server = default_server(socket)
     client = ObserverClient.connect(server)
     rare = flow_pb2.FlowFilter(source_pod=[f"{RARE_NAMESPACE}/"])
@@ -144,18 +151,22 @@ def measure(socket: str, runs: int, cached: dict[str, str]) -> dict[str, Any]:
         argv = [membrane_command(), "observe", "--server", server, *flags]
         run(argv, cached)  # writes the bytecode the cached runs read
         run(libraries, cached)
-        cli, cli_cached, api = Series(), Series(), Series()
+        if baseline:
+            run(argv, baseline)
+        cli, cli_cached, api, before = Series(), Series(), Series(), Series()
         floor, floor_cached, bare, libs = Series(), Series(), Series(), Series()
         for _ in range(runs):  # alternated, so that drift hits all alike
             cli.process(argv)
             cli_cached.process(argv, cached)
+            if baseline:
+                before.process(argv, baseline)
             api.call(lambda request=request: list(client.get_flows(request)))
             floor.process(version)
             floor_cached.process(version, cached)
             bare.process(interpreter)
             libs.process(libraries, cached)
         got = [r for r in client.get_flows(request) if r.HasField("flow")]
-        out[f"observe {name}"] = {
+        out[f"observe {name}"] = entry = {
             "cli_ms_median": round(median(cli.wall), 1),
             "cli_ms_max": round(max(cli.wall), 1),
             "cli_cpu_ms_median": round(median(cli.cpu), 1),
@@ -173,13 +184,18 @@ def measure(socket: str, runs: int, cached: dict[str, str]) -> dict[str, Any]:
             "met": median(cli.wall) < TARGET_MS,
             "met_bytecode_cached": median(cli_cached.wall) < TARGET_MS,
         }
+        if baseline:  # the other tree's CLI, bytecode cached: compare with the cached run
+            entry["baseline_cli_bytecode_cached_ms_median"] = round(median(before.wall), 1)
+            entry["baseline_cli_bytecode_cached_cpu_ms_median"] = round(median(before.cpu), 1)
     status = client.server_status()
     out["server_status"] = {"num_flows": status.num_flows, "max_flows": status.max_flows}
     client.close()
     return out
 
 
-def scenario(count: int, buffer: int, runs: int, tag: str) -> dict[str, Any]:
+def scenario(
+    count: int, buffer: int, runs: int, tag: str, baseline_src: str | None
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="membrane-bench-observe-") as tmp:
         log = Path(tmp) / "flows.log"
         write_flow_log(log, count)
@@ -189,7 +205,10 @@ def scenario(count: int, buffer: int, runs: int, tag: str) -> dict[str, Any]:
             started_s = time.perf_counter() - t0
             cached = cached_bytecode_env(str(Path(tmp) / "pycache"))
             run([membrane_command(), "--version"], cached)
-            result = measure(agent.socket, runs, cached)
+            baseline = None
+            if baseline_src:
+                baseline = {**cached, "PYTHONPATH": os.path.abspath(baseline_src)}
+            result = measure(agent.socket, runs, cached, baseline)
             result["agent_start_with_refill_s"] = round(started_s, 2)
             result["flow_log_bytes"] = log.stat().st_size
     return result
@@ -199,13 +218,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--flows", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument(
+        "--baseline-src",
+        help="another tree's src directory whose CLI is timed alternately beside this one",
+    )
     args = parser.parse_args()
     exit_on_sigterm()
     result: dict[str, Any] = {"machine": machine(), "flows_written": args.flows}
     result["PYTHONDONTWRITEBYTECODE"] = os.environ.get("PYTHONDONTWRITEBYTECODE", "")
     big = buffer_for(args.flows)
-    result[f"buffer {big}"] = scenario(args.flows, big, args.runs, "mbbol")
-    result["buffer 4095 (default)"] = scenario(args.flows, 4095, args.runs, "mbbod")
+    result["baseline_src"] = args.baseline_src
+    result[f"buffer {big}"] = scenario(args.flows, big, args.runs, "mbbol", args.baseline_src)
+    result["buffer 4095 (default)"] = scenario(
+        args.flows, 4095, args.runs, "mbbod", args.baseline_src
+    )
     summary = []
     for key in (f"buffer {big}", "buffer 4095 (default)"):
         for name, entry in result[key].items():
@@ -222,6 +248,13 @@ def main() -> None:
                     f"typer+protobuf {entry['floor_libraries_ms_median']} ms; "
                     f"{entry['flows_returned']} flows"
                 )
+                if "baseline_cli_bytecode_cached_ms_median" in entry:
+                    summary.append(
+                        f"    baseline tree's CLI {entry['baseline_cli_bytecode_cached_ms_median']}"
+                        f" ms, CPU {entry['baseline_cli_bytecode_cached_cpu_ms_median']} "
+                        f"(this tree, bytecode cached: {entry['cli_bytecode_cached_ms_median']}"
+                        f" ms, CPU {entry['cli_bytecode_cached_cpu_ms_median']})"
+                    )
         summary.append(f"{key}: start with refill {result[key]['agent_start_with_refill_s']} s")
     emit(result, summary)
 
