@@ -376,7 +376,7 @@ class _Connection(asyncio.Protocol):
             if stream.task is not None:
                 stream.task.cancel()
         self._wake_senders()
-        self._close_if_done()
+        self.close_if_done()
 
     # ---- calls --------------------------------------------------------------------------
     def _dispatch(self, stream: ServerStream) -> None:
@@ -434,7 +434,7 @@ class _Connection(asyncio.Protocol):
         finally:
             if stream.finished:  # reset by the client, or the connection is gone
                 self.streams.pop(stream.id, None)
-                self._close_if_done()
+                self.close_if_done()
         self.finish(stream, code, details)
 
     def finish(self, stream: ServerStream, code: int, details: str = "") -> None:
@@ -455,7 +455,7 @@ class _Connection(asyncio.Protocol):
         self.streams.pop(stream.id, None)
         if not stream.request_ended:  # answered before the request ended: end it here
             self._write(frame(RST_STREAM, 0, stream.id, struct.pack(">I", wire.NO_ERROR)))
-        self._close_if_done()
+        self.close_if_done()
 
     # ---- frames out ---------------------------------------------------------------------
     def write_headers(
@@ -521,7 +521,7 @@ class _Connection(asyncio.Protocol):
             )
         self._going_away = True
 
-    def _close_if_done(self) -> None:
+    def close_if_done(self) -> None:
         if self._going_away and not self.streams:
             self.close()
 
@@ -567,7 +567,7 @@ class GrpcServer:
         connections = list(self.connections)
         for connection in connections:
             connection.go_away()
-            connection._close_if_done()
+            connection.close_if_done()
         tasks = [s.task for c in connections for s in c.streams.values() if s.task is not None]
         if tasks and grace > 0:
             await asyncio.wait(tasks, timeout=grace)
