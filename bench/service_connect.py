@@ -291,6 +291,7 @@ class MembraneServices(Mechanism):
 
     def __init__(self, agent: AgentProcess, cgroup: Path) -> None:
         self.agent, self.cgroup = agent, cgroup
+        self.import_s: float | None = None  # the last size's POST /v1/services/import
 
     def unavailable(self) -> str | None:
         try:
@@ -328,8 +329,11 @@ class MembraneServices(Mechanism):
                     "endpoints": [{"addresses": [ip]} for ip in services.backends_of(i)],
                 }
             )
-        text = yaml.safe_dump_all(docs, sort_keys=False)
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's: the bench's own cost
+        text = yaml.dump_all(docs, Dumper=dumper, sort_keys=False)
+        t = time.perf_counter()
         self.agent.client(timeout=None).post("/v1/services/import", {"yaml": text})
+        self.import_s = round(time.perf_counter() - t, 2)
 
 
 class SocketLbClient(Mechanism):
@@ -354,6 +358,7 @@ class Scenario:
     connect_us: list[int] = field(default_factory=list)  # the latency passes, all rounds
     to_backend: bool = False  # connect to a backend's address, not the measured VIP
     prepare_s: float | None = None  # loading the services, once
+    import_s: float | None = None  # Membrane: the import request alone (no YAML writing)
     attach_s: list[float] = field(default_factory=list)  # putting them on the path, each time
     failed: dict[str, int] = field(default_factory=dict)
     checked: bool = False
@@ -446,6 +451,7 @@ def summarize(scenarios: dict[str, Scenario]) -> dict[str, dict[str, Any]]:
             "rounds_per_s": [round(v) for v in s.per_s],
             "rounds_direct_around_per_s": [round(v) for v in s.base],
             "load_s": s.prepare_s,
+            "import_request_s": s.import_s,
             "attach_s_rounds": s.attach_s,
             "failed": s.failed,
         }
@@ -604,6 +610,7 @@ def main() -> None:
                 s.mechanism.prepare(s.services)
                 stack.callback(s.mechanism.release)
                 s.prepare_s = round(time.perf_counter() - t, 2)
+                s.import_s = getattr(s.mechanism, "import_s", None)
             for rnd in range(args.rounds):
                 before = measure(direct)
                 for s in block[rnd % len(block) :] + block[: rnd % len(block)]:
