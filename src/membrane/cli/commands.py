@@ -52,12 +52,6 @@ SUBCOMMANDS = (
         "Service and EndpointSlice YAML, add, list, get, delete.",
     ),
     Subcommand(
-        "service",
-        "membrane.cli.service",
-        "Kubernetes services (ClusterIP, NodePort, externalIPs) balanced at the socket: import "
-        "Service and EndpointSlice YAML, add, list, get, delete.",
-    ),
-    Subcommand(
         "filter",
         "membrane.cli.filter",
         "Packet filters in XDP and tc: drop by destination, drop by protocol, allow only a "

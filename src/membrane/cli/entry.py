@@ -1,32 +1,9 @@
-"""The `membrane` console script.
-
-Start-up creates many objects and frees almost none, and most commands are short
-processes, so the cyclic garbage collector mostly wastes time on them: it stays off while
-the command line's modules import (here, and a subcommand's in lazy.load), and what they
-made, module-level objects that live until exit, is then frozen: kept out of every later
-collection, the interpreter's last one at exit included. The collector runs as usual for
-the command itself, which may be a daemon. On `membrane observe --last 20` that is ~20 ms
-of ~115 ms of CPU (bench/RESULTS.md, observe_last)."""
+"""The `membrane` console script: the command line's modules are imported with the
+collector off and then frozen (cli/frozen_imports.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import Iterator
-
-
-@contextlib.contextmanager
-def importing_for_good() -> Iterator[None]:
-    """Imports whose objects live until exit: no collection while they run, and none of
-    their objects looked at by a collection again."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
+from membrane.cli.frozen_imports import importing_for_good
 
 
 def run() -> None:

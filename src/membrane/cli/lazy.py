@@ -14,7 +14,7 @@ import typer.main
 from typer.core import TyperCommand, TyperGroup
 
 from membrane.cli.commands import BY_NAME, SUBCOMMANDS
-from membrane.cli.entry import importing_for_good
+from membrane.cli.frozen_imports import importing_for_good
 
 Command = TyperCommand | TyperGroup
 

@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperCommand
 
 from membrane.cli.commands import help_of, typer_app
-from membrane.cli.entry import importing_for_good
+from membrane.cli.frozen_imports import importing_for_good
 from membrane.observe.filter_options import FILTER_FLAGS, FilterFlag
 
 ORDER_KEY = "membrane.observe.flag_order"
