@@ -312,7 +312,9 @@ class KernelDrops:
     def responses(self, batch: np.ndarray, snapshot: Snapshot, node: str) -> list[Any]:
         from membrane.agent.flows import AgentResolver
 
-        resolver = AgentResolver(snapshot)
+        # With the services: a drop of a connection the socket LB translated (a FIN purged
+        # as the backend's socket closes) names its Service as the datapath's flows do.
+        resolver = AgentResolver(snapshot, self.agent.services)
         out, events = [], []
         identities: dict[str, int] = {}  # a storm's drops name few peers: look each up once
         for drop in decode_batch(batch):
