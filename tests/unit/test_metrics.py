@@ -110,7 +110,7 @@ def test_hubble_metrics_names_types_labels_and_values() -> None:
     counts.observe(mixed_events(), snapshot())
     assert counts.unsupported == 1
     registry = CollectorRegistry()
-    registry.register(HubbleCollector(counts, lost=lambda: 3))
+    registry.register(HubbleCollector(counts, lost=lambda: {"perf_event_ring_buffer": 3}))
     found = scrape(registry)
     assert set(found) == {
         "hubble_flows_processed", "hubble_drop", "hubble_policy_verdicts",
@@ -151,7 +151,10 @@ def test_hubble_metrics_names_types_labels_and_values() -> None:
         (("family", "IPv6"), ("flag", "FIN")): 1,
         (("family", "IPv6"), ("flag", "RST")): 1,
     }
-    assert samples(found["hubble_lost_events"]) == {(("source", "perf_event_ring_buffer"),): 3}
+    assert samples(found["hubble_lost_events"]) == {
+        (("source", "perf_event_ring_buffer"),): 3,
+        (("source", "observer_events_queue"),): 0,
+    }
 
 
 def test_ring_buffer_rows_count_exactly_as_decoded_events() -> None:

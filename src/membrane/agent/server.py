@@ -42,6 +42,7 @@ from membrane.api.models import (
 from membrane.api.openapi import openapi_document
 from membrane.bpf.probe import missing_capabilities
 from membrane.errors import NotFound, NotPermitted, UserError
+from membrane.metrics import names as metric_names
 from membrane.observe.store import FlowStore
 from membrane.policy import validate
 
@@ -395,7 +396,12 @@ class AgentServer:
         if self.metrics is not None:
             reader = self._reader
             self.metrics.attach(
-                lambda: self.agent.snapshot, self.config.bpf_dir, lambda: reader.lost
+                lambda: self.agent.snapshot,
+                self.config.bpf_dir,
+                lambda: {
+                    metric_names.LOST_PERF_EVENT_RING_BUFFER: reader.lost,
+                    metric_names.LOST_OBSERVER_EVENTS_QUEUE: reader.dropped,
+                },
             )
         self._reader.start()
         self._kernel_drops = start_kernel_drops(

@@ -3,7 +3,7 @@ tcp handlers, and lost events), from the flow reader's counts."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -13,9 +13,12 @@ from membrane.metrics.flows import FlowCounts, Labels
 
 
 class HubbleCollector(Collector):
-    def __init__(self, counts: FlowCounts, lost: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self, counts: FlowCounts, lost: Callable[[], Mapping[str, int]] | None = None
+    ) -> None:
         self.counts = counts
-        self.lost = lost  # events the datapath could not queue (None until the reader runs)
+        # events lost before the flow store, by source (names.LOST_*): None until the reader runs
+        self.lost = lost
 
     def collect(self) -> Iterator[Metric]:
         c = self.counts
@@ -38,7 +41,9 @@ class HubbleCollector(Collector):
         lost = CounterMetricFamily(
             "hubble_lost_events_total", "Number of lost events", labels=("source",)
         )
-        lost.add_metric((names.LOST_PERF_EVENT_RING_BUFFER,), self.lost() if self.lost else 0)
+        by_source = dict(self.lost()) if self.lost else {}
+        for source in names.LOST_SOURCES:
+            lost.add_metric((source,), by_source.get(source, 0))
         yield lost
 
 

@@ -55,7 +55,9 @@ TYPE_TRACE = "Trace"
 TRACE_POINTS = {False: "to-endpoint", True: "from-endpoint"}
 
 # hubble_lost_events_total{source}: flow.LostEventSource names, lower case.
-LOST_PERF_EVENT_RING_BUFFER = "perf_event_ring_buffer"
+LOST_PERF_EVENT_RING_BUFFER = "perf_event_ring_buffer"  # the datapath's ring was full
+LOST_OBSERVER_EVENTS_QUEUE = "observer_events_queue"  # the reader fell behind the drain
+LOST_SOURCES = (LOST_PERF_EVENT_RING_BUFFER, LOST_OBSERVER_EVENTS_QUEUE)
 
 # hubble_policy_verdicts_total{match}: monitor API PolicyMatchType names, lower case, by
 # the deciding rule's shape (its entries name peers, they name protocols or ports).

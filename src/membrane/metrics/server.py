@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
@@ -76,7 +76,10 @@ class MetricsServers:
         return [s.server_address[1] for s in self._servers]
 
     def attach(
-        self, snapshot: Callable[[], Snapshot], bpf_dir: str, lost: Callable[[], int]
+        self,
+        snapshot: Callable[[], Snapshot],
+        bpf_dir: str,
+        lost: Callable[[], Mapping[str, int]],
     ) -> None:
         self.agent.attach(snapshot, bpf_dir)
         self.hubble.lost = lost
