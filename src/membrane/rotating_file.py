@@ -5,10 +5,37 @@ written until the next line would pass `max_bytes`, then FILE -> FILE.1 -> ... -
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from typing import IO
 
+from membrane.choices import whole_number
+from membrane.errors import UserError
+
 FILE_MODE = 0o640
+
+
+def export_limits(
+    path: str,
+    path_flag: str,
+    flag_prefix: str,
+    max_size_mb: int | str,
+    max_backups: int | str,
+    allow: Sized,
+    deny: Sized,
+) -> tuple[int, int] | None:
+    """The checked size (MiB) and backup count of an export file named by `--<path_flag>`
+    whose companions are `--<flag_prefix>-max-size-mb/-max-backups/-allowlist/-denylist`
+    (None: no file). Filters without a file are refused rather than silently unused."""
+    size = whole_number(max_size_mb, f"{flag_prefix}-max-size-mb", 1)
+    backups = whole_number(max_backups, f"{flag_prefix}-max-backups", 0)
+    if not path:
+        if allow or deny:
+            flag = f"{flag_prefix}-allowlist" if allow else f"{flag_prefix}-denylist"
+            raise UserError(flag, f"filters need --{path_flag} FILE")
+        return None
+    if os.path.isdir(path):
+        raise UserError(path_flag, f"{path} is a directory")
+    return size, backups
 
 
 class RotatingFile:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from google.protobuf import json_format
 
-from membrane.choices import whole_number
 from membrane.errors import UserError
 from membrane.hubble.flow import flow_pb2
 from membrane.hubble.json_codec import decode, encode
@@ -31,7 +30,7 @@ from membrane.hubble.observer import observer_pb2
 from membrane.json_objects import concatenated_objects
 from membrane.observe.record import lost_response
 from membrane.observe.store import Matcher, Segment, build_matcher
-from membrane.rotating_file import RotatingFile, backups
+from membrane.rotating_file import RotatingFile, backups, export_limits
 
 log = logging.getLogger("membrane.agent")
 Item = observer_pb2.GetFlowsResponse
@@ -89,17 +88,12 @@ def make_settings(
 ) -> FlowLogSettings | None:
     """The settings of `--flow-log PATH` and its companions (None: no flow log). Filters
     are also built once, so a value the matcher refuses fails here, naming the flag."""
-    size = whole_number(max_size_mb, "flow-log-max-size-mb", 1)
-    backups = whole_number(max_backups, "flow-log-max-backups", 0)
     allow = parse_filters(allowlist, "flow-log-allowlist")
     deny = parse_filters(denylist, "flow-log-denylist")
-    if not path:
-        if allow or deny:
-            flag = "flow-log-allowlist" if allow else "flow-log-denylist"
-            raise UserError(flag, "filters need --flow-log FILE")
+    limits = export_limits(path, "flow-log", "flow-log", max_size_mb, max_backups, allow, deny)
+    if limits is None:
         return None
-    if os.path.isdir(path):
-        raise UserError("flow-log", f"{path} is a directory")
+    size, backups = limits
     settings = FlowLogSettings(path, size, backups, allow, deny)
     settings_matcher(settings)
     return settings

@@ -9,15 +9,12 @@ exporter that cannot keep up drops batches and counts them (`lost`).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from membrane.choices import whole_number
-from membrane.errors import UserError
-from membrane.rotating_file import RotatingFile
+from membrane.rotating_file import RotatingFile, export_limits
 from membrane.security.filters import EventMatcher, parse_filter_lines
 from membrane.security.format import json_line
 from membrane.security.sink import Item, resolve
@@ -57,17 +54,14 @@ def make_export_settings(
 ) -> ExportSettings | None:
     """The checked `--security-export-*` options (None: no export). Filters are compiled
     here once, so a bad regular expression fails at start, naming its flag."""
-    size = whole_number(max_size_mb, "security-export-max-size-mb", 1)
-    backups = whole_number(max_backups, "security-export-max-backups", 0)
     allow = parse_filter_lines(allowlist, "security-export-allowlist")
     deny = parse_filter_lines(denylist, "security-export-denylist")
-    if not path:
-        if allow or deny:
-            flag = "security-export-allowlist" if allow else "security-export-denylist"
-            raise UserError(flag, "filters need --security-export-file FILE")
+    limits = export_limits(
+        path, "security-export-file", "security-export", max_size_mb, max_backups, allow, deny
+    )
+    if limits is None:
         return None
-    if os.path.isdir(path):
-        raise UserError("security-export-file", f"{path} is a directory")
+    size, backups = limits
     settings = ExportSettings(path, size, backups, allow, deny)
     settings.matcher()
     return settings
