@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import json_format
 
 from membrane import netns
 from membrane.testing.agent import NODE_IP, AgentProcess, agent_unusable_reason, running_agent
 from membrane.testing.podman import PodmanSandbox, footprint, podman_unusable_reason
 from membrane.testing.waiting import wait_for
+from membrane.tetragon.tetragon import events_pb2
 
 pytestmark = pytest.mark.root
 NETWORK = "mbcni"
@@ -211,6 +213,7 @@ def test_kube_play_pods_follow_a_kubernetes_network_policy(bed: Bed, tmp_path: P
     bed.podman.podman("kube", "play", "--network", NETWORK, str(tmp_path / "pods.yaml"))
     endpoints = {e["name"]: e for e in bed.agent.endpoints()}
     assert endpoints["web"]["labels"] == {"app": "web"}
+    assert endpoints["web"]["container_name"] is None  # the pod's infra container
     assert endpoints["client"]["labels"] == {"role": "client"}
     web_ip = endpoints["web"]["ipv4"]
     wait_for("web serving", lambda: bed.fetch("client-main", web_ip, 80, 1))
@@ -355,3 +358,42 @@ def test_a_kubernetes_runtimes_namespace_and_pod_name_from_cni_args(bed: Bed) ->
         assert netns.exists(ns)  # the runtime's to remove
     finally:
         netns.delete(ns)
+
+
+def test_a_containers_processes_carry_its_pod_and_container(bed: Bed) -> None:
+    """Runtime-security events of a process in a podman container name the endpoint it
+    joined through the CNI (namespace, name, labels) and the container (podman's id)."""
+    from membrane.bpf.probe import supports
+    from membrane.security.lifecycle import NEEDED_FEATURES
+
+    if not all(supports(name) for name in NEEDED_FEATURES):
+        pytest.skip("this kernel lacks the hooks of process lifecycle events")
+    image = bed.podman.build_image()
+    bed.podman.run(
+        "-d", "--name", "sec-web", "--network", NETWORK, "--label", "app=web",
+        image, "sleep", "600",
+    )  # fmt: skip
+    container_id = bed.container_id("sec-web")
+    assert bed.endpoint_of("sec-web")["container_name"] == "sec-web"
+    marker = f"in-container-{bed.agent.tag}"
+    assert bed.podman.exec("sec-web", "echo", marker).returncode == 0
+    mine = {"request": json.dumps({"allow_list": [{"arguments_regex": [marker]}]}), "last": 10}
+    wait_for(
+        "the echo's exec and exit",
+        lambda: len(list(bed.agent.client().stream("/v1/security/events", mine))) >= 2 or None,
+    )
+    shown = bed.agent.cli(
+        "security", "events", "--last", "200", "-o", "json", "--pods", "^sec-web$"
+    ).stdout.splitlines()
+    events = [
+        json_format.Parse(line, events_pb2.GetEventsResponse(), ignore_unknown_fields=False)
+        for line in shown
+    ]
+    execs = [e.process_exec for e in events if marker in e.process_exec.process.arguments]
+    assert len(execs) == 1, shown
+    process = execs[0].process
+    assert (process.pod.namespace, process.pod.name) == ("default", "sec-web")
+    assert dict(process.pod.pod_labels) == {"app": "web"}
+    assert process.pod.container.id == container_id
+    assert process.pod.container.name == "sec-web"
+    assert process.docker and container_id.startswith(process.docker)

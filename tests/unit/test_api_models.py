@@ -26,6 +26,7 @@ from membrane.errors import UserError
             "TCP",
         ),
         ({"namespace": "x", "name": "a", "colour": "red"}, "colour", "not permitted"),
+        ({"namespace": "x", "name": "a", "container_name": "c"}, "body", "container_id"),
     ],
 )
 def test_bad_endpoint_requests(body: dict, field: str, words: str) -> None:

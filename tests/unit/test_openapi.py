@@ -28,7 +28,7 @@ def test_request_schemas_come_from_the_models() -> None:
     schemas = openapi_document()["components"]["schemas"]
     endpoint = schemas["EndpointCreate"]
     assert set(endpoint["properties"]) == {
-        "namespace", "name", "labels", "ports", "netns", "container_id",
+        "namespace", "name", "labels", "ports", "netns", "container_id", "container_name",
     }  # fmt: skip
     assert endpoint.get("additionalProperties") is False
     assert "PortModel" in schemas

@@ -227,6 +227,7 @@ class EndpointLifecycle:
             ports=tuple(PortSpec(p.name, p.port, p.protocol) for p in req.ports),
             created=time.time(),
             container_id=req.container_id,
+            container_name=req.container_name,
         )
         self.state.endpoints[ep_id] = ep
         self.state.next_endpoint_id = ep_id % MAX_ENDPOINT_ID + 1

@@ -56,6 +56,7 @@ class EndpointRecord:
     ipv6: str | None = None  # dual-stack nodes; None on IPv4-only ones (and for endpoints
     # an older agent made)
     container_id: str | None = None  # made through CNI: `netns` is then the runtime's own
+    container_name: str | None = None  # the runtime's name for it (runtime-security events)
 
     @property
     def key(self) -> str:

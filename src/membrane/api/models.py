@@ -53,6 +53,9 @@ class EndpointCreate(_Strict):
     container_id: str | None = Field(
         None, description="the runtime's container id (CNI_CONTAINERID)", min_length=1
     )
+    container_name: str | None = Field(
+        None, description="the runtime's name for the container (with container_id)"
+    )
 
     @field_validator("netns")
     @classmethod
@@ -81,6 +84,8 @@ class EndpointCreate(_Strict):
         # The agent deletes namespaces it made; one with a container id is the runtime's.
         if (self.netns is None) != (self.container_id is None):
             raise ValueError("netns and container_id are given together (a runtime's container)")
+        if self.container_name is not None and self.container_id is None:
+            raise ValueError("container_name is given only with container_id")
         return self
 
     @field_validator("ports")

@@ -50,6 +50,11 @@ _ENDPOINT = {
             "type": ["string", "null"],
             "description": "the runtime's container id for an endpoint made through CNI",
         },
+        "container_name": {
+            "type": ["string", "null"],
+            "description": "the runtime's name for that container; null for a pod's (its "
+            "processes run in the pod's other containers)",
+        },
         "ipv4": {"type": "string"},
         "ipv6": {
             "type": ["string", "null"],

@@ -16,6 +16,7 @@ def endpoint_view(ep: EndpointRecord, snapshot: Snapshot) -> dict[str, Any]:
         "name": ep.name,
         "netns": ep.netns,
         "container_id": ep.container_id,
+        "container_name": ep.container_name,
         "ipv4": ep.ipv4,
         "ipv6": ep.ipv6,
         "identity": ep.identity,

@@ -26,6 +26,9 @@ class PodmanContainer:
     name: str  # the pod's name for a container in a pod
     labels: dict[str, str] = field(default_factory=dict)
     pod: str | None = None  # the pod's name, if in one
+    # The container's own name; None in a pod, whose networked container is the infra
+    # container, not the ones its processes run in.
+    container_name: str | None = None
 
 
 def database_path(graph_root: str) -> str:
@@ -46,7 +49,9 @@ def lookup(graph_root: str, container_id: str) -> PodmanContainer | None:
     pod = _config(db, b"pod", pod_id) if pod_id else None
     if pod is not None:
         return PodmanContainer(pod["name"], dict(pod.get("labels") or {}), pod["name"])
-    return PodmanContainer(config["name"], dict(config.get("labels") or {}))
+    return PodmanContainer(
+        config["name"], dict(config.get("labels") or {}), container_name=config["name"]
+    )
 
 
 def _config(db: BoltDB, kind: bytes, object_id: str) -> dict | None:

@@ -179,6 +179,7 @@ def _add(agent: Agent, call: _Call) -> EndpointRecord:
         labels=_usable_labels(found.labels if found else {}, call.container_id),
         netns=call.netns,
         container_id=call.container_id,
+        container_name=found.container_name if found else None,
     )
     return agent.add_endpoint(req)
 

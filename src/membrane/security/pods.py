@@ -44,5 +44,6 @@ def _pods_by_netns(snapshot: Snapshot) -> dict[int, PodRef]:
             name=ep.name,
             labels=tuple(sorted(ep.labels.items())),
             container_id=ep.container_id or "",
+            container_name=ep.container_name or "",
         )
     return pods
