@@ -6,15 +6,19 @@ connects, policy applied after translation, and restart survival."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import textwrap
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from membrane.bpf.probe import supports
 from membrane.testing.agent import agent_unusable_reason
@@ -56,6 +60,7 @@ class Env:
     cluster: Cluster
     cgroup: Path
     client: Pod
+    metrics: str  # --hubble-metrics-server
     web: dict[str, Pod] = field(default_factory=dict)
     servers: dict[str, Any] = field(default_factory=dict)
 
@@ -82,12 +87,19 @@ class Env:
         self.cluster.delete_pod(f"shop/{name}")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     reason = agent_unusable_reason()
     if reason:
         pytest.skip(reason)
     tag = unique_tag("v")
+    metrics = f"127.0.0.1:{free_port()}"
     with (
         service_cgroup(tag) as cgroup,
         running_cluster(
@@ -95,10 +107,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             namespaces=("shop",),
             pod_names=("client",),
             tag=tag,
-            extra_args=["--cgroup-root", str(cgroup)],
+            extra_args=["--cgroup-root", str(cgroup), "--hubble-metrics-server", metrics],
         ) as cluster,
     ):
-        e = Env(cluster, cgroup, cluster.pods["shop/client"])
+        e = Env(cluster, cgroup, cluster.pods["shop/client"], metrics)
         try:
             for name in ("web-1", "web-2"):
                 e.add_web(name)
@@ -403,12 +415,16 @@ def test_services_survive_a_restart_and_translate_while_the_agent_is_down(env: E
 
 def test_flows_name_the_service_the_connection_went_through(env: Env) -> None:
     ip = cluster_ip(env.get("shop/web"))
+    started = time.time()  # earlier tests' flows name the Services they went through
     result = connect_many(env.client.netns, env.cgroup, ip, 80, count=4)
     assert not result["failures"]
     backends = {p.ip for p in env.web.values()}
 
     def to_backends() -> list[dict[str, Any]]:
-        flows = [r["flow"] for r in env.cluster.agent.observe(2000) if "flow" in r]
+        flows = [
+            r["flow"] for r in env.cluster.agent.observe(2000)
+            if "flow" in r and unix_time(r["flow"]["time"]) >= started
+        ]  # fmt: skip
         return [
             f for f in flows
             if f["IP"]["source"] == env.client.ip and f["IP"]["destination"] in backends
@@ -428,7 +444,7 @@ def test_flows_name_the_service_the_connection_went_through(env: Env) -> None:
     replies = [
         r["flow"] for r in env.cluster.agent.observe(2000)
         if "flow" in r and r["flow"]["IP"]["destination"] == env.client.ip
-        and r["flow"]["IP"]["source"] in backends
+        and r["flow"]["IP"]["source"] in backends and unix_time(r["flow"]["time"]) >= started
     ]  # fmt: skip
     for flow in replies:
         assert flow["source_service"] == {"namespace": "shop", "name": "web"}
@@ -439,3 +455,76 @@ def test_flows_name_the_service_the_connection_went_through(env: Env) -> None:
         and r["flow"]["IP"]["source"] not in backends
     ]  # fmt: skip
     assert all("destination_service" not in f and "source_service" not in f for f in others)
+
+
+GONE = """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: gone, namespace: shop}
+    spec:
+      selector: {app: gone}
+      ports: [{name: http, port: 81, targetPort: http}]
+"""
+
+
+def flows_processed(env: Env) -> float:
+    """hubble_flows_processed_total over all its labels: the flows the agent has read."""
+    with urllib.request.urlopen(f"http://{env.metrics}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "hubble_flows_processed"
+        for sample in family.samples
+        if sample.name == "hubble_flows_processed_total"
+    )
+
+
+def wait_until_read(env: Env, quiet: float = 0.5, timeout: float = 20) -> None:
+    """Until the agent has read every flow so far: its count stayed the same for `quiet`
+    seconds (nothing else sends here). Reading them does not build them."""
+    deadline = time.monotonic() + timeout
+    last, since = flows_processed(env), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, "the agent never stopped reading flows"
+        time.sleep(0.05)
+        now = flows_processed(env)
+        if now != last:
+            last, since = now, time.monotonic()
+
+
+def unix_time(text: str) -> float:
+    """An RFC 3339 time as Hubble's JSON writes it (up to 9 digits of fraction)."""
+    whole, _, fraction = text.rstrip("Z").partition(".")
+    at = datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    return at.timestamp() + float(f"0.{fraction or 0}")
+
+
+def test_flows_keep_the_service_they_went_through_after_it_is_deleted(env: Env) -> None:
+    """The Service is named when the agent reads a flow, not when it is shown: flows of
+    connections made through shop/gone (read, never shown, before it goes) name it after
+    it is deleted, and those of later connections straight to the same backend name none."""
+    backend = env.add_web("gone-1", {"app": "gone"})
+    try:
+        env.import_yaml(GONE)
+        ip = cluster_ip(env.get("shop/gone"))
+        assert not connect_many(env.client.netns, env.cgroup, ip, 81, count=3)["failures"]
+        wait_until_read(env)
+        env.cli("service", "delete", "shop/gone")
+        deleted_at = time.time()
+        direct = connect_many(env.client.netns, env.cgroup, backend.ip, 8080, count=3)
+        assert not direct["failures"]
+        wait_until_read(env)
+        flows = [r["flow"] for r in env.cluster.agent.observe(4000) if "flow" in r]
+        flows = [f for f in flows if backend.ip in (f["IP"]["source"], f["IP"]["destination"])]
+        before = [f for f in flows if unix_time(f["time"]) < deleted_at]
+        after = [f for f in flows if unix_time(f["time"]) > deleted_at]
+        gone = {"namespace": "shop", "name": "gone"}
+        assert before and after
+        for flow in before:
+            to_backend = flow["IP"]["destination"] == backend.ip
+            assert flow.get("destination_service" if to_backend else "source_service") == gone
+        assert all("destination_service" not in f and "source_service" not in f for f in after)
+    finally:
+        env.cli("service", "delete", "shop/gone", check=False)
+        env.remove_web("gone-1")

@@ -104,7 +104,7 @@ def test_equal_events_share_their_parts_and_differ_in_time_and_uuid(dtype: np.dt
     batch = [{**base, "h": {**base["h"], "ts_ns": t, "cpu": t % 2}} for t in range(1000)]
     encoder = FlowEncoder(RESOLVER, "node-1")
     messages = encoder.encode(event_rows(dtype, batch), 1 << 62, PREFIX, 10**18)
-    assert encoder.parts_built == 4  # addresses, ports, the rest, the service: once for 1000
+    assert encoder.parts_built == 3  # addresses, ports, the rest (no service): once for 1000
     parsed = [observer_pb2.GetFlowsResponse.FromString(m) for m in messages]
     assert len({p.flow.uuid for p in parsed}) == 1000
     assert [p.flow.time.ToNanoseconds() for p in parsed] == [10**18 + t for t in range(1000)]

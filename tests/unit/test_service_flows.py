@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from observe_support import DB, WEB, FakeResolver, event, event_rows, flow_event_dtype
 
+from membrane.agent.flows import RawSegment
 from membrane.hubble.observer import observer_pb2
-from membrane.observe.encode import FlowEncoder
+from membrane.observe.encode import FlowEncoder, _distinct_rows
 from membrane.observe.record import flow_record
 
 
@@ -45,7 +47,71 @@ def test_other_flows_and_plain_resolvers_name_none() -> None:
 
 def test_the_encoder_writes_the_same_service() -> None:
     rows = event_rows(flow_event_dtype(), [event(), event(dport=5433)])
-    encoded = FlowEncoder(ServiceResolver(), "node-1").encode(rows, 1, 0, 0)
+    encoder = FlowEncoder(ServiceResolver(), "node-1")
+    encoded = encoder.encode(rows, 1, 0, 0, encoder.connection_services(rows))
     first, second = (observer_pb2.GetFlowsResponse.FromString(b).flow for b in encoded)
     assert first.destination_service.name == "db"
     assert not second.HasField("destination_service")
+
+
+@dataclass
+class ChangingResolver(ServiceResolver):
+    """shop/db until it is deleted; its backend's ports say which rows to look at."""
+
+    deleted: bool = False
+
+    def connection_service(
+        self, client: str, backend: str, port: int, protocol: int
+    ) -> tuple[str, str] | None:
+        return None if self.deleted else super().connection_service(client, backend, port, protocol)
+
+    def backend_ports(self) -> frozenset[int]:
+        return frozenset() if self.deleted else frozenset({5432})
+
+
+def names(segment: RawSegment) -> list[tuple[str, str]]:
+    flows = [segment.item(i).flow for i in range(len(segment))]
+    return [(f.destination_service.name, f.source_service.name) for f in flows]
+
+
+def test_the_service_is_resolved_when_the_rows_are_read() -> None:
+    """Rows read while shop/db existed name it after it is deleted (the encoder's caches
+    are cold: nothing was encoded before); a later connection to the same backend,
+    read after, names none, though its 5-tuple is the same."""
+    resolver = ChangingResolver()
+    encoder = FlowEncoder(resolver, "node-1")
+    reply = event(saddr=event()["daddr"], daddr=event()["saddr"], sport=5432, dport=43512)
+    dtype = flow_event_dtype()
+    through = RawSegment(event_rows(dtype, [event(), reply, event(dport=5433)]), encoder)
+    through.bind(0, 1)
+    resolver.deleted = True
+    direct = RawSegment(event_rows(dtype, [event(), reply]), encoder)
+    direct.bind(3, 1)
+    assert names(through) == [("db", ""), ("", "db"), ("", "")]
+    assert names(direct) == [("", ""), ("", "")]
+    assert direct.services is None  # no backend's port: nothing was looked up
+
+
+def test_rows_of_no_backend_port_are_not_looked_up() -> None:
+    asked: list[int] = []
+
+    @dataclass
+    class Counting(ChangingResolver):
+        def connection_service(
+            self, client: str, backend: str, port: int, protocol: int
+        ) -> tuple[str, str] | None:
+            asked.append(port)
+            return super().connection_service(client, backend, port, protocol)
+
+    rows = event_rows(flow_event_dtype(), [event(dport=80, sport=81)] * 50 + [event()] * 50)
+    codes = FlowEncoder(Counting(), "node-1").connection_services(rows)
+    assert codes is not None and (codes[:50] == 0).all() and (codes[50:] != 0).all()
+    assert asked == [5432]  # the 50 equal rows of a port of a backend: one lookup
+
+
+def test_distinct_rows_match_numpys_unique() -> None:
+    rng = np.random.default_rng(7)
+    keys = rng.integers(0, 3, size=(500, 11), dtype=np.uint32)
+    first, inverse = _distinct_rows(keys)
+    assert (keys[first][inverse] == keys).all()
+    assert len(first) == len(np.unique(keys, axis=0))

@@ -141,13 +141,22 @@ class AgentResolver:
             return None
         return self.services.connection_service(netns, backend, port, protocol)
 
+    def backend_ports(self) -> frozenset[int]:
+        """The ports of the Services' backends: a flow with neither port is no Service's
+        (FlowEncoder.connection_services skips it without a lookup)."""
+        if self.services is None:
+            return frozenset()
+        return self.services.flow_index.backend_ports
+
     def ktime_to_wall(self, ts_ns: int) -> float:
         return ktime_to_unix(ts_ns)
 
 
 class RawSegment(Segment):
-    """One polled batch in the store: the rows as the ring gave them and the encoder of
-    the snapshot they were read with. Rows become serialized GetFlowsResponses a chunk at
+    """One polled batch in the store: the rows as the ring gave them, the encoder of the
+    snapshot they were read with and the Service each row's connection went through,
+    resolved here, as the rows are read (the socket LB's record may name another Service,
+    or none, when the flows are encoded). Rows become serialized GetFlowsResponses a chunk at
     a time when something reads them (observe.encode), and a built message only when a
     query, a filter or the flow log asks for the item. Reads may come from the event loop
     and the flow log's thread at once: a chunk encoded twice is encoded the same (a
@@ -159,6 +168,7 @@ class RawSegment(Segment):
     def __init__(self, rows: np.ndarray, encoder: FlowEncoder) -> None:
         self.rows = rows
         self.encoder = encoder
+        self.services = encoder.connection_services(rows)  # None: no row's
         # Unix time at ktime 0, read once for the batch: every row's time from it.
         self.wall_offset_ns = wall_offset_ns(encoder.resolver)
         self.uuid_prefix = 0
@@ -180,6 +190,7 @@ class RawSegment(Segment):
                 self.start + first,
                 self.uuid_prefix,
                 self.wall_offset_ns,
+                None if self.services is None else self.services[first : first + self._CHUNK],
             )
             self._chunks[chunk] = encoded
         return encoded

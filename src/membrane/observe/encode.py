@@ -9,8 +9,10 @@ messages, and each field here is in exactly one part):
     | the Service the connection went through (empty for most)
 
 The last four are built by observe.record's own code (fill_addresses, fill_ports,
-fill_decision, fill_service), once per distinct value of the event fields each reads, and
-kept as bytes.
+fill_decision, write_service), once per distinct value of the event fields each reads, and
+kept as bytes. The Service is not read from the rows: it is resolved when the rows are
+read from the ring (`connection_services`, kept beside them as one code a row) because the
+socket LB's record may name another Service, or none, by the time a flow is encoded.
 Events equal in everything but their time share one "template" of all three: one numpy
 pass over a batch finds them. Per event, only the time, the uuid (both computed for the
 whole batch with numpy) and the joining are left.
@@ -26,12 +28,13 @@ from membrane.hubble.flow import flow_pb2
 from membrane.observe.record import (
     FlowEvent,
     Resolver,
+    ServiceTag,
     fill_addresses,
     fill_decision,
     fill_ports,
-    fill_service,
     flow_events,
     sequence_uuid,
+    write_service,
 )
 
 CACHE_LIMIT = 1 << 15  # entries a cache keeps; a full one starts over
@@ -39,6 +42,7 @@ CACHE_LIMIT = 1 << 15  # entries a cache keeps; a full one starts over
 # per event; anything else (a field added to the struct later) is part of the key.
 NOT_IN_TEMPLATE = frozenset({"h.ts_ns", "h.cpu", "len", "pad"})
 _NANOS = 1_000_000_000
+_SERVICE_CODE = np.uint32  # a row's Service: 0 none, else a ServiceTags code
 _UUID_LOW_MASK = (1 << 62) - 1  # sequence_uuid's: the rest is the variant bits
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
@@ -69,6 +73,33 @@ def _varint_length(value: int) -> bytes:
     return _VARINTS[value] if value < len(_VARINTS) else varint(value)
 
 
+class ServiceTags:
+    """Codes for the Services flows name ((reply, namespace, name) -> 1, 2, ...), the same
+    for every encoder and never reused: rows carry the code of their Service from ingest,
+    and an encoder's caches may key on it. Grows by the Services the agent ever named.
+    Codes are taken on the reader's thread, read on others: a code is handed out only
+    after its tag is in place."""
+
+    def __init__(self) -> None:
+        self._tags: list[ServiceTag | None] = [None]
+        self._codes: dict[ServiceTag, int] = {}
+
+    def code(self, tag: ServiceTag | None) -> int:
+        if tag is None:
+            return 0
+        code = self._codes.get(tag)
+        if code is None:
+            self._tags.append(tag)
+            code = self._codes[tag] = len(self._tags) - 1
+        return code
+
+    def tag(self, code: int) -> ServiceTag | None:
+        return self._tags[code]
+
+
+SERVICE_TAGS = ServiceTags()
+
+
 class FlowEncoder:
     """Encodes batches of rows named by one resolver (the agent's snapshot of the time),
     for one node. Its caches are its own: a new snapshot gets a new encoder. Batches may be
@@ -83,15 +114,44 @@ class FlowEncoder:
         self._addresses: dict[Hashable, bytes] = {}
         self._ports: dict[Hashable, bytes] = {}
         self._decisions: dict[Hashable, bytes] = {}
-        self._services: dict[Hashable, bytes] = {}  # empty unless a service's connection
+        self._services: dict[Hashable, bytes] = {}  # by ServiceTags code
         self._key_bytes: dict[np.dtype, np.ndarray] = {}
         self.parts_built = 0  # parts built with record.py (a cache miss each)
 
+    def connection_services(self, rows: np.ndarray) -> np.ndarray | None:
+        """Each row's Service code (ServiceTags; 0: none), or None when no row has one:
+        asked when the rows are read, and kept with them for `encode`. A Service is named
+        by (client, backend, backend's port, protocol) (`connection_service`): the client's
+        requests are looked up first, then the backend's replies among the rest; only rows
+        whose port there is a known backend's (the resolver's `backend_ports`, when it has
+        one) are looked at, each distinct key once (the client's port is not in it: a flood
+        of connections to one backend is one lookup)."""
+        service_of = getattr(self.resolver, "connection_service", None)
+        if service_of is None or not len(rows):
+            return None
+        backend_ports = getattr(self.resolver, "backend_ports", None)
+        known = None
+        if backend_ports is not None:
+            ports = backend_ports()
+            if not ports:
+                return None
+            known = np.fromiter(ports, dtype=np.int64, count=len(ports))
+        codes = np.zeros(len(rows), dtype=_SERVICE_CODE)
+        for reply in (False, True):
+            _resolve_side(service_of, codes, rows, known, reply)
+        return codes if codes.any() else None
+
     def encode(
-        self, rows: np.ndarray, first_seq: int, uuid_prefix: int, wall_offset_ns: int
+        self,
+        rows: np.ndarray,
+        first_seq: int,
+        uuid_prefix: int,
+        wall_offset_ns: int,
+        services: np.ndarray | None = None,
     ) -> list[bytes]:
         """Each row's GetFlowsResponse, serialized; row i is item `first_seq + i` of the
-        store (its uuid) and happened at `wall_offset_ns + ts_ns` (Unix ns)."""
+        store (its uuid), happened at `wall_offset_ns + ts_ns` (Unix ns) and went through
+        the Service of code `services[i]` (connection_services; None: no row did)."""
         n = len(rows)
         if not n:
             return []
@@ -99,10 +159,19 @@ class FlowEncoder:
         matrix = flat.view(np.uint8).reshape(n, flat.dtype.itemsize)
         width = int(self._template_bytes(flat.dtype).size)
         keys = np.ascontiguousarray(matrix[:, self._template_bytes(flat.dtype)])
+        if services is not None:  # the Service is part of the template
+            codes = np.ascontiguousarray(services, dtype=_SERVICE_CODE)
+            keys = np.hstack((keys, codes.view(np.uint8).reshape(n, codes.itemsize)))
+            width += codes.itemsize
         distinct, first, inverse = np.unique(
             keys.view(f"V{width}").ravel(), return_index=True, return_inverse=True
         )
-        templates = self._templates_of(distinct, flat[first])
+        firsts = (
+            [0] * len(first)
+            if services is None
+            else np.asarray(services, dtype=_SERVICE_CODE)[first].tolist()
+        )
+        templates = self._templates_of(distinct, flat[first], firsts)
         times, time_ends = _timestamps(flat["h"]["ts_ns"], wall_offset_ns)
         uuids = _uuid_fields(uuid_prefix, first_seq, n)
         node = self._node_field
@@ -127,19 +196,19 @@ class FlowEncoder:
             self._key_bytes[dtype] = positions
         return positions
 
-    def _templates_of(self, keys: np.ndarray, rows: np.ndarray) -> list[bytes]:
-        """The template of each distinct key (`rows`: a row with that key each); the
-        rows of those not yet known are decoded together."""
+    def _templates_of(self, keys: np.ndarray, rows: np.ndarray, services: list[int]) -> list[bytes]:
+        """The template of each distinct key (`rows`: a row with that key each, and its
+        Service's code); the rows of those not yet known are decoded together."""
         names = [key.tobytes() for key in keys]
         templates = [self._templates.get(name) for name in names]
         missing = [j for j, template in enumerate(templates) if template is None]
         if missing:
             for j, ev in zip(missing, flow_events(rows[missing]), strict=True):
-                templates[j] = self._template(ev)
+                templates[j] = self._template(ev, services[j])
                 _remember(self._templates, names[j], templates[j])
         return templates  # type: ignore[return-value]
 
-    def _template(self, ev: FlowEvent) -> bytes:
+    def _template(self, ev: FlowEvent, service: int) -> bytes:
         return b"".join(
             (
                 self._part(self._addresses, (ev.saddr, ev.daddr, ev.family), fill_addresses, ev),
@@ -150,17 +219,21 @@ class FlowEncoder:
                     ev,
                 ),
                 self._part(self._decisions, _decision_key(ev), self._fill_decision, ev),
-                self._part(
-                    self._services,
-                    (ev.saddr, ev.daddr, ev.sport, ev.dport, ev.proto),
-                    self._fill_service,
-                    ev,
-                ),
+                self._service_part(service),
             )
         )
 
-    def _fill_service(self, flow: flow_pb2.Flow, ev: FlowEvent) -> None:
-        fill_service(flow, ev, self.resolver)
+    def _service_part(self, code: int) -> bytes:
+        if not code:
+            return b""
+        part = self._services.get(code)
+        if part is None:
+            flow = flow_pb2.Flow()
+            write_service(flow, SERVICE_TAGS.tag(code))
+            part = flow.SerializeToString()
+            self.parts_built += 1
+            _remember(self._services, code, part)
+        return part
 
     def _fill_decision(self, flow: flow_pb2.Flow, ev: FlowEvent) -> None:
         fill_decision(flow, ev, self.resolver, self.node_name)
@@ -180,6 +253,63 @@ class FlowEncoder:
             self.parts_built += 1
             _remember(cache, key, part)
         return part
+
+
+def _resolve_side(
+    service_of: Callable[..., tuple[str, str] | None],
+    codes: np.ndarray,
+    rows: np.ndarray,
+    known: np.ndarray | None,
+    reply: bool,
+) -> None:
+    """Codes of the rows still without one, as the client's requests (reply False:
+    saddr to daddr:dport) or the backend's replies (daddr to saddr:sport)."""
+    port = rows["sport" if reply else "dport"]
+    pick = codes == 0
+    if known is not None:
+        pick &= np.isin(port, known)
+    at = np.flatnonzero(pick)
+    if not len(at):
+        return
+    family = rows["family"][at] if "family" in (rows.dtype.names or ()) else 0
+    keys = np.column_stack(
+        (
+            np.asarray(rows["saddr"][at], dtype=np.uint32).reshape(len(at), -1),
+            np.asarray(rows["daddr"][at], dtype=np.uint32).reshape(len(at), -1),
+            port[at],
+            rows["proto"][at],
+            np.broadcast_to(family, len(at)),
+        )
+    ).astype(np.uint32)
+    first, inverse = _distinct_rows(keys)
+    found = []
+    for ev in flow_events(rows[at[first]]):
+        if reply:
+            named = service_of(ev.daddr, ev.saddr, ev.sport, ev.proto)
+        else:
+            named = service_of(ev.saddr, ev.daddr, ev.dport, ev.proto)
+        found.append(SERVICE_TAGS.code(None if named is None else (reply, *named)))
+    codes[at] = np.array(found, dtype=_SERVICE_CODE)[inverse]
+
+
+def _distinct_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique's first index and inverse for the rows of an unsigned matrix: on a 64-bit
+    hash of each row (a sort of numbers, where one of wide void rows costs ~10 times as
+    much), checked; rows that collide are told apart the slow way."""
+    mixed = np.zeros(len(keys), dtype=np.uint64)
+    for column in keys.T.astype(np.uint64):
+        mixed = (mixed ^ column) * np.uint64(0x100000001B3)
+    _, first, inverse = np.unique(mixed, return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    if not (keys[first][inverse] == keys).all():  # a collision
+        wide = np.ascontiguousarray(keys)
+        _, first, inverse = np.unique(
+            wide.view(f"V{wide.shape[1] * wide.itemsize}").ravel(),
+            return_index=True,
+            return_inverse=True,
+        )
+        inverse = inverse.ravel()
+    return first, inverse
 
 
 def _decision_key(ev: FlowEvent) -> Hashable:

@@ -406,17 +406,34 @@ def fill_service(flow: flow_pb2.Flow, ev: FlowEvent, resolver: Resolver) -> None
     """destination_service (source_service on the backend's replies): the Service whose
     frontend the connection went through, where the resolver can tell (the agent's socket
     LB records it; `connection_service(client, backend, port, protocol)`). Reads saddr,
-    daddr, sport, dport, proto."""
+    daddr, sport, dport, proto. Asked when the event is read: the record may name
+    another Service later, or none (the agent's flow reader resolves at ingest)."""
+    write_service(flow, connection_service_of(ev, resolver))
+
+
+ServiceTag = tuple[bool, str, str]  # (on the backend's reply, namespace, name)
+
+
+def connection_service_of(ev: FlowEvent, resolver: Resolver) -> ServiceTag | None:
+    """The Service of the event's connection, and whether the event is the backend's
+    reply (source_service) rather than the client's (destination_service)."""
     service_of = getattr(resolver, "connection_service", None)
     if service_of is None:
-        return
+        return None
     found = service_of(ev.saddr, ev.daddr, ev.dport, ev.proto)
     if found is not None:
-        flow.destination_service.namespace, flow.destination_service.name = found
-        return
+        return (False, *found)
     found = service_of(ev.daddr, ev.saddr, ev.sport, ev.proto)
-    if found is not None:
-        flow.source_service.namespace, flow.source_service.name = found
+    return None if found is None else (True, *found)
+
+
+def write_service(flow: flow_pb2.Flow, tag: ServiceTag | None) -> None:
+    """destination_service, or source_service on a reply, from a resolved tag."""
+    if tag is None:
+        return
+    reply, namespace, name = tag
+    service = flow.source_service if reply else flow.destination_service
+    service.namespace, service.name = namespace, name
 
 
 def _trace_point(flow: flow_pb2.Flow, ev: FlowEvent, egress: bool, reply: bool) -> None:

@@ -16,6 +16,7 @@ import logging
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,10 @@ class FlowIndex:
 
     backends: frozenset[tuple[str, int, int]] = frozenset()
     services: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    @cached_property
+    def backend_ports(self) -> frozenset[int]:
+        return frozenset(port for _, port, _ in self.backends)
 
 
 @dataclass
