@@ -586,6 +586,11 @@ def costs(rows: Any) -> dict[str, float]:
     hand_over = per_event(lambda: RawSegment(rows[supported_rows(rows)], warm))
     counts = FlowCounts()
     with_metrics = per_event(lambda: counts.observe(rows, snapshot))  # type: ignore[arg-type]
+    # The reader names each row's Service as it reads it: the flood's peer a Service's
+    # backend, so every row is looked at (one lookup per distinct connection per batch).
+    via_backend = FlowEncoder(_backend_resolver(), "bench")
+    backend_equal = per_event(lambda: RawSegment(rows[supported_rows(rows)], via_backend))
+    backend_ports = per_event(lambda: RawSegment(distinct, via_backend))
     return {
         "rows": n,
         "build_flow_us_per_event": build,
@@ -594,7 +599,34 @@ def costs(rows: Any) -> dict[str, float]:
         "parse_message_us_per_event": parse,
         "reader_batch_us_per_event": hand_over,
         "reader_metrics_count_us_per_event": with_metrics,
+        "reader_batch_peer_is_backend_us_per_event": backend_equal,
+        "reader_batch_peer_is_backend_own_port_each_us_per_event": backend_ports,
     }
+
+
+def _backend_resolver() -> Any:
+    """A resolver for which the flood's peer (PEER_IP:5201/TCP) is a Service's backend and
+    its source an endpoint; the socket LB's record is a dict here, not the BPF map (a
+    lookup of that costs ~1-2 us more, once per distinct connection of a batch)."""
+    from types import SimpleNamespace
+
+    from membrane.agent.flows import AgentResolver
+    from membrane.service.manager import FlowIndex
+
+    backend = (PEER_IP, 5201, 6)
+    index = FlowIndex(backends=frozenset({backend}), services={1: ("bench", "svc")})
+    records = {(None, *backend): 1}
+
+    def connection_service(ns: Any, address: str, port: int, proto: int) -> Any:
+        revnat = records.get((ns, address, port, proto))
+        return None if revnat is None else index.services.get(revnat)
+
+    services = SimpleNamespace(
+        flow_index=index, node_netns=None, connection_service=connection_service
+    )
+    snapshot = _empty_snapshot()
+    snapshot.endpoints_by_ip = {FLOOD_IP: SimpleNamespace(netns=None)}
+    return AgentResolver(snapshot, services)  # type: ignore[arg-type]
 
 
 def sample_rows(frame: bytes) -> Any:
