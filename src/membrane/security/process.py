@@ -16,6 +16,7 @@ FLAG_CLONE = "clone"
 FLAG_TRUNC_ARGS = "truncArgs"
 FLAG_TRUNC_FILENAME = "truncFilename"  # the binary's path: deeper or longer than walked
 FLAG_MISS = "miss"
+DOCKER_ID_CHARS = 31  # Tetragon's `docker` field: a container id's leading characters
 
 
 def exec_id(node: str, ktime_ns: int, pid: int) -> str:
@@ -98,5 +99,6 @@ class ProcessEntry:
         proc.auid.value = self.auid
         if self.pod is not None:
             proc.pod.CopyFrom(self.pod.to_proto())
-            proc.docker = self.pod.container_id[:15]  # Tetragon: the id's first 15 digits
+            # Tetragon: the id cut to its first 31 characters (what it can read from cgroups)
+            proc.docker = self.pod.container_id[:DOCKER_ID_CHARS]
         return proc
