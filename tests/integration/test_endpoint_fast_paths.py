@@ -11,13 +11,15 @@ Delete as a runtime's DEL does it (finish_later): it returns once the endpoint i
 force; its veth, programs and address go at the next add (or the server's follow-up), and
 only then is its address free again.
 
+An add's answer (a CNI result) uses the veth the add made, not a second look at it.
+
 The real agent runs in this process on its own node namespace.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 from agent_support import in_process_agent
@@ -29,6 +31,7 @@ from membrane.agent.endpoints import ProgramKey
 from membrane.api.models import EndpointCreate
 from membrane.bpf.proginfo import program_info
 from membrane.datapath.endpoint_prog import HOOKS, attached_programs, pinned_endpoint_ids
+from membrane.endpoint.plumbing import inspect_pod
 from membrane.netns import find_link
 from membrane.testing.cluster import unique_tag
 from membrane.testing.reachability import Peer, Reachability, check
@@ -102,3 +105,19 @@ def test_a_runtime_delete_answers_first_and_the_next_add_finishes_it(agent: Agen
     assert ep.id not in pinned_endpoint_ids(agent.config.bpf_dir)
     assert agent.endpoints.ipam.owner(ipv4) is None
     assert netns.exists(ep.netns) is False  # not a runtime's: the agent's own namespace went
+
+
+def test_an_adds_answer_takes_the_veth_it_made_once_and_only_while_it_stands(
+    agent: Agent,
+) -> None:
+    ep = agent.add_endpoint(EndpointCreate(namespace=NS, name="e", labels={"pod": "e"}))
+    made = agent.endpoints.made_link(ep)
+    # What the add made is what a look at the pod's interfaces finds (the CNI result's
+    # interfaces and MACs come from it), and it is handed out once.
+    assert made is not None
+    ipv6 = None if ep.ipv6 is None else IPv6Address(ep.ipv6)
+    assert made == inspect_pod(agent.node, ep.netns, ep.host_ifname, IPv4Address(ep.ipv4), ipv6)
+    assert agent.endpoints.made_link(ep) is None
+    again = agent.add_endpoint(EndpointCreate(namespace=NS, name="f", labels={"pod": "f"}))
+    agent.delete_endpoint(NS, "f")
+    assert agent.endpoints.made_link(again) is None  # deleted: nothing to answer with

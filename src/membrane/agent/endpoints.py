@@ -34,7 +34,7 @@ from membrane.datapath.endpoint_prog import (
 from membrane.datapath.upgrade import pinned_map_ids
 from membrane.endpoint.ipam import Ipam
 from membrane.endpoint.node import NodeInfo, delete_node_link
-from membrane.endpoint.plumbing import create_pod, delete_pod, inspect_pod
+from membrane.endpoint.plumbing import PodLink, create_pod, delete_pod, inspect_pod
 from membrane.errors import UserError
 
 log = logging.getLogger("membrane.agent")
@@ -80,6 +80,9 @@ class EndpointLifecycle:
         # The next endpoint's programs, loaded ahead (see preload_next).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="endpoint-loader")
         self._ahead: tuple[ProgramKey, Future[BpfObject]] | None = None
+        # The veth each add just made, for its caller's answer (a CNI result) without a
+        # second netlink look at it; dropped when taken or when the endpoint is forgotten.
+        self._made: dict[int, PodLink] = {}
 
     # ---- programs loaded ahead -----------------------------------------------------------
     def preload_next(self) -> None:
@@ -250,8 +253,10 @@ class EndpointLifecycle:
                 raise
             with loading.result() as obj:
                 ep = self._attach(ep, link.host_ifindex, obj)
+            self._made[ep_id] = link
         except BaseException:
             del self.state.endpoints[ep_id]
+            self._made.pop(ep_id, None)
             # Undo every step even if one of the undos fails: a leftover veth would make
             # every later add with this id fail.
             for undo in (
@@ -271,6 +276,15 @@ class EndpointLifecycle:
     def forget(self, ep: EndpointRecord) -> None:
         """Drop the record (its address leaves the ipcache at the next reconcile)."""
         del self.state.endpoints[ep.id]
+        self._made.pop(ep.id, None)
+
+    def made_link(self, ep: EndpointRecord) -> PodLink | None:
+        """The veth `create` made for `ep` (once: taken by the first caller), if `ep` is
+        still the endpoint it was made for."""
+        link = self._made.pop(ep.id, None)
+        if link is None or self.state.endpoints.get(ep.id) is None:
+            return None
+        return link if link.host_ifname == ep.host_ifname and link.netns == ep.netns else None
 
     def unplumb(self, ep: EndpointRecord) -> None:
         """Remove a forgotten endpoint's veth, namespace and address (after `detach`)."""

@@ -262,7 +262,10 @@ def _result(agent: Agent, ep: EndpointRecord, call: _Call, version: str) -> dict
     """The spec's ADD result: the host veth and the container's interface, its addresses
     (each on the container interface, index 1) and default routes via the node IPs."""
     ipv6 = _routable_ipv6(agent, ep)
-    link = inspect_pod(agent.node, ep.netns, ep.host_ifname, IPv4Address(ep.ipv4), ipv6)
+    # The veth the add just made (and checked as it made it), else a look at it.
+    link = agent.endpoints.made_link(ep) or inspect_pod(
+        agent.node, ep.netns, ep.host_ifname, IPv4Address(ep.ipv4), ipv6
+    )
     if link is None:
         raise CniError(ERR_AGENT_FAILED, f"endpoint {ep.key} is not intact after the add")
     node = agent.node
