@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import threading
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from membrane.observe.format import parse_response
 from membrane.testing.agent import agent_unusable_reason
 from membrane.testing.cli import user_error
 from membrane.testing.cluster import Cluster, running_cluster
+from membrane.testing.traffic import free_loopback_port
 from membrane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.root
@@ -34,19 +34,13 @@ Request = observer_pb2.GetFlowsRequest
 Response = observer_pb2.GetFlowsResponse
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     reason = agent_unusable_reason()
     if reason:
         pytest.skip(reason)
     workdir = tmp_path_factory.mktemp("hubble")
-    port = _free_port()
+    port = free_loopback_port()
     args = [
         "--hubble-listen-address", f"127.0.0.1:{port}",
         "--flow-log", str(workdir / "flows.log"),

@@ -29,18 +29,13 @@ from membrane.agent.kernel_drops import drop_reason_names, unavailable_reason
 from membrane.bpf.btf import kernel_btf
 from membrane.testing.agent import agent_unusable_reason
 from membrane.testing.cluster import Cluster, running_cluster, unique_tag
+from membrane.testing.traffic import free_loopback_port
 from membrane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-METRICS = f"127.0.0.1:{free_port()}"
+METRICS = f"127.0.0.1:{free_loopback_port()}"
 cluster = cluster_fixture(
     namespaces=("x",), pod_names=("a", "b"), extra_args=("--hubble-metrics-server", METRICS)
 )

@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from membrane.testing.agent import agent_unusable_reason
 from membrane.testing.cluster import Cluster, running_cluster
-from membrane.testing.traffic import listen, socket_in
+from membrane.testing.traffic import free_loopback_port, listen, socket_in
 from membrane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.root
@@ -43,12 +43,6 @@ PRESSURE_MAPS = ("ct", "ct6", "policy", "ipcache", "ipcache6", "svc_frontends", 
                  "svc_slots", "svc_affinity", "svc_sock")  # fmt: skip
 BULK_PORT = 9000  # x/a takes anything (no policy selects it)
 BULK_BYTES = 4 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str, timeout: float = 5.0) -> bytes:
@@ -78,7 +72,7 @@ def prometheus_server(workdir: Path, targets: dict[str, str]) -> Iterator[str]:
             """)
         + scrapes
     )
-    port = free_port()
+    port = free_loopback_port()
     url = f"http://127.0.0.1:{port}"
     log = (workdir / "prometheus.log").open("w")
     proc = subprocess.Popen(
@@ -145,7 +139,10 @@ def test_prometheus_scrapes_agent_and_flow_metrics(tmp_path: Path) -> None:
     reason = agent_unusable_reason()
     if reason:
         pytest.skip(reason)
-    agent_addr, hubble_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    agent_addr, hubble_addr = (
+        f"127.0.0.1:{free_loopback_port()}",
+        f"127.0.0.1:{free_loopback_port()}",
+    )
     options = ["--prometheus-serve-addr", agent_addr, "--hubble-metrics-server", hubble_addr]
     (tmp_path / "agent").mkdir()
     (tmp_path / "prometheus").mkdir()

@@ -33,6 +33,7 @@ from membrane.testing.agent import NODE_IP, AgentProcess, agent_unusable_reason
 from membrane.testing.cluster import unique_tag
 from membrane.testing.nodeport import NODE_DEVICE, Fabric, build_fabric
 from membrane.testing.pods import Pod, start_echo_server
+from membrane.testing.traffic import free_loopback_port
 from membrane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(bool(agent_unusable_reason()), reason=str(agent_unusable_reason()))
@@ -110,7 +111,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodePortBed]:
     # among them, must reach NodePorts as outside clients do, through the node's device.
     with temporary_cgroup(f"membrane-test-{tag}") as cgroup:
         args = ["--devices", NODE_DEVICE, "--bpf-lb-mode", "snat", "--cgroup-root", str(cgroup),
-                "--prometheus-serve-addr", f"127.0.0.1:{free_port()}"]  # fmt: skip
+                "--prometheus-serve-addr", f"127.0.0.1:{free_loopback_port()}"]  # fmt: skip
         agent = AgentProcess(workdir, tag, extra_args=args)
         try:
             agent.start()
@@ -118,12 +119,6 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodePortBed]:
                 yield _build(agent, topo)
         finally:
             agent.destroy()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _build(agent: AgentProcess, topo: Topology) -> NodePortBed:

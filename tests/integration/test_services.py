@@ -6,7 +6,6 @@ connects, policy applied after translation, and restart survival."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import textwrap
 import time
@@ -33,6 +32,7 @@ from membrane.testing.services import (
     start_connecting,
     stop_all,
 )
+from membrane.testing.traffic import free_loopback_port
 
 WEB = textwrap.dedent("""
     apiVersion: v1
@@ -87,19 +87,13 @@ class Env:
         self.cluster.delete_pod(f"shop/{name}")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     reason = agent_unusable_reason()
     if reason:
         pytest.skip(reason)
     tag = unique_tag("v")
-    metrics = f"127.0.0.1:{free_port()}"
+    metrics = f"127.0.0.1:{free_loopback_port()}"
     with (
         service_cgroup(tag) as cgroup,
         running_cluster(

@@ -24,6 +24,13 @@ IPERF_PORT = 5201
 CHURN_CLIENT = str(Path(__file__).with_name("connection_churn.py"))
 
 
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server a test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def socket_in(ns: str, kind: int = socket.SOCK_STREAM, to: str | None = None) -> socket.socket:
     """A socket of `kind` born in namespace `ns`: IPv4, or IPv6 when the address it is
     meant for (`to`) is one."""
