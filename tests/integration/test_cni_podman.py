@@ -26,7 +26,7 @@ from membrane import netns
 from membrane.testing.agent import NODE_IP, AgentProcess, agent_unusable_reason, running_agent
 from membrane.testing.podman import PodmanSandbox, footprint, podman_unusable_reason
 from membrane.testing.waiting import wait_for
-from membrane.tetragon.tetragon import events_pb2
+from membrane.tetragon.tetragon import events_pb2, tetragon_pb2
 
 pytestmark = pytest.mark.root
 NETWORK = "mbcni"
@@ -233,6 +233,17 @@ def test_kube_play_pods_follow_a_kubernetes_network_policy(bed: Bed, tmp_path: P
     assert not bed.fetch("client-main", web_ip, 8080, timeout=1)
     assert not bed.fetch("other-main", web_ip, 80, timeout=1)
 
+    if lifecycle_events_supported():
+        # The pod's processes run in its containers, not in the infra container the CNI
+        # networked: an exec in web-main names web-main (its cgroup says which).
+        listed = json.loads(bed.podman.podman("ps", "--format", "json").stdout)
+        ids = {c["Names"][0]: c["Id"] for c in listed}
+        process = exec_in(bed, "web-main", "web")
+        assert (process.pod.namespace, process.pod.name) == ("default", "web")
+        assert dict(process.pod.pod_labels) == {"app": "web"}
+        assert process.pod.container.id == ids["web-main"] != endpoints["web"]["container_id"]
+        assert process.docker == ids["web-main"][:31]
+
 
 def test_removed_containers_leave_nothing_behind(bed: Bed) -> None:
     before = bed.footprint()
@@ -360,13 +371,39 @@ def test_a_kubernetes_runtimes_namespace_and_pod_name_from_cni_args(bed: Bed) ->
         netns.delete(ns)
 
 
-def test_a_containers_processes_carry_its_pod_and_container(bed: Bed) -> None:
-    """Runtime-security events of a process in a podman container name the endpoint it
-    joined through the CNI (namespace, name, labels) and the container (podman's id)."""
+def lifecycle_events_supported() -> bool:
     from membrane.bpf.probe import supports
     from membrane.security.lifecycle import NEEDED_FEATURES
 
-    if not all(supports(name) for name in NEEDED_FEATURES):
+    return all(supports(name) for name in NEEDED_FEATURES)
+
+
+def exec_in(bed: Bed, container: str, pod: str) -> tetragon_pb2.Process:
+    """The process of an `echo` podman execs in `container`, as its runtime-security
+    exec event (listed with `--pods ^pod$`) shows it."""
+    marker = f"in-{container}-{bed.agent.tag}"
+    assert bed.podman.exec(container, "echo", marker).returncode == 0
+    mine = {"request": json.dumps({"allow_list": [{"arguments_regex": [marker]}]}), "last": 10}
+    wait_for(
+        "the echo's exec and exit",
+        lambda: len(list(bed.agent.client().stream("/v1/security/events", mine))) >= 2 or None,
+    )
+    shown = bed.agent.cli(
+        "security", "events", "--last", "200", "-o", "json", "--pods", f"^{pod}$"
+    ).stdout.splitlines()
+    events = [
+        json_format.Parse(line, events_pb2.GetEventsResponse(), ignore_unknown_fields=False)
+        for line in shown
+    ]
+    execs = [e.process_exec for e in events if marker in e.process_exec.process.arguments]
+    assert len(execs) == 1, shown
+    return execs[0].process
+
+
+def test_a_containers_processes_carry_its_pod_and_container(bed: Bed) -> None:
+    """Runtime-security events of a process in a podman container name the endpoint it
+    joined through the CNI (namespace, name, labels) and the container (podman's id)."""
+    if not lifecycle_events_supported():
         pytest.skip("this kernel lacks the hooks of process lifecycle events")
     image = bed.podman.build_image()
     bed.podman.run(
@@ -375,23 +412,7 @@ def test_a_containers_processes_carry_its_pod_and_container(bed: Bed) -> None:
     )  # fmt: skip
     container_id = bed.container_id("sec-web")
     assert bed.endpoint_of("sec-web")["container_name"] == "sec-web"
-    marker = f"in-container-{bed.agent.tag}"
-    assert bed.podman.exec("sec-web", "echo", marker).returncode == 0
-    mine = {"request": json.dumps({"allow_list": [{"arguments_regex": [marker]}]}), "last": 10}
-    wait_for(
-        "the echo's exec and exit",
-        lambda: len(list(bed.agent.client().stream("/v1/security/events", mine))) >= 2 or None,
-    )
-    shown = bed.agent.cli(
-        "security", "events", "--last", "200", "-o", "json", "--pods", "^sec-web$"
-    ).stdout.splitlines()
-    events = [
-        json_format.Parse(line, events_pb2.GetEventsResponse(), ignore_unknown_fields=False)
-        for line in shown
-    ]
-    execs = [e.process_exec for e in events if marker in e.process_exec.process.arguments]
-    assert len(execs) == 1, shown
-    process = execs[0].process
+    process = exec_in(bed, "sec-web", "sec-web")
     assert (process.pod.namespace, process.pod.name) == ("default", "sec-web")
     assert dict(process.pod.pod_labels) == {"app": "web"}
     assert process.pod.container.id == container_id

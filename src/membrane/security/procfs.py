@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from membrane.bpf.ktime import ktime_to_unix
 from membrane.security.cache import ProcessCache
+from membrane.security.cgroups import cgroup2_mount, cgroup_id_of_process
 from membrane.security.process import FLAG_PROCFS, ProcessEntry
 
 _TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
@@ -30,9 +31,10 @@ class ProcRecord:
     arguments: str
     cwd: str
     netns: int
+    cgroup_id: int = 0
 
 
-def read_process(proc: str, pid: int) -> ProcRecord | None:
+def read_process(proc: str, pid: int, cgroup_mount: str | None = None) -> ProcRecord | None:
     """One process's record, or None when it is gone or is a kernel thread."""
     base = f"{proc}/{pid}"
     try:
@@ -58,6 +60,7 @@ def read_process(proc: str, pid: int) -> ProcRecord | None:
         except OSError:
             auid = _NO_AUID
         netns = _inode(f"{base}/ns/net")
+        cgroup_id = cgroup_id_of_process(pid, proc, cgroup_mount)
     except (OSError, ValueError, IndexError):
         return None
     args = [a.decode(errors="replace") for a in argv[1:] if a]
@@ -71,6 +74,7 @@ def read_process(proc: str, pid: int) -> ProcRecord | None:
         arguments=" ".join(args),
         cwd=_readlink(f"{base}/cwd"),
         netns=netns,
+        cgroup_id=cgroup_id,
     )
 
 
@@ -93,8 +97,9 @@ def load_processes(cache: ProcessCache, proc: str = "/proc") -> list[ProcessEntr
     """Every user process running now into the cache, oldest first (a parent always
     started before its children). Returns the entries added."""
     records = []
+    mount = cgroup2_mount()
     for name in os.listdir(proc):
-        if name.isdigit() and (rec := read_process(proc, int(name))) is not None:
+        if name.isdigit() and (rec := read_process(proc, int(name), mount)) is not None:
             records.append(rec)
     records.sort(key=lambda r: (r.start_ticks, r.pid))
     added = []
@@ -113,6 +118,7 @@ def load_processes(cache: ProcessCache, proc: str = "/proc") -> list[ProcessEntr
             flags=[FLAG_PROCFS],
             parent_pid=rec.ppid,
             netns=rec.netns,
+            cgroup_id=rec.cgroup_id,
         )
         cache.start(entry)
         added.append(entry)
