@@ -16,6 +16,7 @@ from membrane import netns
 from membrane.testing.agent import POD_CIDR6
 from membrane.testing.cluster import Cluster, running_cluster
 from membrane.testing.reachability import DEFAULT_PORTS
+from membrane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -131,16 +132,21 @@ def test_ipv6_flows_and_trace_name_the_pods(net: Cluster) -> None:
     assert a.ip6 and b.ip6
     assert netns.ping(b.netns, a.ip6)
     net.check(net.reach(sources=["y/b"], destinations=["x/a"], ports=((80, "TCP"),)), family=6)
-    records = [r["flow"] for r in net.agent.observe(300) if "flow" in r]  # GetFlowsResponse
-    v6 = [
-        r
-        for r in records
-        if r["IP"]["ipVersion"] == "IPv6"
-        and r["IP"]["source"] == b.ip6
-        and r["IP"]["destination"] == a.ip6
-        and "TCP" in r.get("l4", {})
-    ]
-    assert v6, records[-5:]
+    records: list[dict] = []
+
+    def tcp_flows_b_to_a() -> list[dict]:
+        # the agent reads a quiet ring within its 100 ms poll: wait for the check's flows
+        records[:] = [r["flow"] for r in net.agent.observe(300) if "flow" in r]
+        return [
+            r
+            for r in records
+            if r["IP"]["ipVersion"] == "IPv6"
+            and r["IP"]["source"] == b.ip6
+            and r["IP"]["destination"] == a.ip6
+            and "TCP" in r.get("l4", {})
+        ]
+
+    v6 = wait_for("IPv6 TCP flows from y/b to x/a", tcp_flows_b_to_a, timeout=5.0, interval=0.2)
     assert {v6[-1]["source"].get("pod_name"), v6[-1]["destination"].get("pod_name")} == {"a", "b"}
     echo = [r for r in records if r.get("l4", {}).get("ICMPv6", {}).get("type") == 128]
     assert echo and echo[-1]["Summary"] == "ICMPv6 EchoRequest"
