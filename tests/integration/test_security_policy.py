@@ -108,14 +108,30 @@ def read_secret(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(argv, capture_output=True, timeout=30)
 
 
+def cat_the_secret(signal_number: int) -> int:
+    """`cat SECRET`, which the policy in force must end with `signal_number` before it
+    prints a byte (on its way back from openat: read() never runs); its pid."""
+    cat = subprocess.Popen(["cat", SECRET], stdout=subprocess.PIPE)
+    out, _ = cat.communicate(timeout=30)
+    assert cat.returncode == -signal_number and out == b""
+    return cat.pid
+
+
+def the_event_of(agent: AgentProcess, policy: str, kind: str, pid: int) -> dict[str, Any]:
+    """The one `kind` event policy `policy` posted for process `pid`, once the agent has it."""
+
+    def of_pid() -> list[dict[str, Any]]:
+        return [e for e in policy_events(agent, policy, kind) if e["process"]["pid"] == pid]
+
+    [event] = wait_for(f"{policy}'s {kind} event of pid {pid}", of_pid)
+    return event
+
+
 # ---- kill on read -----------------------------------------------------------------------
 def test_a_reader_of_the_secret_is_killed_before_it_reads(agent: AgentProcess) -> None:
     apply(agent, KILL_POLICY)
     try:
-        cat = subprocess.Popen(["cat", SECRET], stdout=subprocess.PIPE)
-        out, _ = cat.communicate(timeout=30)
-        assert cat.returncode == -signal.SIGKILL
-        assert out == b""  # killed on its way back from openat: read() never ran
+        pid = cat_the_secret(signal.SIGKILL)
         reader = read_secret(
             [sys.executable, "-c", f"f = open({SECRET!r}); print('READ', f.read())"]
         )
@@ -125,11 +141,7 @@ def test_a_reader_of_the_secret_is_killed_before_it_reads(agent: AgentProcess) -
         assert allowed.returncode == 0 and len(allowed.stdout) == 5
         assert read_secret(["cat", "/etc/hostname"]).returncode == 0
 
-        def kills() -> list[dict[str, Any]]:
-            events = policy_events(agent, "shadow-readers", "process_tracepoint")
-            return [e for e in events if e["process"]["pid"] == cat.pid]
-
-        [event] = wait_for("the kill's event", kills)
+        event = the_event_of(agent, "shadow-readers", "process_tracepoint", pid)
         assert event["action"] == "KPROBE_ACTION_SIGKILL"
         assert event["subsys"] == "syscalls" and event["event"] == "sys_enter_openat"
         assert event["args"] == [{"string_arg": SECRET, "label": "filename"}]
@@ -146,15 +158,8 @@ def test_a_reader_of_the_secret_is_killed_before_it_reads(agent: AgentProcess) -
 def test_signal_sends_the_policys_signal(agent: AgentProcess) -> None:
     apply(agent, KILL_POLICY.replace("- action: Sigkill", "- action: Signal\n        argSig: 10"))
     try:
-        cat = subprocess.Popen(["cat", SECRET], stdout=subprocess.PIPE)
-        out, _ = cat.communicate(timeout=30)
-        assert cat.returncode == -signal.SIGUSR1 and out == b""
-
-        def signalled() -> list[dict[str, Any]]:
-            events = policy_events(agent, "shadow-readers", "process_tracepoint")
-            return [e for e in events if e["process"]["pid"] == cat.pid]
-
-        [event] = wait_for("the signal's event", signalled)
+        pid = cat_the_secret(signal.SIGUSR1)
+        event = the_event_of(agent, "shadow-readers", "process_tracepoint", pid)
         assert event["action"] == "KPROBE_ACTION_SIGNAL"
     finally:
         agent.cli("security", "policy", "delete", "shadow-readers")
@@ -598,15 +603,8 @@ def test_the_kprobe_program_passes_the_verifier(tmp_path: Path) -> None:
 def test_a_kprobe_policy_kills_and_posts(agent: AgentProcess) -> None:
     apply(agent, KPROBE_POLICY)
     try:
-        cat = subprocess.Popen(["cat", SECRET], stdout=subprocess.PIPE)
-        out, _ = cat.communicate(timeout=30)
-        assert cat.returncode == -signal.SIGKILL and out == b""
-
-        def kills() -> list[dict[str, Any]]:
-            events = policy_events(agent, "shadow-kprobe", "process_kprobe")
-            return [e for e in events if e["process"]["pid"] == cat.pid]
-
-        [event] = wait_for("the kprobe's event", kills)
+        pid = cat_the_secret(signal.SIGKILL)
+        event = the_event_of(agent, "shadow-kprobe", "process_kprobe", pid)
         assert event["function_name"] == "__x64_sys_openat"
         assert event["action"] == "KPROBE_ACTION_SIGKILL"
         assert event["args"] == [{"string_arg": SECRET}]
