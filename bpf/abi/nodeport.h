@@ -14,7 +14,9 @@
  *               leaves through one of them is on another host (SNAT or DSR); any other
  *               backend is local (a pod), reached by the stack after DNAT alone.
  *   np_stats    per-CPU array [enum np_stat] of packet counters.
- * Addresses in network byte order, ports in host byte order, IPv4 only.
+ *   np6_flows, np6_rev   the same for IPv6 (np6_tuple, np6_flow, np6_rev_nat): maps of
+ *               their own, so the IPv4 maps keep their layout across an upgrade.
+ * Addresses in network byte order, ports in host byte order.
  */
 #ifndef MEMBRANE_ABI_NODEPORT_H
 #define MEMBRANE_ABI_NODEPORT_H
@@ -45,7 +47,12 @@ enum np_stat {
 	NP_STAT_NO_ROUTE = 7,      /* dropped: no route to the backend or no NAT port free */
 	NP_STAT_ERROR = 8,         /* dropped: the packet could not be rewritten */
 	NP_STAT_MSS_CLAMPED = 9,   /* DSR SYNs whose MSS option was lowered to fit the tunnel */
-	NP_STAT_MAX = 10,
+	NP_STAT_ICMP_ERROR = 10,   /* ICMP/ICMPv6 errors about a translated flow, rewritten
+				    * (outer addresses and the quoted header) */
+	NP_STAT_EXTHDR = 11,       /* dropped: IPv6 to a frontend with an extension header
+				    * other than hop-by-hop or destination options (routing,
+				    * fragment, AH: the translation would break them) */
+	NP_STAT_MAX = 12,
 };
 ABI_EXPORT_ENUM(np_stat);
 
@@ -55,6 +62,7 @@ enum np_limits {
 	NP_SNAT_PORT_TRIES = 8,
 	NP_OUTER_TTL = 64,
 	NP_DSR_OVERHEAD = 60,       /* outer IPv4 + inner IPv4 + TCP headers, no options */
+	NP_DSR_OVERHEAD6 = 100,     /* outer IPv6 + inner IPv6 + TCP headers */
 };
 ABI_EXPORT_ENUM(np_limits);
 
@@ -83,6 +91,35 @@ struct np_flow {
 struct np_rev_nat {
 	__be32 saddr;
 	__be32 daddr;
+	__u16 sport;
+	__u16 dport;
+};
+
+/* IPv6 twins of the three above (addresses of 16 bytes). */
+struct np6_tuple {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u8 protocol;
+	__u8 pad[3];
+};
+
+struct np6_flow {
+	__u8 backend_addr[16];
+	__u16 backend_port;
+	__u8 kind;          /* enum np_kind */
+	__u8 pad;
+	__u32 backend;
+	__u32 revnat;
+	__u16 nat_port;
+	__u16 mss;          /* NP_KIND_DSR: the device's MTU less NP_DSR_OVERHEAD6 */
+	__u32 ifindex;
+};
+
+struct np6_rev_nat {
+	__u8 saddr[16];
+	__u8 daddr[16];
 	__u16 sport;
 	__u16 dport;
 };

@@ -89,6 +89,9 @@ class Agent:
         set_monitor_aggregation(maps.monitor_config, config.monitor_aggregation)
         endpoints = EndpointLifecycle(config, state, node)
         datapath = DatapathReconciler(config, node, maps, identities, rules)
+        swept = endpoints.sweep_warm_pairs()  # of an agent killed before it used them
+        if swept:
+            log.info("deleted veths made ahead", extra={"fields": {"devices": swept}})
         adopted = endpoints.adopt_all()
         migration.finish()
         for ep_id in endpoints.unknown_ids():
@@ -125,7 +128,12 @@ class Agent:
         endpoints.preload_next()
         agent.services = start_services(config, lambda: agent.state.endpoints.values())
         agent.nodeport = start_nodeport(
-            config.bpf_dir, config.bpf_lb_mode, config.node_ip, config.devices, config.node_netns
+            config.bpf_dir,
+            config.bpf_lb_mode,
+            config.node_ip,
+            config.devices,
+            config.node_netns,
+            node_ipv6=config.node_ipv6,
         )
         log.info(
             "agent started",

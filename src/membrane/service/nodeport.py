@@ -22,7 +22,7 @@ import sys
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from membrane import netns
@@ -37,7 +37,7 @@ from membrane.service.socklb import PIN_SUBDIR as SERVICE_PIN_SUBDIR
 log = logging.getLogger("membrane.service")
 OBJECT = "nodeport"
 PIN_SUBDIR = "nodeport"
-OWN_MAPS = ("np_flows", "np_rev", "np_devices", "np_stats")
+OWN_MAPS = ("np_flows", "np_rev", "np6_flows", "np6_rev", "np_devices", "np_stats")
 MODES = {"snat": NodePortMode.SNAT, "dsr": NodePortMode.DSR}
 PROGRAMS = {"ingress": "nodeport_ingress", "egress": "nodeport_egress"}
 # clsact fallback: a fixed slot per direction, so a restart replaces its own filter
@@ -76,24 +76,33 @@ class NodePortPath:
     mode: str
     node_ip: IPv4Address
     obj: BpfObject
+    node_ipv6: IPv6Address | None = None
     devices: dict[str, str] = field(default_factory=dict)  # device -> attachment kind
 
     @classmethod
-    def start(cls, bpf_dir: str, mode: str, node_ip: IPv4Address) -> NodePortPath:
-        """Load the programs for `mode` with the node's address as the SNAT and tunnel
-        source; maps already pinned are reused (flows survive a restart)."""
+    def start(
+        cls, bpf_dir: str, mode: str, node_ip: IPv4Address, node_ipv6: IPv6Address | None = None
+    ) -> NodePortPath:
+        """Load the programs for `mode` with the node's addresses as the SNAT and tunnel
+        sources (without an IPv6 one, IPv6 passes untouched); maps already pinned are
+        reused (flows survive a restart)."""
         pin_dir = os.path.join(bpf_dir, PIN_SUBDIR)
         os.makedirs(os.path.join(pin_dir, "links"), exist_ok=True)
+        drop_resized_counters(pin_dir)
         obj = BpfObject.open(OBJECT)
         try:
             obj.pin_maps(os.path.join(bpf_dir, SERVICE_PIN_SUBDIR), names=list(MAP_NAMES))
             obj.pin_maps(pin_dir, names=list(OWN_MAPS))
-            obj.set_config(np_mode=int(MODES[mode]), np_node_ip4=be32(node_ip))
+            obj.set_config(
+                np_mode=int(MODES[mode]),
+                np_node_ip4=be32(node_ip),
+                np_node_ip6=node_ipv6.packed if node_ipv6 is not None else bytes(16),
+            )
             obj.load()
         except BaseException:
             obj.close()
             raise
-        return cls(pin_dir, mode, node_ip, obj)
+        return cls(pin_dir, mode, node_ip, obj, node_ipv6)
 
     def close(self) -> None:
         self.obj.close()
@@ -208,14 +217,16 @@ def start_nodeport(
     devices: Sequence[str],
     node_netns: str | None,
     interval: float = 1.0,
+    node_ipv6: IPv6Address | None = None,
 ) -> DeviceWatcher | None:
     """The agent's per-packet path on `devices` (names or patterns), or None without any:
-    the socket LB alone then serves the node's own clients and its pods."""
+    the socket LB alone then serves the node's own clients and its pods. IPv6 NodePorts
+    with `node_ipv6` (a dual-stack agent)."""
     release_unwanted(bpf_dir, devices)
     if not devices:
         return None
     watcher = DeviceWatcher(
-        NodePortPath.start(bpf_dir, mode, node_ip), devices, node_netns, interval
+        NodePortPath.start(bpf_dir, mode, node_ip, node_ipv6), devices, node_netns, interval
     )
     watcher.start()
     return watcher
@@ -240,6 +251,18 @@ def release_unwanted(bpf_dir: str, patterns: Sequence[str]) -> list[str]:
     if released:
         log.info("nodeport: released", extra={"fields": {"devices": ",".join(sorted(released))}})
     return sorted(released)
+
+
+def drop_resized_counters(pin_dir: str) -> None:
+    """A pinned np_stats of another build's size is let go (counters only, no state):
+    the build's own is pinned in its place instead of failing the load."""
+    path = os.path.join(pin_dir, "np_stats")
+    if not os.path.exists(path):
+        return
+    with Map.from_pin(path) as stats:
+        resized = stats.max_entries != int(NodePortStat.MAX)
+    if resized:
+        os.unlink(path)
 
 
 def read_counters(stats: Map) -> dict[str, int]:
