@@ -12,7 +12,7 @@ import os
 import socket
 import subprocess
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 import pytest
 from pyroute2 import IPRoute
@@ -24,8 +24,10 @@ from membrane.endpoint import (
     PodLink,
     add_external_host,
     create_pod,
+    delete_node_link,
     delete_pod,
     inspect_pod,
+    make_warm_pair,
     pod_exists,
     pod_problem,
     remove_external_host,
@@ -258,3 +260,71 @@ def test_node_in_the_current_namespace_is_only_read() -> None:
     addresses = NodeInfo(None, NODE_IP).host_addresses()
     assert A("127.0.0.1") in addresses
     assert os.stat("/proc/thread-self/ns/net").st_ino == home
+
+
+_IPV6_SYSCTLS = ("disable_ipv6", "accept_ra", "autoconf", "accept_dad")
+
+
+def _eth0_ipv6_sysctls(pod_ns: str) -> dict[str, str]:
+    with netns.inside(pod_ns):
+        return {k: netns.read_sysctl(f"net.ipv6.conf.eth0.{k}") for k in _IPV6_SYSCTLS}
+
+
+@pytest.mark.parametrize("dual_stack", [False, True], ids=["ipv4", "dual-stack"])
+def test_a_veth_made_ahead_is_moved_into_the_pod_with_the_pods_settings(
+    topology: Topology, dual_stack: bool
+) -> None:
+    """make_warm_pair makes both ends in the node namespace (where the kernel gives them
+    the node's `default` devconf); moved into the pod, eth0 registers anew there and has
+    the pod namespace's settings, as an eth0 born in the pod does."""
+    name = f"{topology.tag}-node"
+    topology.callback(netns.delete, name)
+    node6 = IPv6Address("2001:db8:ff::1") if dual_stack else None
+    node = setup_node(name, NODE_IP, node6)
+    with node.inside():  # the opposite of what a pod gets: a move must not keep these
+        for key, value in {"disable_ipv6": 0, "accept_ra": 1, "autoconf": 1}.items():
+            netns.write_sysctl(f"net.ipv6.conf.default.{key}", value)
+    ip6 = IPv6Address("2001:db8:1::51") if dual_stack else None
+    pair = make_warm_pair(node, "mbr51", "mbrw51", ipv6=dual_stack)
+    topology.callback(delete_node_link, node, "mbr51")
+    with node.inside():
+        assert netns.read_sysctl("net.ipv6.conf.mbrw51.accept_ra") == "1"
+
+    pod_ns = f"{topology.tag}-pod51"
+    topology.callback(delete_pod, node, pod_ns, "mbr51")
+    pod = create_pod(node, pod_ns, "mbr51", A("198.18.0.51"), ip6, warm=pair)
+    assert (pod.host_ifindex, pod.host_mac, pod.pod_mac) == (
+        pair.host_ifindex,
+        pair.host_mac,
+        pair.pod_mac,
+    )
+    assert inspect_pod(node, pod_ns, "mbr51", pod.ipv4, ip6) == pod
+    with node.inside(), IPRoute() as ipr:
+        assert not ipr.link_lookup(ifname="mbrw51")  # moved, under its pod name
+
+    ns52 = f"{topology.tag}-pod52"
+    topology.callback(delete_pod, node, ns52, "mbr52")
+    ip6_52 = IPv6Address("2001:db8:1::52") if dual_stack else None
+    born_there = create_pod(node, ns52, "mbr52", A("198.18.0.52"), ip6_52)
+    expected = {"disable_ipv6": "1"} if not dual_stack else dict.fromkeys(_IPV6_SYSCTLS, "0")
+    moved = _eth0_ipv6_sysctls(pod_ns)
+    assert moved == _eth0_ipv6_sysctls(born_there.netns)
+    assert {k: moved[k] for k in expected} == expected
+    if not dual_stack:
+        assert _ip_json(pod_ns, "-6", "addr") == []  # no link-local: it came up without IPv6
+    netns.wait_ping(pod_ns, str(born_there.ipv4), timeout=5)
+
+
+def test_a_veth_made_ahead_is_deleted_when_its_pod_cannot_be_made(
+    topology: Topology, node: NodeInfo
+) -> None:
+    first = _pod(topology, node, 60)
+    pair = make_warm_pair(node, "mbr61", "mbrw61", ipv6=False)
+    topology.callback(delete_node_link, node, "mbr61")
+    other_ns = f"{topology.tag}-other"
+    topology.callback(netns.delete, other_ns)
+    with pytest.raises(FileExistsError, match=str(first.ipv4)):  # the address is taken
+        create_pod(node, other_ns, "mbr61", first.ipv4, warm=pair)
+    assert not netns.exists(other_ns)
+    with node.inside(), IPRoute() as ipr:
+        assert not ipr.link_lookup(ifname="mbr61") and not ipr.link_lookup(ifname="mbrw61")

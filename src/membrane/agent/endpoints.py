@@ -8,10 +8,11 @@ the datapath (membrane.agent.reconcile).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 
 from membrane import netns
@@ -21,6 +22,8 @@ from membrane.api.models import EndpointCreate
 from membrane.bpf import BpfObject
 from membrane.datapath.endpoint_prog import (
     ATTACH_TCX,
+    HeldAttachment,
+    attach_ahead,
     attach_endpoint,
     attach_loaded,
     attach_mode,
@@ -31,10 +34,18 @@ from membrane.datapath.endpoint_prog import (
     pinned_endpoint_ids,
     runs_build,
 )
+from membrane.datapath.service_nat import service_nat_config
 from membrane.datapath.upgrade import pinned_map_ids
 from membrane.endpoint.ipam import Ipam
-from membrane.endpoint.node import NodeInfo, delete_node_link
-from membrane.endpoint.plumbing import PodLink, create_pod, delete_pod, inspect_pod
+from membrane.endpoint.node import NodeInfo, delete_node_link, delete_node_links_named
+from membrane.endpoint.plumbing import (
+    PodLink,
+    WarmPair,
+    create_pod,
+    delete_pod,
+    inspect_pod,
+    make_warm_pair,
+)
 from membrane.errors import UserError
 
 log = logging.getLogger("membrane.agent")
@@ -44,6 +55,36 @@ MAX_NETNS_NAME = 200
 
 # What an endpoint's programs are specialised for at load time: id, IPv4, IPv6.
 ProgramKey = tuple[int, IPv4Address, IPv6Address | None]
+# The pod end of a warm veth pair (made ahead, see preload_next) until an add moves it
+# into its pod as eth0. Only this agent makes such names in its node namespace.
+WARM_PEER = re.compile(r"mbrw[0-9]+")
+
+
+def host_ifname(ep_id: int) -> str:
+    return f"mbr{ep_id}"
+
+
+def warm_peer_ifname(ep_id: int) -> str:
+    return f"mbrw{ep_id}"
+
+
+@dataclass
+class WarmVeth:
+    """The next endpoint's veth pair with its programs attached to the host end."""
+
+    pair: WarmPair
+    held: HeldAttachment
+
+
+@dataclass
+class Ahead:
+    """What the agent prepared for the next add, on its loader thread, in this order: the
+    programs loaded for `key`, then (None if that failed) its veth pair with them
+    attached."""
+
+    key: ProgramKey
+    programs: Future[BpfObject]
+    warm: Future[WarmVeth | None]
 
 
 def require_attach_mode(mode: str) -> None:
@@ -79,28 +120,47 @@ class EndpointLifecycle:
         self._build: tuple[dict[str, str], set[int]] | None = None  # tags, node map ids
         # The next endpoint's programs, loaded ahead (see preload_next).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="endpoint-loader")
-        self._ahead: tuple[ProgramKey, Future[BpfObject]] | None = None
+        self._ahead: Ahead | None = None
         # The veth each add just made, for its caller's answer (a CNI result) without a
         # second netlink look at it; dropped when taken or when the endpoint is forgotten.
         self._made: dict[int, PodLink] = {}
+        # The per-packet ClusterIP translation's CIDRs: load-time constants of every
+        # endpoint's programs (the same for all, so they are not part of a ProgramKey).
+        self._service_nat = service_nat_config(
+            c for c in (config.service_cidr, config.service_cidr_v6) if c is not None
+        )
 
-    # ---- programs loaded ahead -----------------------------------------------------------
+    # ---- programs loaded and attached ahead ---------------------------------------------
     def preload_next(self) -> None:
-        """Have the verifier check the programs of the endpoint the next add makes, in the
-        background: its id and addresses are handed out in order, so they are known now,
-        and the add (a container's start) then only attaches them. Called when the
-        agent is idle after a change, not during one, so it does not slow the change."""
+        """Prepare the endpoint the next add makes, in the background: its id and addresses
+        are handed out in order, so they are known now. The verifier checks its programs,
+        then its veth pair is made in the node namespace (both ends down, the pod's under a
+        temporary name) and the programs are attached to the host end (tcx attaches wait
+        for the kernel's RCU under RTNL, ~15 ms each), so the add (a container's start)
+        only moves the pod end into the pod's namespace and sets addresses and routes.
+        Called when the agent is idle after a change, not during one. A prediction that no
+        longer holds at the add is thrown away (the veth deleted) and the add makes its
+        own, so programs only ever run on the device they were loaded for."""
         key = self._next_key()
-        if self._ahead is not None and self._ahead[0] == key:
+        if self._ahead is not None and self._ahead.key == key:
             return
         self._drop_ahead()
         if key is not None:
-            self._ahead = (key, self._loader.submit(self._load, key))
+            programs = self._loader.submit(self._load, key)
+            warm = self._loader.submit(self._warm_up, key, programs)
+            self._ahead = Ahead(key, programs, warm)
 
     def close(self) -> None:
-        """Drop the programs loaded ahead (nothing attached is touched)."""
+        """Drop what was prepared ahead: the warm veth pair is deleted (nothing recorded
+        is touched)."""
         self._drop_ahead()
         self._loader.shutdown(wait=True)
+
+    def sweep_warm_pairs(self) -> list[str]:
+        """Delete warm veth pairs an agent killed before it used or deleted them left in
+        the node namespace (their tcx links died with its process; clsact filters go with
+        the device). Names matching WARM_PEER are only ever such pairs."""
+        return delete_node_links_named(self.node, WARM_PEER)
 
     def _next_key(self) -> ProgramKey | None:
         try:
@@ -114,22 +174,64 @@ class EndpointLifecycle:
         return ep_id, IPv4Address(ip), None if ip6 is None else IPv6Address(ip6)
 
     def _load(self, key: ProgramKey) -> BpfObject:
-        return load_endpoint(self.config.bpf_dir, *key)
+        return load_endpoint(self.config.bpf_dir, *key, **self._service_nat)
 
-    def _programs(self, key: ProgramKey) -> Future[BpfObject]:
-        """The programs for `key`: those loaded ahead when they are for it (and loaded
-        without error), else a load started now."""
+    def _warm_up(self, key: ProgramKey, programs: Future[BpfObject]) -> WarmVeth | None:
+        """On the loader thread, after `programs` loaded: the veth pair for `key` with them
+        attached, or None (logged) when that fails and the add should make its own."""
+        if programs.exception() is not None:
+            return None
+        ep_id, _, ip6 = key
+        try:
+            pair = make_warm_pair(
+                self.node, host_ifname(ep_id), warm_peer_ifname(ep_id), ipv6=ip6 is not None
+            )
+        except Exception as err:
+            log.warning("no veth made ahead", extra={"fields": {"id": ep_id, "problem": str(err)}})
+            return None
+        try:
+            held = attach_ahead(
+                programs.result(), pair.host_ifindex, self.config.node_netns, self.config.attach
+            )
+        except Exception as err:
+            delete_node_link(self.node, pair.host_ifname)
+            log.warning("no veth made ahead", extra={"fields": {"id": ep_id, "problem": str(err)}})
+            return None
+        return WarmVeth(pair, held)
+
+    def _take_ahead(self, key: ProgramKey) -> tuple[Future[BpfObject], Future[WarmVeth | None]]:
+        """The programs for `key` and its warm veth (a future of None: there is none):
+        those prepared ahead when they are for it (and loaded without error), else a load
+        started now. What was prepared for another key is thrown away first when its veth
+        has the name this add needs."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            if ahead[0] == key and not (ahead[1].done() and ahead[1].exception()):
-                return ahead[1]
-            _close_when_loaded(ahead[1])
-        return self._loader.submit(self._load, key)
+            if ahead.key == key and not (ahead.programs.done() and ahead.programs.exception()):
+                return ahead.programs, ahead.warm
+            discarded = self._loader.submit(self._discard, ahead)
+            if ahead.key[0] == key[0]:
+                discarded.result()
+        none: Future[WarmVeth | None] = Future()
+        none.set_result(None)
+        return self._loader.submit(self._load, key), none
 
     def _drop_ahead(self) -> None:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            _close_when_loaded(ahead[1])
+            self._loader.submit(self._discard, ahead)
+
+    def _discard(self, ahead: Ahead) -> None:
+        """On the loader thread (after the work for `ahead`, which it queued first):
+        delete its veth (the kernel detaches the programs with it), close its programs."""
+        try:
+            warm = ahead.warm.result()
+            if warm is not None:
+                delete_node_link(self.node, warm.pair.host_ifname)
+                warm.held.close()
+            if ahead.programs.exception() is None:
+                ahead.programs.result().close()
+        except Exception:
+            log.exception("dropping what was prepared ahead failed")
 
     # ---- after a restart -----------------------------------------------------------------
     def adopt_all(self) -> int:
@@ -223,7 +325,7 @@ class EndpointLifecycle:
             namespace=req.namespace,
             name=req.name,
             netns=netns_name,
-            host_ifname=f"mbr{ep_id}",
+            host_ifname=host_ifname(ep_id),
             ipv4=str(ip),
             ipv6=None if ip6 is None else str(ip6),
             labels=dict(req.labels),
@@ -237,22 +339,28 @@ class EndpointLifecycle:
         save()
         try:
             # Programs loaded ahead, or else the verifier checks them (in the kernel,
-            # ~20 ms) while the veth is being made.
-            loading = self._programs((ep_id, IPv4Address(ip), _ipv6(ip6)))
-            try:
-                link = create_pod(
-                    self.node,
-                    netns_name,
-                    ep.host_ifname,
-                    ip,
-                    ip6,
-                    reuse_netns=req.netns is not None,
-                )
-            except BaseException:
-                _close_when_loaded(loading)
-                raise
-            with loading.result() as obj:
-                ep = self._attach(ep, link.host_ifindex, obj)
+            # ~20 ms) while the veth is being made; with them, usually, the veth made
+            # ahead with them attached.
+            loading, warming = self._take_ahead((ep_id, IPv4Address(ip), _ipv6(ip6)))
+            warm = warming.result()
+            if warm is not None:
+                with loading.result():
+                    ep, link = self._plug_warm(ep, warm, reuse_netns=req.netns is not None)
+            else:
+                try:
+                    link = create_pod(
+                        self.node,
+                        netns_name,
+                        ep.host_ifname,
+                        ip,
+                        ip6,
+                        reuse_netns=req.netns is not None,
+                    )
+                except BaseException:
+                    _close_when_loaded(loading)
+                    raise
+                with loading.result() as obj:
+                    ep = self._attach(ep, link.host_ifindex, obj)
             self._made[ep_id] = link
         except BaseException:
             del self.state.endpoints[ep_id]
@@ -272,6 +380,26 @@ class EndpointLifecycle:
             save()
             raise
         return ep
+
+    def _plug_warm(
+        self, ep: EndpointRecord, warm: WarmVeth, reuse_netns: bool
+    ) -> tuple[EndpointRecord, PodLink]:
+        """Plumb `ep` with the veth made ahead for it and record its programs, attached
+        there already. On failure the veth is gone (and with it the programs)."""
+        try:
+            link = create_pod(
+                self.node,
+                ep.netns,
+                ep.host_ifname,
+                IPv4Address(ep.ipv4),
+                _ipv6_of(ep),
+                reuse_netns=reuse_netns,
+                warm=warm.pair,
+            )
+            mode = warm.held.record(self.config.bpf_dir, ep.id)
+        finally:
+            warm.held.close()  # recorded (pinned) by now, or to end with the veth
+        return self._attached(ep, mode, ahead=True), link
 
     def forget(self, ep: EndpointRecord) -> None:
         """Drop the record (its address leaves the ipcache at the next reconcile)."""
@@ -336,13 +464,19 @@ class EndpointLifecycle:
                 node_netns,
                 attach,
                 ipv6=self._routable(_ipv6_of(ep)),
+                **self._service_nat,
             )
         else:
             mode = attach_loaded(loaded, *where, ifindex, node_netns, attach)
+        return self._attached(ep, mode)
+
+    def _attached(self, ep: EndpointRecord, mode: str, ahead: bool = False) -> EndpointRecord:
+        """Log and record how `ep`'s programs are attached (`ahead`: on its veth made
+        ahead)."""
         log.log(
             logging.INFO if mode == ATTACH_TCX else logging.WARNING,
             "endpoint attached",
-            extra={"fields": {"endpoint": ep.key, "attach_mode": mode}},
+            extra={"fields": {"endpoint": ep.key, "attach_mode": mode, "ahead": ahead}},
         )
         if ep.attach_mode != mode:
             ep = replace(ep, attach_mode=mode)

@@ -13,9 +13,10 @@ from ipaddress import IPv4Address
 
 from membrane import netns
 from membrane.agent.config import AgentConfig
+from membrane.agent.endpoints import WARM_PEER
 from membrane.agent.state import StateFile
 from membrane.datapath.endpoint_prog import detach_all_endpoints, detach_endpoint
-from membrane.endpoint.node import NodeInfo, delete_node_link
+from membrane.endpoint.node import NodeInfo, delete_node_link, delete_node_links_named
 from membrane.endpoint.plumbing import delete_pod
 from membrane.errors import UserError
 from membrane.security.policy.manager import forget_tracing_policies
@@ -50,6 +51,8 @@ def reset_node(config: AgentConfig) -> dict[str, int]:
                 netns.delete(ep.netns)
             pods += 1
         detach_all_endpoints(config.bpf_dir)  # links of endpoints the state never recorded
+        if config.node_netns is None or netns.exists(config.node_netns):
+            delete_node_links_named(node, WARM_PEER)  # a veth pair made ahead, not yet used
         shutil.rmtree(config.bpf_dir, ignore_errors=True)
         with contextlib.suppress(OSError):  # the agents' directory and our root, if empty
             os.removedirs(os.path.dirname(config.bpf_dir))

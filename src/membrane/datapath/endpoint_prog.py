@@ -40,6 +40,7 @@ from membrane.datapath.abi import (
     PROG_TO_CONTAINER,
 )
 from membrane.datapath.nodemaps import pinned_sizes
+from membrane.datapath.service_nat import pin_service_maps
 from membrane.netns.namespace import exists as netns_exists
 from membrane.netns.namespace import inside
 
@@ -61,12 +62,13 @@ def load_endpoint(
     ep_id: int,
     ipv4: IPv4Address | str,
     ipv6: IPv6Address | str | None = None,
-    **config: int,
+    **config: int | bytes,
 ) -> BpfObject:
     """endpoint.bpf.o loaded for one endpoint on the node maps pinned under `pin_dir`
     (NodeMaps.open must have created them); without `ipv6` the endpoint is IPv4-only and
     its programs drop IPv6. `config` sets further load-time constants (ct_timeout_*_s,
-    events_wakeup_bytes). The caller closes the object."""
+    events_wakeup_bytes, the service CIDRs: service_nat_config). The service maps are
+    shared under `pin_dir` too (datapath.service_nat). The caller closes the object."""
     sizes = pinned_sizes(pin_dir)
     missing = [name for name in NODE_MAPS if name not in sizes]
     if missing:
@@ -83,6 +85,7 @@ def load_endpoint(
         for name, size in sizes.items():
             obj.set_max_entries(name, size)
         obj.pin_maps(pin_dir, names=list(NODE_MAPS))
+        pin_service_maps(obj, pin_dir)
         obj.load()
     except BaseException:
         obj.close()
@@ -197,7 +200,7 @@ def attach_endpoint(
     node_netns: str | None = None,
     mode: str = "auto",
     ipv6: IPv6Address | str | None = None,
-    **config: int,
+    **config: int | bytes,
 ) -> str:
     """Load the endpoint's programs and attach them to `ifindex` (the node-side veth, an
     index in `node_netns` when given), or swap them into the attachments already recorded
@@ -238,6 +241,70 @@ def attach_loaded(
                 )
             )
     return ATTACH_CLSACT if ATTACH_CLSACT in modes else ATTACH_TCX
+
+
+@dataclass
+class HeldAttachment:
+    """Programs attached to a device ahead of its endpoint's record (a veth made before
+    the add that uses it): tcx links held by fd only, so a process that dies takes them
+    along, or clsact filters in our slot, which go with the device. `record` makes them
+    the endpoint's like `attach_loaded` does; `close` lets go of them unrecorded."""
+
+    ifindex: int
+    node_netns: str | None
+    attached: dict[str, Link | ClsactAttachment]  # direction -> attachment
+
+    def program_ids(self) -> dict[str, int | None]:
+        """direction -> id of the program attached there."""
+        found: dict[str, int | None] = {}
+        with _netns(self.node_netns):
+            for direction, a in self.attached.items():
+                found[direction] = a.info().prog_id if isinstance(a, Link) else a.program_id()
+        return found
+
+    def record(self, pin_dir: str, ep_id: int) -> str:
+        """Record the attachments as endpoint `ep_id`'s (any record it had is ended
+        first); returns the mode, "tcx" or "clsact"."""
+        directory = links_dir(pin_dir, ep_id)
+        os.makedirs(directory, exist_ok=True)
+        for direction, attached in self.attached.items():
+            path = os.path.join(directory, direction)
+            old = _recorded(path)
+            if old is not None:
+                _forget(path, old, direction)
+            if isinstance(attached, Link):
+                attached.pin(path)
+            else:
+                os.symlink(ClsactRecord(self.ifindex, self.node_netns).text(), path)
+        self.close()
+        kinds = {type(a) for a in self.attached.values()}
+        return ATTACH_TCX if kinds == {Link} else ATTACH_CLSACT
+
+    def close(self) -> None:
+        """Drop our handles: an unrecorded tcx link ends here; clsact filters stay until
+        their device goes (delete the device to end them)."""
+        for attached in self.attached.values():
+            attached.close()
+
+
+def attach_ahead(
+    obj: BpfObject, ifindex: int, node_netns: str | None = None, mode: str = "auto"
+) -> HeldAttachment:
+    """Attach the programs of `obj` (load_endpoint) to `ifindex`, a device of `node_netns`
+    that no endpoint records yet, without recording them: see HeldAttachment."""
+    if mode not in TC_MODES:
+        raise ValueError(f"attach mode must be one of {', '.join(TC_MODES)}, not {mode!r}")
+    held = HeldAttachment(ifindex, node_netns, {})
+    try:
+        with _netns(node_netns):
+            for direction, prog_name in HOOKS.items():
+                held.attached[direction] = attach_tc(
+                    obj.program(prog_name), ifindex, direction, mode, slot=CLSACT_SLOT
+                )
+    except BaseException:
+        held.close()
+        raise
+    return held
 
 
 def _peek(path: str) -> Attached | None:

@@ -11,6 +11,7 @@ a dummy device would do, but our kernels are built without CONFIG_DUMMY.
 from __future__ import annotations
 
 import errno
+import re
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -109,6 +110,25 @@ def delete_node_link(node: NodeInfo, ifname: str) -> bool:
                 raise
             return False
     return True
+
+
+def delete_node_links_named(node: NodeInfo, names: re.Pattern[str]) -> list[str]:
+    """Delete every device of the node namespace whose whole name matches `names` (a veth
+    takes its peer along); returns the names deleted."""
+    deleted = []
+    with node.inside(), IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            if not names.fullmatch(name or ""):
+                continue
+            try:
+                ipr.link("del", index=link["index"])
+            except NetlinkError as e:
+                if e.code != errno.ENODEV:  # gone meanwhile (its peer was deleted)
+                    raise
+                continue
+            deleted.append(name)
+    return deleted
 
 
 def _ensure_up(ipr: IPRoute, link: ifinfmsg) -> None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from pyroute2 import IPRoute
 
 from membrane import netns
+from membrane.agent.endpoints import WARM_PEER
 from membrane.cni import install as cni_install
 from membrane.datapath.endpoint_prog import pinned_endpoint_ids
 from membrane.datapath.ipcache import read_ipcache
@@ -195,7 +196,16 @@ def footprint(agent: AgentProcess) -> dict[str, Any]:
     and after containers come and go: nothing leaked."""
     endpoints = agent.endpoints()
     with netns.inside(agent.node_netns), IPRoute() as ipr:
-        links = sorted(link.get_attr("IFLA_IFNAME") for link in ipr.get_links())
+        found = ipr.get_links()
+    # The veth pair the agent made ahead for the next endpoint is its own, not a leak:
+    # its pod end (WARM_PEER) and that end's peer, the host end.
+    warm = [link for link in found if WARM_PEER.fullmatch(link.get_attr("IFLA_IFNAME"))]
+    warm_ifindexes = {link["index"] for link in warm} | {
+        link.get_attr("IFLA_LINK") for link in warm
+    }
+    links = sorted(
+        link.get_attr("IFLA_IFNAME") for link in found if link["index"] not in warm_ifindexes
+    )
     with NodeMaps.open(str(agent.bpf_dir)) as maps:
         ipcache = sorted(str(prefix) for prefix in read_ipcache(maps))
         endpoint_map = len(list(maps.endpoints.lookup_batch()))
