@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 from pyroute2 import IPRoute
 
@@ -28,7 +28,7 @@ from membrane.bpf import Program, TestRunResult, test_run
 from membrane.lb.decap import attach_decap, decap_counts, detach_decap
 from membrane.netns import Topology, links
 from membrane.netns.namespace import inside
-from membrane.netns.sysctl import disable_ipv6, write_sysctl
+from membrane.netns.sysctl import disable_ipv6, enable_ipv6, write_sysctl
 from membrane.service.kubernetes import hand_written
 from membrane.service.maps import ServiceIds
 from membrane.service.nodeport import NodePortPath
@@ -45,8 +45,17 @@ NODE_DEVICE = "ext0"
 NODE_IP = "198.19.0.1"
 REMOTE_HOST = "198.19.8.11"
 LOCAL_POD, REMOTE_POD = "198.18.0.10", "198.18.200.11"
+# ... and their IPv6 twins (the segment is 2001:db8:8::/64)
+NODE_IP6, NODE_SIDE6, CLIENT_IP6 = "2001:db8::1", "2001:db8:8::1", "2001:db8:8::2"
+REMOTE_HOST6 = "2001:db8:8::11"
+LOCAL_POD6, REMOTE_POD6 = "2001:db8:1::10", "2001:db8:200::11"
 FIRST_NODE_PORT = 30000
 TARGET = 7000
+# family -> (node, client, remote host, local pod, remote pod, first ClusterIP)
+ADDRESSES = {
+    4: (NODE_IP, CLIENT_IP, REMOTE_HOST, LOCAL_POD, REMOTE_POD, "198.19.128.1"),
+    6: (NODE_IP6, CLIENT_IP6, REMOTE_HOST6, LOCAL_POD6, REMOTE_POD6, "2001:db8:fe::1"),
+}
 
 
 @dataclass
@@ -126,23 +135,31 @@ class Bed:
 
 
 def nodeport_testbed(topo: Topology) -> Bed:
-    """A node-like namespace: ext0 (198.19.8.1/24, the remote host and the client as
-    permanent neighbours, the other node's pods routed via the remote host) and pod0 (the
-    local pod's /32)."""
+    """A node-like namespace: ext0 (198.19.8.1/24 and 2001:db8:8::1/64, the remote host
+    and the client as permanent neighbours, the other node's pods routed via the remote
+    host) and pod0 (the local pod's /32 and /128)."""
     ns, peer, pod = topo.namespace("node"), topo.namespace("peer"), topo.namespace("pod")
+    with inside(ns):
+        enable_ipv6("all", "default")
     topo.veth(ns, peer, names=("ext0", "eth0"))
     topo.veth(ns, pod, names=("pod0", "eth0"))
     links.add_address(ns, "lo", f"{NODE_IP}/32")
+    links.add_address(ns, "lo", f"{NODE_IP6}/128")
     links.add_address(ns, "ext0", "198.19.8.1/24")
+    links.add_address(ns, "ext0", f"{NODE_SIDE6}/64")
     with inside(ns), IPRoute() as ipr:
         ext, pod0 = ipr.link_lookup(ifname="ext0")[0], ipr.link_lookup(ifname="pod0")[0]
-        for addr in (REMOTE_HOST, CLIENT_IP):
+        for addr in (REMOTE_HOST, CLIENT_IP, REMOTE_HOST6, CLIENT_IP6):
             ipr.neigh("add", dst=addr, lladdr=backend_mac(addr), ifindex=ext, state=NUD_PERMANENT)
-        ipr.route("add", dst=f"{REMOTE_POD}/32", gateway=REMOTE_HOST, oif=ext)
-        ipr.route("add", dst=f"{LOCAL_POD}/32", oif=pod0)
-        ipr.neigh("add", dst=LOCAL_POD, lladdr=backend_mac(LOCAL_POD), ifindex=pod0,
-                  state=NUD_PERMANENT)  # fmt: skip
+        for remote, host in ((REMOTE_POD, REMOTE_HOST), (REMOTE_POD6, REMOTE_HOST6)):
+            bits = IPv6Address(remote).max_prefixlen if ":" in remote else 32
+            ipr.route("add", dst=f"{remote}/{bits}", gateway=host, oif=ext)
+        for local, bits in ((LOCAL_POD, 32), (LOCAL_POD6, 128)):
+            ipr.route("add", dst=f"{local}/{bits}", oif=pod0)
+            ipr.neigh("add", dst=local, lladdr=backend_mac(local), ifindex=pod0,
+                      state=NUD_PERMANENT)  # fmt: skip
         write_sysctl("net.ipv4.ip_forward", 1)
+        write_sysctl("net.ipv6.conf.all.forwarding", 1)  # bpf_fib_lookup asks for it
     return Bed(ns, ext, pod0)
 
 
@@ -154,22 +171,25 @@ def load_nodeport(
     algorithm: str = "random",
     local_only: bool = False,
     protocol: str = "TCP",
+    family: int = 4,
 ) -> NodePortPath:
     """The programs in `mode` on service maps of their own pinned under `bpf_dir` (made
     as the agent makes them: the socket LB's loader creates them, the nodeport loader reuses
     them), with `services` NodePorts (FIRST_NODE_PORT + 2i to the local pod, + 2i + 1 to the
-    remote one, `protocol`) written by the agent's writer; `local_only`: externalTrafficPolicy Local
-    (and no endpoint of this node among the backends). ext0 is served (np_devices)."""
-    socket_lb = SocketLb.start(bpf_dir, "", (4,))  # maps only: nothing attaches
-    path = NodePortPath.start(bpf_dir, mode, IPv4Address(NODE_IP))
+    remote one, `protocol`, IPv`family`) written by the agent's writer; `local_only`:
+    externalTrafficPolicy Local (and no endpoint of this node among the backends). ext0 is
+    served (np_devices)."""
+    socket_lb = SocketLb.start(bpf_dir, "", (4, 6))  # maps only: nothing attaches
+    path = NodePortPath.start(bpf_dir, mode, IPv4Address(NODE_IP), IPv6Address(NODE_IP6))
+    _, _, _, local_pod, remote_pod, first_cluster_ip = ADDRESSES[family]
     records, slices = [], []
     for i in range(services):
-        for k, backend in enumerate((LOCAL_POD, REMOTE_POD)):
+        for k, backend in enumerate((local_pod, remote_pod)):
             port = {"port": 80, "targetPort": TARGET, "protocol": protocol,
                     "nodePort": FIRST_NODE_PORT + 2 * i + k}  # fmt: skip
             spec = {
                 "type": "NodePort",
-                "clusterIP": str(ipaddress.ip_address("198.19.128.1") + 2 * i + k),
+                "clusterIP": str(ipaddress.ip_address(first_cluster_ip) + 2 * i + k),
                 "externalTrafficPolicy": "Local" if local_only else "Cluster",
                 "ports": [port],
             }
@@ -183,7 +203,7 @@ def load_nodeport(
             )
             records.append(svc.with_ips((spec["clusterIP"],)))
             slices.append(eps)
-    node = NodeView((), {4: (NODE_IP,)}, 16381)
+    node = NodeView((), {4: (NODE_IP,), 6: (NODE_IP6,)}, 16381)
     socket_lb.maps.apply(plan(records, [s for s in slices if s], node), ServiceIds.from_json(None))
     socket_lb.close()
     path.obj.map("np_devices").update(bed.ext, 1)

@@ -1,0 +1,298 @@
+"""The per-packet service path (bpf/nodeport.bpf.c) for IPv6, and ICMP errors about its
+translated flows in both families, through BPF_PROG_TEST_RUN: the packets it writes byte
+for byte, every checksum recomputed by scapy and compared (the quoted header's IP and L4
+checksums included), in the namespace of membrane.testing.nodeport (one local and one
+remote backend per family)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6PacketTooBig,
+    IPv6,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet
+
+from membrane.bpf.fs import temporary_pin_dir
+from membrane.netns import Topology
+from membrane.service.nodeport import NodePortPath
+from membrane.testing.nodeport import (
+    ADDRESSES,
+    FIRST_NODE_PORT,
+    TARGET,
+    Bed,
+    load_nodeport,
+    nodeport_testbed,
+)
+
+pytestmark = pytest.mark.root
+
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+LOCAL_PORT, REMOTE_PORT = FIRST_NODE_PORT, FIRST_NODE_PORT + 1  # service 0's two NodePorts
+ROUTER = {4: "198.19.8.200", 6: "2001:db8:8::200"}  # a hop that reports an error
+IP_OF = {4: IP, 6: IPv6}
+
+
+@pytest.fixture(scope="module")
+def bed() -> Iterator[Bed]:
+    with Topology("mn6") as topo:
+        yield nodeport_testbed(topo)
+
+
+Loaded = Callable[[str, str, int], NodePortPath]
+
+
+@pytest.fixture(scope="module")
+def paths(bed: Bed) -> Iterator[Loaded]:
+    """The programs for (mode, protocol, family), loaded on first use, one service."""
+    loaded: dict[tuple[str, str, int], NodePortPath] = {}
+
+    def path(mode: str, protocol: str, family: int) -> NodePortPath:
+        key = (mode, protocol, family)
+        if key not in loaded:
+            where = f"{pin_dir}/{mode}-{protocol}-{family}"
+            loaded[key] = load_nodeport(bed, where, mode, 1, protocol=protocol, family=family)
+        return loaded[key]
+
+    with temporary_pin_dir() as pin_dir:
+        try:
+            yield path
+        finally:
+            for made in loaded.values():
+                made.close()
+
+
+def frame(family: int, src: str, dst: str, sport: int, dport: int, udp: bool = False,
+          ext: Packet | None = None, **tcp: object) -> bytes:  # fmt: skip
+    l3 = IP_OF[family](src=src, dst=dst)
+    if ext is not None:
+        l3 = l3 / ext
+    l4 = UDP(sport=sport, dport=dport) if udp else TCP(sport=sport, dport=dport, **tcp)
+    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / l3 / l4 / (b"x" * 40))
+
+
+def run(bed: Bed, path: NodePortPath, prog: str, data: bytes) -> tuple[int, Ether]:
+    result = bed.run(path.obj.program(prog), data, bed.ext)
+    return result.retval, Ether(result.data)
+
+
+def l4_of(ip: Packet) -> Packet:
+    return ip[TCP] if TCP in ip else ip[UDP]
+
+
+def checksums_valid(ip: Packet) -> bool:
+    """The IP (IPv4) and L4 checksums as written equal what scapy computes afresh."""
+    fresh = type(ip)(bytes(ip))
+    l4 = l4_of(fresh)
+    if isinstance(fresh, IP):
+        del fresh.chksum
+    del l4.chksum
+    rebuilt = type(ip)(bytes(fresh))
+    same_ip = not isinstance(ip, IP) or rebuilt.chksum == ip.chksum
+    return same_ip and l4_of(rebuilt).chksum == l4_of(ip).chksum
+
+
+def icmp_checksum_valid(ip: Packet) -> bool:
+    """The ICMP (ICMPv6: over its pseudo-header too) and outer IPv4 checksums."""
+    v4 = isinstance(ip, IP)
+    field = "chksum" if v4 else "cksum"
+    fresh = type(ip)(bytes(ip))
+    written = getattr(fresh.payload, field)
+    delattr(fresh.payload, field)
+    if v4:
+        del fresh.chksum
+    rebuilt = type(ip)(bytes(fresh))
+    same_ip = not v4 or rebuilt.chksum == ip.chksum
+    return same_ip and getattr(rebuilt.payload, field) == written
+
+
+def quote_of(ip: Packet) -> Packet:
+    """The packet an ICMP error quotes, parsed as a packet of its own."""
+    icmp = ip.payload
+    return IP_OF[4 if isinstance(ip, IP) else 6](bytes(icmp.payload))
+
+
+def icmp_error(family: int, src: str, dst: str, quoted: bytes, kind: str) -> bytes:
+    """An ICMP error from `src` to `dst` quoting the IP packet `quoted` whole."""
+    if family == 4:
+        code = {"too_big": 4, "port": 3}[kind]
+        icmp = ICMP(type=3, code=code, nexthopmtu=1400 if kind == "too_big" else 0)
+        packet = IP(src=src, dst=dst) / icmp / quoted
+    else:
+        icmp6 = ICMPv6PacketTooBig(mtu=1400) if kind == "too_big" else ICMPv6DestUnreach(code=4)
+        packet = IPv6(src=src, dst=dst) / icmp6 / quoted
+    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / packet)
+
+
+# ---- IPv6 translation ----------------------------------------------------------------------
+def test_ipv6_local_backend_dnat_and_its_reply(bed: Bed, paths: Loaded) -> None:
+    node, client, _, local_pod, _, _ = ADDRESSES[6]
+    path = paths("snat", "TCP", 6)
+    verdict, out = run(bed, path, "nodeport_ingress", frame(6, client, node, 40001, LOCAL_PORT))
+    assert verdict == TC_ACT_OK
+    assert (out[IPv6].src, out[IPv6].dst, out[TCP].sport, out[TCP].dport) == (
+        client, local_pod, 40001, TARGET)  # fmt: skip
+    assert checksums_valid(out[IPv6])
+    verdict, back = run(bed, path, "nodeport_egress", frame(6, local_pod, client, TARGET, 40001))
+    assert verdict == TC_ACT_OK
+    assert (back[IPv6].src, back[TCP].sport, back[IPv6].dst, back[TCP].dport) == (
+        node, LOCAL_PORT, client, 40001)  # fmt: skip
+    assert checksums_valid(back[IPv6])
+
+
+def test_ipv6_remote_backend_snat_and_its_reply(bed: Bed, paths: Loaded) -> None:
+    node, client, _, _, remote_pod, _ = ADDRESSES[6]
+    path = paths("snat", "TCP", 6)
+    first = frame(6, client, node, 40002, REMOTE_PORT, flags="S")
+    verdict, out = run(bed, path, "nodeport_ingress", first)
+    assert verdict == TC_ACT_REDIRECT
+    assert (out[IPv6].src, out[IPv6].dst, out[TCP].dport) == (node, remote_pod, TARGET)
+    nat_port = out[TCP].sport
+    assert nat_port >= 32768 and checksums_valid(out[IPv6])
+    reply = frame(6, remote_pod, node, TARGET, nat_port)
+    verdict, back = run(bed, path, "nodeport_ingress", reply)
+    assert verdict == TC_ACT_REDIRECT
+    assert (back[IPv6].src, back[TCP].sport, back[IPv6].dst, back[TCP].dport) == (
+        node, REMOTE_PORT, client, 40002)  # fmt: skip
+    assert checksums_valid(back[IPv6])
+
+
+def test_ipv6_udp_is_translated_with_its_checksum(bed: Bed, paths: Loaded) -> None:
+    node, client, _, local_pod, _, _ = ADDRESSES[6]
+    data = frame(6, client, node, 40003, LOCAL_PORT, udp=True)
+    verdict, out = run(bed, paths("snat", "UDP", 6), "nodeport_ingress", data)
+    assert verdict == TC_ACT_OK and out[IPv6].dst == local_pod and out[UDP].dport == TARGET
+    assert checksums_valid(out[IPv6])
+
+
+def test_ipv6_dsr_encapsulates_in_ipv6_and_clamps_the_syn_mss(bed: Bed, paths: Loaded) -> None:
+    node, client, _, _, remote_pod, _ = ADDRESSES[6]
+    path = paths("dsr", "TCP", 6)
+    syn = frame(6, client, node, 40004, REMOTE_PORT, flags="S", options=[("MSS", 1440)])
+    verdict, out = run(bed, path, "nodeport_ingress", syn)
+    assert verdict == TC_ACT_REDIRECT
+    outer = out[IPv6]
+    assert (outer.src, outer.dst, outer.nh) == (node, remote_pod, 41)  # IPv6-in-IPv6
+    inner = IPv6(bytes(outer.payload))
+    assert outer.plen == len(bytes(inner))
+    assert (inner.src, inner.dst, inner[TCP].dport) == (client, node, REMOTE_PORT)
+    assert dict(inner[TCP].options)["MSS"] == 1500 - 100  # ext0's MTU less 2 x IPv6 + TCP
+    assert checksums_valid(inner)
+    assert path.counters()["mss_clamped"] == 1
+
+
+def test_ipv6_local_policy_without_a_local_backend_drops(bed: Bed) -> None:
+    node, client, *_ = ADDRESSES[6]
+    with temporary_pin_dir() as pin_dir:
+        path = load_nodeport(bed, pin_dir, "snat", 1, local_only=True, family=6)
+        try:
+            data = frame(6, client, node, 40005, REMOTE_PORT)
+            verdict = bed.run(path.obj.program("nodeport_ingress"), data, bed.ext).retval
+            assert verdict == TC_ACT_SHOT and path.counters()["no_backend"] == 1
+        finally:
+            path.close()
+
+
+def test_ipv6_options_headers_are_kept_and_a_routing_header_drops(bed: Bed, paths: Loaded) -> None:
+    """Hop-by-hop options are walked past and kept; a routing header names another final
+    destination than the one rewritten: dropped, counted."""
+    node, client, _, local_pod, _, _ = ADDRESSES[6]
+    path = paths("snat", "TCP", 6)
+    with_options = frame(6, client, node, 40006, LOCAL_PORT, ext=IPv6ExtHdrHopByHop())
+    verdict, out = run(bed, path, "nodeport_ingress", with_options)
+    assert verdict == TC_ACT_OK and IPv6ExtHdrHopByHop in out
+    assert (out[IPv6].dst, out[TCP].dport) == (local_pod, TARGET) and checksums_valid(out[IPv6])
+    before = path.counters()["exthdr"]
+    routed = frame(6, client, node, 40007, LOCAL_PORT, ext=IPv6ExtHdrRouting(addresses=[node]))
+    verdict, _ = run(bed, path, "nodeport_ingress", routed)
+    assert verdict == TC_ACT_SHOT and path.counters()["exthdr"] == before + 1
+
+
+# ---- ICMP errors, both families --------------------------------------------------------------
+@pytest.mark.parametrize("family", [4, 6])
+def test_port_unreachable_from_a_local_backend_speaks_as_the_frontend(
+    bed: Bed, paths: Loaded, family: int
+) -> None:
+    """The backend pod has no UDP socket: its error leaves by ext0 from the frontend,
+    quoting the datagram the client sent (to the frontend), so a connected UDP socket of
+    the client gets ECONNREFUSED."""
+    node, client, _, local_pod, _, _ = ADDRESSES[family]
+    path = paths("snat", "UDP", family)
+    verdict, dnat = run(
+        bed, path, "nodeport_ingress", frame(family, client, node, 40100, LOCAL_PORT, udp=True)
+    )
+    assert verdict == TC_ACT_OK
+    delivered = bytes(dnat[IP_OF[family]])  # what reached the pod, and what it quotes
+    before = path.counters()["icmp_error"]
+    error = icmp_error(family, local_pod, client, delivered, "port")
+    verdict, out = run(bed, path, "nodeport_egress", error)
+    assert verdict == TC_ACT_OK
+    ip = out[IP_OF[family]]
+    assert (ip.src, ip.dst) == (node, client)
+    quote = quote_of(ip)
+    assert (quote.src, quote[UDP].sport, quote.dst, quote[UDP].dport) == (
+        client, 40100, node, LOCAL_PORT)  # fmt: skip
+    assert checksums_valid(quote) and icmp_checksum_valid(ip)
+    assert path.counters()["icmp_error"] == before + 1
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_too_big_on_the_path_to_a_snat_backend_reaches_the_client(
+    bed: Bed, paths: Loaded, family: int
+) -> None:
+    """A hop towards the remote backend reports that the node's SNAT'd segment is too
+    big: the error goes to the client about the segment it sent (to the frontend)."""
+    node, client, _, _, _, _ = ADDRESSES[family]
+    path = paths("snat", "TCP", family)
+    syn = frame(family, client, node, 40101, REMOTE_PORT, flags="S")
+    verdict, out = run(bed, path, "nodeport_ingress", syn)
+    assert verdict == TC_ACT_REDIRECT
+    sent = bytes(out[IP_OF[family]])
+    error = icmp_error(family, ROUTER[family], node, sent, "too_big")
+    verdict, back = run(bed, path, "nodeport_ingress", error)
+    assert verdict == TC_ACT_REDIRECT
+    ip = back[IP_OF[family]]
+    assert (ip.src, ip.dst) == (ROUTER[family], client)
+    quote = quote_of(ip)
+    assert (quote.src, quote[TCP].sport, quote.dst, quote[TCP].dport) == (
+        client, 40101, node, REMOTE_PORT)  # fmt: skip
+    assert checksums_valid(quote) and icmp_checksum_valid(ip)
+    assert (ip.payload.nexthopmtu if family == 4 else ip.payload.mtu) == 1400
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_too_big_about_a_reply_reaches_the_local_backend(
+    bed: Bed, paths: Loaded, family: int
+) -> None:
+    """A hop towards the client reports the reply (from the frontend) too big: the error
+    goes to the backend pod about the segment it sent."""
+    node, client, _, local_pod, _, _ = ADDRESSES[family]
+    path = paths("snat", "TCP", family)
+    run(bed, path, "nodeport_ingress", frame(family, client, node, 40102, LOCAL_PORT, flags="S"))
+    _, reply = run(bed, path, "nodeport_egress", frame(family, local_pod, client, TARGET, 40102))
+    error = icmp_error(family, ROUTER[family], node, bytes(reply[IP_OF[family]]), "too_big")
+    verdict, out = run(bed, path, "nodeport_ingress", error)
+    assert verdict == TC_ACT_OK
+    ip = out[IP_OF[family]]
+    assert (ip.src, ip.dst) == (ROUTER[family], local_pod)
+    quote = quote_of(ip)
+    assert (quote.src, quote[TCP].sport, quote.dst, quote[TCP].dport) == (
+        local_pod, TARGET, client, 40102)  # fmt: skip
+    assert checksums_valid(quote) and icmp_checksum_valid(ip)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_errors_about_other_flows_pass_untouched(bed: Bed, paths: Loaded, family: int) -> None:
+    node, client, *_ = ADDRESSES[family]
+    path = paths("snat", "TCP", family)
+    stranger = bytes(IP_OF[family](src=node, dst=client) / TCP(sport=22, dport=40999))
+    error = icmp_error(family, ROUTER[family], node, stranger, "too_big")
+    verdict, out = run(bed, path, "nodeport_ingress", error)
+    assert verdict == TC_ACT_OK and bytes(out) == error
