@@ -177,6 +177,9 @@ def test_cluster_ips_are_allocated_kept_and_checked() -> None:
     ipv4_only = Allocator([], {4: CIDRS[4]})
     with pytest.raises(UserError, match=r"ipFamilies: IPv6 needs a dual-stack agent"):
         allocate(service("ipFamilies: [IPv6]\n  ports: [{port: 80}]"), None, ipv4_only)
+    with pytest.raises(UserError, match=r"externalIPs\[1\]: 2001:db8:9::10 is IPv6: it needs"):
+        text = "externalIPs: [198.19.9.10, '2001:db8:9::10']\n  ports: [{port: 80}]"
+        allocate(service(text), None, ipv4_only)
     prefer = allocate(
         service("ipFamilyPolicy: PreferDualStack\n  ports: [{port: 80}]"), None, ipv4_only
     )

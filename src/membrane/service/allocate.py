@@ -70,6 +70,13 @@ def allocate(svc: ServiceRecord, previous: ServiceRecord | None, pool: Allocator
             raise UserError(
                 f"{where}.ipFamilies", f"IPv{family} needs a dual-stack agent (--ipv6=true)"
             )
+    for i, ip in enumerate(svc.external_ips):
+        family = ipaddress.ip_address(ip).version
+        if family not in cidrs:  # the node has no address of that family to serve it on
+            raise UserError(
+                f"{where}.externalIPs[{i}]",
+                f"{ip} is IPv{family}: it needs a dual-stack agent (--ipv6=true)",
+            )
     if svc.prefer_dual_stack:
         families += [f for f in sorted(cidrs) if f not in families][:1]
     kept = {ipaddress.ip_address(ip).version: ip for ip in previous.cluster_ips} if previous else {}
