@@ -62,6 +62,7 @@
 #include "lib/ipcache.h"
 #include "lib/policy.h"
 #include "lib/conntrack.h"
+#include "lib/service_nat.h"
 
 const volatile __u16 ep_id = 0;
 const volatile __be32 ep_ipv4 = 0;
@@ -171,6 +172,7 @@ struct flow {
 	__u8 peer_known;  /* peer_identity is set */
 	__u8 first_fragment; /* record frag_l4 under frag_id once the packet passes */
 	__u8 fragment;    /* enum pkt_fragment */
+	__u8 service;     /* translated to a service's backend here (CT_SERVICE) */
 	struct frag_ports frag_l4;
 };
 
@@ -712,6 +714,142 @@ static __always_inline enum ct_result flow_ct_lookup(const struct flow *f, __u64
 	return ct_lookup(k4, now, f->tcp_flags, e);
 }
 
+/* A svc_nat key: the client's tuple to `server` (the frontend or the backend). */
+static __always_inline void svc_nat_key(union any_ct_key *key, const struct flow *f,
+					const __u32 *client, const __u32 *server, __u16 cport,
+					__u16 sport, __u8 dir)
+{
+	if (f->family == 6) {
+		__builtin_memcpy(key->v6.saddr, client, 16);
+		__builtin_memcpy(key->v6.daddr, server, 16);
+		key->v6.sport = cport;
+		key->v6.dport = sport;
+		key->v6.proto = f->proto;
+		key->v6.dir = dir;
+		key->v6.ep_id = ep_id;
+		return;
+	}
+	key->v4.saddr = client[0];
+	key->v4.daddr = server[0];
+	key->v4.sport = cport;
+	key->v4.dport = sport;
+	key->v4.proto = f->proto;
+	key->v4.dir = dir;
+	key->v4.ep_id = ep_id;
+}
+
+static __always_inline void *svc_nat_of(__u8 family)
+{
+	return family == 6 ? (void *)&svc_nat6 : (void *)&svc_nat;
+}
+
+static __always_inline int same_addr16(const __u8 *a, const __u8 *b)
+{
+	__u64 a0, a1, b0, b1;
+
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	__builtin_memcpy(&b0, b, 8);
+	__builtin_memcpy(&b1, b + 8, 8);
+	return a0 == b0 && a1 == b1;
+}
+
+/* What a packet from the pod pays before conntrack when no socket LB hook translated its
+ * connection: a compare with the service CIDR (load-time constants). Whole TCP and UDP
+ * packets only: fragments, ICMP and other protocols to a ClusterIP go on untranslated. */
+static __always_inline int to_service_cidr(const struct flow *f)
+{
+	if (f->family == 6 ? !svc_in_cidr6(f->daddr) : !svc_in_cidr4(f->daddr[0]))
+		return 0;
+	return f->fragment == PKT_NOT_FRAGMENT &&
+	       (f->proto == IPPROTO_TCP || f->proto == IPPROTO_UDP);
+}
+
+/* The pod's packet to a ClusterIP frontend, to the flow's backend: chosen on the flow's
+ * first packet as the socket LB chooses (svc_nat_pick), kept in svc_nat with the reverse
+ * translation of its replies; a flow whose backend is gone picks anew (as Cilium). Both
+ * checksums are fixed, and `f` then describes the translated packet, so that conntrack
+ * and policy see the backend. DROP_NONE also when the address is no frontend (the packet
+ * goes on as it is). Global: verified once, and off the path of other packets. */
+__noinline __u32 service_translate(struct __sk_buff *skb, struct flow *f)
+{
+	union any_ct_key key = {};
+	struct svc_nat nat = {};
+	struct svc_backend *be = NULL;
+	struct svc_nat *known;
+	void *map;
+	__u32 id = 0;
+
+	if (!f)
+		return DROP_NONE;
+	map = svc_nat_of(f->family);
+	svc_nat_key(&key, f, f->saddr, f->daddr, f->sport, f->dport, SVC_NAT_FWD);
+	known = bpf_map_lookup_elem(map, &key);
+	if (known) {
+		be = svc_backend(known->backend);
+		if (be && be->port == known->port && same_addr16(be->addr, known->addr))
+			id = known->backend;
+	}
+	if (!id) {
+		struct svc_frontend_key fk = { .scope = SVC_SCOPE_INTERNAL };
+		struct svc_frontend *fe;
+
+		__builtin_memcpy(fk.addr, f->daddr, 16);
+		fk.port = f->dport;
+		fk.protocol = f->proto;
+		fk.family = f->family;
+		fe = svc_lookup(&fk);
+		if (!fe)
+			return DROP_NONE;
+		id = svc_nat_pick(fe, f->saddr, f->daddr, f->sport, f->dport, f->proto);
+		be = id ? svc_backend(id) : NULL;
+		if (!be || be->family != f->family)
+			return DROP_SERVICE_BACKEND_NOT_FOUND;
+		__builtin_memcpy(nat.addr, be->addr, 16);
+		nat.port = be->port;
+		nat.backend = id;
+		nat.revnat = fe->revnat;
+		bpf_map_update_elem(map, &key, &nat, BPF_ANY);
+		/* The replies' way back: from the backend to the frontend. */
+		svc_nat_key(&key, f, f->saddr, (const __u32 *)be->addr, f->sport, be->port,
+			    SVC_NAT_REV);
+		__builtin_memcpy(nat.addr, f->daddr, 16);
+		nat.port = f->dport;
+		bpf_map_update_elem(map, &key, &nat, BPF_ANY);
+		svc_nat_note(ep_id, be, fe->revnat);
+	}
+	if (!be)
+		return DROP_NONE;
+	if (svc_nat_rewrite(skb, f->family, f->l4_off, f->proto, 0, f->daddr,
+			    (const __u32 *)be->addr, f->dport, be->port))
+		return DROP_INVALID_PACKET;
+	__builtin_memcpy(f->daddr, be->addr, 16);
+	f->dport = f->ct_dport = f->policy_port = be->port;
+	f->service = 1;
+	return DROP_NONE;
+}
+
+/* A reply of a translated flow (its conntrack entry has CT_SERVICE): from the frontend
+ * again, as the client sent to it. Whole packets only (see to_service_cidr). */
+__noinline __u32 service_reverse(struct __sk_buff *skb, struct flow *f)
+{
+	union any_ct_key key = {};
+	struct svc_nat *from;
+
+	if (!f || f->fragment != PKT_NOT_FRAGMENT)
+		return DROP_NONE;
+	svc_nat_key(&key, f, f->daddr, f->saddr, f->dport, f->sport, SVC_NAT_REV);
+	from = bpf_map_lookup_elem(svc_nat_of(f->family), &key);
+	if (!from)
+		return DROP_NONE;
+	if (svc_nat_rewrite(skb, f->family, f->l4_off, f->proto, 1, f->saddr,
+			    (const __u32 *)from->addr, f->sport, from->port))
+		return DROP_INVALID_PACKET;
+	__builtin_memcpy(f->saddr, from->addr, 16);
+	f->sport = f->ct_sport = from->port;
+	return DROP_NONE;
+}
+
 /* A tracked packet's trace: its peer is the connection's (no ipcache lookup needed). */
 static __always_inline void trace_tracked(struct flow *f, const struct ct_entry *e, __u32 match)
 {
@@ -755,6 +893,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		return drop(&f, DROP_NO_ENDPOINT_STATE, FLOW_MATCH_NONE, 0);
 	f.policy_rev = st->policy_rev;
 
+	if (dir == EP_DIR_EGRESS && to_service_cidr(&f)) {
+		reason = service_translate(skb, &f);
+		if (reason != DROP_NONE)
+			return drop(&f, reason, FLOW_MATCH_NONE, 0);
+	}
+
 	if (is_icmp(f.proto) && f.fragment == PKT_NOT_FRAGMENT &&
 	    icmp_is_error(f.proto, f.sport)) {
 		now = ct_now();
@@ -771,6 +915,11 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		now = ct_now();
 		switch (flow_ct_lookup(&f, now, &key, &e)) {
 		case CT_REPLY:
+			if (e->flags & CT_SERVICE) {
+				reason = service_reverse(skb, &f);
+				if (reason != DROP_NONE)
+					return drop(&f, reason, FLOW_MATCH_NONE, 0);
+			}
 			gained = ct_account(e, f.proto, 1, f.tcp_flags, now);
 			if (trace_wanted(f.dir, gained & TRACE_NEWS))
 				trace_tracked(&f, e, FLOW_MATCH_REPLY);
@@ -784,6 +933,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 				e->rule_id = v.rule_id;
 				e->peer_identity = f.peer_identity;
 			}
+			if (f.service)
+				e->flags |= CT_SERVICE; /* the tuple was last used directly */
 			gained = ct_account(e, f.proto, 0, f.tcp_flags, now);
 			if (trace_wanted(f.dir, gained & TRACE_NEWS))
 				trace_tracked(&f, e, FLOW_MATCH_ESTABLISHED);
@@ -799,7 +950,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	 * echo request with that id) would pass as a reply, past the egress policy. */
 	if (f.tracked && !(is_icmp(f.proto) && icmp_echo_reply(f.proto, f.sport)))
 		ct_create_in(f.family == 6 ? (void *)&ct6 : (void *)&ct, &key, f.proto,
-			     f.tcp_flags, now, f.policy_rev, v.rule_id, f.peer_identity);
+			     f.tcp_flags, now, f.policy_rev, v.rule_id, f.peer_identity,
+			     f.service ? CT_SERVICE : 0);
 	report(&f, FLOW_EVENT_POLICY_VERDICT, DROP_NONE, v.match, v.rule_id);
 	if (trace_wanted(f.dir, 1))
 		trace(&f, FLOW_MATCH_NONE);

@@ -17,14 +17,6 @@
 #include <linux/in.h>
 #include "lib/service.h"
 
-/* The socket LB's own map (abi/service.h): the per-packet path has no use for it. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, SVC_XLATE_SIZE);
-	__type(key, struct svc_xlate_key);
-	__type(value, __u32);
-} svc_xlate SEC(".maps");
-
 #define SYS_PROCEED 1
 #define SYS_REJECT 0
 

@@ -107,6 +107,7 @@ ENUMS = (
     PyEnum("svc_set_flag", "SvcSetFlag", "SVC_SET_", "IntFlag", "svc_set.flags."),
     PyEnum("svc_backend_state", "BackendState", "SVC_BACKEND_", "IntEnum", "svc_backend.state."),
     PyEnum("svc_sock_dir", "SvcSockDir", "SVC_SOCK_", "IntEnum", "svc_sock_key.dir."),
+    PyEnum("svc_nat_dir", "SvcNatDir", "SVC_NAT_", "IntEnum", "svc_nat keys' dir."),
     PyEnum("np_mode", "NodePortMode", "NP_MODE_", "IntEnum", "nodeport.bpf.c's np_mode."),
     PyEnum("np_kind", "NodePortKind", "NP_KIND_", "IntEnum", "np_flow.kind."),
     PyEnum("np_stat", "NodePortStat", "NP_STAT_", "IntEnum", "np_stats indexes."),

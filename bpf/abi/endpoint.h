@@ -154,6 +154,8 @@ struct ct6_key {
 enum ct_flags {
 	CT_SEEN_REPLY = 1,
 	CT_CLOSING = 2, /* FIN or RST seen */
+	CT_SERVICE = 4, /* the endpoint program translated it to a service's backend: its
+			 * replies are translated back (abi/service.h: svc_nat) */
 };
 ABI_EXPORT_ENUM(ct_flags);
 
@@ -206,6 +208,7 @@ enum drop_reason {
 	DROP_CT_TRUNCATED_OR_INVALID_HEADER = 135,
 	DROP_UNSUPPORTED_L3_PROTOCOL = 139,
 	DROP_FRAG_NOT_FOUND = 155, /* a later fragment whose first one we did not see */
+	DROP_SERVICE_BACKEND_NOT_FOUND = 158, /* to a service frontend without a backend */
 	DROP_NO_ENDPOINT_STATE = 160,
 	DROP_POLICY_DENY = 181, /* a deny rule matched */
 };

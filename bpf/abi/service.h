@@ -28,7 +28,17 @@
  *                   (recvmsg/getpeername show the service address).
  *   svc_xlate       LRU hash: svc_xlate_key (the client's netns cookie, backend address,
  *                   port, protocol) -> rev-NAT id: which frontend a pod's connections to a
- *                   backend went through (flows' destination_service).
+ *                   backend went through (flows' destination_service). The endpoint
+ *                   programs' per-packet translation writes it with netns
+ *                   SVC_XLATE_EP_MARK << 32 | the client's endpoint id (a netns cookie
+ *                   never has those bits: cookies count up from 1).
+ *   svc_nat, svc_nat6  LRU hash: the endpoint programs' per-packet ClusterIP translation
+ *                   (lib/service_nat.h) of a pod whose connect hook was bypassed, keyed by
+ *                   a conntrack key (abi/endpoint.h) whose dir is enum svc_nat_dir:
+ *                   FWD  the client's tuple to the frontend -> svc_nat: the backend (address,
+ *                        port, id) every packet of the flow goes to;
+ *                   REV  the client's tuple to that backend -> svc_nat: the frontend its
+ *                        replies come from (address, port, rev-NAT id).
  * Addresses are in network byte order, IPv4 in the first 4 bytes of 16; ports in host
  * byte order. The Maglev slot of a flow is hash % maglev_size; the per-packet path hashes
  * the 5-tuple with lib/jhash.h as lb.h does (membrane.lb.flowhash is the reference).
@@ -47,6 +57,8 @@ enum svc_limits {
 	SVC_AFFINITY_SIZE = 65536,
 	SVC_SOCK_SIZE = 262144,
 	SVC_XLATE_SIZE = 65536,
+	SVC_NAT_SIZE = 131072,         /* two entries per translated flow */
+	SVC_XLATE_EP_MARK = 2147483647, /* svc_xlate_key.netns >> 32 of an endpoint's record */
 	SVC_MAGLEV_DEFAULT_SIZE = 16381, /* prime, Cilium's --bpf-lb-maglev-table-size */
 	SVC_HASH_SEED = 1398163011,      /* 0x53564343, "SVCC" */
 };
@@ -158,6 +170,21 @@ struct svc_sock_value {
 	__u8 family;
 	__u8 pad;
 	__u32 id;        /* FWD: the backend id; REV: the rev-NAT id */
+};
+
+/* svc_nat keys (struct ct_key / ct6_key) carry one of these as dir: never a packet's. */
+enum svc_nat_dir {
+	SVC_NAT_FWD = 2,
+	SVC_NAT_REV = 3,
+};
+ABI_EXPORT_ENUM(svc_nat_dir);
+
+struct svc_nat {
+	__u8 addr[16];   /* FWD: the backend; REV: the frontend */
+	__u16 port;
+	__u8 pad[2];
+	__u32 backend;   /* svc_backends id: a FWD entry whose backend is gone picks anew */
+	__u32 revnat;    /* svc_revnat id of the frontend */
 };
 
 struct svc_xlate_key {

@@ -6,7 +6,7 @@
  *   case CT_ESTABLISHED: ...; gained = ct_account(e, proto, 0, tcp_flags, now); break;
  *   case CT_REPLY:       gained = ct_account(e, proto, 1, tcp_flags, now); break;
  *   case CT_NEW:         if allowed: ct_create_in(&ct, &key, proto, tcp_flags, now, rev,
- *                                                 rule, peer);
+ *                                                 rule, peer, flags);
  *   }
  *
  * IPv6: ct6_lookup, and ct_create_in on map `ct6` with a struct ct6_key; ct_account
@@ -191,7 +191,7 @@ static __always_inline __u32 ct_account(struct ct_entry *e, __u8 proto, int repl
 
 static __always_inline void ct_create_in(void *map, const void *key, __u8 proto,
 					 __u8 tcp_flags, __u64 now, __u32 policy_rev,
-					 __u32 rule_id, __u32 peer_identity)
+					 __u32 rule_id, __u32 peer_identity, __u8 flags)
 {
 	struct ct_entry e = {
 		.created_ns = now,
@@ -199,7 +199,7 @@ static __always_inline void ct_create_in(void *map, const void *key, __u8 proto,
 		.rule_id = rule_id,
 		.peer_identity = peer_identity,
 		.tcp_flags_orig = tcp_flags,
-		.flags = ct_flags_after(0, tcp_flags),
+		.flags = ct_flags_after(flags, tcp_flags),
 		.packets_orig = 1,
 	};
 

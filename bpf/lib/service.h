@@ -82,6 +82,14 @@ struct {
 	__type(value, struct svc_sock_value);
 } svc_sock SEC(".maps");
 
+/* Written by the socket LB and the endpoint programs' per-packet translation. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SVC_XLATE_SIZE);
+	__type(key, struct svc_xlate_key);
+	__type(value, __u32);
+} svc_xlate SEC(".maps");
+
 static __always_inline struct svc_frontend *svc_lookup(const struct svc_frontend_key *key)
 {
 	return bpf_map_lookup_elem(&svc_frontends, key);

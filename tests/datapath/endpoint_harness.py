@@ -79,6 +79,7 @@ class Outcome:
     drops: dict[tuple[int, int, int], tuple[int, int]]  # (ep, dir, reason) -> delta
     started_ns: int
     ended_ns: int
+    data: bytes = b""  # the frame as the program left it
 
     @property
     def event(self) -> Any:
@@ -173,7 +174,8 @@ class EndpointDatapath:
         self.ring.drain()  # leftovers of earlier runs are not this frame's
         before = self.drop_counters()
         started = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        retval = ctypes.c_int32(test_run(prog, data, repeat=repeat).retval).value
+        result = test_run(prog, data, repeat=repeat)
+        retval = ctypes.c_int32(result.retval).value
         ended = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         assert retval in TC_VERDICTS, f"unexpected return code {retval}"
         after = self.drop_counters()
@@ -189,6 +191,7 @@ class EndpointDatapath:
             drops=moved,
             started_ns=started,
             ended_ns=ended,
+            data=bytes(result.data),
         )
 
     def frags(self, direction: Direction, ep_id: int = EP_ID, family: int = 4) -> Any:

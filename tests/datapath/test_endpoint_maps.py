@@ -15,6 +15,7 @@ from membrane.bpf.maps import HASH, LPM_TRIE, LRU_HASH, PERCPU_HASH, RINGBUF
 from membrane.datapath import Identity, NodeMaps, load_endpoint, sync_ipcache
 from membrane.datapath.abi import FRAGS_EGRESS, FRAGS_INGRESS, NODE_MAPS
 from membrane.datapath.ipcache import read_ipcache
+from membrane.datapath.service_nat import SERVICE_PIN_SUBDIR
 
 pytestmark = pytest.mark.root
 
@@ -92,7 +93,8 @@ def test_fragment_records_are_per_endpoint_and_direction(pin_dir: str) -> None:
         frag_maps = [o.map(n) for o in (first, second) for n in (FRAGS_INGRESS, FRAGS_EGRESS)]
         assert len({m.id for m in frag_maps}) == 4
         assert {m.type for m in frag_maps} == {LRU_HASH}
-        assert sorted(os.listdir(pin_dir)) == sorted(NODE_MAPS)  # none of them pinned
+        # none of them pinned (the service maps are, in their own directory)
+        assert sorted(os.listdir(pin_dir)) == sorted([*NODE_MAPS, SERVICE_PIN_SUBDIR])
 
 
 def test_endpoint_programs_need_the_node_maps(pin_dir: str) -> None:

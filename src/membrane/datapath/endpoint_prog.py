@@ -40,6 +40,7 @@ from membrane.datapath.abi import (
     PROG_TO_CONTAINER,
 )
 from membrane.datapath.nodemaps import pinned_sizes
+from membrane.datapath.service_nat import pin_service_maps
 from membrane.netns.namespace import exists as netns_exists
 from membrane.netns.namespace import inside
 
@@ -61,12 +62,13 @@ def load_endpoint(
     ep_id: int,
     ipv4: IPv4Address | str,
     ipv6: IPv6Address | str | None = None,
-    **config: int,
+    **config: int | bytes,
 ) -> BpfObject:
     """endpoint.bpf.o loaded for one endpoint on the node maps pinned under `pin_dir`
     (NodeMaps.open must have created them); without `ipv6` the endpoint is IPv4-only and
     its programs drop IPv6. `config` sets further load-time constants (ct_timeout_*_s,
-    events_wakeup_bytes). The caller closes the object."""
+    events_wakeup_bytes, the service CIDRs: service_nat_config). The service maps are
+    shared under `pin_dir` too (datapath.service_nat). The caller closes the object."""
     sizes = pinned_sizes(pin_dir)
     missing = [name for name in NODE_MAPS if name not in sizes]
     if missing:
@@ -83,6 +85,7 @@ def load_endpoint(
         for name, size in sizes.items():
             obj.set_max_entries(name, size)
         obj.pin_maps(pin_dir, names=list(NODE_MAPS))
+        pin_service_maps(obj, pin_dir)
         obj.load()
     except BaseException:
         obj.close()
@@ -197,7 +200,7 @@ def attach_endpoint(
     node_netns: str | None = None,
     mode: str = "auto",
     ipv6: IPv6Address | str | None = None,
-    **config: int,
+    **config: int | bytes,
 ) -> str:
     """Load the endpoint's programs and attach them to `ifindex` (the node-side veth, an
     index in `node_netns` when given), or swap them into the attachments already recorded

@@ -19,6 +19,7 @@ from membrane.bpf import BpfObject, Btf, Map
 from membrane.bpf.fs import ensure_bpffs
 from membrane.bpf.maps import MapInfo, map_info, obj_get
 from membrane.datapath.abi import ENDPOINT_OBJECT, NODE_MAPS
+from membrane.datapath.service_nat import skip_service_maps
 from membrane.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def _create_missing(pin_dir: str, sizes: Mapping[str, int]) -> None:
     with BpfObject.open(ENDPOINT_OBJECT) as obj:
         for prog in obj.programs.values():
             prog.autoload = False
+        skip_service_maps(obj)
         for name, size in sizes.items():
             obj.set_max_entries(name, size)
         obj.pin_maps(pin_dir, names=list(NODE_MAPS))

@@ -31,6 +31,7 @@ from membrane.bpf import _libbpf as L
 from membrane.bpf.maps import RINGBUF
 from membrane.datapath.abi import ENDPOINT_OBJECT, NODE_MAPS
 from membrane.datapath.nodemaps import pinned_map_infos, pinned_sizes
+from membrane.datapath.service_nat import skip_service_maps
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,7 @@ class NodeMapMigration:
         with BpfObject.open(ENDPOINT_OBJECT) as obj:
             for prog in obj.programs.values():
                 prog.autoload = False
+            skip_service_maps(obj)
             for name in NODE_MAPS:
                 if name in names:
                     obj.set_max_entries(name, sizes[name])

@@ -1,0 +1,141 @@
+/* Per-packet ClusterIP translation for the endpoint programs: a pod's packet to a service
+ * frontend that no socket LB hook translated (a process outside --cgroup-root, a raw
+ * socket, a packet generator), as Cilium's from-container does. Maps and layouts in
+ * abi/service.h (svc_nat, svc_nat6, svc_xlate).
+ *
+ *   if (svc_in_cidr4(daddr) / svc_in_cidr6(daddr))    the service CIDRs, load-time
+ *           constants: all that a packet to anything else pays (off when the mask is 0)
+ *   __u32 id = svc_nat_pick(fe, saddr, daddr, sport, dport, proto);   a backend as the
+ *           socket LB picks one (lib/service.h: random or Maglev on the flow's hash,
+ *           ClientIP affinity keyed by the source address); 0: none
+ *   svc_nat_rewrite(skb, family, l4_off, proto, src, old, new, old_port, new_port)
+ *           the source (src) or destination address and port, IP and L4 checksums fixed
+ *   svc_nat_note(ep_id, be, revnat)     svc_xlate: flows name the Service
+ *
+ * The endpoint program keys both svc_nat entries of a flow like its conntrack (a
+ * struct ct_key / ct6_key whose dir is SVC_NAT_FWD or SVC_NAT_REV).
+ */
+#ifndef MEMBRANE_LIB_SERVICE_NAT_H
+#define MEMBRANE_LIB_SERVICE_NAT_H
+
+#include "abi/endpoint.h"
+#include "abi/service.h"
+#include "lib/jhash.h"
+#include "lib/service.h"
+
+/* The service CIDRs (network order). A zero mask with an all-ones network matches
+ * nothing: the default, so an object loaded without them translates nothing. */
+const volatile __u32 svc_net4 = 0xffffffff;
+const volatile __u32 svc_mask4 = 0;
+const volatile __u32 svc_net6[4] = { 0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff };
+const volatile __u32 svc_mask6[4] = {};
+
+#define SVC_NAT_ETH_HLEN 14 /* the endpoint programs see untagged Ethernet */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SVC_NAT_SIZE);
+	__type(key, struct ct_key);
+	__type(value, struct svc_nat);
+} svc_nat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SVC_NAT_SIZE);
+	__type(key, struct ct6_key);
+	__type(value, struct svc_nat);
+} svc_nat6 SEC(".maps");
+
+static __always_inline int svc_in_cidr4(__u32 daddr)
+{
+	return (daddr & svc_mask4) == svc_net4;
+}
+
+static __always_inline int svc_in_cidr6(const __u32 *daddr)
+{
+	return !(((daddr[0] & svc_mask6[0]) ^ svc_net6[0]) | ((daddr[1] & svc_mask6[1]) ^ svc_net6[1]) |
+		 ((daddr[2] & svc_mask6[2]) ^ svc_net6[2]) | ((daddr[3] & svc_mask6[3]) ^ svc_net6[3]));
+}
+
+static __always_inline __u32 svc_nat_pick(const struct svc_frontend *fe, const __u32 *saddr,
+					  const __u32 *daddr, __u16 sport, __u16 dport, __u8 proto)
+{
+	struct svc_affinity_key akey = { .set = fe->set };
+	struct svc_set *set = svc_set_of(fe->set);
+	__u32 words[10] = {};
+	__u32 id, hash;
+
+	if (!set)
+		return 0;
+	if (set->flags & SVC_SET_AFFINITY) {
+		__builtin_memcpy(akey.client, saddr, 16);
+		id = svc_affinity_get(&akey, set);
+		if (id)
+			goto chosen;
+	}
+	if (set->flags & SVC_SET_MAGLEV) {
+		/* The flow's hash as nodeport's and the LB's (addresses 16 bytes each). */
+		__builtin_memcpy(words, saddr, 16);
+		__builtin_memcpy(words + 4, daddr, 16);
+		words[8] = (__u32)sport | ((__u32)dport << 16);
+		words[9] = proto;
+		hash = jhash2_10(words, SVC_HASH_SEED);
+	} else {
+		hash = bpf_get_prandom_u32();
+	}
+	id = svc_pick(set, fe->set, hash);
+	if (!id)
+		return 0;
+chosen:
+	if (set->flags & SVC_SET_AFFINITY)
+		svc_affinity_put(&akey, id);
+	return id;
+}
+
+/* Replace the source (`src`) or destination address (4 or 16 bytes by family) and port of
+ * a TCP or UDP packet, fixing the L4 checksum (its pseudo-header too) and IPv4's header
+ * checksum; an IPv4 UDP checksum of 0 ("none") stays 0. 0, or -1 when the skb refused. */
+static __always_inline int svc_nat_rewrite(struct __sk_buff *skb, __u8 family, __u32 l4_off,
+					   __u8 proto, int src, const __u32 *old_addr,
+					   const __u32 *new_addr, __u16 old_port, __u16 new_port)
+{
+	__u32 csum_off = l4_off + (proto == IPPROTO_TCP ? 16 : 6);
+	__u64 mangled = proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	__be16 op = bpf_htons(old_port), np = bpf_htons(new_port);
+	__s64 diff;
+
+	if (family == 6) {
+		diff = bpf_csum_diff((__be32 *)old_addr, 16, (__be32 *)new_addr, 16, 0);
+		if (diff < 0 || bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled) ||
+		    bpf_skb_store_bytes(skb, SVC_NAT_ETH_HLEN + (src ? 8 : 24), new_addr, 16, 0))
+			return -1;
+	} else if (old_addr[0] != new_addr[0]) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_addr[0], new_addr[0],
+					BPF_F_PSEUDO_HDR | mangled | 4) ||
+		    bpf_l3_csum_replace(skb, SVC_NAT_ETH_HLEN + 10, old_addr[0], new_addr[0], 4) ||
+		    bpf_skb_store_bytes(skb, SVC_NAT_ETH_HLEN + (src ? 12 : 16), new_addr, 4, 0))
+			return -1;
+	}
+	if (op != np &&
+	    (bpf_l4_csum_replace(skb, csum_off, op, np, mangled | sizeof(np)) ||
+	     bpf_skb_store_bytes(skb, l4_off + (src ? 0 : 2), &np, sizeof(np), 0)))
+		return -1;
+	return 0;
+}
+
+/* Which frontend the endpoint's connections to the backend went through, for the flows
+ * (abi/service.h: svc_xlate). Written only when it changes. */
+static __always_inline void svc_nat_note(__u16 ep, const struct svc_backend *be, __u32 revnat)
+{
+	struct svc_xlate_key k = { .netns = (__u64)SVC_XLATE_EP_MARK << 32 | ep,
+				   .port = be->port, .protocol = be->protocol,
+				   .family = be->family };
+	__u32 *known;
+
+	__builtin_memcpy(k.addr, be->addr, 16);
+	known = bpf_map_lookup_elem(&svc_xlate, &k);
+	if (!known || *known != revnat)
+		bpf_map_update_elem(&svc_xlate, &k, &revnat, BPF_ANY);
+}
+
+#endif
