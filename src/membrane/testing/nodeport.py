@@ -10,8 +10,10 @@ backends, so a backend host can answer a client directly (DSR) instead of throug
 
 The hosts route everything else (the node's address, pods) via the node's 198.19.8.1.
 A DSR backend host also holds the frontend's address on lo and strips the node's
-IPv4-in-IPv4 header with lb_decap (XDP; this kernel makes no ipip devices), as the
-backends of `membrane lb` do.
+IPv4-in-IPv4 (IPv6-in-IPv6) header with lb_decap (XDP; this kernel makes no ipip or
+ip6tnl devices), as the backends of `membrane lb` do. A dual-stack fabric adds
+2001:db8:8::/64 on the same segment (node 2001:db8:8::1, client ::2, hosts as IPv4's
+last byte). A host can route to a pod behind a link of a smaller MTU (path MTU tests).
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ ADDRESSES = {
 }
 
 
+SEGMENT6_PREFIX = "2001:db8:8::"
+
+
+def segment6(address: str) -> str:
+    """A segment host's IPv6 address: IPv4's last byte after the /64 prefix (in hex)."""
+    return f"{SEGMENT6_PREFIX}{int(address.rsplit('.', 1)[1]):x}"
+
+
 @dataclass
 class Fabric:
     topo: Topology
@@ -66,6 +76,7 @@ class Fabric:
     client: str  # the client host's namespace
     client_ip: str = CLIENT_IP
     hosts: dict[str, str] = field(default_factory=dict)  # backend host namespace -> address
+    ipv6: bool = False  # 2001:db8:8::/64 on the segment too
 
     def _plug(self, ns: str, dev: str, port: str) -> None:
         self.topo.veth(ns, self.ns, names=(dev, port))
@@ -76,16 +87,23 @@ class Fabric:
     def _host(self, role: str, address: str) -> str:
         ns = self.topo.namespace(role)
         with inside(ns):
-            disable_ipv6("all", "default")
+            (enable_ipv6 if self.ipv6 else disable_ipv6)("all", "default")
         self._plug(ns, "eth0", f"p-{role}")
         links.add_address(ns, "eth0", f"{address}/{SEGMENT.prefixlen}")
         links.add_route(ns, "0.0.0.0/0", via=NODE_SIDE)
+        if self.ipv6:
+            links.add_address(ns, "eth0", f"{segment6(address)}/64")
+            links.add_route(ns, "::/0", via=segment6(NODE_SIDE))
         return ns
 
-    def add_backend_host(self, role: str, address: str, frontend: str | None = None) -> str:
-        """A host on the segment; with `frontend` (an address), ready for DSR: the address
-        on lo, no ARP answers for it, decapsulation on eth0."""
+    def add_backend_host(
+        self, role: str, address: str, frontend: str | None = None, frontend6: str | None = None
+    ) -> str:
+        """A host on the segment; with `frontend` (and `frontend6`: addresses), ready for
+        DSR: the addresses on lo, no ARP answers for it, decapsulation on eth0."""
         ns = self._host(role, address)
+        if frontend6 is not None:
+            links.add_address(ns, "lo", f"{frontend6}/128")
         if frontend is not None:
             links.add_address(ns, "lo", f"{frontend}/32")
             with inside(ns):
@@ -97,6 +115,47 @@ class Fabric:
             self.topo.callback(detach_decap, "eth0", ns)
         self.hosts[ns] = address
         netns.wait_ping(self.node_ns, address)
+        if self.ipv6:
+            netns.wait_ping(self.node_ns, segment6(address))
+        return ns
+
+    def add_narrow_pod(self, host_ns: str, role: str, pods: tuple[str, ...], mtu: int) -> str:
+        """A namespace holding `pods` (addresses, on lo) two hops behind `host_ns`: over a
+        link of `mtu` bytes to a router, then a full-sized one to the pods. The pods'
+        stack announces the full MSS, so a peer's full-sized segments meet the narrow
+        link in the middle, where `host_ns` answers with fragmentation needed / packet
+        too big. Links 198.19.10.0/30 and .4/30 (2001:db8:10::/64 and 2001:db8:11::/64)."""
+        router, ns = self.topo.namespace(f"{role}-r"), self.topo.namespace(role)
+        plan = (  # (near side, its device, its address, far side, its address, MTU)
+            (host_ns, "narrow0", "198.19.10.1", router, "198.19.10.2", "2001:db8:10::", mtu),
+            (router, "deep0", "198.19.10.5", ns, "198.19.10.6", "2001:db8:11::", None),
+        )
+        for side in (router, ns):
+            with inside(side):
+                (enable_ipv6 if self.ipv6 else disable_ipv6)("all", "default")
+        for near, dev, near_ip, far, far_ip, prefix6, link_mtu in plan:
+            self.topo.veth(near, far, names=(dev, "eth0"))
+            if link_mtu is not None:
+                for side, name in ((near, dev), (far, "eth0")):
+                    with inside(side), IPRoute() as ipr:
+                        ipr.link("set", index=ipr.link_lookup(ifname=name)[0], mtu=link_mtu)
+            links.add_address(near, dev, f"{near_ip}/30")
+            links.add_address(far, "eth0", f"{far_ip}/30")
+            links.add_route(far, "0.0.0.0/0", via=near_ip)
+            with inside(near):
+                write_sysctl("net.ipv4.ip_forward", 1)
+            if self.ipv6:
+                links.add_address(near, dev, f"{prefix6}1/64")
+                links.add_address(far, "eth0", f"{prefix6}2/64")
+                links.add_route(far, "::/0", via=f"{prefix6}1")
+                with inside(near):
+                    write_sysctl("net.ipv6.conf.all.forwarding", 1)
+        for pod in pods:
+            v6 = ":" in pod
+            links.add_address(ns, "lo", f"{pod}/{128 if v6 else 32}")
+            links.add_route(router, pod, via="2001:db8:11::2" if v6 else "198.19.10.6")
+            links.add_route(host_ns, pod, via="2001:db8:10::2" if v6 else "198.19.10.2")
+            netns.wait_ping(host_ns, pod)
         return ns
 
     def decapsulated(self, host_ns: str) -> int:
@@ -104,18 +163,22 @@ class Fabric:
         return decap_counts("eth0", host_ns)["decapsulated"]
 
 
-def build_fabric(topo: Topology, node_ns: str) -> Fabric:
-    """The segment, the node's ext0 on it and the client host."""
+def build_fabric(topo: Topology, node_ns: str, ipv6: bool = False) -> Fabric:
+    """The segment, the node's ext0 on it and the client host; `ipv6`: dual-stack."""
     fabric_ns = topo.namespace("fabric")
     with inside(fabric_ns), IPRoute() as ipr:
-        disable_ipv6("all", "default")
+        disable_ipv6("all", "default")  # the bridge itself needs no address
         ipr.link("add", ifname="br0", kind="bridge")
         ipr.link("set", index=ipr.link_lookup(ifname="br0")[0], state="up")
-    fabric = Fabric(topo, fabric_ns, node_ns, "")
+    fabric = Fabric(topo, fabric_ns, node_ns, "", ipv6=ipv6)
     fabric._plug(node_ns, NODE_DEVICE, "p-node")
     links.add_address(node_ns, NODE_DEVICE, f"{NODE_SIDE}/{SEGMENT.prefixlen}")
+    if ipv6:
+        links.add_address(node_ns, NODE_DEVICE, f"{segment6(NODE_SIDE)}/64")
     fabric.client = fabric._host("client", CLIENT_IP)
     netns.wait_ping(fabric.client, NODE_SIDE)
+    if ipv6:
+        netns.wait_ping(fabric.client, segment6(NODE_SIDE))
     return fabric
 
 
