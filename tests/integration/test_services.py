@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import textwrap
 import time
 import urllib.request
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from membrane import netns
 from membrane.bpf.probe import supports
 from membrane.testing.agent import agent_unusable_reason
 from membrane.testing.cluster import Cluster, running_cluster, unique_tag
@@ -154,10 +156,143 @@ def test_the_node_reaches_the_cluster_ip(env: Env) -> None:
     assert not udp["failures"] and udp["peers"] == [ip]
 
 
-def test_outside_the_cgroup_nothing_is_translated(env: Env) -> None:
+# A process the socket LB does not see (outside --cgroup-root): the endpoint programs
+# translate its packets to the ClusterIP one by one (bpf/lib/service_nat.h).
+OUTSIDE = None
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_outside_the_cgroup_the_endpoint_programs_translate(env: Env, family: int) -> None:
+    ip = cluster_ip(env.get("shop/web"), family)
+    tcp = connect_many(env.client.netns, OUTSIDE, ip, 80, count=30)
+    assert not tcp["failures"]  # the SYN-ACK came back from the ClusterIP
+    assert set(tcp["answers"]) == set(env.web)  # random spreads over both backends
+    assert tcp["peers"] == [ip]
+    for proto in ("udp", "cudp"):
+        udp = connect_many(env.client.netns, OUTSIDE, ip, 53, count=10, proto=proto)
+        assert not udp["failures"], proto
+        assert sum(udp["answers"].values()) == 10
+        assert udp["peers"] == [ip], proto  # recvfrom: the reply's source is the ClusterIP
+
+
+def test_outside_the_cgroup_policy_judges_the_backend(env: Env) -> None:
+    """The client's egress policy sees the translated packet: a deny of the backends'
+    pods drops it, an allow of them (and nothing else) lets it through."""
     ip = cluster_ip(env.get("shop/web"))
-    result = connect_many(env.client.netns, None, ip, 80, count=1)
-    assert result["failures"] and not result["answers"]
+    env.cluster.import_policy("""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: client-deny-web, namespace: shop}
+        spec:
+          endpointSelector: {matchLabels: {pod: client}}
+          egressDeny:
+          - toEndpoints: [{matchLabels: {app: web}}]
+    """)
+    try:
+        denied = connect_many(env.client.netns, OUTSIDE, ip, 80, count=1)
+        assert not denied["answers"] and len(denied["failures"]) == 1
+    finally:
+        env.cluster.agent.delete_all_policies()
+    env.cluster.import_policy("""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: client-to-web-only, namespace: shop}
+        spec:
+          endpointSelector: {matchLabels: {pod: client}}
+          egress:
+          - toEndpoints: [{matchLabels: {app: web}}]
+    """)
+    try:
+        allowed = connect_many(env.client.netns, OUTSIDE, ip, 80, count=5)
+        assert not allowed["failures"] and sum(allowed["answers"].values()) == 5
+    finally:
+        env.cluster.agent.delete_all_policies()
+
+
+def test_outside_the_cgroup_flows_name_the_service(env: Env) -> None:
+    ip = cluster_ip(env.get("shop/web"))
+    started = time.time()
+    assert not connect_many(env.client.netns, OUTSIDE, ip, 80, count=4)["failures"]
+    backends = {p.ip for p in env.web.values()}
+
+    def recent() -> list[dict[str, Any]]:
+        return [
+            r["flow"] for r in env.cluster.agent.observe(2000)
+            if "flow" in r and unix_time(r["flow"]["time"]) >= started
+        ]  # fmt: skip
+
+    def seen() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        flows = recent()
+        requests = [f for f in flows if f["IP"]["source"] == env.client.ip
+                    and f["IP"]["destination"] in backends]  # fmt: skip
+        replies = [f for f in flows if f["IP"]["destination"] == env.client.ip
+                   and f["IP"]["source"] == ip]  # fmt: skip
+        return requests, replies
+
+    deadline = time.monotonic() + 10
+    while not all(found := seen()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    requests, replies = found
+    assert requests, "no flow from the client to a backend (after translation)"
+    assert replies, "no reply from the ClusterIP (after the reverse translation)"
+    for flow in requests:
+        assert flow["destination_service"] == {"namespace": "shop", "name": "web"}
+    for flow in replies:
+        assert flow["source_service"] == {"namespace": "shop", "name": "web"}
+
+
+HOLD = textwrap.dedent("""
+    import socket, sys
+    host, port = sys.argv[1], int(sys.argv[2])
+    s = socket.create_connection((host, port), timeout=5)
+    for line in sys.stdin:
+        s.sendall(b"ping")
+        print(s.recv(100).decode(), s.getpeername()[0], flush=True)
+""")
+
+
+def test_outside_the_cgroup_a_connection_survives_a_restart(env: Env) -> None:
+    """Conntrack and svc_nat are pinned: an established connection through the per-packet
+    translation keeps working across an agent restart, and new ones work while the agent
+    is down."""
+    echo = {n: start_echo_server(env.web[n].netns, (81,)) for n in env.web}
+    env.import_yaml("""
+        apiVersion: v1
+        kind: Service
+        metadata: {name: kept, namespace: shop}
+        spec:
+          clusterIP: 198.19.128.204
+          selector: {app: web}
+          ports: [{name: echo, port: 9001, targetPort: 81}]
+    """)
+    holder = netns.popen(
+        env.client.netns,
+        [sys.executable, "-c", HOLD, "198.19.128.204", "9001"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    agent = env.cluster.agent
+    web_ip = cluster_ip(env.get("shop/web"))
+    try:
+        assert holder.stdin is not None and holder.stdout is not None
+
+        def echoed() -> str:
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            return holder.stdout.readline().strip()
+
+        assert echoed() == "ping 198.19.128.204"
+        agent.stop()
+        try:
+            assert echoed() == "ping 198.19.128.204"
+            down = connect_many(env.client.netns, OUTSIDE, web_ip, 80, count=5)
+            assert not down["failures"]
+        finally:
+            agent.start()
+        assert echoed() == "ping 198.19.128.204"
+    finally:
+        stop_all([holder, *echo.values()])
+        env.cli("service", "delete", "shop/kept", check=False)
 
 
 def test_selector_follows_pods_coming_and_going(env: Env) -> None:
@@ -443,10 +578,11 @@ def test_flows_name_the_service_the_connection_went_through(env: Env) -> None:
     for flow in replies:
         assert flow["source_service"] == {"namespace": "shop", "name": "web"}
     # a flow that is no service's names none
+    services = backends | set(env.get("shop/web")["cluster_ips"])
     others = [
         r["flow"] for r in env.cluster.agent.observe(2000)
-        if "flow" in r and r["flow"]["IP"]["destination"] not in backends
-        and r["flow"]["IP"]["source"] not in backends
+        if "flow" in r and r["flow"]["IP"]["destination"] not in services
+        and r["flow"]["IP"]["source"] not in services
     ]  # fmt: skip
     assert all("destination_service" not in f and "source_service" not in f for f in others)
 

@@ -34,6 +34,7 @@ from membrane.datapath.endpoint_prog import (
     pinned_endpoint_ids,
     runs_build,
 )
+from membrane.datapath.service_nat import service_nat_config
 from membrane.datapath.upgrade import pinned_map_ids
 from membrane.endpoint.ipam import Ipam
 from membrane.endpoint.node import NodeInfo, delete_node_link, delete_node_links_named
@@ -123,6 +124,11 @@ class EndpointLifecycle:
         # The veth each add just made, for its caller's answer (a CNI result) without a
         # second netlink look at it; dropped when taken or when the endpoint is forgotten.
         self._made: dict[int, PodLink] = {}
+        # The per-packet ClusterIP translation's CIDRs: load-time constants of every
+        # endpoint's programs (the same for all, so they are not part of a ProgramKey).
+        self._service_nat = service_nat_config(
+            c for c in (config.service_cidr, config.service_cidr_v6) if c is not None
+        )
 
     # ---- programs loaded and attached ahead ---------------------------------------------
     def preload_next(self) -> None:
@@ -168,7 +174,7 @@ class EndpointLifecycle:
         return ep_id, IPv4Address(ip), None if ip6 is None else IPv6Address(ip6)
 
     def _load(self, key: ProgramKey) -> BpfObject:
-        return load_endpoint(self.config.bpf_dir, *key)
+        return load_endpoint(self.config.bpf_dir, *key, **self._service_nat)
 
     def _warm_up(self, key: ProgramKey, programs: Future[BpfObject]) -> WarmVeth | None:
         """On the loader thread, after `programs` loaded: the veth pair for `key` with them
@@ -458,6 +464,7 @@ class EndpointLifecycle:
                 node_netns,
                 attach,
                 ipv6=self._routable(_ipv6_of(ep)),
+                **self._service_nat,
             )
         else:
             mode = attach_loaded(loaded, *where, ifindex, node_netns, attach)

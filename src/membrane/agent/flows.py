@@ -134,12 +134,13 @@ class AgentResolver:
             return None
         ep = self.snapshot.endpoints_by_ip.get(client)
         if ep is not None:
-            netns = ep.netns
-        elif client in self._host:
-            netns = self.services.node_netns
-        else:
-            return None
-        return self.services.connection_service(netns, backend, port, protocol)
+            # the socket LB's record (by netns) or the endpoint programs' (by id)
+            return self.services.connection_service(ep.netns, backend, port, protocol, ep.id)
+        if client in self._host:
+            return self.services.connection_service(
+                self.services.node_netns, backend, port, protocol
+            )
+        return None
 
     def backend_ports(self) -> frozenset[int]:
         """The ports of the Services' backends: a flow with neither port is no Service's

@@ -15,6 +15,7 @@ DROP_REASON_TEXTS = {
     DropReason.CT_TRUNCATED_OR_INVALID_HEADER: "CT: Truncated or invalid header",
     DropReason.UNSUPPORTED_L3_PROTOCOL: "Unsupported L3 protocol",
     DropReason.FRAG_NOT_FOUND: "First logical datagram fragment not found",
+    DropReason.SERVICE_BACKEND_NOT_FOUND: "Service backend not found",
     DropReason.NO_ENDPOINT_STATE: "No configuration available to perform policy decision",
     DropReason.POLICY_DENY: "Policy denied by denylist",
 }
@@ -26,6 +27,7 @@ HUBBLE_DROP_REASONS = {
     DropReason.CT_TRUNCATED_OR_INVALID_HEADER: "CT_TRUNCATED_OR_INVALID_HEADER",
     DropReason.UNSUPPORTED_L3_PROTOCOL: "UNSUPPORTED_L3_PROTOCOL",
     DropReason.FRAG_NOT_FOUND: "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND",
+    DropReason.SERVICE_BACKEND_NOT_FOUND: "SERVICE_BACKEND_NOT_FOUND",
     DropReason.NO_ENDPOINT_STATE: "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION",
     DropReason.POLICY_DENY: "POLICY_DENY",
 }

@@ -123,6 +123,11 @@ DROP_REASONS = {
             "First logical datagram fragment not found",
         ),
         DropDescription(
+            DropReason.SERVICE_BACKEND_NOT_FOUND,
+            "SERVICE_BACKEND_NOT_FOUND",
+            "Service backend not found",
+        ),
+        DropDescription(
             DropReason.NO_ENDPOINT_STATE,
             "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION",
             "No configuration available to perform policy decision",

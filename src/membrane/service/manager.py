@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from membrane import netns
+from membrane.abi import SVC_XLATE_EP_MARK
 from membrane.agent.state import EndpointRecord, _write_atomically
 from membrane.errors import NotFound, UserError
 from membrane.service.allocate import Allocator, Network, allocate
@@ -44,15 +45,21 @@ PRESSURE_WARNING = 0.9
 @dataclass(frozen=True)
 class FlowIndex:
     """What naming a flow's service needs, published whole after each change (the flow
-    reader's thread reads it): the backends (address, port, protocol), and the Service of
-    each rev-NAT id."""
+    reader's thread reads it): the backends (address, port, protocol), the Service of
+    each rev-NAT id, and the Service of each frontend (address, port, protocol): a flow
+    seen before a per-packet translation, or a reply after it, names the frontend."""
 
     backends: frozenset[tuple[str, int, int]] = frozenset()
     services: dict[int, tuple[str, str]] = field(default_factory=dict)
+    frontends: dict[tuple[str, int, int], tuple[str, str]] = field(default_factory=dict)
 
     @cached_property
     def backend_ports(self) -> frozenset[int]:
-        return frozenset(port for _, port, _ in self.backends)
+        """The ports a flow of some Service has on its service side (a backend's or a
+        frontend's)."""
+        return frozenset(port for _, port, _ in self.backends) | frozenset(
+            port for _, port, _ in self.frontends
+        )
 
 
 @dataclass
@@ -243,6 +250,7 @@ class ServiceManager:
         self.flow_index = FlowIndex(
             frozenset(new_plan.backends()),
             {ids.revnat.ids[key_text(k)]: svc for k, svc in by_frontend.items()},
+            {(k[0], k[1], k[2]): fe.service for k, fe in new_plan.frontends.items()},
         )
 
     def _planned(self, services: Services, slices: Slices, node: NodeView) -> dict[Any, _Part]:
@@ -337,25 +345,40 @@ class ServiceManager:
         return found
 
     def connection_service(
-        self, client_netns: str | None, address: str, port: int, protocol: int
+        self,
+        client_netns: str | None,
+        address: str,
+        port: int,
+        protocol: int,
+        client_endpoint: int | None = None,
     ) -> tuple[str, str] | None:
-        """The Service (namespace, name) whose frontend the socket LB translated a
-        connection from `client_netns` (None: the agent's own) to backend address:port
-        through; None when it was not a service's (or nothing says so any more).
+        """The Service (namespace, name) of a connection from `client_netns` (None: the
+        agent's own) to address:port: the frontend's, when that is a frontend; else the
+        one whose frontend the socket LB translated the connection to that backend
+        through, or the endpoint programs did for `client_endpoint` (its id); None when
+        it was not a service's (or nothing says so any more).
         Called from the flow reader's thread: reads only published state and the map."""
         index = self.flow_index
+        frontend = index.frontends.get((address, port, protocol))
+        if frontend is not None:
+            return frontend
         if (address, port, protocol) not in index.backends:
             return None
-        try:
-            cookie = self._netns_cookie(client_netns)
-        except OSError:
-            return None  # the client's namespace is gone
         family = ipaddress.ip_address(address).version
         key = self.maps.xlate.key_type(
-            netns=cookie, addr=address16(address), port=port, protocol=protocol, family=family
+            addr=address16(address), port=port, protocol=protocol, family=family
         )
-        revnat = self.maps.xlate.lookup(key)
-        return None if revnat is None else index.services.get(int(revnat))
+        clients = []
+        with contextlib.suppress(OSError):  # OSError: the client's namespace is gone
+            clients.append(self._netns_cookie(client_netns))
+        if client_endpoint is not None:
+            clients.append(SVC_XLATE_EP_MARK << 32 | client_endpoint)
+        for client in clients:
+            key.netns = client
+            revnat = self.maps.xlate.lookup(key)
+            if revnat is not None:
+                return index.services.get(int(revnat))
+        return None
 
     def _netns_cookie(self, ns: str | None) -> int:
         cookie = self._netns_cookies.get(ns)
