@@ -915,7 +915,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		now = ct_now();
 		switch (flow_ct_lookup(&f, now, &key, &e)) {
 		case CT_REPLY:
-			if (e->flags & CT_SERVICE) {
+			if (dir == EP_DIR_INGRESS && (e->flags & CT_SERVICE)) {
 				reason = service_reverse(skb, &f);
 				if (reason != DROP_NONE)
 					return drop(&f, reason, FLOW_MATCH_NONE, 0);
