@@ -27,8 +27,6 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import NamedTuple
 
-from pyroute2 import IPRoute
-
 from membrane.abi import Identity, IpProto
 from membrane.agent.addresses import AddressPrefixes
 from membrane.agent.cidr import CidrIdentities
@@ -55,6 +53,7 @@ from membrane.identity.labels import (
     Label,
     endpoint_labels,
 )
+from membrane.netns.addresses import AddressDump
 from membrane.policy import (
     CompileCache,
     EndpointInfo,
@@ -118,7 +117,7 @@ class DatapathReconciler:
         self.ipcache = IpcacheWriter(maps, 4, world4)
         self.ipcache6 = IpcacheWriter(maps, 6)
         self._compile_cache = CompileCache(config.cidr_match_mode)
-        self._node_netlink: IPRoute | None = None
+        self._node_addresses: AddressDump | None = None
         self._addresses = AddressPrefixes()
         # endpoint id -> its addresses' own identities (IPv4, IPv6; 0: none), and the label
         # sets behind them (kept by the allocator)
@@ -163,9 +162,9 @@ class DatapathReconciler:
         namespaces: NamespaceStore,
         policies: tuple[Policy, ...],
     ) -> Reconciled:
-        if self._node_netlink is None:  # kept: one per sync would cost ~10 ms each
-            self._node_netlink = self.node.netlink()
-        hosts = tuple(self.node.host_addresses(self._node_netlink))
+        if self._node_addresses is None:  # kept: a socket of the node namespace
+            self._node_addresses = self.node.address_dump()
+        hosts = tuple(self.node.host_addresses(self._node_addresses))
         universe = self._universe(endpoints, namespaces, policies, hosts)
         identities = {ep_id: info.identity for ep_id, info in universe.endpoints.items()}
         # Identities on their way out keep their entries until no address maps to them.
@@ -234,9 +233,9 @@ class DatapathReconciler:
             self.ipcache6.refresh()
 
     def close(self) -> None:
-        if self._node_netlink is not None:
-            self._node_netlink.close()
-            self._node_netlink = None
+        if self._node_addresses is not None:
+            self._node_addresses.close()
+            self._node_addresses = None
 
     def remove_endpoint(self, ep_id: int) -> None:
         """Its policy entries, state and conntrack entries (after its programs are gone)."""
