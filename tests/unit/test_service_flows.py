@@ -4,6 +4,7 @@ source_service on the backend's replies), in the flow record and in the encoded 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 from observe_support import DB, WEB, FakeResolver, event, event_rows, flow_event_dtype
@@ -12,6 +13,7 @@ from membrane.agent.flows import RawSegment
 from membrane.hubble.observer import observer_pb2
 from membrane.observe.encode import FlowEncoder, _distinct_rows
 from membrane.observe.record import flow_record
+from membrane.service.manager import FlowIndex, ServiceManager
 
 
 @dataclass
@@ -115,3 +117,21 @@ def test_distinct_rows_match_numpys_unique() -> None:
     first, inverse = _distinct_rows(keys)
     assert (keys[first][inverse] == keys).all()
     assert len(first) == len(np.unique(keys, axis=0))
+
+
+def test_a_frontend_names_its_service_without_a_map_lookup() -> None:
+    """A flow seen before the endpoint programs' per-packet translation (to the ClusterIP),
+    or a reply after it (from the ClusterIP), names the frontend's Service; its port is
+    one the encoder looks at."""
+    index = FlowIndex(
+        frozenset({("198.18.0.5", 8080, 6)}),
+        {1: ("shop", "web")},
+        {("198.19.128.10", 80, 6): ("shop", "web")},
+    )
+    assert index.backend_ports == {8080, 80}
+    no_maps = SimpleNamespace(flow_index=index, maps=None)  # a map lookup would fail
+    assert ServiceManager.connection_service(no_maps, None, "198.19.128.10", 80, 6) == (  # type: ignore[arg-type]
+        "shop",
+        "web",
+    )
+    assert ServiceManager.connection_service(no_maps, None, "198.19.128.11", 80, 6) is None  # type: ignore[arg-type]
