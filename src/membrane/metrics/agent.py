@@ -36,7 +36,7 @@ PRESSURE_MAPS = ("ct", "ct6", "policy", "ipcache", "ipcache6")
 # backends and the socket LB's connections (Cilium's cilium_lb4_services_v2 and friends).
 SERVICE_PRESSURE_MAPS = ("svc_frontends", "svc_backends", "svc_slots", "svc_affinity", "svc_sock")
 # The per-packet service path's flows and reverse-NAT entries (nodeport/, with --devices).
-NODEPORT_PRESSURE_MAPS = ("np_flows", "np_rev")
+NODEPORT_PRESSURE_MAPS = ("np_flows", "np_rev", "np6_flows", "np6_rev")
 # Counting a map's entries walks it (a syscall per 4096 entries of a hash, per entry of an
 # LPM trie): done at most this often, scrapes in between get the last count.
 PRESSURE_INTERVAL = 5.0
