@@ -63,6 +63,7 @@ from bench._common import (
 )
 from bench._common import median as _median
 from membrane.abi import Direction, FlowEventType, IpProto
+from membrane.agent.config import DEFAULT_SERVICE_CIDR, DEFAULT_SERVICE_CIDR_V6
 from membrane.bpf import BpfObject, Program, test_run
 from membrane.bpf.fs import PIN_ROOT, ensure_bpffs
 from membrane.bpf.ringbuf import RingBuffer
@@ -75,6 +76,7 @@ from membrane.datapath.monitor import (
     set_monitor_aggregation,
 )
 from membrane.datapath.policy_entries import PolicyEntry
+from membrane.datapath.service_nat import service_nat_config
 
 Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
@@ -265,7 +267,12 @@ class Bench:
         self.maps = maps
         self.fams = fams
         self.entries = fill(maps, fams)
-        obj = stack.enter_context(load_endpoint(maps.pin_dir, EP_ID, EP_IP, EP_IP6))
+        # as the agent loads it: with its service CIDRs, so every packet leaving the pod
+        # pays the per-packet ClusterIP translation's compare (none of these is a service's)
+        service_cidrs = (IPv4Network(DEFAULT_SERVICE_CIDR), IPv6Network(DEFAULT_SERVICE_CIDR_V6))
+        obj = stack.enter_context(
+            load_endpoint(maps.pin_dir, EP_ID, EP_IP, EP_IP6, **service_nat_config(service_cidrs))
+        )
         self.egress, self.ingress = obj.program(PROG_FROM_CONTAINER), obj.program(PROG_TO_CONTAINER)
         self.empty = stack.enter_context(BpfObject.open("bench_empty")).load().program("empty_tc")
         self.ring = stack.enter_context(
