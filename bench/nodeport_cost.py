@@ -1,6 +1,7 @@
 """Per-packet cost of the per-packet service path (bpf/nodeport.bpf.c: NodePort traffic
 from outside the node) against an empty tc program, with 1 and 1,000 NodePort services,
-random and Maglev backend sets, in SNAT and DSR mode.
+random and Maglev backend sets, in SNAT and DSR mode; IPv6 NodePorts (SNAT and DSR, random
+picks) beside them.
 
 BPF_PROG_TEST_RUN of one packet per call (repeat=1), the kernel's duration of each call,
 median per case and round, cases interleaved over --rounds rounds, each beside the empty
@@ -32,6 +33,7 @@ from membrane.bpf.fs import temporary_pin_dir
 from membrane.netns import Topology
 from membrane.service.nodeport import OWN_MAPS
 from membrane.testing.nodeport import (
+    ADDRESSES,
     CLIENT_IP,
     FIRST_NODE_PORT,
     LOCAL_POD,
@@ -71,27 +73,31 @@ class Case:
         self.after()
 
 
-def forget_new_flows(obj: BpfObject) -> Callable[[], None]:
+def forget_new_flows(obj: BpfObject, family: int = 4) -> Callable[[], None]:
     """Remove the flows the new-flow cases made (client ports below 60,000) and their
     reverse-NAT entries: rounds of thousands of new flows to one backend would otherwise
     fill its 32,768 SNAT ports (random picks then miss, and the flow is dropped)."""
+    prefix = "np6" if family == 6 else "np"
 
     def forget() -> None:
-        flows, rev = obj.map("np_flows"), obj.map("np_rev")
+        flows, rev = obj.map(f"{prefix}_flows"), obj.map(f"{prefix}_rev")
         flows.delete_batch([key for key, _ in flows.lookup_batch() if key.sport < 60_000])
         rev.delete_batch([key for key, back in rev.lookup_batch() if back.dport < 60_000])
 
     return forget
 
 
-def to_node_port(port: int) -> Callable[[int], bytes]:
-    """Call i: a client flow to NODE_IP:port from a port of its own (new flows)."""
-    return lambda i: packet(CLIENT_IP, NODE_IP, sport=10_000 + i % 50_000, dport=port)
+def to_node_port(port: int, family: int = 4) -> Callable[[int], bytes]:
+    """Call i: a client flow to the node's address:port from a port of its own (new
+    flows)."""
+    node, client = ADDRESSES[family][:2]
+    return lambda i: packet(client, node, sport=10_000 + i % 50_000, dport=port)
 
 
-def known(port: int, flows: int = 1000) -> Callable[[int], bytes]:
+def known(port: int, flows: int = 1000, family: int = 4) -> Callable[[int], bytes]:
     """Call i: one of `flows` client flows in turn (established after their first call)."""
-    return lambda i: packet(CLIENT_IP, NODE_IP, sport=60_000 + i % flows, dport=port)
+    node, client = ADDRESSES[family][:2]
+    return lambda i: packet(client, node, sport=60_000 + i % flows, dport=port)
 
 
 def main() -> None:
@@ -110,27 +116,33 @@ def main() -> None:
         base = Case("empty tc program", empty.program("empty_tc"), to_node_port(1), bed.ext,
                     TC_ACT_UNSPEC)  # fmt: skip
         cases = []
+        variants = (
+            (4, "snat", "random"), (4, "snat", "maglev"), (4, "dsr", "random"),
+            (6, "snat", "random"), (6, "dsr", "random"),
+        )  # fmt: skip
         for services in (1, 1000):
-            for mode, algorithm in (("snat", "random"), ("snat", "maglev"), ("dsr", "random")):
-                pins = f"{pin_root}/{services}-{mode}-{algorithm}"
-                obj = load_nodeport(bed, pins, mode, services, algorithm).obj
+            for family, mode, algorithm in variants:
+                pins = f"{pin_root}/{services}-{family}-{mode}-{algorithm}"
+                obj = load_nodeport(bed, pins, mode, services, algorithm, family=family).obj
                 objects.append(obj)
                 ingress, egress = obj.program("nodeport_ingress"), obj.program("nodeport_egress")
                 local_port = FIRST_NODE_PORT + 2 * (services // 2)  # a service in the middle
                 remote_port = local_port + 1
-                tag = f"{services} svc, {mode}, {algorithm}"
+                tag = f"{services} svc, {mode}, {algorithm}" + (", IPv6" if family == 6 else "")
                 remote_verdict = TC_ACT_REDIRECT
+                forget = forget_new_flows(obj, family)
                 cases += [
-                    Case(f"new flow, local backend ({tag})", ingress, to_node_port(local_port),
-                         bed.ext, TC_ACT_OK, after=forget_new_flows(obj)),
-                    Case(f"new flow, remote backend ({tag})", ingress, to_node_port(remote_port),
-                         bed.ext, remote_verdict, after=forget_new_flows(obj)),
-                    Case(f"established, local backend ({tag})", ingress, known(local_port),
-                         bed.ext, TC_ACT_OK),
-                    Case(f"established, remote backend ({tag})", ingress, known(remote_port),
-                         bed.ext, remote_verdict),
+                    Case(f"new flow, local backend ({tag})", ingress,
+                         to_node_port(local_port, family), bed.ext, TC_ACT_OK, after=forget),
+                    Case(f"new flow, remote backend ({tag})", ingress,
+                         to_node_port(remote_port, family), bed.ext, remote_verdict,
+                         after=forget),
+                    Case(f"established, local backend ({tag})", ingress,
+                         known(local_port, family=family), bed.ext, TC_ACT_OK),
+                    Case(f"established, remote backend ({tag})", ingress,
+                         known(remote_port, family=family), bed.ext, remote_verdict),
                 ]  # fmt: skip
-                if mode == "snat" and algorithm == "random":
+                if family == 4 and mode == "snat" and algorithm == "random":
                     cases += reply_cases(bed, obj, ingress, egress, local_port, remote_port, tag)
         cases.append(Case("no service (pass)", objects[1].program("nodeport_ingress"),
                           lambda i: packet(CLIENT_IP, NODE_IP, sport=10_000 + i, dport=22),
