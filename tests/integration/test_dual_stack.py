@@ -162,3 +162,17 @@ def test_an_ipv4_only_node_gives_pods_no_ipv6() -> None:
         assert a.ip6 is None and ipv4_only.agent.cli_json("endpoint", "get", "x/a")["ipv6"] is None
         assert not netns.ping(b.netns, "2001:db8:1::2", timeout=0.3)
         ipv4_only.check(ipv4_only.reach(sources=["x/b"], destinations=["x/a"]))
+        # an IPv6 NodePort or externalIP has no node address to live on: refused, naming it
+        for field, spec in (
+            ("ipFamilies", "ipFamilies: [IPv6]"),
+            ("externalIPs[0]", "externalIPs: ['2001:db8:9::10']"),
+        ):
+            service = (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: web6, namespace: x}\n"
+                f"spec:\n  type: NodePort\n  {spec}\n  ports: [{{port: 80}}]\n"
+            )
+            refused = ipv4_only.agent.cli("service", "import", "-", input=service, check=False)
+            assert refused.returncode == 2 and "Traceback" not in refused.stderr
+            lines = refused.stderr.strip().splitlines()
+            assert len(lines) == 1 and f"spec.{field}" in lines[0], lines
+        assert ipv4_only.agent.cli_json("service", "list") == []
