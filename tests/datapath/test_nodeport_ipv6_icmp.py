@@ -7,6 +7,7 @@ remote backend per family)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -22,7 +23,11 @@ from scapy.packet import Packet
 
 from membrane.bpf.fs import temporary_pin_dir
 from membrane.netns import Topology
+from membrane.service.kubernetes import hand_written
+from membrane.service.maps import ServiceIds
 from membrane.service.nodeport import NodePortPath
+from membrane.service.plan import NodeView, plan
+from membrane.service.socklb import SocketLb
 from membrane.testing.nodeport import (
     ADDRESSES,
     FIRST_NODE_PORT,
@@ -296,3 +301,77 @@ def test_errors_about_other_flows_pass_untouched(bed: Bed, paths: Loaded, family
     error = icmp_error(family, ROUTER[family], node, stranger, "too_big")
     verdict, out = run(bed, path, "nodeport_ingress", error)
     assert verdict == TC_ACT_OK and bytes(out) == error
+
+
+# ---- IPv6 backend picks: weights, Maglev, ClientIP affinity, as IPv4's -------------------------
+def ipv6_service_path(
+    bed: Bed, bpf_dir: str, weights: tuple[int, int], algorithm: str = "random", **spec: object
+) -> NodePortPath:
+    """An IPv6 NodePort FIRST_NODE_PORT to the local and the remote pod with `weights`."""
+    node, _, _, local_pod, remote_pod, cluster_ip = ADDRESSES[6]
+    socket_lb = SocketLb.start(bpf_dir, "", (4, 6))  # maps only: nothing attaches
+    path = NodePortPath.start(bpf_dir, "snat", IPv4Address(ADDRESSES[4][0]), IPv6Address(node))
+    full = {"type": "NodePort", "clusterIP": cluster_ip, **spec,
+            "ports": [{"port": 80, "targetPort": TARGET, "nodePort": FIRST_NODE_PORT}]}  # fmt: skip
+    given = [
+        {"address": a, "port": None, "state": "active", "weight": w}
+        for a, w in zip((local_pod, remote_pod), weights, strict=True)
+    ]
+    annotations = {"service.cilium.io/lb-algorithm": algorithm}
+    svc, eps = hand_written("shop", "web6", full, annotations, given)
+    assert eps is not None
+    node_view = NodeView((), {6: (node,)}, 16381)
+    socket_lb.maps.apply(
+        plan([svc.with_ips((cluster_ip,))], [eps], node_view), ServiceIds.from_json(None)
+    )
+    socket_lb.close()
+    path.obj.map("np_devices").update(bed.ext, 1)
+    return path
+
+
+def ipv6_picks(bed: Bed, path: NodePortPath, sports: range, client: str | None = None) -> list[str]:
+    """The backend each new flow (one SYN per source port) was sent to."""
+    node, default_client, *_ = ADDRESSES[6]
+    seen = []
+    for sport in sports:
+        data = frame(6, client or default_client, node, sport, FIRST_NODE_PORT, flags="S")
+        verdict, out = run(bed, path, "nodeport_ingress", data)
+        assert verdict in (TC_ACT_OK, TC_ACT_REDIRECT)
+        seen.append(out[IPv6].dst)
+    return seen
+
+
+def test_ipv6_random_picks_follow_the_weights(bed: Bed) -> None:
+    _, _, _, local_pod, _, _ = ADDRESSES[6]
+    with temporary_pin_dir() as pin_dir:
+        path = ipv6_service_path(bed, pin_dir, (1, 3))
+        try:
+            seen = ipv6_picks(bed, path, range(41000, 41400))
+        finally:
+            path.close()
+    # 1:3 expects 100 local of 400 (binomial sd ~8.7): 60 and 140 are beyond 4.5 sd
+    assert 60 < seen.count(local_pod) < 140, seen.count(local_pod)
+
+
+def test_ipv6_maglev_picks_by_the_tuple(bed: Bed) -> None:
+    with temporary_pin_dir() as pin_dir:
+        path = ipv6_service_path(bed, pin_dir, (1, 1), "maglev")
+        try:
+            first = ipv6_picks(bed, path, range(42000, 42040))
+            path.obj.map("np6_flows").clear()  # forget the flows: each is picked again
+            again = ipv6_picks(bed, path, range(42000, 42040))
+        finally:
+            path.close()
+    assert len(set(first)) == 2 and again == first  # by the table, not at random
+
+
+def test_ipv6_client_ip_affinity_keeps_a_client_on_its_backend(bed: Bed) -> None:
+    with temporary_pin_dir() as pin_dir:
+        affinity = {"sessionAffinity": "ClientIP"}
+        path = ipv6_service_path(bed, pin_dir, (1, 1), **affinity)
+        try:
+            one = ipv6_picks(bed, path, range(43000, 43030))
+            other = ipv6_picks(bed, path, range(43000, 43030), client="2001:db8:8::3")
+        finally:
+            path.close()
+    assert len(set(one)) == 1 and len(set(other)) == 1, (set(one), set(other))
