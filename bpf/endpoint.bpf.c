@@ -63,6 +63,7 @@
 #include "lib/policy.h"
 #include "lib/conntrack.h"
 #include "lib/service_nat.h"
+#include "lib/icmp_nat.h"
 
 const volatile __u16 ep_id = 0;
 const volatile __be32 ep_ipv4 = 0;
@@ -714,17 +715,18 @@ static __always_inline enum ct_result flow_ct_lookup(const struct flow *f, __u64
 	return ct_lookup(k4, now, f->tcp_flags, e);
 }
 
-/* A svc_nat key: the client's tuple to `server` (the frontend or the backend). */
-static __always_inline void svc_nat_key(union any_ct_key *key, const struct flow *f,
+/* A svc_nat key: the client's tuple to `server` (the frontend or the backend); with a
+ * packet direction as `dir`, the flow's conntrack key. */
+static __always_inline void svc_nat_key(union any_ct_key *key, __u8 family, __u8 proto,
 					const __u32 *client, const __u32 *server, __u16 cport,
 					__u16 sport, __u8 dir)
 {
-	if (f->family == 6) {
+	if (family == 6) {
 		__builtin_memcpy(key->v6.saddr, client, 16);
 		__builtin_memcpy(key->v6.daddr, server, 16);
 		key->v6.sport = cport;
 		key->v6.dport = sport;
-		key->v6.proto = f->proto;
+		key->v6.proto = proto;
 		key->v6.dir = dir;
 		key->v6.ep_id = ep_id;
 		return;
@@ -733,7 +735,7 @@ static __always_inline void svc_nat_key(union any_ct_key *key, const struct flow
 	key->v4.daddr = server[0];
 	key->v4.sport = cport;
 	key->v4.dport = sport;
-	key->v4.proto = f->proto;
+	key->v4.proto = proto;
 	key->v4.dir = dir;
 	key->v4.ep_id = ep_id;
 }
@@ -765,9 +767,31 @@ static __always_inline int to_service_cidr(const struct flow *f)
 	       (f->proto == IPPROTO_TCP || f->proto == IPPROTO_UDP);
 }
 
+/* Whether the packet opens a new connection on a tuple svc_nat knows (`known`: its
+ * backend then), so that it picks its backend afresh: the translation lives as long as
+ * the flow's conntrack entry, as Cilium's service entries do. A TCP SYN (without ACK)
+ * with no live entry of the translated tuple or a closing one, or a packet of another
+ * protocol with no live entry. TCP's other packets keep their backend without a lookup. */
+static __always_inline int svc_flow_opens(const struct flow *f, const struct svc_nat *known)
+{
+	union any_ct_key key = {};
+	struct ct_entry *e;
+
+	if (f->proto == IPPROTO_TCP &&
+	    (f->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+		return 0;
+	svc_nat_key(&key, f->family, f->proto, f->saddr, (const __u32 *)known->addr, f->sport,
+		    known->port, f->dir);
+	e = bpf_map_lookup_elem(f->family == 6 ? (void *)&ct6 : (void *)&ct, &key);
+	if (!ct_live(e, ct_now()))
+		return 1;
+	return f->proto == IPPROTO_TCP && (e->flags & CT_CLOSING);
+}
+
 /* The pod's packet to a ClusterIP frontend, to the flow's backend: chosen on the flow's
  * first packet as the socket LB chooses (svc_nat_pick), kept in svc_nat with the reverse
- * translation of its replies; a flow whose backend is gone picks anew (as Cilium). Both
+ * translation of its replies; a flow whose backend is gone, and a new connection on a
+ * tuple whose conntrack entry ended (svc_flow_opens), pick anew (as Cilium). Both
  * checksums are fixed, and `f` then describes the translated packet, so that conntrack
  * and policy see the backend. DROP_NONE also when the address is no frontend (the packet
  * goes on as it is). Global: verified once, and off the path of other packets. */
@@ -783,9 +807,10 @@ __noinline __u32 service_translate(struct __sk_buff *skb, struct flow *f)
 	if (!f)
 		return DROP_NONE;
 	map = svc_nat_of(f->family);
-	svc_nat_key(&key, f, f->saddr, f->daddr, f->sport, f->dport, SVC_NAT_FWD);
+	svc_nat_key(&key, f->family, f->proto, f->saddr, f->daddr, f->sport, f->dport,
+		    SVC_NAT_FWD);
 	known = bpf_map_lookup_elem(map, &key);
-	if (known) {
+	if (known && !svc_flow_opens(f, known)) {
 		be = svc_backend(known->backend);
 		if (be && be->port == known->port && same_addr16(be->addr, known->addr))
 			id = known->backend;
@@ -811,8 +836,8 @@ __noinline __u32 service_translate(struct __sk_buff *skb, struct flow *f)
 		nat.revnat = fe->revnat;
 		bpf_map_update_elem(map, &key, &nat, BPF_ANY);
 		/* The replies' way back: from the backend to the frontend. */
-		svc_nat_key(&key, f, f->saddr, (const __u32 *)be->addr, f->sport, be->port,
-			    SVC_NAT_REV);
+		svc_nat_key(&key, f->family, f->proto, f->saddr, (const __u32 *)be->addr,
+			    f->sport, be->port, SVC_NAT_REV);
 		__builtin_memcpy(nat.addr, f->daddr, 16);
 		nat.port = f->dport;
 		bpf_map_update_elem(map, &key, &nat, BPF_ANY);
@@ -838,7 +863,8 @@ __noinline __u32 service_reverse(struct __sk_buff *skb, struct flow *f)
 
 	if (!f || f->fragment != PKT_NOT_FRAGMENT)
 		return DROP_NONE;
-	svc_nat_key(&key, f, f->daddr, f->saddr, f->dport, f->sport, SVC_NAT_REV);
+	svc_nat_key(&key, f->family, f->proto, f->daddr, f->saddr, f->dport, f->sport,
+		    SVC_NAT_REV);
 	from = bpf_map_lookup_elem(svc_nat_of(f->family), &key);
 	if (!from)
 		return DROP_NONE;
@@ -847,6 +873,56 @@ __noinline __u32 service_reverse(struct __sk_buff *skb, struct flow *f)
 		return DROP_INVALID_PACKET;
 	__builtin_memcpy(f->saddr, from->addr, 16);
 	f->sport = f->ct_sport = from->port;
+	return DROP_NONE;
+}
+
+/* An ICMP error about a translated flow, rewritten as the pod's view of the flow has it
+ * (lib/icmp_nat.h does the rewrite):
+ *   to the pod (ingress), quoting its request to the backend: the quote names the
+ *     frontend again, and an error the backend itself sent comes from the frontend
+ *     (port unreachable -> ECONNREFUSED; a router's "fragmentation needed" / "packet too
+ *     big" keeps its source and reaches the socket: path MTU);
+ *   from the pod (egress), quoting a reply it got from the frontend: the quote names the
+ *     backend, and an error to the frontend goes to the backend.
+ * `f` then names the rewritten addresses. Global: verified once, off every other path. */
+__noinline __u32 service_icmp_error(struct __sk_buff *skb, struct flow *f)
+{
+	union any_ct_key key = {};
+	struct np6_tuple q;
+	struct svc_nat *nat;
+	int ingress, outer;
+	__u32 len;
+
+	if (!f || icmp_quoted(skb, f->l4_off, f->family, &q, &len))
+		return DROP_NONE;
+	ingress = f->dir == EP_DIR_INGRESS;
+	if (ingress)
+		svc_nat_key(&key, f->family, q.protocol, (const __u32 *)q.saddr,
+			    (const __u32 *)q.daddr, q.sport, q.dport, SVC_NAT_REV);
+	else
+		svc_nat_key(&key, f->family, q.protocol, (const __u32 *)q.daddr,
+			    (const __u32 *)q.saddr, q.dport, q.sport, SVC_NAT_FWD);
+	nat = bpf_map_lookup_elem(svc_nat_of(f->family), &key);
+	if (!nat)
+		return DROP_NONE;
+	/* The outer address on the frontend's side: when it is the quoted one, it moves too. */
+	if (ingress) {
+		outer = addr_equal((const __u8 *)f->saddr, q.daddr, f->family);
+		__builtin_memcpy(q.daddr, nat->addr, 16);
+		q.dport = nat->port;
+	} else {
+		outer = addr_equal((const __u8 *)f->daddr, q.saddr, f->family);
+		__builtin_memcpy(q.saddr, nat->addr, 16);
+		q.sport = nat->port;
+	}
+	if (icmp_quote_rewrite(skb, f->l4_off, f->family, &q, len))
+		return DROP_INVALID_PACKET;
+	if (!outer)
+		return DROP_NONE;
+	if (icmp_outer_rewrite(skb, SVC_NAT_ETH_HLEN, f->l4_off, f->family, ingress,
+			       (const __u8 *)(ingress ? f->saddr : f->daddr), nat->addr))
+		return DROP_INVALID_PACKET;
+	__builtin_memcpy(ingress ? f->saddr : f->daddr, nat->addr, 16);
 	return DROP_NONE;
 }
 
@@ -902,7 +978,19 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	if (is_icmp(f.proto) && f.fragment == PKT_NOT_FRAGMENT &&
 	    icmp_is_error(f.proto, f.sport)) {
 		now = ct_now();
+		/* from the pod to a frontend: about a translated flow's reply, if any */
+		if (dir == EP_DIR_EGRESS &&
+		    (f.family == 6 ? svc_in_cidr6(f.daddr) : svc_in_cidr4(f.daddr[0]))) {
+			reason = service_icmp_error(skb, &f);
+			if (reason != DROP_NONE)
+				return drop(&f, reason, FLOW_MATCH_NONE, 0);
+		}
 		if (icmp_error_related(skb, &f, now, &e)) {
+			if (dir == EP_DIR_INGRESS && (e->flags & CT_SERVICE)) {
+				reason = service_icmp_error(skb, &f);
+				if (reason != DROP_NONE)
+					return drop(&f, reason, FLOW_MATCH_NONE, 0);
+			}
 			report(&f, FLOW_EVENT_POLICY_VERDICT, DROP_NONE, FLOW_MATCH_RELATED,
 			       e->rule_id);
 			if (trace_wanted(f.dir, 1))

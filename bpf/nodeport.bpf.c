@@ -46,16 +46,10 @@
 #include "lib/jhash.h"
 #include "lib/parse.h"
 #include "lib/service.h"
+#include "lib/icmp_nat.h"
 
 #define AF_INET_ 2
 #define AF_INET6_ 10
-#define IP_CSUM_OFF 10
-#define IP_SRC_OFF 12
-#define IP_DST_OFF 16
-#define IP6_SRC_OFF 8
-#define IP6_DST_OFF 24
-#define ICMP_CSUM_OFF 2
-#define ICMP_HLEN 8
 /* Ethernet, IPv6 with 64 bytes of options (or IPv4 with 60), the ports or ICMP header */
 #define HEADERS_MAX (ETH_HLEN + 40 + 64 + 8)
 
@@ -129,15 +123,6 @@ static __always_inline int count(__u32 stat, int verdict)
 	if (c)
 		*c += 1;
 	return verdict;
-}
-
-static __always_inline int addr_equal(const __u8 *a, const __u8 *b, __u8 family)
-{
-	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
-
-	if (family == 4)
-		return x[0] == y[0];
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
 /* The node's address of `family` (SNAT source, DSR outer source) into `addr`. */
@@ -607,135 +592,7 @@ static __always_inline struct svc_frontend *frontend_of(const struct where *w,
 	return svc_lookup(&key);
 }
 
-/* ---- ICMP errors ----------------------------------------------------------------------- */
-/* A checksum as stored after the bytes it covers changed by `diff` (bpf_csum_diff). */
-static __always_inline __u16 csum_moved(__u16 check, __s64 diff)
-{
-	__u32 d = (__u32)diff;
-	__u64 sum = (__u16)~check;
-
-	sum += (d & 0xffff) + (d >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return (__u16)~sum;
-}
-
-/* The quoted header of an ICMP error and what follows it (up to TCP's checksum), as
- * stored: rewritten in memory, then stored whole with one ICMP checksum update. */
-struct quote4 {
-	struct iphdr ip;
-	__u8 l4[20];
-};
-
-struct quote6 {
-	struct ipv6hdr ip;
-	__u8 l4[20];
-};
-
-/* An L4 checksum inside a quote, moved by `diff`; UDP's "none" (IPv4) stays none. */
-static __always_inline void quote_l4_csum(__u8 *l4, __u8 proto, __u32 len, __s64 diff)
-{
-	__u32 at = proto == IPPROTO_TCP ? 16 : 6;
-	__u16 check, moved;
-
-	if (at + 2 > len)
-		return; /* not quoted: the receiver does not check what it cannot see */
-	__builtin_memcpy(&check, l4 + at, 2);
-	if (proto == IPPROTO_UDP && !check)
-		return;
-	moved = csum_moved(check, diff);
-	if (proto == IPPROTO_UDP && !moved)
-		moved = 0xffff;
-	__builtin_memcpy(l4 + at, &moved, 2);
-}
-
-/* The ports of a quote's L4 header as the tuple's (host order) into `ports`. */
-static __always_inline void quote_ports(__u8 *l4, const struct np6_tuple *q)
-{
-	__be16 ports[2] = { bpf_htons(q->sport), bpf_htons(q->dport) };
-
-	__builtin_memcpy(l4, ports, sizeof(ports));
-}
-
-/* Rewrite the error's quote to `to`, fixing the quote's IP and L4 checksums and the
- * ICMP one. `len`: the L4 bytes quoted (8, or 20 and more). */
-static __always_inline int quote_rewrite(struct __sk_buff *skb, const struct where *w,
-					 const struct np6_tuple *to, __u32 len)
-{
-	__u32 at = w->l4 + ICMP_HLEN, icmp_csum = w->l4 + ICMP_CSUM_OFF;
-	__s64 diff, icmp_diff;
-
-	if (w->family == 4) {
-		struct quote4 old, q;
-		__u32 n = sizeof(old.ip) + (len >= 20 ? 20 : 8);
-
-		if (bpf_skb_load_bytes(skb, at, &old, sizeof(old.ip) + 8))
-			return -1;
-		if (len >= 20 && bpf_skb_load_bytes(skb, at + sizeof(old.ip), old.l4, 20))
-			return -1;
-		q = old;
-		__builtin_memcpy(&q.ip.saddr, to->saddr, 4);
-		__builtin_memcpy(&q.ip.daddr, to->daddr, 4);
-		quote_ports(q.l4, to);
-		diff = bpf_csum_diff(&old.ip.saddr, 8, &q.ip.saddr, 8, 0);
-		q.ip.check = csum_moved(q.ip.check, diff);
-		diff = bpf_csum_diff((__be32 *)old.l4, 4, (__be32 *)q.l4, 4, diff);
-		quote_l4_csum(q.l4, q.ip.protocol, len, diff);
-		if (n > sizeof(old))
-			return -1;
-		icmp_diff = bpf_csum_diff((__be32 *)&old, n, (__be32 *)&q, n, 0);
-		if (bpf_skb_store_bytes(skb, at, &q, n, 0) ||
-		    bpf_l4_csum_replace(skb, icmp_csum, 0, icmp_diff, 0))
-			return -1;
-	} else {
-		struct quote6 old, q;
-		__u32 n = sizeof(old.ip) + (len >= 20 ? 20 : 8);
-
-		if (bpf_skb_load_bytes(skb, at, &old, sizeof(old.ip) + 8))
-			return -1;
-		if (len >= 20 && bpf_skb_load_bytes(skb, at + sizeof(old.ip), old.l4, 20))
-			return -1;
-		q = old;
-		__builtin_memcpy(&q.ip.saddr, to->saddr, 16);
-		__builtin_memcpy(&q.ip.daddr, to->daddr, 16);
-		quote_ports(q.l4, to);
-		diff = bpf_csum_diff((__be32 *)&old.ip.saddr, 32, (__be32 *)&q.ip.saddr, 32, 0);
-		diff = bpf_csum_diff((__be32 *)old.l4, 4, (__be32 *)q.l4, 4, diff);
-		quote_l4_csum(q.l4, q.ip.nexthdr, len, diff);
-		if (n > sizeof(old))
-			return -1;
-		icmp_diff = bpf_csum_diff((__be32 *)&old, n, (__be32 *)&q, n, 0);
-		if (bpf_skb_store_bytes(skb, at, &q, n, 0) ||
-		    bpf_l4_csum_replace(skb, icmp_csum, 0, icmp_diff, 0))
-			return -1;
-	}
-	return 0;
-}
-
-/* Replace the error's outer source (`src`) or destination address `old` with `new`: the
- * IPv4 header's checksum, or ICMPv6's, whose pseudo-header holds it. */
-static __always_inline int outer_rewrite(struct __sk_buff *skb, const struct where *w, int src,
-					 const __u8 *old, const __u8 *new)
-{
-	if (addr_equal(old, new, w->family))
-		return 0;
-	if (w->family == 4) {
-		__be32 from = *(const __be32 *)old, to = *(const __be32 *)new;
-
-		if (bpf_l3_csum_replace(skb, w->l3 + IP_CSUM_OFF, from, to, sizeof(to)))
-			return -1;
-		return bpf_skb_store_bytes(skb, w->l3 + (src ? IP_SRC_OFF : IP_DST_OFF), &to,
-					   sizeof(to), 0) ? -1 : 0;
-	} else {
-		__s64 diff = bpf_csum_diff((__be32 *)old, 16, (__be32 *)new, 16, 0);
-
-		if (bpf_l4_csum_replace(skb, w->l4 + ICMP_CSUM_OFF, 0, diff, BPF_F_PSEUDO_HDR))
-			return -1;
-		return bpf_skb_store_bytes(skb, w->l3 + (src ? IP6_SRC_OFF : IP6_DST_OFF), new, 16,
-					   0) ? -1 : 0;
-	}
-}
-
+/* ---- ICMP errors (the rewrites: lib/icmp_nat.h) ---------------------------------------- */
 static __always_inline void reversed(const struct np6_tuple *t, struct np6_tuple *r)
 {
 	__builtin_memset(r, 0, sizeof(*r));
@@ -744,46 +601,6 @@ static __always_inline void reversed(const struct np6_tuple *t, struct np6_tuple
 	r->sport = t->dport;
 	r->dport = t->sport;
 	r->protocol = t->protocol;
-}
-
-/* The packet an ICMP error quotes, as a tuple `q`; `len`: how many of its L4 bytes are
- * there. 0, or -1 when it quotes nothing we translate (not TCP/UDP, IPv4 options, IPv6
- * extension headers, a later fragment, cut short). */
-static __always_inline int quoted(struct __sk_buff *skb, const struct where *w,
-				  struct np6_tuple *q, __u32 *len)
-{
-	__u32 at = w->l4 + ICMP_HLEN, l4;
-	__be16 ports[2];
-
-	__builtin_memset(q, 0, sizeof(*q));
-	if (w->family == 4) {
-		struct iphdr ip;
-
-		if (bpf_skb_load_bytes(skb, at, &ip, sizeof(ip)) || ip.version != 4 ||
-		    ip.ihl != 5 || ip.frag_off & bpf_htons(0x1fff))
-			return -1;
-		__builtin_memcpy(q->saddr, &ip.saddr, 4);
-		__builtin_memcpy(q->daddr, &ip.daddr, 4);
-		q->protocol = ip.protocol;
-		l4 = at + sizeof(ip);
-	} else {
-		struct ipv6hdr ip6;
-
-		if (bpf_skb_load_bytes(skb, at, &ip6, sizeof(ip6)) || ip6.version != 6)
-			return -1;
-		__builtin_memcpy(q->saddr, &ip6.saddr, 16);
-		__builtin_memcpy(q->daddr, &ip6.daddr, 16);
-		q->protocol = ip6.nexthdr;
-		l4 = at + sizeof(ip6);
-	}
-	if (q->protocol != IPPROTO_TCP && q->protocol != IPPROTO_UDP)
-		return -1;
-	if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)) || skb->len < l4 + 8)
-		return -1;
-	q->sport = bpf_ntohs(ports[0]);
-	q->dport = bpf_ntohs(ports[1]);
-	*len = skb->len - l4;
-	return 0;
 }
 
 /* An ICMP error on the device's ingress (`ingress`) or egress about a translated flow:
@@ -799,12 +616,8 @@ static __noinline int icmp_error(struct __sk_buff *skb, const struct where *w, i
 	__u32 len, ifindex = 0;
 	int pass = 1;
 
-	if (quoted(skb, w, &q, &len))
-		return TC_ACT_OK;
-	if (bpf_skb_load_bytes(skb, w->l3 + (w->family == 4 ? IP_SRC_OFF : IP6_SRC_OFF), osrc,
-			       w->family == 4 ? 4 : 16) ||
-	    bpf_skb_load_bytes(skb, w->l3 + (w->family == 4 ? IP_DST_OFF : IP6_DST_OFF), odst,
-			       w->family == 4 ? 4 : 16))
+	if (icmp_quoted(skb, w->l4, w->family, &q, &len) ||
+	    icmp_outer_addrs(skb, w->l3, w->family, osrc, odst))
 		return TC_ACT_OK;
 	reversed(&q, &key); /* the quoted packet went the other way */
 	if (!ingress) {
@@ -845,8 +658,9 @@ static __noinline int icmp_error(struct __sk_buff *skb, const struct where *w, i
 	} else {
 		return TC_ACT_OK;
 	}
-	if (quote_rewrite(skb, w, &to, len) || outer_rewrite(skb, w, 1, osrc, nsrc) ||
-	    outer_rewrite(skb, w, 0, odst, ndst))
+	if (icmp_quote_rewrite(skb, w->l4, w->family, &to, len) ||
+	    icmp_outer_rewrite(skb, w->l3, w->l4, w->family, 1, osrc, nsrc) ||
+	    icmp_outer_rewrite(skb, w->l3, w->l4, w->family, 0, odst, ndst))
 		return count(NP_STAT_ERROR, TC_ACT_SHOT);
 	count(NP_STAT_ICMP_ERROR, 0);
 	return pass ? TC_ACT_OK : bpf_redirect_neigh(ifindex, NULL, 0, 0);

@@ -7,7 +7,8 @@
  *           constants: all that a packet to anything else pays (off when the mask is 0)
  *   __u32 id = svc_nat_pick(fe, saddr, daddr, sport, dport, proto);   a backend as the
  *           socket LB picks one (lib/service.h: random or Maglev on the flow's hash,
- *           ClientIP affinity keyed by the source address); 0: none
+ *           ClientIP affinity keyed by the source address), never the client itself
+ *           (see svc_nat_not_client); 0: none
  *   svc_nat_rewrite(skb, family, l4_off, proto, src, old, new, old_port, new_port)
  *           the source (src) or destination address and port, IP and L4 checksums fixed
  *   svc_nat_note(ep_id, be, revnat)     svc_xlate: flows name the Service
@@ -57,13 +58,48 @@ static __always_inline int svc_in_cidr6(const __u32 *daddr)
 		 ((daddr[2] & svc_mask6[2]) ^ svc_net6[2]) | ((daddr[3] & svc_mask6[3]) ^ svc_net6[3]));
 }
 
+static __always_inline int svc_nat_is_client(const struct svc_backend *be, const __u32 *client)
+{
+	const __u32 *a = (const __u32 *)be->addr;
+
+	return a[0] == client[0] && a[1] == client[1] && a[2] == client[2] && a[3] == client[3];
+}
+
+/* Hairpin: a pod whose pick is itself would get its own packet back from its own address,
+ * which its stack drops as a martian (Cilium SNATs such a flow to a loopback address;
+ * we do not yet). So the flow goes to the next active slot's backend that is another
+ * address (deterministic: the same pick and slots give the same answer), or nowhere (0,
+ * dropped as SERVICE_BACKEND_NOT_FOUND) when the pod is the set's only backend. */
+#define SVC_NAT_HAIRPIN_SLOTS 8
+
+static __always_inline __u32 svc_nat_not_client(const struct svc_set *set, __u32 set_id,
+						 __u32 id, __u32 hash, const __u32 *client)
+{
+	struct svc_slot_key sk = { .set = set_id };
+	struct svc_backend *be = svc_backend(id);
+	__u32 i, *other;
+
+	if (!be || !svc_nat_is_client(be, client))
+		return id;
+	for (i = 1; i <= SVC_NAT_HAIRPIN_SLOTS && i < set->count + 1; i++) {
+		sk.slot = (hash + i) % set->count + 1;
+		other = bpf_map_lookup_elem(&svc_slots, &sk);
+		if (!other || !*other)
+			continue;
+		be = svc_backend(*other);
+		if (be && !svc_nat_is_client(be, client))
+			return *other;
+	}
+	return 0;
+}
+
 static __always_inline __u32 svc_nat_pick(const struct svc_frontend *fe, const __u32 *saddr,
 					  const __u32 *daddr, __u16 sport, __u16 dport, __u8 proto)
 {
 	struct svc_affinity_key akey = { .set = fe->set };
 	struct svc_set *set = svc_set_of(fe->set);
 	__u32 words[10] = {};
-	__u32 id, hash;
+	__u32 id, hash = 0; /* an affinity pick has none: svc_nat_not_client walks from slot 1 */
 
 	if (!set)
 		return 0;
@@ -87,7 +123,8 @@ static __always_inline __u32 svc_nat_pick(const struct svc_frontend *fe, const _
 	if (!id)
 		return 0;
 chosen:
-	if (set->flags & SVC_SET_AFFINITY)
+	id = svc_nat_not_client(set, fe->set, id, hash, saddr);
+	if (id && (set->flags & SVC_SET_AFFINITY))
 		svc_affinity_put(&akey, id);
 	return id;
 }
