@@ -295,6 +295,86 @@ def test_outside_the_cgroup_a_connection_survives_a_restart(env: Env) -> None:
         env.cli("service", "delete", "shop/kept", check=False)
 
 
+CONNECTED_UDP = textwrap.dedent("""
+    import socket, sys
+    host, port = sys.argv[1], int(sys.argv[2])
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    s.connect((host, port))
+    s.send(b"anyone there?")
+    try:
+        s.recv(100)
+        print("answered")
+    except OSError as err:
+        print(type(err).__name__)
+""")
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_outside_the_cgroup_a_closed_udp_port_refuses_through_the_cluster_ip(
+    env: Env, family: int
+) -> None:
+    """Nothing listens on the backends' UDP port: a backend's port unreachable, rewritten
+    by the client's endpoint program (quote and source: the ClusterIP), reaches the
+    client's connected socket as ECONNREFUSED (without the rewrite it times out)."""
+    env.import_yaml("""
+        apiVersion: v1
+        kind: Service
+        metadata: {name: closed, namespace: shop}
+        spec:
+          ipFamilyPolicy: PreferDualStack
+          selector: {app: web}
+          ports: [{name: nothing, port: 5400, protocol: UDP, targetPort: 5999}]
+    """)
+    try:
+        ip = cluster_ip(env.get("shop/closed"), family)
+        result = netns.run(
+            env.client.netns, [sys.executable, "-c", CONNECTED_UDP, ip, "5400"], timeout=20
+        )
+        assert result.stdout.strip() == "ConnectionRefusedError", result.stdout
+    finally:
+        env.cli("service", "delete", "shop/closed", check=False)
+
+
+def test_outside_the_cgroup_a_pod_reaching_its_own_service_gets_another_backend(
+    env: Env,
+) -> None:
+    """Hairpin: a backend pod connecting to its own service through the per-packet path
+    never gets itself (its stack would drop the answer from its own address as a
+    martian): always the other backend; with itself the only backend, the connection
+    fails at once (dropped as SERVICE_BACKEND_NOT_FOUND), not by chance."""
+    ip = cluster_ip(env.get("shop/web"))
+    web1 = env.web["web-1"]
+    seen = connect_many(web1.netns, OUTSIDE, ip, 80, count=20)
+    assert not seen["failures"] and seen["answers"] == {"web-2": 20}
+    env.import_yaml(f"""
+        apiVersion: v1
+        kind: Service
+        metadata: {{name: itself, namespace: shop}}
+        spec:
+          clusterIP: 198.19.128.206
+          ports: [{{name: http, port: 9002, targetPort: 8080}}]
+        ---
+        apiVersion: discovery.k8s.io/v1
+        kind: EndpointSlice
+        metadata:
+          name: itself-a
+          namespace: shop
+          labels: {{kubernetes.io/service-name: itself}}
+        addressType: IPv4
+        ports: [{{name: http, port: 8080, protocol: TCP}}]
+        endpoints:
+        - addresses: ["{web1.ip}"]
+    """)
+    try:
+        alone = connect_many(web1.netns, OUTSIDE, "198.19.128.206", 9002, count=1)
+        assert not alone["answers"] and len(alone["failures"]) == 1
+        other = connect_many(env.client.netns, OUTSIDE, "198.19.128.206", 9002, count=3)
+        assert other["answers"] == {"web-1": 3}  # everyone else still reaches it
+    finally:
+        env.cli("service", "delete", "shop/itself", check=False)
+
+
 def test_selector_follows_pods_coming_and_going(env: Env) -> None:
     ip = cluster_ip(env.get("shop/web"))
     env.add_web("web-3")
