@@ -9,10 +9,12 @@
  *           `to`, fixing the quote's IP and L4 checksums and the ICMP one
  *   icmp_outer_rewrite(skb, l3, l4, family, src, old, new)   the error's own source
  *           (src) or destination address, with IPv4's header or ICMPv6's checksum
+ *   icmp_outer_addrs(skb, l3, family, src, dst)   the error's own addresses, read
  *
  * `l3`, `l4`: offsets of the error's IP and ICMP headers. Tuples are struct np6_tuple
  * (abi/nodeport.h) of either family: IPv4 addresses in the first 4 bytes, ports in host
- * order. Callers keep these off their hot path (only ICMP errors get here).
+ * order. Callers keep these off their hot path (only ICMP errors get here). icmp_quoted
+ * and icmp_quote_rewrite are global functions: include this header once per object.
  */
 #ifndef MEMBRANE_LIB_ICMP_NAT_H
 #define MEMBRANE_LIB_ICMP_NAT_H
@@ -89,9 +91,8 @@ static __always_inline void icmp_quote_ports(__u8 *l4, const struct np6_tuple *q
 	__builtin_memcpy(l4, ports, sizeof(ports));
 }
 
-/* Not inlined: its copy of the quote is a stack frame of its own (the callers' frames and
- * this one share the 512 bytes of a tc program's stack). One copy, no "before": checksum
- * differences start from the old bytes' sum (bpf_csum_diff to nothing) and add the new. */
+/* One copy of the quote, no "before": checksum differences start from the old bytes' sum
+ * (bpf_csum_diff to nothing) and add the new. */
 static __always_inline int icmp_quote_rewrite_in(struct __sk_buff *skb, __u32 l4,
 						 __u8 family, const struct np6_tuple *to,
 						 __u32 len)
@@ -137,10 +138,16 @@ static __always_inline int icmp_quote_rewrite_in(struct __sk_buff *skb, __u32 l4
 	return 0;
 }
 
-static __noinline int icmp_quote_rewrite(struct __sk_buff *skb, __u32 l4, __u8 family,
+/* Global: the verifier checks it once, with the family and lengths unknown (inlined or a
+ * static subprogram, its branches multiplied the callers' verified instructions: +13k in
+ * each endpoint program), and its copy of the quote is a stack frame of its own (all
+ * frames of a tc program share 512 bytes). */
+__noinline int icmp_quote_rewrite(struct __sk_buff *skb, __u32 l4, __u8 family,
 					 const struct np6_tuple *to, __u32 len)
 {
 	/* one copy per family: constant offsets, fewer registers to spill */
+	if (!to)
+		return -1;
 	if (family == 4)
 		return icmp_quote_rewrite_in(skb, l4, 4, to, len);
 	return icmp_quote_rewrite_in(skb, l4, 6, to, len);
@@ -184,13 +191,15 @@ static __always_inline int icmp_outer_addrs(struct __sk_buff *skb, __u32 l3, __u
 	return 0;
 }
 
-/* Not inlined: the quoted header it reads is on a stack frame of its own. */
-static __noinline int icmp_quoted(struct __sk_buff *skb, __u32 l4_off, __u8 family,
-				       struct np6_tuple *q, __u32 *len)
+/* Global, as icmp_quote_rewrite. */
+__noinline int icmp_quoted(struct __sk_buff *skb, __u32 l4_off, __u8 family,
+			   struct np6_tuple *q, __u32 *len)
 {
 	__u32 at = l4_off + ICMP_HLEN, l4;
 	__be16 ports[2];
 
+	if (!q || !len)
+		return -1;
 	__builtin_memset(q, 0, sizeof(*q));
 	if (family == 4) {
 		struct iphdr ip;

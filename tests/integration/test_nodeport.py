@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import socket
 import textwrap
-import threading
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from membrane.testing.agent import NODE_IP, NODE_IP6, AgentProcess, agent_unusab
 from membrane.testing.cluster import unique_tag
 from membrane.testing.nodeport import NODE_DEVICE, Fabric, build_fabric, segment6
 from membrane.testing.pods import Pod, start_echo_server
-from membrane.testing.traffic import free_loopback_port
+from membrane.testing.traffic import echoed_while_sent, free_loopback_port
 from membrane.testing.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(bool(agent_unusable_reason()), reason=str(agent_unusable_reason()))
@@ -191,27 +190,7 @@ def echo_bulk(client_ns: str, port: int, data: bytes, host: str = NODE_IP) -> by
     with inside(client_ns):
         sock = socket.create_connection((host, port), timeout=5)
     with sock:
-        return bulk(sock, data)
-
-
-def bulk(sock: socket.socket, data: bytes) -> bytes:
-    """`data` on a connected socket and its echo, read while it is sent."""
-    received = bytearray()
-
-    def read() -> None:
-        while len(received) < len(data):
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                return
-            received.extend(chunk)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    try:
-        sock.sendall(data)
-    finally:
-        reader.join(20)
-    return bytes(received)
+        return echoed_while_sent(sock, data)
 
 
 def metrics(agent: AgentProcess) -> dict[tuple[str, str], float]:
@@ -428,7 +407,7 @@ def test_path_mtu_discovery_works_through_a_nodeport(bed: NodePortBed, family: i
         sock = socket.create_connection((NODE[family], 30095), timeout=10)
     try:
         with sock:
-            assert bulk(sock, message) == message
+            assert echoed_while_sent(sock, message) == message
             assert path_mtu(sock) <= NARROW_MTU
     finally:  # later tests expect the client's full MTU towards the node
         netns.run(bed.fabric.client, ["ip", f"-{family}", "route", "flush", "cache"])

@@ -6,6 +6,7 @@ connects, policy applied after translation, and restart survival."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from membrane import netns
+from membrane.agent.endpoints import host_ifname
 from membrane.bpf.probe import supports
+from membrane.netns.namespace import inside
 from membrane.testing.agent import agent_unusable_reason
 from membrane.testing.cluster import Cluster, running_cluster, unique_tag
 from membrane.testing.pods import Pod, start_echo_server
@@ -34,7 +37,7 @@ from membrane.testing.services import (
     start_connecting,
     stop_all,
 )
-from membrane.testing.traffic import free_loopback_port
+from membrane.testing.traffic import echoed_while_sent, free_loopback_port
 
 WEB = textwrap.dedent("""
     apiVersion: v1
@@ -334,6 +337,49 @@ def test_outside_the_cgroup_a_closed_udp_port_refuses_through_the_cluster_ip(
         assert result.stdout.strip() == "ConnectionRefusedError", result.stdout
     finally:
         env.cli("service", "delete", "shop/closed", check=False)
+
+
+IP_MTU, IPV6_MTU = 14, 24  # linux/in.h, linux/in6.h: Python's socket module lacks them
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_outside_the_cgroup_path_mtu_discovery_works_through_the_cluster_ip(
+    env: Env, family: int
+) -> None:
+    """The backend's node-side veth carries 1280 bytes: the node reports the client's
+    full-sized segments (to the backend, after translation) too big; the client's
+    endpoint program gives the quote the ClusterIP back, the client's socket lowers its
+    path MTU and the megabyte arrives (without the rewrite the transfer stalls)."""
+    narrow = env.cluster.add_pod("shop", "narrow", {"app": "narrow"}, serve=False)
+    echo = start_echo_server(narrow.netns, (8090,))
+    node_ns = env.cluster.agent.node_netns
+    env.import_yaml("""
+        apiVersion: v1
+        kind: Service
+        metadata: {name: narrow, namespace: shop}
+        spec:
+          ipFamilyPolicy: PreferDualStack
+          selector: {app: narrow}
+          ports: [{name: echo, port: 9003, targetPort: 8090}]
+    """)
+    try:
+        netns.run(node_ns, ["ip", "link", "set", host_ifname(narrow.id), "mtu", "1280"])
+        ip = cluster_ip(env.get("shop/narrow"), family)
+        message = bytes(range(256)) * 4096
+        with inside(env.client.netns):
+            sock = socket.create_connection((ip, 9003), timeout=10)
+        with sock:
+            assert echoed_while_sent(sock, message) == message
+            level, option = (
+                (socket.IPPROTO_IPV6, IPV6_MTU) if family == 6 else (socket.IPPROTO_IP, IP_MTU)
+            )
+            assert sock.getsockopt(level, option) <= 1280
+    finally:
+        stop_all([echo])
+        env.cli("service", "delete", "shop/narrow", check=False)
+        env.cluster.delete_pod("shop/narrow")
+        # later tests expect the client's full MTU
+        netns.run(env.client.netns, ["ip", f"-{family}", "route", "flush", "cache"], check=False)
 
 
 def test_outside_the_cgroup_a_pod_reaching_its_own_service_gets_another_backend(

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -29,6 +30,27 @@ def free_loopback_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def echoed_while_sent(sock: socket.socket, data: bytes, timeout: float = 20) -> bytes:
+    """`data` on a connected socket to an echo server and its echo, read while it is sent
+    (so neither side's buffers fill up and stall a transfer bigger than they are)."""
+    received = bytearray()
+
+    def read() -> None:
+        while len(received) < len(data):
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        sock.sendall(data)
+    finally:
+        reader.join(timeout)
+    return bytes(received)
 
 
 def socket_in(ns: str, kind: int = socket.SOCK_STREAM, to: str | None = None) -> socket.socket:
