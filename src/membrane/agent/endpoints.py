@@ -226,7 +226,8 @@ class EndpointLifecycle:
         try:
             warm = ahead.warm.result()
             if warm is not None:
-                delete_node_link(self.node, warm.pair.host_ifname)
+                pair = warm.pair
+                delete_node_link(self.node, pair.host_ifname, pair.host_ifindex)
                 warm.held.close()
             if ahead.programs.exception() is None:
                 ahead.programs.result().close()

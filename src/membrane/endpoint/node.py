@@ -94,12 +94,13 @@ def setup_node(
     return node
 
 
-def delete_node_link(node: NodeInfo, ifname: str) -> bool:
+def delete_node_link(node: NodeInfo, ifname: str, ifindex: int | None = None) -> bool:
     """Delete device `ifname` of the node namespace (a veth takes its peer along); False
-    when it was already gone, so cleanup paths can always call this."""
+    when it was already gone, so cleanup paths can always call this. `ifindex`: only if
+    `ifname` is still that device (not another one made under its name since)."""
     with node.inside(), IPRoute() as ipr:
         link = netns.find_link(ipr, ifname)
-        if link is None:
+        if link is None or (ifindex is not None and link["index"] != ifindex):
             return False
         try:
             ipr.link("del", index=link["index"])
