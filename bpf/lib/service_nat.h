@@ -58,19 +58,20 @@ static __always_inline int svc_in_cidr6(const __u32 *daddr)
 		 ((daddr[2] & svc_mask6[2]) ^ svc_net6[2]) | ((daddr[3] & svc_mask6[3]) ^ svc_net6[3]));
 }
 
+/* Hairpin: a pod whose pick is itself would get its own packet back from its own address,
+ * which its stack drops as a martian (Cilium SNATs such a flow to a loopback address;
+ * we do not yet). So the flow goes to another backend, deterministically (the same pick
+ * and slots give the same answer): the next slot's, else the first slot's, else the last
+ * slot's. A set's slots hold its backends in order, a weighted one's consecutively
+ * (service/plan.py: slots), so the first and the last slot are two different backends
+ * whenever the pod is not the set's only one; then there is none (0, dropped as
+ * SERVICE_BACKEND_NOT_FOUND). */
 static __always_inline int svc_nat_is_client(const struct svc_backend *be, const __u32 *client)
 {
 	const __u32 *a = (const __u32 *)be->addr;
 
 	return a[0] == client[0] && a[1] == client[1] && a[2] == client[2] && a[3] == client[3];
 }
-
-/* Hairpin: a pod whose pick is itself would get its own packet back from its own address,
- * which its stack drops as a martian (Cilium SNATs such a flow to a loopback address;
- * we do not yet). So the flow goes to the next active slot's backend that is another
- * address (deterministic: the same pick and slots give the same answer), or nowhere (0,
- * dropped as SERVICE_BACKEND_NOT_FOUND) when the pod is the set's only backend. */
-#define SVC_NAT_HAIRPIN_SLOTS 8
 
 static __always_inline __u32 svc_nat_not_client(const struct svc_set *set, __u32 set_id,
 						 __u32 id, __u32 hash, const __u32 *client)
@@ -81,8 +82,10 @@ static __always_inline __u32 svc_nat_not_client(const struct svc_set *set, __u32
 
 	if (!be || !svc_nat_is_client(be, client))
 		return id;
-	for (i = 1; i <= SVC_NAT_HAIRPIN_SLOTS && i < set->count + 1; i++) {
-		sk.slot = (hash + i) % set->count + 1;
+	if (!set->count)
+		return 0;
+	for (i = 0; i < 3; i++) {
+		sk.slot = i == 0 ? (hash + 1) % set->count + 1 : i == 1 ? 1 : set->count;
 		other = bpf_map_lookup_elem(&svc_slots, &sk);
 		if (!other || !*other)
 			continue;

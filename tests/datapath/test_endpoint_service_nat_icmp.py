@@ -17,14 +17,18 @@ from scapy.layers.l2 import Ether
 from test_endpoint_service_nat import (
     BACKENDS4,
     BACKENDS6,
+    NODE,
     VIP4,
     VIP6,
     Bed,
+    service,
     tuple_of,
 )
 from test_endpoint_service_nat import bed as shared_bed
 
 from membrane.abi import DropReason
+from membrane.service.model import Endpoint, EndpointPort, EndpointSliceRecord
+from membrane.service.plan import plan
 
 pytestmark = pytest.mark.root
 
@@ -171,3 +175,19 @@ def test_a_pod_is_never_its_own_backend(bed: Bed) -> None:
     bed.services((EP_IP,))
     out = bed.dp.egress(packet(VIP4, "tcp", src=EP_IP, sport=45100, dport=80))
     assert out.verdict == "drop" and out.reason == DropReason.SERVICE_BACKEND_NOT_FOUND
+
+
+def test_a_heavier_weighted_pod_still_gets_another_backend(bed: Bed) -> None:
+    """A weighted backend's slots are consecutive: the walk to another backend strides
+    over the set rather than stepping into the pod's own run."""
+    ports = (EndpointPort("http", 8080, "TCP"), EndpointPort("dns", 5353, "UDP"))
+    slices = [
+        EndpointSliceRecord("shop", "web-self", "web", ports, (Endpoint((EP_IP,), "active", 30),)),
+        EndpointSliceRecord(
+            "shop", "web-other", "web", ports, (Endpoint((BACKENDS4[0],), "active", 1),)
+        ),
+    ]
+    bed.ids = bed.lb.maps.apply(plan([service()], slices, NODE), bed.ids)
+    for sport in range(46000, 46040):
+        frame = packet(VIP4, "udp", src=EP_IP, sport=sport, dport=53)
+        assert tuple_of(Ether(bed.dp.egress(frame).data))[1] == BACKENDS4[0]
