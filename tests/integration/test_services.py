@@ -387,8 +387,8 @@ def test_outside_the_cgroup_a_pod_reaching_its_own_service_gets_another_backend(
 ) -> None:
     """Hairpin: a backend pod connecting to its own service through the per-packet path
     never gets itself (its stack would drop the answer from its own address as a
-    martian): always the other backend; with itself the only backend, the connection
-    fails at once (dropped as SERVICE_BACKEND_NOT_FOUND), not by chance."""
+    martian): always the other backend; with itself the only backend, every attempt
+    fails (dropped as SERVICE_BACKEND_NOT_FOUND), not by chance."""
     ip = cluster_ip(env.get("shop/web"))
     web1 = env.web["web-1"]
     seen = connect_many(web1.netns, OUTSIDE, ip, 80, count=20)
