@@ -7,7 +7,8 @@ VMLINUX  := $(BUILD)/vmlinux.h
 BPF_SRCS := $(wildcard bpf/*.bpf.c)
 BPF_OBJS := $(patsubst bpf/%.bpf.c,$(OBJDIR)/%.bpf.o,$(BPF_SRCS))
 ABI_PY   := src/membrane/abi.py
-NATIVE   := src/membrane/native/libeventfmt.so src/membrane/native/libringdrain.so
+CNI_PLUGIN := src/membrane/native/membrane-cni
+NATIVE   := src/membrane/native/libeventfmt.so src/membrane/native/libringdrain.so $(CNI_PLUGIN)
 HUBBLE   := src/membrane/hubble
 HUBBLE_PROTOS := $(wildcard $(HUBBLE)/proto/*/*.proto)
 HUBBLE_PY := $(HUBBLE)/observer/observer_pb2_grpc.py
@@ -27,7 +28,7 @@ setup:
 	@bash scripts/setup.sh
 
 # The BPF objects, their ABI as Python, the user-space helpers (native/: the trace tools'
-# formatter, the flow ring's drain thread), Hubble's API as Python (hubble) and Tetragon's
+# formatter, the flow ring's drain thread, the CNI plugin executable), Hubble's API as Python (hubble) and Tetragon's
 # (tetragon).
 bpf: $(BPF_OBJS) $(ABI_PY) $(NATIVE) $(HUBBLE_PY) $(TETRAGON_PY)
 
@@ -35,6 +36,10 @@ native: $(NATIVE)
 
 src/membrane/native/lib%.so: native/%.c
 	$(CLANG) -O2 -g -Wall -Werror -shared -fPIC -pthread -o $@.tmp $< && mv $@.tmp $@
+
+# Static: `membrane cni install` copies it onto nodes whose libc may be older than ours.
+$(CNI_PLUGIN): native/cni_plugin.c
+	$(CLANG) -O2 -g -Wall -Wextra -Werror -static -o $@.tmp $< && mv $@.tmp $@
 
 $(VMLINUX):
 	@mkdir -p $(BUILD)
@@ -78,7 +83,7 @@ bytecode: $(HUBBLE_PY) $(TETRAGON_PY) $(ABI_PY)
 
 # The CNI plugin executable where runtimes look for plugins (/opt/cni/bin, /usr/lib/cni);
 # no network config: `membrane cni install` writes one (tests use their own directories).
-cni: setup
+cni: setup $(CNI_PLUGIN)
 	$(PY) -c 'from membrane.cni.install import DEFAULT_BIN_DIRS as d, install_plugin; install_plugin(d)'
 
 test: setup bpf bytecode

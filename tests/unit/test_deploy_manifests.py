@@ -5,6 +5,7 @@ commands the DaemonSet runs are ones this `membrane` accepts (the installer's is
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from membrane.cni import install as cni_install
 from membrane.testing.agent import membrane_command
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
@@ -68,8 +70,9 @@ def test_the_cni_installer_command_installs_the_plugin(tmp_path: Path) -> None:
     ]
     subprocess.run(command, check=True, capture_output=True)
     assert (tmp_path / "cni_conf" / "membrane.conflist").exists()
-    plugin = (tmp_path / "cni_bin" / "membrane-cni").read_bytes()
-    assert plugin.startswith(b"#!/usr/bin/python3 -IS\n")
+    plugin = tmp_path / "cni_bin" / "membrane-cni"
+    assert plugin.read_bytes() == cni_install.EXECUTABLE.read_bytes()
+    assert os.access(plugin, os.X_OK)
 
 
 def test_the_agent_command_uses_options_the_agent_has() -> None:

@@ -41,21 +41,12 @@ def install(
         "(default /var/lib/containers/storage).",
         show_default=False,
     ),
-    python: str = typer.Option(
-        None,
-        "--python",
-        help="The Python 3.11+ that runs the plugin (default: this one); a Kubernetes node's "
-        "own, e.g. /usr/bin/python3, when installing from the agent's container.",
-        show_default=False,
-    ),
     output: str = OUTPUT,
 ) -> None:
     """Write the network config NAME.conflist (the membrane-cni plugin, pointed at the
-    agent's socket) and install the plugin executable (one self-contained file)."""
+    agent's socket) and install the plugin executable (one static file, built by `make`)."""
     check_choice(output, ("table", "json"), "--output")
-    done = cni_install.install(
-        name, socket_path(api_socket), conf_dir, bin_dir, podman_root, python
-    )
+    done = cni_install.install(name, socket_path(api_socket), conf_dir, bin_dir, podman_root)
     if output == "json":
         print_json(done)
     else:
