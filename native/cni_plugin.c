@@ -87,7 +87,7 @@ static int buf_reserve(struct buf *b, size_t extra)
 static void buf_add(struct buf *b, const void *data, size_t n)
 {
 	if (!buf_reserve(b, n))
-		out_of_memory(); /* only our own small texts come here */
+		out_of_memory(); /* our texts, each no longer than the configuration read */
 	memcpy(b->data + b->len, data, n);
 	b->len += n;
 	b->data[b->len] = '\0';
@@ -136,8 +136,7 @@ static int read_all(int fd, struct buf *b)
 		} else if (got == 0) {
 			b->data[b->len] = '\0';
 			return 0;
-		}
-		else if (errno != EINTR) {
+		} else if (errno != EINTR) {
 			return errno;
 		}
 	}
@@ -266,8 +265,8 @@ static void print_error(int code, const char *msg, const char *details, size_t d
 }
 
 /* The configuration's top-level "apiSocket", read with a JSON scanner that decodes the
- * top-level keys and that string and skips every other value (nesting by counting, no
- * recursion). */
+ * top-level keys and that string and skips every other value (checking its strings and
+ * brackets, not its numbers and literals: the agent parses the whole). */
 struct scanner {
 	const unsigned char *p, *end, *start;
 	const char *problem;
@@ -285,43 +284,33 @@ static int fail(struct scanner *s, const char *problem)
 	return -1;
 }
 
+static int hex_digit(unsigned char c)
+{
+	return isdigit(c) ? c - '0' : isxdigit(c) ? (c | 0x20) - 'a' + 10 : -1;
+}
+
 static int hex4(const unsigned char *p, uint32_t *value)
 {
 	int i;
 
 	*value = 0;
 	for (i = 0; i < 4; i++) {
-		unsigned char c = p[i];
-		int digit = c >= '0' && c <= '9'   ? c - '0'
-			    : c >= 'a' && c <= 'f' ? c - 'a' + 10
-			    : c >= 'A' && c <= 'F' ? c - 'A' + 10
-						   : -1;
-		if (digit < 0)
+		if (hex_digit(p[i]) < 0)
 			return -1;
-		*value = *value << 4 | (uint32_t)digit;
+		*value = *value << 4 | (uint32_t)hex_digit(p[i]);
 	}
 	return 0;
 }
 
 static void put_utf8(struct buf *b, uint32_t cp)
 {
+	static const unsigned char lead[] = { 0, 0, 0xc0, 0xe0, 0xf0 };
+	size_t n = cp < 0x80 ? 1 : cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4, i;
 	unsigned char u[4];
-	size_t n;
 
-	if (cp < 0x80)
-		u[0] = (unsigned char)cp, n = 1;
-	else if (cp < 0x800)
-		u[0] = (unsigned char)(0xc0 | cp >> 6), u[1] = (unsigned char)(0x80 | (cp & 0x3f)),
-		n = 2;
-	else if (cp < 0x10000)
-		u[0] = (unsigned char)(0xe0 | cp >> 12),
-		u[1] = (unsigned char)(0x80 | (cp >> 6 & 0x3f)),
-		u[2] = (unsigned char)(0x80 | (cp & 0x3f)), n = 3;
-	else
-		u[0] = (unsigned char)(0xf0 | cp >> 18),
-		u[1] = (unsigned char)(0x80 | (cp >> 12 & 0x3f)),
-		u[2] = (unsigned char)(0x80 | (cp >> 6 & 0x3f)),
-		u[3] = (unsigned char)(0x80 | (cp & 0x3f)), n = 4;
+	for (i = n - 1; i > 0; i--, cp >>= 6)
+		u[i] = (unsigned char)(0x80 | (cp & 0x3f));
+	u[0] = (unsigned char)(lead[n] | cp);
 	buf_add(b, u, n);
 }
 
@@ -353,7 +342,8 @@ static int scan_string(struct scanner *s, struct buf *out, int strict)
 			if (!len && !strict && is_utf8_surrogate(s->p, (size_t)(s->end - s->p)))
 				len = 3; /* json.loads decodes with "surrogatepass" */
 			if (!len)
-				return fail(s, strict ? "apiSocket is not UTF-8" : "a string is not UTF-8");
+				return fail(s, strict ? "apiSocket is not UTF-8"
+						      : "a string is not UTF-8");
 			if (out)
 				buf_add(out, s->p, len);
 			s->p += len;
@@ -415,10 +405,7 @@ static int skip_value(struct scanner *s)
 			continue;
 		}
 		if (c == '{' || c == '[') {
-			if (!buf_reserve(&open, 1)) {
-				fail(s, "nested too deep");
-				goto out;
-			}
+			/* never deeper than the text is long: within MAX_MESSAGE */
 			buf_add(&open, c == '{' ? "}" : "]", 1);
 		} else if (c == '}' || c == ']') {
 			if (open.data[--open.len] != (char)c) {
@@ -455,9 +442,9 @@ static int find_api_socket(struct scanner *s, struct buf *path)
 	}
 	s->p++;
 	skip_ws(s);
-	if (s->p < s->end && *s->p == '}')
+	if (s->p < s->end && *s->p == '}') {
 		s->p++;
-	else
+	} else {
 		for (;;) {
 			if (s->p >= s->end || *s->p != '"') {
 				fail(s, "a key is missing");
@@ -498,6 +485,7 @@ static int find_api_socket(struct scanner *s, struct buf *path)
 			fail(s, "a ',' or '}' is missing");
 			goto out;
 		}
+	}
 	skip_ws(s);
 	if (s->p != s->end) {
 		fail(s, "more follows the object");
@@ -545,9 +533,10 @@ static const char *reason(const struct failure *f)
 	return f->err == EAGAIN || f->err == EWOULDBLOCK ? "timed out" : strerror(f->err);
 }
 
-/* One HTTP/1.1 request on its own connection; the raw answer, up to the peer's EOF. */
-static int exchange(const char *socket_path, const struct buf *request, struct buf *answer,
-		    struct failure *f)
+/* One HTTP/1.1 request (its head, then the body) on its own connection; the raw answer, up
+ * to the peer's EOF. */
+static int exchange(const char *socket_path, const struct buf *head, const struct buf *body,
+		    struct buf *answer, struct failure *f)
 {
 	struct timeval timeout = { .tv_sec = TIMEOUT_S };
 	struct sockaddr_un addr = { .sun_family = AF_UNIX };
@@ -563,13 +552,17 @@ static int exchange(const char *socket_path, const struct buf *request, struct b
 	if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout)) ||
 	    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout)))
 		err = errno;
-	while (!err && connect(fd, (struct sockaddr *)&addr, sizeof(addr)))
+	while (!err && connect(fd, (struct sockaddr *)&addr, sizeof(addr))) {
 		if (errno != EINTR) {
+			/* EISCONN: an interrupted connect completed meanwhile */
 			err = errno == EISCONN ? 0 : errno;
 			break;
 		}
+	}
 	if (!err)
-		err = write_all(fd, request->data, request->len);
+		err = write_all(fd, head->data, head->len);
+	if (!err && body->len)
+		err = write_all(fd, body->data, body->len);
 	if (!err)
 		err = read_all(fd, answer);
 	close(fd);
@@ -598,12 +591,10 @@ static int dechunk(char *body, size_t *len, struct failure *f)
 
 		if (!eol)
 			return bad_answer(f, "a chunked answer cut short");
-		for (; body + in < eol && isxdigit((unsigned char)body[in]); in++) {
-			int c = body[in];
-
+		for (; body + in < eol && hex_digit((unsigned char)body[in]) >= 0; in++) {
 			if (size > (SIZE_MAX >> 4))
 				return bad_answer(f, "a chunk size out of range");
-			size = size << 4 | (size_t)(c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10);
+			size = size << 4 | (size_t)hex_digit((unsigned char)body[in]);
 			digits++;
 		}
 		if (!digits || (body + in < eol && body[in] != ';' && body[in] != ' '))
@@ -631,7 +622,8 @@ static int parse_answer(struct buf *answer, long *status, struct failure *f)
 
 	head_end = memmem(data, answer->len, "\r\n\r\n", 4);
 	if (head_end) {
-		char *sp = memchr(data, ' ', (size_t)(head_end - data));
+		char *status_end = memchr(data, '\r', (size_t)(head_end - data) + 1);
+		char *sp = memchr(data, ' ', (size_t)(status_end - data));
 		size_t digits = sp ? strspn(sp + 1, "0123456789") : 0; /* stops at the \r */
 
 		if (head_end - data < 5 || memcmp(data, "HTTP/", 5) || !digits || digits > 3 ||
@@ -720,6 +712,7 @@ static int choose_socket(struct call *c)
 	return 1;
 }
 
+/* The request's head; the configuration is its body. */
 static void build_request(struct call *c)
 {
 	static const char *const query[][2] = { { "container_id", "CNI_CONTAINERID" },
@@ -739,7 +732,6 @@ static void build_request(struct call *c)
 		   " HTTP/1.1\r\nHost: membrane\r\nConnection: close\r\n"
 		   "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n",
 		   c->config.len);
-	buf_add(&c->request, c->config.data, c->config.len);
 }
 
 /* The agent's answer as the exit code and output: a result or error of the spec's as it
@@ -802,12 +794,13 @@ static int run(struct call *c)
 	if (!choose_socket(c))
 		return 1;
 	build_request(c);
-	if (exchange(c->socket_path, &c->request, &c->answer, &c->failure) ||
+	if (exchange(c->socket_path, &c->request, &c->config, &c->answer, &c->failure) ||
 	    parse_answer(&c->answer, &c->status, &c->failure)) {
 		buf_printf(&c->message, "no agent answers at %s (%s)", c->socket_path,
 			   reason(&c->failure));
 		if (!strcmp(c->command, "DEL")) {
-			fprintf(stderr, "membrane-cni: DEL without an agent: %s\n", c->message.data);
+			fprintf(stderr, "membrane-cni: DEL without an agent: %s\n",
+				c->message.data);
 			return 0;
 		}
 		print_error(ERR_TRY_AGAIN_LATER, "the membrane agent is not reachable",
