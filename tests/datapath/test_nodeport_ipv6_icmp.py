@@ -10,6 +10,15 @@ from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
+from nodeport_harness import (
+    LOCAL_PORT,
+    REMOTE_PORT,
+    TC_ACT_OK,
+    TC_ACT_REDIRECT,
+    TC_ACT_SHOT,
+    nodeport_bed,  # noqa: F401  (fixture `bed`)
+    run,
+)
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
@@ -22,7 +31,6 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
 from membrane.bpf.fs import temporary_pin_dir
-from membrane.netns import Topology
 from membrane.service.kubernetes import hand_written
 from membrane.service.maps import ServiceIds
 from membrane.service.nodeport import NodePortPath
@@ -34,21 +42,12 @@ from membrane.testing.nodeport import (
     TARGET,
     Bed,
     load_nodeport,
-    nodeport_testbed,
 )
 
 pytestmark = pytest.mark.root
 
-TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
-LOCAL_PORT, REMOTE_PORT = FIRST_NODE_PORT, FIRST_NODE_PORT + 1  # service 0's two NodePorts
 ROUTER = {4: "198.19.8.200", 6: "2001:db8:8::200"}  # a hop that reports an error
 IP_OF = {4: IP, 6: IPv6}
-
-
-@pytest.fixture(scope="module")
-def bed() -> Iterator[Bed]:
-    with Topology("mn6") as topo:
-        yield nodeport_testbed(topo)
 
 
 Loaded = Callable[[str, str, int], NodePortPath]
@@ -81,11 +80,6 @@ def frame(family: int, src: str, dst: str, sport: int, dport: int, udp: bool = F
         l3 = l3 / ext
     l4 = UDP(sport=sport, dport=dport) if udp else TCP(sport=sport, dport=dport, **tcp)
     return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / l3 / l4 / (b"x" * 40))
-
-
-def run(bed: Bed, path: NodePortPath, prog: str, data: bytes) -> tuple[int, Ether]:
-    result = bed.run(path.obj.program(prog), data, bed.ext)
-    return result.retval, Ether(result.data)
 
 
 def l4_of(ip: Packet) -> Packet:

@@ -9,11 +9,19 @@ from collections.abc import Iterator
 from ipaddress import IPv4Address
 
 import pytest
+from nodeport_harness import (
+    LOCAL_PORT,
+    REMOTE_PORT,
+    TC_ACT_OK,
+    TC_ACT_REDIRECT,
+    TC_ACT_SHOT,
+    nodeport_bed,  # noqa: F401  (fixture `bed`)
+    run,
+)
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from membrane.bpf.fs import temporary_pin_dir
-from membrane.netns import Topology
 from membrane.service.kubernetes import hand_written
 from membrane.service.maps import ServiceIds
 from membrane.service.nodeport import NodePortPath
@@ -28,19 +36,9 @@ from membrane.testing.nodeport import (
     TARGET,
     Bed,
     load_nodeport,
-    nodeport_testbed,
 )
 
 pytestmark = pytest.mark.root
-
-TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
-LOCAL_PORT, REMOTE_PORT = FIRST_NODE_PORT, FIRST_NODE_PORT + 1  # service 0's two NodePorts
-
-
-@pytest.fixture(scope="module")
-def bed() -> Iterator[Bed]:
-    with Topology("mnd") as topo:
-        yield nodeport_testbed(topo)
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +65,6 @@ def frame(src: str, dst: str, sport: int, dport: int, udp: bool = False, **tcp: 
     l4 = UDP(sport=sport, dport=dport) if udp else TCP(sport=sport, dport=dport, **tcp)
     return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=src, dst=dst)
                  / l4 / (b"x" * 40))  # fmt: skip
-
-
-def run(bed: Bed, path: NodePortPath, prog: str, data: bytes) -> tuple[int, Ether]:
-    result = bed.run(path.obj.program(prog), data, bed.ext)
-    return result.retval, Ether(result.data)
 
 
 def checksums_valid(ip: IP) -> bool:
