@@ -18,7 +18,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv6Network
@@ -33,6 +32,7 @@ from membrane.netns.namespace import inside
 from membrane.netns.sysctl import disable_ipv6, enable_ipv6, write_sysctl
 from membrane.testing import cli
 from membrane.testing.pods import start_echo_server
+from membrane.testing.traffic import echoed_while_sent
 
 pytestmark = pytest.mark.root
 
@@ -344,20 +344,5 @@ def test_bulk_transfer_through_the_lb(dsr: Dsr) -> None:
     (sock,) = _open(dsr, 1)
     sock.settimeout(TIMEOUT)
     data = bytes(range(256)) * (4 * 4096)  # 4 MiB
-    received = bytearray()
-
-    def read() -> None:
-        while len(received) < len(data):
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                return
-            received.extend(chunk)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    try:
-        sock.sendall(data)
-    finally:
-        reader.join(4 * TIMEOUT)
-        sock.close()
-    assert bytes(received) == data
+    with sock:
+        assert echoed_while_sent(sock, data, timeout=4 * TIMEOUT) == data
