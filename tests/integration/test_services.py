@@ -123,6 +123,41 @@ def cluster_ip(svc: dict[str, Any], family: int = 4) -> str:
     return next(ip for ip in svc["cluster_ips"] if (":" in ip) == (family == 6))
 
 
+def sliced_service(
+    name: str,
+    ip: str,
+    port: int,
+    target_port: int,
+    endpoints: list[dict[str, Any]],
+    protocol: str = "TCP",
+) -> str:
+    """YAML of a selectorless Service in shop at a fixed ClusterIP and the EndpointSlice
+    that lists its backends (`endpoints`, as Kubernetes writes them)."""
+    return f"""
+        apiVersion: v1
+        kind: Service
+        metadata: {{name: {name}, namespace: shop}}
+        spec:
+          clusterIP: {ip}
+          ports: [{{name: port, port: {port}, targetPort: {target_port}, protocol: {protocol}}}]
+        ---
+        apiVersion: discovery.k8s.io/v1
+        kind: EndpointSlice
+        metadata:
+          name: {name}-1
+          namespace: shop
+          labels: {{kubernetes.io/service-name: {name}}}
+        addressType: IPv4
+        ports: [{{name: port, port: {target_port}, protocol: {protocol}}}]
+        endpoints: {json.dumps(endpoints)}
+    """
+
+
+def endpoints_at(*addresses: str) -> list[dict[str, Any]]:
+    """EndpointSlice endpoints, one a backend address."""
+    return [{"addresses": [address]} for address in addresses]
+
+
 def test_import_allocates_and_shows_the_service(env: Env) -> None:
     svc = env.get("shop/web")
     ip4 = cluster_ip(svc)
@@ -393,25 +428,7 @@ def test_outside_the_cgroup_a_pod_reaching_its_own_service_gets_another_backend(
     web1 = env.web["web-1"]
     seen = connect_many(web1.netns, OUTSIDE, ip, 80, count=20)
     assert not seen["failures"] and seen["answers"] == {"web-2": 20}
-    env.import_yaml(f"""
-        apiVersion: v1
-        kind: Service
-        metadata: {{name: itself, namespace: shop}}
-        spec:
-          clusterIP: 198.19.128.206
-          ports: [{{name: http, port: 9002, targetPort: 8080}}]
-        ---
-        apiVersion: discovery.k8s.io/v1
-        kind: EndpointSlice
-        metadata:
-          name: itself-a
-          namespace: shop
-          labels: {{kubernetes.io/service-name: itself}}
-        addressType: IPv4
-        ports: [{{name: http, port: 8080, protocol: TCP}}]
-        endpoints:
-        - addresses: ["{web1.ip}"]
-    """)
+    env.import_yaml(sliced_service("itself", "198.19.128.206", 9002, 8080, endpoints_at(web1.ip)))
     try:
         alone = connect_many(web1.netns, OUTSIDE, "198.19.128.206", 9002, count=1)
         assert not alone["answers"] and len(alone["failures"]) == 1
@@ -439,28 +456,10 @@ def test_selector_follows_pods_coming_and_going(env: Env) -> None:
 
 def test_endpoint_slices_and_backend_states(env: Env) -> None:
     web1, web2 = env.web["web-1"].ip, env.web["web-2"].ip
-    env.import_yaml(f"""
-        apiVersion: v1
-        kind: Service
-        metadata: {{name: api, namespace: shop}}
-        spec:
-          clusterIP: 198.19.128.200
-          ports: [{{name: http, port: 8000, targetPort: 8080}}]
-        ---
-        apiVersion: discovery.k8s.io/v1
-        kind: EndpointSlice
-        metadata:
-          name: api-abc
-          namespace: shop
-          labels: {{kubernetes.io/service-name: api}}
-        addressType: IPv4
-        ports: [{{name: http, port: 8080, protocol: TCP}}]
-        endpoints:
-        - addresses: ["{web1}"]
-          conditions: {{ready: true}}
-        - addresses: ["{web2}"]
-          conditions: {{ready: false, serving: true, terminating: true}}
-    """)
+    ready, terminating = endpoints_at(web1, web2)
+    ready["conditions"] = {"ready": True}
+    terminating["conditions"] = {"ready": False, "serving": True, "terminating": True}
+    env.import_yaml(sliced_service("api", "198.19.128.200", 8000, 8080, [ready, terminating]))
     try:
         svc = env.get("shop/api")
         assert svc["cluster_ips"] == ["198.19.128.200"]
@@ -505,34 +504,17 @@ def test_a_backend_outside_every_pod_cidr_is_refused(env: Env) -> None:
 
 def test_no_failed_connect_while_backends_change(env: Env) -> None:
     """Backends added and removed (by EndpointSlice) under continuous connects."""
-    ips = {n: p.ip for n, p in env.web.items()}
-    slice_of = textwrap.dedent("""
-        apiVersion: v1
-        kind: Service
-        metadata: {{name: churn, namespace: shop}}
-        spec:
-          clusterIP: 198.19.128.201
-          ports: [{{name: http, port: 8000, targetPort: 8080}}]
-        ---
-        apiVersion: discovery.k8s.io/v1
-        kind: EndpointSlice
-        metadata:
-          name: churn-1
-          namespace: shop
-          labels: {{kubernetes.io/service-name: churn}}
-        addressType: IPv4
-        ports: [{{name: http, port: 8080}}]
-        endpoints: {endpoints}
-    """)
 
-    def endpoints(*names: str) -> str:
-        return json.dumps([{"addresses": [ips[n]]} for n in names])
+    def churn(*names: str) -> str:
+        return sliced_service(
+            "churn", "198.19.128.201", 8000, 8080, endpoints_at(*(env.web[n].ip for n in names))
+        )
 
-    env.import_yaml(slice_of.format(endpoints=endpoints("web-1")))
+    env.import_yaml(churn("web-1"))
     try:
         client = start_connecting(env.client.netns, env.cgroup, "198.19.128.201", 8000, 4.0)
         for step in (("web-1", "web-2"), ("web-2",), ("web-1", "web-2"), ("web-1",)) * 2:
-            env.import_yaml(slice_of.format(endpoints=endpoints(*step)))
+            env.import_yaml(churn(*step))
             time.sleep(0.2)  # let connects happen against each set
         result = finish(client)
         assert not result["failures"], result["failures"][:5]
@@ -549,37 +531,21 @@ def test_connections_to_a_removed_backend_are_closed(env: Env, proto: str) -> No
     if not supports("sock_destroy"):
         pytest.skip("the kernel has no SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY)")
     echo = {n: start_echo_server(env.web[n].netns, (81,)) for n in ("web-1", "web-2")}
-    protocol = proto.upper()
-    held = textwrap.dedent("""
-        apiVersion: v1
-        kind: Service
-        metadata: {name: held, namespace: shop}
-        spec:
-          clusterIP: 198.19.128.203
-          ports: [{name: echo, port: 9000, targetPort: 81, protocol: PROTO}]
-        ---
-        apiVersion: discovery.k8s.io/v1
-        kind: EndpointSlice
-        metadata:
-          name: held-1
-          namespace: shop
-          labels: {kubernetes.io/service-name: held}
-        addressType: IPv4
-        ports: [{name: echo, port: 81, protocol: PROTO}]
-        endpoints: ENDPOINTS
-    """).replace("PROTO", protocol)
-    only = {n: json.dumps([{"addresses": [env.web[n].ip]}]) for n in echo}
+
+    def held(*names: str) -> str:
+        backends = endpoints_at(*(env.web[n].ip for n in names))
+        return sliced_service("held", "198.19.128.203", 9000, 81, backends, proto.upper())
+
     holders: list[subprocess.Popen[str]] = []
     try:
-        env.import_yaml(held.replace("ENDPOINTS", only["web-1"]))
+        env.import_yaml(held("web-1"))
         holders.append(hold_connection(env.client.netns, env.cgroup, "198.19.128.203", 9000, proto))
-        env.import_yaml(held.replace("ENDPOINTS", only["web-2"]))
+        env.import_yaml(held("web-2"))
         out, _ = holders[0].communicate(timeout=10)
         assert out.strip() in ("closed ECONNABORTED", "closed ECONNRESET")
         # a connection to the backend that stays is left alone
         holders.append(hold_connection(env.client.netns, env.cgroup, "198.19.128.203", 9000, proto))
-        both = [{"addresses": [env.web[n].ip]} for n in ("web-2", "web-1")]
-        env.import_yaml(held.replace("ENDPOINTS", json.dumps(both)))
+        env.import_yaml(held("web-2", "web-1"))
         assert holders[1].poll() is None
     finally:
         stop_all([*holders, *echo.values()])
