@@ -6,10 +6,11 @@ as the backend (hairpin: another backend, or a drop when it is the only one)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from endpoint_harness import EP_IP, EP_IP6
+from endpoint_harness import EP_IP, EP_IP6, Outcome
 from packets import ether, packet
 from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPv6
@@ -73,68 +74,80 @@ def checksums_valid(frame: Ether) -> bool:
     return rebuilt_same(quote, "chksum")
 
 
+@dataclass(frozen=True)
+class Case:
+    """A client pod's flow to a ClusterIP frontend (`port`) whose backends serve `target`."""
+
+    vip: str
+    client: str
+    backends: tuple[str, ...]
+    proto: str
+    port: int
+    target: int
+
+    def __str__(self) -> str:
+        return f"{self.proto}{6 if ':' in self.vip else 4}"
+
+
 CASES = [
-    (VIP4, EP_IP, BACKENDS4, "udp", 53, 5353),
-    (VIP6, EP_IP6, BACKENDS6, "udp", 53, 5353),
-    (VIP4, EP_IP, BACKENDS4, "tcp", 80, 8080),
-    (VIP6, EP_IP6, BACKENDS6, "tcp", 80, 8080),
+    Case(VIP4, EP_IP, BACKENDS4, "udp", 53, 5353),
+    Case(VIP6, EP_IP6, BACKENDS6, "udp", 53, 5353),
+    Case(VIP4, EP_IP, BACKENDS4, "tcp", 80, 8080),
+    Case(VIP6, EP_IP6, BACKENDS6, "tcp", 80, 8080),
 ]
 
 
-@pytest.mark.parametrize(("vip", "client", "backends", "proto", "port", "target"), CASES)
-def test_a_backends_port_unreachable_comes_from_the_frontend(
-    bed: Bed, vip: str, client: str, backends: tuple[str, ...], proto: str, port: int,
-    target: int,
-) -> None:  # fmt: skip
-    bed.services(backends)
-    sent = Ether(bed.dp.egress(packet(vip, proto, src=client, sport=40000, dport=port)).data)
-    backend = tuple_of(sent)[1]
-    out = bed.dp.ingress(error_about(sent, backend, client, "unreach"))
+def sent_to_frontend(bed: Bed, case: Case, sport: int) -> Ether:
+    """The client's first packet of the flow as its endpoint program sends it on
+    (translated to a backend)."""
+    bed.services(case.backends)
+    frame = packet(case.vip, case.proto, src=case.client, sport=sport, dport=case.port)
+    return Ether(bed.dp.egress(frame).data)
+
+
+def passed_error(out: Outcome) -> tuple[Ether, Any, Any]:
+    """An ICMP error the program let pass: the frame, its outer IP header and its quote."""
     assert out.verdict == "pass"
     got = Ether(out.data)
-    outer = got[IP] if IP in got else got[IPv6]
-    quote = quote_of(got)
-    assert (outer.src, outer.dst) == (vip, client)
+    return got, got[IP] if IP in got else got[IPv6], quote_of(got)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_a_backends_port_unreachable_comes_from_the_frontend(bed: Bed, case: Case) -> None:
+    sent = sent_to_frontend(bed, case, 40000)
+    backend = tuple_of(sent)[1]
+    got, outer, quote = passed_error(
+        bed.dp.ingress(error_about(sent, backend, case.client, "unreach"))
+    )
+    assert (outer.src, outer.dst) == (case.vip, case.client)
     assert (quote.src, quote.dst, quote.payload.sport, quote.payload.dport) == (
-        client, vip, 40000, port)  # fmt: skip
+        case.client, case.vip, 40000, case.port)  # fmt: skip
     assert checksums_valid(got)
 
 
-@pytest.mark.parametrize(("vip", "client", "backends", "proto", "port", "target"), CASES[2:])
-def test_a_routers_too_big_keeps_its_source_and_names_the_frontend(
-    bed: Bed, vip: str, client: str, backends: tuple[str, ...], proto: str, port: int,
-    target: int,
-) -> None:  # fmt: skip
-    bed.services(backends)
-    sent = Ether(bed.dp.egress(packet(vip, proto, src=client, sport=40001, dport=port)).data)
+@pytest.mark.parametrize("case", CASES[2:], ids=str)
+def test_a_routers_too_big_keeps_its_source_and_names_the_frontend(bed: Bed, case: Case) -> None:
+    sent = sent_to_frontend(bed, case, 40001)
     router = ROUTER4 if IP in sent else ROUTER6
-    out = bed.dp.ingress(error_about(sent, router, client, "too-big"))
-    assert out.verdict == "pass"
-    got = Ether(out.data)
-    outer = got[IP] if IP in got else got[IPv6]
-    quote = quote_of(got)
-    assert outer.src == router and (quote.dst, quote.payload.dport) == (vip, port)
+    got, outer, quote = passed_error(
+        bed.dp.ingress(error_about(sent, router, case.client, "too-big"))
+    )
+    assert outer.src == router and (quote.dst, quote.payload.dport) == (case.vip, case.port)
     assert checksums_valid(got)
 
 
-@pytest.mark.parametrize(("vip", "client", "backends", "proto", "port", "target"), CASES[:2])
-def test_the_pods_error_about_a_reply_goes_to_the_backend(
-    bed: Bed, vip: str, client: str, backends: tuple[str, ...], proto: str, port: int,
-    target: int,
-) -> None:  # fmt: skip
-    bed.services(backends)
-    sent = Ether(bed.dp.egress(packet(vip, proto, src=client, sport=40002, dport=port)).data)
+@pytest.mark.parametrize("case", CASES[:2], ids=str)
+def test_the_pods_error_about_a_reply_goes_to_the_backend(bed: Bed, case: Case) -> None:
+    sent = sent_to_frontend(bed, case, 40002)
     backend = tuple_of(sent)[1]
-    reply = Ether(bed.dp.ingress(packet(client, proto, src=backend, sport=target,
-                                        dport=40002)).data)  # fmt: skip
-    assert tuple_of(reply) == (vip, client, port, 40002)
-    out = bed.dp.egress(error_about(reply, client, vip, "unreach"))
-    assert out.verdict == "pass"
-    got = Ether(out.data)
-    outer = got[IP] if IP in got else got[IPv6]
-    quote = quote_of(got)
-    assert (outer.src, outer.dst) == (client, backend)
-    assert (quote.src, quote.payload.sport) == (backend, target)
+    answer = packet(case.client, case.proto, src=backend, sport=case.target, dport=40002)
+    reply = Ether(bed.dp.ingress(answer).data)
+    assert tuple_of(reply) == (case.vip, case.client, case.port, 40002)
+    got, outer, quote = passed_error(
+        bed.dp.egress(error_about(reply, case.client, case.vip, "unreach"))
+    )
+    assert (outer.src, outer.dst) == (case.client, backend)
+    assert (quote.src, quote.payload.sport) == (backend, case.target)
     assert checksums_valid(got)
 
 
