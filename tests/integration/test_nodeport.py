@@ -415,18 +415,16 @@ def test_path_mtu_discovery_works_through_a_nodeport(bed: NodePortBed, family: i
     assert moved.get("icmp_error", 0) >= 1 and moved.get("to_snat", 0) >= 1, moved
 
 
-def test_dsr_mode_backends_answer_the_client_directly(bed: NodePortBed) -> None:
-    """Restarts the agent in DSR mode (flows and links are adopted)."""
-    bed.agent.extra_args = [a if a != "snat" else "dsr" for a in bed.agent.extra_args]
-    bed.agent.restart()
-    bed.import_services(node_port_service("direct", 30082) + endpoint_slice("direct", DSR_POD))
+def assert_backends_answer_directly(bed: NodePortBed, port: int, host: str) -> None:
+    """A megabyte each way through a DSR NodePort: one flow, its packets tunnelled to the
+    backend host, and the replies reaching the client without the node."""
     before, node_before = bed.counters(), link_stats(bed.agent.node_netns, NODE_DEVICE)
     client_before = link_stats(bed.fabric.client, "eth0")
     decapsulated = bed.fabric.decapsulated(bed.dsr_host)
-    # A megabyte each way: full-sized segments fit the tunnel only because the node
-    # lowered the MSS the client's SYN announced
+    # Full-sized segments fit the tunnel only because the node lowered the MSS the
+    # client's SYN announced
     message = bytes(range(256)) * 4096
-    assert echo_bulk(bed.fabric.client, 30082, message) == message
+    assert echo_bulk(bed.fabric.client, port, message, host=host) == message
     moved = delta(before, bed.counters())
     assert moved.get("new_flow") == 1 and moved.get("to_dsr", 0) >= 3, moved
     assert moved.get("mss_clamped") == 1, moved
@@ -442,27 +440,20 @@ def test_dsr_mode_backends_answer_the_client_directly(bed: NodePortBed) -> None:
     assert node_rx < client_tx + client_rx / 4, (node_rx, client_tx, client_rx)
 
 
+def test_dsr_mode_backends_answer_the_client_directly(bed: NodePortBed) -> None:
+    """Restarts the agent in DSR mode (flows and links are adopted)."""
+    bed.agent.extra_args = [a if a != "snat" else "dsr" for a in bed.agent.extra_args]
+    bed.agent.restart()
+    bed.import_services(node_port_service("direct", 30082) + endpoint_slice("direct", DSR_POD))
+    assert_backends_answer_directly(bed, 30082, NODE_IP)
+
+
 def test_ipv6_dsr_mode_backends_answer_the_client_directly(bed: NodePortBed) -> None:
     """After the IPv4 DSR test (the agent is in DSR mode): IPv6-in-IPv6 to the backend
     host, whose replies go to the client straight from the frontend's address."""
     service = node_port_service("direct6", 30092, ipFamilies="[IPv6]")
     bed.import_services(service + endpoint_slice("direct6", DSR_POD6))
-    before, node_before = bed.counters(), link_stats(bed.agent.node_netns, NODE_DEVICE)
-    client_before = link_stats(bed.fabric.client, "eth0")
-    decapsulated = bed.fabric.decapsulated(bed.dsr_host)
-    message = bytes(range(256)) * 4096
-    assert echo_bulk(bed.fabric.client, 30092, message, host=NODE_IP6) == message
-    moved = delta(before, bed.counters())
-    assert moved.get("new_flow") == 1 and moved.get("to_dsr", 0) >= 3, moved
-    assert moved.get("mss_clamped") == 1, moved
-    assert "reply_snat" not in moved and "reply_local" not in moved, moved
-    assert bed.fabric.decapsulated(bed.dsr_host) - decapsulated >= moved["to_dsr"]
-    node_rx = link_stats(bed.agent.node_netns, NODE_DEVICE)["rx_bytes"] - node_before["rx_bytes"]
-    client = link_stats(bed.fabric.client, "eth0")
-    client_rx = client["rx_bytes"] - client_before["rx_bytes"]
-    client_tx = client["tx_bytes"] - client_before["tx_bytes"]
-    assert client_rx >= len(message)
-    assert node_rx < client_tx + client_rx / 4, (node_rx, client_tx, client_rx)
+    assert_backends_answer_directly(bed, 30092, NODE_IP6)
 
 
 def test_a_restart_without_devices_turns_the_path_off(bed: NodePortBed) -> None:
