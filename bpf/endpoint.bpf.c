@@ -745,17 +745,6 @@ static __always_inline void *svc_nat_of(__u8 family)
 	return family == 6 ? (void *)&svc_nat6 : (void *)&svc_nat;
 }
 
-static __always_inline int same_addr16(const __u8 *a, const __u8 *b)
-{
-	__u64 a0, a1, b0, b1;
-
-	__builtin_memcpy(&a0, a, 8);
-	__builtin_memcpy(&a1, a + 8, 8);
-	__builtin_memcpy(&b0, b, 8);
-	__builtin_memcpy(&b1, b + 8, 8);
-	return a0 == b0 && a1 == b1;
-}
-
 /* What a packet from the pod pays before conntrack when no socket LB hook translated its
  * connection: a compare with the service CIDR (load-time constants). Whole TCP and UDP
  * packets only: fragments, ICMP and other protocols to a ClusterIP go on untranslated. */
@@ -812,7 +801,7 @@ __noinline __u32 service_translate(struct __sk_buff *skb, struct flow *f)
 	known = bpf_map_lookup_elem(map, &key);
 	if (known && !svc_flow_opens(f, known)) {
 		be = svc_backend(known->backend);
-		if (be && be->port == known->port && same_addr16(be->addr, known->addr))
+		if (be && be->port == known->port && svc_addr_equal(be->addr, known->addr))
 			id = known->backend;
 	}
 	if (!id) {

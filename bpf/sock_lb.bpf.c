@@ -57,17 +57,6 @@ static __always_inline void set_addr(struct bpf_sock_addr *ctx, __u8 family, con
 	ctx->user_port = bpf_htons(port);
 }
 
-static __always_inline bool same_addr(const __u8 *a, const __u8 *b)
-{
-	__u64 a0, a1, b0, b1;
-
-	__builtin_memcpy(&a0, a, 8);
-	__builtin_memcpy(&a1, a + 8, 8);
-	__builtin_memcpy(&b0, b, 8);
-	__builtin_memcpy(&b1, b + 8, 8);
-	return a0 == b0 && a1 == b1;
-}
-
 /* The backend for a new connection (or a socket's first datagram) to the frontend. */
 static __always_inline __u32 choose(struct bpf_sock_addr *ctx, const struct svc_frontend *fe)
 {
@@ -155,7 +144,7 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, __u8 family, boo
 		known = bpf_map_lookup_elem(&svc_sock, &fk);
 		if (known) {
 			be = svc_backend(known->id);
-			if (be && be->state != SVC_BACKEND_MAINTENANCE && same_addr(be->addr, known->addr) &&
+			if (be && be->state != SVC_BACKEND_MAINTENANCE && svc_addr_equal(be->addr, known->addr) &&
 			    be->port == known->port)
 				id = known->id;
 			else

@@ -105,6 +105,19 @@ static __always_inline struct svc_backend *svc_backend(__u32 id)
 	return bpf_map_lookup_elem(&svc_backends, &id);
 }
 
+/* Whether two 16-byte service addresses (abi/service.h: IPv4 in the first 4 bytes) are equal:
+ * two 8-byte compares, no byte loop. */
+static __always_inline bool svc_addr_equal(const __u8 *a, const __u8 *b)
+{
+	__u64 a0, a1, b0, b1;
+
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	__builtin_memcpy(&b0, b, 8);
+	__builtin_memcpy(&b1, b + 8, 8);
+	return a0 == b0 && a1 == b1;
+}
+
 /* An ACTIVE backend of the set, or 0 (no active backend). `hash` picks: the flow's hash
  * for Maglev sets, any random number for the others. A Maglev set whose table is not
  * published yet falls back to its slots. */
