@@ -158,6 +158,25 @@ def endpoints_at(*addresses: str) -> list[dict[str, Any]]:
     return [{"addresses": [address]} for address in addresses]
 
 
+def assert_denied_then_allowed(
+    env: Env, cgroup: Path | None, ip: str, deny: str, allow: str
+) -> None:
+    """The client's connection to ip:80 fails while policy `deny` is in force, and five
+    succeed while `allow` is (each removed after)."""
+    env.cluster.import_policy(deny)
+    try:
+        denied = connect_many(env.client.netns, cgroup, ip, 80, count=1)
+        assert not denied["answers"] and len(denied["failures"]) == 1
+    finally:
+        env.cluster.agent.delete_all_policies()
+    env.cluster.import_policy(allow)
+    try:
+        allowed = connect_many(env.client.netns, cgroup, ip, 80, count=5)
+        assert not allowed["failures"] and sum(allowed["answers"].values()) == 5
+    finally:
+        env.cluster.agent.delete_all_policies()
+
+
 def test_import_allocates_and_shows_the_service(env: Env) -> None:
     svc = env.get("shop/web")
     ip4 = cluster_ip(svc)
@@ -217,7 +236,7 @@ def test_outside_the_cgroup_policy_judges_the_backend(env: Env) -> None:
     """The client's egress policy sees the translated packet: a deny of the backends'
     pods drops it, an allow of them (and nothing else) lets it through."""
     ip = cluster_ip(env.get("shop/web"))
-    env.cluster.import_policy("""
+    deny = """
         apiVersion: cilium.io/v2
         kind: CiliumNetworkPolicy
         metadata: {name: client-deny-web, namespace: shop}
@@ -225,13 +244,8 @@ def test_outside_the_cgroup_policy_judges_the_backend(env: Env) -> None:
           endpointSelector: {matchLabels: {pod: client}}
           egressDeny:
           - toEndpoints: [{matchLabels: {app: web}}]
-    """)
-    try:
-        denied = connect_many(env.client.netns, OUTSIDE, ip, 80, count=1)
-        assert not denied["answers"] and len(denied["failures"]) == 1
-    finally:
-        env.cluster.agent.delete_all_policies()
-    env.cluster.import_policy("""
+    """
+    allow = """
         apiVersion: cilium.io/v2
         kind: CiliumNetworkPolicy
         metadata: {name: client-to-web-only, namespace: shop}
@@ -239,12 +253,8 @@ def test_outside_the_cgroup_policy_judges_the_backend(env: Env) -> None:
           endpointSelector: {matchLabels: {pod: client}}
           egress:
           - toEndpoints: [{matchLabels: {app: web}}]
-    """)
-    try:
-        allowed = connect_many(env.client.netns, OUTSIDE, ip, 80, count=5)
-        assert not allowed["failures"] and sum(allowed["answers"].values()) == 5
-    finally:
-        env.cluster.agent.delete_all_policies()
+    """
+    assert_denied_then_allowed(env, OUTSIDE, ip, deny, allow)
 
 
 def test_outside_the_cgroup_flows_name_the_service(env: Env) -> None:
@@ -554,7 +564,7 @@ def test_connections_to_a_removed_backend_are_closed(env: Env, proto: str) -> No
 
 def test_policy_applies_to_the_backend_after_translation(env: Env) -> None:
     ip = cluster_ip(env.get("shop/web"))
-    env.cluster.import_policy("""
+    deny = """
         apiVersion: cilium.io/v2
         kind: CiliumNetworkPolicy
         metadata: {name: web-deny-client, namespace: shop}
@@ -562,13 +572,8 @@ def test_policy_applies_to_the_backend_after_translation(env: Env) -> None:
           endpointSelector: {matchLabels: {app: web}}
           ingressDeny:
           - fromEndpoints: [{matchLabels: {pod: client}}]
-    """)
-    try:
-        denied = connect_many(env.client.netns, env.cgroup, ip, 80, count=1)
-        assert not denied["answers"] and len(denied["failures"]) == 1
-    finally:
-        env.cluster.agent.delete_all_policies()
-    env.cluster.import_policy("""
+    """
+    allow = """
         apiVersion: cilium.io/v2
         kind: CiliumNetworkPolicy
         metadata: {name: web-allow-client, namespace: shop}
@@ -576,12 +581,8 @@ def test_policy_applies_to_the_backend_after_translation(env: Env) -> None:
           endpointSelector: {matchLabels: {app: web}}
           ingress:
           - fromEndpoints: [{matchLabels: {pod: client}}]
-    """)
-    try:
-        allowed = connect_many(env.client.netns, env.cgroup, ip, 80, count=5)
-        assert not allowed["failures"] and sum(allowed["answers"].values()) == 5
-    finally:
-        env.cluster.agent.delete_all_policies()
+    """
+    assert_denied_then_allowed(env, env.cgroup, ip, deny, allow)
 
 
 def test_maglev_and_session_affinity(env: Env) -> None:
