@@ -1,13 +1,16 @@
 """What the test runs of the per-packet service path (bpf/nodeport.bpf.c) share: its
-verdicts, the NodePorts of load_nodeport's first service and running one of its programs
-in the namespace of membrane.testing.nodeport."""
+verdicts, the NodePorts of load_nodeport's first service, running one of its programs in
+the namespace of membrane.testing.nodeport, and reading and checking what it wrote."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
+from scapy.packet import Packet
 
 from membrane.netns import Topology
 from membrane.service.nodeport import NodePortPath
@@ -21,6 +24,41 @@ def run(bed: Bed, path: NodePortPath, prog: str, data: bytes) -> tuple[int, Ethe
     """Program `prog` of `path` on `data` arriving on ext0: its verdict and the frame."""
     result = bed.run(path.obj.program(prog), data, bed.ext)
     return result.retval, Ether(result.data)
+
+
+def l4_of(ip: Packet) -> Packet:
+    return ip[TCP] if TCP in ip else ip[UDP]
+
+
+def checksums_valid(ip: Packet) -> bool:
+    """The IP (IPv4) and L4 checksums as written equal what scapy computes afresh."""
+    fresh = type(ip)(bytes(ip))
+    l4 = l4_of(fresh)
+    if isinstance(fresh, IP):
+        del fresh.chksum
+    del l4.chksum
+    rebuilt = type(ip)(bytes(fresh))
+    same_ip = not isinstance(ip, IP) or rebuilt.chksum == ip.chksum
+    return same_ip and l4_of(rebuilt).chksum == l4_of(ip).chksum
+
+
+def ip_of(frame: Ether) -> Packet:
+    return frame[IP] if IP in frame else frame[IPv6]
+
+
+def flow_of(frame: Ether) -> tuple[str, int, str, int]:
+    """(source, source port, destination, destination port) of the frame's TCP or UDP."""
+    ip = ip_of(frame)
+    l4 = l4_of(ip)
+    return ip.src, l4.sport, ip.dst, l4.dport
+
+
+def translated(bed: Bed, path: NodePortPath, prog: str, data: bytes, verdict: int) -> Ether:
+    """The frame `prog` wrote for `data`, its verdict and every checksum checked."""
+    got, out = run(bed, path, prog, data)
+    assert got == verdict
+    assert checksums_valid(ip_of(out))
+    return out
 
 
 @pytest.fixture(scope="module", name="bed")

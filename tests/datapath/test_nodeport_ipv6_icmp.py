@@ -16,8 +16,11 @@ from nodeport_harness import (
     TC_ACT_OK,
     TC_ACT_REDIRECT,
     TC_ACT_SHOT,
+    checksums_valid,
+    flow_of,
     nodeport_bed,  # noqa: F401  (fixture `bed`)
     run,
+    translated,
 )
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
@@ -82,22 +85,6 @@ def frame(family: int, src: str, dst: str, sport: int, dport: int, udp: bool = F
     return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / l3 / l4 / (b"x" * 40))
 
 
-def l4_of(ip: Packet) -> Packet:
-    return ip[TCP] if TCP in ip else ip[UDP]
-
-
-def checksums_valid(ip: Packet) -> bool:
-    """The IP (IPv4) and L4 checksums as written equal what scapy computes afresh."""
-    fresh = type(ip)(bytes(ip))
-    l4 = l4_of(fresh)
-    if isinstance(fresh, IP):
-        del fresh.chksum
-    del l4.chksum
-    rebuilt = type(ip)(bytes(fresh))
-    same_ip = not isinstance(ip, IP) or rebuilt.chksum == ip.chksum
-    return same_ip and l4_of(rebuilt).chksum == l4_of(ip).chksum
-
-
 def icmp_checksum_valid(ip: Packet) -> bool:
     """The ICMP (ICMPv6: over its pseudo-header too) and outer IPv4 checksums."""
     v4 = isinstance(ip, IP)
@@ -134,33 +121,24 @@ def icmp_error(family: int, src: str, dst: str, quoted: bytes, kind: str) -> byt
 def test_ipv6_local_backend_dnat_and_its_reply(bed: Bed, paths: Loaded) -> None:
     node, client, _, local_pod, _, _ = ADDRESSES[6]
     path = paths("snat", "TCP", 6)
-    verdict, out = run(bed, path, "nodeport_ingress", frame(6, client, node, 40001, LOCAL_PORT))
-    assert verdict == TC_ACT_OK
-    assert (out[IPv6].src, out[IPv6].dst, out[TCP].sport, out[TCP].dport) == (
-        client, local_pod, 40001, TARGET)  # fmt: skip
-    assert checksums_valid(out[IPv6])
-    verdict, back = run(bed, path, "nodeport_egress", frame(6, local_pod, client, TARGET, 40001))
-    assert verdict == TC_ACT_OK
-    assert (back[IPv6].src, back[TCP].sport, back[IPv6].dst, back[TCP].dport) == (
-        node, LOCAL_PORT, client, 40001)  # fmt: skip
-    assert checksums_valid(back[IPv6])
+    request = frame(6, client, node, 40001, LOCAL_PORT)
+    out = translated(bed, path, "nodeport_ingress", request, TC_ACT_OK)
+    assert flow_of(out) == (client, 40001, local_pod, TARGET)
+    reply = frame(6, local_pod, client, TARGET, 40001)
+    back = translated(bed, path, "nodeport_egress", reply, TC_ACT_OK)
+    assert flow_of(back) == (node, LOCAL_PORT, client, 40001)
 
 
 def test_ipv6_remote_backend_snat_and_its_reply(bed: Bed, paths: Loaded) -> None:
     node, client, _, _, remote_pod, _ = ADDRESSES[6]
     path = paths("snat", "TCP", 6)
     first = frame(6, client, node, 40002, REMOTE_PORT, flags="S")
-    verdict, out = run(bed, path, "nodeport_ingress", first)
-    assert verdict == TC_ACT_REDIRECT
-    assert (out[IPv6].src, out[IPv6].dst, out[TCP].dport) == (node, remote_pod, TARGET)
-    nat_port = out[TCP].sport
-    assert nat_port >= 32768 and checksums_valid(out[IPv6])
+    out = translated(bed, path, "nodeport_ingress", first, TC_ACT_REDIRECT)
+    src, nat_port, dst, dport = flow_of(out)
+    assert (src, dst, dport) == (node, remote_pod, TARGET) and nat_port >= 32768
     reply = frame(6, remote_pod, node, TARGET, nat_port)
-    verdict, back = run(bed, path, "nodeport_ingress", reply)
-    assert verdict == TC_ACT_REDIRECT
-    assert (back[IPv6].src, back[TCP].sport, back[IPv6].dst, back[TCP].dport) == (
-        node, REMOTE_PORT, client, 40002)  # fmt: skip
-    assert checksums_valid(back[IPv6])
+    back = translated(bed, path, "nodeport_ingress", reply, TC_ACT_REDIRECT)
+    assert flow_of(back) == (node, REMOTE_PORT, client, 40002)
 
 
 def test_ipv6_udp_is_translated_with_its_checksum(bed: Bed, paths: Loaded) -> None:

@@ -15,8 +15,11 @@ from nodeport_harness import (
     TC_ACT_OK,
     TC_ACT_REDIRECT,
     TC_ACT_SHOT,
+    checksums_valid,
+    flow_of,
     nodeport_bed,  # noqa: F401  (fixture `bed`)
     run,
+    translated,
 )
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
@@ -67,46 +70,28 @@ def frame(src: str, dst: str, sport: int, dport: int, udp: bool = False, **tcp: 
                  / l4 / (b"x" * 40))  # fmt: skip
 
 
-def checksums_valid(ip: IP) -> bool:
-    """The IPv4 and L4 checksums as written equal what scapy computes afresh."""
-    fresh = IP(bytes(ip))
-    del fresh.chksum
-    del fresh.payload.chksum
-    rebuilt = IP(bytes(fresh))
-    return rebuilt.chksum == ip.chksum and rebuilt.payload.chksum == ip.payload.chksum
-
-
 def test_local_backend_dnat_and_its_reply(bed: Bed, snat: NodePortPath) -> None:
-    verdict, out = run(bed, snat, "nodeport_ingress", frame(CLIENT_IP, NODE_IP, 40001, LOCAL_PORT))
-    assert verdict == TC_ACT_OK
-    assert (out[IP].src, out[IP].dst, out[TCP].sport, out[TCP].dport) == (
-        CLIENT_IP, LOCAL_POD, 40001, TARGET)  # fmt: skip
-    assert checksums_valid(out[IP])
+    request = frame(CLIENT_IP, NODE_IP, 40001, LOCAL_PORT)
+    out = translated(bed, snat, "nodeport_ingress", request, TC_ACT_OK)
+    assert flow_of(out) == (CLIENT_IP, 40001, LOCAL_POD, TARGET)
     reply = frame(LOCAL_POD, CLIENT_IP, TARGET, 40001)
-    verdict, back = run(bed, snat, "nodeport_egress", reply)
-    assert verdict == TC_ACT_OK
-    assert (back[IP].src, back[TCP].sport, back[IP].dst, back[TCP].dport) == (
-        NODE_IP, LOCAL_PORT, CLIENT_IP, 40001)  # fmt: skip
-    assert checksums_valid(back[IP])
+    back = translated(bed, snat, "nodeport_egress", reply, TC_ACT_OK)
+    assert flow_of(back) == (NODE_IP, LOCAL_PORT, CLIENT_IP, 40001)
 
 
 def test_remote_backend_snat_keeps_the_flow_and_reverses_the_reply(
     bed: Bed, snat: NodePortPath
 ) -> None:
     first = frame(CLIENT_IP, NODE_IP, 40002, REMOTE_PORT, flags="S")
-    verdict, out = run(bed, snat, "nodeport_ingress", first)
-    assert verdict == TC_ACT_REDIRECT
-    assert (out[IP].src, out[IP].dst, out[TCP].dport) == (NODE_IP, REMOTE_POD, TARGET)
-    nat_port = out[TCP].sport
-    assert nat_port >= 32768 and checksums_valid(out[IP])
+    out = translated(bed, snat, "nodeport_ingress", first, TC_ACT_REDIRECT)
+    src, nat_port, dst, dport = flow_of(out)
+    assert (src, dst, dport) == (NODE_IP, REMOTE_POD, TARGET) and nat_port >= 32768
     # the flow's next packet leaves from the same NAT port
     _, again = run(bed, snat, "nodeport_ingress", frame(CLIENT_IP, NODE_IP, 40002, REMOTE_PORT))
     assert again[TCP].sport == nat_port
-    verdict, back = run(bed, snat, "nodeport_ingress", frame(REMOTE_POD, NODE_IP, TARGET, nat_port))
-    assert verdict == TC_ACT_REDIRECT
-    assert (back[IP].src, back[TCP].sport, back[IP].dst, back[TCP].dport) == (
-        NODE_IP, REMOTE_PORT, CLIENT_IP, 40002)  # fmt: skip
-    assert checksums_valid(back[IP])
+    reply = frame(REMOTE_POD, NODE_IP, TARGET, nat_port)
+    back = translated(bed, snat, "nodeport_ingress", reply, TC_ACT_REDIRECT)
+    assert flow_of(back) == (NODE_IP, REMOTE_PORT, CLIENT_IP, 40002)
 
 
 @pytest.fixture(scope="module")
