@@ -8,7 +8,7 @@ import contextlib
 import ipaddress
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,27 +153,35 @@ def event_rows(dtype: Any, events: list[dict[str, Any]]) -> Any:
 
 
 @contextlib.contextmanager
-def observer_server(store: Any, socket_path: str, node: str = "node-1") -> Iterator[str]:
-    """The agent's gRPC Observer server over `store`, on an event loop thread of its own
-    (grpc.aio binds a server to the loop it is made on); yields its address."""
-    from membrane.hubble.server import HubbleServer, ObserverService
-
+def on_own_loop(
+    make: Callable[[], Awaitable[Any]],
+) -> Iterator[tuple[Any, asyncio.AbstractEventLoop]]:
+    """The server `make` starts, on an event loop thread of its own (grpc.aio binds a server
+    to the loop it is made on), with that loop; stopped and the loop closed after."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-
-    async def start() -> HubbleServer:
-        server = HubbleServer(ObserverService(store, node), socket_path)
-        await server.start()
-        return server
-
     try:
-        server = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+        server = asyncio.run_coroutine_threadsafe(make(), loop).result(timeout=10)
         try:
-            yield "unix://" + socket_path
+            yield server, loop
         finally:
             asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=10)
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+@contextlib.contextmanager
+def observer_server(store: Any, socket_path: str, node: str = "node-1") -> Iterator[str]:
+    """The agent's gRPC Observer server over `store` (on_own_loop); yields its address."""
+    from membrane.hubble.server import HubbleServer, ObserverService
+
+    async def start() -> HubbleServer:
+        server = HubbleServer(ObserverService(store, node), socket_path)
+        await server.start()
+        return server
+
+    with on_own_loop(start):
+        yield "unix://" + socket_path

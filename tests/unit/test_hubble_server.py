@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import socket
 import struct
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from observe_support import on_own_loop
 
 from membrane.hubble import wire
 from membrane.hubble.flow import flow_pb2
@@ -66,9 +66,6 @@ def running(tmp_path: Path, flows: int = 0, pad: int = 0) -> Iterator[Running]:
     own, on a unix socket and 127.0.0.1 (a port the kernel picks)."""
     store = FlowStore(capacity=8191, node_name="node-1")
     store.extend(numbered(i, pad) for i in range(flows))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     path = str(tmp_path / "hubble.sock")
 
     async def start() -> HubbleServer:
@@ -76,16 +73,8 @@ def running(tmp_path: Path, flows: int = 0, pad: int = 0) -> Iterator[Running]:
         await server.start()
         return server
 
-    try:
-        server = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
-        try:
-            yield Running(store, server, loop, "unix://" + path, f"127.0.0.1:{server.tcp_port}")
-        finally:
-            asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=10)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
+    with on_own_loop(start) as (server, loop):
+        yield Running(store, server, loop, "unix://" + path, f"127.0.0.1:{server.tcp_port}")
 
 
 @pytest.fixture(scope="module")
