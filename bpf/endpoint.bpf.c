@@ -745,12 +745,18 @@ static __always_inline void *svc_nat_of(__u8 family)
 	return family == 6 ? (void *)&svc_nat6 : (void *)&svc_nat;
 }
 
+/* Whether the packet's destination is in the service CIDR of its family. */
+static __always_inline int in_service_cidr(const struct flow *f)
+{
+	return f->family == 6 ? svc_in_cidr6(f->daddr) : svc_in_cidr4(f->daddr[0]);
+}
+
 /* What a packet from the pod pays before conntrack when no socket LB hook translated its
  * connection: a compare with the service CIDR (load-time constants). Whole TCP and UDP
  * packets only: fragments, ICMP and other protocols to a ClusterIP go on untranslated. */
 static __always_inline int to_service_cidr(const struct flow *f)
 {
-	if (f->family == 6 ? !svc_in_cidr6(f->daddr) : !svc_in_cidr4(f->daddr[0]))
+	if (!in_service_cidr(f))
 		return 0;
 	return f->fragment == PKT_NOT_FRAGMENT &&
 	       (f->proto == IPPROTO_TCP || f->proto == IPPROTO_UDP);
@@ -968,8 +974,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	    icmp_is_error(f.proto, f.sport)) {
 		now = ct_now();
 		/* from the pod to a frontend: about a translated flow's reply, if any */
-		if (dir == EP_DIR_EGRESS &&
-		    (f.family == 6 ? svc_in_cidr6(f.daddr) : svc_in_cidr4(f.daddr[0]))) {
+		if (dir == EP_DIR_EGRESS && in_service_cidr(&f)) {
 			reason = service_icmp_error(skb, &f);
 			if (reason != DROP_NONE)
 				return drop(&f, reason, FLOW_MATCH_NONE, 0);
