@@ -38,10 +38,10 @@ def reset_node(config: AgentConfig) -> dict[str, int]:
     try:
         state = StateFile(config.state_dir).load()
         node = NodeInfo(config.node_netns, IPv4Address(config.node_ip))
+        node_there = config.node_netns is None or netns.exists(config.node_netns)
         pods = 0
         for ep in state.endpoints.values():
             detach_endpoint(config.bpf_dir, ep.id)
-            node_there = config.node_netns is None or netns.exists(config.node_netns)
             if ep.container_id is not None:  # a runtime's namespace (CNI): only our veth
                 if node_there:
                     delete_node_link(node, ep.host_ifname)
@@ -51,7 +51,7 @@ def reset_node(config: AgentConfig) -> dict[str, int]:
                 netns.delete(ep.netns)
             pods += 1
         detach_all_endpoints(config.bpf_dir)  # links of endpoints the state never recorded
-        if config.node_netns is None or netns.exists(config.node_netns):
+        if node_there:
             delete_node_links_named(node, WARM_PEER)  # a veth pair made ahead, not yet used
         shutil.rmtree(config.bpf_dir, ignore_errors=True)
         with contextlib.suppress(OSError):  # the agents' directory and our root, if empty
