@@ -182,19 +182,17 @@ class EndpointLifecycle:
         if programs.exception() is not None:
             return None
         ep_id, _, ip6 = key
+        pair = None
         try:
             pair = make_warm_pair(
                 self.node, host_ifname(ep_id), warm_peer_ifname(ep_id), ipv6=ip6 is not None
             )
-        except Exception as err:
-            log.warning("no veth made ahead", extra={"fields": {"id": ep_id, "problem": str(err)}})
-            return None
-        try:
             held = attach_ahead(
                 programs.result(), pair.host_ifindex, self.config.node_netns, self.config.attach
             )
         except Exception as err:
-            delete_node_link(self.node, pair.host_ifname)
+            if pair is not None:
+                delete_node_link(self.node, pair.host_ifname)
             log.warning("no veth made ahead", extra={"fields": {"id": ep_id, "problem": str(err)}})
             return None
         return WarmVeth(pair, held)
