@@ -102,13 +102,7 @@ def delete_node_link(node: NodeInfo, ifname: str, ifindex: int | None = None) ->
         link = netns.find_link(ipr, ifname)
         if link is None or (ifindex is not None and link["index"] != ifindex):
             return False
-        try:
-            ipr.link("del", index=link["index"])
-        except NetlinkError as e:
-            if e.code != errno.ENODEV:
-                raise
-            return False
-    return True
+        return _delete_link(ipr, link["index"])
 
 
 def delete_node_links_named(node: NodeInfo, names: re.Pattern[str]) -> list[str]:
@@ -118,16 +112,21 @@ def delete_node_links_named(node: NodeInfo, names: re.Pattern[str]) -> list[str]
     with node.inside(), IPRoute() as ipr:
         for link in ipr.get_links():
             name = link.get_attr("IFLA_IFNAME")
-            if not names.fullmatch(name or ""):
-                continue
-            try:
-                ipr.link("del", index=link["index"])
-            except NetlinkError as e:
-                if e.code != errno.ENODEV:  # gone meanwhile (its peer was deleted)
-                    raise
-                continue
-            deleted.append(name)
+            if names.fullmatch(name or "") and _delete_link(ipr, link["index"]):
+                deleted.append(name)
     return deleted
+
+
+def _delete_link(ipr: IPRoute, index: int) -> bool:
+    """Delete device `index`; False when it is gone already (with a veth peer deleted
+    meanwhile, say)."""
+    try:
+        ipr.link("del", index=index)
+    except NetlinkError as e:
+        if e.code != errno.ENODEV:
+            raise
+        return False
+    return True
 
 
 def _ensure_up(ipr: IPRoute, link: ifinfmsg) -> None:
