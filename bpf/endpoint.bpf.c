@@ -840,8 +840,8 @@ __noinline __u32 service_translate(struct __sk_buff *skb, struct flow *f)
 	}
 	if (!be)
 		return DROP_NONE;
-	if (svc_nat_rewrite(skb, f->family, f->l4_off, f->proto, 0, f->daddr,
-			    (const __u32 *)be->addr, f->dport, be->port))
+	if (l4_nat_rewrite(skb, SVC_NAT_ETH_HLEN, f->l4_off, f->family, f->proto, 0,
+			   (const __u8 *)f->daddr, be->addr, f->dport, be->port))
 		return DROP_INVALID_PACKET;
 	__builtin_memcpy(f->daddr, be->addr, 16);
 	f->dport = f->ct_dport = f->policy_port = be->port;
@@ -863,8 +863,8 @@ __noinline __u32 service_reverse(struct __sk_buff *skb, struct flow *f)
 	from = bpf_map_lookup_elem(svc_nat_of(f->family), &key);
 	if (!from)
 		return DROP_NONE;
-	if (svc_nat_rewrite(skb, f->family, f->l4_off, f->proto, 1, f->saddr,
-			    (const __u32 *)from->addr, f->sport, from->port))
+	if (l4_nat_rewrite(skb, SVC_NAT_ETH_HLEN, f->l4_off, f->family, f->proto, 1,
+			   (const __u8 *)f->saddr, from->addr, f->sport, from->port))
 		return DROP_INVALID_PACKET;
 	__builtin_memcpy(f->saddr, from->addr, 16);
 	f->sport = f->ct_sport = from->port;

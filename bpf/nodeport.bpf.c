@@ -46,6 +46,7 @@
 #include "lib/jhash.h"
 #include "lib/parse.h"
 #include "lib/service.h"
+#include "lib/l4_nat.h"
 #include "lib/icmp_nat.h"
 
 #define AF_INET_ 2
@@ -332,51 +333,16 @@ static __always_inline long rev_put(__u8 family, const struct np6_tuple *t,
 	return bpf_map_update_elem(&np_rev, &k, &v4, flags);
 }
 
-/* ---- rewriting ------------------------------------------------------------------------- */
-/* Replace the source (`src`) or destination address and port, fixing the checksums
- * (a UDP-over-IPv4 checksum of 0, "none", stays 0). */
-static __always_inline int rewrite(struct __sk_buff *skb, const struct where *w, int src,
-				   const __u8 *old_addr, const __u8 *new_addr, __u16 old_port,
-				   __u16 new_port)
-{
-	__u32 csum = w->l4 + (w->proto == IPPROTO_TCP ? 16 : 6);
-	__u64 mangled = w->proto == IPPROTO_UDP && w->family == 4 ? BPF_F_MARK_MANGLED_0 : 0;
-	__be16 op = bpf_htons(old_port), np = bpf_htons(new_port);
-
-	if (!addr_equal(old_addr, new_addr, w->family)) {
-		if (w->family == 4) {
-			__be32 from = *(const __be32 *)old_addr, to = *(const __be32 *)new_addr;
-
-			if (bpf_l4_csum_replace(skb, csum, from, to,
-						BPF_F_PSEUDO_HDR | mangled | sizeof(to)) ||
-			    bpf_l3_csum_replace(skb, w->l3 + IP_CSUM_OFF, from, to, sizeof(to)) ||
-			    bpf_skb_store_bytes(skb, w->l3 + (src ? IP_SRC_OFF : IP_DST_OFF), &to,
-						sizeof(to), 0))
-				return -1;
-		} else {
-			__s64 diff = bpf_csum_diff((__be32 *)old_addr, 16, (__be32 *)new_addr, 16, 0);
-
-			if (bpf_l4_csum_replace(skb, csum, 0, diff, BPF_F_PSEUDO_HDR) ||
-			    bpf_skb_store_bytes(skb, w->l3 + (src ? IP6_SRC_OFF : IP6_DST_OFF),
-						new_addr, 16, 0))
-				return -1;
-		}
-	}
-	if (op != np) {
-		if (bpf_l4_csum_replace(skb, csum, op, np, mangled | sizeof(np)) ||
-		    bpf_skb_store_bytes(skb, w->l4 + (src ? 0 : 2), &np, sizeof(np), 0))
-			return -1;
-	}
-	return 0;
-}
-
+/* ---- rewriting (lib/l4_nat.h) ---------------------------------------------------------- */
 /* Rewrite a packet matching `t` to the addresses and ports of `to`. */
 static __always_inline int apply(struct __sk_buff *skb, const struct where *w,
 				 const struct np6_tuple *t, const struct np6_rev_nat *to)
 {
-	if (rewrite(skb, w, 1, t->saddr, to->saddr, t->sport, to->sport))
+	if (l4_nat_rewrite(skb, w->l3, w->l4, w->family, w->proto, 1, t->saddr, to->saddr,
+			   t->sport, to->sport))
 		return -1;
-	return rewrite(skb, w, 0, t->daddr, to->daddr, t->dport, to->dport);
+	return l4_nat_rewrite(skb, w->l3, w->l4, w->family, w->proto, 0, t->daddr, to->daddr,
+			      t->dport, to->dport);
 }
 
 /* The device towards `dst` (0: no route). */

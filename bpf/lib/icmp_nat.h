@@ -23,23 +23,10 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include "abi/nodeport.h"
+#include "lib/l4_nat.h"
 
-#define IP_CSUM_OFF 10
-#define IP_SRC_OFF 12
-#define IP_DST_OFF 16
-#define IP6_SRC_OFF 8
-#define IP6_DST_OFF 24
 #define ICMP_CSUM_OFF 2
 #define ICMP_HLEN 8
-
-static __always_inline int addr_equal(const __u8 *a, const __u8 *b, __u8 family)
-{
-	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
-
-	if (family == 4)
-		return x[0] == y[0];
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
-}
 
 /* A checksum as stored after the bytes it covers changed by `diff` (bpf_csum_diff). */
 static __always_inline __u16 csum_moved(__u16 check, __s64 diff)

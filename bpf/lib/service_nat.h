@@ -9,8 +9,8 @@
  *           socket LB picks one (lib/service.h: random or Maglev on the flow's hash,
  *           ClientIP affinity keyed by the source address), never the client itself
  *           (see svc_nat_not_client); 0: none
- *   svc_nat_rewrite(skb, family, l4_off, proto, src, old, new, old_port, new_port)
- *           the source (src) or destination address and port, IP and L4 checksums fixed
+ *   l4_nat_rewrite(skb, SVC_NAT_ETH_HLEN, ...)   the source or destination address and
+ *           port, IP and L4 checksums fixed (lib/l4_nat.h, shared with NodePort)
  *   svc_nat_note(ep_id, be, revnat)     svc_xlate: flows name the Service
  *
  * The endpoint program keys both svc_nat entries of a flow like its conntrack (a
@@ -22,6 +22,7 @@
 #include "abi/endpoint.h"
 #include "abi/service.h"
 #include "lib/jhash.h"
+#include "lib/l4_nat.h"
 #include "lib/service.h"
 
 /* The service CIDRs (network order). A zero mask with an all-ones network matches
@@ -130,37 +131,6 @@ chosen:
 	if (id && (set->flags & SVC_SET_AFFINITY))
 		svc_affinity_put(&akey, id);
 	return id;
-}
-
-/* Replace the source (`src`) or destination address (4 or 16 bytes by family) and port of
- * a TCP or UDP packet, fixing the L4 checksum (its pseudo-header too) and IPv4's header
- * checksum; an IPv4 UDP checksum of 0 ("none") stays 0. 0, or -1 when the skb refused. */
-static __always_inline int svc_nat_rewrite(struct __sk_buff *skb, __u8 family, __u32 l4_off,
-					   __u8 proto, int src, const __u32 *old_addr,
-					   const __u32 *new_addr, __u16 old_port, __u16 new_port)
-{
-	__u32 csum_off = l4_off + (proto == IPPROTO_TCP ? 16 : 6);
-	__u64 mangled = proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
-	__be16 op = bpf_htons(old_port), np = bpf_htons(new_port);
-	__s64 diff;
-
-	if (family == 6) {
-		diff = bpf_csum_diff((__be32 *)old_addr, 16, (__be32 *)new_addr, 16, 0);
-		if (diff < 0 || bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled) ||
-		    bpf_skb_store_bytes(skb, SVC_NAT_ETH_HLEN + (src ? 8 : 24), new_addr, 16, 0))
-			return -1;
-	} else if (old_addr[0] != new_addr[0]) {
-		if (bpf_l4_csum_replace(skb, csum_off, old_addr[0], new_addr[0],
-					BPF_F_PSEUDO_HDR | mangled | 4) ||
-		    bpf_l3_csum_replace(skb, SVC_NAT_ETH_HLEN + 10, old_addr[0], new_addr[0], 4) ||
-		    bpf_skb_store_bytes(skb, SVC_NAT_ETH_HLEN + (src ? 12 : 16), new_addr, 4, 0))
-			return -1;
-	}
-	if (op != np &&
-	    (bpf_l4_csum_replace(skb, csum_off, op, np, mangled | sizeof(np)) ||
-	     bpf_skb_store_bytes(skb, l4_off + (src ? 0 : 2), &np, sizeof(np), 0)))
-		return -1;
-	return 0;
 }
 
 /* Which frontend the endpoint's connections to the backend went through, for the flows
