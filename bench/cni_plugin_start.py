@@ -25,15 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import emit, exit_on_sigterm, machine
+from bench._common import emit, exit_on_sigterm, machine, percentile
 from membrane.cni.install import EXECUTABLE
 from membrane.testing.agent import running_agent
 from membrane.testing.cluster import unique_tag
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def timed_call(executable: str, stdin: str, env: dict[str, str]) -> float:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import emit, exit_on_sigterm, machine
+from bench._common import emit, exit_on_sigterm, machine, percentile
 from membrane import netns
 from membrane.testing.agent import AgentProcess, running_agent
 from membrane.testing.podman import PodmanSandbox, footprint
@@ -40,11 +40,6 @@ from membrane.testing.podman import PodmanSandbox, footprint
 MEMBRANE, BRIDGE = "mbbench", "brbench"
 BRIDGE_SUBNET = "198.18.250.0/24"
 PHASES = ("start", "add", "soak")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def timed_run(podman: PodmanSandbox, network: str, image: str) -> float:
