@@ -674,11 +674,6 @@ static int parse_answer(struct buf *answer, long *status, struct failure *f)
 	return 0;
 }
 
-static int is_space(char c)
-{
-	return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
-}
-
 /* One call's memory, freed on every way out (so sanitizers and valgrind see no leak). */
 struct call {
 	const char *command, *lower, *socket_path;
@@ -741,7 +736,7 @@ static int relay_answer(struct call *c)
 	const char *text = c->answer.data;
 	size_t len = c->answer.len;
 
-	while (len && is_space(*text))
+	while (len && isspace((unsigned char)*text))
 		text++, len--;
 	if ((c->status != 200 && c->status != 400) || len < 13 ||
 	    memcmp(text, "{\"cniVersion\"", 13)) {
@@ -753,7 +748,7 @@ static int relay_answer(struct call *c)
 		return 1;
 	}
 	if (c->status == 400 || !strcmp(c->command, "ADD")) {
-		while (c->answer.len && is_space(c->answer.data[c->answer.len - 1]))
+		while (c->answer.len && isspace((unsigned char)c->answer.data[c->answer.len - 1]))
 			c->answer.len--;
 		c->answer.data[c->answer.len] = '\n'; /* in the buffer's room for its NUL */
 		write_all(STDOUT_FILENO, c->answer.data, c->answer.len + 1);
