@@ -105,17 +105,14 @@ static __always_inline struct svc_backend *svc_backend(__u32 id)
 	return bpf_map_lookup_elem(&svc_backends, &id);
 }
 
-/* Whether two 16-byte service addresses (abi/service.h: IPv4 in the first 4 bytes) are equal:
- * two 8-byte compares, no byte loop. */
+/* Whether two 16-byte service addresses (abi/service.h: IPv4 in the first 4 bytes) are equal.
+ * Both are 4-byte aligned (the head of a map value, or a __u32 array): said so, or clang
+ * reads a __u8 array byte by byte (~100 instructions instead of 16). */
 static __always_inline bool svc_addr_equal(const __u8 *a, const __u8 *b)
 {
-	__u64 a0, a1, b0, b1;
+	const __u32 *x = __builtin_assume_aligned(a, 4), *y = __builtin_assume_aligned(b, 4);
 
-	__builtin_memcpy(&a0, a, 8);
-	__builtin_memcpy(&a1, a + 8, 8);
-	__builtin_memcpy(&b0, b, 8);
-	__builtin_memcpy(&b1, b + 8, 8);
-	return a0 == b0 && a1 == b1;
+	return !((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]));
 }
 
 /* An ACTIVE backend of the set, or 0 (no active backend). `hash` picks: the flow's hash
