@@ -4,33 +4,14 @@ alerts written for Cilium match ours."""
 from __future__ import annotations
 
 from membrane.abi import Direction, DropReason, IpProto
+from membrane.observe.record import DROP_REASONS
 
-# cilium_drop_count_total{reason}: Cilium's text for the reason (pkg/monitor/api/drop.go).
-# Keyed by our numbers; where ours differ from Cilium's for the same meaning (155, 160),
-# the text is Cilium's for that meaning.
-DROP_REASON_TEXTS = {
-    DropReason.INVALID_SOURCE_IP: "Invalid source ip",
-    DropReason.POLICY_DENIED: "Policy denied",
-    DropReason.INVALID_PACKET: "Invalid packet",
-    DropReason.CT_TRUNCATED_OR_INVALID_HEADER: "CT: Truncated or invalid header",
-    DropReason.UNSUPPORTED_L3_PROTOCOL: "Unsupported L3 protocol",
-    DropReason.FRAG_NOT_FOUND: "First logical datagram fragment not found",
-    DropReason.SERVICE_BACKEND_NOT_FOUND: "Service backend not found",
-    DropReason.NO_ENDPOINT_STATE: "No configuration available to perform policy decision",
-    DropReason.POLICY_DENY: "Policy denied by denylist",
-}
-# hubble_drop_total{reason}: flow.DropReason's name for what our datapath means.
-HUBBLE_DROP_REASONS = {
-    DropReason.INVALID_SOURCE_IP: "INVALID_SOURCE_IP",
-    DropReason.POLICY_DENIED: "POLICY_DENIED",
-    DropReason.INVALID_PACKET: "INVALID_PACKET_DROPPED",
-    DropReason.CT_TRUNCATED_OR_INVALID_HEADER: "CT_TRUNCATED_OR_INVALID_HEADER",
-    DropReason.UNSUPPORTED_L3_PROTOCOL: "UNSUPPORTED_L3_PROTOCOL",
-    DropReason.FRAG_NOT_FOUND: "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND",
-    DropReason.SERVICE_BACKEND_NOT_FOUND: "SERVICE_BACKEND_NOT_FOUND",
-    DropReason.NO_ENDPOINT_STATE: "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION",
-    DropReason.POLICY_DENY: "POLICY_DENY",
-}
+# cilium_drop_count_total{reason}: Cilium's text for the reason (pkg/monitor/api/drop.go);
+# hubble_drop_total{reason}: flow.DropReason's name for what our datapath means. Both from
+# the table `hubble observe` reads (keyed by our numbers; where ours differ from Cilium's
+# for the same meaning, 155 and 160, the text and name are Cilium's for that meaning).
+DROP_REASON_TEXTS = {number: reason.text for number, reason in DROP_REASONS.items()}
+HUBBLE_DROP_REASONS = {number: reason.desc for number, reason in DROP_REASONS.items()}
 HUBBLE_UNKNOWN_DROP = "DROP_REASON_UNKNOWN"
 POLICY_DROPS = frozenset({DropReason.POLICY_DENIED, DropReason.POLICY_DENY})
 
