@@ -688,56 +688,42 @@ union any_ct_key {
 	struct ct6_key v6;
 };
 
-/* Conntrack of `f` in its family's map: the result, *e the entry when found. */
-static __always_inline enum ct_result flow_ct_lookup(const struct flow *f, __u64 now,
-						     union any_ct_key *key, struct ct_entry **e)
-{
-	struct ct_key *k4 = &key->v4;
-	struct ct6_key *k6 = &key->v6;
-
-	if (f->family == 6) {
-		__builtin_memcpy(k6->saddr, f->saddr, 16);
-		__builtin_memcpy(k6->daddr, f->daddr, 16);
-		k6->sport = f->ct_sport;
-		k6->dport = f->ct_dport;
-		k6->proto = f->proto;
-		k6->dir = f->dir;
-		k6->ep_id = ep_id;
-		return ct6_lookup(k6, now, f->tcp_flags, e);
-	}
-	k4->saddr = f->saddr[0];
-	k4->daddr = f->daddr[0];
-	k4->sport = f->ct_sport;
-	k4->dport = f->ct_dport;
-	k4->proto = f->proto;
-	k4->dir = f->dir;
-	k4->ep_id = ep_id;
-	return ct_lookup(k4, now, f->tcp_flags, e);
-}
-
-/* A svc_nat key: the client's tuple to `server` (the frontend or the backend); with a
- * packet direction as `dir`, the flow's conntrack key. */
-static __always_inline void svc_nat_key(union any_ct_key *key, __u8 family, __u8 proto,
-					const __u32 *client, const __u32 *server, __u16 cport,
-					__u16 sport, __u8 dir)
+/* A conntrack key of this endpoint's (ct or ct6 by family), or a svc_nat one (`dir` an
+ * enum svc_nat_dir: the client's tuple to the frontend or the backend). */
+static __always_inline void ct_key_of(union any_ct_key *key, __u8 family, __u8 proto,
+				      const __u32 *saddr, const __u32 *daddr, __u16 sport,
+				      __u16 dport, __u8 dir)
 {
 	if (family == 6) {
-		__builtin_memcpy(key->v6.saddr, client, 16);
-		__builtin_memcpy(key->v6.daddr, server, 16);
-		key->v6.sport = cport;
-		key->v6.dport = sport;
+		__builtin_memcpy(key->v6.saddr, saddr, 16);
+		__builtin_memcpy(key->v6.daddr, daddr, 16);
+		key->v6.sport = sport;
+		key->v6.dport = dport;
 		key->v6.proto = proto;
 		key->v6.dir = dir;
 		key->v6.ep_id = ep_id;
 		return;
 	}
-	key->v4.saddr = client[0];
-	key->v4.daddr = server[0];
-	key->v4.sport = cport;
-	key->v4.dport = sport;
+	key->v4.saddr = saddr[0];
+	key->v4.daddr = daddr[0];
+	key->v4.sport = sport;
+	key->v4.dport = dport;
 	key->v4.proto = proto;
 	key->v4.dir = dir;
 	key->v4.ep_id = ep_id;
+}
+
+/* Conntrack of `f` in its family's map: the result, *e the entry when found. */
+static __always_inline enum ct_result flow_ct_lookup(const struct flow *f, __u64 now,
+						     union any_ct_key *key, struct ct_entry **e)
+{
+	/* a constant family each: one branch, as if written out twice */
+	if (f->family == 6) {
+		ct_key_of(key, 6, f->proto, f->saddr, f->daddr, f->ct_sport, f->ct_dport, f->dir);
+		return ct6_lookup(&key->v6, now, f->tcp_flags, e);
+	}
+	ct_key_of(key, 4, f->proto, f->saddr, f->daddr, f->ct_sport, f->ct_dport, f->dir);
+	return ct_lookup(&key->v4, now, f->tcp_flags, e);
 }
 
 static __always_inline void *svc_nat_of(__u8 family)
@@ -775,7 +761,7 @@ static __always_inline int svc_flow_opens(const struct flow *f, const struct svc
 	if (f->proto == IPPROTO_TCP &&
 	    (f->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
 		return 0;
-	svc_nat_key(&key, f->family, f->proto, f->saddr, (const __u32 *)known->addr, f->sport,
+	ct_key_of(&key, f->family, f->proto, f->saddr, (const __u32 *)known->addr, f->sport,
 		    known->port, f->dir);
 	e = bpf_map_lookup_elem(f->family == 6 ? (void *)&ct6 : (void *)&ct, &key);
 	if (!ct_live(e, ct_now()))
@@ -802,7 +788,7 @@ __noinline __u32 service_translate(struct __sk_buff *skb, struct flow *f)
 	if (!f)
 		return DROP_NONE;
 	map = svc_nat_of(f->family);
-	svc_nat_key(&key, f->family, f->proto, f->saddr, f->daddr, f->sport, f->dport,
+	ct_key_of(&key, f->family, f->proto, f->saddr, f->daddr, f->sport, f->dport,
 		    SVC_NAT_FWD);
 	known = bpf_map_lookup_elem(map, &key);
 	if (known && !svc_flow_opens(f, known)) {
@@ -831,7 +817,7 @@ __noinline __u32 service_translate(struct __sk_buff *skb, struct flow *f)
 		nat.revnat = fe->revnat;
 		bpf_map_update_elem(map, &key, &nat, BPF_ANY);
 		/* The replies' way back: from the backend to the frontend. */
-		svc_nat_key(&key, f->family, f->proto, f->saddr, (const __u32 *)be->addr,
+		ct_key_of(&key, f->family, f->proto, f->saddr, (const __u32 *)be->addr,
 			    f->sport, be->port, SVC_NAT_REV);
 		__builtin_memcpy(nat.addr, f->daddr, 16);
 		nat.port = f->dport;
@@ -858,7 +844,7 @@ __noinline __u32 service_reverse(struct __sk_buff *skb, struct flow *f)
 
 	if (!f || f->fragment != PKT_NOT_FRAGMENT)
 		return DROP_NONE;
-	svc_nat_key(&key, f->family, f->proto, f->daddr, f->saddr, f->dport, f->sport,
+	ct_key_of(&key, f->family, f->proto, f->daddr, f->saddr, f->dport, f->sport,
 		    SVC_NAT_REV);
 	from = bpf_map_lookup_elem(svc_nat_of(f->family), &key);
 	if (!from)
@@ -892,10 +878,10 @@ __noinline __u32 service_icmp_error(struct __sk_buff *skb, struct flow *f)
 		return DROP_NONE;
 	ingress = f->dir == EP_DIR_INGRESS;
 	if (ingress)
-		svc_nat_key(&key, f->family, q.protocol, (const __u32 *)q.saddr,
+		ct_key_of(&key, f->family, q.protocol, (const __u32 *)q.saddr,
 			    (const __u32 *)q.daddr, q.sport, q.dport, SVC_NAT_REV);
 	else
-		svc_nat_key(&key, f->family, q.protocol, (const __u32 *)q.daddr,
+		ct_key_of(&key, f->family, q.protocol, (const __u32 *)q.daddr,
 			    (const __u32 *)q.saddr, q.dport, q.sport, SVC_NAT_FWD);
 	nat = bpf_map_lookup_elem(svc_nat_of(f->family), &key);
 	if (!nat)
