@@ -824,8 +824,6 @@ __noinline __u32 service_translate(struct __sk_buff *skb, struct flow *f)
 		bpf_map_update_elem(map, &key, &nat, BPF_ANY);
 		svc_nat_note(ep_id, be, fe->revnat);
 	}
-	if (!be)
-		return DROP_NONE;
 	if (l4_nat_rewrite(skb, SVC_NAT_ETH_HLEN, f->l4_off, f->family, f->proto, 0,
 			   (const __u8 *)f->daddr, be->addr, f->dport, be->port))
 		return DROP_INVALID_PACKET;
