@@ -7,10 +7,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from packets import checksums_valid, ip_of, l4_of
 from scapy.layers.l2 import Ether
-from scapy.packet import Packet
 
 from membrane.netns import Topology
 from membrane.service.nodeport import NodePortPath
@@ -24,26 +22,6 @@ def run(bed: Bed, path: NodePortPath, prog: str, data: bytes) -> tuple[int, Ethe
     """Program `prog` of `path` on `data` arriving on ext0: its verdict and the frame."""
     result = bed.run(path.obj.program(prog), data, bed.ext)
     return result.retval, Ether(result.data)
-
-
-def l4_of(ip: Packet) -> Packet:
-    return ip[TCP] if TCP in ip else ip[UDP]
-
-
-def checksums_valid(ip: Packet) -> bool:
-    """The IP (IPv4) and L4 checksums as written equal what scapy computes afresh."""
-    fresh = type(ip)(bytes(ip))
-    l4 = l4_of(fresh)
-    if isinstance(fresh, IP):
-        del fresh.chksum
-    del l4.chksum
-    rebuilt = type(ip)(bytes(fresh))
-    same_ip = not isinstance(ip, IP) or rebuilt.chksum == ip.chksum
-    return same_ip and l4_of(rebuilt).chksum == l4_of(ip).chksum
-
-
-def ip_of(frame: Ether) -> Packet:
-    return frame[IP] if IP in frame else frame[IPv6]
 
 
 def flow_of(frame: Ether) -> tuple[str, int, str, int]:

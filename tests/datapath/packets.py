@@ -72,6 +72,26 @@ def family_of(addr: str) -> int:
     return ipaddress.ip_address(addr).version
 
 
+def ip_of(frame: Packet) -> Packet:
+    return frame[IP] if IP in frame else frame[IPv6]
+
+
+def l4_of(ip: Packet) -> Packet:
+    return ip[TCP] if TCP in ip else ip[UDP]
+
+
+def checksums_valid(ip: Packet) -> bool:
+    """The IP (IPv4) and TCP/UDP checksums as written equal what scapy computes afresh."""
+    fresh = type(ip)(bytes(ip))
+    l4 = l4_of(fresh)
+    if isinstance(fresh, IP):
+        del fresh.chksum
+    del l4.chksum
+    rebuilt = type(ip)(bytes(fresh))
+    same_ip = not isinstance(ip, IP) or rebuilt.chksum == ip.chksum
+    return same_ip and l4_of(rebuilt).chksum == l4_of(ip).chksum
+
+
 def ether(vlans: Sequence[tuple[int, int]] = ()) -> Packet:
     """Ethernet with `vlans` tags; the innermost EtherType is set by what follows."""
     frame: Packet = Ether(src=MAC_SRC, dst=MAC_DST)
