@@ -39,6 +39,14 @@ from membrane.service.socklb import SocketLb
 from membrane.testing.lb import NUD_PERMANENT, backend_mac
 
 SEGMENT = IPv4Network("198.19.8.0/24")
+SEGMENT6_PREFIX = "2001:db8:8::"  # its IPv6 /64 on a dual-stack fabric
+
+
+def segment6(address: str) -> str:
+    """A segment host's IPv6 address: IPv4's last byte after the /64 prefix (in hex)."""
+    return f"{SEGMENT6_PREFIX}{int(address.rsplit('.', 1)[1]):x}"
+
+
 NODE_SIDE = "198.19.8.1"
 CLIENT_IP = "198.19.8.2"
 NODE_DEVICE = "ext0"
@@ -48,7 +56,7 @@ NODE_IP = "198.19.0.1"
 REMOTE_HOST = "198.19.8.11"
 LOCAL_POD, REMOTE_POD = "198.18.0.10", "198.18.200.11"
 # ... and their IPv6 twins (the segment is 2001:db8:8::/64)
-NODE_IP6, NODE_SIDE6, CLIENT_IP6 = "2001:db8::1", "2001:db8:8::1", "2001:db8:8::2"
+NODE_IP6, NODE_SIDE6, CLIENT_IP6 = "2001:db8::1", segment6(NODE_SIDE), segment6(CLIENT_IP)
 REMOTE_HOST6 = "2001:db8:8::11"
 LOCAL_POD6, REMOTE_POD6 = "2001:db8:1::10", "2001:db8:200::11"
 FIRST_NODE_PORT = 30000
@@ -58,14 +66,6 @@ ADDRESSES = {
     4: (NODE_IP, CLIENT_IP, REMOTE_HOST, LOCAL_POD, REMOTE_POD, "198.19.128.1"),
     6: (NODE_IP6, CLIENT_IP6, REMOTE_HOST6, LOCAL_POD6, REMOTE_POD6, "2001:db8:fe::1"),
 }
-
-
-SEGMENT6_PREFIX = "2001:db8:8::"
-
-
-def segment6(address: str) -> str:
-    """A segment host's IPv6 address: IPv4's last byte after the /64 prefix (in hex)."""
-    return f"{SEGMENT6_PREFIX}{int(address.rsplit('.', 1)[1]):x}"
 
 
 @dataclass
@@ -208,7 +208,7 @@ def nodeport_testbed(topo: Topology) -> Bed:
     topo.veth(ns, pod, names=("pod0", "eth0"))
     links.add_address(ns, "lo", f"{NODE_IP}/32")
     links.add_address(ns, "lo", f"{NODE_IP6}/128")
-    links.add_address(ns, "ext0", "198.19.8.1/24")
+    links.add_address(ns, "ext0", f"{NODE_SIDE}/{SEGMENT.prefixlen}")
     links.add_address(ns, "ext0", f"{NODE_SIDE6}/64")
     with inside(ns), IPRoute() as ipr:
         ext, pod0 = ipr.link_lookup(ifname="ext0")[0], ipr.link_lookup(ifname="pod0")[0]
